@@ -1,0 +1,44 @@
+"""deadrelu: find, watch and fix dead neurons in PyTorch models.
+
+>>> import torch, deadrelu
+>>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU())
+>>> report = deadrelu.scan(net, torch.randn(64, 4))
+>>> report.sites[0].dead_units  # doctest: +SKIP
+(3,)
+"""
+
+from __future__ import annotations
+
+from .capture import ACTIVATION_FUNCTIONS, ACTIVATION_MODULES, ActivationCapture
+from .errors import (
+    DataError,
+    DeadReluError,
+    ForwardError,
+    NoActivationSitesError,
+    RefusedError,
+)
+from .report import Report, ReportDiff, SiteDiff, SiteReport, Thresholds
+from .scan import Probe, scan
+from .stats import UnitStats
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "__version__",
+    "scan",
+    "Probe",
+    "Report",
+    "SiteReport",
+    "ReportDiff",
+    "SiteDiff",
+    "Thresholds",
+    "UnitStats",
+    "ActivationCapture",
+    "ACTIVATION_FUNCTIONS",
+    "ACTIVATION_MODULES",
+    "DeadReluError",
+    "DataError",
+    "ForwardError",
+    "NoActivationSitesError",
+    "RefusedError",
+]

@@ -1,0 +1,198 @@
+"""Fixed-size per-unit accumulators: update on device, merge exactly, compute once.
+
+:class:`UnitStats` follows the ``update / merge / reset / compute`` pattern of
+torchmetrics: each batch adds integer counts and float64 sums into tensors of
+shape ``(units,)`` that live on the activation's device, with no host
+synchronisation (no ``.item()``, no ``.cpu()``) until :meth:`UnitStats.compute`.
+Because everything is a sum, any split of the data into batches gives the same
+counts, and accumulators from different streams or processes merge exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from .errors import DeadReluError
+
+__all__ = ["UnitStats", "UnitTotals", "unit_reduce_dims"]
+
+
+def unit_reduce_dims(ndim: int, unit_dim: int) -> tuple[int, ...]:
+    """Every dimension except ``unit_dim``: the ones a per-unit statistic reduces over."""
+    return tuple(d for d in range(ndim) if d != unit_dim)
+
+
+@dataclass(frozen=True)
+class UnitTotals:
+    """Host-side snapshot of a :class:`UnitStats` (plain Python numbers)."""
+
+    observations: int
+    fired_counts: tuple[int, ...]
+    mean_abs: tuple[float, ...]
+    nonfinite_counts: tuple[int, ...]
+
+
+class UnitStats:
+    """Per-unit firing statistics of one activation site.
+
+    State (all shape ``(units,)`` on ``device``):
+        * ``fired``: int64 count of outputs ``> threshold``;
+        * ``abs_sum``: float64 sum of ``|h|`` (for the dormancy score);
+        * ``nonfinite``: int64 count of NaN/±Inf outputs;
+    plus ``observations``, the number of values each unit produced (a Python int,
+    known from shapes alone, so counting it never synchronises).
+
+    Counts are int64 and so stay exact far beyond 10^10 observations.
+
+    Args:
+        units: number of units.
+        threshold: an output fires when it is ``> threshold`` (0 for ReLU-like activations).
+        device: where the accumulators live (the activation's device).
+
+    Example:
+        >>> s = UnitStats(3)
+        >>> s.update(torch.tensor([[1.0, 0.0, -2.0], [0.5, 0.0, 3.0]]), unit_dim=1)
+        >>> s.compute().fired_counts
+        (2, 0, 1)
+    """
+
+    def __init__(self, units: int, threshold: float = 0.0, device: torch.device | str | None = None) -> None:
+        self.units = int(units)
+        self.threshold = float(threshold)
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything seen so far."""
+        self.observations = 0
+        self.fired = torch.zeros(self.units, dtype=torch.int64, device=self.device)
+        self.abs_sum = torch.zeros(self.units, dtype=torch.float64, device=self.device)
+        self.nonfinite = torch.zeros(self.units, dtype=torch.int64, device=self.device)
+
+    @torch.no_grad()
+    def update(self, activation: torch.Tensor, unit_dim: int) -> None:
+        """Add one batch of activations whose units lie along ``unit_dim``.
+
+        Raises:
+            DeadReluError: when the unit dimension's size differs from ``units``.
+        """
+        x = activation.detach()
+        if x.ndim == 0:
+            x = x.reshape(1)
+            unit_dim = 0
+        if x.shape[unit_dim] != self.units:
+            raise DeadReluError(
+                f"activation has {x.shape[unit_dim]} units along dim {unit_dim} (shape {tuple(x.shape)}), "
+                f"expected {self.units}"
+            )
+        if x.is_floating_point() is False:
+            x = x.float()
+        dims = unit_reduce_dims(x.ndim, unit_dim)
+        if x.device != self.device:
+            self._move(x.device)
+        self.observations += x.numel() // self.units if self.units else 0
+        if not dims:
+            self.fired += x > self.threshold
+            a = x.abs()
+            self.abs_sum += a
+            self.nonfinite += ~torch.isfinite(a)
+            return
+        # One |x| tensor serves both the magnitude sum and the finiteness test.
+        a = x.abs()
+        self.fired += torch.count_nonzero(x > self.threshold, dim=dims)
+        self.abs_sum += a.sum(dim=dims, dtype=torch.float32)
+        self.nonfinite += torch.count_nonzero(~(a < float("inf")), dim=dims)
+
+    def _move(self, device: torch.device) -> None:
+        self.device = device
+        self.fired = self.fired.to(device)
+        self.abs_sum = self.abs_sum.to(device)
+        self.nonfinite = self.nonfinite.to(device)
+
+    def merge(self, other: "UnitStats") -> "UnitStats":
+        """Add another accumulator of the same site into this one (in place) and return self.
+
+        Raises:
+            DeadReluError: when the two have different unit counts or thresholds.
+        """
+        if other.units != self.units:
+            raise DeadReluError(f"cannot merge statistics of {other.units} units into {self.units} units")
+        if other.threshold != self.threshold:
+            raise DeadReluError(
+                f"cannot merge statistics with firing thresholds {other.threshold} and {self.threshold}"
+            )
+        self.observations += other.observations
+        self.fired += other.fired.to(self.device)
+        self.abs_sum += other.abs_sum.to(self.device)
+        self.nonfinite += other.nonfinite.to(self.device)
+        return self
+
+    def all_reduce(self, group: object | None = None) -> None:
+        """Sum this accumulator over all ranks of ``torch.distributed`` (in place)."""
+        import torch.distributed as dist
+
+        obs = torch.tensor([self.observations], dtype=torch.int64, device=self.device)
+        for t in (self.fired, self.abs_sum, self.nonfinite, obs):
+            dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+        self.observations = int(obs.item())
+
+    def state_dict(self) -> dict[str, object]:
+        """Tensors and counts, for checkpointing or sending to another process."""
+        return {
+            "units": self.units,
+            "threshold": self.threshold,
+            "observations": self.observations,
+            "fired": self.fired.clone(),
+            "abs_sum": self.abs_sum.clone(),
+            "nonfinite": self.nonfinite.clone(),
+        }
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, object]) -> "UnitStats":
+        """Rebuild an accumulator from :meth:`state_dict`."""
+        fired = state["fired"]
+        assert isinstance(fired, torch.Tensor)
+        out = cls(int(state["units"]), float(state["threshold"]), device=fired.device)  # type: ignore[arg-type]
+        out.observations = int(state["observations"])  # type: ignore[arg-type]
+        out.fired = fired.clone()
+        out.abs_sum = state["abs_sum"].clone()  # type: ignore[union-attr]
+        out.nonfinite = state["nonfinite"].clone()  # type: ignore[union-attr]
+        return out
+
+    def compute(self) -> UnitTotals:
+        """Copy the totals to the host (the only synchronisation point).
+
+        Raises:
+            DeadReluError: when no data has been seen yet.
+        """
+        if self.observations == 0:
+            raise DeadReluError("no activations were observed yet: run some data through the model first")
+        n = self.observations
+        mean_abs = (self.abs_sum / n).tolist()
+        return UnitTotals(
+            observations=n,
+            fired_counts=tuple(self.fired.tolist()),
+            mean_abs=tuple(mean_abs),
+            nonfinite_counts=tuple(self.nonfinite.tolist()),
+        )
+
+
+def classify(fired: Sequence[int], observations: int, nonfinite: Sequence[int], asleep_rate: float) -> list[str]:
+    """Pure core: per unit, ``"nonfinite"``, ``"dead"``, ``"asleep"`` or ``"active"``.
+
+    NaN/Inf units are their own state; dead means zero firings over all observations.
+    """
+    out = []
+    for f, bad in zip(fired, nonfinite):
+        if bad:
+            out.append("nonfinite")
+        elif f == 0:
+            out.append("dead")
+        elif f <= asleep_rate * observations:
+            out.append("asleep")
+        else:
+            out.append("active")
+    return out
