@@ -23,6 +23,28 @@ from .stats import UnitStats
 
 __version__ = "0.1.0"
 
+# Heavier concepts load on first use so `import deadrelu` stays cheap and torch-only.
+_LAZY = {
+    "Monitor": "monitor",
+    "swap_activations": "rescue",
+    "reinit_dead": "rescue",
+    "nudge_bias": "rescue",
+    "prune_dead": "prune",
+    "PruneResult": "prune",
+    "advise": "advice",
+}
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'deadrelu' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
 __all__ = [
     "__version__",
     "scan",
@@ -41,4 +63,5 @@ __all__ = [
     "ForwardError",
     "NoActivationSitesError",
     "RefusedError",
+    *_LAZY,
 ]
