@@ -43,7 +43,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .errors import DeadReluError
-from .stats import UnitStats
+from .stats import UnitStats, release_scratch
 
 __all__ = [
     "ACTIVATION_FUNCTIONS",
@@ -61,6 +61,9 @@ ACTIVATION_FUNCTIONS = frozenset(
         "gelu", "silu", "mish", "hardswish", "softplus",
     }
 )  # fmt: skip
+
+# Activations whose output is never negative: |h| = h, so no abs pass is needed.
+_NONNEGATIVE = frozenset({"relu", "relu6", "softplus"})
 
 #: Activation module classes (their forward calls one of ACTIVATION_FUNCTIONS).
 ACTIVATION_MODULES: tuple[type[nn.Module], ...] = (
@@ -230,6 +233,7 @@ class ActivationCapture:
         self._paths = {m: p for p, m in model.named_modules()}
         self._leaf = {p: next(iter(m.children()), None) is None for p, m in model.named_modules()}
         self._types = {p: type(m).__name__ for p, m in model.named_modules()}
+        self._graph_sites = _exported_activation_modules(model)
         self._handles: list[Any] = []
         self._fwd = _Forward()
         self._depth = 0
@@ -268,6 +272,7 @@ class ActivationCapture:
         self._handles.clear()
         self._exit_mode()
         self._depth = 0
+        release_scratch()
 
     def __enter__(self) -> "ActivationCapture":
         return self.attach()
@@ -361,7 +366,7 @@ class ActivationCapture:
             site = self._new_site(key, out)
         self.last_site = frame.path or "<root>"
         try:
-            site.stats.update(out, site.unit_dim)
+            site.stats.update(out, site.unit_dim, site.info.function in _NONNEGATIVE)
         except DeadReluError as err:
             raise DeadReluError(f"activation site {_describe(site.info)}: {err}") from None
 
@@ -376,6 +381,10 @@ class ActivationCapture:
             shape=tuple(out.shape),
             leaf=self._leaf.get(path, False),
         )
+        if not path and slot < len(self._graph_sites) and self._graph_sites[slot] is not None:
+            # A flattened graph (torch.export): name the site after the module it came from.
+            info.module, info.module_type, info.call = self._graph_sites[slot]  # type: ignore[misc]
+            info.slot, info.leaf = 0, info.module_type in _ACTIVATION_CLASS_NAMES
         unit_dim = self._resolve_unit_dim(info, out.ndim)
         units = out.shape[unit_dim] if out.ndim else 1
         thr = self._resolve_threshold(info)
@@ -428,6 +437,35 @@ class ActivationCapture:
         self.sites.clear()
         self.forwards = 0
         self.last_site = None
+
+
+_ACTIVATION_CLASS_NAMES = frozenset(m.__name__ for m in ACTIVATION_MODULES)
+
+
+def _exported_activation_modules(model: nn.Module) -> list[tuple[str, str, int] | None]:
+    """For an fx graph that recorded ``nn_module_stack`` (torch.export), the original module
+    path and class of each activation call, in graph order; empty for other models."""
+    graph = getattr(model, "graph", None)
+    if not isinstance(model, torch.fx.GraphModule) or graph is None:
+        return []
+    out: list[tuple[str, str, int] | None] = []
+    calls: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op != "call_function":
+            continue
+        kind = _function_kind(node.target)
+        if kind is None or kind[0] != _ACT:
+            continue
+        stack = node.meta.get("nn_module_stack")
+        if not stack:
+            out.append(None)
+            continue
+        path, cls = list(stack.values())[-1]
+        cls_name = cls.rsplit(".", 1)[-1] if isinstance(cls, str) else getattr(cls, "__name__", str(cls))
+        call = calls.get(str(path), 0)
+        calls[str(path)] = call + 1
+        out.append((str(path), cls_name, call))
+    return out
 
 
 def _describe(info: SiteInfo) -> str:

@@ -237,7 +237,11 @@ def _preserved(model: nn.Module, train: bool) -> Iterator[None]:
     rng = contextlib.nullcontext() if not train else torch.random.fork_rng(devices=[])
     try:
         with rng, torch.no_grad():
-            model.train(train)
+            try:
+                model.train(train)
+            except NotImplementedError as err:  # torch.export programs have a fixed mode
+                if train:
+                    raise DeadReluError(f"{type(model).__name__} cannot switch to train mode: {err}") from err
             yield
     finally:
         for m, flag in flags:
@@ -260,7 +264,7 @@ class _Progress:
             try:
                 from tqdm.auto import tqdm
 
-                self.bar = tqdm(total=total, desc=desc, unit="batch", file=sys.stderr, leave=False)
+                self.bar = tqdm(total=total, desc=desc, unit="batch", file=sys.stderr, leave=False, disable=None)
             except ImportError:
                 self.bar = None
 

@@ -10,6 +10,8 @@ counts, and accumulators from different streams or processes merge exactly.
 
 from __future__ import annotations
 
+import math
+import threading
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -18,6 +20,31 @@ import torch
 from .errors import DeadReluError
 
 __all__ = ["UnitStats", "UnitTotals", "unit_reduce_dims"]
+
+
+_SCRATCH = threading.local()
+
+
+def _scratch(shape: torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A reusable buffer of ``shape``: writing into memory already touched avoids the page
+    faults that dominate the cost of a fresh large tensor on CPU. One buffer per
+    (dtype, device) per thread, grown as needed; :func:`release_scratch` frees them."""
+    pool = getattr(_SCRATCH, "pool", None)
+    if pool is None:
+        pool = _SCRATCH.pool = {}
+    numel = 1
+    for s in shape:
+        numel *= s
+    key = (dtype, device)
+    buf = pool.get(key)
+    if buf is None or buf.numel() < numel:
+        buf = pool[key] = torch.empty(numel, dtype=dtype, device=device)
+    return buf[:numel].view(shape)
+
+
+def release_scratch() -> None:
+    """Free the scratch buffers of this thread (called when a capture detaches)."""
+    _SCRATCH.pool = {}
 
 
 def unit_reduce_dims(ndim: int, unit_dim: int) -> tuple[int, ...]:
@@ -73,38 +100,50 @@ class UnitStats:
         self.nonfinite = torch.zeros(self.units, dtype=torch.int64, device=self.device)
 
     @torch.no_grad()
-    def update(self, activation: torch.Tensor, unit_dim: int) -> None:
+    def update(self, activation: torch.Tensor, unit_dim: int, nonnegative: bool = False) -> None:
         """Add one batch of activations whose units lie along ``unit_dim``.
+
+        Args:
+            activation: the activation output (any shape; detached internally).
+            unit_dim: the dimension that indexes units.
+            nonnegative: the activation cannot be negative (ReLU, ReLU6, Softplus), so
+                ``|h| = h`` and the magnitude sum needs no ``abs`` pass.
 
         Raises:
             DeadReluError: when the unit dimension's size differs from ``units``.
         """
         x = activation.detach()
-        if x.ndim == 0:
-            x = x.reshape(1)
-            unit_dim = 0
+        if x.ndim < 2:  # one unbatched sample: make the batch dimension explicit
+            x = x.reshape(1, -1)
+            unit_dim = 1
         if x.shape[unit_dim] != self.units:
             raise DeadReluError(
                 f"activation has {x.shape[unit_dim]} units along dim {unit_dim} (shape {tuple(x.shape)}), "
                 f"expected {self.units}"
             )
-        if x.is_floating_point() is False:
+        if not x.is_floating_point():
             x = x.float()
-        dims = unit_reduce_dims(x.ndim, unit_dim)
         if x.device != self.device:
             self._move(x.device)
-        self.observations += x.numel() // self.units if self.units else 0
-        if not dims:
-            self.fired += x > self.threshold
-            a = x.abs()
-            self.abs_sum += a
-            self.nonfinite += ~torch.isfinite(a)
-            return
-        # One |x| tensor serves both the magnitude sum and the finiteness test.
-        a = x.abs()
-        self.fired += torch.count_nonzero(x > self.threshold, dim=dims)
-        self.abs_sum += a.sum(dim=dims, dtype=torch.float32)
-        self.nonfinite += torch.count_nonzero(~(a < float("inf")), dim=dims)
+        per_unit = x.numel() // self.units if self.units else 0
+        self.observations += per_unit
+        dims = unit_reduce_dims(x.ndim, unit_dim)
+        # Counting in float32 is exact while each per-batch count stays below 2**24, and a
+        # float reduction is several times faster on CPU than summing a bool mask.
+        count_dtype = torch.float32 if per_unit < 2**24 else torch.float64
+        buf = _scratch(x.shape, count_dtype, x.device)
+        fired = torch.gt(x, self.threshold, out=buf).sum(dim=dims)
+        if nonnegative:
+            mag = x.sum(dim=dims, dtype=torch.float32)
+        else:
+            mag = torch.abs(x, out=_scratch(x.shape, torch.float32, x.device)).sum(dim=dims)
+        self.fired += fired.to(torch.int64)
+        self.abs_sum += mag
+        # A unit's magnitude sum is finite exactly when all its values are. On CPU checking
+        # that costs nothing, so the exact NaN/Inf count is taken only for batches that need
+        # it; on accelerators it is always taken, to avoid a device synchronisation.
+        if x.device.type != "cpu" or not math.isfinite(mag.sum().item()):
+            self.nonfinite += (~torch.isfinite(x)).sum(dim=dims)
 
     def _move(self, device: torch.device) -> None:
         self.device = device

@@ -1,0 +1,638 @@
+"""Watch unit health during training: rolling-window dead/asleep/dormant fractions, lifecycle events, warnings.
+
+Quickstart::
+
+    with deadrelu.Monitor(model, sinks=["health.jsonl"]) as mon:
+        for x, y in loader:
+            loss = train_step(x, y)
+            mon.step(loss)
+
+What is measured
+----------------
+Every observed training forward pass (grad enabled; ``every=`` picks the steps) adds,
+per unit of every activation site, the number of outputs that fired and the sum of
+``|h|`` into one row of a ring buffer of the last ``window`` batches, on the
+activation's device. Nothing is copied to the host until the monitor *evaluates* —
+every ``log_every`` steps, when the first window fills, or when you call
+:meth:`Monitor.report` — and then one copy serves every site.
+
+* **dead**: the unit never fired over the whole window (all ``window`` batches), so one
+  quiet batch does not kill a unit; **asleep**: it fired on at most ``asleep_rate`` of
+  its window outputs; **dormant**: its dormancy score over the window is at most
+  ``dormant_tau`` (see :class:`deadrelu.Thresholds`).
+* **born dead**: dead over the first full window. **died at step k**: alive at the
+  previous evaluation and dead at the evaluation of step ``k`` (it last fired at most
+  ``window`` observed batches earlier). **revived at step k**: dead before, fired since.
+* Until a site has seen ``window`` batches its fractions cover the batches so far and
+  no lifecycle events or warnings are issued for it.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Iterable, Sequence, Union
+
+import torch
+from torch import nn
+
+from ._window import NONNEGATIVE_FUNCTIONS, WindowStats
+from .capture import ActivationCapture, ThresholdSpec, UnitDimSpec
+from .errors import DeadReluError, NoActivationSitesError
+from .report import Report, SiteReport, Thresholds
+from .sinks import Sink, SinkError, SinkWarning, as_sink
+
+__all__ = [
+    "Monitor",
+    "HistoryRow",
+    "History",
+    "Event",
+    "EventSummary",
+    "Alert",
+    "LogRecord",
+    "DeadUnitWarning",
+]
+
+Schedule = Union[int, Callable[[int], bool]]
+
+ADVICE_BORN_DEAD = (
+    "these units were dead from the first window, which points at initialisation: use He/Kaiming init "
+    "for ReLU layers, check input normalisation, or start biases slightly positive"
+)
+ADVICE_DIED = (
+    "these units died during training: lower the learning rate or add warm-up, clip gradients, "
+    "switch to a leaky activation (LeakyReLU/GELU), or re-initialise the dead units (deadrelu.reinit_dead)"
+)
+
+
+class DeadUnitWarning(UserWarning):
+    """A layer's dead fraction crossed a warning threshold (issued once per layer and threshold)."""
+
+
+@dataclass(frozen=True)
+class HistoryRow:
+    """Fractions of one site's units in each state at one evaluation (over the rolling window)."""
+
+    step: int
+    site: str
+    units: int
+    batches: int
+    active: float
+    asleep: float
+    dead: float
+    dormant: float
+    nonfinite: float
+    loss: float | None = None
+
+    @property
+    def alive(self) -> float:
+        """Fraction of units that fired at least once in the window (active + asleep)."""
+        return self.active + self.asleep
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data, ``alive`` included."""
+        d = asdict(self)
+        d["alive"] = self.alive
+        return d
+
+
+@dataclass
+class History:
+    """Per-site state fractions over time, one :class:`HistoryRow` per site per evaluation.
+
+    Example:
+        >>> h = History([HistoryRow(10, "relu", 4, 10, 0.5, 0.25, 0.25, 0.25, 0.0)])
+        >>> h.series("relu", "dead")
+        ([10], [0.25])
+    """
+
+    rows: list[HistoryRow] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __iter__(self):
+        return iter(self.rows)
+
+    @property
+    def sites(self) -> list[str]:
+        """Site names in first-seen order."""
+        return list(dict.fromkeys(r.site for r in self.rows))
+
+    @property
+    def steps(self) -> list[int]:
+        """Evaluation steps in order."""
+        return list(dict.fromkeys(r.step for r in self.rows))
+
+    def series(self, site: str, state: str = "dead") -> tuple[list[int], list[float]]:
+        """``(steps, fractions)`` of one site for ``state`` (active/asleep/dead/dormant/nonfinite/alive).
+
+        Raises:
+            KeyError: for an unknown site or state.
+        """
+        if state not in ("active", "asleep", "dead", "dormant", "nonfinite", "alive"):
+            raise KeyError(f"unknown state {state!r}; use active, asleep, dead, dormant, nonfinite or alive")
+        rows = [r for r in self.rows if r.site == site]
+        if not rows:
+            raise KeyError(f"no site {site!r} in the history; sites are: {', '.join(self.sites)}")
+        return [r.step for r in rows], [getattr(r, state) for r in rows]
+
+    def to_dicts(self) -> list[dict[str, Any]]:
+        """All rows as plain dictionaries."""
+        return [r.to_dict() for r in self.rows]
+
+
+@dataclass(frozen=True)
+class Event:
+    """A unit changing state: ``kind`` is ``"born_dead"``, ``"died"`` or ``"revived"``."""
+
+    step: int
+    site: str
+    unit: int
+    kind: str
+
+
+@dataclass(frozen=True)
+class SiteEvents:
+    """Lifecycle counts of one site."""
+
+    site: str
+    units: int
+    born_dead: int
+    died: int
+    revived: int
+    dead_now: int
+    died_steps: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class EventSummary:
+    """How many units were born dead, died and revived, per site and in total."""
+
+    sites: tuple[SiteEvents, ...]
+
+    @property
+    def born_dead(self) -> int:
+        """Units dead over the first window, all sites."""
+        return sum(s.born_dead for s in self.sites)
+
+    @property
+    def died(self) -> int:
+        """Death events after the first window, all sites."""
+        return sum(s.died for s in self.sites)
+
+    @property
+    def revived(self) -> int:
+        """Revival events, all sites."""
+        return sum(s.revived for s in self.sites)
+
+    def __str__(self) -> str:
+        lines = [f"{self.born_dead} unit(s) born dead, {self.died} died, {self.revived} revived"]
+        for s in self.sites:
+            if s.born_dead or s.died or s.revived:
+                when = ""
+                if s.died_steps:
+                    when = f" (deaths at steps {s.died_steps[0]}..{s.died_steps[-1]})"
+                lines.append(
+                    f"  {s.site}: {s.born_dead} born dead, {s.died} died{when}, {s.revived} revived; "
+                    f"{s.dead_now}/{s.units} dead now"
+                )
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class Alert:
+    """A warning the monitor issued: the site, the threshold crossed, the dead fraction and the advice."""
+
+    step: int
+    site: str
+    threshold: float
+    dead_fraction: float
+    cause: str  # "born_dead" or "died"
+    message: str
+
+
+@dataclass(frozen=True)
+class LogRecord:
+    """What sinks receive at each evaluation."""
+
+    step: int
+    loss: float | None
+    rows: tuple[HistoryRow, ...]
+    events: tuple[Event, ...]
+    report: Report
+
+
+class _MonitorCapture(ActivationCapture):
+    """ActivationCapture that tells each new accumulator whether its activation is non-negative."""
+
+    def _new_site(self, key: tuple[str, int, int, str], out: torch.Tensor) -> Any:
+        site = super()._new_site(key, out)
+        # relu/relu6/softplus outputs are >= 0 (or NaN), so |h| == h and the monitor skips one full pass.
+        site.stats.nonnegative = key[3] in NONNEGATIVE_FUNCTIONS
+        return site
+
+
+def _schedule(every: Schedule) -> Callable[[int], bool]:
+    if callable(every):
+        return every
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise DeadReluError(f"every must be a positive int or a callable step -> bool, got {every!r}")
+    if every == 1:
+        return lambda step: True
+    return lambda step: step % every == 0
+
+
+class Monitor:
+    """Track per-unit health of every activation site during training, at near-zero cost.
+
+    Args:
+        model: the model being trained (register the monitor before ``torch.compile``).
+        every: which steps to observe: every step (1), every k-th step (k), or a callable
+            ``step -> bool``. Only forward passes with grad enabled are observed, so
+            evaluation passes under ``torch.no_grad()`` are ignored.
+        window: number of most recent observed batches per site in the rolling window; a
+            unit is dead when it fired in none of them.
+        log_every: evaluate (one host copy, history row, events, warnings, sinks) every
+            this many steps. The first full window is always evaluated.
+        asleep_rate: units firing on ``0 < rate <= asleep_rate`` of their outputs are asleep.
+        dormant_tau: units with dormancy score ``<= dormant_tau`` are dormant.
+        threshold: firing threshold (float, mapping or callable; see :mod:`deadrelu.capture`).
+        unit_dim: unit-axis override (see :mod:`deadrelu.capture`).
+        sinks: where to log: :class:`~deadrelu.sinks.Sink` objects, paths ending in
+            ``.jsonl`` or ``.csv``, or callables taking a :class:`LogRecord`.
+        live: show the live terminal view (:mod:`deadrelu.live`; needs ``rich``).
+        warn_at: dead fractions at which a layer warns (once per layer and threshold).
+        on_sink_error: ``"warn"`` (warn once and stop writing to that sink) or ``"raise"``
+            (raise :class:`~deadrelu.sinks.SinkError`).
+        distributed: all-reduce counts over ``torch.distributed`` ranks when evaluating;
+            ``None`` means "when a process group is initialised". Every rank must then
+            call :meth:`step` and :meth:`report` in lockstep.
+
+    Raises:
+        DeadReluError: for a non-module model or invalid options (nothing is attached).
+
+    Example:
+        >>> import torch, deadrelu
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+        >>> opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        >>> with deadrelu.Monitor(net, window=5, log_every=5) as mon:
+        ...     for _ in range(10):
+        ...         loss = net(torch.randn(16, 4)).pow(2).mean()
+        ...         opt.zero_grad(); loss.backward(); opt.step()
+        ...         mon.step(loss)
+        >>> mon.history.steps
+        [5, 10]
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        every: Schedule = 1,
+        window: int = 100,
+        log_every: int = 10,
+        asleep_rate: float = 0.05,
+        dormant_tau: float = 0.025,
+        threshold: ThresholdSpec = 0.0,
+        unit_dim: UnitDimSpec = None,
+        sinks: Iterable[Sink | str | Callable[[LogRecord], Any]] = (),
+        live: bool = False,
+        warn_at: Sequence[float] = (0.2, 0.5),
+        on_sink_error: str = "warn",
+        distributed: bool | None = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise DeadReluError(f"model must be a torch.nn.Module, not {type(model).__name__}")
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+            raise DeadReluError(f"window must be a positive int (batches), got {window!r}")
+        if isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 1:
+            raise DeadReluError(f"log_every must be a positive int (steps), got {log_every!r}")
+        if on_sink_error not in ("warn", "raise"):
+            raise DeadReluError(f"on_sink_error must be 'warn' or 'raise', got {on_sink_error!r}")
+        warn_levels = tuple(sorted(float(w) for w in warn_at))
+        if any(not 0.0 < w <= 1.0 for w in warn_levels):
+            raise DeadReluError(f"warn_at fractions must be in (0, 1], got {tuple(warn_at)!r}")
+        self.thresholds = Thresholds(asleep_rate=asleep_rate, dormant_tau=dormant_tau)
+        self.schedule = _schedule(every)
+        self.model = model
+        self.window = window
+        self.log_every = log_every
+        self.warn_at = warn_levels
+        self.on_sink_error = on_sink_error
+        self.distributed = distributed
+        sink_list = [as_sink(s) for s in sinks]
+        if live:
+            from .live import LiveView
+
+            sink_list.append(LiveView())
+        self.sinks: list[Sink] = sink_list
+        self.capture = _MonitorCapture(
+            model,
+            unit_dim=unit_dim,
+            threshold=threshold,
+            stats_factory=lambda units, thr, device: WindowStats(units, thr, device, window),
+        )
+        self.history = History()
+        self.events: list[Event] = []
+        self.alerts: list[Alert] = []
+        self.steps = 0
+        self._gate_handle: Any = None
+        self._observe = bool(self.schedule(0))
+        self._loss: Any = None
+        self._dead: dict[str, set[int]] = {}  # per site: dead units at the last full-window evaluation
+        self._born_dead: dict[str, set[int]] = {}
+        self._warned: set[tuple[str, float]] = set()
+        self._first_window_done = False
+        self._last_eval_step = -1
+        self._broken: set[int] = set()
+        self._opened = False
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def attach(self) -> "Monitor":
+        """Register the hooks and open the sinks (no-op when already attached).
+
+        Raises:
+            DeadReluError: for TorchScript models, which accept no hooks.
+        """
+        if self._gate_handle is not None:
+            return self
+        # Runs before the capture's own root hook, so unobserved passes never enter the function mode.
+        self._gate_handle = self.model.register_forward_pre_hook(self._gate, prepend=True)
+        try:
+            self.capture.attach()
+            if not self._opened:
+                for i, sink in enumerate(self.sinks):
+                    self._guard(i, sink, sink.open)
+                self._opened = True
+        except BaseException:
+            self.detach()
+            raise
+        return self
+
+    def detach(self) -> None:
+        """Remove every hook and close the sinks; safe to call twice."""
+        if self._gate_handle is not None:
+            self._gate_handle.remove()
+            self._gate_handle = None
+        self.capture.detach()
+        if self._opened:
+            self._opened = False
+            for i, sink in enumerate(self.sinks):
+                self._guard(i, sink, sink.close)
+
+    def __enter__(self) -> "Monitor":
+        return self.attach()
+
+    def __exit__(self, exc_type: Any, *exc: object) -> None:
+        try:
+            # A final evaluation keeps the logs complete; skip it when the block is failing.
+            if exc_type is None and self.capture.sites and self._last_eval_step != self.steps:
+                self._evaluate()
+        finally:
+            self.detach()
+
+    @property
+    def attached(self) -> bool:
+        """True while hooks are registered."""
+        return self._gate_handle is not None
+
+    def _gate(self, module: nn.Module, args: Any) -> None:
+        self.capture.enabled = self._observe and torch.is_grad_enabled()
+
+    # -- the training-loop call ----------------------------------------------------------------
+    def step(self, loss: Any = None) -> None:
+        """Mark the end of one training step (call it after ``optimizer.step()``).
+
+        Args:
+            loss: the step's loss (tensor or number) for the logs; kept on the device and
+                only read at evaluation time, so passing a tensor does not synchronise.
+        """
+        if isinstance(loss, torch.Tensor):
+            loss = loss.detach()
+        self._loss = loss
+        self.steps += 1
+        self._observe = bool(self.schedule(self.steps))
+        first = not self._first_window_done and any(s.stats.full for s in self.capture.sites.values())
+        if first or self.steps % self.log_every == 0:
+            if self.capture.sites:
+                self._evaluate()
+
+    # -- results ------------------------------------------------------------------------------
+    def report(self, scope: str = "window") -> Report:
+        """A :class:`Report` over the rolling window (``"window"``) or since the start (``"total"``).
+
+        Under ``torch.distributed`` this is a collective call (every rank must make it).
+
+        Raises:
+            DeadReluError: for an unknown scope.
+            NoActivationSitesError: before any observed forward pass with activations.
+        """
+        if scope not in ("window", "total"):
+            raise DeadReluError(f"scope must be 'window' or 'total', got {scope!r}")
+        return self._reports((scope,))[0][scope]
+
+    def events_summary(self) -> EventSummary:
+        """Counts of born-dead, died and revived units per site (see :class:`EventSummary`).
+
+        Example:
+            >>> import torch, deadrelu
+            >>> net = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.ReLU())
+            >>> with deadrelu.Monitor(net, window=2) as mon:
+            ...     for _ in range(2):
+            ...         _ = net(torch.randn(4, 2)); mon.step()
+            >>> mon.events_summary().died
+            0
+        """
+        per_site: dict[str, dict[str, list[int]]] = {}
+        for e in self.events:
+            per_site.setdefault(e.site, {"born_dead": [], "died": [], "revived": []})[e.kind].append(e.step)
+        units = {name: site.stats.units for name, site in self.capture.ordered_sites()}
+        out = []
+        for name in units:
+            ev = per_site.get(name, {"born_dead": [], "died": [], "revived": []})
+            out.append(
+                SiteEvents(
+                    site=name,
+                    units=units[name],
+                    born_dead=len(ev["born_dead"]),
+                    died=len(ev["died"]),
+                    revived=len(ev["revived"]),
+                    dead_now=len(self._dead.get(name, ())),
+                    died_steps=tuple(sorted(ev["died"])),
+                )
+            )
+        return EventSummary(tuple(out))
+
+    # -- evaluation -------------------------------------------------------------------------
+    def _use_distributed(self) -> bool:
+        if self.distributed is False:
+            return False
+        import torch.distributed as dist
+
+        ready = dist.is_available() and dist.is_initialized()
+        if self.distributed and not ready:
+            raise DeadReluError("distributed=True but torch.distributed has no initialised process group")
+        return ready and dist.get_world_size() > 1
+
+    def _reports(self, scopes: Sequence[str]) -> tuple[dict[str, Report], dict[str, int]]:
+        """Reports for the given scopes, and each site's batch count in the last scope.
+
+        One host copy serves every site (and, distributed, one all-reduce per dtype).
+        """
+        named = self.capture.ordered_sites()
+        if not named:
+            raise NoActivationSitesError(
+                "the monitor has not observed an activation yet: run a training forward pass (with grad) "
+                f"through {type(self.model).__name__} first"
+            )
+        ints: list[torch.Tensor] = []
+        floats: list[torch.Tensor] = []
+        device = named[0][1].stats.device
+        for scope in scopes:
+            for _, site in named:
+                t = site.stats.totals(scope)
+                meta = torch.tensor([t.observations, t.batches], dtype=torch.int64, device=t.fired.device)
+                ints += [t.fired, t.bad_batches, meta]
+                floats.append(t.abs_sum)
+        flat_i = torch.cat([t.to(device) for t in ints])
+        flat_f = torch.cat([t.to(device) for t in floats])
+        if self._use_distributed():
+            import torch.distributed as dist
+
+            dist.all_reduce(flat_i, op=dist.ReduceOp.SUM)
+            dist.all_reduce(flat_f, op=dist.ReduceOp.SUM)
+        vals_i, vals_f = flat_i.tolist(), flat_f.tolist()
+        out: dict[str, Report] = {}
+        site_batches: dict[str, int] = {}
+        oi = of = 0
+        for scope in scopes:
+            sites = []
+            batches = 0
+            for name, site in named:
+                u = site.stats.units
+                fired, bad = vals_i[oi : oi + u], vals_i[oi + u : oi + 2 * u]
+                obs, nb = vals_i[oi + 2 * u], vals_i[oi + 2 * u + 1]
+                abs_sum = vals_f[of : of + u]
+                oi += 2 * u + 2
+                of += u
+                batches = max(batches, nb)
+                site_batches[name] = nb
+                info = site.info
+                sites.append(
+                    SiteReport(
+                        name=name,
+                        module=info.module,
+                        module_type=info.module_type,
+                        function=info.function,
+                        call=info.call,
+                        slot=info.slot,
+                        unit_dim=site.unit_dim,
+                        shape=info.shape,
+                        fire_threshold=site.stats.threshold,
+                        observations=obs,
+                        fired_counts=tuple(fired),
+                        mean_abs=tuple(a / obs if obs else 0.0 for a in abs_sum),
+                        nonfinite_counts=tuple(bad),
+                        thresholds=self.thresholds,
+                    )
+                )
+            out[scope] = Report(
+                sites=tuple(sites),
+                thresholds=self.thresholds,
+                batches=batches,
+                samples=0,
+                mode="train",
+                model=type(self.model).__name__,
+            )
+        return out, site_batches
+
+    def _evaluate(self) -> None:
+        reports, site_batches = self._reports(("window",))
+        report = reports["window"]
+        step = self.steps
+        self._last_eval_step = step
+        loss = self._loss_value()
+        full = {name: site.stats.full for name, site in self.capture.ordered_sites()}
+        rows, new_events = [], []
+        for s in report.sites:
+            n = s.units or 1
+            rows.append(
+                HistoryRow(
+                    step=step,
+                    site=s.name,
+                    units=s.units,
+                    batches=site_batches[s.name],
+                    active=s.active / n,
+                    asleep=s.asleep / n,
+                    dead=s.dead / n,
+                    dormant=s.dormant / n,
+                    nonfinite=s.nonfinite / n,
+                    loss=loss,
+                )
+            )
+            if full.get(s.name):
+                new_events += self._lifecycle(step, s)
+        if any(full.values()):
+            self._first_window_done = True
+        self.history.rows.extend(rows)
+        self.events.extend(new_events)
+        record = LogRecord(step=step, loss=loss, rows=tuple(rows), events=tuple(new_events), report=report)
+        for i, sink in enumerate(self.sinks):
+            self._guard(i, sink, lambda sink=sink: sink.write(record))
+
+    def _lifecycle(self, step: int, s: SiteReport) -> list[Event]:
+        dead = set(s.dead_units)
+        previous = self._dead.get(s.name)
+        events: list[Event] = []
+        if previous is None:
+            self._born_dead[s.name] = set(dead)
+            events = [Event(step, s.name, u, "born_dead") for u in sorted(dead)]
+        else:
+            events += [Event(step, s.name, u, "died") for u in sorted(dead - previous)]
+            events += [Event(step, s.name, u, "revived") for u in sorted(previous - dead)]
+        self._dead[s.name] = dead
+        self._maybe_warn(step, s, dead)
+        return events
+
+    def _maybe_warn(self, step: int, s: SiteReport, dead: set[int]) -> None:
+        frac = s.dead_fraction
+        for level in self.warn_at:
+            key = (s.name, level)
+            if frac < level or key in self._warned:
+                continue
+            self._warned.add(key)
+            born = len(dead & self._born_dead.get(s.name, set()))
+            cause = "born_dead" if born * 2 >= len(dead) else "died"
+            advice = ADVICE_BORN_DEAD if cause == "born_dead" else ADVICE_DIED
+            message = (
+                f"deadrelu: layer {s.name!r} has {100 * frac:.1f}% dead units ({s.dead}/{s.units}) at step {step}, "
+                f"crossing the {100 * level:g}% warning level; {advice}"
+            )
+            self.alerts.append(Alert(step, s.name, level, frac, cause, message))
+            warnings.warn(message, DeadUnitWarning, stacklevel=4)
+
+    def _loss_value(self) -> float | None:
+        loss = self._loss
+        if loss is None:
+            return None
+        try:
+            value = float(loss.float().mean()) if isinstance(loss, torch.Tensor) else float(loss)
+        except (TypeError, ValueError):
+            return None
+        return value
+
+    def _guard(self, index: int, sink: Sink, action: Callable[[], Any]) -> None:
+        """Run a sink action; a failing sink warns once (or raises) and never stops the training run."""
+        if index in self._broken:
+            return
+        try:
+            action()
+        except Exception as err:
+            self._broken.add(index)
+            name = getattr(sink, "name", type(sink).__name__)
+            message = f"deadrelu: sink {name} failed ({type(err).__name__}: {err}); it is disabled for this run"
+            if self.on_sink_error == "raise":
+                raise SinkError(message) from err
+            warnings.warn(message, SinkWarning, stacklevel=3)
+

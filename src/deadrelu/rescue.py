@@ -1,0 +1,391 @@
+"""Fix dead units in place: re-initialise them (ReDo), nudge their bias, or swap the activation.
+
+Every function here is all-or-nothing: the dataflow is proven and every value computed
+before the first write, and should a write still fail, every touched tensor (parameters,
+buffers, optimizer state) is restored before the error propagates. A refusal is a
+:class:`~deadrelu.errors.RefusedError` naming the site; the model and optimizer are then
+exactly as they were.
+
+* :func:`reinit_dead` — ReDo (Sokar et al. 2023): fresh incoming weights, zero bias and
+  zero outgoing weights for each dead unit, so the network computes the same function on
+  the scanned data but the unit can learn again; optimizer state of exactly those
+  rows/columns is reset.
+* :func:`nudge_bias` — a small positive bias on each dead unit (or its BatchNorm shift).
+* :func:`swap_activations` — replace ReLU modules and functional ReLU calls by another
+  activation (functional calls via a torch.fx rewrite of the module that makes them).
+"""
+
+from __future__ import annotations
+
+import copy as _copy
+import math
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from . import _graph
+from ._swap import ActivationChange, SwapResult, swap_activations
+from .errors import DeadReluError, RefusedError
+from .report import Report, SiteReport
+
+__all__ = [
+    "reinit_dead",
+    "ReinitResult",
+    "UnitReset",
+    "nudge_bias",
+    "BiasNudge",
+    "swap_activations",
+    "SwapResult",
+    "ActivationChange",
+]
+
+_INITS = ("he", "torch")
+
+
+@dataclass(frozen=True)
+class UnitReset:
+    """What :func:`reinit_dead` did at one site.
+
+    Attributes:
+        site: the report's site name.
+        units: the unit indices re-initialised.
+        producer: path of the layer whose rows (output features/channels) were re-drawn.
+        norm: path of the BatchNorm between producer and activation whose channels were reset, or None.
+        consumers: paths of the layers whose input columns/channels were zeroed.
+        folded: paths of consumers whose bias absorbed a dead unit's constant (non-zero) output.
+    """
+
+    site: str
+    units: tuple[int, ...]
+    producer: str
+    norm: str | None
+    consumers: tuple[str, ...]
+    folded: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ReinitResult:
+    """The outcome of :func:`reinit_dead`.
+
+    Attributes:
+        changes: one :class:`UnitReset` per site that had units to re-initialise.
+        optimizer_entries: how many optimizer state tensors had entries reset.
+    """
+
+    changes: tuple[UnitReset, ...]
+    optimizer_entries: int = 0
+
+    @property
+    def units(self) -> int:
+        """Total number of units re-initialised."""
+        return sum(len(c.units) for c in self.changes)
+
+    def __str__(self) -> str:
+        if not self.changes:
+            return "reinit_dead: nothing to re-initialise"
+        lines = [f"reinit_dead: {self.units} unit(s) at {len(self.changes)} site(s)"]
+        for c in self.changes:
+            norm = f" + {c.norm}" if c.norm else ""
+            lines.append(
+                f"  {c.site}: {len(c.units)} unit(s); rows of {c.producer}{norm} re-drawn, "
+                f"columns of {', '.join(c.consumers)} zeroed"
+            )
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class BiasNudge:
+    """One site's bias change made by :func:`nudge_bias`.
+
+    Attributes:
+        site: the report's site name.
+        parameter: the dotted name of the bias tensor changed.
+        units: the unit indices whose bias was set.
+        before: their biases before the change.
+        after: their biases after the change.
+    """
+
+    site: str
+    parameter: str
+    units: tuple[int, ...]
+    before: tuple[float, ...]
+    after: tuple[float, ...]
+
+
+class _Transaction:
+    """Remembers tensors before they are written, and puts them all back on failure."""
+
+    def __init__(self) -> None:
+        self._saved: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def save(self, t: torch.Tensor | None) -> None:
+        if t is not None and id(t) not in self._saved:
+            self._saved[id(t)] = (t, t.detach().clone())
+
+    def rollback(self) -> None:
+        with torch.no_grad():
+            for t, old in self._saved.values():
+                t.copy_(old)
+
+
+def _units_of(dormant: bool) -> Any:
+    def select(site: SiteReport) -> tuple[int, ...]:
+        if dormant:
+            return tuple(sorted(set(site.dormant_units) | set(site.dead_units)))
+        return site.dead_units
+
+    return select
+
+
+def _check_optimizer(optimizer: Any, what: str) -> None:
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise DeadReluError(f"{what}: optimizer must be a torch.optim.Optimizer, not {type(optimizer).__name__}")
+
+
+def _gain(chain: _graph.Chain) -> float:
+    """He gain for the site's activation (LeCun for SELU; ReLU's for smooth ReLU-likes)."""
+    fn = chain.function
+    if fn in ("leaky_relu", "prelu", "rrelu"):
+        slope = 0.01 if fn != "prelu" else 0.25
+        node = chain.node
+        slope = float(node.kwargs.get("negative_slope", node.args[1] if len(node.args) > 1 else slope))
+        return math.sqrt(2.0 / (1 + slope**2))
+    if fn in ("selu", "elu", "celu"):
+        return 1.0
+    return math.sqrt(2.0)
+
+
+def _draw_rows(layer: nn.Module, units: Sequence[int], gain: float, init: str, gen: torch.Generator | None) -> torch.Tensor:
+    """Fresh incoming weights for ``units`` of ``layer`` (He-normal, or PyTorch's own uniform)."""
+    w = layer.weight  # type: ignore[union-attr]
+    shape = (len(units),) + tuple(w.shape[1:])
+    fan_in = w[0].numel()
+    if init == "he":
+        new = torch.randn(shape, generator=gen, dtype=torch.float32) * (gain / math.sqrt(fan_in))
+    else:
+        # nn.Linear / nn.ConvNd.reset_parameters: kaiming_uniform_(a=sqrt(5)) == U(±1/sqrt(fan_in)).
+        bound = 1.0 / math.sqrt(fan_in)
+        new = (torch.rand(shape, generator=gen, dtype=torch.float32) * 2 - 1) * bound
+    return new.to(device=w.device, dtype=w.dtype)
+
+
+def _reset_state(optimizer: Any, param: torch.Tensor | None, index: Any, tx: _Transaction) -> int:
+    """Zero the entries ``param[index]`` in every optimizer state tensor shaped like ``param``."""
+    if optimizer is None or param is None:
+        return 0
+    state = optimizer.state.get(param)
+    if not state:
+        return 0
+    n = 0
+    for value in state.values():
+        if isinstance(value, torch.Tensor) and value.shape == param.shape and value.ndim > 0:
+            tx.save(value)
+            value[index] = 0
+            n += 1
+    return n
+
+
+def reinit_dead(
+    model: nn.Module,
+    report: Report,
+    optimizer: torch.optim.Optimizer | None = None,
+    *,
+    dormant: bool = False,
+    generator: torch.Generator | None = None,
+    init: str = "he",
+) -> ReinitResult:
+    """Re-initialise dead units in place without changing what the network computes (ReDo).
+
+    For each dead unit (or, with ``dormant=True``, each τ-dormant unit) of each site:
+
+    * its incoming weights (a row of the producing Linear, an output channel of the
+      producing Conv) are re-drawn — He-normal ``N(0, gain²/fan_in)`` by default, with the
+      gain of the site's activation (√2 for ReLU), or PyTorch's own default uniform with
+      ``init="torch"`` — and its bias is set to 0;
+    * a BatchNorm between producer and activation gets that channel reset to its
+      initial state (weight 1, bias 0, running mean 0, running variance 1);
+    * its outgoing weights (the matching input columns/channels of every consuming
+      layer; all H·W columns of a channel after a flatten) are set to 0, so the output
+      is unchanged. A dead unit's constant output that is not zero (a BatchNorm after
+      the activation maps 0 to a constant) is first folded into the consumer's bias;
+    * in ``optimizer``, every state tensor shaped like a touched parameter (SGD
+      ``momentum_buffer``; Adam/AdamW ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``)
+      has exactly those rows/columns zeroed; other entries are untouched. Adam keeps one
+      ``step`` count per *tensor*, shared by the untouched entries, so it is left as is:
+      the reset entries then start with bias correction already decayed, which makes
+      their first updates up to ``(1-β1)/sqrt(1-β2)`` (≈3.2 with defaults) times a fresh
+      Adam step, shrinking to one step within ~1/(1-β2) iterations.
+
+    The function is exactly preserved for ReLU units that were dead on the scanned data
+    (their output there was 0). τ-dormant units that still fired, and dead units of
+    other activations, lose the small contribution they made.
+
+    Args:
+        model: the scanned model; changed in place.
+        report: a :class:`~deadrelu.Report` of ``model``.
+        optimizer: its optimizer, whose per-entry state is reset for the touched entries.
+        dormant: also re-initialise τ-dormant units (``site.dormant_units``).
+        generator: random generator for the new weights (reproducibility).
+        init: ``"he"`` (default) or ``"torch"`` (PyTorch's Linear/Conv default).
+
+    Returns:
+        A :class:`ReinitResult` listing, per site, the units and layers changed.
+
+    Raises:
+        RefusedError: when a site's producer/consumer dataflow cannot be proven (residual
+            add, shared weights, unsupported layer, untraceable model); nothing is changed.
+        DeadReluError: for a bad argument.
+
+    Example:
+        >>> import torch, deadrelu
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+        >>> report = deadrelu.scan(net, torch.randn(64, 4))
+        >>> result = deadrelu.reinit_dead(net, report)
+        >>> result.units >= 0
+        True
+    """
+    what = "reinit_dead"
+    if init not in _INITS:
+        raise DeadReluError(f"{what}: init must be one of {_INITS}, got {init!r}")
+    _check_optimizer(optimizer, what)
+    chains = _graph.find_chains(model, report, _units_of(dormant), what)
+    # Plan every value first; a refusal here leaves everything untouched.
+    plans = []
+    for chain in chains:
+        rows = _draw_rows(chain.producer, chain.units, _gain(chain), init, generator)
+        folds = []
+        for link in chain.links:
+            consts = _graph.constant_after(link, chain.units, 0.0)
+            delta = _graph.fold_into_bias(link, chain.units, consts, chain.site, what)
+            if delta is not None and link.module.bias is None:  # type: ignore[union-attr]
+                raise RefusedError(
+                    f"{what}: site '{chain.site.name}': '{link.path}' has no bias to absorb the dead units' "
+                    "constant output; nothing was changed"
+                )
+            folds.append(delta)
+        plans.append((chain, rows, folds))
+
+    tx = _Transaction()
+    entries = 0
+    try:
+        with torch.no_grad():
+            for chain, rows, folds in plans:
+                for link in chain.links:
+                    tx.save(link.module.weight)  # type: ignore[union-attr]
+                    tx.save(link.module.bias)  # type: ignore[union-attr]
+                for link, delta in zip(chain.links, folds):
+                    if delta is not None:
+                        bias = link.module.bias  # type: ignore[union-attr]
+                        bias.add_(delta.to(bias.dtype))
+            # Rows after folds (a re-drawn unit's bias is 0, not a fold), columns last so that a
+            # layer that is both a consumer and a producer ends with zeros in the columns.
+            for chain, rows, _ in plans:
+                idx = list(chain.units)
+                p = chain.producer
+                tx.save(p.weight)  # type: ignore[union-attr]
+                tx.save(p.bias)  # type: ignore[union-attr]
+                p.weight[idx] = rows  # type: ignore[index, union-attr]
+                entries += _reset_state(optimizer, p.weight, idx, tx)  # type: ignore[arg-type]
+                if p.bias is not None:  # type: ignore[union-attr]
+                    p.bias[idx] = 0  # type: ignore[index, union-attr]
+                    entries += _reset_state(optimizer, p.bias, idx, tx)  # type: ignore[arg-type]
+                bn = chain.norm
+                if bn is not None:
+                    for t, v in ((bn.weight, 1.0), (bn.bias, 0.0), (bn.running_mean, 0.0), (bn.running_var, 1.0)):
+                        if t is not None:
+                            tx.save(t)
+                            t[idx] = v
+                    entries += _reset_state(optimizer, bn.weight, idx, tx)
+                    entries += _reset_state(optimizer, bn.bias, idx, tx)
+            for chain, _, _ in plans:
+                for link in chain.links:
+                    cols = _graph.columns(link, chain.units)
+                    w = link.module.weight  # type: ignore[union-attr]
+                    w[:, cols] = 0
+                    entries += _reset_state(optimizer, w, (slice(None), cols), tx)  # type: ignore[arg-type]
+    except BaseException:
+        tx.rollback()
+        raise
+    changes = tuple(
+        UnitReset(
+            site=chain.site.name,
+            units=chain.units,
+            producer=chain.producer_path,
+            norm=chain.norm_path,
+            consumers=tuple(link.path for link in chain.links),
+            folded=tuple(link.path for link, d in zip(chain.links, folds) if d is not None),
+        )
+        for chain, _, folds in plans
+    )
+    return ReinitResult(changes=changes, optimizer_entries=entries)
+
+
+def nudge_bias(
+    model: nn.Module,
+    report: Report,
+    value: float = 0.01,
+    *,
+    optimizer: torch.optim.Optimizer | None = None,
+    dormant: bool = False,
+) -> list[BiasNudge]:
+    """Set the bias of each dead unit to a small positive ``value``, in place.
+
+    The bias that decides whether the unit fires is changed: the producing layer's
+    bias, or — when a BatchNorm sits between the layer and the activation, which
+    cancels the layer's bias — that BatchNorm channel's shift (``bias``). Only the
+    producer side of the dataflow is needed, so consumers are not checked. Unlike
+    :func:`reinit_dead`, this changes what the network computes wherever a nudged unit
+    now fires. Optimizer state of the changed bias entries is reset (zeroed).
+
+    Args:
+        model: the scanned model; changed in place.
+        report: a :class:`~deadrelu.Report` of ``model``.
+        value: the new bias (a small positive number, the usual "seed" advice).
+        optimizer: optional optimizer whose state for the changed entries is reset.
+        dormant: also nudge τ-dormant units.
+
+    Returns:
+        One :class:`BiasNudge` per site changed, with the biases before and after.
+
+    Raises:
+        RefusedError: the producer cannot be proven, or has no bias; nothing is changed.
+        DeadReluError: for a non-finite ``value`` or a bad optimizer.
+
+    Example:
+        >>> import torch, deadrelu
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU())
+        >>> changes = deadrelu.nudge_bias(net, deadrelu.scan(net, torch.randn(64, 4)), value=0.01)
+        >>> all(v == 0.01 for c in changes for v in c.after) or not changes
+        True
+    """
+    what = "nudge_bias"
+    if not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise DeadReluError(f"{what}: value must be a finite number, got {value!r}")
+    _check_optimizer(optimizer, what)
+    chains = _graph.find_chains(model, report, _units_of(dormant), what, consumers=False)
+    targets = []
+    for chain in chains:
+        if chain.norm is not None:
+            owner, path = chain.norm, chain.norm_path
+        else:
+            owner, path = chain.producer, chain.producer_path
+        if getattr(owner, "bias", None) is None:
+            raise RefusedError(f"{what}: site '{chain.site.name}': '{path}' has no bias to nudge; nothing was changed")
+        targets.append((chain, owner.bias, f"{path}.bias" if path else "bias"))
+    tx = _Transaction()
+    out = []
+    try:
+        with torch.no_grad():
+            for chain, bias, name in targets:
+                idx = list(chain.units)
+                tx.save(bias)
+                before = tuple(float(v) for v in bias[idx])
+                bias[idx] = float(value)
+                _reset_state(optimizer, bias, idx, tx)
+                out.append(BiasNudge(chain.site.name, name, chain.units, before, tuple(float(v) for v in bias[idx])))
+    except BaseException:
+        tx.rollback()
+        raise
+    return out
