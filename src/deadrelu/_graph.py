@@ -52,6 +52,7 @@ _PASS_FUNCTIONS = {
 }  # fmt: skip
 _ZERO_ONLY_FUNCTIONS = {F.avg_pool1d, F.avg_pool2d, F.avg_pool3d}
 _PASS_METHODS = {"contiguous", "clone"}
+_ADDS = {operator.add, operator.iadd, operator.sub, torch.add, torch.sub, "add", "add_", "sub", "sub_"}
 
 _MODULE_FUNCTION = {
     nn.ReLU: "relu", nn.ReLU6: "relu6", nn.LeakyReLU: "leaky_relu", nn.PReLU: "prelu", nn.RReLU: "rrelu",
@@ -205,6 +206,13 @@ def _is_flatten(node: fx.Node, modules: dict[str, nn.Module]) -> bool | None:
     return False
 
 
+def _reads_batch_size(node: fx.Node) -> bool:
+    """True for ``x.size(0)``, which the flatten idiom ``x.view(x.size(0), -1)`` uses."""
+    return node.op == "call_method" and node.target == "size" and (
+        node.args[1:] == (0,) or (len(node.args) == 1 and node.kwargs.get("dim") == 0)
+    )
+
+
 def _refuse(site: SiteReport, what: str, why: str) -> RefusedError:
     return RefusedError(f"{what}: site '{site.name}': {why}; nothing was changed")
 
@@ -316,6 +324,8 @@ def _producer_side(
         cur = cur.args[0]  # type: ignore[assignment]
     if not (isinstance(cur, fx.Node) and cur.op == "call_module" and type(modules.get(cur.target)) in PRODUCERS):  # type: ignore[arg-type]
         src = describe_node(cur) if isinstance(cur, fx.Node) else repr(cur)
+        if isinstance(cur, fx.Node) and cur.op == "call_module":
+            src += f" ({type(modules.get(cur.target)).__name__})"  # type: ignore[arg-type]
         raise _refuse(
             site, what, f"its input comes from {src}, not from a Linear/Conv layer (optionally through BatchNorm)"
         )
@@ -356,6 +366,10 @@ def _consumer_side(
         if not node.users:
             raise _refuse(site, what, f"the output of {describe_node(node)} is never used")
         for user in node.users:
+            if _reads_batch_size(user):
+                continue  # x.size(0) reads no unit values and survives pruning
+            if user.target in _ADDS:
+                raise _refuse(site, what, f"its units feed {describe_node(user)}, a residual connection")
             if user.args[:1] != (node,):
                 raise _refuse(site, what, f"its units feed {describe_node(user)} as a non-first argument")
             m = modules.get(user.target) if user.op == "call_module" else None  # type: ignore[arg-type]
@@ -386,7 +400,7 @@ def _consumer_side(
                 continue
             if flatten is None or flatten:
                 raise _refuse(site, what, f"its units are reshaped by {describe_node(user)} in a way deadrelu cannot follow")
-            kind = " (a residual connection)" if user.target in (operator.add, torch.add, "add", "add_", operator.iadd) else ""
+            kind = f" ({type(m).__name__})" if m is not None else ""
             raise _refuse(site, what, f"its units feed {describe_node(user)}{kind}, which is not a supported consumer")
     return links
 
