@@ -58,7 +58,7 @@ __all__ = [
 ACTIVATION_FUNCTIONS = frozenset(
     {
         "relu", "relu6", "leaky_relu", "prelu", "rrelu", "elu", "celu", "selu",
-        "gelu", "silu", "mish", "hardswish", "softplus",
+        "gelu", "silu", "mish", "hardswish", "softplus", "hardtanh",
     }
 )  # fmt: skip
 
@@ -138,8 +138,9 @@ class _Site:
 
     info: SiteInfo
     unit_dim: int
-    stats: Any  # UnitStats or any object with update(tensor, unit_dim)
+    stats: Any  # UnitStats or any object with update(tensor, unit_dim, nonnegative)
     order: int  # first-seen position, for forward-execution order
+    nonnegative: bool = False  # |h| = h for this activation
 
 
 @dataclass
@@ -366,7 +367,7 @@ class ActivationCapture:
             site = self._new_site(key, out)
         self.last_site = frame.path or "<root>"
         try:
-            site.stats.update(out, site.unit_dim, site.info.function in _NONNEGATIVE)
+            site.stats.update(out, site.unit_dim, site.nonnegative)
         except DeadReluError as err:
             raise DeadReluError(f"activation site {_describe(site.info)}: {err}") from None
 
@@ -381,6 +382,8 @@ class ActivationCapture:
             shape=tuple(out.shape),
             leaf=self._leaf.get(path, False),
         )
+        if name == "hardtanh" and info.module_type == "ReLU6":
+            info.function = "relu6"  # nn.ReLU6 is implemented as hardtanh(0, 6)
         if not path and slot < len(self._graph_sites) and self._graph_sites[slot] is not None:
             # A flattened graph (torch.export): name the site after the module it came from.
             info.module, info.module_type, info.call = self._graph_sites[slot]  # type: ignore[misc]
@@ -388,7 +391,13 @@ class ActivationCapture:
         unit_dim = self._resolve_unit_dim(info, out.ndim)
         units = out.shape[unit_dim] if out.ndim else 1
         thr = self._resolve_threshold(info)
-        site = _Site(info, unit_dim, self.stats_factory(units, thr, out.device), order=len(self.sites))
+        site = _Site(
+            info,
+            unit_dim,
+            self.stats_factory(units, thr, out.device),
+            order=len(self.sites),
+            nonnegative=info.function in _NONNEGATIVE,
+        )
         self.sites[key] = site
         return site
 

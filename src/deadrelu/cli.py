@@ -64,6 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 # Verbs live in their own modules; importing them registers them.
 from . import cli_scan  # noqa: E402,F401  (registers "scan")
+from . import cli_evidence  # noqa: E402,F401  (registers "demo", "experiment", "report")
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

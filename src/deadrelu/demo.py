@@ -29,7 +29,7 @@ from torch import nn
 
 from ._train import Bar, build_mlp, epoch_record, firing_rates, train_epoch
 from .datasets import Dataset, load_dataset
-from .errors import DeadReluError
+from .errors import DeadReluError, RefusedError
 from .report import Report
 
 __all__ = ["STRATEGIES", "CLASSIC_THRESHOLD", "rescue_story", "summarise", "result_table", "run_demo", "write_results"]
@@ -62,18 +62,44 @@ def _rescue_function(name: str) -> Callable[..., Any] | None:
 
 
 @contextlib.contextmanager
-def _monitored(model: nn.Module, live: bool) -> Iterator[Callable[[float], None] | None]:
-    """Train under :class:`deadrelu.Monitor` when it exists; yields its per-step callback (or None)."""
+def _monitored(model: nn.Module, live: bool, window: int, sink: dict[str, Any]) -> Iterator[Callable[[float], None] | None]:
+    """Train under :class:`deadrelu.Monitor` when it exists; yields its per-step callback (or None).
+
+    The monitor's window is one epoch of batches, so its "dead" matches the per-epoch scan's
+    meaning as closely as a rolling window can; its events and alerts go into ``sink``.
+    """
     monitor_cls = _rescue_function("Monitor")
     if monitor_cls is None:
+        sink["monitor"] = "not available in this install"
         yield None
         return
-    monitor = monitor_cls(model, live=live) if live else monitor_cls(model)
-    with monitor:
-        yield lambda loss: monitor.step(loss=loss)
+    import warnings
+
+    monitor = monitor_cls(model, window=window, log_every=max(1, window // 4), live=live)
+    with warnings.catch_warnings():
+        # The monitor's alerts are recorded below and shown in the summary, not as Python warnings mid-table.
+        warnings.simplefilter("ignore")
+        with monitor:
+            yield lambda loss: monitor.step(loss=loss)
+    kinds: dict[str, int] = {}
+    for event in monitor.events:
+        kinds[event.kind] = kinds.get(event.kind, 0) + 1
+    sink["monitor"] = {
+        "window_batches": window,
+        "steps": monitor.steps,
+        "events": kinds,
+        "alerts": [{"step": a.step, "site": a.site, "dead_fraction": a.dead_fraction, "message": a.message}
+                   for a in monitor.alerts],
+    }
 
 
-def _apply(strategy: str, model: nn.Module, optimizer: torch.optim.Optimizer, report: Report) -> dict[str, Any]:
+def _apply(
+    strategy: str,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    report: Report,
+    generator: torch.Generator | None = None,
+) -> dict[str, Any]:
     """Apply a rescue to ``model`` in place; returns what it changed (JSON-ready)."""
     if strategy in ("control", "lower_lr"):
         return {}
@@ -89,8 +115,8 @@ def _apply(strategy: str, model: nn.Module, optimizer: torch.optim.Optimizer, re
             raise _Unavailable("deadrelu.reinit_dead is not available in this install")
         if report.dead == 0:
             return {"reinitialised": 0}
-        reinit(model, report, optimizer=optimizer)
-        return {"reinitialised": report.dead}
+        result = reinit(model, report, optimizer=optimizer, generator=generator)
+        return {"reinitialised": int(result.units)}
     raise DeadReluError(f"unknown strategy {strategy!r}; choose from: {', '.join(STRATEGIES)}")
 
 
@@ -191,7 +217,9 @@ def rescue_story(
     initial_record["diverged"] = False
     generator = torch.Generator().manual_seed(seed)
     bar = Bar(epochs, f"train at LR {lr:g}", progress and not live)
-    with _monitored(model, live) as on_step:
+    monitor_info: dict[str, Any] = {}
+    steps_per_epoch = -(-len(ds.x_train) // batch_size)
+    with _monitored(model, live, steps_per_epoch, monitor_info) as on_step:
         baseline, checkpoint_report, base_seconds = _phase(
             model, ds, lr=lr, epochs=epochs, batch_size=batch_size, generator=generator,
             first_epoch=1, on_step=on_step, bar=bar,
@@ -208,6 +236,7 @@ def rescue_story(
         net.load_state_dict(checkpoint_state)
         # Every strategy sees the same batch order after the checkpoint, so differences are the rescue's.
         gen = torch.Generator().manual_seed(seed + 1)
+        reinit_gen = torch.Generator().manual_seed(seed + 2)
         applied: dict[str, Any] = {"reinitialised": 0}
         t0 = time.perf_counter()
         try:
@@ -219,7 +248,7 @@ def rescue_story(
                 if s != "reinit":
                     return {}
                 # ReDo resets periodically: units dead in the last exact scan are reset before each epoch.
-                changed = _apply("reinit", m, opt, rep if rep is not None else checkpoint_report)
+                changed = _apply("reinit", m, opt, rep if rep is not None else checkpoint_report, reinit_gen)
                 applied["reinitialised"] += changed["reinitialised"]
                 return changed
 
@@ -228,7 +257,8 @@ def rescue_story(
                 batch_size=batch_size, generator=gen, first_epoch=epochs + 1, before_epoch=before, bar=bar,
                 report=checkpoint_report,
             )
-        except _Unavailable as why:
+        except (_Unavailable, RefusedError) as why:
+            # A missing or refusing rescue is reported as such; nothing stands in for it.
             results[strategy] = {"label": _LABELS[strategy], "skipped": str(why)}
             bar.update(epochs)
             continue
@@ -272,7 +302,7 @@ def rescue_story(
         },
         "dataset": ds.describe(),
         "initial": initial_record,
-        "baseline": {"epochs": baseline, "train_seconds": base_seconds},
+        "baseline": {"epochs": baseline, "train_seconds": base_seconds, **monitor_info},
         "checkpoint": {
             "epoch": epochs,
             "layers": baseline[-1]["layers"],
@@ -307,11 +337,19 @@ def summarise(story: dict[str, Any]) -> dict[str, Any]:
             f"({sum(r['nonfinite'] for r in layers)} non-finite units at the checkpoint)."
         )
     reproduced = last["dead_fraction"] > CLASSIC_THRESHOLD
+    n = len(layers)
+    worst_i = layers.index(worst)
     lines.append(
         f"After {epochs} epochs at LR {lr:g}, {last['dead']}/{last['units']} units "
-        f"({100 * last['dead_fraction']:.1f}%) of the last hidden layer were dead; the worst layer was "
-        f"{worst['site']} with {100 * worst['dead_fraction']:.1f}%; {100 * cp['dead_fraction']:.1f}% of all units."
+        f"({100 * last['dead_fraction']:.1f}%) of the last hidden layer (L{n}) were dead; the worst layer was "
+        f"L{worst_i + 1} with {100 * worst['dead_fraction']:.1f}%; {100 * cp['dead_fraction']:.1f}% of all units."
     )
+    # Units can die and later revive (earlier layers move their inputs), so the peak is part of the story.
+    peak_epoch, peak = max(((r["epoch"], r["layers"][-1]["dead_fraction"]) for r in story["baseline"]["epochs"]
+                            if not r["diverged"]), key=lambda t: t[1], default=(0, 0.0))
+    if peak > last["dead_fraction"]:
+        lines.append(f"The last hidden layer peaked at {100 * peak:.1f}% dead at epoch {peak_epoch}; "
+                     "some of those units later revived.")
     lines.append(
         "The classic lesson (more than 40% of the last hidden layer dies) reproduced on this run."
         if reproduced
@@ -323,7 +361,7 @@ def summarise(story: dict[str, Any]) -> dict[str, Any]:
     best = best_acc = None
     if candidates:
         best = min(candidates, key=lambda k: (candidates[k]["final_dead_fraction"], -(candidates[k]["val_accuracy"] or 0)))
-        best_acc = max(candidates, key=lambda k: candidates[k]["val_accuracy"] or 0)
+        best_acc = max(candidates, key=lambda k: (candidates[k]["val_accuracy"] or 0, -candidates[k]["final_dead_fraction"]))
         b = candidates[best]
         control = ran.get("control")
         vs = ""
@@ -334,7 +372,7 @@ def summarise(story: dict[str, Any]) -> dict[str, Any]:
             f"Fewest dead units after {epochs} more epochs: {b['label']} with {100 * b['final_dead_fraction']:.1f}% "
             f"dead overall and {100 * (b['val_accuracy'] or 0):.1f}% validation accuracy{vs}."
         )
-        if best_acc != best:
+        if (candidates[best_acc]["val_accuracy"] or 0) > (b["val_accuracy"] or 0):
             a = candidates[best_acc]
             lines.append(f"Highest validation accuracy: {a['label']} with {100 * (a['val_accuracy'] or 0):.1f}%.")
     for k, v in story["strategies"].items():
@@ -346,6 +384,8 @@ def summarise(story: dict[str, Any]) -> dict[str, Any]:
         "last_layer": last["site"],
         "last_layer_dead_fraction": last["dead_fraction"],
         "worst_layer": worst["site"],
+        "last_layer_peak_dead_fraction": peak,
+        "last_layer_peak_epoch": peak_epoch,
         "worst_layer_dead_fraction": worst["dead_fraction"],
         "dead_fraction": cp["dead_fraction"],
         "classic_reproduced": reproduced,
@@ -358,7 +398,7 @@ def summarise(story: dict[str, Any]) -> dict[str, Any]:
 
 def result_table(story: dict[str, Any]) -> list[list[str]]:
     """Rows (header first) of the rescue table: dead % per layer, overall, accuracy and cost."""
-    layers = [r["site"] for r in story["checkpoint"]["layers"]]
+    layers = [f"L{i + 1}" for i in range(len(story["checkpoint"]["layers"]))]
     header = ["strategy"] + [f"dead% {name}" for name in layers] + ["dead% all", "val acc%", "train s", "extra"]
     rows = [header]
     cp = story["checkpoint"]

@@ -36,7 +36,7 @@ from typing import Any, Callable, Iterable, Sequence, Union
 import torch
 from torch import nn
 
-from ._window import NONNEGATIVE_FUNCTIONS, WindowStats
+from ._window import NONNEGATIVE_FUNCTIONS, WindowStats, release_scratch
 from .capture import ActivationCapture, ThresholdSpec, UnitDimSpec
 from .errors import DeadReluError, NoActivationSitesError
 from .report import Report, SiteReport, Thresholds
@@ -376,6 +376,7 @@ class Monitor:
             self._gate_handle.remove()
             self._gate_handle = None
         self.capture.detach()
+        release_scratch()
         if self._opened:
             self._opened = False
             for i, sink in enumerate(self.sinks):

@@ -1,0 +1,17 @@
+"""Shared test settings: deterministic, single-threaded torch and a headless matplotlib."""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("MPLBACKEND", "agg")
+sys.path.insert(0, str(Path(__file__).parent))  # so tests can `from fixtures.models import ...`
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield

@@ -1,0 +1,192 @@
+"""Exactness: deadrelu's per-unit statistics equal a brute-force reduction of every activation."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from fixtures.models import PLANTED_MODELS, WrappedActivations, data_for
+
+import deadrelu
+
+
+def brute_force(act: torch.Tensor, unit_dim: int) -> dict[str, object]:
+    """Reduce a materialised activation by hand: per-unit counts over all other dims."""
+    a = act.detach().movedim(unit_dim, -1).reshape(-1, act.shape[unit_dim]).double()
+    fired = [(a[:, u] > 0).sum().item() for u in range(a.shape[1])]
+    return {
+        "observations": a.shape[0],
+        "fired": fired,
+        "mean_abs": [a[:, u].abs().mean().item() for u in range(a.shape[1])],
+        "dead": tuple(u for u, f in enumerate(fired) if f == 0),
+    }
+
+
+@pytest.mark.parametrize("make", PLANTED_MODELS, ids=lambda m: m.__name__)
+def test_matches_brute_force_and_planted_dead_sets(make):
+    model = make().eval()
+    x = data_for(model)
+    report = deadrelu.scan(model, x, batch_size=32)
+    with torch.no_grad():
+        expected = model.activations(x)
+    assert [s.name for s in report.sites] == [name for name, _, _ in expected]
+    for site, (name, act, unit_dim) in zip(report.sites, expected):
+        truth = brute_force(act, unit_dim)
+        assert site.units == act.shape[unit_dim]
+        assert site.observations == truth["observations"], name
+        assert list(site.fired_counts) == truth["fired"], name
+        assert site.dead_units == truth["dead"], name
+        for got, want in zip(site.mean_abs, truth["mean_abs"]):
+            assert math.isclose(got, want, rel_tol=1e-5, abs_tol=1e-7), name
+        assert site.nonfinite == 0
+    # The planted units are exactly the dead ones (no unit died by accident in these fixtures).
+    for name, planted in model.planted.items():
+        assert report.site(name).dead_units == planted, name
+
+
+def test_reused_module_gives_one_site_per_call_with_its_own_width():
+    from fixtures.models import Bottleneck
+
+    report = deadrelu.scan(Bottleneck(), data_for(Bottleneck()), batch_size=40)
+    widths = [(s.name, s.units, s.call) for s in report.sites]
+    assert widths == [("relu#1", 4, 0), ("relu#2", 4, 1), ("relu#3", 16, 2)]
+
+
+def test_unit_axis_rules():
+    from fixtures.models import Conv1dNet, Conv2dBNNet, TransformerBlock
+
+    assert [s.unit_dim for s in deadrelu.scan(Conv1dNet(), data_for(Conv1dNet())).sites] == [1, 1]
+    assert [s.unit_dim for s in deadrelu.scan(Conv2dBNNet(), data_for(Conv2dBNNet())).sites] == [1, 1]
+    t = deadrelu.scan(TransformerBlock(), data_for(TransformerBlock()))
+    assert t.sites[0].unit_dim == 2 and t.sites[0].units == 48
+    # observations per unit = batch × tokens
+    assert t.sites[0].observations == 96 * 7
+
+
+def test_unit_dim_override_per_site():
+    from fixtures.models import Conv1dNet
+
+    model = Conv1dNet()
+    x = data_for(model)
+    report = deadrelu.scan(model, x, unit_dim={"act1": -1})
+    assert report.site("act1").unit_dim == 2 and report.site("act1").units == 20
+    assert report.site("act2").unit_dim == 1
+    with torch.no_grad():
+        (_, a1, _), _ = model.activations(x)
+    assert list(report.site("act1").fired_counts) == brute_force(a1, 2)["fired"]
+
+
+def test_wrapper_and_other_activation_modules_are_sites():
+    report = deadrelu.scan(WrappedActivations(), torch.randn(50, 4))
+    assert [(s.name, s.function) for s in report.sites] == [("act1", "gelu"), ("act2", "silu"), ("act3", "elu")]
+
+
+def test_threshold_for_non_relu_activations():
+    model = WrappedActivations()
+    x = torch.randn(200, 4)
+    report = deadrelu.scan(model, x, threshold={"gelu": 0.5})
+    with torch.no_grad():
+        h = torch.nn.functional.gelu(model.fc1(x))
+    assert report.site("act1").fire_threshold == 0.5
+    assert list(report.site("act1").fired_counts) == (h > 0.5).sum(0).tolist()
+    assert report.site("act2").fire_threshold == 0.0
+
+
+def test_nan_units_are_their_own_state():
+    class NanNet(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(3, 4)
+
+        def forward(self, x):
+            h = self.fc(x)
+            h = torch.cat([h[:, :1] * float("nan"), h[:, 1:2] * float("inf"), h[:, 2:]], dim=1)
+            return torch.relu(h)
+
+    net = NanNet()
+    with torch.no_grad():
+        net.fc.bias[3] = -1000.0
+    report = deadrelu.scan(net, torch.randn(30, 3), batch_size=7)
+    site = report.sites[0]
+    # Unit 0 is NaN everywhere (NaN stays NaN through ReLU); unit 1 is +Inf wherever the
+    # pre-activation is positive (and 0 elsewhere): both are non-finite, neither dead nor alive.
+    assert site.nonfinite_units == (0, 1)
+    assert site.nonfinite_counts[0] == 30
+    assert site.states[3] == "dead"
+    assert site.dead_units == (3,)
+    assert 0 not in site.dead_units and 0 not in site.active_units
+
+
+def test_dormant_score_follows_sokar_definition():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.ReLU())
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[1.0, 0.0], [0.01, 0.0], [0.0, 0.0]]))
+        model[0].bias.copy_(torch.tensor([0.0, 0.0, -1.0]))
+    x = torch.tensor([[1.0, 0.0], [2.0, 0.0]])
+    site = deadrelu.scan(model, x, dormant_tau=0.025).sites[0]
+    # E|h| = (1.5, 0.015, 0); layer mean 0.505 → scores (2.97, 0.0297, 0)
+    assert site.dormancy[0] == pytest.approx(1.5 / 0.505)
+    assert site.dormancy[1] == pytest.approx(0.015 / 0.505)
+    assert site.dormant_units == (2,)
+    assert deadrelu.scan(model, x, dormant_tau=0.05).sites[0].dormant_units == (1, 2)
+
+
+def test_asleep_classification():
+    model = torch.nn.Sequential(torch.nn.Identity(), torch.nn.ReLU())
+    x = torch.zeros(100, 3)
+    x[:5, 0] = 1.0  # fires 5% → asleep (<= 5%)
+    x[:6, 1] = 1.0  # fires 6% → active
+    site = deadrelu.scan(model, x).sites[0]
+    assert site.states == ("asleep", "active", "dead")
+    assert site.firing_rate == (0.05, 0.06, 0.0)
+
+
+def test_torchscript_and_export_give_same_counts_as_eager():
+    from fixtures.models import MLP
+
+    model = MLP().eval()
+    x = data_for(model)
+    eager = deadrelu.scan(model, x)
+    scripted = deadrelu.scan(torch.jit.script(model), x)
+    exported = deadrelu.scan(
+        torch.export.export(model, (x[:4],), dynamic_shapes=({0: torch.export.Dim("batch")},)).module(), x
+    )
+    assert [s.fired_counts for s in scripted.sites] == [s.fired_counts for s in eager.sites]
+    assert [s.name for s in exported.sites] == [s.name for s in eager.sites]
+    assert [s.fired_counts for s in exported.sites] == [s.fired_counts for s in eager.sites]
+
+
+def test_probe_in_custom_loop_and_train_forward_with_grad():
+    from fixtures.models import MLP
+
+    model = MLP()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    x = data_for(model)
+    with deadrelu.Probe(model) as probe:
+        for xb in x.split(32):
+            loss = model(xb).pow(2).mean()
+            loss.backward()
+            opt.step()
+    report = probe.report()
+    assert report.batches == 3
+    assert report.site("1").dead_units == (2, 5, 7)
+    assert report.mode == "train"
+
+
+def test_relu6_module_is_captured_as_relu6():
+    from fixtures.models import Conv2dBNNet
+
+    site = deadrelu.scan(Conv2dBNNet(), data_for(Conv2dBNNet())).site("relu6")
+    assert site.function == "relu6" and site.module_type == "ReLU6"
+
+
+def test_large_counts_stay_exact():
+    from deadrelu.stats import UnitStats
+
+    s = UnitStats(2)
+    s.observations = 10**10
+    s.fired += torch.tensor([10**10 - 1, 0])
+    s.update(torch.tensor([[1.0, 0.0]]), unit_dim=1)
+    assert s.compute().fired_counts == (10**10, 0)
+    assert s.compute().observations == 10**10 + 1
