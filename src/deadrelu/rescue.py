@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from . import _graph
-# swap import placeholder
+from ._swap import ActivationChange, SwapResult, swap_activations
 from .errors import DeadReluError, RefusedError
 from .report import Report, SiteReport
 
