@@ -66,5 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 from . import cli_scan  # noqa: E402,F401  (registers "scan")
 from . import cli_evidence  # noqa: E402,F401  (registers "demo", "experiment", "report")
 
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+if __name__ == "__main__":  # pragma: no cover  (python -m deadrelu.cli: use the registered module)
+    from deadrelu.cli import main as _main
+
+    sys.exit(_main())
