@@ -120,7 +120,9 @@ def evaluate(model: nn.Module, ds: Dataset) -> float:
     try:
         out = model(ds.x_val)
         if ds.task == "classification":
-            return float((out.argmax(1) == ds.y_val).float().mean())
+            # argmax of a NaN row is an arbitrary class; a diverged model must not score chance accuracy.
+            ok = torch.isfinite(out).all(1) & (out.argmax(1) == ds.y_val)
+            return float(ok.float().mean())
         return float(nn.functional.mse_loss(out, ds.y_val))
     finally:
         model.train(was)

@@ -93,8 +93,7 @@ def firing_heatmap(rates: Sequence[Sequence[float]], title: str = "Firing rate o
     for i, row in enumerate(rates):
         grid[i, : len(row)] = row
     dead = grid == 0
-    cmap = plt.get_cmap("viridis").copy()
-    cmap.set_bad("black")
+    cmap = plt.get_cmap("viridis").with_extremes(bad="black")
     fig, ax = plt.subplots(figsize=(9, 0.45 * len(rates) + 1.6))
     image = ax.imshow(np.ma.masked_where(dead | np.isnan(grid), grid), aspect="auto", cmap=cmap, vmin=0, vmax=1,
                       interpolation="nearest")

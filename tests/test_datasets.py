@@ -1,0 +1,128 @@
+"""Data set loaders: digits, MNIST from IDX files the tests write, MNIST-1D from .npz, regression; missing data."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from deadrelu.datasets import MNIST_FILES, load_dataset
+from deadrelu.errors import DataError
+from deadrelu.idx import write_idx
+
+
+def _write_mnist(root, n_train=30, n_test=12, gz=False):
+    """Small MNIST-shaped IDX files with a known pattern: image i is filled with the value i."""
+    g = torch.Generator().manual_seed(1)
+    x_tr = torch.randint(0, 256, (n_train, 28, 28), generator=g, dtype=torch.int64).to(torch.uint8)
+    y_tr = (torch.arange(n_train) % 10).to(torch.uint8)
+    x_te = torch.randint(0, 256, (n_test, 28, 28), generator=g, dtype=torch.int64).to(torch.uint8)
+    y_te = (torch.arange(n_test) % 10).to(torch.uint8)
+    suffix = ".gz" if gz else ""
+    root.mkdir(parents=True, exist_ok=True)
+    for name, t in zip(MNIST_FILES, (x_tr, y_tr, x_te, y_te)):
+        write_idx(root / (name + suffix), t)
+    return x_tr, y_tr, x_te, y_te
+
+
+def test_digits_split_is_seeded_stratified_and_standardised():
+    a = load_dataset("digits", seed=0)
+    b = load_dataset("digits", seed=0)
+    c = load_dataset("digits", seed=1)
+    assert len(a.x_train) + len(a.x_val) == 1797
+    assert a.features == 64 and a.classes == 10 and a.task == "classification"
+    assert torch.equal(a.x_train, b.x_train) and torch.equal(a.y_val, b.y_val)
+    assert not torch.equal(a.y_val, c.y_val)
+    # Every class is in the validation split in proportion (stratified, 20%).
+    counts = torch.bincount(a.y_val, minlength=10)
+    assert counts.min() >= 30 and counts.max() <= 40
+    # Standardised with training statistics: training features have mean 0 and std 1 (or are constant).
+    assert a.x_train.mean(0).abs().max() < 1e-5
+    std = a.x_train.std(0)
+    assert torch.all(((std - 1).abs() < 1e-4) | (std == 0))
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_mnist_from_written_idx_files(tmp_path, gz):
+    x_tr, y_tr, x_te, y_te = _write_mnist(tmp_path, gz=gz)
+    ds = load_dataset("mnist", data_dir=tmp_path)
+    assert ds.x_train.shape == (30, 784) and ds.x_val.shape == (12, 784)
+    assert torch.equal(ds.y_train, y_tr.long()) and torch.equal(ds.y_val, y_te.long())
+    # The inputs are the pixels, affinely rescaled: same order of values, training mean 0, std 1.
+    raw = x_tr.reshape(30, -1).float()
+    slope = (ds.x_train[0, 1] - ds.x_train[0, 0]) / (raw[0, 1] - raw[0, 0])
+    assert torch.allclose(ds.x_train, (raw - raw.mean()) * slope, atol=1e-4)
+    assert abs(float(ds.x_train.mean())) < 1e-5 and abs(float(ds.x_train.std()) - 1) < 1e-4
+
+
+def test_mnist_in_torchvision_layout_and_limit(tmp_path):
+    _write_mnist(tmp_path / "MNIST" / "raw")
+    ds = load_dataset("mnist", data_dir=tmp_path, limit=10)
+    assert len(ds.x_train) == 10 and len(ds.x_val) == 10
+
+
+def test_mnist_missing_files_names_them(tmp_path):
+    with pytest.raises(DataError) as err:
+        load_dataset("mnist", data_dir=tmp_path)
+    msg = str(err.value)
+    assert str(tmp_path) in msg
+    for name in MNIST_FILES:
+        assert name in msg
+
+
+def test_mnist_disagreeing_files(tmp_path):
+    _write_mnist(tmp_path)
+    write_idx(tmp_path / MNIST_FILES[1], torch.zeros(7, dtype=torch.uint8))
+    with pytest.raises(DataError, match="disagree"):
+        load_dataset("mnist", data_dir=tmp_path)
+
+
+def test_mnist1d_from_npz(tmp_path):
+    np = pytest.importorskip("numpy")
+    rng = np.random.default_rng(0)
+    x, x_test = rng.normal(size=(40, 40)) * 3 + 1, rng.normal(size=(10, 40))
+    y, y_test = np.arange(40) % 10, np.arange(10)
+    np.savez(tmp_path / "mnist1d.npz", x=x, y=y, x_test=x_test, y_test=y_test)
+    ds = load_dataset("mnist1d", data_dir=tmp_path)
+    assert ds.x_train.shape == (40, 40) and ds.x_val.shape == (10, 40)
+    assert torch.equal(ds.y_train, torch.as_tensor(y).long())
+    assert ds.x_train.mean(0).abs().max() < 1e-5
+
+
+def test_mnist1d_npz_missing_array(tmp_path):
+    np = pytest.importorskip("numpy")
+    np.savez(tmp_path / "mnist1d.npz", x=np.zeros((4, 40)), y=np.zeros(4))
+    with pytest.raises(DataError, match="x_test"):
+        load_dataset("mnist1d", data_dir=tmp_path)
+
+
+def test_mnist1d_missing_file(tmp_path):
+    with pytest.raises(DataError, match="mnist1d.npz"):
+        load_dataset("mnist1d", data_dir=tmp_path)
+
+
+def test_mnist1d_without_package_or_file_says_what_to_install():
+    from deadrelu._imports import available
+
+    if available("mnist1d"):
+        pytest.skip("mnist1d is installed here")
+    with pytest.raises(DataError, match=r"deadrelu\[mnist1d\]"):
+        load_dataset("mnist1d")
+
+
+def test_regression_follows_its_formula():
+    ds = load_dataset("regression", seed=3)
+    assert ds.x_train.shape == (50, 4) and ds.y_train.shape == (50, 1) and ds.task == "regression"
+    x = ds.x_train
+    clean = 2 * x[:, 0] - 1.5 * x[:, 1] + 0.5 * x[:, 2] * x[:, 3]
+    residual = ds.y_train[:, 0] - clean
+    assert 0.03 < float(residual.std()) < 0.2  # only the N(0, 0.1²) noise is left
+    assert torch.equal(ds.x_train, load_dataset("regression", seed=3).x_train)
+
+
+def test_unknown_dataset_and_bad_arguments():
+    with pytest.raises(DataError, match="choose one of"):
+        load_dataset("cifar")
+    with pytest.raises(DataError, match="val_fraction"):
+        load_dataset("digits", val_fraction=1.5)
+    with pytest.raises(DataError, match="at least 2"):
+        load_dataset("regression", samples=1)
