@@ -49,7 +49,8 @@ def test_prune_gives_equal_outputs_and_leaves_original(name, build, inputs):
     assert result.max_abs_diff is not None and result.max_abs_diff <= 1e-5
     # Independent check on the same data and on a fresh batch where the planted units stay dead.
     pruned = result.model.eval()
-    assert float((pruned(x) - net(x)).abs().max()) <= 1e-5
+    with torch.no_grad():
+        assert float((pruned(x) - net(x)).abs().max()) <= 1e-5
     assert same_state(net.state_dict(), before)
     assert type(pruned) is type(net)
     after = deadrelu.scan(pruned, x)
@@ -108,6 +109,7 @@ def test_post_bn_constant_folded_into_bias():
     torch.testing.assert_close(result.model[3].bias, expected.detach(), atol=1e-6, rtol=0)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 def test_pruned_model_trains_scripts_and_exports():
     for build, inputs in ((rm.cnn_bn, rm.images), (rm.FunctionalMLP, rm.data)):
         net, x = build().eval(), inputs()
