@@ -127,7 +127,7 @@ def test_pruned_model_trains_scripts_and_exports():
             loss = F.mse_loss(pruned(x), target)
             loss.backward()
             opt.step()
-            losses.append(float(loss))
+            losses.append(loss.item())
         assert losses[-1] < losses[0]
 
 
