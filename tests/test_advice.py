@@ -77,11 +77,14 @@ def test_without_baseline_says_what_cannot_be_told():
 def test_depth_trend_is_reported_with_numbers():
     x = rm.data()
     report = deadrelu.scan(deep_mlp({3: [0, 1, 2, 3], 4: [0, 1, 2, 3, 4, 5]}), x)
-    first = sum(s.dead for s in report.sites[:1]) / 10
-    last = sum(s.dead for s in report.sites[-1:]) / 10
+    # Five sites: the first two against the last two (0 and 10 dead of 20 units).
+    first = sum(s.dead for s in report.sites[:2]) / 20
+    last = sum(s.dead for s in report.sites[-2:]) / 20
+    assert (first, last) == (0.0, 0.5)
     advice = advise(report)
     deep = next(a for a in advice.actions if a.title == "Dead units concentrate in deep layers")
-    assert f"{100 * first:.1f}% in the first third of sites vs {100 * last:.1f}% in the last" in deep.evidence
+    assert f"{100 * first:.1f}% in the first half of the sites vs {100 * last:.1f}% in the last half" in deep.evidence
+    assert deep.units == 10
     lines = str(advice).splitlines()
     start = lines.index("Dead fraction by depth:")
     assert len(lines[start + 1 : start + 6]) == 5 and lines[start + 5].split()[1] == f"{report.sites[-1].dead}/10"

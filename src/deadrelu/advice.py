@@ -100,10 +100,10 @@ def _pct(a: int, b: int) -> str:
 
 
 def _depth_trend(depth: list[tuple[str, int, int]]) -> tuple[float, float] | None:
-    """Dead fraction in the first and last third of the sites (None for fewer than 3 sites)."""
+    """Dead fraction in the first and last half of the sites (the middle one of an odd count left out)."""
     if len(depth) < 3:
         return None
-    k = max(1, len(depth) // 3)
+    k = max(1, len(depth) // 2)
 
     def frac(part: list[tuple[str, int, int]]) -> float:
         units = sum(n for _, _, n in part)
@@ -216,13 +216,13 @@ def advise(report: Report, *, baseline: Report | None = None, min_fraction: floa
     if trend is not None and report.dead:
         first, last = trend
         # Where the dead units sit is a diagnosis, weighted below the causes it explains.
-        k = max(1, len(depth) // 3)
+        k = max(1, len(depth) // 2)
         early_dead, deep_dead = sum(d for _, d, _ in depth[:k]), sum(d for _, d, _ in depth[-k:])
         if last >= 2 * first and last - first >= 0.05:
             actions.append(
                 Action(
                     "Dead units concentrate in deep layers",
-                    f"dead fraction {100 * first:.1f}% in the first third of sites vs {100 * last:.1f}% in the last",
+                    f"dead fraction {100 * first:.1f}% in the first half of the sites vs {100 * last:.1f}% in the last half",
                     ("signal shrinks or shifts through the stack: check init scale (He), add BatchNorm/LayerNorm",
                      "or residual connections"),
                     deep_dead, 0.5 * deep_dead / max(total, 1),
@@ -232,7 +232,7 @@ def advise(report: Report, *, baseline: Report | None = None, min_fraction: floa
             actions.append(
                 Action(
                     "Dead units concentrate in early layers",
-                    f"dead fraction {100 * first:.1f}% in the first third of sites vs {100 * last:.1f}% in the last",
+                    f"dead fraction {100 * first:.1f}% in the first half of the sites vs {100 * last:.1f}% in the last half",
                     ("check input scaling/normalisation and the first layers' init and bias",),
                     early_dead, 0.5 * early_dead / max(total, 1),
                 )  # fmt: skip
