@@ -1,6 +1,6 @@
 """Training-step time with deadrelu.Monitor ÷ without, beside a naive per-batch hook probe.
 
-Run:  python benchmarks/bench_monitor.py [--repeats 7] [--steps 20] [--compile]
+Run:  python benchmarks/bench_monitor.py [--repeats 7] [--steps 20] [--threads N] [--compile]
 
 For each model (a 5×1024 MLP at batch 256, a small CNN at batch 64 on 32×32 inputs)
 the variants below are timed in the same process, interleaved round-robin so machine
@@ -16,6 +16,7 @@ load affects them alike; each printed ratio is the median over repeats of
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -127,8 +128,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--compile", action="store_true", help="also time a torch.compile'd CNN")
     parser.add_argument("--only", choices=["mlp", "cnn"], default=None)
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = parser.parse_args()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.repeats} interleaved repeats")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} thread(s) on {os.cpu_count()} CPU(s), "
+        f"load average {load:.1f}; median of {args.repeats} interleaved repeats of {args.steps} steps"
+    )
     if args.only in (None, "mlp"):
         bench("MLP 5x1024, batch 256", mlp, args.repeats, args.steps)
     if args.only in (None, "cnn"):

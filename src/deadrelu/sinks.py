@@ -11,8 +11,8 @@ Example:
     >>> import deadrelu, tempfile, os
     >>> path = os.path.join(tempfile.mkdtemp(), "health.jsonl")
     >>> sink = deadrelu.sinks.JSONLSink(path)
-    >>> sink.name.endswith("health.jsonl")
-    True
+    >>> sink.path.name
+    'health.jsonl'
 """
 
 from __future__ import annotations

@@ -1,0 +1,287 @@
+"""Monitor: exact window/total counts, lifecycle events, history, warnings, schedule, hygiene, no interference."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from fixtures.models import MLP
+from torch import nn
+
+import deadrelu
+from deadrelu.errors import DeadReluError, NoActivationSitesError
+from deadrelu.monitor import DeadUnitWarning, Event, History, HistoryRow
+
+
+def identity_net(units: int = 3) -> nn.Sequential:
+    """Linear(identity, no bias) → ReLU: unit i fires exactly when input column i is positive."""
+    lin = nn.Linear(units, units, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.eye(units))
+    return nn.Sequential(lin, nn.ReLU())
+
+
+def batch(*fires: bool, rows: int = 4) -> torch.Tensor:
+    """A batch where column i is +1 on every row if fires[i], else -1."""
+    return torch.tensor([[1.0 if f else -1.0 for f in fires]] * rows, requires_grad=False)
+
+
+def hooks_of(model: nn.Module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def brute(model: MLP, xs: list[torch.Tensor]) -> dict[str, tuple[list[int], list[float], int]]:
+    """Per site: fired counts, |h| sums and observations over ``xs``, from the hand-written forward."""
+    out: dict[str, tuple[list[int], list[float], int]] = {}
+    for x in xs:
+        for name, h, _ in model.activations(x):
+            fired = (h > 0).sum(0).tolist()
+            mag = h.abs().double().sum(0).tolist()
+            if name in out:
+                f0, m0, n0 = out[name]
+                out[name] = ([a + b for a, b in zip(f0, fired)], [a + b for a, b in zip(m0, mag)], n0 + h.shape[0])
+            else:
+                out[name] = (fired, mag, h.shape[0])
+    return out
+
+
+def test_window_and_total_counts_equal_brute_force():
+    model = MLP()
+    xs = [torch.randn(8 + i, 10) for i in range(7)]
+    with deadrelu.Monitor(model, window=3, log_every=100) as mon:
+        for x in xs:
+            model(x).sum().backward()
+            mon.step()
+        window, total = mon.report("window"), mon.report("total")
+    for scope_report, data in ((window, xs[-3:]), (total, xs)):
+        expect = brute(model, data)
+        for name, (fired, mag, n) in expect.items():
+            site = scope_report.site(name)
+            assert list(site.fired_counts) == fired
+            assert site.observations == n
+            assert site.mean_abs == pytest.approx([m / n for m in mag], rel=1e-5)
+    assert set(window.site("1").dead_units) >= set(MLP.planted["1"])
+    assert window.batches == 3 and total.batches == 7
+
+
+def test_lifecycle_events_born_dead_died_revived():
+    # unit 0 always fires, unit 1 fires only in batches 0 and 6, unit 2 never fires
+    net = identity_net()
+    plan = [(True, i in (0, 6), False) for i in range(9)]
+    with deadrelu.Monitor(net, window=2, log_every=1, warn_at=(1.0,)) as mon:
+        for fires in plan:
+            net(batch(*fires)).sum().backward()
+            mon.step()
+    assert mon.events == [
+        Event(2, "1", 2, "born_dead"),
+        Event(3, "1", 1, "died"),
+        Event(7, "1", 1, "revived"),
+        Event(9, "1", 1, "died"),
+    ]
+    summary = mon.events_summary()
+    assert (summary.born_dead, summary.died, summary.revived) == (1, 2, 1)
+    assert summary.sites[0].died_steps == (3, 9) and summary.sites[0].dead_now == 2
+    assert "1 unit(s) born dead, 2 died, 1 revived" in str(summary)
+
+
+def test_one_quiet_batch_does_not_kill_a_unit():
+    net = identity_net(2)
+    with deadrelu.Monitor(net, window=3, log_every=1, warn_at=(1.0,)) as mon:
+        for fires in [(True, True), (True, False), (True, True), (True, False), (True, False)]:
+            net(batch(*fires)).sum().backward()
+            mon.step()
+    # unit 1 was quiet in single batches but fired within every 3-batch window until step 5
+    assert mon.history.series("1", "dead") == ([1, 2, 3, 4, 5], [0.0, 0.0, 0.0, 0.0, 0.0])
+    assert mon.events == []
+
+
+def test_history_rows_are_window_fractions_with_loss():
+    net = identity_net(4)
+    with deadrelu.Monitor(net, window=2, log_every=2, warn_at=(1.0,)) as mon:
+        for i in range(6):
+            out = net(batch(True, i % 2 == 0, False, False)).sum()
+            out.backward()
+            mon.step(loss=torch.tensor(float(i)))
+    assert isinstance(mon.history, History)
+    assert mon.history.steps == [2, 4, 6]
+    row = mon.history.rows[-1]
+    assert row == HistoryRow(6, "1", 4, 2, active=0.5, asleep=0.0, dead=0.5, dormant=0.5, nonfinite=0.0, loss=5.0)
+    assert row.alive == 0.5
+    assert mon.history.to_dicts()[0]["alive"] == 0.5
+    with pytest.raises(KeyError, match="no site 'nope'"):
+        mon.history.series("nope")
+
+
+def test_schedule_every_k_and_callable_and_no_grad_passes_ignored():
+    net = identity_net(2)
+    with deadrelu.Monitor(net, every=3, window=50, log_every=100) as mon:
+        for _ in range(7):  # steps 0..6: observed 0, 3, 6
+            net(batch(True, True)).sum().backward()
+            with torch.no_grad():
+                net(batch(True, True))  # an evaluation pass: never observed
+            mon.step()
+        assert mon.report().batches == 3
+    odd = deadrelu.Monitor(net, every=lambda step: step % 2 == 1, window=50)
+    with odd:
+        for _ in range(6):  # observed 1, 3, 5
+            net(batch(True, True)).sum().backward()
+            odd.step()
+        assert odd.report().batches == 3
+
+
+def test_asleep_and_first_window_evaluated_even_off_log_interval():
+    net = identity_net(2)
+    with deadrelu.Monitor(net, window=3, log_every=10, warn_at=(1.0,)) as mon:
+        for i in range(3):
+            x = batch(True, False, rows=20)
+            if i == 0:
+                x[0, 1] = 1.0  # unit 1 fires once in 60 outputs: asleep at 5%
+            net(x).sum().backward()
+            mon.step()
+        assert mon.history.steps == [3]  # first full window, not a multiple of log_every
+        report = mon.report()
+    assert report.sites[0].asleep_units == (1,)
+    assert mon.history.rows[0].asleep == 0.5
+
+
+def test_warnings_once_per_layer_and_threshold_with_advice():
+    net = identity_net(4)
+    with pytest.warns(DeadUnitWarning) as caught:
+        with deadrelu.Monitor(net, window=2, log_every=1) as mon:
+            for _ in range(6):  # units 1..3 never fire: 75% born dead
+                net(batch(True, False, False, False)).sum().backward()
+                mon.step()
+    messages = [str(w.message) for w in caught if issubclass(w.category, DeadUnitWarning)]
+    assert len(messages) == 2  # 20% and 50%, each once despite five evaluations
+    assert "'1'" in messages[0] and "75.0%" in messages[0] and "initialisation" in messages[0]
+    assert [a.threshold for a in mon.alerts] == [0.2, 0.5] and mon.alerts[0].cause == "born_dead"
+
+
+def test_warning_for_units_that_die_during_training_advises_learning_rate():
+    net = identity_net(2)
+    with pytest.warns(DeadUnitWarning, match="learning rate") as caught:
+        with deadrelu.Monitor(net, window=2, log_every=1, warn_at=(0.5,)) as mon:
+            for i in range(5):
+                net(batch(True, i < 2)).sum().backward()
+                mon.step()
+    assert len([w for w in caught if issubclass(w.category, DeadUnitWarning)]) == 1
+    assert mon.alerts[0].cause == "died" and mon.alerts[0].step == 4
+
+
+def test_hooks_removed_after_block_and_after_exception_and_detach_twice():
+    model = MLP()
+    before = hooks_of(model)
+    x = torch.randn(5, 10)
+    expected = model(x)
+    mon = deadrelu.Monitor(model)
+    with pytest.raises(RuntimeError, match="boom"):
+        with mon:
+            model(x).sum().backward()
+            raise RuntimeError("boom")
+    assert hooks_of(model) == before and not mon.attached
+    mon.detach()
+    mon.detach()
+    with mon:
+        assert hooks_of(model) > before
+    assert hooks_of(model) == before
+    assert torch.equal(model(x), expected)
+
+
+def train(monitored: bool, steps: int = 12) -> tuple[list[float], torch.Tensor]:
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 16), nn.GELU(), nn.Linear(16, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    data = [(torch.randn(8, 6), torch.randn(8, 1)) for _ in range(steps)]
+    mon = deadrelu.Monitor(model, window=4, log_every=3, warn_at=(1.0,)) if monitored else None
+    losses = []
+    if mon:
+        mon.attach()
+    for x, y in data:
+        loss = nn.functional.mse_loss(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        if mon:
+            mon.step(loss)
+    if mon:
+        mon.detach()
+        assert len(mon.history) > 0
+    return losses, torch.get_rng_state()
+
+
+def test_no_interference_identical_losses_and_rng_state():
+    plain_losses, plain_rng = train(False)
+    mon_losses, mon_rng = train(True)
+    assert mon_losses == plain_losses
+    assert torch.equal(mon_rng, plain_rng)
+
+
+def test_report_before_data_and_bad_scope_are_errors():
+    net = identity_net()
+    with deadrelu.Monitor(net) as mon:
+        with pytest.raises(NoActivationSitesError, match="has not observed"):
+            mon.report()
+        with torch.no_grad():
+            net(batch(True, True, True))
+        with pytest.raises(NoActivationSitesError):
+            mon.report()  # a no-grad pass is not a training pass
+        net(batch(True, True, True)).sum().backward()
+        with pytest.raises(DeadReluError, match="scope must be 'window' or 'total'"):
+            mon.report("epoch")
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"window": 0}, "window must be a positive int"),
+        ({"every": 0}, "every must be a positive int or a callable"),
+        ({"log_every": 1.5}, "log_every must be a positive int"),
+        ({"warn_at": (0.2, 1.5)}, r"warn_at fractions must be in \(0, 1\]"),
+        ({"on_sink_error": "ignore"}, "on_sink_error must be 'warn' or 'raise'"),
+        ({"sinks": ["health.txt"]}, "cannot tell the log format"),
+        ({"asleep_rate": 2.0}, "asleep_rate must be in"),
+    ],
+)
+def test_bad_options_raise_one_clear_error_and_attach_nothing(kwargs, message):
+    net = identity_net()
+    with pytest.raises(DeadReluError, match=message):
+        deadrelu.Monitor(net, **kwargs)
+    assert hooks_of(net) == 0
+
+
+def test_not_a_module_is_rejected():
+    with pytest.raises(DeadReluError, match="must be a torch.nn.Module"):
+        deadrelu.Monitor("model")  # type: ignore[arg-type]
+
+
+def test_final_evaluation_on_clean_exit_only():
+    net = identity_net(2)
+    with deadrelu.Monitor(net, window=2, log_every=10, warn_at=(1.0,)) as mon:
+        for _ in range(3):
+            net(batch(True, False)).sum().backward()
+            mon.step()
+    assert mon.history.steps == [2, 3]  # first full window, then the closing evaluation
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeadUnitWarning)
+        mon2 = deadrelu.Monitor(net, window=2, log_every=10)
+        with pytest.raises(ValueError):
+            with mon2:
+                net(batch(True, False)).sum().backward()
+                mon2.step()
+                raise ValueError
+    assert mon2.history.steps == []
+
+
+def test_nan_units_are_counted_as_nonfinite_not_dead():
+    net = nn.Sequential(nn.Identity(), nn.ReLU())  # no mixing: a NaN stays in its own unit
+    with deadrelu.Monitor(net, window=2, log_every=2, warn_at=(1.0,)) as mon:
+        for _ in range(2):
+            x = batch(True, True)
+            x[0, 1] = float("nan")
+            net(x)  # grad mode is on, so this counts as a training pass
+            mon.step()
+        site = mon.report().sites[0]
+    assert site.nonfinite_units == (1,) and site.dead_units == ()
+    assert mon.history.rows[-1].nonfinite == 0.5
