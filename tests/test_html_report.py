@@ -1,0 +1,132 @@
+"""The HTML report: self-contained, every plot embedded; opened in headless Chromium without network."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+
+import pytest
+
+pytest.importorskip("matplotlib")
+pytest.importorskip("sklearn")
+
+from deadrelu.cli import main  # noqa: E402
+from deadrelu.datasets import load_dataset  # noqa: E402
+from deadrelu.demo import rescue_story, write_results  # noqa: E402
+from deadrelu.errors import DeadReluError  # noqa: E402
+from deadrelu.experiments import lr_sweep  # noqa: E402
+from deadrelu.html_report import load_results, render_html  # noqa: E402
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+_FLAGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run",
+    "--disable-component-update", "--disable-sync",
+    # Any attempt to reach the network fails: no DNS, and a proxy nobody listens on.
+    "--host-resolver-rules=MAP * ~NOTFOUND", "--proxy-server=127.0.0.1:9",
+]
+
+# Runs after load and writes what the page really rendered into the DOM, for --dump-dom to read.
+_PROBE = """<script>
+window.addEventListener('load', function () {
+  var imgs = Array.prototype.slice.call(document.images);
+  var out = {
+    images: imgs.length,
+    decoded: imgs.filter(function (i) { return i.complete && i.naturalWidth > 0 && i.naturalHeight > 0; }).length,
+    h1: Array.prototype.map.call(document.querySelectorAll('h1'), function (h) { return h.textContent; }),
+    h2: Array.prototype.map.call(document.querySelectorAll('h2'), function (h) { return h.textContent; }),
+    network: performance.getEntriesByType('resource').map(function (e) { return e.name; })
+      .filter(function (n) { return !n.startsWith('data:'); })
+  };
+  var pre = document.createElement('pre'); pre.id = 'probe'; pre.textContent = JSON.stringify(out);
+  document.body.appendChild(pre);
+});
+</script>"""
+
+
+@pytest.fixture(scope="module")
+def results_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("results")
+    story = rescue_story(load_dataset("digits"), epochs=1, hidden=(16, 16), progress=False)
+    story["experiment"] = "demo"
+    write_results(story, root / "results.json")
+    write_results(lr_sweep(lrs=(0.01, 1e4), seeds=(0,), epochs=1, progress=False), root / "lr-sweep.json")
+    (root / "unrelated.json").write_text('{"not": "ours"}')
+    return root
+
+
+@pytest.fixture(scope="module")
+def report_path(results_dir):
+    assert main(["report", str(results_dir)]) == 0
+    return results_dir / "report.html"
+
+
+def test_report_cli_prints_where_it_went(results_dir, capsys):
+    out = results_dir / "elsewhere" / "r.html"
+    assert main(["report", str(results_dir), "--out", str(out)]) == 0
+    assert str(out.resolve()) in capsys.readouterr().out
+    assert out.is_file()
+
+
+def test_report_is_self_contained(report_path):
+    page = report_path.read_text(encoding="utf-8")
+    # No external resource of any kind: every src is a data: URI, no stylesheet links, no url(...).
+    srcs = re.findall(r'\bsrc="([^"]*)"', page)
+    assert srcs and all(s.startswith("data:image/png;base64,") for s in srcs)
+    assert "<link" not in page and "url(" not in page and "@import" not in page
+    assert len(srcs) == 3 + 1  # demo: alive, heatmap, rescue; lr-sweep: bars
+    assert page.index('id="summary"') < page.index('id="demo-0"') < page.index('id="lr-sweep-1"')
+    # The summary quotes the measured numbers, e.g. the lr-sweep divergence.
+    assert "diverged (NaN) in all 1 seeds" in page
+
+
+def test_results_loading_errors(tmp_path):
+    with pytest.raises(DeadReluError, match="does not exist"):
+        load_results(tmp_path / "missing")
+    (tmp_path / "x.json").write_text("{broken")
+    with pytest.raises(DeadReluError, match="no deadrelu results"):
+        load_results(tmp_path)
+    with pytest.raises(DeadReluError, match="no results"):
+        render_html([])
+    assert main(["report", str(tmp_path)]) == 2
+
+
+def _chromium(args, tmp_path, timeout=90):
+    return subprocess.run(
+        [CHROMIUM, *_FLAGS, f"--user-data-dir={tmp_path / 'profile'}", *args],
+        capture_output=True, text=True, timeout=timeout, cwd=tmp_path,
+    )
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (apt-get install chromium)")
+def test_chromium_renders_every_heading_and_decodes_every_image(report_path, tmp_path):
+    page = report_path.read_text(encoding="utf-8").replace("</body>", _PROBE + "</body>")
+    probe_page = tmp_path / "probe.html"
+    probe_page.write_text(page, encoding="utf-8")
+    run = _chromium(["--virtual-time-budget=10000", "--dump-dom", probe_page.as_uri()], tmp_path)
+    match = re.search(r'<pre id="probe">(.*?)</pre>', run.stdout, re.S)
+    assert match, f"probe did not run; stderr: {run.stderr[-2000:]}"
+    import html
+
+    probe = json.loads(html.unescape(match.group(1)))
+    assert probe["images"] == 4 and probe["decoded"] == 4
+    assert probe["h1"] == ["deadrelu evidence report"]
+    assert "Summary" in probe["h2"]
+    assert any("demo" in h for h in probe["h2"]) and any("Learning-rate sweep" in h for h in probe["h2"])
+    assert probe["network"] == []
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (apt-get install chromium)")
+def test_chromium_screenshot_is_not_blank(report_path, tmp_path):
+    shot = tmp_path / "shot.png"
+    run = _chromium([f"--screenshot={shot}", "--window-size=1200,2000", report_path.as_uri()], tmp_path)
+    assert shot.is_file(), f"no screenshot; stderr: {run.stderr[-2000:]}"
+    import matplotlib.image as mpimg
+
+    pixels = mpimg.imread(str(shot))[..., :3]
+    assert pixels.shape[:2] == (2000, 1200)
+    not_white = (pixels < 0.9).any(axis=2).mean()
+    colourful = (pixels.max(axis=2) - pixels.min(axis=2) > 0.2).mean()
+    assert not_white > 0.02  # text, tables and plots are drawn
+    assert colourful > 0.005  # and the plots are in colour, i.e. the images rendered
