@@ -380,7 +380,13 @@ class Monitor:
         if self._opened:
             self._opened = False
             for i, sink in enumerate(self.sinks):
-                self._guard(i, sink, sink.close)
+                if i in self._broken:  # already reported; still release its file
+                    try:
+                        sink.close()
+                    except Exception:
+                        pass
+                else:
+                    self._guard(i, sink, sink.close)
 
     def __enter__(self) -> "Monitor":
         return self.attach()

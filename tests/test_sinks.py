@@ -1,0 +1,214 @@
+"""Sinks: JSONL/CSV content and append semantics, failing sinks, TensorBoard read-back, W&B via a fake module."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sys
+import types
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import deadrelu
+from deadrelu import sinks as sinks_mod
+from deadrelu.errors import DeadReluError
+from deadrelu.sinks import CSVSink, JSONLSink, SinkError, SinkWarning, TensorBoardSink, WandbSink
+
+
+def half_dead_net() -> nn.Sequential:
+    """Identity Linear → ReLU fed inputs whose columns 2 and 3 are always negative: half the units dead."""
+    lin = nn.Linear(4, 4, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.eye(4))
+    return nn.Sequential(lin, nn.ReLU())
+
+
+def run(mon: deadrelu.Monitor, net: nn.Module, steps: int) -> None:
+    x = torch.tensor([[1.0, 2.0, -1.0, -1.0]] * 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", deadrelu.monitor.DeadUnitWarning)
+        with mon:
+            for i in range(steps):
+                net(x).sum().backward()
+                mon.step(loss=torch.tensor(0.5 * i))
+
+
+def test_jsonl_lines_match_history_and_events(tmp_path: Path):
+    net = half_dead_net()
+    path = tmp_path / "health.jsonl"
+    mon = deadrelu.Monitor(net, window=2, log_every=2, sinks=[str(path)])
+    run(mon, net, 6)
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [d["step"] for d in lines] == mon.history.steps == [2, 4, 6]
+    assert lines[0]["kind"] == "deadrelu.monitor" and lines[0]["schema_version"] == 1
+    assert lines[0]["sites"][0] == {k: v for k, v in mon.history.rows[0].to_dict().items() if k not in ("step", "loss")}
+    assert lines[0]["sites"][0]["dead"] == 0.5
+    assert lines[-1]["loss"] == 2.5
+    assert lines[0]["events"] == [
+        {"step": 2, "site": "1", "unit": 2, "kind": "born_dead"},
+        {"step": 2, "site": "1", "unit": 3, "kind": "born_dead"},
+    ]
+    assert lines[1]["events"] == []
+
+
+def test_csv_rows_and_header_once_across_runs(tmp_path: Path):
+    net = half_dead_net()
+    path = tmp_path / "health.csv"
+    run(deadrelu.Monitor(net, window=2, log_every=2, sinks=[path]), net, 4)
+    run(deadrelu.Monitor(net, window=2, log_every=2, sinks=[CSVSink(path)]), net, 2)
+    rows = list(csv.reader(path.open()))
+    assert rows[0] == list(sinks_mod.CSV_COLUMNS)
+    assert rows.count(list(sinks_mod.CSV_COLUMNS)) == 1
+    body = [dict(zip(rows[0], r)) for r in rows[1:]]
+    assert [r["step"] for r in body] == ["2", "4", "2"]  # the second run appended
+    assert float(body[0]["dead"]) == 0.5 and float(body[0]["alive"]) == 0.5 and body[0]["site"] == "1"
+
+
+def test_jsonl_appends_to_existing_file(tmp_path: Path):
+    path = tmp_path / "h.jsonl"
+    path.write_text('{"earlier": true}\n')
+    net = half_dead_net()
+    run(deadrelu.Monitor(net, window=2, log_every=2, sinks=[JSONLSink(path)]), net, 2)
+    lines = path.read_text().splitlines()
+    assert lines[0] == '{"earlier": true}' and json.loads(lines[1])["step"] == 2
+
+
+def test_stream_targets(tmp_path: Path):
+    buf, cbuf = io.StringIO(), io.StringIO()
+    net = half_dead_net()
+    run(deadrelu.Monitor(net, window=2, log_every=2, sinks=[JSONLSink(buf), CSVSink(cbuf)]), net, 2)
+    assert json.loads(buf.getvalue())["step"] == 2
+    assert cbuf.getvalue().splitlines()[0].startswith("step,site,units")
+    assert not buf.closed  # the monitor does not close streams it did not open
+
+
+def test_full_disk_warns_once_and_other_sinks_and_history_go_on(tmp_path: Path):
+    if not Path("/dev/full").exists():
+        pytest.skip("needs /dev/full")
+    good = tmp_path / "good.jsonl"
+    net = half_dead_net()
+    mon = deadrelu.Monitor(net, window=2, log_every=1, sinks=[JSONLSink("/dev/full"), str(good)])
+    with pytest.warns(SinkWarning) as caught:
+        run(mon, net, 5)
+    sink_warnings = [w for w in caught if issubclass(w.category, SinkWarning)]
+    assert len(sink_warnings) == 1 and "/dev/full" in str(sink_warnings[0].message)
+    assert "No space left" in str(sink_warnings[0].message)
+    assert len(good.read_text().splitlines()) == len(mon.history.steps) == 5
+
+
+def test_closed_file_keeps_earlier_lines(tmp_path: Path):
+    path = tmp_path / "h.jsonl"
+    sink = JSONLSink(path)
+    net = half_dead_net()
+    x = torch.tensor([[1.0, 2.0, -1.0, -1.0]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", deadrelu.monitor.DeadUnitWarning)
+        with pytest.warns(SinkWarning, match="closed file"):
+            with deadrelu.Monitor(net, window=1, log_every=1, sinks=[sink]) as mon:
+                for i in range(4):
+                    if i == 2:
+                        sink._fh.close()  # someone closed our file under us
+                    net(x).sum().backward()
+                    mon.step()
+    lines = path.read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2]
+    assert mon.history.steps == [1, 2, 3, 4]
+
+
+def test_raise_mode_gives_sink_error(tmp_path: Path):
+    def broken(record):
+        raise OSError("disk on fire")
+
+    net = half_dead_net()
+    mon = deadrelu.Monitor(net, window=1, log_every=1, sinks=[broken], on_sink_error="raise")
+    with pytest.raises(SinkError, match="disk on fire"):
+        run(mon, net, 2)
+    assert not mon.attached
+
+
+def test_callable_sink_receives_records():
+    seen = []
+    net = half_dead_net()
+    run(deadrelu.Monitor(net, window=2, log_every=2, sinks=[seen.append]), net, 4)
+    assert [r.step for r in seen] == [2, 4]
+    assert seen[0].report.sites[0].dead_units == (2, 3)
+
+
+def test_bad_sink_paths(tmp_path: Path):
+    with pytest.raises(DeadReluError, match="does not exist"):
+        JSONLSink(tmp_path / "missing" / "h.jsonl")
+    with pytest.raises(DeadReluError, match="is a directory"):
+        CSVSink(tmp_path)
+    with pytest.raises(DeadReluError, match="must be a Sink"):
+        deadrelu.Monitor(half_dead_net(), sinks=[42])
+
+
+def test_tensorboard_scalars_and_histograms(tmp_path: Path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    net = half_dead_net()
+    run(deadrelu.Monitor(net, window=2, log_every=2, sinks=[TensorBoardSink(tmp_path)]), net, 4)
+    acc = EventAccumulator(str(tmp_path))
+    acc.Reload()
+    tags = acc.Tags()
+    assert "deadrelu/1/dead" in tags["scalars"] and "deadrelu/1/firing_rate" in tags["histograms"]
+    dead = acc.Scalars("deadrelu/1/dead")
+    assert [(e.step, e.value) for e in dead] == [(2, 0.5), (4, 0.5)]
+    hist = acc.Histograms("deadrelu/1/firing_rate")[0].histogram_value
+    assert hist.num == 4 and hist.min == 0.0 and hist.max == 1.0
+
+
+def test_missing_extra_names_the_pip_command(monkeypatch):
+    import importlib
+
+    real = importlib.import_module
+
+    def fake(name, *args, **kwargs):
+        if name in ("tensorboard", "wandb"):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(importlib, "import_module", fake)
+    with pytest.raises(ModuleNotFoundError, match=r'pip install "deadrelu\[tensorboard\]"'):
+        TensorBoardSink("runs")
+    with pytest.raises(ModuleNotFoundError, match=r'pip install "deadrelu\[wandb\]"'):
+        WandbSink()
+
+
+def test_wandb_sink_with_a_fake_module(monkeypatch):
+    logged = []
+
+    class Histogram:
+        def __init__(self, values):
+            self.values = values
+
+    class Run:
+        def log(self, data, **kwargs):
+            logged.append((data, kwargs))
+
+    fake = types.ModuleType("wandb")
+    fake.Histogram = Histogram
+    fake.run = Run()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    net = half_dead_net()
+    run(deadrelu.Monitor(net, window=2, log_every=2, sinks=[WandbSink(commit=False)]), net, 2)
+    data, kwargs = logged[0]
+    assert kwargs == {"commit": False}
+    assert data["deadrelu/step"] == 2 and data["deadrelu/1/dead"] == 0.5
+    assert data["deadrelu/1/firing_rate"].values == [1.0, 1.0, 0.0, 0.0]
+
+
+def test_wandb_without_a_run_warns_clearly(monkeypatch):
+    fake = types.ModuleType("wandb")
+    fake.Histogram = lambda values: values
+    fake.run = None
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    net = half_dead_net()
+    with pytest.warns(SinkWarning, match=r"wandb.init"):
+        run(deadrelu.Monitor(net, window=2, log_every=2, sinks=[WandbSink()]), net, 2)
