@@ -87,7 +87,8 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of split, weights and batch order (0)")
     p.add_argument("--batch-size", type=_positive_int, default=64, help="SGD mini-batch size (64)")
     p.add_argument("--out", default="deadrelu-demo", metavar="DIR", help="output directory (deadrelu-demo)")
-    p.add_argument("--live", action="store_true", help="show the monitor's live view while training (needs rich)")
+    p.add_argument("--live", action=argparse.BooleanOptionalAction, default=None,
+                   help="show the monitor's live view while training (default: on a terminal, when rich is installed)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -95,6 +96,14 @@ def demo_command(args: argparse.Namespace) -> dict[str, Any]:
     """Run the demo with the parsed options; returns its result dict (with ``outputs``)."""
     from .demo import run_demo
 
+    live_ready = available("rich") and available("deadrelu.live")
+    live = args.live
+    if live is None:
+        live = live_ready and sys.stderr.isatty()
+    elif live and not live_ready:
+        raise DeadReluError(
+            "--live needs rich and the monitor's live view (deadrelu.live); install \"deadrelu[cli]\" or drop --live"
+        )
     return run_demo(
         dataset=args.dataset,
         epochs=args.epochs,
@@ -103,7 +112,7 @@ def demo_command(args: argparse.Namespace) -> dict[str, Any]:
         batch_size=args.batch_size,
         out=args.out,
         data_dir=args.data_dir,
-        live=args.live,
+        live=live,
         progress=not args.no_progress,
     )
 
