@@ -1,0 +1,129 @@
+"""Live view: folding rule, terminal redraws bounded by rate, plain lines off a terminal."""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import deadrelu
+from deadrelu.monitor import DeadUnitWarning
+
+rich = pytest.importorskip("rich")
+from rich.console import Console  # noqa: E402
+
+from deadrelu.live import LiveView, fold_states, summary_line  # noqa: E402
+
+
+class FakeClock:
+    """Deterministic time: the test moves it, so no test depends on wall-clock speed."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def net_and_batch(units: int = 6):
+    lin = nn.Linear(units, units, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.eye(units))
+    # units 0-1 always fire, unit 2 fires once in 40 outputs (asleep), the rest never
+    x = -torch.ones(40, units)
+    x[:, :2] = 1.0
+    x[0, 2] = 1.0
+    return nn.Sequential(lin, nn.ReLU()), x
+
+
+def drive(view: LiveView, clock: FakeClock, steps: int, dt: float) -> deadrelu.Monitor:
+    net, x = net_and_batch()
+    mon = deadrelu.Monitor(net, window=1, log_every=1, sinks=[view])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeadUnitWarning)
+        with mon:
+            for i in range(steps):
+                net(x).sum().backward()
+                clock.now += dt
+                mon.step(loss=float(i))
+    return mon
+
+
+def test_fold_states_majority_and_ties_to_worse():
+    assert fold_states(["active"] * 3, 5) == (["active"] * 3, 1)
+    states = ["active", "active", "dead", "asleep", "dead", "active", "dead", "dead"]
+    assert fold_states(states, 4) == (["active", "dead", "dead", "dead"], 2)
+    cells, per = fold_states(["active"] * 1000 + ["dead"] * 24, 512)
+    assert per == 2 and len(cells) == 512 and cells[-12:] == ["dead"] * 12
+    with pytest.raises(ValueError, match="max_cells"):
+        fold_states(states, 0)
+
+
+def test_terminal_view_draws_coloured_cells_and_respects_refresh_rate():
+    out = io.StringIO()
+    console = Console(file=out, force_terminal=True, width=60, color_system="truecolor")
+    clock = FakeClock()
+    view = LiveView(console=console, refresh_per_second=2.0, clock=clock)
+    assert view.is_terminal
+    drive(view, clock, steps=10, dt=0.1)  # 10 records within one second
+    # at most 2 redraws per second of fake time (0.5 s apart) + the final state on close
+    assert view.renders == 3
+    text = out.getvalue()
+    assert "step 10" in text and "loss 9" in text
+    assert "6 units: 2 active, 1 asleep, 3 dead" in text
+    assert "\x1b[" in text and "■" in text  # ANSI colours and cells
+
+
+def test_renderable_folds_large_layers():
+    net = nn.Sequential(nn.Linear(4, 300), nn.ReLU())
+    seen = []
+    with deadrelu.Monitor(net, window=1, log_every=1, sinks=[seen.append], warn_at=(1.0,)) as mon:
+        net(torch.randn(8, 4)).sum().backward()
+        mon.step()
+    out = io.StringIO()
+    console = Console(file=out, force_terminal=True, width=200)
+    view = LiveView(console=console, max_cells=100)
+    console.print(view.renderable(seen[0]))
+    text = out.getvalue()
+    assert "3 units per cell" in text
+    assert text.count("■") == 100 + 4  # the grid plus the 4 legend cells
+
+
+def test_plain_lines_when_not_a_terminal():
+    out = io.StringIO()
+    console = Console(file=out, width=200)
+    clock = FakeClock()
+    view = LiveView(console=console, plain_interval=1.0, clock=clock)
+    assert not view.is_terminal
+    mon = drive(view, clock, steps=10, dt=0.25)  # one line per second of fake time + the last
+    lines = out.getvalue().splitlines()
+    assert len(lines) == view.renders == 4
+    assert lines[0].startswith("deadrelu step 1 | loss 0 | 1: 3/6 dead, 1 asleep")
+    assert lines[-1].startswith("deadrelu step 10")
+    assert "\x1b[" not in out.getvalue()
+    assert mon.history.steps[-1] == 10
+
+
+def test_summary_line_mentions_nonfinite():
+    net = nn.Sequential(nn.Identity(), nn.ReLU())
+    seen = []
+    with deadrelu.Monitor(net, window=1, log_every=1, sinks=[seen.append], warn_at=(1.0,)) as mon:
+        net(torch.tensor([[1.0, float("nan")]]))
+        mon.step()
+    assert summary_line(seen[0]) == "deadrelu step 1 | 1: 0/2 dead, 0 asleep, 1 nan/inf"
+
+
+def test_monitor_live_flag_adds_a_view():
+    net, _ = net_and_batch()
+    mon = deadrelu.Monitor(net, live=True)
+    assert isinstance(mon.sinks[-1], LiveView)
+
+
+def test_bad_live_options():
+    with pytest.raises(ValueError, match="refresh_per_second"):
+        LiveView(refresh_per_second=0)
+    with pytest.raises(ValueError, match="max_cells"):
+        LiveView(max_cells=0)
