@@ -190,3 +190,27 @@ def test_large_counts_stay_exact():
     s.update(torch.tensor([[1.0, 0.0]]), unit_dim=1)
     assert s.compute().fired_counts == (10**10, 0)
     assert s.compute().observations == 10**10 + 1
+
+
+@pytest.mark.parametrize("unit_dim", [1, 2, 3, -1])
+def test_any_unit_axis_and_memory_layout_matches_brute_force(unit_dim):
+    from deadrelu.stats import UnitStats
+
+    x = torch.randn(6, 5, 4, 3).relu()
+    for layout in (x, x.to(memory_format=torch.channels_last), x.transpose(0, 2)):
+        s = UnitStats(layout.shape[unit_dim])
+        s.update(layout, unit_dim % layout.ndim, nonnegative=True)
+        truth = brute_force(layout, unit_dim % layout.ndim)
+        got = s.compute()
+        assert list(got.fired_counts) == truth["fired"]
+        assert got.mean_abs == pytest.approx(truth["mean_abs"], rel=1e-5)
+
+
+def test_channels_last_model_matches_eager_layout():
+    from fixtures.models import Conv2dBNNet
+
+    model = Conv2dBNNet().eval()
+    x = data_for(model)
+    plain = deadrelu.scan(model, x)
+    cl = deadrelu.scan(model.to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last))
+    assert [s.fired_counts for s in cl.sites] == [s.fired_counts for s in plain.sites]

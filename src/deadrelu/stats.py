@@ -42,6 +42,25 @@ def _scratch(shape: torch.Size, dtype: torch.dtype, device: torch.device) -> tor
     return buf[:numel].view(shape)
 
 
+def _per_unit_sum(t: torch.Tensor, unit_dim: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Sum over every dimension but ``unit_dim``.
+
+    Viewing a contiguous tensor as ``(before, units, after)`` and reducing the inner, then the
+    outer dimension is about twice as fast on CPU as one multi-dimension reduction."""
+    units = t.shape[unit_dim]
+    if t.is_contiguous():
+        if unit_dim == t.ndim - 1:
+            return t.view(-1, units).sum(0, dtype=dtype)
+        after = 1
+        for size in t.shape[unit_dim + 1 :]:
+            after *= size
+        return t.view(-1, units, after).sum(2, dtype=dtype).sum(0)
+    moved = t.movedim(unit_dim, -1)
+    if moved.is_contiguous():  # e.g. channels_last convolution outputs
+        return moved.view(-1, units).sum(0, dtype=dtype)
+    return t.sum(dim=unit_reduce_dims(t.ndim, unit_dim), dtype=dtype)
+
+
 def release_scratch() -> None:
     """Free the scratch buffers of this thread (called when a capture detaches)."""
     _SCRATCH.pool = {}
@@ -127,23 +146,22 @@ class UnitStats:
             self._move(x.device)
         per_unit = x.numel() // self.units if self.units else 0
         self.observations += per_unit
-        dims = unit_reduce_dims(x.ndim, unit_dim)
         # Counting in float32 is exact while each per-batch count stays below 2**24, and a
         # float reduction is several times faster on CPU than summing a bool mask.
         count_dtype = torch.float32 if per_unit < 2**24 else torch.float64
         buf = _scratch(x.shape, count_dtype, x.device)
-        fired = torch.gt(x, self.threshold, out=buf).sum(dim=dims)
+        fired = _per_unit_sum(torch.gt(x, self.threshold, out=buf), unit_dim)
         if nonnegative:
-            mag = x.sum(dim=dims, dtype=torch.float32)
+            mag = _per_unit_sum(x, unit_dim, torch.float32)
         else:
-            mag = torch.abs(x, out=_scratch(x.shape, torch.float32, x.device)).sum(dim=dims)
+            mag = _per_unit_sum(torch.abs(x, out=_scratch(x.shape, torch.float32, x.device)), unit_dim)
         self.fired += fired.to(torch.int64)
         self.abs_sum += mag
         # A unit's magnitude sum is finite exactly when all its values are. On CPU checking
         # that costs nothing, so the exact NaN/Inf count is taken only for batches that need
         # it; on accelerators it is always taken, to avoid a device synchronisation.
         if x.device.type != "cpu" or not math.isfinite(mag.sum().item()):
-            self.nonfinite += (~torch.isfinite(x)).sum(dim=dims)
+            self.nonfinite += _per_unit_sum(~torch.isfinite(x), unit_dim, torch.int64)
 
     def _move(self, device: torch.device) -> None:
         self.device = device
