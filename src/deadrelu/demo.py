@@ -338,11 +338,13 @@ def summarise(story: dict[str, Any]) -> dict[str, Any]:
         )
     reproduced = last["dead_fraction"] > CLASSIC_THRESHOLD
     n = len(layers)
-    worst_i = layers.index(worst)
+    worst_names = [f"L{i + 1}" for i, r in enumerate(layers) if r["dead_fraction"] == worst["dead_fraction"]]
+    where = (f"the worst layer{'s were' if len(worst_names) > 1 else ' was'} {', '.join(worst_names)} with "
+             f"{100 * worst['dead_fraction']:.1f}%" if worst["dead_fraction"] > 0 else "no layer had a dead unit")
     lines.append(
         f"After {epochs} epochs at LR {lr:g}, {last['dead']}/{last['units']} units "
-        f"({100 * last['dead_fraction']:.1f}%) of the last hidden layer (L{n}) were dead; the worst layer was "
-        f"L{worst_i + 1} with {100 * worst['dead_fraction']:.1f}%; {100 * cp['dead_fraction']:.1f}% of all units."
+        f"({100 * last['dead_fraction']:.1f}%) of the last hidden layer (L{n}) were dead; {where}; "
+        f"{100 * cp['dead_fraction']:.1f}% of all units."
     )
     # Units can die and later revive (earlier layers move their inputs), so the peak is part of the story.
     peak_epoch, peak = max(((r["epoch"], r["layers"][-1]["dead_fraction"]) for r in story["baseline"]["epochs"]
@@ -350,6 +352,12 @@ def summarise(story: dict[str, Any]) -> dict[str, Any]:
     if peak > last["dead_fraction"]:
         lines.append(f"The last hidden layer peaked at {100 * peak:.1f}% dead at epoch {peak_epoch}; "
                      "some of those units later revived.")
+    monitor = story["baseline"].get("monitor")
+    if isinstance(monitor, dict):
+        events = monitor.get("events", {})
+        seen = ", ".join(f"{n} {kind}" for kind, n in sorted(events.items())) or "no unit deaths or revivals"
+        lines.append(f"The training monitor (rolling window of {monitor['window_batches']} batches, about one epoch) "
+                     f"recorded {seen} and {len(monitor.get('alerts', []))} alert(s).")
     lines.append(
         "The classic lesson (more than 40% of the last hidden layer dies) reproduced on this run."
         if reproduced
