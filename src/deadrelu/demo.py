@@ -424,7 +424,7 @@ def result_table(story: dict[str, Any]) -> list[list[str]]:
         if cost["extra_params"]:
             extra.append(f"{cost['extra_params']:+d} params")
         if cost["units_reinitialised"]:
-            extra.append(f"{cost['units_reinitialised']} resets")
+            extra.append(f"{cost['units_reinitialised']} unit reset(s)")
         if cost["activations_swapped"]:
             extra.append(f"{cost['activations_swapped']} swapped")
         if v["diverged"]:

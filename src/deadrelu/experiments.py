@@ -380,9 +380,10 @@ def result_table(result: dict[str, Any]) -> list[list[str]]:
     if kind == "activations":
         rows = [["activation", "init", "dead%", "dormant%", "non-finite%", "val acc%", "train s", "params"]]
         for r in result["rows"]:
-            rows.append([r["activation"], r["init"], _pct(r["dead_fraction"]), _pct(r["dormant_fraction"]),
-                         _pct(r["nonfinite_fraction"]), _pct(r["val_accuracy"]), f"{r['train_seconds']:.1f}",
-                         str(r["params"])])
+            # A diverged net has NaN units, which are neither dead nor dormant: say "diverged", not "0.0".
+            dead, dormant = ("diverged", "-") if r["diverged"] else (_pct(r["dead_fraction"]), _pct(r["dormant_fraction"]))
+            rows.append([r["activation"], r["init"], dead, dormant, _pct(r["nonfinite_fraction"]),
+                         _pct(r["val_accuracy"]), f"{r['train_seconds']:.1f}", str(r["params"])])
         return rows
     if kind == "init":
         metric = result["config"].get("metric", "val_accuracy")
