@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -205,3 +207,53 @@ def test_str_summarises():
     net, x = rm.mlp(), rm.data()
     text = str(prune_dead(net, deadrelu.scan(net, x), data=x))
     assert "removed 5 unit(s) at 2 site(s)" in text and "355 -> 264" in text and "324 -> 238" in text
+
+
+@pytest.mark.parametrize(
+    "build,inputs",
+    [(rm.ReusedReLU, rm.data), (rm.token_mlp, rm.tokens), (rm.conv1d_bn, lambda: rm.tokens().transpose(1, 2))],
+    ids=["reused relu", "tokens (N,T,F)", "conv1d+bn"],
+)
+def test_reused_activation_tokens_and_conv1d(build, inputs):
+    net, x = build().eval(), inputs()
+    report = deadrelu.scan(net, x)
+    result = prune_dead(net, report, data=x)
+    assert result.removed == {s.name: s.dead_units for s in report.sites if s.dead_units}
+    with torch.no_grad():
+        assert float((result.model(x) - net(x)).abs().max()) <= 1e-5
+    assert deadrelu.scan(result.model, x).dead == 0
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    widths=st.lists(st.integers(1, 9), min_size=1, max_size=3),
+    fraction=st.floats(0.0, 1.0),
+    seed=st.integers(0, 1000),
+)
+def test_random_mlps_prune_to_brute_force_arithmetic(widths, fraction, seed):
+    torch.manual_seed(seed)
+    dims = [5, *widths, 3]
+    layers: list[nn.Module] = []
+    for i in range(len(widths)):
+        layers += [nn.Linear(dims[i], dims[i + 1]), nn.ReLU()]
+    net = nn.Sequential(*layers, nn.Linear(dims[-2], dims[-1])).eval()
+    g = torch.Generator().manual_seed(seed)
+    for i, w in enumerate(widths):
+        planted = [u for u in range(w) if float(torch.rand((), generator=g)) < fraction]
+        rm.plant(net[2 * i].bias, planted)
+    x = rm.data(64, 5, seed)
+    # Brute force: run layer by layer and mark units whose ReLU output is 0 on every sample.
+    dead, h = [], x
+    with torch.no_grad():
+        for i in range(len(widths)):
+            h = torch.relu(net[2 * i](h))
+            dead.append([u for u in range(widths[i]) if bool((h[:, u] == 0).all())])
+    report = deadrelu.scan(net, x)
+    assert [list(s.dead_units) for s in report.sites] == dead
+    result = prune_dead(net, report, data=x)
+    new = [w - len(d) if len(d) < w else 1 for w, d in zip(widths, dead)]
+    nd = [5, *new, 3]
+    assert result.params_after == sum(nd[i] * nd[i + 1] + nd[i + 1] for i in range(len(nd) - 1))
+    assert result.macs_after == sum(nd[i] * nd[i + 1] for i in range(len(nd) - 1))
+    with torch.no_grad():
+        assert float((result.model(x) - net(x)).abs().max()) <= 1e-5

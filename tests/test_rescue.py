@@ -10,6 +10,8 @@ from __future__ import annotations
 import copy
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -446,3 +448,68 @@ def test_swap_transformer_activation_attribute():
     result = swap_activations(layer, to="silu")
     assert [(c.site, c.kind) for c in result.changes] == [("activation", "attribute")]
     assert [s.function for s in deadrelu.scan(layer, torch.randn(4, 3, 8)).sites] == ["silu"]
+
+
+@pytest.mark.parametrize(
+    "build,inputs",
+    [(rm.ReusedReLU, rm.data), (rm.token_mlp, rm.tokens), (rm.conv1d_bn, lambda: rm.tokens().transpose(1, 2))],
+    ids=["reused relu", "tokens (N,T,F)", "conv1d+bn"],
+)
+def test_reinit_reused_activation_tokens_and_conv1d(build, inputs):
+    net, x = build().eval(), inputs()
+    report = deadrelu.scan(net, x)
+    before = net(x).detach()
+    reinit_dead(net, report, generator=gen())
+    torch.testing.assert_close(net(x).detach(), before, atol=1e-6, rtol=0)
+    assert deadrelu.scan(net, x).sites[0].dead == 0
+
+
+@settings(max_examples=15, deadline=None)
+@given(widths=st.lists(st.integers(1, 9), min_size=1, max_size=3), fraction=st.floats(0.0, 1.0), seed=st.integers(0, 1000))
+def test_random_mlps_reinit_keeps_outputs(widths, fraction, seed):
+    torch.manual_seed(seed)
+    dims = [5, *widths, 3]
+    layers: list[nn.Module] = []
+    for i in range(len(widths)):
+        layers += [nn.Linear(dims[i], dims[i + 1]), nn.ReLU()]
+    net = nn.Sequential(*layers, nn.Linear(dims[-2], dims[-1])).eval()
+    g = torch.Generator().manual_seed(seed)
+    for i, w in enumerate(widths):
+        rm.plant(net[2 * i].bias, [u for u in range(w) if float(torch.rand((), generator=g)) < fraction])
+    x = rm.data(64, 5, seed)
+    report = deadrelu.scan(net, x)
+    opt = trained(torch.optim.SGD, net, x, lr=1e-3, momentum=0.9)
+    before = net(x).detach()
+    result = reinit_dead(net, report, opt, generator=gen(seed))
+    assert result.units == report.dead
+    torch.testing.assert_close(net(x).detach(), before, atol=1e-5, rtol=0)
+    first = report.sites[0].dead_units
+    assert all(net[0].bias[u] == 0 for u in first)
+    assert all(torch.all(opt.state[net[0].weight]["momentum_buffer"][u] == 0) for u in first)
+
+
+def test_swap_failure_midway_rolls_back(monkeypatch):
+    net = rm.Nested()
+    before_types = [type(m) for m in net.modules()]
+    from deadrelu import _swap
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("simulated failure in the fx rewrite")
+
+    monkeypatch.setattr(_swap, "_rewrite", boom)
+    with pytest.raises(RuntimeError, match="simulated"):
+        swap_activations(net, to="elu")
+    assert [type(m) for m in net.modules()] == before_types  # the nn.ReLU module swap was undone
+    assert isinstance(net.act, nn.ReLU)
+
+
+def test_docs_snippet_runs_and_prints_what_it_says():
+    import pathlib
+    import re
+
+    doc = pathlib.Path(__file__).resolve().parents[1] / "docs" / "rescue.md"
+    code = re.search(r"```python\n(.*?)```", doc.read_text(), re.S).group(1)
+    namespace: dict = {}
+    exec(compile(code, str(doc), "exec"), namespace)
+    assert (namespace["small"].params_before, namespace["small"].params_after) == (163, 143)
+    assert namespace["result"].units == 2
