@@ -37,6 +37,7 @@ CASES = [
     ("conv_flatten", rm.conv_flatten, rm.images),
     ("view_flatten", rm.ViewFlatten, rm.images),
     ("post_bn", rm.post_bn, rm.data),
+    ("functional_cnn", rm.FunctionalCNN, rm.images),
 ]
 
 

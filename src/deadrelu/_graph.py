@@ -51,6 +51,8 @@ _PASS_FUNCTIONS = {
     F.adaptive_max_pool2d, F.adaptive_max_pool3d, torch.dropout,
 }  # fmt: skip
 _ZERO_ONLY_FUNCTIONS = {F.avg_pool1d, F.avg_pool2d, F.avg_pool3d}
+_POOL_FUNCTIONS = {f for f in _PASS_FUNCTIONS | _ZERO_ONLY_FUNCTIONS if "dropout" not in getattr(f, "__name__", "dropout")}
+_POOL_FUNCTIONS |= {F.max_pool1d, F.max_pool2d, F.max_pool3d}  # boolean_dispatch wrappers are named "fn"
 _PASS_METHODS = {"contiguous", "clone"}
 _ADDS = {operator.add, operator.iadd, operator.sub, torch.add, torch.sub, "add", "add_", "sub", "sub_"}
 
@@ -389,7 +391,7 @@ def _consumer_side(
                 user.op == "call_function" and user.target in _ZERO_ONLY_FUNCTIONS
             )
             if passes or zero:
-                pooling = "pool" in type(m).__name__.lower() if m is not None else "pool" in str(user.target)
+                pooling = "Pool" in type(m).__name__ if m is not None else user.target in _POOL_FUNCTIONS
                 if pooling and (flat or not channels_first):
                     raise _refuse(site, what, f"{describe_node(user)} pools over the unit axis")
                 todo.append((user, flat, norms, zero_only or zero))
