@@ -212,8 +212,9 @@ def test_str_summarises():
 
 @pytest.mark.parametrize(
     "build,inputs",
-    [(rm.ReusedReLU, rm.data), (rm.token_mlp, rm.tokens), (rm.conv1d_bn, lambda: rm.tokens().transpose(1, 2))],
-    ids=["reused relu", "tokens (N,T,F)", "conv1d+bn"],
+    [(rm.ReusedReLU, rm.data), (rm.ReusedFunctionalAct, rm.data), (rm.token_mlp, rm.tokens),
+     (rm.conv1d_bn, lambda: rm.tokens().transpose(1, 2))],
+    ids=["reused relu", "reused functional act", "tokens (N,T,F)", "conv1d+bn"],
 )
 def test_reused_activation_tokens_and_conv1d(build, inputs):
     net, x = build().eval(), inputs()

@@ -103,23 +103,21 @@ def trace(model: nn.Module, what: str) -> fx.GraphModule:
         ) from err
 
 
-def _owner(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[str, int]:
-    """(module path, call index) of the innermost module whose forward made this node."""
+def _owner(node: fx.Node) -> tuple[str, int]:
+    """(module path, call index) of the innermost module whose forward made this node.
+
+    fx records the module stack per node, innermost last, keyed ``path`` for a module's
+    first call in the trace and ``path@k`` for its k-th; a leaf module's own node lists
+    the leaf itself last.
+    """
     stack = node.meta.get("nn_module_stack") or {}
-    if node.op == "call_module":
-        # The leaf module itself is innermost; fx lists it last.
-        keys = [k for k in stack]
-        key = keys[-1] if keys else str(node.target)
-    else:
-        if not stack:
-            return "", 0
-        key = list(stack)[-1]
-    path, _, call = key.partition("@")
-    if node.op == "call_module":
-        path = str(node.target)
-    else:
-        path = stack[key][0] if isinstance(stack[key], tuple) else path
-    return path, int(call) if call else 0
+    if not stack:
+        return (str(node.target), 0) if node.op == "call_module" else ("", 0)
+    key = next(reversed(stack))
+    value = stack[key]
+    path = str(node.target) if node.op == "call_module" else (value[0] if isinstance(value, tuple) else key)
+    _, at, call = key.rpartition("@")
+    return path, int(call) if at and call.isdigit() else 0
 
 
 def site_nodes(gm: fx.GraphModule) -> dict[tuple[str, int, int], tuple[fx.Node, str]]:
@@ -131,7 +129,7 @@ def site_nodes(gm: fx.GraphModule) -> dict[tuple[str, int, int], tuple[fx.Node, 
         fn = activation_name(node, modules)
         if fn is None:
             continue
-        path, call = _owner(node, modules)
+        path, call = _owner(node)
         slot = slots.get((path, call), 0)
         slots[(path, call)] = slot + 1
         out[(path, call, slot)] = (node, fn)
