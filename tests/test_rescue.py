@@ -515,3 +515,11 @@ def test_docs_snippet_runs_and_prints_what_it_says():
     exec(compile(code, str(doc), "exec"), namespace)
     assert (namespace["small"].params_before, namespace["small"].params_after) == (163, 143)
     assert namespace["result"].units == 2
+
+
+def test_rprop_step_size_is_reset_to_lr_not_zero():
+    net, x = rm.mlp(), rm.data()
+    opt = trained(torch.optim.Rprop, net, x, lr=0.02)
+    reinit_dead(net, deadrelu.scan(net, x), opt, generator=gen())
+    state = opt.state[net[0].weight]
+    assert torch.all(state["step_size"][[1, 3, 7]] == 0.02) and torch.all(state["prev"][[1, 3, 7]] == 0)

@@ -120,7 +120,8 @@ def count_macs(model: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, Any
                 k *= s
             total += out.numel() * (module.in_channels // module.groups) * k  # type: ignore[union-attr, operator]
 
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))]
+    counted = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)  # transposed convs count differently: left out
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, counted)]
     try:
         with torch.no_grad():
             model(*args, **kwargs)

@@ -171,18 +171,27 @@ def _draw_rows(layer: nn.Module, units: Sequence[int], gain: float, init: str, g
     return new.to(device=w.device, dtype=w.dtype)
 
 
+def _fresh_value(optimizer: Any, param: torch.Tensor, key: str) -> float:
+    """The value a state entry has before the first step: 0, except Rprop's per-entry step size (lr)."""
+    if key == "step_size" and isinstance(optimizer, torch.optim.Rprop):
+        for group in optimizer.param_groups:
+            if any(p is param for p in group["params"]):
+                return float(group["lr"])
+    return 0.0
+
+
 def _reset_state(optimizer: Any, param: torch.Tensor | None, index: Any, tx: _Transaction) -> int:
-    """Zero the entries ``param[index]`` in every optimizer state tensor shaped like ``param``."""
+    """Reset the entries ``param[index]`` in every optimizer state tensor shaped like ``param``."""
     if optimizer is None or param is None:
         return 0
     state = optimizer.state.get(param)
     if not state:
         return 0
     n = 0
-    for value in state.values():
+    for key, value in state.items():
         if isinstance(value, torch.Tensor) and value.shape == param.shape and value.ndim > 0:
             tx.save(value)
-            value[index] = 0
+            value[index] = _fresh_value(optimizer, param, key)
             n += 1
     return n
 
@@ -211,8 +220,9 @@ def reinit_dead(
       is unchanged. A dead unit's constant output that is not zero (a BatchNorm after
       the activation maps 0 to a constant) is first folded into the consumer's bias;
     * in ``optimizer``, every state tensor shaped like a touched parameter (SGD
-      ``momentum_buffer``; Adam/AdamW ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``)
-      has exactly those rows/columns zeroed; other entries are untouched. Adam keeps one
+      ``momentum_buffer``; Adam/AdamW ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``;
+      Adagrad ``sum``) has exactly those rows/columns set to their value before the first
+      step (0; Rprop's ``step_size``: the learning rate); other entries are untouched. Adam keeps one
       ``step`` count per *tensor*, shared by the untouched entries, so it is left as is:
       the reset entries then start with bias correction already decayed, which makes
       their first updates up to ``(1-β1)/sqrt(1-β2)`` (≈3.2 with defaults) times a fresh
