@@ -29,9 +29,10 @@ every ``log_every`` steps, when the first window fills, or when you call
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterable, Sequence, Union
+from typing import Any, Callable, Iterable, Iterator, Sequence, Union
 
 import torch
 from torch import nn
@@ -224,7 +225,19 @@ class LogRecord:
 
 
 class _MonitorCapture(ActivationCapture):
-    """ActivationCapture that tells each new accumulator whether its activation is non-negative."""
+    """ActivationCapture that tells each new accumulator whether its activation is non-negative,
+    and whose :meth:`forward_scope` composes with calls of the root module inside it."""
+
+    @contextlib.contextmanager
+    def forward_scope(self) -> Iterator[None]:
+        # Counting the scope as one level of root depth keeps a root call made inside the
+        # scope (Lightning's ``self(x)`` in ``training_step``) from starting a second pass.
+        self._depth += 1
+        try:
+            with super().forward_scope():
+                yield
+        finally:
+            self._depth -= 1
 
     def _new_site(self, key: tuple[str, int, int, str], out: torch.Tensor) -> Any:
         site = super()._new_site(key, out)
@@ -393,11 +406,18 @@ class Monitor:
 
     def __exit__(self, exc_type: Any, *exc: object) -> None:
         try:
-            # A final evaluation keeps the logs complete; skip it when the block is failing.
-            if exc_type is None and self.capture.sites and self._last_eval_step != self.steps:
-                self._evaluate()
+            if exc_type is None:  # a failing block gets no final evaluation, only a clean detach
+                self.finish()
         finally:
             self.detach()
+
+    def finish(self) -> None:
+        """Evaluate the steps since the last evaluation, so logs end at the last step.
+
+        A clean exit from the ``with`` block calls it; call it yourself before :meth:`detach`.
+        """
+        if self.capture.sites and self._last_eval_step != self.steps:
+            self._evaluate()
 
     @property
     def attached(self) -> bool:
@@ -406,6 +426,32 @@ class Monitor:
 
     def _gate(self, module: nn.Module, args: Any) -> None:
         self.capture.enabled = self._observe and torch.is_grad_enabled()
+
+    @contextlib.contextmanager
+    def observe(self) -> Iterator[None]:
+        """Treat everything run inside this block as one training forward pass.
+
+        For code that calls submodules directly instead of ``model(...)`` — Lightning's
+        ``training_step`` calling ``self.net(x)`` is the usual case. The schedule and the
+        grad-mode rule apply as for ordinary forward passes.
+
+        Example:
+            >>> import torch, deadrelu
+            >>> outer = torch.nn.Module()
+            >>> outer.net = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.ReLU())
+            >>> with deadrelu.Monitor(outer, window=1) as mon:
+            ...     with mon.observe():
+            ...         _ = outer.net(torch.randn(4, 2))
+            ...     mon.step()
+            >>> [s.name for s in mon.report().sites]
+            ['net.1']
+        """
+        if not (self.attached and self._observe and torch.is_grad_enabled()):
+            yield
+            return
+        self.capture.enabled = True
+        with self.capture.forward_scope():
+            yield
 
     # -- the training-loop call ----------------------------------------------------------------
     def step(self, loss: Any = None) -> None:

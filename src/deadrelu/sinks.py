@@ -41,6 +41,7 @@ __all__ = [
     "SinkError",
     "SinkWarning",
     "as_sink",
+    "record_metrics",
     "SCHEMA_VERSION",
 ]
 
@@ -97,6 +98,22 @@ def record_to_dict(record: "LogRecord") -> dict[str, Any]:
         "sites": [{k: _clean(v) for k, v in r.to_dict().items() if k not in ("step", "loss")} for r in record.rows],
         "events": [{"step": e.step, "site": e.site, "unit": e.unit, "kind": e.kind} for e in record.events],
     }
+
+
+def record_metrics(record: "LogRecord", prefix: str = "deadrelu") -> dict[str, float]:
+    """Flat ``{"<prefix>/<site>/<state>": fraction}`` scalars of one record, for metric loggers.
+
+    Example:
+        >>> from deadrelu.monitor import HistoryRow, LogRecord
+        >>> row = HistoryRow(5, "relu", 4, 5, 0.5, 0.25, 0.25, 0.25, 0.0)
+        >>> record_metrics(LogRecord(5, None, (row,), (), None))["deadrelu/relu/dead"]
+        0.25
+    """
+    out: dict[str, float] = {}
+    for row in record.rows:
+        for state in ("active", "asleep", "dead", "dormant", "nonfinite"):
+            out[f"{prefix}/{row.site}/{state}"] = getattr(row, state)
+    return out
 
 
 class _FileSink(Sink):
@@ -237,9 +254,8 @@ class TensorBoardSink(Sink):
         if self._writer is None:
             self.open()
         w = self._writer
-        for row in record.rows:
-            for state in ("active", "asleep", "dead", "dormant", "nonfinite"):
-                w.add_scalar(f"deadrelu/{row.site}/{state}", getattr(row, state), record.step)
+        for tag, value in record_metrics(record).items():
+            w.add_scalar(tag, value, record.step)
         if self.histograms:
             import torch
 
@@ -282,10 +298,7 @@ class WandbSink(Sink):
         self.name = "WandbSink"
 
     def write(self, record: "LogRecord") -> None:
-        data: dict[str, Any] = {"deadrelu/step": record.step}
-        for row in record.rows:
-            for state in ("active", "asleep", "dead", "dormant", "nonfinite"):
-                data[f"deadrelu/{row.site}/{state}"] = getattr(row, state)
+        data: dict[str, Any] = {"deadrelu/step": record.step, **record_metrics(record)}
         if self.histograms:
             for site in record.report.sites:
                 data[f"deadrelu/{site.name}/firing_rate"] = self._wandb.Histogram(list(site.firing_rate))

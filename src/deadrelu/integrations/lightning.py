@@ -1,0 +1,124 @@
+"""PyTorch Lightning integration: :class:`DeadReluCallback`.
+
+The callback builds a :class:`deadrelu.Monitor` on the ``LightningModule`` in
+``setup("fit")``, observes each ``training_step`` up to its backward as one forward pass
+(so steps that call submodules directly are seen), steps it after every training batch
+(passing the batch loss), logs
+each evaluation through every logger of the trainer (``trainer.loggers``) as
+``deadrelu/<site>/<state>`` scalars at ``trainer.global_step``, and detaches in
+``teardown`` and ``on_exception``. Validation runs under ``torch.inference_mode`` and so
+is never observed. ``lightning.pytorch`` is used when installed, otherwise the older
+``pytorch_lightning`` package.
+
+Example:
+    >>> import lightning  # doctest: +SKIP
+    >>> cb = DeadReluCallback(window=50, log_every=50)  # doctest: +SKIP
+    >>> lightning.Trainer(callbacks=[cb]).fit(model, loader)  # doctest: +SKIP
+    >>> cb.monitor.events_summary()  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .._imports import available, require
+from ..monitor import LogRecord, Monitor
+from ..sinks import Sink, record_metrics
+
+if available("lightning"):
+    _pl = require("lightning.pytorch", "lightning")
+else:
+    _pl = require("pytorch_lightning", "lightning")
+
+__all__ = ["DeadReluCallback"]
+
+
+class _TrainerLoggers(Sink):
+    """Sends each evaluation to ``trainer.loggers`` (TensorBoard, CSV, W&B, ... as configured)."""
+
+    name = "lightning loggers"
+
+    def __init__(self, trainer: Any) -> None:
+        self.trainer = trainer
+
+    def write(self, record: LogRecord) -> None:
+        metrics = record_metrics(record)
+        for logger in self.trainer.loggers:
+            logger.log_metrics(metrics, step=self.trainer.global_step)
+
+
+class DeadReluCallback(_pl.Callback):
+    """Monitor unit health during ``Trainer.fit`` and log it through the trainer's loggers.
+
+    Args:
+        log_to_trainer: also send evaluations to ``trainer.loggers`` (default True).
+        **monitor_kwargs: passed to :class:`deadrelu.Monitor` (``every``, ``window``,
+            ``log_every``, ``sinks``, ``live``, ``warn_at``, ...). ``log_every`` counts
+            training batches.
+
+    Attributes:
+        monitor: the :class:`deadrelu.Monitor` of the last fit (None before ``setup``).
+
+    Raises:
+        ModuleNotFoundError: when neither ``lightning`` nor ``pytorch_lightning`` is installed.
+
+    Example:
+        >>> cb = DeadReluCallback(window=20, log_every=10)  # doctest: +SKIP
+    """
+
+    def __init__(self, *, log_to_trainer: bool = True, **monitor_kwargs: Any) -> None:
+        super().__init__()
+        self.monitor_kwargs = monitor_kwargs
+        self.log_to_trainer = log_to_trainer
+        self.monitor: Monitor | None = None
+        self._scope: Any = None
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if stage != "fit":
+            return
+        kwargs = dict(self.monitor_kwargs)
+        sinks = list(kwargs.pop("sinks", ()))
+        if self.log_to_trainer:
+            sinks.append(_TrainerLoggers(trainer))
+        self.monitor = Monitor(pl_module, sinks=sinks, **kwargs)
+        self.monitor.attach()
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        # training_step may call submodules directly (self.net(x)) and never the module
+        # itself, so the whole step up to backward is observed as one forward pass.
+        if self.monitor is not None and self.monitor.attached:
+            self._scope = self.monitor.observe()
+            self._scope.__enter__()
+
+    def on_before_backward(self, trainer: Any, pl_module: Any, loss: Any) -> None:
+        self._close_scope()
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._close_scope()
+        if self.monitor is None or not self.monitor.attached:
+            return
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        self.monitor.step(loss)
+
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        self._close_scope()
+        self._detach(final=False)
+
+    def _close_scope(self) -> None:
+        scope, self._scope = self._scope, None
+        if scope is not None:
+            scope.__exit__(None, None, None)
+
+    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if stage == "fit":
+            self._detach(final=True)
+
+    def _detach(self, final: bool) -> None:
+        mon = self.monitor
+        if mon is None or not mon.attached:
+            return
+        try:
+            if final:
+                mon.finish()
+        finally:
+            mon.detach()

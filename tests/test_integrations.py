@@ -1,0 +1,218 @@
+"""Lightning and Hugging Face integrations, each with a real tiny training run (skipped when absent)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from deadrelu.monitor import DeadUnitWarning
+
+
+def hooks_of(model: nn.Module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def make_data(n: int = 64) -> torch.utils.data.TensorDataset:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 6, generator=g)
+    return torch.utils.data.TensorDataset(x, x[:, :1] * 2)
+
+
+# -- Lightning ---------------------------------------------------------------------------------
+
+
+def lightning_module(fail_at: int | None = None, self_call: bool = False):
+    L = pytest.importorskip("lightning.pytorch")
+
+    class Tiny(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 1))
+            with torch.no_grad():
+                self.net[0].bias[:3] = -100.0  # three units planted dead
+
+        def training_step(self, batch, idx):
+            if fail_at is not None and self.global_step == fail_at:
+                raise RuntimeError("diverged")
+            x, y = batch
+            return nn.functional.mse_loss(self(x) if self_call else self.net(x), y)
+
+        def forward(self, x):
+            return self.net(x)
+
+        def validation_step(self, batch, idx):
+            x, y = batch
+            self.log("val", nn.functional.mse_loss(self.net(x), y))
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    return L, Tiny()
+
+
+def lightning_trainer(L, tmp_path: Path, cb, **kw):
+    from lightning.pytorch.loggers import CSVLogger
+
+    return L.Trainer(
+        max_steps=8,
+        accelerator="cpu",
+        devices=1,
+        logger=CSVLogger(str(tmp_path), name="run"),
+        callbacks=[cb],
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        log_every_n_steps=1,
+        **kw,
+    )
+
+
+@pytest.mark.parametrize("self_call", [False, True], ids=["self.net(x)", "self(x)"])
+def test_lightning_callback_logs_through_trainer_logger_and_detaches(tmp_path: Path, self_call: bool):
+    L, module = lightning_module(self_call=self_call)
+    from deadrelu.integrations import DeadReluCallback
+
+    cb = DeadReluCallback(window=4, log_every=4, warn_at=(1.0,))
+    loader = torch.utils.data.DataLoader(make_data(), batch_size=8)
+    trainer = lightning_trainer(L, tmp_path, cb, limit_val_batches=2, val_check_interval=4)
+    trainer.fit(module, loader, loader)
+    assert hooks_of(module) == 0 and not cb.monitor.attached
+    mon = cb.monitor
+    assert mon.steps == 8 and mon.history.steps == [4, 8]
+    assert mon.report("total").batches == 8  # validation batches (inference mode) were not observed
+    assert set(mon.report().site("net.1").dead_units) >= {0, 1, 2}
+    rows = list(csv.DictReader(open(next(tmp_path.rglob("metrics.csv")))))
+    logged = [(int(r["step"]), float(r["deadrelu/net.1/dead"])) for r in rows if r.get("deadrelu/net.1/dead")]
+    assert [s for s, _ in logged] == [4, 8]
+    assert logged[0][1] == mon.history.series("net.1", "dead")[1][0]
+
+
+def test_lightning_callback_detaches_on_exception(tmp_path: Path):
+    L, module = lightning_module(fail_at=3)
+    from deadrelu.integrations import DeadReluCallback
+
+    cb = DeadReluCallback(window=2, log_every=1)
+    loader = torch.utils.data.DataLoader(make_data(), batch_size=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeadUnitWarning)
+        with pytest.raises(RuntimeError, match="diverged"):
+            lightning_trainer(L, tmp_path, cb).fit(module, loader)
+    assert hooks_of(module) == 0 and not cb.monitor.attached
+    assert torch._C._len_torch_function_stack() == 0  # the observation scope was closed
+    assert cb.monitor.steps == 3
+
+
+# -- Hugging Face transformers --------------------------------------------------------------------
+
+
+class HFTiny(nn.Module):
+    """A plain module the HF Trainer can train: takes ``x`` and ``labels``, returns a dict with the loss."""
+
+    def __init__(self, fail_at: int | None = None) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(6, 12), nn.GELU(), nn.Linear(12, 12), nn.ReLU(), nn.Linear(12, 1))
+        with torch.no_grad():
+            self.net[2].bias[:4] = -100.0  # four ReLU units planted dead
+        self.fail_at = fail_at
+        self.calls = 0
+
+    def forward(self, x, labels=None):
+        self.calls += 1
+        if self.fail_at is not None and self.calls > self.fail_at:
+            raise RuntimeError("diverged")
+        out = self.net(x)
+        return {"loss": nn.functional.mse_loss(out, labels), "logits": out}
+
+
+class DictData(torch.utils.data.Dataset):
+    def __init__(self) -> None:
+        self.data = make_data()
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i):
+        x, y = self.data[i]
+        return {"x": x, "labels": y}
+
+
+def hf_trainer(tmp_path: Path, model: nn.Module, steps: int = 8):
+    tf = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    args = tf.TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=steps,
+        per_device_train_batch_size=8,
+        logging_steps=4,
+        learning_rate=0.01,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+        remove_unused_columns=False,
+    )
+    return tf.Trainer(model=model, args=args, train_dataset=DictData())
+
+
+def test_transformers_callback_logs_into_trainer_history(tmp_path: Path):
+    model = HFTiny()
+    trainer = hf_trainer(tmp_path, model)
+    from deadrelu.integrations import DeadReluTrainerCallback
+
+    cb = DeadReluTrainerCallback(window=4, log_every=4, warn_at=(1.0,)).add_to(trainer)
+    assert trainer.callback_handler.callbacks[0] is cb
+    seen_by_later_callbacks = []
+
+    class Spy(__import__("transformers").TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            seen_by_later_callbacks.append(dict(logs or {}))
+
+    trainer.add_callback(Spy())
+    trainer.train()
+    assert hooks_of(model) == 0 and not cb.monitor.attached
+    mon = cb.monitor
+    assert mon.steps == 8 and mon.history.steps == [4, 8]
+    assert set(mon.report().site("net.3").dead_units) >= {0, 1, 2, 3}
+    assert [s.name for s in mon.report().sites] == ["net.1", "net.3"]  # GELU captured too
+    logged = [h for h in trainer.state.log_history if "deadrelu/net.3/dead" in h]
+    assert [h["step"] for h in logged] == [4, 8]
+    assert logged[0]["deadrelu/net.3/dead"] == mon.history.series("net.3", "dead")[1][0]
+    assert any("deadrelu/net.3/dead" in logs for logs in seen_by_later_callbacks)
+
+
+def test_transformers_callback_as_context_manager_detaches_on_failure(tmp_path: Path):
+    model = HFTiny(fail_at=3)
+    trainer = hf_trainer(tmp_path, model)
+    from deadrelu.integrations import DeadReluTrainerCallback
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeadUnitWarning)
+        with pytest.raises(RuntimeError, match="diverged"):
+            with DeadReluTrainerCallback(window=2, log_every=1) as cb:
+                trainer.add_callback(cb)
+                trainer.train()
+    assert hooks_of(model) == 0 and not cb.monitor.attached
+    assert cb.monitor.steps == 3
+
+
+def test_integrations_name_unknown_attribute():
+    import deadrelu.integrations as integ
+
+    with pytest.raises(AttributeError, match="no attribute 'Nope'"):
+        integ.Nope  # noqa: B018
+
+
+def test_trainer_state_json_serialisable(tmp_path: Path):
+    model = HFTiny()
+    trainer = hf_trainer(tmp_path, model, steps=4)
+    from deadrelu.integrations import DeadReluTrainerCallback
+
+    DeadReluTrainerCallback(window=2, log_every=2, warn_at=(1.0,)).add_to(trainer)
+    trainer.train()
+    json.dumps(trainer.state.log_history)
