@@ -111,12 +111,17 @@ def test_scan_mnist_idx_directory(files):
     assert rep["sites"][0]["summary"]["units"] == 4 and rep["sites"][0]["observations"] == 20 * 26 * 26
 
 
-def test_scan_advice_flag(files):
+def test_scan_advice_with_baseline(files):
     d, _, _ = files
-    res = run_cli("scan", "pickled.pt", "--data", "x.pt", "--advice", cwd=d)
-    if "No module named 'deadrelu.advice'" in res.stderr:
-        pytest.skip("advice module not built yet")
+    res = run_cli("scan", "pickled.pt", "--data", "x.pt", "--advice", "--json", "base.json", cwd=d)
     assert res.returncode == 0, res.stderr
+    assert "Advice:" in res.stdout and "5 of 48 units dead" in res.stdout
+    assert "without a baseline" in res.stdout
+    res = run_cli("scan", "pickled.pt", "--data", "x.pt", "--advice", "--baseline", "base.json", cwd=d)
+    assert res.returncode == 0, res.stderr
+    assert "without a baseline" not in res.stdout
+    bad = run_cli("scan", "pickled.pt", "--data", "x.pt", "--advice", "--baseline", "x.csv", cwd=d)
+    assert bad.returncode == 2 and "not valid JSON" in bad.stderr
 
 
 @pytest.mark.parametrize(

@@ -38,6 +38,11 @@ def _add_scan(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--asleep-rate", type=float, default=0.05, help="asleep: 0 < firing rate <= this (0.05)")
     p.add_argument("--dormant-tau", type=float, default=0.025, help="dormant: E|h_i| / mean_k E|h_k| <= this (0.025)")
     p.add_argument("--advice", action="store_true", help="print ranked advice after the table")
+    p.add_argument(
+        "--baseline",
+        metavar="REPORT_JSON",
+        help="an earlier report (e.g. at initialisation) so --advice can tell born-dead from died-in-training",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -48,6 +53,10 @@ def scan_command(args: argparse.Namespace) -> Report:
 
     if args.batch_size < 1:
         raise DeadReluError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.baseline and not args.advice:
+        raise DeadReluError("--baseline is only used with --advice")
+    if args.baseline:
+        Report.from_json(Path(args.baseline))  # fail before the (possibly long) scan
     if args.json:
         out_dir = Path(args.json).resolve().parent
         if not out_dir.is_dir():
@@ -88,8 +97,11 @@ def run_scan(args: argparse.Namespace) -> int:
     report = scan_command(args)
     _print(report)
     if args.advice:
+        from .advice import advise
+
+        baseline = Report.from_json(Path(args.baseline)) if args.baseline else None
         print()
-        print(report.advice())
+        print(advise(report, baseline=baseline))
     if args.json:
         print(f"\nreport written to {args.json}")
     return 0
