@@ -366,10 +366,12 @@ class Monitor:
         """Register the hooks and open the sinks (no-op when already attached).
 
         Raises:
-            DeadReluError: for TorchScript models, which accept no hooks.
+            DeadReluError: for TorchScript models, which accept no hooks, or ``distributed=True``
+                without an initialised process group.
         """
         if self._gate_handle is not None:
             return self
+        self._use_distributed()  # distributed=True without a process group fails here, before any hook
         # Runs before the capture's own root hook, so unobserved passes never enter the function mode.
         self._gate_handle = self.model.register_forward_pre_hook(self._gate, prepend=True)
         try:
@@ -540,13 +542,15 @@ class Monitor:
                 f"through {type(self.model).__name__} first"
             )
         ints: list[torch.Tensor] = []
+        local_batches: list[int] = []
         floats: list[torch.Tensor] = []
         device = named[0][1].stats.device
         for scope in scopes:
             for _, site in named:
                 t = site.stats.totals(scope)
-                meta = torch.tensor([t.observations, t.batches], dtype=torch.int64, device=t.fired.device)
-                ints += [t.fired, t.bad_batches, meta]
+                local_batches.append(t.batches)  # per rank: ranks step in lockstep, so not summed
+                obs = torch.tensor([t.observations], dtype=torch.int64, device=t.fired.device)
+                ints += [t.fired, t.bad_batches, obs]
                 floats.append(t.abs_sum)
         flat_i = torch.cat([t.to(device) for t in ints])
         flat_f = torch.cat([t.to(device) for t in floats])
@@ -558,17 +562,18 @@ class Monitor:
         vals_i, vals_f = flat_i.tolist(), flat_f.tolist()
         out: dict[str, Report] = {}
         site_batches: dict[str, int] = {}
-        oi = of = 0
+        oi = of = k = 0
         for scope in scopes:
             sites = []
             batches = 0
             for name, site in named:
                 u = site.stats.units
                 fired, bad = vals_i[oi : oi + u], vals_i[oi + u : oi + 2 * u]
-                obs, nb = vals_i[oi + 2 * u], vals_i[oi + 2 * u + 1]
+                obs, nb = vals_i[oi + 2 * u], local_batches[k]
                 abs_sum = vals_f[of : of + u]
-                oi += 2 * u + 2
+                oi += 2 * u + 1
                 of += u
+                k += 1
                 batches = max(batches, nb)
                 site_batches[name] = nb
                 info = site.info
