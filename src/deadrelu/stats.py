@@ -42,28 +42,48 @@ def _scratch(shape: torch.Size, dtype: torch.dtype, device: torch.device) -> tor
     return buf[:numel].view(shape)
 
 
+def _ones(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A cached vector of ``n`` ones (per thread, dtype and device)."""
+    pool = getattr(_SCRATCH, "ones", None)
+    if pool is None:
+        pool = _SCRATCH.ones = {}
+    vec = pool.get((dtype, device))
+    if vec is None or vec.numel() < n:
+        vec = pool[(dtype, device)] = torch.ones(max(n, 256), dtype=dtype, device=device)
+    return vec[:n]
+
+
+def _column_sum(m: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """Sum a 2-D tensor over its rows. A matrix-vector product with ones runs 2-3x faster than
+    ``sum(0)`` on CPU, and stays exact for the 0/1 counts (integers below 2**24 in float32)."""
+    if m.dtype in (torch.float32, torch.float64) and dtype in (None, m.dtype) and m.shape[0] > 1:
+        return _ones(m.shape[0], m.dtype, m.device) @ m
+    return m.sum(0, dtype=dtype)
+
+
 def _per_unit_sum(t: torch.Tensor, unit_dim: int, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Sum over every dimension but ``unit_dim``.
 
-    Viewing a contiguous tensor as ``(before, units, after)`` and reducing the inner, then the
-    outer dimension is about twice as fast on CPU as one multi-dimension reduction."""
+    A contiguous tensor is viewed as ``(before, units, after)``: the inner dimension is reduced
+    first, then the outer one — about twice as fast on CPU as one multi-dimension reduction."""
     units = t.shape[unit_dim]
     if t.is_contiguous():
         if unit_dim == t.ndim - 1:
-            return t.view(-1, units).sum(0, dtype=dtype)
+            return _column_sum(t.view(-1, units), dtype)
         after = 1
         for size in t.shape[unit_dim + 1 :]:
             after *= size
-        return t.view(-1, units, after).sum(2, dtype=dtype).sum(0)
+        return _column_sum(t.view(-1, units, after).sum(2, dtype=dtype), None)
     moved = t.movedim(unit_dim, -1)
     if moved.is_contiguous():  # e.g. channels_last convolution outputs
-        return moved.view(-1, units).sum(0, dtype=dtype)
+        return _column_sum(moved.view(-1, units), dtype)
     return t.sum(dim=unit_reduce_dims(t.ndim, unit_dim), dtype=dtype)
 
 
 def release_scratch() -> None:
     """Free the scratch buffers of this thread (called when a capture detaches)."""
     _SCRATCH.pool = {}
+    _SCRATCH.ones = {}
 
 
 def unit_reduce_dims(ndim: int, unit_dim: int) -> tuple[int, ...]:
