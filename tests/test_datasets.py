@@ -126,3 +126,16 @@ def test_unknown_dataset_and_bad_arguments():
         load_dataset("digits", val_fraction=1.5)
     with pytest.raises(DataError, match="at least 2"):
         load_dataset("regression", samples=1)
+
+
+def test_mnist1d_generated_by_the_package_leaves_numpy_rng_alone():
+    pytest.importorskip("mnist1d.data")
+    np = pytest.importorskip("numpy")
+    np.random.seed(123)
+    expected = np.random.rand()
+    np.random.seed(123)
+    ds = load_dataset("mnist1d", seed=0)
+    assert np.random.rand() == expected  # the package reseeds numpy globally; we give the state back
+    assert ds.x_train.shape == (4000, 40) and ds.x_val.shape == (1000, 40)
+    assert sorted(torch.unique(ds.y_train).tolist()) == list(range(10))
+    assert torch.equal(ds.x_train, load_dataset("mnist1d", seed=0).x_train)

@@ -153,3 +153,34 @@ def test_bad_arguments_are_one_line_errors(tmp_path, capsys):
         rescue_story(load_dataset("digits"), epochs=1, strategies=("magic",), progress=False)
     with pytest.raises(deadrelu.DeadReluError, match="classification"):
         rescue_story(load_dataset("regression"), epochs=1, progress=False)
+
+
+def test_summary_names_no_winner_when_nothing_beats_the_control():
+    story = _story_with_last_layer(0.10)
+    control = story["strategies"]["control"]
+    story["strategies"]["gelu"] = dict(control, label="swap to GELU", val_accuracy=0.7)
+    tie = summarise(story)
+    assert tie["best_strategy"] is None
+    assert any("No rescue ended with fewer dead units than the control" in line for line in tie["lines"])
+    assert any("Highest validation accuracy: swap to GELU with 70.0%" in line for line in tie["lines"])
+    story["strategies"]["gelu"]["final_dead_fraction"] = 0.0
+    win = summarise(story)
+    assert win["best_strategy"] == "gelu"
+    assert any(line.startswith("Fewest dead units after 1 more epochs: swap to GELU with 0.0%") for line in win["lines"])
+
+
+def test_demo_runs_on_mnist_idx_files(tmp_path, capsys):
+    from deadrelu.datasets import MNIST_FILES
+    from deadrelu.idx import write_idx
+
+    g = torch.Generator().manual_seed(0)
+    images = [torch.randint(0, 256, (n, 28, 28), generator=g).to(torch.uint8) for n in (40, 20)]
+    labels = [(torch.arange(n) % 10).to(torch.uint8) for n in (40, 20)]
+    for name, t in zip(MNIST_FILES, (images[0], labels[0], images[1], labels[1])):
+        write_idx(tmp_path / (name + ".gz"), t)
+    out = tmp_path / "out"
+    assert main(["demo", "--dataset", "mnist", "--data-dir", str(tmp_path), "--epochs", "1", "--out", str(out),
+                 "--no-progress"]) == 0
+    result = json.loads((out / "results.json").read_text())
+    assert result["dataset"]["name"] == "mnist" and result["dataset"]["train"] == 40
+    assert result["dataset"]["features"] == 784

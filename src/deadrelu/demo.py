@@ -321,7 +321,8 @@ def summarise(story: dict[str, Any]) -> dict[str, Any]:
     """What died, where, and what fixed it best — computed from the numbers, with sentences to print.
 
     Best fix: the non-diverged strategy with the lowest final dead fraction over all
-    layers, ties broken by validation accuracy. The most accurate strategy is named too.
+    layers, ties broken by validation accuracy — or none, when it has no fewer dead units
+    than the control. The most accurate strategy is named too when it is a different one.
     """
     cp = story["checkpoint"]
     layers = cp["layers"]
@@ -376,11 +377,18 @@ def summarise(story: dict[str, Any]) -> dict[str, Any]:
         if control is not None:
             vs = (f" (control: {100 * control['final_dead_fraction']:.1f}% dead, "
                   f"{100 * (control['val_accuracy'] or 0):.1f}% accuracy)")
-        lines.append(
-            f"Fewest dead units after {epochs} more epochs: {b['label']} with {100 * b['final_dead_fraction']:.1f}% "
-            f"dead overall and {100 * (b['val_accuracy'] or 0):.1f}% validation accuracy{vs}."
-        )
-        if (candidates[best_acc]["val_accuracy"] or 0) > (b["val_accuracy"] or 0):
+        if control is not None and not control["diverged"] and b["final_dead_fraction"] >= control["final_dead_fraction"]:
+            # Nothing beat doing nothing: say that instead of crowning a tie-break winner.
+            best = None
+            lines.append(f"No rescue ended with fewer dead units than the control after {epochs} more epochs{vs}.")
+            shown = control
+        else:
+            lines.append(
+                f"Fewest dead units after {epochs} more epochs: {b['label']} with {100 * b['final_dead_fraction']:.1f}% "
+                f"dead overall and {100 * (b['val_accuracy'] or 0):.1f}% validation accuracy{vs}."
+            )
+            shown = b
+        if (candidates[best_acc]["val_accuracy"] or 0) > (shown["val_accuracy"] or 0):
             a = candidates[best_acc]
             lines.append(f"Highest validation accuracy: {a['label']} with {100 * (a['val_accuracy'] or 0):.1f}%.")
     for k, v in story["strategies"].items():
