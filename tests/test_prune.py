@@ -259,3 +259,14 @@ def test_random_mlps_prune_to_brute_force_arithmetic(widths, fraction, seed):
     assert result.macs_after == sum(nd[i] * nd[i + 1] for i in range(len(nd) - 1))
     with torch.no_grad():
         assert float((result.model(x) - net(x)).abs().max()) <= 1e-5
+
+
+def test_hard_coded_view_width_is_refused_with_advice():
+    net, x = rm.TutorialNet(), rm.images(32, size=32)
+    report = deadrelu.scan(net, x)
+    before = copy.deepcopy(net.state_dict())
+    with pytest.raises(RefusedError, match=r"through \.view\(\) with a hard-coded width.*x\.flatten\(1\)"):
+        prune_dead(net, report, data=x)
+    assert same_state(net.state_dict(), before)
+    # Sites after the view have no hard-coded width downstream and reinit_dead needs no shrinking.
+    deadrelu.reinit_dead(net, report)

@@ -89,6 +89,7 @@ CASES = [
     ("view_flatten", rm.ViewFlatten, rm.images),
     ("post_bn", rm.post_bn, rm.data),
     ("functional_cnn", rm.FunctionalCNN, rm.images),
+    ("tutorial_net", rm.TutorialNet, lambda: rm.images(32, size=32)),
 ]
 
 
@@ -98,8 +99,8 @@ def test_reinit_preserves_outputs_and_revives(name, build, inputs):
     report = deadrelu.scan(net, x)
     assert report.dead > 0
     before = net(x).detach()
-    result = reinit_dead(net, report, generator=gen())
-    assert result.units == report.dead
+    result = reinit_dead(net, report, generator=gen(), data=x)
+    assert result.units == report.dead and result.silent == {}
     after = net(x).detach()
     torch.testing.assert_close(after, before, atol=1e-6, rtol=0)
     revived = deadrelu.scan(net, x)
@@ -523,3 +524,22 @@ def test_rprop_step_size_is_reset_to_lr_not_zero():
     reinit_dead(net, deadrelu.scan(net, x), opt, generator=gen())
     state = opt.state[net[0].weight]
     assert torch.all(state["step_size"][[1, 3, 7]] == 0.02) and torch.all(state["prev"][[1, 3, 7]] == 0)
+
+
+def test_data_redraws_units_that_would_stay_silent():
+    x = rm.images(32, size=32)
+    # One draw: units fed by non-negative (post-ReLU) inputs often point away from them.
+    net = rm.TutorialNet().eval()
+    report = deadrelu.scan(net, x)
+    once = reinit_dead(net, report, generator=gen(), data=x, max_draws=1)
+    after = deadrelu.scan(net, x)
+    still_dead = {s.name: tuple(u for u in old.dead_units if u in s.dead_units) for old, s in zip(report.sites, after.sites)}
+    assert once.silent == {k: v for k, v in still_dead.items() if v}  # silent = exactly the units a scan finds dead
+    assert sum(len(v) for v in once.silent.values()) > 0
+    # Re-drawing until they fire revives all of them, with outputs still unchanged.
+    net = rm.TutorialNet().eval()
+    before = net(x).detach()
+    result = reinit_dead(net, report, generator=gen(), data=x)
+    assert result.silent == {}
+    torch.testing.assert_close(net(x).detach(), before, atol=1e-5, rtol=0)
+    assert all(s.fired_counts[u] > 0 for old, s in zip(report.sites, deadrelu.scan(net, x).sites) for u in old.dead_units)

@@ -145,6 +145,7 @@ class Link:
     block: int  # columns per unit in the consumer's input (H*W after a flatten, else 1)
     norms: list[tuple[str, nn.Module]] = field(default_factory=list)  # BatchNorms after the activation
     zero_only: bool = False  # the path keeps zero but not other constants (avg pooling)
+    fixed: str | None = None  # a reshape that hard-codes the width (prevents pruning), described
 
 
 @dataclass
@@ -161,12 +162,6 @@ class Chain:
     norm: nn.Module | None = None
     links: list[Link] = field(default_factory=list)
 
-    def module_paths(self) -> list[str]:
-        """Every module this chain would edit."""
-        paths = [self.producer_path] + ([self.norm_path] if self.norm_path else [])
-        for link in self.links:
-            paths += [p for p, _ in link.norms] + [link.path]
-        return paths
 
 
 def _out_units(module: nn.Module) -> int:
@@ -177,8 +172,9 @@ def _in_units(module: nn.Module) -> int:
     return module.in_features if isinstance(module, nn.Linear) else module.in_channels  # type: ignore[return-value]
 
 
-def _is_flatten(node: fx.Node, modules: dict[str, nn.Module]) -> bool | None:
-    """True for a flatten from dim 1 to the end, None for another reshape, False otherwise."""
+def _is_flatten(node: fx.Node, modules: dict[str, nn.Module]) -> bool | str | None:
+    """True for a flatten from dim 1 to the end, ``"fixed"`` for one that hard-codes the width
+    (``x.view(-1, 400)``), None for another reshape, False for anything else."""
     if node.op == "call_module":
         m = modules.get(node.target)  # type: ignore[arg-type]
         if isinstance(m, nn.Flatten):
@@ -194,12 +190,13 @@ def _is_flatten(node: fx.Node, modules: dict[str, nn.Module]) -> bool | None:
         return start == 1 and end == -1
     if node.op == "call_method" and node.target in ("view", "reshape"):
         shape = args[0] if len(args) == 1 and isinstance(args[0], (tuple, list)) else args
-        if len(shape) == 2 and shape[1] == -1:
-            first = shape[0]
-            # x.view(x.size(0), -1) keeps the batch dimension: a flatten from dim 1.
-            if isinstance(first, fx.Node) and first.op == "call_method" and first.target == "size":
-                if first.args[1:] in ((0,),) or first.kwargs.get("dim") == 0:
-                    return True
+        if len(shape) == 2 and shape[1] == -1 and isinstance(shape[0], fx.Node) and _reads_batch_size(shape[0]):
+            return True  # x.view(x.size(0), -1)
+        if len(shape) == 2 and shape[0] == -1 and isinstance(shape[1], int):
+            # x.view(-1, C*H*W), as in the PyTorch tutorials: a flatten from dim 1 whenever the model
+            # is correct (a wrong C*H*W would merge samples); the consumer's width is checked after.
+            # The constant stays in the code, so the width cannot shrink.
+            return "fixed"
         return None
     if node.op == "call_function" and node.target in (torch.reshape,):
         return None
@@ -208,8 +205,10 @@ def _is_flatten(node: fx.Node, modules: dict[str, nn.Module]) -> bool | None:
 
 def _reads_batch_size(node: fx.Node) -> bool:
     """True for ``x.size(0)``, which the flatten idiom ``x.view(x.size(0), -1)`` uses."""
-    return node.op == "call_method" and node.target == "size" and (
-        node.args[1:] == (0,) or (len(node.args) == 1 and node.kwargs.get("dim") == 0)
+    return (
+        node.op == "call_method"
+        and node.target == "size"
+        and (node.args[1:] == (0,) or (len(node.args) == 1 and node.kwargs.get("dim") == 0))
     )
 
 
@@ -359,10 +358,12 @@ def _consumer_side(
     site = chain.site
     channels_first = chain.site.unit_dim == 1
     links: list[Link] = []
-    # (node, flattened, norms, zero_only)
-    todo: list[tuple[fx.Node, bool, list[tuple[str, nn.Module]], bool]] = [(chain.node, False, [], False)]
+    # (node, flattened, norms, zero_only, hard-coded reshape)
+    todo: list[tuple[fx.Node, bool, list[tuple[str, nn.Module]], bool, str | None]] = [
+        (chain.node, False, [], False, None)
+    ]
     while todo:
-        node, flat, norms, zero_only = todo.pop()
+        node, flat, norms, zero_only, fixed = todo.pop()
         if not node.users:
             raise _refuse(site, what, f"the output of {describe_node(node)} is never used")
         for user in node.users:
@@ -375,12 +376,13 @@ def _consumer_side(
             m = modules.get(user.target) if user.op == "call_module" else None  # type: ignore[arg-type]
             if m is not None and type(m) in CONSUMERS:
                 links.append(_link(chain, user, m, flat, norms, zero_only, calls, shared, what))
+                links[-1].fixed = fixed
                 continue
             if m is not None and type(m) in NORMS:
                 if flat or m.num_features != site.units or not channels_first and len(site.shape) > 2:
                     raise _refuse(site, what, f"'{user.target}' does not normalise the site's units")
                 _check_single_use(str(user.target), site, what, calls, shared)
-                todo.append((user, flat, norms + [(str(user.target), m)], zero_only))
+                todo.append((user, flat, norms + [(str(user.target), m)], zero_only, fixed))
                 continue
             passes = (m is not None and isinstance(m, _PASS_MODULES)) or (
                 user.op == "call_function" and user.target in _PASS_FUNCTIONS
@@ -392,11 +394,12 @@ def _consumer_side(
                 pooling = "Pool" in type(m).__name__ if m is not None else user.target in _POOL_FUNCTIONS
                 if pooling and (flat or not channels_first):
                     raise _refuse(site, what, f"{describe_node(user)} pools over the unit axis")
-                todo.append((user, flat, norms, zero_only or zero))
+                todo.append((user, flat, norms, zero_only or zero, fixed))
                 continue
             flatten = _is_flatten(user, modules)
             if flatten and (channels_first or len(site.shape) == 2):
-                todo.append((user, True, norms, zero_only))
+                hard = f"{describe_node(user)} with a hard-coded width" if flatten == "fixed" else fixed
+                todo.append((user, True, norms, zero_only, hard))
                 continue
             if flatten is None or flatten:
                 raise _refuse(site, what, f"its units are reshaped by {describe_node(user)} in a way deadrelu cannot follow")

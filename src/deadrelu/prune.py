@@ -319,6 +319,11 @@ def prune_dead(
         if chain.norm_path:
             edits.setdefault(chain.norm_path, _Edit()).out.update(units)
         for link in chain.links:
+            if link.fixed:
+                raise RefusedError(
+                    f"{what}: site '{chain.site.name}': its units reach '{link.path}' through {link.fixed}, which "
+                    "cannot shrink; write x.flatten(1) or x.view(x.size(0), -1) instead; nothing was changed"
+                )
             for norm_path, _ in link.norms:
                 edits.setdefault(norm_path, _Edit()).out.update(units)
             consts = _graph.constant_after(link, units, 0.0)

@@ -19,16 +19,17 @@ from __future__ import annotations
 
 import copy as _copy
 import math
-from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
 
 from . import _graph
 from ._swap import ActivationChange, SwapResult, swap_activations
-from .errors import DeadReluError, RefusedError
+from .errors import DataError, DeadReluError, RefusedError
 from .report import Report, SiteReport
+from .scan import _batches, _call_arguments, _model_device, _to_device
 
 __all__ = [
     "reinit_dead",
@@ -72,10 +73,13 @@ class ReinitResult:
     Attributes:
         changes: one :class:`UnitReset` per site that had units to re-initialise.
         optimizer_entries: how many optimizer state tensors had entries reset.
+        silent: per site, re-initialised units that still would not fire on ``data``
+            (only checked when ``data`` was given).
     """
 
     changes: tuple[UnitReset, ...]
     optimizer_entries: int = 0
+    silent: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
     @property
     def units(self) -> int:
@@ -180,6 +184,60 @@ def _fresh_value(optimizer: Any, param: torch.Tensor, key: str) -> float:
     return 0.0
 
 
+def _producer_inputs(
+    model: nn.Module, producers: list[nn.Module], data: Any, input_fn: Callable[[Any], Any] | None
+) -> dict[nn.Module, torch.Tensor]:
+    """Each producer's input on the first batch of ``data`` (eval mode, no grad; the model is left as it was)."""
+    batch = next(iter(_batches(data, 256)), None)
+    if batch is None:
+        raise DataError("reinit_dead: the data held no batches")
+    args, kwargs = _call_arguments(_to_device(batch, _model_device(model)), input_fn)
+    seen: dict[nn.Module, torch.Tensor] = {}
+
+    def grab(module: nn.Module, inp: tuple[Any, ...]) -> None:
+        seen.setdefault(module, inp[0].detach())
+
+    modes = {m: m.training for m in model.modules()}
+    handles = [p.register_forward_pre_hook(grab) for p in producers]
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(*args, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+        for m, t in modes.items():
+            m.training = t
+    return seen
+
+
+def _fires(chain: _graph.Chain, rows: torch.Tensor, inp: torch.Tensor) -> torch.Tensor:
+    """Per re-drawn unit, whether its new pre-activation (bias 0, reset BatchNorm) exceeds the threshold anywhere."""
+    p = chain.producer
+    if isinstance(p, nn.Linear):
+        pre = torch.nn.functional.linear(inp, rows).reshape(-1, rows.shape[0]).T
+    else:
+        pre = p._conv_forward(inp, rows, None).transpose(0, 1).reshape(rows.shape[0], -1)  # type: ignore[operator]
+    if chain.norm is not None:
+        pre = pre / math.sqrt(1.0 + chain.norm.eps)  # type: ignore[operator]
+    return (pre > chain.site.fire_threshold).any(dim=1)
+
+
+def _redraw_silent(
+    chain: _graph.Chain, rows: torch.Tensor, inp: torch.Tensor, init: str, gen: torch.Generator | None, tries: int
+) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """Re-draw the rows whose unit would not fire on ``inp``; return the rows and the units still silent."""
+    with torch.no_grad():
+        ok = _fires(chain, rows, inp)
+        for _ in range(max(tries - 1, 0)):
+            if bool(ok.all()):
+                break
+            bad = (~ok).nonzero().flatten()
+            rows[bad] = _draw_rows(chain.producer, bad.tolist(), _gain(chain), init, gen)
+            ok[bad] = _fires(chain, rows[bad], inp)
+    return rows, tuple(u for u, good in zip(chain.units, ok.tolist()) if not good)
+
+
 def _reset_state(optimizer: Any, param: torch.Tensor | None, index: Any, tx: _Transaction) -> int:
     """Reset the entries ``param[index]`` in every optimizer state tensor shaped like ``param``."""
     if optimizer is None or param is None:
@@ -204,6 +262,9 @@ def reinit_dead(
     dormant: bool = False,
     generator: torch.Generator | None = None,
     init: str = "he",
+    data: Any = None,
+    input_fn: Callable[[Any], Any] | None = None,
+    max_draws: int = 20,
 ) -> ReinitResult:
     """Re-initialise dead units in place without changing what the network computes (ReDo).
 
@@ -228,6 +289,12 @@ def reinit_dead(
       their first updates up to ``(1-β1)/sqrt(1-β2)`` (≈3.2 with defaults) times a fresh
       Adam step, shrinking to one step within ~1/(1-β2) iterations.
 
+    A unit fed by non-negative inputs (the output of an earlier ReLU layer) whose new
+    weights point away from the inputs' mean stays silent: without data, about half of
+    such units do. With ``data``, the first batch is run once (eval mode, no grad) to
+    record each producer's input, and a unit whose new weights would not fire on it is
+    re-drawn, up to ``max_draws`` times; ``result.silent`` lists any that still would not.
+
     The function is exactly preserved for ReLU units that were dead on the scanned data
     (their output there was 0). τ-dormant units that still fired, and dead units of
     other activations, lose the small contribution they made.
@@ -239,6 +306,10 @@ def reinit_dead(
         dormant: also re-initialise τ-dormant units (``site.dormant_units``).
         generator: random generator for the new weights (reproducibility).
         init: ``"he"`` (default) or ``"torch"`` (PyTorch's Linear/Conv default).
+        data: optional data (as for :func:`deadrelu.scan`; the first batch is used) on which
+            re-drawn units must fire.
+        input_fn: ``batch -> model input``, as for :func:`deadrelu.scan`.
+        max_draws: how many times a unit is re-drawn at most when ``data`` is given.
 
     Returns:
         A :class:`ReinitResult` listing, per site, the units and layers changed.
@@ -262,9 +333,15 @@ def reinit_dead(
     _check_optimizer(optimizer, what)
     chains = _graph.find_chains(model, report, _units_of(dormant), what)
     # Plan every value first; a refusal here leaves everything untouched.
+    inputs = _producer_inputs(model, [c.producer for c in chains], data, input_fn) if data is not None else {}
     plans = []
+    silent: dict[str, tuple[int, ...]] = {}
     for chain in chains:
         rows = _draw_rows(chain.producer, chain.units, _gain(chain), init, generator)
+        if chain.producer in inputs:
+            rows, quiet = _redraw_silent(chain, rows, inputs[chain.producer], init, generator, max_draws)
+            if quiet:
+                silent[chain.site.name] = quiet
         folds = []
         for link in chain.links:
             consts = _graph.constant_after(link, chain.units, 0.0)
@@ -329,7 +406,7 @@ def reinit_dead(
         )
         for chain, _, folds in plans
     )
-    return ReinitResult(changes=changes, optimizer_entries=entries)
+    return ReinitResult(changes=changes, optimizer_entries=entries, silent=silent)
 
 
 def nudge_bias(
