@@ -543,3 +543,15 @@ def test_data_redraws_units_that_would_stay_silent():
     assert result.silent == {}
     torch.testing.assert_close(net(x).detach(), before, atol=1e-5, rtol=0)
     assert all(s.fired_counts[u] > 0 for old, s in zip(report.sites, deadrelu.scan(net, x).sites) for u in old.dead_units)
+
+
+def test_swap_prelu_uses_report_for_token_inputs():
+    net, x = rm.token_mlp().eval(), rm.tokens()
+    report = deadrelu.scan(net, x)
+    result = swap_activations(net, to="prelu", report=report)
+    assert net[1].weight.shape == (1,)  # units are on dim 2, PReLU's channel dim is 1: one shared slope
+    assert net(x).shape == (32, 5, 4)
+    mlp = rm.mlp()
+    swap_activations(mlp, to="prelu", report=deadrelu.scan(mlp, rm.data()))
+    assert mlp[1].weight.shape == (16,) and mlp[3].weight.shape == (12,)
+    assert result.changes[0].new == "PReLU(num_parameters=1)"
