@@ -20,7 +20,7 @@ units), by which actions are ranked.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .errors import DeadReluError
 from .report import Report

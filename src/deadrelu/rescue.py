@@ -17,7 +17,6 @@ exactly as they were.
 
 from __future__ import annotations
 
-import copy as _copy
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
