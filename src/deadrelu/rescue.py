@@ -284,9 +284,9 @@ def reinit_dead(
       Adagrad ``sum``) has exactly those rows/columns set to their value before the first
       step (0; Rprop's ``step_size``: the learning rate); other entries are untouched. Adam keeps one
       ``step`` count per *tensor*, shared by the untouched entries, so it is left as is:
-      the reset entries then start with bias correction already decayed, which makes
-      their first updates up to ``(1-β1)/sqrt(1-β2)`` (≈3.2 with defaults) times a fresh
-      Adam step, shrinking to one step within ~1/(1-β2) iterations.
+      the reset entries then run without bias correction. Under a steady gradient their
+      update is ``(1-β1^k)/sqrt(1-β2^k)`` times a fresh Adam step k steps after the reset:
+      3.2× at k=1, at most 6.6× (k=12), 3.2× at k=100, 1.3× at k=1000 (default betas).
 
     A unit fed by non-negative inputs (the output of an earlier ReLU layer) whose new
     weights point away from the inputs' mean stays silent: without data, about half of
