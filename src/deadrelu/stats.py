@@ -138,7 +138,6 @@ class UnitStats:
         self.abs_sum = torch.zeros(self.units, dtype=torch.float64, device=self.device)
         self.nonfinite = torch.zeros(self.units, dtype=torch.int64, device=self.device)
 
-    @torch.no_grad()
     def update(self, activation: torch.Tensor, unit_dim: int, nonnegative: bool = False) -> None:
         """Add one batch of activations whose units lie along ``unit_dim``.
 
@@ -151,7 +150,7 @@ class UnitStats:
         Raises:
             DeadReluError: when the unit dimension's size differs from ``units``.
         """
-        x = activation.detach()
+        x = activation.detach()  # detached: nothing below is recorded by autograd, no no_grad needed
         if x.ndim < 2:  # one unbatched sample: make the batch dimension explicit
             x = x.reshape(1, -1)
             unit_dim = 1
