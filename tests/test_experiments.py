@@ -114,3 +114,10 @@ def test_experiment_cli_writes_json_plot_and_report(tmp_path, capsys):
     assert str(out.resolve()) in stdout
     assert main(["experiment", "lr-sweep", "--dataset", "digits", "--out", str(out)]) == 2
     assert "drop --dataset" in capsys.readouterr().err
+
+
+def test_experiment_cli_rejects_options_the_experiment_does_not_take(tmp_path, capsys):
+    assert main(["experiment", "init", "--seeds", "3", "--out", str(tmp_path)]) == 2
+    assert "--seeds applies to lr-sweep only" in capsys.readouterr().err
+    assert main(["experiment", "lr-sweep", "--seed", "3", "--out", str(tmp_path)]) == 2
+    assert "--seeds N" in capsys.readouterr().err

@@ -113,7 +113,7 @@ def test_chromium_renders_every_heading_and_decodes_every_image(report_path, tmp
     assert probe["images"] == 4 and probe["decoded"] == 4
     assert probe["h1"] == ["deadrelu evidence report"]
     assert "Summary" in probe["h2"]
-    assert any("demo" in h for h in probe["h2"]) and any("Learning-rate sweep" in h for h in probe["h2"])
+    assert any("demo" in h for h in probe["h2"]) and any("Dead units vs learning rate" in h for h in probe["h2"])
     assert probe["network"] == []
 
 

@@ -156,7 +156,7 @@ def _add_experiment(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--epochs", type=_positive_int, default=None, help="training epochs (experiment's default)")
     p.add_argument("--lr", type=_positive_float, default=None, help="learning rate (experiment's default)")
     p.add_argument("--seeds", type=_positive_int, default=None, help="number of seeds, 0..N-1 (lr-sweep)")
-    p.add_argument("--seed", type=int, default=0, help="seed (activations, init, rescue)")
+    p.add_argument("--seed", type=int, default=None, help="seed (activations, init, rescue; default 0)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -176,10 +176,14 @@ def experiment_command(args: argparse.Namespace) -> dict[str, Any]:
     if args.name == "lr-sweep":
         if args.dataset is not None:
             raise DeadReluError("lr-sweep runs on its own synthetic regression task; drop --dataset")
+        if args.seed is not None:
+            raise DeadReluError("lr-sweep runs seeds 0..N-1: use --seeds N instead of --seed")
         if args.seeds is not None:
             options["seeds"] = tuple(range(args.seeds))
     else:
-        options["seed"] = args.seed
+        if args.seeds is not None:
+            raise DeadReluError(f"--seeds applies to lr-sweep only; {args.name} takes --seed")
+        options["seed"] = args.seed if args.seed is not None else 0
     result = run_experiment(args.name, **options)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

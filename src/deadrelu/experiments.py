@@ -314,7 +314,7 @@ def rescue(
     ds = load_dataset(dataset, data_dir=data_dir, seed=seed)
     with torch_threads(1):
         story = rescue_story(ds, epochs=epochs, lr=lr, seed=seed, batch_size=batch_size, progress=progress)
-    story["title"] = f"Rescue comparison on {ds.name}"
+    story["title"] = f"Rescue comparison on {ds.name} (seed {seed}, LR {lr:g})"
     return story
 
 

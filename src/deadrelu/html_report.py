@@ -113,7 +113,7 @@ def _config_line(result: dict[str, Any]) -> str:
 
 def _section(result: dict[str, Any], index: int, images: bool) -> str:
     kind = result.get("experiment", "?")
-    title = _TITLES.get(kind, kind)
+    title = result.get("title") or _TITLES.get(kind, kind)
     out = [f'<section id="{html.escape(kind)}-{index}"><h2>{html.escape(title)}</h2>']
     out.append(f'<p class="meta">{html.escape(_config_line(result))} — from {html.escape(result.get("_file", ""))}</p>')
     lines = result.get("summary", {}).get("lines", [])
