@@ -270,3 +270,13 @@ def test_hard_coded_view_width_is_refused_with_advice():
     assert same_state(net.state_dict(), before)
     # Sites after the view have no hard-coded width downstream and reinit_dead needs no shrinking.
     deadrelu.reinit_dead(net, report)
+
+
+def test_sites_selects_what_is_pruned():
+    net, x = rm.mlp(), rm.data()
+    report = deadrelu.scan(net, x)
+    result = prune_dead(net, report, data=x, sites=["3"])
+    assert result.removed == {"3": (2, 5)} and result.model[0].out_features == 16
+    assert result.params_before - result.params_after == 2 * (16 + 1) + 2 * 3
+    with pytest.raises(DeadReluError, match="no site 'nope' in the report; sites are: 1, 3"):
+        prune_dead(net, report, sites=["nope"])

@@ -555,3 +555,15 @@ def test_swap_prelu_uses_report_for_token_inputs():
     swap_activations(mlp, to="prelu", report=deadrelu.scan(mlp, rm.data()))
     assert mlp[1].weight.shape == (16,) and mlp[3].weight.shape == (12,)
     assert result.changes[0].new == "PReLU(num_parameters=1)"
+
+
+def test_sites_limits_reinit_and_nudge():
+    net, x = rm.Residual(), rm.data()
+    report = deadrelu.scan(net, x)
+    with pytest.raises(RefusedError):
+        reinit_dead(net, report)
+    assert reinit_dead(net, report, sites=[]).units == 0  # nothing chosen, nothing refused
+    mlp = rm.mlp()
+    result = reinit_dead(mlp, deadrelu.scan(mlp, x), sites=["3"], generator=gen())
+    assert [c.site for c in result.changes] == ["3"] and torch.all(mlp[0].bias[[1, 3, 7]] == rm.DEAD_BIAS)
+    assert [c.site for c in nudge_bias(mlp, deadrelu.scan(mlp, x), sites="1")] == ["1"]

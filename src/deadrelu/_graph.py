@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from .capture import ACTIVATION_FUNCTIONS
-from .errors import RefusedError
+from .errors import DeadReluError, RefusedError
 from .report import Report, SiteReport
 
 __all__ = ["Chain", "Link", "trace", "site_nodes", "find_chains", "activation_name", "describe_node"]
@@ -247,6 +247,7 @@ def find_chains(
     what: str,
     *,
     consumers: bool = True,
+    sites: Iterable[str] | None = None,
 ) -> list[Chain]:
     """Prove a chain for every site whose ``select(site)`` is non-empty, or refuse.
 
@@ -256,13 +257,25 @@ def find_chains(
         select: the unit indices to act on at a site.
         what: the operation's name, used in messages.
         consumers: also prove the consumer side (not needed to change a bias).
+        sites: act only on the sites with these names (default: all).
 
     Raises:
         RefusedError: naming the site, when any chain cannot be proven.
+        DeadReluError: a name in ``sites`` is not in the report.
     """
     if not isinstance(report, Report):
         raise RefusedError(f"{what}: expected a deadrelu Report, got {type(report).__name__}; nothing was changed")
-    wanted = [(s, tuple(select(s))) for s in report.sites]
+    chosen = report.sites
+    if sites is not None:
+        names = [sites] if isinstance(sites, str) else list(sites)
+        unknown = [n for n in names if n not in {s.name for s in report.sites}]
+        if unknown:
+            raise DeadReluError(
+                f"{what}: no site {', '.join(map(repr, unknown))} in the report; sites are: "
+                f"{', '.join(s.name for s in report.sites)}"
+            )
+        chosen = tuple(s for s in report.sites if s.name in names)
+    wanted = [(s, tuple(select(s))) for s in chosen]
     wanted = [(s, u) for s, u in wanted if u]
     if not wanted:
         return []

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 from torch import nn
@@ -260,6 +260,7 @@ def prune_dead(
     input_fn: Callable[[Any], Any] | None = None,
     batch_size: int = 256,
     tolerance: float = 1e-5,
+    sites: Iterable[str] | None = None,
 ) -> PruneResult:
     """Return a smaller copy of ``model`` without the dead ReLU units in ``report``.
 
@@ -278,6 +279,7 @@ def prune_dead(
         input_fn: ``batch -> model input``, as for :func:`deadrelu.scan`.
         batch_size: rows per batch when ``data`` is a tensor.
         tolerance: the largest accepted absolute output difference (default 1e-5).
+        sites: only prune these sites (by report name); default all.
 
     Returns:
         A :class:`PruneResult` with the new model, removed unit indices, and parameter
@@ -302,8 +304,13 @@ def prune_dead(
         raise DeadReluError(f"{what}: model must be a torch.nn.Module, not {type(model).__name__}")
     if not tolerance >= 0:
         raise DeadReluError(f"{what}: tolerance must be >= 0, got {tolerance}")
-    chains = _graph.find_chains(model, report, _select, what)
-    skipped = {s.name: r for s in report.sites if (r := _skip_reason(s)) is not None}
+    chains = _graph.find_chains(model, report, _select, what, sites=sites)
+    chosen = None if sites is None else ({sites} if isinstance(sites, str) else set(sites))
+    skipped = {
+        s.name: r
+        for s in report.sites
+        if (chosen is None or s.name in chosen) and (r := _skip_reason(s)) is not None
+    }
     edits: dict[str, _Edit] = {}
     removed: dict[str, tuple[int, ...]] = {}
     kept: dict[str, tuple[int, ...]] = {}

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -264,6 +264,7 @@ def reinit_dead(
     data: Any = None,
     input_fn: Callable[[Any], Any] | None = None,
     max_draws: int = 20,
+    sites: Iterable[str] | None = None,
 ) -> ReinitResult:
     """Re-initialise dead units in place without changing what the network computes (ReDo).
 
@@ -309,6 +310,7 @@ def reinit_dead(
             re-drawn units must fire.
         input_fn: ``batch -> model input``, as for :func:`deadrelu.scan`.
         max_draws: how many times a unit is re-drawn at most when ``data`` is given.
+        sites: only these sites (by report name); default all.
 
     Returns:
         A :class:`ReinitResult` listing, per site, the units and layers changed.
@@ -330,7 +332,7 @@ def reinit_dead(
     if init not in _INITS:
         raise DeadReluError(f"{what}: init must be one of {_INITS}, got {init!r}")
     _check_optimizer(optimizer, what)
-    chains = _graph.find_chains(model, report, _units_of(dormant), what)
+    chains = _graph.find_chains(model, report, _units_of(dormant), what, sites=sites)
     # Plan every value first; a refusal here leaves everything untouched.
     inputs = _producer_inputs(model, [c.producer for c in chains], data, input_fn) if data is not None else {}
     plans = []
@@ -415,6 +417,7 @@ def nudge_bias(
     *,
     optimizer: torch.optim.Optimizer | None = None,
     dormant: bool = False,
+    sites: Iterable[str] | None = None,
 ) -> list[BiasNudge]:
     """Set the bias of each dead unit to a small positive ``value``, in place.
 
@@ -431,6 +434,7 @@ def nudge_bias(
         value: the new bias (a small positive number, the usual "seed" advice).
         optimizer: optional optimizer whose state for the changed entries is reset.
         dormant: also nudge τ-dormant units.
+        sites: only these sites (by report name); default all.
 
     Returns:
         One :class:`BiasNudge` per site changed, with the biases before and after.
@@ -450,7 +454,7 @@ def nudge_bias(
     if not isinstance(value, (int, float)) or not math.isfinite(value):
         raise DeadReluError(f"{what}: value must be a finite number, got {value!r}")
     _check_optimizer(optimizer, what)
-    chains = _graph.find_chains(model, report, _units_of(dormant), what, consumers=False)
+    chains = _graph.find_chains(model, report, _units_of(dormant), what, consumers=False, sites=sites)
     targets = []
     for chain in chains:
         if chain.norm is not None:
