@@ -567,3 +567,14 @@ def test_sites_limits_reinit_and_nudge():
     result = reinit_dead(mlp, deadrelu.scan(mlp, x), sites=["3"], generator=gen())
     assert [c.site for c in result.changes] == ["3"] and torch.all(mlp[0].bias[[1, 3, 7]] == rm.DEAD_BIAS)
     assert [c.site for c in nudge_bias(mlp, deadrelu.scan(mlp, x), sites="1")] == ["1"]
+
+
+def test_swap_transformer_fast_path_uses_new_activation():
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True).eval()
+    ref = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True, activation="gelu").eval()
+    ref.load_state_dict(layer.state_dict())
+    swap_activations(layer, to="gelu")
+    x = torch.randn(4, 3, 8)
+    with torch.no_grad():  # eval + no_grad is where the fused fast path would run
+        torch.testing.assert_close(layer(x), ref(x))

@@ -305,6 +305,10 @@ def swap_activations(
             new = _new_activation(to, False, None, negative_slope, like)
             undo.append((m, "activation", m.activation))
             m.activation = new
+            if hasattr(m, "activation_relu_or_gelu"):
+                # The fused fast path of nn.TransformerEncoderLayer would still apply ReLU.
+                undo.append((m, "activation_relu_or_gelu", m.activation_relu_or_gelu))
+                m.activation_relu_or_gelu = 0
             changes.append(ActivationChange(f"{path}.activation" if path else "activation", "attribute", "F.relu", repr(new)))
         # Deepest modules first, so a parent's GraphModule picks up its rewritten children.
         for path, m, graph, nodes in sorted(graphs, key=lambda g: -g[0].count(".") - bool(g[0])):
