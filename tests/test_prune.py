@@ -280,3 +280,14 @@ def test_sites_selects_what_is_pruned():
     assert result.params_before - result.params_after == 2 * (16 + 1) + 2 * 3
     with pytest.raises(DeadReluError, match="no site 'nope' in the report; sites are: 1, 3"):
         prune_dead(net, report, sites=["nope"])
+
+
+def test_training_flags_are_kept():
+    net, x = rm.cnn_bn(), rm.images()
+    report = deadrelu.scan(net, x)
+    net.train()
+    net[3].eval()  # a mixed state must survive too
+    flags = [m.training for m in net.modules()]
+    result = prune_dead(net, report, data=x)
+    assert [m.training for m in net.modules()] == flags
+    assert [m.training for m in result.model.modules()] == flags

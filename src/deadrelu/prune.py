@@ -227,7 +227,7 @@ def _compare(
 ) -> tuple[float, tuple[Any, ...], dict[str, Any]]:
     """Largest absolute output difference over all batches (eval mode, no grad), plus the first batch's inputs."""
     device = _model_device(original)
-    modes = {m: m.training for m in original.modules()}
+    modes = {m: m.training for m in list(original.modules()) + list(pruned.modules())}
     worst = 0.0
     first: tuple[tuple[Any, ...], dict[str, Any]] | None = None
     try:
