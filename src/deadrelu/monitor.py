@@ -281,6 +281,10 @@ class Monitor:
         distributed: all-reduce counts over ``torch.distributed`` ranks when evaluating;
             ``None`` means "when a process group is initialised". Every rank must then
             call :meth:`step` and :meth:`report` in lockstep.
+        compiled: observe in a way ``torch.compile`` traces into the graph (hooks on
+            activation modules with tensor-only state; see :mod:`deadrelu._module_capture`).
+            ``None`` turns it on when ``model`` is the result of ``torch.compile``; pass
+            True when you attach first and compile afterwards.
 
     Raises:
         DeadReluError: for a non-module model or invalid options (nothing is attached).
@@ -314,9 +318,13 @@ class Monitor:
         warn_at: Sequence[float] = (0.2, 0.5),
         on_sink_error: str = "warn",
         distributed: bool | None = None,
+        compiled: bool | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise DeadReluError(f"model must be a torch.nn.Module, not {type(model).__name__}")
+        inner = getattr(model, "_orig_mod", None)  # the module inside torch.compile's OptimizedModule
+        if isinstance(inner, nn.Module):
+            model, compiled = inner, True if compiled is None else compiled
         if isinstance(window, bool) or not isinstance(window, int) or window < 1:
             raise DeadReluError(f"window must be a positive int (batches), got {window!r}")
         if isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 1:
@@ -340,12 +348,19 @@ class Monitor:
 
             sink_list.append(LiveView())
         self.sinks: list[Sink] = sink_list
-        self.capture = _MonitorCapture(
-            model,
-            unit_dim=unit_dim,
-            threshold=threshold,
-            stats_factory=lambda units, thr, device: WindowStats(units, thr, device, window),
-        )
+        self.compiled = bool(compiled)
+        self.capture: Any
+        if self.compiled:
+            from ._module_capture import ModuleCapture
+
+            self.capture = ModuleCapture(model, unit_dim=unit_dim, threshold=threshold, window=window)
+        else:
+            self.capture = _MonitorCapture(
+                model,
+                unit_dim=unit_dim,
+                threshold=threshold,
+                stats_factory=lambda units, thr, device: WindowStats(units, thr, device, window),
+            )
         self.history = History()
         self.events: list[Event] = []
         self.alerts: list[Alert] = []

@@ -1,0 +1,120 @@
+"""torch.compile: the monitor's hooks are traced into the graph, nothing recompiles per step, counts stay exact."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import deadrelu
+from deadrelu._module_capture import TensorWindowStats
+from deadrelu._window import WindowStats
+from deadrelu.monitor import DeadUnitWarning
+
+STEPS = 8
+
+
+def tiny() -> nn.Module:
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.GELU(), nn.Linear(16, 1))
+    with torch.no_grad():
+        model[0].bias[:5] = -100.0
+    return model
+
+
+def batches() -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(6, 8, generator=g) for _ in range(STEPS)]
+
+
+def train(runner: nn.Module, mon: deadrelu.Monitor, after_step=None) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeadUnitWarning)
+        for i, x in enumerate(batches()):
+            runner(x).pow(2).mean().backward()  # no optimizer: identical weights in every run
+            mon.step()
+            if after_step:
+                after_step(i)
+
+
+def site_counts(report: deadrelu.Report) -> list[tuple]:
+    return [(s.name, s.function, s.observations, s.fired_counts) for s in report.sites]
+
+
+@pytest.fixture()
+def dynamo():
+    dyn = pytest.importorskip("torch._dynamo")
+    from torch._dynamo.utils import counters
+
+    dyn.reset()
+    counters.clear()
+    yield counters
+    dyn.reset()
+
+
+def test_compiled_model_no_recompilation_and_exact_counts(dynamo):
+    model = tiny()
+    mon = deadrelu.Monitor(model, window=3, log_every=2, compiled=True)
+    mon.attach()  # hooks first, then compile
+    compiled = torch.compile(model)
+    graphs = []
+    train(compiled, mon, lambda i: graphs.append(dynamo["stats"]["unique_graphs"]))
+    mon.finish()
+    window, total = mon.report(), mon.report("total")
+    mon.detach()
+    # the first call compiles around the one-off site creation; from then on nothing recompiles
+    assert graphs[-1] >= 1 and graphs[1] == graphs[-1], graphs
+    eager = tiny()
+    with deadrelu.Monitor(eager, window=3, log_every=2) as ref:
+        train(eager, ref)
+        assert site_counts(window) == site_counts(ref.report())
+        assert site_counts(total) == site_counts(ref.report("total"))
+        for a, b in zip(window.sites, ref.report().sites):
+            assert a.mean_abs == pytest.approx(b.mean_abs, rel=1e-4)
+    assert set(window.site("1").dead_units) >= set(range(5))
+    assert mon.history.steps == ref.history.steps
+
+
+def test_every_k_compiles_two_variants_only(dynamo):
+    model = tiny()
+    mon = deadrelu.Monitor(torch.compile(model), every=2, window=2, log_every=4)
+    assert mon.compiled and mon.model is model  # the compiled wrapper was recognised
+    compiled = torch.compile(model)
+    mon.attach()
+    graphs = []
+    train(compiled, mon, lambda i: graphs.append(dynamo["stats"]["unique_graphs"]))
+    mon.detach()
+    assert graphs[-1] >= 2 and graphs[3] == graphs[-1], graphs  # on/off variants compiled once each
+    assert mon.report("total").batches == STEPS // 2
+
+
+def test_functional_only_model_is_refused_in_compiled_mode():
+    class Functional(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(3, 3)
+
+        def forward(self, x):
+            return F.relu(self.lin(x))
+
+    with pytest.raises(deadrelu.DeadReluError, match="no activation modules"):
+        deadrelu.Monitor(Functional(), compiled=True)
+
+
+def test_tensor_window_stats_equal_python_window_stats():
+    g = torch.Generator().manual_seed(1)
+    a, b = TensorWindowStats(5, 0.1, "cpu", window=3), WindowStats(5, 0.1, "cpu", window=3)
+    for i in range(7):
+        x = torch.randn(4, 5, 2, 2, generator=g)
+        if i == 2:
+            x[0, 3, 0, 0] = float("inf")
+        a.update(x, 1)
+        b.update(x, 1)
+    for scope in ("window", "total"):
+        ta, tb = a.totals(scope), b.totals(scope)
+        assert torch.equal(ta.fired, tb.fired) and torch.equal(ta.bad_batches, tb.bad_batches)
+        assert (ta.observations, ta.batches) == (tb.observations, tb.batches)
+        assert torch.allclose(ta.abs_sum, tb.abs_sum, equal_nan=True)
