@@ -11,11 +11,15 @@ load affects them alike; each printed ratio is the median over repeats of
 * monitor    — deadrelu.Monitor observing every step (log_every=10: evaluations included)
 * monitor/10 — observing every 10th step
 * naive      — a forward hook on every ReLU module doing ``seen |= (out > 0).any(0)``
+
+With ``--compile``: a ``torch.compile``'d model without hooks vs a copy monitored with
+``Monitor(..., compiled=True)`` attached before compiling (the hooks are traced into the graph).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import statistics
 import time
@@ -78,35 +82,14 @@ def time_steps(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y:
     return time.perf_counter() - start
 
 
-def bench(name: str, build, repeats: int, steps: int, compile_model: bool = False) -> dict[str, float]:
-    torch.manual_seed(0)
-    model, x, y = build()
-    # Tiny learning rate: weights barely move, so every variant times the same work.
-    opt = torch.optim.SGD(model.parameters(), lr=1e-5)
-    runner = torch.compile(model) if compile_model else model
-    mon = deadrelu.Monitor(model, every=1, window=100, log_every=10)
-    mon10 = deadrelu.Monitor(model, every=10, window=100, log_every=10)
+def report(name: str, base_times: list[float], ratios: dict[str, list[float]], steps: int) -> dict[str, float]:
+    ms = 1000 * statistics.median(base_times) / steps
+    parts = ", ".join(f"{k} {statistics.median(v):.3f}" for k, v in ratios.items())
+    print(f"{name}: plain {ms:.1f} ms/step; time ratio vs plain — {parts}", flush=True)
+    return {k: statistics.median(v) for k, v in ratios.items()}
 
-    def plain() -> float:
-        return time_steps(runner, opt, x, y, steps)
 
-    def with_monitor(m) -> float:
-        m.attach()
-        try:
-            return time_steps(runner, opt, x, y, steps, m)
-        finally:
-            m.detach()
-
-    def naive() -> float:
-        probe = NaiveProbe(model)
-        try:
-            return time_steps(runner, opt, x, y, steps)
-        finally:
-            probe.close()
-
-    variants = {"monitor": lambda: with_monitor(mon), "monitor/10": lambda: with_monitor(mon10)}
-    if not compile_model:
-        variants["naive"] = naive
+def interleave(plain, variants: dict, repeats: int) -> tuple[list[float], dict[str, list[float]]]:
     for fn in (plain, *variants.values()):  # warm-up: allocator, first-site setup, compilation
         fn()
     ratios: dict[str, list[float]] = {k: [] for k in variants}
@@ -116,10 +99,49 @@ def bench(name: str, build, repeats: int, steps: int, compile_model: bool = Fals
             base = plain()
             ratios[key].append(fn() / base)
             base_times.append(base)
-    ms = 1000 * statistics.median(base_times) / steps
-    parts = ", ".join(f"{k} {statistics.median(v):.3f}" for k, v in ratios.items())
-    print(f"{name}: plain {ms:.1f} ms/step; time ratio vs plain — {parts}", flush=True)
-    return {k: statistics.median(v) for k, v in ratios.items()}
+    return base_times, ratios
+
+
+def bench(name: str, build, repeats: int, steps: int) -> dict[str, float]:
+    torch.manual_seed(0)
+    model, x, y = build()
+    # Tiny learning rate: weights barely move, so every variant times the same work.
+    opt = torch.optim.SGD(model.parameters(), lr=1e-5)
+    mon = deadrelu.Monitor(model, every=1, window=100, log_every=10)
+    mon10 = deadrelu.Monitor(model, every=10, window=100, log_every=10)
+
+    def with_monitor(m) -> float:
+        m.attach()
+        try:
+            return time_steps(model, opt, x, y, steps, m)
+        finally:
+            m.detach()
+
+    def naive() -> float:
+        probe = NaiveProbe(model)
+        try:
+            return time_steps(model, opt, x, y, steps)
+        finally:
+            probe.close()
+
+    variants = {"monitor": lambda: with_monitor(mon), "monitor/10": lambda: with_monitor(mon10), "naive": naive}
+    base_times, ratios = interleave(lambda: time_steps(model, opt, x, y, steps), variants, repeats)
+    return report(name, base_times, ratios, steps)
+
+
+def bench_compiled(name: str, build, repeats: int, steps: int) -> dict[str, float]:
+    """Compiled model without hooks vs a copy monitored with compiled=True (hooks before compiling)."""
+    torch.manual_seed(0)
+    model, x, y = build()
+    watched = copy.deepcopy(model)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-5)
+    opt_w = torch.optim.SGD(watched.parameters(), lr=1e-5)
+    mon = deadrelu.Monitor(watched, every=1, window=100, log_every=10, compiled=True).attach()
+    plain_c, watched_c = torch.compile(model), torch.compile(watched)
+    variants = {"monitor(compiled=True)": lambda: time_steps(watched_c, opt_w, x, y, steps, mon)}
+    base_times, ratios = interleave(lambda: time_steps(plain_c, opt, x, y, steps), variants, repeats)
+    mon.detach()
+    return report(name, base_times, ratios, steps)
 
 
 def main() -> None:
@@ -142,7 +164,10 @@ def main() -> None:
     if args.only in (None, "cnn"):
         bench("CNN 4 conv, batch 64x3x32x32", cnn, args.repeats, args.steps)
     if args.compile:
-        bench("CNN, torch.compile", cnn, args.repeats, args.steps, compile_model=True)
+        if args.only in (None, "mlp"):
+            bench_compiled("MLP 5x1024, torch.compile", mlp, args.repeats, args.steps)
+        if args.only in (None, "cnn"):
+            bench_compiled("CNN 4 conv, torch.compile", cnn, args.repeats, args.steps)
 
 
 if __name__ == "__main__":
