@@ -291,3 +291,38 @@ def test_training_flags_are_kept():
     result = prune_dead(net, report, data=x)
     assert [m.training for m in net.modules()] == flags
     assert [m.training for m in result.model.modules()] == flags
+
+
+def test_non_relu_units_with_zero_incoming_weights_fold_their_constant():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 8), nn.GELU(), nn.Linear(8, 3))
+    with torch.no_grad():
+        net[0].weight[[2, 5]] = 0.0  # pre-activation = bias, whatever the input
+        net[0].bias[[2, 5]] = torch.tensor([-4.0, -2.5])  # GELU(-4), GELU(-2.5): tiny negative constants
+        net[0].bias[[7]] = -100.0  # dead, but with live weights: not provably constant
+    x = rm.data()
+    report = deadrelu.scan(net, x)
+    assert report.sites[0].dead_units == (2, 5, 7)
+    result = prune_dead(net, report, data=x)
+    assert result.removed == {"1": (2, 5)}
+    assert "1 dead gelu unit(s) with non-zero incoming weights" in result.skipped["1"]
+    c = F.gelu(torch.tensor([-4.0, -2.5], dtype=torch.float64))
+    expected = net[2].bias.detach().double() + (net[2].weight.detach().double()[:, [2, 5]] * c).sum(1)
+    torch.testing.assert_close(result.model[2].bias.double(), expected, atol=1e-7, rtol=0)
+    assert result.max_abs_diff <= 1e-6
+
+
+def test_constant_units_through_batchnorm_and_prelu():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.PReLU(4), nn.Flatten(), nn.Linear(4 * 36, 2))
+    x = rm.images()
+    rm.settle_bn(net, x)
+    with torch.no_grad():
+        net[0].weight[1] = 0.0
+        net[1].bias[1] = -3.0  # BN(bias) far below the channel's running mean: negative constant
+        net[2].weight.copy_(torch.tensor([0.1, 0.2, 0.3, 0.4]))
+    report = deadrelu.scan(net, x)
+    assert 1 in report.sites[0].dead_units
+    result = prune_dead(net, report, data=x, sites=["2"])
+    assert result.removed == {"2": (1,)} and result.max_abs_diff <= 1e-5
+    assert result.model[4].in_features == 3 * 36

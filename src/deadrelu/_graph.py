@@ -461,17 +461,61 @@ def columns(link: Link, units: Iterable[int]) -> list[int]:
     return [u * link.block + k for u in units for k in range(link.block)]
 
 
-def constant_after(link: Link, units: Sequence[int], value: float = 0.0) -> torch.Tensor:
-    """Per unit, the eval-mode value reaching the consumer when the activation outputs ``value``."""
-    out = torch.full((len(units),), float(value), dtype=torch.float64)
+def _bn_eval(bn: nn.Module, idx: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Eval-mode BatchNorm of the channels ``idx`` applied to per-channel values ``x`` (float64, on CPU)."""
+
+    def pick(t: torch.Tensor | None, default: float) -> torch.Tensor:
+        if t is None:
+            return torch.full((len(idx),), default, dtype=torch.float64)
+        return t.detach()[idx.to(t.device)].double().cpu()
+
+    out = (x.double().cpu() - pick(bn.running_mean, 0.0)) / torch.sqrt(pick(bn.running_var, 1.0) + bn.eps)  # type: ignore[arg-type, operator]
+    if bn.affine:
+        out = out * pick(bn.weight, 1.0) + pick(bn.bias, 0.0)  # type: ignore[arg-type]
+    return out
+
+
+def constant_after(link: Link, units: Sequence[int], value: float | torch.Tensor = 0.0) -> torch.Tensor:
+    """Per unit, the eval-mode value reaching the consumer when the activation outputs ``value`` (per unit)."""
+    out = torch.zeros(len(units), dtype=torch.float64) + torch.as_tensor(value, dtype=torch.float64).cpu()
     idx = torch.tensor(list(units), dtype=torch.long)
     for _, bn in link.norms:
-        mean = bn.running_mean[idx].double() if bn.running_mean is not None else torch.zeros(len(units), dtype=torch.float64)  # type: ignore[index]
-        var = bn.running_var[idx].double() if bn.running_var is not None else torch.ones(len(units), dtype=torch.float64)  # type: ignore[index]
-        out = (out - mean) / torch.sqrt(var + bn.eps)
-        if bn.affine:
-            out = out * bn.weight.detach()[idx].double() + bn.bias.detach()[idx].double()  # type: ignore[union-attr, index]
+        out = _bn_eval(bn, idx, out)
     return out
+
+
+def constant_units(chain: Chain, model: nn.Module) -> tuple[tuple[int, ...], torch.Tensor | None]:
+    """The chain's units whose incoming weights are all zero, and the activation's constant output for each.
+
+    Such a unit's pre-activation is its bias (through the eval-mode BatchNorm), whatever the
+    input, so its output is the activation of that constant — computed by calling the
+    activation exactly as the model does. Returns ``((), None)`` when there are none or the
+    call cannot be replayed (an argument computed in forward).
+    """
+    w = chain.producer.weight.detach()  # type: ignore[union-attr]
+    units = tuple(u for u in chain.units if not bool(torch.any(w[u] != 0)))
+    node = chain.node
+    extra = list(node.args[1:]) + list(node.kwargs.values())
+    if not units or any(isinstance(a, fx.Node) for a in extra):
+        return (), None
+    idx = torch.tensor(units, dtype=torch.long)
+    bias = chain.producer.bias  # type: ignore[union-attr]
+    pre = bias.detach()[idx.to(w.device)].double().cpu() if bias is not None else torch.zeros(len(units), dtype=torch.float64)
+    if chain.norm is not None:
+        pre = _bn_eval(chain.norm, idx, pre)
+    shape = [1] * len(chain.site.shape)
+    shape[chain.site.unit_dim] = chain.site.units
+    x = torch.zeros(chain.site.units, dtype=w.dtype, device=w.device)
+    x[idx.to(w.device)] = pre.to(device=w.device, dtype=w.dtype)
+    x = x.view(shape)
+    with torch.no_grad():
+        if node.op == "call_module":
+            y = model.get_submodule(str(node.target))(x)
+        elif node.op == "call_function":
+            y = node.target(x, *node.args[1:], **node.kwargs)  # type: ignore[operator]
+        else:
+            y = getattr(x, str(node.target))(*node.args[1:], **node.kwargs)
+    return units, y.reshape(-1)[idx.to(y.device)].double().cpu()
 
 
 def fold_into_bias(link: Link, units: Sequence[int], consts: torch.Tensor, site: SiteReport, what: str) -> torch.Tensor | None:

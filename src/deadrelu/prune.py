@@ -7,7 +7,9 @@ input columns of each consuming layer (after a flatten, the whole block of H·W
 columns the channel owns). Where the dead unit's constant reaches a consumer as
 something other than 0 — a BatchNorm after the activation maps 0 to
 ``beta - gamma·mean/sqrt(var+eps)`` — that constant times the removed weights is folded
-into the consumer's bias (a bias is added if the consumer had none).
+into the consumer's bias (a bias is added if the consumer had none). The same folding
+removes a dead unit of any other activation whose incoming weights are all zero: its
+output is the activation of its bias, whatever the input.
 
 The dataflow is proven on a ``torch.fx`` trace (see :mod:`deadrelu._graph`); the new
 model is a deep copy of the original with those layers replaced by smaller ones of the
@@ -139,6 +141,21 @@ def _select(site: SiteReport) -> tuple[int, ...]:
     return ()
 
 
+def _constant_chain(
+    model: nn.Module, report: Report, site: SiteReport, what: str
+) -> tuple[_graph.Chain | None, torch.Tensor | None]:
+    """For a non-ReLU site: a chain over its dead units whose output is provably constant, if any."""
+    try:
+        (chain,) = _graph.find_chains(model, report, lambda s: s.dead_units if s is site else (), what)
+    except RefusedError:
+        return None, None  # stays skipped: its units are not provably constant anyway
+    units, value = _graph.constant_units(chain, model)
+    if not units:
+        return None, None
+    chain.units = units
+    return chain, value
+
+
 def _skip_reason(site: SiteReport) -> str | None:
     if not site.dead_units:
         return None
@@ -170,6 +187,13 @@ def _smaller(old: nn.Module, edit: _Edit) -> nn.Module:
         if t.is_floating_point():
             dev, dtype = t.device, t.dtype
             break
+    if isinstance(old, nn.PReLU):
+        keep = _keep(old.num_parameters, edit.out)
+        new = nn.PReLU(len(keep), device=dev, dtype=dtype)
+        new.weight.data.copy_(old.weight.data[keep])
+        new.weight.requires_grad_(old.weight.requires_grad)
+        new.train(old.training)
+        return new
     if isinstance(old, nn.modules.batchnorm._BatchNorm):
         keep = _keep(old.num_features, edit.out)
         new = type(old)(len(keep), old.eps, old.momentum, old.affine, old.track_running_stats, device=dev, dtype=dtype)
@@ -266,8 +290,11 @@ def prune_dead(
 
     For each site, every dead unit's producing row/channel, BatchNorm channel(s) and
     consuming columns/channels are removed (see the module docstring). A site whose
-    units are all dead keeps one, so no layer becomes empty. Dead units of non-ReLU
-    sites are not constant and are skipped (listed in ``result.skipped``).
+    units are all dead keeps one, so no layer becomes empty. A dead unit of a non-ReLU
+    site is removed only when its incoming weights are all zero: its output is then the
+    activation of its (eval-mode BatchNorm'd) bias, a constant folded into the consumer's
+    bias; other dead non-ReLU units still pass a signal and are skipped (listed in
+    ``result.skipped``). A per-channel PReLU shrinks with its layer.
 
     Args:
         model: the scanned model; never modified.
@@ -311,18 +338,42 @@ def prune_dead(
         for s in report.sites
         if (chosen is None or s.name in chosen) and (r := _skip_reason(s)) is not None
     }
+    values: dict[str, torch.Tensor | float] = {c.site.name: 0.0 for c in chains}
+    for site in report.sites:
+        if site.name in skipped and site.function not in _ZERO_WHEN_DEAD:
+            chain, value = _constant_chain(model, report, site, what)
+            if chain is not None:
+                chains.append(chain)
+                values[site.name] = value  # type: ignore[assignment]
+                left = len(site.dead_units) - len(chain.units)
+                if left:
+                    skipped[site.name] = f"{left} dead {site.function} unit(s) with non-zero incoming weights are not constant"
+                else:
+                    del skipped[site.name]
     edits: dict[str, _Edit] = {}
     removed: dict[str, tuple[int, ...]] = {}
     kept: dict[str, tuple[int, ...]] = {}
     for chain in chains:
         units = chain.units
+        value = values[chain.site.name]
         if len(units) == chain.site.units:
             kept[chain.site.name] = units[:1]
             units = units[1:]
+            if isinstance(value, torch.Tensor):
+                value = value[1:]
         removed[chain.site.name] = units
         if not units:
             continue
         edits.setdefault(chain.producer_path, _Edit()).out.update(units)
+        act = model.get_submodule(str(chain.node.target)) if chain.node.op == "call_module" else None
+        if isinstance(act, nn.PReLU) and act.num_parameters > 1:
+            # One slope per unit: the PReLU shrinks with the layer, so it must serve this site only.
+            if sum(s.module == chain.node.target for s in report.sites) > 1:
+                raise RefusedError(
+                    f"{what}: site '{chain.site.name}': the per-channel PReLU '{chain.node.target}' is used at "
+                    "several sites; nothing was changed"
+                )
+            edits.setdefault(str(chain.node.target), _Edit()).out.update(units)
         if chain.norm_path:
             edits.setdefault(chain.norm_path, _Edit()).out.update(units)
         for link in chain.links:
@@ -333,7 +384,7 @@ def prune_dead(
                 )
             for norm_path, _ in link.norms:
                 edits.setdefault(norm_path, _Edit()).out.update(units)
-            consts = _graph.constant_after(link, units, 0.0)
+            consts = _graph.constant_after(link, units, value)
             delta = _graph.fold_into_bias(link, units, consts, chain.site, what)
             edit = edits.setdefault(link.path, _Edit())
             edit.inp.update(_graph.columns(link, units))
