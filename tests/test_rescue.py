@@ -578,3 +578,18 @@ def test_swap_transformer_fast_path_uses_new_activation():
     x = torch.randn(4, 3, 8)
     with torch.no_grad():  # eval + no_grad is where the fused fast path would run
         torch.testing.assert_close(layer(x), ref(x))
+
+
+def test_reinit_folds_constant_output_of_zero_weight_gelu_units():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 8), nn.GELU(), nn.Linear(8, 3))
+    with torch.no_grad():
+        net[0].weight[[2, 5]] = 0.0
+        net[0].bias[[2, 5]] = torch.tensor([-4.0, -2.5])
+    x = rm.data()
+    report = deadrelu.scan(net, x)
+    assert report.sites[0].dead_units == (2, 5)
+    before = net(x).detach()
+    result = reinit_dead(net, report, generator=gen())
+    assert result.changes[0].folded == ("2",)
+    torch.testing.assert_close(net(x).detach(), before, atol=1e-6, rtol=0)

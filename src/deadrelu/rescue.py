@@ -183,6 +183,16 @@ def _fresh_value(optimizer: Any, param: torch.Tensor, key: str) -> float:
     return 0.0
 
 
+def _dead_output(chain: _graph.Chain, model: nn.Module) -> torch.Tensor:
+    """Per unit, the activation output the unit had before: 0 for ReLU, the constant where provable."""
+    value = torch.zeros(len(chain.units), dtype=torch.float64)
+    if chain.function not in ("relu", "relu6"):
+        units, consts = _graph.constant_units(chain, model)
+        for u, c in zip(units, consts if consts is not None else []):
+            value[chain.units.index(u)] = c
+    return value
+
+
 def _producer_inputs(
     model: nn.Module, producers: list[nn.Module], data: Any, input_fn: Callable[[Any], Any] | None
 ) -> dict[nn.Module, torch.Tensor]:
@@ -296,8 +306,10 @@ def reinit_dead(
     re-drawn, up to ``max_draws`` times; ``result.silent`` lists any that still would not.
 
     The function is exactly preserved for ReLU units that were dead on the scanned data
-    (their output there was 0). τ-dormant units that still fired, and dead units of
-    other activations, lose the small contribution they made.
+    (their output there was 0), and for units of any activation whose incoming weights
+    were all zero (their constant output is folded into the consumer's bias). τ-dormant
+    units that still fired, and other dead units of non-ReLU activations, lose the
+    small contribution they made.
 
     Args:
         model: the scanned model; changed in place.
@@ -344,8 +356,9 @@ def reinit_dead(
             if quiet:
                 silent[chain.site.name] = quiet
         folds = []
+        value = _dead_output(chain, model)
         for link in chain.links:
-            consts = _graph.constant_after(link, chain.units, 0.0)
+            consts = _graph.constant_after(link, chain.units, value)
             delta = _graph.fold_into_bias(link, chain.units, consts, chain.site, what)
             if delta is not None and link.module.bias is None:  # type: ignore[union-attr]
                 raise RefusedError(
