@@ -1,11 +1,13 @@
 """Training-step time with deadrelu.Monitor ÷ without, beside a naive per-batch hook probe.
 
-Run:  python benchmarks/bench_monitor.py [--repeats 7] [--steps 20] [--threads N] [--compile]
+Run:  python benchmarks/bench_monitor.py [--repeats 7] [--steps 20] [--threads N] [--clock cpu]
+                                        [--steady-malloc] [--compile]
 
 For each model (a 5×1024 MLP at batch 256, a small CNN at batch 64 on 32×32 inputs)
 the variants below are timed in the same process, interleaved round-robin so machine
 load affects them alike; each printed ratio is the median over repeats of
-(variant time ÷ plain time) for the same number of SGD steps on the same batches.
+(variant time ÷ plain time) for the same number of SGD steps on the same batches,
+followed by the interquartile range of those ratios in brackets.
 
 * plain      — no hooks at all
 * monitor    — deadrelu.Monitor observing every step (log_every=10: evaluations included)
@@ -22,6 +24,7 @@ import argparse
 import copy
 import os
 import statistics
+import sys
 import time
 
 import torch
@@ -49,6 +52,11 @@ def cnn() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     return net, torch.randn(64, 3, 32, 32), torch.randint(0, 10, (64,))
 
 
+# Wall time by default; --clock cpu uses this process's CPU time, which time spent
+# descheduled by other processes on a shared machine does not inflate.
+CLOCK = time.perf_counter
+
+
 class NaiveProbe:
     """The textbook approach: a Python forward hook per ReLU module, one `any` per batch."""
 
@@ -71,7 +79,7 @@ class NaiveProbe:
 
 def time_steps(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, steps: int, mon=None) -> float:
     loss_fn = nn.CrossEntropyLoss()
-    start = time.perf_counter()
+    start = CLOCK()
     for _ in range(steps):
         loss = loss_fn(model(x), y)
         opt.zero_grad(set_to_none=True)
@@ -79,12 +87,16 @@ def time_steps(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y:
         opt.step()
         if mon is not None:
             mon.step(loss)
-    return time.perf_counter() - start
+    return CLOCK() - start
 
 
 def report(name: str, base_times: list[float], ratios: dict[str, list[float]], steps: int) -> dict[str, float]:
     ms = 1000 * statistics.median(base_times) / steps
-    parts = ", ".join(f"{k} {statistics.median(v):.3f}" for k, v in ratios.items())
+    def spread(v: list[float]) -> str:
+        q = statistics.quantiles(v, n=4) if len(v) >= 4 else [min(v), 0, max(v)]
+        return f"{statistics.median(v):.3f} [{q[0]:.3f}–{q[2]:.3f}]"
+
+    parts = ", ".join(f"{k} {spread(v)}" for k, v in ratios.items())
     print(f"{name}: plain {ms:.1f} ms/step; time ratio vs plain — {parts}", flush=True)
     return {k: statistics.median(v) for k, v in ratios.items()}
 
@@ -151,13 +163,25 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="also time a torch.compile'd CNN")
     parser.add_argument("--only", choices=["mlp", "cnn"], default=None)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall", help="wall time or process CPU time")
+    parser.add_argument(
+        "--steady-malloc",
+        action="store_true",
+        help="re-run with glibc's mmap/trim thresholds raised, so freed activations are reused instead of "
+        "returned to the OS and page-faulted back each step (that noise otherwise swamps a few percent)",
+    )
     args = parser.parse_args()
+    if args.steady_malloc and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(2**32), MALLOC_TRIM_THRESHOLD_=str(2**32))
+        os.execve(sys.executable, [sys.executable, *sys.argv], env)
+    global CLOCK
+    CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
     if args.threads:
         torch.set_num_threads(args.threads)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} thread(s) on {os.cpu_count()} CPU(s), "
-        f"load average {load:.1f}; median of {args.repeats} interleaved repeats of {args.steps} steps"
+        f"load average {load:.1f}; {args.clock} clock; steady malloc {'MALLOC_MMAP_THRESHOLD_' in os.environ}; median of {args.repeats} interleaved repeats of {args.steps} steps"
     )
     if args.only in (None, "mlp"):
         bench("MLP 5x1024, batch 256", mlp, args.repeats, args.steps)
