@@ -285,3 +285,17 @@ def test_nan_units_are_counted_as_nonfinite_not_dead():
         site = mon.report().sites[0]
     assert site.nonfinite_units == (1,) and site.dead_units == ()
     assert mon.history.rows[-1].nonfinite == 0.5
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["function-mode capture", "module-hook capture"])
+def test_observe_scope_follows_the_schedule(compiled):
+    outer = nn.Module()
+    outer.net = identity_net(2)
+    with deadrelu.Monitor(outer, every=2, window=10, compiled=compiled) as mon:
+        for _ in range(5):  # steps 0, 2, 4 observed
+            with mon.observe():
+                outer.net(batch(True, False))  # the root module itself is never called
+            mon.step()
+        report = mon.report()
+    assert report.batches == 3 and report.sites[0].name == "net.1"
+    assert report.sites[0].fired_counts == (12, 0)

@@ -463,12 +463,16 @@ class Monitor:
             >>> [s.name for s in mon.report().sites]
             ['net.1']
         """
-        if not (self.attached and self._observe and torch.is_grad_enabled()):
-            yield
-            return
-        self.capture.enabled = True
-        with self.capture.forward_scope():
-            yield
+        active = self.attached and self._observe and torch.is_grad_enabled()
+        previous, self.capture.enabled = self.capture.enabled, active
+        try:
+            if active:
+                with self.capture.forward_scope():
+                    yield
+            else:
+                yield
+        finally:
+            self.capture.enabled = previous
 
     # -- the training-loop call ----------------------------------------------------------------
     def step(self, loss: Any = None) -> None:
