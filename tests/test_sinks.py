@@ -170,7 +170,7 @@ def test_missing_extra_names_the_pip_command(monkeypatch):
     real = importlib.import_module
 
     def fake(name, *args, **kwargs):
-        if name in ("tensorboard", "wandb"):
+        if name in ("tensorboard", "wandb", "rich"):
             raise ModuleNotFoundError(f"No module named {name!r}", name=name)
         return real(name, *args, **kwargs)
 
@@ -179,6 +179,10 @@ def test_missing_extra_names_the_pip_command(monkeypatch):
         TensorBoardSink("runs")
     with pytest.raises(ModuleNotFoundError, match=r'pip install "deadrelu\[wandb\]"'):
         WandbSink()
+    net = half_dead_net()
+    with pytest.raises(ModuleNotFoundError, match=r'pip install "deadrelu\[cli\]"'):
+        deadrelu.Monitor(net, live=True)
+    assert sum(len(m._forward_pre_hooks) for m in net.modules()) == 0
 
 
 def test_wandb_sink_with_a_fake_module(monkeypatch):
