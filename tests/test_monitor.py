@@ -7,9 +7,12 @@ import warnings
 import pytest
 import torch
 from fixtures.models import MLP
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import deadrelu
+from deadrelu._window import WindowStats
 from deadrelu.errors import DeadReluError, NoActivationSitesError
 from deadrelu.monitor import DeadUnitWarning, Event, History, HistoryRow
 
@@ -299,3 +302,39 @@ def test_observe_scope_follows_the_schedule(compiled):
         report = mon.report()
     assert report.batches == 3 and report.sites[0].name == "net.1"
     assert report.sites[0].fired_counts == (12, 0)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    window=st.integers(1, 5),
+    batches=st.integers(1, 9),
+    shape=st.sampled_from([(3, 4), (2, 4, 3), (2, 4, 2, 2), (4,)]),
+    threshold=st.sampled_from([0.0, 0.3, -0.2]),
+    nonnegative=st.booleans(),
+    seed=st.integers(0, 10_000),
+)
+def test_window_stats_equal_brute_force_over_random_sequences(window, batches, shape, threshold, nonnegative, seed):
+    g = torch.Generator().manual_seed(seed)
+    unit_dim = 1 if len(shape) >= 2 else 0
+    units = shape[unit_dim]
+    stats = WindowStats(units, threshold, "cpu", window)
+    xs = []
+    for _ in range(batches):
+        x = torch.randn(shape, generator=g)
+        if nonnegative:
+            x = x.clamp(min=0)
+        xs.append(x)
+        stats.update(x, unit_dim, nonnegative=nonnegative)
+
+    def brute(data):
+        flat = [x.movedim(unit_dim, -1).reshape(-1, units) for x in data]
+        allx = torch.cat(flat)
+        return (allx > threshold).sum(0).tolist(), allx.abs().double().sum(0), allx.shape[0]
+
+    for scope, data in (("window", xs[-window:]), ("total", xs)):
+        t = stats.totals(scope)
+        fired, mag, n = brute(data)
+        assert t.fired.tolist() == fired
+        assert t.observations == n and t.batches == len(data)
+        assert torch.allclose(t.abs_sum, mag, rtol=1e-5)
+        assert t.bad_batches.tolist() == [0] * units
