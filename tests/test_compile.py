@@ -12,7 +12,7 @@ from torch import nn
 import deadrelu
 from deadrelu._module_capture import TensorWindowStats
 from deadrelu._window import WindowStats
-from deadrelu.monitor import DeadUnitWarning
+from deadrelu.monitor import CompiledModelWarning, DeadUnitWarning
 
 STEPS = 8
 
@@ -118,3 +118,20 @@ def test_tensor_window_stats_equal_python_window_stats():
         assert torch.equal(ta.fired, tb.fired) and torch.equal(ta.bad_batches, tb.bad_batches)
         assert (ta.observations, ta.batches) == (tb.observations, tb.batches)
         assert torch.allclose(ta.abs_sum, tb.abs_sum, equal_nan=True)
+
+
+def test_default_monitor_under_compile_warns_and_never_recompiles(dynamo):
+    model = tiny()
+    mon = deadrelu.Monitor(model, window=2, log_every=100)
+    mon.attach()
+    compiled = torch.compile(model)
+    graphs = []
+    with pytest.warns(CompiledModelWarning, match="compiled=True") as caught:
+        train(compiled, mon, lambda i: graphs.append(dynamo["stats"]["unique_graphs"]))
+    assert len([w for w in caught if issubclass(w.category, CompiledModelWarning)]) == 1
+    assert graphs[1] == graphs[-1], graphs
+    assert not mon.capture.sites  # it ran unobserved rather than slowly
+    x = batches()[0]
+    model(x).sum().backward()  # the same monitor still observes eager calls
+    assert mon.report().batches == 1
+    mon.detach()

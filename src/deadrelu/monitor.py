@@ -52,6 +52,7 @@ __all__ = [
     "Alert",
     "LogRecord",
     "DeadUnitWarning",
+    "CompiledModelWarning",
 ]
 
 Schedule = Union[int, Callable[[int], bool]]
@@ -68,6 +69,10 @@ ADVICE_DIED = (
 
 class DeadUnitWarning(UserWarning):
     """A layer's dead fraction crossed a warning threshold (issued once per layer and threshold)."""
+
+
+class CompiledModelWarning(UserWarning):
+    """A monitor without ``compiled=True`` saw its model run under ``torch.compile`` (issued once)."""
 
 
 @dataclass(frozen=True)
@@ -375,6 +380,7 @@ class Monitor:
         self._last_eval_step = -1
         self._broken: set[int] = set()
         self._opened = False
+        self._compile_warned = False
 
     # -- lifecycle -------------------------------------------------------------------------
     def attach(self) -> "Monitor":
@@ -442,7 +448,25 @@ class Monitor:
         return self._gate_handle is not None
 
     def _gate(self, module: nn.Module, args: Any) -> None:
+        if not self.compiled and torch.compiler.is_compiling():
+            # The function mode would make Dynamo break the graph and recompile every step:
+            # run the compiled model unobserved and say how to monitor it instead.
+            self._compiled_unobserved()
+            self.capture.enabled = False
+            return
         self.capture.enabled = self._observe and torch.is_grad_enabled()
+
+    @torch.compiler.disable
+    def _compiled_unobserved(self) -> None:
+        if not self._compile_warned:
+            self._compile_warned = True
+            warnings.warn(
+                "deadrelu: this model is being run by torch.compile, which cannot trace the monitor's "
+                "default capture; it runs unobserved. Create the monitor with compiled=True before "
+                "compiling, or pass the compiled module: Monitor(torch.compile(model))",
+                CompiledModelWarning,
+                stacklevel=2,
+            )
 
     @contextlib.contextmanager
     def observe(self) -> Iterator[None]:
