@@ -92,6 +92,8 @@ def test_two_gloo_ranks_equal_one_process(tmp_path: Path):
     # the planted units are dead globally; each rank alone saw only half the rows
     assert set(range(4)) <= set(ranks[0]["window"]["sites"][0]["summary"]["dead_units"])
     assert ranks[0]["window"]["sites"][0]["observations"] == 12 * WINDOW
+    assert ranks[0]["window"]["samples"] == single["window"]["samples"] == 12 * WINDOW
+    assert ranks[1]["total"]["samples"] == single["total"]["samples"] == 12 * STEPS
 
 
 def test_distributed_true_without_process_group_is_an_error():

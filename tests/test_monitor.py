@@ -66,6 +66,7 @@ def test_window_and_total_counts_equal_brute_force():
             assert site.mean_abs == pytest.approx([m / n for m in mag], rel=1e-5)
     assert set(window.site("1").dead_units) >= set(MLP.planted["1"])
     assert window.batches == 3 and total.batches == 7
+    assert window.samples == sum(len(x) for x in xs[-3:]) and total.samples == sum(len(x) for x in xs)
 
 
 def test_lifecycle_events_born_dead_died_revived():

@@ -381,6 +381,9 @@ class Monitor:
         self._broken: set[int] = set()
         self._opened = False
         self._compile_warned = False
+        self._samples_ring = [0] * window
+        self._samples_total = 0
+        self._forwards = 0
 
     # -- lifecycle -------------------------------------------------------------------------
     def attach(self) -> "Monitor":
@@ -454,7 +457,17 @@ class Monitor:
             self._compiled_unobserved()
             self.capture.enabled = False
             return
-        self.capture.enabled = self._observe and torch.is_grad_enabled()
+        on = self._observe and torch.is_grad_enabled()
+        self.capture.enabled = on
+        if on and not self.compiled:
+            # Samples per observed forward, in a fixed-size ring beside the device rings
+            # (shapes only: no sync). Compiled models skip it: Dynamo would guard on the index.
+            first = args[0] if args else None
+            n = int(first.shape[0]) if isinstance(first, torch.Tensor) and first.ndim else 0
+            k = self._forwards % self.window
+            self._samples_total += n
+            self._samples_ring[k] = n
+            self._forwards += 1
 
     @torch.compiler.disable
     def _compiled_unobserved(self) -> None:
@@ -595,6 +608,8 @@ class Monitor:
                 obs = torch.tensor([t.observations], dtype=torch.int64, device=t.fired.device)
                 ints += [t.fired, t.bad_batches, obs]
                 floats.append(t.abs_sum)
+        samples = {"window": sum(self._samples_ring), "total": self._samples_total}
+        ints.append(torch.tensor([samples[sc] for sc in scopes], dtype=torch.int64))  # summed over ranks too
         flat_i = torch.cat([t.to(device) for t in ints])
         flat_f = torch.cat([t.to(device) for t in floats])
         if self._use_distributed():
@@ -603,6 +618,7 @@ class Monitor:
             dist.all_reduce(flat_i, op=dist.ReduceOp.SUM)
             dist.all_reduce(flat_f, op=dist.ReduceOp.SUM)
         vals_i, vals_f = flat_i.tolist(), flat_f.tolist()
+        global_samples = dict(zip(scopes, vals_i[len(vals_i) - len(scopes) :]))
         out: dict[str, Report] = {}
         site_batches: dict[str, int] = {}
         oi = of = k = 0
@@ -642,7 +658,7 @@ class Monitor:
                 sites=tuple(sites),
                 thresholds=self.thresholds,
                 batches=batches,
-                samples=0,
+                samples=global_samples[scope],
                 mode="train",
                 model=type(self.model).__name__,
             )
