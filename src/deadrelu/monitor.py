@@ -77,7 +77,12 @@ class CompiledModelWarning(UserWarning):
 
 @dataclass(frozen=True)
 class HistoryRow:
-    """Fractions of one site's units in each state at one evaluation (over the rolling window)."""
+    """Fractions of one site's units in each state at one evaluation (over the rolling window).
+
+    Example:
+        >>> HistoryRow(10, "relu", 4, 10, active=0.5, asleep=0.25, dead=0.25, dormant=0.25, nonfinite=0.0).alive
+        0.75
+    """
 
     step: int
     site: str
@@ -150,7 +155,12 @@ class History:
 
 @dataclass(frozen=True)
 class Event:
-    """A unit changing state: ``kind`` is ``"born_dead"``, ``"died"`` or ``"revived"``."""
+    """A unit changing state: ``kind`` is ``"born_dead"``, ``"died"`` or ``"revived"``.
+
+    Example:
+        >>> Event(120, "layer1.relu", 7, "died")
+        Event(step=120, site='layer1.relu', unit=7, kind='died')
+    """
 
     step: int
     site: str
