@@ -20,15 +20,22 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
 
 from ._window import WindowTotals
-from .capture import ACTIVATION_MODULES, SiteInfo, ThresholdSpec, UnitDimSpec
+from .capture import (
+    ACTIVATION_MODULES,
+    SiteInfo,
+    ThresholdSpec,
+    UnitDimSpec,
+    resolve_threshold,
+    resolve_unit_dim,
+)
 from .errors import DeadReluError
-from .stats import unit_reduce_dims
+from .stats import as_unit_batch, unit_reduce_dims
 
 __all__ = ["ModuleCapture", "TensorWindowStats", "MODULE_FUNCTIONS"]
 
@@ -81,17 +88,7 @@ class TensorWindowStats:
     @torch.no_grad()
     def update(self, activation: torch.Tensor, unit_dim: int, nonnegative: bool | None = None) -> None:
         """Add one batch (tensor operations only: traceable by TorchDynamo)."""
-        x = activation.detach()
-        if x.ndim < 2:  # one unbatched sample: make the batch dimension explicit
-            x = x.reshape(1, -1)
-            unit_dim = 1
-        if x.shape[unit_dim] != self.units:
-            raise DeadReluError(
-                f"activation has {x.shape[unit_dim]} units along dim {unit_dim} (shape {tuple(x.shape)}), "
-                f"expected {self.units}"
-            )
-        if not x.is_floating_point():
-            x = x.float()
+        x, unit_dim = as_unit_batch(activation, unit_dim, self.units)
         dims = unit_reduce_dims(x.ndim, unit_dim)
         nonneg = self.nonnegative if nonnegative is None else nonnegative
         fired = torch.sum(x > self.threshold, dim=dims, dtype=torch.float32)
@@ -208,42 +205,14 @@ class ModuleCapture:
         # Runs outside the graph once per site: allocates the state the traced hook then updates.
         function = MODULE_FUNCTIONS.get(type(module).__name__, type(module).__name__.lower())
         info = SiteInfo(path, type(module).__name__, 0, 0, function, tuple(out.shape), True)
-        unit_dim = self._unit_dim(info, out.ndim)
+        default_dim = 1 if out.ndim >= 4 else max(out.ndim - 1, 0)  # no layer-op heuristic inside a graph
+        unit_dim = resolve_unit_dim(self.unit_dim_spec, info, out.ndim, default_dim)
         units = out.shape[unit_dim] if out.ndim else 1
-        stats = TensorWindowStats(units, self._threshold(info), out.device, self.window)
+        stats = TensorWindowStats(units, resolve_threshold(self.threshold_spec, info), out.device, self.window)
         stats.nonnegative = function in _NONNEGATIVE
         site = _Site(info, unit_dim, stats, order=len(self.sites))
         self.sites[path] = site
         return site
-
-    def _lookup(self, spec: Mapping[str, Any], info: SiteInfo) -> Any:
-        for k in (f"{info.module}:{info.function}", info.module, info.function):
-            if k in spec:
-                return spec[k]
-        return None
-
-    def _unit_dim(self, info: SiteInfo, ndim: int) -> int:
-        spec = self.unit_dim_spec
-        if isinstance(spec, int):
-            dim: int | None = spec
-        elif isinstance(spec, Mapping):
-            dim = self._lookup(spec, info)
-        elif callable(spec):
-            dim = spec(info)
-        else:
-            dim = None
-        if dim is None:
-            return 1 if ndim >= 4 else max(ndim - 1, 0)
-        if ndim == 0 or not -ndim <= dim < ndim:
-            raise DeadReluError(f"unit_dim {dim} is out of range for activation {info.module} with shape {info.shape}")
-        return dim % ndim
-
-    def _threshold(self, info: SiteInfo) -> float:
-        spec = self.threshold_spec
-        if isinstance(spec, (int, float)):
-            return float(spec)
-        thr = self._lookup(spec, info) if isinstance(spec, Mapping) else spec(info)
-        return 0.0 if thr is None else float(thr)
 
     def ordered_sites(self) -> list[tuple[str, _Site]]:
         """Sites in first-call order, named by module path."""

@@ -22,8 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import DeadReluError
-from .stats import unit_reduce_dims
+from .stats import as_unit_batch, unit_reduce_dims
 
 __all__ = ["WindowStats", "WindowTotals", "NONNEGATIVE_FUNCTIONS"]
 
@@ -121,17 +120,7 @@ class WindowStats:
         Raises:
             DeadReluError: when the unit dimension's size differs from ``units``.
         """
-        x = activation.detach()
-        if x.ndim == 0:
-            x = x.reshape(1)
-            unit_dim = 0
-        if x.shape[unit_dim] != self.units:
-            raise DeadReluError(
-                f"activation has {x.shape[unit_dim]} units along dim {unit_dim} (shape {tuple(x.shape)}), "
-                f"expected {self.units}"
-            )
-        if not x.is_floating_point():
-            x = x.float()
+        x, unit_dim = as_unit_batch(activation, unit_dim, self.units)
         if x.device != self.device:
             self._move(x.device)
         dims = unit_reduce_dims(x.ndim, unit_dim)
@@ -146,21 +135,17 @@ class WindowStats:
             self.old_abs += row_abs
             self.old_bad += ~torch.isfinite(row_abs)
             self.old_obs += self.ring_obs[pos]
-        if dims:
-            nonneg = self.nonnegative if nonnegative is None else nonnegative
-            mask = torch.gt(x, self.threshold, out=_scratch(x.shape, x.device))
-            mag = x if nonneg else x.abs()
-            if unit_dim == 1 and x.ndim >= 3 and x.is_contiguous():
-                # (N, C, *spatial): reducing the contiguous spatial run first is ~20% faster on CPU
-                n, c = x.shape[0], x.shape[1]
-                mask = mask.view(n, c, -1).sum(-1, dtype=self.ring_fired.dtype)
-                mag = mag.view(n, c, -1).sum(-1, dtype=torch.float32)
-                dims = (0,)
-            torch.sum(mask, dim=dims, dtype=self.ring_fired.dtype, out=self.ring_fired[pos])
-            torch.sum(mag, dim=dims, dtype=torch.float32, out=self.ring_abs[pos])
-        else:  # 1-D activation: one value per unit
-            self.ring_fired[pos] = x > self.threshold
-            self.ring_abs[pos] = x.abs()
+        nonneg = self.nonnegative if nonnegative is None else nonnegative
+        mask = torch.gt(x, self.threshold, out=_scratch(x.shape, x.device))
+        mag = x if nonneg else x.abs()
+        if unit_dim == 1 and x.ndim >= 3 and x.is_contiguous():
+            # (N, C, *spatial): reducing the contiguous spatial run first is ~20% faster on CPU
+            n, c = x.shape[0], x.shape[1]
+            mask = mask.view(n, c, -1).sum(-1, dtype=self.ring_fired.dtype)
+            mag = mag.view(n, c, -1).sum(-1, dtype=torch.float32)
+            dims = (0,)
+        torch.sum(mask, dim=dims, dtype=self.ring_fired.dtype, out=self.ring_fired[pos])
+        torch.sum(mag, dim=dims, dtype=torch.float32, out=self.ring_abs[pos])
         self.ring_obs[pos] = per_unit
         self.pos = (pos + 1) % self.window
         self.count += 1

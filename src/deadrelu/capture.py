@@ -388,9 +388,10 @@ class ActivationCapture:
             # A flattened graph (torch.export): name the site after the module it came from.
             info.module, info.module_type, info.call = self._graph_sites[slot]  # type: ignore[misc]
             info.slot, info.leaf = 0, info.module_type in _ACTIVATION_CLASS_NAMES
-        unit_dim = self._resolve_unit_dim(info, out.ndim)
+        default_dim = _default_unit_dim(out.ndim, self._fwd.channels_first)
+        unit_dim = resolve_unit_dim(self.unit_dim_spec, info, out.ndim, default_dim)
         units = out.shape[unit_dim] if out.ndim else 1
-        thr = self._resolve_threshold(info)
+        thr = resolve_threshold(self.threshold_spec, info)
         site = _Site(
             info,
             unit_dim,
@@ -400,38 +401,6 @@ class ActivationCapture:
         )
         self.sites[key] = site
         return site
-
-    def _lookup(self, spec: Mapping[str, Any], info: SiteInfo) -> Any:
-        for k in (f"{info.module}:{info.function}", info.module, info.function):
-            if k in spec:
-                return spec[k]
-        return None
-
-    def _resolve_unit_dim(self, info: SiteInfo, ndim: int) -> int:
-        spec = self.unit_dim_spec
-        dim: int | None
-        if spec is None:
-            dim = None
-        elif isinstance(spec, int):
-            dim = spec
-        elif isinstance(spec, Mapping):
-            dim = self._lookup(spec, info)
-        else:
-            dim = spec(info)
-        if dim is None:
-            return _default_unit_dim(ndim, self._fwd.channels_first)
-        if ndim == 0 or not -ndim <= dim < ndim:
-            raise DeadReluError(
-                f"unit_dim {dim} is out of range for activation site {_describe(info)} with shape {info.shape}"
-            )
-        return dim % ndim
-
-    def _resolve_threshold(self, info: SiteInfo) -> float:
-        spec = self.threshold_spec
-        if isinstance(spec, (int, float)):
-            return float(spec)
-        thr = self._lookup(spec, info) if isinstance(spec, Mapping) else spec(info)
-        return 0.0 if thr is None else float(thr)
 
     # -- results ---------------------------------------------------------------------------
     def ordered_sites(self) -> list[tuple[str, _Site]]:
@@ -475,6 +444,46 @@ def _exported_activation_modules(model: nn.Module) -> list[tuple[str, str, int] 
         calls[str(path)] = call + 1
         out.append((str(path), cls_name, call))
     return out
+
+
+def _lookup(spec: Mapping[str, Any], info: SiteInfo) -> Any:
+    # Most specific key first: "path:fn", then the module path, then the function name.
+    for k in (f"{info.module}:{info.function}", info.module, info.function):
+        if k in spec:
+            return spec[k]
+    return None
+
+
+def resolve_unit_dim(spec: UnitDimSpec | None, info: SiteInfo, ndim: int, default: int) -> int:
+    """The unit dimension a ``unit_dim`` option gives for one site (``default`` where it gives none).
+
+    Raises:
+        DeadReluError: when the dimension does not exist in the site's output.
+    """
+    dim: int | None
+    if spec is None:
+        dim = None
+    elif isinstance(spec, int):
+        dim = spec
+    elif isinstance(spec, Mapping):
+        dim = _lookup(spec, info)
+    else:
+        dim = spec(info)
+    if dim is None:
+        return default
+    if ndim == 0 or not -ndim <= dim < ndim:
+        raise DeadReluError(
+            f"unit_dim {dim} is out of range for activation site {_describe(info)} with shape {info.shape}"
+        )
+    return dim % ndim
+
+
+def resolve_threshold(spec: ThresholdSpec, info: SiteInfo) -> float:
+    """The firing threshold a ``threshold`` option gives for one site (0.0 where it gives none)."""
+    if isinstance(spec, (int, float)):
+        return float(spec)
+    thr = _lookup(spec, info) if isinstance(spec, Mapping) else spec(info)
+    return 0.0 if thr is None else float(thr)
 
 
 def _describe(info: SiteInfo) -> str:

@@ -41,6 +41,15 @@ def _print_table(rows: Sequence[Sequence[str]], title: str = "") -> None:
         print(render_plain([list(r) for r in rows]))
 
 
+def _print_summary(result: dict[str, Any], out: Path) -> None:
+    """The summary lines, where the outputs went and the wall time, after a run's table."""
+    print()
+    for line in result["summary"]["lines"]:
+        print(f"- {line}")
+    _print_outputs(result["outputs"], out)
+    print(f"total wall time: {result['wall_seconds']:.1f} s")
+
+
 def _print_outputs(outputs: dict[str, str], out_dir: Path) -> None:
     print(f"\noutputs written to {out_dir.resolve()}/")
     for path in outputs.values():
@@ -129,11 +138,7 @@ def run_demo_verb(args: argparse.Namespace) -> int:
         f"{result['dataset']['name']}: {cfg['epochs']} epochs at LR {cfg['lr']:g}, then {cfg['epochs']} more per "
         "strategy from the same checkpoint (dead % of each hidden layer, exact over the training set)",
     )
-    print()
-    for line in result["summary"]["lines"]:
-        print(f"- {line}")
-    _print_outputs(result["outputs"], Path(args.out))
-    print(f"total wall time: {result['wall_seconds']:.1f} s")
+    _print_summary(result, Path(args.out))
     return 0
 
 
@@ -202,11 +207,7 @@ def run_experiment_verb(args: argparse.Namespace) -> int:
 
     result = experiment_command(args)
     _print_table(result_table(result), result.get("title", args.name))
-    print()
-    for line in result["summary"]["lines"]:
-        print(f"- {line}")
-    _print_outputs(result["outputs"], Path(args.out))
-    print(f"total wall time: {result['wall_seconds']:.1f} s")
+    _print_summary(result, Path(args.out))
     return 0
 
 

@@ -41,7 +41,9 @@ from ._window import NONNEGATIVE_FUNCTIONS, WindowStats, release_scratch
 from .capture import ActivationCapture, ThresholdSpec, UnitDimSpec
 from .errors import DeadReluError, NoActivationSitesError
 from .report import Report, SiteReport, Thresholds
+from .scan import site_report
 from .sinks import Sink, SinkError, SinkWarning, as_sink
+from .stats import UnitTotals
 
 __all__ = [
     "Monitor",
@@ -645,25 +647,8 @@ class Monitor:
                 k += 1
                 batches = max(batches, nb)
                 site_batches[name] = nb
-                info = site.info
-                sites.append(
-                    SiteReport(
-                        name=name,
-                        module=info.module,
-                        module_type=info.module_type,
-                        function=info.function,
-                        call=info.call,
-                        slot=info.slot,
-                        unit_dim=site.unit_dim,
-                        shape=info.shape,
-                        fire_threshold=site.stats.threshold,
-                        observations=obs,
-                        fired_counts=tuple(fired),
-                        mean_abs=tuple(a / obs if obs else 0.0 for a in abs_sum),
-                        nonfinite_counts=tuple(bad),
-                        thresholds=self.thresholds,
-                    )
-                )
+                totals = UnitTotals(obs, tuple(fired), tuple(a / obs if obs else 0.0 for a in abs_sum), tuple(bad))
+                sites.append(site_report(name, site, totals, self.thresholds))
             out[scope] = Report(
                 sites=tuple(sites),
                 thresholds=self.thresholds,

@@ -23,6 +23,7 @@ from torch import nn
 from .capture import ActivationCapture, ThresholdSpec, UnitDimSpec
 from .errors import DataError, DeadReluError, ForwardError, NoActivationSitesError
 from .report import Report, SiteReport, Thresholds
+from .stats import UnitTotals
 
 __all__ = ["scan", "Probe", "report_from_capture"]
 
@@ -116,6 +117,28 @@ def _shape_of(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> str:
     return ", ".join(parts)
 
 
+def site_report(name: str, site: Any, totals: UnitTotals, thresholds: Thresholds) -> SiteReport:
+    """One site's :class:`SiteReport` from its capture record (``info``, ``unit_dim``,
+    ``stats.threshold``) and its per-unit totals; shared by scans and the monitor."""
+    info = site.info
+    return SiteReport(
+        name=name,
+        module=info.module,
+        module_type=info.module_type,
+        function=info.function,
+        call=info.call,
+        slot=info.slot,
+        unit_dim=site.unit_dim,
+        shape=info.shape,
+        fire_threshold=site.stats.threshold,
+        observations=totals.observations,
+        fired_counts=totals.fired_counts,
+        mean_abs=totals.mean_abs,
+        nonfinite_counts=totals.nonfinite_counts,
+        thresholds=thresholds,
+    )
+
+
 def report_from_capture(
     capture: ActivationCapture,
     thresholds: Thresholds,
@@ -134,28 +157,7 @@ def report_from_capture(
             f"no activation sites found in {type(capture.model).__name__}: deadrelu looks for ReLU-family, "
             "GELU, SiLU, Mish, Hardswish and Softplus activations (modules or functional calls) in forward"
         )
-    sites = []
-    for name, site in capture.ordered_sites():
-        totals = site.stats.compute()
-        info = site.info
-        sites.append(
-            SiteReport(
-                name=name,
-                module=info.module,
-                module_type=info.module_type,
-                function=info.function,
-                call=info.call,
-                slot=info.slot,
-                unit_dim=site.unit_dim,
-                shape=info.shape,
-                fire_threshold=site.stats.threshold,
-                observations=totals.observations,
-                fired_counts=totals.fired_counts,
-                mean_abs=totals.mean_abs,
-                nonfinite_counts=totals.nonfinite_counts,
-                thresholds=thresholds,
-            )
-        )
+    sites = [site_report(name, site, site.stats.compute(), thresholds) for name, site in capture.ordered_sites()]
     return Report(
         sites=tuple(sites),
         thresholds=thresholds,

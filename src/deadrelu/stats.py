@@ -91,6 +91,30 @@ def unit_reduce_dims(ndim: int, unit_dim: int) -> tuple[int, ...]:
     return tuple(d for d in range(ndim) if d != unit_dim)
 
 
+def as_unit_batch(activation: torch.Tensor, unit_dim: int, units: int) -> tuple[torch.Tensor, int]:
+    """The activation detached, with an explicit batch dimension and a floating dtype.
+
+    Returns the tensor and its unit dimension (an unbatched 0-D or 1-D activation becomes one
+    sample of shape ``(1, units)``). Every accumulator goes through this, so they agree on what
+    a batch is.
+
+    Raises:
+        DeadReluError: when the unit dimension's size differs from ``units``.
+    """
+    x = activation.detach()  # detached: nothing downstream is recorded by autograd
+    if x.ndim < 2:
+        x = x.reshape(1, -1)
+        unit_dim = 1
+    if x.shape[unit_dim] != units:
+        raise DeadReluError(
+            f"activation has {x.shape[unit_dim]} units along dim {unit_dim} (shape {tuple(x.shape)}), "
+            f"expected {units}"
+        )
+    if not x.is_floating_point():
+        x = x.float()
+    return x, unit_dim
+
+
 @dataclass(frozen=True)
 class UnitTotals:
     """Host-side snapshot of a :class:`UnitStats` (plain Python numbers)."""
@@ -150,17 +174,7 @@ class UnitStats:
         Raises:
             DeadReluError: when the unit dimension's size differs from ``units``.
         """
-        x = activation.detach()  # detached: nothing below is recorded by autograd, no no_grad needed
-        if x.ndim < 2:  # one unbatched sample: make the batch dimension explicit
-            x = x.reshape(1, -1)
-            unit_dim = 1
-        if x.shape[unit_dim] != self.units:
-            raise DeadReluError(
-                f"activation has {x.shape[unit_dim]} units along dim {unit_dim} (shape {tuple(x.shape)}), "
-                f"expected {self.units}"
-            )
-        if not x.is_floating_point():
-            x = x.float()
+        x, unit_dim = as_unit_batch(activation, unit_dim, self.units)
         if x.device != self.device:
             self._move(x.device)
         per_unit = x.numel() // self.units if self.units else 0
