@@ -1,6 +1,6 @@
 """Scan throughput ÷ plain ``no_grad`` inference throughput, measured side by side in one process.
 
-    python benchmarks/bench_scan.py [--repeats 7] [--samples 4096]
+    python benchmarks/bench_scan.py [--repeats 7] [--samples 4096] [--threads N] [--steady-malloc]
 
 For each model, plain inference over the data and ``deadrelu.scan`` over the same data
 alternate ``--repeats`` times. Printed: throughput ratios (plain time ÷ scan time; 1.00 =
@@ -13,7 +13,9 @@ separates the cost of finding sites from the cost of the statistics.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import sys
 import time
 
 import torch
@@ -105,7 +107,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--samples", type=int, default=4096)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    parser.add_argument(
+        "--steady-malloc",
+        action="store_true",
+        help="re-run with glibc's mmap/trim thresholds raised, so freed activations are reused instead of "
+        "returned to the OS and page-faulted back each batch (that noise otherwise swamps a few percent)",
+    )
     args = parser.parse_args()
+    if args.steady_malloc and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(2**32), MALLOC_TRIM_THRESHOLD_=str(2**32))
+        os.execve(sys.executable, [sys.executable, *sys.argv], env)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -114,7 +125,10 @@ def main() -> None:
         ("MLP 5x1024 (F.relu)", FunctionalMLP(), torch.randn(args.samples, 784), 256),
         ("small CNN 32x32", small_cnn(), torch.randn(max(args.samples // 8, 64), 3, 32, 32), 128),
     ]
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.repeats} interleaved runs")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.repeats} interleaved runs, "
+        f"steady malloc {'MALLOC_MMAP_THRESHOLD_' in os.environ}"
+    )
     print(
         f"{'model':24s} {'plain cpu s':>11s} {'scan cpu s':>10s} {'ratio (cpu)':>11s} {'ratio (wall)':>12s} "
         f"{'capture-only (cpu)':>18s}"

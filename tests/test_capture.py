@@ -11,10 +11,10 @@ from fixtures.models import PLANTED_MODELS, WrappedActivations, data_for
 import deadrelu
 
 
-def brute_force(act: torch.Tensor, unit_dim: int) -> dict[str, object]:
+def brute_force(act: torch.Tensor, unit_dim: int, threshold: float = 0.0) -> dict[str, object]:
     """Reduce a materialised activation by hand: per-unit counts over all other dims."""
     a = act.detach().movedim(unit_dim, -1).reshape(-1, act.shape[unit_dim]).double()
-    fired = [(a[:, u] > 0).sum().item() for u in range(a.shape[1])]
+    fired = [(a[:, u] > threshold).sum().item() for u in range(a.shape[1])]
     return {
         "observations": a.shape[0],
         "fired": fired,
@@ -214,3 +214,38 @@ def test_channels_last_model_matches_eager_layout():
     plain = deadrelu.scan(model, x)
     cl = deadrelu.scan(model.to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last))
     assert [s.fired_counts for s in cl.sites] == [s.fired_counts for s in plain.sites]
+
+
+@pytest.mark.parametrize(
+    "shape,unit_dim",
+    [((40, 24, 36, 36), 1), ((3000, 400), 1), ((12, 300, 256), 2), ((3, 50, 9000), 1)],
+    ids=["conv", "rows", "tokens", "one-row-chunks"],
+)
+@pytest.mark.parametrize("nonnegative", [True, False])
+def test_large_activations_chunked_pass_matches_brute_force(shape, unit_dim, nonnegative, monkeypatch):
+    # Activations above a million values take the chunked CPU pass; shrink its chunk so a
+    # batch spans many chunks with a ragged last one, and compare with the plain reduction.
+    from deadrelu import stats
+    from deadrelu.stats import UnitStats
+
+    monkeypatch.setattr(stats, "_CHUNK_ELEMENTS", 40_000)
+    monkeypatch.setattr(stats, "_CHUNK_MIN_ELEMENTS", 80_000)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g) - 0.5
+    if nonnegative:
+        x = x.relu()
+    dead = [0, 3]
+    x.select(unit_dim, dead[0]).fill_(0.0 if nonnegative else -1.0)
+    x.select(unit_dim, dead[1]).fill_(0.0 if nonnegative else -2.0)
+    s = UnitStats(shape[unit_dim], threshold=0.0 if nonnegative else 0.25)
+    s.update(x, unit_dim, nonnegative=nonnegative)
+    s.update(x[:1], unit_dim, nonnegative=nonnegative)  # a small batch takes the plain pass
+    truth, small = brute_force(x, unit_dim, s.threshold), brute_force(x[:1], unit_dim, s.threshold)
+    got = s.compute()
+    assert list(got.fired_counts) == [a + b for a, b in zip(truth["fired"], small["fired"])]
+    assert got.fired_counts[dead[0]] == got.fired_counts[dead[1]] == 0
+    n_big, n_small = x.numel() // shape[unit_dim], x[:1].numel() // shape[unit_dim]
+    expected_mean = [
+        (a * n_big + b * n_small) / (n_big + n_small) for a, b in zip(truth["mean_abs"], small["mean_abs"])
+    ]
+    assert got.mean_abs == pytest.approx(expected_mean, rel=1e-5, abs=1e-9)

@@ -25,17 +25,17 @@ __all__ = ["UnitStats", "UnitTotals", "unit_reduce_dims"]
 _SCRATCH = threading.local()
 
 
-def _scratch(shape: torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def _scratch(shape: Sequence[int], dtype: torch.dtype, device: torch.device, slot: int = 0) -> torch.Tensor:
     """A reusable buffer of ``shape``: writing into memory already touched avoids the page
     faults that dominate the cost of a fresh large tensor on CPU. One buffer per
-    (dtype, device) per thread, grown as needed; :func:`release_scratch` frees them."""
+    (dtype, device, slot) per thread, grown as needed; :func:`release_scratch` frees them."""
     pool = getattr(_SCRATCH, "pool", None)
     if pool is None:
         pool = _SCRATCH.pool = {}
     numel = 1
     for s in shape:
         numel *= s
-    key = (dtype, device)
+    key = (dtype, device, slot)
     buf = pool.get(key)
     if buf is None or buf.numel() < numel:
         buf = pool[key] = torch.empty(numel, dtype=dtype, device=device)
@@ -78,6 +78,59 @@ def _per_unit_sum(t: torch.Tensor, unit_dim: int, dtype: torch.dtype | None = No
     if moved.is_contiguous():  # e.g. channels_last convolution outputs
         return _column_sum(moved.view(-1, units), dtype)
     return t.sum(dim=unit_reduce_dims(t.ndim, unit_dim), dtype=dtype)
+
+
+# Elements per chunk of the CPU chunked pass: 1 MiB of float32, so a chunk's mask is still in
+# cache when it is reduced and the activation is read from memory once instead of twice.
+_CHUNK_ELEMENTS = 1 << 18
+_CHUNK_MIN_ELEMENTS = 4 * _CHUNK_ELEMENTS
+
+
+def _chunked_sums(
+    x: torch.Tensor, unit_dim: int, threshold: float, nonnegative: bool, count_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Per-unit (count of ``x > threshold``, sum of ``|x|``) in one cache-friendly pass over a
+    large contiguous CPU activation, chunk by chunk along the leading dimensions; ``None``
+    where the plain whole-tensor pass is as good (small, strided or accelerator tensors).
+
+    Measured on a 2-core CPU: a (128, 32, 32, 32) ReLU output costs 3-4% of its convolution
+    this way instead of 6-7%."""
+    if x.device.type != "cpu" or not x.is_contiguous() or x.numel() < _CHUNK_MIN_ELEMENTS:
+        return None
+    units = x.shape[unit_dim]
+    before = 1
+    for size in x.shape[:unit_dim]:
+        before *= size
+    after = x.numel() // (before * units)
+    rows = max(1, _CHUNK_ELEMENTS // (units * after))
+    if rows * 2 > before:
+        return None
+    x3 = x.view(before, units, after)
+    mask = _scratch((rows, units, after), count_dtype, x.device, slot=1)
+    absx = None if nonnegative else _scratch((rows, units, after), torch.float32, x.device, slot=2)
+    if after == 1:  # (rows, units): add each chunk's column sums into the totals
+        fired = torch.zeros(units, dtype=count_dtype)
+        mag = torch.zeros(units, dtype=torch.float32)
+        ones_c, ones_f = _ones(rows, count_dtype, x.device), _ones(rows, torch.float32, x.device)
+        for start in range(0, before, rows):
+            chunk = x3[start : start + rows, :, 0]
+            n = chunk.shape[0]
+            m = torch.gt(chunk, threshold, out=mask[:n, :, 0])
+            mag_src = chunk if absx is None else torch.abs(chunk, out=absx[:n, :, 0])
+            fired.addmv_(m.t(), ones_c[:n])
+            mag.addmv_(mag_src.t(), ones_f[:n])
+        return fired, mag
+    # (before, units, after): per-row sums over the trailing run, then one sum over rows.
+    fired_rows = _scratch((before, units), count_dtype, x.device, slot=3)
+    mag_rows = _scratch((before, units), torch.float32, x.device, slot=4)
+    for start in range(0, before, rows):
+        chunk = x3[start : start + rows]
+        n = chunk.shape[0]
+        m = torch.gt(chunk, threshold, out=mask[:n])
+        mag_src = chunk if absx is None else torch.abs(chunk, out=absx[:n])
+        torch.sum(m, dim=2, out=fired_rows[start : start + n])
+        torch.sum(mag_src, dim=2, dtype=torch.float32, out=mag_rows[start : start + n])
+    return _column_sum(fired_rows, None), _column_sum(mag_rows, None)
 
 
 def release_scratch() -> None:
@@ -182,12 +235,16 @@ class UnitStats:
         # Counting in float32 is exact while each per-batch count stays below 2**24, and a
         # float reduction is several times faster on CPU than summing a bool mask.
         count_dtype = torch.float32 if per_unit < 2**24 else torch.float64
-        buf = _scratch(x.shape, count_dtype, x.device)
-        fired = _per_unit_sum(torch.gt(x, self.threshold, out=buf), unit_dim)
-        if nonnegative:
-            mag = _per_unit_sum(x, unit_dim, torch.float32)
+        sums = _chunked_sums(x, unit_dim, self.threshold, nonnegative, count_dtype)
+        if sums is not None:
+            fired, mag = sums
         else:
-            mag = _per_unit_sum(torch.abs(x, out=_scratch(x.shape, torch.float32, x.device)), unit_dim)
+            buf = _scratch(x.shape, count_dtype, x.device)
+            fired = _per_unit_sum(torch.gt(x, self.threshold, out=buf), unit_dim)
+            if nonnegative:
+                mag = _per_unit_sum(x, unit_dim, torch.float32)
+            else:
+                mag = _per_unit_sum(torch.abs(x, out=_scratch(x.shape, torch.float32, x.device)), unit_dim)
         self.fired += fired.to(torch.int64)
         self.abs_sum += mag
         # A unit's magnitude sum is finite exactly when all its values are. On CPU checking
