@@ -80,6 +80,26 @@ def _per_unit_sum(t: torch.Tensor, unit_dim: int, dtype: torch.dtype | None = No
     return t.sum(dim=unit_reduce_dims(t.ndim, unit_dim), dtype=dtype)
 
 
+def batch_unit_sums(
+    x: torch.Tensor, unit_dim: int, threshold: float, nonnegative: bool, count_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-unit count of ``x > threshold`` (in ``count_dtype``) and float32 sum of ``|x|`` for
+    one batch: the fastest exact pass for the tensor's size, layout and device.
+
+    Counting in a float dtype is exact while each count stays below 2**24 (float32) or
+    2**53 (float64), and a float reduction is several times faster on CPU than summing a
+    bool mask. ``nonnegative`` (ReLU, ReLU6, Softplus) skips the ``abs`` pass."""
+    sums = _chunked_sums(x, unit_dim, threshold, nonnegative, count_dtype)
+    if sums is not None:
+        return sums
+    fired = _per_unit_sum(torch.gt(x, threshold, out=_scratch(x.shape, count_dtype, x.device)), unit_dim)
+    if nonnegative:
+        mag = _per_unit_sum(x, unit_dim, torch.float32)
+    else:
+        mag = _per_unit_sum(torch.abs(x, out=_scratch(x.shape, torch.float32, x.device, slot=2)), unit_dim)
+    return fired, mag
+
+
 # Elements per chunk of the CPU chunked pass: 1 MiB of float32, so a chunk's mask is still in
 # cache when it is reduced and the activation is read from memory once instead of twice.
 _CHUNK_ELEMENTS = 1 << 18
@@ -232,19 +252,8 @@ class UnitStats:
             self._move(x.device)
         per_unit = x.numel() // self.units if self.units else 0
         self.observations += per_unit
-        # Counting in float32 is exact while each per-batch count stays below 2**24, and a
-        # float reduction is several times faster on CPU than summing a bool mask.
-        count_dtype = torch.float32 if per_unit < 2**24 else torch.float64
-        sums = _chunked_sums(x, unit_dim, self.threshold, nonnegative, count_dtype)
-        if sums is not None:
-            fired, mag = sums
-        else:
-            buf = _scratch(x.shape, count_dtype, x.device)
-            fired = _per_unit_sum(torch.gt(x, self.threshold, out=buf), unit_dim)
-            if nonnegative:
-                mag = _per_unit_sum(x, unit_dim, torch.float32)
-            else:
-                mag = _per_unit_sum(torch.abs(x, out=_scratch(x.shape, torch.float32, x.device)), unit_dim)
+        count_dtype = torch.float32 if per_unit < 2**24 else torch.float64  # exact counts, see batch_unit_sums
+        fired, mag = batch_unit_sums(x, unit_dim, self.threshold, nonnegative, count_dtype)
         self.fired += fired.to(torch.int64)
         self.abs_sum += mag
         # A unit's magnitude sum is finite exactly when all its values are. On CPU checking
