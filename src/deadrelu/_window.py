@@ -21,9 +21,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .stats import as_unit_batch, batch_unit_sums, release_scratch
+from .stats import as_unit_batch, batch_unit_sums
 
-__all__ = ["WindowStats", "WindowTotals", "NONNEGATIVE_FUNCTIONS", "release_scratch"]
+__all__ = ["WindowStats", "WindowTotals", "NONNEGATIVE_FUNCTIONS"]
 
 #: Activations whose outputs are never negative, so ``|h| == h`` and the abs pass is skipped.
 NONNEGATIVE_FUNCTIONS = frozenset({"relu", "relu6", "softplus"})

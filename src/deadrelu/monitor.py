@@ -37,7 +37,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence, Union
 import torch
 from torch import nn
 
-from ._window import NONNEGATIVE_FUNCTIONS, WindowStats, release_scratch
+from ._window import NONNEGATIVE_FUNCTIONS, WindowStats
 from .capture import ActivationCapture, ThresholdSpec, UnitDimSpec
 from .errors import DeadReluError, NoActivationSitesError
 from .report import Report, SiteReport, Thresholds
@@ -426,8 +426,7 @@ class Monitor:
         if self._gate_handle is not None:
             self._gate_handle.remove()
             self._gate_handle = None
-        self.capture.detach()
-        release_scratch()
+        self.capture.detach()  # ActivationCapture.detach frees the shared scratch buffers
         if self._opened:
             self._opened = False
             for i, sink in enumerate(self.sinks):
