@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import deadrelu
-from deadrelu.capture import ActivationCapture
+from deadrelu.core.capture import ActivationCapture
 
 
 def mlp_5x1024() -> nn.Module:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import deadrelu
-from deadrelu.monitor import DeadUnitWarning
+from deadrelu.monitor.monitor import DeadUnitWarning
 
 torch.manual_seed(0)
 x = torch.randn(2048, 20)

@@ -8,7 +8,7 @@ from torch import nn
 
 import deadrelu
 from deadrelu import Report, advise
-from deadrelu.advice import Advice
+from deadrelu.core.advice import Advice
 from deadrelu.errors import DeadReluError
 from fixtures import rescue_models as rm
 

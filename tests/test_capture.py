@@ -182,7 +182,7 @@ def test_relu6_module_is_captured_as_relu6():
 
 
 def test_large_counts_stay_exact():
-    from deadrelu.stats import UnitStats
+    from deadrelu.core.stats import UnitStats
 
     s = UnitStats(2)
     s.observations = 10**10
@@ -194,7 +194,7 @@ def test_large_counts_stay_exact():
 
 @pytest.mark.parametrize("unit_dim", [1, 2, 3, -1])
 def test_any_unit_axis_and_memory_layout_matches_brute_force(unit_dim):
-    from deadrelu.stats import UnitStats
+    from deadrelu.core.stats import UnitStats
 
     x = torch.randn(6, 5, 4, 3).relu()
     for layout in (x, x.to(memory_format=torch.channels_last), x.transpose(0, 2)):
@@ -225,8 +225,8 @@ def test_channels_last_model_matches_eager_layout():
 def test_large_activations_chunked_pass_matches_brute_force(shape, unit_dim, nonnegative, monkeypatch):
     # Activations above a million values take the chunked CPU pass; shrink its chunk so a
     # batch spans many chunks with a ragged last one, and compare with the plain reduction.
-    from deadrelu import stats
-    from deadrelu.stats import UnitStats
+    from deadrelu.core import stats
+    from deadrelu.core.stats import UnitStats
 
     monkeypatch.setattr(stats, "_CHUNK_ELEMENTS", 40_000)
     monkeypatch.setattr(stats, "_CHUNK_MIN_ELEMENTS", 80_000)

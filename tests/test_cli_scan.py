@@ -13,7 +13,7 @@ import pytest
 import torch
 from fixtures.models import MLP, data_for
 
-from deadrelu.idx import write_idx
+from deadrelu.lab.idx import write_idx
 
 
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:

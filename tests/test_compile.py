@@ -10,9 +10,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import deadrelu
-from deadrelu._module_capture import TensorWindowStats
-from deadrelu._window import WindowStats
-from deadrelu.monitor import CompiledModelWarning, DeadUnitWarning
+from deadrelu.monitor.compiled import TensorWindowStats
+from deadrelu.monitor.window import WindowStats
+from deadrelu.monitor.monitor import CompiledModelWarning, DeadUnitWarning
 
 STEPS = 8
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from deadrelu.datasets import MNIST_FILES, load_dataset
+from deadrelu.lab.datasets import MNIST_FILES, load_dataset
 from deadrelu.errors import DataError
-from deadrelu.idx import write_idx
+from deadrelu.lab.idx import write_idx
 
 
 def _write_mnist(root, n_train=30, n_test=12, gz=False):

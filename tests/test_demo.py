@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import deadrelu
-from deadrelu.cli import main
-from deadrelu.datasets import load_dataset
-from deadrelu.demo import CLASSIC_THRESHOLD, STRATEGIES, rescue_story, result_table, summarise
+from deadrelu.cli.main import main
+from deadrelu.lab.datasets import load_dataset
+from deadrelu.lab.demo import CLASSIC_THRESHOLD, STRATEGIES, rescue_story, result_table, summarise
 
 pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
@@ -81,7 +81,7 @@ def test_checkpoint_numbers_match_an_independent_scan():
     """Retrain the first phase by hand and scan it: the story's checkpoint numbers are exactly that scan's."""
     ds = load_dataset("digits", seed=0)
     story = rescue_story(ds, epochs=2, seed=0, strategies=("control",), progress=False)
-    from deadrelu._train import build_mlp, train_epoch
+    from deadrelu.lab.training import build_mlp, train_epoch
 
     net = build_mlp(ds.features, (128,) * 5, 10, seed=0)
     opt = torch.optim.SGD(net.parameters(), lr=0.5)
@@ -102,7 +102,7 @@ def test_demo_is_reproducible_for_a_fixed_seed(tmp_path):
     runs = []
     for i in range(2):
         out = tmp_path / f"run{i}"
-        deadrelu.demo.run_demo(epochs=1, seed=5, out=out, progress=False, plots=False, html=False)
+        deadrelu.lab.demo.run_demo(epochs=1, seed=5, out=out, progress=False, plots=False, html=False)
         runs.append(json.loads((out / "results.json").read_text()))
     assert _strip_times(runs[0]) == _strip_times(runs[1])
 
@@ -169,8 +169,8 @@ def test_summary_names_no_winner_when_nothing_beats_the_control():
 
 
 def test_demo_runs_on_mnist_idx_files(tmp_path, capsys):
-    from deadrelu.datasets import MNIST_FILES
-    from deadrelu.idx import write_idx
+    from deadrelu.lab.datasets import MNIST_FILES
+    from deadrelu.lab.idx import write_idx
 
     g = torch.Generator().manual_seed(0)
     images = [torch.randint(0, 256, (n, 28, 28), generator=g).to(torch.uint8) for n in (40, 20)]

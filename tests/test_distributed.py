@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import deadrelu
-from deadrelu.monitor import DeadUnitWarning
+from deadrelu.monitor.monitor import DeadUnitWarning
 
 WORLD = 2
 STEPS = 5

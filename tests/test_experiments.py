@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
-from deadrelu.cli import main
-from deadrelu.datasets import load_dataset
+from deadrelu.cli.main import main
+from deadrelu.lab.datasets import load_dataset
 from deadrelu.errors import DeadReluError
-from deadrelu.experiments import activations, init_depth, lr_sweep, result_table, run_experiment
+from deadrelu.lab.experiments import activations, init_depth, lr_sweep, result_table, run_experiment
 
 pytest.importorskip("sklearn")
 
@@ -36,7 +36,7 @@ def test_lr_sweep_counts_match_brute_force_and_divergence_is_reported():
     assert huge["diverged"] == 2 and huge["dead_fraction_mean"] == [None, None]
     assert any("diverged (NaN) in all 2 seeds" in line for line in result["summary"]["lines"])
     # Re-run one setting by hand: the reported dead units are exactly the brute-force count.
-    from deadrelu._train import build_mlp, torch_threads, train_epoch
+    from deadrelu.lab.training import build_mlp, torch_threads, train_epoch
 
     ds = load_dataset("regression", seed=0)
     run = next(r for r in result["runs"] if r["lr"] == 0.05 and r["seed"] == 1)
@@ -75,7 +75,7 @@ def test_init_born_dead_matches_brute_force_and_is_scale_invariant():
     result = init_depth(inits=("default", "he", "lecun"), depths=(1, 4), width=32, epochs=1, progress=False)
     assert len(result["rows"]) == 6
     ds = load_dataset("digits")
-    from deadrelu._train import build_mlp
+    from deadrelu.lab.training import build_mlp
 
     for row in result["rows"]:
         model = build_mlp(64, (32,) * row["depth"], 10, init=row["init"], seed=0)

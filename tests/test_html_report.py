@@ -12,12 +12,12 @@ import pytest
 pytest.importorskip("matplotlib")
 pytest.importorskip("sklearn")
 
-from deadrelu.cli import main  # noqa: E402
-from deadrelu.datasets import load_dataset  # noqa: E402
-from deadrelu.demo import rescue_story, write_results  # noqa: E402
+from deadrelu.cli.main import main  # noqa: E402
+from deadrelu.lab.datasets import load_dataset  # noqa: E402
+from deadrelu.lab.demo import rescue_story, write_results  # noqa: E402
 from deadrelu.errors import DeadReluError  # noqa: E402
-from deadrelu.experiments import lr_sweep  # noqa: E402
-from deadrelu.html_report import load_results, render_html  # noqa: E402
+from deadrelu.lab.experiments import lr_sweep  # noqa: E402
+from deadrelu.lab.html_report import load_results, render_html  # noqa: E402
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 _FLAGS = [

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from deadrelu.monitor import DeadUnitWarning
+from deadrelu.monitor.monitor import DeadUnitWarning
 
 
 def hooks_of(model: nn.Module) -> int:

@@ -10,12 +10,12 @@ import torch
 from torch import nn
 
 import deadrelu
-from deadrelu.monitor import DeadUnitWarning
+from deadrelu.monitor.monitor import DeadUnitWarning
 
 rich = pytest.importorskip("rich")
 from rich.console import Console  # noqa: E402
 
-from deadrelu.live import LiveView, fold_states, summary_line  # noqa: E402
+from deadrelu.monitor.live import LiveView, fold_states, summary_line  # noqa: E402
 
 
 class FakeClock:

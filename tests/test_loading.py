@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from deadrelu.errors import DataError, DeadReluError
-from deadrelu.idx import read_idx, write_idx
-from deadrelu.loading import load_data, load_model
+from deadrelu.lab.idx import read_idx, write_idx
+from deadrelu.cli.loading import load_data, load_model
 
 
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int16, torch.int32, torch.float32, torch.float64])

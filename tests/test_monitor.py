@@ -12,9 +12,9 @@ from hypothesis import strategies as st
 from torch import nn
 
 import deadrelu
-from deadrelu._window import WindowStats
+from deadrelu.monitor.window import WindowStats
 from deadrelu.errors import DeadReluError, NoActivationSitesError
-from deadrelu.monitor import DeadUnitWarning, Event, History, HistoryRow
+from deadrelu.monitor.monitor import DeadUnitWarning, Event, History, HistoryRow
 
 
 def identity_net(units: int = 3) -> nn.Sequential:
@@ -159,7 +159,7 @@ def test_warnings_once_per_layer_and_threshold_with_advice():
     messages = [str(w.message) for w in caught if issubclass(w.category, DeadUnitWarning)]
     assert len(messages) == 2  # 20% and 50%, each once despite five evaluations
     assert "'1'" in messages[0] and "75.0%" in messages[0] and "initialisation" in messages[0]
-    assert [a.threshold for a in mon.alerts] == [0.2, 0.5] and mon.alerts[0].cause == "born_dead"
+    assert [a.level for a in mon.alerts] == [0.2, 0.5] and mon.alerts[0].cause == "born_dead"
 
 
 def test_warning_for_units_that_die_during_training_advises_learning_rate():

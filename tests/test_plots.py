@@ -9,10 +9,10 @@ import pytest
 pytest.importorskip("matplotlib")
 pytest.importorskip("sklearn")
 
-from deadrelu import plots  # noqa: E402
-from deadrelu.datasets import load_dataset  # noqa: E402
-from deadrelu.demo import rescue_story  # noqa: E402
-from deadrelu.experiments import lr_sweep  # noqa: E402
+from deadrelu.lab import plots  # noqa: E402
+from deadrelu.lab.datasets import load_dataset  # noqa: E402
+from deadrelu.lab.demo import rescue_story  # noqa: E402
+from deadrelu.lab.experiments import lr_sweep  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -270,7 +270,7 @@ def test_failure_midway_rolls_back(monkeypatch):
     opt = trained(torch.optim.SGD, net, x, lr=0.01, momentum=0.9)
     report = deadrelu.scan(net, x)
     model_before, opt_before = copy.deepcopy(net.state_dict()), copy.deepcopy(opt.state_dict())
-    from deadrelu import _graph
+    from deadrelu.surgery import dataflow as _graph
 
     def boom(link, units):
         raise RuntimeError("simulated failure while zeroing columns")
@@ -494,7 +494,7 @@ def test_random_mlps_reinit_keeps_outputs(widths, fraction, seed):
 def test_swap_failure_midway_rolls_back(monkeypatch):
     net = rm.Nested()
     before_types = [type(m) for m in net.modules()]
-    from deadrelu import _swap
+    from deadrelu.surgery import swap as _swap
 
     def boom(*args, **kwargs):
         raise RuntimeError("simulated failure in the fx rewrite")

@@ -134,7 +134,7 @@ def test_any_batch_split_gives_identical_statistics(sizes):
 
 
 def test_accumulators_merge_exactly():
-    from deadrelu.stats import UnitStats
+    from deadrelu.core.stats import UnitStats
 
     x = torch.randn(50, 6).relu()
     whole, a, b = UnitStats(6), UnitStats(6), UnitStats(6)

@@ -15,9 +15,9 @@ import torch
 from torch import nn
 
 import deadrelu
-from deadrelu import sinks as sinks_mod
+from deadrelu.monitor import sinks as sinks_mod
 from deadrelu.errors import DeadReluError
-from deadrelu.sinks import CSVSink, JSONLSink, SinkError, SinkWarning, TensorBoardSink, WandbSink
+from deadrelu.monitor.sinks import CSVSink, JSONLSink, SinkError, SinkWarning, TensorBoardSink, WandbSink
 
 
 def half_dead_net() -> nn.Sequential:

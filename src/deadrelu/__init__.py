@@ -9,7 +9,7 @@
 
 from __future__ import annotations
 
-from .capture import ACTIVATION_FUNCTIONS, ACTIVATION_MODULES, ActivationCapture
+from .core.capture import ACTIVATION_FUNCTIONS, ACTIVATION_MODULES, ActivationCapture
 from .errors import (
     DataError,
     DeadReluError,
@@ -17,21 +17,21 @@ from .errors import (
     NoActivationSitesError,
     RefusedError,
 )
-from .report import Report, ReportDiff, SiteDiff, SiteReport, Thresholds
-from .scan import Probe, scan
-from .stats import UnitStats
+from .core.report import Levels, Report, ReportDiff, SiteDiff, SiteReport, Thresholds
+from .core.scan import Probe, scan
+from .core.stats import UnitStats
 
 __version__ = "0.1.0"
 
 # Heavier concepts load on first use so `import deadrelu` stays cheap and torch-only.
 _LAZY = {
-    "Monitor": "monitor",
-    "swap_activations": "rescue",
-    "reinit_dead": "rescue",
-    "nudge_bias": "rescue",
-    "prune_dead": "prune",
-    "PruneResult": "prune",
-    "advise": "advice",
+    "Monitor": "monitor.monitor",
+    "swap_activations": "surgery.swap",
+    "reinit_dead": "surgery.reinit",
+    "nudge_bias": "surgery.reinit",
+    "prune_dead": "surgery.prune",
+    "PruneResult": "surgery.prune",
+    "advise": "core.advice",
 }
 
 
@@ -53,6 +53,7 @@ __all__ = [
     "SiteReport",
     "ReportDiff",
     "SiteDiff",
+    "Levels",
     "Thresholds",
     "UnitStats",
     "ActivationCapture",

@@ -22,8 +22,8 @@ from __future__ import annotations
 from typing import Any
 
 from .._imports import available, require
-from ..monitor import LogRecord, Monitor
-from ..sinks import Sink, record_metrics
+from ..monitor.monitor import LogRecord, Monitor
+from ..monitor.sinks import Sink, record_metrics
 
 if available("lightning"):
     _pl = require("lightning.pytorch", "lightning")

@@ -24,8 +24,8 @@ from __future__ import annotations
 from typing import Any
 
 from .._imports import require
-from ..monitor import LogRecord, Monitor
-from ..sinks import Sink, record_metrics
+from ..monitor.monitor import LogRecord, Monitor
+from ..monitor.sinks import Sink, record_metrics
 
 _tf = require("transformers", "transformers")
 

@@ -1,0 +1,241 @@
+"""CLI verbs for the evidence: ``deadrelu demo``, ``deadrelu experiment NAME``, ``deadrelu report DIR``.
+
+Each verb has a ``*_command(args)`` that does the work and returns data (testable), and a
+runner that prints the table, the summary and where every output went.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from .._imports import available
+from ..errors import DeadReluError
+
+__all__ = ["demo_command", "experiment_command", "report_command"]
+
+_EXPERIMENTS = ("lr-sweep", "activations", "init", "rescue")
+
+
+def _print_table(rows: Sequence[Sequence[str]], title: str = "") -> None:
+    """Rich table on a terminal, plain fixed-width text otherwise (pipes, CI logs)."""
+    if available("rich") and sys.stdout.isatty():
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=title or None, title_justify="left")
+        for i, name in enumerate(rows[0]):
+            table.add_column(name, justify="left" if i == 0 else "right")
+        for row in rows[1:]:
+            table.add_row(*row)
+        Console().print(table)
+    else:
+        from ..core.tables import render_plain
+
+        if title:
+            print(title)
+        print(render_plain([list(r) for r in rows]))
+
+
+def _print_summary(result: dict[str, Any], out: Path) -> None:
+    """The summary lines, where the outputs went and the wall time, after a run's table."""
+    print()
+    for line in result["summary"]["lines"]:
+        print(f"- {line}")
+    _print_outputs(result["outputs"], out)
+    print(f"total wall time: {result['wall_seconds']:.1f} s")
+
+
+def _print_outputs(outputs: dict[str, str], out_dir: Path) -> None:
+    print(f"\noutputs written to {out_dir.resolve()}/")
+    for path in outputs.values():
+        print(f"  {Path(path).name}")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
+# -- demo ------------------------------------------------------------------------------------
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="watch ReLU units die at a large learning rate, then compare rescues (under 10 seconds on a laptop CPU)",
+        description=(
+            "Train a 5x128 ReLU MLP (He init) with SGD at a large learning rate on real data, record the exact "
+            "dead fraction of every layer after every epoch, then continue from the same checkpoint with no "
+            "rescue, a lower LR, LeakyReLU, re-initialised dead units and GELU. Writes results.json, plots "
+            "and report.html to --out. Nothing is downloaded."
+        ),
+    )
+    p.add_argument("--dataset", default="digits", choices=("digits", "mnist", "mnist1d"),
+                   help="digits (default; ships with scikit-learn), mnist (local IDX files), mnist1d")
+    p.add_argument("--data-dir", metavar="DIR", help="where mnist's IDX files / mnist1d's mnist1d.npz are")
+    p.add_argument("--epochs", type=_positive_int, default=20, help="epochs before and after the checkpoint (20)")
+    p.add_argument("--lr", type=_positive_float, default=0.5, help="SGD learning rate (0.5)")
+    p.add_argument("--seed", type=int, default=0, help="seed of split, weights and batch order (0)")
+    p.add_argument("--batch-size", type=_positive_int, default=64, help="SGD mini-batch size (64)")
+    p.add_argument("--out", default="deadrelu-demo", metavar="DIR", help="output directory (deadrelu-demo)")
+    p.add_argument("--live", action=argparse.BooleanOptionalAction, default=None,
+                   help="show the monitor's live view while training (default: on a terminal, when rich is installed)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def demo_command(args: argparse.Namespace) -> dict[str, Any]:
+    """Run the demo with the parsed options; returns its result dict (with ``outputs``)."""
+    from ..lab.demo import run_demo
+
+    live_ready = available("rich") and available("deadrelu.monitor.live")
+    live = args.live
+    if live is None:
+        live = live_ready and sys.stderr.isatty()
+    elif live and not live_ready:
+        raise DeadReluError(
+            "--live needs rich and the monitor's live view (deadrelu.monitor.live); install \"deadrelu[cli]\" or drop --live"
+        )
+    return run_demo(
+        dataset=args.dataset,
+        epochs=args.epochs,
+        lr=args.lr,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        out=args.out,
+        data_dir=args.data_dir,
+        live=live,
+        progress=not args.no_progress,
+    )
+
+
+def run_demo_verb(args: argparse.Namespace) -> int:
+    """Print the rescue table, the summary, the outputs and the wall time."""
+    from ..lab.demo import result_table
+
+    result = demo_command(args)
+    cfg = result["config"]
+    _print_table(
+        result_table(result),
+        f"{result['dataset']['name']}: {cfg['epochs']} epochs at LR {cfg['lr']:g}, then {cfg['epochs']} more per "
+        "strategy from the same checkpoint (dead % of each hidden layer, exact over the training set)",
+    )
+    _print_summary(result, Path(args.out))
+    return 0
+
+
+# -- experiment --------------------------------------------------------------------------------
+def _add_experiment(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "experiment",
+        help="run one seeded experiment: lr-sweep, activations, init or rescue",
+        description=(
+            "lr-sweep: dead units vs learning rate on a small regression MLP; activations: ReLU vs LeakyReLU, "
+            "PReLU, ELU, SELU, GELU, SiLU; init: PyTorch default vs He vs He+bias vs LeCun across depths; "
+            "rescue: the demo's comparison on any data set. Results go to OUT/NAME.json, plots and "
+            "OUT/report.html (which includes every result already in OUT)."
+        ),
+    )
+    p.add_argument("name", choices=_EXPERIMENTS, metavar="NAME", help=", ".join(_EXPERIMENTS))
+    p.add_argument("--out", default="deadrelu-results", metavar="DIR", help="output directory (deadrelu-results)")
+    p.add_argument("--dataset", default=None, help="data set (activations, init, rescue; default digits)")
+    p.add_argument("--data-dir", metavar="DIR", help="where local data files are (mnist, mnist1d)")
+    p.add_argument("--epochs", type=_positive_int, default=None, help="training epochs (experiment's default)")
+    p.add_argument("--lr", type=_positive_float, default=None, help="learning rate (experiment's default)")
+    p.add_argument("--seeds", type=_positive_int, default=None, help="number of seeds, 0..N-1 (lr-sweep)")
+    p.add_argument("--seed", type=int, default=None, help="seed (activations, init, rescue; default 0)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def experiment_command(args: argparse.Namespace) -> dict[str, Any]:
+    """Run one experiment, write its JSON and plots and re-render the report; returns the result."""
+    from ..lab.demo import write_results
+    from ..lab.experiments import run_experiment
+    from ..lab.html_report import write_report
+    from ..lab.plots import plots_for
+
+    t0 = time.perf_counter()
+    options: dict[str, Any] = {"progress": not args.no_progress}
+    for key in ("dataset", "data_dir", "epochs", "lr"):
+        value = getattr(args, key)
+        if value is not None:
+            options[key] = value
+    if args.name == "lr-sweep":
+        if args.dataset is not None:
+            raise DeadReluError("lr-sweep runs on its own synthetic regression task; drop --dataset")
+        if args.seed is not None:
+            raise DeadReluError("lr-sweep runs seeds 0..N-1: use --seeds N instead of --seed")
+        if args.seeds is not None:
+            options["seeds"] = tuple(range(args.seeds))
+    else:
+        if args.seeds is not None:
+            raise DeadReluError(f"--seeds applies to lr-sweep only; {args.name} takes --seed")
+        options["seed"] = args.seed if args.seed is not None else 0
+    result = run_experiment(args.name, **options)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    outputs = {k: str(v) for k, v in plots_for(result, out).items()}
+    result["wall_seconds"] = time.perf_counter() - t0
+    outputs["results"] = str(write_results(result, out / f"{args.name}.json"))
+    outputs["report"] = str(write_report(out))
+    result["outputs"] = outputs
+    return result
+
+
+def run_experiment_verb(args: argparse.Namespace) -> int:
+    """Print the experiment's table, summary and outputs."""
+    from ..lab.experiments import result_table
+
+    result = experiment_command(args)
+    _print_table(result_table(result), result.get("title", args.name))
+    _print_summary(result, Path(args.out))
+    return 0
+
+
+# -- report ------------------------------------------------------------------------------------
+def _add_report(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "report",
+        help="render saved demo/experiment results as one self-contained HTML file",
+        description="Render every deadrelu result JSON in RESULTS_DIR into one HTML file (images embedded).",
+    )
+    p.add_argument("results_dir", metavar="RESULTS_DIR")
+    p.add_argument("--out", metavar="FILE", help="HTML file to write (default RESULTS_DIR/report.html)")
+
+
+def report_command(args: argparse.Namespace) -> Path:
+    """Render the report; returns the path written."""
+    from ..lab.html_report import write_report
+
+    return write_report(args.results_dir, args.out)
+
+
+def run_report_verb(args: argparse.Namespace) -> int:
+    """Print where the report went."""
+    path = report_command(args)
+    print(f"report written to {path.resolve()}")
+    return 0
+
+
+# verb -> (function that adds its subparser, function that runs it and returns an exit code)
+VERBS = {
+    "demo": (_add_demo, run_demo_verb),
+    "experiment": (_add_experiment, run_experiment_verb),
+    "report": (_add_report, run_report_verb),
+}

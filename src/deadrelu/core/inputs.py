@@ -1,0 +1,204 @@
+"""How data reaches a model: batches, call arguments, devices, and the mode a pass runs in.
+
+Shared by scan, Probe, rescue and prune so every pass over data splits batches, moves them and
+restores the model's flags the same way.
+
+How a batch becomes model input (unless you pass ``input_fn``):
+
+* a tensor is the input: ``model(batch)``;
+* a tuple or list is ``(inputs, targets, ...)``: ``model(batch[0])``;
+* a mapping is keyword arguments minus label keys (``labels``, ``label``, ``target``,
+  ``targets``, ``y``): ``model(**inputs)`` — Hugging Face style batches work as is.
+
+``input_fn(batch)`` may return a tensor (one positional argument), a tuple (positional
+arguments) or a dict (keyword arguments).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from typing import Any, Callable, Iterable, Iterator, Mapping
+
+import torch
+from torch import nn
+
+from ..errors import DataError, DeadReluError
+
+__all__ = [
+    "LABEL_KEYS",
+    "model_device",
+    "to_device",
+    "call_arguments",
+    "first_tensor",
+    "iter_batches",
+    "describe_shapes",
+    "preserved_mode",
+    "kept_training_flags",
+    "ProgressBar",
+]
+
+LABEL_KEYS = frozenset({"labels", "label", "target", "targets", "y"})
+
+
+def model_device(model: nn.Module) -> torch.device | None:
+    """The device of the model's first parameter (or buffer); None for a model with neither."""
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return None
+
+
+def to_device(obj: Any, device: torch.device | None) -> Any:
+    """Move every tensor in a (nested) tuple/list/dict batch to ``device``; None leaves it."""
+    if device is None:
+        return obj
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device, non_blocking=True)
+    if isinstance(obj, tuple):
+        return tuple(to_device(o, device) for o in obj)
+    if isinstance(obj, list):
+        return [to_device(o, device) for o in obj]
+    if isinstance(obj, Mapping):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    return obj
+
+
+def call_arguments(batch: Any, input_fn: Callable[[Any], Any] | None) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Split a batch into ``(args, kwargs)`` for ``model(*args, **kwargs)``."""
+    if input_fn is not None:
+        batch = input_fn(batch)
+        if isinstance(batch, tuple):
+            return batch, {}
+        if isinstance(batch, Mapping):
+            return (), dict(batch)
+        return (batch,), {}
+    if isinstance(batch, torch.Tensor):
+        return (batch,), {}
+    if isinstance(batch, (tuple, list)):
+        if not batch:
+            raise DataError("a batch is an empty tuple/list: nothing to feed the model")
+        if not isinstance(batch[0], torch.Tensor):
+            raise DataError(
+                f"the first element of a tuple batch is a {type(batch[0]).__name__}, not a tensor; "
+                "pass input_fn=lambda batch: ... to say what the model takes"
+            )
+        return (batch[0],), {}
+    if isinstance(batch, Mapping):
+        kwargs = {k: v for k, v in batch.items() if k not in LABEL_KEYS}
+        if not kwargs:
+            raise DataError(f"a dict batch holds only label keys {sorted(batch)}; nothing to feed the model")
+        return (), kwargs
+    raise DataError(
+        f"cannot take model input from a batch of type {type(batch).__name__}; expected a tensor, a tuple "
+        "(inputs, targets), or a dict — or pass input_fn=lambda batch: ..."
+    )
+
+
+def first_tensor(obj: Any) -> torch.Tensor | None:
+    """The first tensor in a (nested) batch, depth first; None when there is none."""
+    if isinstance(obj, torch.Tensor):
+        return obj
+    if isinstance(obj, (tuple, list)):
+        for o in obj:
+            t = first_tensor(o)
+            if t is not None:
+                return t
+    if isinstance(obj, Mapping):
+        for o in obj.values():
+            t = first_tensor(o)
+            if t is not None:
+                return t
+    return None
+
+
+def iter_batches(data: Any, batch_size: int) -> Iterable[Any]:
+    """A tensor split into ``batch_size`` rows, or the iterable of batches as given."""
+    if isinstance(data, torch.Tensor):
+        if data.ndim == 0 or data.shape[0] == 0:
+            raise DataError(f"the data tensor has shape {tuple(data.shape)}: no samples to scan")
+        return data.split(batch_size)
+    if isinstance(data, (str, bytes)) or not isinstance(data, Iterable):
+        raise DataError(
+            f"data must be a tensor, a DataLoader or an iterable of batches, not {type(data).__name__}"
+        )
+    return data
+
+
+def describe_shapes(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> str:
+    """Shapes of call arguments for error messages: ``(8, 4), mask=(8,)``."""
+    parts = [str(tuple(a.shape)) if isinstance(a, torch.Tensor) else type(a).__name__ for a in args]
+    parts += [f"{k}={tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__}" for k, v in kwargs.items()]
+    return ", ".join(parts)
+
+
+@contextlib.contextmanager
+def kept_training_flags(*models: nn.Module) -> Iterator[None]:
+    """Restore every module's ``training`` flag on exit, whatever the body switched.
+
+    >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2)).train()
+    >>> with kept_training_flags(net):
+    ...     _ = net.eval()
+    >>> net.training
+    True
+    """
+    flags = {m: m.training for model in models for m in model.modules()}
+    try:
+        yield
+    finally:
+        for m, flag in flags.items():
+            m.training = flag
+
+
+@contextlib.contextmanager
+def preserved_mode(model: nn.Module, train: bool) -> Iterator[None]:
+    """Set eval/train mode and no_grad; restore every module's flag, buffers and RNG afterwards."""
+    # Train mode updates BatchNorm running statistics and draws dropout masks; a scan must
+    # leave the model bit-identical and the RNG where it was.
+    saved_buffers = [(b, b.detach().clone()) for b in model.buffers()] if train else []
+    rng = contextlib.nullcontext() if not train else torch.random.fork_rng(devices=[])
+    try:
+        with kept_training_flags(model), rng, torch.no_grad():
+            try:
+                model.train(train)
+            except NotImplementedError as err:  # torch.export programs have a fixed mode
+                if train:
+                    raise DeadReluError(f"{type(model).__name__} cannot switch to train mode: {err}") from err
+            yield
+    finally:
+        with torch.no_grad():
+            for b, saved in saved_buffers:
+                b.copy_(saved)
+
+
+class ProgressBar:
+    """A progress bar on stderr: tqdm when installed, a simple counter otherwise, nothing when off."""
+
+    def __init__(self, enabled: bool, total: int | None, desc: str) -> None:
+        self.bar = None
+        self.count = 0
+        self.total = total
+        self.desc = desc
+        self.enabled = enabled
+        if enabled:
+            try:
+                from tqdm.auto import tqdm
+
+                self.bar = tqdm(total=total, desc=desc, unit="batch", file=sys.stderr, leave=False, disable=None)
+            except ImportError:
+                self.bar = None
+
+    def update(self) -> None:
+        self.count += 1
+        if self.bar is not None:
+            self.bar.update(1)
+        elif self.enabled and sys.stderr.isatty():
+            of = f"/{self.total}" if self.total else ""
+            print(f"\r{self.desc}: {self.count}{of} batches", end="", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        elif self.enabled and sys.stderr.isatty():
+            print(file=sys.stderr)

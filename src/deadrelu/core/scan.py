@@ -1,0 +1,258 @@
+"""``scan(model, data)`` and ``Probe(model)``: run data through a model and report every unit.
+
+How a batch becomes model input (unless you pass ``input_fn``):
+
+* a tensor is the input: ``model(batch)``;
+* a tuple or list is ``(inputs, targets, ...)``: ``model(batch[0])``;
+* a mapping is keyword arguments minus label keys (``labels``, ``label``, ``target``,
+  ``targets``, ``y``): ``model(**inputs)`` — Hugging Face style batches work as is.
+
+``input_fn(batch)`` may return a tensor (one positional argument), a tuple (positional
+arguments) or a dict (keyword arguments).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from typing import Any, Callable, Iterable, Iterator, Mapping
+
+import torch
+from torch import nn
+
+from .inputs import (
+    ProgressBar,
+    call_arguments,
+    describe_shapes,
+    first_tensor,
+    iter_batches,
+    model_device,
+    preserved_mode,
+    to_device,
+)
+from .capture import ActivationCapture, ThresholdSpec, UnitDimSpec
+from ..errors import DataError, DeadReluError, ForwardError, NoActivationSitesError
+from .report import Report, SiteReport, Levels
+from .stats import UnitTotals
+
+__all__ = ["scan", "Probe", "report_from_capture"]
+
+def site_report(name: str, site: Any, totals: UnitTotals, levels: Levels) -> SiteReport:
+    """One site's :class:`SiteReport` from its capture record (``info``, ``unit_dim``,
+    ``stats.threshold``) and its per-unit totals; shared by scans and the monitor."""
+    info = site.info
+    return SiteReport(
+        name=name,
+        module=info.module,
+        module_type=info.module_type,
+        function=info.function,
+        call=info.call,
+        slot=info.slot,
+        unit_dim=site.unit_dim,
+        shape=info.shape,
+        fire_threshold=site.stats.threshold,
+        observations=totals.observations,
+        fired_counts=totals.fired_counts,
+        mean_abs=totals.mean_abs,
+        nonfinite_counts=totals.nonfinite_counts,
+        levels=levels,
+    )
+
+
+def report_from_capture(
+    capture: ActivationCapture,
+    levels: Levels,
+    *,
+    batches: int,
+    samples: int,
+    mode: str,
+) -> Report:
+    """Turn a capture's accumulators into a frozen :class:`Report` (one host sync per site).
+
+    Raises:
+        NoActivationSitesError: when no activation was seen.
+    """
+    if not capture.sites:
+        raise NoActivationSitesError(
+            f"no activation sites found in {type(capture.model).__name__}: deadrelu looks for ReLU-family, "
+            "GELU, SiLU, Mish, Hardswish and Softplus activations (modules or functional calls) in forward"
+        )
+    sites = [site_report(name, site, site.stats.compute(), levels) for name, site in capture.ordered_sites()]
+    return Report(
+        sites=tuple(sites),
+        levels=levels,
+        batches=batches,
+        samples=samples,
+        mode=mode,
+        model=type(capture.model).__name__,
+    )
+
+
+class Probe:
+    """Collect per-unit statistics from forward passes you run yourself.
+
+    The probe does not change the model's mode or grad mode: it only observes. Hooks
+    are removed on exit, also when the block raises.
+
+    Args:
+        model: the model to observe.
+        unit_dim: unit-axis override (see :mod:`deadrelu.core.capture`).
+        threshold: firing threshold (float, mapping or callable).
+        asleep_rate: firing rate at or below which a unit is asleep.
+        dormant_tau: dormancy score at or below which a unit is τ-dormant.
+
+    Example:
+        >>> import torch, deadrelu
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU())
+        >>> with deadrelu.Probe(net) as probe:
+        ...     _ = net(torch.randn(32, 4))
+        >>> probe.report().units
+        8
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        unit_dim: UnitDimSpec = None,
+        threshold: ThresholdSpec = 0.0,
+        asleep_rate: float = 0.05,
+        dormant_tau: float = 0.025,
+    ) -> None:
+        self.levels = Levels(asleep_rate=asleep_rate, dormant_tau=dormant_tau)
+        self.capture = ActivationCapture(model, unit_dim=unit_dim, threshold=threshold)
+        self.model = model
+
+    def __enter__(self) -> "Probe":
+        self.capture.attach()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.capture.detach()
+
+    def reset(self) -> None:
+        """Forget everything observed so far."""
+        self.capture.reset()
+
+    def report(self) -> Report:
+        """The statistics so far as a :class:`Report`.
+
+        Raises:
+            NoActivationSitesError: when no forward pass with activations has been observed.
+        """
+        return report_from_capture(
+            self.capture,
+            self.levels,
+            batches=self.capture.forwards,
+            samples=0,
+            mode="train" if self.model.training else "eval",
+        )
+
+
+def scan(
+    model: nn.Module,
+    data: Any,
+    *,
+    input_fn: Callable[[Any], Any] | None = None,
+    batch_size: int = 256,
+    train: bool = False,
+    unit_dim: UnitDimSpec = None,
+    threshold: ThresholdSpec = 0.0,
+    asleep_rate: float = 0.05,
+    dormant_tau: float = 0.025,
+    device: torch.device | str | None = None,
+    max_batches: int | None = None,
+    progress: bool = False,
+) -> Report:
+    """Run ``data`` through ``model`` and return exact per-unit statistics of every activation site.
+
+    The scan runs in eval mode under ``torch.no_grad()`` (``train=True`` for train mode)
+    and leaves the model bit-identical: parameters, buffers, every module's ``training``
+    flag, grad mode and — in train mode — the RNG state are restored, also on error.
+
+    Args:
+        model: any ``nn.Module`` (TorchScript modules too).
+        data: a tensor (split into ``batch_size`` rows), a DataLoader, or any iterable of
+            tensors / tuples / dicts (see the module docstring for how input is taken).
+        input_fn: ``batch -> model input`` (tensor, tuple of args, or dict of kwargs).
+        batch_size: rows per batch when ``data`` is a tensor.
+        train: run in train mode (BatchNorm batch statistics, dropout) instead of eval.
+        unit_dim: unit-axis override: int, ``{module path or site name: dim}`` or callable.
+        threshold: an output fires when ``> threshold``; float, mapping (function name,
+            module path or ``path:fn``) or callable. Default 0.
+        asleep_rate: units with ``0 < firing rate <= asleep_rate`` are asleep (default 0.05).
+        dormant_tau: units with dormancy score ``<= dormant_tau`` are τ-dormant (default 0.025).
+        device: move inputs here (default: the device of the model's parameters).
+        max_batches: stop after this many batches.
+        progress: show a progress bar on stderr.
+
+    Returns:
+        A frozen :class:`Report`, sites in forward-execution order.
+
+    Raises:
+        DataError: empty data or batches the input rule cannot use.
+        ForwardError: the model raised; the message names the last site reached and the input shape.
+        NoActivationSitesError: the model has no activation sites.
+
+    Example:
+        >>> import torch, deadrelu
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+        >>> report = deadrelu.scan(net, torch.randn(100, 4))
+        >>> [s.name for s in report.sites]
+        ['1']
+    """
+    if not isinstance(model, nn.Module):
+        raise DeadReluError(f"model must be a torch.nn.Module, not {type(model).__name__}")
+    if batch_size < 1:
+        raise DataError(f"batch_size must be at least 1, got {batch_size}")
+    levels = Levels(asleep_rate=asleep_rate, dormant_tau=dormant_tau)
+    batches_iter = iter_batches(data, batch_size)
+    target = torch.device(device) if device is not None else model_device(model)
+    try:
+        total = len(batches_iter)  # type: ignore[arg-type]
+    except TypeError:
+        total = None
+    if max_batches is not None and total is not None:
+        total = min(total, max_batches)
+    capture = ActivationCapture(model, unit_dim=unit_dim, threshold=threshold)
+    batches = samples = 0
+    bar = ProgressBar(progress, total, "deadrelu scan")
+    with preserved_mode(model, train):
+        if not capture.scripted:
+            capture.attach()
+        try:
+            for batch in batches_iter:
+                if max_batches is not None and batches >= max_batches:
+                    break
+                args, kwargs = call_arguments(batch, input_fn)
+                args, kwargs = to_device(args, target), to_device(kwargs, target)
+                first = first_tensor((args, kwargs))
+                if first is None:
+                    raise DataError(
+                        f"a batch holds no tensor (got {describe_shapes(args, kwargs)}); pass input_fn=... to build one"
+                    )
+                _forward(model, capture, args, kwargs)
+                batches += 1
+                samples += int(first.shape[0]) if first.ndim else 1
+                bar.update()
+        finally:
+            capture.detach()
+            bar.close()
+    if batches == 0:
+        raise DataError("the data yielded no batches: nothing to scan")
+    return report_from_capture(capture, levels, batches=batches, samples=samples, mode="train" if train else "eval")
+
+
+def _forward(model: nn.Module, capture: ActivationCapture, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    scope = capture.forward_scope() if capture.scripted else contextlib.nullcontext()
+    try:
+        with scope:
+            model(*args, **kwargs)
+    except DeadReluError:
+        raise
+    except Exception as err:  # the model rejected the batch: say where and with what
+        last = capture.last_site or "none (it failed before the first activation)"
+        raise ForwardError(
+            f"the model raised {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''} "
+            f"— input {describe_shapes(args, kwargs)}; last activation site reached: {last}"
+        ) from err

@@ -1,0 +1,195 @@
+"""One self-contained HTML report of saved evidence results (images embedded, no network).
+
+The report reads only JSON written by the demo and the experiments: the summary at the
+top says what died, where, and what fixed it best, with the numbers; then one section per
+experiment with its table and its plots (PNG, embedded as base64 ``data:`` URIs). The page
+loads no script, style sheet, font or image from anywhere else.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import html
+import json
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+from ..core.files import atomic_write_text
+from ..errors import DeadReluError
+from .tables import result_table
+
+__all__ = ["load_results", "render_html", "write_report"]
+
+_ORDER = {"demo": 0, "rescue": 1, "lr-sweep": 2, "activations": 3, "init": 4}
+
+_TITLES = {
+    "demo": "The demo: killing ReLU units with a large learning rate, then rescuing them",
+    "rescue": "Rescue comparison",
+    "lr-sweep": "Learning-rate sweep: dead units vs learning rate",
+    "activations": "Activation functions compared",
+    "init": "Initialisation and depth: units born dead",
+}
+
+_CAPTIONS = {
+    "alive": "Alive units per hidden layer after every epoch of the high-learning-rate phase.",
+    "heatmap": "Every unit of every hidden layer at the checkpoint; black cells never fired on the training set.",
+    "rescue": "From the same checkpoint, each strategy trains for the same number of epochs.",
+    "bars": "Bars: mean over seeds; whiskers: min to max.",
+    "depth": "Dead units at initialisation and after training, by depth and initialisation.",
+}
+
+_CSS = """
+body { font-family: system-ui, -apple-system, 'Segoe UI', sans-serif; max-width: 1100px; margin: 2em auto;
+       padding: 0 1em; color: #222; line-height: 1.45; }
+h1 { border-bottom: 3px solid #333; padding-bottom: .2em; }
+h2 { margin-top: 2em; border-bottom: 1px solid #bbb; }
+.summary { background: #f4f6fa; border-left: 5px solid #3b6fb6; padding: .6em 1.2em; }
+table { border-collapse: collapse; margin: 1em 0; font-size: 0.9em; }
+th, td { border: 1px solid #ccc; padding: 3px 8px; text-align: right; }
+th { background: #eee; } td:first-child, th:first-child { text-align: left; }
+figure { margin: 1em 0; } figure img { max-width: 100%; border: 1px solid #ddd; }
+figcaption { font-size: 0.85em; color: #555; }
+.meta { font-size: 0.85em; color: #555; }
+"""
+
+
+def load_results(results_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Every evidence result (``kind == "deadrelu.evidence"``) saved as JSON in ``results_dir``, in report order.
+
+    Raises:
+        DeadReluError: the directory does not exist, or holds no evidence JSON.
+
+    Example:
+        >>> results = load_results("deadrelu-demo")  # doctest: +SKIP
+    """
+    root = Path(results_dir)
+    if not root.is_dir():
+        raise DeadReluError(f"results directory {root} does not exist")
+    found = []
+    for path in sorted(root.glob("*.json")):
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+            continue  # other JSON files may live here; only evidence results are ours
+        if isinstance(data, dict) and data.get("kind") == "deadrelu.evidence":
+            data["_file"] = path.name
+            found.append(data)
+    if not found:
+        raise DeadReluError(
+            f"no deadrelu results in {root}: run `deadrelu demo --out {root}` or "
+            f"`deadrelu experiment NAME --out {root}` first"
+        )
+    found.sort(key=lambda r: (_ORDER.get(r.get("experiment", ""), 9), r["_file"]))
+    return found
+
+
+def _table_html(rows: Sequence[Sequence[str]]) -> str:
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in rows[0])
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows[1:])
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _table_rows(result: dict[str, Any]) -> list[list[str]]:
+    return result_table(result)
+
+
+def _config_line(result: dict[str, Any]) -> str:
+    cfg = result.get("config", {})
+    parts = [f"{k}={v}" for k, v in cfg.items() if not isinstance(v, (dict, list)) or k in ("hidden", "lrs", "seeds")]
+    ds = result.get("dataset", {})
+    if ds:
+        parts.insert(0, f"data: {ds.get('name')} ({ds.get('train')} train / {ds.get('validation')} validation; "
+                        f"{ds.get('source')})")
+    if "wall_seconds" in result:
+        parts.append(f"wall time {result['wall_seconds']:.1f} s")
+    return "; ".join(parts)
+
+
+def _section(result: dict[str, Any], index: int, images: bool) -> str:
+    kind = result.get("experiment", "?")
+    title = result.get("title") or _TITLES.get(kind, kind)
+    out = [f'<section id="{html.escape(kind)}-{index}"><h2>{html.escape(title)}</h2>']
+    out.append(f'<p class="meta">{html.escape(_config_line(result))} — from {html.escape(result.get("_file", ""))}</p>')
+    lines = result.get("summary", {}).get("lines", [])
+    if lines:
+        out.append("<ul>" + "".join(f"<li>{html.escape(l)}</li>" for l in lines) + "</ul>")
+    out.append(_table_html(_table_rows(result)))
+    if images:
+        from .plots import plot_pngs
+
+        for name, png in plot_pngs(result).items():
+            data = base64.b64encode(png).decode("ascii")
+            caption = _CAPTIONS.get(name, "")
+            out.append(
+                f'<figure><img alt="{html.escape(kind)} {html.escape(name)} plot" '
+                f'src="data:image/png;base64,{data}"><figcaption>{html.escape(caption)}</figcaption></figure>'
+            )
+    out.append("</section>")
+    return "\n".join(out)
+
+
+def _summary(results: Sequence[dict[str, Any]]) -> str:
+    """The top box: each result's headline sentences (the demo's first)."""
+    items = []
+    for r in results:
+        lines = r.get("summary", {}).get("lines", [])
+        if lines:
+            label = _TITLES.get(r.get("experiment", ""), r.get("experiment", ""))
+            items.append(f"<h3>{html.escape(label)}</h3><ul>" + "".join(
+                f"<li>{html.escape(l)}</li>" for l in lines) + "</ul>")
+    return '<div class="summary"><h2 id="summary">Summary</h2>' + "".join(items) + "</div>"
+
+
+def render_html(results: Sequence[dict[str, Any]], *, images: bool = True, title: str = "deadrelu evidence report") -> str:
+    """The full report page as a string.
+
+    Args:
+        results: result dicts (as :func:`load_results` returns them).
+        images: embed the plots (needs matplotlib).
+        title: the page title.
+
+    Raises:
+        DeadReluError: when ``results`` is empty.
+
+    Example:
+        >>> page = render_html(load_results("deadrelu-demo"))  # doctest: +SKIP
+    """
+    if not results:
+        raise DeadReluError("no results to report")
+    from .. import __version__
+
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    sections = "\n".join(_section(r, i, images) for i, r in enumerate(results))
+    return (
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+        # No external resources at all: the CSP tells the browser to refuse any that slip in.
+        "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; img-src data:; "
+        "style-src 'unsafe-inline'; script-src 'unsafe-inline'\">"
+        f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>"
+        f"<h1>{html.escape(title)}</h1>"
+        f'<p class="meta">deadrelu {__version__}, rendered {stamp} from {len(results)} saved result(s).</p>'
+        f"{_summary(results)}\n{sections}\n</body></html>\n"
+    )
+
+
+def write_report(
+    results_dir: str | os.PathLike[str],
+    out: str | os.PathLike[str] | None = None,
+    *,
+    images: bool = True,
+) -> Path:
+    """Render ``results_dir``'s saved results to ``out`` (default ``results_dir/report.html``); returns the path.
+
+    Raises:
+        DeadReluError: no results in the directory.
+
+    Example:
+        >>> path = write_report("deadrelu-demo")  # doctest: +SKIP
+    """
+    page = render_html(load_results(results_dir), images=images)
+    target = Path(out) if out is not None else Path(results_dir) / "report.html"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(target, page)
+    return target

@@ -1,0 +1,205 @@
+"""Shared training pieces of the demo and the experiments: MLP builder, epochs, exact per-epoch stats."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import sys
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from .datasets import Dataset
+from ..errors import DeadReluError
+from ..core.report import Report
+from ..core.scan import scan
+
+ACTIVATIONS = ("relu", "leaky_relu", "prelu", "elu", "selu", "gelu", "silu")
+INITS = ("default", "he", "he_bias", "lecun")
+
+
+def make_activation(name: str) -> nn.Module:
+    """A fresh activation module by name (``leaky_relu`` uses slope 0.01, PyTorch's default)."""
+    table = {
+        "relu": nn.ReLU,
+        "leaky_relu": lambda: nn.LeakyReLU(0.01),
+        "prelu": nn.PReLU,
+        "elu": nn.ELU,
+        "selu": nn.SELU,
+        "gelu": nn.GELU,
+        "silu": nn.SiLU,
+    }
+    if name not in table:
+        raise DeadReluError(f"unknown activation {name!r}; choose one of: {', '.join(ACTIVATIONS)}")
+    return table[name]()
+
+
+def init_linear(layer: nn.Linear, init: str, bias: float = 0.01) -> None:
+    """Initialise one layer: ``default`` (PyTorch's own), ``he``, ``he_bias`` (He + small positive bias), ``lecun``."""
+    if init == "default":
+        return
+    with torch.no_grad():
+        if init in ("he", "he_bias"):
+            nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
+            nn.init.constant_(layer.bias, bias if init == "he_bias" else 0.0)
+        elif init == "lecun":
+            # LeCun normal: std 1/sqrt(fan_in), the init SELU's self-normalisation assumes.
+            nn.init.normal_(layer.weight, 0.0, 1.0 / math.sqrt(layer.in_features))
+            nn.init.zeros_(layer.bias)
+        else:
+            raise DeadReluError(f"unknown init {init!r}; choose one of: {', '.join(INITS)}")
+
+
+def build_mlp(
+    features: int,
+    hidden: Sequence[int],
+    outputs: int,
+    *,
+    activation: str = "relu",
+    init: str = "he",
+    seed: int = 0,
+) -> nn.Sequential:
+    """``Linear → activation`` per hidden width, then a linear head; weights drawn from ``seed``."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        layers: list[nn.Module] = []
+        width = features
+        for h in hidden:
+            lin = nn.Linear(width, h)
+            init_linear(lin, init)
+            layers += [lin, make_activation(activation)]
+            width = h
+        head = nn.Linear(width, outputs)
+        if init == "lecun":
+            init_linear(head, "lecun")
+        layers.append(head)
+        return nn.Sequential(*layers)
+
+
+def loss_of(model: nn.Module, x: torch.Tensor, y: torch.Tensor, task: str) -> torch.Tensor:
+    """Cross-entropy for classification, mean squared error for regression."""
+    out = model(x)
+    if task == "classification":
+        return nn.functional.cross_entropy(out, y)
+    return nn.functional.mse_loss(out, y)
+
+
+def train_epoch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    ds: Dataset,
+    batch_size: int,
+    generator: torch.Generator,
+    on_step: Any = None,
+) -> float:
+    """One shuffled pass over the training split; returns the mean loss (NaN once it diverged)."""
+    model.train()
+    n = len(ds.x_train)
+    order = torch.randperm(n, generator=generator)
+    total, count = 0.0, 0
+    for start in range(0, n, batch_size):
+        idx = order[start : start + batch_size]
+        loss = loss_of(model, ds.x_train[idx], ds.y_train[idx], ds.task)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        value = float(loss.detach())
+        total += value * len(idx)
+        count += len(idx)
+        if on_step is not None:
+            on_step(value)
+    return total / count
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, ds: Dataset) -> float:
+    """Validation accuracy (classification) or validation MSE (regression); NaN outputs count as wrong."""
+    was = model.training
+    model.eval()
+    try:
+        out = model(ds.x_val)
+        if ds.task == "classification":
+            # argmax of a NaN row is an arbitrary class; a diverged model must not score chance accuracy.
+            ok = torch.isfinite(out).all(1) & (out.argmax(1) == ds.y_val)
+            return float(ok.float().mean())
+        return float(nn.functional.mse_loss(out, ds.y_val))
+    finally:
+        model.train(was)
+
+
+def layer_stats(report: Report) -> list[dict[str, Any]]:
+    """Per activation site, the counts the evidence needs (JSON-ready)."""
+    rows = []
+    for s in report.sites:
+        rows.append(
+            {
+                "site": s.name,
+                "function": s.function,
+                "units": s.units,
+                "dead": s.dead,
+                "asleep": s.asleep,
+                "dormant": s.dormant,
+                "nonfinite": s.nonfinite,
+                "dead_fraction": s.dead_fraction,
+                "dormant_fraction": s.dormant / s.units if s.units else 0.0,
+                "nonfinite_fraction": s.nonfinite / s.units if s.units else 0.0,
+            }
+        )
+    return rows
+
+
+def epoch_record(model: nn.Module, ds: Dataset, epoch: int, loss: float, seconds: float) -> tuple[dict[str, Any], Report]:
+    """Exact statistics after one epoch: a scan over the whole training split plus validation score."""
+    report = scan(model, ds.x_train, batch_size=1024)
+    metric = evaluate(model, ds)
+    record = {
+        "epoch": epoch,
+        "train_loss": loss if math.isfinite(loss) else None,
+        "diverged": not math.isfinite(loss),
+        "val_accuracy" if ds.task == "classification" else "val_mse": metric if math.isfinite(metric) else None,
+        "seconds": seconds,
+        "layers": layer_stats(report),
+    }
+    return record, report
+
+
+def firing_rates(report: Report) -> list[list[float]]:
+    """Per site, the per-unit firing rates (for the unit-grid heatmap)."""
+    return [[round(r, 6) for r in s.firing_rate] for s in report.sites]
+
+
+class Bar:
+    """A tqdm progress bar on stderr when tqdm is installed and enabled; otherwise it does nothing."""
+
+    def __init__(self, total: int, desc: str, enabled: bool = True) -> None:
+        self.bar = None
+        if enabled:
+            try:
+                from tqdm.auto import tqdm
+            except ImportError:
+                tqdm = None
+            if tqdm is not None:
+                self.bar = tqdm(total=total, desc=desc, file=sys.stderr, leave=False, dynamic_ncols=True)
+
+    def update(self, n: int = 1, **postfix: Any) -> None:
+        if self.bar is not None:
+            if postfix:
+                self.bar.set_postfix(postfix, refresh=False)
+            self.bar.update(n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Run with ``n`` intra-op threads (None: leave as is), restoring the old count."""
+    old = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)

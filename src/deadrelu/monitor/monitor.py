@@ -1,0 +1,579 @@
+"""Watch unit health during training: rolling-window dead/asleep/dormant fractions, lifecycle events, warnings.
+
+Quickstart::
+
+    with deadrelu.Monitor(model, sinks=["health.jsonl"]) as mon:
+        for x, y in loader:
+            loss = train_step(x, y)
+            mon.step(loss)
+
+What is measured
+----------------
+Every observed training forward pass (grad enabled; ``every=`` picks the steps) adds,
+per unit of every activation site, the number of outputs that fired and the sum of
+``|h|`` into one row of a ring buffer of the last ``window`` batches, on the
+activation's device. Nothing is copied to the host until the monitor *evaluates* —
+every ``log_every`` steps, when the first window fills, or when you call
+:meth:`Monitor.report` — and then one copy serves every site.
+
+* **dead**: the unit never fired over the whole window (all ``window`` batches), so one
+  quiet batch does not kill a unit; **asleep**: it fired on at most ``asleep_rate`` of
+  its window outputs; **dormant**: its dormancy score over the window is at most
+  ``dormant_tau`` (see :class:`deadrelu.Levels`).
+* **born dead**: dead over the first full window. **died at step k**: alive at the
+  previous evaluation and dead at the evaluation of step ``k`` (it last fired at most
+  ``window`` observed batches earlier). **revived at step k**: dead before, fired since.
+* Until a site has seen ``window`` batches its fractions cover the batches so far and
+  no lifecycle events or warnings are issued for it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Iterable, Iterator, Sequence, Union
+
+import torch
+from torch import nn
+
+from .window import WindowStats
+from ..core.capture import ActivationCapture, ThresholdSpec, UnitDimSpec
+from ..errors import DeadReluError, NoActivationSitesError
+from ..core.report import Report, SiteReport, Levels
+from ..core.scan import site_report
+from .records import Alert, Event, EventSummary, History, HistoryRow, LogRecord, SiteEvents
+from .sinks import Sink, SinkError, SinkWarning, as_sink
+from ..core.stats import UnitTotals
+
+__all__ = [
+    "Monitor",
+    "HistoryRow",
+    "History",
+    "Event",
+    "EventSummary",
+    "Alert",
+    "LogRecord",
+    "DeadUnitWarning",
+    "CompiledModelWarning",
+]
+
+Schedule = Union[int, Callable[[int], bool]]
+
+ADVICE_BORN_DEAD = (
+    "these units were dead from the first window, which points at initialisation: use He/Kaiming init "
+    "for ReLU layers, check input normalisation, or start biases slightly positive"
+)
+ADVICE_DIED = (
+    "these units died during training: lower the learning rate or add warm-up, clip gradients, "
+    "switch to a leaky activation (LeakyReLU/GELU), or re-initialise the dead units (deadrelu.reinit_dead)"
+)
+
+
+class DeadUnitWarning(UserWarning):
+    """A layer's dead fraction crossed a warning threshold (issued once per layer and threshold)."""
+
+
+class CompiledModelWarning(UserWarning):
+    """A monitor without ``compiled=True`` saw its model run under ``torch.compile`` (issued once)."""
+
+
+class _MonitorCapture(ActivationCapture):
+    """ActivationCapture whose :meth:`forward_scope` composes with calls of the root module inside it."""
+
+    @contextlib.contextmanager
+    def forward_scope(self) -> Iterator[None]:
+        # Counting the scope as one level of root depth keeps a root call made inside the
+        # scope (Lightning's ``self(x)`` in ``training_step``) from starting a second pass.
+        self._depth += 1
+        try:
+            with super().forward_scope():
+                yield
+        finally:
+            self._depth -= 1
+
+
+def _schedule(every: Schedule) -> Callable[[int], bool]:
+    if callable(every):
+        return every
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise DeadReluError(f"every must be a positive int or a callable step -> bool, got {every!r}")
+    if every == 1:
+        return lambda step: True
+    return lambda step: step % every == 0
+
+
+class Monitor:
+    """Track per-unit health of every activation site during training, at near-zero cost.
+
+    Args:
+        model: the model being trained (register the monitor before ``torch.compile``).
+        every: which steps to observe: every step (1), every k-th step (k), or a callable
+            ``step -> bool``. Only forward passes with grad enabled are observed, so
+            evaluation passes under ``torch.no_grad()`` are ignored.
+        window: number of most recent observed batches per site in the rolling window; a
+            unit is dead when it fired in none of them.
+        log_every: evaluate (one host copy, history row, events, warnings, sinks) every
+            this many steps. The first full window is always evaluated.
+        asleep_rate: units firing on ``0 < rate <= asleep_rate`` of their outputs are asleep.
+        dormant_tau: units with dormancy score ``<= dormant_tau`` are dormant.
+        threshold: firing threshold (float, mapping or callable; see :mod:`deadrelu.core.capture`).
+        unit_dim: unit-axis override (see :mod:`deadrelu.core.capture`).
+        sinks: where to log: :class:`~deadrelu.monitor.sinks.Sink` objects, paths ending in
+            ``.jsonl`` or ``.csv``, or callables taking a :class:`LogRecord`.
+        live: show the live terminal view (:mod:`deadrelu.monitor.live`; needs ``rich``).
+        warn_at: dead fractions at which a layer warns (once per layer and threshold).
+        on_sink_error: ``"warn"`` (warn once and stop writing to that sink) or ``"raise"``
+            (raise :class:`~deadrelu.monitor.sinks.SinkError`).
+        distributed: all-reduce counts over ``torch.distributed`` ranks when evaluating;
+            ``None`` means "when a process group is initialised". Every rank must then
+            call :meth:`step` and :meth:`report` in lockstep.
+        compiled: observe in a way ``torch.compile`` traces into the graph (hooks on
+            activation modules with tensor-only state; see :mod:`deadrelu._module_capture`).
+            ``None`` turns it on when ``model`` is the result of ``torch.compile``; pass
+            True when you attach first and compile afterwards.
+
+    Raises:
+        DeadReluError: for a non-module model or invalid options (nothing is attached).
+
+    Example:
+        >>> import torch, deadrelu
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+        >>> opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        >>> with deadrelu.Monitor(net, window=5, log_every=5) as mon:
+        ...     for _ in range(10):
+        ...         loss = net(torch.randn(16, 4)).pow(2).mean()
+        ...         opt.zero_grad(); loss.backward(); opt.step()
+        ...         mon.step(loss)
+        >>> mon.history.steps
+        [5, 10]
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        every: Schedule = 1,
+        window: int = 100,
+        log_every: int = 10,
+        asleep_rate: float = 0.05,
+        dormant_tau: float = 0.025,
+        threshold: ThresholdSpec = 0.0,
+        unit_dim: UnitDimSpec = None,
+        sinks: Iterable[Sink | str | Callable[[LogRecord], Any]] = (),
+        live: bool = False,
+        warn_at: Sequence[float] = (0.2, 0.5),
+        on_sink_error: str = "warn",
+        distributed: bool | None = None,
+        compiled: bool | None = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise DeadReluError(f"model must be a torch.nn.Module, not {type(model).__name__}")
+        inner = getattr(model, "_orig_mod", None)  # the module inside torch.compile's OptimizedModule
+        if isinstance(inner, nn.Module):
+            model, compiled = inner, True if compiled is None else compiled
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+            raise DeadReluError(f"window must be a positive int (batches), got {window!r}")
+        if isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 1:
+            raise DeadReluError(f"log_every must be a positive int (steps), got {log_every!r}")
+        if on_sink_error not in ("warn", "raise"):
+            raise DeadReluError(f"on_sink_error must be 'warn' or 'raise', got {on_sink_error!r}")
+        warn_levels = tuple(sorted(float(w) for w in warn_at))
+        if any(not 0.0 < w <= 1.0 for w in warn_levels):
+            raise DeadReluError(f"warn_at fractions must be in (0, 1], got {tuple(warn_at)!r}")
+        self.levels = Levels(asleep_rate=asleep_rate, dormant_tau=dormant_tau)
+        self.schedule = _schedule(every)
+        self.model = model
+        self.window = window
+        self.log_every = log_every
+        self.warn_at = warn_levels
+        self.on_sink_error = on_sink_error
+        self.distributed = distributed
+        sink_list = [as_sink(s) for s in sinks]
+        if live:
+            from .live import LiveView
+
+            sink_list.append(LiveView())
+        self.sinks: list[Sink] = sink_list
+        self.compiled = bool(compiled)
+        self.capture: Any
+        if self.compiled:
+            from .compiled import ModuleCapture
+
+            self.capture = ModuleCapture(model, unit_dim=unit_dim, threshold=threshold, window=window)
+        else:
+            self.capture = _MonitorCapture(
+                model,
+                unit_dim=unit_dim,
+                threshold=threshold,
+                stats_factory=lambda units, thr, device: WindowStats(units, thr, device, window),
+            )
+        self.history = History()
+        self.events: list[Event] = []
+        self.alerts: list[Alert] = []
+        self.steps = 0
+        self._gate_handle: Any = None
+        self._observe = bool(self.schedule(0))
+        self._loss: Any = None
+        self._dead: dict[str, set[int]] = {}  # per site: dead units at the last full-window evaluation
+        self._born_dead: dict[str, set[int]] = {}
+        self._warned: set[tuple[str, float]] = set()
+        self._first_window_done = False
+        self._last_eval_step = -1
+        self._broken: set[int] = set()
+        self._opened = False
+        self._compile_warned = False
+        self._samples_ring = [0] * window
+        self._samples_total = 0
+        self._forwards = 0
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def attach(self) -> "Monitor":
+        """Register the hooks and open the sinks (no-op when already attached).
+
+        Raises:
+            DeadReluError: for TorchScript models, which accept no hooks, or ``distributed=True``
+                without an initialised process group.
+        """
+        if self._gate_handle is not None:
+            return self
+        self._use_distributed()  # distributed=True without a process group fails here, before any hook
+        # Runs before the capture's own root hook, so unobserved passes never enter the function mode.
+        self._gate_handle = self.model.register_forward_pre_hook(self._gate, prepend=True)
+        try:
+            self.capture.attach()
+            if not self._opened:
+                for i, sink in enumerate(self.sinks):
+                    self._guard(i, sink, sink.open)
+                self._opened = True
+        except BaseException:
+            self.detach()
+            raise
+        return self
+
+    def detach(self) -> None:
+        """Remove every hook and close the sinks; safe to call twice."""
+        if self._gate_handle is not None:
+            self._gate_handle.remove()
+            self._gate_handle = None
+        self.capture.detach()  # ActivationCapture.detach frees the shared scratch buffers
+        if self._opened:
+            self._opened = False
+            for i, sink in enumerate(self.sinks):
+                if i in self._broken:  # already reported; still release its file
+                    try:
+                        sink.close()
+                    except Exception:
+                        pass
+                else:
+                    self._guard(i, sink, sink.close)
+
+    def __enter__(self) -> "Monitor":
+        return self.attach()
+
+    def __exit__(self, exc_type: Any, *exc: object) -> None:
+        try:
+            if exc_type is None:  # a failing block gets no final evaluation, only a clean detach
+                self.finish()
+        finally:
+            self.detach()
+
+    def finish(self) -> None:
+        """Evaluate the steps since the last evaluation, so logs end at the last step.
+
+        A clean exit from the ``with`` block calls it; call it yourself before :meth:`detach`.
+        """
+        if self.capture.sites and self._last_eval_step != self.steps:
+            self._evaluate()
+
+    @property
+    def attached(self) -> bool:
+        """True while hooks are registered."""
+        return self._gate_handle is not None
+
+    def _gate(self, module: nn.Module, args: Any) -> None:
+        if not self.compiled and torch.compiler.is_compiling():
+            # The function mode would make Dynamo break the graph and recompile every step:
+            # run the compiled model unobserved and say how to monitor it instead.
+            self._compiled_unobserved()
+            self.capture.enabled = False
+            return
+        on = self._observe and torch.is_grad_enabled()
+        self.capture.enabled = on
+        if on and not self.compiled:
+            # Samples per observed forward, in a fixed-size ring beside the device rings
+            # (shapes only: no sync). Compiled models skip it: Dynamo would guard on the index.
+            first = args[0] if args else None
+            n = int(first.shape[0]) if isinstance(first, torch.Tensor) and first.ndim else 0
+            k = self._forwards % self.window
+            self._samples_total += n
+            self._samples_ring[k] = n
+            self._forwards += 1
+
+    @torch.compiler.disable
+    def _compiled_unobserved(self) -> None:
+        if not self._compile_warned:
+            self._compile_warned = True
+            warnings.warn(
+                "deadrelu: this model is being run by torch.compile, which cannot trace the monitor's "
+                "default capture; it runs unobserved. Create the monitor with compiled=True before "
+                "compiling, or pass the compiled module: Monitor(torch.compile(model))",
+                CompiledModelWarning,
+                stacklevel=2,
+            )
+
+    @contextlib.contextmanager
+    def observe(self) -> Iterator[None]:
+        """Treat everything run inside this block as one training forward pass.
+
+        For code that calls submodules directly instead of ``model(...)`` — Lightning's
+        ``training_step`` calling ``self.net(x)`` is the usual case. The schedule and the
+        grad-mode rule apply as for ordinary forward passes.
+
+        Example:
+            >>> import torch, deadrelu
+            >>> outer = torch.nn.Module()
+            >>> outer.net = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.ReLU())
+            >>> with deadrelu.Monitor(outer, window=1) as mon:
+            ...     with mon.observe():
+            ...         _ = outer.net(torch.randn(4, 2))
+            ...     mon.step()
+            >>> [s.name for s in mon.report().sites]
+            ['net.1']
+        """
+        active = self.attached and self._observe and torch.is_grad_enabled()
+        previous, self.capture.enabled = self.capture.enabled, active
+        try:
+            if active:
+                with self.capture.forward_scope():
+                    yield
+            else:
+                yield
+        finally:
+            self.capture.enabled = previous
+
+    # -- the training-loop call ----------------------------------------------------------------
+    def step(self, loss: Any = None) -> None:
+        """Mark the end of one training step (call it after ``optimizer.step()``).
+
+        Args:
+            loss: the step's loss (tensor or number) for the logs; kept on the device and
+                only read at evaluation time, so passing a tensor does not synchronise.
+        """
+        if isinstance(loss, torch.Tensor):
+            loss = loss.detach()
+        self._loss = loss
+        self.steps += 1
+        self._observe = bool(self.schedule(self.steps))
+        first = not self._first_window_done and any(s.stats.full for s in self.capture.sites.values())
+        if first or self.steps % self.log_every == 0:
+            if self.capture.sites:
+                self._evaluate()
+
+    # -- results ------------------------------------------------------------------------------
+    def report(self, scope: str = "window") -> Report:
+        """A :class:`Report` over the rolling window (``"window"``) or since the start (``"total"``).
+
+        Under ``torch.distributed`` this is a collective call (every rank must make it).
+
+        Raises:
+            DeadReluError: for an unknown scope.
+            NoActivationSitesError: before any observed forward pass with activations.
+        """
+        if scope not in ("window", "total"):
+            raise DeadReluError(f"scope must be 'window' or 'total', got {scope!r}")
+        return self._reports((scope,))[0][scope]
+
+    def events_summary(self) -> EventSummary:
+        """Counts of born-dead, died and revived units per site (see :class:`EventSummary`).
+
+        Example:
+            >>> import torch, deadrelu
+            >>> net = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.ReLU())
+            >>> with deadrelu.Monitor(net, window=2) as mon:
+            ...     for _ in range(2):
+            ...         _ = net(torch.randn(4, 2)); mon.step()
+            >>> mon.events_summary().died
+            0
+        """
+        per_site: dict[str, dict[str, list[int]]] = {}
+        for e in self.events:
+            per_site.setdefault(e.site, {"born_dead": [], "died": [], "revived": []})[e.kind].append(e.step)
+        units = {name: site.stats.units for name, site in self.capture.ordered_sites()}
+        out = []
+        for name in units:
+            ev = per_site.get(name, {"born_dead": [], "died": [], "revived": []})
+            out.append(
+                SiteEvents(
+                    site=name,
+                    units=units[name],
+                    born_dead=len(ev["born_dead"]),
+                    died=len(ev["died"]),
+                    revived=len(ev["revived"]),
+                    dead_now=len(self._dead.get(name, ())),
+                    died_steps=tuple(sorted(ev["died"])),
+                )
+            )
+        return EventSummary(tuple(out))
+
+    # -- evaluation -------------------------------------------------------------------------
+    def _use_distributed(self) -> bool:
+        if self.distributed is False:
+            return False
+        import torch.distributed as dist
+
+        ready = dist.is_available() and dist.is_initialized()
+        if self.distributed and not ready:
+            raise DeadReluError("distributed=True but torch.distributed has no initialised process group")
+        return ready and dist.get_world_size() > 1
+
+    def _reports(self, scopes: Sequence[str]) -> tuple[dict[str, Report], dict[str, int]]:
+        """Reports for the given scopes, and each site's batch count in the last scope.
+
+        One host copy serves every site (and, distributed, one all-reduce per dtype).
+        """
+        named = self.capture.ordered_sites()
+        if not named:
+            raise NoActivationSitesError(
+                "the monitor has not observed an activation yet: run a training forward pass (with grad) "
+                f"through {type(self.model).__name__} first"
+            )
+        ints: list[torch.Tensor] = []
+        local_batches: list[int] = []
+        floats: list[torch.Tensor] = []
+        device = named[0][1].stats.device
+        for scope in scopes:
+            for _, site in named:
+                t = site.stats.totals(scope)
+                local_batches.append(t.batches)  # per rank: ranks step in lockstep, so not summed
+                obs = torch.tensor([t.observations], dtype=torch.int64, device=t.fired.device)
+                ints += [t.fired, t.bad_batches, obs]
+                floats.append(t.abs_sum)
+        samples = {"window": sum(self._samples_ring), "total": self._samples_total}
+        ints.append(torch.tensor([samples[sc] for sc in scopes], dtype=torch.int64))  # summed over ranks too
+        flat_i = torch.cat([t.to(device) for t in ints])
+        flat_f = torch.cat([t.to(device) for t in floats])
+        if self._use_distributed():
+            import torch.distributed as dist
+
+            dist.all_reduce(flat_i, op=dist.ReduceOp.SUM)
+            dist.all_reduce(flat_f, op=dist.ReduceOp.SUM)
+        vals_i, vals_f = flat_i.tolist(), flat_f.tolist()
+        global_samples = dict(zip(scopes, vals_i[len(vals_i) - len(scopes) :]))
+        out: dict[str, Report] = {}
+        site_batches: dict[str, int] = {}
+        oi = of = k = 0
+        for scope in scopes:
+            sites = []
+            batches = 0
+            for name, site in named:
+                u = site.stats.units
+                fired, bad = vals_i[oi : oi + u], vals_i[oi + u : oi + 2 * u]
+                obs, nb = vals_i[oi + 2 * u], local_batches[k]
+                abs_sum = vals_f[of : of + u]
+                oi += 2 * u + 1
+                of += u
+                k += 1
+                batches = max(batches, nb)
+                site_batches[name] = nb
+                totals = UnitTotals(obs, tuple(fired), tuple(a / obs if obs else 0.0 for a in abs_sum), tuple(bad))
+                sites.append(site_report(name, site, totals, self.levels))
+            out[scope] = Report(
+                sites=tuple(sites),
+                levels=self.levels,
+                batches=batches,
+                samples=global_samples[scope],
+                mode="train",
+                model=type(self.model).__name__,
+            )
+        return out, site_batches
+
+    def _evaluate(self) -> None:
+        reports, site_batches = self._reports(("window",))
+        report = reports["window"]
+        step = self.steps
+        self._last_eval_step = step
+        loss = self._loss_value()
+        full = {name: site.stats.full for name, site in self.capture.ordered_sites()}
+        rows, new_events = [], []
+        for s in report.sites:
+            n = s.units or 1
+            rows.append(
+                HistoryRow(
+                    step=step,
+                    site=s.name,
+                    units=s.units,
+                    batches=site_batches[s.name],
+                    active=s.active / n,
+                    asleep=s.asleep / n,
+                    dead=s.dead / n,
+                    dormant=s.dormant / n,
+                    nonfinite=s.nonfinite / n,
+                    loss=loss,
+                )
+            )
+            if full.get(s.name):
+                new_events += self._lifecycle(step, s)
+        if any(full.values()):
+            self._first_window_done = True
+        self.history.rows.extend(rows)
+        self.events.extend(new_events)
+        record = LogRecord(step=step, loss=loss, rows=tuple(rows), events=tuple(new_events), report=report)
+        for i, sink in enumerate(self.sinks):
+            self._guard(i, sink, lambda sink=sink: sink.write(record))
+
+    def _lifecycle(self, step: int, s: SiteReport) -> list[Event]:
+        dead = set(s.dead_units)
+        previous = self._dead.get(s.name)
+        events: list[Event] = []
+        if previous is None:
+            self._born_dead[s.name] = set(dead)
+            events = [Event(step, s.name, u, "born_dead") for u in sorted(dead)]
+        else:
+            events += [Event(step, s.name, u, "died") for u in sorted(dead - previous)]
+            events += [Event(step, s.name, u, "revived") for u in sorted(previous - dead)]
+        self._dead[s.name] = dead
+        self._maybe_warn(step, s, dead)
+        return events
+
+    def _maybe_warn(self, step: int, s: SiteReport, dead: set[int]) -> None:
+        frac = s.dead_fraction
+        for level in self.warn_at:
+            key = (s.name, level)
+            if frac < level or key in self._warned:
+                continue
+            self._warned.add(key)
+            born = len(dead & self._born_dead.get(s.name, set()))
+            cause = "born_dead" if born * 2 >= len(dead) else "died"
+            advice = ADVICE_BORN_DEAD if cause == "born_dead" else ADVICE_DIED
+            message = (
+                f"deadrelu: layer {s.name!r} has {100 * frac:.1f}% dead units ({s.dead}/{s.units}) at step {step}, "
+                f"crossing the {100 * level:g}% warning level; {advice}"
+            )
+            self.alerts.append(Alert(step, s.name, level, frac, cause, message))
+            warnings.warn(message, DeadUnitWarning, stacklevel=4)
+
+    def _loss_value(self) -> float | None:
+        loss = self._loss
+        if loss is None:
+            return None
+        try:
+            value = float(loss.float().mean()) if isinstance(loss, torch.Tensor) else float(loss)
+        except (TypeError, ValueError):
+            return None
+        return value
+
+    def _guard(self, index: int, sink: Sink, action: Callable[[], Any]) -> None:
+        """Run a sink action; a failing sink warns once (or raises) and never stops the training run."""
+        if index in self._broken:
+            return
+        try:
+            action()
+        except Exception as err:
+            self._broken.add(index)
+            name = getattr(sink, "name", type(sink).__name__)
+            message = f"deadrelu: sink {name} failed ({type(err).__name__}: {err}); it is disabled for this run"
+            if self.on_sink_error == "raise":
+                raise SinkError(message) from err
+            warnings.warn(message, SinkWarning, stacklevel=3)
+

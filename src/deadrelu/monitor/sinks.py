@@ -1,0 +1,352 @@
+"""Where :class:`deadrelu.Monitor` writes its evaluations: JSONL, CSV, TensorBoard, Weights & Biases.
+
+A sink receives one :class:`deadrelu.monitor.LogRecord` per evaluation (step, loss,
+per-site state fractions, the lifecycle events since the last record and the window
+:class:`~deadrelu.Report`). File sinks open in append mode and flush every record,
+so a crash, a full disk or a closed file never loses lines already written; the
+monitor turns a failing sink into one :class:`SinkWarning` (or a :class:`SinkError`
+with ``on_sink_error="raise"``) and the training run goes on.
+
+Example:
+    >>> import deadrelu, tempfile, os
+    >>> path = os.path.join(tempfile.mkdtemp(), "health.jsonl")
+    >>> sink = deadrelu.monitor.sinks.JSONLSink(path)
+    >>> sink.path.name
+    'health.jsonl'
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any, Callable
+
+from .._imports import require
+from ..errors import DeadReluError
+
+if TYPE_CHECKING:
+    from .records import LogRecord
+
+__all__ = [
+    "Sink",
+    "JSONLSink",
+    "CSVSink",
+    "TensorBoardSink",
+    "WandbSink",
+    "CallbackSink",
+    "SinkError",
+    "SinkWarning",
+    "as_sink",
+    "record_metrics",
+    "SCHEMA_VERSION",
+]
+
+#: Version of the JSONL record layout.
+SCHEMA_VERSION = 1
+
+CSV_COLUMNS = ("step", "site", "units", "batches", "active", "asleep", "dead", "dormant", "nonfinite", "alive", "loss")
+
+
+class SinkError(DeadReluError):
+    """A sink could not write (raised when the monitor runs with ``on_sink_error="raise"``)."""
+
+
+class SinkWarning(UserWarning):
+    """A sink failed and was disabled for the rest of the run (issued once per sink)."""
+
+
+class Sink:
+    """Base class: override :meth:`write`; :meth:`open` and :meth:`close` are optional.
+
+    Example:
+        >>> class Printer(Sink):
+        ...     def write(self, record):
+        ...         print(record.step, [round(r.dead, 2) for r in record.rows])
+    """
+
+    name = "sink"
+
+    def open(self) -> None:
+        """Called when the monitor attaches."""
+
+    def write(self, record: "LogRecord") -> None:
+        """Receive one evaluation."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Called when the monitor detaches."""
+
+
+def _clean(v: Any) -> Any:
+    """JSON has no NaN/Inf: write them as strings that ``float()`` reads back."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    return v
+
+
+def record_to_dict(record: "LogRecord") -> dict[str, Any]:
+    """The JSON layout of one record (also what the W&B and callback users can rely on)."""
+    return {
+        "kind": "deadrelu.monitor",
+        "schema_version": SCHEMA_VERSION,
+        "step": record.step,
+        "loss": _clean(record.loss),
+        "sites": [{k: _clean(v) for k, v in r.to_dict().items() if k not in ("step", "loss")} for r in record.rows],
+        "events": [{"step": e.step, "site": e.site, "unit": e.unit, "kind": e.kind} for e in record.events],
+    }
+
+
+def record_metrics(record: "LogRecord", prefix: str = "deadrelu") -> dict[str, float]:
+    """Flat ``{"<prefix>/<site>/<state>": fraction}`` scalars of one record, for metric loggers.
+
+    Example:
+        >>> from deadrelu.monitor import HistoryRow, LogRecord
+        >>> row = HistoryRow(5, "relu", 4, 5, 0.5, 0.25, 0.25, 0.25, 0.0)
+        >>> record_metrics(LogRecord(5, None, (row,), (), None))["deadrelu/relu/dead"]
+        0.25
+    """
+    out: dict[str, float] = {}
+    for row in record.rows:
+        for state in ("active", "asleep", "dead", "dormant", "nonfinite"):
+            out[f"{prefix}/{row.site}/{state}"] = getattr(row, state)
+    return out
+
+
+class _FileSink(Sink):
+    """Append-mode text file (or an open text stream) written one flushed record at a time."""
+
+    def __init__(self, target: str | os.PathLike[str] | IO[str]) -> None:
+        self._owned = not hasattr(target, "write")
+        self._fh: IO[str] | None = None
+        if self._owned:
+            path = Path(target)  # type: ignore[arg-type]
+            if path.is_dir():
+                raise DeadReluError(f"{self.__class__.__name__} needs a file path, but {path} is a directory")
+            if not path.parent.exists():
+                raise DeadReluError(f"cannot log to {path}: the folder {path.parent} does not exist")
+            self.path: Path | None = path
+            self.name = f"{self.__class__.__name__}({path})"
+        else:
+            self.path = None
+            self._fh = target  # type: ignore[assignment]
+            self.name = f"{self.__class__.__name__}({getattr(target, 'name', 'stream')})"
+
+    def open(self) -> None:
+        if self._owned and self._fh is None:
+            assert self.path is not None
+            # Append, never truncate: earlier runs' lines (and this run's, after a re-attach) survive.
+            self._fh = open(self.path, "a", encoding="utf-8", newline="")
+
+    def _emit(self, text: str) -> None:
+        if self._fh is None:
+            self.open()
+        assert self._fh is not None
+        # One write per complete record, flushed at once, so a later failure cannot take earlier lines with it.
+        self._fh.write(text)
+        self._fh.flush()
+
+    def close(self) -> None:
+        fh, self._fh = self._fh, None
+        if fh is not None and self._owned:
+            fh.close()
+
+
+class JSONLSink(_FileSink):
+    """One JSON object per line per evaluation (always available; no extra needed).
+
+    Each line: ``{"kind": "deadrelu.monitor", "schema_version": 1, "step", "loss",
+    "sites": [{"site", "units", "batches", "active", "asleep", "dead", "dormant",
+    "nonfinite", "alive"}], "events": [{"step", "site", "unit", "kind"}]}``.
+
+    Args:
+        target: a file path (opened in append mode) or an open text stream.
+
+    Raises:
+        DeadReluError: when the path is a folder or its folder does not exist.
+
+    Example:
+        >>> import io
+        >>> buf = io.StringIO()
+        >>> JSONLSink(buf).name
+        'JSONLSink(stream)'
+    """
+
+    def write(self, record: "LogRecord") -> None:
+        self._emit(json.dumps(record_to_dict(record), allow_nan=False) + "\n")
+
+
+class CSVSink(_FileSink):
+    """One CSV row per site per evaluation; the header is written only to an empty file.
+
+    Columns: ``step, site, units, batches, active, asleep, dead, dormant, nonfinite, alive, loss``.
+
+    Args:
+        target: a file path (opened in append mode) or an open text stream.
+
+    Raises:
+        DeadReluError: when the path is a folder or its folder does not exist.
+
+    Example:
+        >>> import io
+        >>> CSVSink(io.StringIO()).name
+        'CSVSink(stream)'
+    """
+
+    def __init__(self, target: str | os.PathLike[str] | IO[str]) -> None:
+        super().__init__(target)
+        self._header_done = False
+
+    def write(self, record: "LogRecord") -> None:
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        if not self._header_done:
+            if self._fh is None:
+                self.open()
+            try:  # an append-mode file stands at its end, so position 0 means "empty"
+                empty = self._fh.tell() == 0  # type: ignore[union-attr]
+            except (OSError, ValueError):  # unseekable stream (a pipe): assume fresh
+                empty = True
+            if empty:
+                writer.writerow(CSV_COLUMNS)
+        for row in record.rows:
+            d = row.to_dict()
+            writer.writerow(["" if d.get(c) is None else d[c] for c in CSV_COLUMNS])
+        self._emit(buf.getvalue())
+        self._header_done = True
+
+
+class TensorBoardSink(Sink):
+    """Per-site scalars (``deadrelu/<site>/dead`` ...) and a histogram of per-unit window firing rates.
+
+    Uses ``torch.utils.tensorboard.SummaryWriter`` (needs ``pip install "deadrelu[tensorboard]"``).
+
+    Args:
+        log_dir: folder for the event files (ignored when ``writer`` is given).
+        writer: an existing ``SummaryWriter`` to share with your own logging (not closed by the sink).
+        histograms: also log the per-unit firing-rate histogram of every site.
+
+    Raises:
+        ModuleNotFoundError: when tensorboard is not installed.
+
+    Example:
+        >>> sink = TensorBoardSink("runs/exp1")  # doctest: +SKIP
+    """
+
+    def __init__(self, log_dir: str | os.PathLike[str] | None = None, *, writer: Any = None, histograms: bool = True):
+        require("tensorboard", "tensorboard")
+        self.log_dir = None if log_dir is None else str(log_dir)
+        self._writer = writer
+        self._owned = writer is None
+        self.histograms = histograms
+        self.name = f"TensorBoardSink({self.log_dir or 'writer'})"
+
+    def open(self) -> None:
+        if self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(log_dir=self.log_dir)
+
+    def write(self, record: "LogRecord") -> None:
+        if self._writer is None:
+            self.open()
+        w = self._writer
+        for tag, value in record_metrics(record).items():
+            w.add_scalar(tag, value, record.step)
+        if self.histograms:
+            import torch
+
+            for site in record.report.sites:
+                w.add_histogram(f"deadrelu/{site.name}/firing_rate", torch.tensor(site.firing_rate), record.step)
+        if record.loss is not None:
+            w.add_scalar("deadrelu/loss", record.loss, record.step)
+        w.flush()
+
+    def close(self) -> None:
+        w, self._writer = self._writer, None
+        if w is not None:
+            if self._owned:
+                w.close()
+            else:
+                w.flush()
+                self._writer = w
+
+
+class WandbSink(Sink):
+    """Log per-site fractions to Weights & Biases (``deadrelu/<site>/dead`` ...).
+
+    Args:
+        run: a ``wandb`` run; defaults to the active ``wandb.run`` at write time.
+        commit: passed to ``log``; ``False`` merges into your next ``wandb.log`` call.
+        histograms: also log the per-unit firing-rate histogram of every site.
+
+    Raises:
+        ModuleNotFoundError: when wandb is not installed.
+
+    Example:
+        >>> sink = WandbSink()  # doctest: +SKIP
+    """
+
+    def __init__(self, run: Any = None, *, commit: bool | None = None, histograms: bool = True) -> None:
+        self._wandb = require("wandb", "wandb")
+        self.run = run
+        self.commit = commit
+        self.histograms = histograms
+        self.name = "WandbSink"
+
+    def write(self, record: "LogRecord") -> None:
+        data: dict[str, Any] = {"deadrelu/step": record.step, **record_metrics(record)}
+        if self.histograms:
+            for site in record.report.sites:
+                data[f"deadrelu/{site.name}/firing_rate"] = self._wandb.Histogram(list(site.firing_rate))
+        run = self.run if self.run is not None else getattr(self._wandb, "run", None)
+        if run is None:
+            raise SinkError("no wandb run: call wandb.init(...) first or pass run=")
+        kwargs = {} if self.commit is None else {"commit": self.commit}
+        run.log(data, **kwargs)
+
+
+class CallbackSink(Sink):
+    """Call ``fn(record)`` at every evaluation (what a plain callable in ``sinks=`` becomes).
+
+    Example:
+        >>> seen = []
+        >>> sink = CallbackSink(seen.append)
+    """
+
+    def __init__(self, fn: Callable[["LogRecord"], Any]) -> None:
+        self.fn = fn
+        self.name = f"CallbackSink({getattr(fn, '__qualname__', type(fn).__name__)})"
+
+    def write(self, record: "LogRecord") -> None:
+        self.fn(record)
+
+
+def as_sink(spec: Any) -> Sink:
+    """Turn a ``sinks=`` entry into a :class:`Sink`: a Sink, a ``.jsonl``/``.csv`` path, or a callable.
+
+    Raises:
+        DeadReluError: for anything else (a path with another suffix, a number, ...).
+
+    Example:
+        >>> as_sink("health.csv").name
+        'CSVSink(health.csv)'
+    """
+    if isinstance(spec, Sink):
+        return spec
+    if isinstance(spec, (str, os.PathLike)):
+        suffix = Path(spec).suffix.lower()
+        if suffix == ".jsonl":
+            return JSONLSink(spec)
+        if suffix == ".csv":
+            return CSVSink(spec)
+        raise DeadReluError(
+            f"cannot tell the log format of {str(spec)!r}: use a .jsonl or .csv path, or a Sink object "
+            "(TensorBoardSink, WandbSink, ...)"
+        )
+    if callable(spec):
+        return CallbackSink(spec)
+    raise DeadReluError(f"a sink must be a Sink, a .jsonl/.csv path or a callable, not {type(spec).__name__}")

@@ -1,0 +1,538 @@
+"""Dataflow discovery for rescue and surgery: which layer makes a unit, and which layers read it.
+
+A report names activation *sites* (module path, call, slot, function); surgery needs
+*layers*. This module traces the model with ``torch.fx`` and, for each site, proves a
+chain of the form::
+
+    producer (Linear / ConvNd, groups=1) -> [BatchNorm] -> activation
+        -> { per-channel ops: Dropout, Identity, pooling, BatchNorm, flatten } -> consumer(s) (Linear / ConvNd)
+
+from the traced graph — never from module order. Anything that breaks the proof
+(a residual add, a ``cat``, a layer called twice, a parameter shared between modules,
+an unsupported layer, an untraceable model) raises :class:`~deadrelu.errors.RefusedError`
+naming the site, before anything is changed.
+
+The mapping from a site to a graph node mirrors :mod:`deadrelu.core.capture`: an activation
+call belongs to the innermost module whose ``forward`` made it, ``call`` counts that
+module's invocations (fx marks the k-th as ``path@k``), and ``slot`` counts activation
+calls made directly by that invocation.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from ..core.activations import ACTIVATION_FUNCTIONS, function_of_module
+from ..errors import DeadReluError, RefusedError
+from ..core.report import Report, SiteReport
+
+__all__ = ["Chain", "Link", "trace", "site_nodes", "find_chains", "activation_name", "describe_node"]
+
+PRODUCERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+CONSUMERS = PRODUCERS
+NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+# Per-channel modules that map a constant channel to a constant channel and zero to zero.
+_PASS_MODULES = (
+    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity,
+    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
+    nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
+)  # fmt: skip
+# Average pooling with zero padding counted in keeps zero but not other constants.
+_ZERO_ONLY_MODULES = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
+_PASS_FUNCTIONS = {
+    F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.max_pool1d, F.max_pool2d, F.max_pool3d,
+    F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool1d,
+    F.adaptive_max_pool2d, F.adaptive_max_pool3d, torch.dropout,
+}  # fmt: skip
+_ZERO_ONLY_FUNCTIONS = {F.avg_pool1d, F.avg_pool2d, F.avg_pool3d}
+_POOL_FUNCTIONS = {f for f in _PASS_FUNCTIONS | _ZERO_ONLY_FUNCTIONS if "dropout" not in getattr(f, "__name__", "dropout")}
+_POOL_FUNCTIONS |= {F.max_pool1d, F.max_pool2d, F.max_pool3d}  # boolean_dispatch wrappers are named "fn"
+_PASS_METHODS = {"contiguous", "clone"}
+_ADDS = {operator.add, operator.iadd, operator.sub, torch.add, torch.sub, "add", "add_", "sub", "sub_"}
+
+
+
+def activation_name(node: fx.Node, modules: dict[str, nn.Module]) -> str | None:
+    """The activation base name a node computes (``"relu"`` for ``relu_`` too), or None."""
+    if node.op == "call_module":
+        return function_of_module(modules[node.target]) if node.target in modules else None
+    if node.op == "call_function":
+        name = getattr(node.target, "__name__", None)
+    elif node.op == "call_method":
+        name = node.target
+    else:
+        return None
+    if not isinstance(name, str):
+        return None
+    base = name[:-1] if name.endswith("_") and not name.startswith("_") else name
+    return base if base in ACTIVATION_FUNCTIONS else None
+
+
+def describe_node(node: fx.Node) -> str:
+    """A short human description of a graph node for error messages."""
+    if node.op == "call_module":
+        return f"module '{node.target}'"
+    if node.op == "call_function":
+        return f"{getattr(node.target, '__name__', node.target)}()"
+    if node.op == "call_method":
+        return f".{node.target}()"
+    if node.op == "output":
+        return "the model output"
+    return f"{node.op} {node.target}"
+
+
+def trace(model: nn.Module, what: str) -> fx.GraphModule:
+    """Symbolically trace ``model`` or refuse, saying why the dataflow cannot be proven."""
+    try:
+        return fx.symbolic_trace(model)
+    except Exception as err:  # fx raises many types (TraceError, TypeError, ...) for dynamic code
+        raise RefusedError(
+            f"{what}: cannot trace {type(model).__name__} with torch.fx ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''}), so its dataflow cannot be proven; nothing was changed"
+        ) from err
+
+
+def _owner(node: fx.Node) -> tuple[str, int]:
+    """(module path, call index) of the innermost module whose forward made this node.
+
+    fx records the module stack per node, innermost last, keyed ``path`` for a module's
+    first call in the trace and ``path@k`` for its k-th; a leaf module's own node lists
+    the leaf itself last.
+    """
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return (str(node.target), 0) if node.op == "call_module" else ("", 0)
+    key = next(reversed(stack))
+    value = stack[key]
+    path = str(node.target) if node.op == "call_module" else (value[0] if isinstance(value, tuple) else key)
+    _, at, call = key.rpartition("@")
+    return path, int(call) if at and call.isdigit() else 0
+
+
+def site_nodes(gm: fx.GraphModule) -> dict[tuple[str, int, int], tuple[fx.Node, str]]:
+    """Map ``(module, call, slot)`` to ``(node, function)`` for every activation node in ``gm``."""
+    modules = dict(gm.named_modules())
+    slots: dict[tuple[str, int], int] = {}
+    out: dict[tuple[str, int, int], tuple[fx.Node, str]] = {}
+    for node in gm.graph.nodes:
+        fn = activation_name(node, modules)
+        if fn is None:
+            continue
+        path, call = _owner(node)
+        slot = slots.get((path, call), 0)
+        slots[(path, call)] = slot + 1
+        out[(path, call, slot)] = (node, fn)
+    return out
+
+
+@dataclass
+class Link:
+    """One consumer of a site's units and the per-channel path that leads to it."""
+
+    path: str
+    module: nn.Module
+    block: int  # columns per unit in the consumer's input (H*W after a flatten, else 1)
+    norms: list[tuple[str, nn.Module]] = field(default_factory=list)  # BatchNorms after the activation
+    zero_only: bool = False  # the path keeps zero but not other constants (avg pooling)
+    fixed: str | None = None  # a reshape that hard-codes the width (prevents pruning), described
+
+
+@dataclass
+class Chain:
+    """A proven producer -> [BatchNorm] -> activation -> consumers chain for one site."""
+
+    site: SiteReport
+    units: tuple[int, ...]
+    node: fx.Node
+    function: str
+    producer_path: str
+    producer: nn.Module
+    norm_path: str | None = None
+    norm: nn.Module | None = None
+    links: list[Link] = field(default_factory=list)
+
+
+
+def _out_units(module: nn.Module) -> int:
+    return module.out_features if isinstance(module, nn.Linear) else module.out_channels  # type: ignore[return-value]
+
+
+def _in_units(module: nn.Module) -> int:
+    return module.in_features if isinstance(module, nn.Linear) else module.in_channels  # type: ignore[return-value]
+
+
+def _is_flatten(node: fx.Node, modules: dict[str, nn.Module]) -> bool | str | None:
+    """True for a flatten from dim 1 to the end, ``"fixed"`` for one that hard-codes the width
+    (``x.view(-1, 400)``), None for another reshape, False for anything else."""
+    if node.op == "call_module":
+        m = modules.get(node.target)  # type: ignore[arg-type]
+        if isinstance(m, nn.Flatten):
+            return m.start_dim == 1 and m.end_dim == -1
+        return False
+    args = list(node.args[1:])
+    kwargs = dict(node.kwargs)
+    if (node.op == "call_function" and node.target is torch.flatten) or (
+        node.op == "call_method" and node.target == "flatten"
+    ):
+        start = kwargs.get("start_dim", args[0] if args else 0)
+        end = kwargs.get("end_dim", args[1] if len(args) > 1 else -1)
+        return start == 1 and end == -1
+    if node.op == "call_method" and node.target in ("view", "reshape"):
+        shape = args[0] if len(args) == 1 and isinstance(args[0], (tuple, list)) else args
+        if len(shape) == 2 and shape[1] == -1 and isinstance(shape[0], fx.Node) and _reads_batch_size(shape[0]):
+            return True  # x.view(x.size(0), -1)
+        if len(shape) == 2 and shape[0] == -1 and isinstance(shape[1], int):
+            # x.view(-1, C*H*W), as in the PyTorch tutorials: a flatten from dim 1 whenever the model
+            # is correct (a wrong C*H*W would merge samples); the consumer's width is checked after.
+            # The constant stays in the code, so the width cannot shrink.
+            return "fixed"
+        return None
+    if node.op == "call_function" and node.target in (torch.reshape,):
+        return None
+    return False
+
+
+def _reads_batch_size(node: fx.Node) -> bool:
+    """True for ``x.size(0)``, which the flatten idiom ``x.view(x.size(0), -1)`` uses."""
+    return (
+        node.op == "call_method"
+        and node.target == "size"
+        and (node.args[1:] == (0,) or (len(node.args) == 1 and node.kwargs.get("dim") == 0))
+    )
+
+
+def _refuse(site: SiteReport, what: str, why: str) -> RefusedError:
+    return RefusedError(f"{what}: site '{site.name}': {why}; nothing was changed")
+
+
+def _check_single_use(
+    path: str, site: SiteReport, what: str, calls: dict[str, int], shared: dict[str, list[str]]
+) -> None:
+    if calls.get(path, 0) > 1:
+        raise _refuse(site, what, f"module '{path}' is called {calls[path]} times in forward (shared weights)")
+    if path in shared:
+        raise _refuse(site, what, f"module '{path}' shares parameters with {', '.join(shared[path])}")
+
+
+def _shared_parameters(model: nn.Module) -> dict[str, list[str]]:
+    """Module path -> other modules holding one of its parameters (tied weights)."""
+    owners: dict[int, set[str]] = {}
+    for mpath, module in model.named_modules(remove_duplicate=False):
+        for p in module.parameters(recurse=False):
+            owners.setdefault(id(p), set()).add(mpath)
+    # A module registered under two names is shared too.
+    out: dict[str, list[str]] = {}
+    for paths in owners.values():
+        if len(paths) > 1:
+            for p in paths:
+                out.setdefault(p, []).extend(sorted(q for q in paths if q != p))
+    return out
+
+
+def find_chains(
+    model: nn.Module,
+    report: Report,
+    select: Callable[[SiteReport], Sequence[int]],
+    what: str,
+    *,
+    consumers: bool = True,
+    sites: Iterable[str] | None = None,
+) -> list[Chain]:
+    """Prove a chain for every site whose ``select(site)`` is non-empty, or refuse.
+
+    Args:
+        model: the model the report was made from.
+        report: a scan of that model.
+        select: the unit indices to act on at a site.
+        what: the operation's name, used in messages.
+        consumers: also prove the consumer side (not needed to change a bias).
+        sites: act only on the sites with these names (default: all).
+
+    Raises:
+        RefusedError: naming the site, when any chain cannot be proven.
+        DeadReluError: a name in ``sites`` is not in the report.
+    """
+    if not isinstance(report, Report):
+        raise RefusedError(f"{what}: expected a deadrelu Report, got {type(report).__name__}; nothing was changed")
+    chosen = report.sites
+    if sites is not None:
+        names = [sites] if isinstance(sites, str) else list(sites)
+        unknown = [n for n in names if n not in {s.name for s in report.sites}]
+        if unknown:
+            raise DeadReluError(
+                f"{what}: no site {', '.join(map(repr, unknown))} in the report; sites are: "
+                f"{', '.join(s.name for s in report.sites)}"
+            )
+        chosen = tuple(s for s in report.sites if s.name in names)
+    wanted = [(s, tuple(select(s))) for s in chosen]
+    wanted = [(s, u) for s, u in wanted if u]
+    if not wanted:
+        return []
+    gm = trace(model, what)
+    modules = dict(gm.named_modules())
+    nodes = site_nodes(gm)
+    calls: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            calls[str(node.target)] = calls.get(str(node.target), 0) + 1
+    shared = _shared_parameters(model)
+    chains = []
+    for site, units in wanted:
+        found = nodes.get((site.module, site.call, site.slot))
+        if found is None:
+            raise _refuse(
+                site,
+                what,
+                f"no matching activation in the traced graph of {type(model).__name__} (is the report from "
+                f"this model, or is the call inside a layer torch.fx does not trace into?)",
+            )
+        node, fn = found
+        if fn != site.function:
+            raise _refuse(site, what, f"the traced graph has {fn} there, the report {site.function}")
+        chain = _producer_side(site, units, node, fn, modules, calls, shared, what)
+        if consumers:
+            chain.links = _consumer_side(chain, modules, calls, shared, what)
+        chains.append(chain)
+    seen: dict[str, str] = {}
+    for chain in chains:
+        for path in {chain.producer_path, chain.norm_path} - {None}:
+            if path in seen:
+                raise _refuse(chain.site, what, f"module '{path}' also produces site '{seen[path]}'")
+            seen[path] = chain.site.name  # type: ignore[index]
+    return chains
+
+
+def _producer_side(
+    site: SiteReport,
+    units: tuple[int, ...],
+    node: fx.Node,
+    fn: str,
+    modules: dict[str, nn.Module],
+    calls: dict[str, int],
+    shared: dict[str, list[str]],
+    what: str,
+) -> Chain:
+    """Walk back from the activation node to its BatchNorm and producing layer."""
+    inp = node.args[0] if node.args else node.kwargs.get("input")
+    if not isinstance(inp, fx.Node):
+        raise _refuse(site, what, "the activation's input is not a traced tensor")
+    norm_path = norm = None
+    cur = inp
+    if cur.op == "call_module" and type(modules.get(cur.target)) in NORMS:  # type: ignore[arg-type]
+        norm_path, norm = str(cur.target), modules[cur.target]  # type: ignore[index]
+        if len(cur.users) != 1:
+            raise _refuse(site, what, f"the output of '{norm_path}' is used outside the activation")
+        cur = cur.args[0]  # type: ignore[assignment]
+    if not (isinstance(cur, fx.Node) and cur.op == "call_module" and type(modules.get(cur.target)) in PRODUCERS):  # type: ignore[arg-type]
+        src = describe_node(cur) if isinstance(cur, fx.Node) else repr(cur)
+        if isinstance(cur, fx.Node) and cur.op == "call_module":
+            src += f" ({type(modules.get(cur.target)).__name__})"  # type: ignore[arg-type]
+        raise _refuse(
+            site, what, f"its input comes from {src}, not from a Linear/Conv layer (optionally through BatchNorm)"
+        )
+    path = str(cur.target)
+    producer = modules[path]
+    if len(cur.users) != 1:
+        users = ", ".join(describe_node(u) for u in cur.users)
+        raise _refuse(site, what, f"the pre-activation output of '{path}' is also used by {users} (residual?)")
+    if getattr(producer, "groups", 1) != 1:
+        raise _refuse(site, what, f"'{path}' is a grouped convolution (groups={producer.groups})")
+    for p in [path] + ([norm_path] if norm_path else []):
+        _check_single_use(p, site, what, calls, shared)
+    n = _out_units(producer)
+    if n != site.units:
+        raise _refuse(site, what, f"'{path}' makes {n} units but the report has {site.units}")
+    if norm is not None and norm.num_features != n:  # type: ignore[union-attr]
+        raise _refuse(site, what, f"'{norm_path}' has {norm.num_features} features, not {n}")  # type: ignore[union-attr]
+    ndim = len(site.shape)
+    expected = ndim - 1 if isinstance(producer, nn.Linear) else 1
+    if site.unit_dim != expected:
+        raise _refuse(site, what, f"the report counts units on dim {site.unit_dim}, '{path}' makes them on dim {expected}")
+    if isinstance(producer, nn.Linear) and norm is not None and ndim > 2:
+        raise _refuse(site, what, f"'{norm_path}' normalises dim 1 of a {ndim}-D Linear output, not its units")
+    return Chain(site, units, node, fn, path, producer, norm_path, norm)
+
+
+def _consumer_side(
+    chain: Chain, modules: dict[str, nn.Module], calls: dict[str, int], shared: dict[str, list[str]], what: str
+) -> list[Link]:
+    """Walk forward from the activation through per-channel ops to every consuming layer."""
+    site = chain.site
+    channels_first = chain.site.unit_dim == 1
+    links: list[Link] = []
+    # (node, flattened, norms, zero_only, hard-coded reshape)
+    todo: list[tuple[fx.Node, bool, list[tuple[str, nn.Module]], bool, str | None]] = [
+        (chain.node, False, [], False, None)
+    ]
+    while todo:
+        node, flat, norms, zero_only, fixed = todo.pop()
+        if not node.users:
+            raise _refuse(site, what, f"the output of {describe_node(node)} is never used")
+        for user in node.users:
+            if _reads_batch_size(user):
+                continue  # x.size(0) reads no unit values and survives pruning
+            if user.target in _ADDS:
+                raise _refuse(site, what, f"its units feed {describe_node(user)}, a residual connection")
+            if user.args[:1] != (node,):
+                raise _refuse(site, what, f"its units feed {describe_node(user)} as a non-first argument")
+            m = modules.get(user.target) if user.op == "call_module" else None  # type: ignore[arg-type]
+            if m is not None and type(m) in CONSUMERS:
+                links.append(_link(chain, user, m, flat, norms, zero_only, calls, shared, what))
+                links[-1].fixed = fixed
+                continue
+            if m is not None and type(m) in NORMS:
+                if flat or m.num_features != site.units or not channels_first and len(site.shape) > 2:
+                    raise _refuse(site, what, f"'{user.target}' does not normalise the site's units")
+                _check_single_use(str(user.target), site, what, calls, shared)
+                todo.append((user, flat, norms + [(str(user.target), m)], zero_only, fixed))
+                continue
+            passes = (m is not None and isinstance(m, _PASS_MODULES)) or (
+                user.op == "call_function" and user.target in _PASS_FUNCTIONS
+            ) or (user.op == "call_method" and user.target in _PASS_METHODS)
+            zero = (m is not None and isinstance(m, _ZERO_ONLY_MODULES)) or (
+                user.op == "call_function" and user.target in _ZERO_ONLY_FUNCTIONS
+            )
+            if passes or zero:
+                pooling = "Pool" in type(m).__name__ if m is not None else user.target in _POOL_FUNCTIONS
+                if pooling and (flat or not channels_first):
+                    raise _refuse(site, what, f"{describe_node(user)} pools over the unit axis")
+                todo.append((user, flat, norms, zero_only or zero, fixed))
+                continue
+            flatten = _is_flatten(user, modules)
+            if flatten and (channels_first or len(site.shape) == 2):
+                hard = f"{describe_node(user)} with a hard-coded width" if flatten == "fixed" else fixed
+                todo.append((user, True, norms, zero_only, hard))
+                continue
+            if flatten is None or flatten:
+                raise _refuse(site, what, f"its units are reshaped by {describe_node(user)} in a way deadrelu cannot follow")
+            kind = f" ({type(m).__name__})" if m is not None else ""
+            raise _refuse(site, what, f"its units feed {describe_node(user)}{kind}, which is not a supported consumer")
+    return links
+
+
+def _link(
+    chain: Chain,
+    user: fx.Node,
+    m: nn.Module,
+    flat: bool,
+    norms: list[tuple[str, nn.Module]],
+    zero_only: bool,
+    calls: dict[str, int],
+    shared: dict[str, list[str]],
+    what: str,
+) -> Link:
+    site = chain.site
+    path = str(user.target)
+    _check_single_use(path, site, what, calls, shared)
+    n_in = _in_units(m)
+    if isinstance(m, nn.Linear):
+        if flat:
+            if n_in % site.units:
+                raise _refuse(site, what, f"'{path}' takes {n_in} inputs, not a multiple of {site.units} units")
+            block = n_in // site.units
+        else:
+            if site.unit_dim != len(site.shape) - 1:
+                raise _refuse(site, what, f"'{path}' reads the last dim, but units are on dim {site.unit_dim}")
+            block = 1
+            if n_in != site.units:
+                raise _refuse(site, what, f"'{path}' takes {n_in} inputs, the site has {site.units} units")
+    else:
+        if flat or site.unit_dim != 1 or n_in != site.units:
+            raise _refuse(site, what, f"'{path}' does not read the site's {site.units} units as its channels")
+        if m.groups != 1:  # type: ignore[union-attr]
+            raise _refuse(site, what, f"'{path}' is a grouped convolution (groups={m.groups})")
+        block = 1
+    return Link(path, m, block, list(norms), zero_only)
+
+
+def columns(link: Link, units: Iterable[int]) -> list[int]:
+    """Consumer input columns (or channels) read from the given units."""
+    return [u * link.block + k for u in units for k in range(link.block)]
+
+
+def _bn_eval(bn: nn.Module, idx: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Eval-mode BatchNorm of the channels ``idx`` applied to per-channel values ``x`` (float64, on CPU)."""
+
+    def pick(t: torch.Tensor | None, default: float) -> torch.Tensor:
+        if t is None:
+            return torch.full((len(idx),), default, dtype=torch.float64)
+        return t.detach()[idx.to(t.device)].double().cpu()
+
+    out = (x.double().cpu() - pick(bn.running_mean, 0.0)) / torch.sqrt(pick(bn.running_var, 1.0) + bn.eps)  # type: ignore[arg-type, operator]
+    if bn.affine:
+        out = out * pick(bn.weight, 1.0) + pick(bn.bias, 0.0)  # type: ignore[arg-type]
+    return out
+
+
+def constant_after(link: Link, units: Sequence[int], value: float | torch.Tensor = 0.0) -> torch.Tensor:
+    """Per unit, the eval-mode value reaching the consumer when the activation outputs ``value`` (per unit)."""
+    out = torch.zeros(len(units), dtype=torch.float64) + torch.as_tensor(value, dtype=torch.float64).cpu()
+    idx = torch.tensor(list(units), dtype=torch.long)
+    for _, bn in link.norms:
+        out = _bn_eval(bn, idx, out)
+    return out
+
+
+def constant_units(chain: Chain, model: nn.Module) -> tuple[tuple[int, ...], torch.Tensor | None]:
+    """The chain's units whose incoming weights are all zero, and the activation's constant output for each.
+
+    Such a unit's pre-activation is its bias (through the eval-mode BatchNorm), whatever the
+    input, so its output is the activation of that constant — computed by calling the
+    activation exactly as the model does. Returns ``((), None)`` when there are none or the
+    call cannot be replayed (an argument computed in forward).
+    """
+    w = chain.producer.weight.detach()  # type: ignore[union-attr]
+    units = tuple(u for u in chain.units if not bool(torch.any(w[u] != 0)))
+    node = chain.node
+    extra = list(node.args[1:]) + list(node.kwargs.values())
+    if not units or any(isinstance(a, fx.Node) for a in extra):
+        return (), None
+    idx = torch.tensor(units, dtype=torch.long)
+    bias = chain.producer.bias  # type: ignore[union-attr]
+    pre = bias.detach()[idx.to(w.device)].double().cpu() if bias is not None else torch.zeros(len(units), dtype=torch.float64)
+    if chain.norm is not None:
+        pre = _bn_eval(chain.norm, idx, pre)
+    shape = [1] * len(chain.site.shape)
+    shape[chain.site.unit_dim] = chain.site.units
+    x = torch.zeros(chain.site.units, dtype=w.dtype, device=w.device)
+    x[idx.to(w.device)] = pre.to(device=w.device, dtype=w.dtype)
+    x = x.view(shape)
+    with torch.no_grad():
+        if node.op == "call_module":
+            y = model.get_submodule(str(node.target))(x)
+        elif node.op == "call_function":
+            y = node.target(x, *node.args[1:], **node.kwargs)  # type: ignore[operator]
+        else:
+            y = getattr(x, str(node.target))(*node.args[1:], **node.kwargs)
+    return units, y.reshape(-1)[idx.to(y.device)].double().cpu()
+
+
+def fold_into_bias(link: Link, units: Sequence[int], consts: torch.Tensor, site: SiteReport, what: str) -> torch.Tensor | None:
+    """The consumer-bias change that keeps the output when the given units' constant input is removed.
+
+    Returns None when every constant is zero. Raises RefusedError where the constant is not
+    exactly foldable (zero-padded convolution, average pooling with padding).
+    """
+    if not torch.any(consts != 0):
+        return None
+    if link.zero_only:
+        raise _refuse(site, what, f"a non-zero constant reaches '{link.path}' through average pooling")
+    m = link.module
+    w = m.weight.detach().double()  # type: ignore[union-attr]
+    if isinstance(m, nn.Linear):
+        cols = torch.tensor(columns(link, units), dtype=torch.long)
+        per_col = consts.repeat_interleave(link.block)
+        return (w[:, cols] * per_col).sum(dim=1)
+    padding = m.padding if isinstance(m.padding, tuple) else (m.padding,)  # type: ignore[union-attr]
+    if m.padding_mode == "zeros" and any(p != 0 for p in padding if isinstance(p, int)) or m.padding == "same":  # type: ignore[union-attr]
+        raise _refuse(
+            site, what, f"a non-zero constant reaches the zero-padded convolution '{link.path}' (not constant at borders)"
+        )
+    idx = torch.tensor(list(units), dtype=torch.long)
+    return (w[:, idx].flatten(2).sum(dim=2) * consts).sum(dim=1)

@@ -1,0 +1,415 @@
+"""Remove dead units structurally: a smaller network that computes the same outputs.
+
+A ReLU unit that never fired on the data outputs exactly 0 there, so it can be removed
+with everything that only exists to make or read it: its row of the producing
+Linear (or output channel of the producing Conv), its BatchNorm channel(s), and its
+input columns of each consuming layer (after a flatten, the whole block of H·W
+columns the channel owns). Where the dead unit's constant reaches a consumer as
+something other than 0 — a BatchNorm after the activation maps 0 to
+``beta - gamma·mean/sqrt(var+eps)`` — that constant times the removed weights is folded
+into the consumer's bias (a bias is added if the consumer had none). The same folding
+removes a dead unit of any other activation whose incoming weights are all zero: its
+output is the activation of its bias, whatever the input.
+
+The dataflow is proven on a ``torch.fx`` trace (see :mod:`deadrelu._graph`); the new
+model is a deep copy of the original with those layers replaced by smaller ones of the
+same class, so it keeps the original's Python class, scripts and exports wherever the
+original does. The original model is never modified.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping
+
+import torch
+from torch import nn
+
+from . import dataflow as _graph
+from ..core.activations import ZERO_WHEN_DEAD_FUNCTIONS
+from ..errors import DataError, DeadReluError, RefusedError
+from ..core.report import Report, SiteReport
+from ..core.inputs import call_arguments, iter_batches, kept_training_flags, model_device, to_device
+
+__all__ = ["prune_dead", "PruneResult", "count_parameters", "count_macs"]
+
+# Activations whose output on a dead unit (never above a threshold <= 0) is exactly 0.
+
+
+@dataclass(frozen=True)
+class PruneResult:
+    """The outcome of :func:`prune_dead`.
+
+    Attributes:
+        model: the new, smaller model (a modified deep copy; the original is untouched).
+        removed: per site name, the unit indices removed.
+        kept: per site name, dead units kept because removing them all would leave a layer empty.
+        skipped: per site name, why its dead units were not removed (not a ReLU site, ...).
+        params_before: parameters of the original (shared tensors counted once).
+        params_after: parameters of the pruned model.
+        macs_before: multiply-accumulates per sample of the original's Linear and Conv layers
+            (``out.numel() × in_features`` / ``out.numel() × in_channels/groups × kernel``,
+            measured on the first batch of ``data``); None without data.
+        macs_after: the same for the pruned model.
+        max_abs_diff: largest absolute output difference on ``data`` (None without data).
+    """
+
+    model: nn.Module
+    removed: dict[str, tuple[int, ...]]
+    kept: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+    params_before: int = 0
+    params_after: int = 0
+    macs_before: int | None = None
+    macs_after: int | None = None
+    max_abs_diff: float | None = None
+
+    @property
+    def units_removed(self) -> int:
+        """Total number of units removed."""
+        return sum(len(u) for u in self.removed.values())
+
+    def __str__(self) -> str:
+        lines = [f"prune_dead: removed {self.units_removed} unit(s) at {sum(1 for u in self.removed.values() if u)} site(s)"]
+        for name, units in self.removed.items():
+            lines.append(f"  {name}: removed {len(units)}")
+        for name, units in self.kept.items():
+            lines.append(f"  {name}: kept dead unit(s) {list(units)} so the layer is not empty")
+        for name, why in self.skipped.items():
+            lines.append(f"  {name}: skipped ({why})")
+        lines.append(f"  parameters: {self.params_before:,} -> {self.params_after:,}")
+        if self.macs_before is not None:
+            lines.append(f"  MACs/sample: {self.macs_before:,} -> {self.macs_after:,}")
+        if self.max_abs_diff is not None:
+            lines.append(f"  max |output difference| on the data: {self.max_abs_diff:.3g}")
+        return "\n".join(lines)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of parameter elements, shared tensors counted once.
+
+    Example:
+        >>> count_parameters(torch.nn.Linear(3, 2))
+        8
+    """
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_macs(model: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> int:
+    """Multiply-accumulates per sample of all Linear and Conv calls in one forward.
+
+    Only Linear (``out.numel() × in_features``) and ConvNd (``out.numel() ×
+    in_channels/groups × prod(kernel)``) are counted; norms, activations and pooling are
+    cheap by comparison and left out. The total is divided by the batch size, taken as
+    the first dimension of the first tensor argument.
+
+    Example:
+        >>> count_macs(torch.nn.Linear(3, 2), (torch.randn(5, 3),), {})
+        6
+    """
+    total = 0
+
+    def hook(module: nn.Module, inputs: Any, out: Any) -> None:
+        nonlocal total
+        if not isinstance(out, torch.Tensor):
+            return
+        if isinstance(module, nn.Linear):
+            total += out.numel() * module.in_features
+        else:
+            k = 1
+            for s in module.kernel_size:  # type: ignore[union-attr]
+                k *= s
+            total += out.numel() * (module.in_channels // module.groups) * k  # type: ignore[union-attr, operator]
+
+    counted = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)  # transposed convs count differently: left out
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, counted)]
+    try:
+        with torch.no_grad():
+            model(*args, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    first = next((a for a in list(args) + list(kwargs.values()) if isinstance(a, torch.Tensor)), None)
+    n = first.shape[0] if first is not None and first.ndim else 1
+    return total // max(n, 1)
+
+
+def _select(site: SiteReport) -> tuple[int, ...]:
+    if site.function in ZERO_WHEN_DEAD_FUNCTIONS and site.fire_threshold <= 0:
+        return site.dead_units
+    return ()
+
+
+def _constant_chain(
+    model: nn.Module, report: Report, site: SiteReport, what: str
+) -> tuple[_graph.Chain | None, torch.Tensor | None]:
+    """For a non-ReLU site: a chain over its dead units whose output is provably constant, if any."""
+    try:
+        (chain,) = _graph.find_chains(model, report, lambda s: s.dead_units if s is site else (), what)
+    except RefusedError:
+        return None, None  # stays skipped: its units are not provably constant anyway
+    units, value = _graph.constant_units(chain, model)
+    if not units:
+        return None, None
+    chain.units = units
+    return chain, value
+
+
+def _skip_reason(site: SiteReport) -> str | None:
+    if not site.dead_units:
+        return None
+    if site.function not in ZERO_WHEN_DEAD_FUNCTIONS:
+        return f"a dead {site.function} unit still outputs a non-constant value"
+    if site.fire_threshold > 0:
+        return f"scanned with fire threshold {site.fire_threshold:g} > 0, so dead units may output up to it"
+    return None
+
+
+@dataclass
+class _Edit:
+    """What to cut from one module: output rows/channels, input columns, and a bias change."""
+
+    out: set[int] = field(default_factory=set)
+    inp: set[int] = field(default_factory=set)
+    bias: torch.Tensor | None = None  # float64, full output size
+
+
+def _keep(n: int, drop: set[int]) -> torch.Tensor:
+    return torch.tensor([i for i in range(n) if i not in drop], dtype=torch.long)
+
+
+def _smaller(old: nn.Module, edit: _Edit) -> nn.Module:
+    """A new module of the same class without the cut rows/columns/channels."""
+    w = old.weight if hasattr(old, "weight") else None
+    dev = dtype = None
+    for t in list(old.parameters()) + list(old.buffers()):
+        if t.is_floating_point():
+            dev, dtype = t.device, t.dtype
+            break
+    if isinstance(old, nn.PReLU):
+        keep = _keep(old.num_parameters, edit.out)
+        new = nn.PReLU(len(keep), device=dev, dtype=dtype)
+        new.weight.data.copy_(old.weight.data[keep])
+        new.weight.requires_grad_(old.weight.requires_grad)
+        new.train(old.training)
+        return new
+    if isinstance(old, nn.modules.batchnorm._BatchNorm):
+        keep = _keep(old.num_features, edit.out)
+        new = type(old)(len(keep), old.eps, old.momentum, old.affine, old.track_running_stats, device=dev, dtype=dtype)
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            src, dst = getattr(old, name), getattr(new, name)
+            if src is not None:
+                dst.data.copy_(src.data[keep])
+                dst.requires_grad_(src.requires_grad)
+        if old.num_batches_tracked is not None:
+            new.num_batches_tracked.copy_(old.num_batches_tracked)
+        new.train(old.training)
+        return new
+    assert w is not None
+    n_out, n_in = w.shape[0], w.shape[1]
+    keep_out, keep_in = _keep(n_out, edit.out), _keep(n_in, edit.inp)
+    has_bias = old.bias is not None or edit.bias is not None
+    if isinstance(old, nn.Linear):
+        new = nn.Linear(len(keep_in), len(keep_out), bias=has_bias, device=dev, dtype=dtype)
+    else:
+        new = type(old)(
+            len(keep_in), len(keep_out), old.kernel_size, stride=old.stride, padding=old.padding,  # type: ignore[arg-type]
+            dilation=old.dilation, groups=old.groups, bias=has_bias, padding_mode=old.padding_mode,  # type: ignore[arg-type]
+            device=dev, dtype=dtype,
+        )  # fmt: skip
+    new.weight.data.copy_(w.data[keep_out][:, keep_in])
+    new.weight.requires_grad_(w.requires_grad)
+    if has_bias:
+        bias = old.bias.data.double() if old.bias is not None else torch.zeros(n_out, dtype=torch.float64, device=w.device)
+        if edit.bias is not None:
+            bias = bias + edit.bias.to(bias.device)
+        new.bias.data.copy_(bias[keep_out].to(new.bias.dtype))
+        if old.bias is not None:
+            new.bias.requires_grad_(old.bias.requires_grad)
+    new.train(old.training)
+    return new
+
+
+def _replace(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(model.get_submodule(parent), name, module)
+
+
+def _outputs(obj: Any) -> list[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, (tuple, list)):
+        return [t for o in obj for t in _outputs(o)]
+    if isinstance(obj, Mapping):
+        return [t for o in obj.values() for t in _outputs(o)]
+    return []
+
+
+def _compare(
+    original: nn.Module, pruned: nn.Module, data: Any, input_fn: Callable[[Any], Any] | None, batch_size: int
+) -> tuple[float, tuple[Any, ...], dict[str, Any]]:
+    """Largest absolute output difference over all batches (eval mode, no grad), plus the first batch's inputs."""
+    device = model_device(original)
+    worst = 0.0
+    first: tuple[tuple[Any, ...], dict[str, Any]] | None = None
+    with kept_training_flags(original, pruned), torch.no_grad():
+        original.eval()
+        pruned.eval()
+        for batch in iter_batches(data, batch_size):
+            args, kwargs = call_arguments(to_device(batch, device), input_fn)
+            if first is None:
+                first = (args, kwargs)
+            a, b = _outputs(original(*args, **kwargs)), _outputs(pruned(*args, **kwargs))
+            if len(a) != len(b) or any(x.shape != y.shape for x, y in zip(a, b)):
+                return float("inf"), args, kwargs
+            for x, y in zip(a, b):
+                if x.numel():
+                    worst = max(worst, float((x.double() - y.double()).abs().max()))
+    if first is None:
+        raise DataError("prune_dead: the data held no batches to verify on")
+    return worst, first[0], first[1]
+
+
+def prune_dead(
+    model: nn.Module,
+    report: Report,
+    data: Any = None,
+    *,
+    input_fn: Callable[[Any], Any] | None = None,
+    batch_size: int = 256,
+    tolerance: float = 1e-5,
+    sites: Iterable[str] | None = None,
+) -> PruneResult:
+    """Return a smaller copy of ``model`` without the dead ReLU units in ``report``.
+
+    For each site, every dead unit's producing row/channel, BatchNorm channel(s) and
+    consuming columns/channels are removed (see the module docstring). A site whose
+    units are all dead keeps one, so no layer becomes empty. A dead unit of a non-ReLU
+    site is removed only when its incoming weights are all zero: its output is then the
+    activation of its (eval-mode BatchNorm'd) bias, a constant folded into the consumer's
+    bias; other dead non-ReLU units still pass a signal and are skipped (listed in
+    ``result.skipped``). A per-channel PReLU shrinks with its layer.
+
+    Args:
+        model: the scanned model; never modified.
+        report: a :class:`~deadrelu.Report` of ``model`` (ideally on the data you will verify on).
+        data: optional data (as for :func:`deadrelu.scan`): when given, outputs of the
+            pruned and original model are compared on all of it (eval mode) and the
+            pruning is refused if they differ by more than ``tolerance``; it also gives
+            the input for counting MACs.
+        input_fn: ``batch -> model input``, as for :func:`deadrelu.scan`.
+        batch_size: rows per batch when ``data`` is a tensor.
+        tolerance: the largest accepted absolute output difference (default 1e-5).
+        sites: only prune these sites (by report name); default all.
+
+    Returns:
+        A :class:`PruneResult` with the new model, removed unit indices, and parameter
+        and MAC counts before and after.
+
+    Raises:
+        RefusedError: the graph cannot be rewritten safely (residual add, shared weights,
+            unsupported layer, untraceable model, a constant that cannot be folded), or
+            the outputs on ``data`` differ by more than ``tolerance``.
+        DataError: ``data`` is unusable.
+
+    Example:
+        >>> import torch, deadrelu
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+        >>> x = torch.randn(64, 4)
+        >>> result = deadrelu.prune_dead(net, deadrelu.scan(net, x), data=x)
+        >>> result.params_after <= result.params_before
+        True
+    """
+    what = "prune_dead"
+    if not isinstance(model, nn.Module):
+        raise DeadReluError(f"{what}: model must be a torch.nn.Module, not {type(model).__name__}")
+    if not tolerance >= 0:
+        raise DeadReluError(f"{what}: tolerance must be >= 0, got {tolerance}")
+    chains = _graph.find_chains(model, report, _select, what, sites=sites)
+    chosen = None if sites is None else ({sites} if isinstance(sites, str) else set(sites))
+    skipped = {
+        s.name: r
+        for s in report.sites
+        if (chosen is None or s.name in chosen) and (r := _skip_reason(s)) is not None
+    }
+    values: dict[str, torch.Tensor | float] = {c.site.name: 0.0 for c in chains}
+    for site in report.sites:
+        if site.name in skipped and site.function not in ZERO_WHEN_DEAD_FUNCTIONS:
+            chain, value = _constant_chain(model, report, site, what)
+            if chain is not None:
+                chains.append(chain)
+                values[site.name] = value  # type: ignore[assignment]
+                left = len(site.dead_units) - len(chain.units)
+                if left:
+                    skipped[site.name] = f"{left} dead {site.function} unit(s) with non-zero incoming weights are not constant"
+                else:
+                    del skipped[site.name]
+    edits: dict[str, _Edit] = {}
+    removed: dict[str, tuple[int, ...]] = {}
+    kept: dict[str, tuple[int, ...]] = {}
+    for chain in chains:
+        units = chain.units
+        value = values[chain.site.name]
+        if len(units) == chain.site.units:
+            kept[chain.site.name] = units[:1]
+            units = units[1:]
+            if isinstance(value, torch.Tensor):
+                value = value[1:]
+        removed[chain.site.name] = units
+        if not units:
+            continue
+        edits.setdefault(chain.producer_path, _Edit()).out.update(units)
+        act = model.get_submodule(str(chain.node.target)) if chain.node.op == "call_module" else None
+        if isinstance(act, nn.PReLU) and act.num_parameters > 1:
+            # One slope per unit: the PReLU shrinks with the layer, so it must serve this site only.
+            if sum(s.module == chain.node.target for s in report.sites) > 1:
+                raise RefusedError(
+                    f"{what}: site '{chain.site.name}': the per-channel PReLU '{chain.node.target}' is used at "
+                    "several sites; nothing was changed"
+                )
+            edits.setdefault(str(chain.node.target), _Edit()).out.update(units)
+        if chain.norm_path:
+            edits.setdefault(chain.norm_path, _Edit()).out.update(units)
+        for link in chain.links:
+            if link.fixed:
+                raise RefusedError(
+                    f"{what}: site '{chain.site.name}': its units reach '{link.path}' through {link.fixed}, which "
+                    "cannot shrink; write x.flatten(1) or x.view(x.size(0), -1) instead; nothing was changed"
+                )
+            for norm_path, _ in link.norms:
+                edits.setdefault(norm_path, _Edit()).out.update(units)
+            consts = _graph.constant_after(link, units, value)
+            delta = _graph.fold_into_bias(link, units, consts, chain.site, what)
+            edit = edits.setdefault(link.path, _Edit())
+            edit.inp.update(_graph.columns(link, units))
+            if delta is not None:
+                edit.bias = delta if edit.bias is None else edit.bias + delta
+    pruned = copy.deepcopy(model)
+    originals = dict(model.named_modules())
+    for path, edit in edits.items():
+        _replace(pruned, path, _smaller(originals[path], edit))
+    result = dict(
+        model=pruned,
+        removed=removed,
+        kept=kept,
+        skipped=skipped,
+        params_before=count_parameters(model),
+        params_after=count_parameters(pruned),
+    )
+    if data is not None:
+        diff, args, kwargs = _compare(model, pruned, data, input_fn, batch_size)
+        if not diff <= tolerance:
+            raise RefusedError(
+                f"{what}: the pruned model's outputs differ from the original's by up to {diff:.3g} on the data "
+                f"(tolerance {tolerance:g}); the report may not be from this data; nothing was changed"
+            )
+        with kept_training_flags(model, pruned):
+            model.eval()
+            pruned.eval()
+            result.update(
+                macs_before=count_macs(model, args, kwargs),
+                macs_after=count_macs(pruned, args, kwargs),
+                max_abs_diff=diff,
+            )
+    return PruneResult(**result)  # type: ignore[arg-type]

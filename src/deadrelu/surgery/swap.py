@@ -1,0 +1,379 @@
+"""Replace ReLU by another activation: modules by surgery, functional calls by an fx rewrite.
+
+``nn.ReLU`` modules are replaced in their parent. A functional call (``F.relu``,
+``torch.relu``, ``x.relu()``, ``x.relu_()``, ``F.relu(x, inplace=True)``) lives in some
+module's ``forward`` code and cannot be replaced by surgery; instead that module is
+traced with torch.fx *shallowly* (its children stay opaque calls, so only its own code
+is in the graph), each ReLU node is replaced by a call to a new activation submodule,
+and the module is replaced in its parent by the resulting ``torch.fx.GraphModule``
+(same parameter objects, so optimizers still hold them). An in-place call stays in place
+(``inplace=True`` where the new activation has it, else an explicit ``copy_``), so code
+that relies on the side effect keeps working.
+
+The root module cannot be replaced in place: functional calls in the root's own forward
+need ``copy=True`` (the result is then a GraphModule) or are refused. A module that
+torch.fx cannot trace is read as source code; if it mentions ``relu`` it is refused
+with its file and line, because the call could not be rewritten.
+"""
+
+from __future__ import annotations
+
+import copy as _copy
+import inspect
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from ..errors import DeadReluError, RefusedError
+from ..core.report import Report
+
+__all__ = ["swap_activations", "SwapResult", "ActivationChange", "TARGETS"]
+
+#: Activations ReLU can be swapped to.
+TARGETS = ("leaky_relu", "prelu", "elu", "selu", "gelu", "silu")
+_RELU_FUNCTIONS = {F.relu, torch.relu, torch.relu_, F.relu_}
+_RELU_METHODS = {"relu", "relu_"}
+_RELU_SOURCE = re.compile(r"\brelu_?\b")
+
+
+@dataclass(frozen=True)
+class ActivationChange:
+    """One replaced activation.
+
+    Attributes:
+        site: the module path of a replaced module, or ``"path:node"`` for a functional call
+            (``"<root>"`` for the root module).
+        kind: ``"module"``, ``"function"`` or ``"attribute"`` (an ``activation=F.relu`` attribute).
+        old: what was there, e.g. ``"ReLU(inplace=True)"`` or ``"torch.relu"``.
+        new: the new activation's repr, e.g. ``"LeakyReLU(negative_slope=0.01)"``.
+    """
+
+    site: str
+    kind: str
+    old: str
+    new: str
+
+
+@dataclass(frozen=True)
+class SwapResult:
+    """The outcome of :func:`swap_activations`.
+
+    Attributes:
+        model: the changed model — the same object unless ``copy=True`` (or a GraphModule
+            when the root's own forward had functional calls and ``copy=True``).
+        changes: one :class:`ActivationChange` per replaced activation.
+        reinitialised: Linear/Conv layers given LeCun-normal weights (``selu_init=True``).
+    """
+
+    model: nn.Module
+    changes: list[ActivationChange]
+    reinitialised: tuple[str, ...] = ()
+
+    def __str__(self) -> str:
+        lines = [f"swap_activations: {len(self.changes)} activation(s) replaced"]
+        lines += [f"  {c.site}: {c.old} -> {c.new}" for c in self.changes]
+        if self.reinitialised:
+            lines.append(f"  LeCun-normal re-initialised: {', '.join(self.reinitialised)}")
+        return "\n".join(lines)
+
+
+class _ShallowTracer(fx.Tracer):
+    """Keeps every submodule opaque so the graph holds only the module's own forward code."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return True
+
+
+def _is_relu_node(node: fx.Node) -> bool:
+    if node.op == "call_function":
+        return node.target in _RELU_FUNCTIONS
+    return node.op == "call_method" and node.target in _RELU_METHODS
+
+
+def _inplace(node: fx.Node) -> bool:
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+    return str(name).endswith("_") or bool(node.kwargs.get("inplace")) or (len(node.args) > 1 and node.args[1] is True)
+
+
+def _is_user_code(m: nn.Module) -> bool:
+    """True for modules whose forward is not torch.nn's own (those are handled separately)."""
+    return isinstance(m, fx.GraphModule) or not type(m).__module__.startswith("torch.nn")
+
+
+def _label(path: str) -> str:
+    return path or "<root>"
+
+
+def _width(node: Any, modules: dict[str, nn.Module]) -> int | None:
+    """Channels of the tensor a node produces, when it comes straight from a Linear/Conv/BatchNorm."""
+    if isinstance(node, fx.Node) and node.op == "call_module":
+        m = modules.get(str(node.target))
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            return m.num_features
+        if isinstance(m, nn.Linear):
+            return m.out_features
+        if isinstance(m, nn.modules.conv._ConvNd):
+            return m.out_channels
+    return None
+
+
+def _module_widths(model: nn.Module, report: Report | None) -> dict[str, int]:
+    """Per ReLU-module path, its channel count where it is used at exactly one place."""
+    if report is not None:
+        out: dict[str, int] = {}
+        counts: dict[str, int] = {}
+        for s in report.sites:
+            counts[s.module] = counts.get(s.module, 0) + 1
+            if s.unit_dim == 1 or len(s.shape) <= 2:
+                out[s.module] = s.units
+        return {k: v for k, v in out.items() if counts[k] == 1}
+    try:
+        gm = fx.symbolic_trace(model)
+    except Exception:  # untraceable: PReLU falls back to one shared slope
+        return {}
+    modules = dict(gm.named_modules())
+    seen: dict[str, list[int | None]] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and type(modules.get(node.target)) is nn.ReLU:
+            seen.setdefault(str(node.target), []).append(_width(node.args[0] if node.args else None, modules))
+    return {k: v[0] for k, v in seen.items() if len(v) == 1 and v[0] is not None}
+
+
+def _new_activation(to: str, inplace: bool, width: int | None, slope: float, like: torch.Tensor | None) -> nn.Module:
+    if to == "leaky_relu":
+        return nn.LeakyReLU(slope, inplace=inplace)
+    if to == "prelu":
+        kw = {"device": like.device, "dtype": like.dtype} if like is not None else {}
+        return nn.PReLU(width or 1, **kw)
+    if to == "elu":
+        return nn.ELU(inplace=inplace)
+    if to == "selu":
+        return nn.SELU(inplace=inplace)
+    if to == "gelu":
+        return nn.GELU()
+    return nn.SiLU(inplace=inplace)
+
+
+def _has_inplace(to: str) -> bool:
+    return to in ("leaky_relu", "elu", "selu", "silu")
+
+
+def _source_mentions_relu(m: nn.Module, path: str) -> None:
+    """Refuse an untraceable module whose forward source calls relu; pass one that does not."""
+    fwd = type(m).forward
+    try:
+        lines, start = inspect.getsourcelines(fwd)
+        file = inspect.getsourcefile(fwd)
+    except (OSError, TypeError) as err:
+        raise RefusedError(
+            f"swap_activations: {_label(path)} ({type(m).__name__}) cannot be traced by torch.fx and its "
+            "source is unavailable, so functional relu calls in its forward cannot be ruled out; nothing was changed"
+        ) from err
+    for i, line in enumerate(lines):
+        code = line.split("#", 1)[0]
+        if _RELU_SOURCE.search(code):
+            raise RefusedError(
+                f"swap_activations: functional relu call at {file}:{start + i} in {_label(path)} "
+                f"({type(m).__name__}.forward) cannot be rewritten: torch.fx cannot trace that module; "
+                "use an nn.ReLU module there; nothing was changed"
+            )
+
+
+def _lecun(model: nn.Module, gen: torch.Generator | None) -> list[tuple[str, nn.Module, torch.Tensor, torch.Tensor | None]]:
+    """LeCun-normal weights ``N(0, 1/fan_in)`` and zero bias for every Linear/Conv (what SELU assumes)."""
+    plans = []
+    for path, m in model.named_modules():
+        if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)):
+            w = m.weight
+            new = torch.randn(tuple(w.shape), generator=gen, dtype=torch.float32) / math.sqrt(w[0].numel())
+            bias = torch.zeros_like(m.bias) if m.bias is not None else None
+            plans.append((path, m, new.to(w.device, w.dtype), bias))
+    return plans
+
+
+def swap_activations(
+    model: nn.Module,
+    to: str = "leaky_relu",
+    *,
+    copy: bool = False,
+    negative_slope: float = 0.01,
+    selu_init: bool = False,
+    report: Report | None = None,
+    generator: torch.Generator | None = None,
+) -> SwapResult:
+    """Replace every ReLU — modules and functional calls, in-place ones included — by another activation.
+
+    * ``nn.ReLU`` modules are replaced in their parent module.
+    * Functional calls in a module's own ``forward`` are rewritten with torch.fx: that
+      module becomes a ``torch.fx.GraphModule`` holding the same parameters, calling a
+      new activation submodule (``swapped_act_<k>``) where ``relu`` was called.
+    * An ``activation=F.relu`` attribute (``nn.TransformerEncoderLayer``) is replaced.
+
+    ``"prelu"`` gets one slope per channel where the width is known: from ``report``
+    (when given) or from the Linear/Conv/BatchNorm feeding the ReLU; a ReLU module used
+    at several places, or of unknown width, gets one shared slope. GELU and PReLU have
+    no in-place form: an ``nn.ReLU(inplace=True)`` module is replaced out of place (its
+    return value is what ``forward`` uses), while an in-place functional call is kept
+    in place with an explicit ``copy_``.
+
+    Args:
+        model: the model to change.
+        to: one of ``"leaky_relu"``, ``"prelu"``, ``"elu"``, ``"selu"``, ``"gelu"``, ``"silu"``.
+        copy: change a deep copy and leave ``model`` untouched.
+        negative_slope: the LeakyReLU slope.
+        selu_init: with ``to="selu"``, also give every Linear/Conv LeCun-normal weights
+            (``N(0, 1/fan_in)``) and zero bias, which self-normalisation assumes.
+        report: optional scan of ``model``, used only for PReLU channel counts.
+        generator: random generator for ``selu_init``.
+
+    Returns:
+        A :class:`SwapResult` with the changed model and the list of changes.
+
+    Raises:
+        RefusedError: a functional call cannot be rewritten (the root's own forward with
+            ``copy=False``, or an untraceable module that calls relu); nothing is changed.
+        DeadReluError: for an unknown ``to`` or a bad argument.
+
+    Example:
+        >>> import torch, deadrelu
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+        >>> result = deadrelu.swap_activations(net, to="leaky_relu")
+        >>> result.changes[0].new
+        'LeakyReLU(negative_slope=0.01)'
+    """
+    if to not in TARGETS:
+        raise DeadReluError(f"swap_activations: to must be one of {', '.join(TARGETS)}; got {to!r}")
+    if not isinstance(model, nn.Module):
+        raise DeadReluError(f"swap_activations: model must be a torch.nn.Module, not {type(model).__name__}")
+    if selu_init and to != "selu":
+        raise DeadReluError("swap_activations: selu_init=True needs to='selu'")
+    if not (isinstance(negative_slope, (int, float)) and math.isfinite(negative_slope)):
+        raise DeadReluError(f"swap_activations: negative_slope must be a finite number, got {negative_slope!r}")
+    target = _copy.deepcopy(model) if copy else model
+    like = next(iter(target.parameters()), None)
+    widths = _module_widths(target, report) if to == "prelu" else {}
+
+    # Analysis: nothing below changes the model until every rewrite is known to be possible.
+    module_swaps = [
+        (path, m) for path, m in target.named_modules(remove_duplicate=False) if type(m) is nn.ReLU and path
+    ]
+    attr_swaps = [
+        (path, m) for path, m in target.named_modules() if getattr(m, "activation", None) in (F.relu, torch.relu)
+    ]
+    graphs: list[tuple[str, nn.Module, fx.Graph, list[fx.Node]]] = []
+    for path, m in target.named_modules():
+        if not _is_user_code(m):
+            continue
+        try:
+            graph = _ShallowTracer().trace(m)
+        except Exception:  # any trace failure: fall back to reading the source
+            _source_mentions_relu(m, path)
+            continue
+        nodes = [n for n in graph.nodes if _is_relu_node(n)]
+        if not nodes:
+            continue
+        if not path and not copy:
+            where = ", ".join(f"'{n.name}'" for n in nodes)
+            raise RefusedError(
+                f"swap_activations: functional relu call(s) {where} in <root> ({type(m).__name__}.forward) cannot "
+                "be rewritten in place; pass copy=True to get a torch.fx.GraphModule copy with them replaced, "
+                "or use nn.ReLU modules; nothing was changed"
+            )
+        graphs.append((path, m, graph, nodes))
+    if type(target) is nn.ReLU:
+        raise RefusedError("swap_activations: the model itself is an nn.ReLU; pass copy=True or wrap it")
+    selu_plans = _lecun(target, generator) if selu_init else []
+
+    changes: list[ActivationChange] = []
+    undo: list[tuple[nn.Module, str, Any]] = []
+    saved = [(m, m.weight.detach().clone(), None if m.bias is None else m.bias.detach().clone()) for _, m, _, _ in selu_plans]
+    result_model = target
+    try:
+        for path, m in module_swaps:
+            parent_path, _, name = path.rpartition(".")
+            parent = target.get_submodule(parent_path)
+            new = _new_activation(to, m.inplace and _has_inplace(to), widths.get(path), negative_slope, like)
+            undo.append((parent, name, getattr(parent, name)))
+            setattr(parent, name, new)
+            changes.append(ActivationChange(path, "module", repr(m), repr(new)))
+        for path, m in attr_swaps:
+            new = _new_activation(to, False, None, negative_slope, like)
+            undo.append((m, "activation", m.activation))
+            m.activation = new
+            if hasattr(m, "activation_relu_or_gelu"):
+                # The fused fast path of nn.TransformerEncoderLayer would still apply ReLU.
+                undo.append((m, "activation_relu_or_gelu", m.activation_relu_or_gelu))
+                m.activation_relu_or_gelu = 0
+            changes.append(ActivationChange(f"{path}.activation" if path else "activation", "attribute", "F.relu", repr(new)))
+        # Deepest modules first, so a parent's GraphModule picks up its rewritten children.
+        for path, m, graph, nodes in sorted(graphs, key=lambda g: -g[0].count(".") - bool(g[0])):
+            gm = _rewrite(m, graph, nodes, to, negative_slope, like, path, changes)
+            if path:
+                parent_path, _, name = path.rpartition(".")
+                parent = target.get_submodule(parent_path)
+                undo.append((parent, name, getattr(parent, name)))
+                setattr(parent, name, gm)
+            else:
+                result_model = gm
+        with torch.no_grad():
+            for _, m, w, b in selu_plans:
+                m.weight.copy_(w)
+                if b is not None:
+                    m.bias.copy_(b)
+    except BaseException:
+        for parent, name, old in reversed(undo):
+            setattr(parent, name, old)
+        with torch.no_grad():
+            for m, w, b in saved:
+                m.weight.copy_(w)
+                if b is not None:
+                    m.bias.copy_(b)
+        raise
+    return SwapResult(result_model, changes, tuple(p for p, *_ in selu_plans))
+
+
+def _rewrite(
+    m: nn.Module,
+    graph: fx.Graph,
+    nodes: list[fx.Node],
+    to: str,
+    slope: float,
+    like: torch.Tensor | None,
+    path: str,
+    changes: list[ActivationChange],
+) -> fx.GraphModule:
+    """A GraphModule of ``m`` whose relu nodes call new activation submodules."""
+    gm = fx.GraphModule(m, graph, class_name=type(m).__name__)
+    modules = dict(gm.named_modules())
+    for k, node in enumerate(nodes):
+        src = node.args[0] if node.args else node.kwargs.get("input")
+        # In-place only matters when the input tensor is read again; otherwise go out of place.
+        inplace = _inplace(node) and isinstance(src, fx.Node) and any(u is not node for u in src.users)
+        act = _new_activation(to, inplace and _has_inplace(to), _width(src, modules), slope, like)
+        name = f"swapped_act_{k}"
+        while hasattr(gm, name):
+            name += "_"
+        gm.add_submodule(name, act)
+        with gm.graph.inserting_after(node):
+            new = gm.graph.call_module(name, (src,))
+        final = new
+        if inplace and not _has_inplace(to):
+            # act(x.clone()) then x.copy_(...): the activation's saved input is not overwritten.
+            with gm.graph.inserting_before(new):
+                twin = gm.graph.call_method("clone", (src,))
+            new.args = (twin,)
+            with gm.graph.inserting_after(new):
+                final = gm.graph.call_method("copy_", (src, new))
+        old = f".{node.target}()" if node.op == "call_method" else f"{getattr(node.target, '__module__', 'torch')}.{node.target.__name__}"  # type: ignore[union-attr]
+        node.replace_all_uses_with(final)
+        gm.graph.erase_node(node)
+        changes.append(ActivationChange(f"{_label(path)}:{node.name}", "function", old, repr(act)))
+    gm.graph.lint()
+    gm.recompile()
+    gm.train(m.training)
+    return gm
