@@ -18,7 +18,9 @@ from deadrelu.lab.idx import write_idx
 
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     # The pickled fixture model refers to fixtures.models, so the tests folder must be importable.
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    # Keep any PYTHONPATH the suite runs under (a source checkout) in front.
+    paths = [p for p in (os.environ.get("PYTHONPATH"), str(Path(__file__).parents[1])) if p]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
     return subprocess.run(
         [sys.executable, "-m", "deadrelu", *args], capture_output=True, text=True, cwd=cwd, timeout=120, env=env
     )
@@ -63,7 +65,7 @@ def files(tmp_path_factory):
             def not_a_model():
                 return 42
             """
-            % str(Path(__file__).parent)
+            % str(Path(__file__).parents[1])
         )
     )
     mnist = d / "mnist"

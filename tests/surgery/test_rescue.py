@@ -510,7 +510,7 @@ def test_docs_snippet_runs_and_prints_what_it_says():
     import pathlib
     import re
 
-    doc = pathlib.Path(__file__).resolve().parents[1] / "docs" / "rescue.md"
+    doc = pathlib.Path(__file__).resolve().parents[2] / "docs" / "rescue.md"
     code = re.search(r"```python\n(.*?)```", doc.read_text(), re.S).group(1)
     namespace: dict = {}
     exec(compile(code, str(doc), "exec"), namespace)
