@@ -79,7 +79,8 @@ def files(tmp_path_factory):
 def test_scan_each_model_format_writes_json(files, model_file):
     d, model, x = files
     out = d / f"{model_file}.json"
-    res = run_cli("scan", model_file, "--data", "x.pt", "--json", str(out), "--batch-size", "16", cwd=d)
+    trust = [] if model_file == "scripted.pt" else ["--trust-pickle"]  # pickles and .pt2 run code: opt in
+    res = run_cli("scan", model_file, *trust, "--data", "x.pt", "--json", str(out), "--batch-size", "16", cwd=d)
     assert res.returncode == 0, res.stderr
     report = json.loads(out.read_text())
     assert [s["summary"]["dead_units"] for s in report["sites"]] == [[2, 5, 7], [0, 9]]
@@ -115,14 +116,14 @@ def test_scan_mnist_idx_directory(files):
 
 def test_scan_advice_with_baseline(files):
     d, _, _ = files
-    res = run_cli("scan", "pickled.pt", "--data", "x.pt", "--advice", "--json", "base.json", cwd=d)
+    res = run_cli("scan", "pickled.pt", "--trust-pickle", "--data", "x.pt", "--advice", "--json", "base.json", cwd=d)
     assert res.returncode == 0, res.stderr
     assert "Advice:" in res.stdout and "5 of 48 units dead" in res.stdout
     assert "without a baseline" in res.stdout
-    res = run_cli("scan", "pickled.pt", "--data", "x.pt", "--advice", "--baseline", "base.json", cwd=d)
+    res = run_cli("scan", "pickled.pt", "--trust-pickle", "--data", "x.pt", "--advice", "--baseline", "base.json", cwd=d)
     assert res.returncode == 0, res.stderr
     assert "without a baseline" not in res.stdout
-    bad = run_cli("scan", "pickled.pt", "--data", "x.pt", "--advice", "--baseline", "x.csv", cwd=d)
+    bad = run_cli("scan", "pickled.pt", "--trust-pickle", "--data", "x.pt", "--advice", "--baseline", "x.csv", cwd=d)
     assert bad.returncode == 2 and "not valid JSON" in bad.stderr
 
 
@@ -136,14 +137,14 @@ def test_scan_advice_with_baseline(files):
         (["scan", "nomodule_xyz:make", "--data", "x.pt"], "cannot import 'nomodule_xyz'"),
         (["scan", "models_mod:not_a_model", "--data", "x.pt"], "not a torch.nn.Module"),
         (["scan", "models_mod:noact", "--data", "x4.pt"], "no activation sites"),
-        (["scan", "pickled.pt", "--data", "missing.pt"], "data not found: missing.pt"),
-        (["scan", "pickled.pt", "--data", "empty.pt"], "holds no samples"),
-        (["scan", "pickled.pt", "--data", "notamodel.pt"], "not a tensor file"),
-        (["scan", "pickled.pt", "--data", "wrongwidth.pt"], "input (5, 7); last activation site reached"),
-        (["scan", "pickled.pt", "--data", "models_mod.py"], "unknown data format"),
-        (["scan", "pickled.pt", "--data", "x.pt", "--batch-size", "0"], "--batch-size must be at least 1"),
+        (["scan", "pickled.pt", "--trust-pickle", "--data", "missing.pt"], "data not found: missing.pt"),
+        (["scan", "pickled.pt", "--trust-pickle", "--data", "empty.pt"], "holds no samples"),
+        (["scan", "pickled.pt", "--trust-pickle", "--data", "notamodel.pt"], "not a tensor file"),
+        (["scan", "pickled.pt", "--trust-pickle", "--data", "wrongwidth.pt"], "input (5, 7); last activation site reached"),
+        (["scan", "pickled.pt", "--trust-pickle", "--data", "models_mod.py"], "unknown data format"),
+        (["scan", "pickled.pt", "--trust-pickle", "--data", "x.pt", "--batch-size", "0"], "argument --batch-size: must be at least 1, got 0"),
         (["scan", "models_mod:make", "--weights", "x.pt", "--data", "x.pt"], "not a state_dict"),
-        (["scan", "pickled.pt", "--data", "x.pt", "--json", "nodir/out.json"], "does not exist"),
+        (["scan", "pickled.pt", "--trust-pickle", "--data", "x.pt", "--json", "nodir/out.json"], "does not exist"),
     ],
 )
 def test_bad_input_exits_2_with_one_clear_line(files, args, message):
@@ -161,7 +162,7 @@ def test_bad_input_exits_2_with_one_clear_line(files, args, message):
 def test_pickled_model_file_is_unchanged_by_a_scan(files):
     d, _, _ = files
     before = (d / "pickled.pt").read_bytes()
-    assert run_cli("scan", "pickled.pt", "--data", "x.pt", cwd=d).returncode == 0
+    assert run_cli("scan", "pickled.pt", "--trust-pickle", "--data", "x.pt", cwd=d).returncode == 0
     assert (d / "pickled.pt").read_bytes() == before
 
 

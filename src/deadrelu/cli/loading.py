@@ -2,49 +2,97 @@
 
 Models (``MODEL``):
     * a TorchScript file (``torch.jit.save``),
-    * a ``torch.export`` program (``torch.export.save``, usually ``.pt2``),
-    * a pickled ``nn.Module`` (``torch.save(model)``),
     * ``package.module:factory`` — a callable returning an ``nn.Module`` — with optional
-      ``--weights state_dict.pt``.
+      ``--weights state_dict.pt``,
+    * a pickled ``nn.Module`` (``torch.save(model)``) or a ``torch.export`` program
+      (``torch.export.save``, usually ``.pt2``) — **only with** ``trust_pickle=True``
+      (``--trust-pickle``): unpickling such a file runs whatever code its author put in it.
 
 Data (``--data``):
     * ``.pt``/``.pth``: a tensor, a tuple/list whose first item is the inputs, or a dict
-      with an ``x``/``inputs``/``data``/``images`` entry;
-    * ``.npy``, ``.npz`` (same keys as dicts, else the first array), ``.csv`` (numeric
-      columns, an optional header row);
+      with an ``x``/``inputs``/``data``/``images`` entry (read weights-only: tensors and
+      containers, never code);
+    * ``.npy``, ``.npz`` (same keys as dicts, else the one array that is not a label),
+      ``.csv`` (numeric columns, an optional header row);
     * a directory holding MNIST IDX files (``*-images-idx3-ubyte``, optionally ``.gz``);
     * ``package.module:function`` returning a tensor or an iterable of batches.
 
 Floating arrays become float32; uint8 arrays are images and become float32 in [0, 1];
-other integer arrays stay int64 (token ids for embedding layers).
+other integer arrays stay int64 (token ids for embedding layers); complex data is refused.
+
+Every failure is a :class:`~deadrelu.errors.DeadReluError` whose message fits on one line.
 """
 
 from __future__ import annotations
 
 import csv
+import gzip
 import importlib
 import os
+import re
 import sys
+import warnings
 import zipfile
+import zlib
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from torch import nn
 
+from ..core.inputs import LABEL_KEYS
 from ..errors import DataError, DeadReluError
 from ..lab.idx import read_idx
 
-__all__ = ["load_model", "load_data", "import_object"]
+__all__ = ["load_model", "load_data", "import_object", "call_user_code", "one_line", "TRUST_FLAG"]
 
 _INPUT_KEYS = ("x", "X", "inputs", "input", "data", "images", "features")
+
+#: The command-line flag that allows loading files which can run code.
+TRUST_FLAG = "--trust-pickle"
+
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
+
+
+def one_line(text: object, limit: int = 400) -> str:
+    """``text`` as a single printable line: ANSI escapes dropped, newlines and tabs as spaces.
+
+    >>> one_line("bad\\n\\tthing \\x1b[1mbold\\x1b[0m")
+    'bad thing bold'
+    """
+    s = _CONTROL.sub(" ", _ANSI.sub("", str(text)))
+    s = " ".join(s.split())
+    return s if len(s) <= limit else s[: limit - 1] + "…"
+
+
+def _describe(err: BaseException) -> str:
+    """``TypeName: first part of the message`` for wrapping a foreign exception."""
+    if isinstance(err, SystemExit):
+        return f"SystemExit({err.code!r})"
+    msg = one_line(err, 200)
+    return f"{type(err).__name__}: {msg}" if msg else type(err).__name__
+
+
+def call_user_code(fn: Callable[[], Any], what: str, error: type[DeadReluError] = DeadReluError) -> Any:
+    """Run user code (an import, a factory, a data function); any failure becomes one ``error`` line.
+
+    ``SystemExit`` is caught too: a factory that calls ``sys.exit(0)`` must not end the
+    command silently with success. ``KeyboardInterrupt`` still interrupts.
+    """
+    try:
+        return fn()
+    except DeadReluError:
+        raise
+    except (Exception, SystemExit) as err:
+        raise error(f"{what} raised {_describe(err)}") from err
 
 
 def import_object(spec: str) -> Any:
     """Import ``package.module:attr`` (the current directory is importable, as with ``python -m``).
 
     Raises:
-        DeadReluError: when the module or attribute does not exist.
+        DeadReluError: when the module or attribute does not exist, or importing it fails.
     """
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
@@ -54,7 +102,9 @@ def import_object(spec: str) -> Any:
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
-        raise DeadReluError(f"cannot import {module_name!r} (from {spec!r}): {err}") from err
+        raise DeadReluError(f"cannot import {module_name!r} (from {spec!r}): {one_line(err, 200)}") from err
+    except (Exception, SystemExit) as err:
+        raise DeadReluError(f"importing {module_name!r} (from {spec!r}) raised {_describe(err)}") from err
     obj: Any = module
     for part in attr.split("."):
         if not hasattr(obj, part):
@@ -67,21 +117,24 @@ def _is_spec(text: str) -> bool:
     return ":" in text and not Path(text).exists() and not (len(text) > 1 and text[1] == ":")
 
 
-def load_model(source: str, weights: str | None = None) -> nn.Module:
+def load_model(source: str, weights: str | None = None, *, trust_pickle: bool = False) -> nn.Module:
     """Load a model from a file or a ``package.module:factory`` spec.
 
+    Args:
+        source: a TorchScript file, a pickled model or ``.pt2`` program, or ``package.module:factory``.
+        weights: a state_dict file to load into the model (read weights-only).
+        trust_pickle: allow files that unpickle Python objects (whole pickled models,
+            ``torch.export`` programs). Off by default: such a file can run any code.
+
     Raises:
-        DeadReluError: for a missing file, a file that holds no model, a factory that
-            returns something else, or weights that do not fit.
+        DeadReluError: for a missing file, a file that holds no model, a file that needs
+            ``trust_pickle``, a factory that fails or returns something else, or weights that do not fit.
     """
     if _is_spec(source):
         factory = import_object(source)
         if not callable(factory):
             raise DeadReluError(f"{source!r} is not callable")
-        try:
-            model = factory()
-        except Exception as err:
-            raise DeadReluError(f"calling {source}() raised {type(err).__name__}: {err}") from err
+        model = call_user_code(factory, f"calling {source}()")
         if not isinstance(model, nn.Module):
             raise DeadReluError(f"{source}() returned a {type(model).__name__}, not a torch.nn.Module")
     else:
@@ -89,10 +142,13 @@ def load_model(source: str, weights: str | None = None) -> nn.Module:
         if not path.exists():
             raise DeadReluError(f"model file not found: {source}")
         if path.is_dir():
-            raise DeadReluError(f"{source} is a directory, not a model file")
-        model = _load_model_file(path)
+            hint = " (a Hugging Face model directory? scan it on text with --text corpus.txt)" if (
+                path / "config.json"
+            ).is_file() else ""
+            raise DeadReluError(f"{source} is a directory, not a model file{hint}")
+        model = _load_model_file(path, trust_pickle)
     if weights is not None:
-        _load_weights(model, weights)
+        _load_weights(model, weights, trust_pickle)
     return model
 
 
@@ -100,27 +156,62 @@ def _zip_names(path: Path) -> list[str]:
     try:
         with zipfile.ZipFile(path) as zf:
             return zf.namelist()
-    except (zipfile.BadZipFile, OSError):
+    except Exception:  # not a zip, or a damaged one: the loaders below say which
         return []
 
 
-def _load_model_file(path: Path) -> nn.Module:
+def _needs_trust(path: Path, what: str) -> DeadReluError:
+    return DeadReluError(
+        f"{path} is {what}; loading it runs code stored in the file, so deadrelu refuses by default. "
+        f"If you trust its source, add {TRUST_FLAG}; otherwise save model.state_dict() and pass "
+        f"package.module:factory with --weights"
+    )
+
+
+def _blocked_global(err: BaseException) -> str | None:
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+    return found.group(1) if found else None
+
+
+def _torch_load(path: Path, *, weights_only: bool) -> Any:
+    # torch warns on stderr about pickle protocols and more; the CLI's promise is one line.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.load(str(path), map_location="cpu", weights_only=weights_only)
+
+
+def _is_weights_only_refusal(err: BaseException) -> bool:
+    return "Weights only load failed" in str(err)
+
+
+def _load_model_file(path: Path, trust_pickle: bool) -> nn.Module:
     names = _zip_names(path)
     if any(n.endswith("/constants.pkl") for n in names) and any("/code/" in n for n in names):
         try:
-            return torch.jit.load(str(path), map_location="cpu")
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return torch.jit.load(str(path), map_location="cpu")
         except Exception as err:
-            raise DeadReluError(f"{path} looks like TorchScript but could not be loaded: {err}") from err
+            raise DeadReluError(f"{path} looks like TorchScript but could not be loaded: {_describe(err)}") from err
     if path.suffix == ".pt2" or any("/models/" in n and n.endswith(".json") for n in names):
+        if not trust_pickle:
+            raise _needs_trust(path, "a torch.export program")
         try:
-            program = torch.export.load(str(path))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                program = torch.export.load(str(path))
+            return program.module()
         except Exception as err:
-            raise DeadReluError(f"{path} could not be loaded as a torch.export program: {err}") from err
-        return program.module()
+            raise DeadReluError(f"{path} could not be loaded as a torch.export program: {_describe(err)}") from err
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=False)
+        obj = _torch_load(path, weights_only=True)
     except Exception as err:
-        raise DeadReluError(f"{path} is not a model file torch can load ({type(err).__name__}: {err})") from err
+        if not _is_weights_only_refusal(err):
+            raise DeadReluError(f"{path} is not a model file torch can load ({_describe(err)})") from err
+        if not trust_pickle:
+            needs = _blocked_global(err)
+            raise _needs_trust(path, f"a pickle of Python objects ({needs})" if needs else "a pickle of Python objects")
+        obj = _load_trusted(path)
     if isinstance(obj, nn.Module):
         return obj
     if isinstance(obj, Mapping) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -131,26 +222,53 @@ def _load_model_file(path: Path) -> nn.Module:
     raise DeadReluError(f"{path} holds a {type(obj).__name__}, not a torch.nn.Module")
 
 
-def _load_weights(model: nn.Module, weights: str) -> None:
+def _load_trusted(path: Path) -> Any:
+    """Full unpickling, after the user passed ``--trust-pickle``."""
+    try:
+        return _torch_load(path, weights_only=False)
+    except (Exception, SystemExit) as err:
+        missing = re.search(r"Can't get attribute '([^']+)' on <module '[^']*__main__'", str(err))
+        if missing:
+            raise DeadReluError(
+                f"{path} was pickled from a class {missing.group(1)!r} defined in the script that saved it "
+                f"(__main__), which is not running now: move the class into a module, save "
+                f"model.state_dict() to a file and pass module:factory --weights FILE"
+            ) from err
+        raise DeadReluError(f"{path} could not be unpickled ({_describe(err)})") from err
+
+
+def _load_weights(model: nn.Module, weights: str, trust_pickle: bool) -> None:
     path = Path(weights)
     if not path.exists():
         raise DeadReluError(f"weights file not found: {weights}")
+    if path.is_dir():
+        raise DeadReluError(f"--weights {weights} is a directory, not a state_dict file")
     try:
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
+        state = _torch_load(path, weights_only=True)
     except Exception as err:
-        raise DeadReluError(f"{weights} is not a state_dict file ({type(err).__name__}: {err})") from err
+        if not _is_weights_only_refusal(err):
+            raise DeadReluError(f"{weights} is not a state_dict file ({_describe(err)})") from err
+        if not trust_pickle:
+            raise DeadReluError(
+                f"{weights} is not a state_dict: it holds pickled Python objects (a whole model?), which can "
+                f"run code when loaded; save model.state_dict() instead, or add {TRUST_FLAG} if you trust it"
+            ) from err
+        state = _load_trusted(path)
+    if isinstance(state, nn.Module):  # only reachable with --trust-pickle
+        state = state.state_dict()
     if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):
         state = state["state_dict"]
     if not isinstance(state, Mapping):
         raise DeadReluError(f"{weights} holds a {type(state).__name__}, not a state_dict")
     try:
         model.load_state_dict(state)
-    except RuntimeError as err:
-        first = str(err).strip().splitlines()
-        raise DeadReluError(f"weights {weights} do not fit the model: {' '.join(first[:3])}") from err
+    except Exception as err:
+        raise DeadReluError(f"weights {weights} do not fit the model: {one_line(err, 300)}") from err
 
 
-def _as_input_tensor(t: torch.Tensor) -> torch.Tensor:
+def _as_input_tensor(t: torch.Tensor, source: str) -> torch.Tensor:
+    if t.is_complex():
+        raise DataError(f"{source} holds complex numbers ({t.dtype}); deadrelu scans real-valued inputs")
     if t.dtype == torch.uint8:
         return t.float() / 255.0
     if t.is_floating_point():
@@ -160,34 +278,36 @@ def _as_input_tensor(t: torch.Tensor) -> torch.Tensor:
     return t.long()
 
 
-def _pick(mapping: Mapping[str, Any], what: str) -> Any:
+def _pick_key(keys: list[str], what: str) -> str:
+    """The inputs' key: a known input name, else the only key that is not a label."""
     for key in _INPUT_KEYS:
-        if key in mapping:
-            return mapping[key]
-    if len(mapping) == 1:
-        return next(iter(mapping.values()))
-    raise DataError(f"{what} holds {sorted(mapping)}; name the inputs one of {', '.join(_INPUT_KEYS)}")
+        if key in keys:
+            return key
+    candidates = [k for k in keys if k not in LABEL_KEYS]
+    if len(candidates) == 1:
+        return candidates[0]
+    raise DataError(f"{what} holds {sorted(keys)}; name the inputs one of {', '.join(_INPUT_KEYS)}")
 
 
-def load_data(source: str, *, flatten: bool = False) -> Any:
+def load_data(source: str, *, flatten: bool = False, trust_pickle: bool = False) -> Any:
     """Load scan data: a tensor of inputs, or an iterable of batches from a ``module:function``.
 
     Args:
         source: file, directory or ``package.module:function``.
         flatten: flatten each sample to one dimension (e.g. MNIST images for an MLP).
+        trust_pickle: also read ``.pt`` files holding pickled Python objects (a NumPy array,
+            a ``TensorDataset``); off by default since unpickling can run code.
 
     Raises:
-        DataError: missing files, unknown formats, empty data.
+        DataError: missing files, unknown formats, empty or unreadable data; a data
+            function that raises, now or while it is iterated.
     """
     if _is_spec(source):
         fn = import_object(source)
-        try:
-            data = fn() if callable(fn) else fn
-        except Exception as err:
-            raise DataError(f"calling {source}() raised {type(err).__name__}: {err}") from err
+        data = call_user_code(fn, f"calling {source}()", DataError) if callable(fn) else fn
         if isinstance(data, torch.Tensor):
             return _finish(data, source, flatten)
-        return data
+        return GuardedBatches(data, source)
     path = Path(source)
     if not path.exists():
         raise DataError(f"data not found: {source}")
@@ -195,37 +315,100 @@ def load_data(source: str, *, flatten: bool = False) -> Any:
         return _finish(_load_idx_dir(path), source, flatten)
     suffix = path.suffix.lower()
     if suffix in (".pt", ".pth"):
-        tensor = _load_pt(path)
+        tensor = _load_pt(path, trust_pickle)
     elif suffix in (".npy", ".npz"):
         tensor = _load_numpy(path)
     elif suffix == ".csv":
         tensor = _load_csv(path)
     elif path.name.endswith(("-idx3-ubyte", "-idx3-ubyte.gz")):
-        tensor = read_idx(path)
+        tensor = _read_idx(path)
     else:
         raise DataError(f"unknown data format {path.suffix or path.name!r}: use .pt, .npy, .npz, .csv or an IDX directory")
     return _finish(tensor, source, flatten)
 
 
+class GuardedBatches:
+    """The batches of a user's data function; an error while iterating becomes one :class:`DataError` line.
+
+    >>> list(GuardedBatches([1, 2], "mod:fn"))
+    [1, 2]
+    """
+
+    def __init__(self, data: Any, source: str) -> None:
+        self.data = data
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __iter__(self) -> Iterator[Any]:
+        try:
+            it = iter(self.data)
+        except TypeError:
+            raise DataError(
+                f"{self.source} gave a {type(self.data).__name__}: expected a tensor or an iterable of batches"
+            ) from None
+        count = 0
+        while True:
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            except DeadReluError:
+                raise
+            except (Exception, SystemExit) as err:
+                raise DataError(f"the data from {self.source} raised {_describe(err)} after {count} batches") from err
+            count += 1
+            yield batch
+
+
 def _finish(t: torch.Tensor, source: str, flatten: bool) -> torch.Tensor:
     if t.ndim == 0 or t.shape[0] == 0:
         raise DataError(f"{source} holds no samples (shape {tuple(t.shape)})")
-    t = _as_input_tensor(t)
+    t = _as_input_tensor(t, source)
     return t.reshape(t.shape[0], -1) if flatten else t
 
 
-def _load_pt(path: Path) -> torch.Tensor:
+def _load_pt(path: Path, trust_pickle: bool) -> torch.Tensor:
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        obj = _torch_load(path, weights_only=True)
     except Exception as err:
-        raise DataError(f"{path} is not a tensor file torch can load ({type(err).__name__}: {err})") from err
+        if not _is_weights_only_refusal(err):
+            raise DataError(f"{path} is not a tensor file torch can load ({_describe(err)})") from err
+        if not trust_pickle:
+            needs = _blocked_global(err)
+            raise DataError(
+                f"{path} holds pickled Python objects{f' ({needs})' if needs else ''}, not plain tensors; "
+                f"save a tensor, a tuple or a dict of tensors with torch.save, or add {TRUST_FLAG} if you trust it"
+            ) from err
+        obj = _load_trusted(path)
+    if isinstance(obj, torch.utils.data.TensorDataset) and obj.tensors:
+        obj = obj.tensors[0]
+    if type(obj).__module__ == "numpy" and hasattr(obj, "dtype"):
+        obj = _numpy_to_tensor(obj, str(path))
     if isinstance(obj, (tuple, list)) and obj:
         obj = obj[0]
     elif isinstance(obj, Mapping):
-        obj = _pick(obj, str(path))
+        if not obj:
+            raise DataError(f"{path} holds an empty dict")
+        keys = list(obj)
+        if not all(isinstance(k, str) for k in keys):
+            raise DataError(f"{path} holds a dict whose keys are not all names")
+        obj = obj[_pick_key(keys, str(path))]
     if not isinstance(obj, torch.Tensor):
         raise DataError(f"{path} holds a {type(obj).__name__}, not a tensor of inputs")
     return obj
+
+
+def _numpy_to_tensor(arr: Any, what: str) -> torch.Tensor:
+    np = sys.modules["numpy"]
+    if arr.dtype.kind == "c":
+        raise DataError(f"{what} holds complex numbers ({arr.dtype}); deadrelu scans real-valued inputs")
+    if arr.dtype.kind not in "biuf":
+        raise DataError(f"{what} holds {arr.dtype} data; expected numbers")
+    if arr.dtype.kind == "u" and arr.dtype.itemsize > 1:
+        arr = arr.astype(np.int64)  # torch has no uint16/32/64 arithmetic on every build
+    return torch.from_numpy(np.ascontiguousarray(arr))
 
 
 def _load_numpy(path: Path) -> torch.Tensor:
@@ -234,34 +417,42 @@ def _load_numpy(path: Path) -> torch.Tensor:
     np = require("numpy", "cli")
     try:
         loaded = np.load(str(path), allow_pickle=False)
+        if path.suffix.lower() == ".npz" or isinstance(loaded, np.lib.npyio.NpzFile):
+            if not isinstance(loaded, np.lib.npyio.NpzFile):
+                raise DataError(f"{path} is named .npz but holds a single array; rename it .npy")
+            with loaded:
+                keys = list(loaded.files)
+                if not keys:
+                    raise DataError(f"{path} holds no arrays")
+                arr = loaded[_pick_key(keys, str(path))]
+        else:
+            arr = loaded
+    except DeadReluError:
+        raise
     except Exception as err:
-        raise DataError(f"{path} is not a NumPy file ({type(err).__name__}: {err})") from err
-    if path.suffix.lower() == ".npz":
-        with loaded:
-            keys = list(loaded.files)
-            if not keys:
-                raise DataError(f"{path} holds no arrays")
-            key = next((k for k in _INPUT_KEYS if k in keys), keys[0])
-            arr = loaded[key]
-    else:
-        arr = loaded
-    if arr.dtype.kind not in "biuf":
-        raise DataError(f"{path} holds {arr.dtype} data; expected numbers")
-    return torch.from_numpy(np.ascontiguousarray(arr))
+        raise DataError(f"{path} is not a readable NumPy file ({_describe(err)})") from err
+    if not hasattr(arr, "dtype"):
+        raise DataError(f"{path} holds no array")
+    return _numpy_to_tensor(arr, str(path))
 
 
 def _load_csv(path: Path) -> torch.Tensor:
     rows: list[list[float]] = []
-    with path.open(newline="", encoding="utf-8") as fh:
-        for i, row in enumerate(csv.reader(fh)):
-            if not row or all(not c.strip() for c in row):
-                continue
-            try:
-                rows.append([float(c) for c in row])
-            except ValueError:
-                if i == 0 and not rows:  # a header row
+    try:
+        with path.open(newline="", encoding="utf-8") as fh:
+            for i, row in enumerate(csv.reader(fh)):
+                if not row or all(not c.strip() for c in row):
                     continue
-                raise DataError(f"{path}: line {i + 1} has a non-numeric value") from None
+                try:
+                    rows.append([float(c) for c in row])
+                except ValueError:
+                    if i == 0 and not rows:  # a header row
+                        continue
+                    raise DataError(f"{path}: line {i + 1} has a non-numeric value") from None
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path} is not UTF-8 text (byte {err.start}: {err.reason}); save the CSV as UTF-8") from None
+    except csv.Error as err:
+        raise DataError(f"{path} is not a readable CSV file ({one_line(err, 200)})") from None
     if not rows:
         raise DataError(f"{path} holds no numeric rows")
     width = len(rows[0])
@@ -269,6 +460,20 @@ def _load_csv(path: Path) -> torch.Tensor:
     if bad is not None:
         raise DataError(f"{path}: row {bad + 1} has {len(rows[bad])} columns, the first has {width}")
     return torch.tensor(rows, dtype=torch.float32)
+
+
+def _read_idx(path: Path) -> torch.Tensor:
+    """:func:`read_idx` with a damaged ``.gz`` or an empty IDX file as one DataError."""
+    try:
+        return read_idx(path)
+    except DataError:
+        raise
+    except (OSError, EOFError, zlib.error, gzip.BadGzipFile) as err:
+        raise DataError(f"{path} is a damaged gzip file ({_describe(err)})") from err
+    except (ValueError, RuntimeError) as err:
+        if "buffer length (0)" in str(err):  # torch.frombuffer refuses an empty body
+            raise DataError(f"{path} holds no samples (its header declares 0 items)") from err
+        raise DataError(f"{path} holds no readable images ({_describe(err)})") from err
 
 
 def _load_idx_dir(path: Path) -> torch.Tensor:
@@ -280,7 +485,7 @@ def _load_idx_dir(path: Path) -> torch.Tensor:
         )
     # Prefer the test split: scanning is evaluation, and it is the smaller file.
     chosen = next((c for c in candidates if c.name.startswith("t10k")), candidates[0])
-    images = read_idx(chosen)
+    images = _read_idx(chosen)
     if images.ndim == 3:
         images = images.unsqueeze(1)  # (N, 1, H, W): channels-first, as conv models expect
     return images

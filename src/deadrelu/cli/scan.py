@@ -1,16 +1,28 @@
-"""``deadrelu scan MODEL --data DATA``: per-unit statistics of a saved model on saved data."""
+"""``deadrelu scan MODEL --data DATA`` (and ``deadrelu scan DIR --text corpus.txt``): per-unit statistics.
+
+Every option is validated and every output path checked before the (possibly long) scan
+starts; the model, the data and any existing file stay as they were whatever fails.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
-from ..errors import DeadReluError
-from ..core.report import Report
+import torch
 
-__all__ = ["scan_command"]
+from ..core.report import Report
+from ..errors import DeadReluError
+from .loading import TRUST_FLAG, one_line
+from .options import finite_float, whole_number
+
+__all__ = ["scan_command", "check_device", "check_output_path"]
+
+_DEFAULT_BATCH = 256  # rows per batch for tensor data
+_DEFAULT_TEXT_BATCH = 32  # documents per batch for --text
 
 
 def _add_scan(sub: argparse._SubParsersAction) -> None:
@@ -19,23 +31,45 @@ def _add_scan(sub: argparse._SubParsersAction) -> None:
         help="find dead, asleep and dormant units of a model on data",
         description=(
             "Run DATA through MODEL and report every activation site's dead, asleep and dormant units. "
-            "MODEL: a TorchScript file, a torch.export program (.pt2), a pickled nn.Module, or "
-            "package.module:factory (with --weights). DATA: .pt/.npy/.npz/.csv, a directory of MNIST "
-            "IDX files, or package.module:function returning a tensor or an iterable of batches."
+            "MODEL: a TorchScript file, package.module:factory (with --weights STATE_DICT), or with "
+            f"{TRUST_FLAG} a pickled nn.Module or a torch.export program (.pt2); with --text, a local "
+            "Hugging Face model directory. DATA: .pt/.npy/.npz/.csv, a directory of MNIST IDX files, or "
+            "package.module:function returning a tensor or an iterable of batches."
         ),
     )
     p.add_argument("model", metavar="MODEL")
-    p.add_argument("--data", required=True, metavar="DATA")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", metavar="DATA")
+    source.add_argument(
+        "--text",
+        metavar="CORPUS",
+        help="a UTF-8 text file, one document per line, tokenised with MODEL's tokenizer (MODEL: a Hugging Face "
+        "model directory); padding is masked out of the counts",
+    )
     p.add_argument("--weights", metavar="STATE_DICT", help="state_dict to load into a factory-built model")
+    p.add_argument(
+        TRUST_FLAG,
+        action="store_true",
+        help="allow files that unpickle Python objects (a whole pickled model, a .pt2 program, a .pt data file "
+        "holding non-tensors). Loading such a file runs any code its author put in it: only for files you trust",
+    )
     p.add_argument("--json", metavar="OUT", help="also write the report as JSON here")
-    p.add_argument("--batch-size", type=int, default=256, metavar="N", help="rows per batch for tensor data (256)")
+    p.add_argument(
+        "--batch-size",
+        type=whole_number(1),
+        default=None,
+        metavar="N",
+        help=f"rows per batch for tensor data ({_DEFAULT_BATCH}); documents per batch for --text ({_DEFAULT_TEXT_BATCH})",
+    )
+    p.add_argument("--max-length", type=whole_number(1), metavar="TOKENS", help="--text: truncate documents to this many tokens (the model's limit)")
+    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), help="--text: load the model in this dtype (as saved)")
     p.add_argument("--flatten", action="store_true", help="flatten each sample (e.g. MNIST images for an MLP)")
     p.add_argument("--train-mode", action="store_true", help="run the model in train mode (default: eval)")
-    p.add_argument("--max-batches", type=int, metavar="N", help="stop after N batches")
-    p.add_argument("--device", help="run on this device (default: where the model's parameters are)")
-    p.add_argument("--threshold", type=float, default=0.0, help="an output fires when > this (0)")
-    p.add_argument("--asleep-rate", type=float, default=0.05, help="asleep: 0 < firing rate <= this (0.05)")
-    p.add_argument("--dormant-tau", type=float, default=0.025, help="dormant: E|h_i| / mean_k E|h_k| <= this (0.025)")
+    p.add_argument("--max-batches", type=whole_number(1), metavar="N", help="stop after N batches")
+    p.add_argument("--device", help="run on this device, e.g. cpu, cuda, cuda:1 (default: where the model's parameters are)")
+    p.add_argument("--threshold", type=finite_float(), default=0.0, help="an output fires when > this (0)")
+    p.add_argument("--asleep-rate", type=finite_float(0.0, 0.999999), default=0.05, help="asleep: 0 < firing rate <= this, in [0, 1) (0.05)")
+    p.add_argument("--dormant-tau", type=finite_float(0.0, 1.0), default=0.025, help="dormant: E|h_i| / mean_k E|h_k| <= this, in [0, 1] (0.025)")
     p.add_argument("--advice", action="store_true", help="print ranked advice after the table")
     p.add_argument(
         "--baseline",
@@ -45,38 +79,151 @@ def _add_scan(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def scan_command(args: argparse.Namespace) -> Report:
-    """Load, scan, optionally write JSON; return the report (testable without printing)."""
-    from .loading import load_data, load_model
-    from ..core.scan import scan
+def check_device(text: str) -> torch.device:
+    """The ``--device`` as a :class:`torch.device` that this machine can really allocate on.
 
-    if args.batch_size < 1:
-        raise DeadReluError(f"--batch-size must be at least 1, got {args.batch_size}")
+    Raises:
+        DeadReluError: an unknown device name, or one this build or machine does not have
+            (``cuda`` on a CPU-only build, ``cuda:3`` on a one-GPU machine, ``meta``).
+
+    Example:
+        >>> check_device("cpu")
+        device(type='cpu')
+    """
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError, TypeError) as err:
+        raise DeadReluError(f"--device {text!r} is not a device name (e.g. cpu, cuda, cuda:0): {one_line(err, 150)}") from None
+    if device.type == "meta":
+        raise DeadReluError("--device meta holds no values to count; use cpu or cuda")
+    try:
+        torch.empty(1, device=device)
+    except Exception as err:  # AssertionError "Torch not compiled with CUDA enabled", RuntimeError, ...
+        raise DeadReluError(f"--device {text} is not available here ({one_line(err, 200)})") from None
+    return device
+
+
+def check_output_path(path: str, inputs: list[str | None]) -> None:
+    """Refuse an output path before the scan: a folder, a missing or read-only folder, or one of the inputs.
+
+    Raises:
+        DeadReluError: when ``path`` cannot be written, or would overwrite an input file.
+    """
+    target = Path(path)
+    final = Path(os.path.realpath(target))  # a symlink is written through, so check where it points
+    if final.is_dir():
+        raise DeadReluError(f"cannot write --json {path}: it is a directory")
+    directory = final.parent
+    if not directory.is_dir():
+        raise DeadReluError(f"cannot write --json {path}: directory {directory} does not exist")
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise DeadReluError(f"cannot write --json {path}: directory {directory} is not writable")
+    for other in inputs:
+        if other and final.exists() and Path(other).exists():
+            try:
+                same = os.path.samefile(final, other)
+            except OSError:
+                same = False
+            if same:
+                raise DeadReluError(f"--json {path} is the input file {other}: it would be overwritten")
+
+
+def _load_baseline(path: str) -> Report:
+    try:
+        return Report.from_json(Path(path))
+    except DeadReluError:
+        raise
+    except Exception as err:  # KeyError/TypeError/ValueError from a malformed file
+        raise DeadReluError(f"--baseline {path} is not a deadrelu report ({type(err).__name__}: {one_line(err, 200)})") from err
+
+
+def _check_combinations(args: argparse.Namespace) -> None:
     if args.baseline and not args.advice:
         raise DeadReluError("--baseline is only used with --advice")
+    text_only = [flag for flag, given in (("--max-length", args.max_length), ("--dtype", args.dtype)) if given]
+    if args.text is None and text_only:
+        raise DeadReluError(f"{text_only[0]} is only used with --text")
+    if args.text is not None:
+        data_only = [f for f, given in (("--weights", args.weights), ("--flatten", args.flatten)) if given]
+        if data_only:
+            raise DeadReluError(f"{data_only[0]} is not used with --text (MODEL is a Hugging Face model directory)")
+
+
+def _load_inputs(args: argparse.Namespace, batch_size: int) -> tuple[Any, Any]:
+    """``(model, data)`` from the arguments."""
+    if args.text is not None:
+        from .text import text_scan_inputs
+
+        return text_scan_inputs(
+            args.model, args.text, batch_size=batch_size, max_length=args.max_length, dtype=args.dtype
+        )
+    from .loading import load_data, load_model
+
+    model = load_model(args.model, args.weights, trust_pickle=args.trust_pickle)
+    data = load_data(args.data, flatten=args.flatten, trust_pickle=args.trust_pickle)
+    return model, data
+
+
+def scan_command(args: argparse.Namespace) -> Report:
+    """Validate, load, scan, optionally write JSON; return the report (testable without printing).
+
+    Raises:
+        DeadReluError: any user error, before anything is written.
+    """
+    from ..core.scan import scan
+
+    _check_combinations(args)
+    batch_size = args.batch_size or (_DEFAULT_TEXT_BATCH if args.text is not None else _DEFAULT_BATCH)
+    device = check_device(args.device) if args.device else None
     if args.baseline:
-        Report.from_json(Path(args.baseline))  # fail before the (possibly long) scan
+        _load_baseline(args.baseline)  # fail before the (possibly long) scan
     if args.json:
-        out_dir = Path(args.json).resolve().parent
-        if not out_dir.is_dir():
-            raise DeadReluError(f"cannot write --json {args.json}: directory {out_dir} does not exist")
-    model = load_model(args.model, args.weights)
-    data = load_data(args.data, flatten=args.flatten)
-    report = scan(
-        model,
-        data,
-        batch_size=args.batch_size,
-        train=args.train_mode,
-        threshold=args.threshold,
-        asleep_rate=args.asleep_rate,
-        dormant_tau=args.dormant_tau,
-        device=args.device,
-        max_batches=args.max_batches,
-        progress=not args.no_progress,
-    )
+        check_output_path(args.json, [args.model, args.data, args.text, args.weights, args.baseline])
+    model, data = _load_inputs(args, batch_size)
+    if device is not None:
+        try:
+            model.to(device)  # the CLI loaded this model itself: moving it changes no user object
+        except Exception as err:
+            raise DeadReluError(f"cannot move the model to {device}: {type(err).__name__}: {one_line(err, 200)}") from err
+    try:
+        report = scan(
+            model,
+            data,
+            batch_size=batch_size,
+            train=args.train_mode,
+            threshold=args.threshold,
+            asleep_rate=args.asleep_rate,
+            dormant_tau=args.dormant_tau,
+            device=device,
+            max_batches=args.max_batches,
+            progress=not args.no_progress,
+        )
+    except DeadReluError as err:
+        hinted = _with_hint(str(err), model)
+        if hinted == str(err):
+            raise
+        raise DeadReluError(hinted) from err
     if args.json:
         report.to_json(args.json)
+    if args.text is not None:
+        args.text_counts = (data.documents, data.tokens, data.positions - data.tokens)
     return report
+
+
+def _with_hint(message: str, model: Any) -> str:
+    """Add what to try when an error has a known cause (a torch.export program traced at one batch size)."""
+    exported = type(model).__module__.startswith("torch.export") or "GraphModule" in type(model).__name__
+    shape_words = ("shape", "size", "Expected input", "expected input", "guard")
+    if exported and any(w in message for w in shape_words):
+        import re
+
+        fixed = re.search(r"size\(\)\[0\] == (\d+)", message)
+        size = f" ({fixed.group(1)})" if fixed else ""
+        return (
+            f"{message} — a torch.export program may only take the batch size it was exported with{size}: pass "
+            "--batch-size equal to it and a sample count divisible by it, or export with a dynamic batch dimension"
+        )
+    return message
 
 
 def _print(obj: Any) -> None:
@@ -94,10 +241,13 @@ def run_scan(args: argparse.Namespace) -> int:
     """Print the report table (and advice); exit 0."""
     report = scan_command(args)
     _print(report)
+    if args.text is not None:
+        docs, tokens, pads = args.text_counts
+        print(f"\n{docs} documents, {tokens} tokens counted, {pads} padding positions left out")
     if args.advice:
         from ..core.advice import advise
 
-        baseline = Report.from_json(Path(args.baseline)) if args.baseline else None
+        baseline = _load_baseline(args.baseline) if args.baseline else None
         print()
         print(advise(report, baseline=baseline))
     if args.json:

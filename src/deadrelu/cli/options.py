@@ -1,0 +1,82 @@
+"""Validated option values for the command line: every number is checked before any work starts.
+
+Each function is an ``argparse`` ``type=``: it turns the text into a value or raises
+``argparse.ArgumentTypeError`` with a message that names what was expected, so
+``--threshold nan`` or ``--batch-size 1e20`` is one line on stderr and exit 2, never a
+traceback or a silently absurd result.
+
+>>> whole_number(1, 10)("8")
+8
+>>> finite_float()("-0.5")
+-0.5
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from typing import Callable
+
+__all__ = ["whole_number", "finite_float", "OneLineParser", "MAX_COUNT"]
+
+#: Largest count accepted for sizes and batch counts (fits every index type torch uses).
+MAX_COUNT = 2**31 - 1
+
+
+def whole_number(low: int = 1, high: int = MAX_COUNT) -> Callable[[str], int]:
+    """A ``type=`` accepting whole numbers in ``[low, high]`` (``"64"``; not ``"1e20"`` nor ``"2.5"``).
+
+    >>> whole_number(1)("0")
+    Traceback (most recent call last):
+    argparse.ArgumentTypeError: must be at least 1, got 0
+    """
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        if value > high:
+            raise argparse.ArgumentTypeError(f"must be at most {high}, got {value}")
+        return value
+
+    return parse
+
+
+def finite_float(low: float = -math.inf, high: float = math.inf) -> Callable[[str], float]:
+    """A ``type=`` accepting finite numbers in ``[low, high]``; ``nan`` and ``inf`` are refused.
+
+    >>> finite_float(0, 1)("nan")
+    Traceback (most recent call last):
+    argparse.ArgumentTypeError: expected a finite number, got 'nan'
+    """
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low:g}, got {value:g}")
+        if value > high:
+            raise argparse.ArgumentTypeError(f"must be at most {high:g}, got {value:g}")
+        return value
+
+    return parse
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose usage errors are one line on stderr (exit 2), pointing at ``--help``.
+
+    >>> OneLineParser(prog="x").prog
+    'x'
+    """
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        from .loading import one_line
+
+        self.exit(2, f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)\n")
