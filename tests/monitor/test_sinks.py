@@ -216,3 +216,80 @@ def test_wandb_without_a_run_warns_clearly(monkeypatch):
     net = half_dead_net()
     with pytest.warns(SinkWarning, match=r"wandb.init"):
         run(deadrelu.Monitor(net, window=2, log_every=2, sinks=[WandbSink()]), net, 2)
+
+
+def _warn_on_torn(sink_factory, path: Path, steps: int = 2):
+    net = half_dead_net()
+    with pytest.warns(SinkWarning, match="torn last record"):
+        run(deadrelu.Monitor(net, window=2, log_every=2, sinks=[sink_factory(path)]), net, steps)
+
+
+def test_jsonl_torn_last_record_is_cut_before_appending(tmp_path: Path):
+    path = tmp_path / "h.jsonl"
+    good = '{"step": 1, "kind": "deadrelu.monitor"}\n'
+    path.write_text(good + '{"step": 2, "kind": "deadr')  # the disk filled up mid-record
+    _warn_on_torn(JSONLSink, path)
+    lines = path.read_text().splitlines()
+    parsed = [json.loads(line) for line in lines]  # every line is valid JSON again
+    assert lines[0] + "\n" == good and [d["step"] for d in parsed] == [1, 2]
+    assert parsed[1]["kind"] == "deadrelu.monitor" and "sites" in parsed[1]
+
+
+def test_csv_torn_row_is_cut_and_never_merged(tmp_path: Path):
+    path = tmp_path / "h.csv"
+    net = half_dead_net()
+    run(deadrelu.Monitor(net, window=2, log_every=2, sinks=[path]), net, 2)
+    whole = path.read_text()
+    # A torn row whose quoted field holds a newline: the cut must follow the quotes, not the last newline.
+    path.write_text(whole + '4,"odd\nsite",4,2,0.5')
+    _warn_on_torn(CSVSink, path)
+    rows = list(csv.reader(path.open()))
+    assert path.read_text().startswith(whole)
+    assert rows[0] == list(sinks_mod.CSV_COLUMNS) and rows.count(rows[0]) == 1
+    assert all(len(r) == len(sinks_mod.CSV_COLUMNS) for r in rows)
+    assert [r[0] for r in rows[1:]] == ["2", "2"] and all(r[1] == "1" for r in rows[1:])
+
+
+def test_torn_header_only_csv_gets_a_fresh_header(tmp_path: Path):
+    path = tmp_path / "h.csv"
+    path.write_text("step,site,uni")
+    _warn_on_torn(CSVSink, path)
+    rows = list(csv.reader(path.open()))
+    assert rows[0] == list(sinks_mod.CSV_COLUMNS) and len(rows) == 2
+
+
+@pytest.mark.parametrize("content, quoted, removed", [
+    ("", False, 0), ("a\n", False, 0), ("a\nbc", False, 2), ("abc", False, 3),
+    ('a,"x\ny"\n', True, 0), ('a\nb,"x\ny', True, 6), ('a\n"q""x', True, 5),
+])  # fmt: skip
+def test_repair_torn_tail_against_a_reader(tmp_path: Path, content, quoted, removed):
+    path = tmp_path / "log"
+    path.write_bytes(content.encode())
+    assert sinks_mod.repair_torn_tail(path, quoted=quoted) == removed
+    assert path.read_bytes() == content.encode()[: len(content.encode()) - removed]
+
+
+def test_failed_write_drops_the_handle_and_the_next_write_repairs(tmp_path: Path, monkeypatch):
+    path = tmp_path / "h.jsonl"
+    sink = JSONLSink(path)
+    sink.open()
+    sink._emit('{"a": 1}\n')
+    real = sink._fh
+
+    class Torn:  # writes half the record, then the disk is full
+        def write(self, text):
+            real.write(text[: len(text) // 2])
+            real.flush()
+            raise OSError(28, "No space left on device")
+
+        def close(self):
+            real.close()
+
+    sink._fh = Torn()
+    with pytest.raises(OSError):
+        sink._emit('{"b": 2, "padding": "xxxxxxxx"}\n')
+    assert sink._fh is None
+    with pytest.warns(SinkWarning, match="torn"):
+        sink._emit('{"c": 3}\n')
+    sink.close()
+    assert [json.loads(line) for line in path.read_text().splitlines()] == [{"a": 1}, {"c": 3}]

@@ -22,6 +22,8 @@ import io
 import json
 import math
 import os
+import re
+import warnings
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Callable
 
@@ -42,6 +44,7 @@ __all__ = [
     "SinkWarning",
     "as_sink",
     "record_metrics",
+    "repair_torn_tail",
     "SCHEMA_VERSION",
 ]
 
@@ -116,6 +119,70 @@ def record_metrics(record: "LogRecord", prefix: str = "deadrelu") -> dict[str, f
     return out
 
 
+def _last_record_end(path: Path, quoted: bool) -> int:
+    """Byte offset just after the last complete record: after the last newline (outside quotes for CSV)."""
+    if not quoted:  # JSON Lines: json.dumps escapes newlines, so every newline ends a record
+        with open(path, "rb") as fh:
+            end = fh.seek(0, os.SEEK_END)
+            while end > 0:
+                start = max(0, end - (1 << 16))
+                fh.seek(start)
+                cut = fh.read(end - start).rfind(b"\n")
+                if cut >= 0:
+                    return start + cut + 1
+                end = start
+        return 0
+    # CSV: a quoted field may hold a newline, so the quote state must be followed from the start.
+    inside, last, offset = False, 0, 0
+    marks = re.compile(rb'["\n]')
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            for m in marks.finditer(chunk):
+                if m.group() == b'"':
+                    inside = not inside  # an escaped quote ("") toggles twice
+                elif not inside:
+                    last = offset + m.end()
+            offset += len(chunk)
+    return last
+
+
+def repair_torn_tail(path: str | os.PathLike[str], *, quoted: bool = False) -> int:
+    """Cut a torn last record off a log file; return how many bytes were removed (0 if it was whole).
+
+    A record is torn when the file does not end with a newline: a write stopped half-way (a
+    full disk, a kill). Appending after it would glue the next record onto the fragment (an
+    invalid JSON line, two CSV rows merged into one), so the fragment is removed first. Files
+    that are empty, missing or not regular files (``/dev/full``, a pipe) are left alone.
+
+    Args:
+        path: the JSONL or CSV file.
+        quoted: CSV rules: a newline inside double quotes does not end a record.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> log = pathlib.Path(tempfile.mkdtemp()) / "h.jsonl"
+        >>> _ = log.write_text('{"step": 1}\\n{"st')
+        >>> repair_torn_tail(log), log.read_text()
+        (4, '{"step": 1}\\n')
+    """
+    p = Path(path)
+    if not p.is_file():
+        return 0
+    size = p.stat().st_size
+    if size == 0:
+        return 0
+    with open(p, "rb") as fh:
+        fh.seek(size - 1)
+        if fh.read(1) == b"\n":  # the common case: the last write completed
+            return 0
+    end = _last_record_end(p, quoted)
+    if end == size:
+        return 0
+    with open(p, "r+b") as fh:
+        fh.truncate(end)
+    return size - end
+
+
 class _FileSink(Sink):
     """Append-mode text file (or an open text stream) written one flushed record at a time."""
 
@@ -135,9 +202,21 @@ class _FileSink(Sink):
             self._fh = target  # type: ignore[assignment]
             self.name = f"{self.__class__.__name__}({getattr(target, 'name', 'stream')})"
 
+    #: Whether a record may span lines inside double quotes (CSV) — decides where a record ends.
+    _quoted = False
+
     def open(self) -> None:
         if self._owned and self._fh is None:
             assert self.path is not None
+            # A torn last record (a full disk or a kill mid-write) is cut off first, so the next
+            # record starts on a line of its own instead of merging with the fragment.
+            torn = repair_torn_tail(self.path, quoted=self._quoted)
+            if torn:
+                warnings.warn(
+                    f"{self.name}: removed a torn last record ({torn} bytes without an end of line) before appending",
+                    SinkWarning,
+                    stacklevel=2,
+                )
             # Append, never truncate: earlier runs' lines (and this run's, after a re-attach) survive.
             self._fh = open(self.path, "a", encoding="utf-8", newline="")
 
@@ -146,8 +225,17 @@ class _FileSink(Sink):
             self.open()
         assert self._fh is not None
         # One write per complete record, flushed at once, so a later failure cannot take earlier lines with it.
-        self._fh.write(text)
-        self._fh.flush()
+        try:
+            self._fh.write(text)
+            self._fh.flush()
+        except (OSError, ValueError):
+            if self._owned:  # drop the handle: the next write reopens and repairs a torn tail first
+                fh, self._fh = self._fh, None
+                try:
+                    fh.close()
+                except (OSError, ValueError):
+                    pass
+            raise
 
     def close(self) -> None:
         fh, self._fh = self._fh, None
@@ -195,6 +283,8 @@ class CSVSink(_FileSink):
         >>> CSVSink(io.StringIO()).name
         'CSVSink(stream)'
     """
+
+    _quoted = True
 
     def __init__(self, target: str | os.PathLike[str] | IO[str]) -> None:
         super().__init__(target)
