@@ -8,6 +8,7 @@ tensor, for the model and the optimizer.
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 from hypothesis import given, settings
@@ -292,8 +293,11 @@ def test_reinit_bad_arguments():
     with pytest.raises(RefusedError, match="expected a deadrelu Report"):
         reinit_dead(net, {"sites": []})  # type: ignore[arg-type]
     other = deadrelu.scan(rm.cnn_bn(), rm.images())
-    with pytest.raises(RefusedError, match="no matching activation"):
+    with pytest.raises(RefusedError, match="report was made from a different model"):
         reinit_dead(net, other)
+    # A report without a fingerprint (older JSON) is still matched against the graph.
+    with pytest.raises(RefusedError, match="no matching activation"):
+        reinit_dead(net, dataclasses.replace(other, fingerprint=""))
 
 
 # -- nudge_bias -------------------------------------------------------------------------------

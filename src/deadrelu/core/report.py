@@ -22,7 +22,9 @@ from .advice import advise
 from .files import atomic_write_text
 from .stats import classify
 
-__all__ = ["SCHEMA_VERSION", "Levels", "Thresholds", "SiteReport", "Report", "SiteDiff", "ReportDiff"]
+__all__ = [
+    "SCHEMA_VERSION", "Levels", "Thresholds", "SiteReport", "Report", "SiteDiff", "ReportDiff", "model_fingerprint",
+]  # fmt: skip
 
 #: Bumped whenever the JSON layout changes incompatibly.
 # 2: the asleep/dormant levels are stored under "levels" (1 called them "thresholds").
@@ -270,6 +272,29 @@ class ReportDiff:
         return "\n".join(lines)
 
 
+def model_fingerprint(model: Any) -> str:
+    """A short digest of a model's parameter names and shapes (not their values).
+
+    Recorded in every :class:`Report` at scan time, so surgery can refuse a report that was
+    made from a different model. Training changes values, not the fingerprint;
+    ``torch.compile``'s ``_orig_mod.`` prefix is ignored.
+
+    Example:
+        >>> import torch
+        >>> model_fingerprint(torch.nn.Linear(3, 2)) == model_fingerprint(torch.nn.Linear(3, 2))
+        True
+        >>> model_fingerprint(torch.nn.Linear(3, 2)) == model_fingerprint(torch.nn.Linear(4, 2))
+        False
+    """
+    import hashlib
+
+    lines = []
+    for name, p in model.named_parameters():
+        name = name[len("_orig_mod.") :] if name.startswith("_orig_mod.") else name
+        lines.append(f"{name}:{tuple(p.shape)}")
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16]
+
+
 @dataclass(frozen=True)
 class Report:
     """Per-unit activation statistics of every activation site of a model, in forward order.
@@ -281,6 +306,7 @@ class Report:
         samples: number of input samples observed (first dimension of each batch).
         mode: ``"eval"`` or ``"train"`` — the mode the model ran in.
         model: class name of the scanned model.
+        fingerprint: :func:`model_fingerprint` of the scanned model ("" when unknown).
 
     Example:
         >>> import torch, deadrelu
@@ -296,6 +322,7 @@ class Report:
     samples: int = 0
     mode: str = "eval"
     model: str = ""
+    fingerprint: str = ""
 
     # -- totals --------------------------------------------------------------------
     @property
@@ -409,6 +436,7 @@ class Report:
                 "nonfinite": self.nonfinite,
             },
             "sites": [s.to_dict() for s in self.sites],
+            "fingerprint": self.fingerprint,
         }
 
     def to_json(self, path: str | os.PathLike[str] | None = None, *, indent: int | None = 1) -> str:
@@ -440,6 +468,7 @@ class Report:
             samples=int(d.get("samples", 0)),
             mode=str(d.get("mode", "eval")),
             model=str(d.get("model", "")),
+            fingerprint=str(d.get("fingerprint") or ""),
         )
 
     @classmethod

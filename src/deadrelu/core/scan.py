@@ -32,7 +32,7 @@ from .inputs import (
 )
 from .capture import ActivationCapture, ThresholdSpec, UnitDimSpec
 from ..errors import DataError, DeadReluError, ForwardError, NoActivationSitesError
-from .report import Report, SiteReport, Levels
+from .report import Report, SiteReport, Levels, model_fingerprint
 from .stats import UnitTotals
 
 __all__ = ["scan", "Probe", "report_from_capture"]
@@ -85,6 +85,7 @@ def report_from_capture(
         samples=samples,
         mode=mode,
         model=type(capture.model).__name__,
+        fingerprint=model_fingerprint(capture.model),
     )
 
 

@@ -10,7 +10,13 @@ chain of the form::
 from the traced graph — never from module order. Anything that breaks the proof
 (a residual add, a ``cat``, a layer called twice, a parameter shared between modules,
 an unsupported layer, an untraceable model) raises :class:`~deadrelu.errors.RefusedError`
-naming the site, before anything is changed.
+naming the site, before anything is changed. So does anything that makes a layer compute
+something other than what its weights say, or reads its weights outside its own call:
+a parametrization (``torch.nn.utils.parametrize``, ``parametrizations.weight_norm`` /
+``spectral_norm``), the old hook-based ``weight_norm`` / ``spectral_norm``, any forward
+(pre-)hook that is not deadrelu's own, and a direct read such as ``F.linear(x, self.fc.weight)``.
+A report whose model fingerprint (parameter names and shapes) differs from the model's
+is refused too.
 
 The mapping from a site to a graph node mirrors :mod:`deadrelu.core.capture`: an activation
 call belongs to the innermost module whose ``forward`` made it, ``call`` counts that
@@ -22,7 +28,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -30,9 +36,12 @@ from torch import fx, nn
 
 from ..core.activations import ACTIVATION_FUNCTIONS, function_of_module
 from ..errors import DeadReluError, RefusedError
-from ..core.report import Report, SiteReport
+from ..core.report import Report, SiteReport, model_fingerprint
 
-__all__ = ["Chain", "Link", "trace", "site_nodes", "find_chains", "activation_name", "describe_node"]
+__all__ = [
+    "Chain", "Link", "trace", "site_nodes", "find_chains", "activation_name", "describe_node",
+    "check_report_matches", "unrewritable_reason", "computed_weight_reason", "is_deadrelu_hook",
+]  # fmt: skip
 
 PRODUCERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 CONSUMERS = PRODUCERS
@@ -211,6 +220,109 @@ def _refuse(site: SiteReport, what: str, why: str) -> RefusedError:
     return RefusedError(f"{what}: site '{site.name}': {why}; nothing was changed")
 
 
+def is_deadrelu_hook(hook: Any) -> bool:
+    """True for a hook registered by deadrelu itself (a capture or monitor), which surgery may ignore."""
+    fn = getattr(hook, "__func__", hook)
+    fn = getattr(fn, "func", fn)  # functools.partial
+    return str(getattr(fn, "__module__", "") or "").startswith("deadrelu.")
+
+
+def computed_weight_reason(path: str, module: nn.Module) -> str | None:
+    """Why ``module``'s weights are computed from other tensors (a parametrization, the old
+    hook-based ``weight_norm``/``spectral_norm``), or None when they are plain parameters."""
+    name = f"'{path}'" if path else "the model"
+    from torch.nn.utils import parametrize
+
+    if parametrize.is_parametrized(module):
+        what = ", ".join(
+            f"{t} ({', '.join(type(p).__name__ for p in plist)})" for t, plist in module.parametrizations.items()  # type: ignore[union-attr]
+        )
+        return (
+            f"{name} is parametrized (torch.nn.utils.parametrize: {what}), so its weights are computed from "
+            "other tensors and cannot be edited exactly"
+        )
+    for hook in module._forward_pre_hooks.values():
+        kind = type(hook).__name__
+        if kind in ("WeightNorm", "SpectralNorm") and type(hook).__module__.startswith("torch.nn.utils"):
+            old = "weight_norm" if kind == "WeightNorm" else "spectral_norm"
+            return (
+                f"{name} is wrapped by the hook-based torch.nn.utils.{old}, which recomputes its "
+                f"'{getattr(hook, 'name', 'weight')}' before every forward, so an edit would not hold"
+            )
+    return None
+
+
+def unrewritable_reason(path: str, module: nn.Module) -> str | None:
+    """Why surgery cannot rewrite ``module`` exactly from its weights, or None when it can.
+
+    A parametrized module computes its weight from other tensors; the old hook-based
+    ``weight_norm`` / ``spectral_norm`` recompute ``weight`` before every forward (an edit of
+    it is undone at the next call); any other forward (pre-)hook may change what the
+    module computes in ways the dataflow cannot see.
+    """
+    reason = computed_weight_reason(path, module)
+    if reason is not None:
+        return reason
+    hooks = list(module._forward_pre_hooks.values()) + list(module._forward_hooks.values())
+    foreign = [h for h in hooks if not is_deadrelu_hook(h)]
+    if foreign:
+        label = getattr(foreign[0], "__qualname__", type(foreign[0]).__name__)
+        name = f"'{path}'" if path else "the model"
+        return (
+            f"{name} has {len(foreign)} forward (pre-)hook(s) that are not "
+            f"deadrelu's (e.g. {label}), which may change what it computes; remove them first"
+        )
+    return None
+
+
+def check_report_matches(model: nn.Module, report: Report, what: str) -> None:
+    """Refuse a report whose recorded model fingerprint differs from ``model``'s.
+
+    Raises:
+        RefusedError: naming both fingerprints; a report without one (older JSON) passes.
+    """
+    recorded = getattr(report, "fingerprint", "")
+    if recorded and recorded != model_fingerprint(model):
+        raise RefusedError(
+            f"{what}: the report was made from a different model: its parameter names and shapes (fingerprint "
+            f"{recorded}) differ from those of this {type(model).__name__} ({model_fingerprint(model)}); scan this "
+            "model and use that report; nothing was changed"
+        )
+
+
+def _check_module(path: str, module: nn.Module, site: SiteReport, what: str) -> None:
+    reason = unrewritable_reason(path, module)
+    if reason is not None:
+        raise _refuse(site, what, reason)
+
+
+def _direct_reads(gm: fx.GraphModule) -> dict[str, list[fx.Node]]:
+    """Attribute path -> the get_attr nodes that read it in forward (``self.fc.weight`` outside ``self.fc(...)``)."""
+    out: dict[str, list[fx.Node]] = {}
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            out.setdefault(str(node.target), []).append(node)
+    return out
+
+
+def _check_direct_reads(chain: "Chain", reads: dict[str, list[fx.Node]], what: str) -> None:
+    """Refuse when a tensor of a layer the rewrite edits is also read outside that layer's own call."""
+    paths = {chain.producer_path, chain.norm_path} | {l.path for l in chain.links}
+    paths |= {p for l in chain.links for p, _ in l.norms}
+    if chain.node.op == "call_module":
+        paths.add(str(chain.node.target))
+    for target, nodes in reads.items():
+        owner = next((p for p in paths if p and (target == p or target.startswith(p + "."))), None)
+        if owner is not None:
+            users = ", ".join(sorted({describe_node(u) for n in nodes for u in n.users})) or "nothing"
+            raise _refuse(
+                chain.site,
+                what,
+                f"'{target}' is also read directly in forward (by {users}), outside the call of '{owner}', so "
+                "editing it would change that computation too",
+            )
+
+
 def _check_single_use(
     path: str, site: SiteReport, what: str, calls: dict[str, int], shared: dict[str, list[str]]
 ) -> None:
@@ -260,6 +372,7 @@ def find_chains(
     """
     if not isinstance(report, Report):
         raise RefusedError(f"{what}: expected a deadrelu Report, got {type(report).__name__}; nothing was changed")
+    check_report_matches(model, report, what)
     chosen = report.sites
     if sites is not None:
         names = [sites] if isinstance(sites, str) else list(sites)
@@ -282,6 +395,7 @@ def find_chains(
         if node.op == "call_module":
             calls[str(node.target)] = calls.get(str(node.target), 0) + 1
     shared = _shared_parameters(model)
+    reads = _direct_reads(gm)
     chains = []
     for site, units in wanted:
         found = nodes.get((site.module, site.call, site.slot))
@@ -295,9 +409,12 @@ def find_chains(
         node, fn = found
         if fn != site.function:
             raise _refuse(site, what, f"the traced graph has {fn} there, the report {site.function}")
+        if node.op == "call_module":
+            _check_module(str(node.target), modules[str(node.target)], site, what)
         chain = _producer_side(site, units, node, fn, modules, calls, shared, what)
         if consumers:
             chain.links = _consumer_side(chain, modules, calls, shared, what)
+        _check_direct_reads(chain, reads, what)
         chains.append(chain)
     seen: dict[str, str] = {}
     for chain in chains:
@@ -324,11 +441,15 @@ def _producer_side(
         raise _refuse(site, what, "the activation's input is not a traced tensor")
     norm_path = norm = None
     cur = inp
+    if cur.op == "call_module" and str(cur.target) in modules:
+        _check_module(str(cur.target), modules[str(cur.target)], site, what)
     if cur.op == "call_module" and type(modules.get(cur.target)) in NORMS:  # type: ignore[arg-type]
         norm_path, norm = str(cur.target), modules[cur.target]  # type: ignore[index]
         if len(cur.users) != 1:
             raise _refuse(site, what, f"the output of '{norm_path}' is used outside the activation")
         cur = cur.args[0]  # type: ignore[assignment]
+        if isinstance(cur, fx.Node) and cur.op == "call_module" and str(cur.target) in modules:
+            _check_module(str(cur.target), modules[str(cur.target)], site, what)
     if not (isinstance(cur, fx.Node) and cur.op == "call_module" and type(modules.get(cur.target)) in PRODUCERS):  # type: ignore[arg-type]
         src = describe_node(cur) if isinstance(cur, fx.Node) else repr(cur)
         if isinstance(cur, fx.Node) and cur.op == "call_module":
@@ -382,6 +503,8 @@ def _consumer_side(
             if user.args[:1] != (node,):
                 raise _refuse(site, what, f"its units feed {describe_node(user)} as a non-first argument")
             m = modules.get(user.target) if user.op == "call_module" else None  # type: ignore[arg-type]
+            if m is not None:
+                _check_module(str(user.target), m, site, what)
             if m is not None and type(m) in CONSUMERS:
                 links.append(_link(chain, user, m, flat, norms, zero_only, calls, shared, what))
                 links[-1].fixed = fixed

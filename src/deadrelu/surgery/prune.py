@@ -19,7 +19,6 @@ original does. The original model is never modified.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping
 
@@ -27,6 +26,8 @@ import torch
 from torch import nn
 
 from . import dataflow as _graph
+from .transaction import copy_model
+from .verify import PinnedReference, max_difference, output_tensors
 from ..core.activations import ZERO_WHEN_DEAD_FUNCTIONS
 from ..errors import DataError, DeadReluError, RefusedError
 from ..core.report import Report, SiteReport
@@ -236,16 +237,6 @@ def _replace(model: nn.Module, path: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent), name, module)
 
 
-def _outputs(obj: Any) -> list[torch.Tensor]:
-    if isinstance(obj, torch.Tensor):
-        return [obj]
-    if isinstance(obj, (tuple, list)):
-        return [t for o in obj for t in _outputs(o)]
-    if isinstance(obj, Mapping):
-        return [t for o in obj.values() for t in _outputs(o)]
-    return []
-
-
 def _compare(
     original: nn.Module, pruned: nn.Module, data: Any, input_fn: Callable[[Any], Any] | None, batch_size: int
 ) -> tuple[float, tuple[Any, ...], dict[str, Any]]:
@@ -260,12 +251,10 @@ def _compare(
             args, kwargs = call_arguments(to_device(batch, device), input_fn)
             if first is None:
                 first = (args, kwargs)
-            a, b = _outputs(original(*args, **kwargs)), _outputs(pruned(*args, **kwargs))
-            if len(a) != len(b) or any(x.shape != y.shape for x, y in zip(a, b)):
-                return float("inf"), args, kwargs
-            for x, y in zip(a, b):
-                if x.numel():
-                    worst = max(worst, float((x.double() - y.double()).abs().max()))
+            diff = max_difference(output_tensors(original(*args, **kwargs)), output_tensors(pruned(*args, **kwargs)))
+            if diff == float("inf"):
+                return diff, args, kwargs
+            worst = max(worst, diff)
     if first is None:
         raise DataError("prune_dead: the data held no batches to verify on")
     return worst, first[0], first[1]
@@ -327,13 +316,56 @@ def prune_dead(
     if not tolerance >= 0:
         raise DeadReluError(f"{what}: tolerance must be >= 0, got {tolerance}")
     chains = _graph.find_chains(model, report, _select, what, sites=sites)
+    skipped = _skipped_sites(report, sites)
+    values: dict[str, torch.Tensor | float] = {c.site.name: 0.0 for c in chains}
+    _add_constant_chains(model, report, chains, values, skipped, what)
+    plan = _plan_cuts(model, report, chains, values, what)
+    pruned = copy_model(model, what)
+    originals = dict(model.named_modules())
+    for path, edit in plan.edits.items():
+        _replace(pruned, path, _smaller(originals[path], edit))
+    result: dict[str, Any] = dict(
+        model=pruned,
+        removed=plan.removed,
+        kept=plan.kept,
+        skipped=skipped,
+        params_before=count_parameters(model),
+        params_after=count_parameters(pruned),
+    )
+    if data is not None:
+        result.update(_verify(model, pruned, plan, data, input_fn, batch_size, tolerance, what))
+    return PruneResult(**result)
+
+
+@dataclass
+class _CutPlan:
+    """What :func:`prune_dead` cuts: per module path an :class:`_Edit`, and per site the units removed/kept."""
+
+    edits: dict[str, _Edit] = field(default_factory=dict)
+    removed: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    kept: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    pins: list[tuple[SiteReport, tuple[int, ...], torch.Tensor | float]] = field(default_factory=list)
+
+
+def _skipped_sites(report: Report, sites: Iterable[str] | None) -> dict[str, str]:
+    """Per chosen site with dead units that cannot be removed for free, why."""
     chosen = None if sites is None else ({sites} if isinstance(sites, str) else set(sites))
-    skipped = {
+    return {
         s.name: r
         for s in report.sites
         if (chosen is None or s.name in chosen) and (r := _skip_reason(s)) is not None
     }
-    values: dict[str, torch.Tensor | float] = {c.site.name: 0.0 for c in chains}
+
+
+def _add_constant_chains(
+    model: nn.Module,
+    report: Report,
+    chains: list[_graph.Chain],
+    values: dict[str, torch.Tensor | float],
+    skipped: dict[str, str],
+    what: str,
+) -> None:
+    """Add the chains of skipped non-ReLU sites whose dead units are provably constant (in place)."""
     for site in report.sites:
         if site.name in skipped and site.function not in ZERO_WHEN_DEAD_FUNCTIONS:
             chain, value = _constant_chain(model, report, site, what)
@@ -345,20 +377,26 @@ def prune_dead(
                     skipped[site.name] = f"{left} dead {site.function} unit(s) with non-zero incoming weights are not constant"
                 else:
                     del skipped[site.name]
-    edits: dict[str, _Edit] = {}
-    removed: dict[str, tuple[int, ...]] = {}
-    kept: dict[str, tuple[int, ...]] = {}
+
+
+def _plan_cuts(
+    model: nn.Module, report: Report, chains: list[_graph.Chain], values: dict[str, torch.Tensor | float], what: str
+) -> _CutPlan:
+    """Every module's cut rows/columns and bias folds, or a refusal before anything is built."""
+    plan = _CutPlan()
     for chain in chains:
         units = chain.units
         value = values[chain.site.name]
         if len(units) == chain.site.units:
-            kept[chain.site.name] = units[:1]
+            plan.kept[chain.site.name] = units[:1]
             units = units[1:]
             if isinstance(value, torch.Tensor):
                 value = value[1:]
-        removed[chain.site.name] = units
+        plan.removed[chain.site.name] = units
         if not units:
             continue
+        plan.pins.append((chain.site, units, value))
+        edits = plan.edits
         edits.setdefault(chain.producer_path, _Edit()).out.update(units)
         act = model.get_submodule(str(chain.node.target)) if chain.node.op == "call_module" else None
         if isinstance(act, nn.PReLU) and act.num_parameters > 1:
@@ -372,44 +410,54 @@ def prune_dead(
         if chain.norm_path:
             edits.setdefault(chain.norm_path, _Edit()).out.update(units)
         for link in chain.links:
-            if link.fixed:
-                raise RefusedError(
-                    f"{what}: site '{chain.site.name}': its units reach '{link.path}' through {link.fixed}, which "
-                    "cannot shrink; write x.flatten(1) or x.view(x.size(0), -1) instead; nothing was changed"
-                )
-            for norm_path, _ in link.norms:
-                edits.setdefault(norm_path, _Edit()).out.update(units)
-            consts = _graph.constant_after(link, units, value)
-            delta = _graph.fold_into_bias(link, units, consts, chain.site, what)
-            edit = edits.setdefault(link.path, _Edit())
-            edit.inp.update(_graph.columns(link, units))
-            if delta is not None:
-                edit.bias = delta if edit.bias is None else edit.bias + delta
-    pruned = copy.deepcopy(model)
-    originals = dict(model.named_modules())
-    for path, edit in edits.items():
-        _replace(pruned, path, _smaller(originals[path], edit))
-    result = dict(
-        model=pruned,
-        removed=removed,
-        kept=kept,
-        skipped=skipped,
-        params_before=count_parameters(model),
-        params_after=count_parameters(pruned),
-    )
-    if data is not None:
-        diff, args, kwargs = _compare(model, pruned, data, input_fn, batch_size)
-        if not diff <= tolerance:
-            raise RefusedError(
-                f"{what}: the pruned model's outputs differ from the original's by up to {diff:.3g} on the data "
-                f"(tolerance {tolerance:g}); the report may not be from this data; nothing was changed"
-            )
-        with kept_training_flags(model, pruned):
-            model.eval()
-            pruned.eval()
-            result.update(
-                macs_before=count_macs(model, args, kwargs),
-                macs_after=count_macs(pruned, args, kwargs),
-                max_abs_diff=diff,
-            )
-    return PruneResult(**result)  # type: ignore[arg-type]
+            _plan_link_cut(edits, chain, link, units, value, what)
+    return plan
+
+
+def _plan_link_cut(
+    edits: dict[str, _Edit], chain: _graph.Chain, link: _graph.Link, units: tuple[int, ...], value: Any, what: str
+) -> None:
+    """The consumer's cut columns (and norms' channels), and the bias that absorbs a non-zero constant."""
+    if link.fixed:
+        raise RefusedError(
+            f"{what}: site '{chain.site.name}': its units reach '{link.path}' through {link.fixed}, which "
+            "cannot shrink; write x.flatten(1) or x.view(x.size(0), -1) instead; nothing was changed"
+        )
+    for norm_path, _ in link.norms:
+        edits.setdefault(norm_path, _Edit()).out.update(units)
+    consts = _graph.constant_after(link, units, value)
+    delta = _graph.fold_into_bias(link, units, consts, chain.site, what)
+    edit = edits.setdefault(link.path, _Edit())
+    edit.inp.update(_graph.columns(link, units))
+    if delta is not None:
+        edit.bias = delta if edit.bias is None else edit.bias + delta
+
+
+def _verify(
+    model: nn.Module,
+    pruned: nn.Module,
+    plan: _CutPlan,
+    data: Any,
+    input_fn: Callable[[Any], Any] | None,
+    batch_size: int,
+    tolerance: float,
+    what: str,
+) -> dict[str, Any]:
+    """Compare on all of ``data`` and on held-out inputs like its first batch; MACs on that batch."""
+    diff, args, kwargs = _compare(model, pruned, data, input_fn, batch_size)
+    if not diff <= tolerance:
+        raise RefusedError(
+            f"{what}: the pruned model's outputs differ from the original's by up to {diff:.3g} on the data "
+            f"(tolerance {tolerance:g}); the report may not be from this data; nothing was changed"
+        )
+    reference = PinnedReference.build(model, plan.pins, args, kwargs, what) if plan.pins else None
+    if reference is not None:
+        reference.check(pruned, tolerance)
+    with kept_training_flags(model, pruned):
+        model.eval()
+        pruned.eval()
+        return dict(
+            macs_before=count_macs(model, args, kwargs),
+            macs_after=count_macs(pruned, args, kwargs),
+            max_abs_diff=diff,
+        )

@@ -26,6 +26,8 @@ from torch import nn
 
 from . import dataflow as _graph
 from .swap import ActivationChange, SwapResult, swap_activations
+from .transaction import Transaction
+from .verify import PinnedReference
 from ..errors import DataError, DeadReluError, RefusedError
 from ..core.report import Report, SiteReport
 from ..core.inputs import call_arguments, iter_batches, kept_training_flags, model_device, to_device
@@ -117,22 +119,6 @@ class BiasNudge:
     after: tuple[float, ...]
 
 
-class _Transaction:
-    """Remembers tensors before they are written, and puts them all back on failure."""
-
-    def __init__(self) -> None:
-        self._saved: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def save(self, t: torch.Tensor | None) -> None:
-        if t is not None and id(t) not in self._saved:
-            self._saved[id(t)] = (t, t.detach().clone())
-
-    def rollback(self) -> None:
-        with torch.no_grad():
-            for t, old in self._saved.values():
-                t.copy_(old)
-
-
 def _units_of(dormant: bool) -> Any:
     def select(site: SiteReport) -> tuple[int, ...]:
         if dormant:
@@ -193,14 +179,18 @@ def _dead_output(chain: _graph.Chain, model: nn.Module) -> torch.Tensor:
     return value
 
 
-def _producer_inputs(
-    model: nn.Module, producers: list[nn.Module], data: Any, input_fn: Callable[[Any], Any] | None
-) -> dict[nn.Module, torch.Tensor]:
-    """Each producer's input on the first batch of ``data`` (eval mode, no grad; the model is left as it was)."""
+def _first_batch(model: nn.Module, data: Any, input_fn: Callable[[Any], Any] | None) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The model's call arguments for the first batch of ``data``, on the model's device."""
     batch = next(iter(iter_batches(data, 256)), None)
     if batch is None:
         raise DataError("reinit_dead: the data held no batches")
-    args, kwargs = call_arguments(to_device(batch, model_device(model)), input_fn)
+    return call_arguments(to_device(batch, model_device(model)), input_fn)
+
+
+def _producer_inputs(
+    model: nn.Module, producers: list[nn.Module], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> dict[nn.Module, torch.Tensor]:
+    """Each producer's input on one batch (eval mode, no grad; the model is left as it was)."""
     seen: dict[nn.Module, torch.Tensor] = {}
 
     def grab(module: nn.Module, inp: tuple[Any, ...]) -> None:
@@ -244,7 +234,7 @@ def _redraw_silent(
     return rows, tuple(u for u, good in zip(chain.units, ok.tolist()) if not good)
 
 
-def _reset_state(optimizer: Any, param: torch.Tensor | None, index: Any, tx: _Transaction) -> int:
+def _reset_state(optimizer: Any, param: torch.Tensor | None, index: Any, tx: Transaction) -> int:
     """Reset the entries ``param[index]`` in every optimizer state tensor shaped like ``param``."""
     if optimizer is None or param is None:
         return 0
@@ -343,81 +333,118 @@ def reinit_dead(
     _check_optimizer(optimizer, what)
     chains = _graph.find_chains(model, report, _units_of(dormant), what, sites=sites)
     # Plan every value first; a refusal here leaves everything untouched.
-    inputs = _producer_inputs(model, [c.producer for c in chains], data, input_fn) if data is not None else {}
-    plans = []
-    silent: dict[str, tuple[int, ...]] = {}
-    for chain in chains:
-        rows = _draw_rows(chain.producer, chain.units, _gain(chain), init, generator)
-        if chain.producer in inputs:
-            rows, quiet = _redraw_silent(chain, rows, inputs[chain.producer], init, generator, max_draws)
-            if quiet:
-                silent[chain.site.name] = quiet
-        folds = []
-        value = _dead_output(chain, model)
-        for link in chain.links:
-            consts = _graph.constant_after(link, chain.units, value)
-            delta = _graph.fold_into_bias(link, chain.units, consts, chain.site, what)
-            if delta is not None and link.module.bias is None:  # type: ignore[union-attr]
-                raise RefusedError(
-                    f"{what}: site '{chain.site.name}': '{link.path}' has no bias to absorb the dead units' "
-                    "constant output; nothing was changed"
-                )
-            folds.append(delta)
-        plans.append((chain, rows, folds))
-
-    tx = _Transaction()
-    entries = 0
-    try:
-        with torch.no_grad():
-            for chain, rows, folds in plans:
-                for link in chain.links:
-                    tx.save(link.module.weight)  # type: ignore[union-attr]
-                    tx.save(link.module.bias)  # type: ignore[union-attr]
-                for link, delta in zip(chain.links, folds):
-                    if delta is not None:
-                        bias = link.module.bias  # type: ignore[union-attr]
-                        bias.add_(delta.to(bias.dtype))
-            # Rows after folds (a re-drawn unit's bias is 0, not a fold), columns last so that a
-            # layer that is both a consumer and a producer ends with zeros in the columns.
-            for chain, rows, _ in plans:
-                idx = list(chain.units)
-                p = chain.producer
-                tx.save(p.weight)  # type: ignore[union-attr]
-                tx.save(p.bias)  # type: ignore[union-attr]
-                p.weight[idx] = rows  # type: ignore[index, union-attr]
-                entries += _reset_state(optimizer, p.weight, idx, tx)  # type: ignore[arg-type]
-                if p.bias is not None:  # type: ignore[union-attr]
-                    p.bias[idx] = 0  # type: ignore[index, union-attr]
-                    entries += _reset_state(optimizer, p.bias, idx, tx)  # type: ignore[arg-type]
-                bn = chain.norm
-                if bn is not None:
-                    for t, v in ((bn.weight, 1.0), (bn.bias, 0.0), (bn.running_mean, 0.0), (bn.running_var, 1.0)):
-                        if t is not None:
-                            tx.save(t)
-                            t[idx] = v
-                    entries += _reset_state(optimizer, bn.weight, idx, tx)
-                    entries += _reset_state(optimizer, bn.bias, idx, tx)
-            for chain, _, _ in plans:
-                for link in chain.links:
-                    cols = _graph.columns(link, chain.units)
-                    w = link.module.weight  # type: ignore[union-attr]
-                    w[:, cols] = 0
-                    entries += _reset_state(optimizer, w, (slice(None), cols), tx)  # type: ignore[arg-type]
-    except BaseException:
-        tx.rollback()
-        raise
-    changes = tuple(
-        UnitReset(
-            site=chain.site.name,
-            units=chain.units,
-            producer=chain.producer_path,
-            norm=chain.norm_path,
-            consumers=tuple(link.path for link in chain.links),
-            folded=tuple(link.path for link, d in zip(chain.links, folds) if d is not None),
-        )
-        for chain, _, folds in plans
+    batch = _first_batch(model, data, input_fn) if data is not None else None
+    inputs = _producer_inputs(model, [c.producer for c in chains], *batch) if batch is not None else {}
+    plans = [_plan_unit_reset(model, chain, inputs, init, generator, max_draws, what) for chain in chains]
+    reference = None
+    if batch is not None and plans:
+        pins = [(p.chain.site, p.chain.units, p.value) for p in plans]
+        reference = PinnedReference.build(model, pins, *batch, what)
+    with Transaction() as tx:
+        entries = _write_unit_resets(plans, optimizer, tx)
+        if reference is not None:
+            reference.check(model)
+    return ReinitResult(
+        changes=tuple(p.change() for p in plans),
+        optimizer_entries=entries,
+        silent={p.chain.site.name: p.silent for p in plans if p.silent},
     )
-    return ReinitResult(changes=changes, optimizer_entries=entries, silent=silent)
+
+
+@dataclass
+class _UnitResetPlan:
+    """Everything :func:`reinit_dead` will write at one site, computed before the first write."""
+
+    chain: _graph.Chain
+    rows: torch.Tensor  # the producer's new incoming weights of the chain's units
+    folds: list[torch.Tensor | None]  # per consumer link, the bias change (None: no constant to fold)
+    value: torch.Tensor  # per unit, the output it had when dead (what the consumers saw)
+    silent: tuple[int, ...] = ()  # re-drawn units that still would not fire on the data
+
+    def change(self) -> UnitReset:
+        c = self.chain
+        return UnitReset(
+            site=c.site.name,
+            units=c.units,
+            producer=c.producer_path,
+            norm=c.norm_path,
+            consumers=tuple(link.path for link in c.links),
+            folded=tuple(link.path for link, d in zip(c.links, self.folds) if d is not None),
+        )
+
+
+def _plan_unit_reset(
+    model: nn.Module,
+    chain: _graph.Chain,
+    inputs: dict[nn.Module, torch.Tensor],
+    init: str,
+    generator: torch.Generator | None,
+    max_draws: int,
+    what: str,
+) -> _UnitResetPlan:
+    """Draw the new rows (re-drawing silent ones on ``inputs``) and the consumers' bias folds for one site."""
+    rows = _draw_rows(chain.producer, chain.units, _gain(chain), init, generator)
+    quiet: tuple[int, ...] = ()
+    if chain.producer in inputs:
+        rows, quiet = _redraw_silent(chain, rows, inputs[chain.producer], init, generator, max_draws)
+    folds: list[torch.Tensor | None] = []
+    value = _dead_output(chain, model)
+    for link in chain.links:
+        consts = _graph.constant_after(link, chain.units, value)
+        delta = _graph.fold_into_bias(link, chain.units, consts, chain.site, what)
+        if delta is not None and link.module.bias is None:  # type: ignore[union-attr]
+            raise RefusedError(
+                f"{what}: site '{chain.site.name}': '{link.path}' has no bias to absorb the dead units' "
+                "constant output; nothing was changed"
+            )
+        folds.append(delta)
+    return _UnitResetPlan(chain, rows, folds, value, quiet)
+
+
+def _write_unit_resets(plans: list[_UnitResetPlan], optimizer: Any, tx: Transaction) -> int:
+    """Write every plan (saving each tensor in ``tx`` first); return the optimizer entries reset."""
+    entries = 0
+    with torch.no_grad():
+        for plan in plans:
+            for link, delta in zip(plan.chain.links, plan.folds):
+                if delta is not None:
+                    bias = link.module.bias  # type: ignore[union-attr]
+                    tx.save(bias)
+                    bias.add_(delta.to(bias.dtype))
+        # Rows after folds (a re-drawn unit's bias is 0, not a fold), columns last so that a
+        # layer that is both a consumer and a producer ends with zeros in the columns.
+        for plan in plans:
+            entries += _write_rows(plan, optimizer, tx)
+        for plan in plans:
+            for link in plan.chain.links:
+                cols = _graph.columns(link, plan.chain.units)
+                w = link.module.weight  # type: ignore[union-attr]
+                tx.save(w)
+                w[:, cols] = 0
+                entries += _reset_state(optimizer, w, (slice(None), cols), tx)  # type: ignore[arg-type]
+    return entries
+
+
+def _write_rows(plan: _UnitResetPlan, optimizer: Any, tx: Transaction) -> int:
+    """New producer rows, zero bias and a fresh BatchNorm channel for one site's units."""
+    chain, idx, entries = plan.chain, list(plan.chain.units), 0
+    p = chain.producer
+    tx.save(p.weight)  # type: ignore[arg-type]
+    tx.save(p.bias)  # type: ignore[arg-type]
+    p.weight[idx] = plan.rows  # type: ignore[index, union-attr]
+    entries += _reset_state(optimizer, p.weight, idx, tx)  # type: ignore[arg-type]
+    if p.bias is not None:  # type: ignore[union-attr]
+        p.bias[idx] = 0  # type: ignore[index, union-attr]
+        entries += _reset_state(optimizer, p.bias, idx, tx)  # type: ignore[arg-type]
+    bn = chain.norm
+    if bn is not None:
+        for t, v in ((bn.weight, 1.0), (bn.bias, 0.0), (bn.running_mean, 0.0), (bn.running_var, 1.0)):
+            if t is not None:
+                tx.save(t)  # type: ignore[arg-type]
+                t[idx] = v  # type: ignore[index]
+        entries += _reset_state(optimizer, bn.weight, idx, tx)  # type: ignore[arg-type]
+        entries += _reset_state(optimizer, bn.bias, idx, tx)  # type: ignore[arg-type]
+    return entries
 
 
 def nudge_bias(
@@ -474,18 +501,13 @@ def nudge_bias(
         if getattr(owner, "bias", None) is None:
             raise RefusedError(f"{what}: site '{chain.site.name}': '{path}' has no bias to nudge; nothing was changed")
         targets.append((chain, owner.bias, f"{path}.bias" if path else "bias"))
-    tx = _Transaction()
     out = []
-    try:
-        with torch.no_grad():
-            for chain, bias, name in targets:
-                idx = list(chain.units)
-                tx.save(bias)
-                before = tuple(float(v) for v in bias[idx])
-                bias[idx] = float(value)
-                _reset_state(optimizer, bias, idx, tx)
-                out.append(BiasNudge(chain.site.name, name, chain.units, before, tuple(float(v) for v in bias[idx])))
-    except BaseException:
-        tx.rollback()
-        raise
+    with Transaction() as tx, torch.no_grad():
+        for chain, bias, name in targets:
+            idx = list(chain.units)
+            tx.save(bias)
+            before = tuple(float(v) for v in bias[idx])
+            bias[idx] = float(value)
+            _reset_state(optimizer, bias, idx, tx)
+            out.append(BiasNudge(chain.site.name, name, chain.units, before, tuple(float(v) for v in bias[idx])))
     return out

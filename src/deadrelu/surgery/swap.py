@@ -18,7 +18,6 @@ with its file and line, because the call could not be rewritten.
 
 from __future__ import annotations
 
-import copy as _copy
 import inspect
 import math
 import re
@@ -29,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from .dataflow import check_report_matches, unrewritable_reason
+from .transaction import Transaction, copy_model
 from ..errors import DeadReluError, RefusedError
 from ..core.report import Report
 
@@ -246,6 +247,26 @@ def swap_activations(
         >>> result.changes[0].new
         'LeakyReLU(negative_slope=0.01)'
     """
+    _check_swap_arguments(model, to, selu_init, negative_slope)
+    if report is not None:
+        check_report_matches(model, report, "swap_activations")
+    target = copy_model(model, "swap_activations") if copy else model
+    plan = _plan_swaps(target, copy, to, report)
+    selu_plans = _lecun(target, generator) if selu_init else []
+    changes: list[ActivationChange] = []
+    with Transaction() as tx:
+        result_model = _write_swaps(target, plan, to, negative_slope, changes, tx)
+        with torch.no_grad():
+            for _, m, w, b in selu_plans:
+                tx.save(m.weight)
+                tx.save(m.bias)
+                m.weight.copy_(w)
+                if b is not None:
+                    m.bias.copy_(b)
+    return SwapResult(result_model, changes, tuple(p for p, *_ in selu_plans))
+
+
+def _check_swap_arguments(model: Any, to: str, selu_init: bool, negative_slope: Any) -> None:
     if to not in TARGETS:
         raise DeadReluError(f"swap_activations: to must be one of {', '.join(TARGETS)}; got {to!r}")
     if not isinstance(model, nn.Module):
@@ -254,15 +275,32 @@ def swap_activations(
         raise DeadReluError("swap_activations: selu_init=True needs to='selu'")
     if not (isinstance(negative_slope, (int, float)) and math.isfinite(negative_slope)):
         raise DeadReluError(f"swap_activations: negative_slope must be a finite number, got {negative_slope!r}")
-    target = _copy.deepcopy(model) if copy else model
-    like = next(iter(target.parameters()), None)
-    widths = _module_widths(target, report) if to == "prelu" else {}
 
-    # Analysis: nothing below changes the model until every rewrite is known to be possible.
-    module_swaps = [
-        (path, m) for path, m in target.named_modules(remove_duplicate=False) if type(m) is nn.ReLU and path
-    ]
-    attr_swaps = [
+
+@dataclass
+class _SwapPlan:
+    """What :func:`swap_activations` replaces, found before anything is changed."""
+
+    modules: list[tuple[str, nn.Module]]  # nn.ReLU modules, replaced in their parent
+    attributes: list[tuple[str, nn.Module]]  # modules with an ``activation=F.relu`` attribute
+    graphs: list[tuple[str, nn.Module, fx.Graph, list[fx.Node]]]  # modules whose own forward calls relu
+    like: torch.Tensor | None  # a parameter whose device/dtype new activations take
+    widths: dict[str, int]  # PReLU channel counts per ReLU module path
+
+
+def _refuse_unrewritable(path: str, m: nn.Module, why: str) -> None:
+    reason = unrewritable_reason(path, m)
+    if reason is not None:
+        where = f"'{path}'" if path else "<root>"
+        raise RefusedError(f"swap_activations: {where} ({type(m).__name__}) {why}: {reason}; nothing was changed")
+
+
+def _plan_swaps(target: nn.Module, copy: bool, to: str, report: Report | None) -> _SwapPlan:
+    """Find every ReLU module, relu attribute and functional call, or refuse before any change."""
+    modules = [(path, m) for path, m in target.named_modules(remove_duplicate=False) if type(m) is nn.ReLU and path]
+    for path, m in modules:
+        _refuse_unrewritable(path, m, "would be replaced")
+    attributes = [
         (path, m) for path, m in target.named_modules() if getattr(m, "activation", None) in (F.relu, torch.relu)
     ]
     graphs: list[tuple[str, nn.Module, fx.Graph, list[fx.Node]]] = []
@@ -284,57 +322,43 @@ def swap_activations(
                 "be rewritten in place; pass copy=True to get a torch.fx.GraphModule copy with them replaced, "
                 "or use nn.ReLU modules; nothing was changed"
             )
+        _refuse_unrewritable(path, m, "would be rewritten as a torch.fx.GraphModule")
         graphs.append((path, m, graph, nodes))
     if type(target) is nn.ReLU:
         raise RefusedError("swap_activations: the model itself is an nn.ReLU; pass copy=True or wrap it")
-    selu_plans = _lecun(target, generator) if selu_init else []
+    like = next(iter(target.parameters()), None)
+    widths = _module_widths(target, report) if to == "prelu" else {}
+    return _SwapPlan(modules, attributes, graphs, like, widths)
 
-    changes: list[ActivationChange] = []
-    undo: list[tuple[nn.Module, str, Any]] = []
-    saved = [(m, m.weight.detach().clone(), None if m.bias is None else m.bias.detach().clone()) for _, m, _, _ in selu_plans]
+
+def _write_swaps(
+    target: nn.Module, plan: _SwapPlan, to: str, slope: float, changes: list[ActivationChange], tx: Transaction
+) -> nn.Module:
+    """Replace modules, attributes and functional calls; returns the (possibly new) root."""
+    like = plan.like
+    for path, m in plan.modules:
+        parent_path, _, name = path.rpartition(".")
+        parent = target.get_submodule(parent_path)
+        new = _new_activation(to, m.inplace and _has_inplace(to), plan.widths.get(path), slope, like)
+        tx.setattr(parent, name, new)
+        changes.append(ActivationChange(path, "module", repr(m), repr(new)))
+    for path, m in plan.attributes:
+        new = _new_activation(to, False, None, slope, like)
+        tx.setattr(m, "activation", new)
+        if hasattr(m, "activation_relu_or_gelu"):
+            # The fused fast path of nn.TransformerEncoderLayer would still apply ReLU.
+            tx.setattr(m, "activation_relu_or_gelu", 0)
+        changes.append(ActivationChange(f"{path}.activation" if path else "activation", "attribute", "F.relu", repr(new)))
     result_model = target
-    try:
-        for path, m in module_swaps:
+    # Deepest modules first, so a parent's GraphModule picks up its rewritten children.
+    for path, m, graph, nodes in sorted(plan.graphs, key=lambda g: -g[0].count(".") - bool(g[0])):
+        gm = _rewrite(m, graph, nodes, to, slope, like, path, changes)
+        if path:
             parent_path, _, name = path.rpartition(".")
-            parent = target.get_submodule(parent_path)
-            new = _new_activation(to, m.inplace and _has_inplace(to), widths.get(path), negative_slope, like)
-            undo.append((parent, name, getattr(parent, name)))
-            setattr(parent, name, new)
-            changes.append(ActivationChange(path, "module", repr(m), repr(new)))
-        for path, m in attr_swaps:
-            new = _new_activation(to, False, None, negative_slope, like)
-            undo.append((m, "activation", m.activation))
-            m.activation = new
-            if hasattr(m, "activation_relu_or_gelu"):
-                # The fused fast path of nn.TransformerEncoderLayer would still apply ReLU.
-                undo.append((m, "activation_relu_or_gelu", m.activation_relu_or_gelu))
-                m.activation_relu_or_gelu = 0
-            changes.append(ActivationChange(f"{path}.activation" if path else "activation", "attribute", "F.relu", repr(new)))
-        # Deepest modules first, so a parent's GraphModule picks up its rewritten children.
-        for path, m, graph, nodes in sorted(graphs, key=lambda g: -g[0].count(".") - bool(g[0])):
-            gm = _rewrite(m, graph, nodes, to, negative_slope, like, path, changes)
-            if path:
-                parent_path, _, name = path.rpartition(".")
-                parent = target.get_submodule(parent_path)
-                undo.append((parent, name, getattr(parent, name)))
-                setattr(parent, name, gm)
-            else:
-                result_model = gm
-        with torch.no_grad():
-            for _, m, w, b in selu_plans:
-                m.weight.copy_(w)
-                if b is not None:
-                    m.bias.copy_(b)
-    except BaseException:
-        for parent, name, old in reversed(undo):
-            setattr(parent, name, old)
-        with torch.no_grad():
-            for m, w, b in saved:
-                m.weight.copy_(w)
-                if b is not None:
-                    m.bias.copy_(b)
-        raise
-    return SwapResult(result_model, changes, tuple(p for p, *_ in selu_plans))
+            tx.setattr(target.get_submodule(parent_path), name, gm)
+        else:
+            result_model = gm
+    return result_model
 
 
 def _rewrite(

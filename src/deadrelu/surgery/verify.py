@@ -1,0 +1,269 @@
+"""Check a function-preserving rewrite on held-out random inputs before it is committed.
+
+The data a report was made on shows that a unit was dead *there*; a rewrite that is proven
+from the traced dataflow claims more: the rewritten model computes exactly what the
+original computes with the touched units *pinned* to the value they had when dead (0 for a
+dead ReLU unit, the constant of a unit with all-zero incoming weights) — on every input.
+:class:`PinnedReference` checks that claim on inputs the report never saw:
+
+1. held-out inputs are drawn like the real batch (same structure, shapes and dtypes; float
+   tensors with its mean and spread, integer tensors within its range, booleans kept) from a
+   seeded generator of their own, so the global RNG is not touched;
+2. the model is traced in eval mode, and the trace must reproduce the real model's outputs
+   on them (it would not if forward did something the trace cannot see);
+3. the traced graph with the units pinned (a ``torch.where`` after each activation) gives
+   the reference outputs, computed before anything is edited;
+4. after the edit, the rewritten model must match the reference within a tolerance scaled
+   to the outputs' dtype and magnitude — or the rewrite is rolled back and refused.
+
+A rewrite that reaches outside the proven chain (a weight also read elsewhere, a hook, a
+parametrization the structural checks missed) changes these outputs and is caught here.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import fx, nn
+
+from . import dataflow
+from ..core.inputs import kept_training_flags
+from ..core.report import SiteReport
+from ..errors import RefusedError
+
+__all__ = ["PinnedReference", "held_out_like", "output_tensors", "max_difference", "HELD_OUT_SEED"]
+
+#: Seed of the generator that draws held-out inputs (fixed, so a refusal is reproducible).
+HELD_OUT_SEED = 20240601
+
+
+def held_out_like(obj: Any, generator: torch.Generator) -> Any:
+    """Random inputs with the structure, shapes and dtypes of ``obj`` (a tensor or nested batch).
+
+    Floating tensors get Gaussian values with the original's mean and standard deviation,
+    integer tensors uniform values within its range; booleans (masks) and non-tensors are kept.
+
+    Example:
+        >>> x = torch.arange(6.0).reshape(2, 3)
+        >>> y = held_out_like(x, torch.Generator().manual_seed(0))
+        >>> y.shape, y.dtype, torch.equal(x, y)
+        (torch.Size([2, 3]), torch.float32, False)
+    """
+    if isinstance(obj, torch.Tensor):
+        if obj.dtype == torch.bool or obj.numel() == 0:
+            return obj
+        if obj.is_floating_point():
+            ref = obj.detach().double()
+            mean = float(ref.mean())
+            std = float(ref.std()) if obj.numel() > 1 else 1.0
+            std = std if std > 0 and std == std else 1.0
+            mean = mean if mean == mean else 0.0
+            new = torch.randn(tuple(obj.shape), generator=generator, dtype=torch.float64) * std + mean
+            return new.to(device=obj.device, dtype=obj.dtype)
+        if obj.is_complex():
+            return obj
+        lo, hi = int(obj.min()), int(obj.max())
+        new = torch.randint(lo, hi + 1, tuple(obj.shape), generator=generator, dtype=torch.int64)
+        return new.to(device=obj.device, dtype=obj.dtype)
+    if isinstance(obj, tuple):
+        return tuple(held_out_like(o, generator) for o in obj)
+    if isinstance(obj, list):
+        return [held_out_like(o, generator) for o in obj]
+    if isinstance(obj, Mapping):
+        return {k: held_out_like(v, generator) for k, v in obj.items()}
+    return obj
+
+
+def output_tensors(obj: Any) -> list[torch.Tensor]:
+    """Every tensor in a (nested) model output, in order."""
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, (tuple, list)):
+        return [t for o in obj for t in output_tensors(o)]
+    if isinstance(obj, Mapping):
+        return [t for o in obj.values() for t in output_tensors(o)]
+    return []
+
+
+def max_difference(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> float:
+    """Largest absolute difference between two output lists (NaN where both are NaN counts as equal).
+
+    Returns ``inf`` when the structures or shapes differ.
+
+    Example:
+        >>> max_difference([torch.tensor([1.0, float("nan")])], [torch.tensor([1.5, float("nan")])])
+        0.5
+    """
+    if len(a) != len(b) or any(x.shape != y.shape for x, y in zip(a, b)):
+        return float("inf")
+    worst = 0.0
+    for x, y in zip(a, b):
+        if not x.numel():
+            continue
+        if not (x.is_floating_point() or x.is_complex()):
+            worst = max(worst, 0.0 if torch.equal(x, y) else float("inf"))
+            continue
+        x64, y64 = x.detach().double(), y.detach().double()
+        both_nan = torch.isnan(x64) & torch.isnan(y64)
+        same = (x64 == y64) | both_nan  # equal infinities too
+        diff = (x64 - y64).abs().masked_fill(same, 0.0)
+        worst = max(worst, float(diff.nan_to_num(nan=float("inf")).max()))
+    return worst
+
+
+def _dtype_tolerance(outputs: Sequence[torch.Tensor]) -> float:
+    """Relative tolerance for rounding differences in the outputs' least precise float dtype."""
+    rel = 1e-9
+    for t in outputs:
+        if t.dtype in (torch.float16, torch.bfloat16):
+            rel = max(rel, 5e-2 if t.dtype == torch.bfloat16 else 1e-2)
+        elif t.dtype == torch.float32 or t.dtype == torch.complex64:
+            rel = max(rel, 1e-5)
+    return rel
+
+
+def _scale(outputs: Sequence[torch.Tensor]) -> float:
+    finite = [t.detach().double().abs().nan_to_num(nan=0.0, posinf=0.0) for t in outputs if t.numel() and t.is_floating_point()]
+    return max([1.0] + [float(t.max()) for t in finite])
+
+
+class _Pin(nn.Module):
+    """Replaces the chosen units of an activation output by fixed values (the units' dead output)."""
+
+    def __init__(self, mask: torch.Tensor, values: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("mask", mask)
+        self.register_buffer("values", values)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.where(self.mask, self.values.to(device=x.device, dtype=x.dtype), x)
+
+
+class PinnedReference:
+    """The original model's outputs on held-out inputs with chosen units pinned to their dead value.
+
+    Build it before editing (:meth:`build`), then :meth:`check` the edited model.
+
+    Args:
+        what: the operation's name, for messages.
+        args: held-out positional inputs.
+        kwargs: held-out keyword inputs.
+        outputs: the reference outputs.
+    """
+
+    def __init__(self, what: str, args: tuple[Any, ...], kwargs: dict[str, Any], outputs: list[torch.Tensor]) -> None:
+        self.what = what
+        self.args = args
+        self.kwargs = kwargs
+        self.outputs = outputs
+
+    @classmethod
+    def build(
+        cls,
+        model: nn.Module,
+        pins: Sequence[tuple[SiteReport, Sequence[int], torch.Tensor | float]],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        what: str,
+    ) -> "PinnedReference | None":
+        """Trace ``model``, check the trace, and compute the pinned outputs on held-out inputs like ``args``.
+
+        Args:
+            model: the model before the edit.
+            pins: per site, the units to pin and their values (a scalar or one per unit).
+            args: a real batch's positional inputs (only their shapes, dtypes and ranges are used).
+            kwargs: its keyword inputs.
+            what: the operation's name.
+
+        Returns:
+            The reference, or None when the original model itself cannot run on random inputs
+            like these (then there is nothing to check against).
+
+        Raises:
+            RefusedError: the traced graph does not reproduce the model's outputs.
+        """
+        gen = torch.Generator().manual_seed(HELD_OUT_SEED)
+        h_args, h_kwargs = held_out_like(tuple(args), gen), held_out_like(dict(kwargs), gen)
+        with kept_training_flags(model), torch.no_grad():
+            model.eval()
+            try:
+                real = output_tensors(model(*h_args, **h_kwargs))
+            except Exception:  # random inputs are not valid for this model: nothing to compare on
+                return None
+            gm = dataflow.trace(model, what)
+            gm.eval()
+            try:
+                traced = output_tensors(gm(*h_args, **h_kwargs))
+            except Exception as err:
+                raise RefusedError(
+                    f"{what}: the traced graph of {type(model).__name__} fails on held-out inputs ({type(err).__name__}: "
+                    f"{str(err).splitlines()[0] if str(err) else ''}), so its dataflow is not proven; nothing was changed"
+                ) from err
+            diff = max_difference(real, traced)
+            if not diff <= _dtype_tolerance(real) * _scale(real):
+                raise RefusedError(
+                    f"{what}: the traced graph of {type(model).__name__} does not reproduce its outputs on held-out "
+                    f"inputs (they differ by {diff:.3g}): forward does something torch.fx cannot see; nothing was changed"
+                )
+            _insert_pins(gm, pins, what)
+            outputs = [t.detach().clone() for t in output_tensors(gm(*h_args, **h_kwargs))]
+        return cls(what, h_args, h_kwargs, outputs)
+
+    def difference(self, edited: nn.Module) -> float:
+        """Largest absolute difference between ``edited``'s outputs and the reference (eval mode, no grad)."""
+        with kept_training_flags(edited), torch.no_grad():
+            edited.eval()
+            return max_difference(self.outputs, output_tensors(edited(*self.args, **self.kwargs)))
+
+    def check(self, edited: nn.Module, tolerance: float = 0.0) -> float:
+        """Refuse unless ``edited`` matches the reference on the held-out inputs.
+
+        The accepted difference is ``max(tolerance, dtype rounding) × max(1, |reference|)``.
+
+        Returns:
+            The measured difference.
+
+        Raises:
+            RefusedError: the outputs differ by more (the caller rolls its edit back).
+        """
+        diff = self.difference(edited)
+        limit = max(tolerance, _dtype_tolerance(self.outputs)) * _scale(self.outputs)
+        if not diff <= limit:
+            raise RefusedError(
+                f"{self.what}: on held-out random inputs the rewritten model differs from the original with the "
+                f"units pinned to their dead value by {diff:.3g} (accepted {limit:.3g}), so the rewrite would change "
+                "what the network computes beyond the dead units; nothing was changed"
+            )
+        return diff
+
+
+def _insert_pins(
+    gm: fx.GraphModule, pins: Sequence[tuple[SiteReport, Sequence[int], torch.Tensor | float]], what: str
+) -> None:
+    """Put a :class:`_Pin` after each pinned site's activation node in ``gm``."""
+    nodes = dataflow.site_nodes(gm)
+    device = next((t.device for t in list(gm.parameters()) + list(gm.buffers())), torch.device("cpu"))
+    for k, (site, units, values) in enumerate(pins):
+        units = list(units)
+        if not units:
+            continue
+        found = nodes.get((site.module, site.call, site.slot))
+        if found is None:
+            raise RefusedError(f"{what}: site '{site.name}': not found in the eval-mode trace; nothing was changed")
+        node = found[0]
+        shape = [1] * max(len(site.shape), 1)
+        dim = site.unit_dim if len(site.shape) else 0
+        shape[dim] = site.units
+        idx = torch.tensor(units, dtype=torch.long)
+        mask = torch.zeros(site.units, dtype=torch.bool)
+        mask[idx] = True
+        full = torch.zeros(site.units, dtype=torch.float64)
+        full[idx] = torch.as_tensor(values, dtype=torch.float64).expand(len(units))
+        name = f"deadrelu_pin_{k}"
+        gm.add_submodule(name, _Pin(mask.view(shape).to(device), full.view(shape).to(device)))
+        with gm.graph.inserting_after(node):
+            pin = gm.graph.call_module(name, (node,))
+        node.replace_all_uses_with(pin, delete_user_cb=lambda user: user is not pin)
+    gm.graph.lint()
+    gm.recompile()

@@ -1,0 +1,358 @@
+"""Surgery proves or refuses: every case where a rewrite cannot be proven exact.
+
+Each refusal must be a RefusedError naming the site and the reason, and leave the model
+and optimizer bit-identical: parameters, buffers, every hook dict, and the optimizer's
+state_dict (compared byte for byte).
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import deadrelu
+from deadrelu import RefusedError, nudge_bias, prune_dead, reinit_dead, swap_activations
+from deadrelu.core.report import Report
+from fixtures import rescue_models as rm
+
+HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_forward_hooks_with_kwargs",
+              "_forward_pre_hooks_with_kwargs", "_state_dict_hooks", "_load_state_dict_pre_hooks")  # fmt: skip
+
+
+def _bits(t: torch.Tensor) -> tuple:
+    t = t.detach().cpu().contiguous()
+    return (t.dtype, tuple(t.shape), t.view(-1).view(torch.uint8).clone() if t.numel() else None)
+
+
+def _same_bits(a: tuple, b: tuple) -> bool:
+    return a[:2] == b[:2] and (a[2] is None and b[2] is None or torch.equal(a[2], b[2]))
+
+
+def _tree(obj):
+    """Optimizer state as nested plain data, tensors as bit patterns."""
+    if isinstance(obj, torch.Tensor):
+        return ("tensor", _bits(obj))
+    if isinstance(obj, dict):
+        return {k: _tree(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_tree(v) for v in obj]
+    return obj
+
+
+def _same_tree(a, b) -> bool:
+    if isinstance(a, tuple) and a and a[0] == "tensor":
+        return isinstance(b, tuple) and _same_bits(a[1], b[1])
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same_tree(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        return isinstance(b, list) and len(a) == len(b) and all(_same_tree(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def snapshot(model: nn.Module, opt: torch.optim.Optimizer | None) -> dict:
+    """Everything a refusal must leave alone: tensors (with their identity), module tree, hooks, optimizer."""
+    return {
+        "params": [(n, id(p), _bits(p)) for n, p in model.named_parameters()],
+        "buffers": [(n, id(b), _bits(b)) for n, b in model.named_buffers()],
+        "attrs": {n: _bits(v) for n, m in model.named_modules() for n2, v in vars(m).items()
+                  if isinstance(v, torch.Tensor) for n in [f"{n}.{n2}"]},  # fmt: skip
+        "modules": [(n, id(m), type(m)) for n, m in model.named_modules()],
+        "hooks": {n: {d: list(getattr(m, d).items()) for d in HOOK_DICTS} for n, m in model.named_modules()},
+        "opt": _tree(opt.state_dict()) if opt is not None else None,
+    }
+
+
+def assert_unchanged(before: dict, after: dict) -> None:
+    for key in ("params", "buffers"):
+        assert [(n, i) for n, i, _ in before[key]] == [(n, i) for n, i, _ in after[key]], key
+        assert all(_same_bits(a[2], b[2]) for a, b in zip(before[key], after[key])), key
+    assert before["attrs"].keys() == after["attrs"].keys()
+    assert all(_same_bits(before["attrs"][k], after["attrs"][k]) for k in before["attrs"])
+    assert before["modules"] == after["modules"]
+    assert before["hooks"] == after["hooks"]
+    assert _same_tree(before["opt"], after["opt"])
+
+
+def trained_optimizer(model: nn.Module, x: torch.Tensor) -> torch.optim.Optimizer:
+    """Adam with state for every parameter (one step on a toy loss)."""
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model(x).pow(2).mean().backward()
+    opt.step()
+    opt.zero_grad()
+    return opt
+
+
+OPERATIONS = {
+    "reinit": lambda net, rep, opt, x: reinit_dead(net, rep, opt),
+    "reinit_data": lambda net, rep, opt, x: reinit_dead(net, rep, opt, data=x),
+    "prune": lambda net, rep, opt, x: prune_dead(net, rep, data=x),
+    "prune_nodata": lambda net, rep, opt, x: prune_dead(net, rep),
+    "nudge": lambda net, rep, opt, x: nudge_bias(net, rep, optimizer=opt),
+}
+
+
+def check_refused(net: nn.Module, op: str, match: str, site: str | None, x: torch.Tensor | None = None) -> None:
+    """Scan, train one step, then ``op`` must refuse with ``match`` (naming ``site``) and change nothing."""
+    x = rm.data() if x is None else x
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = trained_optimizer(net, x)
+        report = deadrelu.scan(net, x)
+        before = snapshot(net, opt)
+        with pytest.raises(RefusedError, match=match) as info:
+            OPERATIONS[op](net, report, opt, x)
+    message = str(info.value)
+    assert message.endswith("nothing was changed")
+    if site is not None:
+        assert f"site '{site}'" in message
+    assert_unchanged(before, snapshot(net, opt))
+
+
+# -- weights computed from other tensors ----------------------------------------------------------
+
+@pytest.mark.parametrize("op", ["reinit", "reinit_data", "prune", "prune_nodata"])
+@pytest.mark.parametrize("kind,text", [
+    ("weight_norm", r"'2' is wrapped by the hook-based torch\.nn\.utils\.weight_norm"),
+    ("spectral_norm", r"'2' is wrapped by the hook-based torch\.nn\.utils\.spectral_norm"),
+    ("p_weight_norm", r"'2' is parametrized \(torch\.nn\.utils\.parametrize: weight \(_WeightNorm\)\)"),
+    ("p_spectral_norm", r"'2' is parametrized \(torch\.nn\.utils\.parametrize: weight \(_SpectralNorm\)\)"),
+    ("parametrize", r"'2' is parametrized \(torch\.nn\.utils\.parametrize: weight \(Doubled\)\)"),
+])  # fmt: skip
+def test_consumer_with_computed_weight_is_refused(kind, text, op):
+    check_refused(rm.weight_normed(kind, layer=2), op, text, site="1")
+
+
+@pytest.mark.parametrize("op", ["reinit", "reinit_data", "prune", "nudge"])
+@pytest.mark.parametrize("kind", ["weight_norm", "spectral_norm", "p_weight_norm", "parametrize"])
+def test_producer_with_computed_weight_is_refused(kind, op):
+    check_refused(rm.weight_normed(kind, layer=0), op, r"'0' is (wrapped by the hook-based|parametrized)", site="1")
+
+
+def test_before_the_fix_weight_norm_consumer_changed_outputs():
+    """Why the refusal matters: editing ``weight`` under the old weight_norm is undone at the next forward."""
+    net, x = rm.weight_normed("weight_norm", layer=2), rm.data()
+    before = net(x).detach()
+    with torch.no_grad():
+        net[2].weight[:, [1, 3, 7]] = 0  # what reinit_dead would write
+        net[0].weight[[1, 3, 7]] = torch.randn(3, 6) * 3
+        net[0].bias[[1, 3, 7]] = 0
+    assert (net(x) - before).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("kind", ["weight_norm", "spectral_norm"])
+def test_prune_of_a_model_with_an_old_weight_norm_elsewhere_is_refused_not_a_raw_error(kind):
+    net = rm.weight_normed(kind, layer=4)  # the last layer, outside site '1''s chain
+    x = rm.data()
+    report = deadrelu.scan(net, x)
+    before = snapshot(net, None)
+    with pytest.raises(RefusedError, match=rf"'4' is wrapped by the hook-based torch\.nn\.utils\.{kind}.*cannot be copied"):
+        prune_dead(net, report, data=x, sites=["1"])
+    with pytest.raises(RefusedError, match="cannot be copied"):
+        swap_activations(net, copy=True)
+    assert_unchanged(before, snapshot(net, None))
+
+
+def test_swap_leaves_weight_normed_layers_alone_and_is_exact():
+    """swap_activations edits only activations, so a weight-normed Linear is no reason to refuse."""
+    net, x = rm.weight_normed("weight_norm", layer=2), rm.data()
+    expected = nn.functional.leaky_relu
+    with torch.no_grad():
+        h = expected(net[0](x), 0.01)
+        want = net[4](expected(net[2](h), 0.01))
+    swap_activations(net, to="leaky_relu")
+    assert torch.allclose(net(x), want, atol=1e-6)
+
+
+# -- weights read outside the layer's own call ---------------------------------------------------
+
+@pytest.mark.parametrize("op", ["reinit", "reinit_data", "prune", "nudge"])
+def test_producer_weight_used_functionally_is_refused(op):
+    check_refused(
+        rm.ReusedProducerWeight(), op, r"'fc1\.weight' is also read directly in forward \(by linear\(\)\)", "<root>:relu"
+    )
+
+
+@pytest.mark.parametrize("op", ["reinit", "reinit_data", "prune"])
+def test_consumer_weight_used_elsewhere_is_refused(op):
+    check_refused(rm.ReusedConsumerWeight(), op, r"'fc2\.weight' is also read directly in forward", "<root>:relu")
+
+
+def test_before_the_fix_reused_weight_changed_outputs():
+    """Without the refusal, re-drawing fc1's dead rows changes the functional F.linear(x, fc1.weight)."""
+    net, x = rm.ReusedProducerWeight(), rm.data()
+    before = net(x).detach()
+    with torch.no_grad():
+        net.fc1.weight[[1, 3, 7]] = torch.randn(3, 6)
+        net.fc2.weight[:, [1, 3, 7]] = 0
+    assert (net(x) - before).abs().max() > 1e-2
+
+
+# -- hooks ----------------------------------------------------------------------------------------
+
+def _add_hook(net: nn.Module, where: str, pre: bool) -> None:
+    module = net.get_submodule(where)
+    if pre:
+        module.register_forward_pre_hook(lambda m, args: (args[0] * 1.5,))
+    else:
+        module.register_forward_hook(lambda m, args, out: out * 2)
+
+
+@pytest.mark.parametrize("op", ["reinit", "reinit_data", "prune", "nudge"])
+@pytest.mark.parametrize("where,pre", [("0", True), ("0", False), ("1", False)])
+def test_foreign_hooks_on_the_producer_side_are_refused(where, pre, op):
+    net = rm.mlp()
+    _add_hook(net, where, pre)
+    check_refused(net, op, rf"'{where}' has 1 forward \(pre-\)hook\(s\) that are not deadrelu's", site="1")
+
+
+@pytest.mark.parametrize("op", ["reinit", "reinit_data", "prune"])
+def test_foreign_hook_on_the_consumer_is_refused(op):
+    net = rm.mlp()
+    _add_hook(net, "2", pre=False)
+    check_refused(net, op, r"'2' has 1 forward \(pre-\)hook\(s\) that are not deadrelu's", site="1")
+
+
+def test_swap_refuses_to_drop_a_hook_on_a_relu_module():
+    net = rm.mlp()
+    _add_hook(net, "1", pre=False)
+    before = snapshot(net, None)
+    with pytest.raises(RefusedError, match=r"swap_activations: '1' \(ReLU\) would be replaced: '1' has 1 forward"):
+        swap_activations(net)
+    assert_unchanged(before, snapshot(net, None))
+
+
+def test_swap_refuses_to_rewrite_a_hooked_module_with_functional_relu():
+    net = rm.Nested()
+    net.block.register_forward_hook(lambda m, args, out: out + 1)
+    before = snapshot(net, None)
+    with pytest.raises(RefusedError, match=r"'block' \(Block\) would be rewritten as a torch\.fx\.GraphModule"):
+        swap_activations(net)
+    assert_unchanged(before, snapshot(net, None))
+
+
+def test_swap_keeps_a_parametrized_weight_read_in_forward_live():
+    """torch.fx calls the parametrization in the rewritten graph, so the swap is exact and stays trainable."""
+    net, x = rm.FunctionalOverNormed(), rm.data()
+    swapped = swap_activations(net, copy=True).model
+    with torch.no_grad():
+        want = nn.functional.linear(nn.functional.leaky_relu(net.fc1(x), 0.01), 2 * net.fc2.parametrizations.weight.original)
+        assert torch.allclose(swapped(x), want, atol=1e-6)
+        swapped.fc2.parametrizations.weight.original.mul_(3)  # the copy's own parameter, read live
+        assert torch.allclose(swapped(x), 3 * want, atol=1e-5)
+
+
+def test_deadrelu_own_hooks_are_not_a_reason_to_refuse(tmp_path):
+    """A Probe or Monitor attached to the model is deadrelu's own: surgery works, and copies drop it."""
+    net, x = rm.mlp(), rm.data()
+    report = deadrelu.scan(net, x)
+    with deadrelu.Probe(net):
+        result = prune_dead(net, report, data=x)
+        copied = swap_activations(net, copy=True).model
+    hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in list(result.model.modules()) + list(copied.modules()))
+    assert hooks == 0
+    with deadrelu.Monitor(net, sinks=[str(tmp_path / "log.jsonl")], window=2):
+        result = prune_dead(net, report, data=x)  # the monitor's open log file does not travel into the copy
+        assert reinit_dead(net, report).units == 5
+    assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in result.model.modules()) == 0
+
+
+# -- a report from another model ----------------------------------------------------------------------
+
+def _other_report() -> Report:
+    """A report from a model with the same site names and widths but other parameter shapes (5 inputs, not 6)."""
+    torch.manual_seed(0)
+    other = nn.Sequential(nn.Linear(5, 16), nn.ReLU(), nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 3))
+    rm.plant(other[0].bias, [1, 3, 7])
+    return deadrelu.scan(other, torch.randn(64, 5))
+
+
+@pytest.mark.parametrize("op", ["reinit", "prune", "nudge", "swap"])
+@pytest.mark.parametrize("via_json", [False, True])
+def test_report_from_another_model_is_refused(op, via_json, tmp_path):
+    net = rm.mlp()
+    report = _other_report()
+    assert [s.name for s in report.sites] == [s.name for s in deadrelu.scan(net, rm.data()).sites]
+    if via_json:
+        path = tmp_path / "r.json"
+        report.to_json(path)
+        assert json.loads(path.read_text())["fingerprint"] == report.fingerprint != ""
+        report = Report.from_json(path)
+    opt = trained_optimizer(net, rm.data())
+    before = snapshot(net, opt)
+    calls = {
+        "reinit": lambda: reinit_dead(net, report, opt),
+        "prune": lambda: prune_dead(net, report, data=rm.data()),
+        "nudge": lambda: nudge_bias(net, report, optimizer=opt),
+        "swap": lambda: swap_activations(net, to="prelu", report=report),
+    }
+    with pytest.raises(RefusedError, match="the report was made from a different model: its parameter names and shapes"):
+        calls[op]()
+    assert_unchanged(before, snapshot(net, opt))
+
+
+def test_fingerprint_survives_training_and_reinit():
+    net, x = rm.mlp(), rm.data()
+    report = deadrelu.scan(net, x)
+    reinit_dead(net, report)
+    assert deadrelu.scan(net, x).fingerprint == report.fingerprint
+    pruned = prune_dead(net, report, data=x).model
+    with pytest.raises(RefusedError, match="different model"):
+        reinit_dead(pruned, report)  # the old report does not describe the smaller model
+
+
+# -- held-out verification -------------------------------------------------------------------------
+
+class _GlobalHook:
+    """A global module forward hook (invisible to per-module checks) that makes Linear outputs
+    depend on their whole input: zeroing a consumer column then changes the function."""
+
+    def __enter__(self):
+        def hook(module, args, out):
+            if isinstance(module, nn.Linear):
+                return out + 0.1 * args[0].sum(dim=-1, keepdim=True) * module.weight.sum()
+            return out
+
+        self.handle = nn.modules.module.register_module_forward_hook(hook)
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+def test_held_out_check_rolls_back_a_rewrite_the_structure_did_not_catch():
+    net, x = rm.mlp(), rm.data()
+    with _GlobalHook():
+        opt = trained_optimizer(net, x)
+        report = deadrelu.scan(net, x)
+        before = snapshot(net, opt)
+        with pytest.raises(RefusedError, match="on held-out random inputs the rewritten model differs"):
+            reinit_dead(net, report, opt, data=x)
+        assert_unchanged(before, snapshot(net, opt))
+        with pytest.raises(RefusedError, match="differ"):
+            prune_dead(net, report, data=x)
+        assert_unchanged(before, snapshot(net, opt))
+
+
+def test_held_out_check_accepts_units_dead_on_the_data_but_alive_on_random_inputs():
+    """The reference pins the removed units, so a unit that would fire on random inputs is no false alarm."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    x = torch.zeros(128, 4)
+    x[:, 0] = torch.rand(128) + 1.0  # feature 0 always positive ...
+    with torch.no_grad():
+        net[0].weight[2] = torch.tensor([-1.0, 0.0, 0.0, 0.0])  # ... so unit 2 (-x0, no bias) never fires
+        net[0].bias[2] = 0.0
+    report = deadrelu.scan(net, x)
+    assert 2 in report.sites[0].dead_units
+    result = prune_dead(net, report, data=x)
+    assert 2 in result.removed["1"]
+    g = torch.Generator().manual_seed(1)
+    y = torch.randn(64, 4, generator=g) * x.std() + x.mean()
+    assert (net[0](y)[:, 2] > 0).any()  # it fires on inputs like the held-out ones
+    state = torch.random.get_rng_state()
+    reinit_dead(net, report, data=x, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(torch.random.get_rng_state(), state)  # held-out inputs do not touch the global RNG
