@@ -226,6 +226,21 @@ def _with_hint(message: str, model: Any) -> str:
     return message
 
 
+def _text_summary(report: Report, documents: int, tokens: int, padding: int) -> str:
+    """What the census counted, read back from the report (not assumed): were the pads left out?"""
+    # Sites whose activations are (batch, tokens, units) observe one row per counted position.
+    observed = {site.observations for site in report.sites}
+    if padding == 0:
+        how = "no padding"
+    elif observed == {tokens}:
+        how = f"{padding} padding positions left out of the counts"
+    elif tokens + padding in observed:
+        how = f"{padding} padding positions COUNTED as observations (this deadrelu has no padding mask)"
+    else:
+        how = f"{padding} padding positions"
+    return f"{documents} documents, {tokens} tokens; {how}"
+
+
 def _print(obj: Any) -> None:
     from .._imports import available
 
@@ -242,8 +257,7 @@ def run_scan(args: argparse.Namespace) -> int:
     report = scan_command(args)
     _print(report)
     if args.text is not None:
-        docs, tokens, pads = args.text_counts
-        print(f"\n{docs} documents, {tokens} tokens counted, {pads} padding positions left out")
+        print("\n" + _text_summary(report, *args.text_counts))
     if args.advice:
         from ..core.advice import advise
 

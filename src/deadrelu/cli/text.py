@@ -37,17 +37,23 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 @contextlib.contextmanager
 def _quiet_transformers() -> Iterator[None]:
     """Silence transformers' and the hub's log lines and warnings while loading (the CLI prints its own)."""
+    from transformers.utils import logging as hf_logging
+
     loggers = [logging.getLogger(name) for name in ("transformers", "huggingface_hub", "tokenizers")]
     levels = [lg.level for lg in loggers]
+    bars = hf_logging.is_progress_bar_enabled()
     try:
         for lg in loggers:
             lg.setLevel(logging.ERROR)
+        hf_logging.disable_progress_bar()  # "Loading weights" bars; the scan shows its own
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             yield
     finally:
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def load_text_model(directory: str, *, dtype: str | None = None) -> tuple[nn.Module, Any]:
