@@ -16,6 +16,7 @@ from .errors import (
     ForwardError,
     NoActivationSitesError,
     RefusedError,
+    ReportFormatError,
 )
 from .core.report import Levels, Report, ReportDiff, SiteDiff, SiteReport, Thresholds
 from .core.scan import Probe, scan
@@ -64,5 +65,6 @@ __all__ = [
     "ForwardError",
     "NoActivationSitesError",
     "RefusedError",
+    "ReportFormatError",
     *_LAZY,
 ]

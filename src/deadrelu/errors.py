@@ -13,6 +13,7 @@ __all__ = [
     "DataError",
     "ForwardError",
     "RefusedError",
+    "ReportFormatError",
 ]
 
 
@@ -34,3 +35,11 @@ class ForwardError(DeadReluError):
 
 class RefusedError(DeadReluError):
     """A rescue or surgery was refused because it could not be proven safe; nothing was changed."""
+
+
+class ReportFormatError(DeadReluError):
+    """Saved report data (JSON) does not follow the report schema.
+
+    The message names the offending field by its path, e.g.
+    ``sites[2].fired_counts[5]: expected a non-negative integer, got -1``.
+    """

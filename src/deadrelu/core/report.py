@@ -5,30 +5,102 @@ saved, loaded, diffed, plotted and rendered long after the model is gone. The ra
 per-unit sums are stored; every classification (dead, asleep, dormant, ...) is
 derived from them and the :class:`Levels`, so a loaded report classifies
 exactly as the original did.
+
+"Dead" is a claim about the data seen, so every dead unit carries its evidence: a unit
+that never fired in ``n`` observations has, with 95% confidence, a firing rate below
+``1 - 0.05**(1/n)`` (about ``3/n``, the "rule of three"). Below ``min_observations``
+observations a unit that never fired is *unobserved*, not dead.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import operator
 import os
-from dataclasses import asdict, dataclass, field
+import re
+from dataclasses import asdict, dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
-from ..errors import DeadReluError
+from ..errors import DeadReluError, ReportFormatError
 from .advice import advise
 from .files import atomic_write_text
+from .report_schema import parse_report, parse_site
 from .stats import classify
 
 __all__ = [
-    "SCHEMA_VERSION", "Levels", "Thresholds", "SiteReport", "Report", "SiteDiff", "ReportDiff", "model_fingerprint",
-]  # fmt: skip
+    "SCHEMA_VERSION",
+    "CONFIDENCE",
+    "Levels",
+    "Thresholds",
+    "SiteReport",
+    "Report",
+    "SiteDiff",
+    "ReportDiff",
+    "zero_rate_upper_bound",
+    "format_count",
+    "format_rate",
+    "model_fingerprint",
+]
 
 #: Bumped whenever the JSON layout changes incompatibly.
 # 2: the asleep/dormant levels are stored under "levels" (1 called them "thresholds").
+# Version 2 files may carry levels.min_observations (absent means 1, the earlier behaviour).
 SCHEMA_VERSION = 2
+
+#: Confidence of the upper bound on a dead unit's firing rate.
+CONFIDENCE = 0.95
+
+
+def zero_rate_upper_bound(observations: int, confidence: float = CONFIDENCE) -> float:
+    """Exact one-sided upper confidence bound on the rate of an event seen 0 times in ``observations``.
+
+    ``1 - (1 - confidence) ** (1 / n)`` (the Clopper-Pearson bound for 0 successes), about
+    ``3 / n`` at 95% — the "rule of three". 1.0 for ``n = 0``: no evidence at all.
+
+    Example:
+        >>> round(zero_rate_upper_bound(1000), 6)
+        0.002991
+    """
+    if observations <= 0:
+        return 1.0
+    # -expm1(log(a)/n) == 1 - a**(1/n) without the cancellation that loses digits for large n.
+    return -math.expm1(math.log(1.0 - confidence) / observations)
+
+
+def format_count(n: int) -> str:
+    """A count for a table: exact below 10,000, else rounded *down* to 3 digits with k/M/G/T
+    (so "0 of 1.2M observations" never claims more evidence than there was).
+
+    Example:
+        >>> format_count(640), format_count(1_249_999), format_count(12_345)
+        ('640', '1.2M', '12.3k')
+    """
+    if n < 10_000:
+        return str(n)
+    for scale, suffix in ((10**12, "T"), (10**9, "G"), (10**6, "M"), (10**3, "k")):
+        if n >= scale:
+            tenths = n * 10 // scale
+            text = str(tenths // 10) if tenths >= 1000 else f"{tenths // 10}.{tenths % 10}"
+            return text.removesuffix(".0") + suffix
+    return str(n)  # pragma: no cover - n >= 10_000 always meets a scale
+
+
+def format_rate(rate: float) -> str:
+    """An upper bound for display: two significant digits rounded *up* (so "rate < x" stays true).
+
+    Example:
+        >>> format_rate(zero_rate_upper_bound(1_200_000)), format_rate(zero_rate_upper_bound(1000))
+        ('2.5e-6', '0.003')
+    """
+    if not rate > 0:
+        return "0"
+    exp = math.floor(math.log10(rate)) - 1
+    digits = math.ceil(rate / 10.0**exp * (1 - 1e-12))  # 10..100; the factor absorbs float noise
+    text = f"{digits * 10.0**exp:.2g}"
+    return re.sub(r"e([+-])0*(\d)", r"e\1\2", text).replace("e+", "e")
 
 
 @dataclass(frozen=True)
@@ -41,19 +113,38 @@ class Levels:
         dormant_tau: a unit whose dormancy score ``s_i = E|h_i| / mean_k E|h_k|`` is at
             most this value is *τ-dormant* (Sokar et al. 2023; default 0.025). Dead
             ReLU units have ``s_i = 0`` and so are dormant too.
+        min_observations: a unit that never fired is *dead* only when its site produced at
+            least this many observations; on fewer it is *unobserved* (default 1: any
+            observation). At ``n`` observations a dead unit's firing rate is below
+            ``1 - 0.05**(1/n)`` ≈ ``3/n`` with 95% confidence.
 
     The firing threshold (an output counts as firing when it is ``> threshold``) is
     chosen per site at capture time and stored on each :class:`SiteReport`.
+
+    Example:
+        >>> Levels(min_observations=1000).min_observations
+        1000
     """
 
     asleep_rate: float = 0.05
     dormant_tau: float = 0.025
+    min_observations: int = 1
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.asleep_rate < 1.0:
-            raise DeadReluError(f"asleep_rate must be in [0, 1), got {self.asleep_rate}")
-        if self.dormant_tau < 0.0:
-            raise DeadReluError(f"dormant_tau must be >= 0, got {self.dormant_tau}")
+        def real(v: object) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+        if not (real(self.asleep_rate) and 0.0 <= self.asleep_rate < 1.0):
+            raise DeadReluError(f"asleep_rate must be in [0, 1), got {self.asleep_rate!r}")
+        if not (real(self.dormant_tau) and 0.0 <= self.dormant_tau < math.inf):
+            raise DeadReluError(f"dormant_tau must be >= 0 and finite, got {self.dormant_tau!r}")
+        try:
+            min_obs = operator.index(self.min_observations)  # numpy integers too, not 2.0 or True
+        except TypeError:
+            min_obs = 0
+        if isinstance(self.min_observations, bool) or min_obs < 1:
+            raise DeadReluError(f"min_observations must be an integer >= 1, got {self.min_observations!r}")
+        object.__setattr__(self, "min_observations", int(min_obs))
 
 
 #: The name of :class:`Levels` before 0.2 ("threshold" now means the firing threshold only).
@@ -79,7 +170,10 @@ class SiteReport:
         fired_counts: per unit, how many outputs were ``> fire_threshold``.
         mean_abs: per unit, mean absolute activation ``E|h_i|`` (NaN/Inf for non-finite units).
         nonfinite_counts: per unit, how many outputs were NaN or ±Inf.
-        levels: the asleep/dormant levels that classify units.
+        levels: the levels (asleep rate, dormancy, minimum observations) that classify units.
+
+    All units of a site share its ``observations``: a site that ran in only some batches
+    counts only the batches it ran in, and its dead units' evidence is that count.
     """
 
     name: str
@@ -124,16 +218,26 @@ class SiteReport:
 
     @cached_property
     def states(self) -> tuple[str, ...]:
-        """Per unit, one of ``"nonfinite"``, ``"dead"``, ``"asleep"`` or ``"active"``."""
-        return tuple(classify(self.fired_counts, self.observations, self.nonfinite_counts, self.levels.asleep_rate))
+        """Per unit, one of ``"nonfinite"``, ``"unobserved"``, ``"dead"``, ``"asleep"`` or ``"active"``."""
+        lv = self.levels
+        return tuple(
+            classify(self.fired_counts, self.observations, self.nonfinite_counts, lv.asleep_rate, lv.min_observations)
+        )
 
     def _units_in(self, state: str) -> tuple[int, ...]:
         return tuple(i for i, s in enumerate(self.states) if s == state)
 
     @cached_property
     def dead_units(self) -> tuple[int, ...]:
-        """Indices of units that never fired over all observations (NaN-free units only)."""
+        """Indices of units that never fired over all observations (NaN-free units only, and at
+        least ``levels.min_observations`` observations)."""
         return self._units_in("dead")
+
+    @cached_property
+    def unobserved_units(self) -> tuple[int, ...]:
+        """Indices of units that never fired on fewer than ``levels.min_observations``
+        observations: too little evidence to call them dead (neither dead nor alive)."""
+        return self._units_in("unobserved")
 
     @cached_property
     def asleep_units(self) -> tuple[int, ...]:
@@ -154,7 +258,22 @@ class SiteReport:
     def dormant_units(self) -> tuple[int, ...]:
         """Indices of τ-dormant units (dormancy score ``<= dormant_tau``; includes dead ReLU units)."""
         tau = self.levels.dormant_tau
-        return tuple(i for i, s in enumerate(self.dormancy) if not math.isnan(s) and s <= tau)
+        states = self.states
+        return tuple(
+            i for i, s in enumerate(self.dormancy) if not math.isnan(s) and s <= tau and states[i] != "unobserved"
+        )
+
+    # -- evidence ----------------------------------------------------------------
+    @property
+    def dead_rate_bound(self) -> float:
+        """95% upper bound on the firing rate of a unit of this site that never fired:
+        ``1 - 0.05**(1/observations)`` (≈ ``3/observations``; 1.0 with no observations)."""
+        return zero_rate_upper_bound(self.observations)
+
+    @property
+    def dead_evidence(self) -> str:
+        """What "dead" means here, e.g. ``"0 of 1.2M observations, rate < 2.5e-6"``."""
+        return f"0 of {format_count(self.observations)} observations, rate < {format_rate(self.dead_rate_bound)}"
 
     # -- counts ------------------------------------------------------------------
     @property
@@ -183,9 +302,43 @@ class SiteReport:
         return len(self.nonfinite_units)
 
     @property
+    def unobserved(self) -> int:
+        """Number of unobserved units (never fired, fewer than ``min_observations`` observations)."""
+        return len(self.unobserved_units)
+
+    @property
     def dead_fraction(self) -> float:
         """Dead units ÷ units."""
         return self.dead / self.units if self.units else 0.0
+
+    def merge(self, other: "SiteReport") -> "SiteReport":
+        """The statistics of this site over the data of both reports (e.g. two shards of a dataset).
+
+        Counts and observations add exactly; ``mean_abs`` is the observation-weighted mean.
+
+        Raises:
+            DeadReluError: when ``other`` is another site, or has other units, threshold or levels.
+
+        Example:
+            >>> a = SiteReport("r", "", "ReLU", "relu", 0, 0, 1, (4, 2), 0.0, 4, (0, 3), (0.0, 1.5), (0, 0))
+            >>> a.merge(a).fired_counts, a.merge(a).observations
+            ((0, 6), 8)
+        """
+        for key in ("name", "function", "unit_dim", "fire_threshold", "levels", "units"):
+            mine, theirs = getattr(self, key), getattr(other, key)
+            if mine != theirs:
+                raise DeadReluError(f"cannot merge site {self.name!r}: {key} is {mine!r} in one report, {theirs!r} in the other")
+        n1, n2 = self.observations, other.observations
+        n = n1 + n2
+        return replace(
+            self,
+            observations=n,
+            fired_counts=tuple(a + b for a, b in zip(self.fired_counts, other.fired_counts)),
+            nonfinite_counts=tuple(a + b for a, b in zip(self.nonfinite_counts, other.nonfinite_counts)),
+            mean_abs=tuple(
+                (a * n1 + b * n2) / n if n else 0.0 for a, b in zip(self.mean_abs, other.mean_abs)
+            ),
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """The raw fields as JSON-ready data (derived values are recomputed on load)."""
@@ -199,37 +352,46 @@ class SiteReport:
         d["summary"] = {
             "units": self.units,
             "dead": self.dead,
+            "unobserved": self.unobserved,
             "asleep": self.asleep,
             "dormant": self.dormant,
             "nonfinite": self.nonfinite,
             "dead_units": list(self.dead_units),
+            "unobserved_units": list(self.unobserved_units),
+            # The evidence behind every dead unit of this site (all share the site's observations).
+            "dead_evidence": {
+                "observations": self.observations,
+                "confidence": CONFIDENCE,
+                "rate_upper_bound": self.dead_rate_bound,
+                "text": self.dead_evidence,
+            },
         }
         return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], levels: Levels) -> "SiteReport":
-        """Rebuild a site from :meth:`to_dict` output."""
-        return cls(
-            name=str(d["name"]),
-            module=str(d["module"]),
-            module_type=str(d["module_type"]),
-            function=str(d["function"]),
-            call=int(d["call"]),
-            slot=int(d["slot"]),
-            unit_dim=int(d["unit_dim"]),
-            shape=tuple(int(s) for s in d["shape"]),
-            fire_threshold=float(d["fire_threshold"]),
-            observations=int(d["observations"]),
-            fired_counts=tuple(int(c) for c in d["fired_counts"]),
-            mean_abs=tuple(float(m) for m in d["mean_abs"]),
-            nonfinite_counts=tuple(int(c) for c in d["nonfinite_counts"]),
-            levels=levels,
-        )
+        """Rebuild a site from :meth:`to_dict` output, validated field by field.
+
+        Raises:
+            ReportFormatError: naming the first field that breaks the report schema.
+        """
+        return cls(**parse_site(d, "site"), levels=levels)
 
 
 @dataclass(frozen=True)
 class SiteDiff:
-    """How one site changed between two reports."""
+    """How one site changed between two reports.
+
+    Attributes:
+        name: the site.
+        units: its number of units.
+        died: units dead in the later report that were not dead (and not unobserved) before.
+        revived: units dead in the earlier report that are neither dead nor unobserved now.
+        dead_before: dead units in the earlier report.
+        dead_after: dead units in the later report.
+        stayed_dead: units dead in both reports.
+        unobserved: units unobserved in either report: not compared, their change is unknown.
+    """
 
     name: str
     units: int
@@ -237,6 +399,8 @@ class SiteDiff:
     revived: tuple[int, ...]
     dead_before: int
     dead_after: int
+    stayed_dead: tuple[int, ...] = ()
+    unobserved: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -265,6 +429,8 @@ class ReportDiff:
                     f"  {s.name}: dead {s.dead_before} -> {s.dead_after}"
                     f" (died {_fmt_idx(s.died)}; revived {_fmt_idx(s.revived)})"
                 )
+            if s.unobserved:
+                lines.append(f"  {s.name}: {len(s.unobserved)} unit(s) unobserved in one report, not compared")
         for n in self.only_before:
             lines.append(f"  {n}: only in the earlier report")
         for n in self.only_after:
@@ -356,6 +522,18 @@ class Report:
         return sum(s.active for s in self.sites)
 
     @property
+    def unobserved(self) -> int:
+        """Unobserved units (never fired, too few observations to call dead), over all sites."""
+        return sum(s.unobserved for s in self.sites)
+
+    @property
+    def dead_rate_bound(self) -> float | None:
+        """The weakest evidence behind any dead unit: the largest 95% upper bound on a dead
+        unit's firing rate over sites with dead units (None when no unit is dead)."""
+        bounds = [s.dead_rate_bound for s in self.sites if s.dead]
+        return max(bounds) if bounds else None
+
+    @property
     def dead_fraction(self) -> float:
         """Dead units ÷ units, over all sites."""
         return self.dead / self.units if self.units else 0.0
@@ -377,6 +555,28 @@ class Report:
             if s.name == name:
                 return s
         raise KeyError(f"no site {name!r}; sites are: {', '.join(s.name for s in self.sites)}")
+
+    def merge(self, other: "Report") -> "Report":
+        """One report over the data of both (e.g. two shards scanned apart, or two processes).
+
+        Sites are matched by name and merged with :meth:`SiteReport.merge`; a site in only
+        one report keeps its own counts (its observations say how much data it saw).
+
+        Raises:
+            DeadReluError: for different levels, modes or models, or sites that do not match.
+        """
+        for key in ("levels", "mode", "model", "fingerprint"):
+            if getattr(self, key) != getattr(other, key):
+                raise DeadReluError(
+                    f"cannot merge reports with {key} {getattr(self, key)!r} and {getattr(other, key)!r}"
+                )
+        theirs = {s.name: s for s in other.sites}
+        merged = [s.merge(theirs[s.name]) if s.name in theirs else s for s in self.sites]
+        mine = {s.name for s in self.sites}
+        merged += [s for s in other.sites if s.name not in mine]
+        return replace(
+            self, sites=tuple(merged), batches=self.batches + other.batches, samples=self.samples + other.samples
+        )
 
     def advice(self) -> Any:
         """Ranked, evidence-backed advice for this report (see :mod:`deadrelu.core.advice`)."""
@@ -401,14 +601,18 @@ class Report:
                     f"site {name!r} has {before.units} units in one report and {after.units} in the other"
                 )
             dead_b, dead_a = set(before.dead_units), set(after.dead_units)
+            # An unobserved unit has no verdict: it neither died nor revived.
+            unobs_b, unobs_a = set(before.unobserved_units), set(after.unobserved_units)
             diffs.append(
                 SiteDiff(
                     name=name,
                     units=before.units,
-                    died=tuple(sorted(dead_a - dead_b)),
-                    revived=tuple(sorted(dead_b - dead_a)),
+                    died=tuple(sorted(dead_a - dead_b - unobs_b)),
+                    revived=tuple(sorted(dead_b - dead_a - unobs_a)),
                     dead_before=len(dead_b),
                     dead_after=len(dead_a),
+                    stayed_dead=tuple(sorted(dead_a & dead_b)),
+                    unobserved=tuple(sorted(unobs_a | unobs_b)),
                 )
             )
         return ReportDiff(
@@ -431,9 +635,11 @@ class Report:
             "totals": {
                 "units": self.units,
                 "dead": self.dead,
+                "unobserved": self.unobserved,
                 "asleep": self.asleep,
                 "dormant": self.dormant,
                 "nonfinite": self.nonfinite,
+                "dead_rate_upper_bound": self.dead_rate_bound,
             },
             "sites": [s.to_dict() for s in self.sites],
             "fingerprint": self.fingerprint,
@@ -448,97 +654,121 @@ class Report:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Report":
-        """Rebuild a report from :meth:`to_dict` output.
+        """Rebuild a report from :meth:`to_dict` output (schema versions 1 and 2), validated
+        field by field against the schema in :mod:`deadrelu.core.report_schema`.
 
         Raises:
-            DeadReluError: for data that is not a deadrelu report or has a newer schema.
+            ReportFormatError: naming the first field that breaks the schema (missing keys,
+                wrong types, negative or fractional counts, more firings than observations,
+                lists of the wrong length, NaN where none can be, unknown schema versions).
         """
-        if not isinstance(d, Mapping) or d.get("kind") != "deadrelu.Report":
-            raise DeadReluError("not a deadrelu report (missing kind 'deadrelu.Report')")
-        version = d.get("schema_version")
-        if not isinstance(version, int) or version > SCHEMA_VERSION:
-            raise DeadReluError(
-                f"report schema_version {version!r} is not supported (this deadrelu reads <= {SCHEMA_VERSION})"
-            )
-        levels = Levels(**d.get("levels", d.get("thresholds", {})))
-        return cls(
-            sites=tuple(SiteReport.from_dict(s, levels) for s in d["sites"]),
-            levels=levels,
-            batches=int(d.get("batches", 0)),
-            samples=int(d.get("samples", 0)),
-            mode=str(d.get("mode", "eval")),
-            model=str(d.get("model", "")),
-            fingerprint=str(d.get("fingerprint") or ""),
-        )
+        args = parse_report(d)
+        try:
+            levels = Levels(**args.pop("levels"))
+        except DeadReluError as err:  # parse_report checks the same ranges; kept as one error type
+            raise ReportFormatError(f"levels: {err}") from None
+        sites = tuple(SiteReport(**site, levels=levels) for site in args.pop("sites"))
+        return cls(sites=sites, levels=levels, **args)
 
     @classmethod
-    def from_json(cls, source: str | os.PathLike[str]) -> "Report":
-        """Load a report from a JSON string or a path to a JSON file."""
-        text = str(source)
-        if isinstance(source, os.PathLike) or not text.lstrip().startswith("{"):
+    def from_json(cls, source: str | bytes | os.PathLike[str]) -> "Report":
+        """Load a report from a JSON string or a path to a JSON file.
+
+        Raises:
+            DeadReluError: the file cannot be read.
+            ReportFormatError: the text is not JSON or not a valid report.
+        """
+        if isinstance(source, (bytes, bytearray)):
             try:
-                text = Path(source).read_text(encoding="utf-8")
-            except OSError as err:
-                raise DeadReluError(f"cannot read report {source}: {err.strerror or err}") from err
+                text = bytes(source).decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise ReportFormatError(f"report is not UTF-8 text: {err}") from None
+        else:
+            text = str(source)
+        if isinstance(source, os.PathLike) or not text.lstrip().startswith(("{", "[")):
+            try:
+                text = Path(source).read_text(encoding="utf-8")  # type: ignore[arg-type]
+            except UnicodeDecodeError as err:
+                raise ReportFormatError(f"report {source} is not UTF-8 text: {err}") from None
+            except (OSError, ValueError) as err:  # ValueError: e.g. a NUL byte in the name
+                reason = getattr(err, "strerror", None) or err
+                raise DeadReluError(f"cannot read report {str(source)[:200]}: {reason}") from None
         try:
             data = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise DeadReluError(f"report is not valid JSON: {err}") from err
+        except (ValueError, RecursionError) as err:  # JSONDecodeError, over-long integers, deep nesting
+            raise ReportFormatError(f"report is not valid JSON: {str(err)[:200]}") from None
         return cls.from_dict(data)
 
     # -- display -----------------------------------------------------------------------
     def table_rows(self) -> list[tuple[str, ...]]:
-        """Rows of the summary table (header first), as strings."""
-        rows = [("site", "fn", "units", "dead", "asleep", "dormant", "nan/inf", "dead %")]
+        """Rows of the summary table (header first, the total last), as strings.
+
+        ``obs`` is each site's observations per unit; ``dead rate <`` the 95% upper bound on
+        the firing rate of its dead units (the total row: the largest over sites).
+        """
+        rows = [TABLE_HEADER]
         for s in self.sites:
             rows.append(
-                (
-                    s.name,
-                    s.function,
-                    str(s.units),
-                    str(s.dead),
-                    str(s.asleep),
-                    str(s.dormant),
-                    str(s.nonfinite),
-                    f"{100 * s.dead_fraction:.1f}",
-                )
-            )
-        rows.append(
-            (
-                "total",
-                "",
-                str(self.units),
-                str(self.dead),
-                str(self.asleep),
-                str(self.dormant),
-                str(self.nonfinite),
-                f"{100 * self.dead_fraction:.1f}",
-            )
-        )
+                (s.name, s.function, *self._count_cells(s), format_count(s.observations),
+                 format_rate(s.dead_rate_bound) if s.dead else "")
+            )  # fmt: skip
+        bound = self.dead_rate_bound
+        rows.append(("total", "", *self._count_cells(self), "", format_rate(bound) if bound is not None else ""))
         return rows
 
+    @staticmethod
+    def _count_cells(x: "Report | SiteReport") -> tuple[str, ...]:
+        return (
+            str(x.units), str(x.dead), str(x.unobserved), str(x.asleep), str(x.dormant), str(x.nonfinite),
+            f"{100 * x.dead_fraction:.1f}",
+        )  # fmt: skip
+
     def _caption(self) -> str:
+        evidence = f", dead needs >= {self.levels.min_observations} observations" if self.levels.min_observations > 1 else ""
         return (
             f"{self.model or 'model'}: {len(self.sites)} activation site(s), {self.batches} batch(es), "
             f"{self.samples} sample(s), {self.mode} mode; asleep <= {self.levels.asleep_rate:g} firing rate, "
-            f"dormant score <= {self.levels.dormant_tau:g}"
+            f"dormant score <= {self.levels.dormant_tau:g}{evidence}"
         )
+
+    def footnotes(self) -> list[str]:
+        """The lines printed with the table: what the evidence columns mean, where they apply."""
+        notes = []
+        if self.dead:
+            notes.append(
+                "dead rate <: with 95% confidence a dead unit fires less often than this; "
+                "1 - 0.05**(1/obs), about 3/obs"
+            )
+        if self.unobserved:
+            notes.append(
+                f"unobserved: never fired, but on fewer than min_observations={self.levels.min_observations} "
+                "observations: too few to call dead"
+            )
+        return notes
 
     def __str__(self) -> str:
         from .tables import render_plain
 
-        return self._caption() + "\n" + render_plain(self.table_rows())
+        # The notes go above the table, so its last line stays the total row.
+        return "\n".join([self._caption(), *self.footnotes(), render_plain(self.table_rows())])
 
     def __repr__(self) -> str:
         return (
             f"Report(model={self.model!r}, sites={len(self.sites)}, units={self.units}, "
-            f"dead={self.dead}, asleep={self.asleep}, dormant={self.dormant}, nonfinite={self.nonfinite})"
+            f"dead={self.dead}, asleep={self.asleep}, dormant={self.dormant}, nonfinite={self.nonfinite}, "
+            f"unobserved={self.unobserved})"
         )
 
     def __rich__(self) -> Any:
         from .tables import render_rich
 
-        return render_rich(self.table_rows(), title=self._caption())
+        return render_rich(self.table_rows(), title="\n".join([self._caption(), *self.footnotes()]))
+
+
+#: Columns of :meth:`Report.table_rows`.
+TABLE_HEADER = (
+    "site", "fn", "units", "dead", "unobserved", "asleep", "dormant", "nan/inf", "dead %", "obs", "dead rate <",
+)  # fmt: skip
 
 
 def _json_float(v: float) -> float | str:

@@ -101,6 +101,8 @@ class Probe:
         threshold: firing threshold (float, mapping or callable).
         asleep_rate: firing rate at or below which a unit is asleep.
         dormant_tau: dormancy score at or below which a unit is τ-dormant.
+        min_observations: fewer observations than this leave a unit that never fired
+            *unobserved* instead of dead.
 
     Example:
         >>> import torch, deadrelu
@@ -119,8 +121,9 @@ class Probe:
         threshold: ThresholdSpec = 0.0,
         asleep_rate: float = 0.05,
         dormant_tau: float = 0.025,
+        min_observations: int = 1,
     ) -> None:
-        self.levels = Levels(asleep_rate=asleep_rate, dormant_tau=dormant_tau)
+        self.levels = Levels(asleep_rate=asleep_rate, dormant_tau=dormant_tau, min_observations=min_observations)
         self.capture = ActivationCapture(model, unit_dim=unit_dim, threshold=threshold)
         self.model = model
 
@@ -161,6 +164,7 @@ def scan(
     threshold: ThresholdSpec = 0.0,
     asleep_rate: float = 0.05,
     dormant_tau: float = 0.025,
+    min_observations: int = 1,
     device: torch.device | str | None = None,
     max_batches: int | None = None,
     progress: bool = False,
@@ -183,6 +187,10 @@ def scan(
             module path or ``path:fn``) or callable. Default 0.
         asleep_rate: units with ``0 < firing rate <= asleep_rate`` are asleep (default 0.05).
         dormant_tau: units with dormancy score ``<= dormant_tau`` are τ-dormant (default 0.025).
+        min_observations: a unit that never fired is dead only when its site produced at
+            least this many observations, else *unobserved* (default 1). Either way each
+            dead unit's evidence is in the report: 0 firings in ``n`` observations bound its
+            rate below ``1 - 0.05**(1/n)`` ≈ ``3/n`` (95%).
         device: move inputs here (default: the device of the model's parameters).
         max_batches: stop after this many batches.
         progress: show a progress bar on stderr.
@@ -206,7 +214,7 @@ def scan(
         raise DeadReluError(f"model must be a torch.nn.Module, not {type(model).__name__}")
     if batch_size < 1:
         raise DataError(f"batch_size must be at least 1, got {batch_size}")
-    levels = Levels(asleep_rate=asleep_rate, dormant_tau=dormant_tau)
+    levels = Levels(asleep_rate=asleep_rate, dormant_tau=dormant_tau, min_observations=min_observations)
     batches_iter = iter_batches(data, batch_size)
     target = torch.device(device) if device is not None else model_device(model)
     try:

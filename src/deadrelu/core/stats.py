@@ -336,17 +336,26 @@ class UnitStats:
         )
 
 
-def classify(fired: Sequence[int], observations: int, nonfinite: Sequence[int], asleep_rate: float) -> list[str]:
-    """Pure core: per unit, ``"nonfinite"``, ``"dead"``, ``"asleep"`` or ``"active"``.
+def classify(
+    fired: Sequence[int],
+    observations: int,
+    nonfinite: Sequence[int],
+    asleep_rate: float,
+    min_observations: int = 1,
+) -> list[str]:
+    """Pure core: per unit, ``"nonfinite"``, ``"unobserved"``, ``"dead"``, ``"asleep"`` or ``"active"``.
 
-    NaN/Inf units are their own state; dead means zero firings over all observations.
+    NaN/Inf units are their own state; dead means zero firings over at least
+    ``min_observations`` observations. A unit that never fired on fewer observations is
+    ``"unobserved"``: too little evidence to call it dead (a unit that fired is alive however
+    few its observations).
     """
     out = []
     for f, bad in zip(fired, nonfinite):
         if bad:
             out.append("nonfinite")
         elif f == 0:
-            out.append("dead")
+            out.append("dead" if observations >= max(1, min_observations) else "unobserved")
         elif f <= asleep_rate * observations:
             out.append("asleep")
         else:

@@ -117,6 +117,8 @@ class Monitor:
             this many steps. The first full window is always evaluated.
         asleep_rate: units firing on ``0 < rate <= asleep_rate`` of their outputs are asleep.
         dormant_tau: units with dormancy score ``<= dormant_tau`` are dormant.
+        min_observations: a unit that never fired in the window is dead only when its site
+            produced at least this many observations there, else *unobserved*.
         threshold: firing threshold (float, mapping or callable; see :mod:`deadrelu.core.capture`).
         unit_dim: unit-axis override (see :mod:`deadrelu.core.capture`).
         sinks: where to log: :class:`~deadrelu.monitor.sinks.Sink` objects, paths ending in
@@ -158,6 +160,7 @@ class Monitor:
         log_every: int = 10,
         asleep_rate: float = 0.05,
         dormant_tau: float = 0.025,
+        min_observations: int = 1,
         threshold: ThresholdSpec = 0.0,
         unit_dim: UnitDimSpec = None,
         sinks: Iterable[Sink | str | Callable[[LogRecord], Any]] = (),
@@ -181,7 +184,7 @@ class Monitor:
         warn_levels = tuple(sorted(float(w) for w in warn_at))
         if any(not 0.0 < w <= 1.0 for w in warn_levels):
             raise DeadReluError(f"warn_at fractions must be in (0, 1], got {tuple(warn_at)!r}")
-        self.levels = Levels(asleep_rate=asleep_rate, dormant_tau=dormant_tau)
+        self.levels = Levels(asleep_rate=asleep_rate, dormant_tau=dormant_tau, min_observations=min_observations)
         self.schedule = _schedule(every)
         self.model = model
         self.window = window

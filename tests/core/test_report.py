@@ -1,0 +1,319 @@
+"""Unit tests of core/report on hand-built sites: classification rules, evidence, merge, diff, JSON.
+
+Every expected value here is computed by hand from the counts in the test, not by the code
+under test.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import deadrelu
+from deadrelu import DeadReluError, Levels, Report, SiteReport
+from deadrelu.core.report import format_count, format_rate, zero_rate_upper_bound
+
+
+def site(fired, observations, *, nonfinite=None, mean_abs=None, name="s", levels=None, threshold=0.0):
+    """A SiteReport from per-unit counts (mean_abs defaults to fired/observations)."""
+    units = len(fired)
+    if mean_abs is None:
+        mean_abs = tuple(f / observations if observations else 0.0 for f in fired)
+    return SiteReport(
+        name=name, module=name, module_type="ReLU", function="relu", call=0, slot=0, unit_dim=1,
+        shape=(observations, units), fire_threshold=threshold, observations=observations,
+        fired_counts=tuple(fired), mean_abs=tuple(mean_abs),
+        nonfinite_counts=tuple(nonfinite or (0,) * units), levels=levels or Levels(),
+    )  # fmt: skip
+
+
+def report(*sites, levels=None, **kw):
+    return Report(sites=tuple(sites), levels=levels or Levels(), batches=kw.pop("batches", 1), **kw)
+
+
+# -- classification ------------------------------------------------------------------------
+
+
+def test_states_follow_the_rules_at_their_edges():
+    # 100 observations, asleep_rate 0.05: 5 firings is asleep (<=), 6 is active.
+    s = site([0, 1, 5, 6, 100, 3], 100, nonfinite=[0, 0, 0, 0, 0, 2])
+    assert s.states == ("dead", "asleep", "asleep", "active", "active", "nonfinite")
+    assert (s.dead, s.asleep, s.active, s.nonfinite, s.unobserved) == (1, 2, 2, 1, 0)
+    assert s.dead_units == (0,) and s.nonfinite_units == (5,)
+
+
+def test_asleep_rate_zero_makes_every_firing_unit_active():
+    s = site([0, 1, 50], 100, levels=Levels(asleep_rate=0.0))
+    assert s.states == ("dead", "active", "active")
+
+
+def test_nonfinite_wins_over_dead_and_is_never_dormant():
+    s = site([0, 0], 10, nonfinite=[10, 0], mean_abs=[math.nan, 0.0])
+    assert s.states == ("nonfinite", "dead")
+    assert math.isnan(s.dormancy[0]) and s.dormant_units == (1,)
+
+
+def test_min_observations_makes_thin_evidence_unobserved_not_dead():
+    lv = Levels(min_observations=50)
+    thin = site([0, 3, 0], 49, levels=lv)  # 49 < 50
+    assert thin.states == ("unobserved", "active", "unobserved")  # a unit that fired is alive
+    assert thin.dead == 0 and thin.unobserved == 2 and thin.unobserved_units == (0, 2)
+    assert thin.dormant_units == ()  # no verdict on unobserved units, dormant neither
+    enough = site([0, 3, 0], 50, levels=lv)
+    assert enough.states == ("dead", "active", "dead") and enough.unobserved == 0
+
+
+def test_zero_observations_is_unobserved_whatever_min_observations():
+    s = site([0, 0, 0], 0, mean_abs=[0.0, 0.0, 0.0])
+    assert s.states == ("unobserved",) * 3
+    assert s.dead == 0 and s.dormant == 0 and s.dead_rate_bound == 1.0
+
+
+def test_dormancy_score_by_hand():
+    # mean_abs 0, 1, 3 -> layer mean 4/3 -> scores 0, 0.75, 2.25; tau 0.8 makes units 0 and 1 dormant.
+    s = site([0, 10, 10], 10, mean_abs=[0.0, 1.0, 3.0], levels=Levels(dormant_tau=0.8))
+    assert s.dormancy == pytest.approx((0.0, 0.75, 2.25))
+    assert s.dormant_units == (0, 1)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"asleep_rate": 1.0}, "asleep_rate must be in"),
+        ({"asleep_rate": math.nan}, "asleep_rate must be in"),
+        ({"dormant_tau": -0.1}, "dormant_tau must be"),
+        ({"dormant_tau": math.nan}, "dormant_tau must be"),
+        ({"dormant_tau": math.inf}, "dormant_tau must be"),
+        ({"min_observations": 0}, "min_observations must be"),
+        ({"min_observations": 2.5}, "min_observations must be"),
+        ({"min_observations": True}, "min_observations must be"),
+    ],
+)
+def test_bad_levels_are_one_clear_error(kwargs, message):
+    with pytest.raises(DeadReluError, match=message):
+        Levels(**kwargs)
+
+
+def test_levels_accept_numpy_integers():
+    np = pytest.importorskip("numpy")
+    assert Levels(min_observations=np.int64(7)).min_observations == 7
+
+
+# -- evidence -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 10, 59, 1000, 1_200_000, 10**12])
+def test_upper_bound_is_the_exact_zero_success_bound(n):
+    bound = zero_rate_upper_bound(n)
+    # At the bound, seeing 0 firings in n tries has probability exactly 5%.
+    assert math.exp(n * math.log1p(-bound)) == pytest.approx(0.05, rel=1e-9)
+    assert bound == pytest.approx(1 - 0.05 ** (1 / n), rel=1e-6)  # the textbook form
+    if n >= 1000:
+        assert bound == pytest.approx(3 / n, rel=0.01)  # the rule of three (-ln 0.05 = 2.996)
+
+
+def test_dead_evidence_text():
+    s = site([0, 7], 1_200_000)
+    assert s.dead_evidence == "0 of 1.2M observations, rate < 2.5e-6"
+    assert site([0, 1], 640).dead_evidence == "0 of 640 observations, rate < 0.0047"  # 1-0.05**(1/640)=0.004670
+
+
+def test_display_roundings_never_overstate_the_evidence():
+    assert format_count(1_299_999) == "1.2M"  # rounded down: never more observations than seen
+    assert format_count(9_999) == "9999" and format_count(10_000) == "10k" and format_count(3 * 10**9) == "3G"
+    assert format_rate(0.0024001) == "0.0025"  # rounded up: "rate < x" stays true
+    assert format_rate(2.5e-6) == "2.5e-6" and format_rate(1.0) == "1" and format_rate(0.0995) == "0.1"
+    for n in (7, 123, 4567, 89_012, 3_456_789):
+        b = zero_rate_upper_bound(n)
+        assert float(format_rate(b)) >= b
+
+
+def test_report_dead_rate_bound_is_the_weakest_evidence():
+    r = report(site([0, 5], 100, name="a"), site([0, 0], 10_000, name="b"), site([4, 5], 10, name="c"))
+    assert r.dead_rate_bound == zero_rate_upper_bound(100)  # c has no dead unit, so its 10 do not count
+    assert report(site([4], 10)).dead_rate_bound is None
+
+
+def test_json_carries_the_evidence_of_every_dead_unit():
+    r = report(site([0, 9, 0], 1000, name="a"))
+    d = r.to_dict()
+    ev = d["sites"][0]["summary"]["dead_evidence"]
+    assert ev["observations"] == 1000 and ev["confidence"] == 0.95
+    assert ev["rate_upper_bound"] == pytest.approx(1 - 0.05**0.001)
+    assert ev["text"] == "0 of 1000 observations, rate < 0.003"
+    assert d["totals"]["dead_rate_upper_bound"] == pytest.approx(1 - 0.05**0.001)
+    assert d["levels"]["min_observations"] == 1
+
+
+class _Branchy(torch.nn.Module):
+    """fc1 -> relu always; fc2 -> relu2 only for batches of more than 4 rows. Planted dead:
+    unit 0 of each layer (bias -100)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = torch.nn.Linear(3, 4), torch.nn.Linear(4, 5)
+        self.relu, self.relu2 = torch.nn.ReLU(), torch.nn.ReLU()
+        with torch.no_grad():
+            self.fc1.bias[0] = self.fc2.bias[0] = -100.0
+            self.fc1.bias[1:] = self.fc2.bias[1:] = 100.0  # the others always fire
+
+    def forward(self, x):
+        h = self.relu(self.fc1(x))
+        return self.relu2(self.fc2(h)) if x.shape[0] > 4 else h
+
+
+def test_scan_certifies_with_per_site_observations():
+    """A site reached by only some batches has its own observations, and so its own evidence."""
+    data = [torch.randn(8, 3), torch.randn(4, 3), torch.randn(8, 3)]  # relu sees 20 rows, relu2 16
+    r = deadrelu.scan(_Branchy(), data)
+    relu, relu2 = r.site("relu"), r.site("relu2")
+    assert (relu.observations, relu2.observations) == (20, 16)
+    assert relu.dead_units == relu2.dead_units == (0,)
+    assert relu.dead_rate_bound == pytest.approx(1 - 0.05 ** (1 / 20))
+    assert relu2.dead_evidence == "0 of 16 observations, rate < 0.18"  # 1-0.05**(1/16) = 0.1709
+    assert r.dead_rate_bound == relu2.dead_rate_bound  # the weaker evidence
+    strict = deadrelu.scan(_Branchy(), data, min_observations=17)
+    assert strict.site("relu").dead_units == (0,) and strict.site("relu").unobserved == 0
+    assert strict.site("relu2").dead_units == () and strict.site("relu2").unobserved_units == (0,)
+    assert (strict.dead, strict.unobserved) == (1, 1)
+
+
+def test_probe_takes_min_observations():
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU())
+    with torch.no_grad():
+        net[0].bias[:] = torch.tensor([-100.0, 0, 0, 0])
+    with deadrelu.Probe(net, min_observations=20) as probe:
+        net(torch.randn(10, 3))
+    assert probe.report().sites[0].unobserved_units == (0,)
+    with probe:
+        net(torch.randn(10, 3))
+    assert probe.report().sites[0].dead_units == (0,)  # 20 observations now
+
+
+# -- merge ------------------------------------------------------------------------------------
+
+
+def test_merge_adds_counts_and_weights_means():
+    a = site([0, 1, 3], 10, mean_abs=[0.0, 1.0, 2.0], nonfinite=[0, 0, 1], name="x")
+    b = site([0, 0, 4], 30, mean_abs=[0.0, 2.0, 4.0], name="x")
+    m = a.merge(b)
+    assert m.observations == 40 and m.fired_counts == (0, 1, 7) and m.nonfinite_counts == (0, 0, 1)
+    assert m.mean_abs == pytest.approx((0.0, (10 * 1 + 30 * 2) / 40, (10 * 2 + 30 * 4) / 40))
+    assert m.states == ("dead", "asleep", "nonfinite")  # 1/40 = 2.5% <= 5%
+
+
+def test_merged_report_equals_the_scan_of_all_the_data():
+    from fixtures.models import MLP, data_for
+
+    model = MLP()
+    x = data_for(model)
+    whole = deadrelu.scan(model, x, batch_size=64)
+    first, second = deadrelu.scan(model, x[:40], batch_size=64), deadrelu.scan(model, x[40:], batch_size=64)
+    halves = first.merge(second)
+    assert halves.samples == whole.samples == len(x) and halves.batches == first.batches + second.batches
+    for h, w in zip(halves.sites, whole.sites):
+        assert h.observations == w.observations and h.fired_counts == w.fired_counts
+        assert h.nonfinite_counts == w.nonfinite_counts and h.states == w.states
+        assert h.mean_abs == pytest.approx(w.mean_abs, rel=1e-5, abs=1e-7)
+
+
+def test_merge_keeps_sites_of_one_report_with_their_own_observations():
+    r = report(site([0, 2], 10, name="a")).merge(report(site([0, 1], 20, name="a"), site([0], 5, name="b")))
+    assert [s.name for s in r.sites] == ["a", "b"]
+    assert r.site("a").observations == 30 and r.site("b").observations == 5
+
+
+@pytest.mark.parametrize(
+    "other, message",
+    [
+        (site([0, 2, 3], 10, name="a"), "units"),
+        (site([0, 2], 10, name="a", threshold=0.5), "fire_threshold"),
+        (site([0, 2], 10, name="a", levels=Levels(asleep_rate=0.1)), "levels"),
+        (site([0, 2], 10, name="b"), "name"),
+    ],
+)
+def test_merge_refuses_sites_that_do_not_match(other, message):
+    with pytest.raises(DeadReluError, match=message):
+        site([0, 2], 10, name="a").merge(other)
+
+
+def test_merge_refuses_reports_with_other_levels():
+    with pytest.raises(DeadReluError, match="levels"):
+        report(site([0], 4)).merge(report(site([0], 4), levels=Levels(min_observations=3)))
+
+
+# -- diff -------------------------------------------------------------------------------------
+
+
+def test_diff_by_hand():
+    before = report(site([0, 0, 5, 5, 0], 100, name="a"), site([1], 100, name="gone"))
+    after = report(site([0, 5, 0, 5, 3], 100, name="a"), site([1], 100, name="new"))
+    d = before.diff(after)
+    (a,) = d.sites
+    assert a.died == (2,) and a.revived == (1, 4) and a.stayed_dead == (0,)
+    assert (a.dead_before, a.dead_after) == (3, 2)
+    assert d.only_before == ("gone",) and d.only_after == ("new",)
+    assert str(d).splitlines() == [
+        "1 unit(s) died, 2 revived",
+        "  a: dead 3 -> 2 (died 2; revived 1, 4)",
+        "  gone: only in the earlier report",
+        "  new: only in the later report",
+    ]
+
+
+def test_unobserved_units_neither_die_nor_revive():
+    lv = Levels(min_observations=50)
+    before = report(site([0, 0, 9], 100, name="a", levels=lv), levels=lv)
+    after = report(site([0, 3, 0], 10, name="a", levels=lv), levels=lv)  # 10 < 50: no verdict on 0 and 2
+    (a,) = before.diff(after).sites
+    assert a.died == () and a.revived == (1,) and a.unobserved == (0, 2) and a.stayed_dead == ()
+    assert "2 unit(s) unobserved in one report, not compared" in str(before.diff(after))
+
+
+def test_diff_refuses_other_widths():
+    with pytest.raises(DeadReluError, match="2 units in one report and 3"):
+        report(site([0, 1], 10)).diff(report(site([0, 1, 2], 10)))
+
+
+# -- JSON round trip --------------------------------------------------------------------------
+
+
+def test_json_round_trip_keeps_every_field_and_state(tmp_path):
+    lv = Levels(asleep_rate=0.1, dormant_tau=0.5, min_observations=20)
+    r = report(
+        site([0, 1, 4, 2], 20, nonfinite=[0, 0, 0, 3], mean_abs=[0.0, 0.1, 5.0, math.inf], name="a", levels=lv),
+        site([0, 0], 5, nonfinite=[0, 1], mean_abs=[0.0, math.nan], name="b", levels=lv),
+        levels=lv, samples=7, mode="train", model="Net",
+    )  # fmt: skip
+    path = tmp_path / "r.json"
+    r.to_json(path)
+    back = Report.from_json(path)
+    assert back.site("a") == r.site("a") and back.levels == lv
+    assert math.isnan(back.site("b").mean_abs[1])  # NaN != NaN, so compare the rest field by field
+    assert back.site("b").states == r.site("b").states == ("unobserved", "nonfinite")
+    assert (back.samples, back.mode, back.model, back.batches) == (7, "train", "Net", 1)
+    assert back.to_json() == r.to_json()
+
+
+def test_version_1_files_still_load():
+    r = report(site([0, 3], 10, name="a"), samples=4)
+    d = r.to_dict()
+    d["schema_version"] = 1
+    d["thresholds"] = d.pop("levels")
+    del d["thresholds"]["min_observations"]  # version 1 never had it
+    assert Report.from_dict(d) == r
+
+
+def test_table_shows_the_new_columns():
+    lv = Levels(min_observations=50)
+    r = report(site([0, 1, 9], 100, name="a", levels=lv), site([0, 5], 10, name="b", levels=lv), levels=lv)
+    rows = r.table_rows()
+    assert rows[0][3:5] == ("dead", "unobserved") and rows[0][-2:] == ("obs", "dead rate <")
+    assert rows[1][3:5] == ("1", "0") and rows[1][-2:] == ("100", "0.03")  # 1-0.05**0.01 = 0.0295
+    assert rows[2][3:5] == ("0", "1") and rows[2][-2:] == ("10", "")
+    assert rows[-1][0] == "total" and rows[-1][3:5] == ("1", "1") and rows[-1][-1] == "0.03"
+    text = str(r)
+    assert "dead needs >= 50 observations" in text and "unobserved: never fired" in text
+    assert text.splitlines()[-1].startswith("total")
