@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from ..core.report import Report
-from ..errors import DeadReluError
+from ..errors import DeadReluError, ReportFormatError
 from .loading import TRUST_FLAG, one_line
 from .options import finite_float, whole_number
 
@@ -131,6 +131,8 @@ def check_output_path(path: str, inputs: list[str | None]) -> None:
 def _load_baseline(path: str) -> Report:
     try:
         return Report.from_json(Path(path))
+    except ReportFormatError as err:  # names the field; say which option the file came from
+        raise ReportFormatError(f"--baseline {path} is not a valid deadrelu report: {err}") from err
     except DeadReluError:
         raise
     except Exception as err:  # KeyError/TypeError/ValueError from a malformed file
