@@ -125,6 +125,7 @@ CASES = [
     (_set("mode", "predict"), "mode: expected 'eval' or 'train', got 'predict'"),
     (_set("batches", -2), "batches: expected a non-negative integer, got -2"),
     (_set("samples", None), "samples: expected a non-negative integer, got null"),
+    (_set("fingerprint", 12), "fingerprint: expected a string, got 12"),
 ]
 
 
