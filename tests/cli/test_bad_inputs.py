@@ -278,3 +278,30 @@ def test_read_only_directory_is_refused_before_the_scan(hostile, monkeypatch, ca
         assert_one_line_error(code, err, "is not writable")
     finally:
         ro.chmod(0o700)
+
+
+_EVIDENCE = {"kind": "deadrelu.evidence"}
+MALFORMED_RESULTS = {
+    "summary is a list": {**_EVIDENCE, "experiment": "demo", "summary": [1, 2]},
+    "summary lines a number": {**_EVIDENCE, "experiment": "demo", "summary": {"lines": 5}},
+    "config a list": {**_EVIDENCE, "experiment": "demo", "config": [1]},
+    "wall time a string": {**_EVIDENCE, "experiment": "demo", "wall_seconds": "x"},
+    "experiment a number": {**_EVIDENCE, "experiment": 5},
+    "demo without fields": {**_EVIDENCE, "experiment": "demo"},
+    "sweep without fields": {**_EVIDENCE, "experiment": "lr-sweep"},
+    "title a number": {**_EVIDENCE, "experiment": "init", "title": 3},
+    "dataset a string": {**_EVIDENCE, "experiment": "rescue", "dataset": "mnist"},
+    "unknown experiment": {**_EVIDENCE, "experiment": "zzz"},
+}
+
+
+@pytest.mark.parametrize("content", MALFORMED_RESULTS.values(), ids=MALFORMED_RESULTS)
+def test_report_on_malformed_results_is_one_line(tmp_path, capsys, content):
+    (tmp_path / "result.json").write_text(json.dumps(content))
+    (tmp_path / "report.html").write_text("earlier page")
+    before = _snapshot(tmp_path)
+    code = main(["report", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert err.startswith("deadrelu report: error: result.json"), err
+    assert _snapshot(tmp_path) == before

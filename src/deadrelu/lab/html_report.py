@@ -59,7 +59,8 @@ def load_results(results_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """Every evidence result (``kind == "deadrelu.evidence"``) saved as JSON in ``results_dir``, in report order.
 
     Raises:
-        DeadReluError: the directory does not exist, or holds no evidence JSON.
+        DeadReluError: the directory does not exist, holds no evidence JSON, or holds one whose
+            fields are missing or of the wrong type (the message names the file).
 
     Example:
         >>> results = load_results("deadrelu-demo")  # doctest: +SKIP
@@ -82,7 +83,20 @@ def load_results(results_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
             f"`deadrelu experiment NAME --out {root}` first"
         )
     found.sort(key=lambda r: (_ORDER.get(r.get("experiment", ""), 9), r["_file"]))
+    for result in found:
+        _check_renders(result)
     return found
+
+
+def _check_renders(result: dict[str, Any]) -> None:
+    """A malformed result (hand-edited, truncated, another version's) is one DeadReluError naming its file."""
+    try:
+        render_html([result], images=False)  # the tables and text read every field the page needs
+    except DeadReluError as err:
+        raise DeadReluError(f"{result['_file']}: {err}") from err
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as err:
+        detail = f"missing field {err}" if isinstance(err, KeyError) else f"{type(err).__name__}: {err}"
+        raise DeadReluError(f"{result['_file']} is not a valid deadrelu result ({detail})") from err
 
 
 def _table_html(rows: Sequence[Sequence[str]]) -> str:
