@@ -354,6 +354,12 @@ class ActivationCapture:
             site.stats.update(out, site.unit_dim, site.nonnegative)
         except DeadReluError as err:
             raise DeadReluError(f"activation site {_describe(site.info)}: {err}") from None
+        except Exception as err:  # a failure of deadrelu's own statistics, not of the model
+            raise DeadReluError(
+                f"deadrelu failed to compute statistics at activation site {_describe(site.info)} for an output "
+                f"of shape {tuple(out.shape)} and dtype {out.dtype} on {out.device} "
+                f"({type(err).__name__}: {err}); please report this"
+            ) from err
 
     def _new_site(self, key: tuple[str, int, int, str], out: torch.Tensor) -> _Site:
         path, call, slot, name = key

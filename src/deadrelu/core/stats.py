@@ -1,162 +1,217 @@
-"""Fixed-size per-unit accumulators: update on device, merge exactly, compute once.
+"""Per-unit statistics: one accumulator protocol, exact in every dtype, one read per activation.
 
-:class:`UnitStats` follows the ``update / merge / reset / compute`` pattern of
-torchmetrics: each batch adds integer counts and float64 sums into tensors of
-shape ``(units,)`` that live on the activation's device, with no host
-synchronisation (no ``.item()``, no ``.cpu()``) until :meth:`UnitStats.compute`.
-Because everything is a sum, any split of the data into batches gives the same
-counts, and accumulators from different streams or processes merge exactly.
+The protocol (the shape of torchmetrics' ``add_state``)
+-------------------------------------------------------
+Every per-unit statistic is declared once, in :data:`STATISTICS`, as a :class:`Statistic`:
+a name, a dtype and a shape (one value per unit, or one per site). Every statistic is a
+*sum* over observations, so merging two accumulators, reducing across ``torch.distributed``
+ranks, banking a window row or resetting is the same operation for all of them, written
+once in :class:`StatTensors`. The three accumulators of the package are built on it:
+
+* :class:`UnitStats` (the scan): one set of state tensors since the start;
+* ``deadrelu.monitor.window.WindowStats``: a ring of ``window`` rows of the same state plus
+  the rows that left the window;
+* ``deadrelu.monitor.compiled.TensorWindowStats``: the same ring with tensor-only
+  bookkeeping, which ``torch.compile`` traces.
+
+Their state tensors are exposed by name (``acc.state["fired"]`` …), so distributed code can
+reduce each site's state key by key.
+
+Declared statistics (per unit unless noted)::
+
+    observations  int64, one per site   values each unit produced (masked-out values excluded)
+    fired         int64                 values > threshold
+    abs_sum       float64               sum of |h|
+    nonfinite     int64                 NaN/±Inf values
+
+How a batch is reduced (:func:`accumulate`)
+-------------------------------------------
+One pass per activation computes the four built-in sums, with the fastest exact backend:
+
+* a CUDA tensor with Triton importable → one fused Triton kernel
+  (:mod:`deadrelu.core.kernels`): reads the activation once, accumulates |h| in float64,
+  adds into the state tensors with atomics; no temporary the size of the activation and
+  no host synchronisation;
+* otherwise the pure-torch pass: on CPU a chunked pass that keeps each chunk in cache
+  (float32 partial sums over at most 4096 values per unit, added into float64 totals;
+  half-precision chunks are widened to float32, which is exact); on other devices plain
+  torch reductions with float64 accumulation.
+
+Either way counts are exact integers, magnitudes are summed in float64 (finite values near
+the float32 maximum never overflow to inf) and the numbers agree: counts bit for bit,
+sums to float64 rounding of float32 partials. Comparisons against the threshold are done
+in float32 (float64 for float64 activations), so half-precision values are compared exactly
+against the threshold as a float32 number. Autocast is switched off inside the pass: under
+CPU bf16 autocast a matrix-vector count would otherwise be computed in bf16.
+
+Adding a per-unit statistic
+---------------------------
+Append a :class:`Statistic` with a ``batch`` function to :data:`STATISTICS` in this file,
+for example the sum of squares::
+
+    Statistic("sq_sum", torch.float64, doc="sum of h²",
+              batch=lambda b: per_unit_sum(b.x.double().square(), b.unit_dim))
+
+and test it against brute force in ``tests/core/test_stats.py``. ``update``, ``merge``,
+``all_reduce``, ``reset``, ``state_dict``, the monitor's window rings and the distributed
+reduction then carry it with no further change; read it from ``acc.state["sq_sum"]``. A
+``batch`` function sees a :class:`UnitBatch`: the activation after masking, with its unit
+dimension; it runs as plain torch code after the fused pass (one extra read), so a
+statistic that must be free belongs in the fused pass and its kernel instead.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
 
 from ..errors import DeadReluError
 
-__all__ = ["UnitStats", "UnitTotals", "unit_reduce_dims"]
+__all__ = [
+    "STATISTICS",
+    "Statistic",
+    "StatTensors",
+    "UnitBatch",
+    "UnitStats",
+    "UnitTotals",
+    "accumulate",
+    "as_unit_batch",
+    "batch_unit_sums",
+    "per_unit_sum",
+    "release_scratch",
+    "traceable_batch_sums",
+    "unit_reduce_dims",
+]
 
 
-_SCRATCH = threading.local()
+@dataclass(frozen=True)
+class UnitBatch:
+    """One batch as a ``batch`` function of a :class:`Statistic` sees it.
+
+    Attributes:
+        x: the activation (masked-out observations removed), floating point, detached.
+        unit_dim: the dimension of ``x`` that indexes units.
+        threshold: the site's firing threshold.
+    """
+
+    x: torch.Tensor
+    unit_dim: int
+    threshold: float
 
 
-def _scratch(shape: Sequence[int], dtype: torch.dtype, device: torch.device, slot: int = 0) -> torch.Tensor:
-    """A reusable buffer of ``shape``: writing into memory already touched avoids the page
-    faults that dominate the cost of a fresh large tensor on CPU. One buffer per
-    (dtype, device, slot) per thread, grown as needed; :func:`release_scratch` frees them."""
-    pool = getattr(_SCRATCH, "pool", None)
-    if pool is None:
-        pool = _SCRATCH.pool = {}
-    numel = 1
-    for s in shape:
-        numel *= s
-    key = (dtype, device, slot)
-    buf = pool.get(key)
-    if buf is None or buf.numel() < numel:
-        buf = pool[key] = torch.empty(numel, dtype=dtype, device=device)
-    return buf[:numel].view(shape)
+@dataclass(frozen=True)
+class Statistic:
+    """Declaration of one accumulated statistic (merged by summation).
+
+    Args:
+        name: key of its state tensor.
+        dtype: dtype of its state tensor (int64 for counts, float64 for sums).
+        per_unit: one value per unit (shape ``(units,)``) or one per site (shape ``(1,)``).
+        doc: what it holds, for readers.
+        batch: for statistics outside the fused pass, a function from a :class:`UnitBatch`
+            to this batch's contribution (shape ``(units,)`` or ``(1,)``).
+
+    Example:
+        >>> Statistic("fired", torch.int64).shape(4)
+        (4,)
+    """
+
+    name: str
+    dtype: torch.dtype
+    per_unit: bool = True
+    doc: str = ""
+    batch: Callable[[UnitBatch], torch.Tensor] | None = None
+
+    def shape(self, units: int) -> tuple[int, ...]:
+        """Shape of the state tensor for a site with ``units`` units."""
+        return (units,) if self.per_unit else (1,)
 
 
-def _ones(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A cached vector of ``n`` ones (per thread, dtype and device)."""
-    pool = getattr(_SCRATCH, "ones", None)
-    if pool is None:
-        pool = _SCRATCH.ones = {}
-    vec = pool.get((dtype, device))
-    if vec is None or vec.numel() < n:
-        vec = pool[(dtype, device)] = torch.ones(max(n, 256), dtype=dtype, device=device)
-    return vec[:n]
+# The four built-in statistics come out of the fused pass (kernel or torch) together.
+FUSED = ("observations", "fired", "abs_sum", "nonfinite")
+
+STATISTICS: tuple[Statistic, ...] = (
+    Statistic("observations", torch.int64, per_unit=False, doc="values each unit produced"),
+    Statistic("fired", torch.int64, doc="values > threshold"),
+    Statistic("abs_sum", torch.float64, doc="sum of |h| (dormancy score)"),
+    Statistic("nonfinite", torch.int64, doc="NaN/±Inf values"),
+)
 
 
-def _column_sum(m: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
-    """Sum a 2-D tensor over its rows. A matrix-vector product with ones runs 2-3x faster than
-    ``sum(0)`` on CPU, and stays exact for the 0/1 counts (integers below 2**24 in float32)."""
-    if m.dtype in (torch.float32, torch.float64) and dtype in (None, m.dtype) and m.shape[0] > 1:
-        return _ones(m.shape[0], m.dtype, m.device) @ m
-    return m.sum(0, dtype=dtype)
+class StatTensors:
+    """The state of every declared :class:`Statistic` for one site, optionally with leading dims.
 
+    ``leading=(w,)`` gives ``w`` independent rows (the monitor's window ring). Everything is
+    a sum, so reset, merge and the cross-rank reduction are written once here.
 
-def _per_unit_sum(t: torch.Tensor, unit_dim: int, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Sum over every dimension but ``unit_dim``.
+    Args:
+        units: units at the site.
+        device: where the tensors live.
+        leading: extra leading dimensions of every state tensor.
 
-    A contiguous tensor is viewed as ``(before, units, after)``: the inner dimension is reduced
-    first, then the outer one — about twice as fast on CPU as one multi-dimension reduction."""
-    units = t.shape[unit_dim]
-    if t.is_contiguous():
-        if unit_dim == t.ndim - 1:
-            return _column_sum(t.view(-1, units), dtype)
-        after = 1
-        for size in t.shape[unit_dim + 1 :]:
-            after *= size
-        return _column_sum(t.view(-1, units, after).sum(2, dtype=dtype), None)
-    moved = t.movedim(unit_dim, -1)
-    if moved.is_contiguous():  # e.g. channels_last convolution outputs
-        return _column_sum(moved.view(-1, units), dtype)
-    return t.sum(dim=unit_reduce_dims(t.ndim, unit_dim), dtype=dtype)
+    Example:
+        >>> a, b = StatTensors(2, "cpu"), StatTensors(2, "cpu")
+        >>> a.state["fired"] += torch.tensor([1, 0]); b.state["fired"] += torch.tensor([2, 5])
+        >>> a.merge(b).state["fired"].tolist()
+        [3, 5]
+    """
 
+    def __init__(self, units: int, device: torch.device | str | None = None, leading: tuple[int, ...] = ()) -> None:
+        self.units = int(units)
+        self.leading = tuple(int(n) for n in leading)
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.state: dict[str, torch.Tensor] = {
+            s.name: torch.zeros(*self.leading, *s.shape(self.units), dtype=s.dtype, device=self.device)
+            for s in STATISTICS
+        }
 
-def batch_unit_sums(
-    x: torch.Tensor, unit_dim: int, threshold: float, nonnegative: bool, count_dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-unit count of ``x > threshold`` (in ``count_dtype``) and float32 sum of ``|x|`` for
-    one batch: the fastest exact pass for the tensor's size, layout and device.
+    def reset(self) -> None:
+        """Zero every state tensor."""
+        for t in self.state.values():
+            t.zero_()
 
-    Counting in a float dtype is exact while each count stays below 2**24 (float32) or
-    2**53 (float64), and a float reduction is several times faster on CPU than summing a
-    bool mask. ``nonnegative`` (ReLU, ReLU6, Softplus) skips the ``abs`` pass."""
-    sums = _chunked_sums(x, unit_dim, threshold, nonnegative, count_dtype)
-    if sums is not None:
-        return sums
-    fired = _per_unit_sum(torch.gt(x, threshold, out=_scratch(x.shape, count_dtype, x.device)), unit_dim)
-    if nonnegative:
-        mag = _per_unit_sum(x, unit_dim, torch.float32)
-    else:
-        mag = _per_unit_sum(torch.abs(x, out=_scratch(x.shape, torch.float32, x.device, slot=2)), unit_dim)
-    return fired, mag
+    def to(self, device: torch.device | str) -> "StatTensors":
+        """Move the state to ``device`` (in place) and return self."""
+        self.device = torch.device(device)
+        self.state = {k: t.to(self.device) for k, t in self.state.items()}
+        return self
 
+    def merge(self, other: "StatTensors") -> "StatTensors":
+        """Add another accumulator of the same shape into this one (in place) and return self.
 
-# Elements per chunk of the CPU chunked pass: 1 MiB of float32, so a chunk's mask is still in
-# cache when it is reduced and the activation is read from memory once instead of twice.
-_CHUNK_ELEMENTS = 1 << 18
-_CHUNK_MIN_ELEMENTS = 4 * _CHUNK_ELEMENTS
+        Raises:
+            DeadReluError: when the unit counts or leading dims differ.
+        """
+        if other.units != self.units or other.leading != self.leading:
+            raise DeadReluError(f"cannot merge statistics of {other.units} units into {self.units} units")
+        for k, t in self.state.items():
+            t += other.state[k].to(t.device)
+        return self
 
+    def all_reduce(self, group: object | None = None) -> None:
+        """Sum every state tensor over the ranks of ``torch.distributed`` (in place, one call per key)."""
+        import torch.distributed as dist
 
-def _chunked_sums(
-    x: torch.Tensor, unit_dim: int, threshold: float, nonnegative: bool, count_dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Per-unit (count of ``x > threshold``, sum of ``|x|``) in one cache-friendly pass over a
-    large contiguous CPU activation, chunk by chunk along the leading dimensions; ``None``
-    where the plain whole-tensor pass is as good (small, strided or accelerator tensors).
+        for t in self.state.values():
+            dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
 
-    Measured on a 2-core CPU: a (128, 32, 32, 32) ReLU output costs 3-4% of its convolution
-    this way instead of 6-7%."""
-    if x.device.type != "cpu" or not x.is_contiguous() or x.numel() < _CHUNK_MIN_ELEMENTS:
-        return None
-    units = x.shape[unit_dim]
-    before = 1
-    for size in x.shape[:unit_dim]:
-        before *= size
-    after = x.numel() // (before * units)
-    rows = max(1, _CHUNK_ELEMENTS // (units * after))
-    if rows * 2 > before:
-        return None
-    x3 = x.view(before, units, after)
-    mask = _scratch((rows, units, after), count_dtype, x.device, slot=1)
-    absx = None if nonnegative else _scratch((rows, units, after), torch.float32, x.device, slot=2)
-    if after == 1:  # (rows, units): add each chunk's column sums into the totals
-        fired = torch.zeros(units, dtype=count_dtype)
-        mag = torch.zeros(units, dtype=torch.float32)
-        ones_c, ones_f = _ones(rows, count_dtype, x.device), _ones(rows, torch.float32, x.device)
-        for start in range(0, before, rows):
-            chunk = x3[start : start + rows, :, 0]
-            n = chunk.shape[0]
-            m = torch.gt(chunk, threshold, out=mask[:n, :, 0])
-            mag_src = chunk if absx is None else torch.abs(chunk, out=absx[:n, :, 0])
-            fired.addmv_(m.t(), ones_c[:n])
-            mag.addmv_(mag_src.t(), ones_f[:n])
-        return fired, mag
-    # (before, units, after): per-row sums over the trailing run, then one sum over rows.
-    fired_rows = _scratch((before, units), count_dtype, x.device, slot=3)
-    mag_rows = _scratch((before, units), torch.float32, x.device, slot=4)
-    for start in range(0, before, rows):
-        chunk = x3[start : start + rows]
-        n = chunk.shape[0]
-        m = torch.gt(chunk, threshold, out=mask[:n])
-        mag_src = chunk if absx is None else torch.abs(chunk, out=absx[:n])
-        torch.sum(m, dim=2, out=fired_rows[start : start + n])
-        torch.sum(mag_src, dim=2, dtype=torch.float32, out=mag_rows[start : start + n])
-    return _column_sum(fired_rows, None), _column_sum(mag_rows, None)
+    def row(self, index: int) -> dict[str, torch.Tensor]:
+        """Views of row ``index`` of every state tensor (``leading`` must be one-dimensional)."""
+        return {k: t[index] for k, t in self.state.items()}
 
+    def add_(self, values: Mapping[str, torch.Tensor]) -> None:
+        """Add per-key values (e.g. a ring row) into the state."""
+        for k, t in self.state.items():
+            t += values[k]
 
-def release_scratch() -> None:
-    """Free the scratch buffers of this thread (called when a capture detaches)."""
-    _SCRATCH.pool = {}
-    _SCRATCH.ones = {}
+    def summed(self) -> dict[str, torch.Tensor]:
+        """Every state tensor summed over its leading dimension (new tensors)."""
+        return {k: t.sum(0) for k, t in self.state.items()}
 
 
 def unit_reduce_dims(ndim: int, unit_dim: int) -> tuple[int, ...]:
@@ -188,6 +243,312 @@ def as_unit_batch(activation: torch.Tensor, unit_dim: int, units: int) -> tuple[
     return x, unit_dim
 
 
+def check_mask(x: torch.Tensor, unit_dim: int, mask: torch.Tensor | None) -> torch.Tensor | None:
+    """Validate an observation mask (see :meth:`UnitStats.update`); returns it as bool on x's device.
+
+    Raises:
+        DeadReluError: when the mask's shape is not a prefix of the leading (non-unit) dims.
+    """
+    if mask is None:
+        return None
+    if mask.ndim > unit_dim or tuple(mask.shape) != tuple(x.shape[: mask.ndim]):
+        raise DeadReluError(
+            f"mask of shape {tuple(mask.shape)} does not match the leading dimensions of an activation of "
+            f"shape {tuple(x.shape)} with units on dim {unit_dim}: it must have the shape of "
+            f"activation.shape[:k] for some k <= {unit_dim}"
+        )
+    return mask.to(device=x.device, dtype=torch.bool)
+
+
+# -- the pure-torch pass ------------------------------------------------------------------------
+
+_SCRATCH = threading.local()
+
+
+def _scratch(shape: Sequence[int], dtype: torch.dtype, device: torch.device, slot: int = 0) -> torch.Tensor:
+    """A reusable buffer of ``shape``: writing into memory already touched avoids the page
+    faults that dominate the cost of a fresh large tensor on CPU. One buffer per
+    (dtype, device, slot) per thread, grown as needed; :func:`release_scratch` frees them."""
+    pool = getattr(_SCRATCH, "pool", None)
+    if pool is None:
+        pool = _SCRATCH.pool = {}
+    numel = math.prod(shape)
+    key = (dtype, device, slot)
+    buf = pool.get(key)
+    if buf is None or buf.numel() < numel:
+        buf = pool[key] = torch.empty(numel, dtype=dtype, device=device)
+    return buf[:numel].view(shape)
+
+
+def _ones(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A cached vector of ``n`` ones (per thread, dtype and device)."""
+    pool = getattr(_SCRATCH, "ones", None)
+    if pool is None:
+        pool = _SCRATCH.ones = {}
+    vec = pool.get((dtype, device))
+    if vec is None or vec.numel() < n:
+        vec = pool[(dtype, device)] = torch.ones(max(n, 256), dtype=dtype, device=device)
+    return vec[:n]
+
+
+def release_scratch() -> None:
+    """Free the scratch buffers of this thread (called when a capture detaches)."""
+    _SCRATCH.pool = {}
+    _SCRATCH.ones = {}
+
+
+def per_unit_sum(t: torch.Tensor, unit_dim: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Sum over every dimension but ``unit_dim`` (a plain reduction, for ``batch`` functions).
+
+    Example:
+        >>> per_unit_sum(torch.ones(2, 3, 4), 1).tolist()
+        [8.0, 8.0, 8.0]
+    """
+    return t.sum(dim=unit_reduce_dims(t.ndim, unit_dim), dtype=dtype)
+
+
+def _three_d(x: torch.Tensor, unit_dim: int) -> torch.Tensor:
+    """``x`` as a ``(before, units, after)`` view without copying when its layout allows:
+    contiguous tensors keep their order; a tensor whose unit dim is innermost in memory
+    (channels_last) becomes ``(rows, units, 1)``; anything else is copied once."""
+    units = x.shape[unit_dim]
+    if x.is_contiguous():
+        before = math.prod(x.shape[:unit_dim])
+        return x.view(before, units, -1)
+    moved = x.movedim(unit_dim, -1)
+    if moved.is_contiguous():
+        return moved.view(-1, units, 1)
+    return x.contiguous().view(math.prod(x.shape[:unit_dim]), units, -1)
+
+
+# Elements per chunk of the CPU pass: 1 MiB of float32, so a chunk's mask is still in cache
+# when it is reduced and the activation is read from memory once instead of twice. Float32
+# partial sums cover at most _PARTIAL_ROWS values per unit before they go into float64.
+_CHUNK_ELEMENTS = 1 << 18
+_CHUNK_MIN_ELEMENTS = 4 * _CHUNK_ELEMENTS
+_PARTIAL_ROWS = 4096
+
+
+def _column_sum_into(total: torch.Tensor, m: torch.Tensor) -> None:
+    """Add the column sums of a 2-D float tensor into a float64 ``total``. A matrix-vector
+    product with ones runs 2-3x faster than ``sum(0)`` on CPU, and is exact for 0/1 counts."""
+    if m.shape[0] > 1:
+        total += _ones(m.shape[0], m.dtype, m.device) @ m
+    else:
+        total += m[0]
+
+
+def _cpu_pass(x3: torch.Tensor, threshold: float, nonnegative: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-unit float64 (count of ``x > threshold``, sum of ``|x|``) over a ``(before, units,
+    after)`` CPU tensor, chunk by chunk along ``before`` so each chunk stays in cache.
+
+    Measured on a 2-core CPU: a (128, 32, 32, 32) ReLU output costs 3-4% of its convolution
+    this way instead of 6-7%."""
+    before, units, after = x3.shape
+    # Float32 row partials count exactly below 2**24 values; wider runs work in float64.
+    work = torch.float64 if x3.dtype == torch.float64 or after >= 2**24 else torch.float32
+    widen = x3.dtype != work  # bf16/fp16: widen each chunk to float32 (exact) in cache
+    chunk = _CHUNK_ELEMENTS if x3.numel() >= _CHUNK_MIN_ELEMENTS or widen else x3.numel()
+    rows = max(1, min(before, chunk // max(units * after, 1), _PARTIAL_ROWS))
+    fired = torch.zeros(units, dtype=torch.float64)
+    mag = torch.zeros(units, dtype=torch.float64)
+    fired_rows = mag_rows = None
+    if after > 1:  # per-row sums over the trailing run first, then one sum over rows
+        fired_rows = _scratch((before, units), work, x3.device, slot=3)
+        mag_rows = _scratch((before, units), work, x3.device, slot=4)
+    mask = _scratch((rows, units, after), work, x3.device, slot=1)
+    absx = None if nonnegative else _scratch((rows, units, after), work, x3.device, slot=2)
+    wide = _scratch((rows, units, after), work, x3.device, slot=5) if widen else None
+    for start in range(0, before, rows):
+        c = x3[start : start + rows]
+        n = c.shape[0]
+        if wide is not None:
+            c = wide[:n].copy_(c)
+        m = torch.gt(c, threshold, out=mask[:n])
+        a = c if absx is None else torch.abs(c, out=absx[:n])
+        if fired_rows is None or mag_rows is None:
+            _column_sum_into(fired, m[:, :, 0])
+            _column_sum_into(mag, a[:, :, 0])
+        else:
+            torch.sum(m, dim=2, out=fired_rows[start : start + n])
+            torch.sum(a, dim=2, out=mag_rows[start : start + n])
+    if fired_rows is not None and mag_rows is not None:
+        for start in range(0, before, _PARTIAL_ROWS):
+            _column_sum_into(fired, fired_rows[start : start + _PARTIAL_ROWS])
+            _column_sum_into(mag, mag_rows[start : start + _PARTIAL_ROWS])
+    return fired, mag
+
+
+def _cpu_batch(
+    x: torch.Tensor, unit_dim: int, threshold: float, nonnegative: bool, out: Mapping[str, torch.Tensor]
+) -> None:
+    """The CPU backend of :func:`accumulate` (mask already applied)."""
+    x3 = _three_d(x, unit_dim)
+    fired, mag = _cpu_pass(x3, threshold, nonnegative)
+    # A unit's magnitude sum is finite exactly when all its values are, unless float32
+    # partials overflowed: the exact NaN/Inf count (and, after an overflow, a float64
+    # magnitude pass) is taken only for the rare batches that need it. On CPU this check
+    # costs no device synchronisation.
+    if not math.isfinite(mag.sum().item()):
+        bad = per_unit_sum(~torch.isfinite(x3), 1, torch.int64)
+        if bool(((bad == 0) & ~torch.isfinite(mag)).any()):
+            mag = _float64_abs_sum(x3)
+        out["nonfinite"] += bad
+    out["fired"] += fired.to(torch.int64)
+    out["abs_sum"] += mag
+    out["observations"] += x3.shape[0] * x3.shape[2]
+
+
+def _float64_abs_sum(x3: torch.Tensor) -> torch.Tensor:
+    """Per-unit float64 sum of ``|x|`` over a ``(before, units, after)`` tensor, row by row."""
+    mag = torch.zeros(x3.shape[1], dtype=torch.float64, device=x3.device)
+    for start in range(0, x3.shape[0], 256):
+        mag += x3[start : start + 256].double().abs().sum(dim=(0, 2))
+    return mag
+
+
+def traceable_batch_sums(
+    x: torch.Tensor,
+    unit_dim: int,
+    threshold: float,
+    nonnegative: bool,
+    mask: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """This batch's contribution to each fused statistic, with plain torch reductions only.
+
+    Device-agnostic and traceable by TorchDynamo (no Python branch on tensor values, no host
+    sync); Inductor fuses the reductions into one read. Magnitudes accumulate in float64.
+
+    Example:
+        >>> traceable_batch_sums(torch.tensor([[1.0, -2.0]]), 1, 0.0, False)["abs_sum"].tolist()
+        [1.0, 2.0]
+    """
+    dims = unit_reduce_dims(x.ndim, unit_dim)
+    if x.dtype not in (torch.float32, torch.float64):
+        x = x.float()  # threshold comparisons in float32, like the fused backends
+    fired = x > threshold
+    bad = ~torch.isfinite(x)
+    mag = x if nonnegative else x.abs()
+    rest = x.numel() // max(x.shape[unit_dim], 1)
+    if mask is None:
+        obs = torch.full((1,), rest, dtype=torch.int64, device=x.device)
+    else:
+        keep = mask.view(*mask.shape, *([1] * (x.ndim - mask.ndim)))
+        fired, bad = fired & keep, bad & keep
+        mag = torch.where(keep, mag, torch.zeros((), dtype=mag.dtype, device=mag.device))
+        obs = (mask.sum(dtype=torch.int64) * (rest // max(mask.numel(), 1))).view(1)
+    return {
+        "observations": obs,
+        "fired": fired.sum(dims, dtype=torch.int64),
+        "abs_sum": mag.sum(dims, dtype=torch.float64),
+        "nonfinite": bad.sum(dims, dtype=torch.int64),
+    }
+
+
+# -- backend choice and the one entry point -----------------------------------------------------
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+def _triton_ready(x: torch.Tensor) -> bool:
+    if x.device.type != "cuda":
+        return False
+    from . import kernels  # lazy: importing deadrelu never imports triton
+
+    return kernels.available()
+
+
+@contextlib.contextmanager
+def _no_autocast(device_type: str) -> Iterator[None]:
+    """Switch autocast off where it is on (a matrix-vector count would run in bf16)."""
+    try:
+        enabled = torch.is_autocast_enabled(device_type)
+    except (TypeError, RuntimeError):  # device types autocast does not know
+        enabled = False
+    if not enabled:
+        yield
+        return
+    with torch.autocast(device_type=device_type, enabled=False):
+        yield
+
+
+@torch.no_grad()
+def accumulate(
+    x: torch.Tensor,
+    unit_dim: int,
+    threshold: float,
+    nonnegative: bool,
+    out: Mapping[str, torch.Tensor],
+    mask: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> None:
+    """Add one batch's statistics into the state tensors ``out`` (one key per :data:`STATISTICS`).
+
+    Args:
+        x: a floating activation (see :func:`as_unit_batch`) on the device of ``out``.
+        unit_dim: the dimension of ``x`` that indexes units.
+        threshold: an output fires when it is ``> threshold``.
+        nonnegative: the activation cannot be negative, so ``|h| = h`` (skips an ``abs``).
+        out: state tensors to add into (views of a ring row work).
+        mask: optional bool observation mask (see :meth:`UnitStats.update`).
+        backend: ``"auto"`` (Triton kernel for CUDA tensors when Triton imports, else torch),
+            ``"torch"`` or ``"triton"`` (the kernel, on any device Triton can run: CPU tensors
+            only under ``TRITON_INTERPRET=1``).
+
+    Raises:
+        DeadReluError: for an unknown backend or a mask that does not fit.
+    """
+    if backend not in BACKENDS:
+        raise DeadReluError(f"statistics backend must be one of {BACKENDS}, got {backend!r}")
+    mask = check_mask(x, unit_dim, mask)
+    if x.numel() == 0:
+        return  # nothing observed (no values, or no units)
+    with _no_autocast(x.device.type):
+        if backend == "triton" or (backend == "auto" and _triton_ready(x)):
+            from . import kernels
+
+            kernels.unit_stats_into(x, unit_dim, threshold, nonnegative, out, mask)
+        elif x.device.type == "cpu":
+            kept, kept_dim = (x, unit_dim) if mask is None else (x[mask], unit_dim - mask.ndim + 1)
+            _cpu_batch(kept, kept_dim, threshold, nonnegative, out)  # x[mask] needs no sync on CPU
+        else:
+            for k, v in traceable_batch_sums(x, unit_dim, threshold, nonnegative, mask).items():
+                out[k] += v
+        _extra_statistics(x, unit_dim, threshold, out, mask)
+
+
+def _extra_statistics(
+    x: torch.Tensor, unit_dim: int, threshold: float, out: Mapping[str, torch.Tensor], mask: torch.Tensor | None
+) -> None:
+    """Statistics declared with a ``batch`` function (none built in)."""
+    extra = [s for s in STATISTICS if s.batch is not None]
+    if not extra:
+        return
+    if mask is not None:
+        x, unit_dim = x[mask], unit_dim - mask.ndim + 1
+    batch = UnitBatch(x, unit_dim, threshold)
+    for s in extra:
+        out[s.name] += s.batch(batch)  # type: ignore[misc]
+
+
+def batch_unit_sums(
+    x: torch.Tensor, unit_dim: int, threshold: float, nonnegative: bool = False, backend: str = "auto"
+) -> dict[str, torch.Tensor]:
+    """One batch's statistics as fresh tensors (``observations``, ``fired``, ``abs_sum``, ``nonfinite``).
+
+    Example:
+        >>> batch_unit_sums(torch.tensor([[1.0, -2.0], [3.0, 0.0]]), 1, 0.0)["fired"].tolist()
+        [2, 0]
+    """
+    units = x.shape[unit_dim] if x.ndim else 1
+    out = StatTensors(units, x.device).state
+    accumulate(x, unit_dim, threshold, nonnegative, out, backend=backend)
+    return out
+
+
+# -- the scan's accumulator ---------------------------------------------------------------------
+
+
 @dataclass(frozen=True)
 class UnitTotals:
     """Host-side snapshot of a :class:`UnitStats` (plain Python numbers)."""
@@ -198,22 +559,20 @@ class UnitTotals:
     nonfinite_counts: tuple[int, ...]
 
 
-class UnitStats:
-    """Per-unit firing statistics of one activation site.
+class UnitStats(StatTensors):
+    """Per-unit firing statistics of one activation site since the start (the scan's accumulator).
 
-    State (all shape ``(units,)`` on ``device``):
-        * ``fired``: int64 count of outputs ``> threshold``;
-        * ``abs_sum``: float64 sum of ``|h|`` (for the dormancy score);
-        * ``nonfinite``: int64 count of NaN/±Inf outputs;
-    plus ``observations``, the number of values each unit produced (a Python int,
-    known from shapes alone, so counting it never synchronises).
-
-    Counts are int64 and so stay exact far beyond 10^10 observations.
+    State (``self.state``, see :data:`STATISTICS`), all on ``device``: ``observations``
+    (int64, one per site), ``fired`` (int64 count of outputs ``> threshold``), ``abs_sum``
+    (float64 sum of ``|h|``), ``nonfinite`` (int64 count of NaN/±Inf outputs). Counts are int64
+    and so stay exact far beyond 10^10 observations; nothing is copied to the host until
+    :meth:`compute`.
 
     Args:
         units: number of units.
         threshold: an output fires when it is ``> threshold`` (0 for ReLU-like activations).
-        device: where the accumulators live (the activation's device).
+        device: where the accumulators live (moved to the activation's device on first use).
+        backend: ``"auto"``, ``"torch"`` or ``"triton"`` (see :func:`accumulate`).
 
     Example:
         >>> s = UnitStats(3)
@@ -222,100 +581,102 @@ class UnitStats:
         (2, 0, 1)
     """
 
-    def __init__(self, units: int, threshold: float = 0.0, device: torch.device | str | None = None) -> None:
-        self.units = int(units)
+    def __init__(
+        self, units: int, threshold: float = 0.0, device: torch.device | str | None = None, backend: str = "auto"
+    ) -> None:
+        super().__init__(units, device)
         self.threshold = float(threshold)
-        self.device = torch.device(device) if device is not None else torch.device("cpu")
-        self.reset()
+        self.backend = backend
 
-    def reset(self) -> None:
-        """Forget everything seen so far."""
-        self.observations = 0
-        self.fired = torch.zeros(self.units, dtype=torch.int64, device=self.device)
-        self.abs_sum = torch.zeros(self.units, dtype=torch.float64, device=self.device)
-        self.nonfinite = torch.zeros(self.units, dtype=torch.int64, device=self.device)
+    @property
+    def fired(self) -> torch.Tensor:
+        """int64 ``(units,)`` count of outputs ``> threshold``."""
+        return self.state["fired"]
 
-    def update(self, activation: torch.Tensor, unit_dim: int, nonnegative: bool = False) -> None:
+    @fired.setter
+    def fired(self, value: torch.Tensor) -> None:
+        self.state["fired"] = value
+
+    @property
+    def abs_sum(self) -> torch.Tensor:
+        """float64 ``(units,)`` sum of ``|h|``."""
+        return self.state["abs_sum"]
+
+    @abs_sum.setter
+    def abs_sum(self, value: torch.Tensor) -> None:
+        self.state["abs_sum"] = value
+
+    @property
+    def nonfinite(self) -> torch.Tensor:
+        """int64 ``(units,)`` count of NaN/±Inf outputs."""
+        return self.state["nonfinite"]
+
+    @nonfinite.setter
+    def nonfinite(self, value: torch.Tensor) -> None:
+        self.state["nonfinite"] = value
+
+    @property
+    def observations(self) -> int:
+        """Values each unit produced (reads the device counter)."""
+        return int(self.state["observations"].item())
+
+    @observations.setter
+    def observations(self, value: int) -> None:
+        self.state["observations"].fill_(int(value))
+
+    def update(
+        self, activation: torch.Tensor, unit_dim: int, nonnegative: bool = False, mask: torch.Tensor | None = None
+    ) -> None:
         """Add one batch of activations whose units lie along ``unit_dim``.
 
         Args:
-            activation: the activation output (any shape; detached internally).
+            activation: the activation output (any shape, any floating dtype; detached internally).
             unit_dim: the dimension that indexes units.
             nonnegative: the activation cannot be negative (ReLU, ReLU6, Softplus), so
                 ``|h| = h`` and the magnitude sum needs no ``abs`` pass.
+            mask: optional bool tensor marking which observations count, for padding: its
+                shape is the activation's leading dims ``activation.shape[:k]`` for some
+                ``k <= unit_dim`` (e.g. ``(B, T)`` for a ``(B, T, C)`` activation with units
+                last, ``(N,)`` for a ``(N, C, H, W)`` one) and it broadcasts over the
+                remaining dims. Where it is False nothing is counted: not as an observation,
+                firing, magnitude or NaN. Both backends support it; neither synchronises.
 
         Raises:
-            DeadReluError: when the unit dimension's size differs from ``units``.
+            DeadReluError: when the unit dimension's size differs from ``units`` or the mask
+                does not fit the activation.
         """
         x, unit_dim = as_unit_batch(activation, unit_dim, self.units)
         if x.device != self.device:
-            self._move(x.device)
-        per_unit = x.numel() // self.units if self.units else 0
-        self.observations += per_unit
-        count_dtype = torch.float32 if per_unit < 2**24 else torch.float64  # exact counts, see batch_unit_sums
-        fired, mag = batch_unit_sums(x, unit_dim, self.threshold, nonnegative, count_dtype)
-        self.fired += fired.to(torch.int64)
-        self.abs_sum += mag
-        # A unit's magnitude sum is finite exactly when all its values are. On CPU checking
-        # that costs nothing, so the exact NaN/Inf count is taken only for batches that need
-        # it; on accelerators it is always taken, to avoid a device synchronisation.
-        if x.device.type != "cpu" or not math.isfinite(mag.sum().item()):
-            self.nonfinite += _per_unit_sum(~torch.isfinite(x), unit_dim, torch.int64)
+            self.to(x.device)
+        if mask is not None and activation.ndim < 2:
+            mask = mask.reshape(1)
+        accumulate(x, unit_dim, self.threshold, nonnegative, self.state, mask, self.backend)
 
-    def _move(self, device: torch.device) -> None:
-        self.device = device
-        self.fired = self.fired.to(device)
-        self.abs_sum = self.abs_sum.to(device)
-        self.nonfinite = self.nonfinite.to(device)
-
-    def merge(self, other: "UnitStats") -> "UnitStats":
+    def merge(self, other: "StatTensors") -> "UnitStats":
         """Add another accumulator of the same site into this one (in place) and return self.
 
         Raises:
             DeadReluError: when the two have different unit counts or thresholds.
         """
-        if other.units != self.units:
-            raise DeadReluError(f"cannot merge statistics of {other.units} units into {self.units} units")
-        if other.threshold != self.threshold:
-            raise DeadReluError(
-                f"cannot merge statistics with firing thresholds {other.threshold} and {self.threshold}"
-            )
-        self.observations += other.observations
-        self.fired += other.fired.to(self.device)
-        self.abs_sum += other.abs_sum.to(self.device)
-        self.nonfinite += other.nonfinite.to(self.device)
+        threshold = getattr(other, "threshold", self.threshold)
+        if other.units == self.units and threshold != self.threshold:
+            raise DeadReluError(f"cannot merge statistics with firing thresholds {threshold} and {self.threshold}")
+        super().merge(other)
         return self
 
-    def all_reduce(self, group: object | None = None) -> None:
-        """Sum this accumulator over all ranks of ``torch.distributed`` (in place)."""
-        import torch.distributed as dist
-
-        obs = torch.tensor([self.observations], dtype=torch.int64, device=self.device)
-        for t in (self.fired, self.abs_sum, self.nonfinite, obs):
-            dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
-        self.observations = int(obs.item())
-
     def state_dict(self) -> dict[str, object]:
-        """Tensors and counts, for checkpointing or sending to another process."""
-        return {
-            "units": self.units,
-            "threshold": self.threshold,
-            "observations": self.observations,
-            "fired": self.fired.clone(),
-            "abs_sum": self.abs_sum.clone(),
-            "nonfinite": self.nonfinite.clone(),
-        }
+        """Tensors and settings, for checkpointing or sending to another process."""
+        return {"units": self.units, "threshold": self.threshold, **{k: t.clone() for k, t in self.state.items()}}
 
     @classmethod
-    def from_state_dict(cls, state: dict[str, object]) -> "UnitStats":
+    def from_state_dict(cls, state: Mapping[str, object]) -> "UnitStats":
         """Rebuild an accumulator from :meth:`state_dict`."""
         fired = state["fired"]
         assert isinstance(fired, torch.Tensor)
         out = cls(int(state["units"]), float(state["threshold"]), device=fired.device)  # type: ignore[arg-type]
-        out.observations = int(state["observations"])  # type: ignore[arg-type]
-        out.fired = fired.clone()
-        out.abs_sum = state["abs_sum"].clone()  # type: ignore[union-attr]
-        out.nonfinite = state["nonfinite"].clone()  # type: ignore[union-attr]
+        for k in out.state:
+            value = state[k]
+            out.state[k] = value.clone() if isinstance(value, torch.Tensor) else torch.tensor([value])
         return out
 
     def compute(self) -> UnitTotals:
@@ -324,14 +685,13 @@ class UnitStats:
         Raises:
             DeadReluError: when no data has been seen yet.
         """
-        if self.observations == 0:
-            raise DeadReluError("no activations were observed yet: run some data through the model first")
         n = self.observations
-        mean_abs = (self.abs_sum / n).tolist()
+        if n == 0:
+            raise DeadReluError("no activations were observed yet: run some data through the model first")
         return UnitTotals(
             observations=n,
             fired_counts=tuple(self.fired.tolist()),
-            mean_abs=tuple(mean_abs),
+            mean_abs=tuple((self.abs_sum / n).tolist()),
             nonfinite_counts=tuple(self.nonfinite.tolist()),
         )
 

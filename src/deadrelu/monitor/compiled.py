@@ -35,15 +35,19 @@ from ..core.capture import (
     resolve_unit_dim,
 )
 from ..errors import DeadReluError
-from ..core.stats import as_unit_batch, unit_reduce_dims
+from ..core.stats import StatTensors, as_unit_batch, traceable_batch_sums
 
 __all__ = ["ModuleCapture", "TensorWindowStats"]
 
 
-
 class TensorWindowStats:
-    """The rolling-window accumulator of :class:`deadrelu._window.WindowStats`, with every
+    """The rolling-window accumulator of :class:`~deadrelu.monitor.window.WindowStats`, with every
     piece of state a tensor so a compiled graph can update it.
+
+    The ring and the banked rows are :class:`~deadrelu.core.stats.StatTensors` (the same
+    declared statistics as the scan); a batch's contribution comes from
+    :func:`~deadrelu.core.stats.traceable_batch_sums`, plain torch reductions that Inductor
+    fuses into one read of the activation.
 
     Example:
         >>> w = TensorWindowStats(2, 0.0, "cpu", window=2)
@@ -59,17 +63,16 @@ class TensorWindowStats:
         self.window = int(window)
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.nonnegative = False
-        w, u, dev = self.window, self.units, self.device
-        self.ring_fired = torch.zeros(w, u, dtype=torch.float32, device=dev)
-        self.ring_abs = torch.zeros(w, u, dtype=torch.float32, device=dev)
-        self.ring_obs = torch.zeros(w, dtype=torch.int64, device=dev)
-        self.old_fired = torch.zeros(u, dtype=torch.float64, device=dev)
-        self.old_abs = torch.zeros(u, dtype=torch.float64, device=dev)
-        self.old_bad = torch.zeros(u, dtype=torch.int64, device=dev)
-        self.old_obs = torch.zeros(1, dtype=torch.int64, device=dev)
-        self.pos = torch.zeros(1, dtype=torch.int64, device=dev)
-        self.count = torch.zeros(1, dtype=torch.int64, device=dev)
+        self.ring = StatTensors(self.units, self.device, leading=(self.window,))
+        self.banked = StatTensors(self.units, self.device)
+        self.pos = torch.zeros(1, dtype=torch.int64, device=self.device)
+        self.count = torch.zeros(1, dtype=torch.int64, device=self.device)
         self._full = False  # host-side latch, so `full` syncs only until the first window is complete
+
+    @property
+    def state(self) -> dict[str, torch.Tensor]:
+        """The ring's state tensors by name, shape ``(window, ...)`` (for reduction by key)."""
+        return self.ring.state
 
     @property
     def full(self) -> bool:
@@ -79,22 +82,22 @@ class TensorWindowStats:
         return self._full
 
     @torch.no_grad()
-    def update(self, activation: torch.Tensor, unit_dim: int, nonnegative: bool | None = None) -> None:
+    def update(
+        self,
+        activation: torch.Tensor,
+        unit_dim: int,
+        nonnegative: bool | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> None:
         """Add one batch (tensor operations only: traceable by TorchDynamo)."""
         x, unit_dim = as_unit_batch(activation, unit_dim, self.units)
-        dims = unit_reduce_dims(x.ndim, unit_dim)
         nonneg = self.nonnegative if nonnegative is None else nonnegative
-        fired = torch.sum(x > self.threshold, dim=dims, dtype=torch.float32)
-        mag = torch.sum(x if nonneg else x.abs(), dim=dims, dtype=torch.float32)
-        leaving = (self.count >= self.window).to(torch.float64)  # 1 once the slot holds an old batch
-        old_abs_row = self.ring_abs.index_select(0, self.pos).squeeze(0).double()
-        self.old_fired.add_(self.ring_fired.index_select(0, self.pos).squeeze(0).double() * leaving)
-        self.old_abs.add_(torch.where(leaving > 0, old_abs_row, torch.zeros_like(old_abs_row)))
-        self.old_bad.add_((~torch.isfinite(old_abs_row)).to(torch.int64) * leaving.to(torch.int64))
-        self.old_obs.add_(self.ring_obs.index_select(0, self.pos) * leaving.to(torch.int64))
-        self.ring_fired.index_copy_(0, self.pos, fired.unsqueeze(0))
-        self.ring_abs.index_copy_(0, self.pos, mag.unsqueeze(0))
-        self.ring_obs.index_fill_(0, self.pos, x.numel() // self.units)
+        new = traceable_batch_sums(x, unit_dim, self.threshold, nonneg, mask)
+        leaving = self.count >= self.window  # (1,) bool: the slot holds a batch that leaves the window
+        for name, ring in self.ring.state.items():
+            old = ring.index_select(0, self.pos).squeeze(0)
+            self.banked.state[name].add_(torch.where(leaving, old, torch.zeros_like(old)))
+            ring.index_copy_(0, self.pos, new[name].unsqueeze(0))
         self.pos.copy_(torch.remainder(self.pos + 1, self.window))
         self.count.add_(1)
 
@@ -102,21 +105,10 @@ class TensorWindowStats:
     def totals(self, scope: str) -> WindowTotals:
         """Per-unit sums over ``"window"`` or ``"total"`` (same meaning as ``WindowStats.totals``)."""
         count = int(self.count.item())
-        filled = min(count, self.window)
-        ring_abs = self.ring_abs[:filled]
-        fired = self.ring_fired[:filled].sum(0, dtype=torch.float64)
-        abs_sum = ring_abs.sum(0, dtype=torch.float64)
-        bad = (~torch.isfinite(ring_abs)).sum(0)
-        obs = int(self.ring_obs.sum().item())
+        summed = self.ring.summed()  # rows not yet written are zero
         if scope == "window":
-            return WindowTotals(fired.to(torch.int64), abs_sum, bad, obs, filled)
-        return WindowTotals(
-            (fired + self.old_fired).to(torch.int64),
-            abs_sum + self.old_abs,
-            bad + self.old_bad,
-            obs + int(self.old_obs.item()),
-            count,
-        )
+            return WindowTotals(summed, min(count, self.window))
+        return WindowTotals({k: v + self.banked.state[k] for k, v in summed.items()}, count)
 
 
 @dataclass

@@ -449,8 +449,7 @@ class Monitor:
             for _, site in named:
                 t = site.stats.totals(scope)
                 local_batches.append(t.batches)  # per rank: ranks step in lockstep, so not summed
-                obs = torch.tensor([t.observations], dtype=torch.int64, device=t.fired.device)
-                ints += [t.fired, t.bad_batches, obs]
+                ints += [t.fired, t.nonfinite, t.state["observations"]]
                 floats.append(t.abs_sum)
         samples = {"window": sum(self._samples_ring), "total": self._samples_total}
         ints.append(torch.tensor([samples[sc] for sc in scopes], dtype=torch.int64))  # summed over ranks too

@@ -1,18 +1,12 @@
-"""Rolling-window per-unit accumulator used by :class:`deadrelu.Monitor`.
+"""Rolling-window per-unit accumulator used by :class:`deadrelu.Monitor`, built on the stats protocol.
 
-Each activation site keeps a ring buffer of the last ``window`` observed batches:
-row ``k`` holds, per unit, how many outputs fired and the float32 sum of ``|h|`` in
-that batch. Counts are kept in float32 — exact while a unit produces fewer than 2**24
-values per batch (float64 beyond) — because a float reduction is several times faster
-on CPU than summing a bool mask; window sums are taken in float64 and so stay exact. A batch only overwrites one row of fixed-size device tensors, so the
-hot path never synchronises with the host and never grows a Python list. The row a
-new batch overwrites is first added into the since-start totals, so both scopes stay
-exact.
-
-Non-finite outputs are detected from the row sums (a NaN/Inf anywhere in a unit's
-batch makes its ``|h|`` sum non-finite) instead of a separate full pass over the
-activation; the monitor therefore counts, per unit, the *batches* that contained a
-NaN/Inf rather than the individual values.
+Each activation site keeps a ring of the last ``window`` observed batches: row ``k`` is one
+full set of the declared statistics (:data:`deadrelu.core.stats.STATISTICS`: observations,
+fired count, Σ|h|, NaN/Inf count — int64 counts and float64 sums, so every row is exact) for
+one batch. A batch zeroes one row and adds into it with the same single-read pass the scan
+uses (:func:`deadrelu.core.stats.accumulate`), so the hot path never synchronises with the
+host (on accelerators) and never grows a Python list. The row a new batch overwrites is
+first added into the since-start totals, so both scopes stay exact.
 """
 
 from __future__ import annotations
@@ -21,20 +15,46 @@ from dataclasses import dataclass
 
 import torch
 
-from ..core.stats import as_unit_batch, batch_unit_sums
+from ..core.stats import StatTensors, accumulate, as_unit_batch
 
 __all__ = ["WindowStats", "WindowTotals"]
 
 
 @dataclass
 class WindowTotals:
-    """Per-unit sums over one scope, still on the device (see :meth:`WindowStats.totals`)."""
+    """Per-unit sums over one scope, still on the device (see :meth:`WindowStats.totals`).
 
-    fired: torch.Tensor  # int64 (units,)
-    abs_sum: torch.Tensor  # float64 (units,)
-    bad_batches: torch.Tensor  # int64 (units,)
-    observations: int
+    ``state`` holds one tensor per declared statistic (``observations`` has shape ``(1,)``);
+    the attributes below are views of it.
+    """
+
+    state: dict[str, torch.Tensor]
     batches: int
+
+    @property
+    def fired(self) -> torch.Tensor:
+        """int64 ``(units,)`` count of outputs ``> threshold``."""
+        return self.state["fired"]
+
+    @property
+    def abs_sum(self) -> torch.Tensor:
+        """float64 ``(units,)`` sum of ``|h|``."""
+        return self.state["abs_sum"]
+
+    @property
+    def nonfinite(self) -> torch.Tensor:
+        """int64 ``(units,)`` count of NaN/±Inf outputs."""
+        return self.state["nonfinite"]
+
+    @property
+    def bad_batches(self) -> torch.Tensor:
+        """Former name of :attr:`nonfinite` (which now counts values, as the scan does)."""
+        return self.state["nonfinite"]
+
+    @property
+    def observations(self) -> int:
+        """Values per unit in this scope (reads the device counter)."""
+        return int(self.state["observations"].item())
 
 
 class WindowStats:
@@ -45,6 +65,7 @@ class WindowStats:
         threshold: an output fires when it is ``> threshold``.
         device: where the ring buffers live (moved to the activation's device on first use).
         window: number of most recent batches in the rolling window.
+        backend: ``"auto"``, ``"torch"`` or ``"triton"`` (see :func:`deadrelu.core.stats.accumulate`).
 
     Example:
         >>> w = WindowStats(2, 0.0, "cpu", window=2)
@@ -54,31 +75,36 @@ class WindowStats:
         ([0, 0], [1, 0])
     """
 
-    def __init__(self, units: int, threshold: float, device: torch.device | str | None, window: int) -> None:
+    def __init__(
+        self, units: int, threshold: float, device: torch.device | str | None, window: int, backend: str = "auto"
+    ) -> None:
         self.units = int(units)
         self.threshold = float(threshold)
         self.window = int(window)
+        self.backend = backend
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.nonnegative = False  # set by the monitor for relu/relu6/softplus sites
-        self.reset()
-
-    def reset(self) -> None:
-        """Forget everything seen so far."""
-        w, u, dev = self.window, self.units, self.device
-        self.ring_fired = torch.zeros(w, u, dtype=torch.float32, device=dev)
-        self.ring_abs = torch.zeros(w, u, dtype=torch.float32, device=dev)
-        self.ring_obs = [0] * w  # fixed length: values per unit in each slot, known from shapes
-        self.old_fired = torch.zeros(u, dtype=torch.int64, device=dev)
-        self.old_abs = torch.zeros(u, dtype=torch.float64, device=dev)
-        self.old_bad = torch.zeros(u, dtype=torch.int64, device=dev)
-        self.old_obs = 0
+        self.ring = StatTensors(self.units, self.device, leading=(self.window,))
+        self.banked = StatTensors(self.units, self.device)  # rows that left the window
         self.pos = 0
         self.count = 0  # batches seen since the start
 
+    def reset(self) -> None:
+        """Forget everything seen so far."""
+        self.ring.reset()
+        self.banked.reset()
+        self.pos = 0
+        self.count = 0
+
+    @property
+    def state(self) -> dict[str, torch.Tensor]:
+        """The ring's state tensors by name, shape ``(window, ...)`` (for reduction by key)."""
+        return self.ring.state
+
     @property
     def observations(self) -> int:
-        """Values per unit seen since the start (Python int, no sync)."""
-        return self.old_obs + sum(self.ring_obs)
+        """Values per unit seen since the start (reads the device counters)."""
+        return self.totals("total").observations
 
     @property
     def full(self) -> bool:
@@ -86,53 +112,43 @@ class WindowStats:
         return self.count >= self.window
 
     @torch.no_grad()
-    def update(self, activation: torch.Tensor, unit_dim: int, nonnegative: bool | None = None) -> None:
+    def update(
+        self,
+        activation: torch.Tensor,
+        unit_dim: int,
+        nonnegative: bool | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> None:
         """Add one batch whose units lie along ``unit_dim`` (overwrites the oldest ring row).
 
         ``nonnegative`` (default: the site's own flag) says the outputs cannot be negative,
-        so the ``|h|`` pass is skipped.
+        so the ``|h|`` pass is skipped; ``mask`` selects observations as in
+        :meth:`deadrelu.core.stats.UnitStats.update`.
 
         Raises:
-            DeadReluError: when the unit dimension's size differs from ``units``.
+            DeadReluError: when the unit dimension's size differs from ``units`` or the mask does not fit.
         """
         x, unit_dim = as_unit_batch(activation, unit_dim, self.units)
         if x.device != self.device:
-            self._move(x.device)
-        per_unit = x.numel() // self.units if self.units else 0
-        if per_unit >= 2**24 and self.ring_fired.dtype != torch.float64:
-            self.ring_fired = self.ring_fired.double()  # float32 counts would round
-        pos = self.pos
-        if self.count >= self.window:
-            # The slot still holds the batch that leaves the window: bank it in the since-start totals.
-            row_abs = self.ring_abs[pos]
-            self.old_fired += self.ring_fired[pos].to(torch.int64)
-            self.old_abs += row_abs
-            self.old_bad += ~torch.isfinite(row_abs)
-            self.old_obs += self.ring_obs[pos]
+            self.device = x.device
+            self.ring.to(x.device)
+            self.banked.to(x.device)
+        if mask is not None and activation.ndim < 2:
+            mask = mask.reshape(1)
+        row = self.ring.row(self.pos)
+        if self.count >= self.window:  # the row still holds the batch that leaves the window
+            self.banked.add_(row)
+        for t in row.values():
+            t.zero_()
         nonneg = self.nonnegative if nonnegative is None else nonnegative
-        fired, mag = batch_unit_sums(x, unit_dim, self.threshold, nonneg, self.ring_fired.dtype)
-        self.ring_fired[pos] = fired
-        self.ring_abs[pos] = mag
-        self.ring_obs[pos] = per_unit
-        self.pos = (pos + 1) % self.window
+        accumulate(x, unit_dim, self.threshold, nonneg, row, mask, self.backend)
+        self.pos = (self.pos + 1) % self.window
         self.count += 1
-
-    def _move(self, device: torch.device) -> None:
-        self.device = device
-        for name in ("ring_fired", "ring_abs", "old_fired", "old_abs", "old_bad"):
-            setattr(self, name, getattr(self, name).to(device))
 
     @torch.no_grad()
     def totals(self, scope: str) -> WindowTotals:
         """Per-unit sums over ``"window"`` (the last ``window`` batches) or ``"total"`` (since the start)."""
-        filled = min(self.count, self.window)
-        ring_abs = self.ring_abs[:filled] if filled < self.window else self.ring_abs
-        fired = self.ring_fired.sum(0, dtype=torch.float64).to(torch.int64)
-        abs_sum = ring_abs.sum(0, dtype=torch.float64)
-        bad = (~torch.isfinite(ring_abs)).sum(0)
-        obs = sum(self.ring_obs)
+        summed = self.ring.summed()  # rows not yet written are zero
         if scope == "window":
-            return WindowTotals(fired, abs_sum, bad, obs, filled)
-        return WindowTotals(
-            fired + self.old_fired, abs_sum + self.old_abs, bad + self.old_bad, obs + self.old_obs, self.count
-        )
+            return WindowTotals(summed, min(self.count, self.window))
+        return WindowTotals({k: v + self.banked.state[k] for k, v in summed.items()}, self.count)
