@@ -312,13 +312,13 @@ def _three_d(x: torch.Tensor, unit_dim: int) -> torch.Tensor:
     contiguous tensors keep their order; a tensor whose unit dim is innermost in memory
     (channels_last) becomes ``(rows, units, 1)``; anything else is copied once."""
     units = x.shape[unit_dim]
+    before, after = math.prod(x.shape[:unit_dim]), math.prod(x.shape[unit_dim + 1 :])
     if x.is_contiguous():
-        before = math.prod(x.shape[:unit_dim])
-        return x.view(before, units, -1)
+        return x.view(before, units, after)
     moved = x.movedim(unit_dim, -1)
     if moved.is_contiguous():
-        return moved.view(-1, units, 1)
-    return x.contiguous().view(math.prod(x.shape[:unit_dim]), units, -1)
+        return moved.view(before * after, units, 1)
+    return x.contiguous().view(before, units, after)
 
 
 # Elements per chunk of the CPU pass: 1 MiB of float32, so a chunk's mask is still in cache
@@ -330,12 +330,15 @@ _PARTIAL_ROWS = 4096
 
 
 def _column_sum_into(total: torch.Tensor, m: torch.Tensor) -> None:
-    """Add the column sums of a 2-D float tensor into a float64 ``total``. A matrix-vector
-    product with ones runs 2-3x faster than ``sum(0)`` on CPU, and is exact for 0/1 counts."""
-    if m.shape[0] > 1:
+    """Add the column sums of a 2-D float tensor into a float64 ``total``. For wide rows a
+    matrix-vector product with ones runs up to 2x faster than ``sum(0)`` on CPU (and is exact
+    for 0/1 counts); for narrow ones BLAS is slower, pathologically so for one column."""
+    if m.shape[0] == 1:
+        total += m[0]
+    elif m.shape[1] >= 128:
         total += _ones(m.shape[0], m.dtype, m.device) @ m
     else:
-        total += m[0]
+        total += m.sum(0)
 
 
 def _cpu_pass(x3: torch.Tensor, threshold: float, nonnegative: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -437,12 +440,17 @@ def traceable_batch_sums(
         fired, bad = fired & keep, bad & keep
         mag = torch.where(keep, mag, torch.zeros((), dtype=mag.dtype, device=mag.device))
         obs = (mask.sum(dtype=torch.int64) * (rest // max(mask.numel(), 1))).view(1)
-    return {
+    out = {
         "observations": obs,
         "fired": fired.sum(dims, dtype=torch.int64),
         "abs_sum": mag.sum(dims, dtype=torch.float64),
         "nonfinite": bad.sum(dims, dtype=torch.int64),
     }
+    extra = {s.name: torch.zeros(s.shape(x.shape[unit_dim]), dtype=s.dtype, device=x.device) for s in STATISTICS if s.batch}
+    if extra:
+        _extra_statistics(x, unit_dim, threshold, extra, mask)
+        out.update(extra)
+    return out
 
 
 # -- backend choice and the one entry point -----------------------------------------------------
@@ -456,6 +464,16 @@ def _triton_ready(x: torch.Tensor) -> bool:
     from . import kernels  # lazy: importing deadrelu never imports triton
 
     return kernels.available()
+
+
+def _require_triton(x: torch.Tensor) -> None:
+    from . import kernels
+
+    if not kernels.available() or (x.device.type == "cpu" and not kernels.interpreting()):
+        raise DeadReluError(
+            f"the triton statistics backend cannot run on this {x.device.type} tensor: it needs triton "
+            "(pip install triton) and a CUDA device, or TRITON_INTERPRET=1 for CPU tensors"
+        )
 
 
 @contextlib.contextmanager
@@ -503,6 +521,8 @@ def accumulate(
     mask = check_mask(x, unit_dim, mask)
     if x.numel() == 0:
         return  # nothing observed (no values, or no units)
+    if backend == "triton":
+        _require_triton(x)
     with _no_autocast(x.device.type):
         if backend == "triton" or (backend == "auto" and _triton_ready(x)):
             from . import kernels

@@ -1,0 +1,216 @@
+"""Fused Triton kernel for the per-unit statistics: one read of the activation per batch.
+
+:func:`unit_stats_into` adds, per unit, the count of values ``> threshold``, the float64
+sum of ``|h|``, the count of NaN/±Inf values and the number of observations into
+accumulator tensors, in one kernel launch (plus one tiny ``observations`` add when a mask
+is given). It allocates nothing the size of the activation and never synchronises with the
+host. :func:`deadrelu.core.stats.accumulate` picks it for CUDA tensors when Triton imports;
+the pure-torch pass gives the same numbers elsewhere.
+
+Layout: the activation is addressed as ``(before, units, after)`` through its strides,
+so units on the last dim (``(N, C)``, ``(B, T, C)``), on dim 1 of a contiguous ``(N, C,
+H, W)`` tensor and on dim 1 of a channels_last one all run without a copy; a layout whose
+leading or trailing dims cannot be merged into one stride is made contiguous first.
+
+Each program owns a block of units and a slice of rows; it loads ``[BLOCK_R, BLOCK_U]``
+tiles, compares in float32 (float64 for float64 inputs), widens ``|h|`` to float64 before
+adding (so finite values near the float32 maximum never overflow) and finally adds its
+partial sums into the accumulators with atomics (int64 counts, float64 sums). The order
+of float64 atomic additions varies between runs, so sums may differ in the last bits.
+
+Importing this module does not import Triton; the kernel is compiled on first use. Under
+``TRITON_INTERPRET=1`` the same kernel runs on CPU tensors (float32/float16), which is how
+the test-suite checks it on machines without a GPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from typing import Any, Mapping
+
+import torch
+
+__all__ = ["available", "interpreting", "plan", "unit_stats_into"]
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def available() -> bool:
+    """True when Triton imports and can run here: CUDA is present, or the interpreter is on.
+
+    ``DEADRELU_NO_TRITON=1`` forces the pure-torch pass (for comparisons)."""
+    if os.environ.get("DEADRELU_NO_TRITON") == "1" or not _importable():
+        return False
+    return interpreting() or torch.cuda.is_available()
+
+
+@functools.lru_cache(maxsize=None)
+def _importable() -> bool:
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception:  # ImportError, or a broken install raising anything at import time
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel(interpret: bool) -> Any:
+    """Build the jitted kernel (first use in each mode: Triton reads TRITON_INTERPRET when it decorates)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def unit_stats_kernel(
+        x_ptr, mask_ptr, thr_ptr, fired_ptr, abs_ptr, bad_ptr,
+        units, after, rows, rows_per_prog, s_b, s_u, s_a, mask_div,
+        HAS_MASK: tl.constexpr, NONNEG: tl.constexpr, WIDE: tl.constexpr, AFTER_ONE: tl.constexpr,
+        BLOCK_R: tl.constexpr, BLOCK_U: tl.constexpr,
+    ):  # fmt: skip
+        pid_u = tl.program_id(0)
+        pid_r = tl.program_id(1)
+        u = pid_u * BLOCK_U + tl.arange(0, BLOCK_U)
+        u_ok = u < units
+        u_off = u.to(tl.int64) * s_u
+        thr = tl.load(thr_ptr)
+        r_begin = pid_r.to(tl.int64) * rows_per_prog
+        r_end = tl.minimum(r_begin + rows_per_prog, rows)
+        fired = tl.zeros([BLOCK_U], dtype=tl.int64)
+        bad = tl.zeros([BLOCK_U], dtype=tl.int64)
+        mag = tl.zeros([BLOCK_U], dtype=tl.float64)
+        for start in range(r_begin, r_end, BLOCK_R):
+            r = start + tl.arange(0, BLOCK_R).to(tl.int64)
+            r_ok = r < r_end
+            if AFTER_ONE:
+                b = r
+                off = b * s_b
+            else:
+                b = r // after
+                off = b * s_b + (r - b * after) * s_a
+            if HAS_MASK:
+                keep = tl.load(mask_ptr + b // mask_div, mask=r_ok, other=0) != 0
+                r_ok = r_ok & keep
+            ok = r_ok[:, None] & u_ok[None, :]
+            v = tl.load(x_ptr + off[:, None] + u_off[None, :], mask=ok, other=0.0)
+            if WIDE:
+                v = v.to(tl.float64)
+            else:
+                v = v.to(tl.float32)
+            fired += tl.sum(((v > thr) & ok).to(tl.int64), axis=0)
+            bad += tl.sum(((v - v) != 0).to(tl.int64), axis=0)  # NaN - NaN and inf - inf are NaN
+            a = v if NONNEG else tl.abs(v)
+            mag += tl.sum(a.to(tl.float64), axis=0)
+        tl.atomic_add(fired_ptr + u, fired, mask=u_ok)
+        tl.atomic_add(bad_ptr + u, bad, mask=u_ok)
+        tl.atomic_add(abs_ptr + u, mag, mask=u_ok)
+
+    return unit_stats_kernel
+
+
+def _merged(shape: tuple[int, ...], strides: tuple[int, ...]) -> tuple[int, int] | None:
+    """(size, stride) of dims that one stride can address, or None (size 1 dims are free)."""
+    dims = [(n, s) for n, s in zip(shape, strides) if n != 1]
+    if not dims:
+        return 1, 0
+    for (n0, s0), (n1, s1) in zip(dims, dims[1:]):
+        if s0 != n1 * s1:
+            return None
+    return math.prod(n for n, _ in dims), dims[-1][1]
+
+
+def plan(x: torch.Tensor, unit_dim: int) -> tuple[torch.Tensor, int, int, int, int, int, int]:
+    """``(tensor, before, units, after, s_b, s_u, s_a)``: how the kernel addresses ``x``
+    (``tensor`` is ``x`` itself unless its layout needed a contiguous copy).
+
+    Example:
+        >>> plan(torch.zeros(2, 3, 4, 5).to(memory_format=torch.channels_last), 1)[1:]
+        (2, 3, 20, 60, 1, 3)
+    """
+    shape, strides = tuple(x.shape), tuple(x.stride())
+    head = _merged(shape[:unit_dim], strides[:unit_dim])
+    tail = _merged(shape[unit_dim + 1 :], strides[unit_dim + 1 :])
+    if head is None or tail is None:
+        x = x.contiguous()
+        shape, strides = tuple(x.shape), tuple(x.stride())
+        head = _merged(shape[:unit_dim], strides[:unit_dim])
+        tail = _merged(shape[unit_dim + 1 :], strides[unit_dim + 1 :])
+        assert head is not None and tail is not None
+    return x, head[0], shape[unit_dim], tail[0], head[1], strides[unit_dim], tail[1]
+
+
+def _blocks(units: int, s_u: int, after: int, s_a: int) -> tuple[int, int]:
+    """(BLOCK_R, BLOCK_U): tiles contiguous along whichever axis is contiguous in memory."""
+    if s_u == 1 or after == 1:  # units innermost: wide unit blocks, coalesced along units
+        bu = min(128, 1 << max(units - 1, 0).bit_length())
+        return max(16, 4096 // bu), max(bu, 1)
+    return 256, min(8, 1 << max(units - 1, 0).bit_length())  # NCHW: coalesced along the spatial run
+
+
+_THRESHOLDS: dict[tuple[float, torch.dtype, torch.device], torch.Tensor] = {}
+
+
+def _threshold_tensor(threshold: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The threshold as a cached one-element device tensor (no host-to-device copy per batch)."""
+    key = (threshold, dtype, device)
+    t = _THRESHOLDS.get(key)
+    if t is None:
+        t = _THRESHOLDS[key] = torch.tensor([threshold], dtype=dtype, device=device)
+    return t
+
+
+@functools.lru_cache(maxsize=None)
+def _programs(device: torch.device) -> int:
+    """Programs to launch in all: a few per streaming multiprocessor."""
+    if device.type == "cuda":
+        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # the interpreter runs programs one after another: few and large
+
+
+def unit_stats_into(
+    x: torch.Tensor,
+    unit_dim: int,
+    threshold: float,
+    nonnegative: bool,
+    out: Mapping[str, torch.Tensor],
+    mask: torch.Tensor | None = None,
+) -> None:
+    """Add one batch's statistics into ``out`` (``observations``, ``fired``, ``abs_sum``, ``nonfinite``).
+
+    Args:
+        x: floating activation (CUDA; CPU only under ``TRITON_INTERPRET=1``).
+        unit_dim: the dimension that indexes units.
+        threshold: a value fires when it is ``> threshold`` (compared in float32, or float64
+            for float64 inputs).
+        nonnegative: skip the ``abs`` (ReLU-like activations).
+        out: contiguous accumulators on ``x``'s device: int64 ``fired``/``nonfinite``, float64
+            ``abs_sum`` of shape ``(units,)``, int64 ``observations`` of shape ``(1,)``.
+        mask: optional bool mask of shape ``x.shape[:k]``, ``k <= unit_dim`` (see
+            :meth:`deadrelu.core.stats.UnitStats.update`).
+    """
+    t, before, units, after, s_b, s_u, s_a = plan(x, unit_dim)
+    rows = before * after
+    block_r, block_u = _blocks(units, s_u, after, s_a)
+    unit_blocks = -(-units // block_u)
+    row_progs = max(1, min(-(-rows // block_r), _programs(t.device) // unit_blocks or 1))
+    rows_per_prog = -(-rows // (row_progs * block_r)) * block_r
+    row_progs = -(-rows // rows_per_prog)
+    wide = t.dtype == torch.float64
+    thr = _threshold_tensor(float(threshold), torch.float64 if wide else torch.float32, t.device)
+    if mask is None:
+        mask_arg, mask_div = t, 1  # unused
+        out["observations"] += rows
+    else:
+        mask_arg = mask.reshape(-1).view(torch.uint8) if mask.is_contiguous() else mask.reshape(-1).to(torch.uint8)
+        mask_div = before // max(mask.numel(), 1)
+        out["observations"] += mask.sum(dtype=torch.int64) * (rows // max(mask.numel(), 1))
+    _kernel(interpreting())[(unit_blocks, row_progs)](
+        t, mask_arg, thr, out["fired"], out["abs_sum"], out["nonfinite"],
+        units, after, rows, rows_per_prog, s_b, s_u, s_a, mask_div,
+        HAS_MASK=mask is not None, NONNEG=bool(nonnegative), WIDE=wide, AFTER_ONE=after == 1,
+        BLOCK_R=block_r, BLOCK_U=block_u,
+    )  # fmt: skip
