@@ -120,3 +120,39 @@ def test_bad_arguments():
     with pytest.raises(DeadReluError, match="baseline must be"):
         advise(report, baseline="init")  # type: ignore[arg-type]
     assert advise(report, min_fraction=0.99).actions == ()
+
+
+def test_thinly_observed_units_are_named_not_counted():
+    x = rm.data()  # 256 samples
+    net = deep_mlp({0: [1, 2], 3: [0]})
+    strict = deadrelu.scan(net, x, min_observations=257)  # one more than any site saw
+    advice = advise(strict)
+    assert advice.dead == 0 and not any(a.title.startswith(("Revive", "Prune")) for a in advice.actions)
+    assert any("3 unit(s) never fired but were seen on fewer than min_observations=257" in n for n in advice.notes)
+    assert advice.certainty == ""
+    loose = advise(deadrelu.scan(net, x))
+    assert loose.certainty == "dead = never fired; weakest evidence: 0 of 256 observations, rate < 0.012 (95%) at 1"
+    # 1 - 0.05**(1/256) = 0.01163, shown rounded up
+
+
+def test_unobserved_in_the_baseline_is_neither_born_dead_nor_died():
+    """A unit with no verdict in the baseline cannot be called born dead or killed by training."""
+    x = rm.data()
+    # 10 observations < 11: the baseline's silent units 1, 2 of layer 0 have no verdict; layer 3's
+    # unit 0 fired there, so it was alive (firing is proof of life however few the observations).
+    baseline = deadrelu.scan(deep_mlp({0: [1, 2]}), x[:10], min_observations=11)
+    assert baseline.site("1").unobserved_units == (1, 2) and baseline.dead == 0
+    report = deadrelu.scan(deep_mlp({0: [1, 2], 3: [0]}), x, min_observations=11)
+    advice = advise(report, baseline=baseline)
+    assert (advice.born_dead, advice.died, advice.revived) == (0, 1, 0) and advice.dead == 3
+
+
+def test_each_rule_is_a_named_function_of_the_evidence():
+    from deadrelu.core.advice import RULES, Evidence
+
+    report = deadrelu.scan(rm.mlp(), rm.data())
+    ev = Evidence(report, None, None, report.units, tuple((s.name, s.dead, s.units) for s in report.sites))
+    produced = {rule.__name__: list(rule(ev)) for rule in RULES}
+    assert [type(f).__name__ for f in produced["prunable"]] == ["Action"]
+    assert produced["born_dead"] == [] and produced["died_in_training"] == []  # no baseline
+    assert all(rule.__doc__ for rule in RULES)

@@ -12,16 +12,19 @@ given for a saved JSON report as well. What it can say depends on the evidence:
 * the **dead fraction by depth** (site order) shows where the problem sits: growing
   with depth points at signal shrinking through the stack (initialisation scale,
   missing normalisation), concentrated early at input scaling;
-* units that are dead on the data can be **pruned** for free (same outputs).
+* units that are dead on the data can be **pruned** for free (same outputs);
+* units too thinly observed to call dead (``min_observations``) are named, not counted.
 
 Each action carries the numbers that support it and a score (units implicated ÷
-units), by which actions are ranked.
+units), by which actions are ranked. Each kind of advice is one named rule in
+:data:`RULES`: a function of the :class:`Evidence` that yields actions and notes, so
+adding advice is adding one rule.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Union
 
 from .activations import ZERO_WHEN_DEAD_FUNCTIONS
 from ..errors import DeadReluError
@@ -29,7 +32,7 @@ from ..errors import DeadReluError
 if TYPE_CHECKING:  # report.py calls advise(); advice only reads reports, so it never imports them
     from .report import Report
 
-__all__ = ["advise", "Advice", "Action"]
+__all__ = ["advise", "Advice", "Action", "Evidence", "RULES"]
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,9 @@ class Advice:
         born_dead: units dead in both the baseline and the report (None without baseline).
         died: units alive in the baseline and dead now (None without baseline).
         revived: units dead in the baseline and alive now (None without baseline).
+        units: units in the report.
+        dead: dead units in the report.
+        certainty: what "dead" rests on: the weakest evidence behind any dead unit.
     """
 
     actions: tuple[Action, ...]
@@ -72,10 +78,13 @@ class Advice:
     revived: int | None = None
     units: int = 0
     dead: int = 0
+    certainty: str = ""
 
     def __str__(self) -> str:
         pct = 100 * self.dead / self.units if self.units else 0.0
         lines = [f"Advice: {self.dead} of {self.units} units dead ({pct:.1f}%)"]
+        if self.certainty:
+            lines.append(f"  {self.certainty}")
         if self.born_dead is not None:
             lines.append(f"  vs baseline: {self.born_dead} born dead, {self.died} died in training, {self.revived} revived")
         if not self.actions:
@@ -90,7 +99,7 @@ class Advice:
             width = max(len(n) for n, _, _ in self.depth)
             for name, d, n in self.depth:
                 frac = d / n if n else 0.0
-                lines.append(f"  {name:<{width}}  {d:>5}/{n:<5} {100 * frac:5.1f}%  {'#' * round(20 * frac)}")
+                lines.append(f"  {name:<{width}}  {d:>5}/{n:<5} {100 * frac:5.1f}%  {'#' * round(20 * frac)}".rstrip())
         for note in self.notes:
             lines.append(f"Note: {note}")
         return "\n".join(lines)
@@ -105,17 +114,196 @@ def _pct(a: int, b: int) -> str:
     return f"{100 * a / b:.1f}%" if b else "0%"
 
 
-def _depth_trend(depth: list[tuple[str, int, int]]) -> tuple[float, float] | None:
-    """Dead fraction in the first and last half of the sites (the middle one of an odd count left out)."""
-    if len(depth) < 3:
-        return None
-    k = max(1, len(depth) // 2)
+def _top(counts: list[tuple[int, str]], k: int = 3) -> str:
+    """``"name (count), ..."`` for the ``k`` largest non-zero counts."""
+    return ", ".join(f"{name} ({c})" for c, name in sorted(counts, reverse=True)[:k] if c)
 
-    def frac(part: list[tuple[str, int, int]]) -> float:
+
+@dataclass(frozen=True)
+class Evidence:
+    """What every rule reads: the report, the optional baseline and what follows from both.
+
+    Attributes:
+        report: the report advised on.
+        baseline: the earlier report, or None.
+        diff: ``baseline.diff(report)`` (None without baseline).
+        total: units in the report.
+        depth: per site in forward order, ``(name, dead, units)``.
+    """
+
+    report: Any
+    baseline: Any
+    diff: Any
+    total: int
+    depth: tuple[tuple[str, int, int], ...]
+
+    @property
+    def born(self) -> int | None:
+        """Units dead in both reports (None without baseline)."""
+        return None if self.diff is None else sum(len(d.stayed_dead) for d in self.diff.sites)
+
+    def share(self, units: int) -> float:
+        """``units`` as a fraction of all units: the score of an action implicating them."""
+        return units / max(self.total, 1)
+
+
+#: What a rule yields: an action to rank, or a note (a string) on what the evidence cannot tell.
+Finding = Union[Action, str]
+Rule = Callable[[Evidence], Iterator[Finding]]
+
+
+def non_finite(ev: Evidence) -> Iterator[Finding]:
+    """NaN/Inf units make every other number unreliable: fixing them ranks first (score > 1)."""
+    sites = [(s.name, s.nonfinite) for s in ev.report.sites if s.nonfinite]
+    if sites:
+        n = sum(c for _, c in sites)
+        yield Action(
+            "Fix non-finite activations first",
+            f"{n} unit(s) produced NaN/Inf at {', '.join(f'{k} ({c})' for k, c in sites[:5])}",
+            ("lower the learning rate; clip gradients (torch.nn.utils.clip_grad_norm_)",
+             "check the inputs for NaN/Inf and their scale"),
+            n, 1.0 + ev.share(n),
+        )  # fmt: skip
+
+
+def sites_not_compared(ev: Evidence) -> Iterator[Finding]:
+    """Sites in only one of report and baseline were not compared."""
+    if ev.diff is not None and (ev.diff.only_after or ev.diff.only_before):
+        yield f"sites not in both reports were not compared: {', '.join(ev.diff.only_before + ev.diff.only_after)}"
+
+
+def born_dead(ev: Evidence) -> Iterator[Finding]:
+    """Units already dead in the baseline: initialisation and input scaling."""
+    born = ev.born
+    if born:
+        yield Action(
+            "Initialisation: units are born dead",
+            f"{born} of {ev.total} units ({_pct(born, ev.total)}) were already dead in the baseline; most at "
+            + _top([(len(d.stayed_dead), d.name) for d in ev.diff.sites]),
+            ("He (Kaiming) init for ReLU layers: nn.init.kaiming_normal_(w, nonlinearity='relu')",
+             "small positive bias so units start firing: deadrelu.nudge_bias(model, report, 0.01)",
+             "standardise the inputs (zero mean, unit variance)"),
+            born, ev.share(born),
+        )  # fmt: skip
+
+
+def died_in_training(ev: Evidence) -> Iterator[Finding]:
+    """Units alive in the baseline and dead now: learning rate, gradient spikes, zero gradient."""
+    died = ev.diff.died if ev.diff is not None else 0
+    if died:
+        alive_before = ev.total - ev.baseline.dead
+        yield Action(
+            "Training killed units",
+            f"{died} unit(s) alive in the baseline are dead now ({_pct(died, alive_before)} of the "
+            f"{alive_before} that were alive); most at " + _top([(len(d.died), d.name) for d in ev.diff.sites]),
+            ("lower the learning rate or add warm-up (large steps push biases far negative)",
+             "clip gradients: torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)",
+             "a leaky activation keeps a gradient: deadrelu.swap_activations(model, 'leaky_relu')",
+             "revive them without changing outputs: deadrelu.reinit_dead(model, report, optimizer)"),
+            died, ev.share(died),
+        )  # fmt: skip
+
+
+def dead_without_baseline(ev: Evidence) -> Iterator[Finding]:
+    """Without a baseline the cause of death is unknown: say so, and offer the remedies."""
+    report = ev.report
+    if ev.baseline is not None or not report.dead:
+        return
+    yield (
+        "without a baseline, units born dead (initialisation) cannot be told from units that died in "
+        "training (learning rate, gradient spikes); scan at initialisation and pass baseline= to tell"
+    )
+    worst = max(report.sites, key=lambda s: s.dead_fraction)
+    yield Action(
+        "Revive or replace dead units",
+        f"{report.dead} of {ev.total} units ({_pct(report.dead, ev.total)}) never fired on {report.samples} "
+        f"samples; worst site {worst.name} with {worst.dead}/{worst.units}",
+        ("revive without changing outputs: deadrelu.reinit_dead(model, report, optimizer)",
+         "or train with a leaky activation: deadrelu.swap_activations(model, 'leaky_relu')",
+         "check initialisation (He for ReLU) and the learning rate"),
+        report.dead, ev.share(report.dead),
+    )  # fmt: skip
+
+
+def depth_trend(ev: Evidence) -> Iterator[Finding]:
+    """Dead units concentrated deep (signal shrinks through the stack) or early (input scaling).
+
+    Compares the dead fraction of the first and last half of the sites (the middle one of an
+    odd count left out); a diagnosis, so weighted at half the units it implicates."""
+    depth = ev.depth
+    if len(depth) < 3 or not ev.report.dead:
+        return
+    k = len(depth) // 2
+
+    def frac(part: tuple[tuple[str, int, int], ...]) -> float:
         units = sum(n for _, _, n in part)
         return sum(d for _, d, _ in part) / units if units else 0.0
 
-    return frac(depth[:k]), frac(depth[-k:])
+    first, last = frac(depth[:k]), frac(depth[-k:])
+    evidence = f"dead fraction {100 * first:.1f}% in the first half of the sites vs {100 * last:.1f}% in the last half"
+    if last >= 2 * first and last - first >= 0.05:
+        deep_dead = sum(d for _, d, _ in depth[-k:])
+        yield Action(
+            "Dead units concentrate in deep layers", evidence,
+            ("signal shrinks or shifts through the stack: check init scale (He), add BatchNorm/LayerNorm",
+             "or residual connections"),
+            deep_dead, 0.5 * ev.share(deep_dead),
+        )  # fmt: skip
+    elif first >= 2 * last and first - last >= 0.05:
+        early_dead = sum(d for _, d, _ in depth[:k])
+        yield Action(
+            "Dead units concentrate in early layers", evidence,
+            ("check input scaling/normalisation and the first layers' init and bias",),
+            early_dead, 0.5 * ev.share(early_dead),
+        )  # fmt: skip
+
+
+def prunable(ev: Evidence) -> Iterator[Finding]:
+    """Dead units of zero-when-dead activations (ReLU, ReLU6 at threshold <= 0) output exactly 0."""
+    n = sum(s.dead for s in ev.report.sites if s.function in ZERO_WHEN_DEAD_FUNCTIONS and s.fire_threshold <= 0)
+    if n:
+        yield Action(
+            "Prune dead units for a smaller, equal model",
+            f"{n} dead ReLU unit(s) output exactly 0 on the scanned data",
+            ("deadrelu.prune_dead(model, report, data) returns a smaller model, verified on the data",),
+            n, 0.5 * ev.share(n),
+        )  # fmt: skip
+
+
+def asleep(ev: Evidence) -> Iterator[Finding]:
+    """Asleep units are alive but at risk of dying."""
+    n = ev.report.asleep
+    if n:
+        rate = ev.report.levels.asleep_rate
+        yield f"{n} unit(s) are asleep (fire on at most {100 * rate:g}% of observations): at risk of dying"
+
+
+def unobserved(ev: Evidence) -> Iterator[Finding]:
+    """Units that never fired on too few observations have no verdict: name them, do not count them."""
+    report = ev.report
+    if report.unobserved:
+        where = _top([(s.unobserved, s.name) for s in report.sites])
+        yield (
+            f"{report.unobserved} unit(s) never fired but were seen on fewer than "
+            f"min_observations={report.levels.min_observations} observations, so they are unobserved, "
+            f"not counted dead (at {where}); scan more data, or data that reaches them, to tell"
+        )
+
+
+#: The rules, in the order their findings are collected (actions are then ranked by score).
+RULES: tuple[Rule, ...] = (
+    non_finite, sites_not_compared, born_dead, died_in_training, dead_without_baseline,
+    depth_trend, prunable, asleep, unobserved,
+)  # fmt: skip
+
+
+def _certainty(report: Report) -> str:
+    """The weakest evidence behind any dead unit, in words ("" without dead units)."""
+    dead_sites = [s for s in report.sites if s.dead]
+    if not dead_sites:
+        return ""
+    weakest = min(dead_sites, key=lambda s: s.observations)
+    return f"dead = never fired; weakest evidence: {weakest.dead_evidence} (95%) at {weakest.name}"
 
 
 def advise(report: Report, *, baseline: Report | None = None, min_fraction: float = 0.0) -> Advice:
@@ -144,121 +332,13 @@ def advise(report: Report, *, baseline: Report | None = None, min_fraction: floa
         raise DeadReluError(f"advise: expected a deadrelu Report, got {type(report).__name__}")
     if baseline is not None and not _is_report(baseline):
         raise DeadReluError(f"advise: baseline must be a deadrelu Report, got {type(baseline).__name__}")
-    total = report.units
-    depth = [(s.name, s.dead, s.units) for s in report.sites]
-    actions: list[Action] = []
-    notes: list[str] = []
-
-    nonfinite = [(s.name, s.nonfinite) for s in report.sites if s.nonfinite]
-    if nonfinite:
-        n = sum(c for _, c in nonfinite)
-        actions.append(
-            Action(
-                "Fix non-finite activations first",
-                f"{n} unit(s) produced NaN/Inf at {', '.join(f'{k} ({c})' for k, c in nonfinite[:5])}",
-                ("lower the learning rate; clip gradients (torch.nn.utils.clip_grad_norm_)",
-                 "check the inputs for NaN/Inf and their scale"),
-                n, 1.0 + n / max(total, 1),
-            )  # fmt: skip
-        )
-
-    born = died = revived = None
-    worst = max(report.sites, key=lambda s: s.dead_fraction, default=None)
-    if baseline is not None:
-        diff = baseline.diff(report)
-        died = diff.died
-        revived = diff.revived
-        born = sum(d.dead_after - len(d.died) for d in diff.sites)
-        if diff.only_after or diff.only_before:
-            notes.append(
-                f"sites not in both reports were not compared: {', '.join(diff.only_before + diff.only_after)}"
-            )
-        if born:
-            where = sorted(((d.dead_after - len(d.died), d.name) for d in diff.sites), reverse=True)[:3]
-            actions.append(
-                Action(
-                    "Initialisation: units are born dead",
-                    f"{born} of {total} units ({_pct(born, total)}) were already dead in the baseline; most at "
-                    + ", ".join(f"{n} ({c})" for c, n in where if c),
-                    ("He (Kaiming) init for ReLU layers: nn.init.kaiming_normal_(w, nonlinearity='relu')",
-                     "small positive bias so units start firing: deadrelu.nudge_bias(model, report, 0.01)",
-                     "standardise the inputs (zero mean, unit variance)"),
-                    born, born / max(total, 1),
-                )  # fmt: skip
-            )
-        if died:
-            alive_before = total - baseline.dead
-            where = sorted(((len(d.died), d.name) for d in diff.sites), reverse=True)[:3]
-            actions.append(
-                Action(
-                    "Training killed units",
-                    f"{died} unit(s) alive in the baseline are dead now ({_pct(died, alive_before)} of the "
-                    f"{alive_before} that were alive); most at " + ", ".join(f"{n} ({c})" for c, n in where if c),
-                    ("lower the learning rate or add warm-up (large steps push biases far negative)",
-                     "clip gradients: torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)",
-                     "a leaky activation keeps a gradient: deadrelu.swap_activations(model, 'leaky_relu')",
-                     "revive them without changing outputs: deadrelu.reinit_dead(model, report, optimizer)"),
-                    died, died / max(total, 1),
-                )  # fmt: skip
-            )
-    elif report.dead:
-        notes.append(
-            "without a baseline, units born dead (initialisation) cannot be told from units that died in "
-            "training (learning rate, gradient spikes); scan at initialisation and pass baseline= to tell"
-        )
-        actions.append(
-            Action(
-                "Revive or replace dead units",
-                f"{report.dead} of {total} units ({_pct(report.dead, total)}) never fired on {report.samples} "
-                f"samples; worst site {worst.name} with {worst.dead}/{worst.units}" if worst else "",
-                ("revive without changing outputs: deadrelu.reinit_dead(model, report, optimizer)",
-                 "or train with a leaky activation: deadrelu.swap_activations(model, 'leaky_relu')",
-                 "check initialisation (He for ReLU) and the learning rate"),
-                report.dead, report.dead / max(total, 1),
-            )  # fmt: skip
-        )
-
-    trend = _depth_trend(depth)
-    if trend is not None and report.dead:
-        first, last = trend
-        # Where the dead units sit is a diagnosis, weighted below the causes it explains.
-        k = max(1, len(depth) // 2)
-        early_dead, deep_dead = sum(d for _, d, _ in depth[:k]), sum(d for _, d, _ in depth[-k:])
-        if last >= 2 * first and last - first >= 0.05:
-            actions.append(
-                Action(
-                    "Dead units concentrate in deep layers",
-                    f"dead fraction {100 * first:.1f}% in the first half of the sites vs {100 * last:.1f}% in the last half",
-                    ("signal shrinks or shifts through the stack: check init scale (He), add BatchNorm/LayerNorm",
-                     "or residual connections"),
-                    deep_dead, 0.5 * deep_dead / max(total, 1),
-                )  # fmt: skip
-            )
-        elif first >= 2 * last and first - last >= 0.05:
-            actions.append(
-                Action(
-                    "Dead units concentrate in early layers",
-                    f"dead fraction {100 * first:.1f}% in the first half of the sites vs {100 * last:.1f}% in the last half",
-                    ("check input scaling/normalisation and the first layers' init and bias",),
-                    early_dead, 0.5 * early_dead / max(total, 1),
-                )  # fmt: skip
-            )
-
-    prunable = sum(s.dead for s in report.sites if s.function in ZERO_WHEN_DEAD_FUNCTIONS and s.fire_threshold <= 0)
-    if prunable:
-        actions.append(
-            Action(
-                "Prune dead units for a smaller, equal model",
-                f"{prunable} dead ReLU unit(s) output exactly 0 on the scanned data",
-                ("deadrelu.prune_dead(model, report, data) returns a smaller model, verified on the data",),
-                prunable, 0.5 * prunable / max(total, 1),
-            )  # fmt: skip
-        )
-    asleep = report.asleep
-    if asleep:
-        rate = report.levels.asleep_rate
-        notes.append(f"{asleep} unit(s) are asleep (fire on at most {100 * rate:g}% of observations): at risk of dying")
-
-    actions = [a for a in actions if a.score > min_fraction]
-    actions.sort(key=lambda a: -a.score)
-    return Advice(tuple(actions), tuple(depth), tuple(notes), born, died, revived, total, report.dead)
+    diff = baseline.diff(report) if baseline is not None else None
+    depth = tuple((s.name, s.dead, s.units) for s in report.sites)
+    ev = Evidence(report, baseline, diff, report.units, depth)
+    findings = [f for rule in RULES for f in rule(ev)]
+    actions = sorted((a for a in findings if isinstance(a, Action) and a.score > min_fraction), key=lambda a: -a.score)
+    notes = tuple(f for f in findings if isinstance(f, str))
+    return Advice(
+        tuple(actions), depth, notes, ev.born, diff.died if diff else None, diff.revived if diff else None,
+        ev.total, report.dead, _certainty(report),
+    )  # fmt: skip
