@@ -53,6 +53,7 @@ __all__ = [
     "SiteInfo",
     "UnitDimSpec",
     "ThresholdSpec",
+    "display_names",
 ]
 
 # Layer operations whose output is channels-first (N, C, ...) vs features-last (..., C);
@@ -395,7 +396,7 @@ class ActivationCapture:
     # -- results ---------------------------------------------------------------------------
     def ordered_sites(self) -> list[tuple[str, _Site]]:
         """Sites in forward-execution order with their unique display names."""
-        return list(zip(_display_names([s.info for s in self._in_order()]), self._in_order()))
+        return list(zip(display_names([s.info for s in self._in_order()]), self._in_order()))
 
     def _in_order(self) -> list[_Site]:
         return sorted(self.sites.values(), key=lambda s: s.order)
@@ -481,7 +482,7 @@ def _describe(info: SiteInfo) -> str:
     return f"{where} ({info.function}, call {info.call + 1}, slot {info.slot + 1})"
 
 
-def _display_names(infos: list[SiteInfo]) -> list[str]:
+def display_names(infos: list[SiteInfo]) -> list[str]:
     """Unique, readable names: ``path`` for an activation module, ``path:fn`` for a functional call,
     ``.k`` for the k-th call of the same function in one forward, ``#k`` for the k-th call of a reused module."""
     calls_per_module: dict[str, set[int]] = {}

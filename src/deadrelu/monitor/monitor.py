@@ -38,10 +38,11 @@ import torch
 from torch import nn
 
 from .window import WindowStats
-from ..core.capture import ActivationCapture, ThresholdSpec, UnitDimSpec
+from ..core.capture import ActivationCapture, ThresholdSpec, UnitDimSpec, display_names
 from ..errors import DeadReluError, NoActivationSitesError
-from ..core.report import Report, SiteReport, Levels
+from ..core.report import Report, SiteReport, Levels, model_fingerprint
 from ..core.scan import site_report
+from .ranks import SiteState, reduce_by_key
 from .records import Alert, Event, EventSummary, History, HistoryRow, LogRecord, SiteEvents
 from .sinks import Sink, SinkError, SinkWarning, as_sink
 from ..core.stats import UnitTotals
@@ -93,6 +94,27 @@ class _MonitorCapture(ActivationCapture):
             self._depth -= 1
 
 
+def _host_values(states: Sequence[SiteState]) -> list[dict[str, list[Any]]]:
+    """Every site's state tensors as Python lists, with one device-to-host copy for all of them.
+
+    The tensors travel as one float64 vector (integer counts are exact below 2**53) and are
+    split and cast back here."""
+    tensors = [t for s in states for t in s.tensors.values()]
+    if not tensors:
+        return [{} for _ in states]
+    device = tensors[0].device
+    flat = torch.cat([t.reshape(-1).to(device=device, dtype=torch.float64) for t in tensors]).tolist()
+    out, offset = [], 0
+    for s in states:
+        values: dict[str, list[Any]] = {}
+        for k, t in s.tensors.items():
+            chunk = flat[offset : offset + t.numel()]
+            offset += t.numel()
+            values[k] = chunk if t.is_floating_point() else [int(round(v)) for v in chunk]
+        out.append(values)
+    return out
+
+
 def _schedule(every: Schedule) -> Callable[[int], bool]:
     if callable(every):
         return every
@@ -127,9 +149,10 @@ class Monitor:
         warn_at: dead fractions at which a layer warns (once per layer and threshold).
         on_sink_error: ``"warn"`` (warn once and stop writing to that sink) or ``"raise"``
             (raise :class:`~deadrelu.monitor.sinks.SinkError`).
-        distributed: all-reduce counts over ``torch.distributed`` ranks when evaluating;
-            ``None`` means "when a process group is initialised". Every rank must then
-            call :meth:`step` and :meth:`report` in lockstep.
+        distributed: sum counts over ``torch.distributed`` ranks when evaluating, matched by
+            site key (ranks may run different layers, in different orders; see
+            :mod:`deadrelu.monitor.ranks`); ``None`` means "when a process group is
+            initialised". Every rank must then call :meth:`step` and :meth:`report` in lockstep.
         compiled: observe in a way ``torch.compile`` traces into the graph (hooks on
             activation modules with tensor-only state; see :mod:`deadrelu._module_capture`).
             ``None`` turns it on when ``model`` is the result of ``torch.compile``; pass
@@ -229,6 +252,8 @@ class Monitor:
         self._samples_ring = [0] * window
         self._samples_total = 0
         self._forwards = 0
+        self._observed_steps = 0
+        self._units: dict[str, int] = {}  # per site of the last evaluation (all ranks' sites): units
 
     # -- lifecycle -------------------------------------------------------------------------
     def attach(self) -> "Monitor":
@@ -286,7 +311,9 @@ class Monitor:
 
         A clean exit from the ``with`` block calls it; call it yourself before :meth:`detach`.
         """
-        if self.capture.sites and self._last_eval_step != self.steps:
+        if self._last_eval_step == self.steps:
+            return
+        if self.capture.sites or self._use_distributed():  # distributed: a collective every rank joins
             self._evaluate()
 
     @property
@@ -366,8 +393,17 @@ class Monitor:
         if isinstance(loss, torch.Tensor):
             loss = loss.detach()
         self._loss = loss
+        if self._observe:
+            self._observed_steps += 1  # the step that just ended was observed
         self.steps += 1
         self._observe = bool(self.schedule(self.steps))
+        if self._use_distributed():
+            # Every rank must take the same decision (evaluating is a collective), so it rests on the
+            # step schedule, not on this rank's own sites: a rank may lack a site or see it less often.
+            first = not self._first_window_done and self._observed_steps >= self.window
+            if first or self.steps % self.log_every == 0:
+                self._evaluate()
+            return
         first = not self._first_window_done and any(s.stats.full for s in self.capture.sites.values())
         if first or self.steps % self.log_every == 0:
             if self.capture.sites:
@@ -403,6 +439,8 @@ class Monitor:
         for e in self.events:
             per_site.setdefault(e.site, {"born_dead": [], "died": [], "revived": []})[e.kind].append(e.step)
         units = {name: site.stats.units for name, site in self.capture.ordered_sites()}
+        for name, n in self._units.items():  # sites only other ranks have run
+            units.setdefault(name, n)
         out = []
         for name in units:
             ev = per_site.get(name, {"born_dead": [], "died": [], "revived": []})
@@ -430,73 +468,87 @@ class Monitor:
             raise DeadReluError("distributed=True but torch.distributed has no initialised process group")
         return ready and dist.get_world_size() > 1
 
-    def _reports(self, scopes: Sequence[str]) -> tuple[dict[str, Report], dict[str, int]]:
-        """Reports for the given scopes, and each site's batch count in the last scope.
+    def _reports(self, scopes: Sequence[str]) -> tuple[dict[str, Report], dict[str, int], dict[str, bool]]:
+        """Reports for the given scopes, each site's batch count in the last scope, and whether its window is full.
 
-        One host copy serves every site (and, distributed, one all-reduce per dtype).
+        One host copy serves every site. Distributed, the ranks first agree on the union of
+        their site keys and then sum one buffer laid out by key (:mod:`deadrelu.monitor.ranks`):
+        a site one rank lacks counts as zeros there, and no two layers are ever added together.
         """
-        named = self.capture.ordered_sites()
-        if not named:
+        states, samples = self._site_states(scopes)
+        if not states:
             raise NoActivationSitesError(
                 "the monitor has not observed an activation yet: run a training forward pass (with grad) "
                 f"through {type(self.model).__name__} first"
             )
-        ints: list[torch.Tensor] = []
-        local_batches: list[int] = []
-        floats: list[torch.Tensor] = []
-        device = named[0][1].stats.device
-        for scope in scopes:
-            for _, site in named:
-                t = site.stats.totals(scope)
-                local_batches.append(t.batches)  # per rank: ranks step in lockstep, so not summed
-                ints += [t.fired, t.nonfinite, t.state["observations"]]
-                floats.append(t.abs_sum)
-        samples = {"window": sum(self._samples_ring), "total": self._samples_total}
-        ints.append(torch.tensor([samples[sc] for sc in scopes], dtype=torch.int64))  # summed over ranks too
-        flat_i = torch.cat([t.to(device) for t in ints])
-        flat_f = torch.cat([t.to(device) for t in floats])
-        if self._use_distributed():
-            import torch.distributed as dist
-
-            dist.all_reduce(flat_i, op=dist.ReduceOp.SUM)
-            dist.all_reduce(flat_f, op=dist.ReduceOp.SUM)
-        vals_i, vals_f = flat_i.tolist(), flat_f.tolist()
-        global_samples = dict(zip(scopes, vals_i[len(vals_i) - len(scopes) :]))
+        values = _host_values(states)
+        global_samples = dict(zip(scopes, samples.tolist()))
         out: dict[str, Report] = {}
-        site_batches: dict[str, int] = {}
-        oi = of = k = 0
         for scope in scopes:
             sites = []
-            batches = 0
-            for name, site in named:
-                u = site.stats.units
-                fired, bad = vals_i[oi : oi + u], vals_i[oi + u : oi + 2 * u]
-                obs, nb = vals_i[oi + 2 * u], local_batches[k]
-                abs_sum = vals_f[of : of + u]
-                oi += 2 * u + 1
-                of += u
-                k += 1
-                batches = max(batches, nb)
-                site_batches[name] = nb
-                totals = UnitTotals(obs, tuple(fired), tuple(a / obs if obs else 0.0 for a in abs_sum), tuple(bad))
-                sites.append(site_report(name, site, totals, self.levels))
+            for state, v in zip(states, values):
+                obs = int(v[f"{scope}.observations"][0])
+                abs_sum = v[f"{scope}.abs_sum"]
+                totals = UnitTotals(
+                    obs, tuple(v[f"{scope}.fired"]), tuple(a / obs if obs else 0.0 for a in abs_sum), tuple(v[f"{scope}.nonfinite"])
+                )
+                sites.append(site_report(state.name, state.view(), totals, self.levels))
             out[scope] = Report(
                 sites=tuple(sites),
                 levels=self.levels,
-                batches=batches,
-                samples=global_samples[scope],
+                batches=max([s.batches[scope] for s in states]),
+                samples=int(global_samples[scope]),
                 mode="train",
                 model=type(self.model).__name__,
+                fingerprint=model_fingerprint(self.model),
             )
-        return out, site_batches
+        last = scopes[-1]
+        return out, {s.name: s.batches[last] for s in states}, {s.name: s.full for s in states}
+
+    def _site_states(self, scopes: Sequence[str]) -> tuple[list[SiteState], torch.Tensor]:
+        """This rank's per-site state tensors (summed over ranks by key when distributed) and sample counts."""
+        named = self.capture.ordered_sites()
+        local = []
+        for name, site in named:
+            info = site.info
+            state = SiteState(
+                (info.module, info.call, info.slot, info.function), name, info, site.unit_dim, site.stats.threshold,
+                site.stats.units, full=bool(site.stats.full),
+            )
+            for scope in scopes:
+                t = site.stats.totals(scope)
+                state.batches[scope] = t.batches  # per rank: ranks step in lockstep, so the largest, not the sum
+                for stat, tensor in t.state.items():  # every declared statistic, by name
+                    state.tensors[f"{scope}.{stat}"] = tensor
+            local.append(state)
+        totals = {"window": sum(self._samples_ring), "total": self._samples_total}
+        samples = torch.tensor([totals[sc] for sc in scopes], dtype=torch.int64)  # summed over ranks too
+        if not self._use_distributed():
+            return local, samples
+        device = named[0][1].stats.device if named else self._collective_device()
+        namer = display_names if isinstance(self.capture, ActivationCapture) else (lambda infos: [i.module or "<root>" for i in infos])
+        return reduce_by_key(local, samples.to(device), namer)
+
+    def _collective_device(self) -> torch.device:
+        """Where this rank's side of a collective lives when it has no site: NCCL needs the current GPU."""
+        import torch.distributed as dist
+
+        if dist.get_backend() == "nccl" and torch.cuda.is_available():
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
 
     def _evaluate(self) -> None:
-        reports, site_batches = self._reports(("window",))
+        try:
+            reports, site_batches, full = self._reports(("window",))
+        except NoActivationSitesError:
+            if self._use_distributed():
+                return  # no rank has seen an activation yet (all ranks agree: the union is empty)
+            raise
         report = reports["window"]
         step = self.steps
         self._last_eval_step = step
+        self._units = {s.name: s.units for s in report.sites}
         loss = self._loss_value()
-        full = {name: site.stats.full for name, site in self.capture.ordered_sites()}
         rows, new_events = [], []
         for s in report.sites:
             n = s.units or 1
