@@ -24,10 +24,10 @@ def _write_mnist(root, n_train=30, n_test=12, gz=False):
     return x_tr, y_tr, x_te, y_te
 
 
-def test_digits_split_is_seeded_stratified_and_standardised():
-    a = load_dataset("digits", seed=0)
-    b = load_dataset("digits", seed=0)
-    c = load_dataset("digits", seed=1)
+def test_digits_split_is_seeded_stratified_in_unit_range_or_standardised():
+    a = load_dataset("digits", seed=0, standardize=True)
+    b = load_dataset("digits", seed=0, standardize=True)
+    c = load_dataset("digits", seed=1, standardize=True)
     assert len(a.x_train) + len(a.x_val) == 1797
     assert a.features == 64 and a.classes == 10 and a.task == "classification"
     assert torch.equal(a.x_train, b.x_train) and torch.equal(a.y_val, b.y_val)
@@ -39,16 +39,27 @@ def test_digits_split_is_seeded_stratified_and_standardised():
     assert a.x_train.mean(0).abs().max() < 1e-5
     std = a.x_train.std(0)
     assert torch.all(((std - 1).abs() < 1e-4) | (std == 0))
+    # The default is the lesson's input: the raw pixel values 0..16 divided by 16, same split.
+    from sklearn.datasets import load_digits
+
+    raw = load_dataset("digits", seed=0)
+    assert torch.equal(raw.y_train, a.y_train)
+    pixels = torch.as_tensor(load_digits().data, dtype=torch.float32)
+    rows = {tuple(r.tolist()) for r in pixels / 16}
+    assert all(tuple(r.tolist()) in rows for r in raw.x_train[:50])
+    assert float(raw.x_train.min()) == 0.0 and float(raw.x_train.max()) == 1.0
 
 
 @pytest.mark.parametrize("gz", [False, True])
 def test_mnist_from_written_idx_files(tmp_path, gz):
     x_tr, y_tr, x_te, y_te = _write_mnist(tmp_path, gz=gz)
-    ds = load_dataset("mnist", data_dir=tmp_path)
+    ds = load_dataset("mnist", data_dir=tmp_path, standardize=True)
     assert ds.x_train.shape == (30, 784) and ds.x_val.shape == (12, 784)
     assert torch.equal(ds.y_train, y_tr.long()) and torch.equal(ds.y_val, y_te.long())
-    # The inputs are the pixels, affinely rescaled: same order of values, training mean 0, std 1.
     raw = x_tr.reshape(30, -1).float()
+    # By default the inputs are ToTensor's: pixels / 255.
+    assert torch.equal(load_dataset("mnist", data_dir=tmp_path).x_train, raw / 255.0)
+    # Standardised: the pixels affinely rescaled, same order of values, training mean 0, std 1.
     slope = (ds.x_train[0, 1] - ds.x_train[0, 0]) / (raw[0, 1] - raw[0, 0])
     assert torch.allclose(ds.x_train, (raw - raw.mean()) * slope, atol=1e-4)
     assert abs(float(ds.x_train.mean())) < 1e-5 and abs(float(ds.x_train.std()) - 1) < 1e-4
@@ -82,10 +93,14 @@ def test_mnist1d_from_npz(tmp_path):
     x, x_test = rng.normal(size=(40, 40)) * 3 + 1, rng.normal(size=(10, 40))
     y, y_test = np.arange(40) % 10, np.arange(10)
     np.savez(tmp_path / "mnist1d.npz", x=x, y=y, x_test=x_test, y_test=y_test)
-    ds = load_dataset("mnist1d", data_dir=tmp_path)
+    ds = load_dataset("mnist1d", data_dir=tmp_path, standardize=True)
     assert ds.x_train.shape == (40, 40) and ds.x_val.shape == (10, 40)
     assert torch.equal(ds.y_train, torch.as_tensor(y).long())
     assert ds.x_train.mean(0).abs().max() < 1e-5
+    unit = load_dataset("mnist1d", data_dir=tmp_path)  # default: min-max scaled with training statistics
+    assert float(unit.x_train.min()) == 0.0 and float(unit.x_train.max()) == pytest.approx(1.0)
+    xt = torch.as_tensor(x, dtype=torch.float32)
+    assert torch.allclose(unit.x_train, (xt - xt.min()) / (xt.max() - xt.min()), atol=1e-6)
 
 
 def test_mnist1d_npz_missing_array(tmp_path):

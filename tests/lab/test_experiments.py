@@ -89,9 +89,26 @@ def test_init_born_dead_matches_brute_force_and_is_scale_invariant():
 
 
 def test_rescue_experiment_runs_the_story():
-    result = run_experiment("rescue", epochs=1, progress=False)
+    result = run_experiment("rescue", epochs=1, checkpoint_epoch=1, seeds=(0,), progress=False)
     assert result["experiment"] == "rescue" and result["dataset"]["name"] == "digits"
     assert set(result["strategies"]) == {"control", "lower_lr", "leaky_relu", "reinit", "gelu"}
+
+
+def test_preprocessing_compares_the_same_seeds_with_both_scalings_exactly():
+    result = run_experiment("preprocessing", epochs=1, seeds=(0, 1), hidden=(32, 32), progress=False)
+    assert [(r["inputs"], r["epoch"]) for r in result["rows"]] == [
+        ("in [0, 1]", 0), ("in [0, 1]", 1), ("standardised", 0), ("standardised", 1)]
+    from deadrelu.lab.training import build_mlp
+
+    # Born dead (epoch 0) is a pure function of weights and inputs: check it by brute force for both scalings.
+    for standardize, row in ((False, result["rows"][0]), (True, result["rows"][2])):
+        ds = load_dataset("digits", seed=0, standardize=standardize)
+        last = [_brute_dead(build_mlp(64, (32, 32), 10, seed=s), ds.x_train)[-1] / 32 for s in (0, 1)]
+        assert row["last_layer_dead_fraction_by_seed"] == pytest.approx(last)
+        assert row["dead_fraction_median"][-1] == pytest.approx(sum(last) / 2)
+    assert len(result["summary"]["lines"]) == 4
+    table = result_table(result)
+    assert table[0][:3] == ["inputs", "epoch", "dead% h1"] and len(table) == 5
 
 
 def test_run_experiment_rejects_bad_names_and_options():
@@ -118,6 +135,8 @@ def test_experiment_cli_writes_json_plot_and_report(tmp_path, capsys):
 
 def test_experiment_cli_rejects_options_the_experiment_does_not_take(tmp_path, capsys):
     assert main(["experiment", "init", "--seeds", "3", "--out", str(tmp_path)]) == 2
-    assert "--seeds applies to lr-sweep only" in capsys.readouterr().err
+    assert "--seeds applies to lr-sweep, rescue and preprocessing" in capsys.readouterr().err
+    assert main(["experiment", "init", "--standardize", "--out", str(tmp_path)]) == 2
+    assert "--standardize applies to rescue only" in capsys.readouterr().err
     assert main(["experiment", "lr-sweep", "--seed", "3", "--out", str(tmp_path)]) == 2
     assert "--seeds N" in capsys.readouterr().err

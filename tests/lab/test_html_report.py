@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 import re
 import shutil
@@ -14,7 +15,7 @@ pytest.importorskip("sklearn")
 
 from deadrelu.cli.main import main  # noqa: E402
 from deadrelu.lab.datasets import load_dataset  # noqa: E402
-from deadrelu.lab.demo import rescue_story, write_results  # noqa: E402
+from deadrelu.lab.demo import DemoSetting, seeds_story, write_results  # noqa: E402
 from deadrelu.errors import DeadReluError  # noqa: E402
 from deadrelu.lab.experiments import lr_sweep  # noqa: E402
 from deadrelu.lab.html_report import load_results, render_html  # noqa: E402
@@ -48,7 +49,8 @@ window.addEventListener('load', function () {
 @pytest.fixture(scope="module")
 def results_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("results")
-    story = rescue_story(load_dataset("digits"), epochs=1, hidden=(16, 16), progress=False)
+    story = seeds_story(load_dataset("digits"), seeds=(0, 1), progress=False,
+                        setting=DemoSetting(checkpoint_epoch=1, epochs=1, hidden=(16, 16)))
     story["experiment"] = "demo"
     write_results(story, root / "results.json")
     write_results(lr_sweep(lrs=(0.01, 1e4), seeds=(0,), epochs=1, progress=False), root / "lr-sweep.json")
@@ -75,10 +77,22 @@ def test_report_is_self_contained(report_path):
     srcs = re.findall(r'\bsrc="([^"]*)"', page)
     assert srcs and all(s.startswith("data:image/png;base64,") for s in srcs)
     assert "<link" not in page and "url(" not in page and "@import" not in page
-    assert len(srcs) == 3 + 1  # demo: alive, heatmap, rescue; lr-sweep: bars
+    assert len(srcs) == 3 + 1  # demo: layers, heatmap, rescue; lr-sweep: bars
     assert page.index('id="summary"') < page.index('id="demo-0"') < page.index('id="lr-sweep-1"')
-    # The summary quotes the measured numbers, e.g. the lr-sweep divergence.
+    # The summary quotes the measured numbers, e.g. the lr-sweep divergence and the demo's verdicts.
     assert "diverged (NaN) in all 1 seeds" in page
+    story = json.loads((report_path.parent / "results.json").read_text())
+    for verdict in story["summary"]["verdicts"].values():
+        assert html.escape(verdict["text"], quote=False) in page
+
+
+def test_page_title_is_the_runs_finding(report_path):
+    story = json.loads((report_path.parent / "results.json").read_text())
+    page = report_path.read_text(encoding="utf-8")
+    finding = story["summary"]["title"]
+    median = story["summary"]["last_layer_dead_fraction"]
+    assert finding.startswith(f"{100 * median:.0f}% of the last hidden layer dead by epoch 1")
+    assert f"<title>deadrelu evidence: {html.escape(finding)}</title>" in page
 
 
 def test_results_loading_errors(tmp_path):
@@ -107,11 +121,10 @@ def test_chromium_renders_every_heading_and_decodes_every_image(report_path, tmp
     run = _chromium(["--virtual-time-budget=10000", "--dump-dom", probe_page.as_uri()], tmp_path)
     match = re.search(r'<pre id="probe">(.*?)</pre>', run.stdout, re.S)
     assert match, f"probe did not run; stderr: {run.stderr[-2000:]}"
-    import html
-
     probe = json.loads(html.unescape(match.group(1)))
     assert probe["images"] == 4 and probe["decoded"] == 4
-    assert probe["h1"] == ["deadrelu evidence report"]
+    story = json.loads((report_path.parent / "results.json").read_text())
+    assert probe["h1"] == [f"deadrelu evidence: {story['summary']['title']}"]
     assert "Summary" in probe["h2"]
     assert any("demo" in h for h in probe["h2"]) and any("Dead units vs learning rate" in h for h in probe["h2"])
     assert probe["network"] == []
@@ -120,12 +133,12 @@ def test_chromium_renders_every_heading_and_decodes_every_image(report_path, tmp
 @pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (apt-get install chromium)")
 def test_chromium_screenshot_is_not_blank(report_path, tmp_path):
     shot = tmp_path / "shot.png"
-    run = _chromium([f"--screenshot={shot}", "--window-size=1200,2000", report_path.as_uri()], tmp_path)
+    run = _chromium([f"--screenshot={shot}", "--window-size=1200,5000", report_path.as_uri()], tmp_path)
     assert shot.is_file(), f"no screenshot; stderr: {run.stderr[-2000:]}"
     import matplotlib.image as mpimg
 
     pixels = mpimg.imread(str(shot))[..., :3]
-    assert pixels.shape[:2] == (2000, 1200)
+    assert pixels.shape[:2] == (5000, 1200)  # tall enough to reach the plots below the summary
     not_white = (pixels < 0.9).any(axis=2).mean()
     colourful = (pixels.max(axis=2) - pixels.min(axis=2) > 0.2).mean()
     assert not_white > 0.02  # text, tables and plots are drawn

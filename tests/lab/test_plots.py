@@ -11,13 +11,15 @@ pytest.importorskip("sklearn")
 
 from deadrelu.lab import plots  # noqa: E402
 from deadrelu.lab.datasets import load_dataset  # noqa: E402
-from deadrelu.lab.demo import rescue_story  # noqa: E402
 from deadrelu.lab.experiments import lr_sweep  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def story():
-    return rescue_story(load_dataset("digits"), epochs=2, hidden=(16, 16, 16), progress=False)
+    from deadrelu.lab.demo import DemoSetting, seeds_story
+
+    return seeds_story(load_dataset("digits"), seeds=(0, 1, 2), progress=False,
+                       setting=DemoSetting(checkpoint_epoch=2, epochs=2, hidden=(16, 16, 16)))
 
 
 def _decoded(png: bytes):
@@ -29,41 +31,66 @@ def _decoded(png: bytes):
     return mpimg.imread(io.BytesIO(png), format="png")
 
 
-def test_alive_over_training_has_one_line_per_layer(story):
-    fig = plots.alive_over_training(story)
-    ax = fig.axes[0]
-    lines = [l for l in ax.get_lines() if l.get_label().startswith("L")]
-    assert [l.get_label() for l in lines] == ["L1", "L2", "L3"]
-    # y values are alive % = 100 - dead %, epoch 0 (initialisation) to the checkpoint.
-    layer0 = [100 * (1 - r["layers"][0]["dead_fraction"]) for r in [story["initial"], *story["baseline"]["epochs"]]]
-    assert list(lines[0].get_ydata()) == pytest.approx(layer0)
-    assert list(lines[0].get_xdata()) == [0, 1, 2]
-    assert "alive" in ax.get_ylabel() and ax.get_xlabel() == "epoch" and "LR 0.5" in ax.get_title()
-    image = _decoded(plots.figure_png(fig))
-    assert image.std() > 0.01  # not a blank canvas
+def _band_values(ax, label):
+    """The median line's y values and the band's (min, max) at each x of the named line."""
+    import numpy as np
+
+    line = next(l for l in ax.get_lines() if l.get_label() == label)
+    index = [l.get_label() for l in ax.get_lines()].index(label)
+    band = ax.collections[index].get_paths()[0].vertices
+    xs = list(line.get_xdata())
+    lo = [band[:, 1][np.isclose(band[:, 0], x)].min() for x in xs]
+    hi = [band[:, 1][np.isclose(band[:, 0], x)].max() for x in xs]
+    return xs, list(line.get_ydata()), lo, hi
+
+
+def test_dead_by_layer_is_the_median_and_range_over_seeds_on_both_splits(story):
+    import statistics
+
+    fig = plots.dead_by_layer(story)
+    ax_train, ax_val = fig.axes[:2]
+    for ax, key in ((ax_train, "layers"), (ax_val, "val_layers")):
+        assert [l.get_label() for l in ax.get_lines() if not l.get_label().startswith("_")] == ["h1", "h2", "h3"]
+        xs, med, lo, hi = _band_values(ax, "h3")
+        assert xs == [0, 1, 2, 3, 4]  # initialisation, the shared phase to the checkpoint, then the control
+        per_seed = []
+        for run in story["runs"]:
+            records = [run["initial"], *run["baseline"]["epochs"], *run["strategies"]["control"]["epochs"]]
+            per_seed.append([100 * r[key][2]["dead_fraction"] for r in records])
+        for e in range(5):
+            at = [s[e] for s in per_seed]
+            assert med[e] == pytest.approx(statistics.median(at))
+            assert lo[e] == pytest.approx(min(at)) and hi[e] == pytest.approx(max(at))
+    assert "training set" in ax_train.get_title() and "validation set" in ax_val.get_title()
+    assert _decoded(plots.figure_png(fig)).std() > 0.01  # not a blank canvas
 
 
 def test_firing_heatmap_marks_exactly_the_dead_units():
     rates = [[0.0, 0.5, 1.0, 0.0], [0.2, 0.3, 0.0, 0.9]]
     fig = plots.firing_heatmap(rates)
     ax = fig.axes[0]
-    assert [t.get_text() for t in ax.get_yticklabels()] == ["L1 (2 dead)", "L2 (1 dead)"]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["h1 (2 dead)", "h2 (1 dead)"]
     data = ax.get_images()[0].get_array()
     assert data.mask.tolist() == [[True, False, False, True], [False, False, True, False]]
     assert "firing rate" in fig.axes[1].get_ylabel()
 
 
-def test_rescue_curves_draw_every_strategy_in_both_panels(story):
-    fig = plots.rescue_curves(story)
-    ax_dead, ax_acc = fig.axes[:2]
-    labels = [v["label"] for v in story["strategies"].values() if "skipped" not in v]
-    for ax in (ax_dead, ax_acc):
-        drawn = [l.get_label() for l in ax.get_lines() if not l.get_label().startswith("_")]
-        assert drawn == ["shared phase", *labels]
-    assert "%" in ax_dead.get_ylabel() and "accuracy" in ax_acc.get_ylabel()
-    for line in ax_dead.get_lines()[1:]:
-        if not line.get_label().startswith("_"):
-            assert list(line.get_xdata()) == [2, 3, 4]
+def test_rescue_panels_one_per_strategy_on_the_same_axes(story):
+    fig = plots.rescue_panels(story)
+    labels = [v["label"] for v in story["strategies"].values()]
+    dead_row, acc_row = fig.axes[: len(labels)], fig.axes[len(labels):]
+    assert [ax.get_title().split("\n")[0] for ax in dead_row] == labels
+    assert all("seeds diverged" in ax.get_title() for ax in dead_row)
+    # Same axes in every panel of a row, so no strategy's line hides or dwarfs another's.
+    assert len({ax.get_ylim() for ax in dead_row}) == 1 and len({ax.get_ylim() for ax in acc_row}) == 1
+    assert len({ax.get_xlim() for ax in fig.axes}) == 1
+    xs, med, lo, hi = _band_values(dead_row[3], "median")  # re-initialise dead units
+    assert xs == [2, 3, 4]
+    import statistics
+
+    final = [100 * r["strategies"]["reinit"]["final"][-1]["dead_fraction"] for r in story["runs"]]
+    assert med[-1] == pytest.approx(statistics.median(final))
+    assert lo[-1] == pytest.approx(min(final)) and hi[-1] == pytest.approx(max(final))
 
 
 def test_lr_sweep_bars_one_bar_per_layer_and_lr_with_divergence_marked():
@@ -78,7 +105,7 @@ def test_lr_sweep_bars_one_bar_per_layer_and_lr_with_divergence_marked():
 def test_plots_for_writes_pngs(story, tmp_path):
     story = dict(story, experiment="demo")
     paths = plots.plots_for(story, tmp_path)
-    assert sorted(p.name for p in paths.values()) == ["demo-alive.png", "demo-heatmap.png", "demo-rescue.png"]
+    assert sorted(p.name for p in paths.values()) == ["demo-heatmap.png", "demo-layers.png", "demo-rescue.png"]
     for p in paths.values():
         assert _decoded(p.read_bytes()).shape[0] > 100
 

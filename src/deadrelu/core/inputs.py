@@ -173,31 +173,42 @@ def preserved_mode(model: nn.Module, train: bool) -> Iterator[None]:
 
 
 class ProgressBar:
-    """A progress bar on stderr: tqdm when installed, a simple counter otherwise, nothing when off."""
+    """A progress bar on stderr: tqdm when installed, a simple counter otherwise, nothing when off.
 
-    def __init__(self, enabled: bool, total: int | None, desc: str) -> None:
+    >>> bar = ProgressBar(False, 3, "epochs", unit="epoch")
+    >>> bar.update(2, loss="0.1"); bar.close(); bar.count
+    2
+    """
+
+    def __init__(self, enabled: bool, total: int | None, desc: str, *, unit: str = "batch") -> None:
         self.bar = None
         self.count = 0
         self.total = total
         self.desc = desc
+        self.unit = unit
         self.enabled = enabled
         if enabled:
             try:
                 from tqdm.auto import tqdm
 
-                self.bar = tqdm(total=total, desc=desc, unit="batch", file=sys.stderr, leave=False, disable=None)
+                self.bar = tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, leave=False, disable=None,
+                                dynamic_ncols=True)
             except ImportError:
                 self.bar = None
 
-    def update(self) -> None:
-        self.count += 1
+    def update(self, n: int = 1, **postfix: Any) -> None:
+        """Advance by ``n``; keyword arguments are shown after the bar (tqdm's postfix)."""
+        self.count += n
         if self.bar is not None:
-            self.bar.update(1)
+            if postfix:
+                self.bar.set_postfix(postfix, refresh=False)
+            self.bar.update(n)
         elif self.enabled and sys.stderr.isatty():
             of = f"/{self.total}" if self.total else ""
-            print(f"\r{self.desc}: {self.count}{of} batches", end="", file=sys.stderr, flush=True)
+            print(f"\r{self.desc}: {self.count}{of} {self.unit}s", end="", file=sys.stderr, flush=True)
 
     def close(self) -> None:
+        """Remove the bar (or end the counter's line)."""
         if self.bar is not None:
             self.bar.close()
         elif self.enabled and sys.stderr.isatty():

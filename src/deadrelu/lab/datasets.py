@@ -7,8 +7,12 @@
   ``mnist1d.npz`` file (arrays ``x``, ``y``, ``x_test``, ``y_test``) in a directory you name.
 * ``regression``: the synthetic task ``y = 2x₀ − 1.5x₁ + 0.5x₂x₃ + noise`` (50 samples).
 
-Every loader returns a :class:`Dataset` of float32 inputs, standardised with statistics
-of the training split only (so validation data never leaks into training).
+Every loader returns a :class:`Dataset` of float32 inputs. By default they are what the
+lesson on dead ReLUs feeds a network: pixel intensities in [0, 1] (digits ÷ 16, MNIST ÷ 255,
+as ``torchvision``'s ``ToTensor`` gives; MNIST-1D min–max scaled with training-split
+statistics). ``standardize=True`` instead gives every feature zero mean and unit variance
+over the training split (so validation data never leaks into training) — which, measured,
+protects ReLU units: see ``deadrelu experiment preprocessing``.
 """
 
 from __future__ import annotations
@@ -97,6 +101,13 @@ def _standardise(x_train: torch.Tensor, x_val: torch.Tensor) -> tuple[torch.Tens
     return (x_train - mean) / std, (x_val - mean) / std
 
 
+def _unit_range(x_train: torch.Tensor, x_val: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min–max scale to [0, 1] with the training split's global range (validation may leave it slightly)."""
+    low, high = x_train.min(), x_train.max()
+    span = (high - low).clamp_min(1e-8)
+    return (x_train - low) / span, (x_val - low) / span
+
+
 def _stratified_split(y: torch.Tensor, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Seeded per-class split, so both halves keep the class balance."""
     g = torch.Generator().manual_seed(seed)
@@ -118,15 +129,17 @@ def _subsample(x: torch.Tensor, y: torch.Tensor, limit: int | None, seed: int) -
     return x[keep], y[keep]
 
 
-def _digits(seed: int, val_fraction: float) -> Dataset:
+def _digits(seed: int, val_fraction: float, standardize: bool) -> Dataset:
     datasets = require("sklearn.datasets", "demo")
     bunch = datasets.load_digits()
-    x = torch.as_tensor(bunch.data, dtype=torch.float32)
+    # Pixel intensities are whole numbers 0..16; ÷ 16 puts them in [0, 1] like MNIST's ToTensor.
+    x = torch.as_tensor(bunch.data, dtype=torch.float32) / 16.0
     y = torch.as_tensor(bunch.target, dtype=torch.int64)
     tr, va = _stratified_split(y, val_fraction, seed)
-    x_tr, x_va = _standardise(x[tr], x[va])
+    x_tr, x_va = _standardise(x[tr], x[va]) if standardize else (x[tr], x[va])
+    scaling = "standardised per feature" if standardize else "pixels / 16, in [0, 1]"
     return Dataset("digits", x_tr, y[tr], x_va, y[va], "classification", 10,
-                   "scikit-learn load_digits (1,797 real 8x8 images, shipped with scikit-learn)")
+                   f"scikit-learn load_digits (1,797 real 8x8 images, shipped with scikit-learn; {scaling})")
 
 
 def _find_mnist(data_dir: Path) -> list[Path] | None:
@@ -162,7 +175,7 @@ def _available(module: str) -> bool:
     return available(module)
 
 
-def _mnist(data_dir: str | os.PathLike[str] | None, seed: int, limit: int | None) -> Dataset:
+def _mnist(data_dir: str | os.PathLike[str] | None, seed: int, limit: int | None, standardize: bool) -> Dataset:
     root = Path(data_dir).expanduser() if data_dir is not None else Path("~/.cache/deadrelu/mnist").expanduser()
     files = _find_mnist(root)
     if files is not None:
@@ -187,14 +200,16 @@ def _mnist(data_dir: str | os.PathLike[str] | None, seed: int, limit: int | None
     x_va, y_va = _subsample(x_va, y_va, limit, seed + 1)
     x_tr = x_tr.reshape(len(x_tr), -1).float() / 255.0
     x_va = x_va.reshape(len(x_va), -1).float() / 255.0
-    # One global mean/std (not per pixel): border pixels are constant 0 and per-pixel scaling
-    # would blow up the few that are almost constant.
-    mean, std = x_tr.mean(), x_tr.std().clamp_min(1e-8)
-    return Dataset("mnist", (x_tr - mean) / std, y_tr.long(), (x_va - mean) / std, y_va.long(),
-                   "classification", 10, source)
+    if standardize:
+        # One global mean/std (not per pixel): border pixels are constant 0 and per-pixel scaling
+        # would blow up the few that are almost constant.
+        mean, std = x_tr.mean(), x_tr.std().clamp_min(1e-8)
+        x_tr, x_va = (x_tr - mean) / std, (x_va - mean) / std
+    source += "; standardised" if standardize else "; pixels / 255, in [0, 1]"
+    return Dataset("mnist", x_tr, y_tr.long(), x_va, y_va.long(), "classification", 10, source)
 
 
-def _mnist1d(data_dir: str | os.PathLike[str] | None, seed: int) -> Dataset:
+def _mnist1d(data_dir: str | os.PathLike[str] | None, seed: int, standardize: bool) -> Dataset:
     if data_dir is not None:
         path = Path(data_dir).expanduser()
         path = path / "mnist1d.npz" if path.is_dir() else path
@@ -229,7 +244,8 @@ def _mnist1d(data_dir: str | os.PathLike[str] | None, seed: int) -> Dataset:
     x_va = torch.as_tensor(arrays["x_test"], dtype=torch.float32)
     if x_tr.ndim != 2 or x_va.ndim != 2:
         raise DataError(f"MNIST-1D inputs must be 2-D (samples, length), got {tuple(x_tr.shape)} and {tuple(x_va.shape)}")
-    x_tr, x_va = _standardise(x_tr, x_va)
+    x_tr, x_va = _standardise(x_tr, x_va) if standardize else _unit_range(x_tr, x_va)
+    source += "; standardised per feature" if standardize else "; min-max scaled to [0, 1]"
     y_tr = torch.as_tensor(arrays["y"]).long().flatten()
     y_va = torch.as_tensor(arrays["y_test"]).long().flatten()
     if len(y_tr) != len(x_tr) or len(y_va) != len(x_va):
@@ -260,8 +276,9 @@ def load_dataset(
     val_fraction: float = 0.2,
     limit: int | None = None,
     samples: int = 50,
+    standardize: bool = False,
 ) -> Dataset:
-    """Load one of :data:`DATASETS` as a standardised train/validation :class:`Dataset`.
+    """Load one of :data:`DATASETS` as a train/validation :class:`Dataset`.
 
     Args:
         name: ``"digits"``, ``"mnist"``, ``"mnist1d"`` or ``"regression"``.
@@ -270,6 +287,9 @@ def load_dataset(
         val_fraction: share of digits held out for validation.
         limit: keep at most this many training (and validation) samples of mnist.
         samples: training samples of the regression task.
+        standardize: zero mean, unit variance per feature (training-split statistics) instead
+            of the default [0, 1] pixel scale. The regression task's inputs are already
+            standard normal and ignore it.
 
     Returns:
         The :class:`Dataset`; the same arguments always give the same tensors.
@@ -282,15 +302,17 @@ def load_dataset(
         >>> ds = load_dataset("digits")
         >>> ds.features, ds.classes, len(ds.x_train) + len(ds.x_val)
         (64, 10, 1797)
+        >>> float(ds.x_train.min()), float(ds.x_train.max())
+        (0.0, 1.0)
     """
     if not 0.0 < val_fraction < 1.0:
         raise DataError(f"val_fraction must be between 0 and 1, got {val_fraction}")
     if name == "digits":
-        return _digits(seed, val_fraction)
+        return _digits(seed, val_fraction, standardize)
     if name == "mnist":
-        return _mnist(data_dir, seed, limit)
+        return _mnist(data_dir, seed, limit, standardize)
     if name == "mnist1d":
-        return _mnist1d(data_dir, seed)
+        return _mnist1d(data_dir, seed, standardize)
     if name == "regression":
         if samples < 2:
             raise DataError(f"the regression task needs at least 2 samples, got {samples}")

@@ -1,16 +1,20 @@
 """The ``deadrelu demo`` story: kill ReLU units with a large learning rate, then compare rescues.
 
-1. Train a 5×128 ReLU MLP (He initialisation) with plain SGD at LR 0.5 on real data
-   (scikit-learn's digits by default), recording after every epoch the exact dead
-   fraction of every layer (a :func:`deadrelu.scan` over the whole training split) and
-   the validation accuracy.
-2. From that checkpoint, continue for the same number of epochs five ways: no rescue
-   (control), a 10× lower LR, swap to LeakyReLU, re-initialise dead units (ReDo, before
-   every epoch that starts with dead units), swap to GELU.
-3. Print a table, write ``results.json``, the plots and ``report.html`` to one directory.
+The lesson's setting, by default: scikit-learn's digits as pixel intensities in [0, 1]
+(÷ 16, what MNIST's ``ToTensor`` gives), a 5×128 ReLU MLP with He initialisation, plain
+SGD at LR 0.5, batch 64, a checkpoint "by epoch 2". For each of several seeds:
 
-Whatever the run shows is what it reports: when fewer than 40% of the last hidden layer
-die, the summary says so; when training diverges (NaN loss), it says that instead.
+1. Train to the checkpoint, recording after every epoch the exact dead fraction of every
+   hidden layer (a :func:`deadrelu.scan` over the whole training split, and another over the
+   validation split) and the validation accuracy.
+2. From that checkpoint, continue for the same number of epochs, on the same batches, five
+   ways: no rescue (control), a 10× lower LR, swap to LeakyReLU, re-initialise dead units
+   (ReDo, before every epoch that starts with dead units), swap to GELU.
+
+Then :mod:`deadrelu.lab.verdicts` puts the seeds together (median and range; a diverged
+seed is shown as diverged, never as a number) and decides each claim from this run's
+numbers; the CLI prints the table and the verdicts and writes ``results.json``, the plots
+and ``report.html``.
 """
 
 from __future__ import annotations
@@ -21,63 +25,97 @@ import json
 import math
 import os
 import time
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
 
-from .tables import result_table
-from .training import Bar, build_mlp, epoch_record, firing_rates, torch_threads, train_epoch
 from .datasets import Dataset, load_dataset
-from ..errors import DeadReluError, RefusedError
+from .tables import result_table
+from .training import ProgressBar, build_mlp, epoch_record, firing_rates, torch_threads, train_epoch
+from .verdicts import CLASSIC_THRESHOLD, LABELS, STRATEGIES, aggregate, summarise
 from ..core.files import atomic_write_text
 from ..core.report import Report
+from ..errors import DeadReluError, RefusedError
 
-__all__ = ["STRATEGIES", "CLASSIC_THRESHOLD", "rescue_story", "summarise", "result_table", "run_demo", "write_results"]
+__all__ = [
+    "STRATEGIES", "CLASSIC_THRESHOLD", "DemoSetting", "rescue_story", "seeds_story", "summarise", "result_table",
+    "run_demo", "write_results",
+]
 
-#: Strategies compared from the checkpoint, in display order.
-STRATEGIES = ("control", "lower_lr", "leaky_relu", "reinit", "gelu")
-
-#: The classic lesson: "more than 40% of the last hidden layer dies". The demo checks it, never assumes it.
-CLASSIC_THRESHOLD = 0.40
-
-_LABELS = {
-    "control": "no rescue (control)",
-    "lower_lr": "lower LR (÷10)",
-    "leaky_relu": "swap to LeakyReLU",
-    "reinit": "re-initialise dead units",
-    "gelu": "swap to GELU",
-}
-
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
-def _rescue_function(name: str) -> Callable[..., Any] | None:
-    """A rescue function of the package, or None when that part of deadrelu is not installed yet."""
-    import deadrelu
+@dataclass(frozen=True)
+class DemoSetting:
+    """What every seed of one demo shares: the training recipe and the strategies compared.
 
-    try:
-        return getattr(deadrelu, name)
-    except (AttributeError, ImportError):
-        return None
+    Attributes:
+        checkpoint_epoch: epochs at the large LR before the checkpoint (the lesson's "by epoch 2").
+        epochs: epochs each strategy trains after the checkpoint.
+        lr: SGD learning rate (the large one that kills units).
+        batch_size: SGD mini-batch size.
+        hidden: hidden widths (default five layers of 128).
+        strategies: which of :data:`STRATEGIES` run from the checkpoint.
+        lower_lr_factor: the ``lower_lr`` strategy trains at ``lr * lower_lr_factor``.
+
+    Example:
+        >>> DemoSetting().checkpoint_epoch, DemoSetting(lr=0.1).lr
+        (2, 0.1)
+    """
+
+    checkpoint_epoch: int = 2
+    epochs: int = 20
+    lr: float = 0.5
+    batch_size: int = 64
+    hidden: tuple[int, ...] = (128,) * 5
+    strategies: tuple[str, ...] = STRATEGIES
+    lower_lr_factor: float = 0.1
+
+    def check(self, ds: Dataset) -> None:
+        """Raise :class:`DeadReluError` on a setting (or data set) the story cannot run."""
+        if ds.task != "classification":
+            raise DeadReluError(f"the rescue story needs a classification data set; {ds.name} is {ds.task}")
+        if self.checkpoint_epoch < 1:
+            raise DeadReluError(f"the checkpoint epoch must be at least 1, got {self.checkpoint_epoch}")
+        if self.epochs < 1:
+            raise DeadReluError(f"epochs must be at least 1, got {self.epochs}")
+        if not self.lr > 0:
+            raise DeadReluError(f"lr must be positive, got {self.lr}")
+        if self.batch_size < 1:
+            raise DeadReluError(f"batch_size must be at least 1, got {self.batch_size}")
+        unknown = [s for s in self.strategies if s not in STRATEGIES]
+        if unknown:
+            raise DeadReluError(f"unknown strategy {unknown[0]!r}; choose from: {', '.join(STRATEGIES)}")
+
+    def strategy_lr(self, strategy: str) -> float:
+        """The learning rate a strategy trains at after the checkpoint."""
+        return self.lr * (self.lower_lr_factor if strategy == "lower_lr" else 1.0)
+
+
+@dataclass
+class _Checkpoint:
+    """One seed's model state at the checkpoint, with the scan that describes it."""
+
+    state: dict[str, torch.Tensor]
+    report: Report
+    params: int
+    record: dict[str, Any] = field(default_factory=dict)
 
 
 @contextlib.contextmanager
-def _monitored(model: nn.Module, live: bool, window: int, sink: dict[str, Any]) -> Iterator[Callable[[float], None] | None]:
-    """Train under :class:`deadrelu.Monitor` when it exists; yields its per-step callback (or None).
+def _monitored(model: nn.Module, live: bool, window: int, sink: dict[str, Any]) -> Iterator[Callable[[float], None]]:
+    """Train under :class:`deadrelu.Monitor`; yields its per-step callback, records events into ``sink``.
 
     The monitor's window is one epoch of batches, so its "dead" matches the per-epoch scan's
-    meaning as closely as a rolling window can; its events and alerts go into ``sink``.
+    meaning as closely as a rolling window can.
     """
-    monitor_cls = _rescue_function("Monitor")
-    if monitor_cls is None:
-        sink["monitor"] = "not available in this install"
-        yield None
-        return
-    import warnings
+    from ..monitor.monitor import Monitor
 
-    monitor = monitor_cls(model, window=window, log_every=max(1, window // 4), live=live)
+    monitor = Monitor(model, window=window, log_every=max(1, window // 4), live=live)
     with warnings.catch_warnings():
         # The monitor's alerts are recorded below and shown in the summary, not as Python warnings mid-table.
         warnings.simplefilter("ignore")
@@ -95,38 +133,24 @@ def _monitored(model: nn.Module, live: bool, window: int, sink: dict[str, Any]) 
     }
 
 
-def _apply(
-    strategy: str,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    report: Report,
-    generator: torch.Generator | None = None,
-) -> dict[str, Any]:
-    """Apply a rescue to ``model`` in place; returns what it changed (JSON-ready)."""
-    if strategy in ("control", "lower_lr"):
-        return {}
-    if strategy in ("leaky_relu", "gelu"):
-        swap = _rescue_function("swap_activations")
-        if swap is None:
-            raise _Unavailable("deadrelu.swap_activations is not available in this install")
-        result = swap(model, to=strategy, copy=False)
-        return {"swapped": len(getattr(result, "changes", ()) or ())}
-    if strategy == "reinit":
-        reinit = _rescue_function("reinit_dead")
-        if reinit is None:
-            raise _Unavailable("deadrelu.reinit_dead is not available in this install")
-        if report.dead == 0:
-            return {"reinitialised": 0}
-        result = reinit(model, report, optimizer=optimizer, generator=generator)
-        return {"reinitialised": int(result.units)}
-    raise DeadReluError(f"unknown strategy {strategy!r}; choose from: {', '.join(STRATEGIES)}")
+def _swap(strategy: str, model: nn.Module) -> dict[str, Any]:
+    """Swap every ReLU of ``model`` in place for the strategy's activation; returns what changed."""
+    from ..surgery.swap import swap_activations
+
+    result = swap_activations(model, to=strategy, copy=False)
+    return {"swapped": len(result.changes)}
 
 
-class _Unavailable(Exception):
-    """A strategy whose rescue function is missing from this install (recorded, not faked)."""
+def _reinit(model: nn.Module, optimizer: torch.optim.Optimizer, report: Report, generator: torch.Generator) -> int:
+    """Re-initialise the units ``report`` found dead (with their optimizer state); returns how many."""
+    from ..surgery.reinit import reinit_dead
+
+    if report.dead == 0:
+        return 0
+    return int(reinit_dead(model, report, optimizer=optimizer, generator=generator).units)
 
 
-def _phase(
+def _train_epochs(
     model: nn.Module,
     ds: Dataset,
     *,
@@ -135,300 +159,279 @@ def _phase(
     batch_size: int,
     generator: torch.Generator,
     first_epoch: int,
-    before_epoch: Callable[[nn.Module, torch.optim.Optimizer, Report | None], dict[str, Any]] | None = None,
-    on_step: Callable[[float], None] | None = None,
-    bar: Bar | None = None,
+    before_epoch: Callable[[torch.optim.Optimizer, Report], int] | None = None,
     report: Report | None = None,
+    on_step: Callable[[float], None] | None = None,
+    bar: ProgressBar | None = None,
 ) -> tuple[list[dict[str, Any]], Report | None, float]:
-    """Train ``epochs`` epochs; returns per-epoch records, the last scan and the training seconds."""
+    """Train ``epochs`` epochs, scanning both splits after each; returns records, the last scan, seconds.
+
+    ``before_epoch(optimizer, last_scan)`` runs at the start of every epoch (the ReDo reset)
+    and returns how many units it changed; its time counts as training time.
+    """
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     records: list[dict[str, Any]] = []
     train_seconds = 0.0
     for e in range(epochs):
         t0 = time.perf_counter()
-        changed = before_epoch(model, optimizer, report) if before_epoch is not None else {}
+        changed = before_epoch(optimizer, report) if before_epoch is not None and report is not None else 0
         loss = train_epoch(model, optimizer, ds, batch_size, generator, on_step)
         seconds = time.perf_counter() - t0
         train_seconds += seconds
-        record, report = epoch_record(model, ds, first_epoch + e, loss, seconds)
+        record, report = epoch_record(model, ds, first_epoch + e, loss, seconds, validation_scan=True)
         if changed:
-            record["changed"] = changed
+            record["changed"] = {"reinitialised": changed}
         records.append(record)
         if bar is not None:
-            last = record["layers"][-1]["dead_fraction"]
-            bar.update(1, last_dead=f"{100 * last:.0f}%", loss=f"{loss:.3g}")
+            bar.update(1, last_dead=f"{100 * record['layers'][-1]['dead_fraction']:.0f}%", loss=f"{loss:.3g}")
     return records, report, train_seconds
+
+
+def _train_to_checkpoint(
+    ds: Dataset, setting: DemoSetting, seed: int, live: bool, bar: ProgressBar,
+) -> tuple[dict[str, Any], _Checkpoint]:
+    """Step 1: build the seed's MLP, train it to the checkpoint; returns the phase's records and the checkpoint."""
+    model = build_mlp(ds.features, setting.hidden, ds.outputs, activation="relu", init="he", seed=seed)
+    initial, _ = epoch_record(model, ds, 0, math.nan, 0.0, validation_scan=True)
+    # No step yet, so no loss: only non-finite units would make the fresh model "diverged".
+    initial.update(train_loss=None, diverged=any(layer["nonfinite"] for layer in initial["layers"]))
+    generator = torch.Generator().manual_seed(seed)
+    monitor_info: dict[str, Any] = {}
+    steps_per_epoch = -(-len(ds.x_train) // setting.batch_size)
+    with _monitored(model, live, steps_per_epoch, monitor_info) as on_step:
+        records, report, seconds = _train_epochs(
+            model, ds, lr=setting.lr, epochs=setting.checkpoint_epoch, batch_size=setting.batch_size,
+            generator=generator, first_epoch=1, on_step=on_step, bar=bar,
+        )
+    assert report is not None
+    phase = {"initial": initial, "baseline": {"epochs": records, "train_seconds": seconds, **monitor_info}}
+    last = records[-1]
+    phase["checkpoint"] = {
+        "epoch": setting.checkpoint_epoch,
+        "layers": last["layers"],
+        "val_layers": last["val_layers"],
+        "dead_fraction": report.dead_fraction,
+        "val_accuracy": last["val_accuracy"],
+        "diverged": any(r["diverged"] for r in records),
+        "firing_rates": firing_rates(report),
+    }
+    checkpoint = _Checkpoint(copy.deepcopy(model.state_dict()), report, sum(p.numel() for p in model.parameters()))
+    return phase, checkpoint
+
+
+def _resurrected(before: Sequence[Sequence[float]], after: Sequence[Sequence[float]]) -> list[int]:
+    """Per layer, units that never fired at the checkpoint but fire at the end (training split, exact)."""
+    return [sum(1 for b, a in zip(rb, ra) if b == 0 and a > 0) for rb, ra in zip(before, after)]
+
+
+def _continue_with(
+    strategy: str, ds: Dataset, setting: DemoSetting, seed: int, checkpoint: _Checkpoint, bar: ProgressBar,
+) -> dict[str, Any]:
+    """Step 2: one strategy from the checkpoint, on the batches every strategy of this seed sees."""
+    net = build_mlp(ds.features, setting.hidden, ds.outputs, activation="relu", init="he", seed=seed)
+    net.load_state_dict(checkpoint.state)
+    batches = torch.Generator().manual_seed(seed + 1)  # same batch order for every strategy of this seed
+    reinit_draws = torch.Generator().manual_seed(seed + 2)
+    t0 = time.perf_counter()
+    try:
+        applied = _swap(strategy, net) if strategy in ("leaky_relu", "gelu") else {}
+        surgery_seconds = time.perf_counter() - t0
+        # ReDo resets periodically: units dead in the last exact scan are reset before each epoch.
+        reset = (lambda opt, rep: _reinit(net, opt, rep, reinit_draws)) if strategy == "reinit" else None
+        records, final_report, seconds = _train_epochs(
+            net, ds, lr=setting.strategy_lr(strategy), epochs=setting.epochs, batch_size=setting.batch_size,
+            generator=batches, first_epoch=setting.checkpoint_epoch + 1, before_epoch=reset,
+            report=checkpoint.report, bar=bar,
+        )
+    except RefusedError as why:
+        # A refusing rescue is reported as such; nothing stands in for it.
+        bar.update(setting.epochs)
+        return {"label": LABELS[strategy], "skipped": str(why)}
+    assert final_report is not None
+    final = records[-1]
+    params = sum(p.numel() for p in net.parameters())
+    rates = firing_rates(final_report)
+    return {
+        "label": LABELS[strategy],
+        "lr": setting.strategy_lr(strategy),
+        "epochs": records,
+        "final": final["layers"],
+        "final_val": final["val_layers"],
+        "final_dead_fraction": final_report.dead_fraction,
+        "val_accuracy": final["val_accuracy"],
+        "diverged": any(r["diverged"] for r in records),
+        "firing_rates": rates,
+        "resurrected": _resurrected(firing_rates(checkpoint.report), rates),
+        "cost": {
+            "train_seconds": seconds,
+            "surgery_seconds": surgery_seconds,
+            "params": params,
+            "extra_params": params - checkpoint.params,
+            "units_reinitialised": sum(r.get("changed", {}).get("reinitialised", 0) for r in records),
+            "activations_swapped": applied.get("swapped", 0),
+        },
+    }
 
 
 def rescue_story(
     ds: Dataset,
     *,
-    epochs: int = 20,
-    lr: float = 0.5,
     seed: int = 0,
-    batch_size: int = 64,
-    hidden: Sequence[int] = (128,) * 5,
-    strategies: Sequence[str] = STRATEGIES,
-    lower_lr_factor: float = 0.1,
+    setting: DemoSetting = DemoSetting(),
     live: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Run the dead-ReLU story on ``ds`` and return every number it measured (JSON-ready).
+    """Run the dead-ReLU story for one seed on ``ds`` and return every number it measured (JSON-ready).
 
     Args:
         ds: a classification :class:`~deadrelu.lab.datasets.Dataset`.
-        epochs: epochs before the checkpoint, and again for each strategy after it.
-        lr: SGD learning rate (the large one that kills units).
         seed: seeds the weights and the batch order; the same seed gives the same numbers.
-        batch_size: SGD mini-batch size.
-        hidden: hidden widths (default five layers of 128).
-        strategies: which of :data:`STRATEGIES` to run from the checkpoint.
-        lower_lr_factor: the ``lower_lr`` strategy trains at ``lr * lower_lr_factor``.
-        live: show the monitor's live view during the first phase.
+        setting: the recipe (:class:`DemoSetting`).
+        live: show the monitor's live view while training to the checkpoint.
         progress: show progress bars.
 
     Returns:
-        A dict with ``config``, ``dataset``, ``baseline`` (per-epoch records), ``checkpoint``
-        (per-layer stats and per-unit firing rates), ``strategies`` (per strategy: per-epoch
-        records, final stats, cost) and ``summary`` (see :func:`summarise`).
+        A dict with ``seed``, ``initial`` (the record before any step), ``baseline`` (per-epoch
+        records up to the checkpoint, the monitor's events), ``checkpoint`` (per-layer stats on
+        both splits, per-unit firing rates) and ``strategies`` (per strategy: per-epoch
+        records, final stats, units resurrected, cost).
 
     Raises:
         DeadReluError: bad arguments (unknown strategy, non-positive epochs or LR, regression data).
 
     Example:
         >>> from deadrelu.lab.datasets import load_dataset
-        >>> story = rescue_story(load_dataset("digits"), epochs=1, strategies=("control",), progress=False)
-        >>> sorted(story["strategies"])
-        ['control']
+        >>> run = rescue_story(load_dataset("digits"), setting=DemoSetting(checkpoint_epoch=1, epochs=1,
+        ...                    strategies=("control",)), progress=False)
+        >>> sorted(run["strategies"]), run["checkpoint"]["epoch"]
+        (['control'], 1)
     """
-    if ds.task != "classification":
-        raise DeadReluError(f"the rescue story needs a classification data set; {ds.name} is {ds.task}")
-    if epochs < 1:
-        raise DeadReluError(f"epochs must be at least 1, got {epochs}")
-    if not lr > 0:
-        raise DeadReluError(f"lr must be positive, got {lr}")
-    if batch_size < 1:
-        raise DeadReluError(f"batch_size must be at least 1, got {batch_size}")
-    unknown = [s for s in strategies if s not in STRATEGIES]
-    if unknown:
-        raise DeadReluError(f"unknown strategy {unknown[0]!r}; choose from: {', '.join(STRATEGIES)}")
+    setting.check(ds)
+    # These matrices are tiny: a second intra-op thread buys nothing and, on a busy machine,
+    # oversubscription made the same run 6x slower (measured), so the story trains on one.
+    with torch_threads(1):
+        bar = ProgressBar(progress and not live, setting.checkpoint_epoch,
+                          f"seed {seed}: train at LR {setting.lr:g}", unit="epoch")
+        phase, checkpoint = _train_to_checkpoint(ds, setting, seed, live, bar)
+        bar.close()
+        bar = ProgressBar(progress, setting.epochs * len(setting.strategies), f"seed {seed}: rescues", unit="epoch")
+        strategies = {s: _continue_with(s, ds, setting, seed, checkpoint, bar) for s in setting.strategies}
+        bar.close()
+    return {"seed": seed, **phase, "strategies": strategies}
 
-    model = build_mlp(ds.features, hidden, ds.outputs, activation="relu", init="he", seed=seed)
-    initial_record, _ = epoch_record(model, ds, 0, math.nan, 0.0)
-    initial_record["train_loss"] = None
-    initial_record["diverged"] = False
-    generator = torch.Generator().manual_seed(seed)
-    bar = Bar(epochs, f"train at LR {lr:g}", progress and not live)
-    monitor_info: dict[str, Any] = {}
-    steps_per_epoch = -(-len(ds.x_train) // batch_size)
-    with _monitored(model, live, steps_per_epoch, monitor_info) as on_step:
-        baseline, checkpoint_report, base_seconds = _phase(
-            model, ds, lr=lr, epochs=epochs, batch_size=batch_size, generator=generator,
-            first_epoch=1, on_step=on_step, bar=bar,
-        )
-    bar.close()
-    assert checkpoint_report is not None
-    checkpoint_state = copy.deepcopy(model.state_dict())
-    params = sum(p.numel() for p in model.parameters())
 
-    results: dict[str, Any] = {}
-    bar = Bar(epochs * len(strategies), "rescues", progress)
-    for strategy in strategies:
-        net = build_mlp(ds.features, hidden, ds.outputs, activation="relu", init="he", seed=seed)
-        net.load_state_dict(checkpoint_state)
-        # Every strategy sees the same batch order after the checkpoint, so differences are the rescue's.
-        gen = torch.Generator().manual_seed(seed + 1)
-        reinit_gen = torch.Generator().manual_seed(seed + 2)
-        applied: dict[str, Any] = {"reinitialised": 0}
-        t0 = time.perf_counter()
-        try:
-            if strategy in ("leaky_relu", "gelu"):
-                applied.update(_apply(strategy, net, torch.optim.SGD(net.parameters(), lr=lr), checkpoint_report))
-            surgery_seconds = time.perf_counter() - t0
+def _config(ds: Dataset, setting: DemoSetting, seeds: Sequence[int], standardize: bool) -> dict[str, Any]:
+    return {
+        "checkpoint_epoch": setting.checkpoint_epoch,
+        "epochs": setting.epochs,
+        "lr": setting.lr,
+        "seed": seeds[0],
+        "seeds": list(seeds),
+        "batch_size": setting.batch_size,
+        "hidden": list(setting.hidden),
+        "init": "he",
+        "optimizer": "SGD (no momentum)",
+        "lower_lr_factor": setting.lower_lr_factor,
+        "strategies": list(setting.strategies),
+        "inputs": "standardised" if standardize else "in [0, 1]",
+        "standardize": standardize,
+        "torch": torch.__version__,
+    }
 
-            def before(m: nn.Module, opt: torch.optim.Optimizer, rep: Report | None, s: str = strategy) -> dict[str, Any]:
-                if s != "reinit":
-                    return {}
-                # ReDo resets periodically: units dead in the last exact scan are reset before each epoch.
-                changed = _apply("reinit", m, opt, rep if rep is not None else checkpoint_report, reinit_gen)
-                applied["reinitialised"] += changed["reinitialised"]
-                return changed
 
-            records, final_report, seconds = _phase(
-                net, ds, lr=lr * (lower_lr_factor if strategy == "lower_lr" else 1.0), epochs=epochs,
-                batch_size=batch_size, generator=gen, first_epoch=epochs + 1, before_epoch=before, bar=bar,
-                report=checkpoint_report,
-            )
-        except (_Unavailable, RefusedError) as why:
-            # A missing or refusing rescue is reported as such; nothing stands in for it.
-            results[strategy] = {"label": _LABELS[strategy], "skipped": str(why)}
-            bar.update(epochs)
-            continue
-        assert final_report is not None
-        final = records[-1]
-        results[strategy] = {
-            "label": _LABELS[strategy],
-            "lr": lr * (lower_lr_factor if strategy == "lower_lr" else 1.0),
-            "epochs": records,
-            "final": final["layers"],
-            "final_dead_fraction": final_report.dead_fraction,
-            "val_accuracy": final["val_accuracy"],
-            "diverged": any(r["diverged"] for r in records),
-            "firing_rates": firing_rates(final_report),
-            "cost": {
-                "train_seconds": seconds,
-                "surgery_seconds": surgery_seconds,
-                "params": sum(p.numel() for p in net.parameters()),
-                "extra_params": sum(p.numel() for p in net.parameters()) - params,
-                "units_reinitialised": applied["reinitialised"],
-                "activations_swapped": applied.get("swapped", 0),
-            },
-        }
-    bar.close()
+def seeds_story(
+    ds: Dataset,
+    *,
+    seeds: Sequence[int] = (0, 1, 2, 3, 4),
+    setting: DemoSetting = DemoSetting(),
+    standardize: bool = False,
+    live: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """:func:`rescue_story` for every seed, put together: medians, ranges and a verdict per claim.
 
+    Args:
+        ds: the classification data set (one split shared by every seed; each seed draws its
+            own weights and batch order).
+        seeds: the seeds to run.
+        setting: the recipe (:class:`DemoSetting`).
+        standardize: recorded in the config (the data set is already loaded accordingly).
+        live: show the monitor's live view for the first seed.
+        progress: show progress bars.
+
+    Returns:
+        The evidence dict written to ``results.json``: ``runs`` (one :func:`rescue_story` per
+        seed), ``strategies`` (per strategy: ``*_by_seed`` lists, medians), ``summary`` (the
+        verdicts); ``initial``, ``baseline``, ``checkpoint`` and each strategy's ``epochs``,
+        ``final`` and ``firing_rates`` are those of the first seed.
+
+    Example:
+        >>> from deadrelu.lab.datasets import load_dataset
+        >>> story = seeds_story(load_dataset("digits"), seeds=(0, 1), setting=DemoSetting(checkpoint_epoch=1,
+        ...                     epochs=1, strategies=("control",)), progress=False)
+        >>> len(story["summary"]["last_layer_dead_fraction_by_seed"])
+        2
+    """
+    if not seeds:
+        raise DeadReluError("the demo needs at least one seed")
+    setting.check(ds)
+    runs = [rescue_story(ds, seed=s, setting=setting, live=live and i == 0, progress=progress)
+            for i, s in enumerate(seeds)]
     story: dict[str, Any] = {
         "kind": "deadrelu.evidence",
         "schema_version": SCHEMA_VERSION,
         "experiment": "rescue",
-        "config": {
-            "epochs": epochs,
-            "lr": lr,
-            "seed": seed,
-            "batch_size": batch_size,
-            "hidden": list(hidden),
-            "init": "he",
-            "optimizer": "SGD (no momentum)",
-            "lower_lr_factor": lower_lr_factor,
-            "strategies": list(strategies),
-            "torch": torch.__version__,
-        },
+        "config": _config(ds, setting, seeds, standardize),
         "dataset": ds.describe(),
-        "initial": initial_record,
-        "baseline": {"epochs": baseline, "train_seconds": base_seconds, **monitor_info},
-        "checkpoint": {
-            "epoch": epochs,
-            "layers": baseline[-1]["layers"],
-            "dead_fraction": checkpoint_report.dead_fraction,
-            "val_accuracy": baseline[-1]["val_accuracy"],
-            "diverged": any(r["diverged"] for r in baseline),
-            "firing_rates": firing_rates(checkpoint_report),
-        },
-        "strategies": results,
+        **aggregate(runs),
+        "runs": runs,
     }
     story["summary"] = summarise(story)
     return story
 
 
-def summarise(story: dict[str, Any]) -> dict[str, Any]:
-    """What died, where, and what fixed it best — computed from the numbers, with sentences to print.
-
-    Best fix: the non-diverged strategy with the lowest final dead fraction over all
-    layers, ties broken by validation accuracy — or none, when it has no fewer dead units
-    than the control. The most accurate strategy is named too when it is a different one.
-    """
-    cp = story["checkpoint"]
-    layers = cp["layers"]
-    last = layers[-1]
-    worst = max(layers, key=lambda r: r["dead_fraction"])
-    lr = story["config"]["lr"]
-    epochs = story["config"]["epochs"]
-    lines = []
-    if cp["diverged"]:
-        first = next(r["epoch"] for r in story["baseline"]["epochs"] if r["diverged"])
-        lines.append(
-            f"Training at LR {lr:g} diverged (NaN loss) at epoch {first}: units went non-finite rather than dead "
-            f"({sum(r['nonfinite'] for r in layers)} non-finite units at the checkpoint)."
-        )
-    reproduced = last["dead_fraction"] > CLASSIC_THRESHOLD
-    n = len(layers)
-    worst_names = [f"L{i + 1}" for i, r in enumerate(layers) if r["dead_fraction"] == worst["dead_fraction"]]
-    where = (f"the worst layer{'s were' if len(worst_names) > 1 else ' was'} {', '.join(worst_names)} with "
-             f"{100 * worst['dead_fraction']:.1f}%" if worst["dead_fraction"] > 0 else "no layer had a dead unit")
-    lines.append(
-        f"After {epochs} epochs at LR {lr:g}, {last['dead']}/{last['units']} units "
-        f"({100 * last['dead_fraction']:.1f}%) of the last hidden layer (L{n}) were dead; {where}; "
-        f"{100 * cp['dead_fraction']:.1f}% of all units."
-    )
-    # Units can die and later revive (earlier layers move their inputs), so the peak is part of the story.
-    peak_epoch, peak = max(((r["epoch"], r["layers"][-1]["dead_fraction"]) for r in story["baseline"]["epochs"]
-                            if not r["diverged"]), key=lambda t: t[1], default=(0, 0.0))
-    if peak > last["dead_fraction"]:
-        lines.append(f"The last hidden layer peaked at {100 * peak:.1f}% dead at epoch {peak_epoch}; "
-                     "some of those units later revived.")
-    monitor = story["baseline"].get("monitor")
-    if isinstance(monitor, dict):
-        events = monitor.get("events", {})
-        seen = ", ".join(f"{n} {kind}" for kind, n in sorted(events.items())) or "no unit deaths or revivals"
-        lines.append(f"The training monitor (rolling window of {monitor['window_batches']} batches, about one epoch) "
-                     f"recorded {seen} and {len(monitor.get('alerts', []))} alert(s).")
-    lines.append(
-        "The classic lesson (more than 40% of the last hidden layer dies) reproduced on this run."
-        if reproduced
-        else f"Fewer than {100 * CLASSIC_THRESHOLD:.0f}% of the last hidden layer died on this run: the classic "
-        "lesson did not reproduce here, and this report says so rather than tuning the run."
-    )
-    ran = {k: v for k, v in story["strategies"].items() if "skipped" not in v}
-    candidates = {k: v for k, v in ran.items() if not v["diverged"]}
-    best = best_acc = None
-    if candidates:
-        best = min(candidates, key=lambda k: (candidates[k]["final_dead_fraction"], -(candidates[k]["val_accuracy"] or 0)))
-        best_acc = max(candidates, key=lambda k: (candidates[k]["val_accuracy"] or 0, -candidates[k]["final_dead_fraction"]))
-        b = candidates[best]
-        control = ran.get("control")
-        vs = ""
-        if control is not None:
-            vs = (f" (control: {100 * control['final_dead_fraction']:.1f}% dead, "
-                  f"{100 * (control['val_accuracy'] or 0):.1f}% accuracy)")
-        if control is not None and not control["diverged"] and b["final_dead_fraction"] >= control["final_dead_fraction"]:
-            # Nothing beat doing nothing: say that instead of crowning a tie-break winner.
-            best = None
-            lines.append(f"No rescue ended with fewer dead units than the control after {epochs} more epochs{vs}.")
-            shown = control
-        else:
-            lines.append(
-                f"Fewest dead units after {epochs} more epochs: {b['label']} with {100 * b['final_dead_fraction']:.1f}% "
-                f"dead overall and {100 * (b['val_accuracy'] or 0):.1f}% validation accuracy{vs}."
-            )
-            shown = b
-        if (candidates[best_acc]["val_accuracy"] or 0) > (shown["val_accuracy"] or 0):
-            a = candidates[best_acc]
-            lines.append(f"Highest validation accuracy: {a['label']} with {100 * (a['val_accuracy'] or 0):.1f}%.")
-    for k, v in story["strategies"].items():
-        if "skipped" in v:
-            lines.append(f"{v['label']}: not run — {v['skipped']}.")
-        elif v["diverged"]:
-            lines.append(f"{v['label']}: training diverged (NaN loss) after the checkpoint.")
-    return {
-        "last_layer": last["site"],
-        "last_layer_dead_fraction": last["dead_fraction"],
-        "worst_layer": worst["site"],
-        "last_layer_peak_dead_fraction": peak,
-        "last_layer_peak_epoch": peak_epoch,
-        "worst_layer_dead_fraction": worst["dead_fraction"],
-        "dead_fraction": cp["dead_fraction"],
-        "classic_reproduced": reproduced,
-        "diverged": cp["diverged"],
-        "best_strategy": best,
-        "best_accuracy_strategy": best_acc,
-        "lines": lines,
-    }
-
-
 def write_results(result: dict[str, Any], path: str | os.PathLike[str]) -> Path:
-    """Write a result dict as JSON (atomically) and return the path."""
+    """Write a result dict as JSON (atomically) and return the path.
+
+    Example:
+        >>> write_results({"kind": "example"}, "/tmp/deadrelu-doc/r.json").name
+        'r.json'
+    """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(target, json.dumps(result, indent=1, allow_nan=False) + "\n")
     return target
 
 
+def _write_outputs(story: dict[str, Any], out_dir: Path, plots: bool, html: bool, t0: float) -> dict[str, str]:
+    """Plots, ``results.json`` and ``report.html`` in ``out_dir``; returns name → path."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    outputs: dict[str, str] = {}
+    pngs: dict[str, bytes] = {}
+    if plots or html:
+        from .plots import plot_pngs, plots_for
+
+        pngs = plot_pngs(story)  # drawn once, for the PNG files and the report
+        outputs.update({name: str(path) for name, path in plots_for(story, out_dir, pngs).items()})
+    story["wall_seconds"] = time.perf_counter() - t0
+    outputs["results"] = str(write_results(story, out_dir / "results.json"))
+    if html:
+        from .html_report import write_report
+
+        outputs["report"] = str(write_report(out_dir, rendered={"results.json": pngs}))
+    return outputs
+
+
 def run_demo(
     *,
     dataset: str = "digits",
     epochs: int = 20,
+    checkpoint_epoch: int = 2,
     lr: float = 0.5,
     seed: int = 0,
+    seeds: int = 5,
     batch_size: int = 64,
+    standardize: bool = False,
     out: str | os.PathLike[str] = "deadrelu-demo",
     data_dir: str | None = None,
     live: bool = False,
@@ -440,46 +443,37 @@ def run_demo(
 
     Args:
         dataset: ``digits`` (default), ``mnist`` or ``mnist1d`` (see :mod:`deadrelu.lab.datasets`).
-        epochs: epochs before the checkpoint and again after it for each strategy.
+        epochs: epochs each strategy trains after the checkpoint.
+        checkpoint_epoch: epochs at ``lr`` before the checkpoint.
         lr: the large SGD learning rate.
-        seed: seeds data split, weights and batch order.
+        seed: the first seed (it also seeds the data split); the demo runs ``seed … seed + seeds - 1``.
+        seeds: how many seeds.
         batch_size: SGD mini-batch size.
+        standardize: standardise the inputs instead of the lesson's [0, 1] pixels.
         out: output directory (created).
         data_dir: where local data files are (mnist, mnist1d).
-        live: show the monitor's live view while training.
+        live: show the monitor's live view while the first seed trains.
         progress: show progress bars.
         plots: write PNG plots (needs matplotlib).
         html: write ``report.html`` (needs matplotlib for its images).
 
     Returns:
-        The :func:`rescue_story` dict plus ``outputs`` (paths written) and ``wall_seconds``.
+        The :func:`seeds_story` dict plus ``outputs`` (paths written) and ``wall_seconds``.
 
     Example:
-        >>> r = run_demo(epochs=1, out="/tmp/deadrelu-doc-demo", progress=False, plots=False, html=False)
+        >>> r = run_demo(epochs=1, checkpoint_epoch=1, seeds=1, out="/tmp/deadrelu-doc-demo", progress=False,
+        ...              plots=False, html=False)
         >>> r["outputs"]["results"].endswith("results.json")
         True
     """
     t0 = time.perf_counter()
-    ds = load_dataset(dataset, data_dir=data_dir, seed=seed)
-    # These matrices are tiny: a second intra-op thread buys nothing and, on a busy machine,
-    # oversubscription made the same run 6x slower (measured), so the demo trains on one.
-    with torch_threads(1):
-        story = rescue_story(ds, epochs=epochs, lr=lr, seed=seed, batch_size=batch_size, live=live, progress=progress)
+    if seeds < 1:
+        raise DeadReluError(f"seeds must be at least 1, got {seeds}")
+    ds = load_dataset(dataset, data_dir=data_dir, seed=seed, standardize=standardize)
+    setting = DemoSetting(checkpoint_epoch=checkpoint_epoch, epochs=epochs, lr=lr, batch_size=batch_size)
+    story = seeds_story(ds, seeds=tuple(range(seed, seed + seeds)), setting=setting, standardize=standardize,
+                        live=live, progress=progress)
     story["experiment"] = "demo"
-    out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    outputs: dict[str, str] = {}
-    if plots or html:
-        from .plots import plots_for
-
-        for name, path in plots_for(story, out_dir).items():
-            outputs[name] = str(path)
-    story["wall_seconds"] = time.perf_counter() - t0
-    outputs["results"] = str(write_results(story, out_dir / "results.json"))
-    if html:
-        from .html_report import write_report
-
-        outputs["report"] = str(write_report(out_dir))
-    story["outputs"] = outputs
+    story["outputs"] = _write_outputs(story, Path(out), plots, html, t0)
     story["wall_seconds"] = time.perf_counter() - t0
     return story

@@ -7,7 +7,9 @@
   the demo's task and learning rate: dead and dormant fractions, validation accuracy.
 * ``init``: PyTorch default vs He vs He with a small positive bias vs LeCun, across depths:
   units dead before the first step ("born dead") and after training.
-* ``rescue``: the demo's comparison (:func:`deadrelu.lab.demo.rescue_story`) on any data set.
+* ``rescue``: the demo's comparison (:func:`deadrelu.lab.demo.seeds_story`) on any data set.
+* ``preprocessing``: the demo's MLP and LR with inputs in [0, 1] vs standardised, over seeds:
+  dead units per layer at initialisation and after each epoch up to the checkpoint.
 
 Every run is single-threaded (tiny matrices; see :mod:`deadrelu.lab.demo`) and seeded, so the
 same arguments give the same numbers. Sizes are parameters, so tests run them small.
@@ -23,7 +25,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .tables import result_table
-from .training import ACTIVATIONS, INITS, Bar, build_mlp, epoch_record, evaluate, layer_stats, torch_threads, train_epoch
+from .training import ACTIVATIONS, INITS, ProgressBar, build_mlp, epoch_record, evaluate, layer_stats, torch_threads, train_epoch
 from .datasets import load_dataset
 from ..errors import DeadReluError
 from ..core.scan import scan
@@ -79,7 +81,7 @@ def lr_sweep(
         raise DeadReluError(f"learning rates must be positive, got {list(lrs)}")
     ds = load_dataset("regression", seed=0, samples=samples)
     runs = []
-    bar = Bar(len(lrs) * len(seeds), "lr-sweep", progress)
+    bar = ProgressBar(progress, len(lrs) * len(seeds), "lr-sweep", unit="run")
     with torch_threads(1):
         for lr in lrs:
             for seed in seeds:
@@ -172,7 +174,7 @@ def activations(
     if ds.task != "classification":
         raise DeadReluError(f"the activations experiment needs a classification data set; {dataset} is {ds.task}")
     rows = []
-    bar = Bar(len(names) * epochs, "activations", progress)
+    bar = ProgressBar(progress, len(names) * epochs, "activations", unit="epoch")
     with torch_threads(1):
         for name in names:
             init = "lecun" if name == "selu" else "he"
@@ -252,7 +254,7 @@ def init_depth(
         raise DeadReluError(f"depths must be at least 1, got {list(depths)}")
     ds = load_dataset(dataset, data_dir=data_dir, seed=seed)
     rows = []
-    bar = Bar(len(inits) * len(depths), "init", progress)
+    bar = ProgressBar(progress, len(inits) * len(depths), "init", unit="run")
     with torch_threads(1):
         for init in inits:
             for depth in depths:
@@ -300,23 +302,139 @@ def rescue(
     dataset: str = "digits",
     data_dir: str | None = None,
     epochs: int = 20,
+    checkpoint_epoch: int = 2,
     lr: float = 0.5,
-    seed: int = 0,
+    seeds: Sequence[int] = (0, 1, 2, 3, 4),
     batch_size: int = 64,
+    standardize: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """The demo's rescue comparison on any supported classification data set.
+    """The demo's rescue comparison (:func:`deadrelu.lab.demo.seeds_story`) on any classification data set.
 
     Example:
-        >>> r = rescue(epochs=1, progress=False)  # doctest: +SKIP
+        >>> r = rescue(epochs=1, checkpoint_epoch=1, seeds=(0,), progress=False)
+        >>> r["experiment"], len(r["runs"])
+        ('rescue', 1)
     """
-    from .demo import rescue_story
+    from .demo import DemoSetting, seeds_story
 
-    ds = load_dataset(dataset, data_dir=data_dir, seed=seed)
+    if not seeds:
+        raise DeadReluError("rescue needs at least one seed")
+    ds = load_dataset(dataset, data_dir=data_dir, seed=seeds[0], standardize=standardize)
+    setting = DemoSetting(checkpoint_epoch=checkpoint_epoch, epochs=epochs, lr=lr, batch_size=batch_size)
     with torch_threads(1):
-        story = rescue_story(ds, epochs=epochs, lr=lr, seed=seed, batch_size=batch_size, progress=progress)
-    story["title"] = f"Rescue comparison on {ds.name} (seed {seed}, LR {lr:g})"
+        story = seeds_story(ds, seeds=tuple(seeds), setting=setting, standardize=standardize, progress=progress)
+    story["title"] = f"Rescue comparison on {ds.name} (seeds {seeds[0]}-{seeds[-1]}, LR {lr:g})"
     return story
+
+
+# -- preprocessing ---------------------------------------------------------------------------------------
+def _dead_until(ds: Any, *, seed: int, epochs: int, lr: float, batch_size: int, hidden: Sequence[int]) -> list[dict]:
+    """One seed: the exact per-layer record (both splits) at initialisation and after each epoch."""
+    model = build_mlp(ds.features, hidden, ds.outputs, activation="relu", init="he", seed=seed)
+    record, _ = epoch_record(model, ds, 0, math.nan, 0.0, validation_scan=True)
+    record["diverged"] = False
+    records = [record]
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    for e in range(1, epochs + 1):
+        loss = train_epoch(model, opt, ds, batch_size, gen)
+        record, _ = epoch_record(model, ds, e, loss, 0.0, validation_scan=True)
+        record["diverged"] = record["diverged"] or records[-1]["diverged"]
+        records.append(record)
+    return records
+
+
+def preprocessing(
+    *,
+    dataset: str = "digits",
+    data_dir: str | None = None,
+    epochs: int = 2,
+    lr: float = 0.5,
+    seeds: Sequence[int] = tuple(range(10)),
+    batch_size: int = 64,
+    hidden: Sequence[int] = (128,) * 5,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """The demo's MLP and LR with inputs in [0, 1] vs standardised: dead units per layer up to ``epochs``.
+
+    Both settings use the same split, initial weights and batch order per seed, so the only
+    difference is the input scaling. Dead fractions are exact (a scan over the whole split).
+
+    Example:
+        >>> r = preprocessing(epochs=1, seeds=(0,), hidden=(16, 16), progress=False)
+        >>> [row["inputs"] for row in r["rows"] if row["epoch"] == 1]
+        ['in [0, 1]', 'standardised']
+    """
+    if epochs < 1 or not seeds:
+        raise DeadReluError("preprocessing needs epochs >= 1 and at least one seed")
+    rows, runs = [], []
+    bar = ProgressBar(progress, 2 * len(seeds), "preprocessing", unit="run")
+    with torch_threads(1):
+        for standardize in (False, True):
+            ds = load_dataset(dataset, data_dir=data_dir, seed=seeds[0], standardize=standardize)
+            if ds.task != "classification":
+                raise DeadReluError(f"preprocessing needs a classification data set; {dataset} is {ds.task}")
+            inputs = "standardised" if standardize else "in [0, 1]"
+            mine = []
+            for seed in seeds:
+                mine.append(_dead_until(ds, seed=seed, epochs=epochs, lr=lr, batch_size=batch_size, hidden=hidden))
+                bar.update(1)
+            runs.append({"inputs": inputs, "seeds": list(seeds), "records": mine})
+            rows += _preprocessing_rows(inputs, mine)
+    bar.close()
+    result = _result(
+        "preprocessing", f"Input scaling and dead units ({dataset}, LR {lr:g}, batch {batch_size})",
+        {"dataset": dataset, "epochs": epochs, "lr": lr, "seeds": list(seeds), "batch_size": batch_size,
+         "hidden": list(hidden), "init": "he", "optimizer": "SGD (no momentum)"},
+        dataset=ds.describe(), rows=rows, runs=runs,
+    )
+    result["summary"] = {"lines": _preprocessing_lines(result)}
+    return result
+
+
+def _preprocessing_rows(inputs: str, per_seed: Sequence[Sequence[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Per epoch: median/min/max dead fraction per layer (train and validation) over seeds that did not diverge."""
+    from .verdicts import median_or_none, span
+
+    rows = []
+    for e in range(len(per_seed[0])):
+        at = [records[e] for records in per_seed]
+        ok = [r for r in at if not r["diverged"]]
+        n_layers = len(at[0]["layers"])
+        train = [[r["layers"][j]["dead_fraction"] for r in ok] for j in range(n_layers)]
+        val = [[r["val_layers"][j]["dead_fraction"] for r in ok] for j in range(n_layers)]
+        rows.append({
+            "inputs": inputs,
+            "epoch": e,
+            "layers": [layer["site"] for layer in at[0]["layers"]],
+            "dead_fraction_median": [median_or_none(v) for v in train],
+            "val_dead_fraction_median": [median_or_none(v) for v in val],
+            "last_layer_range": span(train[-1]),
+            "last_layer_dead_fraction_by_seed": [None if r["diverged"] else r["layers"][-1]["dead_fraction"]
+                                                 for r in at],
+            "diverged": len(at) - len(ok),
+            "seeds": len(at),
+        })
+    return rows
+
+
+def _preprocessing_lines(result: dict[str, Any]) -> list[str]:
+    lines = []
+    last_epoch = result["config"]["epochs"]
+    for row in result["rows"]:
+        if row["epoch"] not in (0, last_epoch):
+            continue
+        m, r = row["dead_fraction_median"][-1], row["last_layer_range"]
+        when = "before the first step" if row["epoch"] == 0 else f"after epoch {row['epoch']}"
+        if m is None:
+            lines.append(f"Inputs {row['inputs']}, {when}: diverged in all {row['seeds']} seeds.")
+            continue
+        div = f"; {row['diverged']}/{row['seeds']} seeds diverged" if row["diverged"] else ""
+        lines.append(f"Inputs {row['inputs']}, {when}: the last hidden layer ({row['layers'][-1]}) was a median "
+                     f"{100 * m:.1f}% dead (range {100 * r[0]:.1f}–{100 * r[1]:.1f}% over {row['seeds']} seeds"
+                     f"{div}).")
+    return lines
 
 
 EXPERIMENTS: dict[str, Callable[..., dict[str, Any]]] = {
@@ -324,6 +442,7 @@ EXPERIMENTS: dict[str, Callable[..., dict[str, Any]]] = {
     "activations": activations,
     "init": init_depth,
     "rescue": rescue,
+    "preprocessing": preprocessing,
 }
 
 

@@ -22,20 +22,24 @@ from .tables import result_table
 
 __all__ = ["load_results", "render_html", "write_report"]
 
-_ORDER = {"demo": 0, "rescue": 1, "lr-sweep": 2, "activations": 3, "init": 4}
+_ORDER = {"demo": 0, "rescue": 1, "preprocessing": 2, "lr-sweep": 3, "activations": 4, "init": 5}
 
 _TITLES = {
-    "demo": "The demo: killing ReLU units with a large learning rate, then rescuing them",
+    "demo": "The demo: dead ReLU units at a large learning rate, and five ways on from the same checkpoint",
     "rescue": "Rescue comparison",
+    "preprocessing": "Preprocessing: inputs in [0, 1] vs standardised",
     "lr-sweep": "Learning-rate sweep: dead units vs learning rate",
     "activations": "Activation functions compared",
     "init": "Initialisation and depth: units born dead",
 }
 
 _CAPTIONS = {
-    "alive": "Alive units per hidden layer after every epoch of the high-learning-rate phase.",
-    "heatmap": "Every unit of every hidden layer at the checkpoint; black cells never fired on the training set.",
-    "rescue": "From the same checkpoint, each strategy trains for the same number of epochs.",
+    "layers": "Dead units per hidden layer after every epoch (training and validation set): median line and "
+              "min–max band over seeds; after the checkpoint (dashed) the network trains on with no rescue.",
+    "heatmap": "Every unit of every hidden layer at the checkpoint (first seed); black cells never fired on the "
+               "training set.",
+    "rescue": "One panel per strategy, same axes: from the same checkpoint and on the same batches, the last "
+              "hidden layer's dead units and the validation accuracy, median and min–max over seeds.",
     "bars": "Bars: mean over seeds; whiskers: min to max.",
     "depth": "Dead units at initialisation and after training, by depth and initialisation.",
 }
@@ -121,9 +125,18 @@ def _config_line(result: dict[str, Any]) -> str:
     return "; ".join(parts)
 
 
-def _section(result: dict[str, Any], index: int, images: bool) -> str:
+def _heading(result: dict[str, Any]) -> str:
+    """A result's heading: its finding when it has one (the demo's), else its experiment's title."""
     kind = result.get("experiment", "?")
-    title = result.get("title") or _TITLES.get(kind, kind)
+    finding = result.get("summary", {}).get("title")
+    if finding:
+        return f"{result.get('title') or _TITLES.get(kind, kind)} — {finding}"
+    return result.get("title") or _TITLES.get(kind, kind)
+
+
+def _section(result: dict[str, Any], index: int, images: bool, rendered: dict[str, dict[str, bytes]]) -> str:
+    kind = result.get("experiment", "?")
+    title = _heading(result)
     out = [f'<section id="{html.escape(kind)}-{index}"><h2>{html.escape(title)}</h2>']
     out.append(f'<p class="meta">{html.escape(_config_line(result))} — from {html.escape(result.get("_file", ""))}</p>')
     lines = result.get("summary", {}).get("lines", [])
@@ -133,7 +146,8 @@ def _section(result: dict[str, Any], index: int, images: bool) -> str:
     if images:
         from .plots import plot_pngs
 
-        for name, png in plot_pngs(result).items():
+        pngs = rendered.get(result.get("_file", "")) or plot_pngs(result)
+        for name, png in pngs.items():
             data = base64.b64encode(png).decode("ascii")
             caption = _CAPTIONS.get(name, "")
             out.append(
@@ -150,19 +164,28 @@ def _summary(results: Sequence[dict[str, Any]]) -> str:
     for r in results:
         lines = r.get("summary", {}).get("lines", [])
         if lines:
-            label = _TITLES.get(r.get("experiment", ""), r.get("experiment", ""))
+            label = _heading(r)
             items.append(f"<h3>{html.escape(label)}</h3><ul>" + "".join(
                 f"<li>{html.escape(l)}</li>" for l in lines) + "</ul>")
     return '<div class="summary"><h2 id="summary">Summary</h2>' + "".join(items) + "</div>"
 
 
-def render_html(results: Sequence[dict[str, Any]], *, images: bool = True, title: str = "deadrelu evidence report") -> str:
+def render_html(
+    results: Sequence[dict[str, Any]],
+    *,
+    images: bool = True,
+    title: str | None = None,
+    rendered: dict[str, dict[str, bytes]] | None = None,
+) -> str:
     """The full report page as a string.
 
     Args:
         results: result dicts (as :func:`load_results` returns them).
         images: embed the plots (needs matplotlib).
-        title: the page title.
+        title: the page title; by default the first result's finding (the demo's headline,
+            computed from its numbers), so the title never claims what the run did not show.
+        rendered: per result file name, plots already drawn from that very result (name → PNG
+            bytes), so a caller that just wrote them does not draw them twice.
 
     Raises:
         DeadReluError: when ``results`` is empty.
@@ -174,8 +197,11 @@ def render_html(results: Sequence[dict[str, Any]], *, images: bool = True, title
         raise DeadReluError("no results to report")
     from .. import __version__
 
+    if title is None:
+        finding = next((r["summary"]["title"] for r in results if r.get("summary", {}).get("title")), None)
+        title = f"deadrelu evidence: {finding}" if finding else "deadrelu evidence report"
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    sections = "\n".join(_section(r, i, images) for i, r in enumerate(results))
+    sections = "\n".join(_section(r, i, images, rendered or {}) for i, r in enumerate(results))
     return (
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
         # No external resources at all: the CSP tells the browser to refuse any that slip in.
@@ -193,8 +219,11 @@ def write_report(
     out: str | os.PathLike[str] | None = None,
     *,
     images: bool = True,
+    rendered: dict[str, dict[str, bytes]] | None = None,
 ) -> Path:
     """Render ``results_dir``'s saved results to ``out`` (default ``results_dir/report.html``); returns the path.
+
+    ``rendered`` passes plots already drawn, as :func:`render_html` takes them.
 
     Raises:
         DeadReluError: no results in the directory.
@@ -202,7 +231,7 @@ def write_report(
     Example:
         >>> path = write_report("deadrelu-demo")  # doctest: +SKIP
     """
-    page = render_html(load_results(results_dir), images=images)
+    page = render_html(load_results(results_dir), images=images, rendered=rendered)
     target = Path(out) if out is not None else Path(results_dir) / "report.html"
     target.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(target, page)

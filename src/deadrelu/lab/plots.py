@@ -16,9 +16,9 @@ from typing import Any, Sequence
 from .._imports import require
 
 __all__ = [
-    "alive_over_training",
+    "dead_by_layer",
     "firing_heatmap",
-    "rescue_curves",
+    "rescue_panels",
     "lr_sweep_bars",
     "activation_bars",
     "init_depth_lines",
@@ -35,8 +35,8 @@ def _plt() -> Any:
 
 
 def layer_labels(layers: Sequence[dict[str, Any]]) -> list[str]:
-    """Short display names ``L1``, ``L2``, ... (site name in brackets when it says more than the index)."""
-    return [f"L{i + 1}" for i in range(len(layers))]
+    """The hidden layers' names: their site names (``h1`` … for the lab's MLP), as scan and the live view say."""
+    return [str(layer.get("site", f"h{i + 1}")) for i, layer in enumerate(layers)]
 
 
 def figure_png(fig: Any) -> bytes:
@@ -48,39 +48,73 @@ def figure_png(fig: Any) -> bytes:
     return buf.getvalue()
 
 
-def _epoch_series(records: Sequence[dict[str, Any]], key: str) -> tuple[list[int], list[list[float]]]:
-    epochs = [r["epoch"] for r in records]
-    per_layer = [[r["layers"][i][key] for r in records] for i in range(len(records[0]["layers"]))]
-    return epochs, per_layer
+def _seed_series(
+    story: dict[str, Any], strategy: str, key: str, pick: Any,
+) -> tuple[list[int], list[list[float]]]:
+    """Epochs and one series per seed: initialisation, the shared phase, then ``strategy``; NaN where diverged."""
+    epochs: list[int] = []
+    series = []
+    for run in story["runs"]:
+        records = [run["initial"], *run["baseline"]["epochs"]]
+        continued = run["strategies"].get(strategy, {})
+        records += continued.get("epochs", [])
+        epochs = [r["epoch"] for r in records]
+        values, broken = [], False
+        for r in records:
+            broken = broken or bool(r.get("diverged"))
+            value = None if broken or r.get(key) is None else pick(r[key])
+            values.append(math.nan if value is None else value)
+        series.append(values)
+    return epochs, series
 
 
-def alive_over_training(story: dict[str, Any]) -> Any:
-    """Per-layer alive % (100 − dead %) after every epoch of the first (high-LR) phase.
+def _band(ax: Any, xs: Sequence[int], series: Sequence[Sequence[float]], color: Any, label: str) -> None:
+    """Median line and min–max band over seeds (NaN, i.e. diverged, seeds left out at that epoch)."""
+    np = require("numpy", "plot")
+    data = np.array(series, dtype=float)
+    with np.errstate(all="ignore"):
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # an epoch where every seed diverged is all-NaN
+            med, lo, hi = np.nanmedian(data, 0), np.nanmin(data, 0), np.nanmax(data, 0)
+    ax.plot(xs, med, color=color, marker="o", markersize=2.5, linewidth=1.6, label=label)
+    ax.fill_between(xs, lo, hi, color=color, alpha=0.18, linewidth=0)
+
+
+def dead_by_layer(story: dict[str, Any]) -> Any:
+    """Dead % per hidden layer per epoch, median line and min–max band over seeds, training and validation set.
+
+    Epoch 0 is the fresh network; the shared large-LR phase runs to the checkpoint (dashed
+    line), then the control (no rescue) continues, so the plot shows what the lesson's
+    setting does on its own.
 
     Example:
-        >>> fig = alive_over_training(story)  # doctest: +SKIP
+        >>> fig = dead_by_layer(story)  # doctest: +SKIP
     """
     plt = _plt()
-    records = [story["initial"], *story["baseline"]["epochs"]]
-    epochs, dead = _epoch_series(records, "dead_fraction")
-    labels = layer_labels(records[0]["layers"])
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for label, series in zip(labels, dead):
-        ax.plot(epochs, [100 * (1 - d) for d in series], marker="o", markersize=3, label=label)
-    diverged = [r["epoch"] for r in records if r.get("diverged")]
-    if diverged:
-        ax.axvline(diverged[0], color="red", linestyle=":", label=f"loss NaN (epoch {diverged[0]})")
+    names = layer_labels(story["checkpoint"]["layers"])
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), sharey=True)
+    colors = plt.get_cmap("viridis")([i / max(1, len(names) - 1) * 0.9 for i in range(len(names))])
+    for ax, key, where in ((axes[0], "layers", "training set"), (axes[1], "val_layers", "validation set")):
+        for j, (name, color) in enumerate(zip(names, colors)):
+            xs, series = _seed_series(story, "control", key, lambda layers, j=j: 100 * layers[j]["dead_fraction"])
+            _band(ax, xs, series, color, name)
+        ax.axvline(story["checkpoint"]["epoch"], color="gray", linestyle="--", linewidth=1)
+        ax.set_title(f"Dead units per hidden layer, {where}")
+        ax.set_xlabel("epoch (dashed: checkpoint; after it, no rescue)")
+        ax.grid(alpha=0.3)
     cfg = story["config"]
-    ax.set_title(f"Alive units per layer while training at LR {cfg['lr']:g} ({story['dataset']['name']})")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("alive units (% of layer)")
-    ax.set_ylim(-2, 102)
-    ax.grid(alpha=0.3)
-    ax.legend(title="hidden layer", fontsize=8, loc="lower left")
+    axes[0].set_ylabel(f"dead units (% of layer): median, band min–max of {len(story['runs'])} seeds")
+    axes[0].legend(title="hidden layer", fontsize=8, loc="upper right")
+    fig.suptitle(f"{story['dataset']['name']}, inputs {cfg.get('inputs', '')}, SGD at LR {cfg['lr']:g}, "
+                 f"batch {cfg['batch_size']}", fontsize=10)
     return fig
 
 
-def firing_heatmap(rates: Sequence[Sequence[float]], title: str = "Firing rate of every unit") -> Any:
+def firing_heatmap(
+    rates: Sequence[Sequence[float]], title: str = "Firing rate of every unit", names: Sequence[str] | None = None,
+) -> Any:
     """Unit grid, layers × units, coloured by firing rate; units that never fired are black.
 
     Example:
@@ -98,7 +132,8 @@ def firing_heatmap(rates: Sequence[Sequence[float]], title: str = "Firing rate o
     image = ax.imshow(np.ma.masked_where(dead | np.isnan(grid), grid), aspect="auto", cmap=cmap, vmin=0, vmax=1,
                       interpolation="nearest")
     ax.set_yticks(range(len(rates)))
-    ax.set_yticklabels([f"L{i + 1} ({int(dead[i].sum())} dead)" for i in range(len(rates))])
+    names = list(names) if names is not None else [f"h{i + 1}" for i in range(len(rates))]
+    ax.set_yticklabels([f"{names[i]} ({int(dead[i].sum())} dead)" for i in range(len(rates))])
     ax.set_xlabel("unit index")
     ax.set_title(f"{title}\n(black: dead — never fired on the training set)")
     bar = fig.colorbar(image, ax=ax, pad=0.01)
@@ -106,41 +141,39 @@ def firing_heatmap(rates: Sequence[Sequence[float]], title: str = "Firing rate o
     return fig
 
 
-def _strategy_items(story: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
-    return [(k, v) for k, v in story["strategies"].items() if "skipped" not in v]
+def rescue_panels(story: dict[str, Any]) -> Any:
+    """Small multiples, one column per strategy on the same axes: last-layer dead % and validation accuracy.
 
+    Each panel draws the median over seeds with a min–max band, from the checkpoint on; the
+    panel's title says how many seeds diverged (they are left out of the band from then on).
 
-def rescue_curves(story: dict[str, Any]) -> Any:
-    """Dead % (all layers) and validation accuracy per epoch: the shared high-LR phase, then one line per strategy."""
+    Example:
+        >>> fig = rescue_panels(story)  # doctest: +SKIP
+    """
     plt = _plt()
-    base = [story["initial"], *story["baseline"]["epochs"]]
-    fig, (ax_dead, ax_acc) = plt.subplots(1, 2, figsize=(12, 4.2))
-
-    def total_dead(r: dict[str, Any]) -> float:
-        units = sum(layer["units"] for layer in r["layers"])
-        return 100 * sum(layer["dead"] for layer in r["layers"]) / units
-
-    def acc(r: dict[str, Any]) -> float:
-        v = r.get("val_accuracy")
-        return math.nan if v is None else 100 * v
-
-    x0 = [r["epoch"] for r in base]
-    ax_dead.plot(x0, [total_dead(r) for r in base], color="black", linewidth=2, label="shared phase")
-    ax_acc.plot(x0, [acc(r) for r in base], color="black", linewidth=2, label="shared phase")
-    for _, v in _strategy_items(story):
-        recs = [base[-1], *v["epochs"]]
-        xs = [r["epoch"] for r in recs]
-        ax_dead.plot(xs, [total_dead(r) for r in recs], marker=".", label=v["label"])
-        ax_acc.plot(xs, [acc(r) for r in recs], marker=".", label=v["label"])
-    for ax in (ax_dead, ax_acc):
-        ax.axvline(story["checkpoint"]["epoch"], color="gray", linestyle="--", linewidth=1)
-        ax.set_xlabel("epoch (dashed line: checkpoint)")
-        ax.grid(alpha=0.3)
-    ax_dead.set_ylabel("dead units (% of all hidden units)")
-    ax_dead.set_title("Dead units: rescues from the same checkpoint")
-    ax_acc.set_ylabel("validation accuracy (%)")
-    ax_acc.set_title("Validation accuracy")
-    ax_acc.legend(fontsize=8, loc="lower right")
+    items = [(k, v) for k, v in story["strategies"].items() if "skipped" not in v]
+    n = len(story["runs"])
+    fig, axes = plt.subplots(2, max(1, len(items)), figsize=(3.1 * max(1, len(items)), 5.6), sharex=True,
+                             sharey="row", squeeze=False)
+    cp = story["checkpoint"]["epoch"]
+    last = layer_labels(story["checkpoint"]["layers"])[-1]
+    for col, (name, v) in enumerate(items):
+        xs, dead = _seed_series(story, name, "layers", lambda layers: 100 * layers[-1]["dead_fraction"])
+        _, acc = _seed_series(story, name, "val_accuracy", lambda a: 100 * a)
+        keep = [i for i, x in enumerate(xs) if x >= cp]
+        xs = [xs[i] for i in keep]
+        _band(axes[0][col], xs, [[s[i] for i in keep] for s in dead], "tab:red", "median")
+        _band(axes[1][col], xs, [[s[i] for i in keep] for s in acc], "tab:green", "median")
+        axes[0][col].set_title(f"{v['label']}\n{v['diverged_seeds']}/{n} seeds diverged", fontsize=9)
+        axes[1][col].set_xlabel("epoch")
+        for ax in (axes[0][col], axes[1][col]):
+            ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel(f"{last} dead (% of layer)")
+    axes[0][0].set_ylim(-2, 102)
+    axes[1][0].set_ylabel("validation accuracy (%)")
+    axes[1][0].set_ylim(-2, 102)
+    fig.suptitle(f"From the same checkpoint (epoch {cp}), the same batches: median and min–max of {n} seeds",
+                 fontsize=10)
     return fig
 
 
@@ -226,13 +259,14 @@ def _figures(result: dict[str, Any]) -> dict[str, Any]:
     """Name → figure for every plot of one result (by its ``experiment``)."""
     kind = result.get("experiment")
     if kind in ("demo", "rescue"):
-        figs = {
-            "alive": alive_over_training(result),
-            "heatmap": firing_heatmap(result["checkpoint"]["firing_rates"],
-                                      f"Firing rate of every unit at the checkpoint (epoch {result['checkpoint']['epoch']})"),
-            "rescue": rescue_curves(result),
+        cp = result["checkpoint"]
+        return {
+            "layers": dead_by_layer(result),
+            "heatmap": firing_heatmap(cp["firing_rates"], f"Firing rate of every unit at the checkpoint (epoch "
+                                      f"{cp['epoch']}, seed {result['config']['seed']})",
+                                      layer_labels(cp["layers"])),
+            "rescue": rescue_panels(result),
         }
-        return figs
     if kind == "lr-sweep":
         return {"bars": lr_sweep_bars(result)}
     if kind == "activations":
@@ -247,8 +281,12 @@ def plot_pngs(result: dict[str, Any]) -> dict[str, bytes]:
     return {name: figure_png(fig) for name, fig in _figures(result).items()}
 
 
-def plots_for(result: dict[str, Any], out_dir: str | os.PathLike[str]) -> dict[str, Path]:
+def plots_for(
+    result: dict[str, Any], out_dir: str | os.PathLike[str], pngs: dict[str, bytes] | None = None,
+) -> dict[str, Path]:
     """Write every plot of one result as ``<experiment>-<name>.png`` in ``out_dir``; returns the paths.
+
+    ``pngs`` are the plots already drawn by :func:`plot_pngs` (drawn here when None).
 
     Example:
         >>> paths = plots_for(result, "out")  # doctest: +SKIP
@@ -256,7 +294,7 @@ def plots_for(result: dict[str, Any], out_dir: str | os.PathLike[str]) -> dict[s
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {}
-    for name, png in plot_pngs(result).items():
+    for name, png in (plot_pngs(result) if pngs is None else pngs).items():
         path = out / f"{result['experiment']}-{name}.png"
         path.write_bytes(png)
         paths[f"plot:{name}"] = path

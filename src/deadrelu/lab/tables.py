@@ -6,49 +6,80 @@ results only, so a table looks the same live and from ``results.json``.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 from ..errors import DeadReluError
+from .verdicts import median_or_none, span
 
 __all__ = ["result_table", "rescue_table"]
 
 
+def _med(values: Sequence[float | None]) -> str:
+    m = median_or_none(values)
+    return "diverged" if m is None else f"{100 * m:.1f}"
+
+
+def _rng(values: Sequence[float | None]) -> str:
+    r = span(values)
+    return "-" if r is None else f"{100 * r[0]:.1f}-{100 * r[1]:.1f}"
+
+
+def _layer_medians(per_seed: Sequence[Sequence[float] | None], n_layers: int) -> list[str]:
+    return [_med([None if v is None else v[j] for v in per_seed]) for j in range(n_layers)]
+
+
 def rescue_table(story: dict[str, Any]) -> list[list[str]]:
-    """Rows (header first) of the rescue table: dead % per layer, overall, accuracy and cost."""
-    layers = [f"L{i + 1}" for i in range(len(story["checkpoint"]["layers"]))]
-    header = ["strategy"] + [f"dead% {name}" for name in layers] + ["dead% all", "val acc%", "train s", "extra"]
+    """Rows (header first) of the rescue table, over seeds.
+
+    Per hidden layer, the median dead % on the training set; for the last layer also its
+    range over seeds and its median on the validation set; then validation accuracy
+    (median, range), diverged seeds and the median training seconds. A seed that diverged
+    is left out of medians and counted under "diverged"; a strategy that diverged in every
+    seed shows "diverged" instead of numbers.
+    """
+    runs = story["runs"]
+    n = len(runs)
+    names = [layer["site"] for layer in story["checkpoint"]["layers"]]
+    last = names[-1]
+    header = (["strategy"] + [f"dead% {name}" for name in names]
+              + [f"{last} min-max", f"{last} val", "val acc%", "acc min-max", "diverged", "train s", "extra"])
     rows = [header]
+    born = [[layer["dead_fraction"] for layer in r["initial"]["layers"]] for r in runs]
+    born_val = [r["initial"]["val_layers"][-1]["dead_fraction"] for r in runs]
+    acc0 = [r["initial"]["val_accuracy"] for r in runs]
+    rows.append(["initialisation (epoch 0)"] + _layer_medians(born, len(names))
+                + [_rng([b[-1] for b in born]), _med(born_val), _med(acc0), _rng(acc0), f"0/{n}", "", ""])
     cp = story["checkpoint"]
+    per_seed = [None if r["checkpoint"]["diverged"] else [layer["dead_fraction"] for layer in r["checkpoint"]["layers"]]
+                for r in runs]
     rows.append(
-        [f"checkpoint (epoch {cp['epoch']})"]
-        + [f"{100 * r['dead_fraction']:.1f}" for r in cp["layers"]]
-        + [f"{100 * cp['dead_fraction']:.1f}", _pct_or_nan(cp["val_accuracy"]), f"{story['baseline']['train_seconds']:.1f}", ""]
+        [f"checkpoint (epoch {cp['epoch']})"] + _layer_medians(per_seed, len(names))
+        + [_rng(cp["last_layer_dead_fraction_by_seed"]), _med(cp["val_last_layer_dead_fraction_by_seed"]),
+           _med(cp["val_accuracy_by_seed"]), _rng(cp["val_accuracy_by_seed"]), f"{cp['diverged_seeds']}/{n}",
+           f"{median_or_none(cp['train_seconds_by_seed']):.1f}", ""]
     )
-    for v in story["strategies"].values():
+    for name, v in story["strategies"].items():
         if "skipped" in v:
-            rows.append([v["label"]] + ["-"] * (len(layers) + 3) + ["not available"])
+            rows.append([v["label"]] + ["-"] * (len(names) + 7) + ["not available"])
             continue
+        per_seed = [None if d else [layer["dead_fraction"] for layer in r["strategies"][name]["final"]]
+                    for r, d in zip(runs, v["diverged_by_seed"])]
         cost = v["cost"]
         extra = []
         if cost["extra_params"]:
             extra.append(f"{cost['extra_params']:+d} params")
         if cost["units_reinitialised"]:
-            extra.append(f"{cost['units_reinitialised']} unit reset(s)")
+            extra.append(f"{cost['units_reinitialised']:g} unit resets (median)")
         if cost["activations_swapped"]:
             extra.append(f"{cost['activations_swapped']} swapped")
-        if v["diverged"]:
-            extra.append("diverged")
+        seconds = cost["seconds"]
         rows.append(
-            [v["label"]]
-            + [f"{100 * r['dead_fraction']:.1f}" for r in v["final"]]
-            + [f"{100 * v['final_dead_fraction']:.1f}", _pct_or_nan(v["val_accuracy"]), f"{cost['train_seconds']:.1f}",
-               ", ".join(extra) or "none"]
+            [v["label"]] + _layer_medians(per_seed, len(names))
+            + [_rng(v["last_layer_dead_fraction_by_seed"]), _med(v["val_last_layer_dead_fraction_by_seed"]),
+               _med(v["val_accuracy_by_seed"]), _rng(v["val_accuracy_by_seed"]), f"{v['diverged_seeds']}/{n}",
+               "-" if seconds is None else f"{seconds:.1f}", ", ".join(extra) or "none"]
         )
     return rows
-
-
-def _pct_or_nan(v: float | None) -> str:
-    return "nan" if v is None else f"{100 * v:.1f}"
 
 
 def _pct(v: float | None) -> str:
@@ -66,6 +97,17 @@ def result_table(result: dict[str, Any]) -> list[list[str]]:
     kind = result["experiment"]
     if kind in ("rescue", "demo"):
         return rescue_table(result)
+    if kind == "preprocessing":
+        names = result["rows"][0]["layers"]
+        last = names[-1]
+        rows = [["inputs", "epoch"] + [f"dead% {n}" for n in names] + [f"{last} min-max", f"{last} val", "diverged"]]
+        for r in result["rows"]:
+            cells = [r["inputs"], str(r["epoch"])] + [_pct(m) for m in r["dead_fraction_median"]]
+            lo_hi = r["last_layer_range"]
+            cells += ["-" if lo_hi is None else f"{100 * lo_hi[0]:.1f}-{100 * lo_hi[1]:.1f}",
+                      _pct(r["val_dead_fraction_median"][-1]), f"{r['diverged']}/{r['seeds']}"]
+            rows.append(cells)
+        return rows
     if kind == "lr-sweep":
         n = len(result["hidden"])
         header = ["LR"] + [f"dead% L{j + 1} mean [min-max]" for j in range(n)] + ["dead units (mean)", "diverged", "val MSE"]

@@ -1,10 +1,15 @@
-"""Shared training pieces of the demo and the experiments: MLP builder, epochs, exact per-epoch stats."""
+"""Shared training pieces of the demo and the experiments: MLP builder, epochs, exact per-epoch stats.
+
+The MLP's modules are named ``fc1, h1, fc2, h2, …, out`` (``h`` for the hidden layer's
+activation), so a hidden layer has one name everywhere: in :func:`deadrelu.scan`'s sites,
+in the monitor's live view, in the demo's tables, plots and report.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import math
-import sys
+from collections import OrderedDict
 from typing import Any, Iterator, Sequence
 
 import torch
@@ -12,8 +17,14 @@ from torch import nn
 
 from .datasets import Dataset
 from ..errors import DeadReluError
+from ..core.inputs import ProgressBar, kept_training_flags
 from ..core.report import Report
 from ..core.scan import scan
+
+__all__ = [
+    "ACTIVATIONS", "INITS", "ProgressBar", "build_mlp", "epoch_record", "evaluate", "firing_rates", "init_linear",
+    "layer_stats", "loss_of", "make_activation", "torch_threads", "train_epoch",
+]
 
 ACTIVATIONS = ("relu", "leaky_relu", "prelu", "elu", "selu", "gelu", "silu")
 INITS = ("default", "he", "he_bias", "lecun")
@@ -60,21 +71,34 @@ def build_mlp(
     init: str = "he",
     seed: int = 0,
 ) -> nn.Sequential:
-    """``Linear → activation`` per hidden width, then a linear head; weights drawn from ``seed``."""
+    """``Linear → activation`` per hidden width, then a linear head; weights drawn from ``seed``.
+
+    Modules are named ``fc1, h1, fc2, h2, …, out``: the activation of hidden layer ``k`` is ``hk``.
+
+    >>> build_mlp(4, (8, 8), 2)
+    Sequential(
+      (fc1): Linear(in_features=4, out_features=8, bias=True)
+      (h1): ReLU()
+      (fc2): Linear(in_features=8, out_features=8, bias=True)
+      (h2): ReLU()
+      (out): Linear(in_features=8, out_features=2, bias=True)
+    )
+    """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        layers: list[nn.Module] = []
+        layers: OrderedDict[str, nn.Module] = OrderedDict()
         width = features
-        for h in hidden:
+        for k, h in enumerate(hidden, start=1):
             lin = nn.Linear(width, h)
             init_linear(lin, init)
-            layers += [lin, make_activation(activation)]
+            layers[f"fc{k}"] = lin
+            layers[f"h{k}"] = make_activation(activation)
             width = h
         head = nn.Linear(width, outputs)
         if init == "lecun":
             init_linear(head, "lecun")
-        layers.append(head)
-        return nn.Sequential(*layers)
+        layers["out"] = head
+        return nn.Sequential(layers)
 
 
 def loss_of(model: nn.Module, x: torch.Tensor, y: torch.Tensor, task: str) -> torch.Tensor:
@@ -115,17 +139,14 @@ def train_epoch(
 @torch.no_grad()
 def evaluate(model: nn.Module, ds: Dataset) -> float:
     """Validation accuracy (classification) or validation MSE (regression); NaN outputs count as wrong."""
-    was = model.training
-    model.eval()
-    try:
+    with kept_training_flags(model):
+        model.eval()
         out = model(ds.x_val)
-        if ds.task == "classification":
-            # argmax of a NaN row is an arbitrary class; a diverged model must not score chance accuracy.
-            ok = torch.isfinite(out).all(1) & (out.argmax(1) == ds.y_val)
-            return float(ok.float().mean())
-        return float(nn.functional.mse_loss(out, ds.y_val))
-    finally:
-        model.train(was)
+    if ds.task == "classification":
+        # argmax of a NaN row is an arbitrary class; a diverged model must not score chance accuracy.
+        ok = torch.isfinite(out).all(1) & (out.argmax(1) == ds.y_val)
+        return float(ok.float().mean())
+    return float(nn.functional.mse_loss(out, ds.y_val))
 
 
 def layer_stats(report: Report) -> list[dict[str, Any]]:
@@ -149,48 +170,33 @@ def layer_stats(report: Report) -> list[dict[str, Any]]:
     return rows
 
 
-def epoch_record(model: nn.Module, ds: Dataset, epoch: int, loss: float, seconds: float) -> tuple[dict[str, Any], Report]:
-    """Exact statistics after one epoch: a scan over the whole training split plus validation score."""
+def epoch_record(
+    model: nn.Module, ds: Dataset, epoch: int, loss: float, seconds: float, *, validation_scan: bool = False,
+) -> tuple[dict[str, Any], Report]:
+    """Exact statistics after one epoch: a scan over the whole training split plus validation score.
+
+    With ``validation_scan`` the record also holds ``val_layers``: the same per-layer counts
+    over the validation split (a unit can be dead on one split and alive on the other). A
+    model with NaN/Inf units counts as diverged even when the epoch's loss was finite.
+    """
     report = scan(model, ds.x_train, batch_size=1024)
     metric = evaluate(model, ds)
-    record = {
+    record: dict[str, Any] = {
         "epoch": epoch,
         "train_loss": loss if math.isfinite(loss) else None,
-        "diverged": not math.isfinite(loss),
+        "diverged": not math.isfinite(loss) or report.nonfinite > 0,
         "val_accuracy" if ds.task == "classification" else "val_mse": metric if math.isfinite(metric) else None,
         "seconds": seconds,
         "layers": layer_stats(report),
     }
+    if validation_scan:
+        record["val_layers"] = layer_stats(scan(model, ds.x_val, batch_size=1024))
     return record, report
 
 
 def firing_rates(report: Report) -> list[list[float]]:
     """Per site, the per-unit firing rates (for the unit-grid heatmap)."""
     return [[round(r, 6) for r in s.firing_rate] for s in report.sites]
-
-
-class Bar:
-    """A tqdm progress bar on stderr when tqdm is installed and enabled; otherwise it does nothing."""
-
-    def __init__(self, total: int, desc: str, enabled: bool = True) -> None:
-        self.bar = None
-        if enabled:
-            try:
-                from tqdm.auto import tqdm
-            except ImportError:
-                tqdm = None
-            if tqdm is not None:
-                self.bar = tqdm(total=total, desc=desc, file=sys.stderr, leave=False, dynamic_ncols=True)
-
-    def update(self, n: int = 1, **postfix: Any) -> None:
-        if self.bar is not None:
-            if postfix:
-                self.bar.set_postfix(postfix, refresh=False)
-            self.bar.update(n)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
 
 
 @contextlib.contextmanager
