@@ -9,6 +9,15 @@
 
 from __future__ import annotations
 
+import warnings as _warnings
+
+with _warnings.catch_warnings():
+    # torch imports fine without numpy but warns "Failed to initialize NumPy" while doing so
+    # (torch/_subclasses/functional_tensor.py); numpy is an optional extra here, so a base
+    # install must not print that on every command. Once torch is imported the filter is gone.
+    _warnings.filterwarnings("ignore", message="Failed to initialize NumPy", category=UserWarning)
+    import torch as _torch  # noqa: F401
+
 from .core.capture import ACTIVATION_FUNCTIONS, ACTIVATION_MODULES, ActivationCapture
 from .errors import (
     DataError,

@@ -101,6 +101,8 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=_positive_int, default=64, help="SGD mini-batch size (64)")
     p.add_argument("--standardize", action="store_true",
                    help="standardise the inputs (zero mean, unit variance per feature) instead of pixels in [0, 1]")
+    p.add_argument("--workers", type=_positive_int, default=None, metavar="N",
+                   help="processes training seeds in parallel (default: one per CPU core); numbers do not change")
     p.add_argument("--out", default="deadrelu-demo", metavar="DIR", help="output directory (deadrelu-demo)")
     p.add_argument("--live", action=argparse.BooleanOptionalAction, default=None,
                    help="show the monitor's live view while the first seed trains "
@@ -129,6 +131,7 @@ def demo_command(args: argparse.Namespace) -> dict[str, Any]:
         seeds=args.seeds,
         batch_size=args.batch_size,
         standardize=args.standardize,
+        workers=args.workers,
         out=args.out,
         data_dir=args.data_dir,
         live=live,

@@ -339,6 +339,43 @@ def _config(ds: Dataset, setting: DemoSetting, seeds: Sequence[int], standardize
     }
 
 
+def _cores() -> int:
+    """CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _run_seeds(
+    ds: Dataset, seeds: Sequence[int], setting: DemoSetting, live: bool, progress: bool, workers: int,
+) -> list[dict[str, Any]]:
+    """One :func:`rescue_story` per seed, in order; with ``workers > 1`` seeds train in parallel processes.
+
+    Each seed trains single-threaded, so a seed gives the same numbers in a worker as in this
+    process. With ``live``, the first seed trains here (its live view needs this terminal).
+    """
+    if workers <= 1 or len(seeds) == 1:
+        return [rescue_story(ds, seed=s, setting=setting, live=live and i == 0, progress=progress)
+                for i, s in enumerate(seeds)]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    here = tuple(seeds[:1]) if live else ()
+    rest = tuple(seeds[len(here):])
+    bar = ProgressBar(progress and not live, len(seeds), f"{len(seeds)} seeds on {workers} processes", unit="seed")
+    # spawn, not fork: forking a process whose torch has started threads can deadlock.
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=min(len(rest), max(1, workers - len(here))), mp_context=context) as pool:
+        futures = [pool.submit(rescue_story, ds, seed=s, setting=setting, live=False, progress=False) for s in rest]
+        runs = [rescue_story(ds, seed=s, setting=setting, live=True, progress=False) for s in here]
+        for future in futures:
+            runs.append(future.result())
+            bar.update(1)
+    bar.close()
+    return runs
+
+
 def seeds_story(
     ds: Dataset,
     *,
@@ -347,6 +384,7 @@ def seeds_story(
     standardize: bool = False,
     live: bool = False,
     progress: bool = True,
+    workers: int = 1,
 ) -> dict[str, Any]:
     """:func:`rescue_story` for every seed, put together: medians, ranges and a verdict per claim.
 
@@ -358,6 +396,8 @@ def seeds_story(
         standardize: recorded in the config (the data set is already loaded accordingly).
         live: show the monitor's live view for the first seed.
         progress: show progress bars.
+        workers: processes that train seeds in parallel (1: all in this process). The
+            numbers do not depend on it.
 
     Returns:
         The evidence dict written to ``results.json``: ``runs`` (one :func:`rescue_story` per
@@ -375,8 +415,7 @@ def seeds_story(
     if not seeds:
         raise DeadReluError("the demo needs at least one seed")
     setting.check(ds)
-    runs = [rescue_story(ds, seed=s, setting=setting, live=live and i == 0, progress=progress)
-            for i, s in enumerate(seeds)]
+    runs = _run_seeds(ds, tuple(seeds), setting, live, progress, workers)
     story: dict[str, Any] = {
         "kind": "deadrelu.evidence",
         "schema_version": SCHEMA_VERSION,
@@ -432,6 +471,7 @@ def run_demo(
     seeds: int = 5,
     batch_size: int = 64,
     standardize: bool = False,
+    workers: int | None = None,
     out: str | os.PathLike[str] = "deadrelu-demo",
     data_dir: str | None = None,
     live: bool = False,
@@ -450,6 +490,8 @@ def run_demo(
         seeds: how many seeds.
         batch_size: SGD mini-batch size.
         standardize: standardise the inputs instead of the lesson's [0, 1] pixels.
+        workers: processes training seeds in parallel (default: one per CPU core, at most one
+            per seed); the numbers do not depend on it.
         out: output directory (created).
         data_dir: where local data files are (mnist, mnist1d).
         live: show the monitor's live view while the first seed trains.
@@ -471,8 +513,10 @@ def run_demo(
         raise DeadReluError(f"seeds must be at least 1, got {seeds}")
     ds = load_dataset(dataset, data_dir=data_dir, seed=seed, standardize=standardize)
     setting = DemoSetting(checkpoint_epoch=checkpoint_epoch, epochs=epochs, lr=lr, batch_size=batch_size)
+    if workers is None:
+        workers = min(seeds, _cores())
     story = seeds_story(ds, seeds=tuple(range(seed, seed + seeds)), setting=setting, standardize=standardize,
-                        live=live, progress=progress)
+                        live=live, progress=progress, workers=workers)
     story["experiment"] = "demo"
     story["outputs"] = _write_outputs(story, Path(out), plots, html, t0)
     story["wall_seconds"] = time.perf_counter() - t0
