@@ -18,6 +18,7 @@ with _warnings.catch_warnings():
     _warnings.filterwarnings("ignore", message="Failed to initialize NumPy", category=UserWarning)
     import torch as _torch  # noqa: F401
 
+from .core.activations import register_activation
 from .core.capture import ACTIVATION_FUNCTIONS, ACTIVATION_MODULES, ActivationCapture
 from .errors import (
     DataError,
@@ -69,6 +70,7 @@ __all__ = [
     "ActivationCapture",
     "ACTIVATION_FUNCTIONS",
     "ACTIVATION_MODULES",
+    "register_activation",
     "DeadReluError",
     "DataError",
     "ForwardError",

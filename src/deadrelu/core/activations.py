@@ -2,7 +2,13 @@
 which outputs are never negative, and which are exactly zero when a unit is dead.
 
 Every part of deadrelu (capture, the compiled-model capture, the monitor, surgery, advice) asks
-this module; adding an activation means adding one :class:`Activation` row here.
+this module; adding an activation means adding one :class:`Activation` row here, or calling
+:func:`register_activation` for a class of your own.
+
+Module classes are recognised three ways, in this order: the exact ``torch.nn`` class (and its
+subclasses); a class registered with :func:`register_activation`; a class whose *name* is one of
+the well-known hand-written activations of transformers, timm, CLIP and open_clip
+(:data:`KNOWN_MODULE_NAMES`) — by name, so those libraries are never imported.
 
 >>> from deadrelu.core.activations import ACTIVATIONS, function_of_module
 >>> ACTIVATIONS["relu"].zero_when_dead, ACTIVATIONS["gelu"].nonnegative
@@ -14,6 +20,7 @@ this module; adding an activation means adding one :class:`Activation` row here.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from torch import nn
@@ -26,7 +33,10 @@ __all__ = [
     "NONNEGATIVE_FUNCTIONS",
     "ZERO_WHEN_DEAD_FUNCTIONS",
     "MODULE_FUNCTIONS",
+    "KNOWN_MODULE_NAMES",
     "function_of_module",
+    "register_activation",
+    "looks_like_activation",
 ]
 
 
@@ -35,17 +45,21 @@ class Activation:
     """One activation function and the module class that calls it.
 
     Attributes:
-        function: base name of the torch function (``relu``; in-place ``relu_`` maps here too).
+        function: base name of the torch function (``relu``; in-place ``relu_`` maps here too),
+            or a deadrelu name for activations that exist only as hand-written modules
+            (``quick_gelu``, ``hard_mish``, ``relu_squared``).
         module: the ``torch.nn`` class whose forward calls it, or None (``hardtanh`` has subclasses only).
         nonnegative: the output is never negative (or NaN), so ``|h| == h`` and one abs pass is saved.
         zero_when_dead: a unit that never fires outputs exactly 0, so removing it changes nothing
             downstream (prune may drop it without folding a constant).
+        torch_function: a torch function of this name exists, so functional calls are sites too.
     """
 
     function: str
     module: type[nn.Module] | None
     nonnegative: bool = False
     zero_when_dead: bool = False
+    torch_function: bool = True
 
 
 ACTIVATIONS: dict[str, Activation] = {
@@ -65,33 +79,149 @@ ACTIVATIONS: dict[str, Activation] = {
         Activation("hardswish", nn.Hardswish),
         Activation("softplus", nn.Softplus, nonnegative=True),
         Activation("hardtanh", None),
+        # Hand-written only: no torch function of that name, recognised as modules.
+        Activation("quick_gelu", None, torch_function=False),
+        Activation("hard_mish", None, torch_function=False),
+        Activation("relu_squared", None, nonnegative=True, zero_when_dead=True, torch_function=False),
     )
 }
 
-#: Activation functions captured (base names; in-place ``name_`` variants included).
-ACTIVATION_FUNCTIONS = frozenset(ACTIVATIONS)
+#: Well-known hand-written activation classes (by class name) and the function each computes.
+#: transformers.activations, BLOOM, timm.layers.activations(_me), CLIP / open_clip, x-transformers.
+KNOWN_MODULE_NAMES: dict[str, str] = {
+    "GELUActivation": "gelu",
+    "NewGELUActivation": "gelu",
+    "FastGELUActivation": "gelu",
+    "AccurateGELUActivation": "gelu",
+    "ClippedGELUActivation": "gelu",
+    "PytorchGELUTanh": "gelu",
+    "GELUTanh": "gelu",
+    "BloomGelu": "gelu",
+    "GeLU": "gelu",
+    "QuickGELUActivation": "quick_gelu",
+    "QuickGELU": "quick_gelu",
+    "SiLUActivation": "silu",
+    "Swish": "silu",
+    "SwishMe": "silu",
+    "MishActivation": "mish",
+    "MishMe": "mish",
+    "HardSwish": "hardswish",
+    "HardSwishMe": "hardswish",
+    "HardMish": "hard_mish",
+    "HardMishMe": "hard_mish",
+    "ReLUSquaredActivation": "relu_squared",
+    "ReluSquared": "relu_squared",
+    "SquaredReLU": "relu_squared",
+}
 
-#: Activation module classes (their forward calls one of ACTIVATION_FUNCTIONS).
+#: Activation functions captured as functional calls (base names; in-place ``name_`` variants included).
+ACTIVATION_FUNCTIONS = frozenset(a.function for a in ACTIVATIONS.values() if a.torch_function)
+
+#: Activation module classes of torch.nn (their forward calls one of ACTIVATION_FUNCTIONS).
 ACTIVATION_MODULES: tuple[type[nn.Module], ...] = tuple(a.module for a in ACTIVATIONS.values() if a.module)
 
-#: Functions whose output is never negative: ``|h| = h``.
-NONNEGATIVE_FUNCTIONS = frozenset(a.function for a in ACTIVATIONS.values() if a.nonnegative)
+#: Functions whose output is never negative: ``|h| = h`` (grows with :func:`register_activation`).
+NONNEGATIVE_FUNCTIONS: set[str] = {a.function for a in ACTIVATIONS.values() if a.nonnegative}
 
 #: Functions whose output is exactly zero for a unit that never fires (at firing threshold <= 0).
-ZERO_WHEN_DEAD_FUNCTIONS = frozenset(a.function for a in ACTIVATIONS.values() if a.zero_when_dead)
+ZERO_WHEN_DEAD_FUNCTIONS: set[str] = {a.function for a in ACTIVATIONS.values() if a.zero_when_dead}
 
 #: Activation module class name -> function name (TorchScript and exported programs keep only names).
 MODULE_FUNCTIONS: dict[str, str] = {a.module.__name__: a.function for a in ACTIVATIONS.values() if a.module}
 
 _BY_CLASS: dict[type[nn.Module], str] = {a.module: a.function for a in ACTIVATIONS.values() if a.module}
+_REGISTERED: dict[type, str] = {}  # user classes (register_activation)
+_REGISTERED_NAMES: dict[str, str] = {}  # user class names, "pkg.mod.Class" or "Class"
+
+
+def register_activation(
+    cls: type[nn.Module] | str,
+    function: str | None = None,
+    *,
+    nonnegative: bool = False,
+    zero_when_dead: bool = False,
+) -> None:
+    """Make a module class of your own an activation site: its output is one site, and activation
+    calls made inside it are not separate sites.
+
+    Args:
+        cls: the class, or its name (``"Class"`` or ``"package.module.Class"``) when you would
+            rather not import it.
+        function: the activation's name in reports (default: the class name in lower case).
+        nonnegative: the output is never negative (saves the ``|h|`` pass).
+        zero_when_dead: a unit that never fires outputs exactly 0 (lets prune drop it outright).
+
+    Raises:
+        TypeError: for something that is neither an ``nn.Module`` subclass nor a string.
+
+    Example:
+        >>> import torch, deadrelu
+        >>> class Squash(torch.nn.Module):
+        ...     def forward(self, x):
+        ...         return x.clamp(min=0) ** 2
+        >>> deadrelu.register_activation(Squash, "squash", nonnegative=True, zero_when_dead=True)
+        >>> net = torch.nn.Sequential(torch.nn.Linear(3, 5), Squash())
+        >>> deadrelu.scan(net, torch.randn(16, 3)).sites[0].function
+        'squash'
+    """
+    if isinstance(cls, str):
+        name = function or cls.rsplit(".", 1)[-1].lower()
+        _REGISTERED_NAMES[cls] = name
+    elif isinstance(cls, type) and issubclass(cls, nn.Module):
+        name = function or cls.__name__.lower()
+        _REGISTERED[cls] = name
+    else:
+        raise TypeError(f"register_activation takes an nn.Module subclass or a class name, not {cls!r}")
+    if nonnegative:
+        NONNEGATIVE_FUNCTIONS.add(name)
+    if zero_when_dead:
+        ZERO_WHEN_DEAD_FUNCTIONS.add(name)
 
 
 def function_of_module(module: nn.Module) -> str | None:
-    """The activation function a module instance stands for (exact class first, then subclasses)."""
-    name = _BY_CLASS.get(type(module))
+    """The activation function a module instance stands for, or None.
+
+    Exact torch.nn class first, then registered classes and names, then torch.nn subclasses, then
+    the known hand-written class names (:data:`KNOWN_MODULE_NAMES`) along the class's MRO.
+    """
+    cls = type(module)
+    name = _BY_CLASS.get(cls) or _REGISTERED.get(cls)
     if name is not None:
         return name
-    for cls, fn in _BY_CLASS.items():
-        if isinstance(module, cls):
+    for klass in cls.__mro__:
+        if klass in _REGISTERED:
+            return _REGISTERED[klass]
+        for key in (f"{klass.__module__}.{klass.__qualname__}", f"{klass.__module__}.{klass.__name__}", klass.__name__):
+            name = _REGISTERED_NAMES.get(key)
+            if name is not None:
+                return name
+    for base, fn in _BY_CLASS.items():
+        if isinstance(module, base):
             return fn
+    for klass in cls.__mro__:
+        name = KNOWN_MODULE_NAMES.get(klass.__name__)
+        if name is not None:
+            return name
     return None
+
+
+_ACTIVATION_LIKE = re.compile(r"(?i)(gelu|relu|elu$|silu|swish|mish|softplus|squash|snake|activation|^act|act$)")
+
+
+def looks_like_activation(module: nn.Module) -> bool:
+    """A module that is probably an activation nobody told deadrelu about: not a known activation,
+    not torch's own, a leaf without parameters, with an activation-like class name.
+
+    >>> import torch
+    >>> class MyAct(torch.nn.Module):
+    ...     def forward(self, x):
+    ...         return x * torch.sigmoid(x)
+    >>> looks_like_activation(MyAct()), looks_like_activation(torch.nn.Tanh())
+    (True, False)
+    """
+    cls = type(module)
+    if cls.__module__.startswith("torch.") or function_of_module(module) is not None:
+        return False
+    if next(iter(module.children()), None) is not None or next(iter(module.parameters()), None) is not None:
+        return False
+    return bool(_ACTIVATION_LIKE.search(cls.__name__))

@@ -2,49 +2,103 @@
 
 How sites are found
 -------------------
-A ``TorchFunctionMode`` is active only while the model's forward runs. It sees every
-torch call made by any module's ``forward`` — ``F.relu``, ``torch.relu``,
-``Tensor.relu_``, and also the functional call inside ``nn.ReLU.forward`` or inside
-another library's thin wrapper such as a ``GELUActivation`` class — so activation
-modules and functional calls are captured by one mechanism and no library has to be
-listed. Forward pre/post hooks on every submodule keep a stack of which module is
-running, so each call is attributed to the innermost module that made it.
+A ``TorchFunctionMode`` is active only while the model's forward runs, and only in the
+thread that runs it. It sees every torch call made by any module's ``forward`` —
+``F.relu``, ``torch.relu``, ``Tensor.relu_`` — so functional activations need no listing.
+Activation *modules* (torch.nn's, the well-known hand-written ones of transformers and timm,
+and any registered with :func:`deadrelu.register_activation`; see
+:mod:`deadrelu.core.activations`) are one site each, read from the module's output, and the
+activation calls inside them (a ``tanh`` inside a GELU approximation) are not separate sites.
+Forward pre/post hooks on every submodule keep a stack of which module is running, so each
+call is attributed to the innermost module that made it.
 
-A *site* is one activation call at one position in the forward pass, keyed by
-``(module path, occurrence of that module in this forward, slot, function)``. A
-module called three times (``self.relu`` in a ResNet bottleneck) therefore gives
-three sites, each with its own width. Outputs are read right after the call
-returns, so in-place activations are counted on their true output.
+A *site* is ``(module path, occurrence of that module in this forward, call position in the
+source, function)``. The call position is the chain of Python frames (code object and
+bytecode offset) from the activation call up to the module's ``forward``, plus a counter for
+a position reached several times (a loop), so a call that runs only for some batches
+(``if x.shape[0] > 4: h = F.relu(h)``) never shifts another site, and has its own observation
+count. A module called three times (``self.relu`` in a ResNet bottleneck) gives three sites,
+each with its own width. Outputs are read right after the call returns, so in-place
+activations are counted on their true output.
 
 TorchScript modules accept no Python hooks; :func:`deadrelu.scan` observes them with
 a ``TorchDispatchMode`` instead (sites named by their order in the root forward).
 
-Unit axis rule
---------------
-* 0-D, 1-D and 2-D outputs ``(N, C)``: the last dimension.
-* 4-D and larger ``(N, C, *spatial)``: dimension 1 (channels), reduced over batch and space.
-* 3-D: dimension 1 when the most recent layer operation before the activation was
-  channels-first (convolution, batch/instance/group norm, 1-D pooling), so Conv1d
-  outputs ``(N, C, L)`` are per channel; otherwise the last dimension, so
-  sequence outputs ``(B, T, C)`` are per hidden unit reduced over batch and tokens.
-* Override per site with ``unit_dim=`` (an int for all sites, a mapping from module
-  path or site name to a dim, or a callable).
+Unit axis: the data decides
+---------------------------
+A unit is the feature axis as the nearest weight layer upstream produced it. While the forward
+runs, every tensor it produces carries (by identity, in a per-forward table of weak references)
+the dimension that holds that feature axis and the rule that decided it:
+
+* ``producer:Linear`` / ``producer:matmul`` / ``producer:embedding`` / ``producer:RNN``: the last
+  dimension of a linear layer's, matmul's, embedding's or recurrent layer's output;
+* ``producer:conv``: dimension 1 (channels) of a convolution's output (0 when unbatched);
+* ``producer:norm``: a normalisation layer applied to a tensor with no producer (dim 1 for
+  batch/instance/group norm, the last for layer/RMS norm);
+* elementwise ops, norms, pooling, slicing and reductions over other dimensions keep the axis;
+  ``transpose``/``permute``/``movedim``/``.T``/``.mT`` move it; ``view``/``reshape``/``flatten``/
+  ``unflatten``/``squeeze``/``unsqueeze`` keep it when the feature block survives the reshape.
+
+Only when nothing upstream decided (the model's raw input, or an op that merged the feature
+axis away) does the rank rule apply, and the site says so (``unit_axis_source == "rank rule"``):
+the last dimension for 0-D to 3-D outputs, dimension 1 for 4-D and larger. ``unit_dim=`` (an
+int for all sites, a mapping from module path or site name to a dim, or a callable) overrides
+both (``"unit_dim override"``).
+
+Observation masks
+-----------------
+``mask`` is a bool tensor ``(B, T)`` (True = a real token). An activation whose leading
+dimensions are ``(B, T)`` (or ``(T, B)`` when B != T) and whose unit axis lies after them is
+counted at the unmasked positions only.
+
+Threads and copies
+------------------
+Only the thread that runs the root forward acts on the hooks while that forward runs; a forward
+of the same model in another thread meanwhile is not observed (and cannot disturb the first).
+``nn.DataParallel`` replicas raise a clear :class:`~deadrelu.DeadReluError`. The hooks are
+:func:`copy_safe_hook` objects: ``copy.deepcopy`` or pickling a model turns them into inert
+hooks that remove themselves on the copy's first call, so a copy never feeds this capture.
 """
 
 from __future__ import annotations
 
 import contextlib
+import sys
+import threading
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping, Union
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..errors import DeadReluError
-from .activations import ACTIVATION_FUNCTIONS, ACTIVATION_MODULES, NONNEGATIVE_FUNCTIONS
-from .stats import UnitStats, release_scratch
+from .activations import (
+    ACTIVATION_FUNCTIONS,
+    ACTIVATION_MODULES,
+    NONNEGATIVE_FUNCTIONS,
+    function_of_module,
+    looks_like_activation,
+)
+from .hooks import copy_safe_hook, is_deadrelu_hook, remove_inert_hooks
+from .inputs import apply_mask, mask_from_call
+from .unit_axis import (
+    ACT,
+    NORM,
+    PERMUTE,
+    PRODUCER,
+    RESHAPE,
+    TRANSPOSE,
+    carried_axis,
+    function_kind,
+    kind_of,
+    moved_axis,
+    reshaped_axis,
+)
+from .stats import release_scratch, UnitStats
 
 __all__ = [
     "ACTIVATION_FUNCTIONS",
@@ -53,56 +107,27 @@ __all__ = [
     "SiteInfo",
     "UnitDimSpec",
     "ThresholdSpec",
+    "copy_safe_hook",
+    "is_deadrelu_hook",
+    "remove_inert_hooks",
+    "apply_mask",
     "display_names",
+    "resolve_unit_dim",
+    "resolve_threshold",
 ]
-
-# Layer operations whose output is channels-first (N, C, ...) vs features-last (..., C);
-# only consulted to pick the unit axis of 3-D activations.
-_CHANNELS_FIRST_PREFIXES = (
-    "conv", "_conv", "cudnn_conv", "mkldnn_conv", "batch_norm", "native_batch_norm",
-    "_native_batch_norm", "cudnn_batch_norm", "instance_norm", "group_norm", "native_group_norm",
-    "max_pool", "avg_pool", "adaptive_avg_pool", "adaptive_max_pool", "lp_pool", "upsample",
-)  # fmt: skip
-_CHANNELS_LAST_PREFIXES = (
-    "linear", "addmm", "matmul", "mm", "bmm", "baddbmm", "einsum", "layer_norm", "native_layer_norm",
-    "rms_norm", "embedding", "scaled_dot_product", "bilinear", "_scaled_dot_product",
-)  # fmt: skip
-
-_ACT, _CF, _CL = 1, 2, 3  # kinds of interesting torch functions
-
-
-def _function_kind(func: Any) -> tuple[int, str] | None:
-    """Classify a torch callable once: an activation (with its base name), a layer op, or nothing."""
-    name = getattr(func, "__name__", None)
-    if not isinstance(name, str):
-        return None
-    name = name.split(".")[0]  # OpOverload names look like "relu_.default"
-    base = name[:-1] if name.endswith("_") and not name.startswith("_") else name
-    if base in ACTIVATION_FUNCTIONS:
-        return (_ACT, base)
-    if name.startswith(_CHANNELS_FIRST_PREFIXES):
-        return (_CF, name)
-    if name.startswith(_CHANNELS_LAST_PREFIXES):
-        return (_CL, name)
-    return None
-
-
-_KIND_CACHE: dict[Any, tuple[int, str] | None] = {}
-
-
-def _kind_of(func: Any) -> tuple[int, str] | None:
-    try:
-        return _KIND_CACHE[func]
-    except KeyError:
-        kind = _KIND_CACHE[func] = _function_kind(func)
-        return kind
-    except TypeError:  # unhashable callable
-        return _function_kind(func)
 
 
 @dataclass
 class SiteInfo:
-    """What is known about a site when it is first seen; passed to ``unit_dim``/``threshold`` callables."""
+    """What is known about a site when it is first seen; passed to ``unit_dim``/``threshold`` callables.
+
+    ``unit_axis_source`` says which rule chose the unit axis (see the module docstring);
+    ``location`` is the source line of the call (``file.py:42``), empty for module sites;
+    ``position`` identifies the call position (the frames from the call up to the module's
+    forward, as ``file:first line:qualname:offset``, empty for module sites) and ``occurrence``
+    how many times that position was reached before in the same module call — both the same in
+    every process that runs the same code, so ranks agree on a site's identity.
+    """
 
     module: str
     module_type: str
@@ -111,6 +136,10 @@ class SiteInfo:
     function: str
     shape: tuple[int, ...]
     leaf: bool
+    unit_axis_source: str = "rank rule"
+    location: str = ""
+    position: str = ""
+    occurrence: int = 0
 
 
 UnitDimSpec = Union[None, int, Mapping[str, int], Callable[[SiteInfo], Union[int, None]]]
@@ -141,7 +170,11 @@ class _Forward:
 
     calls: dict[str, int] = field(default_factory=dict)
     stack: list[_Frame] = field(default_factory=list)
-    channels_first: bool = False
+    axes: dict[int, tuple[Any, int, str]] = field(default_factory=dict)  # id(tensor) -> (weakref, dim, rule)
+    seen: dict[Any, int] = field(default_factory=dict)  # call position -> times reached in this forward
+    inside_activation: int = 0  # depth of activation modules: their inner calls are not sites
+    mask: torch.Tensor | None = None
+    masks: dict[torch.device, torch.Tensor] = field(default_factory=dict)
 
 
 class _FunctionSpy(TorchFunctionMode):
@@ -152,10 +185,9 @@ class _FunctionSpy(TorchFunctionMode):
         self.capture = capture
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
-        out = func(*args, **(kwargs or {}))
-        kind = _kind_of(func)
-        if kind is not None:
-            self.capture._on_call(kind, out)
+        out = func(*args, **kwargs) if kwargs else func(*args)
+        if isinstance(out, (torch.Tensor, tuple, list)):
+            self.capture._on_op(kind_of(func), args, kwargs, out)
         return out
 
 
@@ -168,18 +200,41 @@ class _DispatchSpy(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
         out = func(*args, **(kwargs or {}))
-        kind = _kind_of(func)
-        if kind is not None:
-            self.capture._on_call(kind, out)
+        if isinstance(out, (torch.Tensor, tuple, list)):
+            self.capture._on_op(kind_of(func), args, kwargs, out)
         return out
 
 
-def _default_unit_dim(ndim: int, channels_first: bool) -> int:
-    if ndim <= 2:
+def _rank_rule(ndim: int) -> int:
+    if ndim <= 3:
         return max(ndim - 1, 0)
-    if ndim >= 4:
-        return 1
-    return 1 if channels_first else 2
+    return 1
+
+
+# Frames of torch's own wrappers between a functional call and the code that made it.
+_WRAPPER_FILES = frozenset(
+    f for f in (getattr(m, "__file__", None) for m in (torch.overrides, F, torch._tensor, torch.functional)) if f
+)
+_MODULE_FILE = nn.modules.module.__file__
+_THIS_FILE = __file__
+_MAX_FRAMES = 8
+
+
+def _call_position() -> tuple[Any, ...]:
+    """The chain of (code, bytecode offset) from an activation call up to the module's forward."""
+    f = sys._getframe(4)  # _call_position <- _on_activation <- _on_op <- __torch_function__ <- caller
+    out = []
+    for _ in range(_MAX_FRAMES):
+        if f is None:
+            break
+        code = f.f_code
+        filename = code.co_filename
+        if filename == _MODULE_FILE:
+            break
+        if filename not in _WRAPPER_FILES and filename != _THIS_FILE:
+            out.append((code, f.f_lasti))
+        f = f.f_back
+    return tuple(out)
 
 
 class ActivationCapture:
@@ -196,6 +251,10 @@ class ActivationCapture:
             path / site name to float, or a callable returning a float (None = 0).
         stats_factory: builds an accumulator for a new site from ``(units, threshold,
             device)``; defaults to :class:`~deadrelu.core.stats.UnitStats`.
+        mask: observation mask taken from each root call (see :func:`deadrelu.core.inputs.resolve_mask`):
+            None = the call's ``attention_mask`` keyword if any, False = none, a tensor, a
+            keyword name, or a callable on the call's batch. ``batch_mask`` set by the caller
+            (``scan`` does, per batch) takes precedence.
     """
 
     def __init__(
@@ -205,6 +264,7 @@ class ActivationCapture:
         unit_dim: UnitDimSpec = None,
         threshold: ThresholdSpec = 0.0,
         stats_factory: Callable[[int, float, torch.device], Any] | None = None,
+        mask: Any = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise DeadReluError(f"expected a torch.nn.Module, got {type(model).__name__}")
@@ -212,19 +272,36 @@ class ActivationCapture:
         self.unit_dim_spec = unit_dim
         self.threshold_spec = threshold
         self.stats_factory = stats_factory or (lambda units, thr, device: UnitStats(units, thr, device))
+        self.mask_spec = mask
+        self.batch_mask: torch.Tensor | None = None
         self.scripted = isinstance(model, torch.jit.ScriptModule)
-        self.sites: dict[tuple[str, int, int, str], _Site] = {}
+        self.sites: dict[tuple[Any, ...], _Site] = {}
         self.forwards = 0
         self.last_site: str | None = None
-        self._paths = {m: p for p, m in model.named_modules()}
-        self._leaf = {p: next(iter(m.children()), None) is None for p, m in model.named_modules()}
-        self._types = {p: type(m).__name__ for p, m in model.named_modules()}
+        self.uncaptured: dict[str, str] = {}  # activation-like modules that made no site: path -> class
+        named = list(model.named_modules())
+        self._leaf = {p: next(iter(m.children()), None) is None for p, m in named}
+        self._types = {p: type(m).__name__ for p, m in named}
+        self._act_modules = {p: fn for p, m in named if (fn := function_of_module(m)) is not None}
+        self._lookalikes = {p for p, m in named if looks_like_activation(m)}
+        self._buffer_ids = {id(b) for b in model.buffers()}
         self._graph_sites = _exported_activation_modules(model)
         self._handles: list[Any] = []
         self._fwd = _Forward()
         self._depth = 0
+        self._owner: int | None = None  # thread running the current root forward
+        self._lock = threading.Lock()
+        self._tls = threading.local()
         self._mode: TorchFunctionMode | TorchDispatchMode | None = None
-        self.enabled = True
+
+    @property
+    def enabled(self) -> bool:
+        """Whether forward passes started by the current thread are observed (default True)."""
+        return getattr(self._tls, "enabled", True)
+
+    @enabled.setter
+    def enabled(self, value: bool) -> None:
+        self._tls.enabled = bool(value)
 
     # -- lifecycle ---------------------------------------------------------------------
     def attach(self) -> "ActivationCapture":
@@ -242,10 +319,11 @@ class ActivationCapture:
             )
         try:
             for path, module in self.model.named_modules():
-                self._handles.append(module.register_forward_pre_hook(self._make_pre_hook(path, module)))
-                self._handles.append(
-                    module.register_forward_hook(self._make_post_hook(path, module), always_call=True)
-                )
+                is_root = module is self.model
+                pre = copy_safe_hook(self._make_pre_hook(path, module))
+                self._handles.append(module.register_forward_pre_hook(pre, with_kwargs=is_root))
+                post = copy_safe_hook(self._make_post_hook(path, module))
+                self._handles.append(module.register_forward_hook(post, always_call=True))
         except BaseException:
             self.detach()
             raise
@@ -256,8 +334,11 @@ class ActivationCapture:
         for h in self._handles:
             h.remove()
         self._handles.clear()
-        self._exit_mode()
+        if self._owner in (None, threading.get_ident()):
+            self._exit_mode()  # a mode is thread-local: only its own thread can leave it
+        self._mode = None
         self._depth = 0
+        self._owner = None
         release_scratch()
 
     def __enter__(self) -> "ActivationCapture":
@@ -272,10 +353,14 @@ class ActivationCapture:
         return bool(self._handles)
 
     # -- forward-pass bookkeeping ---------------------------------------------------------
-    def _begin_forward(self) -> None:
+    def _begin_forward(self, args: tuple[Any, ...] = (), kwargs: Mapping[str, Any] | None = None) -> None:
         self._fwd = _Forward()
         self.forwards += 1
         self.last_site = None
+        mask = self.batch_mask
+        if mask is None and self.mask_spec is not False:
+            mask = mask_from_call(self.mask_spec, args, kwargs or {})
+        self._fwd.mask = mask
 
     def _enter_mode(self) -> None:
         mode: TorchFunctionMode | TorchDispatchMode
@@ -291,6 +376,12 @@ class ActivationCapture:
     @contextlib.contextmanager
     def forward_scope(self) -> Iterator[None]:
         """Observe one forward pass run inside this block (used for TorchScript models)."""
+        me = threading.get_ident()
+        with self._lock:
+            previous = self._owner
+            if previous is not None and previous != me:
+                raise DeadReluError("another thread is running a forward pass observed by this capture")
+            self._owner = me
         self._begin_forward()
         self._fwd.stack.append(_Frame("", 0))
         self._enter_mode()
@@ -299,60 +390,199 @@ class ActivationCapture:
         finally:
             self._exit_mode()
             self._fwd.stack.clear()
+            self._owner = previous
+
+    def _foreign_call(self, mod: nn.Module) -> None:
+        # The hook fired for another module object than the one it was registered on: a
+        # shallow replica (nn.DataParallel) sharing the hook dicts. Copies made with deepcopy or
+        # pickle carry inert hooks instead and never get here.
+        if getattr(mod, "_is_replica", False):
+            raise DeadReluError(
+                "deadrelu cannot observe nn.DataParallel replicas (they run in threads on copies of "
+                "the model): scan or probe the module itself, or use DistributedDataParallel"
+            )
 
     def _make_pre_hook(self, path: str, module: nn.Module) -> Callable[..., None]:
         is_root = module is self.model
+        activation = path in self._act_modules
 
-        def pre_hook(mod: nn.Module, args: Any) -> None:
+        def pre_hook(mod: nn.Module, args: Any, kwargs: Any = None) -> None:
+            if mod is not module:
+                return self._foreign_call(mod)
             if is_root:
-                self._depth += 1
-                if self._depth == 1:
+                if not self.enabled and not self._depth:
+                    return  # an unobserved pass (per thread) never claims the capture
+                me = threading.get_ident()
+                with self._lock:
+                    if self._depth and self._owner != me:
+                        return  # another thread's forward is being observed: leave this one alone
+                    self._owner = me
+                    self._depth += 1
+                    first = self._depth == 1
+                if first:
                     if not self.enabled:
                         return
-                    self._begin_forward()
+                    self._begin_forward(args, kwargs)
                     self._enter_mode()
+            elif self._owner != threading.get_ident():
+                return
             if self._mode is None:
                 return
             fwd = self._fwd
             call = fwd.calls.get(path, 0)
             fwd.calls[path] = call + 1
             fwd.stack.append(_Frame(path, call))
+            if activation:
+                fwd.inside_activation += 1
 
         return pre_hook
 
     def _make_post_hook(self, path: str, module: nn.Module) -> Callable[..., None]:
         is_root = module is self.model
+        activation = self._act_modules.get(path)
+        lookalike = path in self._lookalikes
 
         def post_hook(mod: nn.Module, args: Any, output: Any) -> None:
+            if mod is not module or self._owner != threading.get_ident():
+                return
             stack = self._fwd.stack
             if self._mode is not None and stack and stack[-1].path == path:
-                stack.pop()
+                frame = stack.pop()
+                if activation is not None:
+                    self._fwd.inside_activation -= 1
+                    if not self._fwd.inside_activation:
+                        self._on_module_output(activation, frame, output)
+                elif lookalike and not frame.slots:
+                    self._note_lookalike(path, args, output)
             if is_root:
-                self._depth = max(self._depth - 1, 0)
-                if self._depth == 0:
+                with self._lock:
+                    self._depth = max(self._depth - 1, 0)
+                    done = self._depth == 0
+                    if done:
+                        self._owner = None
+                if done:
                     self._exit_mode()
 
         return post_hook
 
+    def _note_lookalike(self, path: str, args: Any, output: Any) -> None:
+        first = args[0] if args else None
+        if isinstance(output, torch.Tensor) and isinstance(first, torch.Tensor) and output.shape == first.shape:
+            self.uncaptured.setdefault(path, self._types.get(path, ""))
+
     # -- the hot path ------------------------------------------------------------------------
-    def _on_call(self, kind: tuple[int, str], out: Any) -> None:
-        code, name = kind
+    def _axis(self, t: Any) -> tuple[Any, int, str] | None:
+        entry = self._fwd.axes.get(id(t))
+        if entry is not None and entry[0]() is t:
+            return entry
+        return None
+
+    def _set_axis(self, t: Any, axis: int, rule: str) -> None:
+        if isinstance(t, torch.Tensor):
+            self._fwd.axes[id(t)] = (weakref.ref(t), axis, rule)
+
+    def _on_op(self, kind: tuple[int, str, Any], args: tuple, kwargs: dict | None, out: Any) -> None:
+        """Carry the feature axis from an op's input to its output; hand activations on."""
+        code = kind[0]
+        if code == ACT:
+            self._on_activation(kind[1], args, kwargs, out)
+            return
+        if code == PRODUCER:
+            self._produced(kind, out)
+            return
+        src = entry = None
+        for a in args[:2]:
+            if type(a) in (list, tuple):
+                if not a:
+                    continue
+                a = a[0]
+            entry = self._axis(a)
+            if entry is not None:
+                src = a
+                break
+        if entry is None:
+            if code == NORM and isinstance(out, torch.Tensor) and out.ndim >= 2:
+                self._set_axis(out, kind[2] % out.ndim, "producer:norm")
+            elif code == NORM and isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+                self._set_axis(out[0], kind[2] % max(out[0].ndim, 1), "producer:norm")
+            return
+        if out is src:
+            return
+        _, axis, rule = entry
+        before = tuple(src.shape)
+        for o in out if isinstance(out, (tuple, list)) else (out,):
+            if not isinstance(o, torch.Tensor):
+                continue
+            after = tuple(o.shape)
+            if code == RESHAPE:
+                new = reshaped_axis(axis, before, after)
+            elif code in (TRANSPOSE, PERMUTE):
+                new = moved_axis(kind, axis, len(before), args, kwargs) if len(after) == len(before) else None
+            else:
+                new = carried_axis(axis, before, after)
+            if new is not None:
+                self._set_axis(o, new, rule)
+
+    def _produced(self, kind: tuple[int, str, Any], out: Any) -> None:
+        rule, batched = kind[1], kind[2]
+        for o in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(o, torch.Tensor) and o.ndim:
+                if rule == "producer:conv":
+                    axis = 1 if o.ndim >= 2 and (batched is None or o.ndim == batched) else 0
+                else:
+                    axis = o.ndim - 1
+                self._set_axis(o, axis, rule)
+            if rule != "producer:RNN":
+                break  # conv/linear return one tensor; an RNN returns (output, h_n[, c_n])
+
+    def _on_activation(self, name: str, args: tuple, kwargs: dict | None, out: Any) -> None:
+        if not isinstance(out, torch.Tensor):
+            return
+        inp = args[0] if args else None
+        if inp is not out and isinstance(inp, torch.Tensor):
+            entry = self._axis(inp)
+            if entry is not None and out.shape == inp.shape:
+                self._set_axis(out, entry[1], entry[2])
         fwd = self._fwd
-        if code != _ACT:
-            fwd.channels_first = code == _CF
-            return
-        if not isinstance(out, torch.Tensor) or not fwd.stack or not self.enabled:
-            return
+        if fwd.inside_activation or not fwd.stack:
+            return  # inside an activation module: the module's output is the site
+        if isinstance(inp, nn.Parameter) or id(inp) in self._buffer_ids:
+            return  # a parameter passed through an activation is not a unit of the network
+        if name == "hardtanh" and _hardtanh_bounds(args, kwargs) == (0.0, 6.0):
+            name = "relu6"  # nn.ReLU6 and F.relu6 in TorchScript are hardtanh(0, 6)
         frame = fwd.stack[-1]
         slot = frame.slots
         frame.slots = slot + 1
-        key = (frame.path, frame.call, slot, name)
+        position = () if self.scripted else _call_position()
+        where = (frame.path, frame.call, position, name)
+        k = fwd.seen.get(where, 0)
+        fwd.seen[where] = k + 1
+        key = (*where, k)
         site = self.sites.get(key)
         if site is None:
-            site = self._new_site(key, out)
-        self.last_site = frame.path or "<root>"
+            site = self._new_site(key, out, slot, position)
+        self._update(site, out)
+
+    def _on_module_output(self, name: str, frame: _Frame, out: Any) -> None:
+        if not isinstance(out, torch.Tensor):
+            return
+        key = (frame.path, frame.call, None, name, 0)
+        site = self.sites.get(key)
+        if site is None:
+            site = self._new_site(key, out, 0, None)
+        self._update(site, out)
+
+    def _update(self, site: _Site, out: torch.Tensor) -> None:
+        self.last_site = site.info.module or "<root>"
+        x, dim = out, site.unit_dim
+        fwd = self._fwd
+        if fwd.mask is not None:
+            mask = fwd.masks.get(out.device)
+            if mask is None:
+                mask = fwd.masks[out.device] = fwd.mask.to(out.device)
+            x, dim = apply_mask(out, dim, mask)
         try:
-            site.stats.update(out, site.unit_dim, site.nonnegative)
+            site.stats.update(x, dim, site.nonnegative)
         except DeadReluError as err:
             raise DeadReluError(f"activation site {_describe(site.info)}: {err}") from None
         except Exception as err:  # a failure of deadrelu's own statistics, not of the model
@@ -362,8 +592,8 @@ class ActivationCapture:
                 f"({type(err).__name__}: {err}); please report this"
             ) from err
 
-    def _new_site(self, key: tuple[str, int, int, str], out: torch.Tensor) -> _Site:
-        path, call, slot, name = key
+    def _new_site(self, key: tuple[Any, ...], out: torch.Tensor, slot: int, position: Any) -> _Site:
+        path, call, _, name, _ = key
         info = SiteInfo(
             module=path,
             module_type=self._types.get(path, type(self.model).__name__),
@@ -372,15 +602,24 @@ class ActivationCapture:
             function=name,
             shape=tuple(out.shape),
             leaf=self._leaf.get(path, False),
+            location=_describe_position(position),
+            position=_stable_position(position),
+            occurrence=key[4],
         )
-        if name == "hardtanh" and info.module_type == "ReLU6":
-            info.function = "relu6"  # nn.ReLU6 is implemented as hardtanh(0, 6)
         if not path and slot < len(self._graph_sites) and self._graph_sites[slot] is not None:
             # A flattened graph (torch.export): name the site after the module it came from.
             info.module, info.module_type, info.call = self._graph_sites[slot]  # type: ignore[misc]
             info.slot, info.leaf = 0, info.module_type in _ACTIVATION_CLASS_NAMES
-        default_dim = _default_unit_dim(out.ndim, self._fwd.channels_first)
-        unit_dim = resolve_unit_dim(self.unit_dim_spec, info, out.ndim, default_dim)
+        entry = self._axis(out)
+        if entry is not None:
+            default_dim, info.unit_axis_source = entry[1], entry[2]
+        else:
+            default_dim, info.unit_axis_source = _rank_rule(out.ndim), "rank rule"
+        unit_dim = resolve_unit_dim(self.unit_dim_spec, info, out.ndim, -1)
+        if unit_dim == -1:
+            unit_dim = default_dim
+        else:
+            info.unit_axis_source = "unit_dim override"
         units = out.shape[unit_dim] if out.ndim else 1
         thr = resolve_threshold(self.threshold_spec, info)
         site = _Site(
@@ -396,16 +635,44 @@ class ActivationCapture:
     # -- results ---------------------------------------------------------------------------
     def ordered_sites(self) -> list[tuple[str, _Site]]:
         """Sites in forward-execution order with their unique display names."""
-        return list(zip(display_names([s.info for s in self._in_order()]), self._in_order()))
-
-    def _in_order(self) -> list[_Site]:
-        return sorted(self.sites.values(), key=lambda s: s.order)
+        ordered = sorted(self.sites.items(), key=lambda kv: kv[1].order)
+        names = display_names([site.info for _, site in ordered])
+        return list(zip(names, [site for _, site in ordered]))
 
     def reset(self) -> None:
         """Forget all sites and statistics (hooks stay attached)."""
         self.sites.clear()
+        self.uncaptured.clear()
         self.forwards = 0
         self.last_site = None
+
+
+def _hardtanh_bounds(args: tuple, kwargs: dict | None) -> tuple[float, float]:
+    kwargs = kwargs or {}
+    lo = args[1] if len(args) > 1 else kwargs.get("min_val", -1.0)
+    hi = args[2] if len(args) > 2 else kwargs.get("max_val", 1.0)
+    try:
+        return float(lo), float(hi)
+    except (TypeError, ValueError):
+        return (-1.0, 1.0)
+
+
+def _stable_position(position: Any) -> str:
+    if not position:
+        return ""
+    return "|".join(f"{c.co_filename}:{c.co_firstlineno}:{c.co_qualname}:{offset}" for c, offset in position)
+
+
+def _describe_position(position: Any) -> str:
+    if not position:
+        return ""
+    code, offset = position[0]
+    line = None
+    for start, end, lineno in code.co_lines():
+        if start <= offset < end:
+            line = lineno
+            break
+    return f"{code.co_filename.rsplit('/', 1)[-1]}:{line if line is not None else code.co_firstlineno}"
 
 
 _ACTIVATION_CLASS_NAMES = frozenset(m.__name__ for m in ACTIVATION_MODULES)
@@ -422,8 +689,7 @@ def _exported_activation_modules(model: nn.Module) -> list[tuple[str, str, int] 
     for node in graph.nodes:
         if node.op != "call_function":
             continue
-        kind = _function_kind(node.target)
-        if kind is None or kind[0] != _ACT:
+        if function_kind(node.target)[0] != ACT:
             continue
         stack = node.meta.get("nn_module_stack")
         if not stack:
@@ -479,30 +745,29 @@ def resolve_threshold(spec: ThresholdSpec, info: SiteInfo) -> float:
 
 def _describe(info: SiteInfo) -> str:
     where = info.module or "<root>"
-    return f"{where} ({info.function}, call {info.call + 1}, slot {info.slot + 1})"
+    at = f", {info.location}" if info.location else ""
+    return f"{where} ({info.function}, call {info.call + 1}, slot {info.slot + 1}{at})"
 
 
 def display_names(infos: list[SiteInfo]) -> list[str]:
     """Unique, readable names: ``path`` for an activation module, ``path:fn`` for a functional call,
-    ``.k`` for the k-th call of the same function in one forward, ``#k`` for the k-th call of a reused module."""
+    ``.k`` for the k-th call position of the same function in one module call (in first-seen
+    order), ``#k`` for the k-th call of a reused module."""
     calls_per_module: dict[str, set[int]] = {}
-    fns_per_call: dict[tuple[str, int], list[tuple[int, str]]] = {}
+    per_call: dict[tuple[str, int], list[tuple[Any, str]]] = {}
     for i in infos:
         calls_per_module.setdefault(i.module, set()).add(i.call)
-        fns_per_call.setdefault((i.module, i.call), []).append((i.slot, i.function))
+        per_call.setdefault((i.module, i.call), []).append(((i.position, i.occurrence, i.function), i.function))
     # A leaf module whose every call makes exactly one activation call is an activation module.
-    single = {
-        m: all(len({s for s, _ in fns_per_call[(m, c)]}) == 1 for c in calls)
-        for m, calls in calls_per_module.items()
-    }
+    single = {m: all(len(per_call[(m, c)]) == 1 for c in calls) for m, calls in calls_per_module.items()}
     names = []
     for i in infos:
         base = i.module or "<root>"
         if not (i.leaf and single[i.module] and i.module):
-            same_fn = sorted({s for s, f in fns_per_call[(i.module, i.call)] if f == i.function})
+            same_fn = [k for k, f in per_call[(i.module, i.call)] if f == i.function]
             base += f":{i.function}"
             if len(same_fn) > 1:
-                base += f".{same_fn.index(i.slot) + 1}"
+                base += f".{same_fn.index((i.position, i.occurrence, i.function)) + 1}"
         if len(calls_per_module[i.module]) > 1:
             base += f"#{i.call + 1}"
         names.append(base)

@@ -36,7 +36,15 @@ __all__ = [
     "preserved_mode",
     "kept_training_flags",
     "ProgressBar",
+    "MASK_KEYS",
+    "as_mask",
+    "resolve_mask",
+    "mask_from_call",
+    "apply_mask",
 ]
+
+#: Keys of a dict batch (or keyword arguments of a call) used as the observation mask by default.
+MASK_KEYS = ("attention_mask",)
 
 LABEL_KEYS = frozenset({"labels", "label", "target", "targets", "y"})
 
@@ -213,3 +221,102 @@ class ProgressBar:
             self.bar.close()
         elif self.enabled and sys.stderr.isatty():
             print(file=sys.stderr)
+
+
+def as_mask(value: Any, where: str) -> torch.Tensor:
+    """A validated observation mask: a bool tensor with at least one dimension, True = observe.
+
+    Integer and 0/1 float masks (Hugging Face ``attention_mask``) are accepted.
+
+    Raises:
+        DataError: for anything else (an additive ``-inf`` mask, a scalar, a non-tensor).
+    """
+    if not isinstance(value, torch.Tensor) or value.ndim == 0:
+        raise DataError(f"the observation mask from {where} must be a tensor of shape (batch, tokens), got {_kind(value)}")
+    if value.dtype == torch.bool:
+        return value
+    if value.is_floating_point() and not bool(((value == 0) | (value == 1)).all()):
+        raise DataError(
+            f"the observation mask from {where} holds values other than 0 and 1 (an additive mask?); "
+            "pass a bool mask with True at the positions to count"
+        )
+    if value.is_complex():
+        raise DataError(f"the observation mask from {where} is complex; pass a bool mask")
+    return value != 0
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return "a 0-d tensor" if value.ndim == 0 else f"a tensor of shape {tuple(value.shape)}"
+    return type(value).__name__
+
+
+def resolve_mask(spec: Any, batch: Any) -> torch.Tensor | None:
+    """The observation mask of one batch under a ``mask=`` option.
+
+    ``None``: the batch's ``attention_mask`` when it is a dict holding one, else no mask;
+    ``False``: no mask; a tensor: that mask; a string: that key of a dict batch; a callable:
+    ``spec(batch)``.
+
+    Raises:
+        DataError: a key the batch does not hold, or a mask that is not a bool-like tensor.
+
+    >>> resolve_mask(None, {"input_ids": torch.zeros(2, 3), "attention_mask": torch.tensor([[1, 1, 0], [1, 0, 0]])})
+    tensor([[ True,  True, False],
+            [ True, False, False]])
+    """
+    if spec is None:
+        if isinstance(batch, Mapping):
+            for key in MASK_KEYS:
+                if isinstance(batch.get(key), torch.Tensor):
+                    return as_mask(batch[key], f"the batch's {key!r}")
+        return None
+    if spec is False:
+        return None
+    if isinstance(spec, torch.Tensor):
+        return as_mask(spec, "mask=")
+    if isinstance(spec, str):
+        if not isinstance(batch, Mapping) or spec not in batch:
+            have = sorted(batch) if isinstance(batch, Mapping) else type(batch).__name__
+            raise DataError(f"mask={spec!r} names a key the batch does not hold (it has {have})")
+        return as_mask(batch[spec], f"the batch's {spec!r}")
+    if callable(spec):
+        return as_mask(spec(batch), "the mask function")
+    raise DataError(f"mask must be a tensor, a key of a dict batch, a callable or False, not {type(spec).__name__}")
+
+
+def mask_from_call(spec: Any, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> torch.Tensor | None:
+    """The observation mask of one model call (Probe, Monitor): the call's keyword arguments
+    are the batch when it has no positional ones, else its single positional argument."""
+    if spec is None and not kwargs:
+        return None
+    if kwargs and not args:
+        batch: Any = kwargs
+    elif len(args) == 1 and not kwargs:
+        batch = args[0]
+    else:
+        batch = {**kwargs, "args": args}
+    return resolve_mask(spec, batch)
+
+
+def apply_mask(x: torch.Tensor, unit_dim: int, mask: torch.Tensor | None) -> tuple[torch.Tensor, int]:
+    """The activation values at unmasked positions, with their unit dimension.
+
+    A ``(B, T)`` mask selects along the activation's leading ``(B, T)`` (or ``(T, B)``, for B != T)
+    dimensions when the unit axis lies after them; any other activation is returned whole.
+
+    >>> h = torch.arange(12.0).reshape(2, 3, 2)
+    >>> apply_mask(h, 2, torch.tensor([[True, True, False], [True, False, False]]))[0].shape
+    torch.Size([3, 2])
+    """
+    if mask is None:
+        return x, unit_dim
+    k = mask.ndim
+    if x.ndim <= k or unit_dim < k:
+        return x, unit_dim
+    lead = tuple(x.shape[:k])
+    if lead == tuple(mask.shape):
+        return x.detach()[mask], unit_dim - k + 1
+    if k == 2 and lead == (mask.shape[1], mask.shape[0]) and mask.shape[0] != mask.shape[1]:
+        return x.detach()[mask.t()], unit_dim - 1
+    return x, unit_dim

@@ -171,6 +171,10 @@ class SiteReport:
         mean_abs: per unit, mean absolute activation ``E|h_i|`` (NaN/Inf for non-finite units).
         nonfinite_counts: per unit, how many outputs were NaN or ±Inf.
         levels: the levels (asleep rate, dormancy, minimum observations) that classify units.
+        unit_axis_source: which rule chose ``unit_dim``: ``"producer:Linear"``, ``"producer:conv"``,
+            ``"producer:matmul"``, ``"producer:embedding"``, ``"producer:RNN"``, ``"producer:norm"``
+            (the layer that made the feature axis), ``"unit_dim override"``, or ``"rank rule"``
+            when nothing upstream decided (see :mod:`deadrelu.core.capture`).
 
     All units of a site share its ``observations``: a site that ran in only some batches
     counts only the batches it ran in, and its dead units' evidence is that count.
@@ -190,6 +194,7 @@ class SiteReport:
     mean_abs: tuple[float, ...]
     nonfinite_counts: tuple[int, ...]
     levels: Levels = field(default_factory=Levels)
+    unit_axis_source: str = ""
 
     # -- per-unit derived values -------------------------------------------------
     @property
@@ -473,6 +478,9 @@ class Report:
         mode: ``"eval"`` or ``"train"`` — the mode the model ran in.
         model: class name of the scanned model.
         fingerprint: :func:`model_fingerprint` of the scanned model ("" when unknown).
+        uncaptured: modules that look like activations (parameter-free, shape-preserving,
+            activation-like class name) but made no site, as ``"path (Class)"``; register them
+            with :func:`deadrelu.register_activation` to count them.
 
     Example:
         >>> import torch, deadrelu
@@ -489,6 +497,7 @@ class Report:
     mode: str = "eval"
     model: str = ""
     fingerprint: str = ""
+    uncaptured: tuple[str, ...] = ()
 
     # -- totals --------------------------------------------------------------------
     @property
@@ -643,6 +652,7 @@ class Report:
             },
             "sites": [s.to_dict() for s in self.sites],
             "fingerprint": self.fingerprint,
+            "uncaptured": list(self.uncaptured),
         }
 
     def to_json(self, path: str | os.PathLike[str] | None = None, *, indent: int | None = 1) -> str:

@@ -181,6 +181,8 @@ SITE_FIELDS: tuple[Field, ...] = (
     Field("shape", list_of(integer())),
     Field("fire_threshold", number(inf=True)),
     Field("observations", integer()),
+    # Added with the producer-based unit axis; older files say nothing ("").
+    Field("unit_axis_source", string(), ""),
 )
 
 
@@ -257,4 +259,6 @@ def parse_report(data: Any) -> dict[str, Any]:
         "model": Field("model", string()).read(top, ""),
         # Model fingerprint (parameter names and shapes) for surgery; absent or null: unknown.
         "fingerprint": Field("fingerprint", _optional_string, "").read(top, ""),
+        # Activation-like modules that made no site ("path (Class)"); absent in older files.
+        "uncaptured": Field("uncaptured", list_of(string()), ()).read(top, ""),
     }

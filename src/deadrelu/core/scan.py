@@ -56,6 +56,7 @@ def site_report(name: str, site: Any, totals: UnitTotals, levels: Levels) -> Sit
         mean_abs=totals.mean_abs,
         nonfinite_counts=totals.nonfinite_counts,
         levels=levels,
+        unit_axis_source=getattr(info, "unit_axis_source", ""),
     )
 
 
@@ -75,7 +76,14 @@ def report_from_capture(
     if not capture.sites:
         raise NoActivationSitesError(
             f"no activation sites found in {type(capture.model).__name__}: deadrelu looks for ReLU-family, "
-            "GELU, SiLU, Mish, Hardswish and Softplus activations (modules or functional calls) in forward"
+            "GELU, SiLU, Mish, Hardswish and Softplus activations (modules or functional calls) and the "
+            "well-known hand-written activation classes in forward"
+            + (
+                f"; these modules look like activations but are not known: {', '.join(f'{p} ({c})' for p, c in capture.uncaptured.items())}"
+                " — register them with deadrelu.register_activation(cls)"
+                if capture.uncaptured
+                else ""
+            )
         )
     sites = [site_report(name, site, site.stats.compute(), levels) for name, site in capture.ordered_sites()]
     return Report(
@@ -86,6 +94,7 @@ def report_from_capture(
         mode=mode,
         model=type(capture.model).__name__,
         fingerprint=model_fingerprint(capture.model),
+        uncaptured=tuple(f"{path} ({cls})" for path, cls in capture.uncaptured.items()),
     )
 
 

@@ -1,0 +1,178 @@
+"""Which dimension of a tensor is its feature axis, as the layer that produced it made it.
+
+The capture's function mode calls :func:`kind_of` once per torch function (cached) and, for
+each op of a forward pass, moves the feature axis of the op's input to its output with
+:func:`carried_axis`, :func:`reshaped_axis` or :func:`moved_axis`; weight layers (linear,
+matmul, convolution, embedding, recurrent layers) start a new one. See
+:mod:`deadrelu.core.capture` for the rules as a user sees them.
+
+>>> import torch
+>>> kind_of(torch.nn.functional.linear)[:2]
+(1, 'producer:Linear')
+>>> reshaped_axis(1, (2, 12, 4, 4), (2, 12, 16)), carried_axis(2, (8, 5, 7), (8, 7))
+(1, 1)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .activations import ACTIVATION_FUNCTIONS
+
+__all__ = [
+    "ACT", "PRODUCER", "TRANSPOSE", "PERMUTE", "RESHAPE", "NORM", "GENERIC",
+    "function_kind", "kind_of", "reshaped_axis", "carried_axis", "moved_axis",
+]  # fmt: skip
+
+# -- what each torch function does to the feature axis -----------------------------------------
+ACT, PRODUCER, TRANSPOSE, PERMUTE, RESHAPE, NORM, GENERIC = range(7)
+
+_CONV_PREFIXES = ("conv", "_conv", "cudnn_conv", "mkldnn_conv", "miopen_conv", "slow_conv", "thnn_conv")
+_LINEAR_NAMES = {"linear": "producer:Linear", "_linear": "producer:Linear", "bilinear": "producer:Linear"}
+_MATMUL_NAMES = frozenset(
+    {"addmm", "mm", "matmul", "__matmul__", "__rmatmul__", "bmm", "baddbmm", "einsum", "addbmm", "_addmm_activation"}
+)
+_EMBEDDING_NAMES = frozenset({"embedding", "embedding_bag", "_embedding_bag"})
+_RNN_NAMES = frozenset(
+    {"gru", "lstm", "rnn_tanh", "rnn_relu", "gru_cell", "lstm_cell", "rnn_tanh_cell", "rnn_relu_cell"}
+)
+_TRANSPOSE_NAMES = frozenset(
+    {"transpose", "transpose_", "swapaxes", "swapaxes_", "swapdims", "swapdims_", "t", "t_", "adjoint",
+     "movedim", "moveaxis"}
+)  # fmt: skip
+_RESHAPE_NAMES = frozenset(
+    {"view", "reshape", "flatten", "unflatten", "view_as", "reshape_as", "squeeze", "unsqueeze", "squeeze_",
+     "unsqueeze_", "_unsafe_view", "_reshape_alias", "ravel"}
+)  # fmt: skip
+_NORM_FIRST = frozenset(
+    {"batch_norm", "native_batch_norm", "_native_batch_norm_legit", "_native_batch_norm_legit_no_training",
+     "cudnn_batch_norm", "instance_norm", "group_norm", "native_group_norm"}
+)  # fmt: skip
+_NORM_LAST = frozenset({"layer_norm", "native_layer_norm", "rms_norm", "_fused_rms_norm"})
+# aten kernels (TorchScript, dispatch level) that implement an activation under another name.
+_KERNEL_ACTIVATIONS = {"_prelu_kernel": "prelu", "rrelu_with_noise": "rrelu"}
+
+
+def function_kind(func: Any) -> tuple[int, str, Any]:
+    """Classify a torch callable once: an activation (with its base name), a producer of a
+    feature axis, a layout change, a normalisation, or anything else (which carries the axis)."""
+    name = getattr(func, "__name__", None)
+    if not isinstance(name, str):
+        return (GENERIC, "", None)
+    if name == "__get__":  # a Tensor property: .T / .mT move the axis, the others keep or drop it
+        prop = getattr(getattr(func, "__self__", None), "__name__", "")
+        if prop in ("T", "H", "mT", "mH"):
+            return (TRANSPOSE, prop, None)
+        return (GENERIC, prop, None)
+    name = name.split(".")[0]  # OpOverload names look like "relu_.default"
+    base = name[:-1] if name.endswith("_") and not name.startswith("_") else name
+    if base in ACTIVATION_FUNCTIONS:
+        return (ACT, base, None)
+    if name in _KERNEL_ACTIVATIONS:
+        return (ACT, _KERNEL_ACTIVATIONS[name], None)
+    if name.startswith(_CONV_PREFIXES):
+        digit = next((c for c in reversed(name) if c in "123"), None)
+        batched = int(digit) + 2 if digit and name[-1] == "d" else None
+        return (PRODUCER, "producer:conv", batched)
+    if name in _LINEAR_NAMES:
+        return (PRODUCER, _LINEAR_NAMES[name], None)
+    if name in _MATMUL_NAMES:
+        return (PRODUCER, "producer:matmul", None)
+    if name in _EMBEDDING_NAMES:
+        return (PRODUCER, "producer:embedding", None)
+    if name in _RNN_NAMES:
+        return (PRODUCER, "producer:RNN", None)
+    if name in _TRANSPOSE_NAMES:
+        return (TRANSPOSE, name.rstrip("_"), None)
+    if name == "permute":
+        return (PERMUTE, name, None)
+    if name in _RESHAPE_NAMES:
+        return (RESHAPE, name, None)
+    if name in _NORM_FIRST:
+        return (NORM, name, 1)
+    if name in _NORM_LAST:
+        return (NORM, name, -1)
+    return (GENERIC, name, None)
+
+
+_KIND_CACHE: dict[Any, tuple[int, str, Any]] = {}
+
+
+def kind_of(func: Any) -> tuple[int, str, Any]:
+    try:
+        return _KIND_CACHE[func]
+    except KeyError:
+        kind = _KIND_CACHE[func] = function_kind(func)
+        return kind
+    except TypeError:  # unhashable callable
+        return function_kind(func)
+
+
+def reshaped_axis(axis: int, before: tuple[int, ...], after: tuple[int, ...]) -> int | None:
+    """Where the feature block ``before[axis]`` lies after a reshape, or None when it was split or merged."""
+    prefix = 1
+    for s in before[:axis]:
+        prefix *= s
+    size = before[axis]
+    p = 1
+    for b, s in enumerate(after):
+        if p == prefix and s == size:
+            return b
+        p *= s
+        if prefix and p > prefix:
+            break
+    return None
+
+
+def carried_axis(axis: int, before: tuple[int, ...], after: tuple[int, ...]) -> int | None:
+    """The axis after an op that does not reorder dimensions (elementwise, pooling, slicing, reductions)."""
+    if after == before:
+        return axis
+    n_in, n_out = len(before), len(after)
+    if n_in == n_out and (after[axis] == before[axis] or after[:axis] + after[axis + 1 :] == before[:axis] + before[axis + 1 :]):
+        return axis
+    b = n_out - (n_in - axis)  # dimensions removed or added in front: align the trailing ones
+    if 0 <= b < n_out and after[b:] == before[axis:]:
+        return b
+    return None
+
+
+def _dim(d: Any, ndim: int) -> int | None:
+    return d % ndim if isinstance(d, int) and ndim else None
+
+
+def moved_axis(kind: tuple[int, str, Any], axis: int, ndim: int, args: tuple, kwargs: dict | None) -> int | None:
+    """The axis after a transpose-like op or a permute (None when the arguments are not understood)."""
+    code, name, _ = kind
+    kwargs = kwargs or {}
+    if code == PERMUTE:
+        rest = args[1:]
+        if len(rest) == 1 and isinstance(rest[0], (tuple, list)):
+            dims = rest[0]
+        else:
+            dims = rest or kwargs.get("dims", ())
+        dims = [_dim(d, ndim) for d in dims]
+        return dims.index(axis) if axis in dims else None
+    if name in ("T", "H"):
+        return ndim - 1 - axis
+    if name in ("mT", "mH", "adjoint"):
+        d0, d1 = ndim - 2, ndim - 1
+    elif name == "t":
+        if ndim < 2:
+            return axis
+        d0, d1 = 0, 1
+    elif name in ("movedim", "moveaxis"):
+        src = args[1] if len(args) > 1 else kwargs.get("source")
+        dst = args[2] if len(args) > 2 else kwargs.get("destination")
+        s, t = _dim(src, ndim), _dim(dst, ndim)
+        if s is None or t is None:
+            return None
+        order = [d for d in range(ndim) if d != s]
+        order.insert(t, s)
+        return order.index(axis)
+    else:  # transpose / swapaxes / swapdims
+        d0 = _dim(args[1] if len(args) > 1 else kwargs.get("dim0"), ndim)
+        d1 = _dim(args[2] if len(args) > 2 else kwargs.get("dim1"), ndim)
+        if d0 is None or d1 is None:
+            return None
+    return d1 if axis == d0 else d0 if axis == d1 else axis
