@@ -28,6 +28,7 @@ from .inputs import (
     iter_batches,
     model_device,
     preserved_mode,
+    resolve_mask,
     to_device,
 )
 from .capture import ActivationCapture, ThresholdSpec, UnitDimSpec
@@ -112,6 +113,10 @@ class Probe:
         dormant_tau: dormancy score at or below which a unit is τ-dormant.
         min_observations: fewer observations than this leave a unit that never fired
             *unobserved* instead of dead.
+        mask: observation mask per model call: None = the call's ``attention_mask`` keyword when
+            it has one; False = none; a bool tensor ``(B, T)``; the name of a keyword argument; or
+            a callable on the call's keyword arguments (or its single positional argument).
+            Activations whose leading dims are ``(B, T)`` count only the True positions.
 
     Example:
         >>> import torch, deadrelu
@@ -131,9 +136,10 @@ class Probe:
         asleep_rate: float = 0.05,
         dormant_tau: float = 0.025,
         min_observations: int = 1,
+        mask: Any = None,
     ) -> None:
         self.levels = Levels(asleep_rate=asleep_rate, dormant_tau=dormant_tau, min_observations=min_observations)
-        self.capture = ActivationCapture(model, unit_dim=unit_dim, threshold=threshold)
+        self.capture = ActivationCapture(model, unit_dim=unit_dim, threshold=threshold, mask=mask)
         self.model = model
 
     def __enter__(self) -> "Probe":
@@ -177,6 +183,7 @@ def scan(
     device: torch.device | str | None = None,
     max_batches: int | None = None,
     progress: bool = False,
+    mask: Any = None,
 ) -> Report:
     """Run ``data`` through ``model`` and return exact per-unit statistics of every activation site.
 
@@ -203,6 +210,12 @@ def scan(
         device: move inputs here (default: the device of the model's parameters).
         max_batches: stop after this many batches.
         progress: show a progress bar on stderr.
+        mask: which token positions count as observations. None (default): a dict batch's
+            ``attention_mask`` when it has one; False: every position; a bool tensor ``(B, T)``
+            (True = count; split along with ``data`` when it has one row per sample); the key
+            of a dict batch; or a callable ``batch -> bool (B, T)`` (for ``nn.TransformerEncoder``:
+            ``mask=lambda b: ~b["src_key_padding_mask"]``). Activations whose leading dims are
+            ``(B, T)`` (or ``(T, B)``) count only the True positions; the others count everything.
 
     Returns:
         A frozen :class:`Report`, sites in forward-execution order.
@@ -232,7 +245,12 @@ def scan(
         total = None
     if max_batches is not None and total is not None:
         total = min(total, max_batches)
-    capture = ActivationCapture(model, unit_dim=unit_dim, threshold=threshold)
+    _refuse_meta(model)
+    model = _eager_module(model)
+    mask_rows = None
+    if isinstance(mask, torch.Tensor) and isinstance(data, torch.Tensor) and mask.ndim >= 1 and mask.shape[0] == data.shape[0]:
+        mask_rows = iter(mask.split(batch_size))  # one mask row per sample: split like the data
+    capture = ActivationCapture(model, unit_dim=unit_dim, threshold=threshold, mask=False)
     batches = samples = 0
     bar = ProgressBar(progress, total, "deadrelu scan")
     with preserved_mode(model, train):
@@ -242,6 +260,7 @@ def scan(
             for batch in batches_iter:
                 if max_batches is not None and batches >= max_batches:
                     break
+                capture.batch_mask = next(mask_rows) if mask_rows is not None else resolve_mask(mask, batch)
                 args, kwargs = call_arguments(batch, input_fn)
                 args, kwargs = to_device(args, target), to_device(kwargs, target)
                 first = first_tensor((args, kwargs))
@@ -259,6 +278,23 @@ def scan(
     if batches == 0:
         raise DataError("the data yielded no batches: nothing to scan")
     return report_from_capture(capture, levels, batches=batches, samples=samples, mode="train" if train else "eval")
+
+
+def _refuse_meta(model: nn.Module) -> None:
+    """A model whose weights are on the meta device has no values to run: say so in one line."""
+    for t in (*model.parameters(), *model.buffers()):
+        if t.device.type == "meta":
+            raise DeadReluError(
+                f"{type(model).__name__} has its weights on the meta device (no values to run): "
+                "materialise it first, e.g. model.to_empty(device='cpu') and load_state_dict(...)"
+            )
+
+
+def _eager_module(model: nn.Module) -> nn.Module:
+    """The module inside ``torch.compile``'s wrapper: a scan counts the same values eagerly, and
+    tracing the capture's function mode would make Dynamo recompile (or fail) on every batch."""
+    inner = getattr(model, "_orig_mod", None)
+    return inner if isinstance(inner, nn.Module) and type(model).__name__ == "OptimizedModule" else model
 
 
 def _forward(model: nn.Module, capture: ActivationCapture, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:

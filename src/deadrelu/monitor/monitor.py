@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from .window import WindowStats
-from ..core.capture import ActivationCapture, ThresholdSpec, UnitDimSpec, display_names
+from ..core.capture import ActivationCapture, ThresholdSpec, UnitDimSpec, copy_safe_hook, display_names
 from ..errors import DeadReluError, NoActivationSitesError
 from ..core.report import Report, SiteReport, Levels, model_fingerprint
 from ..core.scan import site_report
@@ -157,6 +157,10 @@ class Monitor:
             activation modules with tensor-only state; see :mod:`deadrelu._module_capture`).
             ``None`` turns it on when ``model`` is the result of ``torch.compile``; pass
             True when you attach first and compile afterwards.
+        mask: observation mask per training forward (as for :class:`deadrelu.Probe`): None = the
+            call's ``attention_mask`` keyword when it has one; False = none; a bool tensor
+            ``(B, T)``, the name of a keyword argument, or a callable on the call's keyword
+            arguments. Not available with ``compiled=True``.
 
     Raises:
         DeadReluError: for a non-module model or invalid options (nothing is attached).
@@ -192,6 +196,7 @@ class Monitor:
         on_sink_error: str = "warn",
         distributed: bool | None = None,
         compiled: bool | None = None,
+        mask: Any = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise DeadReluError(f"model must be a torch.nn.Module, not {type(model).__name__}")
@@ -226,6 +231,8 @@ class Monitor:
         if self.compiled:
             from .compiled import ModuleCapture
 
+            if mask is not None and mask is not False:
+                raise DeadReluError("mask= is not supported with compiled=True: the compiled capture counts every position")
             self.capture = ModuleCapture(model, unit_dim=unit_dim, threshold=threshold, window=window)
         else:
             self.capture = _MonitorCapture(
@@ -233,6 +240,7 @@ class Monitor:
                 unit_dim=unit_dim,
                 threshold=threshold,
                 stats_factory=lambda units, thr, device: WindowStats(units, thr, device, window),
+                mask=mask,
             )
         self.history = History()
         self.events: list[Event] = []
@@ -267,7 +275,7 @@ class Monitor:
             return self
         self._use_distributed()  # distributed=True without a process group fails here, before any hook
         # Runs before the capture's own root hook, so unobserved passes never enter the function mode.
-        self._gate_handle = self.model.register_forward_pre_hook(self._gate, prepend=True)
+        self._gate_handle = self.model.register_forward_pre_hook(copy_safe_hook(self._gate), prepend=True)
         try:
             self.capture.attach()
             if not self._opened:
@@ -322,6 +330,8 @@ class Monitor:
         return self._gate_handle is not None
 
     def _gate(self, module: nn.Module, args: Any) -> None:
+        if module is not self.model:
+            return  # a replica sharing the hook dicts (nn.DataParallel): the capture refuses it
         if not self.compiled and torch.compiler.is_compiling():
             # The function mode would make Dynamo break the graph and recompile every step:
             # run the compiled model unobserved and say how to monitor it instead.
@@ -512,7 +522,8 @@ class Monitor:
         for name, site in named:
             info = site.info
             state = SiteState(
-                (info.module, info.call, info.slot, info.function), name, info, site.unit_dim, site.stats.threshold,
+                (info.module, info.call, info.position, info.occurrence, info.function), name, info, site.unit_dim,
+                site.stats.threshold,
                 site.stats.units, full=bool(site.stats.full),
             )
             for scope in scopes:

@@ -6,7 +6,7 @@ order. Summing one flat buffer laid out in each rank's own order would add diffe
 layers' counts together (or abort when the buffers differ in length). Instead, at every
 evaluation:
 
-1. each rank describes its sites — key ``(module, call, slot, function)``, unit count, the
+1. each rank describes its sites — key ``(module, call, call position, occurrence, function)``, unit count, the
    name and length of every state tensor, batch counts — and the ranks exchange these
    descriptions with one ``all_gather_object``;
 2. every rank builds the same union of keys, in the same order (rank 0's order, then the
@@ -37,7 +37,7 @@ class SiteState:
     """One site's monitor state on one rank, or summed over ranks.
 
     Attributes:
-        key: ``(module, call, slot, function)``, the site's identity on every rank.
+        key: ``(module, call, call position, occurrence, function)``, the site's identity on every rank.
         name: its display name on this rank.
         info: the capture's ``SiteInfo`` (module type, shape, ...), for the report.
         unit_dim: the unit axis.

@@ -1,0 +1,156 @@
+"""Observation masks: padding positions are not observations, checked against brute force."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from fixtures.models import brute_force
+from torch import nn
+
+import deadrelu
+from deadrelu.errors import DataError
+
+PAD = 0
+
+
+class TinyEncoder(nn.Module):
+    """Hugging Face-style call ``model(input_ids=..., attention_mask=...)``: embedding → Linear(8, 16)
+    → GELU module → Linear. Unit 3 fires only on the pad token (its embedding is planted so), so it
+    is dead over real tokens but alive when pads are counted."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(20, 8)
+        self.fc = nn.Linear(8, 16)
+        self.act = nn.GELU()
+        self.out = nn.Linear(16, 2)
+        with torch.no_grad():
+            self.fc.weight[3].zero_()
+            self.fc.weight[3, 0] = 1.0
+            self.fc.bias[3] = -5.0
+            self.emb.weight[:, 0] = 0.0
+            self.emb.weight[PAD, 0] = 10.0
+
+    def forward(self, input_ids, attention_mask=None):
+        return self.out(self.act(self.fc(self.emb(input_ids))))
+
+    def activation(self, ids):
+        return torch.nn.functional.gelu(self.emb.weight[ids] @ self.fc.weight.T + self.fc.bias)
+
+
+def padded_batches(n_batches=5, batch=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n_batches):
+        lengths = torch.randint(1, 9, (batch,), generator=g)
+        t = int(lengths.max())
+        ids = torch.randint(1, 20, (batch, t), generator=g)
+        mask = torch.arange(t)[None, :] < lengths[:, None]
+        ids[~mask] = PAD
+        out.append({"input_ids": ids, "attention_mask": mask.long()})
+    return out
+
+
+def truth_over(batches, model, masked):
+    acts = [model.activation(b["input_ids"]) for b in batches]
+    masks = [b["attention_mask"].bool() for b in batches]
+    if masked:
+        flat = torch.cat([a[m] for a, m in zip(acts, masks)])
+    else:
+        flat = torch.cat([a.reshape(-1, 16) for a in acts])
+    return brute_force(flat, 1)
+
+
+def test_dict_batches_with_attention_mask_count_only_real_tokens():
+    model = TinyEncoder().eval()
+    batches = padded_batches()
+    with torch.no_grad():
+        truth = truth_over(batches, model, masked=True)
+        with_pads = truth_over(batches, model, masked=False)
+    site = deadrelu.scan(model, batches).site("act")
+    assert site.observations == truth["observations"] == sum(int(b["attention_mask"].sum()) for b in batches)
+    assert list(site.fired_counts) == truth["fired"]
+    assert 3 in site.dead_units and 3 not in with_pads["dead"]  # alive only on pads
+    unmasked = deadrelu.scan(model, batches, mask=False).site("act")
+    assert (unmasked.observations, list(unmasked.fired_counts)) == (with_pads["observations"], with_pads["fired"])
+
+
+@pytest.mark.parametrize("how", ["key", "callable", "tensor"])
+def test_explicit_masks(how):
+    model = TinyEncoder().eval()
+    batches = padded_batches(seed=1)
+    with torch.no_grad():
+        truth = truth_over(batches, model, masked=True)
+    if how == "key":
+        data = [{"ids": b["input_ids"], "keep": b["attention_mask"]} for b in batches]
+        report = deadrelu.scan(model, data, input_fn=lambda b: {"input_ids": b["ids"]}, mask="keep")
+    elif how == "callable":
+        data = [(b["input_ids"], b["attention_mask"]) for b in batches]
+        report = deadrelu.scan(model, data, mask=lambda b: b[1])
+    else:  # one tensor of ids and one of masks, split alike
+        t = max(b["input_ids"].shape[1] for b in batches)
+        ids = torch.cat([nn.functional.pad(b["input_ids"], (0, t - b["input_ids"].shape[1])) for b in batches])
+        keep = torch.cat([nn.functional.pad(b["attention_mask"], (0, t - b["input_ids"].shape[1])) for b in batches])
+        report = deadrelu.scan(model, ids, batch_size=3, mask=keep.bool())
+    site = report.site("act")
+    assert (site.observations, list(site.fired_counts)) == (truth["observations"], truth["fired"])
+
+
+def test_probe_and_monitor_take_the_mask_from_the_call():
+    model = TinyEncoder()
+    batches = padded_batches(seed=2)
+    with torch.no_grad():
+        truth = truth_over(batches, model, masked=True)
+    with deadrelu.Probe(model) as probe:
+        for b in batches:
+            model(**b)
+    site = probe.report().site("act")
+    assert (site.observations, list(site.fired_counts)) == (truth["observations"], truth["fired"])
+    with deadrelu.Monitor(model, window=len(batches), mask="attention_mask") as mon:
+        for b in batches:
+            model(**b).sum().backward()
+            mon.step()
+    site = mon.report().site("act")
+    assert (site.observations, list(site.fired_counts)) == (truth["observations"], truth["fired"])
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_transformer_encoder_with_padding_mask_is_exact(batch_first):
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=12, dropout=0.0, batch_first=batch_first)
+    model = nn.TransformerEncoder(layer, 2).eval()  # nested tensors allowed: deadrelu still sees padded activations
+    g = torch.Generator().manual_seed(3)
+    batches = []
+    for _ in range(4):
+        pad = torch.arange(7)[None, :] >= torch.randint(1, 8, (5,), generator=g)[:, None]  # (B, T), True = pad
+        src = torch.randn(5, 7, 8, generator=g)
+        batches.append({"src": src if batch_first else src.transpose(0, 1), "src_key_padding_mask": pad})
+    # Truth: the ReLU input is linear1's output, read with a plain torch hook, rectified by hand.
+    seen: dict[int, list[torch.Tensor]] = {0: [], 1: []}
+    def keep(k, o):
+        seen[k].append((o.to_padded_tensor(0.0, (5, 7, 12)) if o.is_nested else o).clamp(min=0))
+
+    handles = [m.linear1.register_forward_hook(lambda mod, a, o, k=k: keep(k, o)) for k, m in enumerate(model.layers)]
+    with torch.no_grad():
+        for b in batches:
+            model(**b)
+    for h in handles:
+        h.remove()
+    report = deadrelu.scan(model, batches, mask=lambda b: ~b["src_key_padding_mask"])
+    for k in (0, 1):
+        acts = seen[k] if batch_first else [a.transpose(0, 1) for a in seen[k]]
+        flat = torch.cat([a[~b["src_key_padding_mask"]] for a, b in zip(acts, batches)])
+        truth = brute_force(flat, 1)
+        site = report.site(f"layers.{k}:relu")
+        assert (site.observations, list(site.fired_counts)) == (truth["observations"], truth["fired"])
+
+
+def test_bad_masks_are_one_clear_error():
+    model = TinyEncoder().eval()
+    batches = padded_batches(n_batches=1)
+    with pytest.raises(DataError, match="names a key the batch does not hold"):
+        deadrelu.scan(model, batches, mask="nope")
+    additive = [{**batches[0], "attention_mask": torch.where(batches[0]["attention_mask"] > 0, 0.0, float("-inf"))}]
+    with pytest.raises(DataError, match="other than 0 and 1"):
+        deadrelu.scan(model, additive)

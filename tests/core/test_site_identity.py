@@ -1,0 +1,89 @@
+"""Stable site identity: a site is (module path, call position in the source, function), so a
+conditional call never shifts another site, and each call position counts its own observations."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from fixtures.models import brute_force, plant
+from torch import nn
+
+import deadrelu
+
+
+class Conditional(nn.Module):
+    """``if x.shape[0] > 4: h = F.relu(h)`` before ``F.relu(fc2(h))``; planted dead: fc1 {1}, fc2 {0, 7}."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1 = nn.Linear(6, 10)
+        self.fc2 = nn.Linear(10, 12)
+        plant(self.fc1.bias, [1])
+        plant(self.fc2.bias, [0, 7])
+
+    def forward(self, x):
+        h = self.fc1(x)
+        if x.shape[0] > 4:
+            h = F.relu(h)
+        return F.relu(self.fc2(h))
+
+    def truth(self, batches):
+        """Per call position, the activations it produced, batch by batch, by hand."""
+        first, second = [], []
+        for x in batches:
+            h = x @ self.fc1.weight.T + self.fc1.bias
+            if x.shape[0] > 4:
+                h = h.clamp(min=0)
+                first.append(h)
+            second.append((h @ self.fc2.weight.T + self.fc2.bias).clamp(min=0))
+        return torch.cat(first), torch.cat(second)
+
+
+def test_conditional_call_has_its_own_site_and_count():
+    model = Conditional().eval()
+    g = torch.Generator().manual_seed(1)
+    sizes = [8, 4, 8, 4, 3, 8]
+    batches = [torch.randn(n, 6, generator=g) for n in sizes]
+    report = deadrelu.scan(model, batches)
+    with torch.no_grad():
+        first, second = model.truth(batches)
+    assert [s.name for s in report.sites] == ["<root>:relu.1", "<root>:relu.2"]
+    cond, always = report.sites
+    for site, act, units in ((cond, first, 10), (always, second, 12)):
+        truth = brute_force(act, 1)
+        assert (site.units, site.observations, list(site.fired_counts)) == (units, truth["observations"], truth["fired"])
+    assert cond.observations == 24 and always.observations == sum(sizes)
+    assert cond.dead_units == (1,) and always.dead_units == (0, 7)
+
+
+def test_first_batch_without_the_conditional_call_does_not_shift_sites():
+    model = Conditional().eval()
+    g = torch.Generator().manual_seed(2)
+    batches = [torch.randn(n, 6, generator=g) for n in (4, 8, 2, 8)]
+    report = deadrelu.scan(model, batches)
+    with torch.no_grad():
+        first, second = model.truth(batches)
+    by_units = {s.units: s for s in report.sites}
+    assert list(by_units[12].fired_counts) == brute_force(second, 1)["fired"]
+    assert list(by_units[10].fired_counts) == brute_force(first, 1)["fired"]
+    assert (by_units[10].observations, by_units[12].observations) == (16, 22)
+
+
+def test_loop_and_helper_positions_keep_readme_names():
+    class Looped(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList(nn.Linear(4, 4) for _ in range(3))
+
+        def act(self, h):
+            return F.relu(h)
+
+        def forward(self, x):
+            for layer in self.layers:
+                x = F.relu(layer(x))
+            return self.act(x) + self.act(-x)
+
+    report = deadrelu.scan(Looped(), torch.randn(10, 4))
+    assert [s.name for s in report.sites] == [f"<root>:relu.{k}" for k in range(1, 6)]
+    assert all(s.observations == 10 for s in report.sites)
