@@ -162,7 +162,7 @@ def test_zero_observations_with_nothing_counted_is_an_unobserved_site():
 def test_unknown_keys_and_derived_summaries_are_ignored():
     d = good()
     d["future_field"] = {"x": 1}
-    d["sites"][0]["unit_axis_source"] = "producer"
+    d["sites"][0]["a_future_site_field"] = "producer"  # (unit_axis_source is a known key now)
     d["totals"] = "garbage"
     d["sites"][1]["summary"] = {"dead": 999}
     del d["sites"][2]["summary"]
