@@ -109,6 +109,13 @@ def test_preprocessing_compares_the_same_seeds_with_both_scalings_exactly():
     assert len(result["summary"]["lines"]) == 4
     table = result_table(result)
     assert table[0][:3] == ["inputs", "epoch", "dead% h1"] and len(table) == 5
+    pytest.importorskip("matplotlib")
+    from deadrelu.lab import plots
+
+    ax = plots.preprocessing_bands(result).axes[0]
+    line = next(l for l in ax.get_lines() if l.get_label() == "inputs standardised")
+    assert list(line.get_ydata()) == pytest.approx([100 * m[-1] for m in
+                                                    (r["dead_fraction_median"] for r in result["rows"][2:])])
 
 
 def test_run_experiment_rejects_bad_names_and_options():

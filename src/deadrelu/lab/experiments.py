@@ -135,7 +135,7 @@ def _lr_sweep_lines(result: dict[str, Any]) -> list[str]:
         if row["diverged"] == row["seeds"]:
             lines.append(f"LR {row['lr']:g}: diverged (NaN) in all {row['seeds']} seeds — no dead-unit count exists.")
             continue
-        dead = ", ".join(f"layer {j + 1} {100 * m:.1f}% (range {100 * lo:.1f}–{100 * hi:.1f}%)" for j, (m, lo, hi) in
+        dead = ", ".join(f"h{j + 1} {100 * m:.1f}% (range {100 * lo:.1f}–{100 * hi:.1f}%)" for j, (m, lo, hi) in
                          enumerate(zip(row["dead_fraction_mean"], row["dead_fraction_min"], row["dead_fraction_max"])))
         div = f"; diverged (NaN) in {row['diverged']}/{row['seeds']} seeds" if row["diverged"] else ""
         lines.append(f"LR {row['lr']:g}: mean dead {dead}{div}.")

@@ -41,6 +41,7 @@ _CAPTIONS = {
     "rescue": "One panel per strategy, same axes: from the same checkpoint and on the same batches, the last "
               "hidden layer's dead units and the validation accuracy, median and min–max over seeds.",
     "bars": "Bars: mean over seeds; whiskers: min to max.",
+    "bands": "The same seeds, weights and batches with either input scaling: median line, min–max band.",
     "depth": "Dead units at initialisation and after training, by depth and initialisation.",
 }
 

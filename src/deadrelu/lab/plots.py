@@ -19,6 +19,7 @@ __all__ = [
     "dead_by_layer",
     "firing_heatmap",
     "rescue_panels",
+    "preprocessing_bands",
     "lr_sweep_bars",
     "activation_bars",
     "init_depth_lines",
@@ -190,7 +191,7 @@ def lr_sweep_bars(result: dict[str, Any]) -> Any:
         means = [100 * (r["dead_fraction_mean"][j] or 0) for r in rows]
         lo = [m - 100 * (r["dead_fraction_min"][j] or 0) for m, r in zip(means, rows)]
         hi = [100 * (r["dead_fraction_max"][j] or 0) - m for m, r in zip(means, rows)]
-        ax.bar(xs, means, width, yerr=[lo, hi], capsize=3, label=f"hidden layer {j + 1} ({result['hidden'][j]} units)")
+        ax.bar(xs, means, width, yerr=[lo, hi], capsize=3, label=f"h{j + 1} ({result['hidden'][j]} units)")
     for i, r in enumerate(rows):
         if r["diverged"]:
             ax.text(i, 102, f"NaN in {r['diverged']}/{r['seeds']} seeds", ha="center", fontsize=8, color="red")
@@ -255,6 +256,28 @@ def init_depth_lines(result: dict[str, Any]) -> Any:
     return fig
 
 
+def preprocessing_bands(result: dict[str, Any]) -> Any:
+    """Last-hidden-layer dead % per epoch for inputs in [0, 1] and standardised: median and min–max over seeds.
+
+    Example:
+        >>> fig = preprocessing_bands(result)  # doctest: +SKIP
+    """
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4), sharey=True)
+    for ax, key, where in ((axes[0], "layers", "training set"), (axes[1], "val_layers", "validation set")):
+        for run, color in zip(result["runs"], ("tab:red", "tab:blue")):
+            series = [[math.nan if r["diverged"] else 100 * r[key][-1]["dead_fraction"] for r in records]
+                      for records in run["records"]]
+            xs = [r["epoch"] for r in run["records"][0]]
+            _band(ax, xs, series, color, f"inputs {run['inputs']}")
+        ax.set_title(f"Last hidden layer, {where}")
+        ax.set_xlabel("epoch (0: before the first step)")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel(f"dead units (% of layer): median, band min–max of {len(result['config']['seeds'])} seeds")
+    axes[0].legend(fontsize=8)
+    return fig
+
+
 def _figures(result: dict[str, Any]) -> dict[str, Any]:
     """Name → figure for every plot of one result (by its ``experiment``)."""
     kind = result.get("experiment")
@@ -267,6 +290,8 @@ def _figures(result: dict[str, Any]) -> dict[str, Any]:
                                       layer_labels(cp["layers"])),
             "rescue": rescue_panels(result),
         }
+    if kind == "preprocessing":
+        return {"bands": preprocessing_bands(result)}
     if kind == "lr-sweep":
         return {"bars": lr_sweep_bars(result)}
     if kind == "activations":

@@ -110,7 +110,7 @@ def result_table(result: dict[str, Any]) -> list[list[str]]:
         return rows
     if kind == "lr-sweep":
         n = len(result["hidden"])
-        header = ["LR"] + [f"dead% L{j + 1} mean [min-max]" for j in range(n)] + ["dead units (mean)", "diverged", "val MSE"]
+        header = ["LR"] + [f"dead% h{j + 1} mean [min-max]" for j in range(n)] + ["dead units (mean)", "diverged", "val MSE"]
         rows = [header]
         for r in result["rows"]:
             cells = [f"{r['lr']:g}"]
