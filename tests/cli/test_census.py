@@ -126,3 +126,29 @@ def test_not_a_model_directory(tmp_path, capsys):
     code = main(["scan", str(tmp_path), "--text", str(tmp_path / "ok.txt"), "--no-progress"])
     err = capsys.readouterr().err
     assert code == 2 and "is not a Hugging Face model directory (no config.json)" in err and len(err.splitlines()) == 1
+
+
+def test_readme_census_table_matches_a_fresh_run(model_dir, tmp_path, monkeypatch, capsys):
+    """The README's census command, run now: same sites and dead counts, same closing line."""
+    import re
+    import shlex
+
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    block = readme.split("<!-- readme-census -->", 1)[1]
+    command, shown = re.findall(r"```(?:bash|text)\n(.*?)\n```", block, flags=re.S)[:2]
+    args = shlex.split(command.splitlines()[-1].replace('"$MODEL"', shlex.quote(model_dir)))
+    assert args[:2] == ["deadrelu", "scan"]
+    args = [a if a != "census.json" else str(tmp_path / "census.json") for a in args[2:]]
+    monkeypatch.chdir(Path(__file__).parents[2])
+    assert main(["scan", *args, "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+
+    def dead_by_site(text: str) -> dict[str, str]:
+        lines = text.splitlines()
+        header = next(line for line in lines if line.startswith("site "))
+        col = re.split(r"\s{2,}", header.strip()).index("dead")
+        rows = [re.split(r"\s{2,}", line.strip()) for line in lines if line.startswith("encoder.")]
+        return {cells[0]: cells[col] for cells in rows}
+
+    assert dead_by_site(shown) == dead_by_site(printed) and len(dead_by_site(shown)) == 6
+    assert shown.strip().splitlines()[-1] in printed  # "30 documents, 489 tokens; ..."
