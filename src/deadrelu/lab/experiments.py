@@ -209,8 +209,8 @@ def activations(
     )
     ok = [r for r in rows if not r["diverged"]]
     lines = [
-        f"{r['activation']}: training diverged (NaN loss); {100 * r['nonfinite_fraction']:.1f}% of units non-finite, "
-        f"{100 * r['dead_fraction']:.1f}% dead" if r["diverged"] else
+        f"{r['activation']}: training diverged (NaN loss); {100 * r['nonfinite_fraction']:.1f}% of units non-finite"
+        if r["diverged"] else
         f"{r['activation']}: {100 * r['dead_fraction']:.1f}% dead, {100 * r['dormant_fraction']:.1f}% dormant, "
         f"{100 * (r['val_accuracy'] or 0):.1f}% validation accuracy"
         for r in rows

@@ -127,8 +127,9 @@ def result_table(result: dict[str, Any]) -> list[list[str]]:
         for r in result["rows"]:
             # A diverged net has NaN units, which are neither dead nor dormant: say "diverged", not "0.0".
             dead, dormant = ("diverged", "-") if r["diverged"] else (_pct(r["dead_fraction"]), _pct(r["dormant_fraction"]))
+            accuracy = "-" if r["diverged"] else _pct(r["val_accuracy"])  # a NaN model's 0% is not a score
             rows.append([r["activation"], r["init"], dead, dormant, _pct(r["nonfinite_fraction"]),
-                         _pct(r["val_accuracy"]), f"{r['train_seconds']:.1f}", str(r["params"])])
+                         accuracy, f"{r['train_seconds']:.1f}", str(r["params"])])
         return rows
     if kind == "init":
         metric = result["config"].get("metric", "val_accuracy")
