@@ -147,3 +147,10 @@ def test_experiment_cli_rejects_options_the_experiment_does_not_take(tmp_path, c
     assert "--standardize applies to rescue only" in capsys.readouterr().err
     assert main(["experiment", "lr-sweep", "--seed", "3", "--out", str(tmp_path)]) == 2
     assert "--seeds N" in capsys.readouterr().err
+
+
+def test_a_diverged_activation_is_shown_as_diverged_not_as_zero():
+    row = {"activation": "elu", "init": "he", "dead_fraction": 0.0, "dormant_fraction": 0.0, "nonfinite_fraction": 1.0,
+           "val_accuracy": 0.0, "diverged": True, "train_seconds": 1.0, "params": 10}
+    table = result_table({"experiment": "activations", "rows": [row]})
+    assert table[1][:6] == ["elu", "he", "diverged", "-", "100.0", "-"]
