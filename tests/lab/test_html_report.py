@@ -143,3 +143,12 @@ def test_chromium_screenshot_is_not_blank(report_path, tmp_path):
     colourful = (pixels.max(axis=2) - pixels.min(axis=2) > 0.2).mean()
     assert not_white > 0.02  # text, tables and plots are drawn
     assert colourful > 0.005  # and the plots are in colour, i.e. the images rendered
+
+
+def test_an_older_single_seed_demo_result_is_one_clear_error(tmp_path, capsys):
+    old = {"kind": "deadrelu.evidence", "schema_version": 1, "experiment": "demo", "config": {},
+           "summary": {"lines": []}, "checkpoint": {"layers": []}, "strategies": {}}
+    (tmp_path / "results.json").write_text(json.dumps(old))
+    assert main(["report", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "schema 1" in err and "rerun" in err

@@ -37,6 +37,11 @@ def rescue_table(story: dict[str, Any]) -> list[list[str]]:
     is left out of medians and counted under "diverged"; a strategy that diverged in every
     seed shows "diverged" instead of numbers.
     """
+    if "runs" not in story:
+        raise DeadReluError(
+            f"a {story.get('experiment', 'demo')} result of schema {story.get('schema_version', '?')} (one seed, "
+            "written by an older deadrelu) has no per-seed runs; rerun it to get this version's table"
+        )
     runs = story["runs"]
     n = len(runs)
     names = [layer["site"] for layer in story["checkpoint"]["layers"]]
