@@ -317,3 +317,18 @@ def test_table_shows_the_new_columns():
     text = str(r)
     assert "dead needs >= 50 observations" in text and "unobserved: never fired" in text
     assert text.splitlines()[-1].startswith("total")
+
+
+def test_monitor_reports_take_min_observations():
+    """Window of 2 batches of 8 rows = 16 observations; total = 32 over 4 batches."""
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU())
+    with torch.no_grad():
+        net[0].bias[:] = torch.tensor([-100.0, 100.0, 100.0, 100.0])
+    with deadrelu.Monitor(net, window=2, log_every=100, min_observations=20, warn_at=()) as mon:
+        for _ in range(4):
+            net(torch.randn(8, 3)).sum().backward()
+            mon.step()
+        window, total = mon.report("window"), mon.report("total")
+    assert window.sites[0].observations == 16 and window.sites[0].unobserved_units == (0,) and window.dead == 0
+    assert total.sites[0].observations == 32 and total.sites[0].dead_units == (0,)
+    assert total.sites[0].dead_evidence == "0 of 32 observations, rate < 0.09"  # 1-0.05**(1/32) = 0.0893
