@@ -223,6 +223,8 @@ def test_merge_keeps_sites_of_one_report_with_their_own_observations():
     r = report(site([0, 2], 10, name="a")).merge(report(site([0, 1], 20, name="a"), site([0], 5, name="b")))
     assert [s.name for s in r.sites] == ["a", "b"]
     assert r.site("a").observations == 30 and r.site("b").observations == 5
+    u = Report(sites=(), uncaptured=("x", "y")).merge(Report(sites=(), uncaptured=("y", "z")))
+    assert u.uncaptured == ("x", "y", "z")
 
 
 @pytest.mark.parametrize(

@@ -584,7 +584,8 @@ class Report:
         mine = {s.name for s in self.sites}
         merged += [s for s in other.sites if s.name not in mine]
         return replace(
-            self, sites=tuple(merged), batches=self.batches + other.batches, samples=self.samples + other.samples
+            self, sites=tuple(merged), batches=self.batches + other.batches, samples=self.samples + other.samples,
+            uncaptured=tuple(dict.fromkeys(self.uncaptured + other.uncaptured)),  # look-alikes of either
         )
 
     def advice(self) -> Any:
