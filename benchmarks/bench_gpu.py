@@ -286,6 +286,35 @@ def monitor_ratio(build: Callable[[], nn.Module], x: torch.Tensor, steps: int, r
     return statistics.median(ratios)
 
 
+def kernel_numbers(device: torch.device, repeats: int) -> list[str]:
+    """The statistics pass alone against a bare ReLU over the same tensor (the one-read limit):
+    effective GB/s of each backend, on the issue's bf16 MLP activation and a channels_last one."""
+    from deadrelu.core import stats
+
+    lines = []
+    shapes = [((8192, 4096), 1, False), ((256, 256, 56, 56), 1, True)] if device.type == "cuda" else [((64, 32), 1, False)]
+    for shape, unit_dim, cl in shapes:
+        x = torch.randn(shape, device=device, dtype=torch.bfloat16)
+        x = x.to(memory_format=torch.channels_last) if cl else x
+        out = stats.StatTensors(x.shape[unit_dim], device).state
+        runs = {"relu": lambda: torch.relu(x)}
+        for backend in ("torch", "triton") if device.type == "cuda" else ("torch",):
+            runs[backend] = lambda b=backend: stats.accumulate(x, unit_dim, 0.0, False, out, backend=b)
+        times = {k: [] for k in runs}
+        for fn in runs.values():
+            fn()
+        for _ in range(repeats):
+            for k, fn in runs.items():
+                times[k].append(_timed(lambda fn=fn: [fn() for _ in range(10)], device) / 10)
+        gbs = {k: x.numel() * x.element_size() / statistics.median(v) / 1e9 for k, v in times.items()}
+        ratio = {k: statistics.median(times[k]) / statistics.median(times["relu"]) for k in runs}
+        lines.append(
+            f"stats pass {tuple(shape)} bf16{' channels_last' if cl else ''}: "
+            + ", ".join(f"{k} {gbs[k]:.0f} GB/s ({ratio[k]:.2f}x relu)" for k in runs)
+        )
+    return lines
+
+
 @dataclass
 class Row:
     model: str
@@ -363,6 +392,8 @@ def main(argv: list[str] | None = None) -> int:
     selected = [c for c in cases(tiny=args.cpu_smoke) if not args.models or any(m.lower() in c.name.lower() for m in args.models)]
     where = "CPU smoke run (tiny sizes; not benchmark numbers)" if args.cpu_smoke else torch.cuda.get_device_name(device)
     print(f"deadrelu {deadrelu.__version__}, torch {torch.__version__}, {where}")
+    kernel_lines = kernel_numbers(device, args.repeats)
+    print("\n".join(kernel_lines))
     rows = []
     for case in selected:
         for dt in args.dtypes:
@@ -370,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
             print(table(rows[-1:]).splitlines()[-1] if rows[:-1] else table(rows), flush=True)
     print("\n" + table(rows))
     if args.json:
-        meta = {"device": where, "torch": torch.__version__, "deadrelu": deadrelu.__version__, "smoke": args.cpu_smoke}
+        meta = {"device": where, "torch": torch.__version__, "deadrelu": deadrelu.__version__, "smoke": args.cpu_smoke, "kernel": kernel_lines}
         with open(args.json, "w") as fh:
             json.dump({**meta, "rows": [asdict(r) for r in rows]}, fh, indent=2)
     return 0

@@ -70,7 +70,7 @@ def _kernel(interpret: bool) -> Any:
         x_ptr, mask_ptr, thr_ptr, fired_ptr, abs_ptr, bad_ptr,
         units, after, rows, rows_per_prog, s_b, s_u, s_a, mask_div,
         HAS_MASK: tl.constexpr, NONNEG: tl.constexpr, WIDE: tl.constexpr, AFTER_ONE: tl.constexpr,
-        BLOCK_R: tl.constexpr, BLOCK_U: tl.constexpr,
+        LARGE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_U: tl.constexpr,
     ):  # fmt: skip
         pid_u = tl.program_id(0)
         pid_r = tl.program_id(1)
@@ -78,20 +78,23 @@ def _kernel(interpret: bool) -> Any:
         u_ok = u < units
         u_off = u.to(tl.int64) * s_u
         thr = tl.load(thr_ptr)
-        r_begin = pid_r.to(tl.int64) * rows_per_prog
+        if LARGE:  # 2**31 rows or more: row arithmetic in int64 (slower division)
+            r_begin = pid_r.to(tl.int64) * rows_per_prog
+        else:
+            r_begin = pid_r * rows_per_prog
         r_end = tl.minimum(r_begin + rows_per_prog, rows)
         fired = tl.zeros([BLOCK_U], dtype=tl.int64)
         bad = tl.zeros([BLOCK_U], dtype=tl.int64)
         mag = tl.zeros([BLOCK_U], dtype=tl.float64)
         for start in range(r_begin, r_end, BLOCK_R):
-            r = start + tl.arange(0, BLOCK_R).to(tl.int64)
+            r = start + tl.arange(0, BLOCK_R)
             r_ok = r < r_end
             if AFTER_ONE:
                 b = r
-                off = b * s_b
+                off = b.to(tl.int64) * s_b
             else:
                 b = r // after
-                off = b * s_b + (r - b * after) * s_a
+                off = b.to(tl.int64) * s_b + (r - b * after).to(tl.int64) * s_a
             if HAS_MASK:
                 keep = tl.load(mask_ptr + b // mask_div, mask=r_ok, other=0) != 0
                 r_ok = r_ok & keep
@@ -129,7 +132,7 @@ def plan(x: torch.Tensor, unit_dim: int) -> tuple[torch.Tensor, int, int, int, i
 
     Example:
         >>> plan(torch.zeros(2, 3, 4, 5).to(memory_format=torch.channels_last), 1)[1:]
-        (2, 3, 20, 60, 1, 3)
+        (40, 3, 1, 3, 1, 0)
     """
     shape, strides = tuple(x.shape), tuple(x.stride())
     head = _merged(shape[:unit_dim], strides[:unit_dim])
@@ -140,7 +143,10 @@ def plan(x: torch.Tensor, unit_dim: int) -> tuple[torch.Tensor, int, int, int, i
         head = _merged(shape[:unit_dim], strides[:unit_dim])
         tail = _merged(shape[unit_dim + 1 :], strides[unit_dim + 1 :])
         assert head is not None and tail is not None
-    return x, head[0], shape[unit_dim], tail[0], head[1], strides[unit_dim], tail[1]
+    before, s_b, after, s_a = head[0], head[1], tail[0], tail[1]
+    if after > 1 and (before == 1 or s_b == after * s_a):  # e.g. channels_last: rows (N, H, W) share one stride
+        before, s_b, after, s_a = before * after, s_a, 1, 0
+    return x, before, shape[unit_dim], after, s_b, strides[unit_dim], s_a
 
 
 def _blocks(units: int, s_u: int, after: int, s_a: int) -> tuple[int, int]:
@@ -212,5 +218,6 @@ def unit_stats_into(
         t, mask_arg, thr, out["fired"], out["abs_sum"], out["nonfinite"],
         units, after, rows, rows_per_prog, s_b, s_u, s_a, mask_div,
         HAS_MASK=mask is not None, NONNEG=bool(nonnegative), WIDE=wide, AFTER_ONE=after == 1,
+        LARGE=rows >= 2**31 - rows_per_prog,
         BLOCK_R=block_r, BLOCK_U=block_u,
     )  # fmt: skip
