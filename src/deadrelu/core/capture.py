@@ -574,23 +574,26 @@ class ActivationCapture:
 
     def _update(self, site: _Site, out: torch.Tensor) -> None:
         self.last_site = site.info.module or "<root>"
-        x, dim = out, site.unit_dim
         fwd = self._fwd
-        if fwd.mask is not None:
-            mask = fwd.masks.get(out.device)
-            if mask is None:
-                mask = fwd.masks[out.device] = fwd.mask.to(out.device)
-            x, dim = apply_mask(out, dim, mask)
-        try:
-            site.stats.update(x, dim, site.nonnegative)
-        except DeadReluError as err:
-            raise DeadReluError(f"activation site {_describe(site.info)}: {err}") from None
-        except Exception as err:  # a failure of deadrelu's own statistics, not of the model
-            raise DeadReluError(
-                f"deadrelu failed to compute statistics at activation site {_describe(site.info)} for an output "
-                f"of shape {tuple(out.shape)} and dtype {out.dtype} on {out.device} "
-                f"({type(err).__name__}: {err}); please report this"
-            ) from err
+        # A module site is read in its post-hook, while the function mode is still active: the
+        # mask selection and the accumulator's own torch calls must not go through it.
+        with torch._C.DisableTorchFunction():
+            x, dim = out, site.unit_dim
+            if fwd.mask is not None:
+                mask = fwd.masks.get(out.device)
+                if mask is None:
+                    mask = fwd.masks[out.device] = fwd.mask.to(out.device)
+                x, dim = apply_mask(out, dim, mask)
+            try:
+                site.stats.update(x, dim, site.nonnegative)
+            except DeadReluError as err:
+                raise DeadReluError(f"activation site {_describe(site.info)}: {err}") from None
+            except Exception as err:  # a failure of deadrelu's own statistics, not of the model
+                raise DeadReluError(
+                    f"deadrelu failed to compute statistics at activation site {_describe(site.info)} for an "
+                    f"output of shape {tuple(out.shape)} and dtype {out.dtype} on {out.device} "
+                    f"({type(err).__name__}: {err}); please report this"
+                ) from err
 
     def _new_site(self, key: tuple[Any, ...], out: torch.Tensor, slot: int, position: Any) -> _Site:
         path, call, _, name, _ = key
