@@ -122,3 +122,14 @@ def test_no_private_helpers_imported_across_modules() -> None:
         if imported is None and target.rsplit(".", 1)[-1].startswith("_") and target != "deadrelu._imports"
     ]
     assert not bad, "private helpers imported across modules:\n" + "\n".join(bad)
+
+
+def test_no_function_over_100_lines() -> None:
+    long = []
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > 100:
+                    long.append(f"{path.relative_to(PACKAGE)}:{node.lineno} {node.name} ({lines} lines)")
+    assert not long, "functions over 100 lines:\n" + "\n".join(long)

@@ -14,8 +14,7 @@ arguments) or a dict (keyword arguments).
 from __future__ import annotations
 
 import contextlib
-import sys
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -37,6 +36,7 @@ from .report import Report, SiteReport, Levels, model_fingerprint
 from .stats import UnitTotals
 
 __all__ = ["scan", "Probe", "report_from_capture"]
+
 
 def site_report(name: str, site: Any, totals: UnitTotals, levels: Levels) -> SiteReport:
     """One site's :class:`SiteReport` from its capture record (``info``, ``unit_dim``,
@@ -251,33 +251,49 @@ def scan(
     if isinstance(mask, torch.Tensor) and isinstance(data, torch.Tensor) and mask.ndim >= 1 and mask.shape[0] == data.shape[0]:
         mask_rows = iter(mask.split(batch_size))  # one mask row per sample: split like the data
     capture = ActivationCapture(model, unit_dim=unit_dim, threshold=threshold, mask=False)
-    batches = samples = 0
     bar = ProgressBar(progress, total, "deadrelu scan")
     with preserved_mode(model, train):
         if not capture.scripted:
             capture.attach()
         try:
-            for batch in batches_iter:
-                if max_batches is not None and batches >= max_batches:
-                    break
-                capture.batch_mask = next(mask_rows) if mask_rows is not None else resolve_mask(mask, batch)
-                args, kwargs = call_arguments(batch, input_fn)
-                args, kwargs = to_device(args, target), to_device(kwargs, target)
-                first = first_tensor((args, kwargs))
-                if first is None:
-                    raise DataError(
-                        f"a batch holds no tensor (got {describe_shapes(args, kwargs)}); pass input_fn=... to build one"
-                    )
-                _forward(model, capture, args, kwargs)
-                batches += 1
-                samples += int(first.shape[0]) if first.ndim else 1
-                bar.update()
+            batches, samples = _run_batches(model, capture, batches_iter, input_fn, target, mask, mask_rows, max_batches, bar)
         finally:
             capture.detach()
             bar.close()
     if batches == 0:
         raise DataError("the data yielded no batches: nothing to scan")
     return report_from_capture(capture, levels, batches=batches, samples=samples, mode="train" if train else "eval")
+
+
+def _run_batches(
+    model: nn.Module,
+    capture: ActivationCapture,
+    batches_iter: Iterable[Any],
+    input_fn: Callable[[Any], Any] | None,
+    target: torch.device | None,
+    mask: Any,
+    mask_rows: Iterator[torch.Tensor] | None,
+    max_batches: int | None,
+    bar: ProgressBar,
+) -> tuple[int, int]:
+    """Feed each batch through the attached capture; return (batches, samples) seen."""
+    batches = samples = 0
+    for batch in batches_iter:
+        if max_batches is not None and batches >= max_batches:
+            break
+        capture.batch_mask = next(mask_rows) if mask_rows is not None else resolve_mask(mask, batch)
+        args, kwargs = call_arguments(batch, input_fn)
+        args, kwargs = to_device(args, target), to_device(kwargs, target)
+        first = first_tensor((args, kwargs))
+        if first is None:
+            raise DataError(
+                f"a batch holds no tensor (got {describe_shapes(args, kwargs)}); pass input_fn=... to build one"
+            )
+        _forward(model, capture, args, kwargs)
+        batches += 1
+        samples += int(first.shape[0]) if first.ndim else 1
+        bar.update()
+    return batches, samples
 
 
 def _refuse_meta(model: nn.Module) -> None:

@@ -252,7 +252,7 @@ def _leaky_verdict(story: dict[str, Any], n: int) -> dict[str, Any] | None:
     if v is None or "skipped" in v:
         return None
     if v["diverged"]:
-        return {"answer": None, "text": f"LeakyReLU: training diverged in every seed after the swap; no answer."}
+        return {"answer": None, "text": "LeakyReLU: training diverged in every seed after the swap; no answer."}
     worst = max(x for x in v["dead_fraction_by_seed"] if x is not None)
     answer = "yes" if worst > 0 else "no"
     head = ("LeakyReLU left units that are never positive" if answer == "yes"
@@ -282,7 +282,7 @@ def _headline(story: dict[str, Any]) -> tuple[str, list[str]]:
         f"At the checkpoint ({setting}), the last hidden layer ({last}) was dead for a median {_pct(med)} of its "
         f"units on the training set (range {_pct_range(by_seed)} over {n} seeds{div}) and {_pct(val_med)} on the "
         "validation set.",
-        f"Per seed (training set / validation set): " + ", ".join(
+        "Per seed (training set / validation set): " + ", ".join(
             f"seed {s} diverged" if t is None else f"seed {s} {_pct(t)} / {_pct(v)}"
             for s, t, v in zip(cfg["seeds"], by_seed, cp["val_last_layer_dead_fraction_by_seed"])) + ".",
     ]

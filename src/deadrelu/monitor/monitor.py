@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Sequence, Union
 
 import torch
