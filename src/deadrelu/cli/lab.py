@@ -14,6 +14,7 @@ from typing import Any, Sequence
 
 from .._imports import available
 from ..errors import DeadReluError
+from .options import positive_number, whole_number
 
 __all__ = ["demo_command", "experiment_command", "report_command"]
 
@@ -55,26 +56,6 @@ def _print_outputs(outputs: dict[str, str], out_dir: Path) -> None:
         print(f"  {Path(path).name}")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
-    return value
-
-
 # -- demo ------------------------------------------------------------------------------------
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -92,16 +73,16 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dataset", default="digits", choices=("digits", "mnist", "mnist1d"),
                    help="digits (default; ships with scikit-learn), mnist (local IDX files), mnist1d")
     p.add_argument("--data-dir", metavar="DIR", help="where mnist's IDX files / mnist1d's mnist1d.npz are")
-    p.add_argument("--checkpoint-epoch", type=_positive_int, default=2, metavar="N",
+    p.add_argument("--checkpoint-epoch", type=whole_number(), default=2, metavar="N",
                    help="epochs at the large LR before the checkpoint (2)")
-    p.add_argument("--epochs", type=_positive_int, default=20, help="epochs of each rescue after the checkpoint (20)")
-    p.add_argument("--lr", type=_positive_float, default=0.5, help="SGD learning rate (0.5)")
-    p.add_argument("--seeds", type=_positive_int, default=5, metavar="N", help="how many seeds (5)")
+    p.add_argument("--epochs", type=whole_number(), default=20, help="epochs of each rescue after the checkpoint (20)")
+    p.add_argument("--lr", type=positive_number, default=0.5, help="SGD learning rate (0.5)")
+    p.add_argument("--seeds", type=whole_number(), default=5, metavar="N", help="how many seeds (5)")
     p.add_argument("--seed", type=int, default=0, help="first seed; it also seeds the data split (0)")
-    p.add_argument("--batch-size", type=_positive_int, default=64, help="SGD mini-batch size (64)")
+    p.add_argument("--batch-size", type=whole_number(), default=64, help="SGD mini-batch size (64)")
     p.add_argument("--standardize", action="store_true",
                    help="standardise the inputs (zero mean, unit variance per feature) instead of pixels in [0, 1]")
-    p.add_argument("--workers", type=_positive_int, default=None, metavar="N",
+    p.add_argument("--workers", type=whole_number(), default=None, metavar="N",
                    help="processes training seeds in parallel (default: one per CPU core); numbers do not change")
     p.add_argument("--out", default="deadrelu-demo", metavar="DIR", help="output directory (deadrelu-demo)")
     p.add_argument("--live", action=argparse.BooleanOptionalAction, default=None,
@@ -175,9 +156,9 @@ def _add_experiment(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="deadrelu-results", metavar="DIR", help="output directory (deadrelu-results)")
     p.add_argument("--dataset", default=None, help="data set (activations, init, rescue; default digits)")
     p.add_argument("--data-dir", metavar="DIR", help="where local data files are (mnist, mnist1d)")
-    p.add_argument("--epochs", type=_positive_int, default=None, help="training epochs (experiment's default)")
-    p.add_argument("--lr", type=_positive_float, default=None, help="learning rate (experiment's default)")
-    p.add_argument("--seeds", type=_positive_int, default=None,
+    p.add_argument("--epochs", type=whole_number(), default=None, help="training epochs (experiment's default)")
+    p.add_argument("--lr", type=positive_number, default=None, help="learning rate (experiment's default)")
+    p.add_argument("--seeds", type=whole_number(), default=None,
                    help="number of seeds (lr-sweep: 0..N-1; rescue, preprocessing: --seed..--seed+N-1)")
     p.add_argument("--seed", type=int, default=None, help="seed (activations, init; first seed of rescue, preprocessing)")
     p.add_argument("--standardize", action="store_true", help="standardised inputs instead of [0, 1] (rescue)")

@@ -17,7 +17,7 @@ import argparse
 import math
 from typing import Callable
 
-__all__ = ["whole_number", "finite_float", "OneLineParser", "MAX_COUNT"]
+__all__ = ["whole_number", "finite_float", "positive_number", "OneLineParser", "MAX_COUNT"]
 
 #: Largest count accepted for sizes and batch counts (fits every index type torch uses).
 MAX_COUNT = 2**31 - 1
@@ -67,6 +67,24 @@ def finite_float(low: float = -math.inf, high: float = math.inf) -> Callable[[st
         return value
 
     return parse
+
+
+def positive_number(text: str) -> float:
+    """A ``type=`` accepting numbers above 0 (a learning rate); ``nan``, 0 and negatives are refused.
+
+    >>> positive_number("0.5")
+    0.5
+    >>> positive_number("0")
+    Traceback (most recent call last):
+    argparse.ArgumentTypeError: must be positive, got 0.0
+    """
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
 
 
 class OneLineParser(argparse.ArgumentParser):
