@@ -29,6 +29,8 @@ __all__ = [
     "LABEL_KEYS",
     "model_device",
     "to_device",
+    "map_tensors",
+    "iter_tensors",
     "call_arguments",
     "first_tensor",
     "iter_batches",
@@ -58,19 +60,40 @@ def model_device(model: nn.Module) -> torch.device | None:
     return None
 
 
+def map_tensors(obj: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
+    """Apply ``fn`` to every tensor in a (nested) tuple/list/dict, keeping the structure.
+
+    >>> map_tensors({"x": torch.ones(2), "n": 3}, lambda t: t * 2)
+    {'x': tensor([2., 2.]), 'n': 3}
+    """
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, tuple):
+        return tuple(map_tensors(o, fn) for o in obj)
+    if isinstance(obj, list):
+        return [map_tensors(o, fn) for o in obj]
+    if isinstance(obj, Mapping):
+        return {k: map_tensors(v, fn) for k, v in obj.items()}
+    return obj
+
+
+def iter_tensors(obj: Any) -> Iterator[torch.Tensor]:
+    """Every tensor in a (nested) tuple/list/dict, depth first, in order."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, (tuple, list)):
+        for o in obj:
+            yield from iter_tensors(o)
+    elif isinstance(obj, Mapping):
+        for o in obj.values():
+            yield from iter_tensors(o)
+
+
 def to_device(obj: Any, device: torch.device | None) -> Any:
     """Move every tensor in a (nested) tuple/list/dict batch to ``device``; None leaves it."""
     if device is None:
         return obj
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device, non_blocking=True)
-    if isinstance(obj, tuple):
-        return tuple(to_device(o, device) for o in obj)
-    if isinstance(obj, list):
-        return [to_device(o, device) for o in obj]
-    if isinstance(obj, Mapping):
-        return {k: to_device(v, device) for k, v in obj.items()}
-    return obj
+    return map_tensors(obj, lambda t: t.to(device, non_blocking=True))
 
 
 def call_arguments(batch: Any, input_fn: Callable[[Any], Any] | None) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -106,19 +129,7 @@ def call_arguments(batch: Any, input_fn: Callable[[Any], Any] | None) -> tuple[t
 
 def first_tensor(obj: Any) -> torch.Tensor | None:
     """The first tensor in a (nested) batch, depth first; None when there is none."""
-    if isinstance(obj, torch.Tensor):
-        return obj
-    if isinstance(obj, (tuple, list)):
-        for o in obj:
-            t = first_tensor(o)
-            if t is not None:
-                return t
-    if isinstance(obj, Mapping):
-        for o in obj.values():
-            t = first_tensor(o)
-            if t is not None:
-                return t
-    return None
+    return next(iter_tensors(obj), None)
 
 
 def iter_batches(data: Any, batch_size: int) -> Iterable[Any]:

@@ -22,13 +22,13 @@ parametrization the structural checks missed) changes these outputs and is caugh
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import fx, nn
 
 from . import dataflow
-from ..core.inputs import kept_training_flags
+from ..core.inputs import iter_tensors, kept_training_flags, map_tensors
 from ..core.report import SiteReport
 from ..errors import RefusedError
 
@@ -50,40 +50,29 @@ def held_out_like(obj: Any, generator: torch.Generator) -> Any:
         >>> y.shape, y.dtype, torch.equal(x, y)
         (torch.Size([2, 3]), torch.float32, False)
     """
-    if isinstance(obj, torch.Tensor):
-        if obj.dtype == torch.bool or obj.numel() == 0:
-            return obj
-        if obj.is_floating_point():
-            ref = obj.detach().double()
-            mean = float(ref.mean())
-            std = float(ref.std()) if obj.numel() > 1 else 1.0
-            std = std if std > 0 and std == std else 1.0
-            mean = mean if mean == mean else 0.0
-            new = torch.randn(tuple(obj.shape), generator=generator, dtype=torch.float64) * std + mean
-            return new.to(device=obj.device, dtype=obj.dtype)
-        if obj.is_complex():
-            return obj
-        lo, hi = int(obj.min()), int(obj.max())
-        new = torch.randint(lo, hi + 1, tuple(obj.shape), generator=generator, dtype=torch.int64)
-        return new.to(device=obj.device, dtype=obj.dtype)
-    if isinstance(obj, tuple):
-        return tuple(held_out_like(o, generator) for o in obj)
-    if isinstance(obj, list):
-        return [held_out_like(o, generator) for o in obj]
-    if isinstance(obj, Mapping):
-        return {k: held_out_like(v, generator) for k, v in obj.items()}
-    return obj
+    return map_tensors(obj, lambda t: _held_out_tensor(t, generator))
+
+
+def _held_out_tensor(t: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One random tensor like ``t`` (see :func:`held_out_like`)."""
+    if t.dtype == torch.bool or t.numel() == 0 or t.is_complex():
+        return t
+    if t.is_floating_point():
+        ref = t.detach().double()
+        mean = float(ref.mean())
+        std = float(ref.std()) if t.numel() > 1 else 1.0
+        std = std if std > 0 and std == std else 1.0
+        mean = mean if mean == mean else 0.0
+        new = torch.randn(tuple(t.shape), generator=generator, dtype=torch.float64) * std + mean
+        return new.to(device=t.device, dtype=t.dtype)
+    lo, hi = int(t.min()), int(t.max())
+    new = torch.randint(lo, hi + 1, tuple(t.shape), generator=generator, dtype=torch.int64)
+    return new.to(device=t.device, dtype=t.dtype)
 
 
 def output_tensors(obj: Any) -> list[torch.Tensor]:
     """Every tensor in a (nested) model output, in order."""
-    if isinstance(obj, torch.Tensor):
-        return [obj]
-    if isinstance(obj, (tuple, list)):
-        return [t for o in obj for t in output_tensors(o)]
-    if isinstance(obj, Mapping):
-        return [t for o in obj.values() for t in output_tensors(o)]
-    return []
+    return list(iter_tensors(obj))
 
 
 def max_difference(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> float:
