@@ -65,7 +65,6 @@ from __future__ import annotations
 import contextlib
 import sys
 import threading
-import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping, Union
 
@@ -85,19 +84,7 @@ from .activations import (
 )
 from .hooks import copy_safe_hook, is_deadrelu_hook, remove_inert_hooks
 from .inputs import apply_mask, mask_from_call
-from .unit_axis import (
-    ACT,
-    NORM,
-    PERMUTE,
-    PRODUCER,
-    RESHAPE,
-    TRANSPOSE,
-    carried_axis,
-    function_kind,
-    kind_of,
-    moved_axis,
-    reshaped_axis,
-)
+from .unit_axis import ACT, AxisTable, function_kind, kind_of
 from .stats import release_scratch, UnitStats
 
 __all__ = [
@@ -170,7 +157,7 @@ class _Forward:
 
     calls: dict[str, int] = field(default_factory=dict)
     stack: list[_Frame] = field(default_factory=list)
-    axes: dict[int, tuple[Any, int, str]] = field(default_factory=dict)  # id(tensor) -> (weakref, dim, rule)
+    axes: AxisTable = field(default_factory=AxisTable)  # each tensor's feature axis and the rule that chose it
     seen: dict[Any, int] = field(default_factory=dict)  # call position -> times reached in this forward
     inside_activation: int = 0  # depth of activation modules: their inner calls are not sites
     mask: torch.Tensor | None = None
@@ -472,68 +459,14 @@ class ActivationCapture:
 
     # -- the hot path ------------------------------------------------------------------------
     def _axis(self, t: Any) -> tuple[Any, int, str] | None:
-        entry = self._fwd.axes.get(id(t))
-        if entry is not None and entry[0]() is t:
-            return entry
-        return None
-
-    def _set_axis(self, t: Any, axis: int, rule: str) -> None:
-        if isinstance(t, torch.Tensor):
-            self._fwd.axes[id(t)] = (weakref.ref(t), axis, rule)
+        return self._fwd.axes.get(t)
 
     def _on_op(self, kind: tuple[int, str, Any], args: tuple, kwargs: dict | None, out: Any) -> None:
         """Carry the feature axis from an op's input to its output; hand activations on."""
-        code = kind[0]
-        if code == ACT:
+        if kind[0] == ACT:
             self._on_activation(kind[1], args, kwargs, out)
-            return
-        if code == PRODUCER:
-            self._produced(kind, out)
-            return
-        src = entry = None
-        for a in args[:2]:
-            if type(a) in (list, tuple):
-                if not a:
-                    continue
-                a = a[0]
-            entry = self._axis(a)
-            if entry is not None:
-                src = a
-                break
-        if entry is None:
-            if code == NORM and isinstance(out, torch.Tensor) and out.ndim >= 2:
-                self._set_axis(out, kind[2] % out.ndim, "producer:norm")
-            elif code == NORM and isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
-                self._set_axis(out[0], kind[2] % max(out[0].ndim, 1), "producer:norm")
-            return
-        if out is src:
-            return
-        _, axis, rule = entry
-        before = tuple(src.shape)
-        for o in out if isinstance(out, (tuple, list)) else (out,):
-            if not isinstance(o, torch.Tensor):
-                continue
-            after = tuple(o.shape)
-            if code == RESHAPE:
-                new = reshaped_axis(axis, before, after)
-            elif code in (TRANSPOSE, PERMUTE):
-                new = moved_axis(kind, axis, len(before), args, kwargs) if len(after) == len(before) else None
-            else:
-                new = carried_axis(axis, before, after)
-            if new is not None:
-                self._set_axis(o, new, rule)
-
-    def _produced(self, kind: tuple[int, str, Any], out: Any) -> None:
-        rule, batched = kind[1], kind[2]
-        for o in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(o, torch.Tensor) and o.ndim:
-                if rule == "producer:conv":
-                    axis = 1 if o.ndim >= 2 and (batched is None or o.ndim == batched) else 0
-                else:
-                    axis = o.ndim - 1
-                self._set_axis(o, axis, rule)
-            if rule != "producer:RNN":
-                break  # conv/linear return one tensor; an RNN returns (output, h_n[, c_n])
+        else:
+            self._fwd.axes.on_op(kind, args, kwargs, out)
 
     def _on_activation(self, name: str, args: tuple, kwargs: dict | None, out: Any) -> None:
         if not isinstance(out, torch.Tensor):
@@ -542,7 +475,7 @@ class ActivationCapture:
         if inp is not out and isinstance(inp, torch.Tensor):
             entry = self._axis(inp)
             if entry is not None and out.shape == inp.shape:
-                self._set_axis(out, entry[1], entry[2])
+                self._fwd.axes.set(out, entry[1], entry[2])
         fwd = self._fwd
         if fwd.inside_activation or not fwd.stack:
             return  # inside an activation module: the module's output is the site

@@ -15,13 +15,16 @@ matmul, convolution, embedding, recurrent layers) start a new one. See
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
+
+import torch
 
 from .activations import ACTIVATION_FUNCTIONS
 
 __all__ = [
     "ACT", "PRODUCER", "TRANSPOSE", "PERMUTE", "RESHAPE", "NORM", "GENERIC",
-    "function_kind", "kind_of", "reshaped_axis", "carried_axis", "moved_axis",
+    "AxisTable", "function_kind", "kind_of", "reshaped_axis", "carried_axis", "moved_axis",
 ]  # fmt: skip
 
 # -- what each torch function does to the feature axis -----------------------------------------
@@ -176,3 +179,84 @@ def moved_axis(kind: tuple[int, str, Any], axis: int, ndim: int, args: tuple, kw
         if d0 is None or d1 is None:
             return None
     return d1 if axis == d0 else d0 if axis == d1 else axis
+
+
+class AxisTable:
+    """Each tensor's feature axis during one forward pass, by identity (weak references).
+
+    An entry is ``(weakref, dim, rule)``; :meth:`on_op` moves it from an op's input to its
+    output with the rules above. Used by the capture's function mode on real tensors and by
+    the compiled capture on a graph's example values.
+
+    >>> import torch
+    >>> table, h = AxisTable(), torch.zeros(2, 3, 4)
+    >>> table.on_op(kind_of(torch.nn.functional.linear), (h,), None, h)
+    >>> t = h.transpose(1, 2)
+    >>> table.on_op(kind_of(torch.Tensor.transpose), (h, 1, 2), None, t)
+    >>> table.get(t)[1:]
+    (1, 'producer:Linear')
+    """
+
+    def __init__(self) -> None:
+        self.entries: dict[int, tuple[Any, int, str]] = {}
+
+    def get(self, t: Any) -> tuple[Any, int, str] | None:
+        entry = self.entries.get(id(t))
+        if entry is not None and entry[0]() is t:
+            return entry
+        return None
+
+    def set(self, t: Any, axis: int, rule: str) -> None:
+        if isinstance(t, torch.Tensor):
+            self.entries[id(t)] = (weakref.ref(t), axis, rule)
+
+    def on_op(self, kind: tuple[int, str, Any], args: tuple, kwargs: dict | None, out: Any) -> None:
+        """Carry the feature axis from a (non-activation) op's inputs to its outputs."""
+        code = kind[0]
+        if code == PRODUCER:
+            self._produced(kind, out)
+            return
+        src = entry = None
+        for a in args[:2]:
+            if type(a) in (list, tuple):
+                if not a:
+                    continue
+                a = a[0]
+            entry = self.get(a)
+            if entry is not None:
+                src = a
+                break
+        if entry is None:
+            if code == NORM and isinstance(out, torch.Tensor) and out.ndim >= 2:
+                self.set(out, kind[2] % out.ndim, "producer:norm")
+            elif code == NORM and isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+                self.set(out[0], kind[2] % max(out[0].ndim, 1), "producer:norm")
+            return
+        if out is src:
+            return
+        _, axis, rule = entry
+        before = tuple(src.shape)
+        for o in out if isinstance(out, (tuple, list)) else (out,):
+            if not isinstance(o, torch.Tensor):
+                continue
+            after = tuple(o.shape)
+            if code == RESHAPE:
+                new = reshaped_axis(axis, before, after)
+            elif code in (TRANSPOSE, PERMUTE):
+                new = moved_axis(kind, axis, len(before), args, kwargs) if len(after) == len(before) else None
+            else:
+                new = carried_axis(axis, before, after)
+            if new is not None:
+                self.set(o, new, rule)
+
+    def _produced(self, kind: tuple[int, str, Any], out: Any) -> None:
+        rule, batched = kind[1], kind[2]
+        for o in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(o, torch.Tensor) and o.ndim:
+                if rule == "producer:conv":
+                    axis = 1 if o.ndim >= 2 and (batched is None or o.ndim == batched) else 0
+                else:
+                    axis = o.ndim - 1
+                self.set(o, axis, rule)
+            if rule != "producer:RNN":
+                break  # conv/linear return one tensor; an RNN returns (output, h_n[, c_n])
