@@ -291,14 +291,23 @@ def test_nan_units_are_counted_as_nonfinite_not_dead():
     assert mon.history.rows[-1].nonfinite == 0.5
 
 
-@pytest.mark.parametrize("compiled", [False, True], ids=["function-mode capture", "module-hook capture"])
-def test_observe_scope_follows_the_schedule(compiled):
+@pytest.mark.parametrize("capture", ["function mode", "module hooks", "graph"])
+def test_observe_scope_follows_the_schedule(capture, monkeypatch):
+    if capture == "module hooks":  # the compiled-mode fallback of a torch without effectful custom ops
+        monkeypatch.setattr("deadrelu.monitor.graph_capture.graph_capture_available", lambda: False)
+    if capture == "graph":
+        from deadrelu.monitor.graph_capture import graph_capture_available
+
+        if not graph_capture_available():
+            pytest.skip("needs effectful custom ops")
+        torch._dynamo.reset()
     outer = nn.Module()
     outer.net = identity_net(2)
-    with deadrelu.Monitor(outer, every=2, window=10, compiled=compiled) as mon:
+    with deadrelu.Monitor(outer, every=2, window=10, compiled=capture != "function mode") as mon:
+        net = torch.compile(outer.net) if capture == "graph" else outer.net
         for _ in range(5):  # steps 0, 2, 4 observed
             with mon.observe():
-                outer.net(batch(True, False))  # the root module itself is never called
+                net(batch(True, False))  # the root module itself is never called
             mon.step()
         report = mon.report()
     assert report.batches == 3 and report.sites[0].name == "net.1"

@@ -100,6 +100,7 @@ __all__ = [
     "apply_mask",
     "display_names",
     "resolve_unit_dim",
+    "choose_unit_dim",
     "resolve_threshold",
 ]
 
@@ -546,16 +547,7 @@ class ActivationCapture:
             # A flattened graph (torch.export): name the site after the module it came from.
             info.module, info.module_type, info.call = self._graph_sites[slot]  # type: ignore[misc]
             info.slot, info.leaf = 0, info.module_type in _ACTIVATION_CLASS_NAMES
-        entry = self._axis(out)
-        if entry is not None:
-            default_dim, info.unit_axis_source = entry[1], entry[2]
-        else:
-            default_dim, info.unit_axis_source = _rank_rule(out.ndim), "rank rule"
-        unit_dim = resolve_unit_dim(self.unit_dim_spec, info, out.ndim, -1)
-        if unit_dim == -1:
-            unit_dim = default_dim
-        else:
-            info.unit_axis_source = "unit_dim override"
+        unit_dim = choose_unit_dim(self.unit_dim_spec, info, out.ndim, self._axis(out))
         units = out.shape[unit_dim] if out.ndim else 1
         thr = resolve_threshold(self.threshold_spec, info)
         site = _Site(
@@ -669,6 +661,20 @@ def resolve_unit_dim(spec: UnitDimSpec | None, info: SiteInfo, ndim: int, defaul
             f"unit_dim {dim} is out of range for activation site {_describe(info)} with shape {info.shape}"
         )
     return dim % ndim
+
+
+def choose_unit_dim(spec: UnitDimSpec | None, info: SiteInfo, ndim: int, entry: tuple[Any, int, str] | None) -> int:
+    """A new site's unit dimension: the ``unit_dim`` option's, else the producer's (``entry``, from
+    :class:`~deadrelu.core.unit_axis.AxisTable`), else the rank rule; records the rule in ``info``."""
+    if entry is not None:
+        default_dim, info.unit_axis_source = entry[1], entry[2]
+    else:
+        default_dim, info.unit_axis_source = _rank_rule(ndim), "rank rule"
+    unit_dim = resolve_unit_dim(spec, info, ndim, -1)
+    if unit_dim == -1:
+        return default_dim
+    info.unit_axis_source = "unit_dim override"
+    return unit_dim
 
 
 def resolve_threshold(spec: ThresholdSpec, info: SiteInfo) -> float:

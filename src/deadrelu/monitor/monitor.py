@@ -152,10 +152,11 @@ class Monitor:
             site key (ranks may run different layers, in different orders; see
             :mod:`deadrelu.monitor.ranks`); ``None`` means "when a process group is
             initialised". Every rank must then call :meth:`step` and :meth:`report` in lockstep.
-        compiled: observe in a way ``torch.compile`` traces into the graph (hooks on
-            activation modules with tensor-only state; see :mod:`deadrelu._module_capture`).
-            ``None`` turns it on when ``model`` is the result of ``torch.compile``; pass
-            True when you attach first and compile afterwards.
+        compiled: observe the graphs ``torch.compile`` builds (an Inductor pass inserts each
+            site's sums and an effectful ``deadrelu::observe`` op after every activation; see
+            :mod:`deadrelu.monitor.graph_capture`): the same sites and numbers as eager mode.
+            ``None`` turns it on when ``model`` is the result of ``torch.compile``; pass True
+            when you attach first and compile afterwards.
         mask: observation mask per training forward (as for :class:`deadrelu.Probe`): None = the
             call's ``attention_mask`` keyword when it has one; False = none; a bool tensor
             ``(B, T)``, the name of a keyword argument, or a callable on the call's keyword
@@ -228,11 +229,17 @@ class Monitor:
         self.compiled = bool(compiled)
         self.capture: Any
         if self.compiled:
-            from .compiled import ModuleCapture
+            from .graph_capture import GraphCapture, graph_capture_available, refuse_mask
 
-            if mask is not None and mask is not False:
-                raise DeadReluError("mask= is not supported with compiled=True: the compiled capture counts every position")
-            self.capture = ModuleCapture(model, unit_dim=unit_dim, threshold=threshold, window=window)
+            refuse_mask(mask)
+            if graph_capture_available():
+                self.capture = GraphCapture(
+                    model, unit_dim=unit_dim, threshold=threshold, window=window, observing=lambda: self._observe
+                )
+            else:  # an older torch: hooks on activation modules only
+                from .compiled import ModuleCapture
+
+                self.capture = ModuleCapture(model, unit_dim=unit_dim, threshold=threshold, window=window)
         else:
             self.capture = _MonitorCapture(
                 model,
@@ -241,6 +248,7 @@ class Monitor:
                 stats_factory=lambda units, thr, device: WindowStats(units, thr, device, window),
                 mask=mask,
             )
+        self._op_asks_schedule = type(self.capture).__name__ == "GraphCapture"
         self.history = History()
         self.events: list[Event] = []
         self.alerts: list[Alert] = []
@@ -331,6 +339,8 @@ class Monitor:
     def _gate(self, module: nn.Module, args: Any) -> None:
         if module is not self.model:
             return  # a replica sharing the hook dicts (nn.DataParallel): the capture refuses it
+        if self._op_asks_schedule:
+            return  # the graph capture asks the schedule when its op runs: nothing here for Dynamo to guard on
         if not self.compiled and torch.compiler.is_compiling():
             # The function mode would make Dynamo break the graph and recompile every step:
             # run the compiled model unobserved and say how to monitor it instead.
@@ -486,9 +496,15 @@ class Monitor:
         """
         states, samples = self._site_states(scopes)
         if not states:
+            hint = ""
+            if self._op_asks_schedule:
+                hint = (
+                    "; with compiled=True only graphs that torch.compile's default (Inductor) backend compiles "
+                    "after attach() are observed, not eager calls (call torch._dynamo.reset() to recompile)"
+                )
             raise NoActivationSitesError(
                 "the monitor has not observed an activation yet: run a training forward pass (with grad) "
-                f"through {type(self.model).__name__} first"
+                f"through {type(self.model).__name__} first{hint}"
             )
         values = _host_values(states)
         global_samples = dict(zip(scopes, samples.tolist()))

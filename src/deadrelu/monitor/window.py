@@ -12,6 +12,7 @@ first added into the since-start totals, so both scopes stay exact.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Mapping
 
 import torch
 
@@ -129,19 +130,37 @@ class WindowStats:
             DeadReluError: when the unit dimension's size differs from ``units`` or the mask does not fit.
         """
         x, unit_dim = as_unit_batch(activation, unit_dim, self.units)
-        if x.device != self.device:
-            self.device = x.device
-            self.ring.to(x.device)
-            self.banked.to(x.device)
         if mask is not None and activation.ndim < 2:
             mask = mask.reshape(1)
-        row = self.ring.row(self.pos)
-        if self.count >= self.window:  # the row still holds the batch that leaves the window
-            self.banked.add_(row)
+        row = self._claim_row(x.device)
         for t in row.values():
             t.zero_()
         nonneg = self.nonnegative if nonnegative is None else nonnegative
         accumulate(x, unit_dim, self.threshold, nonneg, row, mask, self.backend)
+        self._advance()
+
+    @torch.no_grad()
+    def add_sums(self, sums: Mapping[str, torch.Tensor]) -> None:
+        """Add one batch given as its per-statistic sums (one tensor per name in
+        :data:`~deadrelu.core.stats.STATISTICS`, as :func:`~deadrelu.core.stats.traceable_batch_sums`
+        returns them): the compiled capture computes them inside the graph."""
+        device = next(iter(sums.values())).device
+        for name, t in self._claim_row(device).items():
+            t.copy_(sums[name])
+        self._advance()
+
+    def _claim_row(self, device: torch.device) -> dict[str, torch.Tensor]:
+        """The ring row the next batch fills; the batch it held first leaves for the totals."""
+        if device != self.device:
+            self.device = device
+            self.ring.to(device)
+            self.banked.to(device)
+        row = self.ring.row(self.pos)
+        if self.count >= self.window:  # the row still holds the batch that leaves the window
+            self.banked.add_(row)
+        return row
+
+    def _advance(self) -> None:
         self.pos = (self.pos + 1) % self.window
         self.count += 1
 

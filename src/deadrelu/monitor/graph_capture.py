@@ -1,0 +1,451 @@
+"""Capture for ``torch.compile``: the sites are read from the compiled graph itself.
+
+The eager capture enters a ``TorchFunctionMode`` for each forward pass, which TorchDynamo
+cannot trace without breaking the graph. This capture works one level down instead: while a
+monitor with ``compiled=True`` is attached, a pre-grad pass of Inductor
+(``torch._inductor.config.pre_grad_custom_pass``, chained with any pass already there) sees
+every graph TorchDynamo hands to Inductor, before autograd is traced. In each graph it
+
+* finds every activation call — functional calls (``F.relu(x)``, ``x.relu_()``) and activation
+  modules alike, and each call of a reused module on its own — and names it exactly as the
+  eager capture does (module path, that module's call index, call position, function);
+* works out each site's unit axis with the eager capture's own rules
+  (:class:`~deadrelu.core.unit_axis.AxisTable`, run on the graph's example values);
+* inserts after the activation its batch's per-unit sums
+  (:func:`~deadrelu.core.stats.traceable_batch_sums`: plain reductions that Inductor fuses,
+  on a detached view so autograd is untouched) and one call of the custom op
+  ``deadrelu::observe``, registered with :mod:`torch.library` as an *effectful* op so it is
+  never removed or reordered. At run time that op hands the sums (``O(units)`` tensors, still
+  on the device: no host sync) to the site's :class:`~deadrelu.monitor.window.WindowStats` —
+  the same ring the eager monitor keeps, so both give the same numbers.
+
+Whether a step is observed is decided when the op runs (the monitor's schedule), so one graph
+serves every schedule and nothing recompiles per step. Only graphs compiled with gradients
+enabled are observed, as in eager mode. Site ids are process-local: the pass has a ``uuid()``
+unique to this process and set of monitors, so Inductor's caches never hand a graph to another
+process or monitor.
+
+Limits: it needs Inductor (the default ``torch.compile`` backend) and a torch with
+``torch.library.custom_op`` and effectful ops (2.6 or later); otherwise the monitor falls back to
+:class:`~deadrelu.monitor.compiled.ModuleCapture`. Graphs compiled before :meth:`attach` are not
+observed (compile after attaching, or call ``torch._dynamo.reset()``); after :meth:`detach`
+compiled graphs keep computing their sums until they are recompiled, but nothing is recorded.
+``mask=`` is not supported. A site whose unit axis has a dynamic size is skipped (listed in
+``uncaptured``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import re
+import threading
+import uuid
+import weakref
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import fx, nn
+
+from ..core.activations import NONNEGATIVE_FUNCTIONS, function_of_module
+from ..core.capture import SiteInfo, ThresholdSpec, UnitDimSpec, choose_unit_dim, display_names, resolve_threshold
+from ..core.stats import traceable_batch_sums
+from ..core.unit_axis import ACT, AxisTable, kind_of
+from ..errors import DeadReluError
+from .window import WindowStats
+
+__all__ = ["GraphCapture", "graph_capture_available"]
+
+_OP_NAME = "deadrelu::observe"
+_LOCK = threading.Lock()
+_CALLBACKS: dict[int, Callable[[list[torch.Tensor]], None]] = {}  # site id -> where its sums go
+_SITE_IDS = itertools.count(1)
+_ATTACHED: "weakref.WeakSet[GraphCapture]" = weakref.WeakSet()
+_installed: dict[str, Any] = {}  # "pass": our chained pass, "previous": what it replaced
+
+
+def graph_capture_available() -> bool:
+    """True when this torch has everything the graph capture needs (else ModuleCapture is used)."""
+    try:
+        import torch._higher_order_ops.effects as effects
+        import torch._inductor.config as inductor_config
+        import torch._inductor.custom_graph_pass as custom_graph_pass
+    except ImportError:
+        return False
+    return (
+        hasattr(torch.library, "custom_op")
+        and hasattr(effects, "_register_effectful_op")
+        and hasattr(custom_graph_pass, "CustomGraphPass")
+        and hasattr(inductor_config, "pre_grad_custom_pass")
+    )
+
+
+def _observe_op() -> Any:
+    """The effectful custom op ``deadrelu::observe(Tensor[] sums, int site) -> ()`` (registered once)."""
+    with _LOCK:
+        if "op" in _installed:
+            return _installed["op"]
+        namespace, name = _OP_NAME.split("::")
+        if not hasattr(getattr(torch.ops, namespace), name):
+
+            @torch.library.custom_op(_OP_NAME, mutates_args=())
+            def observe(sums: list[torch.Tensor], site: int) -> None:
+                callback = _CALLBACKS.get(site)
+                if callback is not None:
+                    callback(sums)
+
+            @observe.register_fake
+            def _(sums: list[torch.Tensor], site: int) -> None:
+                return None
+
+            from torch._higher_order_ops.effects import _EffectType, _register_effectful_op
+
+            # Effectful: Inductor keeps the call (it returns nothing) and keeps it in order.
+            _register_effectful_op(getattr(torch.ops, namespace).observe.default, _EffectType.ORDERED)
+        _installed["op"] = getattr(torch.ops, namespace).observe.default
+        return _installed["op"]
+
+
+def _observe_batch(x: torch.Tensor, site: int, unit_dim: int, threshold: float, nonnegative: bool) -> None:
+    """Inserted after each activation in a graph (traced by AOTAutograd into plain reductions)."""
+    sums = traceable_batch_sums(x.detach(), unit_dim, threshold, nonnegative)
+    _observe_op()(list(sums.values()), site)
+
+
+def _install_pass() -> None:
+    import torch._inductor.config as inductor_config
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+
+    class _DeadReluPass(CustomGraphPass):
+        def __init__(self, previous: Any) -> None:
+            self.previous = previous
+            self.key = uuid.uuid4().hex
+
+        def __call__(self, graph: fx.Graph) -> None:
+            for capture in list(_ATTACHED):
+                capture.rewrite(graph)
+            if self.previous is not None:
+                self.previous(graph)
+
+        def uuid(self) -> Any:
+            # Unique per process and set of monitors: the site ids baked into a graph mean
+            # nothing anywhere else, so Inductor must never reuse it from a cache.
+            previous = getattr(self.previous, "uuid", None)
+            return (self.key, previous() if callable(previous) else None)
+
+    current, ours = inductor_config.pre_grad_custom_pass, _installed.get("pass")
+    if ours is not None and current is ours:
+        ours.key = uuid.uuid4().hex  # a new set of monitors: graphs cached for the old set are not reused
+        return
+    _installed["previous"] = current
+    _installed["pass"] = inductor_config.pre_grad_custom_pass = _DeadReluPass(current)
+
+
+def _remove_pass() -> None:
+    import torch._inductor.config as inductor_config
+
+    ours = _installed.get("pass")
+    if ours is not None and inductor_config.pre_grad_custom_pass is ours:
+        inductor_config.pre_grad_custom_pass = _installed.get("previous")
+        _installed.pop("pass", None)
+        _installed.pop("previous", None)
+
+
+@dataclass
+class _Site:
+    info: SiteInfo
+    unit_dim: int
+    stats: WindowStats
+    order: int
+    ident: int
+
+
+_STACK_FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\S+)')
+
+
+def _position(node: fx.Node) -> str:
+    """The innermost source frame of a graph node (``file:line:function``), from its stack trace."""
+    frames = _STACK_FRAME.findall(node.meta.get("stack_trace") or "")
+    if not frames:
+        return ""
+    file, line, function = frames[-1]
+    return f"{file}:{line}:{function}"
+
+
+class GraphCapture:
+    """Observe a compiled model through its graphs (see the module docstring).
+
+    Presents the part of :class:`deadrelu.ActivationCapture`'s interface the monitor uses.
+
+    Args:
+        model: the (uncompiled) model; compile it after :meth:`attach`.
+        unit_dim: int, mapping or callable on :class:`SiteInfo` (as for the eager capture).
+        threshold: float, mapping or callable (as for the eager capture).
+        window: rolling-window length in batches.
+        observing: called when a compiled forward runs; the batch is recorded only when it
+            returns True (the monitor's schedule).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        unit_dim: UnitDimSpec,
+        threshold: ThresholdSpec,
+        window: int,
+        observing: Callable[[], bool] = lambda: True,
+    ) -> None:
+        self.model = model
+        self.unit_dim_spec = unit_dim
+        self.threshold_spec = threshold
+        self.window = window
+        self.observing = observing
+        self.enabled = True
+        self.forwards = 0
+        self.sites: dict[tuple[Any, ...], _Site] = {}
+        self.uncaptured: dict[str, str] = {}
+        self.graphs = 0  # graphs this capture rewrote
+        named = list(model.named_modules())
+        self._paths = {id(m): p for p, m in named}
+        self._types = {p: type(m).__name__ for p, m in named}
+        self._leaf = {p: next(iter(m.children()), None) is None for p, m in named}
+        self._act_modules = {p: fn for p, m in named if (fn := function_of_module(m)) is not None}
+        self._root_code = _code_span(type(model).forward)
+        self._attached = False
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def attach(self) -> "GraphCapture":
+        """Start rewriting graphs compiled from now on (no-op when attached)."""
+        if not self._attached:
+            _observe_op()
+            with _LOCK:
+                _ATTACHED.add(self)
+                _install_pass()
+                for site in self.sites.values():
+                    _CALLBACKS[site.ident] = self._callback(site)
+            self._attached = True
+        return self
+
+    def detach(self) -> None:
+        """Stop recording (compiled graphs' calls become no-ops); safe to call twice."""
+        if not self._attached:
+            return
+        with _LOCK:
+            for site in self.sites.values():
+                _CALLBACKS.pop(site.ident, None)
+            _ATTACHED.discard(self)
+            if not _ATTACHED:
+                _remove_pass()
+            else:
+                _install_pass()
+        self._attached = False
+
+    @property
+    def attached(self) -> bool:
+        """True while attached."""
+        return self._attached
+
+    @contextlib.contextmanager
+    def forward_scope(self) -> Iterator[None]:
+        """Graphs need no scope: whatever runs them is observed."""
+        yield
+
+    def reset(self) -> None:
+        """Forget every site's statistics (compiled graphs keep their sites)."""
+        for site in self.sites.values():
+            site.stats.reset()
+        self.forwards = 0
+
+    def ordered_sites(self) -> list[tuple[str, _Site]]:
+        """Sites in first-seen order with the eager capture's display names."""
+        ordered = sorted(self.sites.values(), key=lambda s: s.order)
+        return list(zip(display_names([s.info for s in ordered]), ordered))
+
+    def _callback(self, site: _Site) -> Callable[[list[torch.Tensor]], None]:
+        names = list(site.stats.ring.state)
+
+        def record(sums: list[torch.Tensor]) -> None:
+            if self.enabled and self.observing():
+                site.stats.add_sums(dict(zip(names, sums)))
+
+        return record
+
+    # -- the graph pass ------------------------------------------------------------------------
+    def _owns(self, graph: fx.Graph) -> bool:
+        """Whether a graph runs (part of) this model: it calls one of its modules, or its root forward."""
+        for node in graph.nodes:
+            stack = node.meta.get("nn_module_stack") or {}
+            if any(int(key.split("@")[0]) in self._paths for key in stack if key.split("@")[0].isdigit()):
+                return True
+            if not stack and self._in_root_forward(node):
+                return True
+        return False
+
+    def _in_root_forward(self, node: fx.Node) -> bool:
+        """Whether a node outside every module call was made by this model's own forward (and not,
+        say, by a wrapper compiled around it)."""
+        if self._root_code is None:
+            return False
+        file, first, last = self._root_code
+        for f, line, _ in _STACK_FRAME.findall(node.meta.get("stack_trace") or ""):
+            if f == file and first <= int(line) <= last:
+                return True
+        return False
+
+    def rewrite(self, graph: fx.Graph) -> None:
+        """Insert the observation of every activation site in one graph (Inductor's pre-grad pass)."""
+        if not torch.is_grad_enabled() or not self._owns(graph):
+            return  # inference graphs are not observed, as in eager mode
+        found = self._sites_in(graph)
+        if not found:
+            return
+        self.graphs += 1
+        for node, site in found:
+            with graph.inserting_after(node):
+                graph.call_function(
+                    _observe_batch,
+                    (node, site.ident, site.unit_dim, site.stats.threshold, site.info.function in NONNEGATIVE_FUNCTIONS),
+                )
+
+    def _sites_in(self, graph: fx.Graph) -> list[tuple[fx.Node, _Site]]:
+        """Every activation site of a graph, in graph order, with its site (created on first sight)."""
+        table = AxisTable()
+        slots: dict[tuple[str, int], int] = {}
+        seen: dict[tuple[Any, ...], int] = {}
+        candidates: list[tuple[fx.Node, tuple[Any, ...], str]] = []
+        module_output: dict[str, fx.Node] = {}  # activation module call -> its last node so far
+        module_calls: dict[str, tuple[str, int, str]] = {}
+        for node in graph.nodes:
+            value = node.meta.get("example_value")
+            if node.op not in ("call_function", "call_method"):
+                continue
+            target = node.target if node.op == "call_function" else getattr(torch.Tensor, str(node.target), None)
+            if target is None:
+                continue
+            kind = kind_of(target)
+            args = fx.node.map_arg(node.args, lambda n: n.meta.get("example_value"))
+            kwargs = fx.node.map_arg(node.kwargs, lambda n: n.meta.get("example_value"))
+            owner = self._owner(node)
+            if owner is None:
+                continue  # another model's module
+            path, call, act_key = owner
+            if kind[0] == ACT:
+                inp = args[0] if args else None
+                entry = table.get(inp)
+                if entry is not None and isinstance(value, torch.Tensor) and value.shape == inp.shape:
+                    table.set(value, entry[1], entry[2])
+            else:
+                table.on_op(kind, args, kwargs, value)
+            if act_key is not None:
+                module_output[act_key] = node  # the module's output is its last node
+                module_calls[act_key] = (path, call, self._act_modules[path])
+                continue
+            if kind[0] != ACT or not isinstance(value, torch.Tensor) or _is_weight(node):
+                continue
+            name = "relu6" if kind[1] == "hardtanh" and _is_relu6(args, kwargs) else kind[1]
+            position = _position(node)
+            where = (path, call, position, name)
+            k = seen.get(where, 0)
+            seen[where] = k + 1
+            candidates.append((node, (*where, k), position))
+        for act_key, node in module_output.items():
+            path, call, name = module_calls[act_key]
+            if isinstance(node.meta.get("example_value"), torch.Tensor):
+                candidates.append((node, (path, call, None, name, 0), ""))
+        order = {n: i for i, n in enumerate(graph.nodes)}
+        found: list[tuple[fx.Node, _Site]] = []
+        for node, key, position in sorted(candidates, key=lambda c: order[c[0]]):  # sites in forward order
+            site = self._site(key, node.meta["example_value"], table, slots, location=position)
+            if site is not None:
+                found.append((node, site))
+        return found
+
+    def _owner(self, node: fx.Node) -> tuple[str, int, str | None] | None:
+        """(module path, that module's call index, the activation module call it lies inside or None)."""
+        stack = list((node.meta.get("nn_module_stack") or {}).keys())
+        path, call, act_key = "", 0, None
+        ours = not stack and self._in_root_forward(node)  # no module on the stack: the compiled root's code
+        for key in stack:  # outermost first
+            ident, _, k = key.partition("@")
+            found = self._paths.get(int(ident)) if ident.isdigit() else None
+            if found is None:
+                continue  # a module outside this model (a wrapper compiled around it)
+            ours, path, call = True, found, int(k or 0)
+            if path in self._act_modules:
+                act_key = key  # the outermost activation module: its output is the site
+                break
+        return (path, call, act_key) if ours else None
+
+    def _site(
+        self, key: tuple[Any, ...], value: torch.Tensor, table: AxisTable, slots: dict[tuple[str, int], int], location: str
+    ) -> _Site | None:
+        path, call, position, name, occurrence = key
+        slot = slots.get((path, call), 0)
+        slots[(path, call)] = slot + 1
+        site = self.sites.get(key)
+        if site is not None:
+            return site
+        info = SiteInfo(
+            module=path,
+            module_type=self._types.get(path, type(self.model).__name__),
+            call=call,
+            slot=slot,
+            function=name,
+            shape=tuple(s if isinstance(s, int) else -1 for s in value.shape),
+            leaf=self._leaf.get(path, False),
+            location=_short_location(location),
+            position=position or "",
+            occurrence=occurrence,
+        )
+        unit_dim = choose_unit_dim(self.unit_dim_spec, info, value.ndim, table.get(value))
+        units = value.shape[unit_dim] if value.ndim else 1
+        if not isinstance(units, int):
+            self.uncaptured.setdefault(path or "<root>", f"{name} with a dynamic number of units")
+            return None
+        stats = WindowStats(units, resolve_threshold(self.threshold_spec, info), value.device, self.window)
+        stats.nonnegative = name in NONNEGATIVE_FUNCTIONS
+        site = _Site(info, unit_dim, stats, order=len(self.sites), ident=next(_SITE_IDS))
+        self.sites[key] = site
+        with _LOCK:
+            if self._attached:
+                _CALLBACKS[site.ident] = self._callback(site)
+        return site
+
+
+def _code_span(function: Any) -> tuple[str, int, int] | None:
+    """(file, first line, last line) of a function's source, or None."""
+    code = getattr(function, "__code__", None)
+    if code is None:
+        return None
+    lines = [line for _, _, line in code.co_lines() if line is not None]
+    return code.co_filename, code.co_firstlineno, max(lines, default=code.co_firstlineno)
+
+
+def _short_location(position: str) -> str:
+    if not position:
+        return ""
+    file, line, _ = position.rsplit(":", 2)
+    return f"{file.rsplit('/', 1)[-1]}:{line}"
+
+
+def _is_weight(node: fx.Node) -> bool:
+    """An activation applied to a parameter or buffer is not a unit of the network."""
+    first = node.args[0] if node.args else None
+    if not isinstance(first, fx.Node):
+        return False
+    if first.op == "get_attr":
+        return True
+    return first.op == "placeholder" and ("_parameters_" in first.name or "_buffers_" in first.name)
+
+
+def _is_relu6(args: tuple, kwargs: dict) -> bool:
+    lo = args[1] if len(args) > 1 else kwargs.get("min_val", -1.0)
+    hi = args[2] if len(args) > 2 else kwargs.get("max_val", 1.0)
+    return (lo, hi) == (0.0, 6.0)
+
+
+def refuse_mask(mask: Any) -> None:
+    """The compiled captures count every position."""
+    if mask is not None and mask is not False:
+        raise DeadReluError("mask= is not supported with compiled=True: the compiled capture counts every position")

@@ -1,0 +1,186 @@
+"""The compiled monitor reads its sites from the graph: the same sites and counts as eager mode,
+functional calls and every call of a reused module included, with one graph for any schedule."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import deadrelu
+from deadrelu.monitor.graph_capture import GraphCapture, graph_capture_available
+from deadrelu.monitor.monitor import DeadUnitWarning
+
+pytestmark = pytest.mark.skipif(not graph_capture_available(), reason="needs torch.library.custom_op and effectful ops")
+
+
+class NewGELUActivation(nn.Module):
+    """transformers' hand-written GELU (recognised by class name): one site, not its inner tanh."""
+
+    def forward(self, x):
+        return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
+class Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(8, 16), nn.Linear(16, 16)
+        self.relu, self.act = nn.ReLU(), NewGELUActivation()
+        self.scale = nn.Parameter(torch.ones(16))
+
+    def forward(self, x):
+        h = self.relu(self.l1(x))  # one module, called twice per block call
+        h = self.relu(self.l2(h)) * F.softplus(self.scale)  # softplus of a parameter: not a site
+        h = F.silu(h) + self.act(h)
+        return F.relu(h.transpose(0, 1)).transpose(0, 1)  # units stay on the Linear's features
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.block, self.conv, self.head = Block(), nn.Conv2d(3, 4, 3), nn.Linear(16, 1)
+
+    def forward(self, x, y):
+        z = F.relu(self.conv(y)).mean((2, 3)).sum()  # channels of a convolution
+        return self.head(self.block(x)).sum() + z + self.head(self.block(x)).sum()  # the block twice
+
+
+def make_net() -> Net:
+    torch.manual_seed(0)
+    net = Net()
+    with torch.no_grad():
+        net.block.l1.bias[:5] = -100.0  # five planted dead units
+        net.conv.bias[1] = -100.0
+    return net
+
+
+def batches(n: int = 6) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(0)
+    return [(torch.randn(6, 8, generator=g), torch.randn(2, 3, 6, 6, generator=g)) for _ in range(n)]
+
+
+def train(runner, mon, data, after_step=None) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeadUnitWarning)
+        for i, batch in enumerate(data):
+            runner(*batch).backward()  # no optimizer: the same weights in every run
+            mon.step()
+            if after_step:
+                after_step(i)
+
+
+def summary(report: deadrelu.Report) -> list[tuple]:
+    return [(s.name, s.function, s.units, s.observations, s.unit_axis_source, s.dead_units) for s in report.sites]
+
+
+def test_same_sites_and_counts_as_eager_with_one_graph(dynamo):
+    data = batches()
+    eager = make_net()
+    with deadrelu.Monitor(eager, window=3, log_every=3) as ref:
+        train(eager, ref, data)
+        expected = {scope: ref.report(scope) for scope in ("window", "total")}
+    net = make_net()
+    mon = deadrelu.Monitor(net, window=3, log_every=3, compiled=True).attach()
+    assert isinstance(mon.capture, GraphCapture)
+    graphs = []
+    train(torch.compile(net, fullgraph=True), mon, data, lambda i: graphs.append(dynamo["stats"]["unique_graphs"]))
+    mon.finish()
+    got = {scope: mon.report(scope) for scope in ("window", "total")}
+    mon.detach()
+    assert graphs == [1] * len(data)  # compiled once, never again
+    for scope in ("window", "total"):
+        assert summary(got[scope]) == summary(expected[scope])
+        for a, b in zip(got[scope].sites, expected[scope].sites):
+            assert a.fired_counts == b.fired_counts
+            assert a.mean_abs == pytest.approx(b.mean_abs, rel=1e-5, abs=1e-7)
+    names = [s.name for s in got["total"].sites]
+    # every call of the reused ReLU and of the reused block is its own site; functional calls are sites
+    assert names[:4] == ["<root>:relu", "block.relu#1", "block.relu#2", "block:silu#1"]
+    assert len(names) == 11 and not any("softplus" in n for n in names)
+    assert got["total"].site("block.relu#1").dead_units == (0, 1, 2, 3, 4)
+    assert got["total"].site("<root>:relu").dead_units == (1,)
+    assert got["total"].site("block.act#1").function == "gelu"
+    assert mon.history.steps == ref.history.steps
+
+
+def test_one_graph_for_any_schedule_and_only_training_forwards(dynamo):
+    net = make_net()
+    mon = deadrelu.Monitor(net, every=2, window=2, log_every=100, compiled=True).attach()
+    compiled = torch.compile(net)
+    train(compiled, mon, batches())
+    with torch.no_grad():
+        compiled(*batches(1)[0])  # an evaluation forward is not observed
+    assert dynamo["stats"]["unique_graphs"] == 2  # the training graph and the no-grad graph
+    assert mon.report("total").batches == 3  # steps 0, 2 and 4 of six
+    mon.detach()
+
+
+def test_detach_stops_recording_and_restores_a_users_pass(dynamo):
+    import torch._inductor.config as inductor_config
+
+    calls = []
+    users_pass = lambda graph: calls.append(len(graph.nodes))  # noqa: E731
+    inductor_config.pre_grad_custom_pass = users_pass
+    try:
+        net = make_net()
+        mon = deadrelu.Monitor(net, window=2, log_every=100, compiled=True).attach()
+        other = deadrelu.Monitor(make_net(), window=2, compiled=True).attach()
+        key = inductor_config.pre_grad_custom_pass.uuid()
+        other.detach()
+        assert inductor_config.pre_grad_custom_pass.uuid() != key  # another set of monitors: no cache reuse
+        compiled = torch.compile(net)
+        train(compiled, mon, batches(2))
+        assert calls, "the user's own pass still runs"
+        mon.detach()
+        assert inductor_config.pre_grad_custom_pass is users_pass
+        counts = [s.stats.count for s in mon.capture.sites.values()]
+        train(compiled, mon, batches(2))  # the compiled graph still runs; nothing is recorded
+        assert [s.stats.count for s in mon.capture.sites.values()] == counts == [2] * len(counts)
+    finally:
+        inductor_config.pre_grad_custom_pass = None
+
+
+def test_graph_breaks_and_a_compiled_wrapper(dynamo):
+    class Inner(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.l1, self.l2 = nn.Linear(4, 6), nn.Linear(6, 6)
+
+        def forward(self, x):
+            h = F.gelu(self.l1(x))
+            if h.sum() > -1e9:  # data-dependent branch: a graph break
+                h = F.relu(self.l2(h))
+            return h
+
+    class Outer(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = Inner()
+
+        def forward(self, x):
+            return F.relu(self.inner(x) - 1.0).sum()  # the wrapper's own relu is not the inner model's
+
+    torch.manual_seed(1)
+    outer = Outer()
+    mon = deadrelu.Monitor(outer.inner, window=2, log_every=100, compiled=True).attach()
+    compiled = torch.compile(outer)
+    g = torch.Generator().manual_seed(2)
+    xs = [torch.randn(5, 4, generator=g) for _ in range(3)]
+    for x in xs:
+        compiled(x).backward()
+        mon.step()
+    got = mon.report("total")
+    mon.detach()
+    ref_model = Outer()
+    ref_model.load_state_dict(outer.state_dict())
+    with deadrelu.Monitor(ref_model.inner, window=2, log_every=100) as ref:
+        for x in xs:
+            ref_model(x).backward()
+            ref.step()
+        expected = ref.report("total")
+    assert summary(got) == summary(expected)
+    assert [s.name for s in got.sites] == ["<root>:gelu", "<root>:relu"]
