@@ -154,3 +154,38 @@ def test_bad_masks_are_one_clear_error():
     additive = [{**batches[0], "attention_mask": torch.where(batches[0]["attention_mask"] > 0, 0.0, float("-inf"))}]
     with pytest.raises(DataError, match="other than 0 and 1"):
         deadrelu.scan(model, additive)
+
+
+@pytest.mark.parametrize("takes_mask", [True, False], ids=["mask passed down", "kept values copied"])
+def test_mask_reaches_the_accumulator_without_a_copy_when_it_takes_one(takes_mask):
+    """deadrelu's accumulators get the whole activation and the mask; a user's accumulator whose
+    update() has no mask= gets the kept values instead. Both count the same."""
+    from deadrelu.core.capture import ActivationCapture
+    from deadrelu.core.stats import UnitStats
+
+    seen = []
+
+    class Recording(UnitStats):
+        if takes_mask:
+
+            def update(self, activation, unit_dim, nonnegative=False, mask=None):
+                seen.append((tuple(activation.shape), None if mask is None else tuple(mask.shape)))
+                super().update(activation, unit_dim, nonnegative, mask=mask)
+
+        else:
+
+            def update(self, activation, unit_dim, nonnegative=False):
+                seen.append((tuple(activation.shape), None))
+                super().update(activation, unit_dim, nonnegative)
+
+    model = TinyEncoder().eval()
+    batch = padded_batches(1)[0]
+    with torch.no_grad():
+        truth = truth_over([batch], model, masked=True)
+        with ActivationCapture(model, stats_factory=lambda u, t, d: Recording(u, t, d)) as cap:
+            model(**batch)
+    (name, site), = [(n, s) for n, s in cap.ordered_sites() if n == "act"]
+    assert list(site.stats.fired.tolist()) == truth["fired"]
+    b, t = batch["input_ids"].shape
+    kept = int(batch["attention_mask"].sum())
+    assert seen == ([((b, t, 16), (b, t))] if takes_mask else [((kept, 16), None)])

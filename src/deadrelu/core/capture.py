@@ -63,6 +63,7 @@ hooks that remove themselves on the copy's first call, so a copy never feeds thi
 from __future__ import annotations
 
 import contextlib
+import inspect
 import sys
 import threading
 from dataclasses import dataclass, field
@@ -83,7 +84,7 @@ from .activations import (
     looks_like_activation,
 )
 from .hooks import copy_safe_hook, is_deadrelu_hook, remove_inert_hooks
-from .inputs import apply_mask, mask_from_call
+from .inputs import aligned_mask, apply_mask, mask_from_call
 from .unit_axis import ACT, AxisTable, function_kind, kind_of
 from .stats import release_scratch, UnitStats
 
@@ -143,6 +144,7 @@ class _Site:
     stats: Any  # UnitStats or any object with update(tensor, unit_dim, nonnegative)
     order: int  # first-seen position, for forward-execution order
     nonnegative: bool = False  # |h| = h for this activation
+    takes_mask: bool = False  # its update() accepts mask=
 
 
 @dataclass
@@ -512,14 +514,21 @@ class ActivationCapture:
         # A module site is read in its post-hook, while the function mode is still active: the
         # mask selection and the accumulator's own torch calls must not go through it.
         with torch._C.DisableTorchFunction():
-            x, dim = out, site.unit_dim
+            x, dim, mask = out, site.unit_dim, None
             if fwd.mask is not None:
                 mask = fwd.masks.get(out.device)
                 if mask is None:
                     mask = fwd.masks[out.device] = fwd.mask.to(out.device)
-                x, dim = apply_mask(out, dim, mask)
+                if site.takes_mask:  # the accumulator skips masked values in place: no copy, no sync
+                    mask = aligned_mask(out, dim, mask)
+                else:  # a user's accumulator without mask=: hand it the kept values
+                    x, dim = apply_mask(out, dim, mask)
+                    mask = None
             try:
-                site.stats.update(x, dim, site.nonnegative)
+                if mask is None:
+                    site.stats.update(x, dim, site.nonnegative)
+                else:
+                    site.stats.update(x, dim, site.nonnegative, mask=mask)
             except DeadReluError as err:
                 raise DeadReluError(f"activation site {_describe(site.info)}: {err}") from None
             except Exception as err:  # a failure of deadrelu's own statistics, not of the model
@@ -557,6 +566,7 @@ class ActivationCapture:
             order=len(self.sites),
             nonnegative=info.function in NONNEGATIVE_FUNCTIONS,
         )
+        site.takes_mask = _accepts_mask(site.stats)
         self.sites[key] = site
         return site
 
@@ -573,6 +583,15 @@ class ActivationCapture:
         self.uncaptured.clear()
         self.forwards = 0
         self.last_site = None
+
+
+def _accepts_mask(stats: Any) -> bool:
+    """Whether an accumulator's ``update`` takes ``mask=`` (deadrelu's do; a user's factory may not)."""
+    try:
+        params = inspect.signature(stats.update).parameters
+    except (TypeError, ValueError, AttributeError):
+        return False
+    return "mask" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
 def _hardtanh_bounds(args: tuple, kwargs: dict | None) -> tuple[float, float]:

@@ -43,6 +43,7 @@ __all__ = [
     "resolve_mask",
     "mask_from_call",
     "apply_mask",
+    "aligned_mask",
 ]
 
 #: Keys of a dict batch (or keyword arguments of a call) used as the observation mask by default.
@@ -308,6 +309,30 @@ def mask_from_call(spec: Any, args: tuple[Any, ...], kwargs: Mapping[str, Any]) 
     else:
         batch = {**kwargs, "args": args}
     return resolve_mask(spec, batch)
+
+
+def aligned_mask(x: torch.Tensor, unit_dim: int, mask: torch.Tensor | None) -> torch.Tensor | None:
+    """The ``(B, T)`` mask laid over the activation's leading dimensions (transposed for a
+    ``(T, B)`` activation), or None when it does not apply (see :func:`apply_mask`).
+
+    Accumulators take it as ``mask=`` and skip masked values in place: no copy of the
+    activation, and no host sync on accelerators.
+
+    >>> m = torch.tensor([[True, False, False], [True, True, False]])
+    >>> aligned_mask(torch.zeros(3, 2, 4), 2, m).shape
+    torch.Size([3, 2])
+    """
+    if mask is None:
+        return None
+    k = mask.ndim
+    if x.ndim <= k or unit_dim < k:
+        return None
+    lead = tuple(x.shape[:k])
+    if lead == tuple(mask.shape):
+        return mask
+    if k == 2 and lead == (mask.shape[1], mask.shape[0]) and mask.shape[0] != mask.shape[1]:
+        return mask.t().contiguous()
+    return None
 
 
 def apply_mask(x: torch.Tensor, unit_dim: int, mask: torch.Tensor | None) -> tuple[torch.Tensor, int]:
