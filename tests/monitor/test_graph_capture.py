@@ -184,3 +184,37 @@ def test_graph_breaks_and_a_compiled_wrapper(dynamo):
         expected = ref.report("total")
     assert summary(got) == summary(expected)
     assert [s.name for s in got.sites] == ["<root>:gelu", "<root>:relu"]
+
+
+@pytest.mark.parametrize("precision", ["bf16 autocast", "float64"])
+def test_compiled_counts_equal_eager_in_other_precisions(dynamo, precision):
+    dtype = torch.float64 if precision == "float64" else torch.float32
+
+    def make() -> nn.Module:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 32), nn.GELU(), nn.Linear(32, 32), nn.SiLU(), nn.Linear(32, 1)).to(dtype)
+        with torch.no_grad():
+            model[0].bias[:4] = -50.0
+        return model
+
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(16, 8, generator=g, dtype=dtype) for _ in range(4)]
+    results = []
+    for compiled in (False, True):
+        dynamo.clear()
+        model = make()
+        mon = deadrelu.Monitor(model, window=4, log_every=100, compiled=compiled).attach()
+        runner = torch.compile(model) if compiled else model
+        for x in xs:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16 autocast"):
+                runner(x).float().sum().backward()
+            mon.step()
+        report = mon.report("total")
+        mon.detach()
+        results.append(report)
+    eager, compiled_report = results
+    assert summary(compiled_report) == summary(eager)
+    assert [s.fired_counts for s in compiled_report.sites] == [s.fired_counts for s in eager.sites]
+    assert eager.site("1").dead_units == (0, 1, 2, 3)
+    for a, b in zip(compiled_report.sites, eager.sites):
+        assert a.mean_abs == pytest.approx(b.mean_abs, rel=1e-3, abs=1e-6)

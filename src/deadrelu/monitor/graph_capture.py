@@ -266,8 +266,17 @@ class GraphCapture:
         names = list(site.stats.ring.state)
 
         def record(sums: list[torch.Tensor]) -> None:
-            if self.enabled and self.observing():
+            if not (self.enabled and self.observing()):
+                return
+            try:
                 site.stats.add_sums(dict(zip(names, sums)))
+            except Exception as err:  # a failure of deadrelu's own bookkeeping, not of the model
+                info = site.info
+                raise DeadReluError(
+                    f"deadrelu failed to record the compiled activation site {info.module or '<root>'} "
+                    f"({info.function}, call {info.call + 1}) of shape {info.shape} "
+                    f"({type(err).__name__}: {err}); please report this"
+                ) from err
 
         return record
 
