@@ -169,3 +169,15 @@ def test_pickled_model_file_is_unchanged_by_a_scan(files):
 def test_help_lists_scan():
     res = subprocess.run([sys.executable, "-m", "deadrelu", "--help"], capture_output=True, text=True)
     assert res.returncode == 0 and "scan" in res.stdout
+
+
+def test_min_observations_turns_thin_evidence_into_unobserved(files):
+    d, _, _ = files
+    res = run_cli("scan", "scripted.pt", "--data", "x.pt", "--json", "thin.json", "--min-observations", "1000", cwd=d)
+    assert res.returncode == 0, res.stderr
+    report = json.loads((d / "thin.json").read_text())
+    assert report["levels"]["min_observations"] == 1000
+    first = report["sites"][0]["summary"]
+    assert first["dead_units"] == [] and first["unobserved"] == 3  # 64 observations are too few to call dead
+    bad = run_cli("scan", "scripted.pt", "--data", "x.pt", "--min-observations", "0", cwd=d)
+    assert bad.returncode == 2 and "--min-observations" in bad.stderr

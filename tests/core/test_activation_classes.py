@@ -114,7 +114,7 @@ def test_mixed_vit_gpt2_style_model_loses_no_site():
     report = deadrelu.scan(model, torch.randn(10, 3, 4))
     assert [s.name for s in report.sites] == ["0.act", "1.act", "2.act", "3.act", "4.act", "5"]
     assert [s.units for s in report.sites] == [8] * 6
-    assert report.uncaptured == ()
+    assert report.uncaptured == () and "not counted" not in str(report)
 
 
 def test_register_activation_and_uncaptured_look_alikes():
@@ -131,6 +131,7 @@ def test_register_activation_and_uncaptured_look_alikes():
     assert [s.name for s in report.sites] == ["3"]
     assert report.uncaptured == ("1 (SnakeAct)",)
     assert deadrelu.Report.from_json(report.to_json()).uncaptured == ("1 (SnakeAct)",)
+    assert "not counted: 1 module(s) look like activations but are not known to deadrelu: 1 (SnakeAct)" in str(report)
 
     deadrelu.register_activation(SnakeAct, "snake")
     report = deadrelu.scan(model, torch.randn(20, 3))

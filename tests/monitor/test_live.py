@@ -89,7 +89,7 @@ def test_renderable_folds_large_layers():
     console.print(view.renderable(seen[0]))
     text = out.getvalue()
     assert "3 units per cell" in text
-    assert text.count("■") == 100 + 4  # the grid plus the 4 legend cells
+    assert text.count("■") == 100 + 5  # the grid plus the 5 legend cells
 
 
 def test_plain_lines_when_not_a_terminal():

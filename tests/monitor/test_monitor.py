@@ -348,3 +348,20 @@ def test_window_stats_equal_brute_force_over_random_sequences(window, batches, s
         assert t.observations == n and t.batches == len(data)
         assert torch.allclose(t.abs_sum, mag, rtol=1e-5)
         assert t.bad_batches.tolist() == [0] * units
+
+
+def test_unobserved_units_are_their_own_state_in_history_logs_and_live_view(tmp_path):
+    from deadrelu.monitor.live import summary_line
+
+    net = identity_net(3)
+    records = []
+    path = tmp_path / "health.csv"
+    with deadrelu.Monitor(net, window=2, log_every=2, min_observations=100, sinks=[records.append, str(path)]) as mon:
+        for _ in range(2):
+            net(batch(True, False, False))  # units 1 and 2 never fire, on 8 observations only
+            mon.step()
+    row = mon.history.rows[-1]
+    assert (row.active, row.dead, row.unobserved) == (pytest.approx(1 / 3), 0.0, pytest.approx(2 / 3))
+    assert "2 unobserved" in summary_line(records[-1])
+    header, values = path.read_text().splitlines()[:2]
+    assert header.split(",")[-1] == "unobserved" and float(values.split(",")[-1]) == pytest.approx(2 / 3)

@@ -70,6 +70,13 @@ def _add_scan(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threshold", type=finite_float(), default=0.0, help="an output fires when > this (0)")
     p.add_argument("--asleep-rate", type=finite_float(0.0, 0.999999), default=0.05, help="asleep: 0 < firing rate <= this, in [0, 1) (0.05)")
     p.add_argument("--dormant-tau", type=finite_float(0.0, 1.0), default=0.025, help="dormant: E|h_i| / mean_k E|h_k| <= this, in [0, 1] (0.025)")
+    p.add_argument(
+        "--min-observations",
+        type=whole_number(1),
+        default=1,
+        metavar="N",
+        help="a unit that never fired is dead only on at least N observations of its site, else unobserved (1)",
+    )
     p.add_argument("--advice", action="store_true", help="print ranked advice after the table")
     p.add_argument(
         "--baseline",
@@ -196,6 +203,7 @@ def scan_command(args: argparse.Namespace) -> Report:
             threshold=args.threshold,
             asleep_rate=args.asleep_rate,
             dormant_tau=args.dormant_tau,
+            min_observations=args.min_observations,
             device=device,
             max_batches=args.max_batches,
             progress=not args.no_progress,

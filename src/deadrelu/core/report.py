@@ -755,6 +755,12 @@ class Report:
                 f"unobserved: never fired, but on fewer than min_observations={self.levels.min_observations} "
                 "observations: too few to call dead"
             )
+        if self.uncaptured:
+            shown = ", ".join(self.uncaptured[:5]) + (f" and {len(self.uncaptured) - 5} more" if len(self.uncaptured) > 5 else "")
+            notes.append(
+                f"not counted: {len(self.uncaptured)} module(s) look like activations but are not known to "
+                f"deadrelu: {shown}; add them with deadrelu.register_activation"
+            )
         return notes
 
     def __str__(self) -> str:

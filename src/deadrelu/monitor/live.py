@@ -32,8 +32,8 @@ if TYPE_CHECKING:
 __all__ = ["LiveView", "fold_states", "STATE_STYLES", "summary_line"]
 
 #: Colour of each unit state in the grid.
-STATE_STYLES = {"active": "green", "asleep": "yellow", "dead": "red", "nonfinite": "magenta"}
-_SEVERITY = {"active": 0, "asleep": 1, "dead": 2, "nonfinite": 3}
+STATE_STYLES = {"active": "green", "unobserved": "grey50", "asleep": "yellow", "dead": "red", "nonfinite": "magenta"}
+_SEVERITY = {"active": 0, "unobserved": 1, "asleep": 2, "dead": 3, "nonfinite": 4}
 _CELL = "■"
 
 
@@ -42,7 +42,7 @@ def fold_states(states: Sequence[str], max_cells: int) -> tuple[list[str], int]:
 
     Returns:
         ``(cell states, units per cell)``; each cell takes its units' most common state,
-        ties resolved towards the worse state (nonfinite > dead > asleep > active).
+        ties resolved towards the worse state (nonfinite > dead > asleep > unobserved > active).
 
     Raises:
         ValueError: when ``max_cells`` is below 1.
@@ -66,7 +66,7 @@ def summary_line(record: "LogRecord") -> str:
         parts.append(f"loss {record.loss:.4g}")
     sites = []
     for s in record.report.sites:
-        extra = f", {s.nonfinite} nan/inf" if s.nonfinite else ""
+        extra = (f", {s.unobserved} unobserved" if s.unobserved else "") + (f", {s.nonfinite} nan/inf" if s.nonfinite else "")
         sites.append(f"{s.name}: {s.dead}/{s.units} dead, {s.asleep} asleep{extra}")
     return " | ".join(parts + sites)
 
@@ -182,6 +182,8 @@ class LiveView(Sink):
             title.append(
                 f"({site.function}) {site.units} units: {site.active} active, {site.asleep} asleep, {site.dead} dead"
             )
+            if site.unobserved:
+                title.append(f", {site.unobserved} unobserved", style="grey50")
             if site.nonfinite:
                 title.append(f", {site.nonfinite} nan/inf", style="magenta")
             if per > 1:

@@ -590,6 +590,7 @@ class Monitor:
                     dormant=s.dormant / n,
                     nonfinite=s.nonfinite / n,
                     loss=loss,
+                    unobserved=s.unobserved / n,
                 )
             )
             if full.get(s.name):

@@ -33,6 +33,7 @@ class HistoryRow:
     dormant: float
     nonfinite: float
     loss: float | None = None
+    unobserved: float = 0.0  # never fired on too few observations (``min_observations``): neither dead nor alive
 
     @property
     def alive(self) -> float:

@@ -51,7 +51,9 @@ __all__ = [
 #: Version of the JSONL record layout.
 SCHEMA_VERSION = 1
 
-CSV_COLUMNS = ("step", "site", "units", "batches", "active", "asleep", "dead", "dormant", "nonfinite", "alive", "loss")
+CSV_COLUMNS = (
+    "step", "site", "units", "batches", "active", "asleep", "dead", "dormant", "nonfinite", "alive", "loss", "unobserved",
+)  # fmt: skip
 
 
 class SinkError(DeadReluError):
@@ -114,7 +116,7 @@ def record_metrics(record: "LogRecord", prefix: str = "deadrelu") -> dict[str, f
     """
     out: dict[str, float] = {}
     for row in record.rows:
-        for state in ("active", "asleep", "dead", "dormant", "nonfinite"):
+        for state in ("active", "asleep", "dead", "dormant", "nonfinite", "unobserved"):
             out[f"{prefix}/{row.site}/{state}"] = getattr(row, state)
     return out
 
@@ -248,7 +250,7 @@ class JSONLSink(_FileSink):
 
     Each line: ``{"kind": "deadrelu.monitor", "schema_version": 1, "step", "loss",
     "sites": [{"site", "units", "batches", "active", "asleep", "dead", "dormant",
-    "nonfinite", "alive"}], "events": [{"step", "site", "unit", "kind"}]}``.
+    "nonfinite", "unobserved", "alive"}], "events": [{"step", "site", "unit", "kind"}]}``.
 
     Args:
         target: a file path (opened in append mode) or an open text stream.
@@ -270,7 +272,7 @@ class JSONLSink(_FileSink):
 class CSVSink(_FileSink):
     """One CSV row per site per evaluation; the header is written only to an empty file.
 
-    Columns: ``step, site, units, batches, active, asleep, dead, dormant, nonfinite, alive, loss``.
+    Columns: ``step, site, units, batches, active, asleep, dead, dormant, nonfinite, alive, loss, unobserved``.
 
     Args:
         target: a file path (opened in append mode) or an open text stream.
