@@ -16,7 +16,7 @@ from typing import Mapping
 
 import torch
 
-from ..core.stats import StatTensors, accumulate, as_unit_batch
+from ..core.stats import StatTensors, accumulate, as_unit_batch, fill_from
 
 __all__ = ["WindowStats", "WindowTotals"]
 
@@ -133,8 +133,7 @@ class WindowStats:
         if mask is not None and activation.ndim < 2:
             mask = mask.reshape(1)
         row = self._claim_row(x.device)
-        for t in row.values():
-            t.zero_()
+        fill_from(row)  # zero the row the batch accumulates into
         nonneg = self.nonnegative if nonnegative is None else nonnegative
         accumulate(x, unit_dim, self.threshold, nonneg, row, mask, self.backend)
         self._advance()
@@ -145,8 +144,7 @@ class WindowStats:
         :data:`~deadrelu.core.stats.STATISTICS`, as :func:`~deadrelu.core.stats.traceable_batch_sums`
         returns them): the compiled capture computes them inside the graph."""
         device = next(iter(sums.values())).device
-        for name, t in self._claim_row(device).items():
-            t.copy_(sums[name])
+        fill_from(self._claim_row(device), sums)
         self._advance()
 
     def _claim_row(self, device: torch.device) -> dict[str, torch.Tensor]:
