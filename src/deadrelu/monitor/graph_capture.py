@@ -31,7 +31,9 @@ Limits: it needs Inductor (the default ``torch.compile`` backend) and a torch wi
 observed (compile after attaching, or call ``torch._dynamo.reset()``); after :meth:`detach`
 compiled graphs keep computing their sums until they are recompiled, but nothing is recorded.
 ``mask=`` is not supported. A site whose unit axis has a dynamic size is skipped (listed in
-``uncaptured``).
+``uncaptured``). The op is tagged ``cudagraph_unsafe``: a CUDA-graph replay would skip the
+Python that picks the ring row, so with ``mode="reduce-overhead"`` Inductor leaves those graphs
+(or, with graph partitioning, the observe calls) out of its CUDA graphs.
 """
 
 from __future__ import annotations
@@ -89,7 +91,11 @@ def _observe_op() -> Any:
         namespace, name = _OP_NAME.split("::")
         if not hasattr(getattr(torch.ops, namespace), name):
 
-            @torch.library.custom_op(_OP_NAME, mutates_args=())
+            # Not capturable by CUDA graphs: a replay would skip the Python that picks the ring row.
+            unsafe = getattr(torch.Tag, "cudagraph_unsafe", None)
+            tags = {"tags": (unsafe,)} if unsafe is not None else {}
+
+            @torch.library.custom_op(_OP_NAME, mutates_args=(), **tags)
             def observe(sums: list[torch.Tensor], site: int) -> None:
                 callback = _CALLBACKS.get(site)
                 if callback is not None:
