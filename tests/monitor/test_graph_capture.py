@@ -218,3 +218,36 @@ def test_compiled_counts_equal_eager_in_other_precisions(dynamo, precision):
     assert eager.site("1").dead_units == (0, 1, 2, 3)
     for a, b in zip(compiled_report.sites, eager.sites):
         assert a.mean_abs == pytest.approx(b.mean_abs, rel=1e-3, abs=1e-6)
+
+
+def test_in_place_activations_and_dynamic_batch_sizes(dynamo):
+    class InPlace(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.l1, self.relu, self.l2 = nn.Linear(6, 8), nn.ReLU(inplace=True), nn.Linear(8, 8)
+            with torch.no_grad():
+                self.l2.bias[6] = -100.0
+
+        def forward(self, x):
+            h = self.l2(self.relu(self.l1(x)))
+            torch.relu_(h)  # in place: counted on its true output
+            return h.relu().sum()
+
+    def run(compiled: bool) -> deadrelu.Report:
+        torch.manual_seed(0)
+        model = InPlace()
+        mon = deadrelu.Monitor(model, window=4, log_every=100, compiled=compiled).attach()
+        runner = torch.compile(model, dynamic=True) if compiled else model
+        g = torch.Generator().manual_seed(1)
+        for i in range(4):  # a different batch size every step: one graph with a symbolic batch
+            runner(torch.randn(5 + i, 6, generator=g)).backward()
+            mon.step()
+        report = mon.report("total")
+        mon.detach()
+        return report
+
+    eager, compiled = run(False), run(True)
+    assert summary(compiled) == summary(eager)
+    assert [s.observations for s in compiled.sites] == [5 + 6 + 7 + 8] * 3
+    assert compiled.site("<root>:relu.1").dead_units == (6,)
+    assert dynamo["stats"]["unique_graphs"] == 1
