@@ -251,3 +251,16 @@ def test_in_place_activations_and_dynamic_batch_sizes(dynamo):
     assert [s.observations for s in compiled.sites] == [5 + 6 + 7 + 8] * 3
     assert compiled.site("<root>:relu.1").dead_units == (6,)
     assert dynamo["stats"]["unique_graphs"] == 1
+
+
+def test_a_compiled_monitor_that_sees_no_graph_says_why(dynamo):
+    from deadrelu.monitor.monitor import CompiledModelWarning
+
+    net = make_net()
+    mon = deadrelu.Monitor(net, window=2, log_every=2, compiled=True).attach()
+    runner = torch.compile(net, backend="aot_eager")  # not Inductor: its graphs never reach the pass
+    with pytest.warns(CompiledModelWarning, match="default \\(Inductor\\) backend"):
+        train(runner, mon, batches(4))
+    with pytest.raises(deadrelu.NoActivationSitesError, match="Inductor"):
+        mon.report()
+    mon.detach()

@@ -427,6 +427,16 @@ class Monitor:
         if first or self.steps % self.log_every == 0:
             if self.capture.sites:
                 self._evaluate()
+            elif self._op_asks_schedule and not self._compile_warned:
+                self._compile_warned = True
+                warnings.warn(
+                    f"deadrelu: after {self.steps} step(s) the compiled-mode monitor has seen no graph of "
+                    f"{type(self.model).__name__} with an activation: with compiled=True only graphs that "
+                    "torch.compile's default (Inductor) backend compiles after attach() are observed, not eager "
+                    "calls or other backends (call torch._dynamo.reset() to recompile)",
+                    CompiledModelWarning,
+                    stacklevel=2,
+                )
 
     # -- results ------------------------------------------------------------------------------
     def report(self, scope: str = "window") -> Report:
