@@ -268,11 +268,17 @@ def monitor_ratio(build: Callable[[], nn.Module], x: torch.Tensor, steps: int, r
     device = x.device
     base = build().to(device)
     watched = copy.deepcopy(base)
-    mon = deadrelu.Monitor(watched, window=100, log_every=10, compiled=True if compiled else None).attach()
     runs = {"plain": base, "monitor": watched}
-    if compiled:
-        runs = {k: torch.compile(m) for k, m in runs.items()}
     opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4) for k, m in (("plain", base), ("monitor", watched))}
+    if compiled:
+        # TorchDynamo shares one graph between instances of a class: the plain copy gets a class
+        # of its own and is compiled before the monitor's graph pass is installed.
+        base.__class__ = type(f"Plain{type(base).__name__}", (type(base),), {})
+        runs["plain"] = torch.compile(base)
+        _train_steps(runs["plain"], x, 2, autocast, None, opts["plain"])
+    mon = deadrelu.Monitor(watched, window=100, log_every=10, compiled=True if compiled else None).attach()
+    if compiled:
+        runs["monitor"] = torch.compile(watched)
     mons = {"plain": None, "monitor": mon}
     try:
         for k in runs:  # warm-up (and compilation)
@@ -281,8 +287,12 @@ def monitor_ratio(build: Callable[[], nn.Module], x: torch.Tensor, steps: int, r
         for _ in range(repeats):
             t = {k: _timed(lambda k=k: _train_steps(runs[k], x, steps, autocast, mons[k], opts[k]), device) for k in runs}
             ratios.append(t["monitor"] / t["plain"])
+        observed = mon.report("total").batches
     finally:
         mon.detach()
+    expected = 2 + steps * repeats
+    if observed != expected:  # a ratio of an unobserved run would mean nothing
+        raise RuntimeError(f"the monitored copy recorded {observed} of {expected} steps")
     return statistics.median(ratios)
 
 

@@ -15,7 +15,9 @@ followed by the interquartile range of those ratios in brackets.
 * naive      — a forward hook on every ReLU module doing ``seen |= (out > 0).any(0)``
 
 With ``--compile``: a ``torch.compile``'d model without hooks vs a copy monitored with
-``Monitor(..., compiled=True)`` attached before compiling (the hooks are traced into the graph).
+``Monitor(..., compiled=True)`` attached before compiling (its graph pass puts the statistics into
+the compiled graph); the plain copy gets its own graph, and the script checks that the monitored
+copy recorded every step.
 """
 
 from __future__ import annotations
@@ -141,18 +143,31 @@ def bench(name: str, build, repeats: int, steps: int) -> dict[str, float]:
     return report(name, base_times, ratios, steps)
 
 
+def own_graph(model: nn.Module) -> nn.Module:
+    """Give the plain copy a class of its own: TorchDynamo shares one graph between instances of
+    a class, and the plain copy must run its own graph, without the monitor's observe calls."""
+    model.__class__ = type(f"Plain{type(model).__name__}", (type(model),), {})
+    return model
+
+
 def bench_compiled(name: str, build, repeats: int, steps: int) -> dict[str, float]:
-    """Compiled model without hooks vs a copy monitored with compiled=True (hooks before compiling)."""
+    """Compiled model vs a copy monitored with compiled=True (attached before compiling)."""
     torch.manual_seed(0)
     model, x, y = build()
     watched = copy.deepcopy(model)
     opt = torch.optim.SGD(model.parameters(), lr=1e-5)
     opt_w = torch.optim.SGD(watched.parameters(), lr=1e-5)
+    plain_c = torch.compile(own_graph(model))
+    time_steps(plain_c, opt, x, y, 1)  # compiled before the monitor's graph pass is installed
     mon = deadrelu.Monitor(watched, every=1, window=100, log_every=10, compiled=True).attach()
-    plain_c, watched_c = torch.compile(model), torch.compile(watched)
+    watched_c = torch.compile(watched)
     variants = {"monitor(compiled=True)": lambda: time_steps(watched_c, opt_w, x, y, steps, mon)}
     base_times, ratios = interleave(lambda: time_steps(plain_c, opt, x, y, steps), variants, repeats)
+    observed = mon.report("total")
     mon.detach()
+    # The monitored copy really was observed: every step, at every site.
+    assert observed.batches == steps * (repeats + 1), (observed.batches, steps, repeats)
+    print(f"  (monitored: {len(observed.sites)} sites, {observed.batches} batches observed)")
     return report(name, base_times, ratios, steps)
 
 

@@ -264,3 +264,30 @@ def test_a_compiled_monitor_that_sees_no_graph_says_why(dynamo):
     with pytest.raises(deadrelu.NoActivationSitesError, match="Inductor"):
         mon.report()
     mon.detach()
+
+
+def test_a_copy_of_the_model_compiled_beside_it_is_not_observed(dynamo):
+    import copy
+
+    class Functional(nn.Module):  # every activation in the root's own forward: no module stack to go by
+        def __init__(self) -> None:
+            super().__init__()
+            self.w1, self.w2 = nn.Parameter(torch.randn(4, 8)), nn.Parameter(torch.randn(8, 8))
+
+        def forward(self, x):
+            return F.relu(F.relu(x @ self.w1) @ self.w2).sum()
+
+    torch.manual_seed(0)
+    watched = Functional()
+    other = copy.deepcopy(watched)
+    mon = deadrelu.Monitor(watched, window=4, log_every=100, compiled=True).attach()
+    compiled_watched, compiled_other = torch.compile(watched), torch.compile(other)
+    x = torch.randn(5, 4)
+    for _ in range(3):
+        compiled_other(x).backward()  # the same code, another model: not this monitor's
+    compiled_watched(x).backward()
+    mon.step()
+    report = mon.report("total")
+    mon.detach()
+    assert [s.name for s in report.sites] == ["<root>:relu.1", "<root>:relu.2"]
+    assert report.batches == 1 and [s.observations for s in report.sites] == [5, 5]

@@ -206,14 +206,14 @@ class StatTensors:
 
     def add_(self, values: Mapping[str, torch.Tensor]) -> None:
         """Add per-key values (e.g. a ring row) into the state (one fused launch per dtype on accelerators)."""
-        _foreach("add", list(self.state.values()), [values[k] for k in self.state])
+        foreach_apply("add", list(self.state.values()), [values[k] for k in self.state])
 
     def summed(self) -> dict[str, torch.Tensor]:
         """Every state tensor summed over its leading dimension (new tensors)."""
         return {k: t.sum(0) for k, t in self.state.items()}
 
 
-def _foreach(op: str, targets: list[torch.Tensor], sources: list[torch.Tensor] | None = None) -> None:
+def foreach_apply(op: str, targets: list[torch.Tensor], sources: list[torch.Tensor] | None = None) -> None:
     """``targets[i] op= sources[i]`` (``add``, ``copy``) or ``targets[i].zero_()`` (``zero``) for all i:
     torch's multi-tensor kernels where they exist (a site's few small state tensors then cost one
     launch per dtype instead of one each), else a loop."""
@@ -234,9 +234,9 @@ def fill_from(targets: Mapping[str, torch.Tensor], sources: Mapping[str, torch.T
     """Overwrite each state tensor with its source (same keys), or zero them all when ``sources`` is None."""
     keys = list(targets)
     if sources is None:
-        _foreach("zero", [targets[k] for k in keys])
+        foreach_apply("zero", [targets[k] for k in keys])
     else:
-        _foreach("copy", [targets[k] for k in keys], [sources[k] for k in keys])
+        foreach_apply("copy", [targets[k] for k in keys], [sources[k] for k in keys])
 
 
 def unit_reduce_dims(ndim: int, unit_dim: int) -> tuple[int, ...]:

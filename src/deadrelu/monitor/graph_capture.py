@@ -45,7 +45,7 @@ import threading
 import uuid
 import weakref
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch import fx, nn
@@ -55,13 +55,13 @@ from ..core.capture import SiteInfo, ThresholdSpec, UnitDimSpec, choose_unit_dim
 from ..core.stats import traceable_batch_sums
 from ..core.unit_axis import ACT, AxisTable, kind_of
 from ..errors import DeadReluError
-from .window import WindowStats
+from .window import WindowStats, add_sums_to_many
 
 __all__ = ["GraphCapture", "graph_capture_available"]
 
 _OP_NAME = "deadrelu::observe"
 _LOCK = threading.Lock()
-_CALLBACKS: dict[int, Callable[[list[torch.Tensor]], None]] = {}  # site id -> where its sums go
+_CALLBACKS: dict[int, tuple["GraphCapture", "_Site"]] = {}  # site id -> where its sums go
 _SITE_IDS = itertools.count(1)
 _ATTACHED: "weakref.WeakSet[GraphCapture]" = weakref.WeakSet()
 _installed: dict[str, Any] = {}  # "pass": our chained pass, "previous": what it replaced
@@ -96,13 +96,18 @@ def _observe_op() -> Any:
             tags = {"tags": (unsafe,)} if unsafe is not None else {}
 
             @torch.library.custom_op(_OP_NAME, mutates_args=(), **tags)
-            def observe(sums: list[torch.Tensor], site: int) -> None:
-                callback = _CALLBACKS.get(site)
-                if callback is not None:
-                    callback(sums)
+            def observe(sums: list[torch.Tensor], sites: list[int], anchor: Optional[torch.Tensor]) -> None:
+                per_site = len(sums) // max(len(sites), 1)
+                batches: dict[GraphCapture, list[tuple[_Site, list[torch.Tensor]]]] = {}
+                for i, ident in enumerate(sites):
+                    owner = _CALLBACKS.get(ident)
+                    if owner is not None:
+                        batches.setdefault(owner[0], []).append((owner[1], sums[i * per_site : (i + 1) * per_site]))
+                for capture, batch in batches.items():
+                    capture.record(batch, anchor)
 
             @observe.register_fake
-            def _(sums: list[torch.Tensor], site: int) -> None:
+            def _(sums: list[torch.Tensor], sites: list[int], anchor: Optional[torch.Tensor]) -> None:
                 return None
 
             from torch._higher_order_ops.effects import _EffectType, _register_effectful_op
@@ -113,10 +118,19 @@ def _observe_op() -> Any:
         return _installed["op"]
 
 
-def _observe_batch(x: torch.Tensor, site: int, unit_dim: int, threshold: float, nonnegative: bool) -> None:
-    """Inserted after each activation in a graph (traced by AOTAutograd into plain reductions)."""
-    sums = traceable_batch_sums(x.detach(), unit_dim, threshold, nonnegative)
-    _observe_op()(list(sums.values()), site)
+def _site_sums(x: torch.Tensor, unit_dim: int, threshold: float, nonnegative: bool) -> list[torch.Tensor]:
+    """Inserted after each activation: its batch's per-unit sums, which AOTAutograd traces into
+    plain reductions and Inductor fuses with the kernels around the activation."""
+    return list(traceable_batch_sums(x.detach(), unit_dim, threshold, nonnegative).values())
+
+
+def _observe_sites(sums: list[list[torch.Tensor]], sites: list[int], anchor: torch.Tensor | None) -> None:
+    """Inserted once at the end of a graph: hands every site's sums to the monitor in one op call.
+
+    ``anchor`` is one of the graph's parameter inputs: TorchDynamo shares a graph between
+    instances of the same class (their parameters are inputs), so the op checks at run time
+    that the instance running is the monitored one."""
+    _observe_op()([t for site in sums for t in site], sites, anchor)
 
 
 def _install_pass() -> None:
@@ -218,6 +232,8 @@ class GraphCapture:
         self._leaf = {p: next(iter(m.children()), None) is None for p, m in named}
         self._act_modules = {p: fn for p, m in named if (fn := function_of_module(m)) is not None}
         self._root_code = _code_span(type(model).forward)
+        self._weights = {id(t) for t in (*model.parameters(), *model.buffers())}
+        self._foreign: set[int] = set()  # ids of parameters seen at run time that are another instance's
         self._attached = False
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -229,7 +245,7 @@ class GraphCapture:
                 _ATTACHED.add(self)
                 _install_pass()
                 for site in self.sites.values():
-                    _CALLBACKS[site.ident] = self._callback(site)
+                    _CALLBACKS[site.ident] = (self, site)
             self._attached = True
         return self
 
@@ -268,34 +284,54 @@ class GraphCapture:
         ordered = sorted(self.sites.values(), key=lambda s: s.order)
         return list(zip(display_names([s.info for s in ordered]), ordered))
 
-    def _callback(self, site: _Site) -> Callable[[list[torch.Tensor]], None]:
-        names = list(site.stats.ring.state)
-
-        def record(sums: list[torch.Tensor]) -> None:
-            if not (self.enabled and self.observing()):
-                return
-            try:
-                site.stats.add_sums(dict(zip(names, sums)))
-            except Exception as err:  # a failure of deadrelu's own bookkeeping, not of the model
-                info = site.info
-                raise DeadReluError(
-                    f"deadrelu failed to record the compiled activation site {info.module or '<root>'} "
-                    f"({info.function}, call {info.call + 1}) of shape {info.shape} "
-                    f"({type(err).__name__}: {err}); please report this"
-                ) from err
-
-        return record
+    def record(self, batch: list[tuple[_Site, list[torch.Tensor]]], anchor: torch.Tensor | None) -> None:
+        """Add one compiled forward's sums into its sites' rings (called by the observe op)."""
+        if not (self.enabled and self.observing()) or (anchor is not None and not self._is_ours(anchor)):
+            return  # unscheduled, or another instance of the model's class running the same graph
+        try:
+            add_sums_to_many([(site.stats, sums) for site, sums in batch])
+        except Exception as err:  # a failure of deadrelu's own bookkeeping, not of the model
+            names = ", ".join(f"{s.info.module or '<root>'} ({s.info.function}, shape {s.info.shape})" for s, _ in batch)
+            raise DeadReluError(
+                f"deadrelu failed to record the compiled activation sites {names} "
+                f"({type(err).__name__}: {err}); please report this"
+            ) from err
 
     # -- the graph pass ------------------------------------------------------------------------
+    def _is_ours(self, anchor: torch.Tensor) -> bool:
+        """Whether a parameter handed to the observe op belongs to this model (by identity, or by
+        storage for a parameter replaced since)."""
+        if id(anchor) in self._weights:
+            return True
+        if id(anchor) in self._foreign:
+            return False
+        ours = any(anchor.data_ptr() == t.data_ptr() for t in (*self.model.parameters(), *self.model.buffers()))
+        (self._weights if ours else self._foreign).add(id(anchor))
+        return ours
+
     def _owns(self, graph: fx.Graph) -> bool:
-        """Whether a graph runs (part of) this model: it calls one of its modules, or its root forward."""
+        """Whether a graph may run this model: it calls one of its modules (or a module of the same
+        class at the same path: Dynamo shares graphs between instances), takes its parameters, or
+        runs its root forward. The observe op's anchor settles which instance runs it."""
         for node in graph.nodes:
             stack = node.meta.get("nn_module_stack") or {}
-            if any(int(key.split("@")[0]) in self._paths for key in stack if key.split("@")[0].isdigit()):
+            if any(self._resolve(key, value) is not None for key, value in stack.items()):
                 return True
-            if not stack and self._in_root_forward(node):
+            if node.op == "placeholder" and id(_example(node)) in self._weights:
                 return True
-        return False
+        return any(self._in_root_forward(n) for n in graph.nodes)
+
+    def _resolve(self, key: str, value: Any) -> str | None:
+        """Our module path for one ``nn_module_stack`` entry, or None."""
+        ident = key.partition("@")[0]
+        if ident.isdigit() and int(ident) in self._paths:
+            return self._paths[int(ident)]
+        try:  # another instance of the same class: match its path and class
+            path, cls = _dynamo_path(str(value[0])), value[1]
+        except (TypeError, IndexError):
+            return None
+        name = cls.rsplit(".", 1)[-1] if isinstance(cls, str) else getattr(cls, "__name__", None)
+        return path if path is not None and self._types.get(path) == name and path else None
 
     def _in_root_forward(self, node: fx.Node) -> bool:
         """Whether a node outside every module call was made by this model's own forward (and not,
@@ -316,12 +352,14 @@ class GraphCapture:
         if not found:
             return
         self.graphs += 1
+        sums = []
         for node, site in found:
             with graph.inserting_after(node):
-                graph.call_function(
-                    _observe_batch,
-                    (node, site.ident, site.unit_dim, site.stats.threshold, site.info.function in NONNEGATIVE_FUNCTIONS),
-                )
+                nonnegative = site.info.function in NONNEGATIVE_FUNCTIONS
+                sums.append(graph.call_function(_site_sums, (node, site.unit_dim, site.stats.threshold, nonnegative)))
+        output = next(n for n in reversed(graph.nodes) if n.op == "output")
+        with graph.inserting_before(output):  # one op call per graph and step, not one per site
+            graph.call_function(_observe_sites, (sums, [site.ident for _, site in found], _anchor(graph)))
 
     def _sites_in(self, graph: fx.Graph) -> list[tuple[fx.Node, _Site]]:
         """Every activation site of a graph, in graph order, with its site (created on first sight)."""
@@ -381,12 +419,13 @@ class GraphCapture:
         stack = list((node.meta.get("nn_module_stack") or {}).keys())
         path, call, act_key = "", 0, None
         ours = not stack and self._in_root_forward(node)  # no module on the stack: the compiled root's code
+        entries = node.meta.get("nn_module_stack") or {}
         for key in stack:  # outermost first
-            ident, _, k = key.partition("@")
-            found = self._paths.get(int(ident)) if ident.isdigit() else None
+            found = self._resolve(key, entries[key])
             if found is None:
                 continue  # a module outside this model (a wrapper compiled around it)
-            ours, path, call = True, found, int(k or 0)
+            k = key.partition("@")[2]
+            ours, path, call = True, found, int(k) if k.isdigit() else 0
             if path in self._act_modules:
                 act_key = key  # the outermost activation module: its output is the site
                 break
@@ -424,8 +463,36 @@ class GraphCapture:
         self.sites[key] = site
         with _LOCK:
             if self._attached:
-                _CALLBACKS[site.ident] = self._callback(site)
+                _CALLBACKS[site.ident] = (self, site)
         return site
+
+
+def _anchor(graph: fx.Graph) -> fx.Node | None:
+    """The graph input the observe op checks the running instance by: a parameter of as few
+    dimensions as possible (Inductor may hand a convolution a re-laid-out copy of its 4-D
+    weight, but passes biases and matrices as they are)."""
+    params = [n for n in graph.nodes if n.op == "placeholder" and isinstance(_example(n), nn.Parameter)]
+    return min(params, key=lambda n: _example(n).ndim, default=None)
+
+
+def _example(node: fx.Node) -> Any:
+    """The real value TorchDynamo recorded for a graph input (a parameter, a buffer, the batch), or None."""
+    try:
+        return getattr(node.meta.get("grapharg"), "example", None)
+    except Exception:  # a graph argument without a real value (a symbolic size)
+        return None
+
+
+_INDEX = re.compile(r"\[(\d+)\]|\._modules\['([^']*)'\]|\['([^']*)'\]")
+
+
+def _dynamo_path(text: str) -> str | None:
+    """``"L['self'].layers[0].relu"`` -> ``"layers.0.relu"`` (relative to the compiled root), or None."""
+    if not text.startswith("L["):
+        return None
+    rest = text[text.index("]") + 1 :]
+    rest = _INDEX.sub(lambda m: "." + next(g for g in m.groups() if g is not None), rest)
+    return rest.lstrip(".")
 
 
 def _code_span(function: Any) -> tuple[str, int, int] | None:

@@ -12,13 +12,14 @@ first added into the since-start totals, so both scopes stay exact.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Sequence
 
 import torch
 
-from ..core.stats import StatTensors, accumulate, as_unit_batch, fill_from
+from ..core.stats import StatTensors, foreach_apply, accumulate, as_unit_batch, fill_from
+from ..errors import DeadReluError
 
-__all__ = ["WindowStats", "WindowTotals"]
+__all__ = ["WindowStats", "WindowTotals", "add_sums_to_many"]
 
 
 @dataclass
@@ -92,6 +93,7 @@ class WindowStats:
 
     def reset(self) -> None:
         """Forget everything seen so far."""
+        self._rows = None
         self.ring.reset()
         self.banked.reset()
         self.pos = 0
@@ -139,24 +141,29 @@ class WindowStats:
         self._advance()
 
     @torch.no_grad()
-    def add_sums(self, sums: Mapping[str, torch.Tensor]) -> None:
-        """Add one batch given as its per-statistic sums (one tensor per name in
-        :data:`~deadrelu.core.stats.STATISTICS`, as :func:`~deadrelu.core.stats.traceable_batch_sums`
-        returns them): the compiled capture computes them inside the graph."""
-        device = next(iter(sums.values())).device
-        fill_from(self._claim_row(device), sums)
-        self._advance()
+    def add_sums(self, sums: Sequence[torch.Tensor]) -> None:
+        """Add one batch given as its per-statistic sums, in :data:`~deadrelu.core.stats.STATISTICS`
+        order (as :func:`~deadrelu.core.stats.traceable_batch_sums` returns them): the compiled
+        capture computes them inside the graph. See :func:`add_sums_to_many`."""
+        add_sums_to_many([(self, sums)])
 
     def _claim_row(self, device: torch.device) -> dict[str, torch.Tensor]:
         """The ring row the next batch fills; the batch it held first leaves for the totals."""
+        row = self._row_views(device)
+        if self.count >= self.window:  # the row still holds the batch that leaves the window
+            self.banked.add_(row)
+        return row
+
+    def _row_views(self, device: torch.device) -> dict[str, torch.Tensor]:
         if device != self.device:
             self.device = device
             self.ring.to(device)
             self.banked.to(device)
-        row = self.ring.row(self.pos)
-        if self.count >= self.window:  # the row still holds the batch that leaves the window
-            self.banked.add_(row)
-        return row
+            self._rows = None
+        rows = getattr(self, "_rows", None)
+        if rows is None:  # views of every ring row, made once: the per-step path then only indexes a list
+            rows = self._rows = [self.ring.row(i) for i in range(self.window)]
+        return rows[self.pos]
 
     def _advance(self) -> None:
         self.pos = (self.pos + 1) % self.window
@@ -169,3 +176,31 @@ class WindowStats:
         if scope == "window":
             return WindowTotals(summed, min(self.count, self.window))
         return WindowTotals({k: v + self.banked.state[k] for k, v in summed.items()}, self.count)
+
+
+@torch.no_grad()
+def add_sums_to_many(batches: Sequence[tuple[WindowStats, Sequence[torch.Tensor]]]) -> None:
+    """Add one batch's sums to each of several rings with two multi-tensor launches in all (one
+    that banks the rows leaving the windows, one that writes the new rows), not a few per ring.
+
+    Raises:
+        DeadReluError: when a ring gets a number of sums other than its statistics'.
+    """
+    bank_into: list[torch.Tensor] = []
+    bank_from: list[torch.Tensor] = []
+    rows: list[torch.Tensor] = []
+    sources: list[torch.Tensor] = []
+    for stats, sums in batches:
+        row = stats._row_views(sums[0].device)
+        if len(sums) != len(row):
+            raise DeadReluError(f"expected {len(row)} per-unit sums ({', '.join(row)}), got {len(sums)}")
+        if stats.count >= stats.window:  # the row still holds the batch that leaves the window
+            bank_into += stats.banked.state.values()
+            bank_from += row.values()
+        rows += row.values()
+        sources += sums
+    if bank_into:
+        foreach_apply("add", bank_into, bank_from)
+    foreach_apply("copy", rows, sources)
+    for stats, _ in batches:
+        stats._advance()
