@@ -25,6 +25,10 @@ enabled are observed, as in eager mode. Site ids are process-local: the pass has
 unique to this process and set of monitors, so Inductor's caches never hand a graph to another
 process or monitor.
 
+TorchDynamo shares a graph between instances of the same class (their parameters are graph
+inputs), so the op also takes one parameter input and records only when it is the monitored
+model's: a sibling instance running the same graph records nothing.
+
 Limits: it needs Inductor (the default ``torch.compile`` backend) and a torch with
 ``torch.library.custom_op`` and effectful ops (2.6 or later); otherwise the monitor falls back to
 :class:`~deadrelu.monitor.compiled.ModuleCapture`. Graphs compiled before :meth:`attach` are not
