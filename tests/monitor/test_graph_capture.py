@@ -291,3 +291,18 @@ def test_a_copy_of_the_model_compiled_beside_it_is_not_observed(dynamo):
     mon.detach()
     assert [s.name for s in report.sites] == ["<root>:relu.1", "<root>:relu.2"]
     assert report.batches == 1 and [s.observations for s in report.sites] == [5, 5]
+
+
+def test_a_parameter_free_lookalike_compiled_beside_the_model_is_not_observed(dynamo):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.ReLU(), nn.Linear(4, 4), nn.ReLU())
+    helper = nn.Sequential(nn.ReLU())  # same class, same path "0", no parameters to tell it apart
+    mon = deadrelu.Monitor(model, window=4, log_every=100, compiled=True).attach()
+    compiled_model, compiled_helper = torch.compile(model), torch.compile(helper)
+    x = torch.randn(3, 4, requires_grad=True)
+    compiled_helper(x).sum().backward()
+    compiled_model(x).sum().backward()
+    mon.step()
+    report = mon.report("total")
+    mon.detach()
+    assert [(s.name, s.observations) for s in report.sites] == [("0", 3), ("2", 3)]  # the helper added nothing

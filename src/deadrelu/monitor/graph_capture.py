@@ -318,11 +318,18 @@ class GraphCapture:
         class at the same path: Dynamo shares graphs between instances), takes its parameters, or
         runs its root forward. The observe op's anchor settles which instance runs it."""
         for node in graph.nodes:
+            for key in node.meta.get("nn_module_stack") or {}:
+                ident = key.partition("@")[0]
+                if ident.isdigit() and int(ident) in self._paths:
+                    return True  # one of this model's own modules
+            if node.op == "placeholder" and id(_example(node)) in self._weights:
+                return True  # this model's own parameters
+        if _anchor(graph) is None:
+            return False  # only a resemblance, and no parameter to tell instances apart at run time
+        for node in graph.nodes:
             stack = node.meta.get("nn_module_stack") or {}
             if any(self._resolve(key, value) is not None for key, value in stack.items()):
-                return True
-            if node.op == "placeholder" and id(_example(node)) in self._weights:
-                return True
+                return True  # a module of the same class at the same path: maybe a sibling instance
         return any(self._in_root_forward(n) for n in graph.nodes)
 
     def _resolve(self, key: str, value: Any) -> str | None:
