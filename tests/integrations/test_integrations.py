@@ -142,7 +142,7 @@ class DictData(torch.utils.data.Dataset):
         return {"x": x, "labels": y}
 
 
-def hf_trainer(tmp_path: Path, model: nn.Module, steps: int = 8):
+def hf_trainer(tmp_path: Path, model: nn.Module, steps: int = 8, **extra):
     tf = pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
     args = tf.TrainingArguments(
@@ -156,6 +156,7 @@ def hf_trainer(tmp_path: Path, model: nn.Module, steps: int = 8):
         save_strategy="no",
         disable_tqdm=True,
         remove_unused_columns=False,
+        **extra,
     )
     return tf.Trainer(model=model, args=args, train_dataset=DictData())
 
@@ -216,3 +217,25 @@ def test_trainer_state_json_serialisable(tmp_path: Path):
     DeadReluTrainerCallback(window=2, log_every=2, warn_at=(1.0,)).add_to(trainer)
     trainer.train()
     json.dumps(trainer.state.log_history)
+
+
+def test_transformers_callback_with_torch_compile_observes_the_compiled_graphs(tmp_path: Path):
+    tf = pytest.importorskip("transformers")
+    from deadrelu.monitor.graph_capture import graph_capture_available
+
+    if not graph_capture_available():
+        pytest.skip("needs effectful custom ops")
+    torch._dynamo.reset()
+    model = HFTiny()
+    trainer = hf_trainer(tmp_path, model, torch_compile=True)  # compiled by the Trainer, after callbacks attach
+    from deadrelu.integrations import DeadReluTrainerCallback
+
+    cb = DeadReluTrainerCallback(window=4, log_every=4, warn_at=(1.0,)).add_to(trainer)
+    trainer.train()
+    mon = cb.monitor
+    assert mon.compiled and type(mon.capture).__name__ == "GraphCapture"
+    assert mon.history.steps == [4, 8]
+    assert [s.name for s in mon.report().sites] == ["net.1", "net.3"]
+    assert set(mon.report().site("net.3").dead_units) >= {0, 1, 2, 3}
+    torch._dynamo.reset()
+    del tf

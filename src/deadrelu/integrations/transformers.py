@@ -79,6 +79,8 @@ class DeadReluTrainerCallback(_tf.TrainerCallback):
             raise ValueError("DeadReluTrainerCallback needs the model: the trainer passes it as model=")
         self.detach()
         kwargs_ = dict(self.monitor_kwargs)
+        if getattr(args, "torch_compile", False) is True:
+            kwargs_.setdefault("compiled", True)  # the Trainer compiles the model after this callback attaches
         sinks = list(kwargs_.pop("sinks", ()))
         if self.log_to_trainer:
             sinks.append(self._pending)
