@@ -88,7 +88,8 @@ def graph_capture_available() -> bool:
 
 
 def _observe_op() -> Any:
-    """The effectful custom op ``deadrelu::observe(Tensor[] sums, int site) -> ()`` (registered once)."""
+    """The effectful custom op ``deadrelu::observe(Tensor[] sums, int[] sites, Tensor? anchor) -> ()``
+    (registered once per process): hands each site's sums to the capture that owns the site."""
     with _LOCK:
         if "op" in _installed:
             return _installed["op"]
@@ -237,7 +238,7 @@ class GraphCapture:
         self._act_modules = {p: fn for p, m in named if (fn := function_of_module(m)) is not None}
         self._root_code = _code_span(type(model).forward)
         self._weights = {id(t) for t in (*model.parameters(), *model.buffers())}
-        self._foreign: set[int] = set()  # ids of parameters seen at run time that are another instance's
+        self._pointers: set[int] = set()  # storage of this model's weights, refreshed on a miss
         self._attached = False
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -303,15 +304,15 @@ class GraphCapture:
 
     # -- the graph pass ------------------------------------------------------------------------
     def _is_ours(self, anchor: torch.Tensor) -> bool:
-        """Whether a parameter handed to the observe op belongs to this model (by identity, or by
-        storage for a parameter replaced since)."""
+        """Whether a parameter handed to the observe op belongs to this model: by identity, else
+        by storage (Inductor may pass an alias; the model may have moved or replaced its weights)."""
         if id(anchor) in self._weights:
             return True
-        if id(anchor) in self._foreign:
-            return False
-        ours = any(anchor.data_ptr() == t.data_ptr() for t in (*self.model.parameters(), *self.model.buffers()))
-        (self._weights if ours else self._foreign).add(id(anchor))
-        return ours
+        pointer = anchor.data_ptr()
+        if pointer in self._pointers:
+            return True
+        self._pointers = {t.data_ptr() for t in (*self.model.parameters(), *self.model.buffers())}
+        return pointer in self._pointers
 
     def _owns(self, graph: fx.Graph) -> bool:
         """Whether a graph may run this model: it calls one of its modules (or a module of the same
