@@ -365,3 +365,18 @@ def test_unobserved_units_are_their_own_state_in_history_logs_and_live_view(tmp_
     assert "2 unobserved" in summary_line(records[-1])
     header, values = path.read_text().splitlines()[:2]
     assert header.split(",")[-1] == "unobserved" and float(values.split(",")[-1]) == pytest.approx(2 / 3)
+
+
+def test_monitor_reports_name_lookalike_activations_it_did_not_count():
+    class SnakeAct(nn.Module):  # a user's own activation, not registered
+        def forward(self, x):
+            return x + torch.sin(x) ** 2
+
+    net = nn.Sequential(nn.Linear(3, 4), SnakeAct(), nn.Linear(4, 4), nn.ReLU())
+    with deadrelu.Monitor(net, window=2, log_every=2) as mon:
+        for _ in range(2):
+            net(torch.randn(5, 3))
+            mon.step()
+        report = mon.report()
+    assert [s.name for s in report.sites] == ["3"] and report.uncaptured == ("1 (SnakeAct)",)
+    assert "not counted" in str(report)

@@ -536,6 +536,7 @@ class Monitor:
                 mode="train",
                 model=type(self.model).__name__,
                 fingerprint=model_fingerprint(self.model),
+                uncaptured=tuple(f"{path} ({why})" for path, why in getattr(self.capture, "uncaptured", {}).items()),
             )
         last = scopes[-1]
         return out, {s.name: s.batches[last] for s in states}, {s.name: s.full for s in states}
