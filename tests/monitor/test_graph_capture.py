@@ -306,3 +306,33 @@ def test_a_parameter_free_lookalike_compiled_beside_the_model_is_not_observed(dy
     report = mon.report("total")
     mon.detach()
     assert [(s.name, s.observations) for s in report.sites] == [("0", 3), ("2", 3)]  # the helper added nothing
+
+
+def test_threshold_and_unit_dim_options_apply_as_in_eager(dynamo):
+    class Seq(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.block = nn.Sequential(nn.Linear(4, 6), nn.GELU())
+            self.out = nn.Linear(6, 6)
+
+        def forward(self, x):
+            return torch.relu(self.out(self.block(x))).sum()  # a root-level call: its site is "<root>:relu"
+
+    def run(compiled: bool) -> deadrelu.Report:
+        torch.manual_seed(0)
+        model = Seq()
+        opts = {"threshold": {"gelu": 0.5}, "unit_dim": {"<root>:relu": 0}}  # by function and by site name
+        mon = deadrelu.Monitor(model, window=3, log_every=100, compiled=compiled, **opts).attach()
+        runner = torch.compile(model) if compiled else model
+        g = torch.Generator().manual_seed(0)
+        for _ in range(3):
+            runner(torch.randn(5, 4, generator=g)).backward()
+            mon.step()
+        report = mon.report("total")
+        mon.detach()
+        return report
+
+    eager, compiled = run(False), run(True)
+    assert summary(compiled) == summary(eager)
+    assert [s.fire_threshold for s in compiled.sites] == [0.5, 0.0]
+    assert compiled.site("<root>:relu").units == 5 and compiled.site("<root>:relu").unit_axis_source == "unit_dim override"

@@ -651,8 +651,10 @@ def _exported_activation_modules(model: nn.Module) -> list[tuple[str, str, int] 
 
 
 def _lookup(spec: Mapping[str, Any], info: SiteInfo) -> Any:
-    # Most specific key first: "path:fn", then the module path, then the function name.
-    for k in (f"{info.module}:{info.function}", info.module, info.function):
+    # Most specific key first: "path:fn", then the module path, then the function name; the root
+    # module is "<root>", as in site names.
+    where = info.module or "<root>"
+    for k in (f"{where}:{info.function}", f"{info.module}:{info.function}", where, info.module, info.function):
         if k in spec:
             return spec[k]
     return None
