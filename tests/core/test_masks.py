@@ -189,3 +189,16 @@ def test_mask_reaches_the_accumulator_without_a_copy_when_it_takes_one(takes_mas
     b, t = batch["input_ids"].shape
     kept = int(batch["attention_mask"].sum())
     assert seen == ([((b, t, 16), (b, t))] if takes_mask else [((kept, 16), None)])
+
+
+def test_positional_attention_mask_counts_only_real_tokens():
+    """``model(input_ids, attention_mask)`` is masked like ``model(input_ids=..., attention_mask=...)``."""
+    model = TinyEncoder().eval()
+    batches = padded_batches(seed=3)
+    with torch.no_grad():
+        truth = truth_over(batches, model, masked=True)
+    with deadrelu.Probe(model) as probe, torch.no_grad():
+        for b in batches:
+            model(b["input_ids"], b["attention_mask"])
+    site = probe.report().site("act")
+    assert (site.observations, list(site.fired_counts)) == (truth["observations"], truth["fired"])

@@ -336,3 +336,67 @@ def test_threshold_and_unit_dim_options_apply_as_in_eager(dynamo):
     assert summary(compiled) == summary(eager)
     assert [s.fire_threshold for s in compiled.sites] == [0.5, 0.0]
     assert compiled.site("<root>:relu").units == 5 and compiled.site("<root>:relu").unit_axis_source == "unit_dim override"
+
+
+class MaskedEncoder(nn.Module):
+    """Hugging Face-style ``model(input_ids=..., attention_mask=...)``; unit 3 fires only on the pad
+    token, so it is dead over real tokens and alive when pads are counted."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.fc, self.act, self.out = nn.Embedding(20, 8), nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 2)
+        with torch.no_grad():
+            self.fc.weight[3].zero_()
+            self.fc.weight[3, 0], self.fc.bias[3] = 1.0, -5.0
+            self.emb.weight[:, 0] = 0.0
+            self.emb.weight[0, 0] = 10.0  # the pad token
+
+    def forward(self, input_ids, attention_mask=None):
+        h = self.act(self.fc(self.emb(input_ids)))
+        h = F.relu(h.transpose(0, 1))  # (T, B, C): the mask applies transposed
+        return (self.out(h).transpose(0, 1) * attention_mask[..., None]).sum()
+
+
+def padded(n: int = 4, batch: int = 3) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for i in range(n):
+        t = 5 + i  # a different length each batch
+        lengths = torch.randint(1, t + 1, (batch,), generator=g)
+        mask = torch.arange(t)[None, :] < lengths[:, None]
+        ids = torch.randint(1, 20, (batch, t), generator=g)
+        ids[~mask] = 0
+        out.append({"input_ids": ids, "attention_mask": mask.long()})
+    return out
+
+
+@pytest.mark.parametrize("mask", [None, False], ids=["attention_mask", "mask=False"])
+def test_attention_mask_is_applied_in_compiled_mode_as_in_eager(dynamo, mask):
+    def run(compiled: bool, positional: bool = False) -> deadrelu.Report:
+        model = MaskedEncoder()
+        mon = deadrelu.Monitor(model, window=4, log_every=100, compiled=compiled, mask=mask).attach()
+        runner = torch.compile(model) if compiled else model
+        for b in padded():
+            out = runner(b["input_ids"], b["attention_mask"]) if positional else runner(**b)
+            out.backward()
+            mon.step()
+        report = mon.report("total")
+        mon.detach()
+        return report
+
+    eager, compiled = run(False), run(True)
+    assert summary(compiled) == summary(eager)
+    assert [s.fired_counts for s in compiled.sites] == [s.fired_counts for s in eager.sites]
+    real = sum(int(b["attention_mask"].sum()) for b in padded())
+    every = sum(b["input_ids"].numel() for b in padded())
+    assert [s.observations for s in compiled.sites] == [real if mask is None else every] * 2
+    assert (3 in compiled.site("act").dead_units) == (mask is None)  # alive only on the pads
+    if mask is None:
+        assert summary(run(False, positional=True)) == summary(eager)  # a positional mask counts too
+
+
+def test_compiled_mode_refuses_masks_it_cannot_read_in_the_graph():
+    for mask in (torch.ones(2, 3, dtype=torch.bool), "keep", lambda batch: batch["keep"]):
+        with pytest.raises(deadrelu.DeadReluError, match="attention_mask"):
+            deadrelu.Monitor(make_net(), compiled=True, mask=mask)

@@ -84,7 +84,7 @@ from .activations import (
     looks_like_activation,
 )
 from .hooks import copy_safe_hook, is_deadrelu_hook, remove_inert_hooks
-from .inputs import aligned_mask, apply_mask, mask_from_call
+from .inputs import aligned_mask, apply_mask, mask_from_call, mask_position
 from .unit_axis import ACT, AxisTable, function_kind, kind_of
 from .stats import release_scratch, UnitStats
 
@@ -263,6 +263,7 @@ class ActivationCapture:
         self.threshold_spec = threshold
         self.stats_factory = stats_factory or (lambda units, thr, device: UnitStats(units, thr, device))
         self.mask_spec = mask
+        self._mask_position = mask_position(model.forward)  # attention_mask passed positionally
         self.batch_mask: torch.Tensor | None = None
         self.scripted = isinstance(model, torch.jit.ScriptModule)
         self.sites: dict[tuple[Any, ...], _Site] = {}
@@ -349,7 +350,7 @@ class ActivationCapture:
         self.last_site = None
         mask = self.batch_mask
         if mask is None and self.mask_spec is not False:
-            mask = mask_from_call(self.mask_spec, args, kwargs or {})
+            mask = mask_from_call(self.mask_spec, args, kwargs or {}, self._mask_position)
         self._fwd.mask = mask
 
     def _enter_mode(self) -> None:

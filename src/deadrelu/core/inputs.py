@@ -17,6 +17,7 @@ arguments) or a dict (keyword arguments).
 from __future__ import annotations
 
 import contextlib
+import inspect
 import sys
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
@@ -42,6 +43,7 @@ __all__ = [
     "as_mask",
     "resolve_mask",
     "mask_from_call",
+    "mask_position",
     "apply_mask",
     "aligned_mask",
 ]
@@ -297,9 +299,34 @@ def resolve_mask(spec: Any, batch: Any) -> torch.Tensor | None:
     raise DataError(f"mask must be a tensor, a key of a dict batch, a callable or False, not {type(spec).__name__}")
 
 
-def mask_from_call(spec: Any, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> torch.Tensor | None:
+def mask_position(forward: Callable[..., Any]) -> int | None:
+    """The position of a ``forward``'s ``attention_mask`` parameter among its positional
+    parameters (``self`` excluded), or None: so ``model(input_ids, mask)`` is masked as
+    ``model(input_ids=..., attention_mask=mask)`` is.
+
+    >>> mask_position(lambda input_ids, attention_mask=None: None)
+    1
+    """
+    try:
+        params = list(inspect.signature(forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    positional = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    for key in MASK_KEYS:
+        if key in positional:
+            return positional.index(key)
+    return None
+
+
+def mask_from_call(
+    spec: Any, args: tuple[Any, ...], kwargs: Mapping[str, Any], position: int | None = None
+) -> torch.Tensor | None:
     """The observation mask of one model call (Probe, Monitor): the call's keyword arguments
-    are the batch when it has no positional ones, else its single positional argument."""
+    are the batch when it has no positional ones, else its single positional argument; by
+    default, also a mask passed positionally as the forward's ``attention_mask`` parameter
+    (``position``, see :func:`mask_position`)."""
+    if spec is None and position is not None and len(args) > position and isinstance(args[position], torch.Tensor):
+        return as_mask(args[position], f"the call's {MASK_KEYS[0]!r} argument")
     if spec is None and not kwargs:
         return None
     if kwargs and not args:

@@ -56,6 +56,7 @@ from torch import fx, nn
 
 from ..core.activations import NONNEGATIVE_FUNCTIONS, function_of_module
 from ..core.capture import SiteInfo, ThresholdSpec, UnitDimSpec, choose_unit_dim, display_names, resolve_threshold
+from ..core.inputs import MASK_KEYS
 from ..core.stats import traceable_batch_sums
 from ..core.unit_axis import ACT, AxisTable, kind_of
 from ..errors import DeadReluError
@@ -123,10 +124,27 @@ def _observe_op() -> Any:
         return _installed["op"]
 
 
-def _site_sums(x: torch.Tensor, unit_dim: int, threshold: float, nonnegative: bool) -> list[torch.Tensor]:
+def _site_sums(
+    x: torch.Tensor,
+    unit_dim: int,
+    threshold: float,
+    nonnegative: bool,
+    mask: torch.Tensor | None = None,
+    transposed: bool = False,
+) -> list[torch.Tensor]:
     """Inserted after each activation: its batch's per-unit sums, which AOTAutograd traces into
-    plain reductions and Inductor fuses with the kernels around the activation."""
-    return list(traceable_batch_sums(x.detach(), unit_dim, threshold, nonnegative).values())
+    plain reductions and Inductor fuses with the kernels around the activation. ``mask`` is the
+    call's ``attention_mask`` (``(B, T)``; ``transposed`` for a ``(T, B)`` activation)."""
+    keep = None
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            keep = mask
+        elif mask.is_floating_point():
+            keep = mask == 1  # 0/1 float masks; an additive 0/-inf mask then counts nothing, never the pads
+        else:
+            keep = mask != 0
+        keep = keep.t().contiguous() if transposed else keep
+    return list(traceable_batch_sums(x.detach(), unit_dim, threshold, nonnegative, keep).values())
 
 
 def _observe_sites(sums: list[list[torch.Tensor]], sites: list[int], anchor: torch.Tensor | None) -> None:
@@ -220,7 +238,10 @@ class GraphCapture:
         threshold: ThresholdSpec,
         window: int,
         observing: Callable[[], bool] = lambda: True,
+        mask: Any = None,
     ) -> None:
+        refuse_mask(mask)
+        self.mask_spec = mask
         self.model = model
         self.unit_dim_spec = unit_dim
         self.threshold_spec = threshold
@@ -364,14 +385,31 @@ class GraphCapture:
         if not found:
             return
         self.graphs += 1
+        mask = self._mask_input(graph)
         sums = []
         for node, site in found:
             with graph.inserting_after(node):
                 nonnegative = site.info.function in NONNEGATIVE_FUNCTIONS
-                sums.append(graph.call_function(_site_sums, (node, site.unit_dim, site.stats.threshold, nonnegative)))
+                how = _mask_layout(node.meta["example_value"], site.unit_dim, mask)
+                extra = () if how is None else (mask, how == "transposed")
+                sums.append(graph.call_function(_site_sums, (node, site.unit_dim, site.stats.threshold, nonnegative, *extra)))
         output = next(n for n in reversed(graph.nodes) if n.op == "output")
         with graph.inserting_before(output):  # one op call per graph and step, not one per site
             graph.call_function(_observe_sites, (sums, [site.ident for _, site in found], _anchor(graph)))
+
+    def _mask_input(self, graph: fx.Graph) -> fx.Node | None:
+        """The graph input that is the call's ``attention_mask`` (a parameter of that name, or that
+        key of a ``**kwargs`` dict), unless ``mask=False``."""
+        if self.mask_spec is False:
+            return None
+        for node in graph.nodes:
+            if node.op != "placeholder" or not isinstance(node.meta.get("example_value"), torch.Tensor):
+                continue
+            source = getattr(node.meta.get("grapharg"), "source", None)
+            name = getattr(source, "local_name", None) or getattr(source, "index", None)
+            if name in MASK_KEYS:
+                return node
+        return None
 
     def _sites_in(self, graph: fx.Graph) -> list[tuple[fx.Node, _Site]]:
         """Every activation site of a graph, in graph order, with its site (created on first sight)."""
@@ -479,6 +517,30 @@ class GraphCapture:
         return site
 
 
+def _mask_layout(value: Any, unit_dim: int, mask: fx.Node | None) -> str | None:
+    """How a ``(B, T)`` mask lies over an activation: ``"leading"``, ``"transposed"`` (a ``(T, B)``
+    activation) or None (it does not apply), as :func:`deadrelu.core.inputs.aligned_mask` decides."""
+    if mask is None or not isinstance(value, torch.Tensor):
+        return None
+    shape = tuple(mask.meta["example_value"].shape)
+    k = len(shape)
+    if value.ndim <= k or unit_dim < k:
+        return None
+    lead = tuple(value.shape[:k])
+    if _same(lead, shape):
+        return "leading"
+    if k == 2 and _same(lead, (shape[1], shape[0])) and not _same(shape[:1], shape[1:]):
+        return "transposed"
+    return None
+
+
+def _same(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
+    """Sizes provably equal (symbolic sizes included) without adding a guard."""
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    return len(a) == len(b) and all(statically_known_true(x == y) for x, y in zip(a, b))
+
+
 def _anchor(graph: fx.Graph) -> fx.Node | None:
     """The graph input the observe op checks the running instance by: a parameter of as few
     dimensions as possible (Inductor may hand a convolution a re-laid-out copy of its 4-D
@@ -540,6 +602,9 @@ def _is_relu6(args: tuple, kwargs: dict) -> bool:
 
 
 def refuse_mask(mask: Any) -> None:
-    """The compiled captures count every position."""
+    """Compiled monitoring takes the call's ``attention_mask`` (the default) or none (``mask=False``)."""
     if mask is not None and mask is not False:
-        raise DeadReluError("mask= is not supported with compiled=True: the compiled capture counts every position")
+        raise DeadReluError(
+            "with compiled=True the mask is the call's attention_mask (mask=None, the default) or none "
+            "(mask=False); a mask tensor, key or callable needs the eager monitor"
+        )

@@ -160,7 +160,8 @@ class Monitor:
         mask: observation mask per training forward (as for :class:`deadrelu.Probe`): None = the
             call's ``attention_mask`` keyword when it has one; False = none; a bool tensor
             ``(B, T)``, the name of a keyword argument, or a callable on the call's keyword
-            arguments. Not available with ``compiled=True``.
+            arguments. With ``compiled=True``: None (the call's ``attention_mask``, read inside
+            the graph) or False only.
 
     Raises:
         DeadReluError: for a non-module model or invalid options (nothing is attached).
@@ -234,7 +235,7 @@ class Monitor:
             refuse_mask(mask)
             if graph_capture_available():
                 self.capture = GraphCapture(
-                    model, unit_dim=unit_dim, threshold=threshold, window=window, observing=lambda: self._observe
+                    model, unit_dim=unit_dim, threshold=threshold, window=window, observing=lambda: self._observe, mask=mask
                 )
             else:  # an older torch: hooks on activation modules only
                 from .compiled import ModuleCapture
