@@ -400,3 +400,19 @@ def test_compiled_mode_refuses_masks_it_cannot_read_in_the_graph():
     for mask in (torch.ones(2, 3, dtype=torch.bool), "keep", lambda batch: batch["keep"]):
         with pytest.raises(deadrelu.DeadReluError, match="attention_mask"):
             deadrelu.Monitor(make_net(), compiled=True, mask=mask)
+
+
+def test_an_internal_failure_of_the_pass_never_breaks_compilation(dynamo, monkeypatch):
+    from deadrelu.monitor.graph_capture import CompiledModelWarning
+
+    def broken(self, graph):
+        raise RuntimeError("unexpected graph")
+
+    monkeypatch.setattr(GraphCapture, "_sites_in", broken)
+    net = make_net()
+    mon = deadrelu.Monitor(net, window=2, log_every=100, compiled=True).attach()
+    with pytest.warns(CompiledModelWarning, match="could not observe a compiled graph of Net"):
+        loss = torch.compile(net)(*batches(1)[0])
+    loss.backward()  # the model still trains, unobserved
+    assert not mon.capture.sites
+    mon.detach()

@@ -47,6 +47,7 @@ import itertools
 import re
 import threading
 import uuid
+import warnings
 import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional
@@ -62,7 +63,13 @@ from ..core.unit_axis import ACT, AxisTable, kind_of
 from ..errors import DeadReluError
 from .window import WindowStats, add_sums_to_many
 
-__all__ = ["GraphCapture", "graph_capture_available"]
+__all__ = ["CompiledModelWarning", "GraphCapture", "graph_capture_available"]
+
+
+class CompiledModelWarning(UserWarning):
+    """A monitor and ``torch.compile`` do not meet as intended: a monitor without ``compiled=True``
+    saw its model run compiled, a compiled-mode monitor saw no graph, or a graph could not be
+    observed (each issued once)."""
 
 _OP_NAME = "deadrelu::observe"
 _LOCK = threading.Lock()
@@ -167,7 +174,17 @@ def _install_pass() -> None:
 
         def __call__(self, graph: fx.Graph) -> None:
             for capture in list(_ATTACHED):
-                capture.rewrite(graph)
+                try:
+                    capture.rewrite(graph)
+                except DeadReluError:
+                    raise  # the user's own options (an out-of-range unit_dim): as in eager mode
+                except Exception as err:  # never break the user's compilation over a monitor
+                    warnings.warn(
+                        f"deadrelu could not observe a compiled graph of {type(capture.model).__name__} "
+                        f"({type(err).__name__}: {err}); it runs unobserved; please report this",
+                        CompiledModelWarning,
+                        stacklevel=2,
+                    )
             if self.previous is not None:
                 self.previous(graph)
 

@@ -36,6 +36,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence, Union
 import torch
 from torch import nn
 
+from .graph_capture import CompiledModelWarning
 from .window import WindowStats
 from ..core.capture import ActivationCapture, ThresholdSpec, UnitDimSpec, copy_safe_hook, display_names
 from ..errors import DeadReluError, NoActivationSitesError
@@ -72,10 +73,6 @@ ADVICE_DIED = (
 
 class DeadUnitWarning(UserWarning):
     """A layer's dead fraction crossed a warning threshold (issued once per layer and threshold)."""
-
-
-class CompiledModelWarning(UserWarning):
-    """A monitor without ``compiled=True`` saw its model run under ``torch.compile`` (issued once)."""
 
 
 class _MonitorCapture(ActivationCapture):
