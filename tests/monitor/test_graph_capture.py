@@ -416,3 +416,34 @@ def test_an_internal_failure_of_the_pass_never_breaks_compilation(dynamo, monkey
     loss.backward()  # the model still trains, unobserved
     assert not mon.capture.sites
     mon.detach()
+
+
+def test_a_real_gpt2_compiled_equals_eager_with_padding(dynamo):
+    tf = pytest.importorskip("transformers")
+    g = torch.Generator().manual_seed(0)
+    data = []
+    for _ in range(3):
+        mask = torch.ones(3, 8, dtype=torch.long)
+        mask[0, 5:], mask[2, 3:] = 0, 0
+        data.append({"input_ids": torch.randint(1, 50, (3, 8), generator=g), "attention_mask": mask})
+
+    def run(compiled: bool) -> deadrelu.Report:
+        dynamo.clear()
+        torch.manual_seed(0)
+        cfg = tf.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=50, n_positions=16)
+        cfg.resid_pdrop = cfg.embd_pdrop = cfg.attn_pdrop = 0.0
+        model = tf.GPT2Model(cfg).train()
+        mon = deadrelu.Monitor(model, window=3, log_every=100, compiled=compiled).attach()
+        runner = torch.compile(model) if compiled else model
+        for batch in data:
+            runner(**batch).last_hidden_state.sum().backward()
+            mon.step()
+        report = mon.report("total")
+        mon.detach()
+        return report
+
+    eager, compiled = run(False), run(True)
+    assert summary(compiled) == summary(eager)
+    assert [(s.name, s.function, s.observations) for s in compiled.sites] == [
+        ("h.0.mlp.act", "gelu", 48), ("h.1.mlp.act", "gelu", 48)  # 16 real tokens of 24 per batch
+    ]
