@@ -11,13 +11,16 @@ every graph TorchDynamo hands to Inductor, before autograd is traced. In each gr
   eager capture does (module path, that module's call index, call position, function);
 * works out each site's unit axis with the eager capture's own rules
   (:class:`~deadrelu.core.unit_axis.AxisTable`, run on the graph's example values);
-* inserts after the activation its batch's per-unit sums
+* inserts after each activation its batch's per-unit sums
   (:func:`~deadrelu.core.stats.traceable_batch_sums`: plain reductions that Inductor fuses,
-  on a detached view so autograd is untouched) and one call of the custom op
-  ``deadrelu::observe``, registered with :mod:`torch.library` as an *effectful* op so it is
-  never removed or reordered. At run time that op hands the sums (``O(units)`` tensors, still
-  on the device: no host sync) to the site's :class:`~deadrelu.monitor.window.WindowStats` —
-  the same ring the eager monitor keeps, so both give the same numbers.
+  on a detached view so autograd is untouched; masked by the call's ``attention_mask`` input
+  where it lies over the activation's ``(B, T)`` or ``(T, B)`` dimensions, as in eager mode);
+* inserts before the graph's output one call of the custom op ``deadrelu::observe(sums,
+  site ids, parameter)``, registered with :mod:`torch.library` as an *effectful* op so it is
+  never removed or reordered. At run time that op hands every site's sums (``O(units)``
+  tensors, still on the device: no host sync) to its
+  :class:`~deadrelu.monitor.window.WindowStats` — the same ring the eager monitor keeps, so
+  both give the same numbers — with two multi-tensor launches for all sites.
 
 Whether a step is observed is decided when the op runs (the monitor's schedule), so one graph
 serves every schedule and nothing recompiles per step. Only graphs compiled with gradients
@@ -34,8 +37,9 @@ Limits: it needs Inductor (the default ``torch.compile`` backend) and a torch wi
 :class:`~deadrelu.monitor.compiled.ModuleCapture`. Graphs compiled before :meth:`attach` are not
 observed (compile after attaching, or call ``torch._dynamo.reset()``); after :meth:`detach`
 compiled graphs keep computing their sums until they are recompiled, but nothing is recorded.
-``mask=`` is not supported. A site whose unit axis has a dynamic size is skipped (listed in
-``uncaptured``). The op is tagged ``cudagraph_unsafe``: a CUDA-graph replay would skip the
+``mask=`` takes only None (the ``attention_mask`` input) or False. A site whose unit axis has a
+dynamic size is skipped (listed in ``uncaptured``). An unexpected failure of the pass warns
+(:class:`CompiledModelWarning`) and leaves that graph unobserved; it never breaks compilation. The op is tagged ``cudagraph_unsafe``: a CUDA-graph replay would skip the
 Python that picks the ring row, so with ``mode="reduce-overhead"`` Inductor leaves those graphs
 (or, with graph partitioning, the observe calls) out of its CUDA graphs.
 """
