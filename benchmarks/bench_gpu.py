@@ -6,7 +6,8 @@
 
 Models (random weights): MLP 5x4096 (batch 8192), ResNet-50 channels_last (batch 256), ViT-B/16,
 BERT-base, GPT-2 small and a Llama-style ~1B model (16 layers x 2048, FFN 5632). Model code
-comes from torchvision / transformers when installed, else from hand-written equivalents here.
+comes from torchvision / transformers when installed (``pip install "deadrelu[gpu-bench]"``), else
+from hand-written equivalents here.
 
 Measured per model and dtype, each ratio side by side in one process (runs interleaved,
 median over ``--repeats``):
