@@ -169,3 +169,29 @@ def test_internal_failure_names_site_shape_and_dtype(monkeypatch):
     assert not isinstance(info.value, deadrelu.ForwardError) and "model raised" not in message
     assert "activation site 1 (gelu" in message and "(5, 4)" in message and "torch.float32" in message
     assert "Found dtype Float" in message
+
+
+def test_a_kernel_that_cannot_run_falls_back_to_the_torch_pass_once(monkeypatch):
+    """A Triton/driver mismatch on some GPU must not stop a scan or a training run."""
+    from deadrelu.core import kernels, stats
+
+    calls = []
+
+    def broken(*args, **kwargs):
+        calls.append(1)
+        raise RuntimeError("PTX version not supported")
+
+    monkeypatch.setattr(kernels, "unit_stats_into", broken)
+    monkeypatch.setattr(stats, "_TRITON_FAILED", [])
+    monkeypatch.setattr(stats, "_triton_ready", lambda x: not stats._TRITON_FAILED)  # as on a CUDA machine
+    x = torch.tensor([[1.0, -2.0, 0.5], [0.0, 3.0, -1.0]])
+    first, second = stats.StatTensors(3, "cpu").state, stats.StatTensors(3, "cpu").state
+    with pytest.warns(RuntimeWarning, match="Triton statistics kernel cannot run here"):
+        stats.accumulate(x, 1, 0.0, False, first)
+    stats.accumulate(x, 1, 0.0, False, second)  # no second attempt, no second warning
+    assert len(calls) == 1 and stats._TRITON_FAILED
+    for out in (first, second):
+        assert out["fired"].tolist() == [1, 1, 1] and out["abs_sum"].tolist() == [1.0, 5.0, 1.5]
+        assert out["observations"].tolist() == [2]
+    with pytest.raises(RuntimeError, match="PTX"):  # backend="triton" asked for the kernel: its error shows
+        stats._run_kernel(x, 1, 0.0, False, stats.StatTensors(3, "cpu").state, None, explicit=True)

@@ -2,10 +2,10 @@
 
 :func:`unit_stats_into` adds, per unit, the count of values ``> threshold``, the float64
 sum of ``|h|``, the count of NaN/±Inf values and the number of observations into
-accumulator tensors, in one kernel launch (plus one tiny ``observations`` add when a mask
-is given). It allocates nothing the size of the activation and never synchronises with the
+accumulator tensors, in one kernel launch. It allocates nothing the size of the activation and never synchronises with the
 host. :func:`deadrelu.core.stats.accumulate` picks it for CUDA tensors when Triton imports;
-the pure-torch pass gives the same numbers elsewhere.
+the pure-torch pass gives the same numbers elsewhere, and takes over (after one warning) if the
+kernel cannot compile or launch on a machine.
 
 Layout: the activation is addressed as ``(before, units, after)`` through its strides,
 so units on the last dim (``(N, C)``, ``(B, T, C)``), on dim 1 of a contiguous ``(N, C,
@@ -67,7 +67,7 @@ def _kernel(interpret: bool) -> Any:
 
     @triton.jit
     def unit_stats_kernel(
-        x_ptr, mask_ptr, thr_ptr, fired_ptr, abs_ptr, bad_ptr,
+        x_ptr, mask_ptr, thr_ptr, fired_ptr, abs_ptr, bad_ptr, obs_ptr,
         units, after, rows, rows_per_prog, s_b, s_u, s_a, mask_div,
         HAS_MASK: tl.constexpr, NONNEG: tl.constexpr, WIDE: tl.constexpr, AFTER_ONE: tl.constexpr,
         LARGE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_U: tl.constexpr,
@@ -86,6 +86,7 @@ def _kernel(interpret: bool) -> Any:
         fired = tl.zeros([BLOCK_U], dtype=tl.int64)
         bad = tl.zeros([BLOCK_U], dtype=tl.int64)
         mag = tl.zeros([BLOCK_U], dtype=tl.float64)
+        kept = tl.zeros([BLOCK_R], dtype=tl.int64)  # observations: rows in range and unmasked
         for start in range(r_begin, r_end, BLOCK_R):
             r = start + tl.arange(0, BLOCK_R)
             r_ok = r < r_end
@@ -98,6 +99,7 @@ def _kernel(interpret: bool) -> Any:
             if HAS_MASK:
                 keep = tl.load(mask_ptr + b // mask_div, mask=r_ok, other=0) != 0
                 r_ok = r_ok & keep
+            kept += r_ok.to(tl.int64)
             ok = r_ok[:, None] & u_ok[None, :]
             v = tl.load(x_ptr + off[:, None] + u_off[None, :], mask=ok, other=0.0)
             if WIDE:
@@ -111,6 +113,8 @@ def _kernel(interpret: bool) -> Any:
         tl.atomic_add(fired_ptr + u, fired, mask=u_ok)
         tl.atomic_add(bad_ptr + u, bad, mask=u_ok)
         tl.atomic_add(abs_ptr + u, mag, mask=u_ok)
+        # Observations are counted by the first unit block of each row slice (the others add 0).
+        tl.atomic_add(obs_ptr, tl.where(pid_u == 0, tl.sum(kept, axis=0), 0))
 
     return unit_stats_kernel
 
@@ -209,13 +213,11 @@ def unit_stats_into(
     thr = _threshold_tensor(float(threshold), torch.float64 if wide else torch.float32, t.device)
     if mask is None:
         mask_arg, mask_div = t, 1  # unused
-        out["observations"] += rows
     else:
         mask_arg = mask.reshape(-1).view(torch.uint8) if mask.is_contiguous() else mask.reshape(-1).to(torch.uint8)
         mask_div = before // max(mask.numel(), 1)
-        out["observations"] += mask.sum(dtype=torch.int64) * (rows // max(mask.numel(), 1))
     _kernel(interpreting())[(unit_blocks, row_progs)](
-        t, mask_arg, thr, out["fired"], out["abs_sum"], out["nonfinite"],
+        t, mask_arg, thr, out["fired"], out["abs_sum"], out["nonfinite"], out["observations"],
         units, after, rows, rows_per_prog, s_b, s_u, s_a, mask_div,
         HAS_MASK=mask is not None, NONNEG=bool(nonnegative), WIDE=wide, AFTER_ONE=after == 1,
         LARGE=rows >= 2**31 - rows_per_prog,

@@ -483,12 +483,39 @@ def traceable_batch_sums(
 BACKENDS = ("auto", "torch", "triton")
 
 
+_TRITON_FAILED: list[str] = []  # why the kernel could not run here, once it failed (then torch is used)
+
+
 def _triton_ready(x: torch.Tensor) -> bool:
-    if x.device.type != "cuda":
+    if x.device.type != "cuda" or _TRITON_FAILED:
         return False
     from . import kernels  # lazy: importing deadrelu never imports triton
 
     return kernels.available()
+
+
+def _run_kernel(x: torch.Tensor, unit_dim: int, threshold: float, nonnegative: bool, out: Mapping[str, torch.Tensor], mask: torch.Tensor | None, explicit: bool) -> bool:  # fmt: skip
+    """Run the Triton kernel; False (after one warning) when it cannot compile or launch here, so
+    the caller uses the torch pass: a Triton or driver mismatch must not stop a scan or a training run.
+    Compilation and launch fail before the kernel writes anything, so the batch is not half-counted."""
+    from . import kernels
+
+    try:
+        kernels.unit_stats_into(x, unit_dim, threshold, nonnegative, out, mask)
+        return True
+    except Exception as err:
+        if explicit:
+            raise
+        _TRITON_FAILED.append(f"{type(err).__name__}: {err}")
+        import warnings
+
+        warnings.warn(
+            f"deadrelu: the Triton statistics kernel cannot run here ({type(err).__name__}: {str(err)[:300]}); "
+            "using the torch pass instead (same numbers, more memory traffic); set DEADRELU_NO_TRITON=1 to skip it",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return False
 
 
 def _require_triton(x: torch.Tensor) -> None:
@@ -549,10 +576,9 @@ def accumulate(
     if backend == "triton":
         _require_triton(x)
     with _no_autocast(x.device.type):
-        if backend == "triton" or (backend == "auto" and _triton_ready(x)):
-            from . import kernels
-
-            kernels.unit_stats_into(x, unit_dim, threshold, nonnegative, out, mask)
+        use_kernel = backend == "triton" or (backend == "auto" and _triton_ready(x))
+        if use_kernel and _run_kernel(x, unit_dim, threshold, nonnegative, out, mask, explicit=backend == "triton"):
+            pass
         elif x.device.type == "cpu":
             kept, kept_dim = (x, unit_dim) if mask is None else (x[mask], unit_dim - mask.ndim + 1)
             _cpu_batch(kept, kept_dim, threshold, nonnegative, out)  # x[mask] needs no sync on CPU
