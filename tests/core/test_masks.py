@@ -202,3 +202,21 @@ def test_positional_attention_mask_counts_only_real_tokens():
             model(b["input_ids"], b["attention_mask"])
     site = probe.report().site("act")
     assert (site.observations, list(site.fired_counts)) == (truth["observations"], truth["fired"])
+
+
+def test_an_additive_mask_passed_positionally_is_ignored_not_refused():
+    class Additive(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x, attention_mask=None):  # an additive 0 / -inf mask, as some blocks take
+            return torch.relu(self.fc(x) + attention_mask[..., None])
+
+    x = torch.randn(2, 3, 4)
+    additive = torch.zeros(2, 3)
+    additive[0, 2] = float("-inf")
+    with deadrelu.Probe(Additive()) as probe, torch.no_grad():
+        Additive()(x, additive)  # another instance: not observed
+        probe.model(x, additive)
+    assert probe.report().sites[0].observations == 6  # every position: the mask was not taken as 0/1

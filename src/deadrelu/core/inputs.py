@@ -326,7 +326,10 @@ def mask_from_call(
     default, also a mask passed positionally as the forward's ``attention_mask`` parameter
     (``position``, see :func:`mask_position`)."""
     if spec is None and position is not None and len(args) > position and isinstance(args[position], torch.Tensor):
-        return as_mask(args[position], f"the call's {MASK_KEYS[0]!r} argument")
+        try:
+            return as_mask(args[position], f"the call's {MASK_KEYS[0]!r} argument")
+        except DataError:
+            return None  # inferred from the parameter's name only: an additive mask there is not ours to refuse
     if spec is None and not kwargs:
         return None
     if kwargs and not args:
