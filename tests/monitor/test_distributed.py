@@ -227,3 +227,69 @@ def test_union_order_and_width_mismatch_without_processes():
 
     with pytest.raises(deadrelu.DeadReluError, match="'fc' has 4 units .* but 5 .* on rank 1"):
         ranks._merge_descriptions([[desc(4)], [desc(5)]])
+
+
+# -- compiled models: the graph capture's sites reduce by key like the eager ones ---------------------
+
+
+class Reused(nn.Module):
+    """One ReLU module called twice: two sites that must keep their own names across ranks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(11)
+        self.l1, self.l2, self.relu, self.out = nn.Linear(5, 8), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 1)
+        with torch.no_grad():
+            self.l2.bias[:3] = -50.0
+
+    def forward(self, x: torch.Tensor, calls: int = 2) -> torch.Tensor:
+        h = self.relu(self.l1(x))
+        if calls >= 2:
+            h = self.relu(self.l2(h))
+        if calls >= 3:
+            h = self.relu(h - 1.0)
+        return self.out(h).sum()
+
+
+def run_compiled(rank: int | None, compiled: bool) -> dict:
+    model = Reused()
+    g = torch.Generator().manual_seed(3)
+    batches = [torch.randn(8, 5, generator=g) for _ in range(STEPS)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeadUnitWarning)
+        mon = deadrelu.Monitor(model, window=WINDOW, log_every=2, compiled=compiled).attach()
+        runner = torch.compile(model) if compiled else model
+        for x in batches:
+            # ranks call the module a different number of times (1 and 3): their own names disagree
+            runner(x if rank is None else x.chunk(WORLD)[rank], calls=2 if rank is None else 1 + 2 * rank).backward()
+            mon.step()
+        total = mon.report("total").to_dict()
+        mon.detach()
+    return {"total": total}
+
+
+def compiled_worker(rank: int, port: int, out_dir: str) -> None:
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(run_compiled(rank, compiled=True)))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+def test_compiled_ranks_reduce_each_call_of_a_reused_module_by_its_own_key(tmp_path: Path):
+    from deadrelu.monitor.graph_capture import graph_capture_available
+
+    if not graph_capture_available():
+        pytest.skip("needs effectful custom ops")
+    mp.spawn(compiled_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    ranks = [json.loads(Path(tmp_path, f"rank{r}.json").read_text()) for r in range(WORLD)]
+    single = run_compiled(None, compiled=False)  # one eager process on the whole batches
+    for res in ranks:  # one site per call, by key, named as one process would name them
+        assert [s["name"] for s in res["total"]["sites"]] == ["relu#1", "relu#2", "relu#3"]
+        assert [s["observations"] for s in res["total"]["sites"]] == [8 * STEPS, 4 * STEPS, 4 * STEPS]
+        assert comparable(res["total"])[0] == comparable(single["total"])[0]  # the call both ranks made
+    assert ranks[0]["total"]["sites"][1]["summary"]["dead_units"][:3] == [0, 1, 2]

@@ -561,7 +561,8 @@ class Monitor:
         if not self._use_distributed():
             return local, samples
         device = named[0][1].stats.device if named else self._collective_device()
-        namer = display_names if isinstance(self.capture, ActivationCapture) else (lambda infos: [i.module or "<root>" for i in infos])
+        pooled = type(self.capture).__name__ == "ModuleCapture"  # one site per module: named by its path
+        namer = (lambda infos: [i.module or "<root>" for i in infos]) if pooled else display_names
         return reduce_by_key(local, samples.to(device), namer)
 
     def _collective_device(self) -> torch.device:
