@@ -239,3 +239,24 @@ def test_transformers_callback_with_torch_compile_observes_the_compiled_graphs(t
     assert set(mon.report().site("net.3").dead_units) >= {0, 1, 2, 3}
     torch._dynamo.reset()
     del tf
+
+
+def test_lightning_callback_with_a_compiled_submodule(tmp_path: Path):
+    from deadrelu.monitor.graph_capture import graph_capture_available
+
+    if not graph_capture_available():
+        pytest.skip("needs effectful custom ops")
+    torch._dynamo.reset()
+    L, module = lightning_module()
+    module.net = torch.compile(module.net)
+    from deadrelu.integrations import DeadReluCallback
+
+    cb = DeadReluCallback(window=4, log_every=4, compiled=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeadUnitWarning)
+        lightning_trainer(L, tmp_path, cb).fit(module, torch.utils.data.DataLoader(make_data(), batch_size=8))
+    mon = cb.monitor
+    assert type(mon.capture).__name__ == "GraphCapture" and mon.history.steps == [4, 8]
+    (site,) = mon.report("total").sites
+    assert (site.name, site.observations, site.dead_units) == ("net._orig_mod.1", 64, (0, 1, 2))
+    torch._dynamo.reset()
