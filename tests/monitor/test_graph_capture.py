@@ -447,3 +447,48 @@ def test_a_real_gpt2_compiled_equals_eager_with_padding(dynamo):
     assert [(s.name, s.function, s.observations) for s in compiled.sites] == [
         ("h.0.mlp.act", "gelu", 48), ("h.1.mlp.act", "gelu", 48)  # 16 real tokens of 24 per batch
     ]
+
+
+class Bottleneck(nn.Module):
+    """A ResNet bottleneck: one in-place ReLU module called three times, BatchNorm in train mode."""
+
+    def __init__(self, cin: int, width: int) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(cin, width, 1, bias=False), nn.BatchNorm2d(width)
+        self.conv2, self.bn2 = nn.Conv2d(width, width, 3, 2, 1, bias=False), nn.BatchNorm2d(width)
+        self.conv3, self.bn3 = nn.Conv2d(width, 4 * width, 1, bias=False), nn.BatchNorm2d(4 * width)
+        self.down = nn.Sequential(nn.Conv2d(cin, 4 * width, 1, 2, bias=False), nn.BatchNorm2d(4 * width))
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        return self.relu(self.bn3(self.conv3(out)) + self.down(x))
+
+
+def test_a_resnet_in_channels_last_under_bf16_autocast_equals_eager(dynamo):
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(4, 3, 16, 16, generator=g).to(memory_format=torch.channels_last) for _ in range(3)]
+
+    def run(compiled: bool) -> deadrelu.Report:
+        dynamo.clear()
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(3, 8, 3, 1, 1), nn.ReLU(), Bottleneck(8, 4), nn.AdaptiveAvgPool2d(1))
+        model = model.to(memory_format=torch.channels_last).train()
+        with torch.no_grad():
+            model[0].bias[:2] = -100.0  # two channels planted dead
+        mon = deadrelu.Monitor(model, window=3, log_every=100, compiled=compiled).attach()
+        runner = torch.compile(model) if compiled else model
+        for x in xs:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = runner(x)
+            out.float().sum().backward()
+            mon.step()
+        report = mon.report("total")
+        mon.detach()
+        return report
+
+    eager, compiled = run(False), run(True)
+    assert summary(compiled) == summary(eager)
+    assert [s.name for s in compiled.sites] == ["1", "2.relu#1", "2.relu#2", "2.relu#3"]
+    assert compiled.site("1").dead_units == (0, 1) and compiled.site("1").unit_axis_source == "producer:conv"
