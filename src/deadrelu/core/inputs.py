@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import sys
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -46,6 +46,7 @@ __all__ = [
     "mask_position",
     "apply_mask",
     "aligned_mask",
+    "mask_layout",
 ]
 
 #: Keys of a dict batch (or keyword arguments of a call) used as the observation mask by default.
@@ -341,9 +342,32 @@ def mask_from_call(
     return resolve_mask(spec, batch)
 
 
+def mask_layout(
+    shape: Sequence[Any], unit_dim: int, mask_shape: Sequence[Any], same: Callable[[tuple, tuple], bool] | None = None
+) -> str | None:
+    """How a ``(B, T)`` observation mask lies over an activation of ``shape`` with units on
+    ``unit_dim``: ``"leading"`` (its leading dimensions are ``(B, T)``), ``"transposed"`` (they
+    are ``(T, B)``, B != T) or None (the mask does not apply: the activation is counted whole).
+    ``same`` compares two size tuples (symbolic sizes need more than ``==``).
+
+    >>> mask_layout((3, 2, 4), 2, (2, 3)), mask_layout((2, 3, 4), 2, (2, 3)), mask_layout((2, 4), 1, (2, 3))
+    ('transposed', 'leading', None)
+    """
+    same = same or (lambda a, b: a == b)
+    k = len(mask_shape)
+    if len(shape) <= k or unit_dim < k:
+        return None
+    lead, mask_shape = tuple(shape[:k]), tuple(mask_shape)
+    if same(lead, mask_shape):
+        return "leading"
+    if k == 2 and same(lead, mask_shape[::-1]) and not same(mask_shape[:1], mask_shape[1:]):
+        return "transposed"
+    return None
+
+
 def aligned_mask(x: torch.Tensor, unit_dim: int, mask: torch.Tensor | None) -> torch.Tensor | None:
     """The ``(B, T)`` mask laid over the activation's leading dimensions (transposed for a
-    ``(T, B)`` activation), or None when it does not apply (see :func:`apply_mask`).
+    ``(T, B)`` activation), or None when it does not apply (see :func:`mask_layout`).
 
     Accumulators take it as ``mask=`` and skip masked values in place: no copy of the
     activation, and no host sync on accelerators.
@@ -354,13 +378,10 @@ def aligned_mask(x: torch.Tensor, unit_dim: int, mask: torch.Tensor | None) -> t
     """
     if mask is None:
         return None
-    k = mask.ndim
-    if x.ndim <= k or unit_dim < k:
-        return None
-    lead = tuple(x.shape[:k])
-    if lead == tuple(mask.shape):
+    layout = mask_layout(x.shape, unit_dim, mask.shape)
+    if layout == "leading":
         return mask
-    if k == 2 and lead == (mask.shape[1], mask.shape[0]) and mask.shape[0] != mask.shape[1]:
+    if layout == "transposed":
         return mask.t().contiguous()
     return None
 
@@ -369,7 +390,8 @@ def apply_mask(x: torch.Tensor, unit_dim: int, mask: torch.Tensor | None) -> tup
     """The activation values at unmasked positions, with their unit dimension.
 
     A ``(B, T)`` mask selects along the activation's leading ``(B, T)`` (or ``(T, B)``, for B != T)
-    dimensions when the unit axis lies after them; any other activation is returned whole.
+    dimensions when the unit axis lies after them (:func:`mask_layout`); any other activation is
+    returned whole.
 
     >>> h = torch.arange(12.0).reshape(2, 3, 2)
     >>> apply_mask(h, 2, torch.tensor([[True, True, False], [True, False, False]]))[0].shape
@@ -377,12 +399,9 @@ def apply_mask(x: torch.Tensor, unit_dim: int, mask: torch.Tensor | None) -> tup
     """
     if mask is None:
         return x, unit_dim
-    k = mask.ndim
-    if x.ndim <= k or unit_dim < k:
-        return x, unit_dim
-    lead = tuple(x.shape[:k])
-    if lead == tuple(mask.shape):
-        return x.detach()[mask], unit_dim - k + 1
-    if k == 2 and lead == (mask.shape[1], mask.shape[0]) and mask.shape[0] != mask.shape[1]:
+    layout = mask_layout(x.shape, unit_dim, mask.shape)
+    if layout == "leading":
+        return x.detach()[mask], unit_dim - mask.ndim + 1
+    if layout == "transposed":
         return x.detach()[mask.t()], unit_dim - 1
     return x, unit_dim

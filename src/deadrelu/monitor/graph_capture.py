@@ -61,7 +61,7 @@ from torch import fx, nn
 
 from ..core.activations import NONNEGATIVE_FUNCTIONS, function_of_module
 from ..core.capture import SiteInfo, ThresholdSpec, UnitDimSpec, choose_unit_dim, display_names, resolve_threshold
-from ..core.inputs import MASK_KEYS
+from ..core.inputs import MASK_KEYS, mask_layout
 from ..core.stats import traceable_batch_sums
 from ..core.unit_axis import ACT, AxisTable, kind_of
 from ..errors import DeadReluError
@@ -539,20 +539,11 @@ class GraphCapture:
 
 
 def _mask_layout(value: Any, unit_dim: int, mask: fx.Node | None) -> str | None:
-    """How a ``(B, T)`` mask lies over an activation: ``"leading"``, ``"transposed"`` (a ``(T, B)``
-    activation) or None (it does not apply), as :func:`deadrelu.core.inputs.aligned_mask` decides."""
+    """How the mask input lies over an activation's example value (:func:`deadrelu.core.inputs.mask_layout`,
+    with symbolic sizes compared without adding a guard)."""
     if mask is None or not isinstance(value, torch.Tensor):
         return None
-    shape = tuple(mask.meta["example_value"].shape)
-    k = len(shape)
-    if value.ndim <= k or unit_dim < k:
-        return None
-    lead = tuple(value.shape[:k])
-    if _same(lead, shape):
-        return "leading"
-    if k == 2 and _same(lead, (shape[1], shape[0])) and not _same(shape[:1], shape[1:]):
-        return "transposed"
-    return None
+    return mask_layout(value.shape, unit_dim, mask.meta["example_value"].shape, same=_same)
 
 
 def _same(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
