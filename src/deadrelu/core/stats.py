@@ -230,15 +230,6 @@ def foreach_apply(op: str, targets: list[torch.Tensor], sources: list[torch.Tens
             t += sources[i]  # type: ignore[index]
 
 
-def fill_from(targets: Mapping[str, torch.Tensor], sources: Mapping[str, torch.Tensor] | None = None) -> None:
-    """Overwrite each state tensor with its source (same keys), or zero them all when ``sources`` is None."""
-    keys = list(targets)
-    if sources is None:
-        foreach_apply("zero", [targets[k] for k in keys])
-    else:
-        foreach_apply("copy", [targets[k] for k in keys], [sources[k] for k in keys])
-
-
 def unit_reduce_dims(ndim: int, unit_dim: int) -> tuple[int, ...]:
     """Every dimension except ``unit_dim``: the ones a per-unit statistic reduces over."""
     return tuple(d for d in range(ndim) if d != unit_dim)
@@ -578,7 +569,7 @@ def accumulate(
     with _no_autocast(x.device.type):
         use_kernel = backend == "triton" or (backend == "auto" and _triton_ready(x))
         if use_kernel and _run_kernel(x, unit_dim, threshold, nonnegative, out, mask, explicit=backend == "triton"):
-            pass
+            pass  # the kernel counted the batch
         elif x.device.type == "cpu":
             kept, kept_dim = (x, unit_dim) if mask is None else (x[mask], unit_dim - mask.ndim + 1)
             _cpu_batch(kept, kept_dim, threshold, nonnegative, out)  # x[mask] needs no sync on CPU

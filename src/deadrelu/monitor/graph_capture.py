@@ -269,10 +269,8 @@ class GraphCapture:
         self.window = window
         self.observing = observing
         self.enabled = True
-        self.forwards = 0
         self.sites: dict[tuple[Any, ...], _Site] = {}
         self.uncaptured: dict[str, str] = {}
-        self.graphs = 0  # graphs this capture rewrote
         named = list(model.named_modules())
         self._paths = {id(m): p for p, m in named}
         self._types = {p: type(m).__name__ for p, m in named}
@@ -324,7 +322,6 @@ class GraphCapture:
         """Forget every site's statistics (compiled graphs keep their sites)."""
         for site in self.sites.values():
             site.stats.reset()
-        self.forwards = 0
 
     def ordered_sites(self) -> list[tuple[str, _Site]]:
         """Sites in first-seen order with the eager capture's display names."""
@@ -405,7 +402,6 @@ class GraphCapture:
         found = self._sites_in(graph)
         if not found:
             return
-        self.graphs += 1
         mask = self._mask_input(graph)
         sums = []
         for node, site in found:
@@ -447,13 +443,13 @@ class GraphCapture:
             target = node.target if node.op == "call_function" else getattr(torch.Tensor, str(node.target), None)
             if target is None:
                 continue
-            kind = kind_of(target)
-            args = fx.node.map_arg(node.args, lambda n: n.meta.get("example_value"))
-            kwargs = fx.node.map_arg(node.kwargs, lambda n: n.meta.get("example_value"))
             owner = self._owner(node)
             if owner is None:
                 continue  # another model's module
             path, call, act_key = owner
+            kind = kind_of(target)
+            args = fx.node.map_arg(node.args, lambda n: n.meta.get("example_value"))
+            kwargs = fx.node.map_arg(node.kwargs, lambda n: n.meta.get("example_value"))
             if kind[0] == ACT:
                 inp = args[0] if args else None
                 entry = table.get(inp)

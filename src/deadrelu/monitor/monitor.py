@@ -36,7 +36,8 @@ from typing import Any, Callable, Iterable, Iterator, Sequence, Union
 import torch
 from torch import nn
 
-from .graph_capture import CompiledModelWarning
+from . import graph_capture
+from .graph_capture import CompiledModelWarning, GraphCapture, refuse_mask
 from .window import WindowStats
 from ..core.capture import ActivationCapture, ThresholdSpec, UnitDimSpec, copy_safe_hook, display_names
 from ..errors import DeadReluError, NoActivationSitesError
@@ -227,10 +228,8 @@ class Monitor:
         self.compiled = bool(compiled)
         self.capture: Any
         if self.compiled:
-            from .graph_capture import GraphCapture, graph_capture_available, refuse_mask
-
             refuse_mask(mask)
-            if graph_capture_available():
+            if graph_capture.graph_capture_available():  # looked up when called: tests can stand in an older torch
                 self.capture = GraphCapture(
                     model, unit_dim=unit_dim, threshold=threshold, window=window, observing=lambda: self._observe, mask=mask
                 )
@@ -246,7 +245,7 @@ class Monitor:
                 stats_factory=lambda units, thr, device: WindowStats(units, thr, device, window),
                 mask=mask,
             )
-        self._op_asks_schedule = type(self.capture).__name__ == "GraphCapture"
+        self._op_asks_schedule = isinstance(self.capture, GraphCapture)
         self.history = History()
         self.events: list[Event] = []
         self.alerts: list[Alert] = []
@@ -561,7 +560,7 @@ class Monitor:
         if not self._use_distributed():
             return local, samples
         device = named[0][1].stats.device if named else self._collective_device()
-        pooled = type(self.capture).__name__ == "ModuleCapture"  # one site per module: named by its path
+        pooled = not isinstance(self.capture, (ActivationCapture, GraphCapture))  # ModuleCapture: one site per module
         namer = (lambda infos: [i.module or "<root>" for i in infos]) if pooled else display_names
         return reduce_by_key(local, samples.to(device), namer)
 

@@ -16,7 +16,7 @@ from typing import Sequence
 
 import torch
 
-from ..core.stats import StatTensors, foreach_apply, accumulate, as_unit_batch, fill_from
+from ..core.stats import StatTensors, accumulate, as_unit_batch, foreach_apply
 from ..errors import DeadReluError
 
 __all__ = ["WindowStats", "WindowTotals", "add_sums_to_many"]
@@ -135,7 +135,7 @@ class WindowStats:
         if mask is not None and activation.ndim < 2:
             mask = mask.reshape(1)
         row = self._claim_row(x.device)
-        fill_from(row)  # zero the row the batch accumulates into
+        foreach_apply("zero", list(row.values()))  # the row the batch accumulates into
         nonneg = self.nonnegative if nonnegative is None else nonnegative
         accumulate(x, unit_dim, self.threshold, nonneg, row, mask, self.backend)
         self._advance()
