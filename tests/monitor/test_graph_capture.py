@@ -77,6 +77,26 @@ def summary(report: deadrelu.Report) -> list[tuple]:
     return [(s.name, s.function, s.units, s.observations, s.unit_axis_source, s.dead_units) for s in report.sites]
 
 
+def total_report(make, batches, step, compiled: bool, *, window: int, compile_options=None, **options) -> deadrelu.Report:
+    """Train a fresh ``make()`` on ``batches`` under a monitor, eager or compiled (attached first);
+    ``step(runner, batch)`` runs one forward and backward. Returns the since-start report."""
+    model = make()
+    mon = deadrelu.Monitor(model, window=window, log_every=100, compiled=compiled, **options).attach()
+    runner = torch.compile(model, **(compile_options or {})) if compiled else model
+    try:
+        for batch in batches:
+            step(runner, batch)
+            mon.step()
+        return mon.report("total")
+    finally:
+        mon.detach()
+
+
+def eager_and_compiled(make, batches, step, **kwargs) -> tuple[deadrelu.Report, deadrelu.Report]:
+    """:func:`total_report` of the eager monitor, then of the compiled one, on the same model and data."""
+    return total_report(make, batches, step, False, **kwargs), total_report(make, batches, step, True, **kwargs)
+
+
 def test_same_sites_and_counts_as_eager_with_one_graph(dynamo):
     data = batches()
     eager = make_net()
@@ -197,22 +217,13 @@ def test_compiled_counts_equal_eager_in_other_precisions(dynamo, precision):
             model[0].bias[:4] = -50.0
         return model
 
+    def step(runner, x):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16 autocast"):
+            runner(x).float().sum().backward()
+
     g = torch.Generator().manual_seed(0)
     xs = [torch.randn(16, 8, generator=g, dtype=dtype) for _ in range(4)]
-    results = []
-    for compiled in (False, True):
-        dynamo.clear()
-        model = make()
-        mon = deadrelu.Monitor(model, window=4, log_every=100, compiled=compiled).attach()
-        runner = torch.compile(model) if compiled else model
-        for x in xs:
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16 autocast"):
-                runner(x).float().sum().backward()
-            mon.step()
-        report = mon.report("total")
-        mon.detach()
-        results.append(report)
-    eager, compiled_report = results
+    eager, compiled_report = eager_and_compiled(make, xs, step, window=4)
     assert summary(compiled_report) == summary(eager)
     assert [s.fired_counts for s in compiled_report.sites] == [s.fired_counts for s in eager.sites]
     assert eager.site("1").dead_units == (0, 1, 2, 3)
@@ -233,20 +244,15 @@ def test_in_place_activations_and_dynamic_batch_sizes(dynamo):
             torch.relu_(h)  # in place: counted on its true output
             return h.relu().sum()
 
-    def run(compiled: bool) -> deadrelu.Report:
+    def make() -> nn.Module:
         torch.manual_seed(0)
-        model = InPlace()
-        mon = deadrelu.Monitor(model, window=4, log_every=100, compiled=compiled).attach()
-        runner = torch.compile(model, dynamic=True) if compiled else model
-        g = torch.Generator().manual_seed(1)
-        for i in range(4):  # a different batch size every step: one graph with a symbolic batch
-            runner(torch.randn(5 + i, 6, generator=g)).backward()
-            mon.step()
-        report = mon.report("total")
-        mon.detach()
-        return report
+        return InPlace()
 
-    eager, compiled = run(False), run(True)
+    g = torch.Generator().manual_seed(1)
+    xs = [torch.randn(5 + i, 6, generator=g) for i in range(4)]  # a new batch size every step: one symbolic graph
+    eager, compiled = eager_and_compiled(
+        make, xs, lambda runner, x: runner(x).backward(), window=4, compile_options={"dynamic": True}
+    )
     assert summary(compiled) == summary(eager)
     assert [s.observations for s in compiled.sites] == [5 + 6 + 7 + 8] * 3
     assert compiled.site("<root>:relu.1").dead_units == (6,)
@@ -318,21 +324,14 @@ def test_threshold_and_unit_dim_options_apply_as_in_eager(dynamo):
         def forward(self, x):
             return torch.relu(self.out(self.block(x))).sum()  # a root-level call: its site is "<root>:relu"
 
-    def run(compiled: bool) -> deadrelu.Report:
+    def make() -> nn.Module:
         torch.manual_seed(0)
-        model = Seq()
-        opts = {"threshold": {"gelu": 0.5}, "unit_dim": {"<root>:relu": 0}}  # by function and by site name
-        mon = deadrelu.Monitor(model, window=3, log_every=100, compiled=compiled, **opts).attach()
-        runner = torch.compile(model) if compiled else model
-        g = torch.Generator().manual_seed(0)
-        for _ in range(3):
-            runner(torch.randn(5, 4, generator=g)).backward()
-            mon.step()
-        report = mon.report("total")
-        mon.detach()
-        return report
+        return Seq()
 
-    eager, compiled = run(False), run(True)
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(5, 4, generator=g) for _ in range(3)]
+    options = {"threshold": {"gelu": 0.5}, "unit_dim": {"<root>:relu": 0}}  # by function and by site name
+    eager, compiled = eager_and_compiled(make, xs, lambda runner, x: runner(x).backward(), window=3, **options)
     assert summary(compiled) == summary(eager)
     assert [s.fire_threshold for s in compiled.sites] == [0.5, 0.0]
     assert compiled.site("<root>:relu").units == 5 and compiled.site("<root>:relu").unit_axis_source == "unit_dim override"
@@ -373,19 +372,13 @@ def padded(n: int = 4, batch: int = 3) -> list[dict[str, torch.Tensor]]:
 
 @pytest.mark.parametrize("mask", [None, False], ids=["attention_mask", "mask=False"])
 def test_attention_mask_is_applied_in_compiled_mode_as_in_eager(dynamo, mask):
-    def run(compiled: bool, positional: bool = False) -> deadrelu.Report:
-        model = MaskedEncoder()
-        mon = deadrelu.Monitor(model, window=4, log_every=100, compiled=compiled, mask=mask).attach()
-        runner = torch.compile(model) if compiled else model
-        for b in padded():
-            out = runner(b["input_ids"], b["attention_mask"]) if positional else runner(**b)
-            out.backward()
-            mon.step()
-        report = mon.report("total")
-        mon.detach()
-        return report
+    def by_keyword(runner, b):
+        runner(**b).backward()
 
-    eager, compiled = run(False), run(True)
+    def by_position(runner, b):
+        runner(b["input_ids"], b["attention_mask"]).backward()
+
+    eager, compiled = eager_and_compiled(MaskedEncoder, padded(), by_keyword, window=4, mask=mask)
     assert summary(compiled) == summary(eager)
     assert [s.fired_counts for s in compiled.sites] == [s.fired_counts for s in eager.sites]
     real = sum(int(b["attention_mask"].sum()) for b in padded())
@@ -393,7 +386,8 @@ def test_attention_mask_is_applied_in_compiled_mode_as_in_eager(dynamo, mask):
     assert [s.observations for s in compiled.sites] == [real if mask is None else every] * 2
     assert (3 in compiled.site("act").dead_units) == (mask is None)  # alive only on the pads
     if mask is None:
-        assert summary(run(False, positional=True)) == summary(eager)  # a positional mask counts too
+        positional = total_report(MaskedEncoder, padded(), by_position, False, window=4, mask=mask)
+        assert summary(positional) == summary(eager)  # a positional mask counts too
 
 
 def test_compiled_mode_refuses_masks_it_cannot_read_in_the_graph():
@@ -427,22 +421,16 @@ def test_a_real_gpt2_compiled_equals_eager_with_padding(dynamo):
         mask[0, 5:], mask[2, 3:] = 0, 0
         data.append({"input_ids": torch.randint(1, 50, (3, 8), generator=g), "attention_mask": mask})
 
-    def run(compiled: bool) -> deadrelu.Report:
-        dynamo.clear()
+    def make() -> nn.Module:
         torch.manual_seed(0)
         cfg = tf.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=50, n_positions=16)
         cfg.resid_pdrop = cfg.embd_pdrop = cfg.attn_pdrop = 0.0
-        model = tf.GPT2Model(cfg).train()
-        mon = deadrelu.Monitor(model, window=3, log_every=100, compiled=compiled).attach()
-        runner = torch.compile(model) if compiled else model
-        for batch in data:
-            runner(**batch).last_hidden_state.sum().backward()
-            mon.step()
-        report = mon.report("total")
-        mon.detach()
-        return report
+        return tf.GPT2Model(cfg).train()
 
-    eager, compiled = run(False), run(True)
+    def step(runner, batch):
+        runner(**batch).last_hidden_state.sum().backward()
+
+    eager, compiled = eager_and_compiled(make, data, step, window=3)
     assert summary(compiled) == summary(eager)
     assert [(s.name, s.function, s.observations) for s in compiled.sites] == [
         ("h.0.mlp.act", "gelu", 48), ("h.1.mlp.act", "gelu", 48)  # 16 real tokens of 24 per batch
@@ -470,25 +458,20 @@ def test_a_resnet_in_channels_last_under_bf16_autocast_equals_eager(dynamo):
     g = torch.Generator().manual_seed(0)
     xs = [torch.randn(4, 3, 16, 16, generator=g).to(memory_format=torch.channels_last) for _ in range(3)]
 
-    def run(compiled: bool) -> deadrelu.Report:
-        dynamo.clear()
+    def make() -> nn.Module:
         torch.manual_seed(0)
         model = nn.Sequential(nn.Conv2d(3, 8, 3, 1, 1), nn.ReLU(), Bottleneck(8, 4), nn.AdaptiveAvgPool2d(1))
         model = model.to(memory_format=torch.channels_last).train()
         with torch.no_grad():
             model[0].bias[:2] = -100.0  # two channels planted dead
-        mon = deadrelu.Monitor(model, window=3, log_every=100, compiled=compiled).attach()
-        runner = torch.compile(model) if compiled else model
-        for x in xs:
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                out = runner(x)
-            out.float().sum().backward()
-            mon.step()
-        report = mon.report("total")
-        mon.detach()
-        return report
+        return model
 
-    eager, compiled = run(False), run(True)
+    def step(runner, x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = runner(x)
+        out.float().sum().backward()
+
+    eager, compiled = eager_and_compiled(make, xs, step, window=3)
     assert summary(compiled) == summary(eager)
     assert [s.name for s in compiled.sites] == ["1", "2.relu#1", "2.relu#2", "2.relu#3"]
     assert compiled.site("1").dead_units == (0, 1) and compiled.site("1").unit_axis_source == "producer:conv"
