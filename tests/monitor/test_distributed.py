@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
 import warnings
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import torch
@@ -51,17 +53,24 @@ def run(model: nn.Module, batches: list[torch.Tensor], rank: int | None) -> dict
     }
 
 
-def worker(rank: int, port: int, out_dir: str) -> None:
+@contextlib.contextmanager
+def process_group(rank: int, port: int) -> Iterator[None]:
+    """Join this test's two-rank gloo group on localhost for the block (left afterwards, even on failure)."""
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def worker(rank: int, port: int, out_dir: str) -> None:
+    with process_group(rank, port):
         model, batches = build()
         result = run(model, batches, rank)
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
-    finally:
-        dist.destroy_process_group()
 
 
 def free_port() -> int:
@@ -141,11 +150,7 @@ def branch_batches(rank: int) -> list[torch.Tensor]:
 
 
 def branch_worker(rank: int, port: int, out_dir: str) -> None:
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
+    with process_group(rank, port):
         model = Branches()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeadUnitWarning)
@@ -161,8 +166,6 @@ def branch_worker(rank: int, port: int, out_dir: str) -> None:
             "summary": [(s.site, s.units) for s in mon.events_summary().sites],
         }
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
-    finally:
-        dist.destroy_process_group()
 
 
 def brute_force() -> dict[str, dict[str, dict[str, list]]]:
@@ -269,14 +272,8 @@ def run_compiled(rank: int | None, compiled: bool) -> dict:
 
 
 def compiled_worker(rank: int, port: int, out_dir: str) -> None:
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
+    with process_group(rank, port):
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(run_compiled(rank, compiled=True)))
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
