@@ -140,13 +140,6 @@ class WindowStats:
         accumulate(x, unit_dim, self.threshold, nonneg, row, mask, self.backend)
         self._advance()
 
-    @torch.no_grad()
-    def add_sums(self, sums: Sequence[torch.Tensor]) -> None:
-        """Add one batch given as its per-statistic sums, in :data:`~deadrelu.core.stats.STATISTICS`
-        order (as :func:`~deadrelu.core.stats.traceable_batch_sums` returns them): the compiled
-        capture computes them inside the graph. See :func:`add_sums_to_many`."""
-        add_sums_to_many([(self, sums)])
-
     def _claim_row(self, device: torch.device) -> dict[str, torch.Tensor]:
         """The ring row the next batch fills; the batch it held first leaves for the totals."""
         row = self._row_views(device)
@@ -182,6 +175,9 @@ class WindowStats:
 def add_sums_to_many(batches: Sequence[tuple[WindowStats, Sequence[torch.Tensor]]]) -> None:
     """Add one batch's sums to each of several rings with two multi-tensor launches in all (one
     that banks the rows leaving the windows, one that writes the new rows), not a few per ring.
+    Each ring's sums come in :data:`~deadrelu.core.stats.STATISTICS` order, as
+    :func:`~deadrelu.core.stats.traceable_batch_sums` returns them (the compiled capture computes
+    them inside the graph).
 
     Raises:
         DeadReluError: when a ring gets a number of sums other than its statistics'.
