@@ -293,3 +293,40 @@ def test_failed_write_drops_the_handle_and_the_next_write_repairs(tmp_path: Path
         sink._emit('{"c": 3}\n')
     sink.close()
     assert [json.loads(line) for line in path.read_text().splitlines()] == [{"a": 1}, {"c": 3}]
+
+
+def test_csv_append_to_an_older_layout_keeps_that_files_columns(tmp_path: Path):
+    """A file written before the ``unobserved`` column existed: rows stay as wide as its header."""
+    old = [c for c in sinks_mod.CSV_COLUMNS if c != "unobserved"]
+    path = tmp_path / "h.csv"
+    path.write_text(",".join(old) + "\n" + ",".join(["2", "1", "4", "2", "0.5", "0", "0.5", "0", "0", "0.5", "0.0"]) + "\n")
+    net = half_dead_net()
+    with pytest.warns(SinkWarning, match="unobserved not logged"):
+        run(deadrelu.Monitor(net, window=2, log_every=2, sinks=[CSVSink(path)]), net, 4)
+    rows = list(csv.reader(path.open()))
+    assert rows[0] == old and rows.count(old) == 1
+    assert all(len(r) == len(old) for r in rows)
+    body = [dict(zip(old, r)) for r in rows[1:]]
+    assert [r["step"] for r in body] == ["2", "2", "4"] and float(body[1]["dead"]) == 0.5
+
+
+def test_csv_append_follows_a_reordered_deadrelu_header(tmp_path: Path):
+    cols = ["site", "step", "dead"]
+    path = tmp_path / "h.csv"
+    path.write_text("site,step,dead\n")
+    net = half_dead_net()
+    with pytest.warns(SinkWarning):
+        run(deadrelu.Monitor(net, window=2, log_every=2, sinks=[CSVSink(path)]), net, 2)
+    rows = list(csv.reader(path.open()))
+    assert rows == [cols, ["1", "2", "0.5"]]
+
+
+@pytest.mark.parametrize("header", ["name,age\n", "step,site,step\n", "dead,alive\n"])
+def test_csv_refuses_a_foreign_header_and_leaves_the_file(tmp_path: Path, header: str):
+    path = tmp_path / "h.csv"
+    path.write_text(header + "x,y\n")
+    before = path.read_bytes()
+    net = half_dead_net()
+    with pytest.raises(SinkError, match="not a deadrelu CSV header"):
+        run(deadrelu.Monitor(net, window=2, log_every=2, sinks=[CSVSink(path)], on_sink_error="raise"), net, 2)
+    assert path.read_bytes() == before

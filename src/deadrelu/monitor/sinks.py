@@ -273,6 +273,9 @@ class CSVSink(_FileSink):
     """One CSV row per site per evaluation; the header is written only to an empty file.
 
     Columns: ``step, site, units, batches, active, asleep, dead, dormant, nonfinite, alive, loss, unobserved``.
+    Appending to a file that an earlier version wrote (its header a subset of these columns, e.g.
+    without ``unobserved``) keeps that file's columns, so every row has the width of its header;
+    a file whose header is not a deadrelu header is refused and left untouched.
 
     Args:
         target: a file path (opened in append mode) or an open text stream.
@@ -290,25 +293,54 @@ class CSVSink(_FileSink):
 
     def __init__(self, target: str | os.PathLike[str] | IO[str]) -> None:
         super().__init__(target)
-        self._header_done = False
+        self._columns: tuple[str, ...] | None = None  # settled at the first write
+
+    def _file_columns(self) -> tuple[tuple[str, ...], bool]:
+        """The columns rows go in and whether the header still has to be written.
+
+        Raises:
+            SinkError: when the file already starts with a header that is not a deadrelu one.
+        """
+        if self._fh is None:
+            self.open()
+        try:  # an append-mode file stands at its end, so position 0 means "empty"
+            empty = self._fh.tell() == 0  # type: ignore[union-attr]
+        except (OSError, ValueError):  # unseekable stream (a pipe): assume fresh
+            empty = True
+        if empty or self.path is None:
+            return CSV_COLUMNS, empty
+        with open(self.path, encoding="utf-8", newline="") as fh:
+            header = tuple(next(csv.reader(fh), ()))
+        unknown = [c for c in header if c not in CSV_COLUMNS]
+        if unknown or "step" not in header or "site" not in header or len(set(header)) != len(header):
+            raise SinkError(
+                f"{self.name}: the file's first line {','.join(header)[:200]!r} is not a deadrelu CSV header; "
+                "log to a new file (nothing was written to this one)"
+            )
+        if header != CSV_COLUMNS:
+            missing = [c for c in CSV_COLUMNS if c not in header]
+            warnings.warn(
+                f"{self.name}: appending in the file's own {len(header)} columns"
+                + (f"; {', '.join(missing)} not logged (start a new file to get them)" if missing else ""),
+                SinkWarning,
+                stacklevel=3,
+            )
+        return header, False
 
     def write(self, record: "LogRecord") -> None:
         buf = io.StringIO()
         writer = csv.writer(buf, lineterminator="\n")
-        if not self._header_done:
-            if self._fh is None:
-                self.open()
-            try:  # an append-mode file stands at its end, so position 0 means "empty"
-                empty = self._fh.tell() == 0  # type: ignore[union-attr]
-            except (OSError, ValueError):  # unseekable stream (a pipe): assume fresh
-                empty = True
-            if empty:
-                writer.writerow(CSV_COLUMNS)
+        if self._columns is None:
+            columns, needs_header = self._file_columns()
+            if needs_header:
+                writer.writerow(columns)
+        else:
+            columns = self._columns
         for row in record.rows:
             d = row.to_dict()
-            writer.writerow(["" if d.get(c) is None else d[c] for c in CSV_COLUMNS])
+            writer.writerow(["" if d.get(c) is None else d[c] for c in columns])
         self._emit(buf.getvalue())
-        self._header_done = True
+        self._columns = columns
 
 
 class TensorBoardSink(Sink):
