@@ -195,3 +195,54 @@ def test_a_kernel_that_cannot_run_falls_back_to_the_torch_pass_once(monkeypatch)
         assert out["observations"].tolist() == [2]
     with pytest.raises(RuntimeError, match="PTX"):  # backend="triton" asked for the kernel: its error shows
         stats._run_kernel(x, 1, 0.0, False, stats.StatTensors(3, "cpu").state, None, explicit=True)
+
+
+def _layout(x: torch.Tensor, layout: str) -> torch.Tensor:
+    if layout == "channels_last":
+        return x.contiguous(memory_format=torch.channels_last)
+    if layout == "transposed":  # same shape, units no longer innermost: the general pass
+        return x.transpose(0, 1).contiguous().transpose(0, 1)
+    return x.contiguous()
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    case=st.sampled_from([((1, 300), 1), ((9, 5), 1), ((64, 200), 1), ((3, 7, 130), 2), ((4, 6, 3, 5), 1), ((2, 129, 2, 2), 1)]),
+    layout=st.sampled_from(["contiguous", "channels_last", "transposed"]),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+    threshold=st.sampled_from([0.0, 0.3]),
+    nonnegative=st.booleans(),
+    poison=st.sampled_from([None, float("nan"), float("inf"), float("-inf")]),
+    seed=st.integers(0, 1000),
+)
+def test_cached_layout_plans_match_brute_force_on_every_route(case, layout, dtype, threshold, nonnegative, poison, seed):
+    """The per-layout CPU plans (one row, narrow units, wide units, channels_last) against brute
+    force, with NaN/Inf planted, called twice so the second call reuses the cached plan."""
+    shape, unit_dim = case
+    if layout == "channels_last" and len(shape) != 4 or layout == "transposed" and unit_dim != 1:
+        layout = "contiguous"
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g, dtype=dtype)
+    if nonnegative:
+        x = x.relu()
+    if poison is not None and not (nonnegative and poison < 0):
+        x.view(-1)[int(torch.randint(x.numel(), (1,), generator=g))] = poison
+    x = _layout(x, layout)
+    n, fired, mag, bad = brute(x, unit_dim, threshold)
+    s = UnitStats(shape[unit_dim], threshold)
+    for _ in range(2):
+        s.update(x, unit_dim, nonnegative=nonnegative)
+    assert s.state["observations"].tolist() == [2 * n]
+    assert s.state["fired"].tolist() == [2 * f for f in fired] and s.state["nonfinite"].tolist() == [2 * b for b in bad]
+    assert torch.allclose(s.state["abs_sum"], 2 * mag, rtol=1e-6, equal_nan=True)
+
+
+def test_a_plan_is_not_reused_for_another_layout_of_the_same_shape():
+    x = torch.arange(12.0).view(3, 4) - 5  # units on dim 1
+    other = x.t().contiguous().t()  # same shape and values, different strides
+    other[0, 0] = 100.0
+    a, b = UnitStats(4), UnitStats(4)
+    a.update(x, 1)
+    b.update(other, 1)
+    assert a.state["fired"].tolist() == [1, 1, 2, 2] and b.state["fired"].tolist() == [2, 1, 2, 2]
+    assert b.state["abs_sum"].tolist() == [100.0 + 1 + 3, 4 + 0 + 4, 3 + 1 + 5, 2 + 2 + 6]

@@ -258,5 +258,5 @@ def test_lightning_callback_with_a_compiled_submodule(tmp_path: Path):
     mon = cb.monitor
     assert type(mon.capture).__name__ == "GraphCapture" and mon.history.steps == [4, 8]
     (site,) = mon.report("total").sites
-    assert (site.name, site.observations, site.dead_units) == ("net._orig_mod.1", 64, (0, 1, 2))
+    assert (site.name, site.observations, site.dead_units) == ("net.1", 64, (0, 1, 2))
     torch._dynamo.reset()

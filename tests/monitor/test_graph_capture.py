@@ -475,3 +475,87 @@ def test_a_resnet_in_channels_last_under_bf16_autocast_equals_eager(dynamo):
     assert summary(compiled) == summary(eager)
     assert [s.name for s in compiled.sites] == ["1", "2.relu#1", "2.relu#2", "2.relu#3"]
     assert compiled.site("1").dead_units == (0, 1) and compiled.site("1").unit_axis_source == "producer:conv"
+
+
+class Layer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.out, self.act = nn.Linear(8, 12), nn.Linear(12, 8), nn.GELU()
+
+    def forward(self, x):
+        return x + self.act(self.out(F.relu(self.fc(x))))  # a functional call in the block's own forward
+
+
+class Stack(nn.Module):
+    def __init__(self, n: int = 3) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(Layer() for _ in range(n))
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x.sum()
+
+
+def make_stack() -> Stack:
+    torch.manual_seed(0)
+    net = Stack()
+    with torch.no_grad():
+        for i, layer in enumerate(net.layers):
+            layer.fc.bias[: i + 1] = -100.0  # layer i: i + 1 planted dead units
+    return net
+
+
+def test_blocks_compiled_one_by_one_keep_their_own_sites(dynamo):
+    """torchtitan-style ``layers[i] = torch.compile(layers[i])``: one graph serves every layer
+    (Dynamo shares it between instances of the class); each layer's sums still go to its own sites,
+    named and counted as in eager mode."""
+    g = torch.Generator().manual_seed(3)
+    data = [torch.randn(5, 8, generator=g) for _ in range(4)]
+    eager = make_stack()
+    with deadrelu.Monitor(eager, window=2, log_every=100) as ref:
+        for x in data:
+            eager(x).backward()
+            ref.step()
+        expected = ref.report("total")
+    net = make_stack()
+    for i in range(len(net.layers)):
+        net.layers[i] = torch.compile(net.layers[i])
+    with deadrelu.Monitor(net, window=2, log_every=100) as mon:
+        assert mon.compiled
+        for x in data:
+            net(x).backward()
+            mon.step()
+        got = mon.report("total")
+    assert summary(got) == summary(expected)
+    assert [s.name for s in got.sites][:2] == ["layers.0:relu", "layers.0.act"]
+    assert [s.dead_units for s in got.sites if s.function == "relu"] == [(0,), (0, 1), (0, 1, 2)]
+    for a, b in zip(got.sites, expected.sites):
+        assert a.fired_counts == b.fired_counts
+        assert a.mean_abs == pytest.approx(b.mean_abs, rel=1e-5, abs=1e-7)
+
+
+def test_a_compiled_block_beside_eager_code_says_what_it_does_not_see(dynamo):
+    """Compiled mode observes compiled graphs only: an activation module that runs eagerly beside
+    the compiled blocks is listed as uncaptured, with the reason, instead of silently missing."""
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.block, self.head, self.act = Layer(), nn.Linear(8, 4), nn.ReLU()
+
+        def forward(self, x):
+            return self.act(self.head(self.block(x))).sum()
+
+    torch.manual_seed(0)
+    model = Model()
+    model.block = torch.compile(model.block)
+    with deadrelu.Monitor(model, window=2, log_every=100) as mon:
+        for _ in range(2):
+            model(torch.randn(4, 8)).backward()
+            mon.step()
+        got = mon.report("total")
+    assert [s.name for s in got.sites] == ["block:relu", "block.act"]
+    assert any(u.startswith("act (outside the compiled blocks") for u in got.uncaptured), got.uncaptured
+
+

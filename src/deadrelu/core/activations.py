@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from torch import nn
 
 __all__ = [
+    "calls_no_activation",
     "Activation",
     "ACTIVATIONS",
     "ACTIVATION_FUNCTIONS",
@@ -225,3 +226,37 @@ def looks_like_activation(module: nn.Module) -> bool:
     if next(iter(module.children()), None) is not None or next(iter(module.parameters()), None) is not None:
         return False
     return bool(_ACTIVATION_LIKE.search(cls.__name__))
+
+
+# torch.nn leaf modules whose forward never calls an activation function: no site can occur
+# inside them, so the capture need not hook them (two Python hooks per call are a measurable
+# share of a small layer's cost on CPU). Exact classes only: a subclass may override forward.
+_PLAIN_LEAF_NAMES = (
+    "Linear", "Bilinear", "Identity", "Flatten", "Unflatten",
+    "Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d",
+    "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "LayerNorm", "GroupNorm", "RMSNorm",
+    "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "LocalResponseNorm",
+    "Dropout", "Dropout1d", "Dropout2d", "Dropout3d", "AlphaDropout", "FeatureAlphaDropout",
+    "Embedding", "EmbeddingBag",
+    "MaxPool1d", "MaxPool2d", "MaxPool3d", "AvgPool1d", "AvgPool2d", "AvgPool3d",
+    "AdaptiveAvgPool1d", "AdaptiveAvgPool2d", "AdaptiveAvgPool3d",
+    "AdaptiveMaxPool1d", "AdaptiveMaxPool2d", "AdaptiveMaxPool3d",
+    "Upsample", "PixelShuffle", "PixelUnshuffle", "ZeroPad1d", "ZeroPad2d", "ZeroPad3d",
+    "ConstantPad1d", "ConstantPad2d", "ConstantPad3d",
+)  # fmt: skip
+_PLAIN_LEAVES = frozenset(getattr(nn, name) for name in _PLAIN_LEAF_NAMES if hasattr(nn, name))
+
+
+def calls_no_activation(module: nn.Module) -> bool:
+    """True for a torch.nn leaf (Linear, Conv2d, LayerNorm, Dropout, …) that can hold no activation
+    site: its exact class is torch's own, it has no children and no forward of its own set on it.
+
+    >>> calls_no_activation(nn.Linear(2, 2)), calls_no_activation(nn.ReLU()), calls_no_activation(nn.Sequential())
+    (True, False, False)
+    """
+    return (
+        type(module) in _PLAIN_LEAVES
+        and "forward" not in module.__dict__
+        and next(iter(module.children()), None) is None
+        and function_of_module(module) is None
+    )

@@ -80,6 +80,7 @@ from .activations import (
     ACTIVATION_FUNCTIONS,
     ACTIVATION_MODULES,
     NONNEGATIVE_FUNCTIONS,
+    calls_no_activation,
     function_of_module,
     looks_like_activation,
 )
@@ -93,6 +94,11 @@ __all__ = [
     "ACTIVATION_MODULES",
     "ActivationCapture",
     "SiteInfo",
+    "compiled_blocks",
+    "eager_modules",
+    "eager_stance",
+    "eager_submodule",
+    "is_compiled_wrapper",
     "UnitDimSpec",
     "ThresholdSpec",
     "copy_safe_hook",
@@ -227,6 +233,53 @@ def _call_position() -> tuple[Any, ...]:
     return tuple(out)
 
 
+def is_compiled_wrapper(module: nn.Module) -> bool:
+    """``torch.compile``'s ``OptimizedModule``: a wrapper whose ``_orig_mod`` is the real module."""
+    return type(module).__name__ == "OptimizedModule" and isinstance(getattr(module, "_orig_mod", None), nn.Module)
+
+
+def eager_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``model.named_modules()`` as the user wrote the model: each ``torch.compile`` wrapper is
+    left out for the module inside it, whose path loses the ``_orig_mod`` segment — so a site in
+    a compiled block is named ``enc.1`` as in the uncompiled model (``model.get_submodule`` finds
+    it either way: the wrapper forwards attribute lookups)."""
+    if is_compiled_wrapper(model):  # the caller kept the wrapper as root: its paths stay as torch names them
+        return list(model.named_modules())
+    out = []
+    for path, module in model.named_modules():
+        if is_compiled_wrapper(module):
+            continue
+        out.append((".".join(p for p in path.split(".") if p != "_orig_mod"), module))
+    return out
+
+
+def eager_stance() -> contextlib.AbstractContextManager[Any]:
+    """A context in which ``torch.compile``'d code runs eagerly. Observed forward passes of a
+    model with compiled blocks use it: Dynamo would otherwise trace the capture's hooks and
+    function mode (and fail on them). ``Monitor(compiled=True)`` observes compiled blocks
+    without giving up compilation."""
+    set_stance = getattr(torch.compiler, "set_stance", None)  # torch >= 2.6
+    if set_stance is not None:
+        return set_stance("force_eager")
+    import torch._dynamo as dynamo
+
+    return dynamo.config.patch(disable=True)
+
+
+def eager_submodule(model: nn.Module, path: str) -> nn.Module:
+    """``model.get_submodule(path)``, looking through a ``torch.compile`` wrapper at the end of the
+    path, so that setting a child on the result changes the module the compiled code runs."""
+    module = model.get_submodule(path) if path else model
+    return module._orig_mod if is_compiled_wrapper(module) else module  # type: ignore[return-value]
+
+
+def compiled_blocks(model: nn.Module) -> dict[str, nn.Module]:
+    """The modules of ``model`` that run inside a ``torch.compile`` wrapper of their own
+    (``model.layers[i] = torch.compile(model.layers[i])``), by their :func:`eager_modules` path."""
+    inner = {id(m._orig_mod) for m in model.modules() if is_compiled_wrapper(m) and m is not model}  # type: ignore[union-attr]
+    return {p: m for p, m in eager_modules(model) if id(m) in inner}
+
+
 class ActivationCapture:
     """Attach to a model and accumulate per-unit statistics at every activation site.
 
@@ -270,7 +323,7 @@ class ActivationCapture:
         self.forwards = 0
         self.last_site: str | None = None
         self.uncaptured: dict[str, str] = {}  # activation-like modules that made no site: path -> class
-        named = list(model.named_modules())
+        named = eager_modules(model)
         self._leaf = {p: next(iter(m.children()), None) is None for p, m in named}
         self._types = {p: type(m).__name__ for p, m in named}
         self._act_modules = {p: fn for p, m in named if (fn := function_of_module(m)) is not None}
@@ -284,6 +337,8 @@ class ActivationCapture:
         self._lock = threading.Lock()
         self._tls = threading.local()
         self._mode: TorchFunctionMode | TorchDispatchMode | None = None
+        self._has_compiled_blocks = bool(compiled_blocks(model))
+        self._stance: contextlib.AbstractContextManager[Any] | None = None
 
     @property
     def enabled(self) -> bool:
@@ -309,8 +364,10 @@ class ActivationCapture:
                 "observes them through a dispatch mode"
             )
         try:
-            for path, module in self.model.named_modules():
+            for path, module in eager_modules(self.model):
                 is_root = module is self.model
+                if not is_root and calls_no_activation(module):
+                    continue  # no site can occur inside it: spare it the hooks' cost
                 pre = copy_safe_hook(self._make_pre_hook(path, module))
                 self._handles.append(module.register_forward_pre_hook(pre, with_kwargs=is_root))
                 post = copy_safe_hook(self._make_post_hook(path, module))
@@ -356,6 +413,9 @@ class ActivationCapture:
     def _enter_mode(self) -> None:
         mode: TorchFunctionMode | TorchDispatchMode
         mode = _DispatchSpy(self) if self.scripted else _FunctionSpy(self)
+        if self._has_compiled_blocks:  # observed passes run compiled blocks eagerly (see eager_stance)
+            self._stance = eager_stance()
+            self._stance.__enter__()
         mode.__enter__()
         self._mode = mode
 
@@ -363,6 +423,9 @@ class ActivationCapture:
         mode, self._mode = self._mode, None
         if mode is not None:
             mode.__exit__(None, None, None)
+        stance, self._stance = self._stance, None
+        if stance is not None:
+            stance.__exit__(None, None, None)
 
     @contextlib.contextmanager
     def forward_scope(self) -> Iterator[None]:

@@ -30,7 +30,7 @@ from .inputs import (
     resolve_mask,
     to_device,
 )
-from .capture import ActivationCapture, ThresholdSpec, UnitDimSpec
+from .capture import ActivationCapture, ThresholdSpec, UnitDimSpec, is_compiled_wrapper
 from ..errors import DataError, DeadReluError, ForwardError, NoActivationSitesError
 from .report import Report, SiteReport, Levels, model_fingerprint
 from .stats import UnitTotals
@@ -309,8 +309,7 @@ def _refuse_meta(model: nn.Module) -> None:
 def _eager_module(model: nn.Module) -> nn.Module:
     """The module inside ``torch.compile``'s wrapper: a scan counts the same values eagerly, and
     tracing the capture's function mode would make Dynamo recompile (or fail) on every batch."""
-    inner = getattr(model, "_orig_mod", None)
-    return inner if isinstance(inner, nn.Module) and type(model).__name__ == "OptimizedModule" else model
+    return model._orig_mod if is_compiled_wrapper(model) else model  # type: ignore[return-value]
 
 
 def _forward(model: nn.Module, capture: ActivationCapture, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:

@@ -34,8 +34,11 @@ One pass per activation computes the four built-in sums, with the fastest exact 
   no host synchronisation;
 * otherwise the pure-torch pass: on CPU a chunked pass that keeps each chunk in cache
   (float32 partial sums over at most 4096 values per unit, added into float64 totals;
-  half-precision chunks are widened to float32, which is exact); on other devices plain
-  torch reductions with float64 accumulation.
+  half-precision chunks are widened to float32, which is exact) — for the common layout,
+  units innermost in memory and small enough for one chunk (a Linear layer's output), a
+  cached per-layout plan (:class:`_RowsPlan`) whose buffers are made once, so a batch
+  costs a compare and two matrix-vector sums; on other devices plain torch reductions with
+  float64 accumulation.
 
 Either way counts are exact integers, magnitudes are summed in float64 (finite values near
 the float32 maximum never overflow to inf) and the numbers agree: counts bit for bit,
@@ -293,6 +296,7 @@ def _scratch(shape: Sequence[int], dtype: torch.dtype, device: torch.device, slo
     buf = pool.get(key)
     if buf is None or buf.numel() < numel:
         buf = pool[key] = torch.empty(numel, dtype=dtype, device=device)
+        _SCRATCH.plans = {}  # plans hold views of the old buffer: rebuild them on the new one
     return buf[:numel].view(shape)
 
 
@@ -311,6 +315,7 @@ def release_scratch() -> None:
     """Free the scratch buffers of this thread (called when a capture detaches)."""
     _SCRATCH.pool = {}
     _SCRATCH.ones = {}
+    _SCRATCH.plans = {}
 
 
 def per_unit_sum(t: torch.Tensor, unit_dim: int, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -357,9 +362,71 @@ def _column_sum_into(total: torch.Tensor, m: torch.Tensor) -> None:
         total += m.sum(0)
 
 
+class _RowsPlan:
+    """The CPU pass for one activation layout whose units are innermost in memory and which fits
+    in cache (a Linear layer's ``(batch, units)`` output, a ``(B, T, C)`` sequence, a channels_last
+    feature map): its buffers and views are made once per layout, so a batch costs a handful of
+    torch calls. At these sizes the per-call cost of Python and the dispatcher rivals the
+    arithmetic, and it grows when the layer's own matmul has just flushed the caches.
+
+    Partial sums are in the activation's dtype (float32 or float64), exact for counts (at most
+    ``_PARTIAL_ROWS`` rows); they are widened into the int64/float64 totals."""
+
+    __slots__ = ("rows", "units", "unit_dim", "moved", "mask", "absx", "part", "ones", "route")
+
+    def __init__(self, x: torch.Tensor, unit_dim: int, nonnegative: bool) -> None:
+        self.units = x.shape[unit_dim]
+        self.rows = x.numel() // self.units
+        self.unit_dim = unit_dim
+        self.moved = unit_dim != x.ndim - 1  # channels_last: move the unit dim last (a view)
+        shape, dt = (self.rows, self.units), x.dtype
+        self.mask = _scratch(shape, dt, x.device, slot=1)
+        self.absx = None if nonnegative else _scratch(shape, dt, x.device, slot=2)
+        self.part = _scratch((2, self.units), dt, x.device, slot=6)
+        self.ones = _ones(self.rows, dt, x.device)
+        # the fastest exact column sum for this width (see _column_sum_into)
+        self.route = "row" if self.rows == 1 else "mv" if self.units >= 128 else "sum"
+
+    def _column_sums(self, m: torch.Tensor, out: torch.Tensor) -> None:
+        if self.route == "mv":
+            torch.mv(m.t(), self.ones, out=out)
+        elif self.route == "sum":
+            torch.sum(m, 0, out=out)
+        else:
+            out.copy_(m[0])
+
+    def run(self, x: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(rows view of ``x``, per-unit count of ``x > threshold``, per-unit sum of ``|x|``)."""
+        x2 = (x.movedim(self.unit_dim, -1) if self.moved else x).view(self.rows, self.units)
+        self._column_sums(torch.gt(x2, threshold, out=self.mask), self.part[0])
+        self._column_sums(x2 if self.absx is None else torch.abs(x2, out=self.absx), self.part[1])
+        return x2, self.part[0], self.part[1]
+
+
+def _rows_plan(x: torch.Tensor, unit_dim: int, threshold: float, nonnegative: bool) -> _RowsPlan | None:
+    """The cached :class:`_RowsPlan` for ``x``'s layout, or None when ``x`` needs the general pass
+    (not float32/float64, units not innermost in memory, or too large for one cached chunk)."""
+    key = (x.shape, x.stride(), x.dtype, unit_dim, nonnegative)
+    plans = getattr(_SCRATCH, "plans", None)
+    if plans is None:
+        plans = _SCRATCH.plans = {}
+    plan = plans.get(key)
+    if plan is not None:
+        return plan
+    if x.dtype not in (torch.float32, torch.float64) or x.numel() >= _CHUNK_MIN_ELEMENTS:
+        return None
+    units = x.shape[unit_dim]
+    if units == 0 or x.numel() // units > _PARTIAL_ROWS or not x.movedim(unit_dim, -1).is_contiguous():
+        return None
+    if len(plans) >= 64:  # many layouts (e.g. every sequence length): keep the cache bounded
+        plans.clear()
+    plan = plans[key] = _RowsPlan(x, unit_dim, nonnegative)
+    return plan
+
+
 def _cpu_pass(x3: torch.Tensor, threshold: float, nonnegative: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-unit float64 (count of ``x > threshold``, sum of ``|x|``) over a ``(before, units,
-    after)`` CPU tensor, chunk by chunk along ``before`` so each chunk stays in cache.
+    """Per-unit (count of ``x > threshold``, sum of ``|x|``) over a ``(before, units, after)``
+    CPU tensor, chunk by chunk along ``before`` so each chunk stays in cache.
 
     Measured on a 2-core CPU: a (128, 32, 32, 32) ReLU output costs 3-4% of its convolution
     this way instead of 6-7%."""
@@ -402,20 +469,25 @@ def _cpu_batch(
     x: torch.Tensor, unit_dim: int, threshold: float, nonnegative: bool, out: Mapping[str, torch.Tensor]
 ) -> None:
     """The CPU backend of :func:`accumulate` (mask already applied)."""
-    x3 = _three_d(x, unit_dim)
-    fired, mag = _cpu_pass(x3, threshold, nonnegative)
-    # A unit's magnitude sum is finite exactly when all its values are, unless float32
-    # partials overflowed: the exact NaN/Inf count (and, after an overflow, a float64
-    # magnitude pass) is taken only for the rare batches that need it. On CPU this check
-    # costs no device synchronisation.
+    plan = _rows_plan(x, unit_dim, threshold, nonnegative)
+    if plan is not None:
+        x3, fired, mag = plan.run(x, threshold)  # x3 is 2-D here: made 3-D only if needed below
+    else:
+        x3 = _three_d(x, unit_dim)
+        fired, mag = _cpu_pass(x3, threshold, nonnegative)
+    # A unit's magnitude sum is finite exactly when all its values are, unless partial sums
+    # overflowed: the exact NaN/Inf count (and, after an overflow, a float64 magnitude pass)
+    # is taken only for the rare batches that need it. On CPU this check costs no device
+    # synchronisation.
     if not math.isfinite(mag.sum().item()):
+        x3 = x3.view(*x3.shape[:2], -1)
         bad = per_unit_sum(~torch.isfinite(x3), 1, torch.int64)
         if bool(((bad == 0) & ~torch.isfinite(mag)).any()):
             mag = _float64_abs_sum(x3)
         out["nonfinite"] += bad
     out["fired"] += fired.to(torch.int64)
-    out["abs_sum"] += mag
-    out["observations"] += x3.shape[0] * x3.shape[2]
+    out["abs_sum"] += mag  # float32 partials widen exactly into the float64 total
+    out["observations"] += x3.numel() // x3.shape[1]
 
 
 def _float64_abs_sum(x3: torch.Tensor) -> torch.Tensor:
@@ -519,13 +591,23 @@ def _require_triton(x: torch.Tensor) -> None:
         )
 
 
+def _autocast_on(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except (TypeError, RuntimeError):  # device types autocast does not know, or torch < 2.4
+        return device_type == "cpu" and torch.is_autocast_cpu_enabled()
+
+
+def _extra_declared() -> bool:
+    """Whether any statistic outside the fused pass is declared (read each call: tests and
+    users may extend :data:`STATISTICS` at run time)."""
+    return any(s.batch is not None for s in STATISTICS)
+
+
 @contextlib.contextmanager
 def _no_autocast(device_type: str) -> Iterator[None]:
     """Switch autocast off where it is on (a matrix-vector count would run in bf16)."""
-    try:
-        enabled = torch.is_autocast_enabled(device_type)
-    except (TypeError, RuntimeError):  # device types autocast does not know
-        enabled = False
+    enabled = _autocast_on(device_type)
     if not enabled:
         yield
         return
@@ -533,7 +615,6 @@ def _no_autocast(device_type: str) -> Iterator[None]:
         yield
 
 
-@torch.no_grad()
 def accumulate(
     x: torch.Tensor,
     unit_dim: int,
@@ -561,11 +642,21 @@ def accumulate(
     """
     if backend not in BACKENDS:
         raise DeadReluError(f"statistics backend must be one of {BACKENDS}, got {backend!r}")
+    # Detached rather than under no_grad: the same guarantee (nothing is recorded by autograd)
+    # without a context manager's cost on every site of every batch.
+    x = x.detach()
     mask = check_mask(x, unit_dim, mask)
     if x.numel() == 0:
         return  # nothing observed (no values, or no units)
     if backend == "triton":
         _require_triton(x)
+    if mask is None and x.device.type == "cpu" and backend != "triton" and not _autocast_on("cpu") and not (
+        backend == "auto" and _triton_ready(x)
+    ):
+        _cpu_batch(x, unit_dim, threshold, nonnegative, out)  # the common case, with the fewest calls
+        if _extra_declared():
+            _extra_statistics(x, unit_dim, threshold, out, mask)
+        return
     with _no_autocast(x.device.type):
         use_kernel = backend == "triton" or (backend == "auto" and _triton_ready(x))
         if use_kernel and _run_kernel(x, unit_dim, threshold, nonnegative, out, mask, explicit=backend == "triton"):

@@ -47,6 +47,7 @@ Python that picks the ring row, so with ``mode="reduce-overhead"`` Inductor leav
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import re
 import threading
@@ -60,7 +61,16 @@ import torch
 from torch import fx, nn
 
 from ..core.activations import NONNEGATIVE_FUNCTIONS, function_of_module
-from ..core.capture import SiteInfo, ThresholdSpec, UnitDimSpec, choose_unit_dim, display_names, resolve_threshold
+from ..core.capture import (
+    SiteInfo,
+    ThresholdSpec,
+    UnitDimSpec,
+    choose_unit_dim,
+    compiled_blocks,
+    display_names,
+    eager_modules,
+    resolve_threshold,
+)
 from ..core.inputs import MASK_KEYS, mask_layout
 from ..core.stats import traceable_batch_sums
 from ..core.unit_axis import ACT, AxisTable, kind_of
@@ -223,6 +233,8 @@ class _Site:
     stats: WindowStats
     order: int
     ident: int
+    key: tuple[Any, ...] = ()
+    entry: tuple[Any, int, str] | None = None  # the producer's unit axis (for sibling blocks' sites)
 
 
 _STACK_FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\S+)')
@@ -271,12 +283,22 @@ class GraphCapture:
         self.enabled = True
         self.sites: dict[tuple[Any, ...], _Site] = {}
         self.uncaptured: dict[str, str] = {}
-        named = list(model.named_modules())
+        named = eager_modules(model)
         self._paths = {id(m): p for p, m in named}
         self._types = {p: type(m).__name__ for p, m in named}
         self._leaf = {p: next(iter(m.children()), None) is None for p, m in named}
         self._act_modules = {p: fn for p, m in named if (fn := function_of_module(m)) is not None}
         self._root_code = _code_span(type(model).forward)
+        # Blocks compiled on their own (model.layers[i] = torch.compile(...)): each is the root of
+        # its graphs, and instances of one class share one graph (see record()).
+        self._blocks = sorted(compiled_blocks(model), key=len, reverse=True)  # innermost first
+        self._block_code = [(span, p) for p, m in compiled_blocks(model).items() if (span := _code_span(type(m).forward))]
+        self._param_owner = {id(t): p for p, m in named for t in (*m.parameters(recurse=False), *m.buffers(recurse=False))}
+        self._pointer_owner: dict[int, str] = {}
+        self._graph_root = ""  # the module whose forward the graph being rewritten starts in
+        for path in self._act_modules:  # activation modules that run eagerly beside compiled blocks
+            if self._blocks and not self._block_of(path):
+                self.uncaptured[path] = "outside the compiled blocks: eager code is not observed with compiled=True"
         self._weights = {id(t) for t in (*model.parameters(), *model.buffers())}
         self._pointers: set[int] = set()  # storage of this model's weights, refreshed on a miss
         self._attached = False
@@ -332,6 +354,8 @@ class GraphCapture:
         """Add one compiled forward's sums into its sites' rings (called by the observe op)."""
         if not (self.enabled and self.observing()) or (anchor is not None and not self._is_ours(anchor)):
             return  # unscheduled, or another instance of the model's class running the same graph
+        if anchor is not None and self._blocks and batch:
+            batch = self._for_running_block(batch, anchor)
         try:
             add_sums_to_many([(site.stats, sums) for site, sums in batch])
         except Exception as err:  # a failure of deadrelu's own bookkeeping, not of the model
@@ -340,6 +364,40 @@ class GraphCapture:
                 f"deadrelu failed to record the compiled activation sites {names} "
                 f"({type(err).__name__}: {err}); please report this"
             ) from err
+
+    def _for_running_block(self, batch: list[tuple[_Site, list[torch.Tensor]]], anchor: torch.Tensor) -> list[tuple[_Site, list[torch.Tensor]]]:  # fmt: skip
+        """Blocks compiled one by one (``layers[i] = torch.compile(layers[i])``) share one graph per
+        class: Dynamo rewrote it once, with the sites of the block it traced first. The anchor says
+        which block runs now; its sums go to that block's own sites (made on first sight)."""
+        running = self._block_of(self._owner_of_tensor(anchor))
+        traced = self._block_of(batch[0][0].info.module)
+        if running == traced or not running or not traced:
+            return batch
+        pairs = [(self._sibling(site, traced, running), sums) for site, sums in batch]
+        return [(site, sums) for site, sums in pairs if site is not None]
+
+    def _sibling(self, site: _Site, traced: str, running: str) -> _Site | None:
+        """The site of block ``running`` at the place of ``site`` in block ``traced`` (same class)."""
+        path = running + site.info.module[len(traced) :]
+        key = (path, *site.key[1:])
+        found = self.sites.get(key)
+        if found is not None:
+            return found
+        info = dataclasses.replace(
+            site.info, module=path, module_type=self._types.get(path, site.info.module_type), leaf=self._leaf.get(path, False)
+        )
+        unit_dim = choose_unit_dim(self.unit_dim_spec, info, len(info.shape), site.entry)
+        stats = WindowStats(site.stats.units, resolve_threshold(self.threshold_spec, info), site.stats.device, self.window)
+        stats.nonnegative = site.stats.nonnegative
+        new = _Site(info, unit_dim, stats, order=len(self.sites), ident=next(_SITE_IDS), key=key, entry=site.entry)
+        if unit_dim != site.unit_dim:  # the graph reduces over the traced block's axis: not this site's
+            self.uncaptured.setdefault(path, f"{info.function}: unit_dim {unit_dim} differs from {site.info.module}'s")
+            return None
+        self.sites[key] = new
+        with _LOCK:
+            if self._attached:
+                _CALLBACKS[new.ident] = (self, new)
+        return new
 
     # -- the graph pass ------------------------------------------------------------------------
     def _is_ours(self, anchor: torch.Tensor) -> bool:
@@ -385,20 +443,47 @@ class GraphCapture:
         return path if path is not None and self._types.get(path) == name and path else None
 
     def _in_root_forward(self, node: fx.Node) -> bool:
-        """Whether a node outside every module call was made by this model's own forward (and not,
-        say, by a wrapper compiled around it)."""
-        if self._root_code is None:
-            return False
-        file, first, last = self._root_code
+        """Whether a node outside every module call was made by this model's own forward, or by the
+        forward of a block compiled on its own (and not, say, by a wrapper compiled around it)."""
+        return self._forward_owner(node) is not None
+
+    def _forward_owner(self, node: fx.Node) -> str | None:
+        """The path of the module (the root ``""`` or the graph's compiled block) whose own forward
+        made a node outside every module call, or None."""
+        spans = [(self._root_code, "")] if self._root_code is not None else []
+        spans += [(span, path) for span, path in self._block_code if path == self._graph_root]
         for f, line, _ in _STACK_FRAME.findall(node.meta.get("stack_trace") or ""):
-            if f == file and first <= int(line) <= last:
-                return True
-        return False
+            for (file, first, last), path in spans:
+                if f == file and first <= int(line) <= last:
+                    return path
+        return None
+
+    def _block_of(self, path: str | None) -> str:
+        """The compiled block a module path lies in (``""``: none, the model's own graph)."""
+        for block in self._blocks:
+            if path is not None and (path == block or path.startswith(block + ".")):
+                return block
+        return ""
+
+    def _owner_of_tensor(self, t: torch.Tensor) -> str | None:
+        """The module path holding a parameter or buffer: by identity, else by storage."""
+        path = self._param_owner.get(id(t))
+        if path is None:
+            if t.data_ptr() not in self._pointer_owner:
+                self._pointer_owner = {
+                    w.data_ptr(): p for p, m in eager_modules(self.model) for w in (*m.parameters(False), *m.buffers(False))
+                }
+            path = self._pointer_owner.get(t.data_ptr())
+        return path
 
     def rewrite(self, graph: fx.Graph) -> None:
         """Insert the observation of every activation site in one graph (Inductor's pre-grad pass)."""
-        if not torch.is_grad_enabled() or not self._owns(graph):
+        if not torch.is_grad_enabled():
             return  # inference graphs are not observed, as in eager mode
+        anchor = _anchor(graph)
+        self._graph_root = self._block_of(self._owner_of_tensor(_example(anchor))) if anchor is not None else ""
+        if not self._owns(graph):
+            return
         found = self._sites_in(graph)
         if not found:
             return
@@ -485,7 +570,10 @@ class GraphCapture:
         """(module path, that module's call index, the activation module call it lies inside or None)."""
         stack = list((node.meta.get("nn_module_stack") or {}).keys())
         path, call, act_key = "", 0, None
-        ours = not stack and self._in_root_forward(node)  # no module on the stack: the compiled root's code
+        ours = False
+        if not stack:  # no module on the stack: the compiled root's own code (the model's or a block's)
+            root = self._forward_owner(node)
+            ours, path = root is not None, root or ""
         entries = node.meta.get("nn_module_stack") or {}
         for key in stack:  # outermost first
             found = self._resolve(key, entries[key])
@@ -526,12 +614,18 @@ class GraphCapture:
             return None
         stats = WindowStats(units, resolve_threshold(self.threshold_spec, info), value.device, self.window)
         stats.nonnegative = name in NONNEGATIVE_FUNCTIONS
-        site = _Site(info, unit_dim, stats, order=len(self.sites), ident=next(_SITE_IDS))
+        site = _Site(info, unit_dim, stats, order=len(self.sites), ident=next(_SITE_IDS), key=key, entry=_axis_entry(table.get(value)))
         self.sites[key] = site
+        self.uncaptured.pop(path, None)  # compiled after all (the whole model, say)
         with _LOCK:
             if self._attached:
                 _CALLBACKS[site.ident] = (self, site)
         return site
+
+
+def _axis_entry(entry: tuple[Any, int, str] | None) -> tuple[Any, int, str] | None:
+    """An axis-table entry without its tensor (the site must not keep a graph's example value alive)."""
+    return None if entry is None else (None, entry[1], entry[2])
 
 
 def _mask_layout(value: Any, unit_dim: int, mask: fx.Node | None) -> str | None:

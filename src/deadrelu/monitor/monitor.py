@@ -39,7 +39,14 @@ from torch import nn
 from . import graph_capture
 from .graph_capture import CompiledModelWarning, GraphCapture, refuse_mask
 from .window import WindowStats
-from ..core.capture import ActivationCapture, ThresholdSpec, UnitDimSpec, copy_safe_hook, display_names
+from ..core.capture import (
+    ActivationCapture,
+    ThresholdSpec,
+    UnitDimSpec,
+    copy_safe_hook,
+    display_names,
+    is_compiled_wrapper,
+)
 from ..errors import DeadReluError, NoActivationSitesError
 from ..core.report import Report, SiteReport, Levels, model_fingerprint
 from ..core.scan import site_report
@@ -153,8 +160,9 @@ class Monitor:
         compiled: observe the graphs ``torch.compile`` builds (an Inductor pass inserts each
             site's sums and an effectful ``deadrelu::observe`` op after every activation; see
             :mod:`deadrelu.monitor.graph_capture`): the same sites and numbers as eager mode.
-            ``None`` turns it on when ``model`` is the result of ``torch.compile``; pass True
-            when you attach first and compile afterwards.
+            ``None`` turns it on when ``model`` is the result of ``torch.compile`` or holds a
+            compiled submodule (``model.block = torch.compile(model.block)``); pass True when
+            you attach first and compile afterwards.
         mask: observation mask per training forward (as for :class:`deadrelu.Probe`): None = the
             call's ``attention_mask`` keyword when it has one; False = none; a bool tensor
             ``(B, T)``, the name of a keyword argument, or a callable on the call's keyword
@@ -199,9 +207,10 @@ class Monitor:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise DeadReluError(f"model must be a torch.nn.Module, not {type(model).__name__}")
-        inner = getattr(model, "_orig_mod", None)  # the module inside torch.compile's OptimizedModule
-        if isinstance(inner, nn.Module):
-            model, compiled = inner, True if compiled is None else compiled
+        if is_compiled_wrapper(model):  # the module inside torch.compile's OptimizedModule
+            model, compiled = model._orig_mod, True if compiled is None else compiled  # type: ignore[assignment]
+        elif compiled is None and any(is_compiled_wrapper(m) for m in model.modules()):
+            compiled = True  # a compiled block: Dynamo would trace the eager hooks
         if isinstance(window, bool) or not isinstance(window, int) or window < 1:
             raise DeadReluError(f"window must be a positive int (batches), got {window!r}")
         if isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 1:

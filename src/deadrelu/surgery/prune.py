@@ -29,6 +29,7 @@ from . import dataflow as _graph
 from .transaction import copy_model
 from .verify import PinnedReference, max_difference, output_tensors
 from ..core.activations import ZERO_WHEN_DEAD_FUNCTIONS
+from ..core.capture import eager_submodule
 from ..errors import DataError, DeadReluError, RefusedError
 from ..core.report import Report, SiteReport
 from ..core.inputs import call_arguments, iter_batches, kept_training_flags, model_device, to_device
@@ -234,7 +235,7 @@ def _smaller(old: nn.Module, edit: _Edit) -> nn.Module:
 
 def _replace(model: nn.Module, path: str, module: nn.Module) -> None:
     parent, _, name = path.rpartition(".")
-    setattr(model.get_submodule(parent), name, module)
+    setattr(eager_submodule(model, parent), name, module)
 
 
 def _compare(

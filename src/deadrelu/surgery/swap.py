@@ -31,6 +31,7 @@ from torch import fx, nn
 from .dataflow import check_report_matches, unrewritable_reason
 from .transaction import Transaction, copy_model
 from ..errors import DeadReluError, RefusedError
+from ..core.capture import eager_submodule
 from ..core.report import Report
 
 __all__ = ["swap_activations", "SwapResult", "ActivationChange", "TARGETS"]
@@ -338,7 +339,7 @@ def _write_swaps(
     like = plan.like
     for path, m in plan.modules:
         parent_path, _, name = path.rpartition(".")
-        parent = target.get_submodule(parent_path)
+        parent = eager_submodule(target, parent_path)
         new = _new_activation(to, m.inplace and _has_inplace(to), plan.widths.get(path), slope, like)
         tx.setattr(parent, name, new)
         changes.append(ActivationChange(path, "module", repr(m), repr(new)))
@@ -355,7 +356,7 @@ def _write_swaps(
         gm = _rewrite(m, graph, nodes, to, slope, like, path, changes)
         if path:
             parent_path, _, name = path.rpartition(".")
-            tx.setattr(target.get_submodule(parent_path), name, gm)
+            tx.setattr(eager_submodule(target, parent_path), name, gm)
         else:
             result_model = gm
     return result_model
