@@ -230,7 +230,16 @@ class SiteReport:
         )
 
     def _units_in(self, state: str) -> tuple[int, ...]:
-        return tuple(i for i, s in enumerate(self.states) if s == state)
+        return self._units_by_state.get(state, ())
+
+    @cached_property
+    def _units_by_state(self) -> dict[str, tuple[int, ...]]:
+        """Unit indices per state, in one pass over the states (the monitor asks for every state of
+        every site at each evaluation)."""
+        groups: dict[str, list[int]] = {}
+        for i, s in enumerate(self.states):
+            groups.setdefault(s, []).append(i)
+        return {k: tuple(v) for k, v in groups.items()}
 
     @cached_property
     def dead_units(self) -> tuple[int, ...]:

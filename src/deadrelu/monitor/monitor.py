@@ -107,14 +107,15 @@ def _host_values(states: Sequence[SiteState]) -> list[dict[str, list[Any]]]:
     if not tensors:
         return [{} for _ in states]
     device = tensors[0].device
-    flat = torch.cat([t.reshape(-1).to(device=device, dtype=torch.float64) for t in tensors]).tolist()
+    flat = torch.cat([t.reshape(-1).to(device=device, dtype=torch.float64) for t in tensors]).cpu()
     out, offset = [], 0
     for s in states:
         values: dict[str, list[Any]] = {}
         for k, t in s.tensors.items():
             chunk = flat[offset : offset + t.numel()]
             offset += t.numel()
-            values[k] = chunk if t.is_floating_point() else [int(round(v)) for v in chunk]
+            # counts become int64 again on the host (exact: integral float64 values below 2**53)
+            values[k] = (chunk if t.is_floating_point() else chunk.to(torch.int64)).tolist()
         out.append(values)
     return out
 

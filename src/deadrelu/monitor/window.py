@@ -114,8 +114,7 @@ class WindowStats:
         """True once ``window`` batches have been seen."""
         return self.count >= self.window
 
-    @torch.no_grad()
-    def update(
+    def update(  # no no_grad context (its cost, every site of every step): accumulate reads a detached view
         self,
         activation: torch.Tensor,
         unit_dim: int,
