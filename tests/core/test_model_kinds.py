@@ -89,3 +89,28 @@ def test_probe_and_eager_monitor_run_a_compiled_block_eagerly_and_count_exactly(
     assert [(s.name, s.fired_counts) for s in total.sites] == [(s.name, s.fired_counts) for s in expected.sites]
     with torch.no_grad():
         torch.testing.assert_close(model(x), plain(x))  # and it still runs compiled afterwards
+
+
+def test_a_probe_on_a_compiled_model_counts_eagerly_and_names_sites_as_the_plain_model():
+    class M(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Sequential(nn.Linear(4, 8), nn.ReLU()), nn.Linear(8, 8)
+
+        def forward(self, x):
+            return torch.relu(self.b(self.a(x)))
+
+    torch.manual_seed(0)
+    plain = M()
+    x = torch.randn(16, 4)
+    expected = deadrelu.scan(plain, x)
+    compiled = torch.compile(plain)
+    with deadrelu.Probe(compiled) as probe:
+        with torch.no_grad():
+            compiled(x)
+    got = probe.report()
+    assert got.model == "M" and got.fingerprint == expected.fingerprint
+    assert [(s.name, s.fired_counts) for s in got.sites] == [(s.name, s.fired_counts) for s in expected.sites]
+    assert [s.name for s in got.sites] == ["a.1", "<root>:relu"]
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), plain(x))

@@ -243,12 +243,11 @@ def eager_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     left out for the module inside it, whose path loses the ``_orig_mod`` segment — so a site in
     a compiled block is named ``enc.1`` as in the uncompiled model (``model.get_submodule`` finds
     it either way: the wrapper forwards attribute lookups)."""
-    if is_compiled_wrapper(model):  # the caller kept the wrapper as root: its paths stay as torch names them
-        return list(model.named_modules())
+    wrapped_root = model._orig_mod if is_compiled_wrapper(model) else None
     out = []
     for path, module in model.named_modules():
-        if is_compiled_wrapper(module):
-            continue
+        if module is wrapped_root or (module is not model and is_compiled_wrapper(module)):
+            continue  # a wrapper's module is named after it (a compiled root: the root itself)
         out.append((".".join(p for p in path.split(".") if p != "_orig_mod"), module))
     return out
 
@@ -326,6 +325,8 @@ class ActivationCapture:
         named = eager_modules(model)
         self._leaf = {p: next(iter(m.children()), None) is None for p, m in named}
         self._types = {p: type(m).__name__ for p, m in named}
+        if is_compiled_wrapper(model):  # a compiled root is named after the module it compiles
+            self._types[""] = type(model._orig_mod).__name__
         self._act_modules = {p: fn for p, m in named if (fn := function_of_module(m)) is not None}
         self._lookalikes = {p for p, m in named if looks_like_activation(m)}
         self._buffer_ids = {id(b) for b in model.buffers()}
@@ -337,7 +338,7 @@ class ActivationCapture:
         self._lock = threading.Lock()
         self._tls = threading.local()
         self._mode: TorchFunctionMode | TorchDispatchMode | None = None
-        self._has_compiled_blocks = bool(compiled_blocks(model))
+        self._has_compiled_blocks = is_compiled_wrapper(model) or bool(compiled_blocks(model))
         self._stance: contextlib.AbstractContextManager[Any] | None = None
 
     @property

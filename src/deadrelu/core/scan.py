@@ -76,7 +76,7 @@ def report_from_capture(
     """
     if not capture.sites:
         raise NoActivationSitesError(
-            f"no activation sites found in {type(capture.model).__name__}: deadrelu looks for ReLU-family, "
+            f"no activation sites found in {type(_eager_module(capture.model)).__name__}: deadrelu looks for ReLU-family, "
             "GELU, SiLU, Mish, Hardswish and Softplus activations (modules or functional calls) and the "
             "well-known hand-written activation classes in forward"
             + (
@@ -93,8 +93,8 @@ def report_from_capture(
         batches=batches,
         samples=samples,
         mode=mode,
-        model=type(capture.model).__name__,
-        fingerprint=model_fingerprint(capture.model),
+        model=type(_eager_module(capture.model)).__name__,
+        fingerprint=model_fingerprint(_eager_module(capture.model)),
         uncaptured=tuple(f"{path} ({cls})" for path, cls in capture.uncaptured.items()),
     )
 
