@@ -535,6 +535,28 @@ def test_blocks_compiled_one_by_one_keep_their_own_sites(dynamo):
         assert a.mean_abs == pytest.approx(b.mean_abs, rel=1e-5, abs=1e-7)
 
 
+def test_a_compiled_block_called_twice_per_forward_gets_each_calls_own_sites(dynamo):
+    """``net.block = torch.compile(net.block)``, called twice in each forward: the wrapper's hooks
+    number the calls, so each call has its own sites, named and counted as in eager mode (the
+    root's own eager ``F.relu`` is not observed in compiled mode)."""
+    data = batches()
+    eager = make_net()
+    with deadrelu.Monitor(eager, window=3, log_every=100) as ref:
+        train(eager, ref, data)
+        expected = [s for s in ref.report("total").sites if s.name.startswith("block")]
+    net = make_net()
+    net.block = torch.compile(net.block)
+    with deadrelu.Monitor(net, window=3, log_every=100) as mon:
+        assert mon.compiled
+        train(net, mon, data)
+        got = mon.report("total").sites
+    assert [s.name for s in got] == [s.name for s in expected]
+    assert [s.name for s in got][:6] == ["block.relu#1", "block.relu#2", "block:silu#1", "block.act#1", "block:relu#1", "block.relu#3"]
+    for a, b in zip(got, expected):
+        assert (a.observations, a.fired_counts, a.dead_units) == (b.observations, b.fired_counts, b.dead_units)
+        assert a.mean_abs == pytest.approx(b.mean_abs, rel=1e-5, abs=1e-7)
+
+
 def test_a_compiled_block_beside_eager_code_says_what_it_does_not_see(dynamo):
     """Compiled mode observes compiled graphs only: an activation module that runs eagerly beside
     the compiled blocks is listed as uncaptured, with the reason, instead of silently missing."""

@@ -235,6 +235,8 @@ class _Site:
     ident: int
     key: tuple[Any, ...] = ()
     entry: tuple[Any, int, str] | None = None  # the producer's unit axis (for sibling blocks' sites)
+    block: str = ""  # the compiled block whose own graph holds the site ("" for the model's graphs)
+    calls_per_block_call: int = 1  # calls of the site's module in one call of that block
 
 
 _STACK_FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\S+)')
@@ -296,6 +298,13 @@ class GraphCapture:
         self._param_owner = {id(t): p for p, m in named for t in (*m.parameters(recurse=False), *m.buffers(recurse=False))}
         self._pointer_owner: dict[int, str] = {}
         self._graph_root = ""  # the module whose forward the graph being rewritten starts in
+        self._graph_calls: dict[str, int] = {}  # calls of each module in that graph
+        # A block's k-th call in one forward of the model (its wrapper's hooks run eagerly around
+        # the compiled call): its sites are those of call k, as in eager mode.
+        self._block_calls: dict[str, int] = {}
+        self._running_call: dict[str, int] = {}
+        self._wrappers = [(p, m) for p, m in _wrapper_paths(model)]
+        self._handles: list[Any] = []
         for path in self._act_modules:  # activation modules that run eagerly beside compiled blocks
             if self._blocks and not self._block_of(path):
                 self.uncaptured[path] = "outside the compiled blocks: eager code is not observed with compiled=True"
@@ -314,7 +323,34 @@ class GraphCapture:
                 for site in self.sites.values():
                     _CALLBACKS[site.ident] = (self, site)
             self._attached = True
+            self._hook_block_calls()
         return self
+
+    def _hook_block_calls(self) -> None:
+        """Count each compiled block's calls per forward of the model (hooks that do nothing while
+        Dynamo traces them, so a model compiled as a whole is unaffected)."""
+        if not self._wrappers:
+            return
+
+        def new_forward(module: nn.Module, args: Any) -> None:
+            if not torch.compiler.is_compiling():
+                self._block_calls.clear()
+
+        self._handles.append(self.model.register_forward_pre_hook(new_forward))
+        for path, wrapper in self._wrappers:
+
+            def enter(module: nn.Module, args: Any, path: str = path) -> None:
+                if not torch.compiler.is_compiling():
+                    k = self._block_calls.get(path, 0)
+                    self._block_calls[path] = k + 1
+                    self._running_call[path] = k
+
+            def leave(module: nn.Module, args: Any, output: Any, path: str = path) -> None:
+                if not torch.compiler.is_compiling():
+                    self._running_call.pop(path, None)
+
+            self._handles.append(wrapper.register_forward_pre_hook(enter))
+            self._handles.append(wrapper.register_forward_hook(leave, always_call=True))
 
     def detach(self) -> None:
         """Stop recording (compiled graphs' calls become no-ops); safe to call twice."""
@@ -324,6 +360,9 @@ class GraphCapture:
             for site in self.sites.values():
                 _CALLBACKS.pop(site.ident, None)
             _ATTACHED.discard(self)
+            for handle in self._handles:
+                handle.remove()
+            self._handles.clear()
             if not _ATTACHED:
                 _remove_pass()
             else:
@@ -369,27 +408,36 @@ class GraphCapture:
         """Blocks compiled one by one (``layers[i] = torch.compile(layers[i])``) share one graph per
         class: Dynamo rewrote it once, with the sites of the block it traced first. The anchor says
         which block runs now; its sums go to that block's own sites (made on first sight)."""
-        running = self._block_of(self._owner_of_tensor(anchor))
-        traced = self._block_of(batch[0][0].info.module)
-        if running == traced or not running or not traced:
+        traced = batch[0][0].block
+        if not traced:
+            return batch  # a graph of the whole model: its sites are its own
+        running = self._block_of(self._owner_of_tensor(anchor)) or traced
+        call = self._running_call.get(running, 0)
+        if running == traced and call == 0:
             return batch
-        pairs = [(self._sibling(site, traced, running), sums) for site, sums in batch]
+        pairs = [(self._sibling(site, traced, running, call), sums) for site, sums in batch]
         return [(site, sums) for site, sums in pairs if site is not None]
 
-    def _sibling(self, site: _Site, traced: str, running: str) -> _Site | None:
-        """The site of block ``running`` at the place of ``site`` in block ``traced`` (same class)."""
+    def _sibling(self, site: _Site, traced: str, running: str, call: int) -> _Site | None:
+        """The site of call ``call`` of block ``running`` at the place of ``site`` in the first
+        call of block ``traced`` (the same class)."""
         path = running + site.info.module[len(traced) :]
-        key = (path, *site.key[1:])
+        module_call = site.key[1] + call * site.calls_per_block_call
+        key = (path, module_call, *site.key[2:])
         found = self.sites.get(key)
         if found is not None:
             return found
         info = dataclasses.replace(
-            site.info, module=path, module_type=self._types.get(path, site.info.module_type), leaf=self._leaf.get(path, False)
+            site.info,
+            module=path,
+            module_type=self._types.get(path, site.info.module_type),
+            leaf=self._leaf.get(path, False),
+            call=module_call,
         )
         unit_dim = choose_unit_dim(self.unit_dim_spec, info, len(info.shape), site.entry)
         stats = WindowStats(site.stats.units, resolve_threshold(self.threshold_spec, info), site.stats.device, self.window)
         stats.nonnegative = site.stats.nonnegative
-        new = _Site(info, unit_dim, stats, order=len(self.sites), ident=next(_SITE_IDS), key=key, entry=site.entry)
+        new = dataclasses.replace(site, info=info, unit_dim=unit_dim, stats=stats, order=len(self.sites), ident=next(_SITE_IDS), key=key)
         if unit_dim != site.unit_dim:  # the graph reduces over the traced block's axis: not this site's
             self.uncaptured.setdefault(path, f"{info.function}: unit_dim {unit_dim} differs from {site.info.module}'s")
             return None
@@ -458,6 +506,29 @@ class GraphCapture:
                     return path
         return None
 
+    def _root_block(self, graph: fx.Graph) -> str:
+        """The compiled block a graph was compiled from: the one block all its parameters belong
+        to (a graph of the whole model holds parameters of several, or of none), else ""."""
+        if not self._blocks:
+            return ""
+        owners = set()
+        for node in graph.nodes:
+            value = _example(node) if node.op == "placeholder" else None
+            if isinstance(value, nn.Parameter):
+                owners.add(self._block_of(self._owner_of_tensor(value)))
+        return owners.pop() if len(owners) == 1 else ""
+
+    def _calls_in(self, graph: fx.Graph) -> dict[str, int]:
+        """How often each of this model's modules is called in one run of a graph."""
+        calls: dict[str, int] = {}
+        for node in graph.nodes:
+            for key, value in (node.meta.get("nn_module_stack") or {}).items():
+                path = self._resolve(key, value)
+                k = key.partition("@")[2]
+                if path is not None:
+                    calls[path] = max(calls.get(path, 0), (int(k) if k.isdigit() else 0) + 1)
+        return calls
+
     def _block_of(self, path: str | None) -> str:
         """The compiled block a module path lies in (``""``: none, the model's own graph)."""
         for block in self._blocks:
@@ -480,8 +551,8 @@ class GraphCapture:
         """Insert the observation of every activation site in one graph (Inductor's pre-grad pass)."""
         if not torch.is_grad_enabled():
             return  # inference graphs are not observed, as in eager mode
-        anchor = _anchor(graph)
-        self._graph_root = self._block_of(self._owner_of_tensor(_example(anchor))) if anchor is not None else ""
+        self._graph_root = self._root_block(graph)
+        self._graph_calls = self._calls_in(graph)
         if not self._owns(graph):
             return
         found = self._sites_in(graph)
@@ -614,13 +685,22 @@ class GraphCapture:
             return None
         stats = WindowStats(units, resolve_threshold(self.threshold_spec, info), value.device, self.window)
         stats.nonnegative = name in NONNEGATIVE_FUNCTIONS
-        site = _Site(info, unit_dim, stats, order=len(self.sites), ident=next(_SITE_IDS), key=key, entry=_axis_entry(table.get(value)))
+        site = _Site(
+            info, unit_dim, stats, order=len(self.sites), ident=next(_SITE_IDS), key=key, entry=_axis_entry(table.get(value)),
+            block=self._graph_root, calls_per_block_call=1 if path == self._graph_root else self._graph_calls.get(path, 1),
+        )  # fmt: skip
         self.sites[key] = site
         self.uncaptured.pop(path, None)  # compiled after all (the whole model, say)
         with _LOCK:
             if self._attached:
                 _CALLBACKS[site.ident] = (self, site)
         return site
+
+
+def _wrapper_paths(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Each ``torch.compile`` wrapper inside ``model`` with the path of the block it wraps."""
+    blocks = {id(m): p for p, m in compiled_blocks(model).items()}
+    return [(blocks[id(m._orig_mod)], m) for m in model.modules() if m is not model and id(getattr(m, "_orig_mod", None)) in blocks]
 
 
 def _axis_entry(entry: tuple[Any, int, str] | None) -> tuple[Any, int, str] | None:
