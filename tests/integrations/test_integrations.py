@@ -256,7 +256,7 @@ def test_lightning_callback_with_a_compiled_submodule(tmp_path: Path):
         warnings.simplefilter("ignore", DeadUnitWarning)
         lightning_trainer(L, tmp_path, cb).fit(module, torch.utils.data.DataLoader(make_data(), batch_size=8))
     mon = cb.monitor
-    assert type(mon.capture).__name__ == "GraphCapture" and mon.history.steps == [4, 8]
+    assert type(mon.capture).__name__ == "BlockCapture" and mon.history.steps == [4, 8]
     (site,) = mon.report("total").sites
     assert (site.name, site.observations, site.dead_units) == ("net.1", 64, (0, 1, 2))
     torch._dynamo.reset()

@@ -535,49 +535,30 @@ def test_blocks_compiled_one_by_one_keep_their_own_sites(dynamo):
         assert a.mean_abs == pytest.approx(b.mean_abs, rel=1e-5, abs=1e-7)
 
 
-def test_a_compiled_block_called_twice_per_forward_gets_each_calls_own_sites(dynamo):
-    """``net.block = torch.compile(net.block)``, called twice in each forward: the wrapper's hooks
-    number the calls, so each call has its own sites, named and counted as in eager mode (the
-    root's own eager ``F.relu`` is not observed in compiled mode)."""
+def test_a_compiled_block_called_twice_beside_eager_code_equals_eager(dynamo):
+    """``net.block = torch.compile(net.block)``, called twice in each forward, with eager code (a
+    convolution's ``F.relu``) in the model's own forward: the block stays compiled (one graph, no
+    recompiles), each of its calls has its own sites, the eager code is observed eagerly, and
+    every site is named and counted as by the eager monitor on the uncompiled model."""
     data = batches()
     eager = make_net()
     with deadrelu.Monitor(eager, window=3, log_every=100) as ref:
         train(eager, ref, data)
-        expected = [s for s in ref.report("total").sites if s.name.startswith("block")]
+        expected = ref.report("total").sites
     net = make_net()
     net.block = torch.compile(net.block)
+    graphs = []
     with deadrelu.Monitor(net, window=3, log_every=100) as mon:
         assert mon.compiled
-        train(net, mon, data)
-        got = mon.report("total").sites
-    assert [s.name for s in got] == [s.name for s in expected]
-    assert [s.name for s in got][:6] == ["block.relu#1", "block.relu#2", "block:silu#1", "block.act#1", "block:relu#1", "block.relu#3"]
-    for a, b in zip(got, expected):
+        train(net, mon, data, lambda i: graphs.append(dynamo["stats"]["unique_graphs"]))
+        got = mon.report("total")
+    assert graphs == [graphs[0]] * len(data) and graphs[0] >= 1  # compiled at the first step, never again
+    assert [s.name for s in got.sites] == [s.name for s in expected]
+    assert [s.name for s in got.sites][:4] == ["<root>:relu", "block.relu#1", "block.relu#2", "block:silu#1"]
+    assert "block.relu#3" in [s.name for s in got.sites] and not got.uncaptured
+    for a, b in zip(got.sites, expected):
         assert (a.observations, a.fired_counts, a.dead_units) == (b.observations, b.fired_counts, b.dead_units)
         assert a.mean_abs == pytest.approx(b.mean_abs, rel=1e-5, abs=1e-7)
-
-
-def test_a_compiled_block_beside_eager_code_says_what_it_does_not_see(dynamo):
-    """Compiled mode observes compiled graphs only: an activation module that runs eagerly beside
-    the compiled blocks is listed as uncaptured, with the reason, instead of silently missing."""
-
-    class Model(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.block, self.head, self.act = Layer(), nn.Linear(8, 4), nn.ReLU()
-
-        def forward(self, x):
-            return self.act(self.head(self.block(x))).sum()
-
-    torch.manual_seed(0)
-    model = Model()
-    model.block = torch.compile(model.block)
-    with deadrelu.Monitor(model, window=2, log_every=100) as mon:
-        for _ in range(2):
-            model(torch.randn(4, 8)).backward()
-            mon.step()
-        got = mon.report("total")
-    assert [s.name for s in got.sites] == ["block:relu", "block.act"]
-    assert any(u.startswith("act (outside the compiled blocks") for u in got.uncaptured), got.uncaptured
+    assert got.samples == ref.report("total").samples > 0
 
 

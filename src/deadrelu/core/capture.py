@@ -64,6 +64,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import itertools
 import sys
 import threading
 from dataclasses import dataclass, field
@@ -98,6 +99,7 @@ __all__ = [
     "eager_modules",
     "eager_stance",
     "eager_submodule",
+    "next_site_order",
     "is_compiled_wrapper",
     "UnitDimSpec",
     "ThresholdSpec",
@@ -252,6 +254,15 @@ def eager_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return out
 
 
+_SITE_ORDER = itertools.count()
+
+
+def next_site_order() -> int:
+    """A process-wide increasing number for a new site: captures that observe parts of one model
+    (eager code beside compiled blocks) merge their sites in the order they were first seen."""
+    return next(_SITE_ORDER)
+
+
 def eager_stance() -> contextlib.AbstractContextManager[Any]:
     """A context in which ``torch.compile``'d code runs eagerly. Observed forward passes of a
     model with compiled blocks use it: Dynamo would otherwise trace the capture's hooks and
@@ -307,6 +318,7 @@ class ActivationCapture:
         threshold: ThresholdSpec = 0.0,
         stats_factory: Callable[[int, float, torch.device], Any] | None = None,
         mask: Any = None,
+        beside_compiled_blocks: bool = False,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise DeadReluError(f"expected a torch.nn.Module, got {type(model).__name__}")
@@ -338,7 +350,15 @@ class ActivationCapture:
         self._lock = threading.Lock()
         self._tls = threading.local()
         self._mode: TorchFunctionMode | TorchDispatchMode | None = None
-        self._has_compiled_blocks = is_compiled_wrapper(model) or bool(compiled_blocks(model))
+        # Compiled blocks either run eagerly on observed passes (the default), or stay compiled and
+        # are left to a graph capture: no hooks inside them, the function mode suspended while one runs.
+        self._beside_blocks = bool(beside_compiled_blocks)
+        self._inside_blocks = set()
+        if self._beside_blocks:
+            blocks = compiled_blocks(model)
+            self._inside_blocks = {p for p, _ in named if any(p == b or p.startswith(b + ".") for b in blocks)}
+        self._has_compiled_blocks = not self._beside_blocks and (is_compiled_wrapper(model) or bool(compiled_blocks(model)))
+        self._suspended: list[Any] = []
         self._stance: contextlib.AbstractContextManager[Any] | None = None
 
     @property
@@ -367,16 +387,33 @@ class ActivationCapture:
         try:
             for path, module in eager_modules(self.model):
                 is_root = module is self.model
-                if not is_root and calls_no_activation(module):
-                    continue  # no site can occur inside it: spare it the hooks' cost
+                if not is_root and (calls_no_activation(module) or path in self._inside_blocks):
+                    continue  # no site can occur inside it (or a graph capture sees them): no hooks
                 pre = copy_safe_hook(self._make_pre_hook(path, module))
                 self._handles.append(module.register_forward_pre_hook(pre, with_kwargs=is_root))
                 post = copy_safe_hook(self._make_post_hook(path, module))
                 self._handles.append(module.register_forward_hook(post, always_call=True))
+            if self._beside_blocks:
+                for module in self.model.modules():
+                    if module is not self.model and is_compiled_wrapper(module):
+                        self._handles.append(module.register_forward_pre_hook(copy_safe_hook(self._suspend)))
+                        self._handles.append(module.register_forward_hook(copy_safe_hook(self._resume), always_call=True))
         except BaseException:
             self.detach()
             raise
         return self
+
+    def _suspend(self, module: nn.Module, args: Any) -> None:
+        """A compiled block starts: leave the function mode, so Dynamo runs it as without deadrelu."""
+        mode = self._mode if self._owner == threading.get_ident() else None
+        self._suspended.append(mode)
+        if mode is not None:
+            mode.__exit__(None, None, None)
+
+    def _resume(self, module: nn.Module, args: Any, output: Any) -> None:
+        mode = self._suspended.pop() if self._suspended else None
+        if mode is not None and mode is self._mode:
+            mode.__enter__()
 
     def detach(self) -> None:
         """Remove every hook and leave any active mode; safe to call twice."""
@@ -628,7 +665,7 @@ class ActivationCapture:
             info,
             unit_dim,
             self.stats_factory(units, thr, out.device),
-            order=len(self.sites),
+            order=next_site_order(),
             nonnegative=info.function in NONNEGATIVE_FUNCTIONS,
         )
         site.takes_mask = _accepts_mask(site.stats)

@@ -69,6 +69,7 @@ from ..core.capture import (
     compiled_blocks,
     display_names,
     eager_modules,
+    next_site_order,
     resolve_threshold,
 )
 from ..core.inputs import MASK_KEYS, mask_layout
@@ -263,6 +264,9 @@ class GraphCapture:
         window: rolling-window length in batches.
         observing: called when a compiled forward runs; the batch is recorded only when it
             returns True (the monitor's schedule).
+        mask: the call's ``attention_mask`` input is used unless False (see the module docstring).
+        eager_beside: an eager capture observes the code outside the compiled blocks (so their
+            activation modules are not listed as uncaptured).
     """
 
     def __init__(
@@ -274,6 +278,7 @@ class GraphCapture:
         window: int,
         observing: Callable[[], bool] = lambda: True,
         mask: Any = None,
+        eager_beside: bool = False,
     ) -> None:
         refuse_mask(mask)
         self.mask_spec = mask
@@ -306,7 +311,7 @@ class GraphCapture:
         self._wrappers = [(p, m) for p, m in _wrapper_paths(model)]
         self._handles: list[Any] = []
         for path in self._act_modules:  # activation modules that run eagerly beside compiled blocks
-            if self._blocks and not self._block_of(path):
+            if self._blocks and not self._block_of(path) and not eager_beside:
                 self.uncaptured[path] = "outside the compiled blocks: eager code is not observed with compiled=True"
         self._weights = {id(t) for t in (*model.parameters(), *model.buffers())}
         self._pointers: set[int] = set()  # storage of this model's weights, refreshed on a miss
@@ -334,7 +339,7 @@ class GraphCapture:
 
         def new_forward(module: nn.Module, args: Any) -> None:
             if not torch.compiler.is_compiling():
-                self._block_calls.clear()
+                self.new_forward()
 
         self._handles.append(self.model.register_forward_pre_hook(new_forward))
         for path, wrapper in self._wrappers:
@@ -376,8 +381,15 @@ class GraphCapture:
 
     @contextlib.contextmanager
     def forward_scope(self) -> Iterator[None]:
-        """Graphs need no scope: whatever runs them is observed."""
+        """Graphs need no scope (whatever runs them is observed); the scope is one forward pass,
+        for numbering the calls of compiled blocks."""
+        self.new_forward()
         yield
+
+    def new_forward(self) -> None:
+        """A forward pass of the model starts (its root call, an observed scope, or a new training
+        step): compiled blocks' calls are numbered from zero again."""
+        self._block_calls.clear()
 
     def reset(self) -> None:
         """Forget every site's statistics (compiled graphs keep their sites)."""
@@ -437,7 +449,7 @@ class GraphCapture:
         unit_dim = choose_unit_dim(self.unit_dim_spec, info, len(info.shape), site.entry)
         stats = WindowStats(site.stats.units, resolve_threshold(self.threshold_spec, info), site.stats.device, self.window)
         stats.nonnegative = site.stats.nonnegative
-        new = dataclasses.replace(site, info=info, unit_dim=unit_dim, stats=stats, order=len(self.sites), ident=next(_SITE_IDS), key=key)
+        new = dataclasses.replace(site, info=info, unit_dim=unit_dim, stats=stats, order=next_site_order(), ident=next(_SITE_IDS), key=key)
         if unit_dim != site.unit_dim:  # the graph reduces over the traced block's axis: not this site's
             self.uncaptured.setdefault(path, f"{info.function}: unit_dim {unit_dim} differs from {site.info.module}'s")
             return None
@@ -686,7 +698,7 @@ class GraphCapture:
         stats = WindowStats(units, resolve_threshold(self.threshold_spec, info), value.device, self.window)
         stats.nonnegative = name in NONNEGATIVE_FUNCTIONS
         site = _Site(
-            info, unit_dim, stats, order=len(self.sites), ident=next(_SITE_IDS), key=key, entry=_axis_entry(table.get(value)),
+            info, unit_dim, stats, order=next_site_order(), ident=next(_SITE_IDS), key=key, entry=_axis_entry(table.get(value)),
             block=self._graph_root, calls_per_block_call=1 if path == self._graph_root else self._graph_calls.get(path, 1),
         )  # fmt: skip
         self.sites[key] = site

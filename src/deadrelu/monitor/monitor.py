@@ -37,12 +37,14 @@ import torch
 from torch import nn
 
 from . import graph_capture
+from .blocks import BlockCapture
 from .graph_capture import CompiledModelWarning, GraphCapture, refuse_mask
 from .window import WindowStats
 from ..core.capture import (
     ActivationCapture,
     ThresholdSpec,
     UnitDimSpec,
+    compiled_blocks,
     copy_safe_hook,
     display_names,
     is_compiled_wrapper,
@@ -208,7 +210,8 @@ class Monitor:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise DeadReluError(f"model must be a torch.nn.Module, not {type(model).__name__}")
-        if is_compiled_wrapper(model):  # the module inside torch.compile's OptimizedModule
+        root_compiled = is_compiled_wrapper(model)
+        if root_compiled:  # the module inside torch.compile's OptimizedModule
             model, compiled = model._orig_mod, True if compiled is None else compiled  # type: ignore[assignment]
         elif compiled is None and any(is_compiled_wrapper(m) for m in model.modules()):
             compiled = True  # a compiled block: Dynamo would trace the eager hooks
@@ -237,9 +240,20 @@ class Monitor:
         self.sinks: list[Sink] = sink_list
         self.compiled = bool(compiled)
         self.capture: Any
+
+        def eager_capture(model: nn.Module, **options: Any) -> ActivationCapture:
+            # the eager capture, accumulating into window rings
+            return _MonitorCapture(model, stats_factory=lambda u, thr, device: WindowStats(u, thr, device, window), **options)
+
         if self.compiled:
             refuse_mask(mask)
-            if graph_capture.graph_capture_available():  # looked up when called: tests can stand in an older torch
+            if graph_capture.graph_capture_available() and compiled_blocks(model) and not root_compiled:
+                # blocks compiled one by one: their graphs, and the model's own eager code around them
+                self.capture = BlockCapture(
+                    model, eager=eager_capture, unit_dim=unit_dim, threshold=threshold, window=window,
+                    observing=lambda: self._observe, mask=mask,
+                )  # fmt: skip
+            elif graph_capture.graph_capture_available():  # looked up when called: tests can stand in an older torch
                 self.capture = GraphCapture(
                     model, unit_dim=unit_dim, threshold=threshold, window=window, observing=lambda: self._observe, mask=mask
                 )
@@ -248,14 +262,9 @@ class Monitor:
 
                 self.capture = ModuleCapture(model, unit_dim=unit_dim, threshold=threshold, window=window)
         else:
-            self.capture = _MonitorCapture(
-                model,
-                unit_dim=unit_dim,
-                threshold=threshold,
-                stats_factory=lambda units, thr, device: WindowStats(units, thr, device, window),
-                mask=mask,
-            )
+            self.capture = eager_capture(model, unit_dim=unit_dim, threshold=threshold, mask=mask)
         self._op_asks_schedule = isinstance(self.capture, GraphCapture)
+        self._eager_root = not self.compiled or isinstance(self.capture, BlockCapture)  # counts samples per forward
         self.history = History()
         self.events: list[Event] = []
         self.alerts: list[Alert] = []
@@ -348,15 +357,17 @@ class Monitor:
             return  # a replica sharing the hook dicts (nn.DataParallel): the capture refuses it
         if self._op_asks_schedule:
             return  # the graph capture asks the schedule when its op runs: nothing here for Dynamo to guard on
-        if not self.compiled and torch.compiler.is_compiling():
-            # The function mode would make Dynamo break the graph and recompile every step:
-            # run the compiled model unobserved and say how to monitor it instead.
-            self._compiled_unobserved()
+        if (not self.compiled or isinstance(self.capture, BlockCapture)) and torch.compiler.is_compiling():
+            # The function mode would make Dynamo break the graph and recompile every step: the
+            # eager capture stays out of compiled code (the block capture's graph half sees it;
+            # without compiled=True it runs unobserved, and the monitor says how to see it).
+            if not self.compiled:
+                self._compiled_unobserved()
             self.capture.enabled = False
             return
         on = self._observe and torch.is_grad_enabled()
         self.capture.enabled = on
-        if on and not self.compiled:
+        if on and self._eager_root:
             # Samples per observed forward, in a fixed-size ring beside the device rings
             # (shapes only: no sync). Compiled models skip it: Dynamo would guard on the index.
             first = args[0] if args else None
@@ -419,6 +430,9 @@ class Monitor:
         if isinstance(loss, torch.Tensor):
             loss = loss.detach()
         self._loss = loss
+        new_forward = getattr(self.capture, "new_forward", None)
+        if new_forward is not None:  # compiled blocks called outside any root call: a step ends their pass
+            new_forward()
         if self._observe:
             self._observed_steps += 1  # the step that just ended was observed
         self.steps += 1
@@ -570,7 +584,7 @@ class Monitor:
         if not self._use_distributed():
             return local, samples
         device = named[0][1].stats.device if named else self._collective_device()
-        pooled = not isinstance(self.capture, (ActivationCapture, GraphCapture))  # ModuleCapture: one site per module
+        pooled = not isinstance(self.capture, (ActivationCapture, GraphCapture, BlockCapture))  # ModuleCapture: one per module
         namer = (lambda infos: [i.module or "<root>" for i in infos]) if pooled else display_names
         return reduce_by_key(local, samples.to(device), namer)
 
