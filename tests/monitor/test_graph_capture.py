@@ -562,3 +562,30 @@ def test_a_compiled_block_called_twice_beside_eager_code_equals_eager(dynamo):
     assert got.samples == ref.report("total").samples > 0
 
 
+
+
+def test_a_model_compiled_whole_with_compiled_blocks_inside_keeps_its_graphs_sites(dynamo):
+    """Blocks compiled one by one and then the whole model compiled after attach (Dynamo inlines the
+    blocks into one graph): the graph's sites are its own, never re-routed as a block's."""
+    g = torch.Generator().manual_seed(3)
+    data = [torch.randn(5, 8, generator=g) for _ in range(3)]
+    eager = make_stack()
+    with deadrelu.Monitor(eager, window=2, log_every=100) as ref:
+        for x in data:
+            eager(x).backward()
+            ref.step()
+        expected = ref.report("total")
+    net = make_stack()
+    for i in range(len(net.layers)):
+        net.layers[i] = torch.compile(net.layers[i])
+    mon = deadrelu.Monitor(net, window=2, log_every=100, compiled=True).attach()
+    whole = torch.compile(net)
+    try:
+        for x in data:
+            whole(x).backward()
+            mon.step()
+        got = mon.report("total")
+    finally:
+        mon.detach()
+    assert summary(got) == summary(expected)
+    assert [a.fired_counts for a in got.sites] == [b.fired_counts for b in expected.sites]
