@@ -81,6 +81,16 @@ ADVICE_DIED = (
 )
 
 
+def _is_compiling() -> bool:
+    """Whether TorchDynamo is tracing this call (``torch.compiler.is_compiling`` from torch 2.3 on)."""
+    check = getattr(torch.compiler, "is_compiling", None)
+    if check is None:
+        import torch._dynamo as dynamo
+
+        check = dynamo.is_compiling
+    return bool(check())
+
+
 class DeadUnitWarning(UserWarning):
     """A layer's dead fraction crossed a warning threshold (issued once per layer and threshold)."""
 
@@ -357,7 +367,7 @@ class Monitor:
             return  # a replica sharing the hook dicts (nn.DataParallel): the capture refuses it
         if self._op_asks_schedule:
             return  # the graph capture asks the schedule when its op runs: nothing here for Dynamo to guard on
-        if (not self.compiled or isinstance(self.capture, BlockCapture)) and torch.compiler.is_compiling():
+        if (not self.compiled or isinstance(self.capture, BlockCapture)) and _is_compiling():
             # The function mode would make Dynamo break the graph and recompile every step: the
             # eager capture stays out of compiled code (the block capture's graph half sees it;
             # without compiled=True it runs unobserved, and the monitor says how to see it).
