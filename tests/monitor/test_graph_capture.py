@@ -589,3 +589,48 @@ def test_a_model_compiled_whole_with_compiled_blocks_inside_keeps_its_graphs_sit
         mon.detach()
     assert summary(got) == summary(expected)
     assert [a.fired_counts for a in got.sites] == [b.fired_counts for b in expected.sites]
+
+
+def test_a_graph_compiled_under_an_earlier_monitor_is_adopted_by_the_next(dynamo):
+    """A second run in the same process (a notebook cell run again, a second ``trainer.fit``): a new
+    model of the same class reuses the graph Dynamo compiled under the first monitor, whose site ids
+    belong to that monitor. The new monitor adopts those sites by the graph's parameter and counts
+    exactly, with no recompilation; the first monitor's numbers are untouched."""
+    data = batches()
+    eager = make_net()
+    with deadrelu.Monitor(eager, window=3, log_every=100) as ref:
+        train(eager, ref, data)
+        expected = ref.report("total")
+    reports, graphs = [], []
+    for _ in range(2):
+        net = make_net()
+        mon = deadrelu.Monitor(net, window=3, log_every=100, compiled=True).attach()
+        try:
+            train(torch.compile(net), mon, data)
+            reports.append(mon.report("total"))
+        finally:
+            mon.detach()
+        graphs.append(dynamo["stats"]["unique_graphs"])
+    assert graphs[0] == graphs[1]  # the second model ran the first one's graph
+    for got in reports:
+        assert summary(got) == summary(expected)
+        assert [a.fired_counts for a in got.sites] == [b.fired_counts for b in expected.sites]
+
+
+def test_two_monitored_instances_sharing_one_graph_each_count_their_own(dynamo):
+    data = batches(4)
+    nets = [make_net(), make_net()]
+    with torch.no_grad():
+        nets[1].block.l1.bias[5:8] = -100.0  # the second instance has three more dead units
+    mons = [deadrelu.Monitor(n, window=2, log_every=100, compiled=True).attach() for n in nets]
+    runners = [torch.compile(n) for n in nets]
+    try:
+        for x, y in data:
+            for runner, mon in zip(runners, mons):
+                runner(x, y).backward()
+                mon.step()
+        got = [m.report("total").site("block.relu#1").dead_units for m in mons]
+    finally:
+        for m in mons:
+            m.detach()
+    assert got == [(0, 1, 2, 3, 4), (0, 1, 2, 3, 4, 5, 6, 7)]

@@ -29,13 +29,16 @@ unique to this process and set of monitors, so Inductor's caches never hand a gr
 process or monitor.
 
 TorchDynamo shares a graph between instances of the same class (their parameters are graph
-inputs), so the op also takes one parameter input and records only when it is the monitored
-model's: a sibling instance running the same graph records nothing.
+inputs), so the op also takes one parameter input and records into the monitor whose model owns
+it: a sibling instance running the same graph records nothing, unless it has an attached monitor
+of its own, which adopts the graph's sites (``_dispatch``) — as does a new monitor on a new model
+that reuses a graph compiled under an earlier one. Blocks compiled one by one share one graph per
+class the same way; the parameter says which block runs (see :class:`GraphCapture`).
 
 Limits: it needs Inductor (the default ``torch.compile`` backend) and a torch with
 ``torch.library.custom_op`` and effectful ops (2.6 or later); otherwise the monitor falls back to
-:class:`~deadrelu.monitor.compiled.ModuleCapture`. Graphs compiled before :meth:`attach` are not
-observed (compile after attaching, or call ``torch._dynamo.reset()``); after :meth:`detach`
+:class:`~deadrelu.monitor.compiled.ModuleCapture`. Graphs compiled while no monitor was attached
+are not observed (compile after attaching, or call ``torch._dynamo.reset()``); after :meth:`detach`
 compiled graphs keep computing their sums until they are recompiled, but nothing is recorded.
 ``mask=`` takes only None (the ``attention_mask`` input) or False. A site whose unit axis has a
 dynamic size is skipped (listed in ``uncaptured``). An unexpected failure of the pass warns
@@ -89,6 +92,10 @@ class CompiledModelWarning(UserWarning):
 _OP_NAME = "deadrelu::observe"
 _LOCK = threading.Lock()
 _CALLBACKS: dict[int, tuple["GraphCapture", "_Site"]] = {}  # site id -> where its sums go
+# site id -> the site as the pass made it (without its rings): a graph compiled under one monitor
+# keeps running after it detaches, for this model or another instance of its class (Dynamo shares
+# graphs), and the monitor attached to that model then adopts the site (see _dispatch).
+_TEMPLATES: dict[int, "_Site"] = {}
 _SITE_IDS = itertools.count(1)
 _ATTACHED: "weakref.WeakSet[GraphCapture]" = weakref.WeakSet()
 _installed: dict[str, Any] = {}  # "pass": our chained pass, "previous": what it replaced
@@ -125,14 +132,7 @@ def _observe_op() -> Any:
 
             @torch.library.custom_op(_OP_NAME, mutates_args=(), **tags)
             def observe(sums: list[torch.Tensor], sites: list[int], anchor: Optional[torch.Tensor]) -> None:
-                per_site = len(sums) // max(len(sites), 1)
-                batches: dict[GraphCapture, list[tuple[_Site, list[torch.Tensor]]]] = {}
-                for i, ident in enumerate(sites):
-                    owner = _CALLBACKS.get(ident)
-                    if owner is not None:
-                        batches.setdefault(owner[0], []).append((owner[1], sums[i * per_site : (i + 1) * per_site]))
-                for capture, batch in batches.items():
-                    capture.record(batch, anchor)
+                _dispatch(sums, sites, anchor)
 
             @observe.register_fake
             def _(sums: list[torch.Tensor], sites: list[int], anchor: Optional[torch.Tensor]) -> None:
@@ -144,6 +144,40 @@ def _observe_op() -> Any:
             _register_effectful_op(getattr(torch.ops, namespace).observe.default, _EffectType.ORDERED)
         _installed["op"] = getattr(torch.ops, namespace).observe.default
         return _installed["op"]
+
+
+def _dispatch(sums: list[torch.Tensor], sites: list[int], anchor: Optional[torch.Tensor]) -> None:
+    """The observe op's body: each site's sums to the capture whose model ran the graph — the one
+    that made the site, or else an attached capture of the model that owns the anchor parameter,
+    which adopts the site (the graph was compiled under another monitor, or for a sibling instance)."""
+    per_site = len(sums) // max(len(sites), 1)
+    batches: dict[GraphCapture, list[tuple[_Site, list[torch.Tensor]]]] = {}
+    ours: dict[GraphCapture, bool] = {}
+
+    def runs_it(capture: GraphCapture) -> bool:
+        if capture not in ours:
+            ours[capture] = anchor is None or capture._is_ours(anchor)
+        return ours[capture]
+
+    adopters = None
+    for i, ident in enumerate(sites):
+        owner = _CALLBACKS.get(ident)
+        part = sums[i * per_site : (i + 1) * per_site]
+        if owner is not None and runs_it(owner[0]):
+            batches.setdefault(owner[0], []).append((owner[1], part))
+            continue
+        template = _TEMPLATES.get(ident)
+        if template is None or anchor is None:
+            continue
+        if adopters is None:
+            adopters = [c for c in list(_ATTACHED) if runs_it(c)]
+        for capture in adopters:
+            site = capture._adopt(ident, template)
+            if site is not None:
+                batches.setdefault(capture, []).append((site, part))
+                break
+    for capture, batch in batches.items():
+        capture.record(batch, anchor)
 
 
 def _site_sums(
@@ -238,6 +272,8 @@ class _Site:
     entry: tuple[Any, int, str] | None = None  # the producer's unit axis (for sibling blocks' sites)
     block: str = ""  # the compiled block whose own graph holds the site ("" for the model's graphs)
     calls_per_block_call: int = 1  # calls of the site's module in one call of that block
+    stats_units: int = 0  # units and device of its rings (kept by the template, which has none)
+    device: Any = None
 
 
 _STACK_FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\S+)')
@@ -304,6 +340,7 @@ class GraphCapture:
         self._pointer_owner: dict[int, str] = {}
         self._graph_root = ""  # the module whose forward the graph being rewritten starts in
         self._graph_calls: dict[str, int] = {}  # calls of each module in that graph
+        self._adopted: dict[int, _Site | None] = {}  # another capture's graph site id -> this capture's site
         # A block's k-th call in one forward of the model (its wrapper's hooks run eagerly around
         # the compiled call): its sites are those of call k, as in eager mode.
         self._block_calls: dict[str, int] = {}
@@ -700,12 +737,31 @@ class GraphCapture:
         site = _Site(
             info, unit_dim, stats, order=next_site_order(), ident=next(_SITE_IDS), key=key, entry=_axis_entry(table.get(value)),
             block=self._graph_root, calls_per_block_call=1 if path == self._graph_root else self._graph_calls.get(path, 1),
+            stats_units=units, device=value.device,
         )  # fmt: skip
         self.sites[key] = site
         self.uncaptured.pop(path, None)  # compiled after all (the whole model, say)
         with _LOCK:
+            _TEMPLATES[site.ident] = dataclasses.replace(site, stats=None)  # type: ignore[arg-type]
             if self._attached:
                 _CALLBACKS[site.ident] = (self, site)
+        return site
+
+    def _adopt(self, ident: int, template: _Site) -> _Site | None:
+        """This capture's site for a graph site another capture made (None when this model has no
+        module of that class at that path): the same key, this monitor's threshold and rings."""
+        if ident in self._adopted:
+            return self._adopted[ident]
+        info = template.info
+        site = self.sites.get(template.key)
+        if site is None and (not info.module or self._types.get(info.module) == info.module_type):
+            info = dataclasses.replace(info)
+            stats = WindowStats(template.stats_units, resolve_threshold(self.threshold_spec, info), template.device, self.window)
+            stats.nonnegative = info.function in NONNEGATIVE_FUNCTIONS
+            site = dataclasses.replace(template, info=info, stats=stats, order=next_site_order(), ident=next(_SITE_IDS))
+            self.sites[template.key] = site
+            self.uncaptured.pop(info.module, None)
+        self._adopted[ident] = site
         return site
 
 
