@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import deadrelu
-from deadrelu.monitor.graph_capture import GraphCapture, graph_capture_available
+from deadrelu.monitor.graph_capture import CompiledModelWarning, GraphCapture, graph_capture_available
 from deadrelu.monitor.monitor import DeadUnitWarning
 
 pytestmark = pytest.mark.skipif(not graph_capture_available(), reason="needs torch.library.custom_op and effectful ops")
@@ -634,3 +634,31 @@ def test_two_monitored_instances_sharing_one_graph_each_count_their_own(dynamo):
         for m in mons:
             m.detach()
     assert got == [(0, 1, 2, 3, 4), (0, 1, 2, 3, 4, 5, 6, 7)]
+
+
+def test_compiled_blocks_warn_once_that_the_calls_attention_mask_does_not_reach_them(dynamo):
+    class Masked(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.block, self.act = Layer(), nn.ReLU()
+
+        def forward(self, x, attention_mask=None):
+            return self.act(self.block(x)).sum()
+
+    torch.manual_seed(0)
+    model = Masked()
+    model.block = torch.compile(model.block)
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    mask[1, 3:] = False
+    with deadrelu.Monitor(model, window=2, log_every=100) as mon:
+        with pytest.warns(CompiledModelWarning, match="attention_mask does not reach the graphs"):
+            for _ in range(2):
+                model(torch.randn(2, 5, 8), attention_mask=mask).backward()
+                mon.step()
+        got = {s.name: s.observations for s in mon.report("total").sites}
+    assert got == {"block:relu": 20, "block.act": 20, "act": 16}  # eager code masked, the blocks not
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CompiledModelWarning)
+        with deadrelu.Monitor(model, window=2, log_every=100, mask=False) as mon:
+            model(torch.randn(2, 5, 8), attention_mask=mask).backward()
+            mon.step()

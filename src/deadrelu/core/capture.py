@@ -362,6 +362,11 @@ class ActivationCapture:
         self._stance: contextlib.AbstractContextManager[Any] | None = None
 
     @property
+    def current_mask(self) -> torch.Tensor | None:
+        """The observation mask of the forward pass being observed (None: every position counts)."""
+        return self._fwd.mask
+
+    @property
     def enabled(self) -> bool:
         """Whether forward passes started by the current thread are observed (default True)."""
         return getattr(self._tls, "enabled", True)

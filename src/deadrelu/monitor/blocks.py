@@ -14,20 +14,23 @@ compilation:
 Sites of both halves are merged in first-seen order (one process-wide counter numbers them)
 and named together, so names are those of the eager monitor on the uncompiled model.
 
-Limit: a tensor that leaves a block carries no unit axis from its producer inside it, so an
+Limits: a tensor that leaves a block carries no unit axis from its producer inside it, so an
 eager activation applied directly to a block's output takes the rank rule (last dim for 2-D and
-3-D tensors, channels for 4-D ones) where eager mode would follow the producer.
+3-D tensors, channels for 4-D ones) where eager mode would follow the producer. The model call's
+``attention_mask`` masks the eager code only: the blocks' graphs do not take it, so their sites
+count padded positions too (one :class:`CompiledModelWarning` says so when a masked call runs).
 """
 
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Any, Callable, Iterator
 
 from torch import nn
 
 from ..core.capture import ActivationCapture, ThresholdSpec, UnitDimSpec, display_names
-from .graph_capture import GraphCapture
+from .graph_capture import CompiledModelWarning, GraphCapture
 
 __all__ = ["BlockCapture"]
 
@@ -59,6 +62,23 @@ class BlockCapture:
             model, unit_dim=unit_dim, threshold=threshold, window=window, observing=observing, mask=mask, eager_beside=True
         )
         self.eager = eager(model, unit_dim=unit_dim, threshold=threshold, mask=mask, beside_compiled_blocks=True)
+        self.graph.before_record = self._check_padding
+        self._padding_warned = False
+
+    def _check_padding(self) -> None:
+        """A block graph records while the model's call carries an observation mask: say once that
+        the blocks count every position (the mask is an input of the model, not of their graphs)."""
+        if self._padding_warned or self.eager.current_mask is None:
+            return
+        self._padding_warned = True
+        warnings.warn(
+            "deadrelu: this call's attention_mask does not reach the graphs of the compiled blocks, so their "
+            "sites count padded positions too (the eager code around them is masked). For exact padding "
+            "counts use Monitor(..., compiled=False), which runs the blocks eagerly while it observes, or "
+            "compile the whole model, whose graph takes the mask; mask=False silences this",
+            CompiledModelWarning,
+            stacklevel=2,
+        )
 
     # -- the capture interface ------------------------------------------------------------------
     @property

@@ -341,6 +341,7 @@ class GraphCapture:
         self._graph_root = ""  # the module whose forward the graph being rewritten starts in
         self._graph_calls: dict[str, int] = {}  # calls of each module in that graph
         self._adopted: dict[int, _Site | None] = {}  # another capture's graph site id -> this capture's site
+        self.before_record: Callable[[], None] | None = None  # called as each observed graph records
         # A block's k-th call in one forward of the model (its wrapper's hooks run eagerly around
         # the compiled call): its sites are those of call k, as in eager mode.
         self._block_calls: dict[str, int] = {}
@@ -442,6 +443,8 @@ class GraphCapture:
         """Add one compiled forward's sums into its sites' rings (called by the observe op)."""
         if not (self.enabled and self.observing()) or (anchor is not None and not self._is_ours(anchor)):
             return  # unscheduled, or another instance of the model's class running the same graph
+        if self.before_record is not None:
+            self.before_record()
         if anchor is not None and self._blocks and batch:
             batch = self._for_running_block(batch, anchor)
         try:
