@@ -130,3 +130,17 @@ def test_default_monitor_under_compile_warns_and_never_recompiles(dynamo):
     model(x).sum().backward()  # the same monitor still observes eager calls
     assert mon.report().batches == 1
     mon.detach()
+
+
+def test_a_monitor_given_the_compiled_model_counts_samples_without_recompiling(dynamo):
+    model = tiny()
+    compiled = torch.compile(model)
+    mon = deadrelu.Monitor(compiled, every=2, window=2, log_every=4).attach()
+    graphs = []
+    try:
+        train(compiled, mon, lambda i: graphs.append(dynamo["stats"]["unique_graphs"]))
+        total = mon.report("total")
+    finally:
+        mon.detach()
+    assert graphs == [graphs[0]] * STEPS  # the wrapper's hook runs outside the compiled code
+    assert total.batches == STEPS // 2 and total.samples == 6 * STEPS // 2  # batches of 6, every 2nd step

@@ -221,6 +221,7 @@ class Monitor:
         if not isinstance(model, nn.Module):
             raise DeadReluError(f"model must be a torch.nn.Module, not {type(model).__name__}")
         root_compiled = is_compiled_wrapper(model)
+        self._wrapper = model if root_compiled else None
         if root_compiled:  # the module inside torch.compile's OptimizedModule
             model, compiled = model._orig_mod, True if compiled is None else compiled  # type: ignore[assignment]
         elif compiled is None and any(is_compiled_wrapper(m) for m in model.modules()):
@@ -280,6 +281,7 @@ class Monitor:
         self.alerts: list[Alert] = []
         self.steps = 0
         self._gate_handle: Any = None
+        self._wrapper_handle: Any = None
         self._observe = bool(self.schedule(0))
         self._loss: Any = None
         self._dead: dict[str, set[int]] = {}  # per site: dead units at the last full-window evaluation
@@ -309,6 +311,8 @@ class Monitor:
         self._use_distributed()  # distributed=True without a process group fails here, before any hook
         # Runs before the capture's own root hook, so unobserved passes never enter the function mode.
         self._gate_handle = self.model.register_forward_pre_hook(copy_safe_hook(self._gate), prepend=True)
+        if self._wrapper is not None and not self._eager_root:
+            self._wrapper_handle = self._wrapper.register_forward_pre_hook(copy_safe_hook(self._gate_wrapper))
         try:
             self.capture.attach()
             if not self._opened:
@@ -325,6 +329,9 @@ class Monitor:
         if self._gate_handle is not None:
             self._gate_handle.remove()
             self._gate_handle = None
+        if self._wrapper_handle is not None:
+            self._wrapper_handle.remove()
+            self._wrapper_handle = None
         self.capture.detach()  # ActivationCapture.detach frees the shared scratch buffers
         if self._opened:
             self._opened = False
@@ -378,14 +385,23 @@ class Monitor:
         on = self._observe and torch.is_grad_enabled()
         self.capture.enabled = on
         if on and self._eager_root:
-            # Samples per observed forward, in a fixed-size ring beside the device rings
-            # (shapes only: no sync). Compiled models skip it: Dynamo would guard on the index.
-            first = args[0] if args else None
-            n = int(first.shape[0]) if isinstance(first, torch.Tensor) and first.ndim else 0
-            k = self._forwards % self.window
-            self._samples_total += n
-            self._samples_ring[k] = n
-            self._forwards += 1
+            self._count_samples(args)
+
+    def _count_samples(self, args: Any) -> None:
+        """Samples per observed forward, in a fixed-size ring beside the device rings (shapes only:
+        no sync). Only from eager code: Dynamo would guard on the ring index."""
+        first = args[0] if args else None
+        n = int(first.shape[0]) if isinstance(first, torch.Tensor) and first.ndim else 0
+        k = self._forwards % self.window
+        self._samples_total += n
+        self._samples_ring[k] = n
+        self._forwards += 1
+
+    def _gate_wrapper(self, module: nn.Module, args: Any) -> None:
+        """Pre-hook on the ``torch.compile`` wrapper the monitor was given: it runs eagerly, before
+        the compiled code, so the samples of observed forwards are counted as in eager mode."""
+        if self._observe and torch.is_grad_enabled() and not _is_compiling():
+            self._count_samples(args)
 
     @torch.compiler.disable
     def _compiled_unobserved(self) -> None:
