@@ -436,6 +436,23 @@ def test_a_real_gpt2_compiled_equals_eager_with_padding(dynamo):
         ("h.0.mlp.act", "gelu", 48), ("h.1.mlp.act", "gelu", 48)  # 16 real tokens of 24 per batch
     ]
 
+    def make_blocks() -> nn.Module:  # torchtitan-style: each transformer block compiled on its own
+        model = make()
+        for i in range(len(model.h)):
+            model.h[i] = torch.compile(model.h[i])
+        return model
+
+    model = make_blocks()
+    with deadrelu.Monitor(model, window=3, log_every=100) as mon:  # compiled mode, chosen by itself
+        for batch in data:
+            step(model, batch)
+            mon.step()
+        assert type(mon.capture).__name__ == "BlockCapture"
+        blocks = mon.report("total")
+    assert summary(blocks) == summary(eager)  # the padding mask reached the blocks' graphs
+    for a, b in zip(blocks.sites, eager.sites):
+        assert a.fired_counts == b.fired_counts
+
 
 class Bottleneck(nn.Module):
     """A ResNet bottleneck: one in-place ReLU module called three times, BatchNorm in train mode."""
@@ -636,7 +653,10 @@ def test_two_monitored_instances_sharing_one_graph_each_count_their_own(dynamo):
     assert got == [(0, 1, 2, 3, 4), (0, 1, 2, 3, 4, 5, 6, 7)]
 
 
-def test_compiled_blocks_warn_once_that_the_calls_attention_mask_does_not_reach_them(dynamo):
+def test_the_calls_attention_mask_reaches_compiled_blocks(dynamo):
+    """The model call's ``attention_mask`` is an input of the model, not of its compiled blocks'
+    graphs; ``deadrelu::call_mask`` hands it in, so block sites skip padding exactly as eager ones."""
+
     class Masked(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -645,20 +665,27 @@ def test_compiled_blocks_warn_once_that_the_calls_attention_mask_does_not_reach_
         def forward(self, x, attention_mask=None):
             return self.act(self.block(x)).sum()
 
-    torch.manual_seed(0)
-    model = Masked()
-    model.block = torch.compile(model.block)
+    def run(model, **options):
+        g = torch.Generator().manual_seed(1)
+        with deadrelu.Monitor(model, window=2, log_every=100, **options) as mon:
+            for _ in range(2):
+                model(torch.randn(2, 5, 8, generator=g), attention_mask=mask).backward()
+                mon.step()
+            return mon.report("total")
+
     mask = torch.ones(2, 5, dtype=torch.bool)
     mask[1, 3:] = False
-    with deadrelu.Monitor(model, window=2, log_every=100) as mon:
-        with pytest.warns(CompiledModelWarning, match="attention_mask does not reach the graphs"):
-            for _ in range(2):
-                model(torch.randn(2, 5, 8), attention_mask=mask).backward()
-                mon.step()
-        got = {s.name: s.observations for s in mon.report("total").sites}
-    assert got == {"block:relu": 20, "block.act": 20, "act": 16}  # eager code masked, the blocks not
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", CompiledModelWarning)
-        with deadrelu.Monitor(model, window=2, log_every=100, mask=False) as mon:
-            model(torch.randn(2, 5, 8), attention_mask=mask).backward()
-            mon.step()
+    torch.manual_seed(0)
+    plain = Masked()
+    compiled = Masked()
+    compiled.load_state_dict(plain.state_dict())
+    compiled.block = torch.compile(compiled.block)
+    expected, got = run(plain), run(compiled)
+    assert [(s.name, s.observations) for s in got.sites] == [("block:relu", 16), ("block.act", 16), ("act", 16)]
+    assert [(s.name, s.observations, s.fired_counts) for s in got.sites] == [
+        (s.name, s.observations, s.fired_counts) for s in expected.sites
+    ]
+    unmasked = run(compiled, mask=False)  # the same graph, its mask now all True
+    assert [s.observations for s in unmasked.sites] == [20, 20, 20]
+
+

@@ -14,23 +14,25 @@ compilation:
 Sites of both halves are merged in first-seen order (one process-wide counter numbers them)
 and named together, so names are those of the eager monitor on the uncompiled model.
 
-Limits: a tensor that leaves a block carries no unit axis from its producer inside it, so an
+The model call's ``attention_mask`` reaches the blocks' graphs through the op
+``deadrelu::call_mask``, inserted at the start of each block graph: it returns the running call's
+mask over the block input's two leading dims (all True when the call has none), so block sites
+skip padding as in eager mode.
+
+Limit: a tensor that leaves a block carries no unit axis from its producer inside it, so an
 eager activation applied directly to a block's output takes the rank rule (last dim for 2-D and
-3-D tensors, channels for 4-D ones) where eager mode would follow the producer. The model call's
-``attention_mask`` masks the eager code only: the blocks' graphs do not take it, so their sites
-count padded positions too (one :class:`CompiledModelWarning` says so when a masked call runs).
+3-D tensors, channels for 4-D ones) where eager mode would follow the producer.
 """
 
 from __future__ import annotations
 
 import contextlib
-import warnings
 from typing import Any, Callable, Iterator
 
 from torch import nn
 
 from ..core.capture import ActivationCapture, ThresholdSpec, UnitDimSpec, display_names
-from .graph_capture import CompiledModelWarning, GraphCapture
+from .graph_capture import GraphCapture, set_call_mask
 
 __all__ = ["BlockCapture"]
 
@@ -62,23 +64,14 @@ class BlockCapture:
             model, unit_dim=unit_dim, threshold=threshold, window=window, observing=observing, mask=mask, eager_beside=True
         )
         self.eager = eager(model, unit_dim=unit_dim, threshold=threshold, mask=mask, beside_compiled_blocks=True)
-        self.graph.before_record = self._check_padding
-        self._padding_warned = False
+        self._handles: list[Any] = []
 
-    def _check_padding(self) -> None:
-        """A block graph records while the model's call carries an observation mask: say once that
-        the blocks count every position (the mask is an input of the model, not of their graphs)."""
-        if self._padding_warned or self.eager.current_mask is None:
-            return
-        self._padding_warned = True
-        warnings.warn(
-            "deadrelu: this call's attention_mask does not reach the graphs of the compiled blocks, so their "
-            "sites count padded positions too (the eager code around them is masked). For exact padding "
-            "counts use Monitor(..., compiled=False), which runs the blocks eagerly while it observes, or "
-            "compile the whole model, whose graph takes the mask; mask=False silences this",
-            CompiledModelWarning,
-            stacklevel=2,
-        )
+    def _hand_mask_in(self, module: nn.Module, args: Any, kwargs: Any = None) -> None:
+        # after the eager half's own root hook, which took this call's mask
+        set_call_mask(self.eager.current_mask if self.eager.enabled else None)
+
+    def _call_done(self, module: nn.Module, args: Any, output: Any) -> None:
+        set_call_mask(None)
 
     # -- the capture interface ------------------------------------------------------------------
     @property
@@ -107,15 +100,22 @@ class BlockCapture:
         return list(zip(display_names([s.info for s in ordered]), ordered))
 
     def attach(self) -> "BlockCapture":
+        if self.attached:
+            return self
         self.graph.attach()
         try:
             self.eager.attach()
+            self._handles.append(self.model.register_forward_pre_hook(self._hand_mask_in, with_kwargs=True))
+            self._handles.append(self.model.register_forward_hook(self._call_done, always_call=True))
         except BaseException:
-            self.graph.detach()
+            self.detach()
             raise
         return self
 
     def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
         self.eager.detach()
         self.graph.detach()
 

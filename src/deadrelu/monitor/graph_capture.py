@@ -81,7 +81,7 @@ from ..core.unit_axis import ACT, AxisTable, kind_of
 from ..errors import DeadReluError
 from .window import WindowStats, add_sums_to_many
 
-__all__ = ["CompiledModelWarning", "GraphCapture", "graph_capture_available"]
+__all__ = ["CompiledModelWarning", "GraphCapture", "graph_capture_available", "set_call_mask"]
 
 
 class CompiledModelWarning(UserWarning):
@@ -144,6 +144,54 @@ def _observe_op() -> Any:
             _register_effectful_op(getattr(torch.ops, namespace).observe.default, _EffectType.ORDERED)
         _installed["op"] = getattr(torch.ops, namespace).observe.default
         return _installed["op"]
+
+
+_CALL_MASK = threading.local()  # the observation mask of the model call running now (set by BlockCapture)
+_MASK_OP_NAME = "deadrelu::call_mask"
+
+
+def set_call_mask(mask: torch.Tensor | None) -> None:
+    """Make ``mask`` (bool ``(B, T)``, or None) the observation mask that compiled blocks' graphs
+    read while the model call that carries it runs (see :func:`_call_mask`)."""
+    _CALL_MASK.value = mask
+
+
+def _mask_op() -> Any:
+    """The custom op ``deadrelu::call_mask(Tensor like) -> Tensor`` (registered once per process):
+    the running model call's mask over ``like``'s two leading dims — transposed when ``like`` is
+    ``(T, B, ...)`` — or all True when the call has none that fits. A block's graph takes only
+    the block's inputs, never the model call's ``attention_mask``; this op hands it in."""
+    op = _installed.get("mask")
+    if op is not None:
+        return op
+    with _LOCK:
+        if "mask" in _installed:
+            return _installed["mask"]
+        namespace, name = _MASK_OP_NAME.split("::")
+        if not hasattr(getattr(torch.ops, namespace), name):
+
+            @torch.library.custom_op(_MASK_OP_NAME, mutates_args=())
+            def call_mask(like: torch.Tensor) -> torch.Tensor:
+                mask = getattr(_CALL_MASK, "value", None)
+                lead = tuple(like.shape[:2])
+                if mask is not None and mask.ndim == 2:
+                    if tuple(mask.shape) == lead:
+                        return mask.to(device=like.device, dtype=torch.bool)
+                    if tuple(mask.shape) == lead[::-1]:
+                        return mask.t().to(device=like.device, dtype=torch.bool).contiguous()
+                return torch.ones(lead, dtype=torch.bool, device=like.device)
+
+            @call_mask.register_fake
+            def _(like: torch.Tensor) -> torch.Tensor:
+                return like.new_empty(like.shape[:2], dtype=torch.bool)
+
+        _installed["mask"] = getattr(torch.ops, namespace).call_mask.default
+        return _installed["mask"]
+
+
+def _call_mask(like: torch.Tensor) -> torch.Tensor:
+    """Inserted at the start of a compiled block's graph (see :meth:`GraphCapture.rewrite`)."""
+    return _mask_op()(like.detach())
 
 
 def _dispatch(sums: list[torch.Tensor], sites: list[int], anchor: Optional[torch.Tensor]) -> None:
@@ -342,6 +390,8 @@ class GraphCapture:
         self._graph_calls: dict[str, int] = {}  # calls of each module in that graph
         self._adopted: dict[int, _Site | None] = {}  # another capture's graph site id -> this capture's site
         self.before_record: Callable[[], None] | None = None  # called as each observed graph records
+        # Blocks' graphs read the model call's mask through deadrelu::call_mask (BlockCapture sets it).
+        self.mask_from_call = eager_beside and mask is not False
         # A block's k-th call in one forward of the model (its wrapper's hooks run eagerly around
         # the compiled call): its sites are those of call k, as in eager mode.
         self._block_calls: dict[str, int] = {}
@@ -360,6 +410,8 @@ class GraphCapture:
         """Start rewriting graphs compiled from now on (no-op when attached)."""
         if not self._attached:
             _observe_op()
+            if self.mask_from_call:
+                _mask_op()
             with _LOCK:
                 _ATTACHED.add(self)
                 _install_pass()
@@ -610,17 +662,32 @@ class GraphCapture:
         found = self._sites_in(graph)
         if not found:
             return
-        mask = self._mask_input(graph)
+        mask, mask_shape = self._mask_input(graph), None
+        if self.mask_from_call and self._graph_root:
+            mask, mask_shape = self._call_mask_node(graph)
         sums = []
         for node, site in found:
             with graph.inserting_after(node):
                 nonnegative = site.info.function in NONNEGATIVE_FUNCTIONS
-                how = _mask_layout(node.meta["example_value"], site.unit_dim, mask)
+                how = _mask_layout(node.meta["example_value"], site.unit_dim, mask, mask_shape)
                 extra = () if how is None else (mask, how == "transposed")
                 sums.append(graph.call_function(_site_sums, (node, site.unit_dim, site.stats.threshold, nonnegative, *extra)))
         output = next(n for n in reversed(graph.nodes) if n.op == "output")
         with graph.inserting_before(output):  # one op call per graph and step, not one per site
             graph.call_function(_observe_sites, (sums, [site.ident for _, site in found], _anchor(graph)))
+
+    def _call_mask_node(self, graph: fx.Graph) -> tuple[fx.Node | None, tuple[Any, ...] | None]:
+        """In a compiled block's graph: a ``deadrelu::call_mask`` node over the block's first input
+        tensor (its hidden states), and that mask's shape, the input's two leading dims."""
+        inputs = [n for n in graph.nodes if n.op == "placeholder"]
+        for node in inputs:
+            value = _example(node)
+            if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter) and value.ndim >= 2:
+                if id(value) in self._weights:
+                    continue  # a buffer
+                with graph.inserting_after(inputs[-1]):
+                    return graph.call_function(_call_mask, (node,)), tuple(node.meta["example_value"].shape[:2])
+        return None, None
 
     def _mask_input(self, graph: fx.Graph) -> fx.Node | None:
         """The graph input that is the call's ``attention_mask`` (a parameter of that name, or that
@@ -779,12 +846,12 @@ def _axis_entry(entry: tuple[Any, int, str] | None) -> tuple[Any, int, str] | No
     return None if entry is None else (None, entry[1], entry[2])
 
 
-def _mask_layout(value: Any, unit_dim: int, mask: fx.Node | None) -> str | None:
-    """How the mask input lies over an activation's example value (:func:`deadrelu.core.inputs.mask_layout`,
-    with symbolic sizes compared without adding a guard)."""
+def _mask_layout(value: Any, unit_dim: int, mask: fx.Node | None, shape: tuple[Any, ...] | None = None) -> str | None:
+    """How the mask input (of ``shape``, else its example value's) lies over an activation's example
+    value (:func:`deadrelu.core.inputs.mask_layout`, with symbolic sizes compared without adding a guard)."""
     if mask is None or not isinstance(value, torch.Tensor):
         return None
-    return mask_layout(value.shape, unit_dim, mask.meta["example_value"].shape, same=_same)
+    return mask_layout(value.shape, unit_dim, shape if shape is not None else mask.meta["example_value"].shape, same=_same)
 
 
 def _same(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
