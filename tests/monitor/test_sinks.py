@@ -321,12 +321,13 @@ def test_csv_append_follows_a_reordered_deadrelu_header(tmp_path: Path):
     assert rows == [cols, ["1", "2", "0.5"]]
 
 
-@pytest.mark.parametrize("header", ["name,age\n", "step,site,step\n", "dead,alive\n"])
-def test_csv_refuses_a_foreign_header_and_leaves_the_file(tmp_path: Path, header: str):
+@pytest.mark.parametrize("header", ["name,age\n", "step,site,step\n", "dead,alive\n", b"\xff\xfe\x00bin\n", b"no newline at all"])
+def test_csv_refuses_a_foreign_header_and_leaves_the_file(tmp_path: Path, header):
     path = tmp_path / "h.csv"
-    path.write_text(header + "x,y\n")
+    body = b"" if header == b"no newline at all" else b"x,y\n"
+    path.write_bytes((header if isinstance(header, bytes) else header.encode()) + body)
     before = path.read_bytes()
     net = half_dead_net()
-    with pytest.raises(SinkError, match="not a deadrelu CSV header"):
+    with pytest.raises(SinkError, match="not a deadrelu CSV"):
         run(deadrelu.Monitor(net, window=2, log_every=2, sinks=[CSVSink(path)], on_sink_error="raise"), net, 2)
     assert path.read_bytes() == before

@@ -294,29 +294,24 @@ class CSVSink(_FileSink):
     def __init__(self, target: str | os.PathLike[str] | IO[str]) -> None:
         super().__init__(target)
         self._columns: tuple[str, ...] | None = None  # settled at the first write
+        self._header: tuple[str, ...] | None = None  # the existing file's, read when it is opened
 
     def _file_columns(self) -> tuple[tuple[str, ...], bool]:
         """The columns rows go in and whether the header still has to be written.
 
         Raises:
-            SinkError: when the file already starts with a header that is not a deadrelu one.
+            SinkError: when the file already starts with a header that is not a deadrelu one
+                (checked before anything, a torn last record included, is cut or written).
         """
         if self._fh is None:
             self.open()
+        header = self._header
         try:  # an append-mode file stands at its end, so position 0 means "empty"
             empty = self._fh.tell() == 0  # type: ignore[union-attr]
         except (OSError, ValueError):  # unseekable stream (a pipe): assume fresh
             empty = True
-        if empty or self.path is None:
+        if empty or header is None:
             return CSV_COLUMNS, empty
-        with open(self.path, encoding="utf-8", newline="") as fh:
-            header = tuple(next(csv.reader(fh), ()))
-        unknown = [c for c in header if c not in CSV_COLUMNS]
-        if unknown or "step" not in header or "site" not in header or len(set(header)) != len(header):
-            raise SinkError(
-                f"{self.name}: the file's first line {','.join(header)[:200]!r} is not a deadrelu CSV header; "
-                "log to a new file (nothing was written to this one)"
-            )
         if header != CSV_COLUMNS:
             missing = [c for c in CSV_COLUMNS if c not in header]
             warnings.warn(
@@ -326,6 +321,41 @@ class CSVSink(_FileSink):
                 stacklevel=3,
             )
         return header, False
+
+    def open(self) -> None:
+        # The header is checked before the torn-tail repair: a foreign file is left as it is.
+        if self._fh is None:
+            self._header = self._existing_header()
+        super().open()
+
+    def _existing_header(self) -> tuple[str, ...] | None:
+        """The complete header line of the file being appended to (None: no file, an empty one, or
+        a torn deadrelu header that the torn-tail repair will cut).
+
+        Raises:
+            SinkError: when the file does not start with a deadrelu CSV header.
+        """
+        if self.path is None or not self.path.is_file() or self.path.stat().st_size == 0:
+            return None
+        refuse = f"{self.name}: the file is not a deadrelu CSV; log to a new file (nothing was written to this one)"
+        with open(self.path, "rb") as fh:
+            first = fh.readline()
+        try:
+            text = first.decode("utf-8")
+        except UnicodeDecodeError:
+            raise SinkError(f"{refuse} (its first line is not UTF-8 text)") from None
+        if not text.endswith("\n"):  # no complete line: only a torn header of ours may be cut
+            if ",".join(CSV_COLUMNS).startswith(text):
+                return None
+            raise SinkError(f"{refuse} (its only line, {text[:80]!r}, is not a deadrelu header)")
+        try:
+            header = tuple(next(csv.reader([text.rstrip("\r\n")]), ()))
+        except csv.Error as err:
+            raise SinkError(f"{refuse} ({err})") from None
+        unknown = [c for c in header if c not in CSV_COLUMNS]
+        if unknown or "step" not in header or "site" not in header or len(set(header)) != len(header):
+            raise SinkError(f"{refuse} (its first line {','.join(header)[:200]!r} is not a deadrelu CSV header)")
+        return header
 
     def write(self, record: "LogRecord") -> None:
         buf = io.StringIO()
