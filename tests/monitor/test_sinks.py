@@ -331,3 +331,14 @@ def test_csv_refuses_a_foreign_header_and_leaves_the_file(tmp_path: Path, header
     with pytest.raises(SinkError, match="not a deadrelu CSV"):
         run(deadrelu.Monitor(net, window=2, log_every=2, sinks=[CSVSink(path)], on_sink_error="raise"), net, 2)
     assert path.read_bytes() == before
+
+
+
+@pytest.mark.parametrize("content", [b"notes without a newline", b"a,b\n1,2\n", b'{"ok": 1}\nplain text tail', b"\xff\xfe\n"])
+def test_jsonl_refuses_a_file_that_is_not_json_lines_and_leaves_it(tmp_path: Path, content: bytes):
+    path = tmp_path / "h.jsonl"
+    path.write_bytes(content)
+    net = half_dead_net()
+    with pytest.raises(SinkError, match="not a JSON Lines log"):
+        run(deadrelu.Monitor(net, window=2, log_every=2, sinks=[JSONLSink(path)], on_sink_error="raise"), net, 2)
+    assert path.read_bytes() == content

@@ -265,6 +265,35 @@ class JSONLSink(_FileSink):
         'JSONLSink(stream)'
     """
 
+    def open(self) -> None:
+        if self._fh is None and self.path is not None:
+            self._check_existing(self.path)
+        super().open()
+
+    def _check_existing(self, path: Path) -> None:
+        """Refuse, before the torn-tail repair touches it, a file that is not JSON Lines: its first
+        line must be a JSON object, and a torn last record must be the start of one.
+
+        Raises:
+            SinkError: naming what is wrong; the file is left as it is.
+        """
+        if not path.is_file() or path.stat().st_size == 0:
+            return
+        refuse = f"{self.name}: the file is not a JSON Lines log; log to a new file (nothing was written to this one)"
+        with open(path, "rb") as fh:
+            first = fh.readline(1 << 20)
+            fh.seek(_last_record_end(path, quoted=False))
+            tail = fh.read(1 << 16)
+        if tail and not tail.lstrip().startswith(b"{"):
+            raise SinkError(f"{refuse} (it ends with {tail[:60]!r}, which is not the start of a JSON record)")
+        if first.endswith(b"\n"):
+            try:
+                ok = isinstance(json.loads(first.decode("utf-8")), dict)
+            except (UnicodeDecodeError, ValueError):
+                ok = False
+            if not ok:
+                raise SinkError(f"{refuse} (its first line is not a JSON object)")
+
     def write(self, record: "LogRecord") -> None:
         self._emit(json.dumps(record_to_dict(record), allow_nan=False) + "\n")
 
