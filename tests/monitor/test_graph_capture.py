@@ -689,3 +689,39 @@ def test_the_calls_attention_mask_reaches_compiled_blocks(dynamo):
     assert [s.observations for s in unmasked.sites] == [20, 20, 20]
 
 
+
+
+def test_a_compiled_block_without_parameters_is_observed_eagerly(dynamo):
+    """No parameter tells which parameter-free block ran a shared graph: such a block runs eagerly
+    while observed, inside the eager half, and its sites equal the eager monitor's."""
+
+    class Act(nn.Module):
+        def forward(self, x):
+            return F.gelu(F.relu(x) - 0.5)
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.l1, self.act, self.l2 = nn.Linear(4, 8), Act(), nn.Linear(8, 2)
+            self.deep = nn.Sequential(nn.Linear(8, 8), nn.ReLU())
+
+        def forward(self, x):
+            return self.l2(self.deep(self.act(self.l1(x)))).sum()
+
+    def run(model):
+        g = torch.Generator().manual_seed(0)
+        with deadrelu.Monitor(model, window=2, log_every=100) as mon:
+            for _ in range(3):
+                model(torch.randn(6, 4, generator=g)).backward()
+                mon.step()
+            return mon.report("total")
+
+    torch.manual_seed(0)
+    plain, compiled = Model(), Model()
+    compiled.load_state_dict(plain.state_dict())
+    compiled.act, compiled.deep = torch.compile(compiled.act), torch.compile(compiled.deep)
+    expected, got = run(plain), run(compiled)
+    assert [s.name for s in got.sites] == ["act:relu", "act:gelu", "deep.1"]
+    assert [(s.name, s.observations, s.fired_counts) for s in got.sites] == [
+        (s.name, s.observations, s.fired_counts) for s in expected.sites
+    ]

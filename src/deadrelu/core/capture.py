@@ -355,7 +355,9 @@ class ActivationCapture:
         self._beside_blocks = bool(beside_compiled_blocks)
         self._inside_blocks = set()
         if self._beside_blocks:
-            blocks = compiled_blocks(model)
+            # A block without parameters gives the graph capture no parameter to tell which block
+            # ran: it is observed here instead, run eagerly (see _suspend).
+            blocks = [p for p, m in compiled_blocks(model).items() if next(m.parameters(), None) is not None]
             self._inside_blocks = {p for p, _ in named if any(p == b or p.startswith(b + ".") for b in blocks)}
         self._has_compiled_blocks = not self._beside_blocks and (is_compiled_wrapper(model) or bool(compiled_blocks(model)))
         self._suspended: list[Any] = []
@@ -409,16 +411,25 @@ class ActivationCapture:
         return self
 
     def _suspend(self, module: nn.Module, args: Any) -> None:
-        """A compiled block starts: leave the function mode, so Dynamo runs it as without deadrelu."""
+        """A compiled block starts: leave the function mode, so Dynamo runs it as without deadrelu
+        — or, for a block this capture observes itself (no parameters), run it eagerly."""
         mode = self._mode if self._owner == threading.get_ident() else None
+        if mode is not None and next(module.parameters(), None) is None:
+            stance = eager_stance()
+            stance.__enter__()
+            self._suspended.append(stance)
+            return
         self._suspended.append(mode)
         if mode is not None:
             mode.__exit__(None, None, None)
 
     def _resume(self, module: nn.Module, args: Any, output: Any) -> None:
-        mode = self._suspended.pop() if self._suspended else None
-        if mode is not None and mode is self._mode:
-            mode.__enter__()
+        held = self._suspended.pop() if self._suspended else None
+        if isinstance(held, TorchFunctionMode):
+            if held is self._mode:
+                held.__enter__()
+        elif held is not None:
+            held.__exit__(None, None, None)  # the eager stance of a parameter-free block
 
     def detach(self) -> None:
         """Remove every hook and leave any active mode; safe to call twice."""

@@ -9,7 +9,9 @@ compilation:
   are part of the compiled graphs, each block's (and each call's) sums go to its own sites;
 * outside them, the eager :class:`~deadrelu.core.capture.ActivationCapture`, with no hooks inside
   the blocks and its function mode suspended while a block runs (the blocks' wrappers call hooks
-  eagerly around the compiled code), so Dynamo compiles them as it would without deadrelu.
+  eagerly around the compiled code), so Dynamo compiles them as it would without deadrelu. A
+  block without parameters (nothing would tell which such block ran a shared graph) is the
+  eager half's too: it runs eagerly while observed.
 
 Sites of both halves are merged in first-seen order (one process-wide counter numbers them)
 and named together, so names are those of the eager monitor on the uncompiled model.
