@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import deadrelu
-from deadrelu.monitor.graph_capture import CompiledModelWarning, GraphCapture, graph_capture_available
+from deadrelu.monitor.graph_capture import GraphCapture, graph_capture_available
 from deadrelu.monitor.monitor import DeadUnitWarning
 
 pytestmark = pytest.mark.skipif(not graph_capture_available(), reason="needs torch.library.custom_op and effectful ops")
