@@ -354,12 +354,13 @@ class ActivationCapture:
         # are left to a graph capture: no hooks inside them, the function mode suspended while one runs.
         self._beside_blocks = bool(beside_compiled_blocks)
         self._inside_blocks = set()
+        blocks = compiled_blocks(model)
         if self._beside_blocks:
             # A block without parameters gives the graph capture no parameter to tell which block
             # ran: it is observed here instead, run eagerly (see _suspend).
-            blocks = [p for p, m in compiled_blocks(model).items() if next(m.parameters(), None) is not None]
-            self._inside_blocks = {p for p, _ in named if any(p == b or p.startswith(b + ".") for b in blocks)}
-        self._has_compiled_blocks = not self._beside_blocks and (is_compiled_wrapper(model) or bool(compiled_blocks(model)))
+            graphed = [p for p, m in blocks.items() if next(m.parameters(), None) is not None]
+            self._inside_blocks = {p for p, _ in named if any(p == b or p.startswith(b + ".") for b in graphed)}
+        self._has_compiled_blocks = not self._beside_blocks and (is_compiled_wrapper(model) or bool(blocks))
         self._suspended: list[Any] = []
         self._stance: contextlib.AbstractContextManager[Any] | None = None
 

@@ -74,9 +74,10 @@ def report_from_capture(
     Raises:
         NoActivationSitesError: when no activation was seen.
     """
+    model = _eager_module(capture.model)  # a Probe's compiled model is reported as the model inside
     if not capture.sites:
         raise NoActivationSitesError(
-            f"no activation sites found in {type(_eager_module(capture.model)).__name__}: deadrelu looks for ReLU-family, "
+            f"no activation sites found in {type(model).__name__}: deadrelu looks for ReLU-family, "
             "GELU, SiLU, Mish, Hardswish and Softplus activations (modules or functional calls) and the "
             "well-known hand-written activation classes in forward"
             + (
@@ -93,8 +94,8 @@ def report_from_capture(
         batches=batches,
         samples=samples,
         mode=mode,
-        model=type(_eager_module(capture.model)).__name__,
-        fingerprint=model_fingerprint(_eager_module(capture.model)),
+        model=type(model).__name__,
+        fingerprint=model_fingerprint(model),
         uncaptured=tuple(f"{path} ({cls})" for path, cls in capture.uncaptured.items()),
     )
 

@@ -403,7 +403,7 @@ class _RowsPlan:
         return x2, self.part[0], self.part[1]
 
 
-def _rows_plan(x: torch.Tensor, unit_dim: int, threshold: float, nonnegative: bool) -> _RowsPlan | None:
+def _rows_plan(x: torch.Tensor, unit_dim: int, nonnegative: bool) -> _RowsPlan | None:
     """The cached :class:`_RowsPlan` for ``x``'s layout, or None when ``x`` needs the general pass
     (not float32/float64, units not innermost in memory, or too large for one cached chunk)."""
     key = (x.shape, x.stride(), x.dtype, unit_dim, nonnegative)
@@ -469,7 +469,7 @@ def _cpu_batch(
     x: torch.Tensor, unit_dim: int, threshold: float, nonnegative: bool, out: Mapping[str, torch.Tensor]
 ) -> None:
     """The CPU backend of :func:`accumulate` (mask already applied)."""
-    plan = _rows_plan(x, unit_dim, threshold, nonnegative)
+    plan = _rows_plan(x, unit_dim, nonnegative)
     if plan is not None:
         x3, fired, mag = plan.run(x, threshold)  # x3 is 2-D here: made 3-D only if needed below
     else:
@@ -598,12 +598,6 @@ def _autocast_on(device_type: str) -> bool:
         return device_type == "cpu" and torch.is_autocast_cpu_enabled()
 
 
-def _extra_declared() -> bool:
-    """Whether any statistic outside the fused pass is declared (read each call: tests and
-    users may extend :data:`STATISTICS` at run time)."""
-    return any(s.batch is not None for s in STATISTICS)
-
-
 @contextlib.contextmanager
 def _no_autocast(device_type: str) -> Iterator[None]:
     """Switch autocast off where it is on (a matrix-vector count would run in bf16)."""
@@ -654,8 +648,7 @@ def accumulate(
         backend == "auto" and _triton_ready(x)
     ):
         _cpu_batch(x, unit_dim, threshold, nonnegative, out)  # the common case, with the fewest calls
-        if _extra_declared():
-            _extra_statistics(x, unit_dim, threshold, out, mask)
+        _extra_statistics(x, unit_dim, threshold, out, mask)
         return
     with _no_autocast(x.device.type):
         use_kernel = backend == "triton" or (backend == "auto" and _triton_ready(x))

@@ -117,33 +117,45 @@ def graph_capture_available() -> bool:
     )
 
 
+def _registered_op(key: str, op_name: str, define: Callable[[], None]) -> Any:
+    """The custom op ``op_name``, defined by ``define()`` once per process (a deadrelu imported
+    again in the same process finds it in ``torch.ops`` already)."""
+    op = _installed.get(key)
+    if op is not None:
+        return op
+    with _LOCK:
+        if key not in _installed:
+            namespace, name = op_name.split("::")
+            if not hasattr(getattr(torch.ops, namespace), name):
+                define()
+            _installed[key] = getattr(getattr(torch.ops, namespace), name).default
+        return _installed[key]
+
+
 def _observe_op() -> Any:
     """The effectful custom op ``deadrelu::observe(Tensor[] sums, int[] sites, Tensor? anchor) -> ()``
     (registered once per process): hands each site's sums to the capture that owns the site."""
-    with _LOCK:
-        if "op" in _installed:
-            return _installed["op"]
+
+    def define() -> None:
+        # Not capturable by CUDA graphs: a replay would skip the Python that picks the ring row.
+        unsafe = getattr(torch.Tag, "cudagraph_unsafe", None)
+        tags = {"tags": (unsafe,)} if unsafe is not None else {}
+
+        @torch.library.custom_op(_OP_NAME, mutates_args=(), **tags)
+        def observe(sums: list[torch.Tensor], sites: list[int], anchor: Optional[torch.Tensor]) -> None:
+            _dispatch(sums, sites, anchor)
+
+        @observe.register_fake
+        def _(sums: list[torch.Tensor], sites: list[int], anchor: Optional[torch.Tensor]) -> None:
+            return None
+
+        from torch._higher_order_ops.effects import _EffectType, _register_effectful_op
+
+        # Effectful: Inductor keeps the call (it returns nothing) and keeps it in order.
         namespace, name = _OP_NAME.split("::")
-        if not hasattr(getattr(torch.ops, namespace), name):
+        _register_effectful_op(getattr(getattr(torch.ops, namespace), name).default, _EffectType.ORDERED)
 
-            # Not capturable by CUDA graphs: a replay would skip the Python that picks the ring row.
-            unsafe = getattr(torch.Tag, "cudagraph_unsafe", None)
-            tags = {"tags": (unsafe,)} if unsafe is not None else {}
-
-            @torch.library.custom_op(_OP_NAME, mutates_args=(), **tags)
-            def observe(sums: list[torch.Tensor], sites: list[int], anchor: Optional[torch.Tensor]) -> None:
-                _dispatch(sums, sites, anchor)
-
-            @observe.register_fake
-            def _(sums: list[torch.Tensor], sites: list[int], anchor: Optional[torch.Tensor]) -> None:
-                return None
-
-            from torch._higher_order_ops.effects import _EffectType, _register_effectful_op
-
-            # Effectful: Inductor keeps the call (it returns nothing) and keeps it in order.
-            _register_effectful_op(getattr(torch.ops, namespace).observe.default, _EffectType.ORDERED)
-        _installed["op"] = getattr(torch.ops, namespace).observe.default
-        return _installed["op"]
+    return _registered_op("op", _OP_NAME, define)
 
 
 _CALL_MASK = threading.local()  # the observation mask of the model call running now (set by BlockCapture)
@@ -161,32 +173,24 @@ def _mask_op() -> Any:
     the running model call's mask over ``like``'s two leading dims — transposed when ``like`` is
     ``(T, B, ...)`` — or all True when the call has none that fits. A block's graph takes only
     the block's inputs, never the model call's ``attention_mask``; this op hands it in."""
-    op = _installed.get("mask")
-    if op is not None:
-        return op
-    with _LOCK:
-        if "mask" in _installed:
-            return _installed["mask"]
-        namespace, name = _MASK_OP_NAME.split("::")
-        if not hasattr(getattr(torch.ops, namespace), name):
 
-            @torch.library.custom_op(_MASK_OP_NAME, mutates_args=())
-            def call_mask(like: torch.Tensor) -> torch.Tensor:
-                mask = getattr(_CALL_MASK, "value", None)
-                lead = tuple(like.shape[:2])
-                if mask is not None and mask.ndim == 2:
-                    if tuple(mask.shape) == lead:
-                        return mask.to(device=like.device, dtype=torch.bool)
-                    if tuple(mask.shape) == lead[::-1]:
-                        return mask.t().to(device=like.device, dtype=torch.bool).contiguous()
-                return torch.ones(lead, dtype=torch.bool, device=like.device)
+    def define() -> None:
+        @torch.library.custom_op(_MASK_OP_NAME, mutates_args=())
+        def call_mask(like: torch.Tensor) -> torch.Tensor:
+            mask = getattr(_CALL_MASK, "value", None)
+            lead = tuple(like.shape[:2])
+            if mask is not None and mask.ndim == 2:
+                if tuple(mask.shape) == lead:
+                    return mask.to(device=like.device, dtype=torch.bool)
+                if tuple(mask.shape) == lead[::-1]:
+                    return mask.t().to(device=like.device, dtype=torch.bool).contiguous()
+            return torch.ones(lead, dtype=torch.bool, device=like.device)
 
-            @call_mask.register_fake
-            def _(like: torch.Tensor) -> torch.Tensor:
-                return like.new_empty(like.shape[:2], dtype=torch.bool)
+        @call_mask.register_fake
+        def _(like: torch.Tensor) -> torch.Tensor:
+            return like.new_empty(like.shape[:2], dtype=torch.bool)
 
-        _installed["mask"] = getattr(torch.ops, namespace).call_mask.default
-        return _installed["mask"]
+    return _registered_op("mask", _MASK_OP_NAME, define)
 
 
 def _call_mask(like: torch.Tensor) -> torch.Tensor:
@@ -220,7 +224,7 @@ def _dispatch(sums: list[torch.Tensor], sites: list[int], anchor: Optional[torch
         if adopters is None:
             adopters = [c for c in list(_ATTACHED) if runs_it(c)]
         for capture in adopters:
-            site = capture._adopt(ident, template)
+            site = capture._adopt(ident, template, part[0].device)
             if site is not None:
                 batches.setdefault(capture, []).append((site, part))
                 break
@@ -320,8 +324,6 @@ class _Site:
     entry: tuple[Any, int, str] | None = None  # the producer's unit axis (for sibling blocks' sites)
     block: str = ""  # the compiled block whose own graph holds the site ("" for the model's graphs)
     calls_per_block_call: int = 1  # calls of the site's module in one call of that block
-    stats_units: int = 0  # units and device of its rings (kept by the template, which has none)
-    device: Any = None
 
 
 _STACK_FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\S+)')
@@ -349,8 +351,8 @@ class GraphCapture:
         observing: called when a compiled forward runs; the batch is recorded only when it
             returns True (the monitor's schedule).
         mask: the call's ``attention_mask`` input is used unless False (see the module docstring).
-        eager_beside: an eager capture observes the code outside the compiled blocks (so their
-            activation modules are not listed as uncaptured).
+        eager_beside: an eager capture observes the code outside the compiled blocks, and hands
+            the model call's mask to the blocks' graphs (``deadrelu::call_mask``).
     """
 
     def __init__(
@@ -382,25 +384,22 @@ class GraphCapture:
         self._root_code = _code_span(type(model).forward)
         # Blocks compiled on their own (model.layers[i] = torch.compile(...)): each is the root of
         # its graphs, and instances of one class share one graph (see record()).
-        self._blocks = sorted(compiled_blocks(model), key=len, reverse=True)  # innermost first
-        self._block_code = [(span, p) for p, m in compiled_blocks(model).items() if (span := _code_span(type(m).forward))]
+        blocks = compiled_blocks(model)
+        self._blocks = sorted(blocks, key=len, reverse=True)  # innermost first
+        self._block_code = [(span, p) for p, m in blocks.items() if (span := _code_span(type(m).forward))]
         self._param_owner = {id(t): p for p, m in named for t in (*m.parameters(recurse=False), *m.buffers(recurse=False))}
         self._pointer_owner: dict[int, str] = {}
         self._graph_root = ""  # the module whose forward the graph being rewritten starts in
         self._graph_calls: dict[str, int] = {}  # calls of each module in that graph
         self._adopted: dict[int, _Site | None] = {}  # another capture's graph site id -> this capture's site
-        self.before_record: Callable[[], None] | None = None  # called as each observed graph records
         # Blocks' graphs read the model call's mask through deadrelu::call_mask (BlockCapture sets it).
         self.mask_from_call = eager_beside and mask is not False
         # A block's k-th call in one forward of the model (its wrapper's hooks run eagerly around
         # the compiled call): its sites are those of call k, as in eager mode.
         self._block_calls: dict[str, int] = {}
         self._running_call: dict[str, int] = {}
-        self._wrappers = [(p, m) for p, m in _wrapper_paths(model)]
+        self._wrappers = _wrapper_paths(model)
         self._handles: list[Any] = []
-        for path in self._act_modules:  # activation modules that run eagerly beside compiled blocks
-            if self._blocks and not self._block_of(path) and not eager_beside:
-                self.uncaptured[path] = "outside the compiled blocks: eager code is not observed with compiled=True"
         self._weights = {id(t) for t in (*model.parameters(), *model.buffers())}
         self._pointers: set[int] = set()  # storage of this model's weights, refreshed on a miss
         self._attached = False
@@ -495,8 +494,6 @@ class GraphCapture:
         """Add one compiled forward's sums into its sites' rings (called by the observe op)."""
         if not (self.enabled and self.observing()) or (anchor is not None and not self._is_ours(anchor)):
             return  # unscheduled, or another instance of the model's class running the same graph
-        if self.before_record is not None:
-            self.before_record()
         if anchor is not None and self._blocks and batch:
             batch = self._for_running_block(batch, anchor)
         try:
@@ -807,30 +804,29 @@ class GraphCapture:
         site = _Site(
             info, unit_dim, stats, order=next_site_order(), ident=next(_SITE_IDS), key=key, entry=_axis_entry(table.get(value)),
             block=self._graph_root, calls_per_block_call=1 if path == self._graph_root else self._graph_calls.get(path, 1),
-            stats_units=units, device=value.device,
         )  # fmt: skip
         self.sites[key] = site
-        self.uncaptured.pop(path, None)  # compiled after all (the whole model, say)
         with _LOCK:
             _TEMPLATES[site.ident] = dataclasses.replace(site, stats=None)  # type: ignore[arg-type]
             if self._attached:
                 _CALLBACKS[site.ident] = (self, site)
         return site
 
-    def _adopt(self, ident: int, template: _Site) -> _Site | None:
+    def _adopt(self, ident: int, template: _Site, device: torch.device) -> _Site | None:
         """This capture's site for a graph site another capture made (None when this model has no
-        module of that class at that path): the same key, this monitor's threshold and rings."""
+        module of that class at that path): the same key, this monitor's threshold and rings (on
+        ``device``, where the graph's sums are)."""
         if ident in self._adopted:
             return self._adopted[ident]
         info = template.info
         site = self.sites.get(template.key)
         if site is None and (not info.module or self._types.get(info.module) == info.module_type):
             info = dataclasses.replace(info)
-            stats = WindowStats(template.stats_units, resolve_threshold(self.threshold_spec, info), template.device, self.window)
+            units = info.shape[template.unit_dim] if info.shape else 1  # the unit dim's size is never symbolic
+            stats = WindowStats(units, resolve_threshold(self.threshold_spec, info), device, self.window)
             stats.nonnegative = info.function in NONNEGATIVE_FUNCTIONS
             site = dataclasses.replace(template, info=info, stats=stats, order=next_site_order(), ident=next(_SITE_IDS))
             self.sites[template.key] = site
-            self.uncaptured.pop(info.module, None)
         self._adopted[ident] = site
         return site
 

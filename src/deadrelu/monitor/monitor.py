@@ -224,7 +224,8 @@ class Monitor:
         self._wrapper = model if root_compiled else None
         if root_compiled:  # the module inside torch.compile's OptimizedModule
             model, compiled = model._orig_mod, True if compiled is None else compiled  # type: ignore[assignment]
-        elif compiled is None and any(is_compiled_wrapper(m) for m in model.modules()):
+        has_blocks = bool(compiled_blocks(model))
+        if compiled is None and has_blocks:
             compiled = True  # a compiled block: Dynamo would trace the eager hooks
         if isinstance(window, bool) or not isinstance(window, int) or window < 1:
             raise DeadReluError(f"window must be a positive int (batches), got {window!r}")
@@ -258,7 +259,7 @@ class Monitor:
 
         if self.compiled:
             refuse_mask(mask)
-            if graph_capture.graph_capture_available() and compiled_blocks(model) and not root_compiled:
+            if graph_capture.graph_capture_available() and has_blocks and not root_compiled:
                 # blocks compiled one by one: their graphs, and the model's own eager code around them
                 self.capture = BlockCapture(
                     model, eager=eager_capture, unit_dim=unit_dim, threshold=threshold, window=window,

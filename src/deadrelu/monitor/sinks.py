@@ -326,12 +326,8 @@ class CSVSink(_FileSink):
         self._header: tuple[str, ...] | None = None  # the existing file's, read when it is opened
 
     def _file_columns(self) -> tuple[tuple[str, ...], bool]:
-        """The columns rows go in and whether the header still has to be written.
-
-        Raises:
-            SinkError: when the file already starts with a header that is not a deadrelu one
-                (checked before anything, a torn last record included, is cut or written).
-        """
+        """The columns rows go in and whether the header still has to be written (the existing
+        file's header was checked when it was opened, see :meth:`open`)."""
         if self._fh is None:
             self.open()
         header = self._header
