@@ -523,21 +523,35 @@ def make_stack() -> Stack:
     return net
 
 
-def test_blocks_compiled_one_by_one_keep_their_own_sites(dynamo):
-    """torchtitan-style ``layers[i] = torch.compile(layers[i])``: one graph serves every layer
-    (Dynamo shares it between instances of the class); each layer's sums still go to its own sites,
-    named and counted as in eager mode."""
+def stack_data(n: int) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(3)
-    data = [torch.randn(5, 8, generator=g) for _ in range(4)]
+    return [torch.randn(5, 8, generator=g) for _ in range(n)]
+
+
+def eager_stack_total(data: list[torch.Tensor]) -> deadrelu.Report:
+    """The eager monitor's since-start report of an uncompiled :func:`make_stack` on ``data``."""
     eager = make_stack()
     with deadrelu.Monitor(eager, window=2, log_every=100) as ref:
         for x in data:
             eager(x).backward()
             ref.step()
-        expected = ref.report("total")
+        return ref.report("total")
+
+
+def stack_compiled_by_layer() -> Stack:
     net = make_stack()
     for i in range(len(net.layers)):
         net.layers[i] = torch.compile(net.layers[i])
+    return net
+
+
+def test_blocks_compiled_one_by_one_keep_their_own_sites(dynamo):
+    """torchtitan-style ``layers[i] = torch.compile(layers[i])``: one graph serves every layer
+    (Dynamo shares it between instances of the class); each layer's sums still go to its own sites,
+    named and counted as in eager mode."""
+    data = stack_data(4)
+    expected = eager_stack_total(data)
+    net = stack_compiled_by_layer()
     with deadrelu.Monitor(net, window=2, log_every=100) as mon:
         assert mon.compiled
         for x in data:
@@ -579,22 +593,12 @@ def test_a_compiled_block_called_twice_beside_eager_code_equals_eager(dynamo):
     assert got.samples == ref.report("total").samples > 0
 
 
-
-
 def test_a_model_compiled_whole_with_compiled_blocks_inside_keeps_its_graphs_sites(dynamo):
     """Blocks compiled one by one and then the whole model compiled after attach (Dynamo inlines the
     blocks into one graph): the graph's sites are its own, never re-routed as a block's."""
-    g = torch.Generator().manual_seed(3)
-    data = [torch.randn(5, 8, generator=g) for _ in range(3)]
-    eager = make_stack()
-    with deadrelu.Monitor(eager, window=2, log_every=100) as ref:
-        for x in data:
-            eager(x).backward()
-            ref.step()
-        expected = ref.report("total")
-    net = make_stack()
-    for i in range(len(net.layers)):
-        net.layers[i] = torch.compile(net.layers[i])
+    data = stack_data(3)
+    expected = eager_stack_total(data)
+    net = stack_compiled_by_layer()
     mon = deadrelu.Monitor(net, window=2, log_every=100, compiled=True).attach()
     whole = torch.compile(net)
     try:
