@@ -31,6 +31,7 @@ import copy
 import importlib.util
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -299,7 +300,8 @@ def monitor_ratio(build: Callable[[], nn.Module], x: torch.Tensor, steps: int, r
 
 def kernel_numbers(device: torch.device, repeats: int) -> list[str]:
     """The statistics pass alone against a bare ReLU over the same tensor (the one-read limit):
-    effective GB/s of each backend, on the issue's bf16 MLP activation and a channels_last one."""
+    effective GB/s of each backend, on the issue's bf16 MLP activation and a channels_last one,
+    and the fused ReLU (the ReLU and its statistics in one kernel) against the bare ReLU."""
     from deadrelu.core import stats
 
     lines = []
@@ -311,6 +313,8 @@ def kernel_numbers(device: torch.device, repeats: int) -> list[str]:
         runs = {"relu": lambda: torch.relu(x)}
         for backend in ("torch", "triton") if device.type == "cuda" else ("torch",):
             runs[backend] = lambda b=backend: stats.accumulate(x, unit_dim, 0.0, False, out, backend=b)
+        if device.type == "cuda":  # the ReLU that counts its own output: its cost over the bare ReLU
+            runs["fused relu"] = lambda: stats.relu_accumulate(x, unit_dim, 0.0, out, backend="triton")
         times = {k: [] for k in runs}
         for fn in runs.values():
             fn()
@@ -391,7 +395,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default=None, help="write the rows to this JSON file")
     parser.add_argument("--no-compile", dest="compile", action="store_false", help="skip the compiled monitor rows")
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny sizes on CPU: checks the code paths, measures nothing")
+    parser.add_argument(
+        "--no-fused-relu", dest="fused_relu", action="store_false",
+        help="count ReLU outputs with the separate statistics pass instead of the fused ReLU (for an A/B run)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    if not args.fused_relu:
+        os.environ["DEADRELU_NO_FUSED_RELU"] = "1"  # read once, at the first ReLU deadrelu sees
     if args.cpu_smoke:
         device = torch.device("cpu")
         args.repeats, args.steps, args.batches = 1, 2, 2
@@ -402,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
         device = torch.device("cuda")
     selected = [c for c in cases(tiny=args.cpu_smoke) if not args.models or any(m.lower() in c.name.lower() for m in args.models)]
     where = "CPU smoke run (tiny sizes; not benchmark numbers)" if args.cpu_smoke else torch.cuda.get_device_name(device)
-    print(f"deadrelu {deadrelu.__version__}, torch {torch.__version__}, {where}")
+    print(f"deadrelu {deadrelu.__version__}, torch {torch.__version__}, {where}{'' if args.fused_relu else ', fused ReLU off'}")
     kernel_lines = kernel_numbers(device, args.repeats)
     print("\n".join(kernel_lines))
     rows = []
@@ -412,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
             print(table(rows[-1:]).splitlines()[-1] if rows[:-1] else table(rows), flush=True)
     print("\n" + table(rows))
     if args.json:
-        meta = {"device": where, "torch": torch.__version__, "deadrelu": deadrelu.__version__, "smoke": args.cpu_smoke, "kernel": kernel_lines}
+        meta = {"device": where, "torch": torch.__version__, "deadrelu": deadrelu.__version__, "smoke": args.cpu_smoke, "fused_relu": args.fused_relu, "kernel": kernel_lines}
         with open(args.json, "w") as fh:
             json.dump({**meta, "rows": [asdict(r) for r in rows]}, fh, indent=2)
     return 0

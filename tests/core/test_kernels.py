@@ -1,4 +1,5 @@
-"""The fused Triton statistics kernel (cases in kernel_cases.py).
+"""The fused Triton kernels: the statistics pass (cases in kernel_cases.py) and the ReLU that
+counts its own output (fused_cases.py).
 
 Without a GPU the kernel runs on CPU tensors through Triton's interpreter (float32/float16
 there; float64 works too). Triton reads ``TRITON_INTERPRET`` when it is first imported and
@@ -19,13 +20,13 @@ import torch
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 
-CASES = Path(__file__).with_name("kernel_cases.py")
+CASES = [str(Path(__file__).with_name(name)) for name in ("kernel_cases.py", "fused_cases.py")]
 
 
 def test_kernel_cases_under_the_triton_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", str(CASES)],
+        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *CASES],
         env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
@@ -33,4 +34,5 @@ def test_kernel_cases_under_the_triton_interpreter():
 
 
 if torch.cuda.is_available() and importlib.util.find_spec("triton") is not None:
-    from kernel_cases import *  # noqa: F401,F403  (the same cases on the GPU)
+    from fused_cases import *  # noqa: F401,F403  (the same cases on the GPU)
+    from kernel_cases import *  # noqa: F401,F403

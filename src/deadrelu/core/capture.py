@@ -19,7 +19,10 @@ a position reached several times (a loop), so a call that runs only for some bat
 (``if x.shape[0] > 4: h = F.relu(h)``) never shifts another site, and has its own observation
 count. A module called three times (``self.relu`` in a ResNet bottleneck) gives three sites,
 each with its own width. Outputs are read right after the call returns, so in-place
-activations are counted on their true output.
+activations are counted on their true output. On CUDA a ReLU call (``F.relu``, ``torch.relu``,
+``x.relu_()``, a plain ``nn.ReLU`` after its first call) is instead run by the site's
+accumulator as one kernel that writes the ReLU and counts it (:mod:`deadrelu.core.fused`):
+the same output, the same sums, one read fewer.
 
 TorchScript modules accept no Python hooks; :func:`deadrelu.scan` observes them with
 a ``TorchDispatchMode`` instead (sites named by their order in the root forward).
@@ -88,7 +91,7 @@ from .activations import (
 from .hooks import copy_safe_hook, is_deadrelu_hook, remove_inert_hooks
 from .inputs import aligned_mask, apply_mask, mask_from_call, mask_position
 from .unit_axis import ACT, AxisTable, function_kind, kind_of
-from .stats import release_scratch, UnitStats
+from .stats import fused_on_cpu, release_scratch, UnitStats
 
 __all__ = [
     "ACTIVATION_FUNCTIONS",
@@ -160,6 +163,7 @@ class _Frame:
     path: str
     call: int
     slots: int = 0
+    counted: bool = False  # its output was counted by a fused kernel already
 
 
 @dataclass
@@ -183,10 +187,20 @@ class _FunctionSpy(TorchFunctionMode):
         self.capture = capture
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+        kind = kind_of(func)
+        if kind[0] == ACT and func in _RELUS:
+            out = self.capture._counted_relu(func, args, kwargs)
+            if out is not None:
+                return out
         out = func(*args, **kwargs) if kwargs else func(*args)
         if isinstance(out, (torch.Tensor, tuple, list)):
-            self.capture._on_op(kind_of(func), args, kwargs, out)
+            self.capture._on_op(kind, args, kwargs, out)
         return out
+
+
+# The ReLU calls a fused kernel may compute and count at once (core/fused.py), in place or not.
+_INPLACE_RELUS = frozenset({torch.relu_, torch.Tensor.relu_, F.relu_})
+_RELUS = frozenset({F.relu, torch.relu, torch.Tensor.relu}) | _INPLACE_RELUS
 
 
 class _DispatchSpy(TorchDispatchMode):
@@ -218,9 +232,13 @@ _THIS_FILE = __file__
 _MAX_FRAMES = 8
 
 
-def _call_position() -> tuple[Any, ...]:
-    """The chain of (code, bytecode offset) from an activation call up to the module's forward."""
-    f = sys._getframe(4)  # _call_position <- _on_activation <- _on_op <- __torch_function__ <- caller
+def _call_position(depth: int) -> tuple[Any, ...]:
+    """The chain of (code, bytecode offset) from an activation call up to the module's forward.
+
+    ``depth`` counts the frames from here up to ``__torch_function__``'s caller; both routes in
+    (``_on_activation`` and ``_counted_relu``) start there, so a call has one position either way.
+    """
+    f = sys._getframe(depth)
     out = []
     for _ in range(_MAX_FRAMES):
         if f is None:
@@ -340,6 +358,9 @@ class ActivationCapture:
         if is_compiled_wrapper(model):  # a compiled root is named after the module it compiles
             self._types[""] = type(model._orig_mod).__name__
         self._act_modules = {p: fn for p, m in named if (fn := function_of_module(m)) is not None}
+        # Modules whose forward is exactly one F.relu of their input: a fused kernel may count it.
+        self._plain_relus = frozenset(p for p, m in named if type(m) is nn.ReLU and "forward" not in vars(m))
+        self._fuse_on_cpu = fused_on_cpu()
         self._lookalikes = {p for p, m in named if looks_like_activation(m)}
         self._buffer_ids = {id(b) for b in model.buffers()}
         self._graph_sites = _exported_activation_modules(model)
@@ -559,7 +580,7 @@ class ActivationCapture:
                 frame = stack.pop()
                 if activation is not None:
                     self._fwd.inside_activation -= 1
-                    if not self._fwd.inside_activation:
+                    if not self._fwd.inside_activation and not frame.counted:
                         self._on_module_output(activation, frame, output)
                 elif lookalike and not frame.slots:
                     self._note_lookalike(path, args, output)
@@ -598,17 +619,25 @@ class ActivationCapture:
             entry = self._axis(inp)
             if entry is not None and out.shape == inp.shape:
                 self._fwd.axes.set(out, entry[1], entry[2])
+        site = self._site_for(name, args, kwargs, out, depth=5)
+        if site is not None:
+            self._update(site, out)
+
+    def _site_for(self, name: str, args: tuple, kwargs: dict | None, out: torch.Tensor, depth: int) -> _Site | None:
+        """The site of the activation call being made (new on its first call), or None where
+        the call is no site. ``out`` is its output, or the input when that stands in for it."""
         fwd = self._fwd
         if fwd.inside_activation or not fwd.stack:
-            return  # inside an activation module: the module's output is the site
+            return None  # inside an activation module: the module's output is the site
+        inp = args[0] if args else None
         if isinstance(inp, nn.Parameter) or id(inp) in self._buffer_ids:
-            return  # a parameter passed through an activation is not a unit of the network
+            return None  # a parameter passed through an activation is not a unit of the network
         if name == "hardtanh" and _hardtanh_bounds(args, kwargs) == (0.0, 6.0):
             name = "relu6"  # nn.ReLU6 and F.relu6 in TorchScript are hardtanh(0, 6)
         frame = fwd.stack[-1]
         slot = frame.slots
         frame.slots = slot + 1
-        position = () if self.scripted else _call_position()
+        position = () if self.scripted else _call_position(depth)
         where = (frame.path, frame.call, position, name)
         k = fwd.seen.get(where, 0)
         fwd.seen[where] = k + 1
@@ -616,7 +645,63 @@ class ActivationCapture:
         site = self.sites.get(key)
         if site is None:
             site = self._new_site(key, out, slot, position)
-        self._update(site, out)
+        return site
+
+    def _counted_relu(self, func: Any, args: tuple, kwargs: dict | None) -> torch.Tensor | None:
+        """Run a ReLU call with its site's statistics in one kernel (core/fused.py).
+
+        None, having done nothing, where the call is left to the usual route: not a CUDA
+        tensor, inside an activation module other than a plain ``nn.ReLU``, or that module's
+        first call (its output makes the site). A functional site is found first; if its
+        accumulator cannot fuse the call, torch runs it and the site is updated as usual.
+        """
+        inp = args[0] if args else (kwargs or {}).get("input")
+        if type(inp) is not torch.Tensor or not (inp.is_cuda or self._fuse_on_cpu) or self.scripted:
+            return None
+        if func in _INPLACE_RELUS:
+            inplace = True
+        elif kwargs and "inplace" in kwargs:
+            inplace = bool(kwargs["inplace"])
+        else:
+            inplace = len(args) > 1 and bool(args[1])
+        fwd = self._fwd
+        if fwd.inside_activation:
+            frame = fwd.stack[-1] if fwd.stack else None
+            if fwd.inside_activation != 1 or frame is None or frame.counted or frame.path not in self._plain_relus:
+                return None
+            site = self.sites.get((frame.path, frame.call, None, "relu", 0))
+            out = None if site is None else self._fused_update(site, inp, inplace)
+            frame.counted = out is not None
+            return out
+        if not fwd.stack or isinstance(inp, nn.Parameter) or id(inp) in self._buffer_ids:
+            return None
+        site = self._site_for("relu", args, kwargs, inp, depth=4)  # the input stands in for the output
+        out = None if site is None else self._fused_update(site, inp, inplace)
+        if out is None:
+            out = func(*args, **kwargs) if kwargs else func(*args)
+            if site is not None:
+                self._update(site, out)
+        if out is not inp:
+            entry = self._axis(inp)
+            if entry is not None:
+                fwd.axes.set(out, entry[1], entry[2])
+        return out
+
+    def _fused_update(self, site: _Site, x: torch.Tensor, inplace: bool) -> torch.Tensor | None:
+        """``relu(x)`` counted into the site by its accumulator's fused kernel, or None."""
+        fused = getattr(site.stats, "relu_and_update", None)
+        if fused is None or site.unit_dim >= x.ndim:
+            return None
+        mask = self._observation_mask(x)
+        if mask is not None:
+            if not site.takes_mask:
+                return None
+            mask = aligned_mask(x, site.unit_dim, mask)
+        self.last_site = site.info.module or "<root>"
+        try:
+            return fused(x, site.unit_dim, mask=mask, inplace=inplace)
+        except Exception as err:
+            raise self._stats_error(site, x, err) from (None if isinstance(err, DeadReluError) else err)
 
     def _on_module_output(self, name: str, frame: _Frame, out: Any) -> None:
         if not isinstance(out, torch.Tensor):
@@ -627,17 +712,23 @@ class ActivationCapture:
             site = self._new_site(key, out, 0, None)
         self._update(site, out)
 
+    def _observation_mask(self, out: torch.Tensor) -> torch.Tensor | None:
+        """The forward's observation mask on ``out``'s device (copied there once per forward)."""
+        fwd = self._fwd
+        if fwd.mask is None:
+            return None
+        mask = fwd.masks.get(out.device)
+        if mask is None:
+            mask = fwd.masks[out.device] = fwd.mask.to(out.device)
+        return mask
+
     def _update(self, site: _Site, out: torch.Tensor) -> None:
         self.last_site = site.info.module or "<root>"
-        fwd = self._fwd
         # A module site is read in its post-hook, while the function mode is still active: the
         # mask selection and the accumulator's own torch calls must not go through it.
         with torch._C.DisableTorchFunction():
-            x, dim, mask = out, site.unit_dim, None
-            if fwd.mask is not None:
-                mask = fwd.masks.get(out.device)
-                if mask is None:
-                    mask = fwd.masks[out.device] = fwd.mask.to(out.device)
+            x, dim, mask = out, site.unit_dim, self._observation_mask(out)
+            if mask is not None:
                 if site.takes_mask:  # the accumulator skips masked values in place: no copy, no sync
                     mask = aligned_mask(out, dim, mask)
                 else:  # a user's accumulator without mask=: hand it the kept values
@@ -648,14 +739,19 @@ class ActivationCapture:
                     site.stats.update(x, dim, site.nonnegative)
                 else:
                     site.stats.update(x, dim, site.nonnegative, mask=mask)
-            except DeadReluError as err:
-                raise DeadReluError(f"activation site {_describe(site.info)}: {err}") from None
-            except Exception as err:  # a failure of deadrelu's own statistics, not of the model
-                raise DeadReluError(
-                    f"deadrelu failed to compute statistics at activation site {_describe(site.info)} for an "
-                    f"output of shape {tuple(out.shape)} and dtype {out.dtype} on {out.device} "
-                    f"({type(err).__name__}: {err}); please report this"
-                ) from err
+            except Exception as err:
+                raise self._stats_error(site, out, err) from (None if isinstance(err, DeadReluError) else err)
+
+    @staticmethod
+    def _stats_error(site: _Site, out: torch.Tensor, err: Exception) -> DeadReluError:
+        if isinstance(err, DeadReluError):
+            return DeadReluError(f"activation site {_describe(site.info)}: {err}")
+        # a failure of deadrelu's own statistics, not of the model
+        return DeadReluError(
+            f"deadrelu failed to compute statistics at activation site {_describe(site.info)} for an "
+            f"output of shape {tuple(out.shape)} and dtype {out.dtype} on {out.device} "
+            f"({type(err).__name__}: {err}); please report this"
+        )
 
     def _new_site(self, key: tuple[Any, ...], out: torch.Tensor, slot: int, position: Any) -> _Site:
         path, call, _, name, _ = key

@@ -32,7 +32,7 @@ from typing import Any, Mapping
 
 import torch
 
-__all__ = ["available", "interpreting", "plan", "unit_stats_into"]
+__all__ = ["available", "interpreting", "plan", "relu_stats_into", "unit_stats_into"]
 
 
 def interpreting() -> bool:
@@ -67,10 +67,10 @@ def _kernel(interpret: bool) -> Any:
 
     @triton.jit
     def unit_stats_kernel(
-        x_ptr, mask_ptr, thr_ptr, fired_ptr, abs_ptr, bad_ptr, obs_ptr,
+        x_ptr, y_ptr, mask_ptr, thr_ptr, fired_ptr, abs_ptr, bad_ptr, obs_ptr,
         units, after, rows, rows_per_prog, s_b, s_u, s_a, mask_div,
         HAS_MASK: tl.constexpr, NONNEG: tl.constexpr, WIDE: tl.constexpr, AFTER_ONE: tl.constexpr,
-        LARGE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_U: tl.constexpr,
+        LARGE: tl.constexpr, APPLY_RELU: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_U: tl.constexpr,
     ):  # fmt: skip
         pid_u = tl.program_id(0)
         pid_r = tl.program_id(1)
@@ -96,12 +96,21 @@ def _kernel(interpret: bool) -> Any:
             else:
                 b = r // after
                 off = b.to(tl.int64) * s_b + (r - b * after).to(tl.int64) * s_a
+            where = off[:, None] + u_off[None, :]
+            if APPLY_RELU:  # every position gets its output, masked or not; only the kept ones count
+                inside = r_ok[:, None] & u_ok[None, :]
+                raw = tl.load(x_ptr + where, mask=inside, other=0.0)
+                raw = tl.where(raw <= 0, 0.0, raw).to(raw.dtype)  # NaN <= 0 is false: NaN stays, as in torch
+                tl.store(y_ptr + where, raw, mask=inside)
             if HAS_MASK:
                 keep = tl.load(mask_ptr + b // mask_div, mask=r_ok, other=0) != 0
                 r_ok = r_ok & keep
             kept += r_ok.to(tl.int64)
             ok = r_ok[:, None] & u_ok[None, :]
-            v = tl.load(x_ptr + off[:, None] + u_off[None, :], mask=ok, other=0.0)
+            if APPLY_RELU:
+                v = tl.where(ok, raw, 0.0)
+            else:
+                v = tl.load(x_ptr + where, mask=ok, other=0.0)
             if WIDE:
                 v = v.to(tl.float64)
             else:
@@ -202,7 +211,42 @@ def unit_stats_into(
         mask: optional bool mask of shape ``x.shape[:k]``, ``k <= unit_dim`` (see
             :meth:`deadrelu.core.stats.UnitStats.update`).
     """
-    t, before, units, after, s_b, s_u, s_a = plan(x, unit_dim)
+    _launch(plan(x, unit_dim), None, threshold, nonnegative, out, mask)
+
+
+def relu_stats_into(
+    x: torch.Tensor,
+    unit_dim: int,
+    threshold: float,
+    out: Mapping[str, torch.Tensor],
+    mask: torch.Tensor | None = None,
+    inplace: bool = False,
+) -> torch.Tensor | None:
+    """``relu(x)``, with its statistics added into ``out`` by the same kernel (one read of ``x``).
+
+    The output has ``x``'s strides (``x`` itself when ``inplace``) and the values
+    ``torch.relu`` gives, NaN included; the statistics are those :func:`unit_stats_into`
+    adds for that output. The mask selects observations only: masked positions get their
+    ReLU too. Returns None, launching nothing, for a layout the kernel would have to copy
+    (the caller then runs the two passes).
+    """
+    layout = plan(x, unit_dim)
+    if layout[0] is not x:
+        return None
+    y = x if inplace else torch.empty_like(x)
+    _launch(layout, y, threshold, True, out, mask)
+    return y
+
+
+def _launch(
+    layout: tuple[torch.Tensor, int, int, int, int, int, int],
+    y: torch.Tensor | None,
+    threshold: float,
+    nonnegative: bool,
+    out: Mapping[str, torch.Tensor],
+    mask: torch.Tensor | None,
+) -> None:
+    t, before, units, after, s_b, s_u, s_a = layout
     rows = before * after
     block_r, block_u = _blocks(units, s_u, after, s_a)
     unit_blocks = -(-units // block_u)
@@ -217,9 +261,9 @@ def unit_stats_into(
         mask_arg = mask.reshape(-1).view(torch.uint8) if mask.is_contiguous() else mask.reshape(-1).to(torch.uint8)
         mask_div = before // max(mask.numel(), 1)
     _kernel(interpreting())[(unit_blocks, row_progs)](
-        t, mask_arg, thr, out["fired"], out["abs_sum"], out["nonfinite"], out["observations"],
+        t, t if y is None else y, mask_arg, thr, out["fired"], out["abs_sum"], out["nonfinite"], out["observations"],
         units, after, rows, rows_per_prog, s_b, s_u, s_a, mask_div,
         HAS_MASK=mask is not None, NONNEG=bool(nonnegative), WIDE=wide, AFTER_ONE=after == 1,
-        LARGE=rows >= 2**31 - rows_per_prog,
+        LARGE=rows >= 2**31 - rows_per_prog, APPLY_RELU=y is not None,
         BLOCK_R=block_r, BLOCK_U=block_u,
     )  # fmt: skip

@@ -66,7 +66,9 @@ statistic that must be free belongs in the fused pass and its kernel instead.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
+import os
 import threading
 from dataclasses import dataclass
 from typing import Callable, Iterator, Mapping, Sequence
@@ -84,6 +86,9 @@ __all__ = [
     "UnitTotals",
     "accumulate",
     "as_unit_batch",
+    "fused_on_cpu",
+    "fuses_relu",
+    "relu_accumulate",
     "batch_unit_sums",
     "per_unit_sum",
     "release_scratch",
@@ -569,16 +574,21 @@ def _run_kernel(x: torch.Tensor, unit_dim: int, threshold: float, nonnegative: b
     except Exception as err:
         if explicit:
             raise
-        _TRITON_FAILED.append(f"{type(err).__name__}: {err}")
-        import warnings
-
-        warnings.warn(
-            f"deadrelu: the Triton statistics kernel cannot run here ({type(err).__name__}: {str(err)[:300]}); "
-            "using the torch pass instead (same numbers, more memory traffic); set DEADRELU_NO_TRITON=1 to skip it",
-            RuntimeWarning,
-            stacklevel=3,
-        )
+        _kernel_failed(err, stacklevel=4)
         return False
+
+
+def _kernel_failed(err: Exception, stacklevel: int) -> None:
+    """Remember that the kernel cannot run here (torch counts from now on) and warn once."""
+    _TRITON_FAILED.append(f"{type(err).__name__}: {err}")
+    import warnings
+
+    warnings.warn(
+        f"deadrelu: the Triton statistics kernel cannot run here ({type(err).__name__}: {str(err)[:300]}); "
+        "using the torch pass instead (same numbers, more memory traffic); set DEADRELU_NO_TRITON=1 to skip it",
+        RuntimeWarning,
+        stacklevel=stacklevel,
+    )
 
 
 def _require_triton(x: torch.Tensor) -> None:
@@ -661,6 +671,75 @@ def accumulate(
             for k, v in traceable_batch_sums(x, unit_dim, threshold, nonnegative, mask).items():
                 out[k] += v
         _extra_statistics(x, unit_dim, threshold, out, mask)
+
+
+def fused_on_cpu() -> bool:
+    """Whether CPU tensors may reach the fused kernels at all: only under Triton's interpreter
+    (``TRITON_INTERPRET=1``, how the tests run them without a GPU) and only with ``backend="triton"``."""
+    from . import kernels
+
+    return kernels.interpreting()
+
+
+@functools.lru_cache(maxsize=None)
+def _fusion_off() -> bool:
+    return os.environ.get("DEADRELU_NO_FUSED_RELU") == "1"  # for A/B runs: the two passes, still on Triton
+
+
+def fuses_relu(x: torch.Tensor, unit_dim: int, backend: str = "auto", inplace: bool = False) -> bool:
+    """Whether :func:`relu_accumulate` runs the ReLU and its statistics as one kernel here.
+
+    True for a floating tensor of two or more dims that the Triton kernel would count anyway
+    (``backend="auto"`` on CUDA, or ``"triton"``) in a layout it addresses without a copy,
+    with no extra declared statistic, unless ``DEADRELU_NO_FUSED_RELU=1`` is set. An in-place ReLU of a leaf or a view that autograd
+    records is left to torch, which raises or rebases history itself.
+    """
+    if backend == "torch" or x.ndim < 2 or not x.is_floating_point() or x.numel() == 0 or _TRITON_FAILED:
+        return False
+    if _fusion_off():
+        return False
+    if type(x) is not torch.Tensor or any(s.batch is not None for s in STATISTICS):
+        return False  # a tensor subclass (DTensor, fake tensors) keeps its own dispatch
+    if inplace and x.requires_grad and torch.is_grad_enabled() and (x.is_leaf or x._is_view()):
+        return False
+    from . import fused, kernels
+
+    ready = _triton_ready(x) if backend == "auto" else kernels.available() and (x.is_cuda or kernels.interpreting())
+    return ready and fused.fusable_layout(x, unit_dim)
+
+
+def relu_accumulate(
+    x: torch.Tensor,
+    unit_dim: int,
+    threshold: float,
+    out: Mapping[str, torch.Tensor],
+    mask: torch.Tensor | None = None,
+    backend: str = "auto",
+    inplace: bool = False,
+) -> torch.Tensor:
+    """``relu(x)`` (in place when ``inplace``), its output's statistics added into ``out``.
+
+    Where :func:`fuses_relu` holds, one kernel reads ``x`` once, writes the output and
+    counts it; elsewhere (or once the kernel failed to compile or launch here) torch applies
+    the ReLU and :func:`accumulate` counts it. The output and the sums are the same either way.
+
+    Raises:
+        DeadReluError: for a mask that does not fit.
+    """
+    mask = check_mask(x.detach(), unit_dim, mask)
+    if fuses_relu(x, unit_dim, backend, inplace):
+        from . import fused
+
+        try:
+            with _no_autocast(x.device.type):
+                return fused.counted_relu(x, unit_dim, threshold, out, mask, inplace)
+        except Exception as err:
+            if backend == "triton":
+                raise
+            _kernel_failed(err, stacklevel=3)
+    y = torch.relu_(x) if inplace else torch.relu(x)
+    accumulate(y, unit_dim, threshold, True, out, mask, "torch" if backend == "triton" else backend)
+    return y
 
 
 def _extra_statistics(
@@ -797,6 +876,20 @@ class UnitStats(StatTensors):
         if mask is not None and activation.ndim < 2:
             mask = mask.reshape(1)
         accumulate(x, unit_dim, self.threshold, nonnegative, self.state, mask, self.backend)
+
+    def relu_and_update(
+        self, x: torch.Tensor, unit_dim: int, mask: torch.Tensor | None = None, inplace: bool = False
+    ) -> torch.Tensor | None:
+        """``relu(x)``, counted into this accumulator by the same kernel that computes it.
+
+        Returns None, doing nothing, where :func:`fuses_relu` does not hold (the caller then
+        applies the ReLU and calls :meth:`update`).
+        """
+        if x.ndim < 2 or x.shape[unit_dim] != self.units or not fuses_relu(x, unit_dim, self.backend, inplace):
+            return None
+        if x.device != self.device:
+            self.to(x.device)
+        return relu_accumulate(x, unit_dim, self.threshold, self.state, mask, self.backend, inplace)
 
     def merge(self, other: "StatTensors") -> "UnitStats":
         """Add another accumulator of the same site into this one (in place) and return self.

@@ -16,7 +16,7 @@ from typing import Sequence
 
 import torch
 
-from ..core.stats import StatTensors, accumulate, as_unit_batch, foreach_apply
+from ..core.stats import StatTensors, accumulate, as_unit_batch, foreach_apply, fuses_relu, relu_accumulate
 from ..errors import DeadReluError
 
 __all__ = ["WindowStats", "WindowTotals", "add_sums_to_many"]
@@ -138,6 +138,19 @@ class WindowStats:
         nonneg = self.nonnegative if nonnegative is None else nonnegative
         accumulate(x, unit_dim, self.threshold, nonneg, row, mask, self.backend)
         self._advance()
+
+    def relu_and_update(
+        self, x: torch.Tensor, unit_dim: int, mask: torch.Tensor | None = None, inplace: bool = False
+    ) -> torch.Tensor | None:
+        """``relu(x)``, counted into the next ring row by the kernel that computes it (as
+        :meth:`update` would count it); None, doing nothing, where that kernel does not apply."""
+        if x.ndim < 2 or x.shape[unit_dim] != self.units or not fuses_relu(x, unit_dim, self.backend, inplace):
+            return None
+        row = self._claim_row(x.device)
+        foreach_apply("zero", list(row.values()))
+        y = relu_accumulate(x, unit_dim, self.threshold, row, mask, self.backend, inplace)
+        self._advance()
+        return y
 
     def _claim_row(self, device: torch.device) -> dict[str, torch.Tensor]:
         """The ring row the next batch fills; the batch it held first leaves for the totals."""
