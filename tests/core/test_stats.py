@@ -101,6 +101,18 @@ def test_finite_values_near_float32_max_do_not_overflow(dtype, shape, unit_dim):
     assert stats.classify(got.fired_counts, got.observations, got.nonfinite_counts, 0.05) == ["active"] * 3
 
 
+def test_a_channel_firing_more_than_two_to_the_24_times_in_one_batch_is_counted_exactly():
+    # 17 images of one 1024x1024 channel: per-image row sums are exact in float32, their sum
+    # over images (17 * (2**20 - 1) > 2**24) is not unless it is split.
+    x = torch.ones(17, 1, 1024, 1024)
+    x[:, 0, 0, 0] = -1.0
+    s = UnitStats(1)
+    s.update(x, 1, nonnegative=False)
+    t = s.compute()
+    assert t.fired_counts == (17 * (2**20 - 1),) and t.observations == 17 * 2**20
+    assert t.mean_abs == (1.0,)
+
+
 def test_counts_stay_exact_under_cpu_bf16_autocast():
     # Under autocast a matrix-vector count would run in bf16, where 3001 rounds to 3008.
     x = torch.ones(3001, 4)

@@ -206,6 +206,40 @@ def test_graph_breaks_and_a_compiled_wrapper(dynamo):
     assert [s.name for s in got.sites] == ["<root>:gelu", "<root>:relu"]
 
 
+@pytest.mark.parametrize("widths", [(8, 8, 8), (8, 32, 16)], ids=["same widths", "other widths"])
+def test_a_reused_module_split_by_graph_breaks_keeps_each_calls_site(dynamo, widths):
+    # Each graph numbers its module calls from zero: after a break the
+    # module's second call would be "call 0" again, merged with the first or, at another width,
+    # failing to record.
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ls = nn.ModuleList([nn.Linear(a, b) for a, b in zip((4, *widths), widths)])
+            self.act = nn.ReLU()
+
+        def forward(self, x):
+            x = self.act(self.ls[0](x))
+            torch._dynamo.graph_break()  # a print, an .item(): the rest is another frame's graph
+            x = self.act(self.ls[1](x))
+            torch._dynamo.graph_break()
+            x = self.act(self.ls[2](x))
+            return F.relu(x - 0.5).sum()
+
+    def make() -> Net:
+        torch.manual_seed(3)
+        net = Net()
+        with torch.no_grad():
+            net.ls[1].bias[:3] = -100.0
+        return net
+
+    g = torch.Generator().manual_seed(4)
+    data = [torch.randn(5, 4, generator=g) for _ in range(3)]
+    eager, compiled = eager_and_compiled(make, data, lambda m, x: m(x).backward(), window=2)
+    assert summary(compiled) == summary(eager)
+    assert [s.name for s in compiled.sites] == ["act#1", "act#2", "act#3", "<root>:relu"]
+    assert {0, 1, 2} <= set(compiled.sites[1].dead_units)
+
+
 @pytest.mark.parametrize("precision", ["bf16 autocast", "float64"])
 def test_compiled_counts_equal_eager_in_other_precisions(dynamo, precision):
     dtype = torch.float64 if precision == "float64" else torch.float32

@@ -464,9 +464,11 @@ def _cpu_pass(x3: torch.Tensor, threshold: float, nonnegative: bool) -> tuple[to
             torch.sum(m, dim=2, out=fired_rows[start : start + n])
             torch.sum(a, dim=2, out=mag_rows[start : start + n])
     if fired_rows is not None and mag_rows is not None:
-        for start in range(0, before, _PARTIAL_ROWS):
-            _column_sum_into(fired, fired_rows[start : start + _PARTIAL_ROWS])
-            _column_sum_into(mag, mag_rows[start : start + _PARTIAL_ROWS])
+        # Each row holds up to `after` counts: float32 sums of rows stay exact up to 2**24 in all.
+        step = _PARTIAL_ROWS if work == torch.float64 else max(1, min(_PARTIAL_ROWS, 2**24 // after))
+        for start in range(0, before, step):
+            _column_sum_into(fired, fired_rows[start : start + step])
+            _column_sum_into(mag, mag_rows[start : start + step])
     return fired, mag
 
 

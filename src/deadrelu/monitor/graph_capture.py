@@ -392,6 +392,10 @@ class GraphCapture:
         self._graph_root = ""  # the module whose forward the graph being rewritten starts in
         self._graph_calls: dict[str, int] = {}  # calls of each module in that graph
         self._adopted: dict[int, _Site | None] = {}  # another capture's graph site id -> this capture's site
+        # A graph break splits a forward into graphs (frames) that each number module calls from 0:
+        # a key first made in another frame is that call's key in this one, renumbered (see _site).
+        self._frame_keys: dict[tuple[Any, tuple[Any, ...]], tuple[Any, ...]] = {}
+        self._key_frames: dict[tuple[Any, ...], Any] = {}
         # Blocks' graphs read the model call's mask through deadrelu::call_mask (BlockCapture sets it).
         self.mask_from_call = eager_beside and mask is not False
         # A block's k-th call in one forward of the model (its wrapper's hooks run eagerly around
@@ -776,6 +780,7 @@ class GraphCapture:
     def _site(
         self, key: tuple[Any, ...], value: torch.Tensor, table: AxisTable, slots: dict[tuple[str, int], int], location: str
     ) -> _Site | None:
+        key = self._in_forward(key)
         path, call, position, name, occurrence = key
         slot = slots.get((path, call), 0)
         slots[(path, call)] = slot + 1
@@ -811,6 +816,30 @@ class GraphCapture:
             if self._attached:
                 _CALLBACKS[site.ident] = (self, site)
         return site
+
+    def _in_forward(self, key: tuple[Any, ...]) -> tuple[Any, ...]:
+        """A graph's site key as a key of the whole forward pass.
+
+        Each graph numbers its module calls and repeated call positions from zero. After a graph
+        break the rest of the forward is another frame's graph, so ``act``'s second call there
+        is call 0 again: a key that another frame made first is renumbered — the next unused
+        call of that module (a module's own output), or occurrence of that position (a
+        functional call) — in the order frames are compiled, which is the forward's on the first
+        pass. Recompiling a frame (same frame id) keeps its keys."""
+        compile_id = torch._guards.CompileContext.current_compile_id()
+        frame = None if compile_id is None else compile_id.frame_id
+        mapped = self._frame_keys.get((frame, key))
+        if mapped is not None:
+            return mapped
+        out = key
+        first = self._key_frames.get(out)
+        if frame is not None and first is not None and first != frame:
+            while out in self._key_frames:
+                path, call, position, name, occurrence = out
+                out = (path, call + 1, position, name, occurrence) if position is None else (path, call, position, name, occurrence + 1)
+        self._key_frames.setdefault(out, frame)
+        self._frame_keys[(frame, key)] = out
+        return out
 
     def _adopt(self, ident: int, template: _Site, device: torch.device) -> _Site | None:
         """This capture's site for a graph site another capture made (None when this model has no
