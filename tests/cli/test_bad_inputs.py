@@ -58,6 +58,8 @@ def hostile(tmp_path_factory):
         write_idx(d / name / "t10k-images-idx3-ubyte", images)
     (d / "badgz").mkdir()
     (d / "badgz" / "t10k-images-idx3-ubyte.gz").write_bytes(gzip.compress(bytes([0, 0, 8, 3]) + bytes(64))[:20])
+    (d / "idx").mkdir()
+    write_idx(d / "idx" / "t10k-images-idx3-ubyte", torch.randint(0, 255, (6, 2, 2), dtype=torch.uint8))
     (d / "dir_out").mkdir()
     (d / "cli_mods.py").write_text(
         textwrap.dedent(
@@ -152,6 +154,8 @@ CASES = [
     (["cli_mods:make", "--data", "x.pt", "--json", "dir_out"], "it is a directory"),
     (["cli_mods:make", "--data", "x.pt", "--json", "x.pt"], "is the input file x.pt: it would be overwritten"),
     (["cli_mods:make", "--data", "x.pt", "--json", "nowhere/r.json"], "does not exist"),
+    (["cli_mods:make", "--data", "x.pt", "--json", "cli_mods.py"], "is the file behind cli_mods:make"),
+    (["cli_mods:make", "--data", "idx", "--json", "idx/t10k-images-idx3-ubyte"], "in the input directory idx"),
     (["cli_mods:make", "--data", "x.pt", "--device", "nonsense:0"], "is not a device name"),
     (["cli_mods:make", "--data", "x.pt", "--device", "meta"], "--device meta holds no values"),
     (["cli_mods:make", "--data", "x.pt", "--max-length", "8"], "--max-length is only used with --text"),
@@ -200,6 +204,15 @@ def test_every_numeric_option_is_validated(hostile, monkeypatch, capsys, option,
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize("value", ["inf", "1e400", "nan", "0"])
+def test_a_learning_rate_must_be_a_finite_positive_number(value, capsys, tmp_path):
+    with pytest.raises(SystemExit) as done:
+        main(["demo", "--lr", value, "--seeds", "1", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert done.value.code == 2 and len(err.splitlines()) == 1 and "argument --lr" in err, err
+    assert not (tmp_path / "out").exists()
+
+
 def test_cuda_on_a_cpu_machine(hostile, monkeypatch, capsys):
     code, _, err = run_main(["cli_mods:make", "--data", "x.pt", "--device", "cuda"], hostile, monkeypatch, capsys)
     assert_one_line_error(code, err, "--device cuda is not available here")

@@ -93,6 +93,33 @@ def test_threshold_for_non_relu_activations():
     assert report.site("act2").fire_threshold == 0.0
 
 
+def test_threshold_and_unit_dim_mappings_take_display_names_with_their_suffixes():
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.act = torch.nn.Linear(6, 12), torch.nn.Linear(12, 12), torch.nn.ReLU()
+
+        def forward(self, x):
+            h = self.act(self.a(x))  # act#1
+            h = self.act(self.b(h))  # act#2
+            h = torch.nn.functional.relu(h - 0.1)  # <root>:relu.1
+            return torch.nn.functional.relu(h - 0.2)  # <root>:relu.2
+
+    torch.manual_seed(0)
+    net, x = Net(), torch.randn(64, 6)
+    names = [s.name for s in deadrelu.scan(net, x).sites]
+    assert names == ["act#1", "act#2", "<root>:relu.1", "<root>:relu.2"]
+    report = deadrelu.scan(net, x, threshold={"act#2": 0.25, "<root>:relu.2": 0.5})
+    assert [s.fire_threshold for s in report.sites] == [0.0, 0.25, 0.0, 0.5]
+    with torch.no_grad():
+        h2 = net.act(net.b(net.act(net.a(x))))
+    assert list(report.site("act#2").fired_counts) == (h2 > 0.25).sum(0).tolist()
+    seq = deadrelu.scan(net, x.view(8, 8, 6), unit_dim={"act#2": 1, "<root>:relu.2": 1})
+    assert [(s.unit_dim, s.unit_axis_source) for s in seq.sites] == [
+        (2, "producer:Linear"), (1, "unit_dim override"), (2, "producer:Linear"), (1, "unit_dim override"),
+    ]  # fmt: skip
+
+
 def test_nan_units_are_their_own_state():
     class NanNet(torch.nn.Module):
         def __init__(self):

@@ -71,6 +71,15 @@ def test_report_cli_prints_where_it_went(results_dir, capsys):
     assert out.is_file()
 
 
+@pytest.mark.parametrize("name", ["results.json", "lr-sweep.json", "unrelated.json"])
+def test_report_refuses_to_overwrite_a_file_it_reads(results_dir, capsys, name):
+    before = (results_dir / name).read_bytes()
+    assert main(["report", str(results_dir), "--out", str(results_dir / name)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "it would overwrite" in err and "Traceback" not in err, err
+    assert (results_dir / name).read_bytes() == before
+
+
 def test_report_is_self_contained(report_path):
     page = report_path.read_text(encoding="utf-8")
     # No external resource of any kind: every src is a data: URI, no stylesheet links, no url(...).

@@ -70,7 +70,8 @@ def finite_float(low: float = -math.inf, high: float = math.inf) -> Callable[[st
 
 
 def positive_number(text: str) -> float:
-    """A ``type=`` accepting numbers above 0 (a learning rate); ``nan``, 0 and negatives are refused.
+    """A ``type=`` accepting finite numbers above 0 (a learning rate); ``nan``, ``inf`` (and
+    ``1e400``, which reads as inf), 0 and negatives are refused.
 
     >>> positive_number("0.5")
     0.5
@@ -84,6 +85,8 @@ def positive_number(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    if math.isinf(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
     return value
 
 

@@ -125,14 +125,46 @@ def check_output_path(path: str, inputs: list[str | None]) -> None:
         raise DeadReluError(f"cannot write --json {path}: directory {directory} does not exist")
     if not os.access(directory, os.W_OK | os.X_OK):
         raise DeadReluError(f"cannot write --json {path}: directory {directory} is not writable")
+    if not final.exists():
+        return
     for other in inputs:
-        if other and final.exists() and Path(other).exists():
+        if not other:
+            continue
+        for read in _files_behind(other):
             try:
-                same = os.path.samefile(final, other)
+                same = os.path.samefile(final, read)
             except OSError:
                 same = False
             if same:
-                raise DeadReluError(f"--json {path} is the input file {other}: it would be overwritten")
+                what = "the input file" if read == other else f"the file behind {other},"
+                raise DeadReluError(f"--json {path} is {what} {read}: it would be overwritten")
+        if Path(other).is_dir() and final.is_relative_to(os.path.realpath(other)) and not _is_report(final):
+            raise DeadReluError(
+                f"--json {path} would overwrite {final.name} in the input directory {other}, which the scan may "
+                "read; write the report elsewhere (an earlier deadrelu report there may be replaced)"
+            )
+
+
+def _files_behind(spec: str) -> list[str]:
+    """The files an input argument names: itself, and for ``package.module:name`` the module's
+    source once it is imported (the second check, after loading, sees it)."""
+    out = [spec]
+    module, colon, name = spec.partition(":")
+    if colon and name and module and not Path(spec).exists():
+        loaded = sys.modules.get(module)
+        source = getattr(loaded, "__file__", None)
+        if source:
+            out.append(source)
+    return out
+
+
+def _is_report(path: Path) -> bool:
+    """Whether an existing file is a deadrelu report (an earlier --json output, fine to replace)."""
+    try:
+        Report.from_json(path)
+    except Exception:  # anything unreadable as a report is some other file
+        return False
+    return True
 
 
 def _load_baseline(path: str) -> Report:
@@ -189,6 +221,8 @@ def scan_command(args: argparse.Namespace) -> Report:
     if args.json:
         check_output_path(args.json, [args.model, args.data, args.text, args.weights, args.baseline])
     model, data = _load_inputs(args, batch_size)
+    if args.json:  # again, now that module:factory specs are imported and their files are known
+        check_output_path(args.json, [args.model, args.data, args.text, args.weights, args.baseline])
     if device is not None:
         try:
             model.to(device)  # the CLI loaded this model itself: moving it changes no user object

@@ -71,7 +71,7 @@ import itertools
 import sys
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Mapping, Union
+from typing import Any, Callable, Iterable, Iterator, Mapping, Union
 
 import torch
 import torch.nn.functional as F
@@ -114,6 +114,7 @@ __all__ = [
     "resolve_unit_dim",
     "choose_unit_dim",
     "resolve_threshold",
+    "same_function_ordinal",
 ]
 
 
@@ -126,7 +127,9 @@ class SiteInfo:
     ``position`` identifies the call position (the frames from the call up to the module's
     forward, as ``file:first line:qualname:offset``, empty for module sites) and ``occurrence``
     how many times that position was reached before in the same module call — both the same in
-    every process that runs the same code, so ranks agree on a site's identity.
+    every process that runs the same code, so ranks agree on a site's identity. ``ordinal`` counts
+    the sites of the same function in the same module call in first-seen order (1 for the first):
+    the ``.k`` of a site name, so ``threshold``/``unit_dim`` mappings can use display names.
     """
 
     module: str
@@ -140,6 +143,12 @@ class SiteInfo:
     location: str = ""
     position: str = ""
     occurrence: int = 0
+    ordinal: int = 1
+
+
+def same_function_ordinal(infos: Iterable[SiteInfo], module: str, call: int, function: str) -> int:
+    """The ``ordinal`` of a new site: 1 + the sites already seen of that function in that module call."""
+    return 1 + sum(1 for i in infos if i.module == module and i.call == call and i.function == function)
 
 
 UnitDimSpec = Union[None, int, Mapping[str, int], Callable[[SiteInfo], Union[int, None]]]
@@ -771,6 +780,7 @@ class ActivationCapture:
             # A flattened graph (torch.export): name the site after the module it came from.
             info.module, info.module_type, info.call = self._graph_sites[slot]  # type: ignore[misc]
             info.slot, info.leaf = 0, info.module_type in _ACTIVATION_CLASS_NAMES
+        info.ordinal = same_function_ordinal((s.info for s in self.sites.values()), info.module, info.call, name)
         unit_dim = choose_unit_dim(self.unit_dim_spec, info, out.ndim, self._axis(out))
         units = out.shape[unit_dim] if out.ndim else 1
         thr = resolve_threshold(self.threshold_spec, info)
@@ -866,12 +876,15 @@ def _exported_activation_modules(model: nn.Module) -> list[tuple[str, str, int] 
 
 
 def _lookup(spec: Mapping[str, Any], info: SiteInfo) -> Any:
-    # Most specific key first: "path:fn", then the module path, then the function name; the root
-    # module is "<root>", as in site names.
+    # Most specific key first: a display name with its ".k" (k-th such function in the module
+    # call) and "#k" (k-th call of the module) — whichever of them the name carries — then
+    # "path:fn", the module path, the function name; the root module is "<root>", as in site names.
     where = info.module or "<root>"
-    for k in (f"{where}:{info.function}", f"{info.module}:{info.function}", where, info.module, info.function):
-        if k in spec:
-            return spec[k]
+    fn, call, k = f"{where}:{info.function}", f"#{info.call + 1}", f".{info.ordinal}"
+    keys = (f"{fn}{k}{call}", f"{fn}{call}", f"{where}{call}", f"{fn}{k}", fn, f"{info.module}:{info.function}", where, info.module, info.function)  # fmt: skip
+    for key in keys:
+        if key in spec:
+            return spec[key]
     return None
 
 

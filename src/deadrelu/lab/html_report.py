@@ -227,13 +227,17 @@ def write_report(
     ``rendered`` passes plots already drawn, as :func:`render_html` takes them.
 
     Raises:
-        DeadReluError: no results in the directory.
+        DeadReluError: no results in the directory, or ``out`` is one of the JSON files it reads.
 
     Example:
         >>> path = write_report("deadrelu-demo")  # doctest: +SKIP
     """
-    page = render_html(load_results(results_dir), images=images, rendered=rendered)
+    results = load_results(results_dir)
     target = Path(out) if out is not None else Path(results_dir) / "report.html"
+    for read in Path(results_dir).glob("*.json"):  # every one of them was read: none may be replaced
+        if target.exists() and os.path.samefile(target, read):
+            raise DeadReluError(f"cannot write the report to {target}: it is the results file {read}, which it would overwrite")
+    page = render_html(results, images=images, rendered=rendered)
     target.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(target, page)
     return target

@@ -74,6 +74,7 @@ from ..core.capture import (
     eager_modules,
     next_site_order,
     resolve_threshold,
+    same_function_ordinal,
 )
 from ..core.inputs import MASK_KEYS, mask_layout
 from ..core.stats import traceable_batch_sums
@@ -798,6 +799,7 @@ class GraphCapture:
             location=_short_location(location),
             position=position or "",
             occurrence=occurrence,
+            ordinal=same_function_ordinal((s.info for s in self.sites.values()), path, call, name),
         )
         unit_dim = choose_unit_dim(self.unit_dim_spec, info, value.ndim, table.get(value))
         units = value.shape[unit_dim] if value.ndim else 1
