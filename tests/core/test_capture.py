@@ -276,3 +276,45 @@ def test_large_activations_chunked_pass_matches_brute_force(shape, unit_dim, non
         (a * n_big + b * n_small) / (n_big + n_small) for a, b in zip(truth["mean_abs"], small["mean_abs"])
     ]
     assert got.mean_abs == pytest.approx(expected_mean, rel=1e-5, abs=1e-9)
+
+
+@pytest.mark.parametrize("kind", ["batch first", "bidirectional", "packed", "cell", "two layers"])
+def test_relu_rnns_are_sites_of_their_hidden_units(kind):
+    # nn.RNN(nonlinearity="relu") applies its ReLU inside one fused op: its outputs are the site.
+    torch.manual_seed(0)
+    hidden = 12
+    if kind == "cell":
+        rnn = torch.nn.RNNCell(4, hidden, nonlinearity="relu")
+        with torch.no_grad():
+            rnn.bias_ih[:3] = -1e3
+    else:
+        rnn = torch.nn.RNN(
+            4, hidden, nonlinearity="relu", batch_first=kind != "packed",
+            bidirectional=kind == "bidirectional", num_layers=2 if kind == "two layers" else 1,
+        )  # fmt: skip
+        with torch.no_grad():
+            getattr(rnn, f"bias_ih_l{rnn.num_layers - 1}")[:3] = -1e3  # dead in the layer whose outputs are seen
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = rnn
+
+        def forward(self, x):
+            if kind == "cell":
+                return self.rnn(x[:, 0])
+            if kind == "packed":
+                seq = torch.nn.utils.rnn.pack_padded_sequence(x.transpose(0, 1), [5, 3, 2, 2], enforce_sorted=False)
+                return self.rnn(seq)[0].data
+            return self.rnn(x)[0]
+
+    net = Net()
+    x = torch.randn(4, 5, 4)
+    with torch.no_grad():
+        out = net(x)
+    report = deadrelu.scan(net, x)
+    (site,) = report.sites
+    truth = brute_force(out, out.ndim - 1)
+    assert site.name == "rnn" and site.function == "relu" and site.units == out.shape[-1]
+    assert site.observations == truth["observations"] and list(site.fired_counts) == truth["fired"]
+    assert set(range(3)) <= set(site.dead_units) and site.dead_units == truth["dead"]

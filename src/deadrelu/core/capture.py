@@ -90,7 +90,7 @@ from .activations import (
 )
 from .hooks import copy_safe_hook, is_deadrelu_hook, remove_inert_hooks
 from .inputs import aligned_mask, apply_mask, mask_from_call, mask_position
-from .unit_axis import ACT, AxisTable, function_kind, kind_of
+from .unit_axis import ACT, PRODUCER, AxisTable, function_kind, kind_of
 from .stats import fused_on_cpu, release_scratch, UnitStats
 
 __all__ = [
@@ -619,6 +619,15 @@ class ActivationCapture:
             self._on_activation(kind[1], args, kwargs, out)
         else:
             self._fwd.axes.on_op(kind, args, kwargs, out)
+            if kind[2] == "relu" and kind[0] == PRODUCER:
+                self._on_relu_rnn(out)
+
+    def _on_relu_rnn(self, out: Any) -> None:
+        """``nn.RNN``/``nn.RNNCell`` with ``nonlinearity="relu"`` apply their ReLU inside one fused
+        op: its output (the last layer's hidden state at every step, packed or not) is the site."""
+        h = out[0] if isinstance(out, (tuple, list)) and out else out
+        if isinstance(h, torch.Tensor) and h.is_floating_point():
+            self._on_activation("relu", (h,), None, h)
 
     def _on_activation(self, name: str, args: tuple, kwargs: dict | None, out: Any) -> None:
         if not isinstance(out, torch.Tensor):

@@ -83,8 +83,8 @@ def function_kind(func: Any) -> tuple[int, str, Any]:
         return (PRODUCER, "producer:matmul", None)
     if name in _EMBEDDING_NAMES:
         return (PRODUCER, "producer:embedding", None)
-    if name in _RNN_NAMES:
-        return (PRODUCER, "producer:RNN", None)
+    if name in _RNN_NAMES:  # a ReLU RNN's outputs are ReLU outputs: the capture makes them a site
+        return (PRODUCER, "producer:RNN", "relu" if name.startswith("rnn_relu") else None)
     if name in _TRANSPOSE_NAMES:
         return (TRANSPOSE, name.rstrip("_"), None)
     if name == "permute":
