@@ -318,3 +318,38 @@ def test_relu_rnns_are_sites_of_their_hidden_units(kind):
     assert site.name == "rnn" and site.function == "relu" and site.units == out.shape[-1]
     assert site.observations == truth["observations"] and list(site.fired_counts) == truth["fired"]
     assert set(range(3)) <= set(site.dead_units) and site.dead_units == truth["dead"]
+
+
+def test_an_activation_of_a_parameter_or_its_view_is_no_site():
+    class P(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l, self.raw = torch.nn.Linear(4, 6), torch.nn.Parameter(torch.randn(6))
+            self.register_buffer("gain", torch.randn(6))
+
+        def forward(self, x):
+            scale = torch.nn.functional.softplus(self.raw) * torch.nn.functional.softplus(self.raw.view(1, -1))
+            return torch.relu(self.l(x)) * scale * torch.relu(self.gain.unsqueeze(0))
+
+    report = deadrelu.scan(P(), torch.randn(10, 4))
+    assert [(s.name, s.units, s.observations) for s in report.sites] == [("<root>:relu", 6, 10)]
+
+
+def test_an_exported_program_names_its_sites_as_the_eager_model():
+    class S(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.act = torch.nn.Linear(6, 12), torch.nn.ReLU()
+
+        def forward(self, x):
+            h = self.act(self.a(x)) + torch.nn.functional.gelu(self.a(x)) + torch.nn.functional.relu(self.a(x))
+            return h + self.act(self.a(x) - 1) + torch.nn.functional.relu(self.a(x) - 2)
+
+    torch.manual_seed(0)
+    model, x = S(), torch.randn(5, 6)
+    exported = torch.export.export(model, (x,)).module()
+    eager, program = deadrelu.scan(model, x), deadrelu.scan(exported, x)
+    assert [s.name for s in program.sites] == [s.name for s in eager.sites] == [
+        "act#1", "<root>:gelu", "<root>:relu.1", "act#2", "<root>:relu.2",
+    ]  # fmt: skip
+    assert [s.fired_counts for s in program.sites] == [s.fired_counts for s in eager.sites]

@@ -648,7 +648,7 @@ class ActivationCapture:
         if fwd.inside_activation or not fwd.stack:
             return None  # inside an activation module: the module's output is the site
         inp = args[0] if args else None
-        if isinstance(inp, nn.Parameter) or id(inp) in self._buffer_ids:
+        if self._is_weight(inp):
             return None  # a parameter passed through an activation is not a unit of the network
         if name == "hardtanh" and _hardtanh_bounds(args, kwargs) == (0.0, 6.0):
             name = "relu6"  # nn.ReLU6 and F.relu6 in TorchScript are hardtanh(0, 6)
@@ -664,6 +664,13 @@ class ActivationCapture:
         if site is None:
             site = self._new_site(key, out, slot, position)
         return site
+
+    def _is_weight(self, t: Any) -> bool:
+        """A parameter or buffer, or a view of one (``self.scale.view(1, -1)``)."""
+        if isinstance(t, nn.Parameter) or id(t) in self._buffer_ids:
+            return True
+        base = getattr(t, "_base", None)
+        return base is not None and (isinstance(base, nn.Parameter) or id(base) in self._buffer_ids)
 
     def _counted_relu(self, func: Any, args: tuple, kwargs: dict | None) -> torch.Tensor | None:
         """Run a ReLU call with its site's statistics in one kernel (core/fused.py).
@@ -691,7 +698,7 @@ class ActivationCapture:
             out = None if site is None else self._fused_update(site, inp, inplace)
             frame.counted = out is not None
             return out
-        if not fwd.stack or isinstance(inp, nn.Parameter) or id(inp) in self._buffer_ids:
+        if not fwd.stack or self._is_weight(inp):
             return None
         site = self._site_for("relu", args, kwargs, inp, depth=4)  # the input stands in for the output
         out = None if site is None else self._fused_update(site, inp, inplace)
@@ -876,9 +883,15 @@ def _exported_activation_modules(model: nn.Module) -> list[tuple[str, str, int] 
         if not stack:
             out.append(None)
             continue
-        path, cls = list(stack.values())[-1]
+        key, (path, cls) = list(stack.items())[-1]
         cls_name = cls.rsplit(".", 1)[-1] if isinstance(cls, str) else getattr(cls, "__name__", str(cls))
-        call = calls.get(str(path), 0)
+        _, at, k = str(key).rpartition("@")
+        if at and k.isdigit():  # the recorded k-th call of a reused module
+            call = int(k)
+        elif cls_name in _ACTIVATION_CLASS_NAMES:  # an activation module: one activation per call
+            call = calls.get(str(path), 0)
+        else:  # functional calls made by one call of a module (the root's own forward): call 0
+            call = 0
         calls[str(path)] = call + 1
         out.append((str(path), cls_name, call))
     return out
