@@ -132,6 +132,25 @@ def test_default_monitor_under_compile_warns_and_never_recompiles(dynamo):
     mon.detach()
 
 
+@pytest.mark.parametrize("fullgraph", [False, True])
+def test_a_monitor_attached_before_the_whole_model_is_compiled_counts_samples(dynamo, fullgraph):
+    # Its root hook runs only inside the compiled code: it leaves a samples op in the graph.
+    model = tiny()
+    mon = deadrelu.Monitor(model, every=2, window=2, log_every=4, compiled=True).attach()
+    compiled = torch.compile(model, fullgraph=fullgraph)
+    graphs = []
+    try:
+        train(compiled, mon, lambda i: graphs.append(dynamo["stats"]["unique_graphs"]))
+        with torch.no_grad():
+            compiled(batches()[0])  # an evaluation pass counts no samples
+        total, window = mon.report("total"), mon.report("window")
+    finally:
+        mon.detach()
+    assert graphs == [graphs[0]] * STEPS  # no recompilation for the schedule
+    assert total.batches == STEPS // 2 and total.samples == 6 * STEPS // 2
+    assert window.samples == 6 * 2
+
+
 def test_a_monitor_given_the_compiled_model_counts_samples_without_recompiling(dynamo):
     model = tiny()
     compiled = torch.compile(model)

@@ -159,6 +159,51 @@ def _observe_op() -> Any:
     return _registered_op("op", _OP_NAME, define)
 
 
+_SAMPLES_OP_NAME = "deadrelu::count_samples"
+_SAMPLE_COUNTERS: dict[int, "weakref.WeakMethod[Callable[[int], None]]"] = {}
+_COUNTER_IDS = itertools.count(1)
+
+
+def sample_counter(callback: Callable[[int], None]) -> int:
+    """Register ``callback(rows)`` for :func:`count_samples` (held weakly); returns its id.
+    Registers the op too, now: not while Dynamo traces the hook that calls it."""
+    _samples_op()
+    ident = next(_COUNTER_IDS)
+    _SAMPLE_COUNTERS[ident] = weakref.WeakMethod(callback)  # type: ignore[arg-type]
+    return ident
+
+
+def count_samples(x: torch.Tensor, counter: int) -> None:
+    """Called by the monitor's root hook while TorchDynamo traces it: puts one
+    ``deadrelu::count_samples`` call at the start of the model's graph, so each compiled forward
+    hands its batch size to counter ``counter`` when it runs (a hook of a model compiled as a
+    whole runs only inside the compiled code, where a Python counter would be frozen at trace time)."""
+    _samples_op()(x.detach(), counter)
+
+
+def _samples_op() -> Any:
+    """The effectful custom op ``deadrelu::count_samples(Tensor x, int counter) -> ()``."""
+
+    def define() -> None:
+        @torch.library.custom_op(_SAMPLES_OP_NAME, mutates_args=())
+        def count(x: torch.Tensor, counter: int) -> None:
+            ref = _SAMPLE_COUNTERS.get(counter)
+            callback = ref() if ref is not None else None
+            if callback is not None:
+                callback(int(x.shape[0]) if x.ndim else 0)
+
+        @count.register_fake
+        def _(x: torch.Tensor, counter: int) -> None:
+            return None
+
+        from torch._higher_order_ops.effects import _EffectType, _register_effectful_op
+
+        namespace, name = _SAMPLES_OP_NAME.split("::")
+        _register_effectful_op(getattr(getattr(torch.ops, namespace), name).default, _EffectType.ORDERED)
+
+    return _registered_op("samples", _SAMPLES_OP_NAME, define)
+
+
 _CALL_MASK = threading.local()  # the observation mask of the model call running now (set by BlockCapture)
 _MASK_OP_NAME = "deadrelu::call_mask"
 

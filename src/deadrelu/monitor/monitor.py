@@ -295,6 +295,9 @@ class Monitor:
         self._compile_warned = False
         self._samples_ring = [0] * window
         self._samples_total = 0
+        # A plain int (0: none) for the traced hook to read: the wrapper itself must not be touched there.
+        graph_counts = self._op_asks_schedule and self._wrapper is None
+        self._sample_counter = graph_capture.sample_counter(self._count_graph_samples) if graph_counts else 0
         self._forwards = 0
         self._observed_steps = 0
         self._units: dict[str, int] = {}  # per site of the last evaluation (all ranks' sites): units
@@ -374,7 +377,14 @@ class Monitor:
         if module is not self.model:
             return  # a replica sharing the hook dicts (nn.DataParallel): the capture refuses it
         if self._op_asks_schedule:
-            return  # the graph capture asks the schedule when its op runs: nothing here for Dynamo to guard on
+            # The graph capture asks the schedule when its op runs: nothing here for Dynamo to
+            # guard on. Traced into a whole-model graph (not when the monitor was given the
+            # compiled wrapper, whose own hook counts), the hook leaves a samples op in the graph.
+            if self._sample_counter and _is_compiling() and torch.is_grad_enabled():
+                first = args[0] if args else None
+                if isinstance(first, torch.Tensor):
+                    graph_capture.count_samples(first, self._sample_counter)
+            return
         if (not self.compiled or isinstance(self.capture, BlockCapture)) and _is_compiling():
             # The function mode would make Dynamo break the graph and recompile every step: the
             # eager capture stays out of compiled code (the block capture's graph half sees it;
@@ -388,11 +398,18 @@ class Monitor:
         if on and self._eager_root:
             self._count_samples(args)
 
+    def _count_graph_samples(self, rows: int) -> None:
+        """A compiled forward's batch size, handed in by its ``deadrelu::count_samples`` op."""
+        if self._observe:
+            self._add_samples(rows)
+
     def _count_samples(self, args: Any) -> None:
         """Samples per observed forward, in a fixed-size ring beside the device rings (shapes only:
         no sync). Only from eager code: Dynamo would guard on the ring index."""
         first = args[0] if args else None
-        n = int(first.shape[0]) if isinstance(first, torch.Tensor) and first.ndim else 0
+        self._add_samples(int(first.shape[0]) if isinstance(first, torch.Tensor) and first.ndim else 0)
+
+    def _add_samples(self, n: int) -> None:
         k = self._forwards % self.window
         self._samples_total += n
         self._samples_ring[k] = n
