@@ -579,6 +579,43 @@ def stack_compiled_by_layer() -> Stack:
     return net
 
 
+def test_an_eager_activation_of_a_compiled_blocks_output_keeps_the_feature_axis(dynamo):
+    # The producer inside the compiled block is not seen: the block's output takes its input's
+    # axis (same shape, a residual block), not the rank rule (dim 1 of a 4-D tensor).
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.l = nn.Linear(8, 8)
+
+        def forward(self, x):
+            return x + F.relu(self.l(x))
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb, self.blocks = nn.Linear(4, 8), nn.ModuleList([Block(), Block()])
+
+        def forward(self, x):
+            h = self.emb(x)
+            for block in self.blocks:
+                h = block(h)
+            return F.relu(h).sum()
+
+    def make(compiled: bool) -> Net:
+        torch.manual_seed(0)
+        net = Net()
+        if compiled:
+            for i, block in enumerate(net.blocks):
+                net.blocks[i] = torch.compile(block)
+        return net
+
+    g = torch.Generator().manual_seed(1)
+    data = [torch.randn(2, 3, 5, 4, generator=g) for _ in range(2)]
+    reports = [total_report(lambda: make(c), data, lambda m, x: m(x).backward(), False, window=2) for c in (False, True)]
+    assert summary(reports[1]) == summary(reports[0])
+    assert reports[1].site("<root>:relu").unit_axis_source == "producer:Linear" and reports[1].site("<root>:relu").units == 8
+
+
 def test_blocks_compiled_one_by_one_keep_their_own_sites(dynamo):
     """torchtitan-style ``layers[i] = torch.compile(layers[i])``: one graph serves every layer
     (Dynamo shares it between instances of the class); each layer's sums still go to its own sites,

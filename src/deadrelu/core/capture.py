@@ -459,8 +459,20 @@ class ActivationCapture:
         if isinstance(held, TorchFunctionMode):
             if held is self._mode:
                 held.__enter__()
+                self._carry_axis_through(args, output)
         elif held is not None:
             held.__exit__(None, None, None)  # the eager stance of a parameter-free block
+
+    def _carry_axis_through(self, args: Any, output: Any) -> None:
+        """The compiled block ran unseen: give its output its input's feature axis when the
+        shapes agree (a residual block's hidden states), as the block's own ops would have carried
+        it in eager mode; an output of another shape is left to the rank rule."""
+        first = args[0] if isinstance(args, tuple) and args else None
+        out = output[0] if isinstance(output, (tuple, list)) and output else output
+        if isinstance(first, torch.Tensor) and isinstance(out, torch.Tensor) and out.shape == first.shape:
+            entry = self._axis(first)
+            if entry is not None:
+                self._fwd.axes.set(out, entry[1], entry[2])
 
     def detach(self) -> None:
         """Remove every hook and leave any active mode; safe to call twice."""
