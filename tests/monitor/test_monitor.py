@@ -380,3 +380,59 @@ def test_monitor_reports_name_lookalike_activations_it_did_not_count():
         report = mon.report()
     assert [s.name for s in report.sites] == ["3"] and report.uncaptured == ("1 (SnakeAct)",)
     assert "not counted" in str(report)
+
+
+def test_a_dead_unit_that_is_nan_or_unobserved_for_a_while_is_neither_revived_nor_died_again():
+    def net() -> nn.Sequential:
+        m = nn.Sequential(nn.Linear(2, 3), nn.ReLU())
+        with torch.no_grad():
+            m[0].weight.zero_()
+            m[0].bias.copy_(torch.tensor([1.0, -1.0, 1.0]))  # unit 1 never fires
+        return m
+
+    model = net()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeadUnitWarning)
+        with deadrelu.Monitor(model, window=2, log_every=2) as mon:
+            for step in range(6):
+                with torch.no_grad():
+                    model[0].bias[1] = float("nan") if step in (2, 3) else -1.0  # NaN > 0 is false: no firing
+                model(torch.randn(4, 2)).nan_to_num().sum().backward()
+                mon.step()
+        nan_events = [(e.step, e.kind) for e in mon.events if e.unit == 1]
+        model = net()
+        with deadrelu.Monitor(model, window=2, log_every=2, min_observations=10) as mon:
+            for rows in (8, 8, 2, 2, 8, 8):  # steps 3-4: 4 observations in the window, too few to say dead
+                model(torch.randn(rows, 2)).sum().backward()
+                mon.step()
+        unobserved_events = [(e.step, e.kind) for e in mon.events if e.unit == 1]
+    assert nan_events == [(2, "born_dead")]
+    assert unobserved_events == [(2, "born_dead")]
+
+
+def test_each_sites_first_full_window_is_evaluated_even_when_another_filled_first():
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Sequential(nn.Linear(2, 3), nn.ReLU()), nn.Sequential(nn.Linear(2, 3), nn.ReLU())
+            for m in (self.a[0], self.b[0]):
+                with torch.no_grad():
+                    m.weight.zero_()
+                    m.bias.fill_(1.0)
+
+        def forward(self, x, branch):
+            h = self.a(x).sum()
+            return h + self.b(x).sum() if branch else h  # b runs on odd steps only: its window fills later
+
+    net = Net()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeadUnitWarning)
+        with deadrelu.Monitor(net, window=2, log_every=10) as mon:
+            for step in range(10):
+                with torch.no_grad():
+                    net.b[0].bias[0] = -5.0 if step < 4 else 1.0  # dead over b's first window (steps 1, 3), then fires
+                    net.b[0].bias[1] = -5.0 if step >= 5 else 1.0  # alive in that window, dies later
+                net(torch.randn(4, 2), step % 2 == 1).backward()
+                mon.step()
+    events = [(e.step, e.unit, e.kind) for e in mon.events if e.site == "b.1"]
+    assert events == [(4, 0, "born_dead"), (10, 1, "died"), (10, 0, "revived")]

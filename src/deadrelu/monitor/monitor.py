@@ -285,22 +285,35 @@ class Monitor:
         self._wrapper_handle: Any = None
         self._observe = bool(self.schedule(0))
         self._loss: Any = None
-        self._dead: dict[str, set[int]] = {}  # per site: dead units at the last full-window evaluation
-        self._born_dead: dict[str, set[int]] = {}
+        self._init_lifecycle()
         self._warned: set[tuple[str, float]] = set()
         self._first_window_done = False
         self._last_eval_step = -1
         self._broken: set[int] = set()
         self._opened = False
         self._compile_warned = False
+        self._init_samples(window)
+        self._observed_steps = 0
+        self._units: dict[str, int] = {}  # per site of the last evaluation (all ranks' sites): units
+
+    def _init_samples(self, window: int) -> None:
         self._samples_ring = [0] * window
         self._samples_total = 0
         # A plain int (0: none) for the traced hook to read: the wrapper itself must not be touched there.
         graph_counts = self._op_asks_schedule and self._wrapper is None
         self._sample_counter = graph_capture.sample_counter(self._count_graph_samples) if graph_counts else 0
         self._forwards = 0
-        self._observed_steps = 0
-        self._units: dict[str, int] = {}  # per site of the last evaluation (all ranks' sites): units
+
+    def _init_lifecycle(self) -> None:
+        self._dead: dict[str, set[int]] = {}  # per site: dead units at the last full-window evaluation
+        self._born_dead: dict[str, set[int]] = {}
+        # per site: units whose last known state (ignoring NaN/Inf and unobserved evaluations) is dead / alive
+        self._known_dead: dict[str, set[int]] = {}
+        self._known_alive: dict[str, set[int]] = {}
+        # sites whose window has not been full at an evaluation yet: their first full window is evaluated
+        self._filling: list[Any] = []
+        self._filled: set[int] = set()  # id() of the accumulators whose full window was evaluated
+        self._sites_seen = 0
 
     # -- lifecycle -------------------------------------------------------------------------
     def attach(self) -> "Monitor":
@@ -488,10 +501,12 @@ class Monitor:
             if first or self.steps % self.log_every == 0:
                 self._evaluate()
             return
-        first = not self._first_window_done and any(s.stats.full for s in self.capture.sites.values())
+        first = self._a_window_filled()
         if first or self.steps % self.log_every == 0:
             if self.capture.sites:
                 self._evaluate()
+                self._filled.update(id(site.stats) for site in self._filling if site.stats.full)
+                self._filling = [site for site in self._filling if not site.stats.full]
             elif self._op_asks_schedule and not self._compile_warned:
                 self._compile_warned = True
                 warnings.warn(
@@ -502,6 +517,15 @@ class Monitor:
                     CompiledModelWarning,
                     stacklevel=2,
                 )
+
+    def _a_window_filled(self) -> bool:
+        """Whether a site's window is full for the first time (each site's first full window is
+        evaluated: its born-dead units are read there). Only sites still filling are looked at."""
+        sites = self.capture.sites
+        if len(sites) != self._sites_seen:  # sites came (or went) since the last look
+            self._filling = [site for site in sites.values() if id(site.stats) not in self._filled]
+            self._sites_seen = len(sites)
+        return any(site.stats.full for site in self._filling)
 
     # -- results ------------------------------------------------------------------------------
     def report(self, scope: str = "window") -> Report:
@@ -681,15 +705,21 @@ class Monitor:
             self._guard(i, sink, lambda sink=sink: sink.write(record))
 
     def _lifecycle(self, step: int, s: SiteReport) -> list[Event]:
+        """Events from each unit's last known state, dead or alive (fired, all values finite). An
+        evaluation where a unit is NaN/Inf or unobserved says neither: it starts or ends nothing,
+        so a dead unit that outputs NaN for a while is not "revived" and then "died" again."""
         dead = set(s.dead_units)
-        previous = self._dead.get(s.name)
-        events: list[Event] = []
-        if previous is None:
-            self._born_dead[s.name] = set(dead)
-            events = [Event(step, s.name, u, "born_dead") for u in sorted(dead)]
-        else:
-            events += [Event(step, s.name, u, "died") for u in sorted(dead - previous)]
-            events += [Event(step, s.name, u, "revived") for u in sorted(previous - dead)]
+        alive = {u for u, (f, bad) in enumerate(zip(s.fired_counts, s.nonfinite_counts)) if f and not bad}
+        was_dead = self._known_dead.get(s.name, set())
+        was_alive = self._known_alive.get(s.name, set())
+        fresh = dead - was_dead
+        born = fresh - was_alive  # dead the first time its state is known
+        events = [Event(step, s.name, u, "born_dead") for u in sorted(born)]
+        events += [Event(step, s.name, u, "died") for u in sorted(fresh & was_alive)]
+        events += [Event(step, s.name, u, "revived") for u in sorted(was_dead & alive)]
+        self._born_dead.setdefault(s.name, set()).update(born)
+        self._known_dead[s.name] = (was_dead - alive) | dead
+        self._known_alive[s.name] = (was_alive - dead) | alive
         self._dead[s.name] = dead
         self._maybe_warn(step, s, dead)
         return events

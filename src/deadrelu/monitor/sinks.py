@@ -55,6 +55,10 @@ CSV_COLUMNS = (
     "step", "site", "units", "batches", "active", "asleep", "dead", "dormant", "nonfinite", "alive", "loss", "unobserved",
 )  # fmt: skip
 
+#: Longest line (bytes) the file sinks read to check an existing file: a JSONL first line, an
+#: unterminated last line. A longer one is not read into memory; the file is refused untouched.
+_CHECK_LIMIT = 1 << 24
+
 
 class SinkError(DeadReluError):
     """A sink could not write (raised when the monitor runs with ``on_sink_error="raise"``)."""
@@ -148,13 +152,31 @@ def _last_record_end(path: Path, quoted: bool) -> int:
     return last
 
 
+def _unterminated_tail(path: Path, quoted: bool) -> tuple[int, int] | None:
+    """``(start, size)`` of the bytes after the last complete line, or None when there are none
+    (the file ends with a newline, is empty, missing or not a regular file)."""
+    if not path.is_file():
+        return None
+    size = path.stat().st_size
+    if size == 0:
+        return None
+    with open(path, "rb") as fh:
+        fh.seek(size - 1)
+        if fh.read(1) == b"\n":  # the common case: the last write completed
+            return None
+    start = _last_record_end(path, quoted)
+    return None if start == size else (start, size)
+
+
 def repair_torn_tail(path: str | os.PathLike[str], *, quoted: bool = False) -> int:
     """Cut a torn last record off a log file; return how many bytes were removed (0 if it was whole).
 
-    A record is torn when the file does not end with a newline: a write stopped half-way (a
+    Here a record is torn when the file does not end with a newline: a write stopped half-way (a
     full disk, a kill). Appending after it would glue the next record onto the fragment (an
     invalid JSON line, two CSV rows merged into one), so the fragment is removed first. Files
     that are empty, missing or not regular files (``/dev/full``, a pipe) are left alone.
+    :class:`JSONLSink` and :class:`CSVSink` are stricter before they append: an unterminated last
+    line that is a whole record of their format is kept (see their docs); only the rest is cut.
 
     Args:
         path: the JSONL or CSV file.
@@ -167,22 +189,21 @@ def repair_torn_tail(path: str | os.PathLike[str], *, quoted: bool = False) -> i
         >>> repair_torn_tail(log), log.read_text()
         (4, '{"step": 1}\\n')
     """
-    p = Path(path)
-    if not p.is_file():
+    found = _unterminated_tail(Path(path), quoted)
+    if found is None:
         return 0
-    size = p.stat().st_size
-    if size == 0:
-        return 0
-    with open(p, "rb") as fh:
-        fh.seek(size - 1)
-        if fh.read(1) == b"\n":  # the common case: the last write completed
-            return 0
-    end = _last_record_end(p, quoted)
-    if end == size:
-        return 0
-    with open(p, "r+b") as fh:
-        fh.truncate(end)
-    return size - end
+    start, size = found
+    with open(path, "r+b") as fh:
+        fh.truncate(start)
+    return size - start
+
+
+def _is_json_object(data: bytes) -> bool:
+    """Whether the bytes are one JSON object (surrounding whitespace allowed), as a JSON Lines record is."""
+    try:
+        return isinstance(json.loads(data.decode("utf-8")), dict)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return False
 
 
 class _FileSink(Sink):
@@ -210,17 +231,45 @@ class _FileSink(Sink):
     def open(self) -> None:
         if self._owned and self._fh is None:
             assert self.path is not None
-            # A torn last record (a full disk or a kill mid-write) is cut off first, so the next
-            # record starts on a line of its own instead of merging with the fragment.
-            torn = repair_torn_tail(self.path, quoted=self._quoted)
-            if torn:
-                warnings.warn(
-                    f"{self.name}: removed a torn last record ({torn} bytes without an end of line) before appending",
-                    SinkWarning,
-                    stacklevel=2,
-                )
+            self._settle_tail(self.path)
             # Append, never truncate: earlier runs' lines (and this run's, after a re-attach) survive.
             self._fh = open(self.path, "a", encoding="utf-8", newline="")
+
+    def _is_whole_record(self, tail: bytes) -> bool:
+        """Whether an unterminated last line is a whole record that only lacks its newline (each
+        format says; by default every unterminated line counts as torn)."""
+        return False
+
+    def _settle_tail(self, path: Path) -> None:
+        """Make the file end with an end of line before appending, so the next record starts on a
+        line of its own instead of merging with the last one: a whole last record that lacks only
+        its newline (a file written by ``json.dump``, an editor that strips the final newline) gets
+        the newline; a torn one (a full disk or a kill mid-write) is cut off, with a warning.
+
+        Raises:
+            SinkError: when the unterminated last line is too long to check; the file is left as it is.
+        """
+        found = _unterminated_tail(path, self._quoted)
+        if found is None:
+            return
+        start, size = found
+        if size - start > _CHECK_LIMIT:  # neither cut (it may be whole) nor read into memory
+            raise SinkError(
+                f"{self.name}: the file's last line runs {size - start} bytes without an end of line, too long to "
+                "check whether it is a whole record; log to a new file (nothing was written to this one)"
+            )
+        with open(path, "r+b") as fh:
+            fh.seek(start)
+            if self._is_whole_record(fh.read()):
+                fh.seek(0, os.SEEK_END)
+                fh.write(b"\n")
+                return
+            fh.truncate(start)
+        warnings.warn(
+            f"{self.name}: removed a torn last record ({size - start} bytes without an end of line) before appending",
+            SinkWarning,
+            stacklevel=4,
+        )
 
     def _emit(self, text: str) -> None:
         if self._fh is None:
@@ -252,6 +301,14 @@ class JSONLSink(_FileSink):
     "sites": [{"site", "units", "batches", "active", "asleep", "dead", "dormant",
     "nonfinite", "unobserved", "alive"}], "events": [{"step", "site", "unit", "kind"}]}``.
 
+    Appending to an existing file: a file whose first line is not a JSON object, or whose
+    unterminated last line does not start like one, is refused untouched (so is one whose first
+    or unterminated last line is longer than 16 MiB, too long to check). An unterminated last
+    line that parses as a JSON object is a whole record that lacks only its newline: the newline
+    is added and the record kept. Any other unterminated last line is a torn record and is cut.
+    The rule cannot mistake a torn record for a whole one: an object ends with its closing
+    brace, so no part of one cut short (``{"a": 12`` of ``{"a": 123}``) parses as an object.
+
     Args:
         target: a file path (opened in append mode) or an open text stream.
 
@@ -272,7 +329,7 @@ class JSONLSink(_FileSink):
 
     def _check_existing(self, path: Path) -> None:
         """Refuse, before the torn-tail repair touches it, a file that is not JSON Lines: its first
-        line must be a JSON object, and a torn last record must be the start of one.
+        line must be a JSON object, and an unterminated last line must be the start of one.
 
         Raises:
             SinkError: naming what is wrong; the file is left as it is.
@@ -281,18 +338,24 @@ class JSONLSink(_FileSink):
             return
         refuse = f"{self.name}: the file is not a JSON Lines log; log to a new file (nothing was written to this one)"
         with open(path, "rb") as fh:
-            first = fh.readline(1 << 20)
+            first = fh.readline(_CHECK_LIMIT + 1)  # bounded: a huge one-line file is never read whole
             fh.seek(_last_record_end(path, quoted=False))
             tail = fh.read(1 << 16)
         if tail and not tail.lstrip().startswith(b"{"):
             raise SinkError(f"{refuse} (it ends with {tail[:60]!r}, which is not the start of a JSON record)")
-        if first.endswith(b"\n"):
-            try:
-                ok = isinstance(json.loads(first.decode("utf-8")), dict)
-            except (UnicodeDecodeError, ValueError):
-                ok = False
-            if not ok:
-                raise SinkError(f"{refuse} (its first line is not a JSON object)")
+        if not first.endswith(b"\n"):
+            if len(first) <= _CHECK_LIMIT:
+                return  # the file's only line, unterminated: _settle_tail tells a whole record from a torn one
+            # No end of line within the limit: unless it visibly is not an object, it is too long to
+            # parse, and an unchecked first line must not let a foreign file be cut and appended to.
+            if first.lstrip().startswith(b"{"):
+                raise SinkError(f"{refuse} (its first line is longer than {_CHECK_LIMIT >> 20} MiB, too long to check)")
+            raise SinkError(f"{refuse} (its first line is not a JSON object)")
+        if not _is_json_object(first):
+            raise SinkError(f"{refuse} (its first line is not a JSON object)")
+
+    def _is_whole_record(self, tail: bytes) -> bool:
+        return _is_json_object(tail)
 
     def write(self, record: "LogRecord") -> None:
         self._emit(json.dumps(record_to_dict(record), allow_nan=False) + "\n")
@@ -304,7 +367,18 @@ class CSVSink(_FileSink):
     Columns: ``step, site, units, batches, active, asleep, dead, dormant, nonfinite, alive, loss, unobserved``.
     Appending to a file that an earlier version wrote (its header a subset of these columns, e.g.
     without ``unobserved``) keeps that file's columns, so every row has the width of its header;
-    a file whose header is not a deadrelu header is refused and left untouched.
+    a file whose header is not a deadrelu header is refused and left untouched. Whether the file
+    is empty is asked at the first write, so a second sink on the same path (two monitors, or the
+    path listed twice) adds rows under the header the first one wrote instead of a second header.
+
+    An unterminated last line is kept, and given its newline, when it is a whole row: the csv
+    module reads it as exactly as many values as the header has, no quoted value is left open,
+    and its last value fits its column (a number, or empty for ``loss``; anything for ``site``).
+    Otherwise it is a torn row and is cut: a row cut at a comma has fewer values, one cut just
+    after its last comma ends in an empty number. CSV is not self-delimiting, so a row cut inside
+    its last value (``0.25`` left as ``0.2``) cannot be told from a whole one and is kept. A lone
+    unterminated header is kept when it is the full header; a shorter start of it is cut, and the
+    full header written in its place begins with the same bytes.
 
     Args:
         target: a file path (opened in append mode) or an open text stream.
@@ -327,16 +401,24 @@ class CSVSink(_FileSink):
 
     def _file_columns(self) -> tuple[tuple[str, ...], bool]:
         """The columns rows go in and whether the header still has to be written (the existing
-        file's header was checked when it was opened, see :meth:`open`)."""
+        file's header was checked when it was opened, see :meth:`open`).
+
+        Raises:
+            SinkError: when another writer left the file holding only part of a header.
+        """
         if self._fh is None:
             self.open()
+        if self._is_empty():
+            return CSV_COLUMNS, True
         header = self._header
-        try:  # an append-mode file stands at its end, so position 0 means "empty"
-            empty = self._fh.tell() == 0  # type: ignore[union-attr]
-        except (OSError, ValueError):  # unseekable stream (a pipe): assume fresh
-            empty = True
-        if empty or header is None:
-            return CSV_COLUMNS, empty
+        if header is None and self.path is not None:
+            # Another sink on this path (two monitors, the path listed twice) wrote since this one
+            # opened an empty file: follow the header it wrote instead of writing a second one.
+            header = self._existing_header()
+            if header is None:
+                raise SinkError(f"{self.name}: another writer left the file holding part of a header; log to a new file")
+        if header is None:  # a stream that already holds text: nothing to read a header from
+            return CSV_COLUMNS, False
         if header != CSV_COLUMNS:
             missing = [c for c in CSV_COLUMNS if c not in header]
             warnings.warn(
@@ -346,6 +428,17 @@ class CSVSink(_FileSink):
                 stacklevel=3,
             )
         return header, False
+
+    def _is_empty(self) -> bool:
+        """Whether nothing is in the file yet, asked of the file itself when the sink owns it: the
+        handle's position is from when it was opened and misses another sink's writes since."""
+        assert self._fh is not None
+        if self._owned:
+            return os.fstat(self._fh.fileno()).st_size == 0
+        try:  # an append-mode stream stands at its end, so position 0 means "empty"
+            return self._fh.tell() == 0
+        except (OSError, ValueError):  # unseekable stream (a pipe): assume fresh
+            return True
 
     def open(self) -> None:
         # The header is checked before the torn-tail repair: a foreign file is left as it is.
@@ -364,12 +457,16 @@ class CSVSink(_FileSink):
             return None
         refuse = f"{self.name}: the file is not a deadrelu CSV; log to a new file (nothing was written to this one)"
         with open(self.path, "rb") as fh:
-            first = fh.readline()
+            first = fh.readline(1 << 16)  # bounded: a deadrelu header is about 100 bytes
+        if not first.endswith(b"\n") and len(first) == 1 << 16:
+            raise SinkError(f"{refuse} (its first line is longer than 64 KiB, far longer than a deadrelu header)")
         try:
             text = first.decode("utf-8")
         except UnicodeDecodeError:
             raise SinkError(f"{refuse} (its first line is not UTF-8 text)") from None
-        if not text.endswith("\n"):  # no complete line: only a torn header of ours may be cut
+        if not text.endswith("\n"):  # the only line, unterminated: the full header or a torn start of it
+            if text == ",".join(CSV_COLUMNS):
+                return CSV_COLUMNS  # whole: _settle_tail adds its newline
             if ",".join(CSV_COLUMNS).startswith(text):
                 return None
             raise SinkError(f"{refuse} (its only line, {text[:80]!r}, is not a deadrelu header)")
@@ -381,6 +478,33 @@ class CSVSink(_FileSink):
         if unknown or "step" not in header or "site" not in header or len(set(header)) != len(header):
             raise SinkError(f"{refuse} (its first line {','.join(header)[:200]!r} is not a deadrelu CSV header)")
         return header
+
+    def _is_whole_record(self, tail: bytes) -> bool:
+        header = self._header
+        if header is None:  # the file's only line is a torn start of our header
+            return False
+        try:
+            text = tail.decode("utf-8")
+        except UnicodeDecodeError:  # cut inside a multi-byte character
+            return False
+        if text.count('"') % 2:  # a quoted value is still open: the row was cut inside it
+            return False
+        try:
+            rows = list(csv.reader(io.StringIO(text, newline=""), strict=True))
+        except csv.Error:
+            return False
+        if len(rows) != 1 or len(rows[0]) != len(header):  # cut at or before a comma: too few values
+            return False
+        if tuple(rows[0]) == header:  # the lone header itself, see _existing_header
+            return True
+        column, last = header[-1], rows[0][-1]
+        if column == "site" or (column == "loss" and last == ""):  # the only columns that may hold text or nothing
+            return True
+        try:  # every other column is a number: empty or half an exponent ("1e-") means the row was cut
+            float(last)
+        except ValueError:
+            return False
+        return True
 
     def write(self, record: "LogRecord") -> None:
         buf = io.StringIO()
