@@ -78,6 +78,7 @@ class DeadReluTrainerCallback(_tf.TrainerCallback):
         if model is None:
             raise ValueError("DeadReluTrainerCallback needs the model: the trainer passes it as model=")
         self.detach()
+        self._pending.metrics = {}  # a previous run's last evaluation is not this run's
         kwargs_ = dict(self.monitor_kwargs)
         if getattr(args, "torch_compile", False) is True:
             kwargs_.setdefault("compiled", True)  # the Trainer compiles the model after this callback attaches
@@ -108,6 +109,9 @@ class DeadReluTrainerCallback(_tf.TrainerCallback):
                 mon.finish()
             finally:
                 mon.detach()
+        # The final evaluation comes after the trainer's last log: it joins the last log entry if
+        # that is of this step, and is dropped otherwise (never carried into a next run's logs).
+        self.on_log(args, state, control, logs=None)
 
     def detach(self) -> None:
         """Remove the monitor's hooks (safe to call twice; for runs that fail)."""

@@ -9,12 +9,15 @@ chain of the form::
 
 from the traced graph — never from module order. Anything that breaks the proof
 (a residual add, a ``cat``, a layer called twice, a parameter shared between modules,
-an unsupported layer, an untraceable model) raises :class:`~deadrelu.errors.RefusedError`
-naming the site, before anything is changed. So does anything that makes a layer compute
-something other than what its weights say, or reads its weights outside its own call:
+an unsupported layer, a pool whose pooled dims include the units' dim, an untraceable model)
+raises :class:`~deadrelu.errors.RefusedError` naming the site, before anything is changed. So
+does anything that makes a layer compute something other than what its weights say, or reads
+its weights outside its own call:
 a parametrization (``torch.nn.utils.parametrize``, ``parametrizations.weight_norm`` /
 ``spectral_norm``), the old hook-based ``weight_norm`` / ``spectral_norm``, any forward
-(pre-)hook that is not deadrelu's own, and a direct read such as ``F.linear(x, self.fc.weight)``.
+(pre-)hook that is not deadrelu's own on a chain layer — or anywhere the trace does not see it
+(the root, a leaf off the chain; global module hooks unless the caller checks on data) — and a
+direct read such as ``F.linear(x, self.fc.weight)``.
 A report whose model fingerprint (parameter names and shapes) differs from the model's
 is refused too.
 
@@ -60,8 +63,22 @@ _PASS_FUNCTIONS = {
     F.adaptive_max_pool2d, F.adaptive_max_pool3d, torch.dropout,
 }  # fmt: skip
 _ZERO_ONLY_FUNCTIONS = {F.avg_pool1d, F.avg_pool2d, F.avg_pool3d}
-_POOL_FUNCTIONS = {f for f in _PASS_FUNCTIONS | _ZERO_ONLY_FUNCTIONS if "dropout" not in getattr(f, "__name__", "dropout")}
-_POOL_FUNCTIONS |= {F.max_pool1d, F.max_pool2d, F.max_pool3d}  # boolean_dispatch wrappers are named "fn"
+# How many trailing dims each pooling op pools over. torch takes dim -(k+1) as the channels, so the
+# units stay separate only at rank k+2 with the units on dim 1: at rank k+1 (what torch reads as an
+# unbatched call, e.g. MaxPool1d on a (B, C) Linear output) the batch becomes the channels and the pool
+# slides across the units. Looked up by identity (the max_pool boolean_dispatch wrappers are all named
+# "fn"), for modules along the class's MRO.
+_POOL_DIMS: dict[Any, int] = {
+    nn.MaxPool1d: 1, nn.MaxPool2d: 2, nn.MaxPool3d: 3, nn.AvgPool1d: 1, nn.AvgPool2d: 2, nn.AvgPool3d: 3,
+    nn.AdaptiveAvgPool1d: 1, nn.AdaptiveAvgPool2d: 2, nn.AdaptiveAvgPool3d: 3,
+    nn.AdaptiveMaxPool1d: 1, nn.AdaptiveMaxPool2d: 2, nn.AdaptiveMaxPool3d: 3,
+    F.max_pool1d: 1, F.max_pool2d: 2, F.max_pool3d: 3, F.avg_pool1d: 1, F.avg_pool2d: 2, F.avg_pool3d: 3,
+    F.adaptive_avg_pool1d: 1, F.adaptive_avg_pool2d: 2, F.adaptive_avg_pool3d: 3,
+    F.adaptive_max_pool1d: 1, F.adaptive_max_pool2d: 2, F.adaptive_max_pool3d: 3,
+}  # fmt: skip
+# Dropout of any kind and rank needs no such rule: each element is multiplied by a mask that does not
+# depend on the values (feature dropout only shares it along some dims), so units never mix, and in
+# eval mode it is the identity.
 _PASS_METHODS = {"contiguous", "clone"}
 _ADDS = {operator.add, operator.iadd, operator.sub, torch.add, torch.sub, "add", "add_", "sub", "sub_"}
 
@@ -275,6 +292,65 @@ def unrewritable_reason(path: str, module: nn.Module) -> str | None:
     return None
 
 
+def _foreign_hooks(hooks: Iterable[Any]) -> list[Any]:
+    """The hooks that are neither deadrelu's nor torch.nn.utils' weight recomputation (weight_norm,
+    spectral_norm, prune), which reads and writes only its own module's tensors."""
+    return [h for h in hooks if not is_deadrelu_hook(h) and not type(h).__module__.startswith("torch.nn.utils.")]
+
+
+def _traced_through(gm: fx.GraphModule) -> set[str]:
+    """Paths of the submodules whose ``__call__`` the trace ran, not the root or a leaf.
+
+    fx calls a non-leaf submodule through ``Module.__call__``, so its hooks run at trace time and
+    what they compute is in the graph like the rest of its forward.
+    """
+    called: set[str] = set()
+    for node in gm.graph.nodes:
+        for key, value in (node.meta.get("nn_module_stack") or {}).items():
+            called.add(value[0] if isinstance(value, tuple) else key.rpartition("@")[0] or key)
+    leaves = {str(n.target) for n in gm.graph.nodes if n.op == "call_module"}
+    return called - leaves - {""}
+
+
+def _check_unseen_hooks(model: nn.Module, gm: fx.GraphModule, what: str, checked_on_data: bool) -> None:
+    """Refuse forward (pre-)hooks that run in ``model`` but are not in its torch.fx trace.
+
+    ``fx.symbolic_trace`` runs the root's ``forward``, not its ``__call__``, so the root's hooks are
+    left out; a leaf's hooks (and those of the modules inside a leaf) run only at call time. Such a
+    hook may read or overwrite the layers the rewrite edits (the root's gets every layer: a weight
+    penalty added to the output, say), so the proof cannot hold while one is there. Global module
+    hooks reach every layer too; with ``checked_on_data`` the caller runs the real model, global
+    hooks included, and compares, so they are left to that check.
+
+    Raises:
+        RefusedError: naming the first such module (or the global hooks).
+    """
+    seen = _traced_through(gm)
+    for path, module in model.named_modules():
+        hooks = list(module._forward_pre_hooks.values()) + list(module._forward_hooks.values())
+        foreign = _foreign_hooks(hooks) if path not in seen else []
+        if foreign:
+            label = getattr(foreign[0], "__qualname__", type(foreign[0]).__name__)
+            name = f"module '{path}' ({type(module).__name__})" if path else f"the model's root ({type(module).__name__})"
+            raise RefusedError(
+                f"{what}: {name} has {len(foreign)} forward (pre-)hook(s) that are not deadrelu's (e.g. {label}); "
+                "torch.fx does not trace them, so it cannot be proven that they do not read or change the edited "
+                "layers; remove them first; nothing was changed"
+            )
+    if checked_on_data:
+        return
+    module_globals = torch.nn.modules.module
+    hooks = list(getattr(module_globals, "_global_forward_pre_hooks", {}).values())
+    foreign = _foreign_hooks(hooks + list(getattr(module_globals, "_global_forward_hooks", {}).values()))
+    if foreign:
+        label = getattr(foreign[0], "__qualname__", type(foreign[0]).__name__)
+        raise RefusedError(
+            f"{what}: {len(foreign)} global module forward (pre-)hook(s) (torch.nn.modules.module."
+            f"register_module_forward_hook, e.g. {label}) run on every layer and are not traced by torch.fx; remove "
+            "them, or pass data= to check the rewrite on the real model; nothing was changed"
+        )
+
+
 def check_report_matches(model: nn.Module, report: Report, what: str) -> None:
     """Refuse a report whose recorded model fingerprint differs from ``model``'s.
 
@@ -355,6 +431,7 @@ def find_chains(
     *,
     consumers: bool = True,
     sites: Iterable[str] | None = None,
+    checked_on_data: bool = False,
 ) -> list[Chain]:
     """Prove a chain for every site whose ``select(site)`` is non-empty, or refuse.
 
@@ -365,6 +442,7 @@ def find_chains(
         what: the operation's name, used in messages.
         consumers: also prove the consumer side (not needed to change a bias).
         sites: act only on the sites with these names (default: all).
+        checked_on_data: the caller runs the real model on data and compares (see :func:`_check_unseen_hooks`).
 
     Raises:
         RefusedError: naming the site, when any chain cannot be proven.
@@ -422,6 +500,8 @@ def find_chains(
             if path in seen:
                 raise _refuse(chain.site, what, f"module '{path}' also produces site '{seen[path]}'")
             seen[path] = chain.site.name  # type: ignore[index]
+    # Last, so that a hook on a chain layer is refused above with its site named.
+    _check_unseen_hooks(model, gm, what, checked_on_data)
     return chains
 
 
@@ -522,9 +602,9 @@ def _consumer_side(
                 user.op == "call_function" and user.target in _ZERO_ONLY_FUNCTIONS
             )
             if passes or zero:
-                pooling = "Pool" in type(m).__name__ if m is not None else user.target in _POOL_FUNCTIONS
-                if pooling and (flat or not channels_first):
-                    raise _refuse(site, what, f"{describe_node(user)} pools over the unit axis")
+                mixes = _pool_mixes_units(user, m, site, flat)
+                if mixes is not None:
+                    raise _refuse(site, what, mixes)
                 todo.append((user, flat, norms, zero_only or zero, fixed))
                 continue
             flatten = _is_flatten(user, modules)
@@ -537,6 +617,34 @@ def _consumer_side(
             kind = f" ({type(m).__name__})" if m is not None else ""
             raise _refuse(site, what, f"its units feed {describe_node(user)}{kind}, which is not a supported consumer")
     return links
+
+
+def _pool_mixes_units(node: fx.Node, module: nn.Module | None, site: SiteReport, flat: bool) -> str | None:
+    """Why a pooling node pools across the site's units, or None when it pools each unit's channel alone.
+
+    The rank is the site's (the scanned activation's shape): every op between the activation
+    and a pool keeps the rank, except a flatten, after which any pool mixes units.
+    """
+    key = next((c for c in type(module).__mro__ if c in _POOL_DIMS), None) if module is not None else node.target
+    dims = _POOL_DIMS.get(key) if node.op in ("call_module", "call_function") else None  # type: ignore[arg-type]
+    if dims is None:
+        return None
+    if flat:
+        return f"{describe_node(node)} pools a flattened tensor, across the units"
+    rank = len(site.shape)
+    channel_dim = rank - dims - 1  # the dim torch takes as channels: the last `dims` are pooled
+    if site.unit_dim > channel_dim:
+        unbatched = " (torch reads it as unbatched, dim 0 as channels)" if channel_dim == 0 else ""
+        return (
+            f"{describe_node(node)} pools over the last {dims} dim(s) of the {rank}-D tensor{unbatched}, "
+            f"across the units on dim {site.unit_dim}"
+        )
+    if site.unit_dim != channel_dim or channel_dim != 1:
+        return (
+            f"{describe_node(node)} takes dim {channel_dim} of the {rank}-D tensor as channels, "
+            f"not the units' dim {site.unit_dim}"
+        )
+    return None
 
 
 def _link(
@@ -568,6 +676,11 @@ def _link(
     else:
         if flat or site.unit_dim != 1 or n_in != site.units:
             raise _refuse(site, what, f"'{path}' does not read the site's {site.units} units as its channels")
+        if len(site.shape) != len(m.kernel_size) + 2:  # type: ignore[arg-type]
+            # e.g. a Conv2d on a (B, C, L) tensor: torch reads it as unbatched, (B, C, L) as (channels, H, W).
+            raise _refuse(
+                site, what, f"'{path}' reads the {len(site.shape)}-D tensor as unbatched, its channels on dim 0, not the units"
+            )
         if m.groups != 1:  # type: ignore[union-attr]
             raise _refuse(site, what, f"'{path}' is a grouped convolution (groups={m.groups})")
         block = 1

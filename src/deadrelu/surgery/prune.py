@@ -316,7 +316,8 @@ def prune_dead(
         raise DeadReluError(f"{what}: model must be a torch.nn.Module, not {type(model).__name__}")
     if not tolerance >= 0:
         raise DeadReluError(f"{what}: tolerance must be >= 0, got {tolerance}")
-    chains = _graph.find_chains(model, report, _select, what, sites=sites)
+    # With data, the real model (global module hooks included) is compared with the pruned one below.
+    chains = _graph.find_chains(model, report, _select, what, sites=sites, checked_on_data=data is not None)
     skipped = _skipped_sites(report, sites)
     values: dict[str, torch.Tensor | float] = {c.site.name: 0.0 for c in chains}
     _add_constant_chains(model, report, chains, values, skipped, what)

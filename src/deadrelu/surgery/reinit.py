@@ -331,7 +331,8 @@ def reinit_dead(
     if init not in _INITS:
         raise DeadReluError(f"{what}: init must be one of {_INITS}, got {init!r}")
     _check_optimizer(optimizer, what)
-    chains = _graph.find_chains(model, report, _units_of(dormant), what, sites=sites)
+    # With data, the real model (global module hooks included) is checked against the pinned trace below.
+    chains = _graph.find_chains(model, report, _units_of(dormant), what, sites=sites, checked_on_data=data is not None)
     # Plan every value first; a refusal here leaves everything untouched.
     batch = _first_batch(model, data, input_fn) if data is not None else None
     inputs = _producer_inputs(model, [c.producer for c in chains], *batch) if batch is not None else {}
