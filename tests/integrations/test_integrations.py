@@ -142,14 +142,14 @@ class DictData(torch.utils.data.Dataset):
         return {"x": x, "labels": y}
 
 
-def hf_trainer(tmp_path: Path, model: nn.Module, steps: int = 8, **extra):
+def hf_trainer(tmp_path: Path, model: nn.Module, steps: int = 8, logging_steps: int = 4, **extra):
     tf = pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
     args = tf.TrainingArguments(
         output_dir=str(tmp_path),
         max_steps=steps,
         per_device_train_batch_size=8,
-        logging_steps=4,
+        logging_steps=logging_steps,
         learning_rate=0.01,
         report_to=[],
         use_cpu=True,
@@ -185,6 +185,26 @@ def test_transformers_callback_logs_into_trainer_history(tmp_path: Path):
     assert [h["step"] for h in logged] == [4, 8]
     assert logged[0]["deadrelu/net.3/dead"] == mon.history.series("net.3", "dead")[1][0]
     assert any("deadrelu/net.3/dead" in logs for logs in seen_by_later_callbacks)
+
+
+def test_transformers_callback_reused_for_a_second_run_logs_only_that_runs_numbers(tmp_path: Path):
+    # The final evaluation (at train end, after the trainer's last log) must not be logged at the
+    # next run's first step.
+    from deadrelu.integrations import DeadReluTrainerCallback
+
+    cb = DeadReluTrainerCallback(window=2, log_every=100, warn_at=(1.0,))
+    alive, dead = HFTiny(), HFTiny()
+    with torch.no_grad():
+        alive.net[2].bias.fill_(100.0)
+        dead.net[2].bias.fill_(-100.0)
+    first = hf_trainer(tmp_path / "1", alive, steps=3, logging_steps=1)
+    cb.add_to(first)
+    first.train()
+    second = hf_trainer(tmp_path / "2", dead, steps=1, logging_steps=1)
+    cb.add_to(second)
+    second.train()
+    logged = [h["deadrelu/net.3/dead"] for h in second.state.log_history if "deadrelu/net.3/dead" in h]
+    assert logged and all(v == 1.0 for v in logged), logged
 
 
 def test_transformers_callback_as_context_manager_detaches_on_failure(tmp_path: Path):
