@@ -436,3 +436,20 @@ def test_each_sites_first_full_window_is_evaluated_even_when_another_filled_firs
                 mon.step()
     events = [(e.step, e.unit, e.kind) for e in mon.events if e.site == "b.1"]
     assert events == [(4, 0, "born_dead"), (10, 1, "died"), (10, 0, "revived")]
+
+
+@pytest.mark.parametrize("how", ["first call", "batch given", "root called inside"])
+def test_samples_of_passes_observed_through_observe_are_counted_once(how):
+    outer = nn.Module()
+    outer.net = nn.Sequential(nn.Linear(2, 3), nn.ReLU())
+    outer.forward = lambda x: outer.net(x)
+    with deadrelu.Monitor(outer, window=10) as mon:
+        for _ in range(5):
+            x = torch.randn(8, 2)
+            with mon.observe({"x": x, "y": torch.zeros(8)} if how == "batch given" else None):
+                h = outer(x) if how == "root called inside" else outer.net(x)
+                (h.sum() + outer.net(x[:3]).sum()).backward()  # a second call: not more samples
+            mon.step()
+    total = mon.report("total")
+    assert total.batches == 5 and total.samples == 40
+    assert [(s.name, s.observations) for s in total.sites] == [("net.1#1", 40), ("net.1#2", 15)]

@@ -392,6 +392,9 @@ class ActivationCapture:
             self._inside_blocks = {p for p, _ in named if any(p == b or p.startswith(b + ".") for b in graphed)}
         self._has_compiled_blocks = not self._beside_blocks and (is_compiled_wrapper(model) or bool(blocks))
         self._suspended: list[Any] = []
+        # Called with the arguments of the first module called inside a forward_scope() block (the
+        # monitor counts that pass's samples from them); cleared once called.
+        self.on_scope_call: Callable[[Any], None] | None = None
         self._stance: contextlib.AbstractContextManager[Any] | None = None
 
     @property
@@ -580,6 +583,9 @@ class ActivationCapture:
             if self._mode is None:
                 return
             fwd = self._fwd
+            if self.on_scope_call is not None and len(fwd.stack) == 1 and not is_root:
+                call, self.on_scope_call = self.on_scope_call, None
+                call(args)  # the first module called inside a forward_scope() block: its input
             call = fwd.calls.get(path, 0)
             fwd.calls[path] = call + 1
             fwd.stack.append(_Frame(path, call))

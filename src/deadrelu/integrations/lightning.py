@@ -87,7 +87,7 @@ class DeadReluCallback(_pl.Callback):
         # training_step may call submodules directly (self.net(x)) and never the module
         # itself, so the whole step up to backward is observed as one forward pass.
         if self.monitor is not None and self.monitor.attached:
-            self._scope = self.monitor.observe()
+            self._scope = self.monitor.observe(batch)
             self._scope.__enter__()
 
     def on_before_backward(self, trainer: Any, pl_module: Any, loss: Any) -> None:

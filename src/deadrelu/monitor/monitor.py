@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import Any, Callable, Iterable, Iterator, Sequence, Union
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, Union
 
 import torch
 from torch import nn
@@ -303,6 +303,7 @@ class Monitor:
         graph_counts = self._op_asks_schedule and self._wrapper is None
         self._sample_counter = graph_capture.sample_counter(self._count_graph_samples) if graph_counts else 0
         self._forwards = 0
+        self._scope_counted: bool | None = None  # None: outside observe(); else whether it counted
 
     def _init_lifecycle(self) -> None:
         self._dead: dict[str, set[int]] = {}  # per site: dead units at the last full-window evaluation
@@ -409,7 +410,10 @@ class Monitor:
         on = self._observe and torch.is_grad_enabled()
         self.capture.enabled = on
         if on and self._eager_root:
-            self._count_samples(args)
+            if self._scope_counted is None:
+                self._count_samples(args)
+            else:  # the model called inside an observe() block: that block is the pass
+                self._count_in_scope(batch_rows(args))
 
     def _count_graph_samples(self, rows: int) -> None:
         """A compiled forward's batch size, handed in by its ``deadrelu::count_samples`` op."""
@@ -421,6 +425,7 @@ class Monitor:
         no sync). Only from eager code: Dynamo would guard on the ring index."""
         first = args[0] if args else None
         self._add_samples(int(first.shape[0]) if isinstance(first, torch.Tensor) and first.ndim else 0)
+
 
     def _add_samples(self, n: int) -> None:
         k = self._forwards % self.window
@@ -447,12 +452,14 @@ class Monitor:
             )
 
     @contextlib.contextmanager
-    def observe(self) -> Iterator[None]:
+    def observe(self, batch: Any = None) -> Iterator[None]:
         """Treat everything run inside this block as one training forward pass.
 
         For code that calls submodules directly instead of ``model(...)`` — Lightning's
         ``training_step`` calling ``self.net(x)`` is the usual case. The schedule and the
-        grad-mode rule apply as for ordinary forward passes.
+        grad-mode rule apply as for ordinary forward passes. The pass's samples
+        (``Report.samples``) are the leading dim of ``batch``'s first tensor when it is given,
+        else of the first input of the first module called inside the block.
 
         Example:
             >>> import torch, deadrelu
@@ -467,14 +474,31 @@ class Monitor:
         """
         active = self.attached and self._observe and torch.is_grad_enabled()
         previous, self.capture.enabled = self.capture.enabled, active
+        eager = getattr(self.capture, "eager", self.capture)  # the block capture's eager half
+        watches = active and isinstance(eager, ActivationCapture) and batch is None
+        outer = self._scope_counted
         try:
             if active:
+                self._scope_counted = False
+                if batch is not None:
+                    self._count_in_scope(batch_rows(batch))
+                elif watches:
+                    eager.on_scope_call = lambda args: self._count_in_scope(batch_rows(args))
                 with self.capture.forward_scope():
                     yield
             else:
                 yield
         finally:
             self.capture.enabled = previous
+            self._scope_counted = outer
+            if watches:
+                eager.on_scope_call = None
+
+    def _count_in_scope(self, rows: int) -> None:
+        """Samples of an ``observe()`` pass: counted once, however many modules it calls."""
+        if self._scope_counted is False:
+            self._scope_counted = True
+            self._add_samples(rows)
 
     # -- the training-loop call ----------------------------------------------------------------
     def step(self, loss: Any = None) -> None:
@@ -765,3 +789,17 @@ class Monitor:
                 raise SinkError(message) from err
             warnings.warn(message, SinkWarning, stacklevel=3)
 
+
+def batch_rows(batch: Any) -> int:
+    """The leading dim of the first tensor in a batch (nested tuples, lists and mappings), else 0.
+
+    >>> batch_rows({"x": torch.zeros(5, 3), "y": torch.zeros(5)}), batch_rows((torch.zeros(()),)), batch_rows("text")
+    (5, 0, 0)
+    """
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0]) if batch.ndim else 0
+    items = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (tuple, list)) else ()
+    for item in items:
+        if isinstance(item, (torch.Tensor, tuple, list, Mapping)):
+            return batch_rows(item)
+    return 0
