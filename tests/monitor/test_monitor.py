@@ -453,3 +453,35 @@ def test_samples_of_passes_observed_through_observe_are_counted_once(how):
     total = mon.report("total")
     assert total.batches == 5 and total.samples == 40
     assert [(s.name, s.observations) for s in total.sites] == [("net.1#1", 40), ("net.1#2", 15)]
+
+
+def test_a_failed_attach_closes_the_sinks_it_opened(tmp_path):
+    from deadrelu.monitor.sinks import JSONLSink, Sink, SinkError
+
+    class FailsToOpen(Sink):
+        name = "fails-to-open"
+
+        def open(self):
+            raise OSError("no space")
+
+        def write(self, record):
+            pass
+
+    jsonl = JSONLSink(tmp_path / "health.jsonl")
+    net = nn.Sequential(nn.Linear(2, 2), nn.ReLU())
+    mon = deadrelu.Monitor(net, sinks=[jsonl, FailsToOpen()], on_sink_error="raise")
+    with pytest.raises(SinkError, match="no space"):
+        mon.attach()
+    assert not mon.attached and hooks_of(net) == 0
+    assert jsonl._fh is None or jsonl._fh.closed
+
+
+def test_history_series_of_every_state_in_its_rows():
+    net = identity_net()
+    with deadrelu.Monitor(net, window=1, log_every=1, min_observations=100) as mon:
+        net(batch(True, False, True)).sum().backward()
+        mon.step()
+    for state in ("active", "asleep", "dead", "dormant", "nonfinite", "unobserved", "alive"):
+        steps, values = mon.history.series("1", state)
+        assert steps == [1] and values == [getattr(mon.history.rows[0], state)]
+    assert mon.history.series("1", "unobserved")[1] == [1 / 3]  # the silent unit on 4 < 100 observations

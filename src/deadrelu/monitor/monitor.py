@@ -291,6 +291,7 @@ class Monitor:
         self._last_eval_step = -1
         self._broken: set[int] = set()
         self._opened = False
+        self._open_sinks: list[int] = []  # the sinks whose open() returned: the ones detach() closes
         self._compile_warned = False
         self._init_samples(window)
         self._observed_steps = 0
@@ -334,9 +335,10 @@ class Monitor:
         try:
             self.capture.attach()
             if not self._opened:
+                self._opened = True
                 for i, sink in enumerate(self.sinks):
                     self._guard(i, sink, sink.open)
-                self._opened = True
+                    self._open_sinks.append(i)
         except BaseException:
             self.detach()
             raise
@@ -353,14 +355,22 @@ class Monitor:
         self.capture.detach()  # ActivationCapture.detach frees the shared scratch buffers
         if self._opened:
             self._opened = False
-            for i, sink in enumerate(self.sinks):
+            opened, self._open_sinks = self._open_sinks, []
+            failure: SinkError | None = None
+            for i in opened:  # every opened sink is closed, even after one fails to close
+                sink = self.sinks[i]
                 if i in self._broken:  # already reported; still release its file
                     try:
                         sink.close()
                     except Exception:
                         pass
-                else:
+                    continue
+                try:
                     self._guard(i, sink, sink.close)
+                except SinkError as err:  # on_sink_error="raise": raised once all are closed
+                    failure = failure or err
+            if failure is not None:
+                raise failure
 
     def __enter__(self) -> "Monitor":
         return self.attach()

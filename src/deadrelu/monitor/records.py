@@ -76,13 +76,13 @@ class History:
         return list(dict.fromkeys(r.step for r in self.rows))
 
     def series(self, site: str, state: str = "dead") -> tuple[list[int], list[float]]:
-        """``(steps, fractions)`` of one site for ``state`` (active/asleep/dead/dormant/nonfinite/alive).
+        """``(steps, fractions)`` of one site for ``state`` (active/asleep/dead/dormant/nonfinite/unobserved/alive).
 
         Raises:
             KeyError: for an unknown site or state.
         """
-        if state not in ("active", "asleep", "dead", "dormant", "nonfinite", "alive"):
-            raise KeyError(f"unknown state {state!r}; use active, asleep, dead, dormant, nonfinite or alive")
+        if state not in _STATES:
+            raise KeyError(f"unknown state {state!r}; use {', '.join(_STATES[:-1])} or {_STATES[-1]}")
         rows = [r for r in self.rows if r.site == site]
         if not rows:
             raise KeyError(f"no site {site!r} in the history; sites are: {', '.join(self.sites)}")
@@ -91,6 +91,9 @@ class History:
     def to_dicts(self) -> list[dict[str, Any]]:
         """All rows as plain dictionaries."""
         return [r.to_dict() for r in self.rows]
+
+
+_STATES = ("active", "asleep", "dead", "dormant", "nonfinite", "unobserved", "alive")
 
 
 @dataclass(frozen=True)
