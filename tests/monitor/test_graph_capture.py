@@ -206,6 +206,29 @@ def test_graph_breaks_and_a_compiled_wrapper(dynamo):
     assert [s.name for s in got.sites] == ["<root>:gelu", "<root>:relu"]
 
 
+@pytest.mark.parametrize("hook", ["per unit", "scalar"])
+def test_a_users_forward_hook_on_an_activation_module_is_not_its_output(dynamo, hook):
+    # Dynamo traces the hook under the module's stack; the site is still the module's own output.
+    def make() -> nn.Sequential:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 1))
+        with torch.no_grad():
+            model[0].bias[1] = -100.0
+        seen = []
+        if hook == "per unit":
+            model[1].register_forward_hook(lambda m, i, o: seen.append((o.detach() > 0).sum(0)))
+        else:
+            model[1].register_forward_hook(lambda m, i, o: seen.append(o.detach().sum()))
+        return model
+
+    g = torch.Generator().manual_seed(5)
+    data = [torch.randn(8, 4, generator=g) for _ in range(3)]
+    eager, compiled = eager_and_compiled(make, data, lambda m, x: m(x).sum().backward(), window=10)
+    assert summary(compiled) == summary(eager)
+    assert [s.fired_counts for s in compiled.sites] == [s.fired_counts for s in eager.sites]
+    assert compiled.sites[0].observations == 24 and 1 in compiled.sites[0].dead_units
+
+
 @pytest.mark.parametrize("widths", [(8, 8, 8), (8, 32, 16)], ids=["same widths", "other widths"])
 def test_a_reused_module_split_by_graph_breaks_keeps_each_calls_site(dynamo, widths):
     # Each graph numbers its module calls from zero: after a break the

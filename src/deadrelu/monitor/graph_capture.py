@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import itertools
 import re
 import threading
@@ -427,6 +428,7 @@ class GraphCapture:
         self._types = {p: type(m).__name__ for p, m in named}
         self._leaf = {p: next(iter(m.children()), None) is None for p, m in named}
         self._act_modules = {p: fn for p, m in named if (fn := function_of_module(m)) is not None}
+        self._act_objects = {p: m for p, m in named if p in self._act_modules}
         self._root_code = _code_span(type(model).forward)
         # Blocks compiled on their own (model.layers[i] = torch.compile(...)): each is the root of
         # its graphs, and instances of one class share one graph (see record()).
@@ -780,8 +782,9 @@ class GraphCapture:
             else:
                 table.on_op(kind, args, kwargs, value)
             if act_key is not None:
-                module_output[act_key] = node  # the module's output is its last node
-                module_calls[act_key] = (path, call, self._act_modules[path])
+                if self._in_forward_of(node, path):
+                    module_output[act_key] = node  # the module's output is the last node of its forward
+                    module_calls[act_key] = (path, call, self._act_modules[path])
                 continue
             if kind[0] != ACT or not isinstance(value, torch.Tensor) or _is_weight(node):
                 continue
@@ -802,6 +805,18 @@ class GraphCapture:
             if site is not None:
                 found.append((node, site))
         return found
+
+    def _in_forward_of(self, node: fx.Node, path: str) -> bool:
+        """Whether a node under an activation module's stack was made by the module's call itself,
+        not by a forward hook on it (Dynamo traces those under the module's stack too): no frame
+        of its stack trace lies in a hook's code."""
+        module = self._act_objects.get(path)
+        hooks = [*getattr(module, "_forward_hooks", {}).values(), *_global_forward_hooks()]
+        spans = [span for hook in hooks if (span := _code_span(_hook_function(hook))) is not None]
+        if not spans:
+            return True
+        frames = _STACK_FRAME.findall(node.meta.get("stack_trace") or "")
+        return not any(f == file and first <= int(line) <= last for f, line, _ in frames for file, first, last in spans)
 
     def _owner(self, node: fx.Node) -> tuple[str, int, str | None] | None:
         """(module path, that module's call index, the activation module call it lies inside or None)."""
@@ -959,6 +974,21 @@ def _dynamo_path(text: str) -> str | None:
     rest = text[text.index("]") + 1 :]
     rest = _INDEX.sub(lambda m: "." + next(g for g in m.groups() if g is not None), rest)
     return rest.lstrip(".")
+
+
+def _global_forward_hooks() -> list[Any]:
+    from torch.nn.modules import module as module_impl
+
+    return list(getattr(module_impl, "_global_forward_hooks", {}).values())
+
+
+def _hook_function(hook: Any) -> Any:
+    """The function whose code a hook runs: itself, a partial's function or a callable's ``__call__``."""
+    while isinstance(hook, functools.partial):
+        hook = hook.func
+    if getattr(hook, "__code__", None) is None:
+        hook = getattr(hook, "__func__", None) or getattr(type(hook), "__call__", None)
+    return getattr(hook, "__func__", hook)
 
 
 def _code_span(function: Any) -> tuple[str, int, int] | None:
