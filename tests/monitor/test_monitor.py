@@ -485,3 +485,18 @@ def test_history_series_of_every_state_in_its_rows():
         steps, values = mon.history.series("1", state)
         assert steps == [1] and values == [getattr(mon.history.rows[0], state)]
     assert mon.history.series("1", "unobserved")[1] == [1 / 3]  # the silent unit on 4 < 100 observations
+
+
+def test_torch_jit_trace_of_a_monitored_model_records_only_the_model():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 1))
+    x = torch.randn(8, 4)
+    plain = torch.jit.trace(model, x)
+    with deadrelu.Monitor(model, window=2) as mon:
+        traced = torch.jit.trace(model, x)  # its check re-traces: both traces must be the model's alone
+        model(x).sum().backward()
+        mon.step()
+        assert mon.report().batches == 1  # the traced passes were not observed
+    kinds = [[n.kind() for n in t.inlined_graph.nodes()] for t in (traced, plain)]
+    assert kinds[0] == kinds[1]  # no statistics op recorded
+    assert torch.equal(traced(x), plain(x))

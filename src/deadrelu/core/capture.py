@@ -566,6 +566,8 @@ class ActivationCapture:
             if is_root:
                 if not self.enabled and not self._depth:
                     return  # an unobserved pass (per thread) never claims the capture
+                if torch.jit.is_tracing():
+                    return  # torch.jit.trace would record the statistics' ops into the model's graph
                 me = threading.get_ident()
                 with self._lock:
                     if self._depth and self._owner != me:
