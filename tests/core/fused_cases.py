@@ -86,6 +86,21 @@ def test_fused_relu_writes_torch_relu_and_counts_it(device, dtype, shape, unit_d
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("inplace", [False, True], ids=["out", "inplace"])
+def test_a_slice_or_an_expanded_tensor_is_left_to_torch_with_torchs_layout(device, inplace):
+    base = torch.randn(9, 8, generator=torch.Generator().manual_seed(6)).to(device)
+    for x in (base[:, :5], base[:, :1].expand(9, 5)):
+        assert not stats.fuses_relu(x, 1, "triton", inplace)
+        if inplace and x.stride()[1] == 0:
+            continue  # torch refuses an in-place write to overlapping memory; so do we (by not fusing)
+        expected = torch.relu(x)
+        out = stats.StatTensors(5, x.device).state
+        y = stats.relu_accumulate(x, 1, 0.0, out, backend="triton", inplace=inplace)
+        assert same_values(y, expected) and (y.stride() == expected.stride() or inplace)
+        assert_matches(out, brute(expected.cpu(), 1, 0.0))
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("threshold", [0.0, 0.5])
 def test_fused_relu_counts_against_threshold_and_keeps_x(device, threshold):
     x = torch.randn(33, 7, generator=torch.Generator().manual_seed(1)).to(device)

@@ -703,6 +703,8 @@ class ActivationCapture:
         inp = args[0] if args else (kwargs or {}).get("input")
         if type(inp) is not torch.Tensor or not (inp.is_cuda or self._fuse_on_cpu) or self.scripted:
             return None
+        if kwargs and not kwargs.keys() <= {"input", "inplace"}:
+            return None  # an argument the fused kernel does not take (out=, …): torch's own call
         if func in _INPLACE_RELUS:
             inplace = True
         elif kwargs and "inplace" in kwargs:

@@ -27,8 +27,9 @@ __all__ = ["counted_relu", "fusable_layout"]
 
 
 def fusable_layout(x: torch.Tensor, unit_dim: int) -> bool:
-    """True when the kernel addresses ``x`` in place through its strides (no contiguous copy)."""
-    return kernels.plan(x, unit_dim)[0] is x
+    """True when the kernel addresses ``x`` in place through its strides (no contiguous copy) and
+    ``x`` is dense, so the output has the layout ``torch.relu``'s would."""
+    return kernels.dense(x) and kernels.plan(x, unit_dim)[0] is x
 
 
 class _CountedReLU(torch.autograd.Function):

@@ -32,7 +32,7 @@ from typing import Any, Mapping
 
 import torch
 
-__all__ = ["available", "interpreting", "plan", "relu_stats_into", "unit_stats_into"]
+__all__ = ["available", "dense", "interpreting", "plan", "relu_stats_into", "unit_stats_into"]
 
 
 def interpreting() -> bool:
@@ -231,11 +231,28 @@ def relu_stats_into(
     (the caller then runs the two passes).
     """
     layout = plan(x, unit_dim)
-    if layout[0] is not x:
+    if layout[0] is not x or not dense(x):
         return None
-    y = x if inplace else torch.empty_like(x)
+    y = x if inplace else torch.empty_like(x)  # x's strides: dense tensors keep them, as torch.relu's output does
     _launch(layout, y, threshold, True, out, mask)
     return y
+
+
+def dense(x: torch.Tensor) -> bool:
+    """Whether ``x``'s elements fill its memory once each, in some order of its dims (contiguous,
+    channels_last, a permutation of either): then ``empty_like(x)`` has ``x``'s strides. A slice
+    (``x[:, :5]``) or an expanded tensor is not: its ReLU output would be laid out otherwise, and
+    an in-place write would touch shared or foreign memory.
+
+    >>> dense(torch.zeros(2, 3).t()), dense(torch.zeros(4, 6)[:, :5]), dense(torch.zeros(3, 1).expand(3, 4))
+    (True, False, False)
+    """
+    expected = 1
+    for stride, size in sorted((st, n) for n, st in zip(x.shape, x.stride()) if n != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
 
 
 def _launch(
