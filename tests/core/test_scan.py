@@ -262,3 +262,58 @@ def test_missing_extra_names_the_pip_command(monkeypatch):
 
     with pytest.raises(ModuleNotFoundError, match=r'pip install "deadrelu\[plot\]"'):
         _imports.require("matplotlib_not_installed_here", "plot")
+
+
+def test_a_unit_firing_at_exactly_the_asleep_rate_is_asleep():
+    from deadrelu.core.stats import classify
+
+    assert classify([63, 64], 180, [0, 0], 0.35) == ["asleep", "active"]  # 63/180 == 0.35; 0.35 * 180 < 63 in floats
+
+
+def test_a_site_that_saw_only_empty_tensors_is_reported_unobserved():
+    class Experts(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(4, 6), torch.nn.Linear(4, 3)
+
+        def forward(self, x):
+            routed = x[x[:, 0] > 1e9]  # no row ever reaches this expert
+            return torch.relu(self.a(x)).sum() + torch.nn.functional.gelu(self.b(routed)).sum()
+
+    report = deadrelu.scan(Experts(), torch.randn(20, 4))
+    empty = report.site("<root>:gelu")
+    assert empty.observations == 0 and empty.unobserved == 3 and empty.dead == 0 and empty.dormant == 0
+    assert report.site("<root>:relu").observations == 20
+    assert deadrelu.Report.from_json(report.to_json()).site("<root>:gelu").observations == 0
+
+
+def test_a_probe_reports_the_samples_it_saw():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU())
+    with deadrelu.Probe(model) as probe:
+        for rows in (10, 22):
+            model(torch.randn(rows, 4))
+    report = probe.report()
+    assert report.samples == 32 and report.batches == 2
+    probe.reset()
+    with probe:
+        model(torch.randn(5, 4))
+    assert probe.report().samples == 5
+
+
+@pytest.mark.parametrize("threshold", [float("nan"), {"relu": float("nan")}, {"relu": "high"}])
+def test_a_nan_threshold_is_refused_before_anything_runs(threshold):
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU())
+    calls = []
+    model.register_forward_hook(lambda *a: calls.append(1))
+    with pytest.raises(deadrelu.DeadReluError, match="threshold"):
+        deadrelu.scan(model, torch.randn(8, 4), threshold=threshold)
+    assert not calls
+
+
+def test_softplus_with_a_negative_beta_counts_its_magnitudes():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Softplus(beta=-1.0))
+    x = torch.randn(50, 4)
+    with torch.no_grad():
+        h = model(x)
+    site = deadrelu.scan(model, x).sites[0]
+    assert site.mean_abs == pytest.approx(h.abs().mean(0).tolist(), rel=1e-6)

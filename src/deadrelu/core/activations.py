@@ -78,7 +78,7 @@ ACTIVATIONS: dict[str, Activation] = {
         Activation("silu", nn.SiLU),
         Activation("mish", nn.Mish),
         Activation("hardswish", nn.Hardswish),
-        Activation("softplus", nn.Softplus, nonnegative=True),
+        Activation("softplus", nn.Softplus),  # not nonnegative: beta < 0 makes it negative
         Activation("hardtanh", None),
         # Hand-written only: no torch function of that name, recognised as modules.
         Activation("quick_gelu", None, torch_function=False),

@@ -68,6 +68,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import itertools
+import math
 import sys
 import threading
 from dataclasses import dataclass, field
@@ -114,6 +115,7 @@ __all__ = [
     "resolve_unit_dim",
     "choose_unit_dim",
     "resolve_threshold",
+    "check_threshold_spec",
     "same_function_ordinal",
 ]
 
@@ -351,6 +353,7 @@ class ActivationCapture:
             raise DeadReluError(f"expected a torch.nn.Module, got {type(model).__name__}")
         self.model = model
         self.unit_dim_spec = unit_dim
+        check_threshold_spec(threshold)
         self.threshold_spec = threshold
         self.stats_factory = stats_factory or (lambda units, thr, device: UnitStats(units, thr, device))
         self.mask_spec = mask
@@ -359,6 +362,7 @@ class ActivationCapture:
         self.scripted = isinstance(model, torch.jit.ScriptModule)
         self.sites: dict[tuple[Any, ...], _Site] = {}
         self.forwards = 0
+        self.samples = 0  # rows of the observed root calls' first tensor input (what a Probe reports)
         self.last_site: str | None = None
         self.uncaptured: dict[str, str] = {}  # activation-like modules that made no site: path -> class
         named = eager_modules(model)
@@ -504,6 +508,7 @@ class ActivationCapture:
     def _begin_forward(self, args: tuple[Any, ...] = (), kwargs: Mapping[str, Any] | None = None) -> None:
         self._fwd = _Forward()
         self.forwards += 1
+        self.samples += _leading_rows(args, kwargs)
         self.last_site = None
         mask = self.batch_mask
         if mask is None and self.mask_spec is not False:
@@ -844,8 +849,16 @@ class ActivationCapture:
         """Forget all sites and statistics (hooks stay attached)."""
         self.sites.clear()
         self.uncaptured.clear()
-        self.forwards = 0
+        self.forwards = self.samples = 0
         self.last_site = None
+
+
+def _leading_rows(args: tuple[Any, ...], kwargs: Mapping[str, Any] | None) -> int:
+    """The first tensor argument's leading dim (1 for a 0-D tensor, 0 with no tensor), as ``scan`` counts samples."""
+    first = next((a for a in (*args, *(kwargs or {}).values()) if isinstance(a, torch.Tensor)), None)
+    if first is None:
+        return 0
+    return int(first.shape[0]) if first.ndim else 1
 
 
 def _accepts_mask(stats: Any) -> bool:
@@ -971,11 +984,35 @@ def choose_unit_dim(spec: UnitDimSpec | None, info: SiteInfo, ndim: int, entry: 
 
 
 def resolve_threshold(spec: ThresholdSpec, info: SiteInfo) -> float:
-    """The firing threshold a ``threshold`` option gives for one site (0.0 where it gives none)."""
+    """The firing threshold a ``threshold`` option gives for one site (0.0 where it gives none).
+
+    Raises:
+        DeadReluError: for a NaN threshold (no value is ``> nan``: every unit would look dead).
+    """
     if isinstance(spec, (int, float)):
-        return float(spec)
-    thr = _lookup(spec, info) if isinstance(spec, Mapping) else spec(info)
-    return 0.0 if thr is None else float(thr)
+        thr: Any = spec
+    else:
+        thr = _lookup(spec, info) if isinstance(spec, Mapping) else spec(info)
+    value = 0.0 if thr is None else float(thr)
+    if math.isnan(value):
+        raise DeadReluError(f"the firing threshold for activation site {_describe(info)} is NaN: no output is > NaN")
+    return value
+
+
+def check_threshold_spec(spec: Any) -> None:
+    """Refuse a NaN threshold (a float, or a mapping's value) before anything runs.
+
+    Raises:
+        DeadReluError: naming the key whose threshold is NaN or not a number.
+    """
+    values = spec.items() if isinstance(spec, Mapping) else [("threshold", spec)] if not callable(spec) else []
+    for key, value in values:
+        try:
+            bad = math.isnan(float(value))
+        except (TypeError, ValueError):
+            raise DeadReluError(f"threshold {key!r} must be a number, got {value!r}") from None
+        if bad:
+            raise DeadReluError(f"threshold {key!r} is NaN: no output is > NaN, so every unit would look dead")
 
 
 def _describe(info: SiteInfo) -> str:

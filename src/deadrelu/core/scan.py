@@ -33,7 +33,7 @@ from .inputs import (
 from .capture import ActivationCapture, ThresholdSpec, UnitDimSpec, is_compiled_wrapper
 from ..errors import DataError, DeadReluError, ForwardError, NoActivationSitesError
 from .report import Report, SiteReport, Levels, model_fingerprint
-from .stats import UnitTotals
+from .stats import UnitStats, UnitTotals
 
 __all__ = ["scan", "Probe", "report_from_capture"]
 
@@ -87,7 +87,7 @@ def report_from_capture(
                 else ""
             )
         )
-    sites = [site_report(name, site, site.stats.compute(), levels) for name, site in capture.ordered_sites()]
+    sites = [site_report(name, site, _totals(site.stats), levels) for name, site in capture.ordered_sites()]
     return Report(
         sites=tuple(sites),
         levels=levels,
@@ -98,6 +98,12 @@ def report_from_capture(
         fingerprint=model_fingerprint(model),
         uncaptured=tuple(f"{path} ({cls})" for path, cls in capture.uncaptured.items()),
     )
+
+
+def _totals(stats: Any) -> Any:
+    """A site's totals; a site that saw only empty tensors is reported with its units unobserved
+    rather than failing the whole report (a user's accumulator keeps its own ``compute()``)."""
+    return stats.compute(allow_empty=True) if isinstance(stats, UnitStats) else stats.compute()
 
 
 class Probe:
@@ -164,7 +170,7 @@ class Probe:
             self.capture,
             self.levels,
             batches=self.capture.forwards,
-            samples=0,
+            samples=self.capture.samples,
             mode="train" if self.model.training else "eval",
         )
 

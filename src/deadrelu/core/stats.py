@@ -859,7 +859,7 @@ class UnitStats(StatTensors):
         Args:
             activation: the activation output (any shape, any floating dtype; detached internally).
             unit_dim: the dimension that indexes units.
-            nonnegative: the activation cannot be negative (ReLU, ReLU6, Softplus), so
+            nonnegative: the activation cannot be negative (ReLU, ReLU6), so
                 ``|h| = h`` and the magnitude sum needs no ``abs`` pass.
             mask: optional bool tensor marking which observations count, for padding: its
                 shape is the activation's leading dims ``activation.shape[:k]`` for some
@@ -920,13 +920,18 @@ class UnitStats(StatTensors):
             out.state[k] = value.clone() if isinstance(value, torch.Tensor) else torch.tensor([value])
         return out
 
-    def compute(self) -> UnitTotals:
+    def compute(self, allow_empty: bool = False) -> UnitTotals:
         """Copy the totals to the host (the only synchronisation point).
 
+        ``allow_empty`` gives zero totals for a site that ran only on empty tensors (an expert
+        that got no tokens, a fully masked batch): every unit is then unobserved.
+
         Raises:
-            DeadReluError: when no data has been seen yet.
+            DeadReluError: when no data has been seen yet (and ``allow_empty`` is False).
         """
         n = self.observations
+        if n == 0 and allow_empty:
+            return UnitTotals(0, (0,) * self.units, (0.0,) * self.units, (0,) * self.units)
         if n == 0:
             raise DeadReluError("no activations were observed yet: run some data through the model first")
         return UnitTotals(
@@ -957,7 +962,7 @@ def classify(
             out.append("nonfinite")
         elif f == 0:
             out.append("dead" if observations >= max(1, min_observations) else "unobserved")
-        elif f <= asleep_rate * observations:
+        elif f / observations <= asleep_rate:  # the printed firing rate's own division: at the level is asleep
             out.append("asleep")
         else:
             out.append("active")

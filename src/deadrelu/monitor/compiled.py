@@ -31,6 +31,7 @@ from ..core.capture import (
     SiteInfo,
     ThresholdSpec,
     UnitDimSpec,
+    check_threshold_spec,
     resolve_threshold,
     resolve_unit_dim,
 )
@@ -138,6 +139,7 @@ class ModuleCapture:
     def __init__(self, model: nn.Module, *, unit_dim: UnitDimSpec, threshold: ThresholdSpec, window: int) -> None:
         self.model = model
         self.unit_dim_spec = unit_dim
+        check_threshold_spec(threshold)
         self.threshold_spec = threshold
         self.window = window
         self.sites: dict[str, _Site] = {}

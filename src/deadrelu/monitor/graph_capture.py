@@ -74,6 +74,7 @@ from ..core.capture import (
     display_names,
     eager_modules,
     next_site_order,
+    check_threshold_spec,
     resolve_threshold,
     same_function_ordinal,
 )
@@ -417,6 +418,7 @@ class GraphCapture:
         self.mask_spec = mask
         self.model = model
         self.unit_dim_spec = unit_dim
+        check_threshold_spec(threshold)
         self.threshold_spec = threshold
         self.window = window
         self.observing = observing

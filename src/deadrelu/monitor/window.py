@@ -85,7 +85,7 @@ class WindowStats:
         self.window = int(window)
         self.backend = backend
         self.device = torch.device(device) if device is not None else torch.device("cpu")
-        self.nonnegative = False  # set by the monitor for relu/relu6/softplus sites
+        self.nonnegative = False  # set by the monitor for relu/relu6 sites
         self.ring = StatTensors(self.units, self.device, leading=(self.window,))
         self.banked = StatTensors(self.units, self.device)  # rows that left the window
         self.pos = 0
