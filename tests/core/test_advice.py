@@ -69,7 +69,7 @@ def test_without_baseline_says_what_cannot_be_told():
     assert advice.born_dead is None and advice.died is None
     text = str(advice)
     assert "cannot be told" in text and "baseline=" in text
-    assert "5 of 28 units (17.9%) never fired on 256 samples" in text
+    assert "5 of 28 units (17.8%) never fired on 256 samples" in text
     prune = next(a for a in advice.actions if a.title.startswith("Prune"))
     assert prune.units == 5
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Union
 
 from .activations import ZERO_WHEN_DEAD_FUNCTIONS
+from .tables import floor_percent
 from ..errors import DeadReluError
 
 if TYPE_CHECKING:  # report.py calls advise(); advice only reads reports, so it never imports them
@@ -81,8 +82,7 @@ class Advice:
     certainty: str = ""
 
     def __str__(self) -> str:
-        pct = 100 * self.dead / self.units if self.units else 0.0
-        lines = [f"Advice: {self.dead} of {self.units} units dead ({pct:.1f}%)"]
+        lines = [f"Advice: {self.dead} of {self.units} units dead ({floor_percent(self.dead, self.units)}%)"]
         if self.certainty:
             lines.append(f"  {self.certainty}")
         if self.born_dead is not None:
@@ -111,7 +111,8 @@ def _is_report(obj: object) -> bool:
 
 
 def _pct(a: int, b: int) -> str:
-    return f"{100 * a / b:.1f}%" if b else "0%"
+    return f"{floor_percent(a, b)}%" if b else "0%"
+
 
 
 def _top(counts: list[tuple[int, str]], k: int = 3) -> str:
@@ -191,7 +192,10 @@ def died_in_training(ev: Evidence) -> Iterator[Finding]:
     """Units alive in the baseline and dead now: learning rate, gradient spikes, zero gradient."""
     died = ev.diff.died if ev.diff is not None else 0
     if died:
-        alive_before = ev.total - ev.baseline.dead
+        # Alive = fired (active or asleep) in the baseline, over the sites both reports have:
+        # its unobserved and NaN units were not alive, and a site gone since is not counted.
+        now = {site.name for site in ev.report.sites}
+        alive_before = sum(b.active + b.asleep for b in ev.baseline.sites if b.name in now)
         yield Action(
             "Training killed units",
             f"{died} unit(s) alive in the baseline are dead now ({_pct(died, alive_before)} of the "

@@ -29,6 +29,7 @@ from .advice import advise
 from .files import atomic_write_text
 from .report_schema import parse_report, parse_site
 from .stats import classify
+from .tables import floor_percent
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -740,7 +741,7 @@ class Report:
     def _count_cells(x: "Report | SiteReport") -> tuple[str, ...]:
         return (
             str(x.units), str(x.dead), str(x.unobserved), str(x.asleep), str(x.dormant), str(x.nonfinite),
-            f"{100 * x.dead_fraction:.1f}",
+            floor_percent(x.dead, x.units),
         )  # fmt: skip
 
     def _caption(self) -> str:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import re
 from typing import Any, Sequence
 
-__all__ = ["render_plain", "render_rich", "is_number_cell"]
+__all__ = ["render_plain", "render_rich", "is_number_cell", "floor_percent"]
 
 # An optional sign, digits, an optional fraction and exponent, an optional k/M/G/T or % suffix.
 _NUMBER = re.compile(r"[-+]?\d+(\.\d+)?(e[-+]?\d+)?[kMGT%]?")
@@ -73,3 +73,13 @@ def render_rich(rows: Sequence[Sequence[str]], title: str = "", caption: str = "
         is_total = total and j == len(body) - 1
         table.add_row(*styled, end_section=total and j == len(body) - 2, style="bold" if is_total else None)
     return table
+
+
+def floor_percent(a: int, b: int) -> str:
+    """``100 a / b`` to one decimal, rounded down, so the printed share never overstates the count
+    (1999 of 2000 dead is 99.9%, not 100.0%).
+
+    >>> floor_percent(1999, 2000), floor_percent(1, 3), floor_percent(2, 2)
+    ('99.9', '33.3', '100.0')
+    """
+    return f"{(1000 * a // b) / 10:.1f}" if b else "0.0"
