@@ -83,10 +83,17 @@ def _kernel(interpret: bool) -> Any:
         else:
             r_begin = pid_r * rows_per_prog
         r_end = tl.minimum(r_begin + rows_per_prog, rows)
-        fired = tl.zeros([BLOCK_U], dtype=tl.int64)
-        bad = tl.zeros([BLOCK_U], dtype=tl.int64)
+        # A program's counts stay below its rows (< 2**31 unless LARGE): int32 in registers, cheaper
+        # to reduce than int64 on a GPU, widened once for the int64 atomics at the end.
+        if LARGE:
+            fired = tl.zeros([BLOCK_U], dtype=tl.int64)
+            bad = tl.zeros([BLOCK_U], dtype=tl.int64)
+            kept = tl.zeros([BLOCK_R], dtype=tl.int64)  # observations: rows in range and unmasked
+        else:
+            fired = tl.zeros([BLOCK_U], dtype=tl.int32)
+            bad = tl.zeros([BLOCK_U], dtype=tl.int32)
+            kept = tl.zeros([BLOCK_R], dtype=tl.int32)
         mag = tl.zeros([BLOCK_U], dtype=tl.float64)
-        kept = tl.zeros([BLOCK_R], dtype=tl.int64)  # observations: rows in range and unmasked
         for start in range(r_begin, r_end, BLOCK_R):
             r = start + tl.arange(0, BLOCK_R)
             r_ok = r < r_end
@@ -105,7 +112,7 @@ def _kernel(interpret: bool) -> Any:
             if HAS_MASK:
                 keep = tl.load(mask_ptr + b // mask_div, mask=r_ok, other=0) != 0
                 r_ok = r_ok & keep
-            kept += r_ok.to(tl.int64)
+            kept += r_ok.to(kept.dtype)
             ok = r_ok[:, None] & u_ok[None, :]
             if APPLY_RELU:
                 v = tl.where(ok, raw, 0.0)
@@ -115,15 +122,15 @@ def _kernel(interpret: bool) -> Any:
                 v = v.to(tl.float64)
             else:
                 v = v.to(tl.float32)
-            fired += tl.sum(((v > thr) & ok).to(tl.int64), axis=0)
-            bad += tl.sum(((v - v) != 0).to(tl.int64), axis=0)  # NaN - NaN and inf - inf are NaN
+            fired += tl.sum(((v > thr) & ok).to(fired.dtype), axis=0)
+            bad += tl.sum(((v - v) != 0).to(bad.dtype), axis=0)  # NaN - NaN and inf - inf are NaN
             a = v if NONNEG else tl.abs(v)
             mag += tl.sum(a.to(tl.float64), axis=0)
-        tl.atomic_add(fired_ptr + u, fired, mask=u_ok)
-        tl.atomic_add(bad_ptr + u, bad, mask=u_ok)
+        tl.atomic_add(fired_ptr + u, fired.to(tl.int64), mask=u_ok)
+        tl.atomic_add(bad_ptr + u, bad.to(tl.int64), mask=u_ok)
         tl.atomic_add(abs_ptr + u, mag, mask=u_ok)
         # Observations are counted by the first unit block of each row slice (the others add 0).
-        tl.atomic_add(obs_ptr, tl.where(pid_u == 0, tl.sum(kept, axis=0), 0))
+        tl.atomic_add(obs_ptr, tl.where(pid_u == 0, tl.sum(kept.to(tl.int64), axis=0), 0))
 
     return unit_stats_kernel
 
