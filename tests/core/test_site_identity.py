@@ -87,26 +87,3 @@ def test_loop_and_helper_positions_keep_readme_names():
     report = deadrelu.scan(Looped(), torch.randn(10, 4))
     assert [s.name for s in report.sites] == [f"<root>:relu.{k}" for k in range(1, 6)]
     assert all(s.observations == 10 for s in report.sites)
-
-
-def test_a_conditional_call_keeps_its_name_whichever_batch_comes_first_so_shards_merge():
-    class Conditional(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.l, self.l2 = torch.nn.Linear(4, 6), torch.nn.Linear(6, 6)
-
-        def forward(self, x):
-            h = self.l(x)
-            if x.shape[0] > 4:  # runs only for big batches
-                h = torch.nn.functional.relu(h)
-            return torch.nn.functional.relu(self.l2(h))
-
-    torch.manual_seed(0)
-    model = Conditional()
-    a = [torch.randn(3, 4), torch.randn(8, 4)]  # the first batch skips the conditional call
-    b = [torch.randn(8, 4), torch.randn(2, 4)]  # the first batch runs it
-    shard_a, shard_b, whole = deadrelu.scan(model, a), deadrelu.scan(model, b), deadrelu.scan(model, a + b)
-    conditional = {r.site("<root>:relu.1").observations for r in (shard_a, shard_b)}
-    assert conditional == {8}  # the call in the if-branch is .1 (first in the source) in both shards
-    merged = {s.name: (s.observations, s.fired_counts) for s in shard_a.merge(shard_b).sites}
-    assert merged == {s.name: (s.observations, s.fired_counts) for s in whole.sites}
