@@ -148,22 +148,9 @@ class SiteInfo:
     ordinal: int = 1
 
 
-def same_function_ordinal(infos: Iterable[SiteInfo], new: SiteInfo) -> int:
-    """The ``ordinal`` of a new site: 1 + the sites seen so far of that function in that module call
-    that come before it in source order (see :func:`source_order`)."""
-    key = source_order(new)
-    return 1 + sum(
-        1 for i in infos if i.module == new.module and i.call == new.call and i.function == new.function and source_order(i) < key
-    )  # fmt: skip
-
-
-def source_order(info: SiteInfo) -> tuple[Any, ...]:
-    """Where a call lies in the code, for ordering the calls of one module call: its frames from the
-    module's forward inwards (each file, line and offset, numbers compared as numbers), then how many
-    times the position was reached before. Not first-seen order: a call that runs only for some
-    batches must not take another's ``.k`` in a scan whose first batch skips it."""
-    frames = [tuple(int(p) if p.isdigit() else p for p in frame.split(":")) for frame in info.position.split("|") if frame]
-    return (tuple(reversed(frames)), info.occurrence)
+def same_function_ordinal(infos: Iterable[SiteInfo], module: str, call: int, function: str) -> int:
+    """The ``ordinal`` of a new site: 1 + the sites already seen of that function in that module call."""
+    return 1 + sum(1 for i in infos if i.module == module and i.call == call and i.function == function)
 
 
 UnitDimSpec = Union[None, int, Mapping[str, int], Callable[[SiteInfo], Union[int, None]]]
@@ -836,7 +823,7 @@ class ActivationCapture:
             # A flattened graph (torch.export): name the site after the module it came from.
             info.module, info.module_type, info.call = self._graph_sites[slot]  # type: ignore[misc]
             info.slot, info.leaf = 0, info.module_type in _ACTIVATION_CLASS_NAMES
-        info.ordinal = same_function_ordinal((s.info for s in self.sites.values()), info)
+        info.ordinal = same_function_ordinal((s.info for s in self.sites.values()), info.module, info.call, name)
         unit_dim = choose_unit_dim(self.unit_dim_spec, info, out.ndim, self._axis(out))
         units = out.shape[unit_dim] if out.ndim else 1
         thr = resolve_threshold(self.threshold_spec, info)
@@ -1036,25 +1023,20 @@ def _describe(info: SiteInfo) -> str:
 
 def display_names(infos: list[SiteInfo]) -> list[str]:
     """Unique, readable names: ``path`` for an activation module, ``path:fn`` for a functional call,
-    ``.k`` for the k-th call position of the same function in one module call (in source order,
-    :func:`source_order`), ``#k`` for the k-th call of a reused module."""
+    ``.k`` for the k-th call position of the same function in one module call (in first-seen
+    order), ``#k`` for the k-th call of a reused module."""
     calls_per_module: dict[str, set[int]] = {}
     per_call: dict[tuple[str, int], list[tuple[Any, str]]] = {}
     for i in infos:
         calls_per_module.setdefault(i.module, set()).add(i.call)
         per_call.setdefault((i.module, i.call), []).append(((i.position, i.occurrence, i.function), i.function))
-    by_position = {id(i): source_order(i) for i in infos}
-    order = {(i.module, i.call, i.position, i.occurrence, i.function): by_position[id(i)] for i in infos}
     # A leaf module whose every call makes exactly one activation call is an activation module.
     single = {m: all(len(per_call[(m, c)]) == 1 for c in calls) for m, calls in calls_per_module.items()}
     names = []
     for i in infos:
         base = i.module or "<root>"
         if not (i.leaf and single[i.module] and i.module):
-            same_fn = sorted(
-                (k for k, f in per_call[(i.module, i.call)] if f == i.function),
-                key=lambda k: order[(i.module, i.call, *k)],
-            )  # in source order
+            same_fn = [k for k, f in per_call[(i.module, i.call)] if f == i.function]
             base += f":{i.function}"
             if len(same_fn) > 1:
                 base += f".{same_fn.index((i.position, i.occurrence, i.function)) + 1}"

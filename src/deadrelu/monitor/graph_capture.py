@@ -861,8 +861,8 @@ class GraphCapture:
             location=_short_location(location),
             position=position or "",
             occurrence=occurrence,
+            ordinal=same_function_ordinal((s.info for s in self.sites.values()), path, call, name),
         )
-        info.ordinal = same_function_ordinal((s.info for s in self.sites.values()), info)
         unit_dim = choose_unit_dim(self.unit_dim_spec, info, value.ndim, table.get(value))
         units = value.shape[unit_dim] if value.ndim else 1
         if not isinstance(units, int):
