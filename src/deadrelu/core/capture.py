@@ -372,7 +372,7 @@ class ActivationCapture:
             self._types[""] = type(model._orig_mod).__name__
         self._act_modules = {p: fn for p, m in named if (fn := function_of_module(m)) is not None}
         # Modules whose forward is exactly one F.relu of their input: a fused kernel may count it.
-        self._plain_relus = frozenset(p for p, m in named if type(m) is nn.ReLU and "forward" not in vars(m))
+        self._plain_relus = {p: m for p, m in named if type(m) is nn.ReLU and "forward" not in vars(m)}
         self._fuse_on_cpu = fused_on_cpu()
         self._lookalikes = {p for p, m in named if looks_like_activation(m)}
         self._buffer_ids = {id(b) for b in model.buffers()}
@@ -721,6 +721,8 @@ class ActivationCapture:
             frame = fwd.stack[-1] if fwd.stack else None
             if fwd.inside_activation != 1 or frame is None or frame.counted or frame.path not in self._plain_relus:
                 return None
+            if _output_hooked(self._plain_relus[frame.path]):
+                return None  # a user's forward hook may replace the output: the site counts what it returns
             site = self.sites.get((frame.path, frame.call, None, "relu", 0))
             out = None if site is None else self._fused_update(site, inp, inplace)
             frame.counted = out is not None
@@ -851,6 +853,15 @@ class ActivationCapture:
         self.uncaptured.clear()
         self.forwards = self.samples = 0
         self.last_site = None
+
+
+def _output_hooked(module: nn.Module) -> bool:
+    """Whether a forward hook other than deadrelu's (the module's own, or a global one) runs after it."""
+    from torch.nn.modules import module as module_impl
+
+    if getattr(module_impl, "_global_forward_hooks", None):
+        return True
+    return not all(is_deadrelu_hook(h) for h in module._forward_hooks.values())
 
 
 def _leading_rows(args: tuple[Any, ...], kwargs: Mapping[str, Any] | None) -> int:

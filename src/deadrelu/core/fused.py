@@ -17,19 +17,37 @@ bits can differ from torch's, and deadrelu never changes what a model computes.
 
 from __future__ import annotations
 
+import threading
 from typing import Any, Mapping
 
 import torch
 
 from . import kernels
 
-__all__ = ["counted_relu", "fusable_layout"]
+__all__ = ["counted_relu", "fusable_layout", "launched"]
+
+_STATE = threading.local()  # whether this thread's last counted_relu call launched its kernel
+
+
+def launched() -> bool:
+    """Whether the last :func:`counted_relu` call of this thread ran its kernel (counted the batch)
+    before it failed: the caller then applies torch's ReLU without counting the batch again."""
+    return getattr(_STATE, "launched", False)
 
 
 def fusable_layout(x: torch.Tensor, unit_dim: int) -> bool:
     """True when the kernel addresses ``x`` in place through its strides (no contiguous copy) and
-    ``x`` is dense, so the output has the layout ``torch.relu``'s would."""
+    ``x`` is dense, so the output has the layout ``torch.relu``'s would; never for a tensor of
+    ``torch.func``'s transforms (vmap, grad), whose storage a kernel cannot read."""
+    if _functorch_wrapped(x):
+        return False
     return kernels.dense(x) and kernels.plan(x, unit_dim)[0] is x
+
+
+def _functorch_wrapped(x: torch.Tensor) -> bool:
+    functorch = getattr(torch._C, "_functorch", None)
+    check = getattr(functorch, "is_functorch_wrapped_tensor", None)
+    return bool(check(x)) if check is not None else False
 
 
 class _CountedReLU(torch.autograd.Function):
@@ -45,6 +63,7 @@ class _CountedReLU(torch.autograd.Function):
     ) -> torch.Tensor:
         y = kernels.relu_stats_into(x, unit_dim, threshold, out, mask, inplace)
         assert y is not None, "fusable_layout is checked before"
+        _STATE.launched = True
         if inplace:
             ctx.mark_dirty(x)
         ctx.save_for_backward(y)
@@ -75,4 +94,5 @@ def counted_relu(
             everywhere; only kept positions are counted).
         inplace: write the output into ``x``, as ``torch.relu_`` does.
     """
+    _STATE.launched = False
     return _CountedReLU.apply(x, unit_dim, threshold, out, mask, inplace)

@@ -22,6 +22,7 @@ import sys
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
+from torch.nn.utils.rnn import PackedSequence
 from torch import nn
 
 from ..errors import DataError, DeadReluError
@@ -72,6 +73,8 @@ def map_tensors(obj: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
     """
     if isinstance(obj, torch.Tensor):
         return fn(obj)
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # a namedtuple (PackedSequence) keeps its type
+        return type(obj)(*(map_tensors(o, fn) for o in obj))
     if isinstance(obj, tuple):
         return tuple(map_tensors(o, fn) for o in obj)
     if isinstance(obj, list):
@@ -109,7 +112,7 @@ def call_arguments(batch: Any, input_fn: Callable[[Any], Any] | None) -> tuple[t
         if isinstance(batch, Mapping):
             return (), dict(batch)
         return (batch,), {}
-    if isinstance(batch, torch.Tensor):
+    if isinstance(batch, (torch.Tensor, PackedSequence)):  # a packed batch is one input, not (inputs, targets)
         return (batch,), {}
     if isinstance(batch, (tuple, list)):
         if not batch:

@@ -579,7 +579,11 @@ class Report:
         """One report over the data of both (e.g. two shards scanned apart, or two processes).
 
         Sites are matched by name and merged with :meth:`SiteReport.merge`; a site in only
-        one report keeps its own counts (its observations say how much data it saw).
+        one report keeps its own counts (its observations say how much data it saw). Names
+        number the call positions of one function in first-seen order, so a call that runs only
+        for some batches (a conditional branch) can carry another name, or take another call's
+        ``.k``, in a shard whose batches reached it in another order or not at all: such shards
+        do not merge site by site. Scan them in one pass (``scan`` takes any iterable) instead.
 
         Raises:
             DeadReluError: for different levels, modes or models, or sites that do not match.

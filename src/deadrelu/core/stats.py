@@ -736,6 +736,8 @@ def relu_accumulate(
             with _no_autocast(x.device.type):
                 return fused.counted_relu(x, unit_dim, threshold, out, mask, inplace)
         except Exception as err:
+            if fused.launched():  # counted; autograd's machinery refused the op (forward-mode AD)
+                return torch.relu_(x) if inplace else torch.relu(x)  # torch's ReLU, not counted twice
             if backend == "triton":
                 raise
             _kernel_failed(err, stacklevel=3)

@@ -887,9 +887,10 @@ class GraphCapture:
         Each graph numbers its module calls and repeated call positions from zero. After a graph
         break the rest of the forward is another frame's graph, so ``act``'s second call there
         is call 0 again: a key that another frame made first is renumbered — the next unused
-        call of that module (a module's own output), or occurrence of that position (a
-        functional call) — in the order frames are compiled, which is the forward's on the first
-        pass. Recompiling a frame (same frame id) keeps its keys."""
+        call of that module (a submodule's own output or functional call), or occurrence of that
+        position (a functional call of the root's own forward) — in the order frames are
+        compiled, which is the forward's on the first pass. Recompiling a frame (same frame id)
+        keeps its keys."""
         compile_id = torch._guards.CompileContext.current_compile_id()
         frame = None if compile_id is None else compile_id.frame_id
         mapped = self._frame_keys.get((frame, key))
@@ -900,7 +901,9 @@ class GraphCapture:
         if frame is not None and first is not None and first != frame:
             while out in self._key_frames:
                 path, call, position, name, occurrence = out
-                out = (path, call + 1, position, name, occurrence) if position is None else (path, call, position, name, occurrence + 1)
+                # A submodule's activation seen again in another frame is that module's next call; the
+                # root is called once per forward, so there it is the position reached once more (a loop).
+                out = (path, call + 1, position, name, occurrence) if position is None or path else (path, call, position, name, occurrence + 1)
         self._key_frames.setdefault(out, frame)
         self._frame_keys[(frame, key)] = out
         return out

@@ -286,7 +286,7 @@ class Monitor:
         self._observe = bool(self.schedule(0))
         self._loss: Any = None
         self._init_lifecycle()
-        self._warned: set[tuple[str, float]] = set()
+        self._warned: set[tuple[Any, float]] = set()
         self._first_window_done = False
         self._last_eval_step = -1
         self._broken: set[int] = set()
@@ -428,7 +428,14 @@ class Monitor:
     def _count_graph_samples(self, rows: int) -> None:
         """A compiled forward's batch size, handed in by its ``deadrelu::count_samples`` op."""
         if self._observe:
+            self._count_rows(rows)
+
+    def _count_rows(self, rows: int) -> None:
+        """One observed forward's samples; inside an ``observe()`` block, only the block's first."""
+        if self._scope_counted is None:
             self._add_samples(rows)
+        else:
+            self._count_in_scope(rows)
 
     def _count_samples(self, args: Any) -> None:
         """Samples per observed forward, in a fixed-size ring beside the device rings (shapes only:
@@ -447,7 +454,8 @@ class Monitor:
         """Pre-hook on the ``torch.compile`` wrapper the monitor was given: it runs eagerly, before
         the compiled code, so the samples of observed forwards are counted as in eager mode."""
         if self._observe and torch.is_grad_enabled() and not _is_compiling():
-            self._count_samples(args)
+            first = args[0] if args else None
+            self._count_rows(int(first.shape[0]) if isinstance(first, torch.Tensor) and first.ndim else 0)
 
     @torch.compiler.disable
     def _compiled_unobserved(self) -> None:
@@ -706,6 +714,9 @@ class Monitor:
                 return  # no rank has seen an activation yet (all ranks agree: the union is empty)
             raise
         report = reports["window"]
+        # A site's display name can change mid-run (a second call position of its function
+        # appears and both get ".k"): lifecycle state and warnings follow the site itself.
+        identities = {name: site_identity(site.info) for name, site in self.capture.ordered_sites()}
         step = self.steps
         self._last_eval_step = step
         self._units = {s.name: s.units for s in report.sites}
@@ -729,7 +740,7 @@ class Monitor:
                 )
             )
             if full.get(s.name):
-                new_events += self._lifecycle(step, s)
+                new_events += self._lifecycle(step, s, identities.get(s.name, s.name))
         if any(full.values()):
             self._first_window_done = True
         self.history.rows.extend(rows)
@@ -738,34 +749,34 @@ class Monitor:
         for i, sink in enumerate(self.sinks):
             self._guard(i, sink, lambda sink=sink: sink.write(record))
 
-    def _lifecycle(self, step: int, s: SiteReport) -> list[Event]:
+    def _lifecycle(self, step: int, s: SiteReport, ident: Any) -> list[Event]:
         """Events from each unit's last known state, dead or alive (fired, all values finite). An
         evaluation where a unit is NaN/Inf or unobserved says neither: it starts or ends nothing,
         so a dead unit that outputs NaN for a while is not "revived" and then "died" again."""
         dead = set(s.dead_units)
         alive = {u for u, (f, bad) in enumerate(zip(s.fired_counts, s.nonfinite_counts)) if f and not bad}
-        was_dead = self._known_dead.get(s.name, set())
-        was_alive = self._known_alive.get(s.name, set())
+        was_dead = self._known_dead.get(ident, set())
+        was_alive = self._known_alive.get(ident, set())
         fresh = dead - was_dead
         born = fresh - was_alive  # dead the first time its state is known
         events = [Event(step, s.name, u, "born_dead") for u in sorted(born)]
         events += [Event(step, s.name, u, "died") for u in sorted(fresh & was_alive)]
         events += [Event(step, s.name, u, "revived") for u in sorted(was_dead & alive)]
-        self._born_dead.setdefault(s.name, set()).update(born)
-        self._known_dead[s.name] = (was_dead - alive) | dead
-        self._known_alive[s.name] = (was_alive - dead) | alive
+        self._born_dead.setdefault(ident, set()).update(born)
+        self._known_dead[ident] = (was_dead - alive) | dead
+        self._known_alive[ident] = (was_alive - dead) | alive
         self._dead[s.name] = dead
-        self._maybe_warn(step, s, dead)
+        self._maybe_warn(step, s, dead, ident)
         return events
 
-    def _maybe_warn(self, step: int, s: SiteReport, dead: set[int]) -> None:
+    def _maybe_warn(self, step: int, s: SiteReport, dead: set[int], ident: Any) -> None:
         frac = s.dead_fraction
         for level in self.warn_at:
-            key = (s.name, level)
+            key = (ident, level)
             if frac < level or key in self._warned:
                 continue
             self._warned.add(key)
-            born = len(dead & self._born_dead.get(s.name, set()))
+            born = len(dead & self._born_dead.get(ident, set()))
             cause = "born_dead" if born * 2 >= len(dead) else "died"
             advice = ADVICE_BORN_DEAD if cause == "born_dead" else ADVICE_DIED
             message = (
@@ -813,3 +824,8 @@ def batch_rows(batch: Any) -> int:
         if isinstance(item, (torch.Tensor, tuple, list, Mapping)):
             return batch_rows(item)
     return 0
+
+
+def site_identity(info: Any) -> tuple[Any, ...]:
+    """What a site is, whatever its display name: module, call, call position, function, occurrence."""
+    return (info.module, info.call, info.position, info.function, info.occurrence)
