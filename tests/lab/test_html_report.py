@@ -18,7 +18,7 @@ from deadrelu.lab.datasets import load_dataset  # noqa: E402
 from deadrelu.lab.demo import DemoSetting, seeds_story, write_results  # noqa: E402
 from deadrelu.errors import DeadReluError  # noqa: E402
 from deadrelu.lab.experiments import lr_sweep  # noqa: E402
-from deadrelu.lab.html_report import load_results, render_html  # noqa: E402
+from deadrelu.lab.html_report import CSP, load_results, render_html  # noqa: E402
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 _FLAGS = [
@@ -124,7 +124,9 @@ def _chromium(args, tmp_path, timeout=90):
 
 @pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (apt-get install chromium)")
 def test_chromium_renders_every_heading_and_decodes_every_image(report_path, tmp_path):
-    page = report_path.read_text(encoding="utf-8").replace("</body>", _PROBE + "</body>")
+    # The report allows no script (its CSP); the probe is one, so this copy of the page lets inline scripts run.
+    page = report_path.read_text(encoding="utf-8").replace(CSP, CSP + "; script-src 'unsafe-inline'")
+    page = page.replace("</body>", _PROBE + "</body>")
     probe_page = tmp_path / "probe.html"
     probe_page.write_text(page, encoding="utf-8")
     run = _chromium(["--virtual-time-budget=10000", "--dump-dom", probe_page.as_uri()], tmp_path)

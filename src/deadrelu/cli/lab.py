@@ -7,6 +7,7 @@ runner that prints the table, the summary and where every output went.
 from __future__ import annotations
 
 import argparse
+import inspect
 import sys
 import time
 from pathlib import Path
@@ -14,31 +15,56 @@ from typing import Any, Sequence
 
 from .._imports import available
 from ..errors import DeadReluError
-from .options import positive_number, whole_number
+from .options import MAX_SEED, positive_number, seed_number, whole_number
 
 __all__ = ["demo_command", "experiment_command", "report_command"]
 
 _EXPERIMENTS = ("lr-sweep", "activations", "init", "rescue", "preprocessing")
 
 
+def _rich_table(rows: Sequence[Sequence[str]]) -> Any:
+    """The rows as a rich Table; every text is a ``Text``, so ``[min-max]`` is shown, never read as markup."""
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table()
+    for i, name in enumerate(rows[0]):
+        table.add_column(Text(name), justify="left" if i == 0 else "right", overflow="fold")
+    for row in rows[1:]:
+        table.add_row(*(Text(str(cell)) for cell in row))
+    return table
+
+
+def _table_fits(console: Any, table: Any) -> bool:
+    """Whether the table fits the console at its natural width.
+
+    A narrower table is squeezed by rich, which elides or crops cells, numbers included (measured),
+    so it is printed plain instead: long lines wrap, but every number stays whole.
+    """
+    from rich.measure import Measurement
+
+    # measured as if the console were unlimited: a measurement within the console's width is clamped to it
+    return Measurement.get(console, console.options.update_width(10**6), table).maximum <= console.width
+
+
 def _print_table(rows: Sequence[Sequence[str]], title: str = "") -> None:
-    """Rich table on a terminal, plain fixed-width text otherwise (pipes, CI logs)."""
+    """Rich table on a terminal wide enough for it, plain fixed-width text otherwise (pipes, CI logs, narrow terminals)."""
     if available("rich") and sys.stdout.isatty():
         from rich.console import Console
-        from rich.table import Table
+        from rich.text import Text
 
-        table = Table(title=title or None, title_justify="left")
-        for i, name in enumerate(rows[0]):
-            table.add_column(name, justify="left" if i == 0 else "right")
-        for row in rows[1:]:
-            table.add_row(*row)
-        Console().print(table)
-    else:
-        from ..core.tables import render_plain
+        console = Console()
+        table = _rich_table(rows)
+        if _table_fits(console, table):
+            if title:  # its own line, wrapped to the terminal rather than to the table
+                console.print(Text(title))
+            console.print(table)
+            return
+    from ..core.tables import render_plain
 
-        if title:
-            print(title)
-        print(render_plain([list(r) for r in rows]))
+    if title:
+        print(title)
+    print(render_plain([list(r) for r in rows]))
 
 
 def _print_summary(result: dict[str, Any], out: Path) -> None:
@@ -78,7 +104,8 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--epochs", type=whole_number(), default=20, help="epochs of each rescue after the checkpoint (20)")
     p.add_argument("--lr", type=positive_number, default=0.5, help="SGD learning rate (0.5)")
     p.add_argument("--seeds", type=whole_number(), default=5, metavar="N", help="how many seeds (5)")
-    p.add_argument("--seed", type=int, default=0, help="first seed; it also seeds the data split (0)")
+    p.add_argument("--seed", type=seed_number, default=0,
+                   help=f"first seed, 0 to {MAX_SEED}; it also seeds the data split (0)")
     p.add_argument("--batch-size", type=whole_number(), default=64, help="SGD mini-batch size (64)")
     p.add_argument("--standardize", action="store_true",
                    help="standardise the inputs (zero mean, unit variance per feature) instead of pixels in [0, 1]")
@@ -103,6 +130,7 @@ def demo_command(args: argparse.Namespace) -> dict[str, Any]:
         raise DeadReluError(
             "--live needs rich and the monitor's live view (deadrelu.monitor.live); install \"deadrelu[cli]\" or drop --live"
         )
+    _check_seed_range(args.seed, args.seeds)
     return run_demo(
         dataset=args.dataset,
         epochs=args.epochs,
@@ -118,6 +146,13 @@ def demo_command(args: argparse.Namespace) -> dict[str, Any]:
         live=live,
         progress=not args.no_progress,
     )
+
+
+def _check_seed_range(first: int, count: int) -> None:
+    """The last seed a run uses must be a seed too (--seed is checked alone by its option type)."""
+    if first + count - 1 > MAX_SEED:
+        raise DeadReluError(f"--seed {first} with --seeds {count} runs seeds up to {first + count - 1}; "
+                            f"the last must be at most {MAX_SEED}")
 
 
 def demo_table_title(result: dict[str, Any]) -> str:
@@ -154,25 +189,27 @@ def _add_experiment(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("name", choices=_EXPERIMENTS, metavar="NAME", help=", ".join(_EXPERIMENTS))
     p.add_argument("--out", default="deadrelu-results", metavar="DIR", help="output directory (deadrelu-results)")
-    p.add_argument("--dataset", default=None, help="data set (activations, init, rescue; default digits)")
+    p.add_argument("--dataset", default=None, help="data set (activations, init, rescue, preprocessing; default digits)")
     p.add_argument("--data-dir", metavar="DIR", help="where local data files are (mnist, mnist1d)")
     p.add_argument("--epochs", type=whole_number(), default=None, help="training epochs (experiment's default)")
-    p.add_argument("--lr", type=positive_number, default=None, help="learning rate (experiment's default)")
+    p.add_argument("--lr", type=positive_number, default=None,
+                   help="SGD learning rate (activations, init, rescue, preprocessing; default: the experiment's own). "
+                        "lr-sweep sweeps its own learning rates and takes no --lr")
     p.add_argument("--seeds", type=whole_number(), default=None,
                    help="number of seeds (lr-sweep: 0..N-1; rescue, preprocessing: --seed..--seed+N-1)")
-    p.add_argument("--seed", type=int, default=None, help="seed (activations, init; first seed of rescue, preprocessing)")
+    p.add_argument("--seed", type=seed_number, default=None,
+                   help=f"seed, 0 to {MAX_SEED} (activations, init; first seed of rescue, preprocessing)")
     p.add_argument("--standardize", action="store_true", help="standardised inputs instead of [0, 1] (rescue)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def experiment_command(args: argparse.Namespace) -> dict[str, Any]:
-    """Run one experiment, write its JSON and plots and re-render the report; returns the result."""
-    from ..lab.demo import write_results
-    from ..lab.experiments import run_experiment
-    from ..lab.html_report import write_report
-    from ..lab.plots import plot_pngs, plots_for
+# run_experiment's keyword -> the CLI option that sets it, so refusals name only options a user can type
+_OPTION_OF = {"dataset": "--dataset", "data_dir": "--data-dir", "epochs": "--epochs", "lr": "--lr",
+              "seeds": "--seeds", "seed": "--seed", "standardize": "--standardize"}
 
-    t0 = time.perf_counter()
+
+def _experiment_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The keyword options of ``run_experiment`` from the CLI's; an option the experiment does not take is refused."""
     options: dict[str, Any] = {"progress": not args.no_progress}
     for key in ("dataset", "data_dir", "epochs", "lr"):
         value = getattr(args, key)
@@ -187,25 +224,41 @@ def experiment_command(args: argparse.Namespace) -> dict[str, Any]:
             raise DeadReluError("lr-sweep runs on its own synthetic regression task; drop --dataset")
         if args.seed is not None:
             raise DeadReluError("lr-sweep runs seeds 0..N-1: use --seeds N instead of --seed")
+        if args.lr is not None:
+            raise DeadReluError("lr-sweep sweeps its own learning rates (0.001, 0.01, 0.1, 1); drop --lr")
         if args.seeds is not None:
             options["seeds"] = tuple(range(args.seeds))
     elif args.name in ("rescue", "preprocessing"):
         first = args.seed if args.seed is not None else 0
         count = args.seeds if args.seeds is not None else (5 if args.name == "rescue" else 10)
+        _check_seed_range(first, count)
         options["seeds"] = tuple(range(first, first + count))
     else:
         if args.seeds is not None:
             raise DeadReluError(f"--seeds applies to lr-sweep, rescue and preprocessing; {args.name} takes --seed")
         options["seed"] = args.seed if args.seed is not None else 0
+    from ..lab.experiments import EXPERIMENTS
+
+    takes = inspect.signature(EXPERIMENTS[args.name]).parameters
+    for key in options:
+        if key not in takes:
+            accepted = [flag for name, flag in _OPTION_OF.items() if name in takes]
+            raise DeadReluError(f"{args.name} does not take {_OPTION_OF.get(key, key)}; "
+                                f"it takes {', '.join(accepted + ['--no-progress', '--out'])}")
+    return options
+
+
+def experiment_command(args: argparse.Namespace) -> dict[str, Any]:
+    """Run one experiment, write its JSON and plots and re-render the report; returns the result."""
+    from ..lab.demo import plan_outputs, write_outputs
+    from ..lab.experiments import run_experiment
+
+    t0 = time.perf_counter()
+    options = _experiment_options(args)
+    # Checked before training: a --out that cannot take the outputs, or a malformed result already there.
+    plan = plan_outputs(args.out, args.name, results_name=f"{args.name}.json")
     result = run_experiment(args.name, **options)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    pngs = plot_pngs(result)  # drawn once, for the PNG files and the report
-    outputs = {k: str(v) for k, v in plots_for(result, out, pngs).items()}
-    result["wall_seconds"] = time.perf_counter() - t0
-    outputs["results"] = str(write_results(result, out / f"{args.name}.json"))
-    outputs["report"] = str(write_report(out, rendered={f"{args.name}.json": pngs}))
-    result["outputs"] = outputs
+    result["outputs"] = write_outputs(plan, result, t0)
     return result
 
 

@@ -17,10 +17,18 @@ import argparse
 import math
 from typing import Callable
 
-__all__ = ["whole_number", "finite_float", "positive_number", "OneLineParser", "MAX_COUNT"]
+__all__ = ["whole_number", "finite_float", "positive_number", "seed_number", "OneLineParser", "MAX_COUNT",
+           "MAX_SEED", "FLOAT32_MAX"]
 
 #: Largest count accepted for sizes and batch counts (fits every index type torch uses).
 MAX_COUNT = 2**31 - 1
+
+#: Largest seed accepted: numpy's seeds (mnist1d's generator) stop at 2**32 - 1, torch's go further.
+MAX_SEED = 2**32 - 1
+
+#: ``torch.finfo(torch.float32).max``, spelled out so parsing options does not import torch:
+#: the models train in float32, so a larger learning rate overflows inside the optimizer.
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 def whole_number(low: int = 1, high: int = MAX_COUNT) -> Callable[[str], int]:
@@ -71,7 +79,8 @@ def finite_float(low: float = -math.inf, high: float = math.inf) -> Callable[[st
 
 def positive_number(text: str) -> float:
     """A ``type=`` accepting finite numbers above 0 (a learning rate); ``nan``, ``inf`` (and
-    ``1e400``, which reads as inf), 0 and negatives are refused.
+    ``1e400``, which reads as inf), numbers above float32's largest (``1e300``: the models train
+    in float32), 0 and negatives are refused.
 
     >>> positive_number("0.5")
     0.5
@@ -87,6 +96,28 @@ def positive_number(text: str) -> float:
         raise argparse.ArgumentTypeError(f"must be positive, got {value}")
     if math.isinf(value):
         raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    if value > FLOAT32_MAX:
+        raise argparse.ArgumentTypeError(f"must be at most {FLOAT32_MAX:.6g} (the largest float32), got {text!r}")
+    return value
+
+
+def seed_number(text: str) -> int:
+    """A ``type=`` for a random seed: a whole number from 0 to :data:`MAX_SEED` (what torch and numpy accept).
+
+    >>> seed_number("7")
+    7
+    >>> seed_number("99999999999999999999999")
+    Traceback (most recent call last):
+    argparse.ArgumentTypeError: a seed must be at most 4294967295, got 99999999999999999999999
+    """
+    try:
+        value = int(text.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"a seed must be at least 0, got {value}")
+    if value > MAX_SEED:
+        raise argparse.ArgumentTypeError(f"a seed must be at most {MAX_SEED}, got {value}")
     return value
 
 

@@ -24,6 +24,9 @@ import copy
 import json
 import math
 import os
+import signal
+import tempfile
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -43,7 +46,7 @@ from ..errors import DeadReluError, RefusedError
 
 __all__ = [
     "STRATEGIES", "CLASSIC_THRESHOLD", "DemoSetting", "rescue_story", "seeds_story", "summarise", "result_table",
-    "run_demo", "write_results",
+    "run_demo", "write_results", "OutputStage", "OutputPlan", "plan_outputs", "write_outputs",
 ]
 
 SCHEMA_VERSION = 2
@@ -115,7 +118,16 @@ def _monitored(model: nn.Module, live: bool, window: int, sink: dict[str, Any]) 
     """
     from ..monitor.monitor import Monitor
 
-    monitor = Monitor(model, window=window, log_every=max(1, window // 4), live=live)
+    sinks = []
+    if live:
+        from rich.console import Console
+
+        from ..monitor.live import LiveView
+
+        # The CLI turns the live view on when stderr is a terminal, so it draws there: `deadrelu demo > out.txt`
+        # keeps the table in the file and the view on the terminal.
+        sinks.append(LiveView(console=Console(stderr=True)))
+    monitor = Monitor(model, window=window, log_every=max(1, window // 4), sinks=sinks)
     with warnings.catch_warnings():
         # The monitor's alerts are recorded below and shown in the summary, not as Python warnings mid-table.
         warnings.simplefilter("ignore")
@@ -366,14 +378,49 @@ def _run_seeds(
     bar = ProgressBar(progress and not live, len(seeds), f"{len(seeds)} seeds on {workers} processes", unit="seed")
     # spawn, not fork: forking a process whose torch has started threads can deadlock.
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=min(len(rest), max(1, workers - len(here))), mp_context=context) as pool:
-        futures = [pool.submit(rescue_story, ds, seed=s, setting=setting, live=False, progress=False) for s in rest]
+    pool = ProcessPoolExecutor(max_workers=min(len(rest), max(1, workers - len(here))), mp_context=context,
+                               initializer=ignore_interrupts)
+    workers_started = []
+    try:
+        with _interrupts_ignored():
+            # The workers start inside submit; started with Ctrl-C ignored, they inherit that through exec, so
+            # a Ctrl-C while they import torch (before the initializer runs) gives no traceback of theirs.
+            futures = [pool.submit(rescue_story, ds, seed=s, setting=setting, live=False, progress=False) for s in rest]
+            workers_started = list((getattr(pool, "_processes", None) or {}).values())
         runs = [rescue_story(ds, seed=s, setting=setting, live=True, progress=False) for s in here]
         for future in futures:
             runs.append(future.result())
             bar.update(1)
-    bar.close()
+    except BaseException:
+        # Ctrl-C (or a failed seed): stop every worker now rather than wait for their seeds to finish.
+        for process in workers_started:
+            process.terminate()
+        pool.shutdown(wait=False, cancel_futures=True)
+        for process in workers_started:
+            process.join(timeout=5)
+        raise
+    finally:
+        bar.close()
+    pool.shutdown()
     return runs
+
+
+def ignore_interrupts() -> None:
+    """Worker initializer: Ctrl-C is the parent's to handle (it stops the pool and says so once)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@contextlib.contextmanager
+def _interrupts_ignored() -> Iterator[None]:
+    """Ignore SIGINT for the block (main thread only: only there can Python set signal handlers)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def seeds_story(
@@ -442,22 +489,166 @@ def write_results(result: dict[str, Any], path: str | os.PathLike[str]) -> Path:
     return target
 
 
-def _write_outputs(story: dict[str, Any], out_dir: Path, plots: bool, html: bool, t0: float) -> dict[str, str]:
-    """Plots, ``results.json`` and ``report.html`` in ``out_dir``; returns name → path."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    outputs: dict[str, str] = {}
-    pngs: dict[str, bytes] = {}
-    if plots or html:
-        from .plots import plot_pngs, plots_for
+class OutputStage:
+    """A run's output files, written under temporary names in their directory and renamed into place together.
 
-        pngs = plot_pngs(story)  # drawn once, for the PNG files and the report
-        outputs.update({name: str(path) for name, path in plots_for(story, out_dir, pngs).items()})
-    story["wall_seconds"] = time.perf_counter() - t0
-    outputs["results"] = str(write_results(story, out_dir / "results.json"))
+    Nothing appears under a final name until :meth:`commit`; leaving the ``with`` block without
+    committing (an error, Ctrl-C) removes the temporaries and every directory the stage created,
+    so an earlier run's files stay exactly as they were and no partial set is left behind.
+
+    Example:
+        >>> import tempfile
+        >>> with OutputStage(Path(tempfile.mkdtemp()) / "o") as stage:
+        ...     path = stage.add("a.txt", "hello")
+        ...     stage.commit()
+        >>> path.read_text()
+        'hello'
+    """
+
+    def __init__(self, out_dir: str | os.PathLike[str]) -> None:
+        self.out_dir = Path(out_dir)
+        self._created: list[Path] = []
+        self._staged: list[tuple[str, Path]] = []
+        self._committed = False
+
+    def __enter__(self) -> "OutputStage":
+        missing = [d for d in (self.out_dir, *self.out_dir.parents) if not d.exists()]
+        for directory in reversed(missing):
+            directory.mkdir()
+            self._created.append(directory)
+        return self
+
+    def add(self, name: str, data: str | bytes) -> Path:
+        """Write one output under a temporary name; returns the path it will have once committed."""
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=self.out_dir)
+        self._staged.append((tmp, self.out_dir / name))
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        final = self.out_dir / name
+        umask = os.umask(0)
+        os.umask(umask)
+        # an existing file keeps the permissions a user gave it; a new one gets what open() would give
+        os.chmod(tmp, final.stat().st_mode & 0o7777 if final.is_file() else 0o666 & ~umask)
+        return final
+
+    def commit(self) -> None:
+        """Rename every staged file into place.
+
+        Ctrl-C is ignored during the renames: they take microseconds, and an interrupt between two of
+        them would leave a half-replaced set, the one thing the stage exists to prevent.
+        """
+        for _, final in self._staged:
+            if final.is_dir():
+                raise DeadReluError(f"cannot write {final}: it is a directory")
+        with _interrupts_ignored():
+            for tmp, final in self._staged:
+                os.replace(tmp, final)
+            self._committed = True
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._committed:
+            return
+        for tmp, _ in self._staged:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        for directory in reversed(self._created):
+            with contextlib.suppress(OSError):
+                directory.rmdir()  # only if still empty: never anything someone else put there
+
+
+@dataclass
+class OutputPlan:
+    """What a run will write to ``out_dir``, checked before it trains, and the saved results its report adds.
+
+    Attributes:
+        out_dir: the output directory (created by the run if missing).
+        experiment: the result's ``experiment`` (names its PNG files).
+        results_name: the result JSON's file name.
+        plots: write PNG files.
+        html: write ``report.html``.
+        saved: the valid results already in ``out_dir`` (not ``results_name``) that the report includes.
+        saved_plots: their plots, drawn while checking them, file name → plot name → PNG.
+    """
+
+    out_dir: Path
+    experiment: str
+    results_name: str = "results.json"
+    plots: bool = True
+    html: bool = True
+    saved: list[dict[str, Any]] = field(default_factory=list)
+    saved_plots: dict[str, dict[str, bytes]] = field(default_factory=dict)
+
+    def file_names(self) -> list[str]:
+        """Every file the run writes in ``out_dir``."""
+        from .plots import plot_file_names
+
+        return ((plot_file_names(self.experiment) if self.plots else []) + [self.results_name]
+                + (["report.html"] if self.html else []))
+
+
+def _check_out_dir(out_dir: Path, names: Sequence[str]) -> None:
+    """The output directory can be created (or is a directory) and no output's name is taken by a directory."""
+    existing = next(d for d in (out_dir, *out_dir.parents, Path(".")) if d.exists())
+    if not existing.is_dir():
+        what = "it is a file" if existing == out_dir else f"{existing} is a file"
+        raise DeadReluError(f"cannot write outputs to {out_dir}: {what}, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise DeadReluError(f"cannot write outputs to {out_dir}: {existing} is not writable")
+    for name in names:
+        if (out_dir / name).is_dir():
+            raise DeadReluError(f"cannot write {out_dir / name}: it is a directory")
+
+
+def plan_outputs(
+    out_dir: str | os.PathLike[str], experiment: str, *, results_name: str = "results.json",
+    plots: bool = True, html: bool = True,
+) -> OutputPlan:
+    """Check, before any training, that a run's outputs can be written; returns the plan :func:`write_outputs` follows.
+
+    Raises:
+        DeadReluError: ``out_dir`` or one of its parents is a file, an output's name is a directory, or a
+            result already in ``out_dir`` that the report would include is malformed (naming the file).
+    """
+    plan = OutputPlan(Path(out_dir), experiment, results_name, plots, html)
+    _check_out_dir(plan.out_dir, plan.file_names())
     if html:
-        from .html_report import write_report
+        from .html_report import result_plots, saved_results
 
-        outputs["report"] = str(write_report(out_dir, rendered={"results.json": pngs}))
+        plan.saved = saved_results(plan.out_dir, skip=results_name)
+        plan.saved_plots = {r["_file"]: result_plots(r) for r in plan.saved}
+    return plan
+
+
+def write_outputs(plan: OutputPlan, result: dict[str, Any], t0: float | None = None) -> dict[str, str]:
+    """Plots, the result JSON and ``report.html``, all or none (see :class:`OutputStage`); returns name → path.
+
+    With ``t0`` (a ``time.perf_counter()``), ``result["wall_seconds"]`` is set just before it is saved.
+    """
+    pngs: dict[str, bytes] = {}
+    if plan.plots or plan.html:
+        from .plots import plot_pngs
+
+        pngs = plot_pngs(result)  # drawn once, for the PNG files and the report
+    page = None
+    if t0 is not None:
+        result["wall_seconds"] = time.perf_counter() - t0
+    text = json.dumps(result, indent=1, allow_nan=False) + "\n"
+    if plan.html:
+        from .html_report import report_page
+
+        page = report_page(plan.saved, {plan.results_name: result},
+                           rendered={**plan.saved_plots, plan.results_name: pngs})
+    outputs: dict[str, str] = {}
+    with OutputStage(plan.out_dir) as stage:
+        if plan.plots:
+            for name, png in pngs.items():
+                outputs[f"plot:{name}"] = str(stage.add(f"{result['experiment']}-{name}.png", png))
+        outputs["results"] = str(stage.add(plan.results_name, text))
+        if page is not None:
+            outputs["report"] = str(stage.add("report.html", page))
+        stage.commit()
     return outputs
 
 
@@ -511,6 +702,7 @@ def run_demo(
     t0 = time.perf_counter()
     if seeds < 1:
         raise DeadReluError(f"seeds must be at least 1, got {seeds}")
+    plan = plan_outputs(out, "demo", plots=plots, html=html)  # an unwritable --out is found before training
     ds = load_dataset(dataset, data_dir=data_dir, seed=seed, standardize=standardize)
     setting = DemoSetting(checkpoint_epoch=checkpoint_epoch, epochs=epochs, lr=lr, batch_size=batch_size)
     if workers is None:
@@ -518,6 +710,6 @@ def run_demo(
     story = seeds_story(ds, seeds=tuple(range(seed, seed + seeds)), setting=setting, standardize=standardize,
                         live=live, progress=progress, workers=workers)
     story["experiment"] = "demo"
-    story["outputs"] = _write_outputs(story, Path(out), plots, html, t0)
+    story["outputs"] = write_outputs(plan, story, t0)
     story["wall_seconds"] = time.perf_counter() - t0
     return story

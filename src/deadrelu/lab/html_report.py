@@ -20,7 +20,12 @@ from ..core.files import atomic_write_text
 from ..errors import DeadReluError
 from .tables import result_table
 
-__all__ = ["load_results", "render_html", "write_report"]
+__all__ = ["load_results", "saved_results", "result_plots", "render_html", "report_page", "write_report",
+           "CSP"]
+
+#: The page's Content-Security-Policy: its images are data: URIs and its style is inline; it has no script,
+#: so none is allowed, and nothing may load from anywhere else.
+CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 
 _ORDER = {"demo": 0, "rescue": 1, "preprocessing": 2, "lr-sweep": 3, "activations": 4, "init": 5}
 
@@ -64,17 +69,42 @@ def load_results(results_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """Every evidence result (``kind == "deadrelu.evidence"``) saved as JSON in ``results_dir``, in report order.
 
     Raises:
-        DeadReluError: the directory does not exist, holds no evidence JSON, or holds one whose
-            fields are missing or of the wrong type (the message names the file).
+        DeadReluError: the directory does not exist (or is a file), holds no evidence JSON, or holds
+            one whose fields are missing or of the wrong type (the message names the file).
 
     Example:
         >>> results = load_results("deadrelu-demo")  # doctest: +SKIP
     """
     root = Path(results_dir)
-    if not root.is_dir():
+    if not root.exists():
         raise DeadReluError(f"results directory {root} does not exist")
+    found = saved_results(root)
+    if not found:
+        raise DeadReluError(
+            f"no deadrelu results in {root}: run `deadrelu demo --out {root}` or "
+            f"`deadrelu experiment NAME --out {root}` first"
+        )
+    return found
+
+
+def saved_results(results_dir: str | os.PathLike[str], *, skip: str | None = None) -> list[dict[str, Any]]:
+    """Like :func:`load_results`, but an empty list where the directory is missing or holds no result.
+
+    ``skip`` is a file name left out (the one a run is about to replace). Each result is checked
+    as the report renders it, text only; its plots are checked where they are drawn.
+
+    Raises:
+        DeadReluError: ``results_dir`` is a file, or a result in it is malformed (naming the file).
+    """
+    root = Path(results_dir)
+    if root.exists() and not root.is_dir():
+        raise DeadReluError(f"{root} is a file, not a directory: give the directory that holds the result JSON files")
+    if not root.is_dir():
+        return []  # nothing saved there yet (a run creates the directory)
     found = []
     for path in sorted(root.glob("*.json")):
+        if path.name == skip:
+            continue
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError, UnicodeDecodeError):
@@ -82,26 +112,42 @@ def load_results(results_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
         if isinstance(data, dict) and data.get("kind") == "deadrelu.evidence":
             data["_file"] = path.name
             found.append(data)
-    if not found:
-        raise DeadReluError(
-            f"no deadrelu results in {root}: run `deadrelu demo --out {root}` or "
-            f"`deadrelu experiment NAME --out {root}` first"
-        )
-    found.sort(key=lambda r: (_ORDER.get(r.get("experiment", ""), 9), r["_file"]))
     for result in found:
         _check_renders(result)
-    return found
+    return _in_report_order(found)
+
+
+def _in_report_order(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    return sorted(results, key=lambda r: (_ORDER.get(r.get("experiment", ""), 9), r.get("_file", "")))
+
+
+def _invalid(result: dict[str, Any], err: Exception) -> DeadReluError:
+    """The one-line error for a result a table, a sentence or a plot could not be drawn from."""
+    if isinstance(err, DeadReluError):
+        return DeadReluError(f"{result.get('_file', 'result')}: {err}")
+    detail = f"missing field {err}" if isinstance(err, KeyError) else f"{type(err).__name__}: {err}"
+    return DeadReluError(f"{result.get('_file', 'result')} is not a valid deadrelu result ({detail})")
+
+
+_MALFORMED = (DeadReluError, KeyError, TypeError, ValueError, AttributeError, IndexError)
 
 
 def _check_renders(result: dict[str, Any]) -> None:
     """A malformed result (hand-edited, truncated, another version's) is one DeadReluError naming its file."""
     try:
-        render_html([result], images=False)  # the tables and text read every field the page needs
-    except DeadReluError as err:
-        raise DeadReluError(f"{result['_file']}: {err}") from err
-    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as err:
-        detail = f"missing field {err}" if isinstance(err, KeyError) else f"{type(err).__name__}: {err}"
-        raise DeadReluError(f"{result['_file']} is not a valid deadrelu result ({detail})") from err
+        render_html([result], images=False)  # the tables and text read every field the page's text needs
+    except _MALFORMED as err:
+        raise _invalid(result, err) from err
+
+
+def result_plots(result: dict[str, Any]) -> dict[str, bytes]:
+    """Every plot of one saved result as PNG bytes; a field only a plot reads, missing, is a DeadReluError."""
+    from .plots import plot_pngs
+
+    try:
+        return plot_pngs(result)
+    except _MALFORMED as err:
+        raise _invalid(result, err) from err
 
 
 def _table_html(rows: Sequence[Sequence[str]]) -> str:
@@ -145,9 +191,7 @@ def _section(result: dict[str, Any], index: int, images: bool, rendered: dict[st
         out.append("<ul>" + "".join(f"<li>{html.escape(l)}</li>" for l in lines) + "</ul>")
     out.append(_table_html(_table_rows(result)))
     if images:
-        from .plots import plot_pngs
-
-        pngs = rendered.get(result.get("_file", "")) or plot_pngs(result)
+        pngs = rendered.get(result.get("_file", "")) or result_plots(result)
         for name, png in pngs.items():
             data = base64.b64encode(png).decode("ascii")
             caption = _CAPTIONS.get(name, "")
@@ -206,13 +250,29 @@ def render_html(
     return (
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
         # No external resources at all: the CSP tells the browser to refuse any that slip in.
-        "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; img-src data:; "
-        "style-src 'unsafe-inline'; script-src 'unsafe-inline'\">"
+        f"<meta http-equiv=\"Content-Security-Policy\" content=\"{CSP}\">"
         f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>"
         f"<h1>{html.escape(title)}</h1>"
         f'<p class="meta">deadrelu {__version__}, rendered {stamp} from {len(results)} saved result(s).</p>'
         f"{_summary(results)}\n{sections}\n</body></html>\n"
     )
+
+
+def report_page(
+    saved: Sequence[dict[str, Any]],
+    new: dict[str, dict[str, Any]],
+    *,
+    images: bool = True,
+    rendered: dict[str, dict[str, bytes]] | None = None,
+) -> str:
+    """The report page of ``saved`` results (from :func:`saved_results`) plus ``new`` ones, file name → result,
+    that a run has not written yet: its outputs can then all be written together.
+
+    Example:
+        >>> page = report_page([], {"lr-sweep.json": result})  # doctest: +SKIP
+    """
+    results = list(saved) + [dict(result, _file=name) for name, result in new.items()]
+    return render_html(_in_report_order(results), images=images, rendered=rendered)
 
 
 def write_report(

@@ -25,7 +25,19 @@ __all__ = [
     "init_depth_lines",
     "plots_for",
     "figure_png",
+    "PLOTS",
+    "plot_file_names",
 ]
+
+#: The plots drawn for each kind of result, by name; each is written as ``<experiment>-<name>.png``.
+PLOTS: dict[str, tuple[str, ...]] = {
+    "demo": ("layers", "heatmap", "rescue"),
+    "rescue": ("layers", "heatmap", "rescue"),
+    "preprocessing": ("bands",),
+    "lr-sweep": ("bars",),
+    "activations": ("bars",),
+    "init": ("depth",),
+}
 
 
 def _plt() -> Any:
@@ -213,8 +225,18 @@ def activation_bars(result: dict[str, Any]) -> Any:
     names = [r["activation"] for r in rows]
     fig, (ax, ax_acc) = plt.subplots(1, 2, figsize=(12, 4))
     xs = range(len(rows))
-    ax.bar([x - 0.2 for x in xs], [100 * r["dead_fraction"] for r in rows], 0.4, label="dead (never fired)")
-    ax.bar([x + 0.2 for x in xs], [100 * r["dormant_fraction"] for r in rows], 0.4, label="τ-dormant")
+    # A diverged run has no dead or dormant count: a 0% bar would read as "no dead units", so it gets a
+    # grey hatched full-height bar labelled "diverged" instead.
+    ok = [x for x, r in zip(xs, rows) if not r["diverged"]]
+    ax.bar([x - 0.2 for x in ok], [100 * rows[x]["dead_fraction"] for x in ok], 0.4, label="dead (never fired)")
+    ax.bar([x + 0.2 for x in ok], [100 * rows[x]["dormant_fraction"] for x in ok], 0.4, label="τ-dormant")
+    diverged = [x for x, r in zip(xs, rows) if r["diverged"]]
+    if diverged:
+        ax.bar(diverged, [100] * len(diverged), 0.8, color="0.85", hatch="//", edgecolor="0.5",
+               label="diverged (NaN): no count")
+        for x in diverged:
+            ax.text(x, 50, "diverged", ha="center", va="center", rotation=90, color="0.25", fontsize=9)
+    ax.set_ylim(0, 100)
     ax.set_xticks(list(xs))
     ax.set_xticklabels(names, rotation=20)
     ax.set_ylabel("% of all hidden units")
@@ -324,3 +346,12 @@ def plots_for(
         path.write_bytes(png)
         paths[f"plot:{name}"] = path
     return paths
+
+
+def plot_file_names(experiment: str) -> list[str]:
+    """The PNG file names :func:`plots_for` writes for a result of this experiment.
+
+    >>> plot_file_names("lr-sweep")
+    ['lr-sweep-bars.png']
+    """
+    return [f"{experiment}-{name}.png" for name in PLOTS.get(experiment, ())]

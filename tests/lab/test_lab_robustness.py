@@ -1,0 +1,287 @@
+"""The lab verbs keep the CLI's promise under abuse: a user error is one line on stderr and exit 2, an
+interrupt or a failure while writing leaves every file as it was, and tables, plots and the report
+never misstate a number (cut, dropped as markup, drawn as 0 for a diverged run)."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import signal
+import sys
+from concurrent.futures import Future
+from pathlib import Path
+
+import pytest
+
+from deadrelu.cli.main import main
+
+pytest.importorskip("sklearn")
+pytest.importorskip("matplotlib")
+
+SMALL = ["--seeds", "1", "--epochs", "1", "--checkpoint-epoch", "1", "--workers", "1", "--no-progress"]
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "evidence.md"
+
+
+def _files(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory):
+    """One small demo's outputs (results.json, plots, report.html)."""
+    out = tmp_path_factory.mktemp("demo") / "out"
+    assert main(["demo", *SMALL, "--no-live", "--out", str(out)]) == 0
+    return out
+
+
+def _one_line_usage_error(argv, capsys) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    return err
+
+
+# -- 1. a learning rate float32 cannot hold ------------------------------------------------------------
+def test_a_learning_rate_beyond_float32_is_refused_by_the_option(tmp_path, capsys):
+    import torch
+
+    from deadrelu.cli.options import FLOAT32_MAX
+
+    assert FLOAT32_MAX == torch.finfo(torch.float32).max
+    for argv in (["demo", "--lr", "1e300", *SMALL], ["experiment", "activations", "--lr", "1e300", "--no-progress"]):
+        err = _one_line_usage_error([*argv, "--out", str(tmp_path / "o")], capsys)
+        assert "--lr" in err and "float32" in err
+    assert not (tmp_path / "o").exists()
+
+
+# -- 2. seeds torch cannot take ------------------------------------------------------------------------
+def test_a_seed_out_of_range_is_refused_by_the_option(tmp_path, capsys):
+    huge = "99999999999999999999999"
+    for argv in (["demo", "--seed", huge, *SMALL], ["experiment", "init", "--seed", huge, "--no-progress"],
+                 ["demo", "--seed", "-1", *SMALL]):
+        err = _one_line_usage_error([*argv, "--out", str(tmp_path / "o")], capsys)
+        assert "--seed" in err and "seed must be" in err
+    # each seed is in range, the last of the run is not
+    assert main(["demo", "--seed", str(2**32 - 1), "--seeds", "2", "--no-progress", "--out", str(tmp_path / "o")]) == 2
+    assert "--seeds 2" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+# -- 3. outputs: checked before training, written all or none ------------------------------------------
+def _no_training(monkeypatch):
+    def trained(*_, **__):
+        raise AssertionError("trained although the outputs could not be written")
+
+    monkeypatch.setattr("deadrelu.lab.demo.seeds_story", trained)
+    monkeypatch.setattr("deadrelu.lab.experiments.run_experiment", trained)
+
+
+@pytest.mark.parametrize("taken", ["results.json", "report.html", "demo-layers.png"])
+def test_an_output_name_taken_by_a_directory_is_found_before_training(taken, tmp_path, capsys, monkeypatch):
+    _no_training(monkeypatch)
+    (tmp_path / taken).mkdir()
+    assert main(["demo", *SMALL, "--no-live", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and taken in err and "directory" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == [taken]
+
+
+def test_a_malformed_result_already_in_out_is_found_before_training(tmp_path, capsys, monkeypatch):
+    _no_training(monkeypatch)
+    (tmp_path / "old.json").write_text('{"kind": "deadrelu.evidence", "experiment": "init"}')
+    assert main(["experiment", "lr-sweep", "--seeds", "1", "--epochs", "1", "--no-progress", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "old.json" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old.json"]
+
+
+def test_an_out_below_a_file_is_found_before_training(tmp_path, capsys, monkeypatch):
+    _no_training(monkeypatch)
+    (tmp_path / "file.txt").write_text("x")
+    assert main(["demo", *SMALL, "--no-live", "--out", str(tmp_path / "file.txt" / "o")]) == 2
+    assert "is a file" in capsys.readouterr().err
+
+
+def test_an_interrupt_while_writing_leaves_the_earlier_run_intact(demo_dir, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out"
+    shutil.copytree(demo_dir, out)
+    before = _files(out)
+
+    def interrupted(*_, **__):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("deadrelu.lab.html_report.render_html", interrupted)  # after the plots, before the page
+    assert main(["demo", *SMALL, "--no-live", "--out", str(out)]) == 130
+    assert _files(out) == before and sorted(p.name for p in out.iterdir()) == sorted(before)
+    fresh = tmp_path / "new" / "deeper"
+    assert main(["demo", *SMALL, "--no-live", "--out", str(fresh)]) == 130
+    assert not (tmp_path / "new").exists()  # the directories the run created went too
+
+
+def test_the_output_stage_is_all_or_nothing(tmp_path):
+    from deadrelu.lab.demo import OutputStage
+
+    (tmp_path / "keep.json").write_text("old")
+    with pytest.raises(KeyboardInterrupt):
+        with OutputStage(tmp_path) as stage:
+            stage.add("keep.json", "new")
+            stage.add("b.png", b"\x89PNG")
+            raise KeyboardInterrupt
+    assert _files(tmp_path) == {"keep.json": b"old"} and len(list(tmp_path.iterdir())) == 1
+    with pytest.raises(OSError):
+        with OutputStage(tmp_path / "a" / "b") as stage:
+            stage.add("x.txt", "x")
+            raise OSError("disk full")
+    assert not (tmp_path / "a").exists()
+    with OutputStage(tmp_path) as stage:
+        stage.add("keep.json", "new")
+        stage.add("b.png", b"png")
+        assert (tmp_path / "keep.json").read_text() == "old" and not (tmp_path / "b.png").exists()  # not yet
+        stage.commit()
+    assert _files(tmp_path) == {"b.png": b"png", "keep.json": b"new"}
+
+
+# -- 4. Ctrl-C with worker processes -------------------------------------------------------------------
+class _InlinePool:
+    """A ProcessPoolExecutor stand-in: runs each task at once, records how it was made and started."""
+
+    made: list[dict] = []
+
+    def __init__(self, **kwargs):
+        self.kwargs = dict(kwargs, sigint_at_submit=[])
+        _InlinePool.made.append(self.kwargs)
+
+    def submit(self, fn, *args, **kwargs):
+        self.kwargs["sigint_at_submit"].append(signal.getsignal(signal.SIGINT))
+        future = Future()
+        future.set_result(fn(*args, **kwargs))
+        return future
+
+    def shutdown(self, wait=True, cancel_futures=False):
+        pass
+
+
+def test_worker_processes_ignore_ctrl_c_so_only_the_parent_reports_it(monkeypatch):
+    from deadrelu.lab.datasets import load_dataset
+    from deadrelu.lab.demo import DemoSetting, ignore_interrupts, seeds_story
+
+    monkeypatch.setattr("concurrent.futures.ProcessPoolExecutor", _InlinePool)
+    _InlinePool.made.clear()
+    setting = DemoSetting(checkpoint_epoch=1, epochs=1, strategies=("control",), hidden=(8, 8))
+    seeds_story(load_dataset("digits"), seeds=(0, 1), setting=setting, progress=False, workers=2)
+    (pool,) = _InlinePool.made
+    assert pool["initializer"] is ignore_interrupts
+    # workers start inside submit; started with SIGINT ignored, they are deaf to it while importing torch
+    assert set(pool["sigint_at_submit"]) == {signal.SIG_IGN}
+    assert signal.getsignal(signal.SIGINT) is not signal.SIG_IGN  # the parent's own handler is back
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        ignore_interrupts()
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+# -- 5./6. tables on a terminal ------------------------------------------------------------------------
+def _on_a_terminal(monkeypatch, columns: int) -> None:
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    monkeypatch.setenv("COLUMNS", str(columns))
+
+
+def test_rich_tables_keep_bracketed_text(tmp_path, capsys, monkeypatch):
+    _on_a_terminal(monkeypatch, 400)
+    assert main(["experiment", "lr-sweep", "--seeds", "1", "--epochs", "1", "--no-progress",
+                 "--out", str(tmp_path / "lr")]) == 0
+    out = capsys.readouterr().out
+    assert "┃" in out and "dead% h1 mean [min-max]" in out  # drawn by rich, the legend kept
+    assert main(["demo", *SMALL, "--no-live", "--out", str(tmp_path / "demo")]) == 0
+    assert "median [min-max] of 1 seeds" in capsys.readouterr().out
+
+
+def test_a_narrow_terminal_never_cuts_a_number(tmp_path, capsys, monkeypatch):
+    from deadrelu.lab.demo import result_table
+
+    _on_a_terminal(monkeypatch, 80)
+    assert main(["demo", *SMALL, "--no-live", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "…" not in out
+    cells = {c for row in result_table(json.loads((tmp_path / "results.json").read_text()))[1:] for c in row[1:]}
+    numbers = {c for c in cells if re.fullmatch(r"[0-9./-]+", c)}
+    assert numbers and all(re.search(rf"(?<![0-9.]){re.escape(c)}(?![0-9.])", out) for c in numbers)
+
+
+# -- 7. the live view goes where its terminal is ---------------------------------------------------------
+def test_the_live_view_writes_to_stderr_not_to_a_redirected_stdout(capsys):
+    from deadrelu.lab.datasets import load_dataset
+    from deadrelu.lab.demo import DemoSetting, rescue_story
+
+    setting = DemoSetting(checkpoint_epoch=1, epochs=1, strategies=("control",), hidden=(8, 8))
+    rescue_story(load_dataset("digits"), setting=setting, live=True, progress=False)
+    captured = capsys.readouterr()
+    assert "deadrelu step" in captured.err and "deadrelu step" not in captured.out
+
+
+# -- 8. report: a field only a plot reads ---------------------------------------------------------------
+@pytest.mark.parametrize("edit, field", [
+    (lambda r: r["runs"][0].pop("baseline"), "baseline"),
+    (lambda r: r["checkpoint"].update(firing_rates=[]), "results.json"),
+])
+def test_report_names_the_file_when_a_plot_cannot_be_drawn(edit, field, demo_dir, tmp_path, capsys):
+    story = json.loads((demo_dir / "results.json").read_text())
+    edit(story)
+    (tmp_path / "results.json").write_text(json.dumps(story))
+    assert main(["report", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "results.json" in err and field in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
+
+
+# -- 9. --lr and lr-sweep -------------------------------------------------------------------------------
+def test_lr_sweep_refuses_options_naming_only_cli_options(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["experiment", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "lr-sweep sweeps its own learning rates and takes no --lr" in help_text
+    for option, value in (("--lr", "0.1"), ("--data-dir", str(tmp_path))):
+        assert main(["experiment", "lr-sweep", option, value, "--seeds", "1", "--epochs", "1", "--no-progress",
+                     "--out", str(tmp_path / "o")]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and option in err
+        assert not re.search(r"\b(lrs|hidden|samples|data_dir)\b", err)
+    assert not (tmp_path / "o").exists()
+
+
+# -- 10. a diverged activation in the plot ---------------------------------------------------------------
+def test_the_activations_plot_marks_a_diverged_activation():
+    from deadrelu.lab.plots import activation_bars
+
+    rows = [{"activation": "relu", "dead_fraction": 0.25, "dormant_fraction": 0.5, "val_accuracy": 0.9,
+             "diverged": False},
+            {"activation": "elu", "dead_fraction": 0.0, "dormant_fraction": 0.0, "val_accuracy": None,
+             "diverged": True}]
+    fig = activation_bars({"rows": rows, "epochs": 1, "lr": 50.0, "dataset": {"name": "digits"}})
+    left = fig.axes[0]
+    assert [t.get_text() for t in left.texts] == ["diverged"]
+    at_elu = [p for p in left.patches if abs(p.get_x() + p.get_width() / 2 - 1) < 0.45]
+    assert at_elu and all(p.get_height() > 0 and p.get_hatch() for p in at_elu)  # no silent 0% bar
+
+
+# -- 11. report given a file ----------------------------------------------------------------------------
+def test_report_of_a_file_says_it_is_a_file(tmp_path, capsys):
+    (tmp_path / "results.json").write_text("{}")
+    assert main(["report", str(tmp_path / "results.json")]) == 2
+    err = capsys.readouterr().err
+    assert "is a file, not a directory" in err and "does not exist" not in err
+
+
+# -- 12. the report's CSP -------------------------------------------------------------------------------
+def test_the_reports_csp_allows_no_script_and_is_the_documented_one():
+    from deadrelu.lab.experiments import lr_sweep
+    from deadrelu.lab.html_report import CSP, render_html
+
+    page = render_html([dict(lr_sweep(lrs=(0.01,), seeds=(0,), epochs=1, progress=False), _file="lr-sweep.json")])
+    assert "<script" not in page.lower() and "script-src" not in page
+    assert f'http-equiv="Content-Security-Policy" content="{CSP}"' in page
+    assert f"`{CSP}`" in DOCS.read_text(encoding="utf-8")
