@@ -250,3 +250,38 @@ def test_monitored_training_with_fused_relus_is_the_unfused_training(monkeypatch
     assert_same_reports(total1, total0)
     assert_same_reports(window1, window0)
     assert all(torch.equal(p, q) for p, q in zip(params0, params1))  # the same training, bit for bit
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_relu_module_with_a_users_forward_hook_is_counted_on_what_the_hook_returns(monkeypatch, launches, device):
+    x = torch.randn(16, 4, generator=torch.Generator().manual_seed(7)).to(device)
+    reports = []
+    for fuse in (False, True):
+        use_kernel(monkeypatch, fuse)
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)).to(device)
+        model[1].register_forward_hook(lambda mod, args, out: out - 1.0)  # the output the site sees
+        with deadrelu.Probe(model) as probe:
+            for _ in range(3):
+                model(x)
+        reports.append(probe.report())
+    assert_same_reports(reports[1], reports[0])
+    assert not launches  # the hooked module is left to torch
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_forward_mode_ad_counts_each_batch_once_and_keeps_the_kernel(monkeypatch, device):
+    import torch.autograd.forward_ad as fwAD
+
+    use_kernel(monkeypatch, True)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)).to(device)
+    x = torch.randn(7, 4, device=device)
+    with deadrelu.Probe(model) as probe, fwAD.dual_level():
+        tangents = []
+        for _ in range(2):
+            out = model(fwAD.make_dual(x, torch.ones_like(x)))
+            tangents.append(fwAD.unpack_dual(out).tangent)
+    assert probe.report().sites[0].observations == 14
+    assert all(t is not None for t in tangents) and torch.equal(tangents[0], tangents[1])
+    assert not stats._TRITON_FAILED

@@ -317,3 +317,25 @@ def test_softplus_with_a_negative_beta_counts_its_magnitudes():
         h = model(x)
     site = deadrelu.scan(model, x).sites[0]
     assert site.mean_abs == pytest.approx(h.abs().mean(0).tolist(), rel=1e-6)
+
+
+def test_a_packed_sequence_batch_is_one_input():
+    torch.manual_seed(0)
+    rnn = torch.nn.RNN(4, 5, nonlinearity="relu")
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = rnn
+
+        def forward(self, seq):
+            return self.rnn(seq)[0].data
+
+    seqs = [torch.randn(n, 4) for n in (5, 3, 2)]
+    packed = torch.nn.utils.rnn.pack_sequence(seqs, enforce_sorted=False)
+    with torch.no_grad():
+        out = Net()(packed)
+    report = deadrelu.scan(Net(), [packed, packed])
+    site = report.sites[0]
+    assert report.samples == 6 and site.observations == 2 * 10
+    assert list(site.fired_counts) == (2 * (out > 0).sum(0)).tolist()

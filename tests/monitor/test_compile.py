@@ -163,3 +163,28 @@ def test_a_monitor_given_the_compiled_model_counts_samples_without_recompiling(d
         mon.detach()
     assert graphs == [graphs[0]] * STEPS  # the wrapper's hook runs outside the compiled code
     assert total.batches == STEPS // 2 and total.samples == 6 * STEPS // 2  # batches of 6, every 2nd step
+
+
+@pytest.mark.parametrize("given", ["attached, then compiled", "the compiled module"])
+def test_observe_around_a_compiled_model_counts_each_pass_once(dynamo, given):
+    def make() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+
+    if given == "the compiled module":
+        call = torch.compile(make())
+        mon = deadrelu.Monitor(call, window=4).attach()
+    else:
+        model = make()
+        mon = deadrelu.Monitor(model, window=4, compiled=True).attach()
+        call = torch.compile(model)
+    try:
+        for rows in (3, 5, 4):
+            x = torch.randn(rows, 4)
+            with mon.observe((x,)):
+                call(x).sum().backward()
+                call(x[:2]).sum().backward()  # a second call in the same pass: no more samples
+            mon.step()
+        assert mon.report("total").samples == 12
+    finally:
+        mon.detach()

@@ -825,3 +825,32 @@ def test_a_compiled_block_without_parameters_is_observed_eagerly(dynamo):
     assert [(s.name, s.observations, s.fired_counts) for s in got.sites] == [
         (s.name, s.observations, s.fired_counts) for s in expected.sites
     ]
+
+
+def test_a_reused_submodules_functional_call_across_a_graph_break_is_numbered_by_call(dynamo):
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.l = nn.Linear(6, 6)
+
+        def forward(self, x):
+            return F.relu(self.l(x))
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.shared = Block()
+
+        def forward(self, x):
+            h = self.shared(x)
+            torch._dynamo.graph_break()
+            return self.shared(h - 100.0).sum()  # its second call: every unit dead
+
+    def make() -> Net:
+        torch.manual_seed(0)
+        return Net()
+
+    data = [torch.randn(5, 6) for _ in range(2)]
+    eager, compiled = eager_and_compiled(make, data, lambda m, x: m(x).backward(), window=4)
+    assert summary(compiled) == summary(eager)
+    assert [s.name for s in compiled.sites] == ["shared:relu#1", "shared:relu#2"]

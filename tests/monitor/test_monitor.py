@@ -500,3 +500,28 @@ def test_torch_jit_trace_of_a_monitored_model_records_only_the_model():
     kinds = [[n.kind() for n in t.inlined_graph.nodes()] for t in (traced, plain)]
     assert kinds[0] == kinds[1]  # no statistics op recorded
     assert torch.equal(traced(x), plain(x))
+
+
+def test_a_site_renamed_mid_run_keeps_its_lifecycle():
+    # A second relu position that first runs at step 4 turns "<root>:relu" into "<root>:relu.1":
+    # its dead units are born dead once, not again under the new name.
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.l = nn.Linear(4, 6)
+            with torch.no_grad():
+                self.l.bias[:2] = -100.0
+
+        def forward(self, x, late):
+            h = torch.nn.functional.relu(self.l(x))
+            return h + torch.nn.functional.relu(h) if late else h
+
+    torch.manual_seed(0)
+    net = Net()
+    with deadrelu.Monitor(net, window=2, log_every=1, warn_at=()) as mon:
+        for step in range(8):
+            net(torch.randn(5, 4), step >= 4).sum().backward()
+            mon.step()
+    first_site = [(e.step, e.unit) for e in mon.events if e.kind == "born_dead" and e.site in ("<root>:relu", "<root>:relu.1")]
+    assert {0, 1} <= {u for _, u in first_site} and all(step == 2 for step, _ in first_site)
+    assert len(first_site) == len({u for _, u in first_site})  # each unit born dead once
