@@ -47,7 +47,13 @@ def use_kernel(monkeypatch, flag: bool) -> None:
 
 
 def same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0))
+    """Equal values, NaN where the other has NaN, and the same sign of zero (torch's ReLU keeps -0.0;
+    a NaN's sign bit means nothing, and torch's bf16 ReLU does not keep it)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    a, b = a.float(), b.float()
+    numbers = ~torch.isnan(a)
+    return torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0)) and torch.equal(torch.signbit(a[numbers]), torch.signbit(b[numbers]))
 
 
 def planted(shape, unit_dim, layout, dtype, seed):
@@ -55,7 +61,7 @@ def planted(shape, unit_dim, layout, dtype, seed):
     x = torch.randn(shape, generator=g).to(dtype)
     x.select(unit_dim, 1).fill_(-1.0)  # a dead unit
     flat = x.view(-1)
-    flat[0], flat[3], flat[-1] = float("nan"), float("inf"), float("-inf")
+    flat[0], flat[1], flat[3], flat[-1] = float("nan"), -0.0, float("inf"), float("-inf")
     if layout == "channels_last":
         x = x.to(memory_format=torch.channels_last)
     elif layout == "transposed":
@@ -64,7 +70,7 @@ def planted(shape, unit_dim, layout, dtype, seed):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("shape,unit_dim,layout", LAYOUTS, ids=[f"{s}-{layout}" for s, _, layout in LAYOUTS])
 @pytest.mark.parametrize("inplace", [False, True], ids=["out", "inplace"])
 @pytest.mark.parametrize("masked", [False, True], ids=["all", "masked"])
@@ -285,3 +291,49 @@ def test_forward_mode_ad_counts_each_batch_once_and_keeps_the_kernel(monkeypatch
     assert probe.report().sites[0].observations == 14
     assert all(t is not None for t in tangents) and torch.equal(tangents[0], tangents[1])
     assert not stats._TRITON_FAILED
+
+
+class LateGelu(nn.Module):
+    """A GELU site that first runs on the second batch, after the fused ReLU module's output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.l, self.act = nn.Linear(6, 5), nn.ReLU()
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        h = self.act(self.l(x))
+        return F.gelu(h) if self.calls > 1 else h
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_fused_relu_modules_output_keeps_the_feature_axis(monkeypatch, device):
+    x = torch.randn(2, 3, 7, 6, generator=torch.Generator().manual_seed(8)).to(device)
+    reports = []
+    for fuse in (False, True):
+        use_kernel(monkeypatch, fuse)
+        torch.manual_seed(0)
+        model = LateGelu().to(device)
+        reports.append(deadrelu.scan(model, [x, x, x]))
+    assert_same_reports(reports[1], reports[0])
+    assert reports[1].site("<root>:gelu").units == 5  # the Linear's features, not the rank rule's dim 1
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_an_accumulator_subclass_with_its_own_update_sees_every_batch(monkeypatch, launches, device):
+    from deadrelu.core.capture import ActivationCapture
+
+    seen = []
+
+    class Recording(stats.UnitStats):
+        def update(self, activation, unit_dim, nonnegative=False, mask=None):
+            seen.append(tuple(activation.shape))
+            super().update(activation, unit_dim, nonnegative, mask)
+
+    use_kernel(monkeypatch, True)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU()).to(device)
+    with ActivationCapture(model, stats_factory=lambda u, t, d: Recording(u, t, d)):
+        for _ in range(3):
+            model(torch.randn(5, 4, device=device))
+    assert seen == [(5, 6)] * 3 and not launches

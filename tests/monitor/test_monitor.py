@@ -525,3 +525,24 @@ def test_a_site_renamed_mid_run_keeps_its_lifecycle():
     first_site = [(e.step, e.unit) for e in mon.events if e.kind == "born_dead" and e.site in ("<root>:relu", "<root>:relu.1")]
     assert {0, 1} <= {u for _, u in first_site} and all(step == 2 for step, _ in first_site)
     assert len(first_site) == len({u for _, u in first_site})  # each unit born dead once
+    summary = {s.site: s for s in mon.events_summary().sites}
+    assert set(summary) == {"<root>:relu.1", "<root>:relu.2"}  # events under the site's current name
+    assert summary["<root>:relu.1"].born_dead == len(first_site)
+
+
+def test_observe_with_a_batch_whose_size_cannot_be_read_counts_the_first_calls_input():
+    from dataclasses import dataclass
+
+    @dataclass
+    class Batch:
+        x: torch.Tensor
+
+    outer = nn.Module()
+    outer.net = nn.Sequential(nn.Linear(2, 3), nn.ReLU())
+    with deadrelu.Monitor(outer, window=4) as mon:
+        for _ in range(2):
+            batch = Batch(torch.randn(5, 2))
+            with mon.observe(batch):
+                outer.net(batch.x).sum().backward()
+            mon.step()
+    assert mon.report("total").samples == 10

@@ -726,6 +726,10 @@ class ActivationCapture:
             site = self.sites.get((frame.path, frame.call, None, "relu", 0))
             out = None if site is None else self._fused_update(site, inp, inplace)
             frame.counted = out is not None
+            if out is not None and out is not inp:  # carry the feature axis, as _on_activation does
+                entry = self._axis(inp)
+                if entry is not None:
+                    fwd.axes.set(out, entry[1], entry[2])
             return out
         if not fwd.stack or self._is_weight(inp):
             return None

@@ -4,9 +4,9 @@ The eager capture normally lets a ReLU run and then reads its output once more t
 (:func:`deadrelu.core.stats.accumulate`). On CUDA with Triton, :func:`counted_relu` does both
 in one launch instead: the kernel of :mod:`deadrelu.core.kernels` loads each input value,
 writes ``relu(x)`` and adds that output's fired count, ``Σ|h|`` and NaN/Inf count into the
-site's accumulators. The output is the value ``torch.relu`` gives (NaN stays NaN; the kernel
-writes ``+0`` where torch may keep a ``-0``), so the model computes the same numbers with or
-without deadrelu, and the statistics are the two-pass ones.
+site's accumulators. The output is the value ``torch.relu`` gives (NaN stays NaN, ``-0.0``
+stays ``-0.0``; compared in float32 for every dtype), so the model computes the same numbers with
+or without deadrelu, and the statistics are the two-pass ones.
 
 Autograd sees one node whose backward is ``threshold_backward(grad, output, 0)``, the
 formula of torch's own ``ReluBackward``. The in-place form (``relu_``, ``nn.ReLU(inplace=True)``)

@@ -107,7 +107,9 @@ def _kernel(interpret: bool) -> Any:
             if APPLY_RELU:  # every position gets its output, masked or not; only the kept ones count
                 inside = r_ok[:, None] & u_ok[None, :]
                 raw = tl.load(x_ptr + where, mask=inside, other=0.0)
-                raw = tl.where(raw <= 0, 0.0, raw).to(raw.dtype)  # NaN <= 0 is false: NaN stays, as in torch
+                # Compared in float32 (bf16 compares are not reliable everywhere); NaN < 0 is false, so
+                # NaN stays, and so does -0.0, as in torch's ReLU on CPU.
+                raw = tl.where(raw.to(tl.float32) < 0, tl.zeros_like(raw), raw)
                 tl.store(y_ptr + where, raw, mask=inside)
             if HAS_MASK:
                 keep = tl.load(mask_ptr + b // mask_div, mask=r_ok, other=0) != 0

@@ -738,8 +738,8 @@ def relu_accumulate(
         except Exception as err:
             if fused.launched():  # counted; autograd's machinery refused the op (forward-mode AD)
                 return torch.relu_(x) if inplace else torch.relu(x)  # torch's ReLU, not counted twice
-            if backend == "triton":
-                raise
+            if backend == "triton" or isinstance(err, torch.cuda.OutOfMemoryError):
+                raise  # out of memory says nothing about whether the kernel can run here
             _kernel_failed(err, stacklevel=3)
     y = torch.relu_(x) if inplace else torch.relu(x)
     accumulate(y, unit_dim, threshold, True, out, mask, "torch" if backend == "triton" else backend)
@@ -889,6 +889,8 @@ class UnitStats(StatTensors):
         Returns None, doing nothing, where :func:`fuses_relu` does not hold (the caller then
         applies the ReLU and calls :meth:`update`).
         """
+        if type(self).update is not UnitStats.update:  # a subclass's own update() must see every batch
+            return None
         if x.ndim < 2 or x.shape[unit_dim] != self.units or not fuses_relu(x, unit_dim, self.backend, inplace):
             return None
         if x.device != self.device:

@@ -316,6 +316,8 @@ class Monitor:
         self._filling: list[Any] = []
         self._filled: set[int] = set()  # id() of the accumulators whose full window was evaluated
         self._sites_seen = 0
+        self._name_ident: dict[str, Any] = {}  # every display name a site has had -> the site
+        self._ident_name: dict[Any, str] = {}  # the site -> its name at the last evaluation
 
     # -- lifecycle -------------------------------------------------------------------------
     def attach(self) -> "Monitor":
@@ -493,13 +495,15 @@ class Monitor:
         active = self.attached and self._observe and torch.is_grad_enabled()
         previous, self.capture.enabled = self.capture.enabled, active
         eager = getattr(self.capture, "eager", self.capture)  # the block capture's eager half
-        watches = active and isinstance(eager, ActivationCapture) and batch is None
+        rows = batch_rows(batch) if batch is not None else 0
+        # A batch whose size cannot be read (a dataclass, a graph batch) falls back to the first call's input.
+        watches = active and isinstance(eager, ActivationCapture) and rows == 0
         outer = self._scope_counted
         try:
             if active:
                 self._scope_counted = False
-                if batch is not None:
-                    self._count_in_scope(batch_rows(batch))
+                if rows:
+                    self._count_in_scope(rows)
                 elif watches:
                     eager.on_scope_call = lambda args: self._count_in_scope(batch_rows(args))
                 with self.capture.forward_scope():
@@ -596,8 +600,9 @@ class Monitor:
             0
         """
         per_site: dict[str, dict[str, list[int]]] = {}
-        for e in self.events:
-            per_site.setdefault(e.site, {"born_dead": [], "died": [], "revived": []})[e.kind].append(e.step)
+        for e in self.events:  # under the site's current name, whatever it was called then
+            name = self._ident_name.get(self._name_ident.get(e.site), e.site)
+            per_site.setdefault(name, {"born_dead": [], "died": [], "revived": []})[e.kind].append(e.step)
         units = {name: site.stats.units for name, site in self.capture.ordered_sites()}
         for name, n in self._units.items():  # sites only other ranks have run
             units.setdefault(name, n)
@@ -717,6 +722,9 @@ class Monitor:
         # A site's display name can change mid-run (a second call position of its function
         # appears and both get ".k"): lifecycle state and warnings follow the site itself.
         identities = {name: site_identity(site.info) for name, site in self.capture.ordered_sites()}
+        for name, ident in identities.items():  # every name a site has had -> its current one
+            self._name_ident[name] = ident
+            self._ident_name[ident] = name
         step = self.steps
         self._last_eval_step = step
         self._units = {s.name: s.units for s in report.sites}
