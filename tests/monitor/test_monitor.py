@@ -546,3 +546,20 @@ def test_observe_with_a_batch_whose_size_cannot_be_read_counts_the_first_calls_i
                 outer.net(batch.x).sum().backward()
             mon.step()
     assert mon.report("total").samples == 10
+
+
+def test_a_model_called_with_keywords_only_counts_its_samples():
+    class KeywordModel(nn.Module):  # called as Hugging Face models are: model(input_ids=..., labels=...)
+        def __init__(self) -> None:
+            super().__init__()
+            self.l, self.r = nn.Linear(4, 6), nn.ReLU()
+
+        def forward(self, input_ids=None, labels=None):
+            return self.r(self.l(input_ids)).sum()
+
+    model = KeywordModel()
+    with deadrelu.Monitor(model, window=4) as mon:
+        for rows in (5, 3):
+            model(input_ids=torch.randn(rows, 4), labels=torch.zeros(rows)).backward()
+            mon.step()
+    assert mon.report("total").samples == 8

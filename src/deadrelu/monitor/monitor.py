@@ -331,9 +331,9 @@ class Monitor:
             return self
         self._use_distributed()  # distributed=True without a process group fails here, before any hook
         # Runs before the capture's own root hook, so unobserved passes never enter the function mode.
-        self._gate_handle = self.model.register_forward_pre_hook(copy_safe_hook(self._gate), prepend=True)
+        self._gate_handle = self.model.register_forward_pre_hook(copy_safe_hook(self._gate), prepend=True, with_kwargs=True)
         if self._wrapper is not None and not self._eager_root:
-            self._wrapper_handle = self._wrapper.register_forward_pre_hook(copy_safe_hook(self._gate_wrapper))
+            self._wrapper_handle = self._wrapper.register_forward_pre_hook(copy_safe_hook(self._gate_wrapper), with_kwargs=True)
         try:
             self.capture.attach()
             if not self._opened:
@@ -399,7 +399,7 @@ class Monitor:
         """True while hooks are registered."""
         return self._gate_handle is not None
 
-    def _gate(self, module: nn.Module, args: Any) -> None:
+    def _gate(self, module: nn.Module, args: Any, kwargs: Any = None) -> None:
         if module is not self.model:
             return  # a replica sharing the hook dicts (nn.DataParallel): the capture refuses it
         if self._op_asks_schedule:
@@ -407,8 +407,8 @@ class Monitor:
             # guard on. Traced into a whole-model graph (not when the monitor was given the
             # compiled wrapper, whose own hook counts), the hook leaves a samples op in the graph.
             if self._sample_counter and _is_compiling() and torch.is_grad_enabled():
-                first = args[0] if args else None
-                if isinstance(first, torch.Tensor):
+                first = first_input(args, kwargs)
+                if first is not None:
                     graph_capture.count_samples(first, self._sample_counter)
             return
         if (not self.compiled or isinstance(self.capture, BlockCapture)) and _is_compiling():
@@ -422,10 +422,7 @@ class Monitor:
         on = self._observe and torch.is_grad_enabled()
         self.capture.enabled = on
         if on and self._eager_root:
-            if self._scope_counted is None:
-                self._count_samples(args)
-            else:  # the model called inside an observe() block: that block is the pass
-                self._count_in_scope(batch_rows(args))
+            self._count_rows(input_rows(args, kwargs))  # inside an observe() block, only the block's first
 
     def _count_graph_samples(self, rows: int) -> None:
         """A compiled forward's batch size, handed in by its ``deadrelu::count_samples`` op."""
@@ -439,25 +436,17 @@ class Monitor:
         else:
             self._count_in_scope(rows)
 
-    def _count_samples(self, args: Any) -> None:
-        """Samples per observed forward, in a fixed-size ring beside the device rings (shapes only:
-        no sync). Only from eager code: Dynamo would guard on the ring index."""
-        first = args[0] if args else None
-        self._add_samples(int(first.shape[0]) if isinstance(first, torch.Tensor) and first.ndim else 0)
-
-
     def _add_samples(self, n: int) -> None:
         k = self._forwards % self.window
         self._samples_total += n
         self._samples_ring[k] = n
         self._forwards += 1
 
-    def _gate_wrapper(self, module: nn.Module, args: Any) -> None:
+    def _gate_wrapper(self, module: nn.Module, args: Any, kwargs: Any = None) -> None:
         """Pre-hook on the ``torch.compile`` wrapper the monitor was given: it runs eagerly, before
         the compiled code, so the samples of observed forwards are counted as in eager mode."""
         if self._observe and torch.is_grad_enabled() and not _is_compiling():
-            first = args[0] if args else None
-            self._count_rows(int(first.shape[0]) if isinstance(first, torch.Tensor) and first.ndim else 0)
+            self._count_rows(input_rows(args, kwargs))
 
     @torch.compiler.disable
     def _compiled_unobserved(self) -> None:
@@ -837,3 +826,17 @@ def batch_rows(batch: Any) -> int:
 def site_identity(info: Any) -> tuple[Any, ...]:
     """What a site is, whatever its display name: module, call, call position, function, occurrence."""
     return (info.module, info.call, info.position, info.function, info.occurrence)
+
+
+def first_input(args: Any, kwargs: Any) -> torch.Tensor | None:
+    """A model call's first tensor argument: positional, else keyword (``input_ids=...``, HF style)."""
+    for value in (*(args or ()), *((kwargs or {}).values())):
+        if isinstance(value, torch.Tensor):
+            return value
+    return None
+
+
+def input_rows(args: Any, kwargs: Any) -> int:
+    """The samples of a model call: its first tensor argument's leading dim (0 for none or a 0-D one)."""
+    first = first_input(args, kwargs)
+    return int(first.shape[0]) if first is not None and first.ndim else 0
