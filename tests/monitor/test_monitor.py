@@ -563,3 +563,19 @@ def test_a_model_called_with_keywords_only_counts_its_samples():
             model(input_ids=torch.randn(rows, 4), labels=torch.zeros(rows)).backward()
             mon.step()
     assert mon.report("total").samples == 8
+
+
+def test_a_nested_observe_block_is_part_of_the_outer_pass():
+    outer = nn.Module()
+    outer.net = nn.Sequential(nn.Linear(2, 3), nn.ReLU())
+    with deadrelu.Monitor(outer, window=4) as mon:
+        for _ in range(2):
+            with mon.observe():
+                h = outer.net(torch.randn(5, 2))
+                with mon.observe(torch.zeros(7, 1)):  # e.g. a helper that opens its own block
+                    h = h.sum() + outer.net(torch.randn(7, 2)).sum()
+                h.backward()
+            mon.step()
+    total = mon.report("total")
+    assert total.batches == 2 and total.samples == 10
+    assert [(s.name, s.observations) for s in total.sites] == [("net.1#1", 10), ("net.1#2", 14)]

@@ -481,6 +481,9 @@ class Monitor:
             >>> [s.name for s in mon.report().sites]
             ['net.1']
         """
+        if self._scope_counted is not None:  # inside another observe() block: part of that pass
+            yield
+            return
         active = self.attached and self._observe and torch.is_grad_enabled()
         previous, self.capture.enabled = self.capture.enabled, active
         eager = getattr(self.capture, "eager", self.capture)  # the block capture's eager half
