@@ -742,7 +742,7 @@ def relu_accumulate(
                 raise  # out of memory says nothing about whether the kernel can run here
             _kernel_failed(err, stacklevel=3)
     y = torch.relu_(x) if inplace else torch.relu(x)
-    accumulate(y, unit_dim, threshold, True, out, mask, "torch" if backend == "triton" else backend)
+    accumulate(y, unit_dim, threshold, True, out, mask, backend)
     return y
 
 

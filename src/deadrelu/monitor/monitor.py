@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+import weakref
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, Union
 
 import torch
@@ -314,7 +315,7 @@ class Monitor:
         self._known_alive: dict[str, set[int]] = {}
         # sites whose window has not been full at an evaluation yet: their first full window is evaluated
         self._filling: list[Any] = []
-        self._filled: set[int] = set()  # id() of the accumulators whose full window was evaluated
+        self._filled: "weakref.WeakSet[Any]" = weakref.WeakSet()  # accumulators whose full window was evaluated
         self._sites_seen = 0
         self._name_ident: dict[str, Any] = {}  # every display name a site has had -> the site
         self._ident_name: dict[Any, str] = {}  # the site -> its name at the last evaluation
@@ -342,7 +343,10 @@ class Monitor:
                     self._guard(i, sink, sink.open)
                     self._open_sinks.append(i)
         except BaseException:
-            self.detach()
+            try:
+                self.detach()
+            except SinkError:  # a sink failing to close must not hide why attach failed
+                pass
             raise
         return self
 
@@ -543,7 +547,7 @@ class Monitor:
         if first or self.steps % self.log_every == 0:
             if self.capture.sites:
                 self._evaluate()
-                self._filled.update(id(site.stats) for site in self._filling if site.stats.full)
+                self._filled.update(site.stats for site in self._filling if site.stats.full)
                 self._filling = [site for site in self._filling if not site.stats.full]
             elif self._op_asks_schedule and not self._compile_warned:
                 self._compile_warned = True
@@ -561,7 +565,7 @@ class Monitor:
         evaluated: its born-dead units are read there). Only sites still filling are looked at."""
         sites = self.capture.sites
         if len(sites) != self._sites_seen:  # sites came (or went) since the last look
-            self._filling = [site for site in sites.values() if id(site.stats) not in self._filled]
+            self._filling = [site for site in sites.values() if site.stats not in self._filled]
             self._sites_seen = len(sites)
         return any(site.stats.full for site in self._filling)
 
