@@ -70,7 +70,9 @@ def planted(shape, unit_dim, layout, dtype, seed):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64], ids=["fp32", "fp16", "bf16", "fp64"]
+)
 @pytest.mark.parametrize("shape,unit_dim,layout", LAYOUTS, ids=[f"{s}-{layout}" for s, _, layout in LAYOUTS])
 @pytest.mark.parametrize("inplace", [False, True], ids=["out", "inplace"])
 @pytest.mark.parametrize("masked", [False, True], ids=["all", "masked"])
@@ -337,3 +339,11 @@ def test_an_accumulator_subclass_with_its_own_update_sees_every_batch(monkeypatc
         for _ in range(3):
             model(torch.randn(5, 4, device=device))
     assert seen == [(5, 6)] * 3 and not launches
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_tiny_float64_negatives_become_zero(device):
+    x = torch.tensor([[-1e-50, -1e-300, -5e-46, 3.0, -0.0]], dtype=torch.float64, device=device)
+    out = stats.StatTensors(5, x.device).state
+    y = kernels.relu_stats_into(x, 1, 0.0, out)
+    assert same_values(y, torch.relu(x)) and out["abs_sum"].tolist() == [0.0, 0.0, 0.0, 3.0, 0.0]

@@ -579,3 +579,24 @@ def test_a_nested_observe_block_is_part_of_the_outer_pass():
     total = mon.report("total")
     assert total.batches == 2 and total.samples == 10
     assert [(s.name, s.observations) for s in total.sites] == [("net.1#1", 10), ("net.1#2", 14)]
+
+
+def test_samples_come_from_the_first_batched_tensor_however_the_model_is_called():
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.l, self.r = nn.Linear(2, 3), nn.ReLU()
+
+        def forward(self, scale=None, inputs=None, input_ids=None):
+            x = input_ids if input_ids is not None else inputs["x"]
+            return self.r(self.l(x)).sum()
+
+    net = Net()
+    with deadrelu.Monitor(net, window=8) as mon:
+        net(torch.tensor(2.0), {"x": torch.randn(5, 2)}).backward()  # a 0-D option first, a dict input
+        mon.step()
+        with mon.observe():
+            net.l(torch.zeros(1, 2))  # noqa: hooks-free leaf: the counted call is the next one
+            net(input_ids=torch.randn(4, 2)).backward()  # keywords only, inside observe()
+        mon.step()
+    assert mon.report("total").samples == 5 + 4

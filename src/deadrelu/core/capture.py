@@ -435,7 +435,7 @@ class ActivationCapture:
                 if not is_root and (calls_no_activation(module) or path in self._inside_blocks):
                     continue  # no site can occur inside it (or a graph capture sees them): no hooks
                 pre = copy_safe_hook(self._make_pre_hook(path, module))
-                self._handles.append(module.register_forward_pre_hook(pre, with_kwargs=is_root))
+                self._handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
                 post = copy_safe_hook(self._make_post_hook(path, module))
                 self._handles.append(module.register_forward_hook(post, always_call=True))
             if self._beside_blocks:
@@ -592,7 +592,7 @@ class ActivationCapture:
             fwd = self._fwd
             if self.on_scope_call is not None and len(fwd.stack) == 1 and not is_root:
                 call, self.on_scope_call = self.on_scope_call, None
-                call(args)  # the first module called inside a forward_scope() block: its input
+                call((args, kwargs))  # the first module called inside a forward_scope() block: its inputs
             call = fwd.calls.get(path, 0)
             fwd.calls[path] = call + 1
             fwd.stack.append(_Frame(path, call))
@@ -758,6 +758,8 @@ class ActivationCapture:
         self.last_site = site.info.module or "<root>"
         try:
             return fused(x, site.unit_dim, mask=mask, inplace=inplace)
+        except torch.cuda.OutOfMemoryError:
+            raise  # as torch's own ReLU would: callers that shrink the batch on OOM must see it
         except Exception as err:
             raise self._stats_error(site, x, err) from (None if isinstance(err, DeadReluError) else err)
 
@@ -797,6 +799,8 @@ class ActivationCapture:
                     site.stats.update(x, dim, site.nonnegative)
                 else:
                     site.stats.update(x, dim, site.nonnegative, mask=mask)
+            except torch.cuda.OutOfMemoryError:
+                raise  # the device is full: not a failure of deadrelu's statistics
             except Exception as err:
                 raise self._stats_error(site, out, err) from (None if isinstance(err, DeadReluError) else err)
 

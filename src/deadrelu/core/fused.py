@@ -5,7 +5,7 @@ The eager capture normally lets a ReLU run and then reads its output once more t
 in one launch instead: the kernel of :mod:`deadrelu.core.kernels` loads each input value,
 writes ``relu(x)`` and adds that output's fired count, ``Σ|h|`` and NaN/Inf count into the
 site's accumulators. The output is the value ``torch.relu`` gives (NaN stays NaN, ``-0.0``
-stays ``-0.0``; compared in float32 for every dtype), so the model computes the same numbers with
+stays ``-0.0``; compared in float32, float64 for float64 input), so the model computes the same numbers with
 or without deadrelu, and the statistics are the two-pass ones.
 
 Autograd sees one node whose backward is ``threshold_backward(grad, output, 0)``, the

@@ -107,9 +107,11 @@ def _kernel(interpret: bool) -> Any:
             if APPLY_RELU:  # every position gets its output, masked or not; only the kept ones count
                 inside = r_ok[:, None] & u_ok[None, :]
                 raw = tl.load(x_ptr + where, mask=inside, other=0.0)
-                # Compared in float32 (bf16 compares are not reliable everywhere); NaN < 0 is false, so
-                # NaN stays, and so does -0.0, as in torch's ReLU on CPU.
-                raw = tl.where(raw.to(tl.float32) < 0, tl.zeros_like(raw), raw)
+                # Compared in float32, or float64 for float64 input (a tiny float64 negative would
+                # round to -0.0 in float32); bf16 compares are not reliable everywhere. NaN < 0 is
+                # false, so NaN stays, and so does -0.0, as in torch's ReLU on CPU.
+                wide_raw = raw.to(tl.float64) if WIDE else raw.to(tl.float32)
+                raw = tl.where(wide_raw < 0, tl.zeros_like(raw), raw)
                 tl.store(y_ptr + where, raw, mask=inside)
             if HAS_MASK:
                 keep = tl.load(mask_ptr + b // mask_div, mask=r_ok, other=0) != 0

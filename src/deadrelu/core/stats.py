@@ -574,8 +574,8 @@ def _run_kernel(x: torch.Tensor, unit_dim: int, threshold: float, nonnegative: b
         kernels.unit_stats_into(x, unit_dim, threshold, nonnegative, out, mask)
         return True
     except Exception as err:
-        if explicit:
-            raise
+        if explicit or isinstance(err, torch.cuda.OutOfMemoryError):
+            raise  # out of memory says nothing about whether the kernel can run here
         _kernel_failed(err, stacklevel=4)
         return False
 

@@ -501,7 +501,7 @@ class Monitor:
                 if rows:
                     self._count_in_scope(rows)
                 elif watches:
-                    eager.on_scope_call = lambda args: self._count_in_scope(batch_rows(args))
+                    eager.on_scope_call = lambda call: self._count_in_scope(input_rows(*call))
                 with self.capture.forward_scope():
                     yield
             else:
@@ -595,13 +595,18 @@ class Monitor:
             >>> mon.events_summary().died
             0
         """
+        current = dict(self._ident_name)
+        current.update({site_identity(site.info): name for name, site in self.capture.ordered_sites()})
         per_site: dict[str, dict[str, list[int]]] = {}
         for e in self.events:  # under the site's current name, whatever it was called then
-            name = self._ident_name.get(self._name_ident.get(e.site), e.site)
+            name = current.get(self._name_ident.get(e.site), e.site)
             per_site.setdefault(name, {"born_dead": [], "died": [], "revived": []})[e.kind].append(e.step)
         units = {name: site.stats.units for name, site in self.capture.ordered_sites()}
-        for name, n in self._units.items():  # sites only other ranks have run
-            units.setdefault(name, n)
+        for name, n in self._units.items():  # sites only other ranks have run (not a renamed one of ours)
+            if current.get(self._name_ident.get(name), name) == name:
+                units.setdefault(name, n)
+        # dead at the last evaluation, under the current name of the site it was evaluated as
+        dead_now = {current.get(self._name_ident.get(name), name): dead for name, dead in self._dead.items()}
         out = []
         for name in units:
             ev = per_site.get(name, {"born_dead": [], "died": [], "revived": []})
@@ -612,7 +617,7 @@ class Monitor:
                     born_dead=len(ev["born_dead"]),
                     died=len(ev["died"]),
                     revived=len(ev["revived"]),
-                    dead_now=len(self._dead.get(name, ())),
+                    dead_now=len(dead_now.get(name, ())),
                     died_steps=tuple(sorted(ev["died"])),
                 )
             )
@@ -836,14 +841,27 @@ def site_identity(info: Any) -> tuple[Any, ...]:
 
 
 def first_input(args: Any, kwargs: Any) -> torch.Tensor | None:
-    """A model call's first tensor argument: positional, else keyword (``input_ids=...``, HF style)."""
-    for value in (*(args or ()), *((kwargs or {}).values())):
+    """A model call's first batched tensor: depth first through its positional arguments, then
+    its keyword ones (``input_ids=...``, HF style), looking inside tuples, lists and dicts; 0-D
+    tensors (a scalar option) are skipped.
+
+    >>> first_input(((torch.zeros(()), [torch.zeros(3, 2)]),), {"y": torch.zeros(5)}).shape
+    torch.Size([3, 2])
+    """
+    stack = [*reversed((*(args or ()), *((kwargs or {}).values())))]
+    while stack:
+        value = stack.pop()
         if isinstance(value, torch.Tensor):
-            return value
+            if value.ndim:
+                return value
+        elif isinstance(value, (tuple, list)):
+            stack.extend(reversed(value))
+        elif isinstance(value, Mapping):
+            stack.extend(reversed(list(value.values())))
     return None
 
 
 def input_rows(args: Any, kwargs: Any) -> int:
-    """The samples of a model call: its first tensor argument's leading dim (0 for none or a 0-D one)."""
+    """The samples of a model call: the leading dim of :func:`first_input` (0 when there is none)."""
     first = first_input(args, kwargs)
-    return int(first.shape[0]) if first is not None and first.ndim else 0
+    return int(first.shape[0]) if first is not None else 0
