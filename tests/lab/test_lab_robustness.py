@@ -143,6 +143,54 @@ def test_the_output_stage_is_all_or_nothing(tmp_path):
     assert _files(tmp_path) == {"b.png": b"png", "keep.json": b"new"}
 
 
+def test_a_rename_failing_part_way_puts_the_earlier_set_back(tmp_path, monkeypatch):
+    import os
+
+    from deadrelu.lab.demo import OutputStage
+
+    (tmp_path / "a.txt").write_text("old-a")
+    (tmp_path / "b.txt").write_text("old-b")
+    real, calls = os.replace, []
+
+    def full_disk_on_the_second(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", full_disk_on_the_second)
+    with pytest.raises(OSError, match="No space"):
+        with OutputStage(tmp_path) as stage:
+            stage.add("a.txt", "new-a")
+            stage.add("b.txt", "new-b")
+            stage.add("c.txt", "new-c")
+            stage.commit()
+    monkeypatch.setattr(os, "replace", real)
+    assert _files(tmp_path) == {"a.txt": b"old-a", "b.txt": b"old-b"}  # no backups or temporaries left
+
+
+def test_a_directory_the_stage_cannot_create_leaves_none_behind(tmp_path):
+    from deadrelu.lab.demo import OutputStage
+
+    with pytest.raises(OSError):
+        with OutputStage(tmp_path / "new" / ("x" * 300)):
+            pass
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_result_saved_by_another_run_meanwhile_is_in_the_report(demo_dir, tmp_path):
+    from deadrelu.lab.demo import plan_outputs, write_outputs
+
+    out = tmp_path / "shared"
+    out.mkdir()
+    result = json.loads((demo_dir / "results.json").read_text())
+    plan = plan_outputs(out, "demo", results_name="mine.json")
+    shutil.copy(demo_dir / "results.json", out / "theirs.json")  # written while this run trained
+    write_outputs(plan, result)
+    page = (out / "report.html").read_text(encoding="utf-8")
+    assert "theirs.json" in page and "mine.json" in page
+
+
 # -- 4. Ctrl-C with worker processes -------------------------------------------------------------------
 class _InlinePool:
     """A ProcessPoolExecutor stand-in: runs each task at once, records how it was made and started."""

@@ -513,9 +513,13 @@ class OutputStage:
 
     def __enter__(self) -> "OutputStage":
         missing = [d for d in (self.out_dir, *self.out_dir.parents) if not d.exists()]
-        for directory in reversed(missing):
-            directory.mkdir()
-            self._created.append(directory)
+        try:
+            for directory in reversed(missing):
+                directory.mkdir()
+                self._created.append(directory)
+        except BaseException:  # a name too long, a dangling link: leave no directory behind either
+            self.__exit__()
+            raise
         return self
 
     def add(self, name: str, data: str | bytes) -> Path:
@@ -543,8 +547,31 @@ class OutputStage:
             if final.is_dir():
                 raise DeadReluError(f"cannot write {final}: it is a directory")
         with _interrupts_ignored():
-            for tmp, final in self._staged:
-                os.replace(tmp, final)
+            done: list[tuple[Path, Path | None, bool]] = []  # (final, hard-linked backup, existed before)
+            try:
+                for tmp, final in self._staged:
+                    existed, backup = final.exists(), None
+                    if existed:
+                        backup = final.with_name(f".{final.name}.{os.getpid()}.bak")
+                        try:
+                            os.link(final, backup)  # the earlier file stays reachable until all are in
+                        except OSError:  # no hard links here: that file cannot be restored
+                            backup = None
+                    done.append((final, backup, existed))
+                    os.replace(tmp, final)
+            except BaseException:  # one rename failed (a full disk): put the earlier set back
+                for final, backup, existed in reversed(done):
+                    with contextlib.suppress(OSError):
+                        if backup is not None:
+                            os.replace(backup, final)
+                        elif not existed:
+                            os.unlink(final)
+                raise
+            finally:
+                for _, backup, _ in done:
+                    if backup is not None:
+                        with contextlib.suppress(OSError):
+                            os.unlink(backup)
             self._committed = True
 
     def __exit__(self, *exc: Any) -> None:
@@ -638,8 +665,14 @@ def write_outputs(plan: OutputPlan, result: dict[str, Any], t0: float | None = N
     if plan.html:
         from .html_report import report_page
 
-        page = report_page(plan.saved, {plan.results_name: result},
-                           rendered={**plan.saved_plots, plan.results_name: pngs})
+        from .html_report import result_plots, saved_results
+
+        # Read again now: another run may have saved a result into the same folder while this one
+        # trained. Plots drawn at planning time are reused for the results that did not change.
+        before = {r["_file"]: r for r in plan.saved}
+        saved = saved_results(plan.out_dir, skip=plan.results_name)
+        plots = {r["_file"]: plan.saved_plots[r["_file"]] if before.get(r["_file"]) == r else result_plots(r) for r in saved}
+        page = report_page(saved, {plan.results_name: result}, rendered={**plots, plan.results_name: pngs})
     outputs: dict[str, str] = {}
     with OutputStage(plan.out_dir) as stage:
         if plan.plots:
