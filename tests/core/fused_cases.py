@@ -347,3 +347,14 @@ def test_tiny_float64_negatives_become_zero(device):
     out = stats.StatTensors(5, x.device).state
     y = kernels.relu_stats_into(x, 1, 0.0, out)
     assert same_values(y, torch.relu(x)) and out["abs_sum"].tolist() == [0.0, 0.0, 0.0, 3.0, 0.0]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_an_in_place_relu_of_an_inference_tensor_outside_inference_mode_is_left_to_torch(device):
+    with torch.inference_mode():
+        x = torch.randn(4, 3, device=device)
+    assert not stats.fuses_relu(x, 1, "triton", inplace=True)
+    out = stats.StatTensors(3, x.device).state
+    with pytest.raises(RuntimeError, match="[Ii]nference"):  # torch's own error, as without deadrelu
+        stats.relu_accumulate(x, 1, 0.0, out, backend="triton", inplace=True)
+    assert out["observations"].item() == 0  # nothing counted for a call that failed

@@ -704,6 +704,8 @@ def fuses_relu(x: torch.Tensor, unit_dim: int, backend: str = "auto", inplace: b
         return False  # a tensor subclass (DTensor, fake tensors) keeps its own dispatch
     if inplace and x.requires_grad and torch.is_grad_enabled() and (x.is_leaf or x._is_view()):
         return False
+    if inplace and x.is_inference() and not torch.is_inference_mode_enabled():
+        return False  # torch refuses this write, and must do so before anything is written
     from . import fused, kernels
 
     ready = _triton_ready(x) if backend == "auto" else kernels.available() and (x.is_cuda or kernels.interpreting())
