@@ -89,8 +89,8 @@ from .activations import (
     function_of_module,
     looks_like_activation,
 )
-from .hooks import copy_safe_hook, is_deadrelu_hook, remove_inert_hooks
-from .inputs import aligned_mask, apply_mask, mask_from_call, mask_position
+from .hooks import copy_safe_hook, global_forward_hooks, is_deadrelu_hook, remove_inert_hooks
+from .inputs import aligned_mask, apply_mask, call_samples, mask_from_call, mask_position
 from .unit_axis import ACT, PRODUCER, AxisTable, function_kind, kind_of
 from .stats import fused_on_cpu, release_scratch, UnitStats
 
@@ -508,7 +508,7 @@ class ActivationCapture:
     def _begin_forward(self, args: tuple[Any, ...] = (), kwargs: Mapping[str, Any] | None = None) -> None:
         self._fwd = _Forward()
         self.forwards += 1
-        self.samples += _leading_rows(args, kwargs)
+        self.samples += call_samples(args, kwargs)
         self.last_site = None
         mask = self.batch_mask
         if mask is None and self.mask_spec is not False:
@@ -865,19 +865,7 @@ class ActivationCapture:
 
 def _output_hooked(module: nn.Module) -> bool:
     """Whether a forward hook other than deadrelu's (the module's own, or a global one) runs after it."""
-    from torch.nn.modules import module as module_impl
-
-    if getattr(module_impl, "_global_forward_hooks", None):
-        return True
-    return not all(is_deadrelu_hook(h) for h in module._forward_hooks.values())
-
-
-def _leading_rows(args: tuple[Any, ...], kwargs: Mapping[str, Any] | None) -> int:
-    """The first tensor argument's leading dim (1 for a 0-D tensor, 0 with no tensor), as ``scan`` counts samples."""
-    first = next((a for a in (*args, *(kwargs or {}).values()) if isinstance(a, torch.Tensor)), None)
-    if first is None:
-        return 0
-    return int(first.shape[0]) if first.ndim else 1
+    return not all(is_deadrelu_hook(h) for h in (*module._forward_hooks.values(), *global_forward_hooks()))
 
 
 def _accepts_mask(stats: Any) -> bool:

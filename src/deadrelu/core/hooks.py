@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 from torch import nn
 
-__all__ = ["copy_safe_hook", "is_deadrelu_hook", "remove_inert_hooks"]
+__all__ = ["copy_safe_hook", "global_forward_hooks", "is_deadrelu_hook", "remove_inert_hooks"]
 
 
 def _inert_hook(module: nn.Module, *args: Any) -> None:
@@ -68,3 +68,12 @@ def remove_inert_hooks(model: nn.Module) -> int:
                     getattr(module, flags, {}).pop(key, None)
                 removed += 1
     return removed
+
+
+def global_forward_hooks(pre: bool = False) -> list[Callable[..., Any]]:
+    """The forward hooks (``pre=True``: pre-hooks) registered for every module at once
+    (``torch.nn.modules.module.register_module_forward_hook``)."""
+    from torch.nn.modules import module as module_impl
+
+    name = "_global_forward_pre_hooks" if pre else "_global_forward_hooks"
+    return list(getattr(module_impl, name, {}).values())

@@ -34,6 +34,7 @@ __all__ = [
     "map_tensors",
     "iter_tensors",
     "call_arguments",
+    "call_samples",
     "first_tensor",
     "iter_batches",
     "describe_shapes",
@@ -137,6 +138,23 @@ def call_arguments(batch: Any, input_fn: Callable[[Any], Any] | None) -> tuple[t
 def first_tensor(obj: Any) -> torch.Tensor | None:
     """The first tensor in a (nested) batch, depth first; None when there is none."""
     return next(iter_tensors(obj), None)
+
+
+def call_samples(args: Sequence[Any], kwargs: Mapping[str, Any] | None = None) -> int:
+    """The samples of one model call, as ``scan`` and ``Probe`` count them: the sequences of a
+    ``PackedSequence`` first argument (its data holds every step of every one), else the leading
+    dim of the first tensor, depth first (1 for a 0-D tensor, 0 with none).
+
+    >>> call_samples((torch.zeros(4, 2),)), call_samples((), {"x": [torch.zeros(())]}), call_samples(("text",))
+    (4, 1, 0)
+    """
+    lead = args[0] if args else None
+    if isinstance(lead, PackedSequence):
+        return int(lead.batch_sizes[0]) if lead.batch_sizes.numel() else 0
+    first = first_tensor((args, kwargs or {}))
+    if first is None:
+        return 0
+    return int(first.shape[0]) if first.ndim else 1
 
 
 def iter_batches(data: Any, batch_size: int) -> Iterable[Any]:

@@ -18,11 +18,11 @@ from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import nn
-from torch.nn.utils.rnn import PackedSequence
 
 from .inputs import (
     ProgressBar,
     call_arguments,
+    call_samples,
     describe_shapes,
     first_tensor,
     iter_batches,
@@ -299,11 +299,7 @@ def _run_batches(
             )
         _forward(model, capture, args, kwargs)
         batches += 1
-        lead = args[0] if args else None
-        if isinstance(lead, PackedSequence):  # its data is every step of every sequence: count sequences
-            samples += int(lead.batch_sizes[0]) if lead.batch_sizes.numel() else 0
-        else:
-            samples += int(first.shape[0]) if first.ndim else 1
+        samples += call_samples(args, kwargs)
         bar.update()
     return batches, samples
 

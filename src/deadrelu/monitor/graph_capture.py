@@ -78,6 +78,7 @@ from ..core.capture import (
     resolve_threshold,
     same_function_ordinal,
 )
+from ..core.hooks import global_forward_hooks
 from ..core.inputs import MASK_KEYS, mask_layout
 from ..core.stats import traceable_batch_sums
 from ..core.unit_axis import ACT, AxisTable, kind_of
@@ -813,7 +814,7 @@ class GraphCapture:
         not by a forward hook on it (Dynamo traces those under the module's stack too): no frame
         of its stack trace lies in a hook's code."""
         module = self._act_objects.get(path)
-        hooks = [*getattr(module, "_forward_hooks", {}).values(), *_global_forward_hooks()]
+        hooks = [*getattr(module, "_forward_hooks", {}).values(), *global_forward_hooks()]
         spans = [span for hook in hooks if (span := _code_span(_hook_function(hook))) is not None]
         if not spans:
             return True
@@ -979,12 +980,6 @@ def _dynamo_path(text: str) -> str | None:
     rest = text[text.index("]") + 1 :]
     rest = _INDEX.sub(lambda m: "." + next(g for g in m.groups() if g is not None), rest)
     return rest.lstrip(".")
-
-
-def _global_forward_hooks() -> list[Any]:
-    from torch.nn.modules import module as module_impl
-
-    return list(getattr(module_impl, "_global_forward_hooks", {}).values())
 
 
 def _hook_function(hook: Any) -> Any:

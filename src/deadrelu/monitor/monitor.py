@@ -32,7 +32,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 import weakref
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, Union
+from typing import Any, Callable, Iterable, Iterator, Sequence, Union
 
 import torch
 from torch import nn
@@ -56,6 +56,7 @@ from ..core.scan import site_report
 from .ranks import SiteState, reduce_by_key
 from .records import Alert, Event, EventSummary, History, HistoryRow, LogRecord, SiteEvents
 from .sinks import Sink, SinkError, SinkWarning, as_sink
+from ..core.inputs import first_tensor, iter_tensors
 from ..core.stats import UnitTotals
 
 __all__ = [
@@ -826,13 +827,8 @@ def batch_rows(batch: Any) -> int:
     >>> batch_rows({"x": torch.zeros(5, 3), "y": torch.zeros(5)}), batch_rows((torch.zeros(()),)), batch_rows("text")
     (5, 0, 0)
     """
-    if isinstance(batch, torch.Tensor):
-        return int(batch.shape[0]) if batch.ndim else 0
-    items = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (tuple, list)) else ()
-    for item in items:
-        if isinstance(item, (torch.Tensor, tuple, list, Mapping)):
-            return batch_rows(item)
-    return 0
+    first = first_tensor(batch)
+    return int(first.shape[0]) if first is not None and first.ndim else 0
 
 
 def site_identity(info: Any) -> tuple[Any, ...]:
@@ -848,17 +844,7 @@ def first_input(args: Any, kwargs: Any) -> torch.Tensor | None:
     >>> first_input(((torch.zeros(()), [torch.zeros(3, 2)]),), {"y": torch.zeros(5)}).shape
     torch.Size([3, 2])
     """
-    stack = [*reversed((*(args or ()), *((kwargs or {}).values())))]
-    while stack:
-        value = stack.pop()
-        if isinstance(value, torch.Tensor):
-            if value.ndim:
-                return value
-        elif isinstance(value, (tuple, list)):
-            stack.extend(reversed(value))
-        elif isinstance(value, Mapping):
-            stack.extend(reversed(list(value.values())))
-    return None
+    return next((t for t in iter_tensors((args or (), kwargs or {})) if t.ndim), None)
 
 
 def input_rows(args: Any, kwargs: Any) -> int:

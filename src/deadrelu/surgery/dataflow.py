@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ..core.activations import ACTIVATION_FUNCTIONS, function_of_module
+from ..core.hooks import global_forward_hooks
 from ..errors import DeadReluError, RefusedError
 from ..core.report import Report, SiteReport, model_fingerprint
 
@@ -339,9 +340,7 @@ def _check_unseen_hooks(model: nn.Module, gm: fx.GraphModule, what: str, checked
             )
     if checked_on_data:
         return
-    module_globals = torch.nn.modules.module
-    hooks = list(getattr(module_globals, "_global_forward_pre_hooks", {}).values())
-    foreign = _foreign_hooks(hooks + list(getattr(module_globals, "_global_forward_hooks", {}).values()))
+    foreign = _foreign_hooks(global_forward_hooks(pre=True) + global_forward_hooks())
     if foreign:
         label = getattr(foreign[0], "__qualname__", type(foreign[0]).__name__)
         raise RefusedError(
