@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from .datasets import Dataset, load_dataset
+from .numerics import pin_cpu_numerics
 from .tables import result_table
 from .training import ProgressBar, build_mlp, epoch_record, firing_rates, torch_threads, train_epoch
 from .verdicts import CLASSIC_THRESHOLD, LABELS, STRATEGIES, aggregate, summarise
@@ -723,6 +724,10 @@ def run_demo(
         plots: write PNG plots (needs matplotlib).
         html: write ``report.html`` (needs matplotlib for its images).
 
+    The CPU kernels are pinned to their AVX2 code paths first (:func:`deadrelu.lab.numerics.pin_cpu_numerics`,
+    which sets three environment variables of this process): that takes effect in the worker
+    processes, and in this one if it has not computed anything yet.
+
     Returns:
         The :func:`seeds_story` dict plus ``outputs`` (paths written) and ``wall_seconds``.
 
@@ -735,6 +740,7 @@ def run_demo(
     t0 = time.perf_counter()
     if seeds < 1:
         raise DeadReluError(f"seeds must be at least 1, got {seeds}")
+    pin_cpu_numerics()  # before any arithmetic: the same numbers on every x86-64 machine (lab/numerics.py)
     plan = plan_outputs(out, "demo", plots=plots, html=html)  # an unwritable --out is found before training
     ds = load_dataset(dataset, data_dir=data_dir, seed=seed, standardize=standardize)
     setting = DemoSetting(checkpoint_epoch=checkpoint_epoch, epochs=epochs, lr=lr, batch_size=batch_size)
