@@ -33,8 +33,8 @@ def pin_cpu_numerics() -> dict[str, str]:
     """Set the variables of :data:`PINNED` that are unset (x86-64 only); returns the ones in force.
 
     Example:
-        >>> pin_cpu_numerics()  # doctest: +SKIP  (on x86-64, with none of them set before)
-        {'MKL_CBWR': 'AVX2', 'ATEN_CPU_CAPABILITY': 'avx2', 'ONEDNN_MAX_CPU_ISA': 'AVX2'}
+        >>> sorted(pin_cpu_numerics()) in ([], sorted(PINNED))  # [] off x86-64
+        True
     """
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return {}
