@@ -6,7 +6,10 @@ module's ``forward`` code and cannot be replaced by surgery; instead that module
 traced with torch.fx *shallowly* (its children stay opaque calls, so only its own code
 is in the graph), each ReLU node is replaced by a call to a new activation submodule,
 and the module is replaced in its parent by the resulting ``torch.fx.GraphModule``
-(same parameter objects, so optimizers still hold them). An in-place call stays in place
+(same parameter objects, so optimizers still hold them; the parameters, buffers, submodules,
+attributes and methods its forward does not use are carried over too, and a module shared by
+several parents stays one module at all its paths). A forward that reads ``self.training`` is
+refused: a trace would freeze the branch of the current mode. An in-place call stays in place
 (``inplace=True`` where the new activation has it, else an explicit ``copy_``), so code
 that relies on the side effect keeps working.
 
@@ -287,6 +290,7 @@ class _SwapPlan:
     graphs: list[tuple[str, nn.Module, fx.Graph, list[fx.Node]]]  # modules whose own forward calls relu
     like: torch.Tensor | None  # a parameter whose device/dtype new activations take
     widths: dict[str, int]  # PReLU channel counts per ReLU module path
+    paths: dict[str, list[str]]  # every path of each rewritten module (a shared one has several)
 
 
 def _refuse_unrewritable(path: str, m: nn.Module, why: str) -> None:
@@ -305,9 +309,14 @@ def _plan_swaps(target: nn.Module, copy: bool, to: str, report: Report | None) -
         (path, m) for path, m in target.named_modules() if getattr(m, "activation", None) in (F.relu, torch.relu)
     ]
     graphs: list[tuple[str, nn.Module, fx.Graph, list[fx.Node]]] = []
-    for path, m in target.named_modules():
+    shared: dict[int, list[str]] = {}  # every path of a module reached from several parents
+    for path, m in target.named_modules(remove_duplicate=False):
         if not _is_user_code(m):
             continue
+        if id(m) in shared:
+            shared[id(m)].append(path)
+            continue
+        shared[id(m)] = [path]
         try:
             graph = _ShallowTracer().trace(m)
         except Exception:  # any trace failure: fall back to reading the source
@@ -324,12 +333,51 @@ def _plan_swaps(target: nn.Module, copy: bool, to: str, report: Report | None) -
                 "or use nn.ReLU modules; nothing was changed"
             )
         _refuse_unrewritable(path, m, "would be rewritten as a torch.fx.GraphModule")
+        _refuse_python_state(path, m)
         graphs.append((path, m, graph, nodes))
     if type(target) is nn.ReLU:
         raise RefusedError("swap_activations: the model itself is an nn.ReLU; pass copy=True or wrap it")
     like = next(iter(target.parameters()), None)
     widths = _module_widths(target, report) if to == "prelu" else {}
-    return _SwapPlan(modules, attributes, graphs, like, widths)
+    return _SwapPlan(modules, attributes, graphs, like, widths, {p: shared[id(m)] for p, m, _, _ in graphs})
+
+
+def _refuse_python_state(path: str, m: nn.Module) -> None:
+    """A forward that reads ``self.training`` branches in Python: a trace keeps only the branch of
+    the mode the model is in now (``F.dropout(..., training=self.training)`` would stay on in eval)."""
+    code = getattr(type(m).forward, "__code__", None)
+    if code is not None and "training" in code.co_names:
+        raise RefusedError(
+            f"swap_activations: {_label(path)} ({type(m).__name__}.forward) reads self.training, and a "
+            "torch.fx rewrite would freeze the branch of the current mode; use nn.ReLU modules there "
+            "(replaced without tracing); nothing was changed"
+        )
+
+
+def _keep_members(gm: fx.GraphModule, m: nn.Module) -> None:
+    """Give the GraphModule what a trace drops: parameters, buffers, submodules and plain attributes
+    its forward does not read, and the methods of ``m``'s own classes (``aux_loss``, properties), so
+    the state_dict, an optimizer's parameters and the module's other uses stay as they were."""
+    for name, param in m._parameters.items():
+        if name not in gm._parameters and not hasattr(gm, name):
+            gm.register_parameter(name, param)
+    for name, buf in m._buffers.items():
+        if name not in gm._buffers and not hasattr(gm, name):
+            gm.register_buffer(name, buf, persistent=name not in m._non_persistent_buffers_set)
+    for name, child in m._modules.items():
+        if name not in gm._modules and not hasattr(gm, name):
+            gm.add_module(name, child)
+    for name, value in vars(m).items():
+        if not name.startswith("_") and name not in gm.__dict__:
+            gm.__dict__[name] = value
+    cls = type(gm)  # fx makes a class per GraphModule: adding to it touches no other module
+    for base in reversed(type(m).__mro__):
+        if base is object or base.__module__.startswith("torch"):
+            continue
+        for name, member in vars(base).items():
+            if name.startswith("__") or name == "forward" or hasattr(fx.GraphModule, name):
+                continue
+            setattr(cls, name, member)
 
 
 def _write_swaps(
@@ -352,13 +400,18 @@ def _write_swaps(
         changes.append(ActivationChange(f"{path}.activation" if path else "activation", "attribute", "F.relu", repr(new)))
     result_model = target
     # Deepest modules first, so a parent's GraphModule picks up its rewritten children.
-    for path, m, graph, nodes in sorted(plan.graphs, key=lambda g: -g[0].count(".") - bool(g[0])):
+    def depth(g: tuple[str, nn.Module, fx.Graph, list[fx.Node]]) -> int:
+        return max(p.count(".") + bool(p) for p in plan.paths[g[0]])
+
+    for path, m, graph, nodes in sorted(plan.graphs, key=lambda g: -depth(g)):
         gm = _rewrite(m, graph, nodes, to, slope, like, path, changes)
-        if path:
-            parent_path, _, name = path.rpartition(".")
-            tx.setattr(eager_submodule(target, parent_path), name, gm)
-        else:
-            result_model = gm
+        _keep_members(gm, m)
+        for where in plan.paths[path]:  # a shared module stays one module at all its paths
+            if where:
+                parent_path, _, name = where.rpartition(".")
+                tx.setattr(eager_submodule(target, parent_path), name, gm)
+            else:
+                result_model = gm
     return result_model
 
 
