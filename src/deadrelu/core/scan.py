@@ -26,6 +26,8 @@ from .inputs import (
     describe_shapes,
     first_tensor,
     iter_batches,
+    mask_from_call,
+    mask_position,
     model_device,
     preserved_mode,
     resolve_mask,
@@ -219,7 +221,9 @@ def scan(
         max_batches: stop after this many batches.
         progress: show a progress bar on stderr.
         mask: which token positions count as observations. None (default): a dict batch's
-            ``attention_mask`` when it has one; False: every position; a bool tensor ``(B, T)``
+            ``attention_mask`` when it has one, else the one the model call passes (a dict or
+            tuple from ``input_fn``, or a positional argument in the place of the forward's
+            ``attention_mask`` parameter); False: every position; a bool tensor ``(B, T)``
             (True = count; split along with ``data`` when it has one row per sample); the key
             of a dict batch; or a callable ``batch -> bool (B, T)`` (for ``nn.TransformerEncoder``:
             ``mask=lambda b: ~b["src_key_padding_mask"]``). Activations whose leading dims are
@@ -286,11 +290,16 @@ def _run_batches(
 ) -> tuple[int, int]:
     """Feed each batch through the attached capture; return (batches, samples) seen."""
     batches = samples = 0
+    # By default the mask may also reach the model through the call itself (input_fn's dict or
+    # tuple, a tuple batch's element passed as the forward's attention_mask), as Probe reads it.
+    mask_at = mask_position(model.forward) if mask is None else None
     for batch in batches_iter:
         if max_batches is not None and batches >= max_batches:
             break
         capture.batch_mask = next(mask_rows) if mask_rows is not None else resolve_mask(mask, batch)
         args, kwargs = call_arguments(batch, input_fn)
+        if capture.batch_mask is None and mask is None:
+            capture.batch_mask = mask_from_call(None, args, kwargs, mask_at)
         args, kwargs = to_device(args, target), to_device(kwargs, target)
         first = first_tensor((args, kwargs))
         if first is None:
