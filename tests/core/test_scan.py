@@ -300,7 +300,7 @@ def test_a_probe_reports_the_samples_it_saw():
     assert probe.report().samples == 5
 
 
-@pytest.mark.parametrize("threshold", [float("nan"), {"relu": float("nan")}, {"relu": "high"}])
+@pytest.mark.parametrize("threshold", [float("nan"), {"relu": float("nan")}, {"relu": "high"}, float("inf")])
 def test_a_nan_threshold_is_refused_before_anything_runs(threshold):
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU())
     calls = []

@@ -600,3 +600,11 @@ def test_samples_come_from_the_first_batched_tensor_however_the_model_is_called(
             net(input_ids=torch.randn(4, 2)).backward()  # keywords only, inside observe()
         mon.step()
     assert mon.report("total").samples == 5 + 4
+
+
+@pytest.mark.parametrize("warn_at", [0.5, ["a"], (0.0,), (1.5,)])
+def test_a_bad_warn_at_is_one_deadrelu_error(warn_at):
+    net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU())
+    with pytest.raises(deadrelu.DeadReluError, match="warn_at"):
+        deadrelu.Monitor(net, warn_at=warn_at)
+    assert not net._forward_hooks and not net._forward_pre_hooks

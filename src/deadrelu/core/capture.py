@@ -1007,19 +1007,21 @@ def resolve_threshold(spec: ThresholdSpec, info: SiteInfo) -> float:
 
 
 def check_threshold_spec(spec: Any) -> None:
-    """Refuse a NaN threshold (a float, or a mapping's value) before anything runs.
+    """Refuse a NaN or +inf threshold (a float, or a mapping's value) before anything runs.
 
     Raises:
-        DeadReluError: naming the key whose threshold is NaN or not a number.
+        DeadReluError: naming the key whose threshold is NaN, +inf or not a number.
     """
     values = spec.items() if isinstance(spec, Mapping) else [("threshold", spec)] if not callable(spec) else []
     for key, value in values:
         try:
-            bad = math.isnan(float(value))
+            number = float(value)
         except (TypeError, ValueError):
             raise DeadReluError(f"threshold {key!r} must be a number, got {value!r}") from None
-        if bad:
-            raise DeadReluError(f"threshold {key!r} is NaN: no output is > NaN, so every unit would look dead")
+        if math.isnan(number) or number == math.inf:
+            raise DeadReluError(
+                f"threshold {key!r} is {number}: no output is > {number}, so every unit would look dead"
+            )
 
 
 def _describe(info: SiteInfo) -> str:

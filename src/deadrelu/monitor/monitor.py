@@ -134,6 +134,17 @@ def _host_values(states: Sequence[SiteState]) -> list[dict[str, list[Any]]]:
     return out
 
 
+def _warn_levels(warn_at: Any) -> tuple[float, ...]:
+    """The sorted ``warn_at`` fractions, or one DeadReluError (a bare number, text, out of range)."""
+    try:
+        levels = tuple(sorted(float(w) for w in warn_at))
+    except (TypeError, ValueError):
+        raise DeadReluError(f"warn_at must be a sequence of fractions in (0, 1], got {warn_at!r}") from None
+    if any(not 0.0 < w <= 1.0 for w in levels):
+        raise DeadReluError(f"warn_at fractions must be in (0, 1], got {tuple(warn_at)!r}")
+    return levels
+
+
 def _schedule(every: Schedule) -> Callable[[int], bool]:
     if callable(every):
         return every
@@ -235,9 +246,7 @@ class Monitor:
             raise DeadReluError(f"log_every must be a positive int (steps), got {log_every!r}")
         if on_sink_error not in ("warn", "raise"):
             raise DeadReluError(f"on_sink_error must be 'warn' or 'raise', got {on_sink_error!r}")
-        warn_levels = tuple(sorted(float(w) for w in warn_at))
-        if any(not 0.0 < w <= 1.0 for w in warn_levels):
-            raise DeadReluError(f"warn_at fractions must be in (0, 1], got {tuple(warn_at)!r}")
+        warn_levels = _warn_levels(warn_at)
         self.levels = Levels(asleep_rate=asleep_rate, dormant_tau=dormant_tau, min_observations=min_observations)
         self.schedule = _schedule(every)
         self.model = model
