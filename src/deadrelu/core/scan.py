@@ -246,8 +246,9 @@ def scan(
     """
     if not isinstance(model, nn.Module):
         raise DeadReluError(f"model must be a torch.nn.Module, not {type(model).__name__}")
-    if batch_size < 1:
-        raise DataError(f"batch_size must be at least 1, got {batch_size}")
+    if isinstance(batch_size, bool) or not hasattr(batch_size, "__index__") or batch_size < 1:
+        raise DataError(f"batch_size must be a whole number of at least 1, got {batch_size!r}")
+    batch_size = int(batch_size)
     levels = Levels(asleep_rate=asleep_rate, dormant_tau=dormant_tau, min_observations=min_observations)
     batches_iter = iter_batches(data, batch_size)
     target = torch.device(device) if device is not None else model_device(model)

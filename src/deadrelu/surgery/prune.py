@@ -314,8 +314,11 @@ def prune_dead(
     what = "prune_dead"
     if not isinstance(model, nn.Module):
         raise DeadReluError(f"{what}: model must be a torch.nn.Module, not {type(model).__name__}")
-    if not tolerance >= 0:
-        raise DeadReluError(f"{what}: tolerance must be >= 0, got {tolerance}")
+    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not tolerance >= 0:
+        raise DeadReluError(f"{what}: tolerance must be a number >= 0, got {tolerance!r}")
+    if isinstance(batch_size, bool) or not hasattr(batch_size, "__index__") or batch_size < 1:
+        raise DeadReluError(f"{what}: batch_size must be a whole number >= 1, got {batch_size!r}")
+    batch_size = int(batch_size)
     # With data, the real model (global module hooks included) is compared with the pruned one below.
     chains = _graph.find_chains(model, report, _select, what, sites=sites, checked_on_data=data is not None)
     skipped = _skipped_sites(report, sites)
