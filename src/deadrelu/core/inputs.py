@@ -28,6 +28,7 @@ from torch import nn
 from ..errors import DataError, DeadReluError
 
 __all__ = [
+    "whole_batch_size",
     "LABEL_KEYS",
     "model_device",
     "to_device",
@@ -155,6 +156,18 @@ def call_samples(args: Sequence[Any], kwargs: Mapping[str, Any] | None = None) -
     if first is None:
         return 0
     return int(first.shape[0]) if first.ndim else 1
+
+
+def whole_batch_size(batch_size: Any, what: str = "") -> int:
+    """``batch_size`` as an int, or one DataError (a bool, a float, text or a number below 1).
+
+    >>> whole_batch_size(64)
+    64
+    """
+    if isinstance(batch_size, bool) or not hasattr(batch_size, "__index__") or batch_size < 1:
+        prefix = f"{what}: " if what else ""
+        raise DataError(f"{prefix}batch_size must be a whole number of at least 1, got {batch_size!r}")
+    return int(batch_size)
 
 
 def iter_batches(data: Any, batch_size: int) -> Iterable[Any]:

@@ -32,6 +32,7 @@ from .inputs import (
     preserved_mode,
     resolve_mask,
     to_device,
+    whole_batch_size,
 )
 from .capture import ActivationCapture, ThresholdSpec, UnitDimSpec, is_compiled_wrapper
 from ..errors import DataError, DeadReluError, ForwardError, NoActivationSitesError
@@ -246,9 +247,7 @@ def scan(
     """
     if not isinstance(model, nn.Module):
         raise DeadReluError(f"model must be a torch.nn.Module, not {type(model).__name__}")
-    if isinstance(batch_size, bool) or not hasattr(batch_size, "__index__") or batch_size < 1:
-        raise DataError(f"batch_size must be a whole number of at least 1, got {batch_size!r}")
-    batch_size = int(batch_size)
+    batch_size = whole_batch_size(batch_size)
     levels = Levels(asleep_rate=asleep_rate, dormant_tau=dormant_tau, min_observations=min_observations)
     batches_iter = iter_batches(data, batch_size)
     target = torch.device(device) if device is not None else model_device(model)

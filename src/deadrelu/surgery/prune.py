@@ -32,7 +32,7 @@ from ..core.activations import ZERO_WHEN_DEAD_FUNCTIONS
 from ..core.capture import eager_submodule
 from ..errors import DataError, DeadReluError, RefusedError
 from ..core.report import Report, SiteReport
-from ..core.inputs import call_arguments, iter_batches, kept_training_flags, model_device, to_device
+from ..core.inputs import call_arguments, iter_batches, kept_training_flags, model_device, to_device, whole_batch_size
 
 __all__ = ["prune_dead", "PruneResult", "count_parameters", "count_macs"]
 
@@ -316,9 +316,7 @@ def prune_dead(
         raise DeadReluError(f"{what}: model must be a torch.nn.Module, not {type(model).__name__}")
     if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not tolerance >= 0:
         raise DeadReluError(f"{what}: tolerance must be a number >= 0, got {tolerance!r}")
-    if isinstance(batch_size, bool) or not hasattr(batch_size, "__index__") or batch_size < 1:
-        raise DeadReluError(f"{what}: batch_size must be a whole number >= 1, got {batch_size!r}")
-    batch_size = int(batch_size)
+    batch_size = whole_batch_size(batch_size, what)
     # With data, the real model (global module hooks included) is compared with the pruned one below.
     chains = _graph.find_chains(model, report, _select, what, sites=sites, checked_on_data=data is not None)
     skipped = _skipped_sites(report, sites)

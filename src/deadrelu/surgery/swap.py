@@ -359,13 +359,13 @@ def _keep_members(gm: fx.GraphModule, m: nn.Module) -> None:
     its forward does not read, and the methods of ``m``'s own classes (``aux_loss``, properties), so
     the state_dict, an optimizer's parameters and the module's other uses stay as they were."""
     for name, param in m._parameters.items():
-        if name not in gm._parameters and not hasattr(gm, name):
+        if not hasattr(gm, name):
             gm.register_parameter(name, param)
     for name, buf in m._buffers.items():
-        if name not in gm._buffers and not hasattr(gm, name):
+        if not hasattr(gm, name):
             gm.register_buffer(name, buf, persistent=name not in m._non_persistent_buffers_set)
     for name, child in m._modules.items():
-        if name not in gm._modules and not hasattr(gm, name):
+        if not hasattr(gm, name):
             gm.add_module(name, child)
     for name, value in vars(m).items():
         if not name.startswith("_") and name not in gm.__dict__:
