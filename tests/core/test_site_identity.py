@@ -87,3 +87,118 @@ def test_loop_and_helper_positions_keep_readme_names():
     report = deadrelu.scan(Looped(), torch.randn(10, 4))
     assert [s.name for s in report.sites] == [f"<root>:relu.{k}" for k in range(1, 6)]
     assert all(s.observations == 10 for s in report.sites)
+
+
+class ConditionalModule(nn.Module):
+    """One ``nn.ReLU`` (and one ``Block`` holding another) called at two places, the first only
+    for batches of more than 4 rows: planted dead fc1 {1}, fc2 {0, 7}; ``widths`` sets fc2's width."""
+
+    def __init__(self, width=10):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1 = nn.Linear(6, 10)
+        self.fc2 = nn.Linear(10, width)
+        self.act = nn.ReLU()
+        plant(self.fc1.bias, [1])
+        plant(self.fc2.bias, [0, 7])
+
+    def forward(self, x):
+        h = self.fc1(x)
+        if x.shape[0] > 4:
+            h = self.act(h)
+        return self.act(self.fc2(h))
+
+    def truth(self, batches):
+        first, second = [], []
+        for x in batches:
+            h = x @ self.fc1.weight.T + self.fc1.bias
+            if x.shape[0] > 4:
+                h = h.clamp(min=0)
+                first.append(h)
+            second.append((h @ self.fc2.weight.T + self.fc2.bias).clamp(min=0))
+        return torch.cat(first), torch.cat(second)
+
+
+def _by_call(report):
+    return {s.call: s for s in report.sites}
+
+
+def test_conditionally_reused_module_keeps_each_call_site():
+    # Same widths: keyed by call number, the second call of a batch that skipped the first
+    # would have been counted into the first call's site without any error.
+    for width in (10, 12):
+        model = ConditionalModule(width).eval()
+        g = torch.Generator().manual_seed(3)
+        sizes = [4, 8, 3, 8, 2]
+        batches = [torch.randn(n, 6, generator=g) for n in sizes]
+        report = deadrelu.scan(model, batches)
+        with torch.no_grad():
+            first, second = model.truth(batches)
+        assert len(report.sites) == 2
+        # call numbers are given in first-seen order: the first batch reached only the second call
+        late, always = _by_call(report)[1], _by_call(report)[0]
+        for site, act in ((late, first), (always, second)):
+            truth = brute_force(act, 1)
+            assert (site.observations, list(site.fired_counts)) == (truth["observations"], truth["fired"])
+        assert (late.observations, always.observations) == (16, sum(sizes))
+        assert late.dead_units == (1,) and always.dead_units == (0, 7)
+
+
+def test_conditionally_reused_block_keeps_each_call_site():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.act = nn.ReLU()
+
+        def forward(self, h):
+            return self.act(h) * 2
+
+    class Model(ConditionalModule):
+        def __init__(self):
+            super().__init__()
+            self.block = Block()
+
+        def forward(self, x):
+            h = self.fc1(x)
+            if x.shape[0] > 4:
+                h = self.block(h) / 2
+            return self.block(self.fc2(h)) / 2
+
+    model = Model().eval()
+    g = torch.Generator().manual_seed(4)
+    sizes = [3, 8, 8, 2, 5]
+    batches = [torch.randn(n, 6, generator=g) for n in sizes]
+    report = deadrelu.scan(model, batches)
+    with torch.no_grad():
+        first, second = model.truth(batches)
+    sites = _by_call(report)
+    assert set(sites) == {0, 1} and {s.module for s in report.sites} == {"block.act"}
+    late, always = sites[1], sites[0]  # the first batch (3 rows) reached only the second call
+    for site, act in ((late, first), (always, second)):
+        truth = brute_force(act, 1)
+        assert (site.observations, list(site.fired_counts)) == (truth["observations"], truth["fired"])
+    assert late.dead_units == (1,) and always.dead_units == (0, 7)
+
+
+def test_module_called_in_a_loop_numbers_its_calls_in_order():
+    class Loop(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+            self.act = nn.ReLU()
+
+        def forward(self, x):
+            for _ in range(3):
+                x = self.act(self.fc(x)) - 0.5
+            return x
+
+    model = Loop().eval()
+    x = torch.randn(6, 4)
+    report = deadrelu.scan(model, x)
+    assert [s.name for s in report.sites] == ["act#1", "act#2", "act#3"]
+    with torch.no_grad():
+        h = x
+        for site in report.sites:
+            out = model.fc(h).clamp(min=0)
+            assert list(site.fired_counts) == brute_force(out, 1)["fired"]
+            h = out - 0.5

@@ -12,13 +12,14 @@ activation calls inside them (a ``tanh`` inside a GELU approximation) are not se
 Forward pre/post hooks on every submodule keep a stack of which module is running, so each
 call is attributed to the innermost module that made it.
 
-A *site* is ``(module path, occurrence of that module in this forward, call position in the
-source, function)``. The call position is the chain of Python frames (code object and
-bytecode offset) from the activation call up to the module's ``forward``, plus a counter for
-a position reached several times (a loop), so a call that runs only for some batches
-(``if x.shape[0] > 4: h = F.relu(h)``) never shifts another site, and has its own observation
-count. A module called three times (``self.relu`` in a ResNet bottleneck) gives three sites,
-each with its own width. Outputs are read right after the call returns, so in-place
+A *site* is ``(module path, module call, call position in the source, function)``. The call
+position is the chain of Python frames (code object and bytecode offset) from the activation
+call up to the module's ``forward``, plus a counter for a position reached several times (a
+loop), so a call that runs only for some batches (``if x.shape[0] > 4: h = F.relu(h)``) never
+shifts another site, and has its own observation count. Module calls are numbered the same way:
+by the place they are made from (the calling module's call and the frames from there), in
+first-seen order, so a module called three times (``self.relu`` in a ResNet bottleneck) gives
+three sites, each with its own width, and a call made only for some batches keeps its own. Outputs are read right after the call returns, so in-place
 activations are counted on their true output. On CUDA a ReLU call (``F.relu``, ``torch.relu``,
 ``x.relu_()``, a plain ``nn.ReLU`` after its first call) is instead run by the site's
 accumulator as one kernel that writes the ReLU and counts it (:mod:`deadrelu.core.fused`):
@@ -185,6 +186,7 @@ class _Forward:
     stack: list[_Frame] = field(default_factory=list)
     axes: AxisTable = field(default_factory=AxisTable)  # each tensor's feature axis and the rule that chose it
     seen: dict[Any, int] = field(default_factory=dict)  # call position -> times reached in this forward
+    module_seen: dict[Any, int] = field(default_factory=dict)  # the same for module calls
     inside_activation: int = 0  # depth of activation modules: their inner calls are not sites
     mask: torch.Tensor | None = None
     masks: dict[torch.device, torch.Tensor] = field(default_factory=dict)
@@ -260,6 +262,23 @@ def _call_position(depth: int) -> tuple[Any, ...]:
             break
         if filename not in _WRAPPER_FILES and filename != _THIS_FILE:
             out.append((code, f.f_lasti))
+        f = f.f_back
+    return tuple(out)
+
+
+def _module_call_position() -> tuple[Any, ...]:
+    """The chain of (code, bytecode offset) from a module call up to its caller's ``forward``,
+    read from the module's pre-hook: the hook's own frames and ``Module.__call__``'s are skipped."""
+    f = sys._getframe(2)
+    while f is not None and f.f_code.co_filename != _MODULE_FILE:
+        f = f.f_back  # deadrelu's hook wrappers
+    while f is not None and f.f_code.co_filename == _MODULE_FILE:
+        f = f.f_back  # Module._call_impl and _wrapped_call_impl
+    out = []
+    for _ in range(_MAX_FRAMES):
+        if f is None or f.f_code.co_filename == _MODULE_FILE:
+            break
+        out.append((f.f_code, f.f_lasti))
         f = f.f_back
     return tuple(out)
 
@@ -361,6 +380,9 @@ class ActivationCapture:
         self.batch_mask: torch.Tensor | None = None
         self.scripted = isinstance(model, torch.jit.ScriptModule)
         self.sites: dict[tuple[Any, ...], _Site] = {}
+        # module path -> {place it is called from: its call number} (see _module_call); kept
+        # through reset() so that a call keeps its number, and its site's key, for good
+        self._call_numbers: dict[str, dict[Any, int]] = {}
         self.forwards = 0
         self.samples = 0  # rows of the observed root calls' first tensor input (what a Probe reports)
         self.last_site: str | None = None
@@ -593,13 +615,31 @@ class ActivationCapture:
             if self.on_scope_call is not None and len(fwd.stack) == 1 and not is_root:
                 call, self.on_scope_call = self.on_scope_call, None
                 call((args, kwargs))  # the first module called inside a forward_scope() block: its inputs
-            call = fwd.calls.get(path, 0)
-            fwd.calls[path] = call + 1
-            fwd.stack.append(_Frame(path, call))
+            fwd.stack.append(_Frame(path, self._module_call(fwd, path)))
             if activation:
                 fwd.inside_activation += 1
 
         return pre_hook
+
+    def _module_call(self, fwd: _Forward, path: str) -> int:
+        """The number of this call of module ``path``: one per place it is called from (the
+        calling module call, the frames from there to here, and how often that place was reached
+        before in this forward), numbered in first-seen order for the capture's lifetime. Not
+        the n-th call of this forward: a reused module called conditionally (``if ...: h =
+        self.act(h)``) would shift its later calls onto the skipped call's site."""
+        if not fwd.stack:  # the root (or a re-entrant root call): counted per forward
+            call = fwd.calls.get(path, 0)
+            fwd.calls[path] = call + 1
+            return call
+        parent = fwd.stack[-1]
+        where = (path, parent.path, parent.call, _module_call_position())
+        k = fwd.module_seen.get(where, 0)
+        fwd.module_seen[where] = k + 1
+        numbers = self._call_numbers.setdefault(path, {})
+        call = numbers.get((where, k))
+        if call is None:
+            call = numbers[(where, k)] = len(numbers)
+        return call
 
     def _make_post_hook(self, path: str, module: nn.Module) -> Callable[..., None]:
         is_root = module is self.model

@@ -162,7 +162,8 @@ class SiteReport:
         module: dotted path of the module whose forward made the call (``""`` for the root).
         module_type: class name of that module.
         function: the activation function called, e.g. ``"relu"``, ``"gelu"``.
-        call: 0-based occurrence of ``module`` in one forward pass (reused modules give 1, 2, ...).
+        call: 0-based number of the place ``module`` is called from (reused modules give 1, 2, ...,
+            in first-seen order; a call that runs only for some batches keeps its own number).
         slot: 0-based index of this activation among those called directly by that module call.
         unit_dim: the dimension of the activation tensor that indexes units.
         shape: shape of the activation in the first batch seen.
