@@ -263,6 +263,46 @@ def test_a_reused_module_split_by_graph_breaks_keeps_each_calls_site(dynamo, wid
     assert {0, 1, 2} <= set(compiled.sites[1].dead_units)
 
 
+def test_a_reused_module_called_conditionally_keeps_each_calls_site(dynamo):
+    # The graph compiled for small batches skips the first call: numbered by Dynamo's k, its
+    # later calls would be "call 0" again, counted into the skipped call's site.
+    class Scale(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.act = nn.ReLU()
+
+        def forward(self, h):
+            return F.relu(h) + self.act(h - 0.1)
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.l1, self.l2 = nn.Linear(4, 6), nn.Linear(6, 6)
+            self.act, self.block = nn.ReLU(), Scale()
+
+        def forward(self, x):
+            h = self.l1(x)
+            if x.shape[0] > 4:
+                h = self.block(self.act(h))
+            return self.block(self.act(self.l2(h))).sum()
+
+    def make() -> Net:
+        torch.manual_seed(5)
+        net = Net()
+        with torch.no_grad():
+            net.l1.bias[:2] = -100.0
+        return net
+
+    g = torch.Generator().manual_seed(6)
+    data = [torch.randn(n, 4, generator=g) for n in (3, 8, 2, 8)]
+    eager, compiled = eager_and_compiled(make, data, lambda m, x: m(x).backward(), window=4)
+    assert summary(compiled) == summary(eager)
+    assert [list(s.fired_counts) for s in compiled.sites] == [list(s.fired_counts) for s in eager.sites]
+    by_name = {s.name: s for s in compiled.sites}
+    assert by_name["act#2"].observations == 16 and set(by_name["act#2"].dead_units) == {0, 1}
+    assert by_name["act#1"].observations == 21
+
+
 @pytest.mark.parametrize("precision", ["bf16 autocast", "float64"])
 def test_compiled_counts_equal_eager_in_other_precisions(dynamo, precision):
     dtype = torch.float64 if precision == "float64" else torch.float32

@@ -52,6 +52,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import inspect
 import itertools
 import re
 import threading
@@ -432,6 +433,7 @@ class GraphCapture:
         self._leaf = {p: next(iter(m.children()), None) is None for p, m in named}
         self._act_modules = {p: fn for p, m in named if (fn := function_of_module(m)) is not None}
         self._act_objects = {p: m for p, m in named if p in self._act_modules}
+        self._module_objects = dict(named)
         self._root_code = _code_span(type(model).forward)
         # Blocks compiled on their own (model.layers[i] = torch.compile(...)): each is the root of
         # its graphs, and instances of one class share one graph (see record()).
@@ -446,6 +448,9 @@ class GraphCapture:
         # A graph break splits a forward into graphs (frames) that each number module calls from 0:
         # a key first made in another frame is that call's key in this one, renumbered (see _site).
         self._frame_keys: dict[tuple[Any, tuple[Any, ...]], tuple[Any, ...]] = {}
+        # module path -> {place it is called from: call number} and its forward's code span (_call_number)
+        self._call_numbers: dict[str, dict[Any, int]] = {}
+        self._forward_spans: dict[str, tuple[str, int, int]] = {}
         self._key_frames: dict[tuple[Any, ...], Any] = {}
         # Blocks' graphs read the model call's mask through deadrelu::call_mask (BlockCapture sets it).
         self.mask_from_call = eager_beside and mask is not False
@@ -763,6 +768,8 @@ class GraphCapture:
         candidates: list[tuple[fx.Node, tuple[Any, ...], str]] = []
         module_output: dict[str, fx.Node] = {}  # activation module call -> its last node so far
         module_calls: dict[str, tuple[str, int, str]] = {}
+        numbered: dict[tuple[str, int], int] = {}  # (module, Dynamo's k-th call) -> its call number
+        reached: dict[tuple[str, Any], int] = {}  # (module, place) -> calls from there so far
         for node in graph.nodes:
             value = node.meta.get("example_value")
             if node.op not in ("call_function", "call_method"):
@@ -773,7 +780,10 @@ class GraphCapture:
             owner = self._owner(node)
             if owner is None:
                 continue  # another model's module
-            path, call, act_key = owner
+            path, k, act_key = owner
+            call = numbered.get((path, k))
+            if call is None:
+                call = numbered[(path, k)] = self._call_number(path, k, node, reached)
             kind = kind_of(target)
             args = fx.node.map_arg(node.args, lambda n: n.meta.get("example_value"))
             kwargs = fx.node.map_arg(node.kwargs, lambda n: n.meta.get("example_value"))
@@ -808,6 +818,29 @@ class GraphCapture:
             if site is not None:
                 found.append((node, site))
         return found
+
+    def _call_number(self, path: str, k: int, node: fx.Node, reached: dict[tuple[str, Any], int]) -> int:
+        """The call number of module ``path``'s ``k``-th call in a graph, as the eager capture numbers
+        it: by the place it is called from (the node's source frames outside the module's own
+        ``forward``, and how often the graph reached that place before), first-seen, for the
+        capture's lifetime. Not ``k``: a graph compiled for batches that skip a conditional call
+        (``if ...: h = self.act(h)``) numbers the later calls from 0 again."""
+        if not path:
+            return k  # the root: called once per forward
+        frames = [(f, int(line)) for f, line, _ in _STACK_FRAME.findall(node.meta.get("stack_trace") or "")]
+        span = self._forward_spans.get(path)
+        if span is None:
+            module = self._module_objects.get(path)
+            forward = inspect.unwrap(type(module).forward) if module is not None else None
+            span = self._forward_spans[path] = _code_span(forward) or ("", 0, -1)
+        file, first, last = span
+        inside = next((i for i, (f, line) in enumerate(frames) if f == file and first <= line <= last), None)
+        # torch.nn's own forwards are left out of Dynamo's stack traces: all frames are the caller's
+        place = tuple(frames[:inside]) if frames else ("call", k)
+        j = reached.get((path, place), 0)
+        reached[(path, place)] = j + 1
+        numbers = self._call_numbers.setdefault(path, {})
+        return numbers.setdefault((place, j), len(numbers))
 
     def _in_forward_of(self, node: fx.Node, path: str) -> bool:
         """Whether a node under an activation module's stack was made by the module's call itself,
