@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import deadrelu
+from fixtures.models import same_state
 from deadrelu import PruneResult, RefusedError, prune_dead
 from deadrelu.errors import DataError, DeadReluError
 from fixtures import rescue_models as rm
@@ -24,9 +25,6 @@ def _one_thread():
     yield
     torch.set_num_threads(old)
 
-
-def same_state(a: dict, b: dict) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 CASES = [

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import deadrelu
+from fixtures.models import same_state
 from deadrelu import RefusedError, nudge_bias, reinit_dead, swap_activations
 from deadrelu.errors import DeadReluError
 from fixtures import rescue_models as rm
@@ -35,16 +36,6 @@ def _one_thread():
 def gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
-
-def same_state(a: dict, b: dict) -> bool:
-    """Deep equality of (optimizer or model) state dicts, tensors compared exactly."""
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(same_state(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(same_state(x, y) for x, y in zip(a, b))
-    return a == b
 
 
 def brute_dead(net: nn.Module, x: torch.Tensor) -> dict[str, list[int]]:

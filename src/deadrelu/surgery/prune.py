@@ -27,7 +27,17 @@ from torch import nn
 
 from . import dataflow as _graph
 from .transaction import copy_model
-from .verify import PinnedReference, max_difference, output_tensors
+from .verify import (
+    PinnedReference,
+    alive_units,
+    call_model,
+    check_input_fn,
+    check_model,
+    check_sites,
+    describe_units,
+    max_difference,
+    output_tensors,
+)
 from ..core.activations import ZERO_WHEN_DEAD_FUNCTIONS
 from ..core.capture import eager_submodule
 from ..errors import DataError, DeadReluError, RefusedError
@@ -252,7 +262,15 @@ def _compare(
             args, kwargs = call_arguments(to_device(batch, device), input_fn)
             if first is None:
                 first = (args, kwargs)
-            diff = max_difference(output_tensors(original(*args, **kwargs)), output_tensors(pruned(*args, **kwargs)))
+            before = output_tensors(call_model(original, args, kwargs, "prune_dead"))
+            try:
+                after = output_tensors(pruned(*args, **kwargs))
+            except Exception as err:  # the original ran on this batch, so the rewrite broke the model
+                raise RefusedError(
+                    f"prune_dead: the pruned model raised {type(err).__name__} on data the original runs on "
+                    f"({str(err).splitlines()[0] if str(err) else ''}); nothing was changed"
+                ) from err
+            diff = max_difference(before, after)
             if diff == float("inf"):
                 return diff, args, kwargs
             worst = max(worst, diff)
@@ -300,8 +318,11 @@ def prune_dead(
     Raises:
         RefusedError: the graph cannot be rewritten safely (residual add, shared weights,
             unsupported layer, untraceable model, a constant that cannot be folded), or
-            the outputs on ``data`` differ by more than ``tolerance``.
+            the outputs on ``data`` differ by more than ``tolerance`` — as they do when the
+            report is stale for ``data`` (units it calls dead fire there; the message names them).
+        ForwardError: the model raises on ``data`` (e.g. the wrong number of features).
         DataError: ``data`` is unusable.
+        DeadReluError: a bad argument (model, tolerance, batch_size, input_fn, sites).
 
     Example:
         >>> import torch, deadrelu
@@ -312,11 +333,11 @@ def prune_dead(
         True
     """
     what = "prune_dead"
-    if not isinstance(model, nn.Module):
-        raise DeadReluError(f"{what}: model must be a torch.nn.Module, not {type(model).__name__}")
-    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not tolerance >= 0:
-        raise DeadReluError(f"{what}: tolerance must be a number >= 0, got {tolerance!r}")
+    check_model(model, what)
+    tolerance = _tolerance(tolerance, what)
     batch_size = whole_batch_size(batch_size, what)
+    check_input_fn(input_fn, what)
+    sites = check_sites(sites, what)
     # With data, the real model (global module hooks included) is compared with the pruned one below.
     chains = _graph.find_chains(model, report, _select, what, sites=sites, checked_on_data=data is not None)
     skipped = _skipped_sites(report, sites)
@@ -336,8 +357,19 @@ def prune_dead(
         params_after=count_parameters(pruned),
     )
     if data is not None:
-        result.update(_verify(model, pruned, plan, data, input_fn, batch_size, tolerance, what))
+        result.update(_verify(model, report, pruned, plan, data, input_fn, batch_size, tolerance, what))
     return PruneResult(**result)
+
+
+def _tolerance(tolerance: Any, what: str) -> float:
+    """``tolerance`` as a float >= 0 (infinity accepted: compare nothing), or one DeadReluError."""
+    try:
+        value = float(tolerance) if isinstance(tolerance, (int, float)) and not isinstance(tolerance, bool) else None
+    except OverflowError:  # an int too large for a float
+        value = None
+    if value is None or not value >= 0:
+        raise DeadReluError(f"{what}: tolerance must be a number >= 0, got {tolerance!r}")
+    return value
 
 
 @dataclass
@@ -438,6 +470,7 @@ def _plan_link_cut(
 
 def _verify(
     model: nn.Module,
+    report: Report,
     pruned: nn.Module,
     plan: _CutPlan,
     data: Any,
@@ -451,7 +484,8 @@ def _verify(
     if not diff <= tolerance:
         raise RefusedError(
             f"{what}: the pruned model's outputs differ from the original's by up to {diff:.3g} on the data "
-            f"(tolerance {tolerance:g}); the report may not be from this data; nothing was changed"
+            f"(tolerance {tolerance:g}); {_stale_units(model, report, plan, data, input_fn, batch_size, what)}"
+            "nothing was changed"
         )
     reference = PinnedReference.build(model, plan.pins, args, kwargs, what) if plan.pins else None
     if reference is not None:
@@ -464,3 +498,25 @@ def _verify(
             macs_after=count_macs(pruned, args, kwargs),
             max_abs_diff=diff,
         )
+
+
+def _stale_units(
+    model: nn.Module,
+    report: Report,
+    plan: _CutPlan,
+    data: Any,
+    input_fn: Callable[[Any], Any] | None,
+    batch_size: int,
+    what: str,
+) -> str:
+    """Why the outputs differ, for the refusal: the removed units that fire on ``data``, if a re-scan finds any."""
+    if not isinstance(data, torch.Tensor) and iter(data) is data:
+        return "the report may not be from this data; "  # a one-shot iterator: read once already
+    picks = [(site, units) for site, units, _ in plan.pins]
+    alive = alive_units(model, report, picks, data, what, input_fn=input_fn, batch_size=batch_size)
+    if not alive:
+        return "the report may not be from this data; "
+    return (
+        f"the report is stale for this data: units it calls dead fire on it ({describe_units(alive)}); scan this "
+        "data and prune with that report; "
+    )

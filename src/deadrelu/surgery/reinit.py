@@ -17,6 +17,7 @@ exactly as they were.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
@@ -27,7 +28,16 @@ from torch import nn
 from . import dataflow as _graph
 from .swap import ActivationChange, SwapResult, swap_activations
 from .transaction import Transaction
-from .verify import PinnedReference
+from .verify import (
+    PinnedReference,
+    alive_units,
+    call_model,
+    check_flag,
+    check_input_fn,
+    check_model,
+    check_sites,
+    describe_units,
+)
 from ..errors import DataError, DeadReluError, RefusedError
 from ..core.report import Report, SiteReport
 from ..core.inputs import call_arguments, iter_batches, kept_training_flags, model_device, to_device
@@ -44,6 +54,9 @@ __all__ = [
 ]
 
 _INITS = ("he", "torch")
+
+#: Rows per batch when ``data`` is a tensor (as :func:`deadrelu.scan`'s default).
+_BATCH_SIZE = 256
 
 
 @dataclass(frozen=True)
@@ -133,6 +146,34 @@ def _check_optimizer(optimizer: Any, what: str) -> None:
         raise DeadReluError(f"{what}: optimizer must be a torch.optim.Optimizer, not {type(optimizer).__name__}")
 
 
+def _check_reinit_arguments(
+    model: Any,
+    optimizer: Any,
+    dormant: Any,
+    generator: Any,
+    init: Any,
+    input_fn: Any,
+    max_draws: Any,
+    sites: Any,
+    what: str,
+) -> tuple[str, ...] | None:
+    """Refuse a bad argument of :func:`reinit_dead` with one DeadReluError, before any work; return the site names."""
+    check_model(model, what)
+    if init not in _INITS:
+        raise DeadReluError(f"{what}: init must be one of {_INITS}, got {init!r}")
+    _check_optimizer(optimizer, what)
+    check_flag(dormant, "dormant", what)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise DeadReluError(
+            f"{what}: generator must be a torch.Generator (e.g. torch.Generator().manual_seed(0)) or None, "
+            f"got {type(generator).__name__}"
+        )
+    if isinstance(max_draws, bool) or not hasattr(max_draws, "__index__") or max_draws < 1:
+        raise DeadReluError(f"{what}: max_draws must be a whole number of at least 1, got {max_draws!r}")
+    check_input_fn(input_fn, what)
+    return check_sites(sites, what)
+
+
 def _gain(chain: _graph.Chain) -> float:
     """He gain for the site's activation (LeCun for SELU; ReLU's for smooth ReLU-likes)."""
     fn = chain.function
@@ -151,12 +192,13 @@ def _draw_rows(layer: nn.Module, units: Sequence[int], gain: float, init: str, g
     w = layer.weight  # type: ignore[union-attr]
     shape = (len(units),) + tuple(w.shape[1:])
     fan_in = w[0].numel()
+    device = gen.device if gen is not None else torch.device("cpu")  # a generator draws on its own device
     if init == "he":
-        new = torch.randn(shape, generator=gen, dtype=torch.float32) * (gain / math.sqrt(fan_in))
+        new = torch.randn(shape, generator=gen, dtype=torch.float32, device=device) * (gain / math.sqrt(fan_in))
     else:
         # nn.Linear / nn.ConvNd.reset_parameters: kaiming_uniform_(a=sqrt(5)) == U(±1/sqrt(fan_in)).
         bound = 1.0 / math.sqrt(fan_in)
-        new = (torch.rand(shape, generator=gen, dtype=torch.float32) * 2 - 1) * bound
+        new = (torch.rand(shape, generator=gen, dtype=torch.float32, device=device) * 2 - 1) * bound
     return new.to(device=w.device, dtype=w.dtype)
 
 
@@ -179,16 +221,43 @@ def _dead_output(chain: _graph.Chain, model: nn.Module) -> torch.Tensor:
     return value
 
 
-def _first_batch(model: nn.Module, data: Any, input_fn: Callable[[Any], Any] | None) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """The model's call arguments for the first batch of ``data``, on the model's device."""
-    batch = next(iter(iter_batches(data, 256)), None)
-    if batch is None:
-        raise DataError("reinit_dead: the data held no batches")
-    return call_arguments(to_device(batch, model_device(model)), input_fn)
+def _checked_first_batch(
+    model: nn.Module,
+    report: Report,
+    chains: list[_graph.Chain],
+    data: Any,
+    input_fn: Callable[[Any], Any] | None,
+    dormant: bool,
+    what: str,
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The first batch's call arguments (on the model's device), once all of ``data`` shows every chosen unit quiet.
+
+    A stale report — one whose dead (or, with ``dormant``, τ-dormant) units fire on ``data`` — is
+    refused, naming them: re-initialising a unit that fires would change the outputs there.
+    """
+    batches = iter(iter_batches(data, _BATCH_SIZE))
+    first = next(batches, None)
+    if first is None:
+        raise DataError(f"{what}: the data held no batches")
+    if chains:
+        picks = [(c.site, c.units) for c in chains]
+        quiet = (lambda site: site.dormant_units) if dormant else None
+        rest = itertools.chain([first], batches)  # the first batch is read once, so a one-shot iterator works
+        alive = alive_units(
+            model, report, picks, rest, what, input_fn=input_fn, batch_size=_BATCH_SIZE, also_quiet=quiet
+        )
+        if alive:
+            kind = "dead or τ-dormant" if dormant else "dead"
+            raise RefusedError(
+                f"{what}: the report is stale for this data: units it calls {kind} are not {kind} on it "
+                f"({describe_units(alive)}); re-initialising them would change the outputs there; scan this data "
+                "and use that report; nothing was changed"
+            )
+    return call_arguments(to_device(first, model_device(model)), input_fn)
 
 
 def _producer_inputs(
-    model: nn.Module, producers: list[nn.Module], args: tuple[Any, ...], kwargs: dict[str, Any]
+    model: nn.Module, producers: list[nn.Module], args: tuple[Any, ...], kwargs: dict[str, Any], what: str
 ) -> dict[nn.Module, torch.Tensor]:
     """Each producer's input on one batch (eval mode, no grad; the model is left as it was)."""
     seen: dict[nn.Module, torch.Tensor] = {}
@@ -200,7 +269,7 @@ def _producer_inputs(
     try:
         with kept_training_flags(model), torch.no_grad():
             model.eval()
-            model(*args, **kwargs)
+            call_model(model, args, kwargs, what)
     finally:
         for h in handles:
             h.remove()
@@ -291,6 +360,9 @@ def reinit_dead(
     such units do. With ``data``, the first batch is run once (eval mode, no grad) to
     record each producer's input, and a unit whose new weights would not fire on it is
     re-drawn, up to ``max_draws`` times; ``result.silent`` lists any that still would not.
+    Before that, all of ``data`` is scanned with the report's own thresholds and levels:
+    a unit to re-initialise that is not dead there (with ``dormant=True``: not dead or
+    τ-dormant) shows the report is stale for this data, and the call is refused, naming it.
 
     The function is exactly preserved for ReLU units that were dead on the scanned data
     (their output there was 0), and for units of any activation whose incoming weights
@@ -305,10 +377,10 @@ def reinit_dead(
         dormant: also re-initialise τ-dormant units (``site.dormant_units``).
         generator: random generator for the new weights (reproducibility).
         init: ``"he"`` (default) or ``"torch"`` (PyTorch's Linear/Conv default).
-        data: optional data (as for :func:`deadrelu.scan`; the first batch is used) on which
-            re-drawn units must fire.
+        data: optional data (as for :func:`deadrelu.scan`) on which the chosen units must be
+            quiet and, on its first batch, re-drawn units must fire.
         input_fn: ``batch -> model input``, as for :func:`deadrelu.scan`.
-        max_draws: how many times a unit is re-drawn at most when ``data`` is given.
+        max_draws: how many times a unit is drawn at most when ``data`` is given (a whole number >= 1).
         sites: only these sites (by report name); default all.
 
     Returns:
@@ -316,8 +388,12 @@ def reinit_dead(
 
     Raises:
         RefusedError: when a site's producer/consumer dataflow cannot be proven (residual
-            add, shared weights, unsupported layer, untraceable model); nothing is changed.
-        DeadReluError: for a bad argument.
+            add, shared weights, unsupported layer, untraceable model), when the rewrite would
+            change the outputs on held-out inputs, or when the report is stale for ``data``;
+            nothing is changed.
+        ForwardError: the model raises on ``data`` (e.g. the wrong number of features).
+        DataError: ``data`` is unusable.
+        DeadReluError: for a bad argument (``max_draws=0``, ``generator=3``, ...), before any work.
 
     Example:
         >>> import torch, deadrelu
@@ -328,19 +404,12 @@ def reinit_dead(
         True
     """
     what = "reinit_dead"
-    if init not in _INITS:
-        raise DeadReluError(f"{what}: init must be one of {_INITS}, got {init!r}")
-    _check_optimizer(optimizer, what)
+    sites = _check_reinit_arguments(model, optimizer, dormant, generator, init, input_fn, max_draws, sites, what)
     # With data, the real model (global module hooks included) is checked against the pinned trace below.
     chains = _graph.find_chains(model, report, _units_of(dormant), what, sites=sites, checked_on_data=data is not None)
     # Plan every value first; a refusal here leaves everything untouched.
-    batch = _first_batch(model, data, input_fn) if data is not None else None
-    inputs = _producer_inputs(model, [c.producer for c in chains], *batch) if batch is not None else {}
-    plans = [_plan_unit_reset(model, chain, inputs, init, generator, max_draws, what) for chain in chains]
-    reference = None
-    if batch is not None and plans:
-        pins = [(p.chain.site, p.chain.units, p.value) for p in plans]
-        reference = PinnedReference.build(model, pins, *batch, what)
+    batch = _checked_first_batch(model, report, chains, data, input_fn, dormant, what) if data is not None else None
+    plans, reference = _plan_all(model, chains, batch, init, generator, max_draws, what)
     with Transaction() as tx:
         entries = _write_unit_resets(plans, optimizer, tx)
         if reference is not None:
@@ -372,6 +441,25 @@ class _UnitResetPlan:
             consumers=tuple(link.path for link in c.links),
             folded=tuple(link.path for link, d in zip(c.links, self.folds) if d is not None),
         )
+
+
+def _plan_all(
+    model: nn.Module,
+    chains: list[_graph.Chain],
+    batch: tuple[tuple[Any, ...], dict[str, Any]] | None,
+    init: str,
+    generator: torch.Generator | None,
+    max_draws: int,
+    what: str,
+) -> tuple[list[_UnitResetPlan], PinnedReference | None]:
+    """Every site's plan and, with a batch, the pinned reference the edited model must match."""
+    inputs = _producer_inputs(model, [c.producer for c in chains], *batch, what) if batch is not None else {}
+    plans = [_plan_unit_reset(model, chain, inputs, init, generator, max_draws, what) for chain in chains]
+    reference = None
+    if batch is not None and plans:
+        pins = [(p.chain.site, p.chain.units, p.value) for p in plans]
+        reference = PinnedReference.build(model, pins, *batch, what)
+    return plans, reference
 
 
 def _plan_unit_reset(
@@ -448,6 +536,14 @@ def _write_rows(plan: _UnitResetPlan, optimizer: Any, tx: Transaction) -> int:
     return entries
 
 
+def _finite(value: int | float) -> bool:
+    """Whether ``value`` is a finite float (an int too large for a float is not)."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 def nudge_bias(
     model: nn.Module,
     report: Report,
@@ -479,7 +575,8 @@ def nudge_bias(
 
     Raises:
         RefusedError: the producer cannot be proven, or has no bias; nothing is changed.
-        DeadReluError: for a non-finite ``value`` or a bad optimizer.
+        DeadReluError: for a bad argument (a ``value`` that is not a finite number, a bad
+            model, optimizer, ``dormant`` or ``sites``), before any work.
 
     Example:
         >>> import torch, deadrelu
@@ -489,9 +586,12 @@ def nudge_bias(
         True
     """
     what = "nudge_bias"
-    if not isinstance(value, (int, float)) or not math.isfinite(value):
+    check_model(model, what)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not _finite(value):
         raise DeadReluError(f"{what}: value must be a finite number, got {value!r}")
     _check_optimizer(optimizer, what)
+    check_flag(dormant, "dormant", what)
+    sites = check_sites(sites, what)
     chains = _graph.find_chains(model, report, _units_of(dormant), what, consumers=False, sites=sites)
     targets = []
     for chain in chains:

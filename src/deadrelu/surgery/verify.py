@@ -18,21 +18,42 @@ dead ReLU unit, the constant of a unit with all-zero incoming weights) — on ev
 
 A rewrite that reaches outside the proven chain (a weight also read elsewhere, a hook, a
 parametrization the structural checks missed) changes these outputs and is caught here.
+
+The pinned reference proves the rewrite equals the original *with the units pinned*; that
+equals the original itself only where the units really are dead. :func:`alive_units` checks
+that on the caller's data with a fresh scan at the report's own threshold, unit axis and
+levels, so a stale report (made before more training, or on other data) is refused with the
+units named. :func:`call_model` and the argument checks give the one clear error the rest of
+the package gives for a model that raises on the data and for a bad argument.
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch import fx, nn
 
 from . import dataflow
-from ..core.inputs import iter_tensors, kept_training_flags, map_tensors
-from ..core.report import SiteReport
-from ..errors import RefusedError
+from ..core.inputs import describe_shapes, iter_tensors, kept_training_flags, map_tensors
+from ..core.report import Report, SiteReport
+from ..core.scan import scan
+from ..errors import DataError, DeadReluError, ForwardError, NoActivationSitesError, RefusedError
 
-__all__ = ["PinnedReference", "held_out_like", "output_tensors", "max_difference", "HELD_OUT_SEED"]
+__all__ = [
+    "PinnedReference",
+    "held_out_like",
+    "output_tensors",
+    "max_difference",
+    "HELD_OUT_SEED",
+    "call_model",
+    "alive_units",
+    "describe_units",
+    "check_model",
+    "check_flag",
+    "check_input_fn",
+    "check_sites",
+]
 
 #: Seed of the generator that draws held-out inputs (fixed, so a refusal is reproducible).
 HELD_OUT_SEED = 20240601
@@ -256,3 +277,172 @@ def _insert_pins(
         node.replace_all_uses_with(pin, delete_user_cb=lambda user: user is not pin)
     gm.graph.lint()
     gm.recompile()
+
+
+def call_model(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], what: str) -> Any:
+    """``model(*args, **kwargs)`` on the caller's data; the model raising becomes one ForwardError.
+
+    The message has the form a scan gives (the original error's type and first line, the input
+    shapes), so wrong-width data reads the same whichever function was given it.
+
+    Raises:
+        ForwardError: the model raised (the original error is its ``__cause__``).
+
+    Example:
+        >>> try:
+        ...     call_model(torch.nn.Linear(6, 2), (torch.zeros(8, 5),), {}, "example")
+        ... except ForwardError as err:
+        ...     print(err)
+        example: the model raised RuntimeError: ... — input (8, 5); nothing was changed
+    """
+    try:
+        return model(*args, **kwargs)
+    except DeadReluError:
+        raise
+    except Exception as err:  # the model rejected the data: say so once, with what it was given
+        raise ForwardError(
+            f"{what}: the model raised {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''} "
+            f"— input {describe_shapes(args, kwargs)}; nothing was changed"
+        ) from err
+
+
+def _site_key(site: Any) -> tuple[str, int, int]:
+    """A site's identity across scans (module path, call, slot), as the traced graph names it."""
+    return (site.module, site.call, site.slot)
+
+
+def alive_units(
+    model: nn.Module,
+    report: Report,
+    picks: Sequence[tuple[SiteReport, Sequence[int]]],
+    data: Any,
+    what: str,
+    *,
+    input_fn: Callable[[Any], Any] | None = None,
+    batch_size: int = 256,
+    also_quiet: Callable[[SiteReport], Iterable[int]] | None = None,
+) -> dict[str, tuple[int, ...]]:
+    """Per site, the picked units that are not dead on ``data`` by the report's own levels.
+
+    ``data`` is scanned (eval mode; the model is left bit-identical) with each site's threshold
+    and unit axis from ``report`` and its levels. A picked unit counts as quiet when the new scan
+    finds it dead or unobserved (it never fired there), or is among ``also_quiet(site)`` of the
+    new scan's site (e.g. its τ-dormant units); every other picked unit is returned. A site the
+    data never reaches has no units that fired.
+
+    Args:
+        model: the model the report was made from.
+        report: its report.
+        picks: per site of ``report``, the unit indices an operation will act on.
+        data: the caller's data (as for :func:`deadrelu.scan`).
+        what: the operation's name, for messages.
+        input_fn: ``batch -> model input``, as for :func:`deadrelu.scan`.
+        batch_size: rows per batch when ``data`` is a tensor.
+        also_quiet: more units, per site of the new scan, that count as quiet.
+
+    Returns:
+        ``{site name: units}`` for the sites with picked units that fired on ``data``.
+
+    Raises:
+        ForwardError: the model raised on the data; nothing was changed.
+        DataError: the data is unusable.
+
+    Example:
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU())
+        >>> x = torch.randn(64, 4)
+        >>> report = scan(net, x[:1])
+        >>> alive = alive_units(net, report, [(report.sites[0], range(8))], x, "example")
+        >>> set(alive["1"]) == set(range(8)) - set(scan(net, x).sites[0].dead_units)
+        True
+    """
+    thresholds = {_site_key(s): s.fire_threshold for s in report.sites}
+    dims = {_site_key(s): s.unit_dim for s in report.sites}
+    levels = report.levels
+    try:
+        fresh = scan(
+            model,
+            data,
+            input_fn=input_fn,
+            batch_size=batch_size,
+            threshold=lambda info: thresholds.get(_site_key(info)),
+            unit_dim=lambda info: dims.get(_site_key(info)),
+            asleep_rate=levels.asleep_rate,
+            dormant_tau=levels.dormant_tau,
+            min_observations=levels.min_observations,
+        )
+    except NoActivationSitesError:
+        return {}  # no activation ran on this data, so none of the picked units fired
+    except (ForwardError, DataError) as err:
+        raise type(err)(f"{what}: {err}; nothing was changed") from err
+    now = {_site_key(s): s for s in fresh.sites}
+    out: dict[str, tuple[int, ...]] = {}
+    for site, units in picks:
+        seen = now.get(_site_key(site))
+        if seen is None:
+            continue
+        quiet = set(seen.dead_units) | set(seen.unobserved_units) | set(also_quiet(seen) if also_quiet else ())
+        fired = tuple(u for u in units if u not in quiet)
+        if fired:
+            out[site.name] = fired
+    return out
+
+
+def describe_units(units: dict[str, Sequence[int]]) -> str:
+    """``site '1': units [2, 5]; site '3': units [0]`` for messages.
+
+    Example:
+        >>> describe_units({"1": (2, 5), "3": (0,)})
+        "site '1': units [2, 5]; site '3': units [0]"
+    """
+    return "; ".join(f"site '{name}': units {list(u)}" for name, u in units.items())
+
+
+def check_model(model: Any, what: str) -> None:
+    """Refuse anything but an ``nn.Module`` as the model, before any work.
+
+    Raises:
+        DeadReluError: naming its type.
+    """
+    if not isinstance(model, nn.Module):
+        raise DeadReluError(f"{what}: model must be a torch.nn.Module, not {type(model).__name__}")
+
+
+def check_flag(value: Any, name: str, what: str) -> None:
+    """Refuse a flag that is not ``True`` or ``False`` (a string like ``"no"`` would count as true).
+
+    Raises:
+        DeadReluError: naming the argument and the value.
+    """
+    if not isinstance(value, bool):
+        raise DeadReluError(f"{what}: {name} must be True or False, got {value!r}")
+
+
+def check_input_fn(input_fn: Any, what: str) -> None:
+    """Refuse an ``input_fn`` that is neither None nor callable, before any work.
+
+    Raises:
+        DeadReluError: naming the argument and what it got.
+    """
+    if input_fn is not None and not callable(input_fn):
+        raise DeadReluError(
+            f"{what}: input_fn must be a callable (batch -> model input) or None, got {type(input_fn).__name__}"
+        )
+
+
+def check_sites(sites: Any, what: str) -> tuple[str, ...] | None:
+    """``sites`` as a tuple of names (read once, so a generator works), or one DeadReluError.
+
+    Example:
+        >>> check_sites("1", "example"), check_sites((n for n in ["1", "3"]), "example"), check_sites(None, "example")
+        (('1',), ('1', '3'), None)
+    """
+    if sites is None:
+        return None
+    if isinstance(sites, str):
+        return (sites,)
+    names = tuple(sites) if isinstance(sites, Iterable) and not isinstance(sites, bytes) else None
+    if names is None or not all(isinstance(n, str) for n in names):
+        raise DeadReluError(
+            f"{what}: sites must be a site name or an iterable of site names (str), got {sites!r}"
+        )
+    return names
