@@ -38,6 +38,7 @@ from .capture import ActivationCapture, ThresholdSpec, UnitDimSpec, is_compiled_
 from ..errors import DataError, DeadReluError, ForwardError, NoActivationSitesError
 from .report import Report, SiteReport, Levels, model_fingerprint
 from .stats import UnitStats, UnitTotals
+from .unit_axis import checked_unit_dim
 
 __all__ = ["scan", "Probe", "report_from_capture"]
 
@@ -235,6 +236,7 @@ def scan(
 
     Raises:
         DataError: empty data or batches the input rule cannot use.
+        DeadReluError: before any batch, a ``unit_dim`` of the wrong type or an unknown or unavailable ``device``.
         ForwardError: the model raised; the message names the last site reached and the input shape.
         NoActivationSitesError: the model has no activation sites.
 
@@ -247,10 +249,11 @@ def scan(
     """
     if not isinstance(model, nn.Module):
         raise DeadReluError(f"model must be a torch.nn.Module, not {type(model).__name__}")
+    target = _available_device(device) if device is not None else model_device(model)
+    unit_dim = checked_unit_dim(unit_dim)
     batch_size = whole_batch_size(batch_size)
     levels = Levels(asleep_rate=asleep_rate, dormant_tau=dormant_tau, min_observations=min_observations)
     batches_iter = iter_batches(data, batch_size)
-    target = torch.device(device) if device is not None else model_device(model)
     try:
         total = len(batches_iter)  # type: ignore[arg-type]
     except TypeError:
@@ -311,6 +314,37 @@ def _run_batches(
         samples += call_samples(args, kwargs)
         bar.update()
     return batches, samples
+
+
+def _available_device(device: Any) -> torch.device:
+    """``device=`` as a :class:`torch.device` this machine can allocate on, or one DeadReluError."""
+    if isinstance(device, bool) or not isinstance(device, (str, int, torch.device)):
+        raise DeadReluError(
+            f"device must be a torch.device, a device name such as 'cpu' or 'cuda:0', or None, not {type(device).__name__}"
+        )
+    try:
+        target = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as err:  # "gpu0"; an index with no accelerator
+        what = "is not available here" if isinstance(device, int) else "is not a device name (e.g. 'cpu', 'cuda', 'cuda:0')"
+        raise DeadReluError(f"device={device!r} {what} ({_first_line(err)})") from None
+    if target.type == "meta":
+        raise DeadReluError("device='meta' holds no values to run the model on; use 'cpu' or 'cuda'")
+    if target.type == "cuda" and not torch.cuda.is_available():
+        raise DeadReluError(
+            f"device={device!r} is not available: this machine has no usable CUDA device (torch.cuda.is_available() is False)"
+        )
+    if target.type == "cuda" and target.index is not None and target.index >= torch.cuda.device_count():
+        raise DeadReluError(f"device={device!r} is not available: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    try:  # any other backend (mps, xpu, ...): ask it for an empty tensor
+        torch.empty(0, device=target)
+    except Exception as err:
+        raise DeadReluError(f"device={device!r} is not available here ({_first_line(err)})") from None
+    return target
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
 
 
 def _refuse_meta(model: nn.Module) -> None:

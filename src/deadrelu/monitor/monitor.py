@@ -30,6 +30,7 @@ every ``log_every`` steps, when the first window fills, or when you call
 from __future__ import annotations
 
 import contextlib
+import os
 import warnings
 import weakref
 from typing import Any, Callable, Iterable, Iterator, Sequence, Union
@@ -55,9 +56,10 @@ from ..core.report import Report, SiteReport, Levels, model_fingerprint
 from ..core.scan import site_report
 from .ranks import SiteState, reduce_by_key
 from .records import Alert, Event, EventSummary, History, HistoryRow, LogRecord, SiteEvents
-from .sinks import Sink, SinkError, SinkWarning, as_sink
+from .sinks import Sink, SinkError, SinkWarning, as_sinks
 from ..core.inputs import first_tensor, iter_tensors
 from ..core.stats import UnitTotals
+from ..core.unit_axis import checked_unit_dim
 
 __all__ = [
     "Monitor",
@@ -72,6 +74,7 @@ __all__ = [
 ]
 
 Schedule = Union[int, Callable[[int], bool]]
+SinkSpec = Union[Sink, str, os.PathLike, Callable[[LogRecord], Any]]
 
 ADVICE_BORN_DEAD = (
     "these units were dead from the first window, which points at initialisation: use He/Kaiming init "
@@ -173,8 +176,9 @@ class Monitor:
             produced at least this many observations there, else *unobserved*.
         threshold: firing threshold (float, mapping or callable; see :mod:`deadrelu.core.capture`).
         unit_dim: unit-axis override (see :mod:`deadrelu.core.capture`).
-        sinks: where to log: :class:`~deadrelu.monitor.sinks.Sink` objects, paths ending in
-            ``.jsonl`` or ``.csv``, or callables taking a :class:`LogRecord`.
+        sinks: where to log: a list of :class:`~deadrelu.monitor.sinks.Sink` objects, paths ending
+            in ``.jsonl`` or ``.csv``, or callables taking a :class:`LogRecord`; a single one of
+            them stands for a one-element list (``sinks="health.jsonl"``).
         live: show the live terminal view (:mod:`deadrelu.monitor.live`; needs ``rich``).
         warn_at: dead fractions at which a layer warns (once per layer and threshold).
         on_sink_error: ``"warn"`` (warn once and stop writing to that sink) or ``"raise"``
@@ -196,7 +200,8 @@ class Monitor:
             the graph) or False only.
 
     Raises:
-        DeadReluError: for a non-module model or invalid options (nothing is attached).
+        DeadReluError: for a non-module model or invalid options (a sink that is not a sink, a
+            ``unit_dim`` of the wrong type, ...), before anything is attached or opened.
 
     Example:
         >>> import torch, deadrelu
@@ -223,7 +228,7 @@ class Monitor:
         min_observations: int = 1,
         threshold: ThresholdSpec = 0.0,
         unit_dim: UnitDimSpec = None,
-        sinks: Iterable[Sink | str | Callable[[LogRecord], Any]] = (),
+        sinks: Union[SinkSpec, Iterable[SinkSpec], None] = (),
         live: bool = False,
         warn_at: Sequence[float] = (0.2, 0.5),
         on_sink_error: str = "warn",
@@ -247,6 +252,7 @@ class Monitor:
         if on_sink_error not in ("warn", "raise"):
             raise DeadReluError(f"on_sink_error must be 'warn' or 'raise', got {on_sink_error!r}")
         warn_levels = _warn_levels(warn_at)
+        unit_dim = checked_unit_dim(unit_dim)
         self.levels = Levels(asleep_rate=asleep_rate, dormant_tau=dormant_tau, min_observations=min_observations)
         self.schedule = _schedule(every)
         self.model = model
@@ -255,7 +261,7 @@ class Monitor:
         self.warn_at = warn_levels
         self.on_sink_error = on_sink_error
         self.distributed = distributed
-        sink_list = [as_sink(s) for s in sinks]
+        sink_list = as_sinks(sinks)
         if live:
             from .live import LiveView
 

@@ -25,6 +25,7 @@ import os
 import re
 import warnings
 from pathlib import Path
+from collections.abc import Mapping
 from typing import IO, TYPE_CHECKING, Any, Callable
 
 from .._imports import require
@@ -43,6 +44,7 @@ __all__ = [
     "SinkError",
     "SinkWarning",
     "as_sink",
+    "as_sinks",
     "record_metrics",
     "repair_torn_tail",
     "SCHEMA_VERSION",
@@ -628,11 +630,23 @@ class CallbackSink(Sink):
         self.fn(record)
 
 
+_SINK_FORMS = "a Sink, a .jsonl/.csv path or a callable"
+
+
+def _short(value: Any) -> str:
+    """A value as messages show it: its type and a shortened repr (just ``None`` for None)."""
+    if value is None:
+        return "None"
+    text = repr(value)
+    return f"{type(value).__name__} {text if len(text) <= 80 else text[:77] + '...'}"
+
+
 def as_sink(spec: Any) -> Sink:
     """Turn a ``sinks=`` entry into a :class:`Sink`: a Sink, a ``.jsonl``/``.csv`` path, or a callable.
 
     Raises:
-        DeadReluError: for anything else (a path with another suffix, a number, ...).
+        DeadReluError: for anything else (a path with another suffix, a folder, an open stream,
+            a number, None, ...), before any file is opened.
 
     Example:
         >>> as_sink("health.csv").name
@@ -641,15 +655,64 @@ def as_sink(spec: Any) -> Sink:
     if isinstance(spec, Sink):
         return spec
     if isinstance(spec, (str, os.PathLike)):
-        suffix = Path(spec).suffix.lower()
+        text = os.fspath(spec)
+        if not isinstance(text, str) or not text:
+            raise DeadReluError(f"a sink path must be a non-empty text path ending in .jsonl or .csv, got {_short(spec)}")
+        path = Path(text)
+        if path.is_dir():
+            raise DeadReluError(
+                f"cannot log to {text!r}: it is a directory; name a file in it ending in .jsonl or .csv "
+                f"(e.g. {str(path / 'health.jsonl')!r}), or pass TensorBoardSink({text!r}) for TensorBoard event files"
+            )
+        suffix = path.suffix.lower()
         if suffix == ".jsonl":
             return JSONLSink(spec)
         if suffix == ".csv":
             return CSVSink(spec)
         raise DeadReluError(
-            f"cannot tell the log format of {str(spec)!r}: use a .jsonl or .csv path, or a Sink object "
-            "(TensorBoardSink, WandbSink, ...)"
+            f"cannot tell the log format of {text!r} ({'suffix ' + repr(path.suffix) if path.suffix else 'no suffix'}): "
+            "use a .jsonl or .csv path, or a Sink object (TensorBoardSink, WandbSink, ...)"
+        )
+    if hasattr(spec, "write") and not callable(spec):
+        raise DeadReluError(
+            f"a sink must be {_SINK_FORMS}, not a {type(spec).__name__} with a write() method: wrap an open "
+            "text stream as JSONLSink(stream) or CSVSink(stream), or subclass deadrelu.monitor.sinks.Sink"
         )
     if callable(spec):
         return CallbackSink(spec)
-    raise DeadReluError(f"a sink must be a Sink, a .jsonl/.csv path or a callable, not {type(spec).__name__}")
+    raise DeadReluError(f"a sink must be {_SINK_FORMS}, not {_short(spec)}")
+
+
+def as_sinks(spec: Any) -> list[Sink]:
+    """Turn the monitor's ``sinks=`` option into sinks: one sink (a :class:`Sink`, a ``.jsonl``/``.csv``
+    path or a callable) or an iterable of them; None means none. Nothing is opened or written.
+
+    Raises:
+        DeadReluError: for an entry :func:`as_sink` refuses (the message names its index) or an
+            option that is neither a sink nor an iterable of sinks.
+
+    Example:
+        >>> [s.name for s in as_sinks("health.jsonl")], [s.name for s in as_sinks(["a.csv", print])]
+        (['JSONLSink(health.jsonl)'], ['CSVSink(a.csv)', 'CallbackSink(print)'])
+    """
+    if spec is None:
+        return []
+    if isinstance(spec, (Sink, str, os.PathLike)) or hasattr(spec, "write"):
+        return [as_sink(spec)]  # one sink, not the characters of a path or the lines of a stream
+    if isinstance(spec, (bytes, bytearray)):
+        raise DeadReluError(f"sinks must be {_SINK_FORMS}, or a list of them; got {_short(spec)} (pass a path as str)")
+    if isinstance(spec, Mapping):
+        raise DeadReluError(f"sinks must be {_SINK_FORMS}, or a list of them; got a mapping ({type(spec).__name__})")
+    try:
+        entries = list(spec)
+    except TypeError:
+        if callable(spec):
+            return [as_sink(spec)]
+        raise DeadReluError(f"sinks must be {_SINK_FORMS}, or a list of them; got {_short(spec)}") from None
+    out = []
+    for i, entry in enumerate(entries):
+        try:
+            out.append(as_sink(entry))
+        except DeadReluError as err:
+            raise type(err)(f"sinks[{i}]: {err}") from err.__cause__
+    return out

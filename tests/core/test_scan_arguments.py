@@ -1,0 +1,156 @@
+"""Bad ``unit_dim`` and ``device`` options of ``deadrelu.scan``: one clear DeadReluError, raised before
+any batch runs, naming what is wrong, and the model left as it was."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import deadrelu
+from deadrelu.core.unit_axis import checked_unit_dim
+from deadrelu.errors import DeadReluError, ForwardError
+
+
+class Counting(nn.Module):
+    """Linear -> functional ReLU -> Linear, counting its forward calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 6), nn.Linear(6, 2)
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.fc2(F.relu(self.fc1(x)))
+
+
+def state(model: nn.Module) -> tuple:
+    return (
+        {k: v.clone() for k, v in model.state_dict().items()},
+        [m.training for m in model.modules()],
+        [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()],
+    )
+
+
+def assert_same(before: tuple, after: tuple) -> None:
+    assert before[0].keys() == after[0].keys()
+    assert all(torch.equal(before[0][k], after[0][k]) for k in before[0])
+    assert before[1:] == after[1:]
+
+
+def refused(model: nn.Module, match: str, **options) -> DeadReluError:
+    """Scan with bad options: a DeadReluError (not a ForwardError) before the first forward; nothing changed."""
+    before = state(model)
+    calls = getattr(model, "calls", 0)
+    with pytest.raises(DeadReluError, match=match) as info:
+        deadrelu.scan(model, torch.randn(10, 4), **options)
+    assert not isinstance(info.value, ForwardError)
+    assert getattr(model, "calls", 0) == calls
+    assert_same(before, state(model))
+    return info.value
+
+
+FORMS = r"unit_dim must be an int \(every site\), a mapping \{module path or site name: int\}, or a callable"
+
+
+@pytest.mark.parametrize(
+    "spec, match",
+    [
+        ("x", FORMS + r".*; got str 'x'"),
+        (1.5, FORMS + r".*; got float 1.5"),
+        (True, FORMS + r".*; got bool True"),
+        ([1], FORMS + r".*; got list \[1\]"),
+        (object(), FORMS + r".*; got object <object"),
+        ({"fc1": "a"}, r"unit_dim\['fc1'\] must be an int dimension \(or None\), got 'a'"),
+        ({"fc1": 1.0}, r"unit_dim\['fc1'\] must be an int dimension \(or None\), got 1.0"),
+        ({0: 1}, r"unit_dim mapping keys must be module paths or site names \(text\), got int 0"),
+    ],
+    ids=["str", "float", "bool", "list", "object", "dict-str-value", "dict-float-value", "dict-int-key"],
+)
+def test_unit_dim_of_the_wrong_type_is_refused_before_any_batch(spec, match):
+    refused(Counting(), match, unit_dim=spec)
+
+
+def test_a_raising_unit_dim_callable_is_named_as_the_callable_not_the_model():
+    def pick_axis(info):
+        raise KeyError("no rule for this site")
+
+    err = refused_after_forward(Counting(), unit_dim=pick_axis)
+    message = str(err)
+    assert message.startswith("the unit_dim callable ")
+    assert "pick_axis raised KeyError for activation site <root> (relu, call 1" in message
+    assert "shape (10, 6)" in message and "no rule for this site" in message
+    assert "the model raised" not in message
+    assert isinstance(err.__cause__, KeyError)
+
+
+def test_a_raising_unit_dim_callable_on_a_module_site_names_that_module():
+    net = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
+    err = refused_after_forward(net, unit_dim=lambda info: 1 // 0)
+    assert "the unit_dim callable " in str(err) and "raised ZeroDivisionError for activation site 1 (relu, call 1" in str(err)
+    assert isinstance(err.__cause__, ZeroDivisionError)
+
+
+def test_a_unit_dim_callable_returning_a_non_int_is_named():
+    err = refused_after_forward(Counting(), unit_dim=lambda info: "last")
+    assert "returned 'last' for activation site <root> (relu" in str(err)
+    assert "it must return an int dimension or None" in str(err)
+
+
+def refused_after_forward(model: nn.Module, **options) -> DeadReluError:
+    """A callable can only fail once a site exists: a DeadReluError (not a ForwardError); nothing changed."""
+    before = state(model)
+    with pytest.raises(DeadReluError) as info:
+        deadrelu.scan(model, torch.randn(10, 4), **options)
+    assert not isinstance(info.value, ForwardError)
+    assert_same(before, state(model))
+    return info.value
+
+
+def test_good_unit_dim_specs_still_work():
+    x = torch.randn(10, 4)
+    for spec in (None, -1, 1, {"<root>:relu": 1}, {"<root>:relu": None}, lambda info: None, lambda info: 1):
+        site = deadrelu.scan(Counting(), x, unit_dim=spec).sites[0]
+        assert (site.unit_dim, site.units) == (1, 6)
+    assert deadrelu.scan(Counting(), x, unit_dim=0).sites[0].units == 10
+    np = pytest.importorskip("numpy")
+    assert checked_unit_dim(np.int64(1)) == 1 and type(checked_unit_dim(np.int64(1))) is int
+    assert checked_unit_dim({"a": np.int32(-1)}) == {"a": -1}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize("device", ["cuda", "cuda:0", torch.device("cuda", 1)])
+def test_cuda_without_cuda_is_refused_up_front(device):
+    err = refused(Counting(), "is not available: this machine has no usable CUDA device", device=device)
+    assert f"device={device!r}" in str(err)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_cuda_index_beyond_the_machine_is_refused_up_front():
+    n = torch.cuda.device_count()
+    refused(Counting(), rf"device='cuda:{n}' is not available: this machine has {n} CUDA device", device=f"cuda:{n}")
+
+
+@pytest.mark.parametrize("device", ["gpu0", "cuda:x", ""])
+def test_a_malformed_device_name_is_refused_up_front(device):
+    refused(Counting(), rf"device={device!r} is not a device name \(e.g. 'cpu', 'cuda', 'cuda:0'\)", device=device)
+
+
+@pytest.mark.parametrize("device", [1.5, True, ["cpu"]])
+def test_a_device_of_the_wrong_type_is_refused_up_front(device):
+    refused(Counting(), "device must be a torch.device, a device name such as 'cpu' or 'cuda:0', or None", device=device)
+
+
+def test_the_meta_device_is_refused_up_front():
+    refused(Counting(), "device='meta' holds no values", device="meta")
+
+
+def test_cpu_devices_still_work():
+    x = torch.randn(10, 4)
+    reports = []
+    for device in (None, "cpu", torch.device("cpu"), "cpu:0"):
+        torch.manual_seed(0)
+        reports.append(deadrelu.scan(Counting(), x, device=device).to_dict()["sites"])
+    assert all(r == reports[0] for r in reports)

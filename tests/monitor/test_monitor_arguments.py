@@ -1,0 +1,126 @@
+"""Bad ``sinks`` and ``unit_dim`` options of ``deadrelu.Monitor``: one clear DeadReluError, raised when the
+monitor is made (before any hook is attached or file written), and a single sink taken as a list of one."""
+
+from __future__ import annotations
+
+import io
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import deadrelu
+from deadrelu.errors import DeadReluError
+from deadrelu.monitor.sinks import CallbackSink, CSVSink, JSONLSink, as_sinks
+
+
+def net() -> nn.Sequential:
+    return nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
+
+
+def hooks(model: nn.Module) -> list[tuple[int, int]]:
+    return [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()]
+
+
+def train(mon: deadrelu.Monitor, model: nn.Module, steps: int = 2) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", deadrelu.monitor.DeadUnitWarning)
+        with mon:
+            for _ in range(steps):
+                model(torch.randn(8, 4)).sum().backward()
+                mon.step()
+
+
+def files(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+# -- one sink stands for a list of one ---------------------------------------------------------
+@pytest.mark.parametrize("as_path", [str, Path], ids=["str", "Path"])
+def test_a_single_path_is_one_sink(tmp_path: Path, as_path):
+    model = net()
+    mon = deadrelu.Monitor(model, sinks=as_path(tmp_path / "h.jsonl"), window=2, log_every=2)
+    assert [type(s) for s in mon.sinks] == [JSONLSink]
+    train(mon, model)
+    lines = (tmp_path / "h.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [2]
+    assert files(tmp_path) == ["h.jsonl"]
+
+
+def test_a_single_sink_object_or_callable_is_one_sink(tmp_path: Path):
+    sink = CSVSink(tmp_path / "h.csv")
+    assert deadrelu.Monitor(net(), sinks=sink).sinks == [sink]
+    seen: list = []
+    mon = deadrelu.Monitor(net(), sinks=seen.append)
+    assert [type(s) for s in mon.sinks] == [CallbackSink]
+    assert deadrelu.Monitor(net(), sinks=None).sinks == []
+    assert [s.name for s in as_sinks(p for p in ("a.jsonl", "b.csv"))] == ["JSONLSink(a.jsonl)", "CSVSink(b.csv)"]
+
+
+# -- every other wrong value: one clear error, nothing attached, nothing written -------------------
+WRONG_SINKS = {
+    "int": (lambda d: 5, r"^sinks must be a Sink, a \.jsonl/\.csv path or a callable, or a list of them; got int 5$"),
+    "None in list": (
+        lambda d: [str(d / "ok.jsonl"), None],
+        r"^sinks\[1\]: a sink must be a Sink, a \.jsonl/\.csv path or a callable, not None$",
+    ),
+    "int in list": (lambda d: [42], r"^sinks\[0\]: a sink must be a Sink, .* not int 42$"),
+    "directory": (lambda d: [d], r"^sinks\[0\]: cannot log to '.*': it is a directory; name a file in it ending in \.jsonl or \.csv"),
+    "single directory": (lambda d: str(d), r"^cannot log to '.*': it is a directory; .*TensorBoardSink"),
+    "unknown suffix": (lambda d: [d / "h.txt"], r"^sinks\[0\]: cannot tell the log format of '.*h\.txt' \(suffix '\.txt'\)"),
+    "no suffix": (lambda d: str(d / "health"), r"^cannot tell the log format of '.*health' \(no suffix\)"),
+    "missing folder": (lambda d: [d / "nope" / "h.jsonl"], r"^sinks\[0\]: cannot log to .*: the folder .*nope does not exist"),
+    "empty path": (lambda d: "", r"^a sink path must be a non-empty text path"),
+    "bytes": (lambda d: b"h.jsonl", r"^sinks must be .*; got bytes b'h\.jsonl' \(pass a path as str\)"),
+    "stream": (lambda d: io.StringIO(), r"^a sink must be .* not a StringIO with a write\(\) method: .*JSONLSink\(stream\)"),
+    "stream in list": (lambda d: [io.StringIO()], r"^sinks\[0\]: a sink must be .*JSONLSink\(stream\) or CSVSink\(stream\)"),
+    "mapping": (lambda d: {"h.jsonl": 1}, r"^sinks must be .*; got a mapping \(dict\)"),
+}
+
+
+@pytest.mark.parametrize("make, match", WRONG_SINKS.values(), ids=list(WRONG_SINKS))
+def test_wrong_sinks_are_one_clear_error_before_anything_is_written(tmp_path: Path, make, match):
+    (tmp_path / "keep.jsonl").write_text('{"step": 1}\n')
+    before = files(tmp_path)
+    model = net()
+    with pytest.raises(DeadReluError, match=match):
+        deadrelu.Monitor(model, sinks=make(tmp_path))
+    assert files(tmp_path) == before and (tmp_path / "keep.jsonl").read_text() == '{"step": 1}\n'
+    assert all(h == (0, 0) for h in hooks(model))
+
+
+# -- unit_dim ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "spec, match",
+    [
+        ("x", r"unit_dim must be an int \(every site\), .*; got str 'x'"),
+        (2.0, r"unit_dim must be an int \(every site\), .*; got float 2.0"),
+        ({"1": "last"}, r"unit_dim\['1'\] must be an int dimension \(or None\), got 'last'"),
+        (object(), r"unit_dim must be an int .*; got object"),
+    ],
+    ids=["str", "float", "dict-str-value", "object"],
+)
+def test_unit_dim_of_the_wrong_type_is_refused_when_the_monitor_is_made(tmp_path: Path, spec, match):
+    model = net()
+    with pytest.raises(DeadReluError, match=match):
+        deadrelu.Monitor(model, unit_dim=spec, sinks=[tmp_path / "h.jsonl"])
+    assert files(tmp_path) == [] and all(h == (0, 0) for h in hooks(model))
+
+
+def test_a_raising_unit_dim_callable_is_named_as_the_callable_and_the_hooks_go(tmp_path: Path):
+    def pick_axis(info):
+        raise IndexError("no axis rule")
+
+    model = net()
+    mon = deadrelu.Monitor(model, unit_dim=pick_axis, window=2, sinks=[tmp_path / "h.jsonl"])
+    with pytest.raises(DeadReluError) as info:
+        train(mon, model)
+    message = str(info.value)
+    assert message.startswith("the unit_dim callable ") and "pick_axis raised IndexError" in message
+    assert "activation site 1 (relu, call 1" in message and "no axis rule" in message
+    assert isinstance(info.value.__cause__, IndexError)
+    assert not mon.attached and all(h == (0, 0) for h in hooks(model))
+    assert (tmp_path / "h.jsonl").read_text() == ""  # opened at attach, no record written
