@@ -9,7 +9,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import deadrelu
-from deadrelu.core.unit_axis import checked_unit_dim
+from deadrelu.core.capture import checked_unit_dim
 from deadrelu.errors import DeadReluError, ForwardError
 
 
@@ -65,7 +65,7 @@ FORMS = r"unit_dim must be an int \(every site\), a mapping \{module path or sit
         (object(), FORMS + r".*; got object <object"),
         ({"fc1": "a"}, r"unit_dim\['fc1'\] must be an int dimension \(or None\), got 'a'"),
         ({"fc1": 1.0}, r"unit_dim\['fc1'\] must be an int dimension \(or None\), got 1.0"),
-        ({0: 1}, r"unit_dim mapping keys must be module paths or site names \(text\), got int 0"),
+        ({0: 1}, r"unit_dim mapping keys must be module paths or site names \(text\), got 0"),
     ],
     ids=["str", "float", "bool", "list", "object", "dict-str-value", "dict-float-value", "dict-int-key"],
 )
@@ -95,8 +95,8 @@ def test_a_raising_unit_dim_callable_on_a_module_site_names_that_module():
 
 def test_a_unit_dim_callable_returning_a_non_int_is_named():
     err = refused_after_forward(Counting(), unit_dim=lambda info: "last")
-    assert "returned 'last' for activation site <root> (relu" in str(err)
-    assert "it must return an int dimension or None" in str(err)
+    assert "unit_dim gave 'last' for activation site <root> (relu" in str(err)
+    assert "it must be an int dimension or None" in str(err)
 
 
 def refused_after_forward(model: nn.Module, **options) -> DeadReluError:
@@ -154,3 +154,23 @@ def test_cpu_devices_still_work():
         torch.manual_seed(0)
         reports.append(deadrelu.scan(Counting(), x, device=device).to_dict()["sites"])
     assert all(r == reports[0] for r in reports)
+
+
+def test_a_raising_threshold_callable_is_named_as_the_callable_not_the_model():
+    def pick_threshold(info):
+        raise LookupError("no such layer")
+
+    with pytest.raises(DeadReluError) as caught:
+        deadrelu.scan(Counting(), torch.randn(4, 4), threshold=pick_threshold)
+    message = str(caught.value)
+    assert message.startswith("the threshold callable ") and "pick_threshold raised LookupError" in message
+    assert "the model raised" not in message and isinstance(caught.value.__cause__, LookupError)
+    with pytest.raises(DeadReluError, match=r"threshold gave 'high' for activation site"):
+        deadrelu.scan(Counting(), torch.randn(4, 4), threshold=lambda info: "high")
+    with pytest.raises(DeadReluError, match=r"^threshold must be a number \(or the option a mapping or a callable\), got 'x'$"):
+        deadrelu.scan(Counting(), torch.randn(4, 4), threshold="x")
+
+
+def test_a_probe_checks_unit_dim_when_made():
+    with pytest.raises(DeadReluError, match=FORMS):
+        deadrelu.Probe(Counting(), unit_dim="x")

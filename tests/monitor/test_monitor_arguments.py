@@ -124,3 +124,18 @@ def test_a_raising_unit_dim_callable_is_named_as_the_callable_and_the_hooks_go(t
     assert isinstance(info.value.__cause__, IndexError)
     assert not mon.attached and all(h == (0, 0) for h in hooks(model))
     assert (tmp_path / "h.jsonl").read_text() == ""  # opened at attach, no record written
+
+
+def test_a_monitor_never_attached_says_so():
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU())
+    mon = deadrelu.Monitor(model)
+    with pytest.warns(UserWarning, match="never attached"):
+        model(torch.randn(2, 3)).sum().backward()
+        mon.step()
+    mon.step()  # warned once
+    with pytest.raises(deadrelu.errors.NoActivationSitesError, match="never attached.*attach\\(\\)"):
+        mon.report()
+    with mon:
+        model(torch.randn(2, 3)).sum().backward()
+        mon.step()
+        assert mon.report("total").sites[0].observations == 2

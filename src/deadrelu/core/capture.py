@@ -70,6 +70,7 @@ import contextlib
 import inspect
 import itertools
 import math
+import operator
 import sys
 import threading
 from dataclasses import dataclass, field
@@ -371,7 +372,7 @@ class ActivationCapture:
         if not isinstance(model, nn.Module):
             raise DeadReluError(f"expected a torch.nn.Module, got {type(model).__name__}")
         self.model = model
-        self.unit_dim_spec = unit_dim
+        self.unit_dim_spec = checked_unit_dim(unit_dim)
         check_threshold_spec(threshold)
         self.threshold_spec = threshold
         self.stats_factory = stats_factory or (lambda units, thr, device: UnitStats(units, thr, device))
@@ -992,23 +993,49 @@ def _lookup(spec: Mapping[str, Any], info: SiteInfo) -> Any:
     return None
 
 
+def _option_value(option: str, spec: Any, info: SiteInfo) -> Any:
+    """What a ``unit_dim``/``threshold`` option gives for one site: a mapping's entry, or a
+    callable's answer — whose failure is reported as the callable's, naming the site, and never
+    as the model's (it runs inside the model's forward)."""
+    if isinstance(spec, Mapping):
+        return _lookup(spec, info)
+    try:
+        return spec(info)
+    except DeadReluError:
+        raise
+    except Exception as err:
+        name = getattr(spec, "__qualname__", type(spec).__name__)
+        raise DeadReluError(
+            f"the {option} callable {name} raised {type(err).__name__} for activation site {_describe(info)} "
+            f"with shape {info.shape}: {err}"
+        ) from err
+
+
+def _as_index(value: Any) -> int | None:
+    """``value`` as an int (Python or NumPy integers, not bools), else None."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
 def resolve_unit_dim(spec: UnitDimSpec | None, info: SiteInfo, ndim: int, default: int) -> int:
     """The unit dimension a ``unit_dim`` option gives for one site (``default`` where it gives none).
 
     Raises:
-        DeadReluError: when the dimension does not exist in the site's output.
+        DeadReluError: when the dimension does not exist in the site's output, or a callable
+            raises or returns something other than an int or None.
     """
-    dim: int | None
-    if spec is None:
-        dim = None
-    elif isinstance(spec, int):
-        dim = spec
-    elif isinstance(spec, Mapping):
-        dim = _lookup(spec, info)
-    else:
-        dim = spec(info)
-    if dim is None:
+    given = spec if spec is None or isinstance(spec, int) else _option_value("unit_dim", spec, info)
+    if given is None:
         return default
+    dim = _as_index(given)
+    if dim is None:
+        raise DeadReluError(
+            f"unit_dim gave {given!r} for activation site {_describe(info)}: it must be an int dimension or None"
+        )
     if ndim == 0 or not -ndim <= dim < ndim:
         raise DeadReluError(
             f"unit_dim {dim} is out of range for activation site {_describe(info)} with shape {info.shape}"
@@ -1034,16 +1061,61 @@ def resolve_threshold(spec: ThresholdSpec, info: SiteInfo) -> float:
     """The firing threshold a ``threshold`` option gives for one site (0.0 where it gives none).
 
     Raises:
-        DeadReluError: for a NaN threshold (no value is ``> nan``: every unit would look dead).
+        DeadReluError: for a NaN threshold (no value is ``> nan``: every unit would look dead),
+            or a callable that raises or returns something other than a number or None.
     """
-    if isinstance(spec, (int, float)):
-        thr: Any = spec
-    else:
-        thr = _lookup(spec, info) if isinstance(spec, Mapping) else spec(info)
-    value = 0.0 if thr is None else float(thr)
+    thr = spec if isinstance(spec, (int, float)) else _option_value("threshold", spec, info)
+    try:
+        value = 0.0 if thr is None else float(thr)
+    except (TypeError, ValueError):
+        raise DeadReluError(
+            f"threshold gave {thr!r} for activation site {_describe(info)}: it must be a number or None"
+        ) from None
     if math.isnan(value):
         raise DeadReluError(f"the firing threshold for activation site {_describe(info)} is NaN: no output is > NaN")
     return value
+
+
+_UNIT_DIM_FORMS = "an int (every site), a mapping {module path or site name: int}, or a callable SiteInfo -> int | None"
+
+
+def checked_unit_dim(spec: Any) -> Any:
+    """The ``unit_dim`` option, checked before any forward pass: None, an int, a mapping of
+    text to ints (or None) or a callable. Only whether a dimension exists is left to each site
+    (it depends on the site's rank).
+
+    Returns:
+        The option with NumPy integers made ints.
+
+    Raises:
+        DeadReluError: for text, a float, a bool, or a mapping with other keys or values.
+
+    Example:
+        >>> checked_unit_dim(-1), checked_unit_dim({"block.act": 2})
+        (-1, {'block.act': 2})
+        >>> checked_unit_dim("x")
+        Traceback (most recent call last):
+        ...
+        deadrelu.errors.DeadReluError: unit_dim must be an int (every site), ...; got str 'x'
+    """
+    if spec is None:
+        return None
+    dim = _as_index(spec)
+    if dim is not None:
+        return dim
+    if isinstance(spec, Mapping):
+        out: dict[str, int | None] = {}
+        for key, value in spec.items():
+            if not isinstance(key, str):
+                raise DeadReluError(f"unit_dim mapping keys must be module paths or site names (text), got {key!r}")
+            dim = _as_index(value)
+            if dim is None and value is not None:
+                raise DeadReluError(f"unit_dim[{key!r}] must be an int dimension (or None), got {value!r}")
+            out[key] = dim
+        return out
+    if callable(spec):
+        return spec
+    raise DeadReluError(f"unit_dim must be {_UNIT_DIM_FORMS}; got {type(spec).__name__} {spec!r:.80}")
 
 
 def check_threshold_spec(spec: Any) -> None:
@@ -1052,16 +1124,21 @@ def check_threshold_spec(spec: Any) -> None:
     Raises:
         DeadReluError: naming the key whose threshold is NaN, +inf or not a number.
     """
-    values = spec.items() if isinstance(spec, Mapping) else [("threshold", spec)] if not callable(spec) else []
-    for key, value in values:
+    if isinstance(spec, Mapping):
+        values = [(f"threshold[{key!r}]", value) for key, value in spec.items()]
+    elif callable(spec):
+        values = []
+    else:
+        values = [("threshold", spec)]
+    for name, value in values:
         try:
             number = float(value)
         except (TypeError, ValueError):
-            raise DeadReluError(f"threshold {key!r} must be a number, got {value!r}") from None
-        if math.isnan(number) or number == math.inf:
             raise DeadReluError(
-                f"threshold {key!r} is {number}: no output is > {number}, so every unit would look dead"
-            )
+                f"{name} must be a number (or the option a mapping or a callable), got {value!r}"
+            ) from None
+        if math.isnan(number) or number == math.inf:
+            raise DeadReluError(f"{name} is {number}: no output is > {number}, so every unit would look dead")
 
 
 def _describe(info: SiteInfo) -> str:

@@ -34,11 +34,10 @@ from .inputs import (
     to_device,
     whole_batch_size,
 )
-from .capture import ActivationCapture, ThresholdSpec, UnitDimSpec, is_compiled_wrapper
+from .capture import ActivationCapture, ThresholdSpec, UnitDimSpec, checked_unit_dim, is_compiled_wrapper
 from ..errors import DataError, DeadReluError, ForwardError, NoActivationSitesError
 from .report import Report, SiteReport, Levels, model_fingerprint
 from .stats import UnitStats, UnitTotals
-from .unit_axis import checked_unit_dim
 
 __all__ = ["scan", "Probe", "report_from_capture"]
 

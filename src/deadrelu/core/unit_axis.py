@@ -15,19 +15,16 @@ matmul, convolution, embedding, recurrent layers) start a new one. See
 
 from __future__ import annotations
 
-import operator
 import weakref
-from collections.abc import Mapping
 from typing import Any
 
 import torch
 
-from ..errors import DeadReluError
 from .activations import ACTIVATION_FUNCTIONS
 
 __all__ = [
     "ACT", "PRODUCER", "TRANSPOSE", "PERMUTE", "RESHAPE", "NORM", "GENERIC",
-    "AxisTable", "function_kind", "kind_of", "reshaped_axis", "carried_axis", "moved_axis", "checked_unit_dim",
+    "AxisTable", "function_kind", "kind_of", "reshaped_axis", "carried_axis", "moved_axis",
 ]  # fmt: skip
 
 # -- what each torch function does to the feature axis -----------------------------------------
@@ -263,107 +260,3 @@ class AxisTable:
                 self.set(o, axis, rule)
             if rule != "producer:RNN":
                 break  # conv/linear return one tensor; an RNN returns (output, h_n[, c_n])
-
-
-# -- the unit_dim option, checked before any forward pass --------------------------------------
-_UNIT_DIM_FORMS = (
-    "an int (every site), a mapping {module path or site name: int}, or a callable SiteInfo -> int | None"
-)
-
-
-def _as_dim(value: Any) -> int | None:
-    """``value`` as an int dimension (Python or NumPy integers; not bools), else None."""
-    if isinstance(value, bool):
-        return None
-    try:
-        return operator.index(value)
-    except TypeError:
-        return None
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
-def _site_words(info: Any) -> str:
-    """A site as the capture's messages name it: module path, function, call and source line."""
-    where = getattr(info, "module", "") or "<root>"
-    function, call = getattr(info, "function", "?"), getattr(info, "call", 0)
-    location = getattr(info, "location", "")
-    return f"{where} ({function}, call {call + 1}{', ' + location if location else ''})"
-
-
-class _CheckedUnitDim:
-    """A user's ``unit_dim`` callable whose failures are reported as its own, naming the site."""
-
-    def __init__(self, fn: Any) -> None:
-        self.fn = fn
-        self.name = getattr(fn, "__qualname__", type(fn).__name__)
-
-    def __call__(self, info: Any) -> int | None:
-        try:
-            dim = self.fn(info)
-        except DeadReluError:
-            raise
-        except Exception as err:  # the user's callable, not the model: say so, keep the original as __cause__
-            raise DeadReluError(
-                f"the unit_dim callable {self.name} raised {type(err).__name__} for activation site "
-                f"{_site_words(info)} with shape {getattr(info, 'shape', '?')}: {err}"
-            ) from err
-        if dim is None:
-            return None
-        checked = _as_dim(dim)
-        if checked is None:
-            raise DeadReluError(
-                f"the unit_dim callable {self.name} returned {_short(dim)} for activation site {_site_words(info)}: "
-                "it must return an int dimension or None (the default axis)"
-            )
-        return checked
-
-    def __repr__(self) -> str:
-        return f"checked({self.fn!r})"
-
-
-def checked_unit_dim(spec: Any) -> Any:
-    """The ``unit_dim`` option of a scan or monitor, checked before any forward pass.
-
-    Only whether a dimension exists is left to each site (it depends on the site's rank). A
-    callable is wrapped so that its failure is reported as the callable's, naming the site,
-    with the original exception as ``__cause__`` (not as the model's failure).
-
-    Returns:
-        The option as the capture takes it: None, an int, a dict of ints (or None), or the callable wrapped.
-
-    Raises:
-        DeadReluError: for a spec of another type (text, a float, a bool), a mapping whose keys
-            are not text or whose values are not ints (or None).
-
-    Example:
-        >>> checked_unit_dim(-1), checked_unit_dim({"block.act": 2})
-        (-1, {'block.act': 2})
-        >>> checked_unit_dim("x")
-        Traceback (most recent call last):
-        ...
-        deadrelu.errors.DeadReluError: unit_dim must be an int (every site), ...; got str 'x'
-    """
-    if spec is None or isinstance(spec, _CheckedUnitDim):
-        return spec
-    dim = _as_dim(spec)
-    if dim is not None:
-        return dim
-    if isinstance(spec, Mapping):
-        out: dict[str, int | None] = {}
-        for key, value in spec.items():
-            if not isinstance(key, str):
-                raise DeadReluError(
-                    f"unit_dim mapping keys must be module paths or site names (text), got {type(key).__name__} {_short(key)}"
-                )
-            dim = None if value is None else _as_dim(value)
-            if dim is None and value is not None:
-                raise DeadReluError(f"unit_dim[{key!r}] must be an int dimension (or None), got {_short(value)}")
-            out[key] = dim
-        return out
-    if callable(spec) and not isinstance(spec, (str, bytes)):
-        return _CheckedUnitDim(spec)
-    raise DeadReluError(f"unit_dim must be {_UNIT_DIM_FORMS}; got {type(spec).__name__} {_short(spec)}")

@@ -23,7 +23,7 @@ from typing import Any
 
 from .._imports import available, require
 from ..monitor.monitor import LogRecord, Monitor
-from ..monitor.sinks import Sink, record_metrics
+from ..monitor.sinks import Sink, as_sinks, record_metrics
 
 if available("lightning"):
     _pl = require("lightning.pytorch", "lightning")
@@ -77,7 +77,7 @@ class DeadReluCallback(_pl.Callback):
         if stage != "fit":
             return
         kwargs = dict(self.monitor_kwargs)
-        sinks = list(kwargs.pop("sinks", ()))
+        sinks = as_sinks(kwargs.pop("sinks", ()))
         if self.log_to_trainer:
             sinks.append(_TrainerLoggers(trainer))
         self.monitor = Monitor(pl_module, sinks=sinks, **kwargs)

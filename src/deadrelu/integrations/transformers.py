@@ -25,7 +25,7 @@ from typing import Any
 
 from .._imports import require
 from ..monitor.monitor import LogRecord, Monitor
-from ..monitor.sinks import Sink, record_metrics
+from ..monitor.sinks import Sink, as_sinks, record_metrics
 
 _tf = require("transformers", "transformers")
 
@@ -82,7 +82,7 @@ class DeadReluTrainerCallback(_tf.TrainerCallback):
         kwargs_ = dict(self.monitor_kwargs)
         if getattr(args, "torch_compile", False) is True:
             kwargs_.setdefault("compiled", True)  # the Trainer compiles the model after this callback attaches
-        sinks = list(kwargs_.pop("sinks", ()))
+        sinks = as_sinks(kwargs_.pop("sinks", ()))
         if self.log_to_trainer:
             sinks.append(self._pending)
         self.monitor = Monitor(model, sinks=sinks, **kwargs_)

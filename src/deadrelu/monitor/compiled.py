@@ -32,6 +32,7 @@ from ..core.capture import (
     ThresholdSpec,
     UnitDimSpec,
     check_threshold_spec,
+    checked_unit_dim,
     resolve_threshold,
     resolve_unit_dim,
 )
@@ -138,7 +139,7 @@ class ModuleCapture:
 
     def __init__(self, model: nn.Module, *, unit_dim: UnitDimSpec, threshold: ThresholdSpec, window: int) -> None:
         self.model = model
-        self.unit_dim_spec = unit_dim
+        self.unit_dim_spec = checked_unit_dim(unit_dim)
         check_threshold_spec(threshold)
         self.threshold_spec = threshold
         self.window = window

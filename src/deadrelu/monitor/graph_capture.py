@@ -76,6 +76,7 @@ from ..core.capture import (
     eager_modules,
     next_site_order,
     check_threshold_spec,
+    checked_unit_dim,
     resolve_threshold,
     same_function_ordinal,
 )
@@ -419,7 +420,7 @@ class GraphCapture:
         refuse_mask(mask)
         self.mask_spec = mask
         self.model = model
-        self.unit_dim_spec = unit_dim
+        self.unit_dim_spec = checked_unit_dim(unit_dim)
         check_threshold_spec(threshold)
         self.threshold_spec = threshold
         self.window = window

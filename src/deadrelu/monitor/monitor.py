@@ -46,6 +46,7 @@ from ..core.capture import (
     ActivationCapture,
     ThresholdSpec,
     UnitDimSpec,
+    checked_unit_dim,
     compiled_blocks,
     copy_safe_hook,
     display_names,
@@ -59,7 +60,6 @@ from .records import Alert, Event, EventSummary, History, HistoryRow, LogRecord,
 from .sinks import Sink, SinkError, SinkWarning, as_sinks
 from ..core.inputs import first_tensor, iter_tensors
 from ..core.stats import UnitTotals
-from ..core.unit_axis import checked_unit_dim
 
 __all__ = [
     "Monitor",
@@ -74,6 +74,11 @@ __all__ = [
 ]
 
 Schedule = Union[int, Callable[[int], bool]]
+
+_NEVER_ATTACHED = (
+    "the monitor was never attached, so it has observed nothing: use `with deadrelu.Monitor(model, ...) as mon:` "
+    "or `mon = deadrelu.Monitor(model, ...).attach()` before training"
+)
 SinkSpec = Union[Sink, str, os.PathLike, Callable[[LogRecord], Any]]
 
 ADVICE_BORN_DEAD = (
@@ -336,6 +341,8 @@ class Monitor:
         self._name_ident: dict[str, Any] = {}  # every display name a site has had -> the site
         self._ident_name: dict[Any, str] = {}  # the site -> its name at the last evaluation
 
+    _ever_attached = False  # set by attach(); a monitor never attached says so instead of "no activation yet"
+
     # -- lifecycle -------------------------------------------------------------------------
     def attach(self) -> "Monitor":
         """Register the hooks and open the sinks (no-op when already attached).
@@ -346,6 +353,7 @@ class Monitor:
         """
         if self._gate_handle is not None:
             return self
+        self._ever_attached = True
         self._use_distributed()  # distributed=True without a process group fails here, before any hook
         # Runs before the capture's own root hook, so unobserved passes never enter the function mode.
         self._gate_handle = self.model.register_forward_pre_hook(copy_safe_hook(self._gate), prepend=True, with_kwargs=True)
@@ -542,6 +550,8 @@ class Monitor:
             loss: the step's loss (tensor or number) for the logs; kept on the device and
                 only read at evaluation time, so passing a tensor does not synchronise.
         """
+        if not self._ever_attached and self.steps == 0:
+            warnings.warn(_NEVER_ATTACHED + "; this step and the ones before were not observed", stacklevel=2)
         if isinstance(loss, torch.Tensor):
             loss = loss.detach()
         self._loss = loss
@@ -659,6 +669,8 @@ class Monitor:
         """
         states, samples = self._site_states(scopes)
         if not states:
+            if not self._ever_attached:
+                raise NoActivationSitesError(_NEVER_ATTACHED)
             hint = ""
             if self._op_asks_schedule:
                 hint = (
