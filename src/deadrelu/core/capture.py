@@ -556,15 +556,16 @@ class ActivationCapture:
             stance.__exit__(None, None, None)
 
     @contextlib.contextmanager
-    def forward_scope(self) -> Iterator[None]:
-        """Observe one forward pass run inside this block (used for TorchScript models)."""
+    def forward_scope(self, args: tuple[Any, ...] = (), kwargs: Mapping[str, Any] | None = None) -> Iterator[None]:
+        """Observe one forward pass run inside this block (used for TorchScript models, whose
+        calls no hook sees: ``args``/``kwargs`` are the call's, for its mask and samples)."""
         me = threading.get_ident()
         with self._lock:
             previous = self._owner
             if previous is not None and previous != me:
                 raise DeadReluError("another thread is running a forward pass observed by this capture")
             self._owner = me
-        self._begin_forward()
+        self._begin_forward(args, kwargs)
         self._fwd.stack.append(_Frame("", 0))
         self._enter_mode()
         try:

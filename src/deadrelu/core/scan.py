@@ -26,8 +26,6 @@ from .inputs import (
     describe_shapes,
     first_tensor,
     iter_batches,
-    mask_from_call,
-    mask_position,
     model_device,
     preserved_mode,
     resolve_mask,
@@ -264,7 +262,9 @@ def scan(
     mask_rows = None
     if isinstance(mask, torch.Tensor) and isinstance(data, torch.Tensor) and mask.ndim >= 1 and mask.shape[0] == data.shape[0]:
         mask_rows = iter(mask.split(batch_size))  # one mask row per sample: split like the data
-    capture = ActivationCapture(model, unit_dim=unit_dim, threshold=threshold, mask=False)
+    # Masks from the batch (or mask=) are set per batch below; by default the capture also reads
+    # one from the model call itself (input_fn's dict or tuple, an attention_mask passed positionally).
+    capture = ActivationCapture(model, unit_dim=unit_dim, threshold=threshold, mask=None if mask is None else False)
     bar = ProgressBar(progress, total, "deadrelu scan")
     with preserved_mode(model, train):
         if not capture.scripted:
@@ -292,16 +292,11 @@ def _run_batches(
 ) -> tuple[int, int]:
     """Feed each batch through the attached capture; return (batches, samples) seen."""
     batches = samples = 0
-    # By default the mask may also reach the model through the call itself (input_fn's dict or
-    # tuple, a tuple batch's element passed as the forward's attention_mask), as Probe reads it.
-    mask_at = mask_position(model.forward) if mask is None else None
     for batch in batches_iter:
         if max_batches is not None and batches >= max_batches:
             break
         capture.batch_mask = next(mask_rows) if mask_rows is not None else resolve_mask(mask, batch)
         args, kwargs = call_arguments(batch, input_fn)
-        if capture.batch_mask is None and mask is None:
-            capture.batch_mask = mask_from_call(None, args, kwargs, mask_at)
         args, kwargs = to_device(args, target), to_device(kwargs, target)
         first = first_tensor((args, kwargs))
         if first is None:
@@ -363,7 +358,7 @@ def _eager_module(model: nn.Module) -> nn.Module:
 
 
 def _forward(model: nn.Module, capture: ActivationCapture, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-    scope = capture.forward_scope() if capture.scripted else contextlib.nullcontext()
+    scope = capture.forward_scope(args, kwargs) if capture.scripted else contextlib.nullcontext()
     try:
         with scope:
             model(*args, **kwargs)
