@@ -73,6 +73,7 @@ import math
 import operator
 import sys
 import threading
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Mapping, Union
 
@@ -92,7 +93,7 @@ from .activations import (
     looks_like_activation,
 )
 from .hooks import copy_safe_hook, global_forward_hooks, is_deadrelu_hook, remove_inert_hooks
-from .inputs import aligned_mask, apply_mask, call_samples, mask_from_call, mask_position
+from .inputs import aligned_mask, apply_mask, call_samples, mask_from_call, mask_layout, mask_position
 from .unit_axis import ACT, PRODUCER, AxisTable, function_kind, kind_of
 from .stats import fused_on_cpu, release_scratch, UnitStats
 
@@ -169,6 +170,7 @@ class _Site:
     order: int  # first-seen position, for forward-execution order
     nonnegative: bool = False  # |h| = h for this activation
     takes_mask: bool = False  # its update() accepts mask=
+    layout: str | None = None  # how a (B, T) mask lay over it when B != T: read a square one the same way
 
 
 @dataclass
@@ -378,6 +380,9 @@ class ActivationCapture:
         self.stats_factory = stats_factory or (lambda units, thr, device: UnitStats(units, thr, device))
         self.mask_spec = mask
         self._mask_position = mask_position(model.forward)  # attention_mask passed positionally
+        # nn.MultiheadAttention / nn.Transformer*Layer with batch_first=False: a square mask is ambiguous
+        self._sequence_first = any(getattr(m, "batch_first", None) is False for m in model.modules())
+        self._warned_square = False
         self.batch_mask: torch.Tensor | None = None
         self.scripted = isinstance(model, torch.jit.ScriptModule)
         self.sites: dict[tuple[Any, ...], _Site] = {}
@@ -796,7 +801,7 @@ class ActivationCapture:
         if mask is not None:
             if not site.takes_mask:
                 return None
-            mask = aligned_mask(x, site.unit_dim, mask)
+            mask = aligned_mask(x, site.unit_dim, mask, self._square_layout(site, x, mask))
         self.last_site = site.info.module or "<root>"
         try:
             return fused(x, site.unit_dim, mask=mask, inplace=inplace)
@@ -831,10 +836,11 @@ class ActivationCapture:
         with torch._C.DisableTorchFunction():
             x, dim, mask = out, site.unit_dim, self._observation_mask(out)
             if mask is not None:
+                square = self._square_layout(site, out, mask)
                 if site.takes_mask:  # the accumulator skips masked values in place: no copy, no sync
-                    mask = aligned_mask(out, dim, mask)
+                    mask = aligned_mask(out, dim, mask, square)
                 else:  # a user's accumulator without mask=: hand it the kept values
-                    x, dim = apply_mask(out, dim, mask)
+                    x, dim = apply_mask(out, dim, mask, square)
                     mask = None
             try:
                 if mask is None:
@@ -845,6 +851,31 @@ class ActivationCapture:
                 raise  # the device is full: not a failure of deadrelu's statistics
             except Exception as err:
                 raise self._stats_error(site, out, err) from (None if isinstance(err, DeadReluError) else err)
+
+    def _square_layout(self, site: _Site, out: torch.Tensor, mask: torch.Tensor) -> str:
+        """How to read a square ``(B, T)`` mask (B = T fits a ``(B, T, C)`` and a ``(T, B, C)``
+        activation alike) at this site: as the site's activation lay under the last mask with
+        B != T. Before any such batch, as given — with a warning, once, where the mask is the
+        call's own ``attention_mask`` (``(B, T)`` by convention) and the model has a
+        sequence-first module (``batch_first=False``), so that guess may be wrong."""
+        if mask.ndim != 2:
+            return "leading"
+        if mask.shape[0] != mask.shape[1]:
+            layout = mask_layout(out.shape, site.unit_dim, mask.shape)
+            if layout is not None:
+                site.layout = layout
+            return "leading"
+        if site.layout is None and self.mask_spec is None and self._sequence_first and not self._warned_square:
+            self._warned_square = True
+            warnings.warn(
+                f"deadrelu: the observation mask is square ({mask.shape[0]} x {mask.shape[1]}) and the model has "
+                "sequence-first (batch_first=False) modules: it is laid over an activation's leading dims as "
+                "given (mask[i, j] on h[i, j]) until a batch with B != T shows how the activation lies; for "
+                "sequence-first activations pass the mask as (T, B) (e.g. mask=lambda b: b['attention_mask'].T)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        return site.layout or "leading"
 
     @staticmethod
     def _stats_error(site: _Site, out: torch.Tensor, err: Exception) -> DeadReluError:

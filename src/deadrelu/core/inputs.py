@@ -399,9 +399,12 @@ def mask_layout(
     return None
 
 
-def aligned_mask(x: torch.Tensor, unit_dim: int, mask: torch.Tensor | None) -> torch.Tensor | None:
+def aligned_mask(
+    x: torch.Tensor, unit_dim: int, mask: torch.Tensor | None, square: str = "leading"
+) -> torch.Tensor | None:
     """The ``(B, T)`` mask laid over the activation's leading dimensions (transposed for a
-    ``(T, B)`` activation), or None when it does not apply (see :func:`mask_layout`).
+    ``(T, B)`` activation), or None when it does not apply (see :func:`mask_layout`). A square
+    mask (B = T) fits both ways: ``square`` says which (``"leading"`` or ``"transposed"``).
 
     Accumulators take it as ``mask=`` and skip masked values in place: no copy of the
     activation, and no host sync on accelerators.
@@ -412,7 +415,7 @@ def aligned_mask(x: torch.Tensor, unit_dim: int, mask: torch.Tensor | None) -> t
     """
     if mask is None:
         return None
-    layout = mask_layout(x.shape, unit_dim, mask.shape)
+    layout = _square(mask_layout(x.shape, unit_dim, mask.shape), mask, square)
     if layout == "leading":
         return mask
     if layout == "transposed":
@@ -420,7 +423,16 @@ def aligned_mask(x: torch.Tensor, unit_dim: int, mask: torch.Tensor | None) -> t
     return None
 
 
-def apply_mask(x: torch.Tensor, unit_dim: int, mask: torch.Tensor | None) -> tuple[torch.Tensor, int]:
+def _square(layout: str | None, mask: torch.Tensor, square: str) -> str | None:
+    """``layout``, or ``square`` where the mask is square and fits the activation as it is."""
+    if layout == "leading" and mask.ndim == 2 and mask.shape[0] == mask.shape[1]:
+        return square
+    return layout
+
+
+def apply_mask(
+    x: torch.Tensor, unit_dim: int, mask: torch.Tensor | None, square: str = "leading"
+) -> tuple[torch.Tensor, int]:
     """The activation values at unmasked positions, with their unit dimension.
 
     A ``(B, T)`` mask selects along the activation's leading ``(B, T)`` (or ``(T, B)``, for B != T)
@@ -433,7 +445,7 @@ def apply_mask(x: torch.Tensor, unit_dim: int, mask: torch.Tensor | None) -> tup
     """
     if mask is None:
         return x, unit_dim
-    layout = mask_layout(x.shape, unit_dim, mask.shape)
+    layout = _square(mask_layout(x.shape, unit_dim, mask.shape), mask, square)
     if layout == "leading":
         return x.detach()[mask], unit_dim - mask.ndim + 1
     if layout == "transposed":
