@@ -202,3 +202,30 @@ def test_module_called_in_a_loop_numbers_its_calls_in_order():
             out = model.fc(h).clamp(min=0)
             assert list(site.fired_counts) == brute_force(out, 1)["fired"]
             h = out - 0.5
+
+
+def test_a_module_called_from_observe_blocks_at_several_places_is_one_site():
+    # Inside Monitor.observe() no module forward bounds the frames above a call: they are the
+    # training loop's (Lightning reaches training_step by one path on accumulation batches and
+    # another on step batches), so they must not split a layer into sites.
+    outer = nn.Module()
+    outer.net = nn.Sequential(nn.Linear(1, 4), nn.ReLU())
+    with torch.no_grad():
+        outer.net[0].weight.fill_(1.0)
+        outer.net[0].bias.zero_()
+    with deadrelu.Monitor(outer, window=100, log_every=1000) as mon:
+
+        def step_a(x):
+            with mon.observe(x):
+                outer.net(x)
+
+        def step_b(x):
+            with mon.observe(x):
+                outer.net(x)
+
+        for k in range(6):  # step_a's batches fire every unit, step_b's none
+            (step_a if k % 2 == 0 else step_b)(torch.full((8, 1), 1.0 if k % 2 == 0 else -1.0))
+            mon.step()
+        sites = mon.report("total").sites
+    assert [(s.name, s.observations, s.dead) for s in sites] == [("net.1", 48, 0)]
+    assert list(sites[0].fired_counts) == [24] * 4

@@ -108,6 +108,39 @@ def test_lightning_callback_detaches_on_exception(tmp_path: Path):
     assert cb.monitor.steps == 3
 
 
+def test_lightning_callback_with_gradient_accumulation_keeps_one_site_per_layer(tmp_path: Path):
+    # Lightning reaches training_step by one code path on accumulation batches and another on
+    # step batches: those frames must not split a layer into two half-observed sites.
+    L = pytest.importorskip("lightning.pytorch")
+    from deadrelu.integrations import DeadReluCallback
+
+    class Net(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(1, 4), nn.ReLU(), nn.Linear(4, 2))
+            with torch.no_grad():
+                self.net[0].weight.fill_(1.0)
+                self.net[0].bias.zero_()  # every unit fires exactly on the positive inputs
+
+        def training_step(self, batch, i):
+            x, y = batch
+            return nn.functional.cross_entropy(self.net(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.0)
+
+    x = torch.cat([torch.full((8, 1), 1.0 if k % 2 == 0 else -1.0) for k in range(8)])  # alternating batches
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, torch.zeros(64, dtype=torch.long)), batch_size=8)
+    cb = DeadReluCallback(window=100, log_every=4, log_to_trainer=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lightning_trainer(L, tmp_path, cb, accumulate_grad_batches=2).fit(Net(), loader)
+    sites = cb.monitor.report("total").sites
+    # max_steps=8 optimizer steps of two batches each: two epochs of the 8 batches
+    assert [(s.name, s.observations, s.dead) for s in sites] == [("net.1", 128, 0)]
+    assert list(sites[0].fired_counts) == [64] * 4
+
+
 # -- Hugging Face transformers --------------------------------------------------------------------
 
 

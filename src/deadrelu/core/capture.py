@@ -179,6 +179,7 @@ class _Frame:
     call: int
     slots: int = 0
     counted: bool = False  # its output was counted by a fused kernel already
+    scope: bool = False  # the root of a forward_scope() block: no module call, just the caller's code
 
 
 @dataclass
@@ -571,7 +572,7 @@ class ActivationCapture:
                 raise DeadReluError("another thread is running a forward pass observed by this capture")
             self._owner = me
         self._begin_forward(args, kwargs)
-        self._fwd.stack.append(_Frame("", 0))
+        self._fwd.stack.append(_Frame("", 0, scope=True))
         self._enter_mode()
         try:
             yield
@@ -634,7 +635,11 @@ class ActivationCapture:
         before in this forward), numbered in first-seen order for the capture's lifetime. Not
         the n-th call of this forward: a reused module called conditionally (``if ...: h =
         self.act(h)``) would shift its later calls onto the skipped call's site."""
-        if not fwd.stack:  # the root (or a re-entrant root call): counted per forward
+        if not fwd.stack or fwd.stack[-1].scope:
+            # The root (or a re-entrant root call), or a module called straight from the code in a
+            # forward_scope() block (Monitor.observe): no forward bounds the frames above it, which
+            # are the training loop's (Lightning reaches training_step by several paths), so its
+            # calls are counted per forward, in order.
             call = fwd.calls.get(path, 0)
             fwd.calls[path] = call + 1
             return call
