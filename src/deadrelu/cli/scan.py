@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from ..core.files import is_stream_path
 from ..core.report import Report
 from ..errors import DeadReluError, ReportFormatError
 from .loading import TRUST_FLAG, one_line
@@ -117,6 +118,8 @@ def check_output_path(path: str, inputs: list[str | None]) -> None:
         DeadReluError: when ``path`` cannot be written, or would overwrite an input file.
     """
     target = Path(path)
+    if is_stream_path(target):
+        return  # /dev/stdout, a FIFO: written to as a stream, never replaced
     final = Path(os.path.realpath(target))  # a symlink is written through, so check where it points
     if final.is_dir():
         raise DeadReluError(f"cannot write --json {path}: it is a directory")

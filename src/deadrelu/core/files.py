@@ -9,12 +9,28 @@
 from __future__ import annotations
 
 import os
+import stat
+import sys
 import tempfile
 from pathlib import Path
 
 from ..errors import DeadReluError
 
-__all__ = ["atomic_write_text"]
+__all__ = ["atomic_write_text", "is_stream_path"]
+
+
+def is_stream_path(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` names a stream rather than a file to replace: ``/dev/stdout`` and the
+    like (``/dev/…``, ``/proc/…``: a redirect or pipe behind them) or an existing FIFO, socket or
+    device. Such a path is written to as it is; renaming a file onto it would replace the node."""
+    text = os.fspath(path)
+    if text.startswith(("/dev/", "/proc/")):
+        return True
+    try:
+        mode = os.stat(text).st_mode
+    except OSError:
+        return False
+    return not stat.S_ISREG(mode) and not stat.S_ISDIR(mode)
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
@@ -32,6 +48,8 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
             the disk is full. The existing file, if any, is left as it was.
     """
     target = Path(path)
+    if is_stream_path(target):
+        return _write_stream(target, text)
     final = Path(os.path.realpath(target)) if target.is_symlink() else target
     if final.is_dir():
         raise DeadReluError(f"cannot write {target}: it is a directory")
@@ -61,4 +79,16 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
                 os.unlink(tmp_name)
             except OSError:
                 pass
+    return target
+
+
+def _write_stream(target: Path, text: str) -> Path:
+    """``text`` written straight to a stream path, appended: ``/dev/stdout`` redirected to a file
+    must not truncate what was printed before it (flushed first, so it comes in order)."""
+    sys.stdout.flush()
+    try:
+        with open(target, "a", encoding="utf-8") as f:
+            f.write(text)
+    except OSError as err:
+        raise DeadReluError(f"cannot write {target}: {err.strerror or err}") from err
     return target
