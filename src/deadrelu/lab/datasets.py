@@ -17,7 +17,9 @@ protects ReLU units: see ``deadrelu experiment preprocessing``.
 
 from __future__ import annotations
 
+import gzip
 import os
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -175,11 +177,48 @@ def _available(module: str) -> bool:
     return available(module)
 
 
+def _read_mnist_file(path: Path) -> torch.Tensor:
+    """:func:`read_idx`, with a damaged ``.gz`` or a file of 0 items as one DataError naming the file."""
+    try:
+        return read_idx(path)
+    except DataError:
+        raise
+    except (OSError, EOFError, zlib.error, gzip.BadGzipFile) as err:
+        raise DataError(f"{path} is a damaged gzip file ({type(err).__name__}: {err})") from err
+    except (ValueError, RuntimeError) as err:
+        if "buffer length (0)" in str(err):  # torch.frombuffer refuses an empty body
+            raise DataError(f"{path} holds no samples (its header declares 0 items)") from err
+        raise DataError(f"{path} is not a readable IDX file ({type(err).__name__}: {err})") from err
+
+
+def _check_mnist(arrays: tuple[torch.Tensor, ...], names: tuple[str, ...]) -> None:
+    """MNIST's shape: images N×H×W uint8, labels N integers in 0..9, train and test images the same H×W."""
+    for images, labels, img_name, lab_name in ((arrays[0], arrays[1], names[0], names[1]),
+                                               (arrays[2], arrays[3], names[2], names[3])):
+        if images.ndim != 3 or images.dtype != torch.uint8:
+            raise DataError(f"{img_name} must hold uint8 images (N, height, width), "
+                            f"got {images.dtype} of shape {tuple(images.shape)}")
+        if labels.ndim != 1 or labels.dtype.is_floating_point or labels.dtype == torch.bool:
+            raise DataError(f"{lab_name} must hold one integer label per image (N,), "
+                            f"got {labels.dtype} of shape {tuple(labels.shape)}")
+        if len(images) == 0:
+            raise DataError(f"{img_name} holds no images")
+        if len(images) != len(labels):
+            raise DataError(f"{img_name} holds {len(images)} images but {lab_name} holds {len(labels)} labels")
+        low, high = int(labels.min()), int(labels.max())
+        if low < 0 or high > 9:
+            raise DataError(f"{lab_name} holds label {high if high > 9 else low}; MNIST labels are 0..9")
+    if arrays[0].shape[1:] != arrays[2].shape[1:]:
+        raise DataError(f"{names[0]} holds {tuple(arrays[0].shape[1:])} images but {names[2]} holds "
+                        f"{tuple(arrays[2].shape[1:])} ones; train and test images must be the same size")
+
+
 def _mnist(data_dir: str | os.PathLike[str] | None, seed: int, limit: int | None, standardize: bool) -> Dataset:
     root = Path(data_dir).expanduser() if data_dir is not None else Path("~/.cache/deadrelu/mnist").expanduser()
     files = _find_mnist(root)
     if files is not None:
-        x_tr, y_tr, x_va, y_va = (read_idx(p) for p in files)
+        x_tr, y_tr, x_va, y_va = (_read_mnist_file(p) for p in files)
+        names = tuple(str(p) for p in files)
         source = f"MNIST IDX files in {files[0].parent}"
     else:
         arrays = _mnist_via_torchvision(root)
@@ -190,12 +229,10 @@ def _mnist(data_dir: str | os.PathLike[str] | None, seed: int, limit: int | None
                 "(deadrelu never downloads data)"
             )
         x_tr, y_tr, x_va, y_va = arrays
+        names = tuple(f"torchvision's MNIST {part} in {root}" for part in
+                      ("train images", "train labels", "test images", "test labels"))
         source = f"MNIST through torchvision from {root}"
-    if x_tr.ndim != 3 or x_tr.shape[0] != y_tr.shape[0] or x_va.shape[0] != y_va.shape[0]:
-        raise DataError(
-            f"MNIST files disagree: train images {tuple(x_tr.shape)}, train labels {tuple(y_tr.shape)}, "
-            f"test images {tuple(x_va.shape)}, test labels {tuple(y_va.shape)}"
-        )
+    _check_mnist((x_tr, y_tr, x_va, y_va), names)
     x_tr, y_tr = _subsample(x_tr, y_tr, limit, seed)
     x_va, y_va = _subsample(x_va, y_va, limit, seed + 1)
     x_tr = x_tr.reshape(len(x_tr), -1).float() / 255.0

@@ -629,6 +629,22 @@ def _check_out_dir(out_dir: Path, names: Sequence[str]) -> None:
             raise DeadReluError(f"cannot write {out_dir / name}: it is a directory")
 
 
+def _check_not_foreign(out_dir: Path, results_name: str, html: bool) -> None:
+    """An existing result JSON or ``report.html`` in ``out_dir`` that deadrelu did not write is never replaced."""
+    from .html_report import is_deadrelu_page, is_deadrelu_result
+
+    checks = [(results_name, is_deadrelu_result, "deadrelu result")]
+    if html:
+        checks.append(("report.html", is_deadrelu_page, "report deadrelu wrote"))
+    for name, ours, what in checks:
+        path = out_dir / name
+        if path.is_file() and not ours(path):
+            raise DeadReluError(
+                f"{path} exists and is not a {what}; it was left as it is: "
+                "choose another --out directory, or move or delete that file"
+            )
+
+
 def plan_outputs(
     out_dir: str | os.PathLike[str], experiment: str, *, results_name: str = "results.json",
     plots: bool = True, html: bool = True,
@@ -636,11 +652,13 @@ def plan_outputs(
     """Check, before any training, that a run's outputs can be written; returns the plan :func:`write_outputs` follows.
 
     Raises:
-        DeadReluError: ``out_dir`` or one of its parents is a file, an output's name is a directory, or a
+        DeadReluError: ``out_dir`` or one of its parents is a file, an output's name is a directory, the
+            result JSON or ``report.html`` exists there and is not deadrelu's (it is never replaced), or a
             result already in ``out_dir`` that the report would include is malformed (naming the file).
     """
     plan = OutputPlan(Path(out_dir), experiment, results_name, plots, html)
     _check_out_dir(plan.out_dir, plan.file_names())
+    _check_not_foreign(plan.out_dir, results_name, html)
     if html:
         from .html_report import result_plots, saved_results
 

@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..core.files import atomic_write_text
-from ..errors import DeadReluError
+from ..errors import DeadReluError, ReportFormatError
 from .tables import result_table
 
 __all__ = ["load_results", "saved_results", "result_plots", "render_html", "report_page", "write_report",
-           "CSP"]
+           "is_deadrelu_result", "is_deadrelu_page", "RESULT_NAMES", "CSP"]
 
 #: The page's Content-Security-Policy: its images are data: URIs and its style is inline; it has no script,
 #: so none is allowed, and nothing may load from anywhere else.
@@ -105,16 +105,67 @@ def saved_results(results_dir: str | os.PathLike[str], *, skip: str | None = Non
     for path in sorted(root.glob("*.json")):
         if path.name == skip:
             continue
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-            continue  # other JSON files may live here; only evidence results are ours
+        data = _read_result_json(path)
         if isinstance(data, dict) and data.get("kind") == "deadrelu.evidence":
             data["_file"] = path.name
             found.append(data)
     for result in found:
         _check_renders(result)
     return _in_report_order(found)
+
+
+#: The file names the demo (``results.json``) and the experiments (``NAME.json``) save their results as.
+RESULT_NAMES = frozenset({"results.json"} | {f"{name}.json" for name in _ORDER if name != "demo"})
+
+_MARKER = '"deadrelu.evidence"'
+
+
+def _read_result_json(path: Path) -> Any:
+    """A JSON file's contents; None for another program's unreadable JSON. A file that looks like a deadrelu
+    result (a result's file name, or the evidence marker in its text) but does not parse is a ReportFormatError."""
+    try:
+        raw = path.read_bytes()
+    except OSError:
+        return None  # unreadable (a dangling link, no permission): not one this run can have written
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        if path.name in RESULT_NAMES or _MARKER.encode() in raw:
+            problem = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise ReportFormatError(
+                f"{path} is not a readable deadrelu result (truncated or damaged: {problem}); "
+                "run its experiment again or move the file away"
+            ) from None
+        return None  # other JSON files may live here; only evidence results are ours
+
+
+def is_deadrelu_result(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` holds a deadrelu evidence result (JSON whose ``kind`` is ``deadrelu.evidence``).
+
+    Example:
+        >>> is_deadrelu_result("no-such-file.json")
+        False
+    """
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and data.get("kind") == "deadrelu.evidence"
+
+
+def is_deadrelu_page(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` holds a report page :func:`render_html` wrote (fine to replace).
+
+    Example:
+        >>> is_deadrelu_page("no-such-page.html")
+        False
+    """
+    try:
+        with open(path, "rb") as f:
+            head = f.read(65536)
+    except OSError:
+        return False
+    return head.startswith(b"<!DOCTYPE html>") and b'<p class="meta">deadrelu ' in head
 
 
 def _in_report_order(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -287,13 +338,19 @@ def write_report(
     ``rendered`` passes plots already drawn, as :func:`render_html` takes them.
 
     Raises:
-        DeadReluError: no results in the directory, or ``out`` is one of the JSON files it reads.
+        DeadReluError: no results in the directory, ``out`` is one of the JSON files it reads, or (``out``
+            not given) ``results_dir/report.html`` exists and is not a page deadrelu wrote.
 
     Example:
         >>> path = write_report("deadrelu-demo")  # doctest: +SKIP
     """
     results = load_results(results_dir)
     target = Path(out) if out is not None else Path(results_dir) / "report.html"
+    if out is None and target.is_file() and not is_deadrelu_page(target):
+        raise DeadReluError(
+            f"{target} exists and is not a report deadrelu wrote; it was left as it is: "
+            "pass --out FILE to write the report elsewhere, or delete the file"
+        )
     for read in Path(results_dir).glob("*.json"):  # every one of them was read: none may be replaced
         if target.exists() and os.path.samefile(target, read):
             raise DeadReluError(f"cannot write the report to {target}: it is the results file {read}, which it would overwrite")
