@@ -3,6 +3,7 @@ conditional call never shifts another site, and each call position counts its ow
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from fixtures.models import brute_force, plant
@@ -229,3 +230,45 @@ def test_a_module_called_from_observe_blocks_at_several_places_is_one_site():
         sites = mon.report("total").sites
     assert [(s.name, s.observations, s.dead) for s in sites] == [("net.1", 48, 0)]
     assert list(sites[0].fired_counts) == [24] * 4
+
+
+@pytest.mark.parametrize("functional", [False, True], ids=["module", "functional"])
+def test_calls_from_a_hook_of_a_reused_layer_keep_their_sites(functional):
+    # The hook runs inside the layer's call (a layer deadrelu does not hook): the place of the
+    # activation call is the hook *and* the layer's call site, so a conditional call never shifts.
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.act = nn.Linear(4, 4), nn.ReLU()
+            with torch.no_grad():
+                self.lin.weight.copy_(torch.eye(4))
+                self.lin.bias.zero_()
+            self.lin.register_forward_hook(lambda m, i, o: F.relu(o) if functional else self.act(o))
+
+        def forward(self, x):
+            if x.shape[0] > 2:
+                self.lin(-x)  # its activations never fire
+            return self.lin(x)
+
+    report = deadrelu.scan(M(), [torch.ones(2, 4), torch.ones(3, 4)])
+    got = sorted((s.observations, tuple(s.fired_counts)) for s in report.sites)
+    assert got == [(3, (0, 0, 0, 0)), (5, (5, 5, 5, 5))]
+
+
+def test_a_conditional_call_many_helper_frames_deep_keeps_its_site():
+    class Deep(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.act = nn.ReLU()
+
+        def helper(self, h, depth):
+            return self.act(h) if depth == 0 else self.helper(h, depth - 1)
+
+        def forward(self, x):
+            if x.shape[0] > 2:
+                self.helper(-x, 12)
+            return self.helper(x, 12)
+
+    report = deadrelu.scan(Deep(), [torch.ones(2, 4), torch.ones(3, 4)])
+    got = sorted((s.observations, tuple(s.fired_counts)) for s in report.sites)
+    assert got == [(3, (0, 0, 0, 0)), (5, (5, 5, 5, 5))]

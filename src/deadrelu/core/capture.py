@@ -179,6 +179,7 @@ class _Frame:
     call: int
     slots: int = 0
     counted: bool = False  # its output was counted by a fused kernel already
+    entry: Any = None  # the Python frame of its Module._call_impl (where its callees' positions end)
     scope: bool = False  # the root of a forward_scope() block: no module call, just the caller's code
 
 
@@ -247,22 +248,24 @@ _WRAPPER_FILES = frozenset(
 _MODULE_FILE = nn.modules.module.__file__
 _THIS_FILE = __file__
 _MAX_FRAMES = 8
+_MAX_CALL_FRAMES = 64  # a bound only: the walk normally ends at the calling module's frame
 
 
-def _call_position(depth: int) -> tuple[Any, ...]:
-    """The chain of (code, bytecode offset) from an activation call up to the module's forward.
+def _call_position(depth: int, stop: Any = None) -> tuple[Any, ...]:
+    """The chain of (code, bytecode offset) from an activation call up to the module's call
+    (its ``_call_impl`` frame ``stop``: hooks and unhooked module calls in between count too).
 
     ``depth`` counts the frames from here up to ``__torch_function__``'s caller; both routes in
     (``_on_activation`` and ``_counted_relu``) start there, so a call has one position either way.
     """
     f = sys._getframe(depth)
     out = []
-    for _ in range(_MAX_FRAMES):
-        if f is None:
+    for _ in range(_MAX_CALL_FRAMES if stop is not None else _MAX_FRAMES):
+        if f is None or f is stop:
             break
         code = f.f_code
         filename = code.co_filename
-        if filename == _MODULE_FILE:
+        if filename == _MODULE_FILE and stop is None:
             break
         if filename not in _WRAPPER_FILES and filename != _THIS_FILE:
             out.append((code, f.f_lasti))
@@ -270,17 +273,25 @@ def _call_position(depth: int) -> tuple[Any, ...]:
     return tuple(out)
 
 
-def _module_call_position() -> tuple[Any, ...]:
-    """The chain of (code, bytecode offset) from a module call up to its caller's ``forward``,
-    read from the module's pre-hook: the hook's own frames and ``Module.__call__``'s are skipped."""
-    f = sys._getframe(2)
+def _module_call_entry() -> Any:
+    """The ``Module._call_impl`` frame of the module call whose pre-hook is running (the frames
+    below it are the hook's own and deadrelu's wrappers)."""
+    f = sys._getframe(2)  # the pre-hook's caller: Module._call_impl, or a hook wrapper below it
     while f is not None and f.f_code.co_filename != _MODULE_FILE:
-        f = f.f_back  # deadrelu's hook wrappers
-    while f is not None and f.f_code.co_filename == _MODULE_FILE:
-        f = f.f_back  # Module._call_impl and _wrapped_call_impl
+        f = f.f_back
+    return f
+
+
+def _module_call_position(entry: Any, stop: Any) -> tuple[Any, ...]:
+    """The chain of (code, bytecode offset) from a module call (its ``_call_impl`` frame
+    ``entry``) up to the calling module's call (its ``_call_impl`` frame ``stop``): the caller's
+    forward and every helper, hook or unhooked module call in between."""
+    f = entry
+    while f is not None and f.f_code.co_filename == _MODULE_FILE and f is not stop:
+        f = f.f_back  # this call's _call_impl and _wrapped_call_impl
     out = []
-    for _ in range(_MAX_FRAMES):
-        if f is None or f.f_code.co_filename == _MODULE_FILE:
+    for _ in range(_MAX_CALL_FRAMES):
+        if f is None or f is stop:
             break
         out.append((f.f_code, f.f_lasti))
         f = f.f_back
@@ -623,13 +634,14 @@ class ActivationCapture:
             if self.on_scope_call is not None and len(fwd.stack) == 1 and not is_root:
                 call, self.on_scope_call = self.on_scope_call, None
                 call((args, kwargs))  # the first module called inside a forward_scope() block: its inputs
-            fwd.stack.append(_Frame(path, self._module_call(fwd, path)))
+            entry = _module_call_entry()
+            fwd.stack.append(_Frame(path, self._module_call(fwd, path, entry), entry=entry))
             if activation:
                 fwd.inside_activation += 1
 
         return pre_hook
 
-    def _module_call(self, fwd: _Forward, path: str) -> int:
+    def _module_call(self, fwd: _Forward, path: str, entry: Any) -> int:
         """The number of this call of module ``path``: one per place it is called from (the
         calling module call, the frames from there to here, and how often that place was reached
         before in this forward), numbered in first-seen order for the capture's lifetime. Not
@@ -644,7 +656,7 @@ class ActivationCapture:
             fwd.calls[path] = call + 1
             return call
         parent = fwd.stack[-1]
-        where = (path, parent.path, parent.call, _module_call_position())
+        where = (path, parent.path, parent.call, _module_call_position(entry, parent.entry))
         k = fwd.module_seen.get(where, 0)
         fwd.module_seen[where] = k + 1
         numbers = self._call_numbers.setdefault(path, {})
@@ -732,7 +744,7 @@ class ActivationCapture:
         frame = fwd.stack[-1]
         slot = frame.slots
         frame.slots = slot + 1
-        position = () if self.scripted else _call_position(depth)
+        position = () if self.scripted else _call_position(depth, frame.entry)
         where = (frame.path, frame.call, position, name)
         k = fwd.seen.get(where, 0)
         fwd.seen[where] = k + 1
