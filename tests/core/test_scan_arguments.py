@@ -174,3 +174,21 @@ def test_a_raising_threshold_callable_is_named_as_the_callable_not_the_model():
 def test_a_probe_checks_unit_dim_when_made():
     with pytest.raises(DeadReluError, match=FORMS):
         deadrelu.Probe(Counting(), unit_dim="x")
+
+
+class Scripted(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.fc(x))
+
+
+def test_a_torchscript_models_failure_names_its_cause():
+    # The interpreter's message starts "The following operation failed in the TorchScript
+    # interpreter." and, under deadrelu's dispatch mode, drops the op's own message.
+    with pytest.raises(ForwardError) as caught:
+        deadrelu.scan(torch.jit.script(Scripted()), torch.randn(6, 5))
+    message = str(caught.value)
+    assert "TorchScript interpreter" in message and "mat1 and mat2 shapes cannot be multiplied (6x5 and 8x4)" in message

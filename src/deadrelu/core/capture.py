@@ -229,7 +229,12 @@ class _DispatchSpy(TorchDispatchMode):
         self.capture = capture
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
-        out = func(*args, **(kwargs or {}))
+        try:
+            out = func(*args, **(kwargs or {}))
+        except Exception as err:
+            # The TorchScript interpreter re-raises it with its message dropped: keep the cause.
+            self.capture.op_error = err
+            raise
         if isinstance(out, (torch.Tensor, tuple, list)):
             self.capture._on_op(kind_of(func), args, kwargs, out)
         return out
@@ -439,6 +444,7 @@ class ActivationCapture:
         # Called with the arguments of the first module called inside a forward_scope() block (the
         # monitor counts that pass's samples from them); cleared once called.
         self.on_scope_call: Callable[[Any], None] | None = None
+        self.op_error: Exception | None = None  # the last op that raised under the dispatch spy (TorchScript)
         self._stance: contextlib.AbstractContextManager[Any] | None = None
 
     @property
@@ -547,6 +553,7 @@ class ActivationCapture:
     # -- forward-pass bookkeeping ---------------------------------------------------------
     def _begin_forward(self, args: tuple[Any, ...] = (), kwargs: Mapping[str, Any] | None = None) -> None:
         self._fwd = _Forward()
+        self.op_error = None
         self.forwards += 1
         self.samples += call_samples(args, kwargs)
         self.last_site = None
