@@ -26,14 +26,12 @@ Every failure is a :class:`~deadrelu.errors.DeadReluError` whose message fits on
 from __future__ import annotations
 
 import csv
-import gzip
 import importlib
 import os
 import re
 import sys
 import warnings
 import zipfile
-import zlib
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
@@ -321,7 +319,7 @@ def load_data(source: str, *, flatten: bool = False, trust_pickle: bool = False)
     elif suffix == ".csv":
         tensor = _load_csv(path)
     elif path.name.endswith(("-idx3-ubyte", "-idx3-ubyte.gz")):
-        tensor = _read_idx(path)
+        tensor = read_idx(path)
     else:
         raise DataError(f"unknown data format {path.suffix or path.name!r}: use .pt, .npy, .npz, .csv or an IDX directory")
     return _finish(tensor, source, flatten)
@@ -462,20 +460,6 @@ def _load_csv(path: Path) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.float32)
 
 
-def _read_idx(path: Path) -> torch.Tensor:
-    """:func:`read_idx` with a damaged ``.gz`` or an empty IDX file as one DataError."""
-    try:
-        return read_idx(path)
-    except DataError:
-        raise
-    except (OSError, EOFError, zlib.error, gzip.BadGzipFile) as err:
-        raise DataError(f"{path} is a damaged gzip file ({_describe(err)})") from err
-    except (ValueError, RuntimeError) as err:
-        if "buffer length (0)" in str(err):  # torch.frombuffer refuses an empty body
-            raise DataError(f"{path} holds no samples (its header declares 0 items)") from err
-        raise DataError(f"{path} holds no readable images ({_describe(err)})") from err
-
-
 def _load_idx_dir(path: Path) -> torch.Tensor:
     candidates = sorted(path.glob("*-images-idx3-ubyte")) + sorted(path.glob("*-images-idx3-ubyte.gz"))
     candidates += sorted(path.glob("*-images.idx3-ubyte"))
@@ -485,7 +469,7 @@ def _load_idx_dir(path: Path) -> torch.Tensor:
         )
     # Prefer the test split: scanning is evaluation, and it is the smaller file.
     chosen = next((c for c in candidates if c.name.startswith("t10k")), candidates[0])
-    images = _read_idx(chosen)
+    images = read_idx(chosen)
     if images.ndim == 3:
         images = images.unsqueeze(1)  # (N, 1, H, W): channels-first, as conv models expect
     return images

@@ -17,9 +17,7 @@ protects ReLU units: see ``deadrelu experiment preprocessing``.
 
 from __future__ import annotations
 
-import gzip
 import os
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -177,20 +175,6 @@ def _available(module: str) -> bool:
     return available(module)
 
 
-def _read_mnist_file(path: Path) -> torch.Tensor:
-    """:func:`read_idx`, with a damaged ``.gz`` or a file of 0 items as one DataError naming the file."""
-    try:
-        return read_idx(path)
-    except DataError:
-        raise
-    except (OSError, EOFError, zlib.error, gzip.BadGzipFile) as err:
-        raise DataError(f"{path} is a damaged gzip file ({type(err).__name__}: {err})") from err
-    except (ValueError, RuntimeError) as err:
-        if "buffer length (0)" in str(err):  # torch.frombuffer refuses an empty body
-            raise DataError(f"{path} holds no samples (its header declares 0 items)") from err
-        raise DataError(f"{path} is not a readable IDX file ({type(err).__name__}: {err})") from err
-
-
 def _check_mnist(arrays: tuple[torch.Tensor, ...], names: tuple[str, ...]) -> None:
     """MNIST's shape: images N×H×W uint8, labels N integers in 0..9, train and test images the same H×W."""
     for images, labels, img_name, lab_name in ((arrays[0], arrays[1], names[0], names[1]),
@@ -217,7 +201,7 @@ def _mnist(data_dir: str | os.PathLike[str] | None, seed: int, limit: int | None
     root = Path(data_dir).expanduser() if data_dir is not None else Path("~/.cache/deadrelu/mnist").expanduser()
     files = _find_mnist(root)
     if files is not None:
-        x_tr, y_tr, x_va, y_va = (_read_mnist_file(p) for p in files)
+        x_tr, y_tr, x_va, y_va = (read_idx(p) for p in files)
         names = tuple(str(p) for p in files)
         source = f"MNIST IDX files in {files[0].parent}"
     else:

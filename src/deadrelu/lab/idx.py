@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import os
 import struct
+import zlib
 from pathlib import Path
 
 import torch
@@ -33,7 +34,8 @@ def read_idx(path: str | os.PathLike[str]) -> torch.Tensor:
     """Read one IDX file (optionally gzip-compressed) into a tensor.
 
     Raises:
-        DataError: when the file is missing, truncated or not IDX.
+        DataError: when the file is missing, truncated, not IDX, a damaged gzip file, or
+            declares 0 items.
     """
     p = Path(path)
     try:
@@ -41,7 +43,10 @@ def read_idx(path: str | os.PathLike[str]) -> torch.Tensor:
     except OSError as err:
         raise DataError(f"cannot read IDX file {p}: {err.strerror or err}") from err
     if raw[:2] == b"\x1f\x8b":
-        raw = gzip.decompress(raw)
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error) as err:  # truncated or corrupt (BadGzipFile is an OSError)
+            raise DataError(f"{p} is a damaged gzip file ({type(err).__name__}: {err})") from err
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _TYPES:
         raise DataError(f"{p} is not an IDX file (bad magic number)")
     dtype, code, size = _TYPES[raw[2]]
@@ -53,6 +58,8 @@ def read_idx(path: str | os.PathLike[str]) -> torch.Tensor:
     count = 1
     for s in shape:
         count *= s
+    if count == 0:
+        raise DataError(f"{p} holds no samples (its header declares 0 items)")
     if len(raw) - header != count * size:
         raise DataError(f"{p}: header says {count} items of shape {shape}, file holds {(len(raw) - header) // size}")
     import array
