@@ -15,11 +15,11 @@ import deadrelu
 class Conditional(nn.Module):
     """``if x.shape[0] > 4: h = F.relu(h)`` before ``F.relu(fc2(h))``; planted dead: fc1 {1}, fc2 {0, 7}."""
 
-    def __init__(self):
+    def __init__(self, width=12):
         super().__init__()
         torch.manual_seed(0)
         self.fc1 = nn.Linear(6, 10)
-        self.fc2 = nn.Linear(10, 12)
+        self.fc2 = nn.Linear(10, width)
         plant(self.fc1.bias, [1])
         plant(self.fc2.bias, [0, 7])
 
@@ -90,34 +90,19 @@ def test_loop_and_helper_positions_keep_readme_names():
     assert all(s.observations == 10 for s in report.sites)
 
 
-class ConditionalModule(nn.Module):
-    """One ``nn.ReLU`` (and one ``Block`` holding another) called at two places, the first only
-    for batches of more than 4 rows: planted dead fc1 {1}, fc2 {0, 7}; ``widths`` sets fc2's width."""
+class ConditionalModule(Conditional):
+    """:class:`Conditional` with one ``nn.ReLU`` module called at both places (the first only for
+    batches of more than 4 rows); ``width`` sets fc2's width; ``truth`` is the same."""
 
     def __init__(self, width=10):
-        super().__init__()
-        torch.manual_seed(0)
-        self.fc1 = nn.Linear(6, 10)
-        self.fc2 = nn.Linear(10, width)
+        super().__init__(width)
         self.act = nn.ReLU()
-        plant(self.fc1.bias, [1])
-        plant(self.fc2.bias, [0, 7])
 
     def forward(self, x):
         h = self.fc1(x)
         if x.shape[0] > 4:
             h = self.act(h)
         return self.act(self.fc2(h))
-
-    def truth(self, batches):
-        first, second = [], []
-        for x in batches:
-            h = x @ self.fc1.weight.T + self.fc1.bias
-            if x.shape[0] > 4:
-                h = h.clamp(min=0)
-                first.append(h)
-            second.append((h @ self.fc2.weight.T + self.fc2.bias).clamp(min=0))
-        return torch.cat(first), torch.cat(second)
 
 
 def _by_call(report):
