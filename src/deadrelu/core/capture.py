@@ -256,14 +256,11 @@ _MAX_FRAMES = 8
 _MAX_CALL_FRAMES = 64  # a bound only: the walk normally ends at the calling module's frame
 
 
-def _call_position(depth: int, stop: Any = None) -> tuple[Any, ...]:
-    """The chain of (code, bytecode offset) from an activation call up to the module's call
-    (its ``_call_impl`` frame ``stop``: hooks and unhooked module calls in between count too).
-
-    ``depth`` counts the frames from here up to ``__torch_function__``'s caller; both routes in
-    (``_on_activation`` and ``_counted_relu``) start there, so a call has one position either way.
-    """
-    f = sys._getframe(depth)
+def _frames_up_to(f: Any, stop: Any) -> tuple[Any, ...]:
+    """The (code, bytecode offset) of ``f`` and the frames above it, up to the frame ``stop``
+    (a module's ``_call_impl``) or, where ``stop`` is None, the first ``Module.__call__`` frame;
+    torch's functional wrappers and deadrelu's own frames are left out (a call has one position
+    whichever route reached it)."""
     out = []
     for _ in range(_MAX_CALL_FRAMES if stop is not None else _MAX_FRAMES):
         if f is None or f is stop:
@@ -276,6 +273,16 @@ def _call_position(depth: int, stop: Any = None) -> tuple[Any, ...]:
             out.append((code, f.f_lasti))
         f = f.f_back
     return tuple(out)
+
+
+def _call_position(depth: int, stop: Any = None) -> tuple[Any, ...]:
+    """The chain of (code, bytecode offset) from an activation call up to the module's call
+    (its ``_call_impl`` frame ``stop``: hooks and unhooked module calls in between count too).
+
+    ``depth`` counts the frames from here up to ``__torch_function__``'s caller; both routes in
+    (``_on_activation`` and ``_counted_relu``) start there, so a call has one position either way.
+    """
+    return _frames_up_to(sys._getframe(depth), stop)
 
 
 def _module_call_entry() -> Any:
@@ -294,13 +301,7 @@ def _module_call_position(entry: Any, stop: Any) -> tuple[Any, ...]:
     f = entry
     while f is not None and f.f_code.co_filename == _MODULE_FILE and f is not stop:
         f = f.f_back  # this call's _call_impl and _wrapped_call_impl
-    out = []
-    for _ in range(_MAX_CALL_FRAMES):
-        if f is None or f is stop:
-            break
-        out.append((f.f_code, f.f_lasti))
-        f = f.f_back
-    return tuple(out)
+    return _frames_up_to(f, stop) if f is not None else ()
 
 
 def is_compiled_wrapper(module: nn.Module) -> bool:
