@@ -39,6 +39,7 @@ __all__ = [
     "first_tensor",
     "iter_batches",
     "describe_shapes",
+    "error_summary",
     "preserved_mode",
     "kept_training_flags",
     "ProgressBar",
@@ -181,6 +182,26 @@ def iter_batches(data: Any, batch_size: int) -> Iterable[Any]:
             f"data must be a tensor, a DataLoader or an iterable of batches, not {type(data).__name__}"
         )
     return data
+
+
+def error_summary(err: BaseException, op_error: BaseException | None = None) -> str:
+    """An error's message in one line, for wrapping it: its first line — and, for TorchScript's
+    interpreter errors, whose first line only says that an operation failed (with a traceback
+    below), the cause: its last line, or the op's own error where the interpreter dropped its
+    message (``op_error``, seen by the capture).
+
+    >>> error_summary(ValueError("bad width\\n  more detail"))
+    'bad width'
+    """
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    if not lines:
+        return ""
+    if len(lines) > 1 and "TorchScript interpreter" in lines[0]:
+        cause = lines[-1]
+        if op_error is not None and str(op_error).strip() and cause.rstrip(":").count(":") == 0:
+            cause = f"{type(op_error).__name__}: {str(op_error).strip().splitlines()[0]}"
+        return f"{lines[0]} … {cause}"
+    return lines[0]
 
 
 def describe_shapes(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> str:

@@ -24,6 +24,7 @@ from .inputs import (
     call_arguments,
     call_samples,
     describe_shapes,
+    error_summary,
     first_tensor,
     iter_batches,
     model_device,
@@ -336,24 +337,9 @@ def _available_device(device: Any) -> torch.device:
     return target
 
 
-def _error_summary(err: BaseException, op_error: BaseException | None = None) -> str:
-    """An error's first message line — and, for TorchScript's interpreter errors, whose first line
-    only says that an operation failed (with a traceback below), the cause: its last line, or the
-    op's own error where the interpreter dropped its message (``op_error``, seen by the capture)."""
-    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
-    if not lines:
-        return ""
-    if len(lines) > 1 and "TorchScript interpreter" in lines[0]:
-        cause = lines[-1]
-        if op_error is not None and str(op_error).strip() and cause.rstrip(":").count(":") == 0:
-            cause = f"{type(op_error).__name__}: {str(op_error).strip().splitlines()[0]}"
-        return f"{lines[0]} … {cause}"
-    return lines[0]
-
-
 def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
+    summary = error_summary(err)
+    return f"{type(err).__name__}: {summary}" if summary else type(err).__name__
 
 
 def _refuse_meta(model: nn.Module) -> None:
@@ -382,6 +368,6 @@ def _forward(model: nn.Module, capture: ActivationCapture, args: tuple[Any, ...]
     except Exception as err:  # the model rejected the batch: say where and with what
         last = capture.last_site or "none (it failed before the first activation)"
         raise ForwardError(
-            f"the model raised {type(err).__name__}: {_error_summary(err, capture.op_error)} "
+            f"the model raised {type(err).__name__}: {error_summary(err, capture.op_error)} "
             f"— input {describe_shapes(args, kwargs)}; last activation site reached: {last}"
         ) from err

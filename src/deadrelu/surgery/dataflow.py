@@ -39,6 +39,7 @@ from torch import fx, nn
 
 from ..core.activations import ACTIVATION_FUNCTIONS, function_of_module
 from ..core.hooks import global_forward_hooks
+from ..core.inputs import error_summary
 from ..errors import DeadReluError, RefusedError
 from ..core.report import Report, SiteReport, model_fingerprint
 
@@ -121,7 +122,7 @@ def trace(model: nn.Module, what: str) -> fx.GraphModule:
     except Exception as err:  # fx raises many types (TraceError, TypeError, ...) for dynamic code
         raise RefusedError(
             f"{what}: cannot trace {type(model).__name__} with torch.fx ({type(err).__name__}: "
-            f"{str(err).splitlines()[0] if str(err) else ''}), so its dataflow cannot be proven; nothing was changed"
+            f"{error_summary(err)}), so its dataflow cannot be proven; nothing was changed"
         ) from err
 
 

@@ -42,7 +42,15 @@ from ..core.activations import ZERO_WHEN_DEAD_FUNCTIONS
 from ..core.capture import eager_submodule
 from ..errors import DataError, DeadReluError, RefusedError
 from ..core.report import Report, SiteReport
-from ..core.inputs import call_arguments, iter_batches, kept_training_flags, model_device, to_device, whole_batch_size
+from ..core.inputs import (
+    call_arguments,
+    error_summary,
+    iter_batches,
+    kept_training_flags,
+    model_device,
+    to_device,
+    whole_batch_size,
+)
 
 __all__ = ["prune_dead", "PruneResult", "count_parameters", "count_macs"]
 
@@ -268,7 +276,7 @@ def _compare(
             except Exception as err:  # the original ran on this batch, so the rewrite broke the model
                 raise RefusedError(
                     f"prune_dead: the pruned model raised {type(err).__name__} on data the original runs on "
-                    f"({str(err).splitlines()[0] if str(err) else ''}); nothing was changed"
+                    f"({error_summary(err)}); nothing was changed"
                 ) from err
             diff = max_difference(before, after)
             if diff == float("inf"):

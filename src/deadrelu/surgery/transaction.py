@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core.inputs import error_summary
 from ..errors import RefusedError
 from .dataflow import computed_weight_reason, is_deadrelu_hook
 
@@ -132,7 +133,7 @@ def copy_model(model: nn.Module, what: str) -> nn.Module:
     except Exception as err:  # deepcopy raises whatever a module's state raises
         raise RefusedError(
             f"{what}: cannot copy {type(model).__name__} ({type(err).__name__}: "
-            f"{str(err).splitlines()[0] if str(err) else ''}); nothing was changed"
+            f"{error_summary(err)}); nothing was changed"
         ) from err
     for module in twin.modules():
         for hooks in _hook_dicts(module):

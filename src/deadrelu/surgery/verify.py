@@ -35,7 +35,7 @@ import torch
 from torch import fx, nn
 
 from . import dataflow
-from ..core.inputs import describe_shapes, iter_tensors, kept_training_flags, map_tensors
+from ..core.inputs import describe_shapes, error_summary, iter_tensors, kept_training_flags, map_tensors
 from ..core.report import Report, SiteReport
 from ..core.scan import scan
 from ..errors import DataError, DeadReluError, ForwardError, NoActivationSitesError, RefusedError
@@ -208,7 +208,7 @@ class PinnedReference:
             except Exception as err:
                 raise RefusedError(
                     f"{what}: the traced graph of {type(model).__name__} fails on held-out inputs ({type(err).__name__}: "
-                    f"{str(err).splitlines()[0] if str(err) else ''}), so its dataflow is not proven; nothing was changed"
+                    f"{error_summary(err)}), so its dataflow is not proven; nothing was changed"
                 ) from err
             diff = max_difference(real, traced)
             if not diff <= _dtype_tolerance(real) * _scale(real):
@@ -301,7 +301,7 @@ def call_model(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], 
         raise
     except Exception as err:  # the model rejected the data: say so once, with what it was given
         raise ForwardError(
-            f"{what}: the model raised {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''} "
+            f"{what}: the model raised {type(err).__name__}: {error_summary(err)} "
             f"— input {describe_shapes(args, kwargs)}; nothing was changed"
         ) from err
 
