@@ -59,8 +59,8 @@ def lightning_module(fail_at: int | None = None, self_call: bool = False):
 def lightning_trainer(L, tmp_path: Path, cb, **kw):
     from lightning.pytorch.loggers import CSVLogger
 
+    kw.setdefault("max_steps", 8)
     return L.Trainer(
-        max_steps=8,
         accelerator="cpu",
         devices=1,
         logger=CSVLogger(str(tmp_path), name="run"),
@@ -139,6 +139,32 @@ def test_lightning_callback_with_gradient_accumulation_keeps_one_site_per_layer(
     # max_steps=8 optimizer steps of two batches each: two epochs of the 8 batches
     assert [(s.name, s.observations, s.dead) for s in sites] == [("net.1", 128, 0)]
     assert list(sites[0].fired_counts) == [64] * 4
+
+
+def test_lightning_resume_from_a_checkpoint_goes_on_with_the_monitors_lifecycle(tmp_path: Path):
+    # Without the callback's state, a resumed fit re-reported the planted units as born dead
+    # at its first window and warned again.
+    L, module = lightning_module()
+    from deadrelu.integrations import DeadReluCallback
+
+    loader = torch.utils.data.DataLoader(make_data(), batch_size=8)
+    first = DeadReluCallback(window=4, log_every=4, warn_at=(0.2,), log_to_trainer=False)
+    with pytest.warns(DeadUnitWarning):
+        trainer = lightning_trainer(L, tmp_path, first)
+        trainer.fit(module, loader)
+    assert first.monitor.events_summary().born_dead == 3
+    ckpt = tmp_path / "run.ckpt"
+    trainer.save_checkpoint(ckpt)
+
+    L, module = lightning_module()
+    resumed = DeadReluCallback(window=4, log_every=4, warn_at=(0.2,), log_to_trainer=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeadUnitWarning)  # the warning was given before the checkpoint
+        lightning_trainer(L, tmp_path, resumed, max_steps=16).fit(module, loader, ckpt_path=ckpt)
+    mon = resumed.monitor
+    assert mon.steps == 16 and mon.history.steps == [4, 8, 12, 16]
+    assert [(e.step, e.kind) for e in mon.events] == [(4, "born_dead")] * 3
+    assert [s.dead_now for s in mon.events_summary().sites] == [3] and len(mon.alerts) == 1
 
 
 # -- Hugging Face transformers --------------------------------------------------------------------

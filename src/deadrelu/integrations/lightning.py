@@ -6,7 +6,8 @@ The callback builds a :class:`deadrelu.Monitor` on the ``LightningModule`` in
 (passing the batch loss), logs
 each evaluation through every logger of the trainer (``trainer.loggers``) as
 ``deadrelu/<site>/<state>`` scalars at ``trainer.global_step``, and detaches in
-``teardown`` and ``on_exception``. Validation runs under ``torch.inference_mode`` and so
+``teardown`` and ``on_exception``. The monitor's state goes into Lightning checkpoints, so
+a run resumed with ``ckpt_path=`` goes on with its history and lifecycle. Validation runs under ``torch.inference_mode`` and so
 is never observed. ``lightning.pytorch`` is used when installed, otherwise the older
 ``pytorch_lightning`` package.
 
@@ -72,6 +73,7 @@ class DeadReluCallback(_pl.Callback):
         self.log_to_trainer = log_to_trainer
         self.monitor: Monitor | None = None
         self._scope: Any = None
+        self._resumed: Any = None  # a checkpoint's monitor state restored before setup() built the monitor
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage != "fit":
@@ -81,7 +83,24 @@ class DeadReluCallback(_pl.Callback):
         if self.log_to_trainer:
             sinks.append(_TrainerLoggers(trainer))
         self.monitor = Monitor(pl_module, sinks=sinks, **kwargs)
+        if self._resumed is not None:
+            self.monitor.load_state_dict(self._resumed)
+            self._resumed = None
         self.monitor.attach()
+
+    def state_dict(self) -> dict[str, Any]:
+        """The monitor's state (:meth:`deadrelu.Monitor.state_dict`), saved in Lightning checkpoints."""
+        return self.monitor.state_dict() if self.monitor is not None else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Resume the monitor from a checkpoint (``Trainer.fit(ckpt_path=...)``): its steps, history,
+        events and lifecycle memory go on, so dead units are not reported as born dead again."""
+        if not state_dict:  # saved before setup built a monitor
+            return
+        if self.monitor is not None:
+            self.monitor.load_state_dict(state_dict)
+        else:
+            self._resumed = state_dict
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         # training_step may call submodules directly (self.net(x)) and never the module

@@ -57,6 +57,7 @@ from ..core.report import Report, SiteReport, Levels, model_fingerprint
 from ..core.scan import site_report
 from .ranks import SiteState, reduce_by_key
 from .records import Alert, Event, EventSummary, History, HistoryRow, LogRecord, SiteEvents
+from .resume import MonitorState, parse_state
 from .sinks import Sink, SinkError, SinkWarning, as_sinks
 from ..core.inputs import first_tensor, iter_tensors
 from ..core.stats import UnitTotals
@@ -421,6 +422,73 @@ class Monitor:
             return
         if self.capture.sites or self._use_distributed():  # distributed: a collective every rank joins
             self._evaluate()
+
+    # -- checkpoints --------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs to go on where this one stopped (plain Python data).
+
+        Saved: the step counters, the history, events and alerts, and each site's lifecycle
+        memory (units last known dead or alive, born dead, warning levels crossed), so a
+        resumed run neither reports its dead units as "born dead" again nor repeats its
+        warnings. Not saved: the rolling windows, which refill from the next batches (see
+        :mod:`deadrelu.monitor.resume`). Save it beside the model and optimizer state.
+
+        Example:
+            >>> import torch, deadrelu
+            >>> net = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.ReLU())
+            >>> with deadrelu.Monitor(net, window=2, log_every=2) as mon:
+            ...     for _ in range(4):
+            ...         _ = net(torch.randn(4, 2)); mon.step()
+            >>> resumed = deadrelu.Monitor(net, window=2, log_every=2)
+            >>> resumed.load_state_dict(mon.state_dict())
+            >>> resumed.steps, resumed.history.steps
+            (4, [2, 4])
+        """
+        return MonitorState(
+            steps=self.steps,
+            observed_steps=self._observed_steps,
+            last_eval_step=self._last_eval_step,
+            first_window_done=self._first_window_done,
+            history=list(self.history.rows),
+            events=list(self.events),
+            alerts=list(self.alerts),
+            known_dead=self._known_dead,
+            known_alive=self._known_alive,
+            born_dead=self._born_dead,
+            dead=self._dead,
+            warned=self._warned,
+            names=self._name_ident,
+            current_names={name: ident for ident, name in self._ident_name.items()},
+            units=self._units,
+        ).to_dict()
+
+    def load_state_dict(self, state: Any) -> None:
+        """Go on from a :meth:`state_dict` (a resumed run: call it before the first step).
+
+        Replaces this monitor's counters, history, events, alerts and lifecycle memory; its
+        rolling windows are kept as they are (empty on a new monitor).
+
+        Raises:
+            DeadReluError: for anything that is not a monitor state, naming the malformed
+                entry; the monitor is unchanged then.
+        """
+        parsed = parse_state(state)
+        self.steps = parsed.steps
+        self._observed_steps = parsed.observed_steps
+        self._observe = bool(self.schedule(self.steps))
+        self._last_eval_step = parsed.last_eval_step
+        self._first_window_done = parsed.first_window_done
+        self.history = History(parsed.history)
+        self.events = parsed.events
+        self.alerts = parsed.alerts
+        self._known_dead = parsed.known_dead
+        self._known_alive = parsed.known_alive
+        self._born_dead = parsed.born_dead
+        self._dead = parsed.dead
+        self._warned = parsed.warned
+        self._name_ident = parsed.names
+        self._ident_name = {ident: name for name, ident in parsed.current_names.items()}
+        self._units = parsed.units
 
     @property
     def attached(self) -> bool:
