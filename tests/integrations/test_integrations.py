@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from deadrelu import DeadReluError
 from deadrelu.monitor.monitor import DeadUnitWarning
 
 
@@ -212,10 +213,9 @@ def hf_trainer(tmp_path: Path, model: nn.Module, steps: int = 8, logging_steps: 
         learning_rate=0.01,
         report_to=[],
         use_cpu=True,
-        save_strategy="no",
         disable_tqdm=True,
         remove_unused_columns=False,
-        **extra,
+        **{"save_strategy": "no", **extra},
     )
     return tf.Trainer(model=model, args=args, train_dataset=DictData())
 
@@ -244,6 +244,41 @@ def test_transformers_callback_logs_into_trainer_history(tmp_path: Path):
     assert [h["step"] for h in logged] == [4, 8]
     assert logged[0]["deadrelu/net.3/dead"] == mon.history.series("net.3", "dead")[1][0]
     assert any("deadrelu/net.3/dead" in logs for logs in seen_by_later_callbacks)
+
+
+def test_transformers_resume_from_checkpoint_goes_on_with_the_monitors_lifecycle(tmp_path: Path):
+    from deadrelu.integrations import DeadReluTrainerCallback
+    from deadrelu.integrations.transformers import STATE_FILE
+
+    def run(steps: int, **extra) -> DeadReluTrainerCallback:
+        trainer = hf_trainer(tmp_path, HFTiny(), steps=steps, save_strategy="steps", save_steps=8)
+        cb = DeadReluTrainerCallback(window=4, log_every=4, warn_at=(0.2,)).add_to(trainer)
+        with cb:
+            trainer.train(**extra)
+        return cb
+
+    with pytest.warns(DeadUnitWarning):
+        first = run(8)
+    assert (tmp_path / "checkpoint-8" / STATE_FILE).is_file()
+    born = [(e.step, e.site, e.unit) for e in first.monitor.events if e.kind == "born_dead"]
+    assert {(4, "net.3", u) for u in range(4)} <= set(born)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeadUnitWarning)  # given before the checkpoint, not again
+        resumed = run(16, resume_from_checkpoint=str(tmp_path / "checkpoint-8"))
+    mon = resumed.monitor
+    assert mon.steps == 16 and mon.history.steps == [4, 8, 12, 16]
+    assert mon.events[: len(first.monitor.events)] == first.monitor.events  # the run so far, kept
+    assert [(e.step, e.site, e.unit) for e in mon.events if e.kind == "born_dead"] == born  # none again
+    assert mon.alerts == first.monitor.alerts
+
+    (tmp_path / "checkpoint-16" / STATE_FILE).write_text('{"format": "deadrelu.Monitor", "version": 1}')
+    with pytest.raises(DeadReluError, match="checkpoint-16.*lacks the entry"):
+        run(20, resume_from_checkpoint=str(tmp_path / "checkpoint-16"))
+    (tmp_path / "checkpoint-16" / STATE_FILE).unlink()
+    with pytest.warns(UserWarning, match="starts afresh"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeadUnitWarning)
+            run(20, resume_from_checkpoint=str(tmp_path / "checkpoint-16"))
 
 
 def test_transformers_callback_reused_for_a_second_run_logs_only_that_runs_numbers(tmp_path: Path):

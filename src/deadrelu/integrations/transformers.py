@@ -3,7 +3,9 @@
 The callback builds a :class:`deadrelu.Monitor` on the trainer's model in
 ``on_train_begin``, steps it in ``on_step_end`` (once per optimizer step; with gradient
 accumulation every micro-batch forward is one window batch), and detaches in
-``on_train_end``. Each evaluation's ``deadrelu/<site>/<state>`` scalars are added to the
+``on_train_end``. At each checkpoint the monitor's state is saved as ``deadrelu_monitor.json``
+in the ``checkpoint-N`` folder, and ``train(resume_from_checkpoint=...)`` reads it back (a
+checkpoint from another ``output_dir`` is looked for there too, under its step). Each evaluation's ``deadrelu/<site>/<state>`` scalars are added to the
 next ``Trainer.log`` call — to the ``logs`` dict the reporting callbacks receive and to
 ``state.log_history`` (saved in ``trainer_state.json``).
 
@@ -21,15 +23,22 @@ Example:
 
 from __future__ import annotations
 
+import json
+import os
+import warnings
 from typing import Any
 
 from .._imports import require
+from ..core.files import atomic_write_text
+from ..errors import DeadReluError
 from ..monitor.monitor import LogRecord, Monitor
 from ..monitor.sinks import Sink, as_sinks, record_metrics
 
 _tf = require("transformers", "transformers")
 
-__all__ = ["DeadReluTrainerCallback"]
+__all__ = ["DeadReluTrainerCallback", "STATE_FILE"]
+
+STATE_FILE = "deadrelu_monitor.json"  # the monitor's state, in each checkpoint-N folder the Trainer saves
 
 
 class _Pending(Sink):
@@ -86,7 +95,36 @@ class DeadReluTrainerCallback(_tf.TrainerCallback):
         if self.log_to_trainer:
             sinks.append(self._pending)
         self.monitor = Monitor(model, sinks=sinks, **kwargs_)
+        if state.global_step > 0:  # resume_from_checkpoint: the trainer state is the checkpoint's
+            self._resume(self.monitor, _checkpoint_dir(args, state), state.global_step)
         self.monitor.attach()
+
+    @staticmethod
+    def _resume(monitor: Monitor, folder: str, step: int) -> None:
+        path = os.path.join(folder, STATE_FILE)
+        if not os.path.isfile(path):
+            warnings.warn(
+                f"deadrelu: training resumes at step {step} but {path} "
+                "does not exist: the monitor starts afresh (its dead units count as born dead again)",
+                stacklevel=3,
+            )
+            return
+        try:
+            with open(path, encoding="utf-8") as fh:
+                saved = json.load(fh)
+        except (OSError, ValueError) as err:
+            raise DeadReluError(f"cannot read the monitor state {path}: {err}") from err
+        try:
+            monitor.load_state_dict(saved)
+        except DeadReluError as err:
+            raise DeadReluError(f"{path}: {err}") from err
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        # After the Trainer wrote checkpoint-N: the monitor's state goes beside it, so
+        # train(resume_from_checkpoint=...) goes on with its lifecycle (see on_train_begin).
+        folder = _checkpoint_dir(args, state)
+        if self.monitor is not None and os.path.isdir(folder):
+            atomic_write_text(os.path.join(folder, STATE_FILE), json.dumps(self.monitor.state_dict()))
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.monitor is not None and self.monitor.attached:
@@ -123,3 +161,9 @@ class DeadReluTrainerCallback(_tf.TrainerCallback):
 
     def __exit__(self, *exc: object) -> None:
         self.detach()
+
+
+def _checkpoint_dir(args: Any, state: Any) -> str:
+    """The folder the Trainer saves the checkpoint of ``state.global_step`` in (``output_dir/checkpoint-N``)."""
+    prefix = getattr(_tf.trainer_utils, "PREFIX_CHECKPOINT_DIR", "checkpoint")
+    return os.path.join(args.output_dir, f"{prefix}-{state.global_step}")
