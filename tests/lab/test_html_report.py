@@ -163,3 +163,18 @@ def test_an_older_single_seed_demo_result_is_one_clear_error(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and "schema 1" in err and "rerun" in err
+
+
+@pytest.mark.parametrize("name", ["results.json", "lr-sweep.json"])
+@pytest.mark.parametrize("version", [99, "2", 0])
+def test_a_result_of_a_newer_or_malformed_schema_is_refused(results_dir, tmp_path, capsys, name, version):
+    # the same files render (the fixture's report); only the version differs
+    for f in results_dir.glob("*.json"):
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    data = json.loads((tmp_path / name).read_text())
+    data["schema_version"] = version
+    (tmp_path / name).write_text(json.dumps(data))
+    assert main(["report", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and name in err and "schema_version" in err, err
+    assert not (tmp_path / "report.html").exists()

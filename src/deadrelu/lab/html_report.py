@@ -110,8 +110,27 @@ def saved_results(results_dir: str | os.PathLike[str], *, skip: str | None = Non
             data["_file"] = path.name
             found.append(data)
     for result in found:
+        _check_version(result)
         _check_renders(result)
     return _in_report_order(found)
+
+
+def _check_version(result: dict[str, Any]) -> None:
+    """A result of a newer schema than this deadrelu writes is refused: its fields may mean something else."""
+    from .demo import SCHEMA_VERSION as DEMO_VERSION
+    from .experiments import SCHEMA_VERSION as EXPERIMENT_VERSION
+
+    version = result.get("schema_version")
+    if version is None:  # hand-written or from before versions: checked field by field
+        return
+    newest = DEMO_VERSION if result.get("experiment") == "demo" else EXPERIMENT_VERSION
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise DeadReluError(f"{result.get('_file', 'result')}: schema_version should be an int >= 1, got {version!r}")
+    if version > newest:
+        raise DeadReluError(
+            f"{result.get('_file', 'result')} has schema_version {version}, newer than this deadrelu reads "
+            f"(up to {newest}): upgrade deadrelu, or rerun the experiment with this one"
+        )
 
 
 #: The file names the demo (``results.json``) and the experiments (``NAME.json``) save their results as.
