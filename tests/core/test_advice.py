@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
@@ -156,3 +158,17 @@ def test_each_rule_is_a_named_function_of_the_evidence():
     assert [type(f).__name__ for f in produced["prunable"]] == ["Action"]
     assert produced["born_dead"] == [] and produced["died_in_training"] == []  # no baseline
     assert all(rule.__doc__ for rule in RULES)
+
+
+def test_a_baseline_of_another_model_is_refused_or_noted():
+    x = rm.data()
+    report = deadrelu.scan(deep_mlp({0: [1, 2]}), x)
+    other = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(x.shape[1], 7), torch.nn.GELU(), torch.nn.Linear(7, 3))
+    foreign = deadrelu.scan(other, x)
+    assert not {s.name for s in foreign.sites} & {s.name for s in report.sites}
+    with pytest.raises(deadrelu.DeadReluError, match="shares no site with the report"):
+        advise(report, baseline=foreign)  # "0 born dead, 0 died" before
+    same_sites = dataclasses.replace(deadrelu.scan(deep_mlp({0: [1, 2]}), x), fingerprint="0" * 16)
+    text = str(advise(report, baseline=same_sites))
+    assert "other parameter names or shapes" in text and "2 born dead" in text
+    assert "other parameter names" not in str(advise(report, baseline=deadrelu.scan(deep_mlp({}), x)))

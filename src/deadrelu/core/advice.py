@@ -167,6 +167,21 @@ def non_finite(ev: Evidence) -> Iterator[Finding]:
         )  # fmt: skip
 
 
+def _names(report: Report, limit: int = 4) -> str:
+    names = [s.name for s in report.sites]
+    return ", ".join(names[:limit]) + (f", ... ({len(names)} sites)" if len(names) > limit else "")
+
+
+def other_model(ev: Evidence) -> Iterator[Finding]:
+    """A baseline of a model with other parameter names or shapes: only the shared sites compare."""
+    before, now = (ev.baseline.fingerprint, ev.report.fingerprint) if ev.baseline is not None else ("", "")
+    if before and now and before != now:
+        yield (
+            "the baseline was scanned from a model with other parameter names or shapes "
+            f"({ev.baseline.model} vs {ev.report.model}): only the sites both have were compared"
+        )
+
+
 def sites_not_compared(ev: Evidence) -> Iterator[Finding]:
     """Sites in only one of report and baseline were not compared."""
     if ev.diff is not None and (ev.diff.only_after or ev.diff.only_before):
@@ -296,7 +311,7 @@ def unobserved(ev: Evidence) -> Iterator[Finding]:
 
 #: The rules, in the order their findings are collected (actions are then ranked by score).
 RULES: tuple[Rule, ...] = (
-    non_finite, sites_not_compared, born_dead, died_in_training, dead_without_baseline,
+    non_finite, other_model, sites_not_compared, born_dead, died_in_training, dead_without_baseline,
     depth_trend, prunable, asleep, unobserved,
 )  # fmt: skip
 
@@ -337,6 +352,12 @@ def advise(report: Report, *, baseline: Report | None = None, min_fraction: floa
     if baseline is not None and not _is_report(baseline):
         raise DeadReluError(f"advise: baseline must be a deadrelu Report, got {type(baseline).__name__}")
     diff = baseline.diff(report) if baseline is not None else None
+    if diff is not None and not diff.sites and baseline.sites and report.sites:
+        # nothing to compare: "0 born dead, 0 died" would read as a finding
+        raise DeadReluError(
+            f"advise: the baseline ({baseline.model or 'a model'}: {_names(baseline)}) shares no site with the report "
+            f"({report.model or 'a model'}: {_names(report)}); scan the same model at initialisation or an earlier checkpoint"
+        )
     depth = tuple((s.name, s.dead, s.units) for s in report.sites)
     ev = Evidence(report, baseline, diff, report.units, depth)
     findings = [f for rule in RULES for f in rule(ev)]
