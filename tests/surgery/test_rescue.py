@@ -432,6 +432,25 @@ def test_swap_selu_init_and_bad_arguments():
         swap_activations(net, to="gelu", selu_init=True)
 
 
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"to": "selu", "selu_init": True, "generator": 0}, "generator must be a torch.Generator"),
+        ({"to": "selu", "selu_init": "yes"}, "selu_init must be True or False"),
+        ({"copy": "no"}, "copy must be True or False"),
+        ({"negative_slope": True}, "negative_slope must be a finite number"),
+        ({"to": ["gelu"]}, "to must be one of"),
+    ],
+    ids=["generator", "selu_init", "copy", "slope", "to"],
+)
+def test_swap_refuses_bad_arguments_and_changes_nothing(options, message):
+    net = rm.mlp()
+    before = copy.deepcopy(net.state_dict())
+    with pytest.raises(DeadReluError, match=message):
+        swap_activations(net, **options)
+    assert same_state(net.state_dict(), before) and [type(m) for m in net] == [type(m) for m in rm.mlp()]
+
+
 def test_swap_refuses_untraceable_relu_with_its_line():
     net = rm.Untraceable()
     before = copy.deepcopy(net.state_dict())

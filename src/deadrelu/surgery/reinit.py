@@ -33,6 +33,7 @@ from .verify import (
     alive_units,
     call_model,
     check_flag,
+    check_generator,
     check_input_fn,
     check_model,
     check_sites,
@@ -163,11 +164,7 @@ def _check_reinit_arguments(
         raise DeadReluError(f"{what}: init must be one of {_INITS}, got {init!r}")
     _check_optimizer(optimizer, what)
     check_flag(dormant, "dormant", what)
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise DeadReluError(
-            f"{what}: generator must be a torch.Generator (e.g. torch.Generator().manual_seed(0)) or None, "
-            f"got {type(generator).__name__}"
-        )
+    check_generator(generator, what)
     if isinstance(max_draws, bool) or not hasattr(max_draws, "__index__") or max_draws < 1:
         raise DeadReluError(f"{what}: max_draws must be a whole number of at least 1, got {max_draws!r}")
     check_input_fn(input_fn, what)

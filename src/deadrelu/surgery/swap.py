@@ -33,6 +33,7 @@ from torch import fx, nn
 
 from .dataflow import check_report_matches, unrewritable_reason
 from .transaction import Transaction, copy_model
+from .verify import check_flag, check_generator
 from ..errors import DeadReluError, RefusedError
 from ..core.capture import eager_submodule
 from ..core.report import Report
@@ -251,7 +252,7 @@ def swap_activations(
         >>> result.changes[0].new
         'LeakyReLU(negative_slope=0.01)'
     """
-    _check_swap_arguments(model, to, selu_init, negative_slope)
+    _check_swap_arguments(model, to, copy, selu_init, negative_slope, generator)
     if report is not None:
         check_report_matches(model, report, "swap_activations")
     target = copy_model(model, "swap_activations") if copy else model
@@ -270,14 +271,17 @@ def swap_activations(
     return SwapResult(result_model, changes, tuple(p for p, *_ in selu_plans))
 
 
-def _check_swap_arguments(model: Any, to: str, selu_init: bool, negative_slope: Any) -> None:
-    if to not in TARGETS:
+def _check_swap_arguments(model: Any, to: str, copy: Any, selu_init: Any, negative_slope: Any, generator: Any) -> None:
+    if not isinstance(to, str) or to not in TARGETS:
         raise DeadReluError(f"swap_activations: to must be one of {', '.join(TARGETS)}; got {to!r}")
     if not isinstance(model, nn.Module):
         raise DeadReluError(f"swap_activations: model must be a torch.nn.Module, not {type(model).__name__}")
+    check_flag(copy, "copy", "swap_activations")
+    check_flag(selu_init, "selu_init", "swap_activations")
+    check_generator(generator, "swap_activations")
     if selu_init and to != "selu":
         raise DeadReluError("swap_activations: selu_init=True needs to='selu'")
-    if not (isinstance(negative_slope, (int, float)) and math.isfinite(negative_slope)):
+    if isinstance(negative_slope, bool) or not (isinstance(negative_slope, (int, float)) and math.isfinite(negative_slope)):
         raise DeadReluError(f"swap_activations: negative_slope must be a finite number, got {negative_slope!r}")
 
 

@@ -417,6 +417,19 @@ def check_flag(value: Any, name: str, what: str) -> None:
         raise DeadReluError(f"{what}: {name} must be True or False, got {value!r}")
 
 
+def check_generator(generator: Any, what: str) -> None:
+    """Refuse a ``generator`` that is neither None nor a ``torch.Generator``, before any work.
+
+    Raises:
+        DeadReluError: naming what it got.
+    """
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise DeadReluError(
+            f"{what}: generator must be a torch.Generator (e.g. torch.Generator().manual_seed(0)) or None, "
+            f"got {type(generator).__name__}"
+        )
+
+
 def check_input_fn(input_fn: Any, what: str) -> None:
     """Refuse an ``input_fn`` that is neither None nor callable, before any work.
 
