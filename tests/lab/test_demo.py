@@ -218,6 +218,14 @@ def test_lower_lr_and_leaky_relu_verdicts_count_units(demo_run):
     revived = sum(sum(r["strategies"]["lower_lr"]["resurrected"]) for r in result["runs"])
     assert f"{revived} of the {sum(dead)} units" in real["text"]
 
+    # A control that diverged in seed 1: both numbers count seed 0 only (one denominator, said so).
+    _plant(story, "lower_lr", "resurrected", [[1, 0, 0, 0, 0], [2, 0, 0, 0, 0]])
+    _plant(story, "control", "resurrected", [[3, 0, 0, 0, 0], [0, 0, 0, 0, 0]])
+    _plant(story, "control", "diverged", [False, True])
+    text = _resummarised(story)["summary"]["verdicts"]["lower_lr_resurrects"]["text"]
+    assert f"1 of the {dead[0]} units dead" in text and f"3 of the same {dead[0]} revived" in text, text
+    assert "over the 1 of 2 seeds" in text, text
+
     leaky = result["summary"]["verdicts"]["leaky_relu_never_positive"]
     never = [r["strategies"]["leaky_relu"]["final_dead_fraction"] for r in result["runs"]]
     assert leaky["answer"] == ("yes" if max(never) > 0 else "no")

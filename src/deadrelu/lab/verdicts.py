@@ -219,12 +219,18 @@ def _robustness_verdict(story: dict[str, Any], n: int) -> dict[str, Any]:
                                        f"Diverged seeds per strategy: {counts}."}
 
 
-def _revived(story: dict[str, Any], name: str) -> tuple[int, int]:
-    """(units dead at the checkpoint that fire at the end, units dead at the checkpoint) over surviving seeds."""
-    v = story["strategies"][name]
+def _revived(story: dict[str, Any], name: str, seeds: Sequence[int]) -> tuple[int, int]:
+    """(units dead at the checkpoint that fire at the end, units dead at the checkpoint) over ``seeds``."""
+    revived = story["strategies"][name]["resurrected_by_seed"]
     dead = story["checkpoint"]["dead_units_by_seed"]
-    pairs = [(r, d) for r, d in zip(v["resurrected_by_seed"], dead) if r is not None and d is not None]
-    return sum(r for r, _ in pairs), sum(d for _, d in pairs)
+    return sum(revived[i] for i in seeds), sum(dead[i] for i in seeds)
+
+
+def _surviving_seeds(story: dict[str, Any], names: Sequence[str]) -> list[int]:
+    """Seed indices where every named strategy and the checkpoint have numbers (none diverged)."""
+    dead = story["checkpoint"]["dead_units_by_seed"]
+    columns = [story["strategies"][n]["resurrected_by_seed"] for n in names]
+    return [i for i, d in enumerate(dead) if d is not None and all(c[i] is not None for c in columns)]
 
 
 def _lower_lr_verdict(story: dict[str, Any]) -> dict[str, Any] | None:
@@ -233,7 +239,12 @@ def _lower_lr_verdict(story: dict[str, Any]) -> dict[str, Any] | None:
         return None
     if v["diverged"]:
         return {"answer": None, "text": f"Lower LR: {v['label']} diverged in every seed; no answer."}
-    revived, dead = _revived(story, "lower_lr")
+    # One denominator for both numbers: the seeds where lower LR and the control (when it ran) survived.
+    compared = ["lower_lr"] + (["control"] if "control" in _ran(story) else [])
+    seeds = _surviving_seeds(story, compared)
+    if not seeds:  # the control diverged wherever lower LR did not: lower LR on its own seeds
+        compared, seeds = ["lower_lr"], _surviving_seeds(story, ["lower_lr"])
+    revived, dead = _revived(story, "lower_lr", seeds)
     share = revived / dead if dead else 0.0
     answer = "no" if revived == 0 else ("partly" if share < 0.5 else "yes")
     verb = {"no": "did not resurrect", "partly": "resurrected only some", "yes": "resurrected most"}[answer]
@@ -241,9 +252,12 @@ def _lower_lr_verdict(story: dict[str, Any]) -> dict[str, Any] | None:
     text = (f"Lower LR: training on at LR {v['lr']:g} {verb} dead units: {revived} of the {dead} units dead at the "
             f"checkpoint fired again after {story['config']['epochs']} epochs ({100 * share:.0f}%); the last hidden "
             f"layer went from a median {_pct(cp_last)} to {_pct(v['last_layer_dead_fraction'])} dead")
-    if "control" in _ran(story):
-        c_revived, c_dead = _revived(story, "control")
-        text += f" (control at LR {story['config']['lr']:g}: {c_revived} of {c_dead} revived)"
+    if "control" in compared:
+        c_revived, _ = _revived(story, "control", seeds)
+        text += f" (control at LR {story['config']['lr']:g}: {c_revived} of the same {dead} revived)"
+    seeds_run = len(story["checkpoint"]["dead_units_by_seed"])
+    if len(seeds) < seeds_run:
+        text += f"; counted over the {len(seeds)} of {seeds_run} seeds where {' and '.join(story['strategies'][n]['label'] for n in compared)} did not diverge"
     return {"answer": answer, "text": text + "."}
 
 
