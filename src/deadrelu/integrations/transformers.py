@@ -123,7 +123,9 @@ class DeadReluTrainerCallback(_tf.TrainerCallback):
         # After the Trainer wrote checkpoint-N: the monitor's state goes beside it, so
         # train(resume_from_checkpoint=...) goes on with its lifecycle (see on_train_begin).
         folder = _checkpoint_dir(args, state)
-        if self.monitor is not None and os.path.isdir(folder):
+        # Evaluations are reduced over ranks, so every rank holds the same lifecycle: one writes it.
+        main_process = getattr(state, "is_world_process_zero", True)
+        if self.monitor is not None and main_process and os.path.isdir(folder):
             atomic_write_text(os.path.join(folder, STATE_FILE), json.dumps(self.monitor.state_dict()))
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
