@@ -220,3 +220,45 @@ def test_an_additive_mask_passed_positionally_is_ignored_not_refused():
         Additive()(x, additive)  # another instance: not observed
         probe.model(x, additive)
     assert probe.report().sites[0].observations == 6  # every position: the mask was not taken as 0/1
+
+
+class FlatTokens(nn.Module):
+    """Takes ``attention_mask`` but flattens tokens to ``(B*T, C)`` first: no activation is ``(B, T, ...)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 6)
+        self.act = nn.ReLU()
+
+    def forward(self, x, attention_mask=None):
+        return self.act(self.fc(x.flatten(0, 1)))
+
+
+def test_a_given_mask_that_fits_no_activation_is_an_error():
+    # It was dropped silently, so padding was counted.
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 6), nn.ReLU())
+    x = torch.randn(10, 5, 3)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    fixed = torch.ones(4, 5, dtype=torch.bool)
+    with pytest.raises(deadrelu.DeadReluError, match=r"mask of shape \(4, 5\) fits no activation.*\(2, 5, 6\)"):
+        deadrelu.scan(net, x, batch_size=4, mask=fixed)  # the last batch has 2 rows
+    with pytest.raises(deadrelu.DeadReluError, match=r"mask of shape \(10, 4\) fits no activation"):
+        deadrelu.scan(net, x, mask=torch.ones(10, 4, dtype=torch.bool))  # T - 1
+    batches = [{"input": x[:4], "attention_mask": torch.zeros(4, 7)}]
+    with pytest.raises(deadrelu.DeadReluError, match="fits no activation"):
+        deadrelu.scan(net, batches, input_fn=lambda b: b["input"], mask="attention_mask")
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in net.modules())
+    # a mask that fits every batch is fine, and one that fits some sites of a pass is too
+    r = deadrelu.scan(net, x, mask=torch.ones(10, 5, dtype=torch.bool))
+    assert r.sites[0].observations == 50
+
+
+def test_an_attention_mask_that_fits_no_activation_warns_once():
+    net = FlatTokens()
+    batch = {"x": torch.randn(2, 5, 3), "attention_mask": torch.ones(2, 5, dtype=torch.long)}
+    with pytest.warns(UserWarning, match="fits no activation.*padding included") as record:
+        report = deadrelu.scan(net, [batch, batch])
+    assert sum("fits no activation" in str(w.message) for w in record) == 1
+    assert report.sites[0].observations == 20  # counted whole, as the warning says

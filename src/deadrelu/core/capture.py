@@ -194,7 +194,12 @@ class _Forward:
     module_seen: dict[Any, int] = field(default_factory=dict)  # the same for module calls
     inside_activation: int = 0  # depth of activation modules: their inner calls are not sites
     mask: torch.Tensor | None = None
+    mask_given: bool = False  # the mask came from a mask= option, not from the call's attention_mask
     masks: dict[torch.device, torch.Tensor] = field(default_factory=dict)
+    # whether the mask lay over some activation of this pass (None: no activation counted yet),
+    # and the shape of one it did not fit, for the message when it fits none
+    mask_fit: bool | None = None
+    unfit_shape: tuple[int, ...] = ()
 
 
 class _FunctionSpy(TorchFunctionMode):
@@ -402,6 +407,8 @@ class ActivationCapture:
         self._sequence_first = any(getattr(m, "batch_first", None) is False for m in model.modules())
         self._warned_square = False
         self.batch_mask: torch.Tensor | None = None
+        self.batch_mask_given = True  # the caller's batch_mask comes from its own mask= option
+        self._warned_unfit = False
         self.scripted = isinstance(model, torch.jit.ScriptModule)
         self.sites: dict[tuple[Any, ...], _Site] = {}
         # module path -> {place it is called from: its call number} (see _module_call); kept
@@ -558,10 +565,33 @@ class ActivationCapture:
         self.forwards += 1
         self.samples += call_samples(args, kwargs)
         self.last_site = None
-        mask = self.batch_mask
+        mask, given = self.batch_mask, self.batch_mask_given
         if mask is None and self.mask_spec is not False:
             mask = mask_from_call(self.mask_spec, args, kwargs or {}, self._mask_position)
+            given = self.mask_spec is not None
         self._fwd.mask = mask
+        self._fwd.mask_given = given
+
+    def _end_forward(self) -> None:
+        """A mask that lay over no activation of the pass counted every position, padding included:
+        an error for a ``mask=`` option (its shape is wrong for this batch), a warning, once, for
+        the call's own ``attention_mask`` (the model's activations are not laid out ``(B, T, ...)``)."""
+        fwd = self._fwd
+        if fwd.mask is None or fwd.mask_fit is not False:
+            return
+        what = (
+            f"the observation mask of shape {tuple(fwd.mask.shape)} fits no activation of this forward pass "
+            f"(an activation's leading dimensions must be (B, T) or (T, B); e.g. {fwd.unfit_shape})"
+        )
+        if fwd.mask_given:
+            raise DeadReluError(f"{what}: give a mask of each batch's (B, T) shape, or mask=False to count every position")
+        if not self._warned_unfit:
+            self._warned_unfit = True
+            warnings.warn(
+                f"deadrelu: {what}, so every position was counted, padding included; pass mask= in the "
+                "activations' layout, or mask=False to silence this",
+                stacklevel=4,
+            )
 
     def _enter_mode(self) -> None:
         mode: TorchFunctionMode | TorchDispatchMode
@@ -599,6 +629,7 @@ class ActivationCapture:
             self._exit_mode()
             self._fwd.stack.clear()
             self._owner = previous
+        self._end_forward()  # only after a pass that finished: a failing one raises its own error
 
     def _foreign_call(self, mod: nn.Module) -> None:
         # The hook fired for another module object than the one it was registered on: a
@@ -698,6 +729,7 @@ class ActivationCapture:
                         self._owner = None
                 if done:
                     self._exit_mode()
+                    self._end_forward()
 
         return post_hook
 
@@ -827,6 +859,7 @@ class ActivationCapture:
             if not site.takes_mask:
                 return None
             mask = aligned_mask(x, site.unit_dim, mask, self._square_layout(site, x, mask))
+            self._note_mask_fit(mask is not None, x)
         self.last_site = site.info.module or "<root>"
         try:
             return fused(x, site.unit_dim, mask=mask, inplace=inplace)
@@ -864,7 +897,9 @@ class ActivationCapture:
                 square = self._square_layout(site, out, mask)
                 if site.takes_mask:  # the accumulator skips masked values in place: no copy, no sync
                     mask = aligned_mask(out, dim, mask, square)
+                    self._note_mask_fit(mask is not None, out)
                 else:  # a user's accumulator without mask=: hand it the kept values
+                    self._note_mask_fit(mask_layout(out.shape, dim, mask.shape) is not None, out)
                     x, dim = apply_mask(out, dim, mask, square)
                     mask = None
             try:
@@ -876,6 +911,13 @@ class ActivationCapture:
                 raise  # the device is full: not a failure of deadrelu's statistics
             except Exception as err:
                 raise self._stats_error(site, out, err) from (None if isinstance(err, DeadReluError) else err)
+
+    def _note_mask_fit(self, fits: bool, out: torch.Tensor) -> None:
+        fwd = self._fwd
+        if fits:
+            fwd.mask_fit = True
+        elif fwd.mask_fit is None:
+            fwd.mask_fit, fwd.unfit_shape = False, tuple(out.shape)
 
     def _square_layout(self, site: _Site, out: torch.Tensor, mask: torch.Tensor) -> str:
         """How to read a square ``(B, T)`` mask (B = T fits a ``(B, T, C)`` and a ``(T, B, C)``

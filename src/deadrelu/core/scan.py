@@ -266,6 +266,7 @@ def scan(
     # Masks from the batch (or mask=) are set per batch below; by default the capture also reads
     # one from the model call itself (input_fn's dict or tuple, an attention_mask passed positionally).
     capture = ActivationCapture(model, unit_dim=unit_dim, threshold=threshold, mask=None if mask is None else False)
+    capture.batch_mask_given = mask is not None  # else a batch's own attention_mask: one that fits nothing warns
     bar = ProgressBar(progress, total, "deadrelu scan")
     with preserved_mode(model, train):
         if not capture.scripted:
