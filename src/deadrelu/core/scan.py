@@ -263,8 +263,7 @@ def scan(
     mask_rows = None
     if isinstance(mask, torch.Tensor) and isinstance(data, torch.Tensor) and mask.ndim >= 1 and mask.shape[0] == data.shape[0]:
         mask_rows = iter(mask.split(batch_size))  # one mask row per sample: split like the data
-    # Masks from the batch (or mask=) are set per batch below; by default the capture also reads
-    # one from the model call itself (input_fn's dict or tuple, an attention_mask passed positionally).
+    # Masks from mask= or the batch are set per batch below; else the capture reads the call's own.
     capture = ActivationCapture(model, unit_dim=unit_dim, threshold=threshold, mask=None if mask is None else False)
     capture.batch_mask_given = mask is not None  # else a batch's own attention_mask: one that fits nothing warns
     bar = ProgressBar(progress, total, "deadrelu scan")

@@ -38,6 +38,7 @@ from torch import nn
 
 from .datasets import Dataset, load_dataset
 from .numerics import pin_cpu_numerics
+from .schema import DEMO_SCHEMA_VERSION
 from .tables import result_table
 from .training import ProgressBar, build_mlp, epoch_record, firing_rates, torch_threads, train_epoch
 from .verdicts import CLASSIC_THRESHOLD, LABELS, STRATEGIES, aggregate, summarise
@@ -50,7 +51,7 @@ __all__ = [
     "run_demo", "write_results", "OutputStage", "OutputPlan", "plan_outputs", "write_outputs",
 ]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = DEMO_SCHEMA_VERSION
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .numerics import pin_cpu_numerics
+from .schema import EXPERIMENT_SCHEMA_VERSION
 from .tables import result_table
 from .training import ACTIVATIONS, INITS, ProgressBar, build_mlp, epoch_record, evaluate, layer_stats, torch_threads, train_epoch
 from .datasets import load_dataset
@@ -33,7 +34,7 @@ from ..core.scan import scan
 
 __all__ = ["EXPERIMENTS", "lr_sweep", "activations", "init_depth", "rescue", "run_experiment", "result_table"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = EXPERIMENT_SCHEMA_VERSION
 
 
 def _result(experiment: str, title: str, config: dict[str, Any], **rest: Any) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from typing import Any, Sequence
 
 from ..core.files import atomic_write_text
 from ..errors import DeadReluError, ReportFormatError
+from .schema import DEMO_SCHEMA_VERSION, EXPERIMENT_SCHEMA_VERSION
 from .tables import result_table
 
 __all__ = ["load_results", "saved_results", "result_plots", "render_html", "report_page", "write_report",
@@ -117,13 +118,10 @@ def saved_results(results_dir: str | os.PathLike[str], *, skip: str | None = Non
 
 def _check_version(result: dict[str, Any]) -> None:
     """A result of a newer schema than this deadrelu writes is refused: its fields may mean something else."""
-    from .demo import SCHEMA_VERSION as DEMO_VERSION
-    from .experiments import SCHEMA_VERSION as EXPERIMENT_VERSION
-
     version = result.get("schema_version")
     if version is None:  # hand-written or from before versions: checked field by field
         return
-    newest = DEMO_VERSION if result.get("experiment") == "demo" else EXPERIMENT_VERSION
+    newest = DEMO_SCHEMA_VERSION if result.get("experiment") == "demo" else EXPERIMENT_SCHEMA_VERSION
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
         raise DeadReluError(f"{result.get('_file', 'result')}: schema_version should be an int >= 1, got {version!r}")
     if version > newest:

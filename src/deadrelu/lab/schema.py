@@ -1,0 +1,14 @@
+"""The schema versions of the evidence results the lab writes (``results.json``, ``NAME.json``).
+
+Kept apart from the writers so the report, which reads every result, can check a version
+without importing the experiments that write them.
+"""
+
+from __future__ import annotations
+
+__all__ = ["DEMO_SCHEMA_VERSION", "EXPERIMENT_SCHEMA_VERSION"]
+
+#: ``deadrelu demo``'s results.json: 2 = several seeds (``runs``, per-seed lists); 1 = one seed.
+DEMO_SCHEMA_VERSION = 2
+#: ``deadrelu experiment NAME``'s NAME.json.
+EXPERIMENT_SCHEMA_VERSION = 1
