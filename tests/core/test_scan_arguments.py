@@ -192,3 +192,26 @@ def test_a_torchscript_models_failure_names_its_cause():
         deadrelu.scan(torch.jit.script(Scripted()), torch.randn(6, 5))
     message = str(caught.value)
     assert "TorchScript interpreter" in message and "mat1 and mat2 shapes cannot be multiplied (6x5 and 8x4)" in message
+
+
+class ScriptedBranch(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] % 2 == 0:  # runs for some batches only
+            x = torch.relu(self.a(x))
+        return torch.relu(self.b(x))
+
+
+def test_deadrelus_own_error_inside_a_torchscript_model_is_not_blamed_on_the_model():
+    # The interpreter wrapped it: "the model raised RuntimeError: ... TorchScript interpreter ... —".
+    with pytest.raises(deadrelu.DeadReluError) as caught:
+        deadrelu.scan(torch.jit.script(nn.Sequential(nn.Linear(4, 8), nn.ReLU())), torch.randn(6, 4), unit_dim=5)
+    assert not isinstance(caught.value, ForwardError) and "unit_dim 5 is out of range" in str(caught.value)
+    with pytest.raises(deadrelu.DeadReluError) as caught:
+        deadrelu.scan(torch.jit.script(ScriptedBranch()), [torch.randn(4, 4), torch.randn(5, 4)])
+    message = str(caught.value)
+    assert not isinstance(caught.value, ForwardError)
+    assert "has 6 units along dim 1" in message and "scan the eager module" in message

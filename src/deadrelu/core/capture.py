@@ -241,7 +241,13 @@ class _DispatchSpy(TorchDispatchMode):
             self.capture.op_error = err
             raise
         if isinstance(out, (torch.Tensor, tuple, list)):
-            self.capture._on_op(kind_of(func), args, kwargs, out)
+            try:
+                self.capture._on_op(kind_of(func), args, kwargs, out)
+            except DeadReluError as err:
+                # deadrelu's own error (a bad unit_dim, a width mismatch): the interpreter would
+                # turn it into a RuntimeError without its message, blamed on the model.
+                self.capture.own_error = err
+                raise
         return out
 
 
@@ -453,6 +459,7 @@ class ActivationCapture:
         # monitor counts that pass's samples from them); cleared once called.
         self.on_scope_call: Callable[[Any], None] | None = None
         self.op_error: Exception | None = None  # the last op that raised under the dispatch spy (TorchScript)
+        self.own_error: DeadReluError | None = None  # deadrelu's error raised inside that op (TorchScript)
         self._stance: contextlib.AbstractContextManager[Any] | None = None
 
     @property
@@ -561,7 +568,7 @@ class ActivationCapture:
     # -- forward-pass bookkeeping ---------------------------------------------------------
     def _begin_forward(self, args: tuple[Any, ...] = (), kwargs: Mapping[str, Any] | None = None) -> None:
         self._fwd = _Forward()
-        self.op_error = None
+        self.op_error = self.own_error = None
         self.forwards += 1
         self.samples += call_samples(args, kwargs)
         self.last_site = None
@@ -944,10 +951,15 @@ class ActivationCapture:
             )
         return site.layout or "leading"
 
-    @staticmethod
-    def _stats_error(site: _Site, out: torch.Tensor, err: Exception) -> DeadReluError:
+    def _stats_error(self, site: _Site, out: torch.Tensor, err: Exception) -> DeadReluError:
         if isinstance(err, DeadReluError):
-            return DeadReluError(f"activation site {_describe(site.info)}: {err}")
+            # TorchScript hides call positions: its sites are numbered by order, which a branch shifts
+            hint = (
+                "; in a TorchScript model sites are numbered in call order, so a call that runs only for some "
+                "batches shifts the later ones: scan the eager module to key sites by call position"
+                if self.scripted and "units along dim" in str(err) else ""
+            )
+            return DeadReluError(f"activation site {_describe(site.info)}: {err}{hint}")
         # a failure of deadrelu's own statistics, not of the model
         return DeadReluError(
             f"deadrelu failed to compute statistics at activation site {_describe(site.info)} for an "

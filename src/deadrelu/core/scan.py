@@ -366,6 +366,8 @@ def _forward(model: nn.Module, capture: ActivationCapture, args: tuple[Any, ...]
     except DeadReluError:
         raise
     except Exception as err:  # the model rejected the batch: say where and with what
+        if capture.own_error is not None:  # raised by deadrelu inside a TorchScript op, wrapped by it
+            raise capture.own_error from None
         last = capture.last_site or "none (it failed before the first activation)"
         raise ForwardError(
             f"the model raised {type(err).__name__}: {error_summary(err, capture.op_error)} "
