@@ -3,6 +3,8 @@ any batch runs, naming what is wrong, and the model left as it was."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -215,3 +217,65 @@ def test_deadrelus_own_error_inside_a_torchscript_model_is_not_blamed_on_the_mod
     message = str(caught.value)
     assert not isinstance(caught.value, ForwardError)
     assert "has 6 units along dim 1" in message and "scan the eager module" in message
+
+
+@pytest.mark.parametrize("max_batches", [0, -1, 2.5, True, "2"], ids=["0", "-1", "2.5", "True", "str"])
+def test_max_batches_that_is_not_a_count_is_refused_before_any_batch(max_batches):
+    refused(Counting(), r"^max_batches must be a whole number of at least 1 \(or None\), got ", max_batches=max_batches)
+
+
+def test_max_batches_stops_after_that_many_batches():
+    import numpy as np
+
+    for limit in (1, np.int64(2)):
+        model = Counting()
+        report = deadrelu.scan(model, torch.randn(40, 4), batch_size=8, max_batches=limit)
+        assert report.batches == int(limit) == model.calls and report.sites[0].observations == 8 * int(limit)
+
+
+def test_a_numpy_or_tensor_number_is_a_threshold_like_a_float():
+    import numpy as np
+
+    x = torch.randn(50, 4)
+    torch.manual_seed(0)
+    want = deadrelu.scan(Counting(), x, threshold=0.25).to_dict()["sites"]
+    for threshold in (np.float32(0.25), np.float64(0.25), torch.tensor(0.25), {"relu": np.float32(0.25)}):
+        torch.manual_seed(0)
+        assert deadrelu.scan(Counting(), x, threshold=threshold).to_dict()["sites"] == want, threshold
+    for bad in (torch.tensor([0.1, 0.2]), True, {"relu": "0.1"}):
+        refused(Counting(), r"threshold.* must be a number", threshold=bad)
+
+
+def test_a_batch_on_the_meta_device_is_a_data_error_not_a_crash():
+    from deadrelu.errors import DataError
+
+    model = Counting()
+    before = state(model)
+    with pytest.raises(DataError, match=r"a batch holds a tensor on the meta device .*\(3, 4\)"):
+        deadrelu.scan(model, torch.randn(3, 4, device="meta"))
+    assert model.calls == 0
+    assert_same(before, state(model))
+
+
+def test_a_forward_that_writes_its_own_buffer_in_eval_mode_is_named_in_a_warning():
+    class Counter(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+            self.register_buffer("seen", torch.zeros(()))
+
+        def forward(self, x):
+            self.seen += x.shape[0]
+            return F.relu(self.fc(x))
+
+    model = Counter()
+    with pytest.warns(UserWarning, match=r"wrote its own parameters or buffers during the scan \(seen\)"):
+        deadrelu.scan(model, torch.randn(6, 4), batch_size=3)
+    assert model.seen.item() == 6  # what the model wrote stays: deadrelu says so, it does not guess
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        deadrelu.scan(model, torch.randn(6, 4), train=True)  # buffers restored in train mode: nothing to say
+    assert model.seen.item() == 6
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        deadrelu.scan(nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.ReLU()), torch.randn(6, 4))

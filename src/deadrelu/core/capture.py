@@ -70,6 +70,7 @@ import contextlib
 import inspect
 import itertools
 import math
+import numbers
 import operator
 import sys
 import threading
@@ -118,7 +119,7 @@ __all__ = [
     "resolve_unit_dim",
     "choose_unit_dim",
     "resolve_threshold",
-    "check_threshold_spec",
+    "checked_threshold",
     "same_function_ordinal",
 ]
 
@@ -404,8 +405,7 @@ class ActivationCapture:
             raise DeadReluError(f"expected a torch.nn.Module, got {type(model).__name__}")
         self.model = model
         self.unit_dim_spec = checked_unit_dim(unit_dim)
-        check_threshold_spec(threshold)
-        self.threshold_spec = threshold
+        self.threshold_spec = checked_threshold(threshold)
         self.stats_factory = stats_factory or (lambda units, thr, device: UnitStats(units, thr, device))
         self.mask_spec = mask
         self._mask_position = mask_position(model.forward)  # attention_mask passed positionally
@@ -1229,27 +1229,42 @@ def checked_unit_dim(spec: Any) -> Any:
     raise DeadReluError(f"unit_dim must be {_UNIT_DIM_FORMS}; got {type(spec).__name__} {spec!r:.80}")
 
 
-def check_threshold_spec(spec: Any) -> None:
-    """Refuse a NaN or +inf threshold (a float, or a mapping's value) before anything runs.
+def checked_threshold(spec: Any) -> ThresholdSpec:
+    """The ``threshold`` option with a NumPy or 0-d tensor number made a float; a NaN, +inf, bool or
+    non-number (a float, or a mapping's value) refused before anything runs.
+
+    Returns:
+        The option, scalars as floats (a mapping's values and a callable as given).
 
     Raises:
         DeadReluError: naming the key whose threshold is NaN, +inf or not a number.
+
+    Example:
+        >>> import numpy as np
+        >>> checked_threshold(np.float32(0.5)), checked_threshold({"relu": 0.1})
+        (0.5, {'relu': 0.1})
     """
+    if isinstance(spec, torch.Tensor) and spec.ndim == 0:
+        spec = spec.item()
     if isinstance(spec, Mapping):
         values = [(f"threshold[{key!r}]", value) for key, value in spec.items()]
     elif callable(spec):
-        values = []
+        return spec
     else:
         values = [("threshold", spec)]
     for name, value in values:
-        try:
-            number = float(value)
-        except (TypeError, ValueError):
+        if isinstance(value, torch.Tensor) and value.ndim == 0:
+            value = value.item()
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise DeadReluError(
-                f"{name} must be a number (or the option a mapping or a callable), got {value!r}"
-            ) from None
+                f"{name} must be a number (or the option a mapping or a callable), got {value!r:.80}"
+            )
+        number = float(value)
         if math.isnan(number) or number == math.inf:
             raise DeadReluError(f"{name} is {number}: no output is > {number}, so every unit would look dead")
+    if isinstance(spec, Mapping):
+        return {key: float(v.item() if isinstance(v, torch.Tensor) else v) for key, v in spec.items()}
+    return float(spec)
 
 
 def _describe(info: SiteInfo) -> str:

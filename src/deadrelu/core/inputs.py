@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import sys
+import warnings
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
@@ -29,6 +30,7 @@ from ..errors import DataError, DeadReluError
 
 __all__ = [
     "whole_batch_size",
+    "whole_number",
     "LABEL_KEYS",
     "model_device",
     "to_device",
@@ -171,6 +173,17 @@ def whole_batch_size(batch_size: Any, what: str = "") -> int:
     return int(batch_size)
 
 
+def whole_number(value: Any, name: str) -> int:
+    """An option that counts something (``max_batches``), as an int of at least 1, or one DeadReluError.
+
+    >>> whole_number(3, "max_batches")
+    3
+    """
+    if isinstance(value, bool) or not hasattr(value, "__index__") or value < 1:
+        raise DeadReluError(f"{name} must be a whole number of at least 1 (or None), got {value!r:.80}")
+    return int(value)
+
+
 def iter_batches(data: Any, batch_size: int) -> Iterable[Any]:
     """A tensor split into ``batch_size`` rows, or the iterable of batches as given."""
     if isinstance(data, torch.Tensor):
@@ -231,10 +244,15 @@ def kept_training_flags(*models: nn.Module) -> Iterator[None]:
 
 @contextlib.contextmanager
 def preserved_mode(model: nn.Module, train: bool) -> Iterator[None]:
-    """Set eval/train mode and no_grad; restore every module's flag, buffers and RNG afterwards."""
+    """Set eval/train mode and no_grad; restore every module's flag, the RNG and (train mode)
+    buffers afterwards; warn when the model's own forward wrote a tensor that is not restored."""
     # Train mode updates BatchNorm running statistics and draws dropout masks; a scan must
-    # leave the model bit-identical and the RNG where it was.
+    # leave the model bit-identical and the RNG where it was. In eval mode a forward writes
+    # nothing in any common model, so buffers are not copied (a KV cache may be large): version
+    # counters say whether it did, at no cost.
     saved_buffers = [(b, b.detach().clone()) for b in model.buffers()] if train else []
+    watched = [*model.named_parameters(), *([] if train else model.named_buffers())]
+    before = [_version(t) for _, t in watched]
     rng = contextlib.nullcontext() if not train else torch.random.fork_rng(devices=[])
     try:
         with kept_training_flags(model), rng, torch.no_grad():
@@ -248,6 +266,23 @@ def preserved_mode(model: nn.Module, train: bool) -> Iterator[None]:
         with torch.no_grad():
             for b, saved in saved_buffers:
                 b.copy_(saved)
+        written = [name for (name, t), v in zip(watched, before) if v is not None and _version(t) != v]
+        if written:
+            kinds = "tensors" if train else "parameters or buffers"
+            warnings.warn(
+                f"deadrelu: the model's forward wrote its own {kinds} during the scan "
+                f"({', '.join(written[:5])}{', ...' if len(written) > 5 else ''}); deadrelu does not undo "
+                "a model's own writes" + ("" if train else " in eval mode (train=True restores buffers)"),
+                stacklevel=4,
+            )
+
+
+def _version(t: torch.Tensor) -> int | None:
+    """A tensor's in-place write counter (None for inference-mode tensors, which have none)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return None
 
 
 class ProgressBar:

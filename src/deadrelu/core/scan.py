@@ -27,11 +27,13 @@ from .inputs import (
     error_summary,
     first_tensor,
     iter_batches,
+    iter_tensors,
     model_device,
     preserved_mode,
     resolve_mask,
     to_device,
     whole_batch_size,
+    whole_number,
 )
 from .capture import ActivationCapture, ThresholdSpec, UnitDimSpec, checked_unit_dim, is_compiled_wrapper
 from ..errors import DataError, DeadReluError, ForwardError, NoActivationSitesError
@@ -198,8 +200,8 @@ def scan(
     """Run ``data`` through ``model`` and return exact per-unit statistics of every activation site.
 
     The scan runs in eval mode under ``torch.no_grad()`` (``train=True`` for train mode)
-    and leaves the model bit-identical: parameters, buffers, every module's ``training``
-    flag, grad mode and — in train mode — the RNG state are restored, also on error.
+    and writes nothing into the model: ``training`` flags, grad mode and (train mode) buffers and
+    RNG are restored, also on error; a forward's own writes in eval mode stay (with a warning).
 
     Args:
         model: any ``nn.Module`` (TorchScript modules too).
@@ -233,8 +235,8 @@ def scan(
         A frozen :class:`Report`, sites in forward-execution order.
 
     Raises:
-        DataError: empty data or batches the input rule cannot use.
-        DeadReluError: before any batch, a ``unit_dim`` of the wrong type or an unknown or unavailable ``device``.
+        DataError: empty data, batches the input rule cannot use, or a batch on the meta device.
+        DeadReluError: before any batch, a bad ``unit_dim``/``threshold``/``max_batches``/``device``.
         ForwardError: the model raised; the message names the last site reached and the input shape.
         NoActivationSitesError: the model has no activation sites.
 
@@ -250,14 +252,14 @@ def scan(
     target = _available_device(device) if device is not None else model_device(model)
     unit_dim = checked_unit_dim(unit_dim)
     batch_size = whole_batch_size(batch_size)
+    max_batches = None if max_batches is None else whole_number(max_batches, "max_batches")
     levels = Levels(asleep_rate=asleep_rate, dormant_tau=dormant_tau, min_observations=min_observations)
     batches_iter = iter_batches(data, batch_size)
     try:
         total = len(batches_iter)  # type: ignore[arg-type]
     except TypeError:
         total = None
-    if max_batches is not None and total is not None:
-        total = min(total, max_batches)
+    total = min(total, max_batches) if max_batches is not None and total is not None else total
     _refuse_meta(model)
     model = _eager_module(model)
     mask_rows = None
@@ -298,6 +300,8 @@ def _run_batches(
             break
         capture.batch_mask = next(mask_rows) if mask_rows is not None else resolve_mask(mask, batch)
         args, kwargs = call_arguments(batch, input_fn)
+        if any(t.is_meta for t in iter_tensors((args, kwargs))):
+            raise DataError(f"a batch holds a tensor on the meta device (no values to count): {describe_shapes(args, kwargs)}")
         args, kwargs = to_device(args, target), to_device(kwargs, target)
         first = first_tensor((args, kwargs))
         if first is None:

@@ -33,7 +33,9 @@ One pass per activation computes the four built-in sums, with the fastest exact 
   adds into the state tensors with atomics; no temporary the size of the activation and
   no host synchronisation;
 * otherwise the pure-torch pass: on CPU a chunked pass that keeps each chunk in cache
-  (float32 partial sums over at most 4096 values per unit, added into float64 totals;
+  (float32 partial sums over at most 4096 rows per unit — a row is one value, or a
+  convolution channel's spatial run, summed by torch's cascade sum — and never more than
+  2**24 values, so counts stay exact integers; added into float64 totals;
   half-precision chunks are widened to float32, which is exact) — for the common layout,
   units innermost in memory and small enough for one chunk (a Linear layer's output), a
   cached per-layout plan (:class:`_RowsPlan`) whose buffers are made once, so a batch

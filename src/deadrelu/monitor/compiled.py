@@ -31,7 +31,7 @@ from ..core.capture import (
     SiteInfo,
     ThresholdSpec,
     UnitDimSpec,
-    check_threshold_spec,
+    checked_threshold,
     checked_unit_dim,
     resolve_threshold,
     resolve_unit_dim,
@@ -140,8 +140,7 @@ class ModuleCapture:
     def __init__(self, model: nn.Module, *, unit_dim: UnitDimSpec, threshold: ThresholdSpec, window: int) -> None:
         self.model = model
         self.unit_dim_spec = checked_unit_dim(unit_dim)
-        check_threshold_spec(threshold)
-        self.threshold_spec = threshold
+        self.threshold_spec = checked_threshold(threshold)
         self.window = window
         self.sites: dict[str, _Site] = {}
         self.enabled = True
