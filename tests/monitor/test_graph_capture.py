@@ -894,3 +894,120 @@ def test_a_reused_submodules_functional_call_across_a_graph_break_is_numbered_by
     eager, compiled = eager_and_compiled(make, data, lambda m, x: m(x).backward(), window=4)
     assert summary(compiled) == summary(eager)
     assert [s.name for s in compiled.sites] == ["shared:relu#1", "shared:relu#2"]
+
+
+class BreakThenActivate(nn.Module):
+    """A graph break: the activations after it are in a graph of the root's own forward without
+    any parameter input (nothing there says which instance runs it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 6)
+
+    def forward(self, x):
+        h = self.lin(x)
+        torch._dynamo.graph_break()
+        return F.gelu(F.relu(h) - 0.5).sum()
+
+
+def test_activations_after_a_graph_break_in_a_graph_without_parameters_are_observed(dynamo):
+    g = torch.Generator().manual_seed(1)
+    data = [torch.randn(5, 4, generator=g) for _ in range(6)]
+
+    def make():
+        torch.manual_seed(0)
+        return BreakThenActivate()
+
+    def step(runner, x):
+        runner(x).backward()
+
+    expected, got = eager_and_compiled(make, data, step, window=2)
+    assert [s.name for s in expected.sites] == ["<root>:relu", "<root>:gelu"]
+    assert [(s.name, s.observations, s.fired_counts) for s in got.sites] == [
+        (s.name, s.observations, s.fired_counts) for s in expected.sites
+    ]
+
+
+def test_a_copy_running_the_parameter_free_graph_after_a_break_is_not_observed(dynamo):
+    import copy
+
+    torch.manual_seed(0)
+    watched = BreakThenActivate()
+    other = copy.deepcopy(watched)
+    mon = deadrelu.Monitor(watched, window=4, log_every=100, compiled=True).attach()
+    compiled_watched, compiled_other = torch.compile(watched), torch.compile(other)
+    x = torch.randn(5, 4)
+    try:
+        compiled_watched(x).backward()
+        for _ in range(3):
+            compiled_other(x).backward()  # the same graphs, another model: not this monitor's
+        compiled_watched(x).backward()
+        mon.step()
+        report = mon.report("total")
+    finally:
+        mon.detach()
+    assert [(s.name, s.observations) for s in report.sites] == [("<root>:relu", 10), ("<root>:gelu", 10)]
+
+
+def test_one_activation_object_shared_by_two_blocks_is_two_sites_as_in_eager(dynamo):
+    class Shared(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            act = nn.ReLU()  # one object, registered under a.1 and b.1: named once, a.1
+            self.a, self.b = nn.Sequential(nn.Linear(4, 6), act), nn.Sequential(nn.Linear(6, 3), act)
+
+        def forward(self, x):
+            return self.b(self.a(x)).sum()
+
+    def make():
+        torch.manual_seed(0)
+        model = Shared()
+        with torch.no_grad():
+            model.a[0].bias[:2] = -100.0  # two planted dead units in the first call only
+        return model
+
+    g = torch.Generator().manual_seed(0)
+    data = [torch.randn(5, 4, generator=g) for _ in range(4)]
+    expected, got = eager_and_compiled(make, data, lambda runner, x: runner(x).backward(), window=2)
+    assert [(s.name, s.units) for s in expected.sites] == [("a.1#1", 6), ("a.1#2", 3)]
+    assert expected.sites[0].dead_units[:2] == (0, 1)
+    assert [(s.name, s.observations, s.fired_counts) for s in got.sites] == [
+        (s.name, s.observations, s.fired_counts) for s in expected.sites
+    ]
+
+
+def test_activations_after_a_graph_break_inside_a_blocks_forward_are_named_as_not_counted(dynamo):
+    from deadrelu.monitor.monitor import CompiledModelWarning
+
+    class Inner(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin, self.act = nn.Linear(4, 4), nn.ReLU()
+
+        def forward(self, x):
+            h = self.act(self.lin(x))
+            torch._dynamo.graph_break()  # the rest runs in a graph of Inner's code without parameters
+            return F.relu(h - 0.1)
+
+    class Outer(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.blocks = nn.Sequential(Inner(), Inner())
+
+        def forward(self, x):
+            return self.blocks(x).sum()
+
+    torch.manual_seed(0)
+    model = Outer()
+    mon = deadrelu.Monitor(model, window=2, log_every=100, compiled=True).attach()
+    runner = torch.compile(model)
+    try:
+        with pytest.warns(CompiledModelWarning, match=r"activation call\(s\) in Inner.forward of blocks.0, blocks.1 come after a graph break"):
+            for _ in range(2):
+                runner(torch.randn(3, 4)).backward()
+                mon.step()
+        report = mon.report("total")
+    finally:
+        mon.detach()
+    assert any(u.startswith("Inner.forward of blocks.0, blocks.1 (") for u in report.uncaptured)
+    assert {s.name for s in report.sites} == {"blocks.0.act", "blocks.1.act"}  # the parts with parameters

@@ -40,7 +40,10 @@ Limits: it needs Inductor (the default ``torch.compile`` backend) and a torch wi
 :class:`~deadrelu.monitor.compiled.ModuleCapture`. Graphs compiled while no monitor was attached
 are not observed (compile after attaching, or call ``torch._dynamo.reset()``); after :meth:`detach`
 compiled graphs keep computing their sums until they are recompiled, but nothing is recorded.
-``mask=`` takes only None (the ``attention_mask`` input) or False. A site whose unit axis has a
+``mask=`` takes only None (the ``attention_mask`` input) or False. A graph without parameters (the
+rest of a forward after a graph break) is counted for the model whose graph with parameters ran
+last in the thread (``_RUNNING``) when it lies in the model's own forward; in a submodule's
+forward it is listed in ``uncaptured`` instead (no instance to attribute it to). A site whose unit axis has a
 dynamic size is skipped (listed in ``uncaptured``). An unexpected failure of the pass warns
 (:class:`CompiledModelWarning`) and leaves that graph unobserved; it never breaks compilation. The op is tagged ``cudagraph_unsafe``: a CUDA-graph replay would skip the
 Python that picks the ring row, so with ``mode="reduce-overhead"`` Inductor leaves those graphs
@@ -75,7 +78,7 @@ from ..core.capture import (
     display_names,
     eager_modules,
     next_site_order,
-    check_threshold_spec,
+    checked_threshold,
     checked_unit_dim,
     resolve_threshold,
     same_function_ordinal,
@@ -104,6 +107,11 @@ _CALLBACKS: dict[int, tuple["GraphCapture", "_Site"]] = {}  # site id -> where i
 _TEMPLATES: dict[int, "_Site"] = {}
 _SITE_IDS = itertools.count(1)
 _ATTACHED: "weakref.WeakSet[GraphCapture]" = weakref.WeakSet()
+# The capture whose model ran the last graph with a parameter input in this thread (None: a model no
+# monitor watches). A graph without parameters (the rest of a forward after a graph break) has no
+# anchor of its own: it belongs to the forward that the graph before it ran (see _dispatch).
+_RUNNING = threading.local()
+_UNKNOWN = object()
 _installed: dict[str, Any] = {}  # "pass": our chained pass, "previous": what it replaced
 
 
@@ -256,10 +264,16 @@ def _dispatch(sums: list[torch.Tensor], sites: list[int], anchor: Optional[torch
     per_site = len(sums) // max(len(sites), 1)
     batches: dict[GraphCapture, list[tuple[_Site, list[torch.Tensor]]]] = {}
     ours: dict[GraphCapture, bool] = {}
+    if anchor is not None:
+        _RUNNING.model = next((c for c in list(_ATTACHED) if c._is_ours(anchor)), None)
+    running = getattr(_RUNNING, "model", _UNKNOWN)
 
     def runs_it(capture: GraphCapture) -> bool:
         if capture not in ours:
-            ours[capture] = anchor is None or capture._is_ours(anchor)
+            if anchor is not None:
+                ours[capture] = capture is running
+            else:  # a graph without parameters: the model of the last graph that had some runs it
+                ours[capture] = running is _UNKNOWN or running is capture
         return ours[capture]
 
     adopters = None
@@ -421,8 +435,7 @@ class GraphCapture:
         self.mask_spec = mask
         self.model = model
         self.unit_dim_spec = checked_unit_dim(unit_dim)
-        check_threshold_spec(threshold)
-        self.threshold_spec = threshold
+        self.threshold_spec = checked_threshold(threshold)
         self.window = window
         self.observing = observing
         self.enabled = True
@@ -463,6 +476,7 @@ class GraphCapture:
         self._handles: list[Any] = []
         self._weights = {id(t) for t in (*model.parameters(), *model.buffers())}
         self._pointers: set[int] = set()  # storage of this model's weights, refreshed on a miss
+        self._class_spans: dict[tuple[str, int, int], list[str]] | None = None  # a forward's code -> its modules
         self._attached = False
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -633,7 +647,10 @@ class GraphCapture:
             if node.op == "placeholder" and id(_example(node)) in self._weights:
                 return True  # this model's own parameters
         if _anchor(graph) is None:
-            return False  # only a resemblance, and no parameter to tell instances apart at run time
+            # No parameter to tell instances apart at run time: the rest of this model's own forward
+            # after a graph break is observed (it runs in the forward of the graph before it); a
+            # module's mere resemblance to one of ours is not.
+            return any(self._forward_owner(n) == "" for n in graph.nodes if n.op in ("call_function", "call_method"))
         for node in graph.nodes:
             stack = node.meta.get("nn_module_stack") or {}
             if any(self._resolve(key, value) is not None for key, value in stack.items()):
@@ -716,9 +733,15 @@ class GraphCapture:
         self._graph_root = self._root_block(graph)
         self._graph_calls = self._calls_in(graph)
         if not self._owns(graph):
+            self._note_unattributed(graph)
             return
         found = self._sites_in(graph)
         if not found:
+            anchor = _anchor(graph)
+            if anchor is not None:  # no sites, but it tells which model runs the graphs after it
+                output = next(n for n in reversed(graph.nodes) if n.op == "output")
+                with graph.inserting_before(output):
+                    graph.call_function(_observe_sites, ([], [], anchor))
             return
         mask, mask_shape = self._mask_input(graph), None
         if self.mask_from_call and self._graph_root:
@@ -733,6 +756,40 @@ class GraphCapture:
         output = next(n for n in reversed(graph.nodes) if n.op == "output")
         with graph.inserting_before(output):  # one op call per graph and step, not one per site
             graph.call_function(_observe_sites, (sums, [site.ident for _, site in found], _anchor(graph)))
+
+    def _note_unattributed(self, graph: fx.Graph) -> None:
+        """A graph without parameters whose activations lie in the forward of one of this model's
+        module classes (the rest of a block's forward after a graph break): nothing at run time says
+        which instance runs it, so it is not observed — listed in ``uncaptured`` and warned once."""
+        if _anchor(graph) is not None:
+            return
+        if self._class_spans is None:
+            self._class_spans = {}
+            for path, module in self._module_objects.items():
+                span = _code_span(inspect.unwrap(type(module).forward)) if path else None
+                if span is not None:
+                    self._class_spans.setdefault(span, []).append(path)
+        where: dict[str, int] = {}
+        for node in graph.nodes:
+            target = node.target if node.op == "call_function" else getattr(torch.Tensor, str(node.target), None)
+            if node.op not in ("call_function", "call_method") or target is None or kind_of(target)[0] != ACT:
+                continue
+            for f, line, _ in _STACK_FRAME.findall(node.meta.get("stack_trace") or ""):
+                paths = next((v for (file, first, last), v in self._class_spans.items() if f == file and first <= int(line) <= last), None)
+                if paths:
+                    key = f"{self._types[paths[0]]}.forward of {', '.join(paths[:3])}{', ...' if len(paths) > 3 else ''}"
+                    where[key] = where.get(key, 0) + 1
+                    break
+        for key, n in where.items():
+            if key not in self.uncaptured:
+                self.uncaptured[key] = f"{n} activation call(s) after a graph break, in a graph without parameters"
+                warnings.warn(
+                    f"deadrelu: {n} activation call(s) in {key} come after a graph break, in a compiled graph with no "
+                    "parameter to say which module runs it: compiled mode does not count them. Remove the graph break "
+                    "there, or use the eager monitor (compiled=False) for exact counts",
+                    CompiledModelWarning,
+                    stacklevel=2,
+                )
 
     def _call_mask_node(self, graph: fx.Graph) -> tuple[fx.Node | None, tuple[Any, ...] | None]:
         """In a compiled block's graph: a ``deadrelu::call_mask`` node over the block's first input
@@ -767,9 +824,9 @@ class GraphCapture:
         slots: dict[tuple[str, int], int] = {}
         seen: dict[tuple[Any, ...], int] = {}
         candidates: list[tuple[fx.Node, tuple[Any, ...], str]] = []
-        module_output: dict[str, fx.Node] = {}  # activation module call -> its last node so far
-        module_calls: dict[str, tuple[str, int, str]] = {}
-        numbered: dict[tuple[str, int], int] = {}  # (module, Dynamo's k-th call) -> its call number
+        module_output: dict[tuple[str, ...], fx.Node] = {}  # activation module call -> its last node so far
+        module_calls: dict[tuple[str, ...], tuple[str, int, str]] = {}
+        numbered: dict[tuple[str, int, tuple[str, ...]], int] = {}  # (module, Dynamo's k-th call, stack) -> call number
         reached: dict[tuple[str, Any], int] = {}  # (module, place) -> calls from there so far
         for node in graph.nodes:
             value = node.meta.get("example_value")
@@ -781,10 +838,10 @@ class GraphCapture:
             owner = self._owner(node)
             if owner is None:
                 continue  # another model's module
-            path, k, act_key = owner
-            call = numbered.get((path, k))
+            path, k, act_key, chain = owner
+            call = numbered.get((path, k, chain))
             if call is None:
-                call = numbered[(path, k)] = self._call_number(path, k, node, reached)
+                call = numbered[(path, k, chain)] = self._call_number(path, k, node, reached)
             kind = kind_of(target)
             args = fx.node.map_arg(node.args, lambda n: n.meta.get("example_value"))
             kwargs = fx.node.map_arg(node.kwargs, lambda n: n.meta.get("example_value"))
@@ -855,25 +912,28 @@ class GraphCapture:
         frames = _STACK_FRAME.findall(node.meta.get("stack_trace") or "")
         return not any(f == file and first <= int(line) <= last for f, line, _ in frames for file, first, last in spans)
 
-    def _owner(self, node: fx.Node) -> tuple[str, int, str | None] | None:
-        """(module path, that module's call index, the activation module call it lies inside or None)."""
+    def _owner(self, node: fx.Node) -> tuple[str, int, tuple[str, ...] | None, tuple[str, ...]] | None:
+        """(module path, that module's call index, the activation module call it lies inside or None,
+        the module stack down to that call). Dynamo keys a module by its id, and numbers repeated
+        calls only under one parent: one object called from two parents (an activation shared by two
+        blocks) has the same key in both, so a call is told by the whole stack above it."""
         stack = list((node.meta.get("nn_module_stack") or {}).keys())
-        path, call, act_key = "", 0, None
+        path, call, act_key, chain = "", 0, None, ()
         ours = False
         if not stack:  # no module on the stack: the compiled root's own code (the model's or a block's)
             root = self._forward_owner(node)
             ours, path = root is not None, root or ""
         entries = node.meta.get("nn_module_stack") or {}
-        for key in stack:  # outermost first
+        for i, key in enumerate(stack):  # outermost first
             found = self._resolve(key, entries[key])
             if found is None:
                 continue  # a module outside this model (a wrapper compiled around it)
             k = key.partition("@")[2]
-            ours, path, call = True, found, int(k) if k.isdigit() else 0
+            ours, path, call, chain = True, found, int(k) if k.isdigit() else 0, tuple(stack[: i + 1])
             if path in self._act_modules:
-                act_key = key  # the outermost activation module: its output is the site
+                act_key = chain  # the outermost activation module: its output is the site
                 break
-        return (path, call, act_key) if ours else None
+        return (path, call, act_key, chain) if ours else None
 
     def _site(
         self, key: tuple[Any, ...], value: torch.Tensor, table: AxisTable, slots: dict[tuple[str, int], int], location: str
