@@ -1011,3 +1011,32 @@ def test_activations_after_a_graph_break_inside_a_blocks_forward_are_named_as_no
         mon.detach()
     assert any(u.startswith("Inner.forward of blocks.0, blocks.1 (") for u in report.uncaptured)
     assert {s.name for s in report.sites} == {"blocks.0.act", "blocks.1.act"}  # the parts with parameters
+
+
+def test_a_data_dependent_branch_compiled_both_ways_keeps_the_sites_after_it(dynamo):
+    """Dynamo compiles each way out of the branch as its own frame, resuming at the same place:
+    alternatives, so the activations after the branch are one site each, as in eager mode."""
+
+    class Branchy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin, self.act = nn.Linear(4, 4), nn.ReLU()
+            with torch.no_grad():
+                self.lin.weight.copy_(torch.eye(4))
+                self.lin.bias.zero_()
+
+        def forward(self, x):
+            h = self.lin(x)
+            if h.sum() > 0:  # a graph break; positive batches go one way, negative the other
+                h = F.relu(h - 1)
+            else:
+                h = self.act(h + 0.5)
+            return F.gelu(self.act(h - 0.2)).sum()
+
+    g = torch.Generator().manual_seed(0)
+    data = [torch.rand(5, 4, generator=g) * (1 if i % 2 else -1) for i in range(6)]
+    expected, got = eager_and_compiled(Branchy, data, lambda runner, x: runner(x).backward(), window=2)
+    assert sorted(s.name for s in expected.sites) == ["<root>:gelu", "<root>:relu", "act#1", "act#2"]
+    assert [(s.name, s.observations, s.fired_counts) for s in got.sites] == [
+        (s.name, s.observations, s.fired_counts) for s in expected.sites
+    ]

@@ -466,6 +466,7 @@ class GraphCapture:
         self._call_numbers: dict[str, dict[Any, int]] = {}
         self._forward_spans: dict[str, tuple[str, int, int]] = {}
         self._key_frames: dict[tuple[Any, ...], Any] = {}
+        self._frame_names: dict[Any, tuple[str, str]] = {}  # frame id -> (file, function) of the code it runs
         # Blocks' graphs read the model call's mask through deadrelu::call_mask (BlockCapture sets it).
         self.mask_from_call = eager_beside and mask is not False
         # A block's k-th call in one forward of the model (its wrapper's hooks run eagerly around
@@ -735,6 +736,7 @@ class GraphCapture:
         if not self._owns(graph):
             self._note_unattributed(graph)
             return
+        self._note_frame(graph)
         found = self._sites_in(graph)
         if not found:
             anchor = _anchor(graph)
@@ -994,7 +996,9 @@ class GraphCapture:
         out = key
         first = self._key_frames.get(out)
         if frame is not None and first is not None and first != frame:
-            while out in self._key_frames:
+            # Frames resuming the same code at the same place (the two ways out of a data-dependent
+            # branch) are alternatives, never run in one forward: they share keys.
+            while out in self._key_frames and not self._alternatives(self._key_frames[out], frame):
                 path, call, position, name, occurrence = out
                 # A submodule's activation seen again in another frame is that module's next call; the
                 # root is called once per forward, so there it is the position reached once more (a loop).
@@ -1002,6 +1006,24 @@ class GraphCapture:
         self._key_frames.setdefault(out, frame)
         self._frame_keys[(frame, key)] = out
         return out
+
+    def _alternatives(self, a: Any, b: Any) -> bool:
+        """Whether two frames are one frame, or two resume functions of one place in one function."""
+        if a == b:
+            return True
+        name = self._frame_names.get(a)
+        return name is not None and "torch_dynamo_resume_in_" in name[1] and name == self._frame_names.get(b)
+
+    def _note_frame(self, graph: fx.Graph) -> None:
+        """Remember the code a graph's frame runs: the outermost frame of its nodes' stack traces."""
+        compile_id = torch._guards.CompileContext.current_compile_id()
+        if compile_id is None or compile_id.frame_id in self._frame_names:
+            return
+        for node in graph.nodes:
+            frames = _STACK_FRAME.findall(node.meta.get("stack_trace") or "")
+            if frames:
+                self._frame_names[compile_id.frame_id] = (frames[0][0], frames[0][2])  # its line is the node's
+                return
 
     def _adopt(self, ident: int, template: _Site, device: torch.device) -> _Site | None:
         """This capture's site for a graph site another capture made (None when this model has no
