@@ -139,3 +139,25 @@ def test_a_monitor_never_attached_says_so():
         model(torch.randn(2, 3)).sum().backward()
         mon.step()
         assert mon.report("total").sites[0].observations == 2
+
+
+@pytest.mark.parametrize("mask", [3, [1, 2], 1.5, True], ids=["int", "list", "float", "True"])
+def test_a_mask_of_the_wrong_form_is_refused_when_the_monitor_is_made(mask):
+    model = net()
+    with pytest.raises(DeadReluError, match=r"^mask must be a bool tensor, a key of a dict batch, a callable"):
+        deadrelu.Monitor(model, mask=mask)
+    assert hooks(model) == hooks(net())
+
+
+def test_an_every_callable_that_takes_no_step_is_refused_when_the_monitor_is_made():
+    with pytest.raises(DeadReluError, match=r"every= must be .* calling it with step 0 raised TypeError"):
+        deadrelu.Monitor(net(), every=lambda: True)
+
+
+def test_a_model_on_the_meta_device_is_refused_at_attach_with_nothing_attached():
+    with torch.device("meta"):
+        model = net()
+    mon = deadrelu.Monitor(model)
+    with pytest.raises(DeadReluError, match="weights on the meta device"):
+        mon.attach()
+    assert not mon.attached and all(h == (0, 0) for h in hooks(model))

@@ -120,3 +120,27 @@ def test_a_malformed_state_is_one_error_and_changes_nothing(change, message):
         mon.load_state_dict(change(good))
     assert (mon.steps, list(mon.events), list(mon.history.rows), str(mon.events_summary())) == before
     assert mon.state_dict() == good
+
+
+def test_a_state_resumed_into_a_layer_of_another_width_starts_that_site_afresh_with_a_warning():
+    net = planted_net()
+    mon = deadrelu.Monitor(net, window=2, log_every=2).attach()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeadUnitWarning)
+        train(net, mon, 6)
+    state = roundtrip(mon.state_dict())
+    mon.detach()
+    assert state["units"]["1"] == 16
+
+    torch.manual_seed(1)
+    other = nn.Sequential(nn.Linear(4, 9), nn.ReLU(), nn.Linear(9, 16), nn.ReLU(), nn.Linear(16, 1))
+    with torch.no_grad():
+        other[0].bias[:9] = 5.0  # every unit of the resized layer fires: nothing there is dead
+    resumed = deadrelu.Monitor(other, window=2, log_every=2)
+    resumed.load_state_dict(state)
+    before = len(resumed.events)
+    with pytest.warns(DeadUnitWarning, match=r"site '1' has 9 units, but the monitor state .* made for 16"):
+        with resumed:
+            train(other, resumed, 4)
+    new = [e for e in resumed.events[before:] if e.site == "1"]
+    assert new == []  # the old units' deaths are not read into the new units (no false "revived")

@@ -31,6 +31,8 @@ from ..errors import DataError, DeadReluError
 __all__ = [
     "whole_batch_size",
     "whole_number",
+    "checked_mask_option",
+    "refuse_meta_weights",
     "LABEL_KEYS",
     "model_device",
     "to_device",
@@ -182,6 +184,31 @@ def whole_number(value: Any, name: str) -> int:
     if isinstance(value, bool) or not hasattr(value, "__index__") or value < 1:
         raise DeadReluError(f"{name} must be a whole number of at least 1 (or None), got {value!r:.80}")
     return int(value)
+
+
+def checked_mask_option(spec: Any) -> Any:
+    """A ``mask=`` option of a form :func:`resolve_mask` takes (None, False, a tensor, a key or a
+    callable), or one DeadReluError before anything runs.
+
+    >>> checked_mask_option("attention_mask")
+    'attention_mask'
+    """
+    if spec is None or spec is False or isinstance(spec, (torch.Tensor, str)) or (callable(spec) and not isinstance(spec, bool)):
+        return spec
+    raise DeadReluError(
+        f"mask must be a bool tensor, a key of a dict batch, a callable batch -> mask, False or None, "
+        f"not {type(spec).__name__} {spec!r:.60}"
+    )
+
+
+def refuse_meta_weights(model: nn.Module) -> None:
+    """A model whose weights are on the meta device has no values to run: say so in one line."""
+    for t in (*model.parameters(), *model.buffers()):
+        if t.device.type == "meta":
+            raise DeadReluError(
+                f"{type(model).__name__} has its weights on the meta device (no values to run): "
+                "materialise it first, e.g. model.to_empty(device='cpu') and load_state_dict(...)"
+            )
 
 
 def iter_batches(data: Any, batch_size: int) -> Iterable[Any]:

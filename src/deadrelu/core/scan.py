@@ -30,6 +30,8 @@ from .inputs import (
     iter_tensors,
     model_device,
     preserved_mode,
+    refuse_meta_weights,
+    checked_mask_option,
     resolve_mask,
     to_device,
     whole_batch_size,
@@ -260,9 +262,9 @@ def scan(
     except TypeError:
         total = None
     total = min(total, max_batches) if max_batches is not None and total is not None else total
-    _refuse_meta(model)
+    refuse_meta_weights(model)
     model = _eager_module(model)
-    mask_rows = None
+    mask, mask_rows = checked_mask_option(mask), None
     if isinstance(mask, torch.Tensor) and isinstance(data, torch.Tensor) and mask.ndim >= 1 and mask.shape[0] == data.shape[0]:
         mask_rows = iter(mask.split(batch_size))  # one mask row per sample: split like the data
     # Masks from mask= or the batch are set per batch below; else the capture reads the call's own.
@@ -344,16 +346,6 @@ def _available_device(device: Any) -> torch.device:
 def _first_line(err: BaseException) -> str:
     summary = error_summary(err)
     return f"{type(err).__name__}: {summary}" if summary else type(err).__name__
-
-
-def _refuse_meta(model: nn.Module) -> None:
-    """A model whose weights are on the meta device has no values to run: say so in one line."""
-    for t in (*model.parameters(), *model.buffers()):
-        if t.device.type == "meta":
-            raise DeadReluError(
-                f"{type(model).__name__} has its weights on the meta device (no values to run): "
-                "materialise it first, e.g. model.to_empty(device='cpu') and load_state_dict(...)"
-            )
 
 
 def _eager_module(model: nn.Module) -> nn.Module:

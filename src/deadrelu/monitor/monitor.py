@@ -59,7 +59,7 @@ from .ranks import SiteState, reduce_by_key
 from .records import Alert, Event, EventSummary, History, HistoryRow, LogRecord, SiteEvents
 from .resume import MonitorState, parse_state
 from .sinks import Sink, SinkError, SinkWarning, as_sinks
-from ..core.inputs import first_tensor, iter_tensors
+from ..core.inputs import checked_mask_option, first_tensor, iter_tensors, refuse_meta_weights
 from ..core.stats import UnitTotals
 
 __all__ = [
@@ -164,6 +164,17 @@ def _schedule(every: Schedule) -> Callable[[int], bool]:
     return lambda step: step % every == 0
 
 
+def _first_step_observed(schedule: Callable[[int], bool]) -> bool:
+    """Whether step 0 is observed; an ``every=`` callable that cannot take a step number is refused here."""
+    try:
+        return bool(schedule(0))
+    except Exception as err:
+        raise DeadReluError(
+            f"every= must be a positive int or a callable step -> bool; calling it with step 0 raised "
+            f"{type(err).__name__}: {err}"
+        ) from err
+
+
 class Monitor:
     """Track per-unit health of every activation site during training, at near-zero cost.
 
@@ -259,6 +270,7 @@ class Monitor:
             raise DeadReluError(f"on_sink_error must be 'warn' or 'raise', got {on_sink_error!r}")
         warn_levels = _warn_levels(warn_at)
         unit_dim = checked_unit_dim(unit_dim)
+        mask = checked_mask_option(mask)
         self.levels = Levels(asleep_rate=asleep_rate, dormant_tau=dormant_tau, min_observations=min_observations)
         self.schedule = _schedule(every)
         self.model = model
@@ -306,7 +318,7 @@ class Monitor:
         self.steps = 0
         self._gate_handle: Any = None
         self._wrapper_handle: Any = None
-        self._observe = bool(self.schedule(0))
+        self._observe = _first_step_observed(self.schedule)
         self._loss: Any = None
         self._init_lifecycle()
         self._warned: set[tuple[Any, float]] = set()
@@ -349,11 +361,12 @@ class Monitor:
         """Register the hooks and open the sinks (no-op when already attached).
 
         Raises:
-            DeadReluError: for TorchScript models, which accept no hooks, or ``distributed=True``
-                without an initialised process group.
+            DeadReluError: for TorchScript models, which accept no hooks, a model whose weights
+                are on the meta device, or ``distributed=True`` without an initialised process group.
         """
         if self._gate_handle is not None:
             return self
+        refuse_meta_weights(self.model)  # before any hook: nothing to count, and the first step would fail
         self._ever_attached = True
         self._use_distributed()  # distributed=True without a process group fails here, before any hook
         # Runs before the capture's own root hook, so unobserved passes never enter the function mode.
@@ -819,6 +832,7 @@ class Monitor:
         # A site's display name can change mid-run (a second call position of its function
         # appears and both get ".k"): lifecycle state and warnings follow the site itself.
         identities = {name: site_identity(site.info) for name, site in self.capture.ordered_sites()}
+        self._forget_resized(report, identities)
         for name, ident in identities.items():  # every name a site has had -> its current one
             self._name_ident[name] = ident
             self._ident_name[ident] = name
@@ -853,6 +867,25 @@ class Monitor:
         record = LogRecord(step=step, loss=loss, rows=tuple(rows), events=tuple(new_events), report=report)
         for i, sink in enumerate(self.sinks):
             self._guard(i, sink, lambda sink=sink: sink.write(record))
+
+    def _forget_resized(self, report: Report, identities: dict[str, Any]) -> None:
+        """A site whose width differs from the one its lifecycle memory was made for (a state
+        resumed into another model): that memory is about other units, so it is dropped, with a
+        warning, and the site starts afresh (no false died/revived events)."""
+        for s in report.sites:
+            before, ident = self._units.get(s.name), identities.get(s.name, s.name)
+            if before is None or before == s.units or self._name_ident.get(s.name, ident) != ident:
+                continue  # unknown, the same width, or the name of another site before a rename
+            for memory in (self._known_dead, self._known_alive, self._born_dead):
+                memory.pop(ident, None)
+            self._dead.pop(s.name, None)
+            self._warned = {key for key in self._warned if key[0] != ident}
+            warnings.warn(
+                f"deadrelu: site {s.name!r} has {s.units} units, but the monitor state it goes on from was "
+                f"made for {before}: that site's unit lifecycle starts afresh (is the checkpoint from another model?)",
+                DeadUnitWarning,
+                stacklevel=3,
+            )
 
     def _lifecycle(self, step: int, s: SiteReport, ident: Any) -> list[Event]:
         """Events from each unit's last known state, dead or alive (fired, all values finite). An
