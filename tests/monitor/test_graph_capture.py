@@ -1040,3 +1040,51 @@ def test_a_data_dependent_branch_compiled_both_ways_keeps_the_sites_after_it(dyn
     assert [(s.name, s.observations, s.fired_counts) for s in got.sites] == [
         (s.name, s.observations, s.fired_counts) for s in expected.sites
     ]
+
+
+def test_a_module_called_twice_whose_forward_breaks_the_graph_is_said_to_pool_its_calls(dynamo):
+    from deadrelu.monitor.monitor import CompiledModelWarning
+
+    class Breaking(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin, self.act = nn.Linear(4, 4), nn.ReLU()
+
+        def forward(self, x):
+            h = self.act(self.lin(x))
+            torch._dynamo.graph_break()  # Dynamo compiles this forward as a frame of its own
+            return h + 1
+
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.blk = Breaking()
+
+        def forward(self, x):
+            return self.blk(self.blk(x)).sum()
+
+    torch.manual_seed(0)
+    model = Twice()
+    mon = deadrelu.Monitor(model, window=2, log_every=1, compiled=True).attach()
+    runner = torch.compile(model)
+    try:
+        with pytest.warns(CompiledModelWarning, match=r"compiled site 'blk.act' was recorded 2 times in 1 forward"):
+            runner(torch.randn(3, 4)).backward()
+            mon.step()
+    finally:
+        mon.detach()
+
+
+def test_a_reused_module_compiled_in_one_graph_is_not_said_to_pool(dynamo):
+    from deadrelu.monitor.monitor import CompiledModelWarning
+
+    net = make_net()
+    mon = deadrelu.Monitor(net, window=2, log_every=1, compiled=True).attach()
+    runner = torch.compile(net)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", CompiledModelWarning)
+            train(runner, mon, batches(3))
+    finally:
+        mon.detach()
+    assert {"block.relu#1", "block.relu#4"} <= {s.name for s in mon.report("total").sites}

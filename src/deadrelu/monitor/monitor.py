@@ -340,6 +340,8 @@ class Monitor:
         self._sample_counter = graph_capture.sample_counter(self._count_graph_samples) if graph_counts else 0
         self._forwards = 0
         self._scope_counted: bool | None = None  # None: outside observe(); else whether it counted
+        self._scoped = False  # an observe() block has counted a pass
+        self._pooled_warned: set[str] = set()
 
     def _init_lifecycle(self) -> None:
         self._dead: dict[str, set[int]] = {}  # per site: dead units at the last full-window evaluation
@@ -602,6 +604,7 @@ class Monitor:
         outer = self._scope_counted
         try:
             if active:
+                self._scoped = True  # several forwards may make one counted pass: see _warn_pooled
                 self._scope_counted = False
                 if rows:
                     self._count_in_scope(rows)
@@ -833,6 +836,7 @@ class Monitor:
         # appears and both get ".k"): lifecycle state and warnings follow the site itself.
         identities = {name: site_identity(site.info) for name, site in self.capture.ordered_sites()}
         self._forget_resized(report, identities)
+        self._warn_pooled()
         for name, ident in identities.items():  # every name a site has had -> its current one
             self._name_ident[name] = ident
             self._ident_name[ident] = name
@@ -867,6 +871,25 @@ class Monitor:
         record = LogRecord(step=step, loss=loss, rows=tuple(rows), events=tuple(new_events), report=report)
         for i, sink in enumerate(self.sinks):
             self._guard(i, sink, lambda sink=sink: sink.write(record))
+
+    def _warn_pooled(self) -> None:
+        """Compiled mode: a site recorded more often than there were observed forward passes is
+        one graph run by several calls of a module (its own ``forward`` holds a graph break, so
+        Dynamo compiled it as a frame of its own): nothing in the graph tells those calls apart,
+        so their counts are pooled. Said once per site (the eager monitor keeps them apart)."""
+        if type(self.capture) is not GraphCapture or not self._forwards or self._scoped:
+            return
+        for name, site in self.capture.ordered_sites():
+            if site.stats.count > self._forwards and name not in self._pooled_warned:
+                self._pooled_warned.add(name)
+                warnings.warn(
+                    f"deadrelu: compiled site {name!r} was recorded {site.stats.count} times in {self._forwards} "
+                    "forward pass(es): it is a module called several times per forward whose own forward holds a "
+                    "graph break, and compiled mode pools those calls into one site. For one site per call use the "
+                    "eager monitor (compiled=False), or remove the graph break",
+                    CompiledModelWarning,
+                    stacklevel=4,
+                )
 
     def _forget_resized(self, report: Report, identities: dict[str, Any]) -> None:
         """A site whose width differs from the one its lifecycle memory was made for (a state
