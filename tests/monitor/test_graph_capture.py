@@ -1088,3 +1088,52 @@ def test_a_reused_module_compiled_in_one_graph_is_not_said_to_pool(dynamo):
     finally:
         mon.detach()
     assert {"block.relu#1", "block.relu#4"} <= {s.name for s in mon.report("total").sites}
+
+
+def test_activation_modules_that_run_eagerly_under_a_compiled_monitor_are_named(dynamo):
+    """A graph break inside a loop makes Dynamo skip the whole frame: its activation modules run
+    eagerly, which compiled mode does not count. The monitor says so (once) and lists them."""
+    from deadrelu.monitor.monitor import CompiledModelWarning
+
+    class Looping(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = nn.ModuleList(nn.Sequential(nn.Linear(4, 4), nn.ReLU()) for _ in range(3))
+
+        def forward(self, x):
+            for layer in self.layers:
+                x = layer(x)
+                if x.sum() > 1e9:  # a data-dependent branch inside a loop
+                    x = x / 2
+            return x.sum()
+
+    torch.manual_seed(0)
+    model = Looping()
+    mon = deadrelu.Monitor(model, window=2, log_every=100, compiled=True).attach()
+    runner = torch.compile(model)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", CompiledModelWarning)
+            for _ in range(2):
+                runner(torch.randn(3, 4)).backward()
+                mon.step()
+        eager = [str(w.message) for w in caught if "ran eagerly" in str(w.message)]
+        assert len(eager) == 1 and "'layers.0.1' (ReLU) ran eagerly" in eager[0]
+        assert set(mon.capture.uncaptured) == {"layers.0.1", "layers.1.1", "layers.2.1"}
+    finally:
+        mon.detach()
+
+
+def test_no_eager_run_is_reported_for_a_model_compiled_in_full(dynamo):
+    from deadrelu.monitor.monitor import CompiledModelWarning
+
+    net = make_net()
+    mon = deadrelu.Monitor(net, window=2, log_every=1, compiled=True).attach()
+    runner = torch.compile(net, fullgraph=True)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", CompiledModelWarning)
+            train(runner, mon, batches(3))
+        assert mon.capture.uncaptured == {}
+    finally:
+        mon.detach()

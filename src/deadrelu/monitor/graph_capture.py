@@ -469,6 +469,8 @@ class GraphCapture:
         self._frame_names: dict[Any, tuple[str, str]] = {}  # frame id -> (file, function) of the code it runs
         # Blocks' graphs read the model call's mask through deadrelu::call_mask (BlockCapture sets it).
         self.mask_from_call = eager_beside and mask is not False
+        self._eager_beside = eager_beside  # an eager capture counts the code outside the graphs
+        self._eager_seen: set[str] = set()  # activation modules that ran eagerly (warned once each)
         # A block's k-th call in one forward of the model (its wrapper's hooks run eagerly around
         # the compiled call): its sites are those of call k, as in eager mode.
         self._block_calls: dict[str, int] = {}
@@ -494,7 +496,44 @@ class GraphCapture:
                     _CALLBACKS[site.ident] = (self, site)
             self._attached = True
             self._hook_block_calls()
+            if not self._eager_beside:
+                self._hook_eager_calls()
         return self
+
+    def _hook_eager_calls(self) -> None:
+        """Say when an activation module runs eagerly (a frame Dynamo skipped, such as a forward
+        with a graph break inside a loop, or the uncompiled model trained by mistake): compiled
+        mode counts graphs only. The hook does nothing while Dynamo traces it, so graphs are
+        unchanged; eagerly it costs one Python call per activation module call."""
+
+        def ran_eagerly(module: nn.Module, args: Any, output: Any) -> None:
+            if torch.compiler.is_compiling() or not (self.enabled and torch.is_grad_enabled()):
+                return
+            path = self._paths.get(id(module), "?")
+            if path in self._eager_seen:
+                return
+            self._eager_seen.add(path)
+            self.uncaptured.setdefault(path, "ran eagerly, outside any compiled graph")
+            if len(self._eager_seen) == 1:  # once: the report's uncaptured lists every such module
+                warnings.warn(
+                    f"deadrelu: activation module {path!r} ({type(module).__name__}) ran eagerly, outside any compiled "
+                    "graph (Dynamo skipped its frame, e.g. a graph break inside a loop, or the model ran uncompiled): "
+                    "compiled mode counts only compiled graphs, so it is not counted, nor are functional activation "
+                    "calls in eager code (the report's uncaptured lists each such module). Use the eager monitor "
+                    "(compiled=False) or remove the graph break",
+                    CompiledModelWarning,
+                    stacklevel=2,
+                )
+
+        skip_code = getattr(torch._dynamo.eval_frame, "skip_code", None)
+        if skip_code is None:
+            return
+        # Called from eager code (a skipped frame), Dynamo would compile the hook as a frame of its
+        # own, where is_compiling() is True: it runs as Python there, and is still inlined (a no-op)
+        # into the graphs that trace it.
+        skip_code(ran_eagerly.__code__)
+        for module in self._act_objects.values():
+            self._handles.append(module.register_forward_hook(ran_eagerly))
 
     def _hook_block_calls(self) -> None:
         """Count each compiled block's calls per forward of the model (hooks that do nothing while
