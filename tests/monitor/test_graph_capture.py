@@ -1137,3 +1137,35 @@ def test_no_eager_run_is_reported_for_a_model_compiled_in_full(dynamo):
         assert mon.capture.uncaptured == {}
     finally:
         mon.detach()
+
+
+class FlatEncoder(MaskedEncoder):
+    """Tokens flattened to (B·T, C) before the activation: the (B, T) mask lies over nothing."""
+
+    def forward(self, input_ids, attention_mask=None):
+        h = self.emb(input_ids).flatten(0, 1)
+        h = self.act(self.fc(h))
+        return (self.out(h).view(*input_ids.shape, 2) * attention_mask[..., None]).sum()
+
+
+def test_an_attention_mask_that_fits_no_compiled_activation_is_said_once_as_in_eager(dynamo):
+    def step(runner, b):
+        runner(**b).backward()
+
+    with pytest.warns(UserWarning, match=r"fits no activation of this forward pass") as eager_warnings:
+        eager = total_report(FlatEncoder, padded(), step, False, window=4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compiled = total_report(FlatEncoder, padded(), step, True, window=4)
+    said = [str(w.message) for w in caught if "fits no activation of a compiled graph" in str(w.message)]
+    assert len(said) == 1 and "every position was counted" in said[0]
+    every = sum(b["input_ids"].numel() for b in padded())
+    assert [s.observations for s in compiled.sites] == [s.observations for s in eager.sites] == [every]
+    assert len([w for w in eager_warnings if "fits no activation" in str(w.message)]) == 1
+
+
+def test_an_attention_mask_that_fits_is_not_said_to_fit_nothing(dynamo):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        total_report(MaskedEncoder, padded(), lambda runner, b: runner(**b).backward(), True, window=4)
+    assert not [w for w in caught if "fits no activation" in str(w.message)]

@@ -471,6 +471,7 @@ class GraphCapture:
         self.mask_from_call = eager_beside and mask is not False
         self._eager_beside = eager_beside  # an eager capture counts the code outside the graphs
         self._eager_seen: set[str] = set()  # activation modules that ran eagerly (warned once each)
+        self._warned_unfit = False  # an attention_mask that fit no activation of a graph was said once
         # A block's k-th call in one forward of the model (its wrapper's hooks run eagerly around
         # the compiled call): its sites are those of call k, as in eager mode.
         self._block_calls: dict[str, int] = {}
@@ -787,16 +788,35 @@ class GraphCapture:
         mask, mask_shape = self._mask_input(graph), None
         if self.mask_from_call and self._graph_root:
             mask, mask_shape = self._call_mask_node(graph)
-        sums = []
+        sums, masked = [], False
         for node, site in found:
             with graph.inserting_after(node):
                 nonnegative = site.info.function in NONNEGATIVE_FUNCTIONS
                 how = _mask_layout(node.meta["example_value"], site.unit_dim, mask, mask_shape)
                 extra = () if how is None else (mask, how == "transposed")
+                masked = masked or how is not None
                 sums.append(graph.call_function(_site_sums, (node, site.unit_dim, site.stats.threshold, nonnegative, *extra)))
+        if mask is not None and not masked:
+            self._warn_unfit_mask(mask, found)
         output = next(n for n in reversed(graph.nodes) if n.op == "output")
         with graph.inserting_before(output):  # one op call per graph and step, not one per site
             graph.call_function(_observe_sites, (sums, [site.ident for _, site in found], _anchor(graph)))
+
+    def _warn_unfit_mask(self, mask: fx.Node, found: list[tuple[fx.Node, _Site]]) -> None:
+        """The call's ``attention_mask`` lies over none of a graph's activations (a model that
+        flattens tokens to ``(B·T, C)``): every position is counted, padding included — said once,
+        as the eager monitor does."""
+        if self._warned_unfit:
+            return
+        self._warned_unfit = True
+        shape = tuple(mask.meta["example_value"].shape)
+        example = tuple(found[0][0].meta["example_value"].shape)
+        warnings.warn(
+            f"deadrelu: the attention_mask of shape {shape} fits no activation of a compiled graph (an activation's "
+            f"leading dimensions must be (B, T) or (T, B); e.g. {example}), so every position was counted, padding "
+            "included; use the eager monitor with mask= in the activations' layout, or mask=False to silence this",
+            stacklevel=2,
+        )
 
     def _note_unattributed(self, graph: fx.Graph) -> None:
         """A graph without parameters whose activations lie in the forward of one of this model's
