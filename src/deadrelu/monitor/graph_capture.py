@@ -786,8 +786,10 @@ class GraphCapture:
                     graph.call_function(_observe_sites, ([], [], anchor))
             return
         mask, mask_shape = self._mask_input(graph), None
+        call_input = mask is not None  # the graph takes an attention_mask (a block's call mask may be None)
         if self.mask_from_call and self._graph_root:
             mask, mask_shape = self._call_mask_node(graph)
+            call_input = False
         sums, masked = [], False
         for node, site in found:
             with graph.inserting_after(node):
@@ -796,7 +798,7 @@ class GraphCapture:
                 extra = () if how is None else (mask, how == "transposed")
                 masked = masked or how is not None
                 sums.append(graph.call_function(_site_sums, (node, site.unit_dim, site.stats.threshold, nonnegative, *extra)))
-        if mask is not None and not masked:
+        if call_input and mask is not None and not masked:
             self._warn_unfit_mask(mask, found)
         output = next(n for n in reversed(graph.nodes) if n.op == "output")
         with graph.inserting_before(output):  # one op call per graph and step, not one per site
