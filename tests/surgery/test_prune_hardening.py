@@ -90,3 +90,28 @@ def test_sites_given_as_a_generator_are_read_once_for_everything():
     as_generator = prune_dead(net, report, data=x, sites=(name for name in ["1", "3"]))
     assert as_list.removed == as_generator.removed == {"3": (3,)}
     assert as_list.skipped == as_generator.skipped and "leaky_relu" in as_generator.skipped["1"]
+
+
+@pytest.mark.parametrize("model", ["mlp", "cnn_bn", "prelu"])
+@pytest.mark.parametrize("with_data", [False, True])
+def test_prune_leaves_the_global_rng_alone(model, with_data):
+    """The smaller layers are built without their random init (which drew from the global RNG)."""
+    if model == "mlp":
+        net, x = rm.mlp(), rm.data()
+    elif model == "cnn_bn":
+        net, x = rm.cnn_bn(), rm.images()
+    else:
+        torch.manual_seed(0)
+        net, x = nn.Sequential(nn.Linear(6, 16), nn.PReLU(16), nn.Linear(16, 3)), rm.data()
+        with torch.no_grad():
+            net[0].weight[[1, 3]] = 0.0  # constant units: removable from a PReLU site
+    net.eval()
+    report = deadrelu.scan(net, x)
+    torch.manual_seed(123)
+    state = torch.random.get_rng_state()
+    result = prune_dead(net, report, data=x if with_data else None)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert result.units_removed > 0
+    with torch.no_grad():
+        assert (result.model(x) - net(x)).abs().max() <= 1e-5  # every value of the new layers was copied
+    assert all(torch.isfinite(t).all() for t in list(result.model.parameters()) + list(result.model.buffers()))

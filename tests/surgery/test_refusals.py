@@ -356,3 +356,178 @@ def test_held_out_check_accepts_units_dead_on_the_data_but_alive_on_random_input
     state = torch.random.get_rng_state()
     reinit_dead(net, report, data=x, generator=torch.Generator().manual_seed(0))
     assert torch.equal(torch.random.get_rng_state(), state)  # held-out inputs do not touch the global RNG
+
+
+# -- tensors read outside their layer's call without a get_attr node ------------------------------
+# fx proxies only attributes read through Module.__getattr__ that are parameters; a buffer, a weight
+# reached through self.parameters() or a plain attribute sharing a weight's storage is a real tensor,
+# computed with once at trace time and baked into the graph as a constant.
+
+
+class _BufferRead(nn.Module):
+    """Linear -> BatchNorm -> ReLU -> Linear whose output also adds ``bn.running_var.sum()``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.bn, self.r, self.b = nn.Linear(6, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3)
+        with torch.no_grad():
+            self.bn.running_var.uniform_(0.5, 2.0)
+            self.bn.bias[[1, 3]] = -100.0
+        self.eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.r(self.bn(self.a(x)))) + self.bn.running_var.sum()
+
+
+class _ParametersRead(nn.Module):
+    """An MLP whose output adds an L2 penalty computed from ``self.parameters()``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.r, self.b = nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3)
+        rm.plant(self.a.bias, [1, 3])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.r(self.a(x))) + sum(p.pow(2).sum() for p in self.parameters())
+
+
+class _AliasRead(nn.Module):
+    """An MLP with a plain tensor attribute that shares the consumer's weight storage, read in forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.r, self.b = nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3)
+        rm.plant(self.a.bias, [1, 3])
+        self.w = self.b.weight.data  # a plain attribute, not a buffer: the same storage as b.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.r(self.a(x))) + (x[:, :3] @ self.w[:, 1:4].T)
+
+
+@pytest.mark.parametrize("op", ["reinit", "reinit_data", "prune", "prune_nodata"])
+def test_batchnorm_buffer_read_in_forward_is_refused(op):
+    check_refused(_BufferRead(), op, r"'bn\.running_var' is also read directly in forward \(eagerly, by sum\(\)", "r")
+
+
+def test_before_the_fix_a_buffer_read_in_forward_changed_outputs():
+    """Without data, the old code reset running_var's dead channels and the output moved by 0.04."""
+    net, x = _BufferRead(), rm.data()
+    report = deadrelu.scan(net, x)
+    assert report.sites[0].dead_units == (1, 3)
+    ref = net(x).detach()
+    twin = _BufferRead()
+    twin.load_state_dict(net.state_dict())
+    twin.bn.running_var[[1, 3]] = 1.0  # what reinit_dead writes there
+    assert (twin(x) - ref).abs().max() > 1e-2  # so accepting it would change the outputs
+
+
+@pytest.mark.parametrize("op", ["reinit", "reinit_data", "prune", "prune_nodata", "nudge"])
+def test_weights_read_through_parameters_in_forward_are_refused(op):
+    check_refused(_ParametersRead(), op, r"'a\.weight' is also read directly in forward \(eagerly, by pow\(\)", "r")
+
+
+@pytest.mark.parametrize("op", ["reinit", "prune_nodata"])
+def test_plain_attribute_sharing_a_weight_is_refused(op):
+    check_refused(_AliasRead(), op, r"'b\.weight' is also read directly in forward", "r")
+
+
+class _OffChainBuffer(nn.Module):
+    """An MLP that adds a buffer of its own, computed with eagerly: no layer on a chain is read."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.r, self.b = nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3)
+        rm.plant(self.a.bias, [1, 3])
+        self.register_buffer("offset", torch.arange(3.0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.r(self.a(x))) + self.offset * 2 + torch.ones(3)
+
+
+def test_eager_reads_off_the_chain_and_constants_are_still_accepted():
+    net, x = _OffChainBuffer(), rm.data()
+    report = deadrelu.scan(net, x)
+    ref = net(x).detach()
+    small = prune_dead(net, report, data=x)
+    assert small.removed == {"r": (1, 3)}
+    assert torch.allclose(small.model(x), ref, atol=1e-5)
+    result = reinit_dead(net, report, data=x, generator=torch.Generator().manual_seed(0))
+    assert result.units == 2
+    assert torch.allclose(net(x), ref, atol=1e-5)
+
+
+# -- tracing leaves the user's model as it was ----------------------------------------------------
+
+
+def _attributes(model: nn.Module) -> dict[str, set[str]]:
+    return {path: set(vars(m)) for path, m in model.named_modules()}
+
+
+@pytest.mark.parametrize("op", ["reinit", "reinit_data", "prune", "prune_nodata", "nudge"])
+def test_tracing_adds_no_attribute_to_the_model_when_refused(op):
+    """fx stored a `_tensor_constant0` on the traced root; then copy.deepcopy(model) raised."""
+    import copy
+
+    net = _ParametersRead()
+    before = _attributes(net)
+    check_refused(net, op, "is also read directly in forward", "r")
+    assert _attributes(net) == before
+    copy.deepcopy(net)  # raised RuntimeError (a non-leaf constant) before the fix
+
+
+@pytest.mark.parametrize("op", ["reinit", "reinit_data", "prune", "prune_nodata", "nudge"])
+def test_tracing_adds_no_attribute_to_the_model_when_accepted(op):
+    import copy
+
+    net, x = _OffChainBuffer(), rm.data()
+    opt = trained_optimizer(net, x)
+    report = deadrelu.scan(net, x)
+    before = _attributes(net)
+    OPERATIONS[op](net, report, opt, x)
+    assert _attributes(net) == before
+    assert not any(k.startswith("_tensor_constant") for m in net.modules() for k in vars(m))
+    copy.deepcopy(net)
+
+
+class _Inner(nn.Module):
+    """User code with a tensor constant in forward; with ``relu`` it is rewritten, else only traced."""
+
+    def __init__(self, relu: bool) -> None:
+        super().__init__()
+        self.fc, self.relu = nn.Linear(6, 6), relu
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.fc(x) + torch.ones(6)
+        return torch.nn.functional.relu(y) if self.relu else y
+
+
+def test_swap_adds_no_attribute_to_the_modules_it_traces():
+    import copy
+
+    x = rm.data()
+    plain, rewritten, root = _Inner(relu=False), _Inner(relu=True), _Inner(relu=True)
+    net = nn.Sequential(plain, nn.ReLU(), rewritten, nn.Linear(6, 3))
+    ref = net(x).detach()
+    before = {m: set(vars(m)) for m in (plain, rewritten, root)}
+    result = swap_activations(net, to="leaky_relu", negative_slope=0.0)  # LeakyReLU(0) computes ReLU
+    assert isinstance(net[2], torch.fx.GraphModule) and net[0] is plain
+    with pytest.raises(RefusedError, match="in <root>"):
+        swap_activations(root, to="elu")  # the root's own functional call cannot be rewritten in place
+    for m, names in before.items():
+        assert set(vars(m)) == names  # fx stored `_tensor_constant0` on each before the fix
+        copy.deepcopy(m)
+    assert torch.equal(result.model(x), ref)
+
+
+def test_swap_refuses_a_report_that_is_not_a_report():
+    net = rm.mlp()
+    before = snapshot(net, None)
+    for copy_ in (True, False):
+        with pytest.raises(RefusedError, match="swap_activations: expected a deadrelu Report, got str; nothing was changed"):
+            swap_activations(net, to="prelu", report="not a report", copy=copy_)  # type: ignore[arg-type]
+    assert_unchanged(before, snapshot(net, None))
+    assert isinstance(net[1], nn.ReLU)

@@ -218,3 +218,82 @@ def test_nudge_bias_refuses_bad_arguments(options, argument):
     with pytest.raises(DeadReluError, match="nudge_bias: model must be a torch.nn.Module"):
         nudge_bias(3, report)
 
+
+
+def _below_threshold_net() -> tuple[nn.Sequential, torch.Tensor]:
+    """6-16-3 with units 1 and 3 dead and unit 5 alive but never above 0.1."""
+    torch.manual_seed(0)
+    x = torch.randn(256, 6)
+    net = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
+    with torch.no_grad():
+        net[0].bias[[1, 3]] = -100.0
+        net[0].weight[5] *= 0.05
+        net[0].bias[5] = 0.0
+    return net, x
+
+
+@pytest.mark.parametrize("with_data", [False, True])
+def test_site_scanned_with_a_positive_threshold_is_skipped_like_prune(with_data):
+    net, x = _below_threshold_net()
+    report = deadrelu.scan(net, x, threshold=0.5)
+    hidden = torch.relu(net[0](x))
+    assert 5 in report.sites[0].dead_units and 0 < hidden[:, 5].max() < 0.5  # "dead" yet it fires
+    ref, before = net(x).detach(), snapshot(net)
+    result = reinit_dead(net, report, data=x if with_data else None)
+    assert result.changes == () and result.units == 0
+    assert list(result.skipped) == ["1"]
+    assert result.skipped["1"].startswith(deadrelu.prune_dead(net, report).skipped["1"])  # the same reason
+    assert "1: skipped (scanned with fire threshold 0.5 > 0" in str(result)
+    assert_unchanged(before, net)
+    assert torch.equal(net(x), ref)  # the old code re-initialised unit 5 and moved the outputs by 0.025
+
+
+def test_positive_threshold_site_with_dormant_is_reinitialised_as_redo():
+    net, x = _below_threshold_net()
+    report = deadrelu.scan(net, x, threshold=0.5)
+    result = reinit_dead(net, report, dormant=True, generator=torch.Generator().manual_seed(0))
+    assert result.skipped == {} and set(report.sites[0].dead_units) <= set(result.changes[0].units)
+
+
+def test_threshold_zero_sites_are_not_skipped():
+    net, x = _below_threshold_net()
+    report = deadrelu.scan(net, x)
+    result = reinit_dead(net, report, data=x, generator=torch.Generator().manual_seed(0))
+    assert result.skipped == {} and result.changes[0].units == (1, 3)
+
+
+def _inference_consumer() -> tuple[nn.Sequential, torch.Tensor]:
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        consumer = nn.Linear(16, 3)
+    net = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), consumer)
+    with torch.no_grad():
+        net[0].bias[[1, 3]] = -100.0
+    return net, torch.randn(64, 6)
+
+
+def test_a_write_torch_refuses_is_rolled_back_and_one_deadrelu_error():
+    net, x = _inference_consumer()
+    opt = torch.optim.SGD(net[0].parameters(), lr=0.1, momentum=0.9)
+    net[0](x).sum().backward()
+    opt.step()
+    report = deadrelu.scan(net, x)
+    before = snapshot(net, opt)
+    with pytest.raises(RefusedError, match=r"reinit_dead: a write failed \(RuntimeError: Inplace update to inference "
+                       r"tensor.*rolled back; nothing was changed") as err:
+        reinit_dead(net, report, opt)
+    assert isinstance(err.value.__cause__, RuntimeError)
+    assert_unchanged(before, net, opt)  # the producer rows written before the failure are back
+
+
+def test_nudge_on_an_inference_tensor_bias_is_one_deadrelu_error():
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        producer = nn.Linear(6, 16)
+        producer.bias[[1, 3]] = -100.0
+    net = nn.Sequential(producer, nn.ReLU(), nn.Linear(16, 3))
+    report = deadrelu.scan(net, torch.randn(64, 6))
+    before = snapshot(net)
+    with pytest.raises(RefusedError, match=r"nudge_bias: a write failed \(RuntimeError: Inplace update to inference"):
+        nudge_bias(net, report, value=0.5)
+    assert_unchanged(before, net)

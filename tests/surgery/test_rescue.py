@@ -268,8 +268,10 @@ def test_failure_midway_rolls_back(monkeypatch):
         raise RuntimeError("simulated failure while zeroing columns")
 
     monkeypatch.setattr(_graph, "columns", boom)
-    with pytest.raises(RuntimeError, match="simulated"):
+    # After the rollback the failure is one deadrelu error naming it, the original as its cause.
+    with pytest.raises(RefusedError, match="a write failed .RuntimeError: simulated.*nothing was changed") as err:
         reinit_dead(net, report, opt, generator=gen())
+    assert isinstance(err.value.__cause__, RuntimeError)
     assert same_state(net.state_dict(), model_before)
     assert same_state(opt.state_dict(), opt_before)
 
@@ -514,8 +516,9 @@ def test_swap_failure_midway_rolls_back(monkeypatch):
         raise RuntimeError("simulated failure in the fx rewrite")
 
     monkeypatch.setattr(_swap, "_rewrite", boom)
-    with pytest.raises(RuntimeError, match="simulated"):
+    with pytest.raises(RefusedError, match="swap_activations: a write failed .RuntimeError: simulated") as err:
         swap_activations(net, to="elu")
+    assert isinstance(err.value.__cause__, RuntimeError)
     assert [type(m) for m in net.modules()] == before_types  # the nn.ReLU module swap was undone
     assert isinstance(net.act, nn.ReLU)
 

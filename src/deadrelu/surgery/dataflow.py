@@ -30,12 +30,15 @@ calls made directly by that invocation.
 from __future__ import annotations
 
 import operator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_leaves
 
 from ..core.activations import ACTIVATION_FUNCTIONS, function_of_module
 from ..core.hooks import global_forward_hooks
@@ -44,7 +47,7 @@ from ..errors import DeadReluError, RefusedError
 from ..core.report import Report, SiteReport, model_fingerprint
 
 __all__ = [
-    "Chain", "Link", "trace", "site_nodes", "find_chains", "activation_name", "describe_node",
+    "Chain", "Link", "trace", "traced", "trace_graph", "leaves_no_attributes", "site_nodes", "find_chains", "activation_name", "describe_node",
     "check_report_matches", "unrewritable_reason", "computed_weight_reason", "is_deadrelu_hook",
 ]  # fmt: skip
 
@@ -115,15 +118,117 @@ def describe_node(node: fx.Node) -> str:
     return f"{node.op} {node.target}"
 
 
-def trace(model: nn.Module, what: str) -> fx.GraphModule:
-    """Symbolically trace ``model`` or refuse, saying why the dataflow cannot be proven."""
+def _tensor_names(model: nn.Module) -> dict[int, str]:
+    """``id`` of each parameter and buffer of ``model`` -> its first dotted name."""
+    names: dict[int, str] = {}
+    for name, t in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False)):
+        names.setdefault(id(t), name)
+    return names
+
+
+def _storage_key(t: torch.Tensor) -> int:
+    """The address of ``t``'s storage (0 where it has none: meta, sparse, a tensor subclass)."""
     try:
-        return fx.symbolic_trace(model)
+        return int(t.untyped_storage().data_ptr())
+    except Exception:  # no storage to compare
+        return 0
+
+
+def _storage_names(model: nn.Module) -> dict[int, str]:
+    """Storage address of each parameter and buffer of ``model`` -> its first dotted name."""
+    names: dict[int, str] = {}
+    for name, t in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False)):
+        key = _storage_key(t)
+        if key:
+            names.setdefault(key, name)
+    return names
+
+
+class _EagerReads(TorchFunctionMode):
+    """Records the parameters and buffers that forward computes with eagerly while torch.fx traces it.
+
+    fx makes proxies only of the input and of attributes read through ``Module.__getattr__``; a
+    tensor reached otherwise (``self.parameters()``, a buffer, a plain attribute aliasing a weight)
+    is real, so an op on it alone runs once at trace time and its result is baked into the graph as
+    a constant. Such an op is one whose arguments hold no proxy and some tensor of the model.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self._ids = _tensor_names(model)
+        self._storages = _storage_names(model)
+        self.found: dict[str, str] = {}  # tensor name -> the op that read it
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        leaves = tree_leaves((args, kwargs))
+        if func is not torch.Tensor.__hash__ and not any(isinstance(v, fx.Proxy) for v in leaves):
+            for v in leaves:
+                if isinstance(v, torch.Tensor) and not isinstance(v, fx.Proxy):
+                    name = self._ids.get(id(v)) or self._storages.get(_storage_key(v))
+                    if name is not None:
+                        self.found.setdefault(name, getattr(func, "__name__", str(func)))
+        return func(*args, **kwargs)
+
+
+@contextmanager
+def leaves_no_attributes(model: nn.Module) -> Iterator[None]:
+    """Undo what tracing adds to ``model``'s modules (fx stores constants as ``_tensor_constant<k>``
+    attributes on the traced root, and re-registers a leaf's buffer read directly as persistent)."""
+    saved = [
+        (m, set(vars(m)), dict(m._buffers), dict(m._parameters), dict(m._modules), set(m._non_persistent_buffers_set))
+        for m in model.modules()
+    ]
+    try:
+        yield
+    finally:
+        for m, names, buffers, params, children, non_persistent in saved:
+            for name in set(vars(m)) - names:
+                del m.__dict__[name]
+            for now, before in ((m._buffers, buffers), (m._parameters, params), (m._modules, children)):
+                if now.keys() != before.keys() or any(now[k] is not v for k, v in before.items()):
+                    now.clear()
+                    now.update(before)
+            if m._non_persistent_buffers_set != non_persistent:
+                m._non_persistent_buffers_set.clear()
+                m._non_persistent_buffers_set.update(non_persistent)
+
+
+def trace_graph(tracer: fx.Tracer, model: nn.Module) -> tuple[fx.Graph, dict[str, Any]]:
+    """``tracer.trace(model)``, leaving ``model`` as it was; returns the graph and the constants the
+    trace stored on ``model`` (``_tensor_constant<k>``), which a GraphModule of it needs."""
+    before = set(vars(model))
+    with leaves_no_attributes(model):
+        graph = tracer.trace(model)
+        constants = {k: v for k, v in vars(model).items() if k not in before}
+    return graph, constants
+
+
+def traced(model: nn.Module, what: str) -> tuple[fx.GraphModule, dict[str, str]]:
+    """Symbolically trace ``model`` or refuse, saying why the dataflow cannot be proven.
+
+    ``model`` is left without the attributes fx adds to it. Returns the GraphModule and, per
+    parameter or buffer that forward computed with eagerly at trace time (see :class:`_EagerReads`),
+    the op that read it.
+    """
+    eager = _EagerReads(model)
+    try:
+        with leaves_no_attributes(model):
+            with eager:
+                tracer = fx.Tracer()
+                graph = tracer.trace(model)
+            gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
     except Exception as err:  # fx raises many types (TraceError, TypeError, ...) for dynamic code
         raise RefusedError(
             f"{what}: cannot trace {type(model).__name__} with torch.fx ({type(err).__name__}: "
             f"{error_summary(err)}), so its dataflow cannot be proven; nothing was changed"
         ) from err
+    return gm, eager.found
+
+
+def trace(model: nn.Module, what: str) -> fx.GraphModule:
+    """Symbolically trace ``model`` or refuse, saying why; ``model`` is left as it was (see :func:`traced`)."""
+    return traced(model, what)[0]
 
 
 def _owner(node: fx.Node) -> tuple[str, int]:
@@ -355,8 +460,11 @@ def check_report_matches(model: nn.Module, report: Report, what: str) -> None:
     """Refuse a report whose recorded model fingerprint differs from ``model``'s.
 
     Raises:
-        RefusedError: naming both fingerprints; a report without one (older JSON) passes.
+        RefusedError: ``report`` is not a :class:`Report`, or naming both fingerprints; a report
+            without one (older JSON) passes.
     """
+    if not isinstance(report, Report):
+        raise RefusedError(f"{what}: expected a deadrelu Report, got {type(report).__name__}; nothing was changed")
     recorded = getattr(report, "fingerprint", "")
     if recorded and recorded != model_fingerprint(model):
         raise RefusedError(
@@ -372,29 +480,59 @@ def _check_module(path: str, module: nn.Module, site: SiteReport, what: str) -> 
         raise _refuse(site, what, reason)
 
 
-def _direct_reads(gm: fx.GraphModule) -> dict[str, list[fx.Node]]:
-    """Attribute path -> the get_attr nodes that read it in forward (``self.fc.weight`` outside ``self.fc(...)``)."""
-    out: dict[str, list[fx.Node]] = {}
+def _direct_reads(gm: fx.GraphModule, model: nn.Module, eager: dict[str, str]) -> dict[str, str]:
+    """Tensor path -> how forward reads it outside its module's call, for the refusal message.
+
+    Three ways: a get_attr node (``self.fc.weight`` outside ``self.fc(...)``); a get_attr of another
+    tensor that shares its storage (a plain attribute ``self.w = self.fc.weight.T``); an eager op at
+    trace time (``eager``, from :func:`traced`: ``self.parameters()``, ``self.bn.running_var.sum()``).
+    """
+    nodes: dict[str, list[fx.Node]] = {}
+    storages = _storage_names(model)
     for node in gm.graph.nodes:
-        if node.op == "get_attr":
-            out.setdefault(str(node.target), []).append(node)
+        if node.op != "get_attr":
+            continue
+        nodes.setdefault(str(node.target), []).append(node)
+        try:
+            value = _fetch(gm, str(node.target))
+        except AttributeError:
+            continue
+        alias = storages.get(_storage_key(value)) if isinstance(value, torch.Tensor) else None
+        if alias is not None and alias != str(node.target):
+            nodes.setdefault(alias, []).append(node)
+    out = {
+        target: "by " + (", ".join(sorted({describe_node(u) for n in found for u in n.users})) or "nothing")
+        for target, found in nodes.items()
+    }
+    for name, op in eager.items():
+        out.setdefault(
+            name, f"eagerly, by {op}() on the tensor itself, e.g. through self.parameters(): torch.fx computes that "
+            "once while tracing and keeps the result as a constant"
+        )
     return out
 
 
-def _check_direct_reads(chain: "Chain", reads: dict[str, list[fx.Node]], what: str) -> None:
+def _fetch(root: nn.Module, target: str) -> Any:
+    """The attribute at dotted path ``target`` of ``root``."""
+    value: Any = root
+    for atom in target.split("."):
+        value = getattr(value, atom)
+    return value
+
+
+def _check_direct_reads(chain: "Chain", reads: dict[str, str], what: str) -> None:
     """Refuse when a tensor of a layer the rewrite edits is also read outside that layer's own call."""
     paths = {chain.producer_path, chain.norm_path} | {l.path for l in chain.links}
     paths |= {p for l in chain.links for p, _ in l.norms}
     if chain.node.op == "call_module":
         paths.add(str(chain.node.target))
-    for target, nodes in reads.items():
+    for target, how in reads.items():
         owner = next((p for p in paths if p and (target == p or target.startswith(p + "."))), None)
         if owner is not None:
-            users = ", ".join(sorted({describe_node(u) for n in nodes for u in n.users})) or "nothing"
             raise _refuse(
                 chain.site,
                 what,
-                f"'{target}' is also read directly in forward (by {users}), outside the call of '{owner}', so "
+                f"'{target}' is also read directly in forward ({how}), outside the call of '{owner}', so "
                 "editing it would change that computation too",
             )
 
@@ -448,8 +586,6 @@ def find_chains(
         RefusedError: naming the site, when any chain cannot be proven.
         DeadReluError: a name in ``sites`` is not in the report.
     """
-    if not isinstance(report, Report):
-        raise RefusedError(f"{what}: expected a deadrelu Report, got {type(report).__name__}; nothing was changed")
     check_report_matches(model, report, what)
     chosen = report.sites
     if sites is not None:
@@ -465,7 +601,7 @@ def find_chains(
     wanted = [(s, u) for s, u in wanted if u]
     if not wanted:
         return []
-    gm = trace(model, what)
+    gm, eager = traced(model, what)
     modules = dict(gm.named_modules())
     nodes = site_nodes(gm)
     calls: dict[str, int] = {}
@@ -473,7 +609,7 @@ def find_chains(
         if node.op == "call_module":
             calls[str(node.target)] = calls.get(str(node.target), 0) + 1
     shared = _shared_parameters(model)
-    reads = _direct_reads(gm)
+    reads = _direct_reads(gm, model, eager)
     chains = []
     for site, units in wanted:
         found = nodes.get((site.module, site.call, site.slot))

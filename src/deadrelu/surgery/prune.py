@@ -199,8 +199,15 @@ def _keep(n: int, drop: set[int]) -> torch.Tensor:
     return torch.tensor([i for i in range(n) if i not in drop], dtype=torch.long)
 
 
+def _uninitialised(cls: Any, *args: Any, device: Any, **kwargs: Any) -> nn.Module:
+    """``cls(*args, **kwargs)`` on ``device`` without running its random init (which would draw
+    from the global RNG): built on the meta device, then given uninitialised storage, all of
+    which the caller overwrites."""
+    return cls(*args, device="meta", **kwargs).to_empty(device=device if device is not None else "cpu")
+
+
 def _smaller(old: nn.Module, edit: _Edit) -> nn.Module:
-    """A new module of the same class without the cut rows/columns/channels."""
+    """A new module of the same class without the cut rows/columns/channels; every value is copied."""
     w = old.weight if hasattr(old, "weight") else None
     dev = dtype = None
     for t in list(old.parameters()) + list(old.buffers()):
@@ -209,14 +216,16 @@ def _smaller(old: nn.Module, edit: _Edit) -> nn.Module:
             break
     if isinstance(old, nn.PReLU):
         keep = _keep(old.num_parameters, edit.out)
-        new = nn.PReLU(len(keep), device=dev, dtype=dtype)
+        new = _uninitialised(nn.PReLU, len(keep), device=dev, dtype=dtype)
         new.weight.data.copy_(old.weight.data[keep])
         new.weight.requires_grad_(old.weight.requires_grad)
         new.train(old.training)
         return new
     if isinstance(old, nn.modules.batchnorm._BatchNorm):
         keep = _keep(old.num_features, edit.out)
-        new = type(old)(len(keep), old.eps, old.momentum, old.affine, old.track_running_stats, device=dev, dtype=dtype)
+        new = _uninitialised(
+            type(old), len(keep), old.eps, old.momentum, old.affine, old.track_running_stats, device=dev, dtype=dtype
+        )
         for name in ("weight", "bias", "running_mean", "running_var"):
             src, dst = getattr(old, name), getattr(new, name)
             if src is not None:
@@ -231,10 +240,10 @@ def _smaller(old: nn.Module, edit: _Edit) -> nn.Module:
     keep_out, keep_in = _keep(n_out, edit.out), _keep(n_in, edit.inp)
     has_bias = old.bias is not None or edit.bias is not None
     if isinstance(old, nn.Linear):
-        new = nn.Linear(len(keep_in), len(keep_out), bias=has_bias, device=dev, dtype=dtype)
+        new = _uninitialised(nn.Linear, len(keep_in), len(keep_out), bias=has_bias, device=dev, dtype=dtype)
     else:
-        new = type(old)(
-            len(keep_in), len(keep_out), old.kernel_size, stride=old.stride, padding=old.padding,  # type: ignore[arg-type]
+        new = _uninitialised(
+            type(old), len(keep_in), len(keep_out), old.kernel_size, stride=old.stride, padding=old.padding,  # type: ignore[arg-type]
             dilation=old.dilation, groups=old.groups, bias=has_bias, padding_mode=old.padding_mode,  # type: ignore[arg-type]
             device=dev, dtype=dtype,
         )  # fmt: skip

@@ -90,11 +90,14 @@ class ReinitResult:
         optimizer_entries: how many optimizer state tensors had entries reset.
         silent: per site, re-initialised units that still would not fire on ``data``
             (only checked when ``data`` was given).
+        skipped: per site name, why its dead units were left alone (as ``PruneResult.skipped``):
+            a site scanned with a fire threshold above 0, whose "dead" units may still output up to it.
     """
 
     changes: tuple[UnitReset, ...]
     optimizer_entries: int = 0
     silent: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
 
     @property
     def units(self) -> int:
@@ -103,14 +106,16 @@ class ReinitResult:
 
     def __str__(self) -> str:
         if not self.changes:
-            return "reinit_dead: nothing to re-initialise"
-        lines = [f"reinit_dead: {self.units} unit(s) at {len(self.changes)} site(s)"]
+            lines = ["reinit_dead: nothing to re-initialise"]
+        else:
+            lines = [f"reinit_dead: {self.units} unit(s) at {len(self.changes)} site(s)"]
         for c in self.changes:
             norm = f" + {c.norm}" if c.norm else ""
             lines.append(
                 f"  {c.site}: {len(c.units)} unit(s); rows of {c.producer}{norm} re-drawn, "
                 f"columns of {', '.join(c.consumers)} zeroed"
             )
+        lines += [f"  {name}: skipped ({why})" for name, why in self.skipped.items()]
         return "\n".join(lines)
 
 
@@ -140,6 +145,34 @@ def _units_of(dormant: bool) -> Any:
         return site.dead_units
 
     return select
+
+
+def _threshold_skip(site: SiteReport) -> str | None:
+    """Why :func:`reinit_dead` (without ``dormant``) leaves a site's dead units alone, or None.
+
+    Scanned with a fire threshold above 0, a "dead" unit may still output up to it, so zeroing its
+    outgoing weights would change the outputs; ``prune_dead`` skips such sites for the same reason.
+    """
+    if site.dead_units and site.fire_threshold > 0:
+        return (
+            f"scanned with fire threshold {site.fire_threshold:g} > 0, so dead units may output up to it; "
+            "pass dormant=True to re-initialise them anyway, as ReDo does"
+        )
+    return None
+
+
+def _reinit_units(dormant: bool) -> Callable[[SiteReport], tuple[int, ...]]:
+    """The units :func:`reinit_dead` acts on at a site: those of :func:`_units_of`, none at a skipped site."""
+    select = _units_of(dormant)
+    return lambda site: () if not dormant and _threshold_skip(site) else select(site)
+
+
+def _skipped_sites(report: Report, sites: tuple[str, ...] | None, dormant: bool) -> dict[str, str]:
+    """Per chosen site whose dead units :func:`reinit_dead` leaves alone, why."""
+    if dormant:
+        return {}
+    chosen = [s for s in report.sites if sites is None or s.name in sites]
+    return {s.name: why for s in chosen if (why := _threshold_skip(s)) is not None}
 
 
 def _check_optimizer(optimizer: Any, what: str) -> None:
@@ -343,14 +376,13 @@ def reinit_dead(
       layer; all H·W columns of a channel after a flatten) are set to 0, so the output
       is unchanged. A dead unit's constant output that is not zero (a BatchNorm after
       the activation maps 0 to a constant) is first folded into the consumer's bias;
-    * in ``optimizer``, every state tensor shaped like a touched parameter (SGD
-      ``momentum_buffer``; Adam/AdamW ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``;
-      Adagrad ``sum``) has exactly those rows/columns set to their value before the first
-      step (0; Rprop's ``step_size``: the learning rate); other entries are untouched. Adam keeps one
-      ``step`` count per *tensor*, shared by the untouched entries, so it is left as is:
-      the reset entries then run without bias correction. Under a steady gradient their
-      update is ``(1-β1^k)/sqrt(1-β2^k)`` times a fresh Adam step k steps after the reset:
-      3.2× at k=1, at most 6.6× (k=12), 3.2× at k=100, 1.3× at k=1000 (default betas).
+    * in ``optimizer``, every state tensor shaped like a touched parameter (``momentum_buffer``,
+      ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``, ``sum``) has exactly those rows/columns set
+      to their value before the first step (0; Rprop's ``step_size``: the learning rate). Adam's
+      per-tensor ``step`` is left as is (see docs/rescue.md for what that means for bias correction).
+
+    Unless ``dormant=True``, a site scanned with a fire threshold above 0 is skipped (``result.skipped``,
+    as in :func:`~deadrelu.prune_dead`): its "dead" units may output up to it, so outputs would change.
 
     A unit fed by non-negative inputs (the output of an earlier ReLU layer) whose new
     weights point away from the inputs' mean stays silent: without data, about half of
@@ -386,8 +418,8 @@ def reinit_dead(
     Raises:
         RefusedError: when a site's producer/consumer dataflow cannot be proven (residual
             add, shared weights, unsupported layer, untraceable model), when the rewrite would
-            change the outputs on held-out inputs, or when the report is stale for ``data``;
-            nothing is changed.
+            change the outputs on held-out inputs, when the report is stale for ``data``, or when a
+            write fails (an inference-mode tensor; rolled back, the cause named); nothing is changed.
         ForwardError: the model raises on ``data`` (e.g. the wrong number of features).
         DataError: ``data`` is unusable.
         DeadReluError: for a bad argument (``max_draws=0``, ``generator=3``, ...), before any work.
@@ -403,11 +435,11 @@ def reinit_dead(
     what = "reinit_dead"
     sites = _check_reinit_arguments(model, optimizer, dormant, generator, init, input_fn, max_draws, sites, what)
     # With data, the real model (global module hooks included) is checked against the pinned trace below.
-    chains = _graph.find_chains(model, report, _units_of(dormant), what, sites=sites, checked_on_data=data is not None)
+    chains = _graph.find_chains(model, report, _reinit_units(dormant), what, sites=sites, checked_on_data=data is not None)
     # Plan every value first; a refusal here leaves everything untouched.
     batch = _checked_first_batch(model, report, chains, data, input_fn, dormant, what) if data is not None else None
     plans, reference = _plan_all(model, chains, batch, init, generator, max_draws, what)
-    with Transaction() as tx:
+    with Transaction(what) as tx:
         entries = _write_unit_resets(plans, optimizer, tx)
         if reference is not None:
             reference.check(model)
@@ -415,6 +447,7 @@ def reinit_dead(
         changes=tuple(p.change() for p in plans),
         optimizer_entries=entries,
         silent={p.chain.site.name: p.silent for p in plans if p.silent},
+        skipped=_skipped_sites(report, sites, dormant),
     )
 
 
@@ -600,7 +633,7 @@ def nudge_bias(
             raise RefusedError(f"{what}: site '{chain.site.name}': '{path}' has no bias to nudge; nothing was changed")
         targets.append((chain, owner.bias, f"{path}.bias" if path else "bias"))
     out = []
-    with Transaction() as tx, torch.no_grad():
+    with Transaction(what) as tx, torch.no_grad():
         for chain, bias, name in targets:
             idx = list(chain.units)
             tx.save(bias)

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .dataflow import check_report_matches, unrewritable_reason
+from .dataflow import check_report_matches, leaves_no_attributes, trace_graph, unrewritable_reason
 from .transaction import Transaction, copy_model
 from .verify import check_flag, check_generator
 from ..errors import DeadReluError, RefusedError
@@ -139,7 +139,8 @@ def _module_widths(model: nn.Module, report: Report | None) -> dict[str, int]:
                 out[s.module] = s.units
         return {k: v for k, v in out.items() if counts[k] == 1}
     try:
-        gm = fx.symbolic_trace(model)
+        with leaves_no_attributes(model):
+            gm = fx.symbolic_trace(model)
     except Exception:  # untraceable: PReLU falls back to one shared slope
         return {}
     modules = dict(gm.named_modules())
@@ -259,7 +260,7 @@ def swap_activations(
     plan = _plan_swaps(target, copy, to, report)
     selu_plans = _lecun(target, generator) if selu_init else []
     changes: list[ActivationChange] = []
-    with Transaction() as tx:
+    with Transaction("swap_activations") as tx:
         result_model = _write_swaps(target, plan, to, negative_slope, changes, tx)
         with torch.no_grad():
             for _, m, w, b in selu_plans:
@@ -291,7 +292,8 @@ class _SwapPlan:
 
     modules: list[tuple[str, nn.Module]]  # nn.ReLU modules, replaced in their parent
     attributes: list[tuple[str, nn.Module]]  # modules with an ``activation=F.relu`` attribute
-    graphs: list[tuple[str, nn.Module, fx.Graph, list[fx.Node]]]  # modules whose own forward calls relu
+    # modules whose own forward calls relu, with the constants their trace made (kept off the module)
+    graphs: list[tuple[str, nn.Module, fx.Graph, list[fx.Node], dict[str, Any]]]
     like: torch.Tensor | None  # a parameter whose device/dtype new activations take
     widths: dict[str, int]  # PReLU channel counts per ReLU module path
     paths: dict[str, list[str]]  # every path of each rewritten module (a shared one has several)
@@ -312,7 +314,7 @@ def _plan_swaps(target: nn.Module, copy: bool, to: str, report: Report | None) -
     attributes = [
         (path, m) for path, m in target.named_modules() if getattr(m, "activation", None) in (F.relu, torch.relu)
     ]
-    graphs: list[tuple[str, nn.Module, fx.Graph, list[fx.Node]]] = []
+    graphs: list[tuple[str, nn.Module, fx.Graph, list[fx.Node], dict[str, Any]]] = []
     shared: dict[int, list[str]] = {}  # every path of a module reached from several parents
     for path, m in target.named_modules(remove_duplicate=False):
         if not _is_user_code(m):
@@ -322,7 +324,7 @@ def _plan_swaps(target: nn.Module, copy: bool, to: str, report: Report | None) -
             continue
         shared[id(m)] = [path]
         try:
-            graph = _ShallowTracer().trace(m)
+            graph, constants = trace_graph(_ShallowTracer(), m)
         except Exception:  # any trace failure: fall back to reading the source
             _source_mentions_relu(m, path)
             continue
@@ -338,12 +340,12 @@ def _plan_swaps(target: nn.Module, copy: bool, to: str, report: Report | None) -
             )
         _refuse_unrewritable(path, m, "would be rewritten as a torch.fx.GraphModule")
         _refuse_python_state(path, m)
-        graphs.append((path, m, graph, nodes))
+        graphs.append((path, m, graph, nodes, constants))
     if type(target) is nn.ReLU:
         raise RefusedError("swap_activations: the model itself is an nn.ReLU; pass copy=True or wrap it")
     like = next(iter(target.parameters()), None)
     widths = _module_widths(target, report) if to == "prelu" else {}
-    return _SwapPlan(modules, attributes, graphs, like, widths, {p: shared[id(m)] for p, m, _, _ in graphs})
+    return _SwapPlan(modules, attributes, graphs, like, widths, {p: shared[id(m)] for p, m, *_ in graphs})
 
 
 def _refuse_python_state(path: str, m: nn.Module) -> None:
@@ -404,11 +406,11 @@ def _write_swaps(
         changes.append(ActivationChange(f"{path}.activation" if path else "activation", "attribute", "F.relu", repr(new)))
     result_model = target
     # Deepest modules first, so a parent's GraphModule picks up its rewritten children.
-    def depth(g: tuple[str, nn.Module, fx.Graph, list[fx.Node]]) -> int:
+    def depth(g: tuple[str, nn.Module, fx.Graph, list[fx.Node], dict[str, Any]]) -> int:
         return max(p.count(".") + bool(p) for p in plan.paths[g[0]])
 
-    for path, m, graph, nodes in sorted(plan.graphs, key=lambda g: -depth(g)):
-        gm = _rewrite(m, graph, nodes, to, slope, like, path, changes)
+    for path, m, graph, nodes, constants in sorted(plan.graphs, key=lambda g: -depth(g)):
+        gm = _rewrite(m, graph, nodes, constants, to, slope, like, path, changes)
         _keep_members(gm, m)
         for where in plan.paths[path]:  # a shared module stays one module at all its paths
             if where:
@@ -423,6 +425,7 @@ def _rewrite(
     m: nn.Module,
     graph: fx.Graph,
     nodes: list[fx.Node],
+    constants: dict[str, Any],
     to: str,
     slope: float,
     like: torch.Tensor | None,
@@ -430,7 +433,9 @@ def _rewrite(
     changes: list[ActivationChange],
 ) -> fx.GraphModule:
     """A GraphModule of ``m`` whose relu nodes call new activation submodules."""
-    gm = fx.GraphModule(m, graph, class_name=type(m).__name__)
+    with leaves_no_attributes(m):  # the trace's constants go into the GraphModule, not back onto ``m``
+        vars(m).update(constants)
+        gm = fx.GraphModule(m, graph, class_name=type(m).__name__)
     modules = dict(gm.named_modules())
     for k, node in enumerate(nodes):
         src = node.args[0] if node.args else node.kwargs.get("input")

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from ..core.inputs import error_summary
-from ..errors import RefusedError
+from ..errors import DeadReluError, RefusedError
 from .dataflow import computed_weight_reason, is_deadrelu_hook
 
 __all__ = ["Transaction", "copy_model"]
@@ -48,12 +48,19 @@ class Transaction:
     Use it as a context manager; inside, call :meth:`save` before writing a tensor in
     place and :meth:`setattr` to replace an attribute (a submodule in its parent).
     Snapshots are taken once per object, so saving a tensor twice keeps its first state.
+
+    Args:
+        what: the operation's name. When given, an exception that is not a deadrelu error (a
+            write torch refuses, e.g. to an inference-mode tensor) is re-raised after the
+            rollback as one :class:`~deadrelu.errors.RefusedError` naming it (the original is
+            its ``__cause__``); ``KeyboardInterrupt`` and deadrelu's own errors propagate as they are.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, what: str | None = None) -> None:
         self._tensors: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._attrs: list[tuple[Any, str, Any]] = []
         self.committed = False
+        self.what = what
 
     def save(self, t: torch.Tensor | None) -> None:
         """Snapshot ``t`` (a parameter, buffer or optimizer state tensor) before it is written."""
@@ -74,10 +81,17 @@ class Transaction:
             else:
                 setattr(obj, name, old)
         self._attrs.clear()
+        failed = []
         with torch.no_grad():
             for t, old in self._tensors.values():
-                t.copy_(old)
+                try:
+                    t.copy_(old)
+                except Exception:  # a tensor torch will not write (inference mode) was not written either
+                    if not torch.equal(t, old):
+                        failed.append(tuple(t.shape))
         self._tensors.clear()
+        if failed:
+            raise RuntimeError(f"rollback could not restore {len(failed)} tensor(s) of shape(s) {failed}")
 
     def commit(self) -> None:
         """Keep the edits and drop the snapshots."""
@@ -88,11 +102,16 @@ class Transaction:
     def __enter__(self) -> "Transaction":
         return self
 
-    def __exit__(self, exc_type: Any, *exc: object) -> None:
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: object) -> None:
         if exc_type is None:
             self.commit()
-        else:
-            self.rollback()
+            return
+        self.rollback()
+        if self.what is not None and isinstance(exc, Exception) and not isinstance(exc, DeadReluError):
+            raise RefusedError(
+                f"{self.what}: a write failed ({type(exc).__name__}: {error_summary(exc)}), so every edit was "
+                "rolled back; nothing was changed"
+            ) from exc
 
 
 def _hook_dicts(module: nn.Module) -> tuple[dict[int, Any], ...]:
