@@ -1169,3 +1169,19 @@ def test_an_attention_mask_that_fits_is_not_said_to_fit_nothing(dynamo):
         warnings.simplefilter("always")
         total_report(MaskedEncoder, padded(), lambda runner, b: runner(**b).backward(), True, window=4)
     assert not [w for w in caught if "fits no activation" in str(w.message)]
+
+
+def test_a_copy_of_a_model_under_a_compiled_monitor_carries_no_live_hook(dynamo):
+    import copy
+
+    net = make_net()
+    mon = deadrelu.Monitor(net, window=2, log_every=100, compiled=True).attach()
+    try:
+        twin = copy.deepcopy(net)  # an EMA copy, say, made while the monitor is attached
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            twin(*batches(1)[0]).backward()  # runs eagerly: the copy's hooks are inert, nothing is said
+        assert mon.capture.uncaptured == {}
+        assert all(not m._forward_hooks for m in twin.modules())
+    finally:
+        mon.detach()

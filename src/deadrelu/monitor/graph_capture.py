@@ -83,7 +83,7 @@ from ..core.capture import (
     resolve_threshold,
     same_function_ordinal,
 )
-from ..core.hooks import global_forward_hooks
+from ..core.hooks import copy_safe_hook, global_forward_hooks
 from ..core.inputs import MASK_KEYS, mask_layout
 from ..core.stats import traceable_batch_sums
 from ..core.unit_axis import ACT, AxisTable, kind_of
@@ -534,7 +534,7 @@ class GraphCapture:
         # into the graphs that trace it.
         skip_code(ran_eagerly.__code__)
         for module in self._act_objects.values():
-            self._handles.append(module.register_forward_hook(ran_eagerly))
+            self._handles.append(module.register_forward_hook(copy_safe_hook(ran_eagerly)))
 
     def _hook_block_calls(self) -> None:
         """Count each compiled block's calls per forward of the model (hooks that do nothing while
