@@ -3,6 +3,8 @@ conditional call never shifts another site, and each call position counts its ow
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -257,3 +259,22 @@ def test_a_conditional_call_many_helper_frames_deep_keeps_its_site():
     report = deadrelu.scan(Deep(), [torch.ones(2, 4), torch.ones(3, 4)])
     got = sorted((s.observations, tuple(s.fired_counts)) for s in report.sites)
     assert got == [(3, (0, 0, 0, 0)), (5, (5, 5, 5, 5))]
+
+
+def test_a_torchscript_branch_that_skips_a_call_is_said_to_shift_the_scripted_sites():
+    class Branchy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+
+        def forward(self, x):
+            if x.shape[0] > 2:
+                x = F.relu(self.a(x))
+            return F.relu(self.b(x))
+
+    scripted = torch.jit.script(Branchy())
+    with pytest.warns(UserWarning, match=r"TorchScript model made 1 relu call\(s\) in one pass and 2 relu in another"):
+        deadrelu.scan(scripted, [torch.randn(3, 4), torch.randn(2, 4)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        deadrelu.scan(scripted, [torch.randn(3, 4), torch.randn(5, 4)])  # the same calls every pass: nothing to say

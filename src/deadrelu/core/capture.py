@@ -415,6 +415,8 @@ class ActivationCapture:
         self.batch_mask: torch.Tensor | None = None
         self.batch_mask_given = True  # the caller's batch_mask comes from its own mask= option
         self._warned_unfit = False
+        self._script_calls: tuple[tuple[str, int], ...] | None = None  # calls per function in a scripted pass
+        self._warned_script = False
         self.scripted = isinstance(model, torch.jit.ScriptModule)
         self.sites: dict[tuple[Any, ...], _Site] = {}
         # module path -> {place it is called from: its call number} (see _module_call); kept
@@ -584,6 +586,8 @@ class ActivationCapture:
         an error for a ``mask=`` option (its shape is wrong for this batch), a warning, once, for
         the call's own ``attention_mask`` (the model's activations are not laid out ``(B, T, ...)``)."""
         fwd = self._fwd
+        if self.scripted:
+            self._note_script_calls()
         if fwd.mask is None or fwd.mask_fit is not False:
             return
         what = (
@@ -597,6 +601,23 @@ class ActivationCapture:
             warnings.warn(
                 f"deadrelu: {what}, so every position was counted, padding included; pass mask= in the "
                 "activations' layout, or mask=False to silence this",
+                stacklevel=4,
+            )
+
+    def _note_script_calls(self) -> None:
+        """A TorchScript model's sites are its k-th call of each function in the pass: a pass that
+        makes a different number of calls of a function (a scripted branch) may have shifted them
+        onto each other's sites — said once, as nothing else can tell."""
+        calls = tuple(sorted((where[3], n) for where, n in self._fwd.seen.items()))
+        if self._script_calls is None:
+            self._script_calls = calls
+        elif calls != self._script_calls and not self._warned_script:
+            self._warned_script = True
+            counts = lambda c: ", ".join(f"{n} {name}" for name, n in c)  # noqa: E731
+            warnings.warn(
+                f"deadrelu: this TorchScript model made {counts(calls)} call(s) in one pass and {counts(self._script_calls)} "
+                "in another: scripted sites are numbered by call order, so a branch that skips a call moves the later "
+                "calls of that function onto other sites; scan the eager module for sites keyed by their place in the code",
                 stacklevel=4,
             )
 
