@@ -61,6 +61,9 @@ def hostile(tmp_path_factory):
     (d / "idx").mkdir()
     write_idx(d / "idx" / "t10k-images-idx3-ubyte", torch.randint(0, 255, (6, 2, 2), dtype=torch.uint8))
     (d / "dir_out").mkdir()
+    (d / "garbage.pt").write_bytes(b"garbage" * 10)  # no zip, no pickle: torch cannot load it at all
+    torch.save(torch.randn(4), d / "x_1d.pt")  # no batch dimension
+    np.save(d / "x_1d.npy", np.zeros(4, dtype=np.float32))
     (d / "cli_mods.py").write_text(
         textwrap.dedent(
             """
@@ -161,6 +164,14 @@ CASES = [
     (["cli_mods:make", "--data", "x.pt", "--max-length", "8"], "--max-length is only used with --text"),
     (["cli_mods:make", "--data", "x.pt", "--baseline", "x.pt"], "--baseline is only used with --advice"),
     (["cli_mods:make", "--data", "x.pt", "--advice", "--baseline", "labels_foo.npz"], "--baseline"),
+    # garbage is no pickle: not "add --trust-pickle", and with it not "pickle data was truncated"
+    (["garbage.pt", "--data", "x.pt"], "garbage.pt is not a model file torch can load (neither a zip archive nor a pickle"),
+    (["garbage.pt", "--trust-pickle", "--data", "x.pt"], "garbage.pt is not a model file torch can load (neither"),
+    (["cli_mods:make", "--weights", "garbage.pt", "--data", "x.pt"], "garbage.pt is not a state_dict file (neither"),
+    (["cli_mods:make", "--data", "garbage.pt"], "garbage.pt is not a tensor file torch can load (neither"),
+    # 1-D data was scanned as one unbatched sample per batch ("4 sample(s)", 1 observation)
+    (["cli_mods:make", "--data", "x_1d.pt"], "x_1d.pt holds 1-D data of shape (4,): deadrelu expects a batch dimension"),
+    (["cli_mods:make", "--data", "x_1d.npy", "--batch-size", "2"], "save one sample as shape (1, 4)"),
 ]
 
 
@@ -318,3 +329,25 @@ def test_report_on_malformed_results_is_one_line(tmp_path, capsys, content):
     assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
     assert err.startswith("deadrelu report: error: result.json"), err
     assert _snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("option", ["--json", "--data", "--weights", "--baseline"])
+def test_an_empty_path_is_refused(hostile, monkeypatch, capsys, option):
+    # --json '' used to write nothing, say nothing and exit 0
+    before = _snapshot(hostile)
+    monkeypatch.chdir(hostile)
+    argv = ["scan", "cli_mods:make", "--data", "x.pt", "--advice", option, ""]
+    with pytest.raises(SystemExit) as done:
+        main(argv if option != "--data" else ["scan", "cli_mods:make", "--data", ""])
+    err = capsys.readouterr().err
+    assert done.value.code == 2 and len(err.splitlines()) == 1, err
+    assert f"argument {option}: expected a path, got an empty one" in err
+    assert _snapshot(hostile) == before
+
+
+def test_check_output_path_refuses_an_empty_path():
+    from deadrelu.cli.scan import check_output_path
+    from deadrelu.errors import DeadReluError
+
+    with pytest.raises(DeadReluError, match="cannot write --json '': an empty path names no file"):
+        check_output_path("", [])

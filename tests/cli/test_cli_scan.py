@@ -181,3 +181,31 @@ def test_min_observations_turns_thin_evidence_into_unobserved(files):
     assert first["dead_units"] == [] and first["unobserved"] == 3  # 64 observations are too few to call dead
     bad = run_cli("scan", "scripted.pt", "--data", "x.pt", "--min-observations", "0", cwd=d)
     assert bad.returncode == 2 and "--min-observations" in bad.stderr
+
+
+def test_a_reader_that_leaves_early_ends_the_scan_quietly(files):
+    # `deadrelu scan ... | head -1` printed "error: [Errno 32] Broken pipe" and exited 2
+    d, _, _ = files
+    paths = [p for p in (os.environ.get("PYTHONPATH"), str(Path(__file__).parents[1])) if p]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "deadrelu", "scan", "scripted.pt", "--data", "x.pt", "--advice", "--no-progress"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=d, env=env,
+    )  # fmt: skip
+    proc.stdout.close()  # the reader is gone before the table is printed
+    _, err = proc.communicate(timeout=120)
+    assert err.decode() == "" and proc.returncode == 141
+
+
+def test_a_broken_pipe_that_is_not_stdout_is_still_an_error(monkeypatch, capsys):
+    import importlib
+
+    cli_main = importlib.import_module("deadrelu.cli.main")  # the module (deadrelu.cli.main is also its function)
+
+    def broken(args):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setitem(cli_main._VERBS, "scan", (cli_main._VERBS["scan"][0], broken))
+    monkeypatch.setattr(cli_main, "_stdout_closed", lambda: False)
+    assert cli_main.main(["scan", "m", "--data", "x"]) == 2
+    assert capsys.readouterr().err == "deadrelu scan: error: [Errno 32] Broken pipe\n"

@@ -6,6 +6,7 @@ under test.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -275,8 +276,52 @@ def test_unobserved_units_neither_die_nor_revive():
 
 
 def test_diff_refuses_other_widths():
-    with pytest.raises(DeadReluError, match="2 units in one report and 3"):
+    with pytest.raises(DeadReluError, match="cannot diff site 's': units is 2 in one report, 3 in the other"):
         report(site([0, 1], 10)).diff(report(site([0, 1, 2], 10)))
+
+
+def _gelu(s):
+    return dataclasses.replace(s, function="gelu", module_type="GELU")
+
+
+@pytest.mark.parametrize(
+    "after, message",
+    [
+        # threshold 0 vs 100 on the same model and data: every unit "died", though nothing changed
+        (report(site([0, 0, 0], 10, name="a", threshold=100.0)), "fire_threshold is 0.0 in one report, 100.0"),
+        (report(_gelu(site([0, 4, 4], 10, name="a"))), "function is 'relu' in one report, 'gelu'"),
+        (report(site([0, 4, 4], 10, name="a", levels=Levels(asleep_rate=0.2)), levels=Levels(asleep_rate=0.2)),
+         "levels"),
+        (report(site([0, 4, 4], 10, name="a"), mode="train"), "mode 'eval' and 'train'"),
+    ],
+)
+def test_diff_refuses_what_merge_refuses(after, message):
+    before = report(site([4, 4, 4], 10, name="a"))
+    for verb, call in (("diff", before.diff), ("merge", before.merge)):
+        with pytest.raises(DeadReluError, match=message) as info:
+            call(after)
+        assert str(info.value).startswith(f"cannot {verb} ")
+
+
+def test_diff_compares_the_shared_sites_of_another_model():
+    # advise's baseline may be of another model: diff compares what both have (merge refuses it)
+    before = report(site([4, 0], 10, name="a"), fingerprint="1" * 16)
+    after = report(site([0, 0], 10, name="a"), fingerprint="2" * 16)
+    assert before.diff(after).sites[0].died == (0,)
+    with pytest.raises(DeadReluError, match="fingerprint"):
+        before.merge(after)
+
+
+@pytest.mark.parametrize("other", [5, None, "report.json", {"sites": []}])
+def test_diff_and_merge_of_a_non_report_is_one_error(other):
+    r = report(site([0, 2], 10, name="a"))
+    kind = type(other).__name__
+    with pytest.raises(DeadReluError, match=f"cannot diff reports: expected a deadrelu Report, got {kind}$"):
+        r.diff(other)
+    with pytest.raises(DeadReluError, match=f"cannot merge reports: expected a deadrelu Report, got {kind}$"):
+        r.merge(other)
+    with pytest.raises(DeadReluError, match=f"expected a deadrelu SiteReport, got {kind}$"):
+        r.sites[0].merge(other)
 
 
 # -- JSON round trip --------------------------------------------------------------------------

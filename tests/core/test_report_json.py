@@ -328,3 +328,42 @@ def test_fuzz_mutated_report_text_is_valid_or_one_format_error(data):
         assert "\n" not in str(err)
     else:
         _self_consistent(r)
+
+
+@pytest.mark.parametrize("path", ["sites.0.observations", "batches", "samples", "sites.0.shape.0", "sites.0.call"])
+def test_counts_beyond_int64_are_refused_at_load(path):
+    # 10**400 is no float: accepted, every rate and the table raised a raw OverflowError later
+    d = good()
+    _set(path, 10**400)(d)
+    with pytest.raises(ReportFormatError, match=r"at most 2\*\*63 - 1 \(a count fits int64\)") as info:
+        Report.from_dict(d)
+    assert "\n" not in str(info.value)
+    d = good()
+    _set(path, 2**63)(d)  # the first integer past int64 ...
+    with pytest.raises(ReportFormatError, match="fits int64"):
+        Report.from_dict(d)
+    d = good()
+    _set(path, 2**63 - 1)(d)  # ... and int64's largest, which a report can hold and print
+    if path == "sites.0.observations":
+        str(Report.from_dict(d))
+    else:
+        Report.from_dict(d)
+
+
+def test_a_unit_dim_beyond_int64_is_refused():
+    d = good()
+    _set("sites.0.unit_dim", -(10**30))(d)
+    with pytest.raises(ReportFormatError, match=r"sites\[0\].unit_dim: expected an integer that fits int64"):
+        Report.from_dict(d)
+
+
+@pytest.mark.parametrize("value", ["inf", "Infinity", 1e400])
+def test_infinite_mean_abs_needs_nonfinite_outputs(value):
+    # a unit without non-finite outputs has a finite mean |h|; "inf" made every other unit dormant
+    d = good()
+    _set("sites.0.mean_abs.1", value)(d)
+    with pytest.raises(ReportFormatError, match=r"sites\[0\].mean_abs\[1\]: (infinity is only possible|expected a number)"):
+        Report.from_dict(d)
+    d = good()
+    _set("sites.1.mean_abs.1", "inf")(d)  # fc2.relu unit 1 has 2 non-finite outputs: inf is possible
+    assert Report.from_dict(d).site("fc2.relu").mean_abs[1] == math.inf

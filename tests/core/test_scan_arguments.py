@@ -279,3 +279,12 @@ def test_a_forward_that_writes_its_own_buffer_in_eval_mode_is_named_in_a_warning
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         deadrelu.scan(nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.ReLU()), torch.randn(6, 4))
+
+
+def test_a_one_dimensional_data_tensor_is_refused_with_the_shapes_to_give():
+    from deadrelu.errors import DataError
+
+    model = Counting()
+    with pytest.raises(DataError, match=r"shape \(8,\): deadrelu expects a batch dimension first.*unsqueeze\(1\)"):
+        deadrelu.scan(model, torch.randn(8))
+    assert model.calls == 0

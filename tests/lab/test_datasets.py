@@ -154,3 +154,52 @@ def test_mnist1d_generated_by_the_package_leaves_numpy_rng_alone():
     assert ds.x_train.shape == (4000, 40) and ds.x_val.shape == (1000, 40)
     assert sorted(torch.unique(ds.y_train).tolist()) == list(range(10))
     assert torch.equal(ds.x_train, load_dataset("mnist1d", seed=0).x_train)
+
+
+def _npz(path, **changes):
+    np = pytest.importorskip("numpy")
+    rng = np.random.default_rng(0)
+    arrays = dict(x=rng.normal(size=(20, 8)), y=np.arange(20) % 10, x_test=rng.normal(size=(10, 8)), y_test=np.arange(10))
+    arrays.update(changes)
+    np.savez(path, **arrays)
+    return path
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        (dict(x_test=[[0.0] * 9] * 10), "x holds samples of length 8 but x_test of length 9"),
+        (dict(y=[10] * 20), "y holds label 10; MNIST-1D labels are 0..9"),
+        (dict(y_test=[-1] * 10), "y_test holds label -1"),
+        (dict(y=[1.0] * 20), "y must hold one integer label per sample (N,), got float64 of shape (20,)"),
+        (dict(y=[[1]] * 20), "y must hold one integer label per sample (N,), got int64 of shape (20, 1)"),
+        (dict(y=[1] * 19), "x holds 20 samples but y holds 19 labels"),
+        (dict(x=[[float("inf")] * 8] * 20), "x holds 160 NaN or infinite value(s)"),
+        (dict(x_test=[[float("nan")] + [0.0] * 7] * 10), "x_test holds 10 NaN or infinite value(s)"),
+        (dict(x=[["a"] * 8] * 20), "x must hold numbers of shape (samples, length), got <U1"),
+        (dict(x=[True] * 20), "x must hold numbers of shape (samples, length), got bool of shape (20,)"),
+        (dict(x_test=[[]] * 10), "x_test holds no data (shape (10, 0))"),
+    ],
+)
+def test_mnist1d_npz_is_validated_like_mnist(tmp_path, changes, message):
+    path = _npz(tmp_path / "mnist1d.npz", **changes)
+    with pytest.raises(DataError) as info:
+        load_dataset("mnist1d", data_dir=tmp_path)
+    assert str(info.value).startswith(f"{path}: ") and message in str(info.value)
+
+
+def test_mnist1d_npz_that_is_no_npz_is_one_data_error(tmp_path):
+    np = pytest.importorskip("numpy")
+    np.save(tmp_path / "one.npy", np.zeros((4, 4)))
+    (tmp_path / "one.npy").rename(tmp_path / "mnist1d.npz")
+    with pytest.raises(DataError, match="holds a single array"):
+        load_dataset("mnist1d", data_dir=tmp_path)
+    (tmp_path / "mnist1d.npz").write_bytes(b"PK\x03\x04garbage")
+    with pytest.raises(DataError, match="cannot read .*mnist1d.npz as .npz"):
+        load_dataset("mnist1d", data_dir=tmp_path)
+
+
+@pytest.mark.parametrize("name", ["digits", "regression"])
+def test_a_data_dir_for_a_dataset_that_reads_no_files_is_refused(tmp_path, name):
+    with pytest.raises(DataError, match=f"the {name} data set reads no files"):
+        load_dataset(name, data_dir=tmp_path)

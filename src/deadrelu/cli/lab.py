@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 from .._imports import available
 from ..errors import DeadReluError
-from .options import MAX_SEED, positive_number, seed_number, whole_number
+from .options import MAX_SEED, path_text, positive_number, seed_number, whole_number
 
 __all__ = ["demo_command", "experiment_command", "report_command"]
 
@@ -98,7 +98,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--dataset", default="digits", choices=("digits", "mnist", "mnist1d"),
                    help="digits (default; ships with scikit-learn), mnist (local IDX files), mnist1d")
-    p.add_argument("--data-dir", metavar="DIR", help="where mnist's IDX files / mnist1d's mnist1d.npz are")
+    p.add_argument("--data-dir", metavar="DIR", type=path_text, help="where mnist's IDX files / mnist1d's mnist1d.npz are")
     p.add_argument("--checkpoint-epoch", type=whole_number(), default=2, metavar="N",
                    help="epochs at the large LR before the checkpoint (2)")
     p.add_argument("--epochs", type=whole_number(), default=20, help="epochs of each rescue after the checkpoint (20)")
@@ -111,7 +111,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
                    help="standardise the inputs (zero mean, unit variance per feature) instead of pixels in [0, 1]")
     p.add_argument("--workers", type=whole_number(), default=None, metavar="N",
                    help="processes training seeds in parallel (default: one per CPU core); numbers do not change")
-    p.add_argument("--out", default="deadrelu-demo", metavar="DIR", help="output directory (deadrelu-demo)")
+    p.add_argument("--out", default="deadrelu-demo", metavar="DIR", type=path_text, help="output directory (deadrelu-demo)")
     p.add_argument("--live", action=argparse.BooleanOptionalAction, default=None,
                    help="show the monitor's live view while the first seed trains "
                         "(default: on a terminal, when rich is installed)")
@@ -188,9 +188,9 @@ def _add_experiment(sub: argparse._SubParsersAction) -> None:
         ),
     )
     p.add_argument("name", choices=_EXPERIMENTS, metavar="NAME", help=", ".join(_EXPERIMENTS))
-    p.add_argument("--out", default="deadrelu-results", metavar="DIR", help="output directory (deadrelu-results)")
+    p.add_argument("--out", default="deadrelu-results", metavar="DIR", type=path_text, help="output directory (deadrelu-results)")
     p.add_argument("--dataset", default=None, help="data set (activations, init, rescue, preprocessing; default digits)")
-    p.add_argument("--data-dir", metavar="DIR", help="where local data files are (mnist, mnist1d)")
+    p.add_argument("--data-dir", metavar="DIR", type=path_text, help="where local data files are (mnist, mnist1d)")
     p.add_argument("--epochs", type=whole_number(), default=None, help="training epochs (experiment's default)")
     p.add_argument("--lr", type=positive_number, default=None,
                    help="SGD learning rate (activations, init, rescue, preprocessing; default: the experiment's own). "
@@ -279,8 +279,8 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
         help="render saved demo/experiment results as one self-contained HTML file",
         description="Render every deadrelu result JSON in RESULTS_DIR into one HTML file (images embedded).",
     )
-    p.add_argument("results_dir", metavar="RESULTS_DIR")
-    p.add_argument("--out", metavar="FILE", help="HTML file to write (default RESULTS_DIR/report.html)")
+    p.add_argument("results_dir", metavar="RESULTS_DIR", type=path_text)
+    p.add_argument("--out", metavar="FILE", type=path_text, help="HTML file to write (default RESULTS_DIR/report.html)")
 
 
 def report_command(args: argparse.Namespace) -> Path:

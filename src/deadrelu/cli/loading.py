@@ -30,6 +30,7 @@ import importlib
 import os
 import re
 import sys
+import tarfile
 import warnings
 import zipfile
 from pathlib import Path
@@ -178,8 +179,29 @@ def _torch_load(path: Path, *, weights_only: bool) -> Any:
         return torch.load(str(path), map_location="cpu", weights_only=weights_only)
 
 
-def _is_weights_only_refusal(err: BaseException) -> bool:
-    return "Weights only load failed" in str(err)
+def _is_weights_only_refusal(err: BaseException, path: Path) -> bool:
+    """Whether torch's weights-only loader refused a real pickle (not garbage it could not parse)."""
+    return "Weights only load failed" in str(err) and _is_torch_format(path)
+
+
+def _load_failure(err: BaseException) -> str:
+    """Why ``torch.load`` failed, in words; the weights-only loader's long refusal of a file
+    that is no pickle at all (garbage, another format) says only that."""
+    if "Weights only load failed" in str(err):
+        return "neither a zip archive nor a pickle as torch.save writes them"
+    return _describe(err)
+
+
+def _is_torch_format(path: Path) -> bool:
+    """Whether ``path`` is laid out as ``torch.save`` writes: a zip archive, a pickle (the legacy
+    format starts with pickle's PROTO opcode, 0x80) or an old tar archive."""
+    try:
+        with path.open("rb") as fh:
+            if fh.read(1) == b"\x80":
+                return True
+        return zipfile.is_zipfile(path) or tarfile.is_tarfile(path)
+    except OSError:
+        return False
 
 
 def _load_model_file(path: Path, trust_pickle: bool) -> nn.Module:
@@ -204,8 +226,8 @@ def _load_model_file(path: Path, trust_pickle: bool) -> nn.Module:
     try:
         obj = _torch_load(path, weights_only=True)
     except Exception as err:
-        if not _is_weights_only_refusal(err):
-            raise DeadReluError(f"{path} is not a model file torch can load ({_describe(err)})") from err
+        if not _is_weights_only_refusal(err, path):
+            raise DeadReluError(f"{path} is not a model file torch can load ({_load_failure(err)})") from err
         if not trust_pickle:
             needs = _blocked_global(err)
             raise _needs_trust(path, f"a pickle of Python objects ({needs})" if needs else "a pickle of Python objects")
@@ -244,8 +266,8 @@ def _load_weights(model: nn.Module, weights: str, trust_pickle: bool) -> None:
     try:
         state = _torch_load(path, weights_only=True)
     except Exception as err:
-        if not _is_weights_only_refusal(err):
-            raise DeadReluError(f"{weights} is not a state_dict file ({_describe(err)})") from err
+        if not _is_weights_only_refusal(err, path):
+            raise DeadReluError(f"{weights} is not a state_dict file ({_load_failure(err)})") from err
         if not trust_pickle:
             raise DeadReluError(
                 f"{weights} is not a state_dict: it holds pickled Python objects (a whole model?), which can "
@@ -363,6 +385,14 @@ class GuardedBatches:
 def _finish(t: torch.Tensor, source: str, flatten: bool) -> torch.Tensor:
     if t.ndim == 0 or t.shape[0] == 0:
         raise DataError(f"{source} holds no samples (shape {tuple(t.shape)})")
+    if t.ndim == 1:
+        # scan splits the first dimension into batches: a 1-D tensor would be fed as slices
+        # of one sample (a Linear layer sees one unbatched input per slice), not as samples
+        raise DataError(
+            f"{source} holds 1-D data of shape {tuple(t.shape)}: deadrelu expects a batch dimension first, "
+            f"(samples, ...); save one sample as shape (1, {t.shape[0]}), or {t.shape[0]} one-value samples as "
+            f"({t.shape[0]}, 1)"
+        )
     t = _as_input_tensor(t, source)
     return t.reshape(t.shape[0], -1) if flatten else t
 
@@ -371,8 +401,8 @@ def _load_pt(path: Path, trust_pickle: bool) -> torch.Tensor:
     try:
         obj = _torch_load(path, weights_only=True)
     except Exception as err:
-        if not _is_weights_only_refusal(err):
-            raise DataError(f"{path} is not a tensor file torch can load ({_describe(err)})") from err
+        if not _is_weights_only_refusal(err, path):
+            raise DataError(f"{path} is not a tensor file torch can load ({_load_failure(err)})") from err
         if not trust_pickle:
             needs = _blocked_global(err)
             raise DataError(

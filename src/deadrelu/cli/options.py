@@ -17,8 +17,8 @@ import argparse
 import math
 from typing import Callable
 
-__all__ = ["whole_number", "finite_float", "positive_number", "seed_number", "OneLineParser", "MAX_COUNT",
-           "MAX_SEED", "FLOAT32_MAX"]
+__all__ = ["whole_number", "finite_float", "positive_number", "seed_number", "path_text", "OneLineParser",
+           "MAX_COUNT", "MAX_SEED", "FLOAT32_MAX"]
 
 #: Largest count accepted for sizes and batch counts (fits every index type torch uses).
 MAX_COUNT = 2**31 - 1
@@ -119,6 +119,21 @@ def seed_number(text: str) -> int:
     if value > MAX_SEED:
         raise argparse.ArgumentTypeError(f"a seed must be at most {MAX_SEED}, got {value}")
     return value
+
+
+def path_text(text: str) -> str:
+    """A ``type=`` for a file or directory name: an empty (or blank) one is refused, since
+    ``--json ''`` would otherwise write nothing and ``--out ''`` write into the current directory.
+
+    >>> path_text("out/r.json")
+    'out/r.json'
+    >>> path_text("")
+    Traceback (most recent call last):
+    argparse.ArgumentTypeError: expected a path, got an empty one
+    """
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"expected a path, got {'an empty one' if not text else repr(text)}")
+    return text
 
 
 class OneLineParser(argparse.ArgumentParser):

@@ -18,7 +18,7 @@ from ..core.files import is_stream_path
 from ..core.report import Report
 from ..errors import DeadReluError, ReportFormatError
 from .loading import TRUST_FLAG, one_line
-from .options import finite_float, whole_number
+from .options import finite_float, path_text, whole_number
 
 __all__ = ["scan_command", "check_device", "check_output_path"]
 
@@ -38,23 +38,24 @@ def _add_scan(sub: argparse._SubParsersAction) -> None:
             "package.module:function returning a tensor or an iterable of batches."
         ),
     )
-    p.add_argument("model", metavar="MODEL")
+    p.add_argument("model", metavar="MODEL", type=path_text)
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--data", metavar="DATA")
+    source.add_argument("--data", metavar="DATA", type=path_text)
     source.add_argument(
         "--text",
         metavar="CORPUS",
+        type=path_text,
         help="a UTF-8 text file, one document per line, tokenised with MODEL's tokenizer (MODEL: a Hugging Face "
         "model directory); padding is masked out of the counts",
     )
-    p.add_argument("--weights", metavar="STATE_DICT", help="state_dict to load into a factory-built model")
+    p.add_argument("--weights", metavar="STATE_DICT", type=path_text, help="state_dict to load into a factory-built model")
     p.add_argument(
         TRUST_FLAG,
         action="store_true",
         help="allow files that unpickle Python objects (a whole pickled model, a .pt2 program, a .pt data file "
         "holding non-tensors). Loading such a file runs any code its author put in it: only for files you trust",
     )
-    p.add_argument("--json", metavar="OUT", help="also write the report as JSON here")
+    p.add_argument("--json", metavar="OUT", type=path_text, help="also write the report as JSON here")
     p.add_argument(
         "--batch-size",
         type=whole_number(1),
@@ -82,6 +83,7 @@ def _add_scan(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--baseline",
         metavar="REPORT_JSON",
+        type=path_text,
         help="an earlier report (e.g. at initialisation) so --advice can tell born-dead from died-in-training",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -112,11 +114,13 @@ def check_device(text: str) -> torch.device:
 
 
 def check_output_path(path: str, inputs: list[str | None]) -> None:
-    """Refuse an output path before the scan: a folder, a missing or read-only folder, or one of the inputs.
+    """Refuse an output path before the scan: an empty one, a folder, a missing or read-only folder, or one of the inputs.
 
     Raises:
         DeadReluError: when ``path`` cannot be written, or would overwrite an input file.
     """
+    if not str(path).strip():
+        raise DeadReluError(f"cannot write --json {path!r}: an empty path names no file")
     target = Path(path)
     if is_stream_path(target):
         return  # /dev/stdout, a FIFO: written to as a stream, never replaced
@@ -221,10 +225,10 @@ def scan_command(args: argparse.Namespace) -> Report:
     device = check_device(args.device) if args.device else None
     if args.baseline:
         _load_baseline(args.baseline)  # fail before the (possibly long) scan
-    if args.json:
+    if args.json is not None:
         check_output_path(args.json, [args.model, args.data, args.text, args.weights, args.baseline])
     model, data = _load_inputs(args, batch_size)
-    if args.json:  # again, now that module:factory specs are imported and their files are known
+    if args.json is not None:  # again, now that module:factory specs are imported and their files are known
         check_output_path(args.json, [args.model, args.data, args.text, args.weights, args.baseline])
     if device is not None:
         try:
@@ -250,7 +254,7 @@ def scan_command(args: argparse.Namespace) -> Report:
         if hinted == str(err):
             raise
         raise DeadReluError(hinted) from err
-    if args.json:
+    if args.json is not None:
         report.to_json(args.json)
     if args.text is not None:
         args.text_counts = (data.documents, data.tokens, data.positions - data.tokens)
@@ -311,7 +315,7 @@ def run_scan(args: argparse.Namespace) -> int:
         baseline = _load_baseline(args.baseline) if args.baseline else None
         print()
         print(advise(report, baseline=baseline))
-    if args.json:
+    if args.json is not None:
         print(f"\nreport written to {args.json}")
     return 0
 

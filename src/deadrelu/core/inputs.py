@@ -216,6 +216,12 @@ def iter_batches(data: Any, batch_size: int) -> Iterable[Any]:
     if isinstance(data, torch.Tensor):
         if data.ndim == 0 or data.shape[0] == 0:
             raise DataError(f"the data tensor has shape {tuple(data.shape)}: no samples to scan")
+        if data.ndim == 1:  # rows would be scalars: the model would get one unbatched sample per batch
+            n = data.shape[0]
+            raise DataError(
+                f"the data tensor has shape ({n},): deadrelu expects a batch dimension first, (samples, ...); "
+                f"give data.unsqueeze(0) for one sample of {n} values, or data.unsqueeze(1) for {n} one-value samples"
+            )
         return data.split(batch_size)
     if isinstance(data, (str, bytes)) or not isinstance(data, Iterable):
         raise DataError(

@@ -327,23 +327,34 @@ class SiteReport:
         """Dead units ÷ units."""
         return self.dead / self.units if self.units else 0.0
 
+    def check_compatible(self, other: Any, verb: str = "compare") -> None:
+        """Refuse to ``verb`` (merge, diff) this site with ``other`` unless both count the same
+        thing: the same name, function, unit axis, firing threshold, levels and number of units.
+
+        Raises:
+            DeadReluError: naming the first field that differs (or what ``other`` is instead of a site).
+        """
+        if not isinstance(other, SiteReport):
+            raise DeadReluError(f"cannot {verb} site {self.name!r}: expected a deadrelu SiteReport, got {type(other).__name__}")
+        for key in ("name", "function", "unit_dim", "fire_threshold", "levels", "units"):
+            mine, theirs = getattr(self, key), getattr(other, key)
+            if mine != theirs:
+                raise DeadReluError(f"cannot {verb} site {self.name!r}: {key} is {mine!r} in one report, {theirs!r} in the other")
+
     def merge(self, other: "SiteReport") -> "SiteReport":
         """The statistics of this site over the data of both reports (e.g. two shards of a dataset).
 
         Counts and observations add exactly; ``mean_abs`` is the observation-weighted mean.
 
         Raises:
-            DeadReluError: when ``other`` is another site, or has other units, threshold or levels.
+            DeadReluError: when ``other`` is not a site, another site, or has other units, threshold or levels.
 
         Example:
             >>> a = SiteReport("r", "", "ReLU", "relu", 0, 0, 1, (4, 2), 0.0, 4, (0, 3), (0.0, 1.5), (0, 0))
             >>> a.merge(a).fired_counts, a.merge(a).observations
             ((0, 6), 8)
         """
-        for key in ("name", "function", "unit_dim", "fire_threshold", "levels", "units"):
-            mine, theirs = getattr(self, key), getattr(other, key)
-            if mine != theirs:
-                raise DeadReluError(f"cannot merge site {self.name!r}: {key} is {mine!r} in one report, {theirs!r} in the other")
+        self.check_compatible(other, "merge")
         n1, n2 = self.observations, other.observations
         n = n1 + n2
         return replace(
@@ -576,6 +587,39 @@ class Report:
                 return s
         raise KeyError(f"no site {name!r}; sites are: {', '.join(s.name for s in self.sites)}")
 
+    def check_compatible(self, other: Any, verb: str = "merge") -> None:
+        """Refuse to ``verb`` this report with ``other`` unless their counts mean the same thing.
+
+        Both must be Reports with the same levels and mode, and every site they share must pass
+        :meth:`SiteReport.check_compatible` (function, unit axis, firing threshold, units). To
+        merge, the model (class name and :func:`model_fingerprint`) must be the same too; a diff
+        may compare the shared sites of two models (:func:`~deadrelu.advise` notes it).
+
+        Raises:
+            DeadReluError: naming what differs, or what ``other`` is instead of a Report.
+
+        Example:
+            >>> import torch, deadrelu
+            >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU())
+            >>> r = deadrelu.scan(net, torch.randn(64, 4))
+            >>> r.check_compatible(deadrelu.scan(net, torch.randn(64, 4), threshold=1.0), "diff")
+            Traceback (most recent call last):
+            ...
+            deadrelu.errors.DeadReluError: cannot diff site '1': fire_threshold is 0.0 in one report, 1.0 in the other
+        """
+        if not isinstance(other, Report):
+            raise DeadReluError(f"cannot {verb} reports: expected a deadrelu Report, got {type(other).__name__}")
+        keys = ("levels", "mode", "model", "fingerprint") if verb == "merge" else ("levels", "mode")
+        for key in keys:
+            if getattr(self, key) != getattr(other, key):
+                raise DeadReluError(
+                    f"cannot {verb} reports with {key} {getattr(self, key)!r} and {getattr(other, key)!r}"
+                )
+        theirs = {s.name: s for s in other.sites}
+        for site in self.sites:
+            if site.name in theirs:
+                site.check_compatible(theirs[site.name], verb)
+
     def merge(self, other: "Report") -> "Report":
         """One report over the data of both (e.g. two shards scanned apart, or two processes).
 
@@ -587,13 +631,10 @@ class Report:
         do not merge site by site. Scan them in one pass (``scan`` takes any iterable) instead.
 
         Raises:
-            DeadReluError: for different levels, modes or models, or sites that do not match.
+            DeadReluError: ``other`` is not a Report; different levels, modes or models, or sites
+                that do not match (see :meth:`check_compatible`).
         """
-        for key in ("levels", "mode", "model", "fingerprint"):
-            if getattr(self, key) != getattr(other, key):
-                raise DeadReluError(
-                    f"cannot merge reports with {key} {getattr(self, key)!r} and {getattr(other, key)!r}"
-                )
+        self.check_compatible(other, "merge")
         theirs = {s.name: s for s in other.sites}
         merged = [s.merge(theirs[s.name]) if s.name in theirs else s for s in self.sites]
         mine = {s.name for s in self.sites}
@@ -611,9 +652,15 @@ class Report:
     def diff(self, other: "Report") -> ReportDiff:
         """Which units died or revived going from this (earlier) report to ``other`` (later).
 
+        Sites are matched by name; the two reports may come from different models (only the
+        sites both have are compared), but their counts must mean the same thing.
+
         Raises:
-            DeadReluError: when a site with the same name has a different number of units.
+            DeadReluError: ``other`` is not a Report; other levels or mode; a shared site with
+                another function, unit axis, firing threshold or number of units (as :meth:`merge`
+                refuses them: see :meth:`check_compatible`).
         """
+        self.check_compatible(other, "diff")
         mine = {s.name: s for s in self.sites}
         theirs = {s.name: s for s in other.sites}
         diffs = []
@@ -621,10 +668,6 @@ class Report:
             after = theirs.get(name)
             if after is None:
                 continue
-            if after.units != before.units:
-                raise DeadReluError(
-                    f"site {name!r} has {before.units} units in one report and {after.units} in the other"
-                )
             dead_b, dead_a = set(before.dead_units), set(after.dead_units)
             # An unobserved unit has no verdict: it neither died nor revived.
             unobs_b, unobs_a = set(before.unobserved_units), set(after.unobserved_units)

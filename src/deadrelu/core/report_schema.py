@@ -31,7 +31,7 @@ from typing import Any, Callable, Mapping
 
 from ..errors import ReportFormatError
 
-__all__ = ["READABLE_VERSIONS", "Field", "SITE_FIELDS", "parse_report", "parse_levels", "parse_site"]
+__all__ = ["INT64_MAX", "READABLE_VERSIONS", "Field", "SITE_FIELDS", "parse_report", "parse_levels", "parse_site"]
 
 #: Schema versions this deadrelu can read.
 READABLE_VERSIONS = (1, 2)
@@ -40,6 +40,10 @@ READABLE_VERSIONS = (1, 2)
 Check = Callable[[Any, str], Any]
 
 _REQUIRED = object()
+
+#: The largest count a report holds: counts are int64 tensors when measured, and a larger
+#: integer is not even a float (``10**400`` would make every rate an OverflowError).
+INT64_MAX = 2**63 - 1
 
 
 def _show(value: Any) -> str:
@@ -62,7 +66,8 @@ def fail(path: str, expected: str, value: Any) -> ReportFormatError:
 
 
 def integer(minimum: int = 0, maximum: int | None = None, what: str = "") -> Check:
-    """An exact integer (not a float, not a bool) in ``[minimum, maximum]``."""
+    """An exact integer (not a float, not a bool) in ``[minimum, maximum]``; never above
+    :data:`INT64_MAX`."""
 
     def check(value: Any, path: str) -> int:
         in_range = type(value) is int and value >= minimum and (maximum is None or value <= maximum)
@@ -71,15 +76,17 @@ def integer(minimum: int = 0, maximum: int | None = None, what: str = "") -> Che
                 raise fail(path, f"an integer in [{minimum}, {maximum}]{what}", value)
             kind = "a non-negative integer" if minimum == 0 else f"an integer >= {minimum}"
             raise fail(path, kind + what, value)
+        if value > INT64_MAX:
+            raise fail(path, f"an integer at most 2**63 - 1 (a count fits int64){what}", value)
         return value
 
     return check
 
 
 def any_integer(value: Any, path: str) -> int:
-    """Any exact integer (a dimension index may be negative)."""
-    if type(value) is not int:
-        raise fail(path, "an integer", value)
+    """Any exact int64 integer (a dimension index may be negative)."""
+    if type(value) is not int or not -INT64_MAX - 1 <= value <= INT64_MAX:
+        raise fail(path, "an integer that fits int64", value)
     return value
 
 
@@ -209,10 +216,10 @@ def parse_site(data: Any, path: str) -> dict[str, Any]:
     nonfinite = Field("nonfinite_counts", list_of(count, units, per_unit)).read(site, path)
     mean_abs = Field("mean_abs", list_of(number(nan=True, inf=True, minimum=0.0), units, per_unit)).read(site, path)
     for i, (m, bad) in enumerate(zip(mean_abs, nonfinite)):
-        if math.isnan(m) and not bad:
+        if not math.isfinite(m) and not bad:
             raise ReportFormatError(
-                f"{path}.mean_abs[{i}]: NaN is only possible for a unit with non-finite outputs, "
-                f"and nonfinite_counts[{i}] is 0"
+                f"{path}.mean_abs[{i}]: {'NaN' if math.isnan(m) else 'infinity'} is only possible for a unit "
+                f"with non-finite outputs, and nonfinite_counts[{i}] is 0"
             )
         if n == 0 and m != 0:
             raise fail(f"{path}.mean_abs[{i}]", "0 (the site has 0 observations)", m)

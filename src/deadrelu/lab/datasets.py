@@ -230,21 +230,59 @@ def _mnist(data_dir: str | os.PathLike[str] | None, seed: int, limit: int | None
     return Dataset("mnist", x_tr, y_tr.long(), x_va, y_va.long(), "classification", 10, source)
 
 
+def _read_mnist1d_npz(data_dir: str | os.PathLike[str]) -> tuple[dict, str]:
+    """The four arrays of a ``mnist1d.npz`` (``data_dir`` or the file in it) and the file's name."""
+    path = Path(data_dir).expanduser()
+    path = path / "mnist1d.npz" if path.is_dir() else path
+    if not path.is_file():
+        raise DataError(f"no MNIST-1D file at {path}: write an .npz with arrays x, y, x_test, y_test there")
+    np = require("numpy", "cli")
+    try:
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            raise DataError(f"{path} holds a single array, not an .npz with arrays x, y, x_test, y_test")
+        with loaded as z:
+            missing = [k for k in ("x", "y", "x_test", "y_test") if k not in z.files]
+            if missing:
+                raise DataError(f"{path} lacks array {missing[0]!r}; MNIST-1D needs x, y, x_test, y_test")
+            arrays = {k: z[k] for k in ("x", "y", "x_test", "y_test")}
+    except DataError:
+        raise
+    except Exception as err:  # a damaged zip, pickled objects, a truncated array
+        raise DataError(f"cannot read {path} as .npz: {type(err).__name__}: {err}") from None
+    return arrays, str(path)
+
+
+def _check_mnist1d(arrays: dict, where: str) -> None:
+    """MNIST-1D's shape: inputs (N, length) of finite numbers, the same length in both splits,
+    labels N integers in 0..9; one DataError naming ``where`` and the array otherwise."""
+    np = require("numpy", "cli")
+    for xs, ys in (("x", "y"), ("x_test", "y_test")):
+        x, y = np.asarray(arrays[xs]), np.asarray(arrays[ys])
+        if x.dtype.kind not in "iuf" or x.ndim != 2:
+            raise DataError(f"{where}: {xs} must hold numbers of shape (samples, length), "
+                            f"got {x.dtype} of shape {x.shape}")
+        if x.shape[0] == 0 or x.shape[1] == 0:
+            raise DataError(f"{where}: {xs} holds no data (shape {x.shape})")
+        if x.dtype.kind == "f" and not np.isfinite(x).all():
+            raise DataError(f"{where}: {xs} holds {int((~np.isfinite(x)).sum())} NaN or infinite value(s)")
+        if y.dtype.kind not in "iu" or y.ndim != 1:
+            raise DataError(f"{where}: {ys} must hold one integer label per sample (N,), "
+                            f"got {y.dtype} of shape {y.shape}")
+        if len(y) != len(x):
+            raise DataError(f"{where}: {xs} holds {len(x)} samples but {ys} holds {len(y)} labels")
+        low, high = int(y.min()), int(y.max())
+        if low < 0 or high > 9:
+            raise DataError(f"{where}: {ys} holds label {high if high > 9 else low}; MNIST-1D labels are 0..9")
+    if arrays["x"].shape[1] != arrays["x_test"].shape[1]:
+        raise DataError(f"{where}: x holds samples of length {arrays['x'].shape[1]} but x_test of length "
+                        f"{arrays['x_test'].shape[1]}; both splits must have the same length")
+
+
 def _mnist1d(data_dir: str | os.PathLike[str] | None, seed: int, standardize: bool) -> Dataset:
     if data_dir is not None:
-        path = Path(data_dir).expanduser()
-        path = path / "mnist1d.npz" if path.is_dir() else path
-        if not path.is_file():
-            raise DataError(f"no MNIST-1D file at {path}: write an .npz with arrays x, y, x_test, y_test there")
-        np = require("numpy", "cli")
-        try:
-            with np.load(path) as z:
-                arrays = {k: z[k] for k in ("x", "y", "x_test", "y_test")}
-        except KeyError as err:
-            raise DataError(f"{path} lacks array {err}; MNIST-1D needs x, y, x_test, y_test") from err
-        except (OSError, ValueError) as err:
-            raise DataError(f"cannot read {path} as .npz: {err}") from err
-        source = f"MNIST-1D arrays from {path}"
+        arrays, where = _read_mnist1d_npz(data_dir)
+        source = f"MNIST-1D arrays from {where}"
     else:
         if not _available("mnist1d"):
             raise DataError(
@@ -260,17 +298,15 @@ def _mnist1d(data_dir: str | os.PathLike[str] | None, seed: int, standardize: bo
             arrays = data_mod.make_dataset(args)  # generates in memory; never the package's download path
         finally:
             np.random.set_state(state)
+        where = f"the mnist1d package's data (seed {seed})"
         source = f"MNIST-1D generated locally by the mnist1d package (seed {seed})"
+    _check_mnist1d(arrays, where)
     x_tr = torch.as_tensor(arrays["x"], dtype=torch.float32)
     x_va = torch.as_tensor(arrays["x_test"], dtype=torch.float32)
-    if x_tr.ndim != 2 or x_va.ndim != 2:
-        raise DataError(f"MNIST-1D inputs must be 2-D (samples, length), got {tuple(x_tr.shape)} and {tuple(x_va.shape)}")
     x_tr, x_va = _standardise(x_tr, x_va) if standardize else _unit_range(x_tr, x_va)
     source += "; standardised per feature" if standardize else "; min-max scaled to [0, 1]"
-    y_tr = torch.as_tensor(arrays["y"]).long().flatten()
-    y_va = torch.as_tensor(arrays["y_test"]).long().flatten()
-    if len(y_tr) != len(x_tr) or len(y_va) != len(x_va):
-        raise DataError(f"MNIST-1D has {len(x_tr)} inputs but {len(y_tr)} labels (or {len(x_va)} vs {len(y_va)})")
+    y_tr = torch.as_tensor(arrays["y"]).long()
+    y_va = torch.as_tensor(arrays["y_test"]).long()
     return Dataset("mnist1d", x_tr, y_tr, x_va, y_va, "classification", 10, source)
 
 
@@ -328,6 +364,9 @@ def load_dataset(
     """
     if not 0.0 < val_fraction < 1.0:
         raise DataError(f"val_fraction must be between 0 and 1, got {val_fraction}")
+    if data_dir is not None and name in ("digits", "regression"):
+        raise DataError(f"the {name} data set reads no files: a data directory (--data-dir) applies to mnist and "
+                        "mnist1d only; drop it, or choose one of those")
     if name == "digits":
         return _digits(seed, val_fraction, standardize)
     if name == "mnist":
