@@ -262,3 +262,39 @@ def test_an_attention_mask_that_fits_no_activation_warns_once():
         report = deadrelu.scan(net, [batch, batch])
     assert sum("fits no activation" in str(w.message) for w in record) == 1
     assert report.sites[0].observations == 20  # counted whole, as the warning says
+
+
+def _tiny_t5(d_ff: int = 16):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.T5Config(
+        vocab_size=50, d_model=8, d_kv=4, d_ff=d_ff, num_layers=1, num_decoder_layers=1, num_heads=2,
+        decoder_start_token_id=0, pad_token_id=0,
+    )
+    torch.manual_seed(0)
+    return transformers.T5Model(config).eval()
+
+
+def _seq2seq_batches():
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for lengths in ([5, 3, 2], [4, 4, 1]):
+        t = max(lengths)
+        mask = (torch.arange(t)[None, :] < torch.tensor(lengths)[:, None]).long()
+        ids = torch.randint(1, 50, (3, t), generator=g) * mask
+        # the decoder input is as long as the encoder's: the lengths coincide
+        out.append({"input_ids": ids, "attention_mask": mask, "decoder_input_ids": torch.randint(1, 50, (3, t), generator=g)})
+    return out
+
+
+@pytest.mark.parametrize("decoder_mask", [False, True], ids=["no decoder mask", "decoder_attention_mask"])
+def test_an_encoder_decoder_calls_attention_mask_is_the_encoders_only(decoder_mask):
+    batches = _seq2seq_batches()
+    if decoder_mask:
+        for b in batches:
+            b["decoder_attention_mask"] = torch.ones_like(b["decoder_input_ids"])
+            b["decoder_attention_mask"][0, -1] = 0
+    report = deadrelu.scan(_tiny_t5(), batches)
+    real = sum(int(b["attention_mask"].sum()) for b in batches)
+    decoded = sum(int(b["decoder_attention_mask"].sum()) if decoder_mask else b["decoder_input_ids"].numel() for b in batches)
+    got = {s.name.split(".")[0]: s.observations for s in report.sites}
+    assert got == {"encoder": real, "decoder": decoded}  # the encoder's mask never lies over the decoder

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from fixtures.models import UNIT_AXIS_MODELS, brute_force
+import torch.nn.functional as F
 from torch import nn
 
 import deadrelu
@@ -91,3 +92,32 @@ def test_site_json_keeps_unit_axis_source():
     report = deadrelu.scan(PVTMlp(), torch.randn(4, 16, 5))
     again = deadrelu.Report.from_json(report.to_json())
     assert [s.unit_axis_source for s in again.sites] == ["producer:conv"]
+
+
+def test_a_weight_multiplied_from_the_left_puts_its_rows_on_dim_minus_two():
+    # Mamba's dt = dt_proj.weight @ h.transpose(1, 2): (B, out, T), the units are the weight's rows
+    class LeftMatmul(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj, self.W = nn.Linear(4, 6), nn.Parameter(torch.randn(16, 6))
+            with torch.no_grad():
+                self.W[:3] = 0.0  # three rows that never fire (relu(0) = 0)
+
+        def forward(self, x):
+            return F.relu(self.W @ self.proj(x).transpose(1, 2))
+
+    torch.manual_seed(0)
+    data = [torch.randn(3, 7, 4), torch.randn(3, 9, 4)]  # two sequence lengths: T is no unit axis
+    site = deadrelu.scan(LeftMatmul(), data).sites[0]
+    assert (site.units, site.unit_dim, site.observations) == (16, 1, 3 * 7 + 3 * 9)
+    assert site.dead_units == (0, 1, 2)
+
+    class Reflected(nn.Module):  # the same product through Tensor.__rmatmul__
+        def __init__(self) -> None:
+            super().__init__()
+            self.W = nn.Parameter(torch.randn(16, 6))
+
+        def forward(self, x):
+            return F.relu(x.__rmatmul__(self.W))
+
+    assert deadrelu.scan(Reflected(), [torch.randn(2, 6, 5)]).sites[0].units == 16

@@ -1185,3 +1185,30 @@ def test_a_copy_of_a_model_under_a_compiled_monitor_carries_no_live_hook(dynamo)
         assert all(not m._forward_hooks for m in twin.modules())
     finally:
         mon.detach()
+
+
+def test_an_encoder_decoder_models_decoder_is_not_masked_by_the_encoders_mask(dynamo):
+    transformers = pytest.importorskip("transformers")
+
+    def make():
+        config = transformers.T5Config(
+            vocab_size=50, d_model=8, d_kv=4, d_ff=16, num_layers=1, num_decoder_layers=1, num_heads=2,
+            decoder_start_token_id=0, pad_token_id=0, dropout_rate=0.0,
+        )
+        torch.manual_seed(0)
+        return transformers.T5Model(config)
+
+    g = torch.Generator().manual_seed(0)
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    data = [
+        {"input_ids": torch.randint(1, 50, (2, 4), generator=g) * mask, "attention_mask": mask,
+         "decoder_input_ids": torch.randint(1, 50, (2, 4), generator=g)}  # the same length as the encoder's
+        for _ in range(2)
+    ]  # fmt: skip
+
+    def step(runner, b):
+        runner(**b).last_hidden_state.sum().backward()
+
+    eager, compiled = eager_and_compiled(make, data, step, window=4)
+    assert [(s.name, s.observations) for s in compiled.sites] == [(s.name, s.observations) for s in eager.sites]
+    assert {s.name.split(".")[0]: s.observations for s in eager.sites} == {"encoder": 12, "decoder": 16}

@@ -94,7 +94,7 @@ from .activations import (
     looks_like_activation,
 )
 from .hooks import copy_safe_hook, global_forward_hooks, is_deadrelu_hook, remove_inert_hooks
-from .inputs import aligned_mask, apply_mask, call_samples, mask_from_call, mask_layout, mask_position
+from .inputs import aligned_mask, apply_mask, call_samples, decoder_mask_of_call, mask_from_call, mask_layout, mask_position
 from .unit_axis import ACT, PRODUCER, AxisTable, function_kind, kind_of
 from .stats import fused_on_cpu, release_scratch, UnitStats
 
@@ -196,7 +196,9 @@ class _Forward:
     inside_activation: int = 0  # depth of activation modules: their inner calls are not sites
     mask: torch.Tensor | None = None
     mask_given: bool = False  # the mask came from a mask= option, not from the call's attention_mask
-    masks: dict[torch.device, torch.Tensor] = field(default_factory=dict)
+    masks: dict[tuple[torch.device, bool], torch.Tensor] = field(default_factory=dict)
+    decoder_split: bool = False  # an encoder-decoder call: decoder sites take decoder_mask
+    decoder_mask: torch.Tensor | None = None
     # whether the mask lay over some activation of this pass (None: no activation counted yet),
     # and the shape of one it did not fit, for the message when it fits none
     mask_fit: bool | None = None
@@ -580,6 +582,8 @@ class ActivationCapture:
             given = self.mask_spec is not None
         self._fwd.mask = mask
         self._fwd.mask_given = given
+        if mask is not None and not given:  # the call's own attention_mask: the encoder's, in a seq2seq model
+            self._fwd.decoder_split, self._fwd.decoder_mask = decoder_mask_of_call(self.model, args, kwargs or {})
 
     def _end_forward(self) -> None:
         """A mask that lay over no activation of the pass counted every position, padding included:
@@ -882,7 +886,7 @@ class ActivationCapture:
         fused = getattr(site.stats, "relu_and_update", None)
         if fused is None or site.unit_dim >= x.ndim:
             return None
-        mask = self._observation_mask(x)
+        mask = self._observation_mask(x, site)
         if mask is not None:
             if not site.takes_mask:
                 return None
@@ -905,14 +909,21 @@ class ActivationCapture:
             site = self._new_site(key, out, 0, None)
         self._update(site, out)
 
-    def _observation_mask(self, out: torch.Tensor) -> torch.Tensor | None:
-        """The forward's observation mask on ``out``'s device (copied there once per forward)."""
+    def _observation_mask(self, out: torch.Tensor, site: _Site) -> torch.Tensor | None:
+        """The forward's observation mask on ``out``'s device (copied there once per forward). In an
+        encoder-decoder call the ``attention_mask`` is the encoder's: a site inside a ``decoder``
+        module takes the call's ``decoder_attention_mask`` (none: every decoder position counts),
+        even where the two lengths happen to be equal."""
         fwd = self._fwd
-        if fwd.mask is None:
+        source = fwd.mask
+        if fwd.decoder_split and ".decoder." in f".{site.info.module}.":
+            source = fwd.decoder_mask
+        if source is None:
             return None
-        mask = fwd.masks.get(out.device)
+        key = (out.device, source is fwd.mask)
+        mask = fwd.masks.get(key)
         if mask is None:
-            mask = fwd.masks[out.device] = fwd.mask.to(out.device)
+            mask = fwd.masks[key] = source.to(out.device)
         return mask
 
     def _update(self, site: _Site, out: torch.Tensor) -> None:
@@ -920,7 +931,7 @@ class ActivationCapture:
         # A module site is read in its post-hook, while the function mode is still active: the
         # mask selection and the accumulator's own torch calls must not go through it.
         with torch._C.DisableTorchFunction():
-            x, dim, mask = out, site.unit_dim, self._observation_mask(out)
+            x, dim, mask = out, site.unit_dim, self._observation_mask(out, site)
             if mask is not None:
                 square = self._square_layout(site, out, mask)
                 if site.takes_mask:  # the accumulator skips masked values in place: no copy, no sync

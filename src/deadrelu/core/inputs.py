@@ -31,6 +31,7 @@ from ..errors import DataError, DeadReluError
 __all__ = [
     "whole_batch_size",
     "whole_number",
+    "decoder_mask_of_call",
     "checked_mask_option",
     "refuse_meta_weights",
     "LABEL_KEYS",
@@ -463,6 +464,31 @@ def mask_from_call(
     else:
         batch = {**kwargs, "args": args}
     return resolve_mask(spec, batch)
+
+
+_DECODER_INPUTS = ("decoder_input_ids", "decoder_inputs_embeds", "decoder_attention_mask")
+
+
+def decoder_mask_of_call(model: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> tuple[bool, torch.Tensor | None]:
+    """``(split, decoder mask)`` of an encoder-decoder call (Hugging Face style: a config with
+    ``is_encoder_decoder``, or ``decoder_*`` inputs): its ``attention_mask`` covers the encoder's
+    tokens only; the decoder's padding is its ``decoder_attention_mask`` (None: count every
+    decoder position). ``split`` is False for every other model.
+
+    >>> decoder_mask_of_call(torch.nn.Linear(2, 2), (), {"attention_mask": torch.ones(1, 2)})
+    (False, None)
+    """
+    batch = kwargs if kwargs else (args[0] if len(args) == 1 and isinstance(args[0], Mapping) else {})
+    given = isinstance(batch, Mapping) and any(batch.get(key) is not None for key in _DECODER_INPUTS)
+    if not (given or getattr(getattr(model, "config", None), "is_encoder_decoder", False) is True):
+        return False, None
+    mask = batch.get("decoder_attention_mask") if isinstance(batch, Mapping) else None
+    if not isinstance(mask, torch.Tensor):
+        return True, None
+    try:
+        return True, as_mask(mask, "the call's 'decoder_attention_mask'")
+    except DataError:
+        return True, None  # not a 0/1 mask: count every decoder position
 
 
 def mask_layout(

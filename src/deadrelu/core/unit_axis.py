@@ -79,8 +79,8 @@ def function_kind(func: Any) -> tuple[int, str, Any]:
         return (PRODUCER, "producer:conv", batched)
     if name in _LINEAR_NAMES:
         return (PRODUCER, _LINEAR_NAMES[name], None)
-    if name in _MATMUL_NAMES:
-        return (PRODUCER, "producer:matmul", None)
+    if name in _MATMUL_NAMES:  # the third field: which argument is the left operand
+        return (PRODUCER, "producer:matmul", 1 if name == "__rmatmul__" else 0)
     if name in _EMBEDDING_NAMES:
         return (PRODUCER, "producer:embedding", None)
     if name in _RNN_NAMES:  # a ReLU RNN's outputs are ReLU outputs: the capture makes them a site
@@ -181,6 +181,19 @@ def moved_axis(kind: tuple[int, str, Any], axis: int, ndim: int, args: tuple, kw
     return d1 if axis == d0 else d0 if axis == d1 else axis
 
 
+def _is_weight(t: Any) -> bool:
+    """A trainable 2-D leaf tensor: a weight matrix (an activation is no leaf, or needs no grad)."""
+    return isinstance(t, torch.Tensor) and t.ndim == 2 and t.is_leaf and t.requires_grad
+
+
+def _weight_on_the_left(args: tuple, left: Any) -> bool:
+    """Whether a matmul multiplies a weight from the left (``W @ x``, as Mamba's ``dt_proj.weight @
+    h.transpose(1, 2)``) and an activation from the right."""
+    if len(args) < 2 or left not in (0, 1):
+        return False
+    return _is_weight(args[left]) and not _is_weight(args[1 - left])
+
+
 class AxisTable:
     """Each tensor's feature axis during one forward pass, by identity (weak references).
 
@@ -214,7 +227,7 @@ class AxisTable:
         """Carry the feature axis from a (non-activation) op's inputs to its outputs."""
         code = kind[0]
         if code == PRODUCER:
-            self._produced(kind, out)
+            self._produced(kind, out, args)
             return
         src = entry = None
         for a in args[:2]:
@@ -249,12 +262,14 @@ class AxisTable:
             if new is not None:
                 self.set(o, new, rule)
 
-    def _produced(self, kind: tuple[int, str, Any], out: Any) -> None:
+    def _produced(self, kind: tuple[int, str, Any], out: Any, args: tuple = ()) -> None:
         rule, batched = kind[1], kind[2]
         for o in out if isinstance(out, (tuple, list)) else (out,):
             if isinstance(o, torch.Tensor) and o.ndim:
                 if rule == "producer:conv":
                     axis = 1 if o.ndim >= 2 and (batched is None or o.ndim == batched) else 0
+                elif rule == "producer:matmul" and o.ndim >= 2 and _weight_on_the_left(args, batched):
+                    axis = o.ndim - 2  # W @ x: W's rows (out x in) are the units, on the output's dim -2
                 else:
                     axis = o.ndim - 1
                 self.set(o, axis, rule)

@@ -790,12 +790,17 @@ class GraphCapture:
         if self.mask_from_call and self._graph_root:
             mask, mask_shape = self._call_mask_node(graph)
             call_input = False
+        # An encoder-decoder model: the attention_mask is the encoder's; decoder sites take the
+        # decoder_attention_mask input, or none (as the eager capture does).
+        decoder_mask = self._mask_input(graph, ("decoder_attention_mask",))
+        split = call_input and (decoder_mask is not None or getattr(getattr(self.model, "config", None), "is_encoder_decoder", False) is True)
         sums, masked = [], False
         for node, site in found:
             with graph.inserting_after(node):
                 nonnegative = site.info.function in NONNEGATIVE_FUNCTIONS
-                how = _mask_layout(node.meta["example_value"], site.unit_dim, mask, mask_shape)
-                extra = () if how is None else (mask, how == "transposed")
+                site_mask = decoder_mask if split and ".decoder." in f".{site.info.module}." else mask
+                how = _mask_layout(node.meta["example_value"], site.unit_dim, site_mask, None if site_mask is not mask else mask_shape)
+                extra = () if how is None else (site_mask, how == "transposed")
                 masked = masked or how is not None
                 sums.append(graph.call_function(_site_sums, (node, site.unit_dim, site.stats.threshold, nonnegative, *extra)))
         if call_input and mask is not None and not masked:
@@ -867,9 +872,9 @@ class GraphCapture:
                     return graph.call_function(_call_mask, (node,)), tuple(node.meta["example_value"].shape[:2])
         return None, None
 
-    def _mask_input(self, graph: fx.Graph) -> fx.Node | None:
+    def _mask_input(self, graph: fx.Graph, keys: tuple[str, ...] = MASK_KEYS) -> fx.Node | None:
         """The graph input that is the call's ``attention_mask`` (a parameter of that name, or that
-        key of a ``**kwargs`` dict), unless ``mask=False``."""
+        key of a ``**kwargs`` dict; ``keys`` for another), unless ``mask=False``."""
         if self.mask_spec is False:
             return None
         for node in graph.nodes:
@@ -877,7 +882,7 @@ class GraphCapture:
                 continue
             source = getattr(node.meta.get("grapharg"), "source", None)
             name = getattr(source, "local_name", None) or getattr(source, "index", None)
-            if name in MASK_KEYS:
+            if name in keys:
                 return node
         return None
 
