@@ -46,3 +46,23 @@ def test_input_fn_dict_tuple_and_tuple_batches_are_masked():
         assert (site.observations, list(site.fired_counts)) == expected, how
     unmasked = deadrelu.scan(model, [(ids, mask)], mask=False).sites[0]
     assert unmasked.observations == ids.numel()
+
+
+class FeaturesDict(Tokens):
+    """sentence-transformers style: the forward takes one dict of features, positionally."""
+
+    def forward(self, features):
+        return self.act(self.emb(features["input_ids"]))
+
+
+def test_a_call_with_one_dict_argument_is_masked_by_its_attention_mask():
+    model = FeaturesDict()
+    ids, mask = _data()
+    expected = _brute(model, ids, mask)
+    with deadrelu.Probe(model) as probe:
+        model({"input_ids": ids, "attention_mask": mask})
+    site = probe.report().sites[0]
+    assert (site.observations, list(site.fired_counts)) == expected
+    with deadrelu.Probe(model, mask=False) as probe:
+        model({"input_ids": ids, "attention_mask": mask})
+    assert probe.report().sites[0].observations == ids.numel()

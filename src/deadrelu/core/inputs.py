@@ -455,12 +455,17 @@ def mask_from_call(
             return as_mask(args[position], f"the call's {MASK_KEYS[0]!r} argument")
         except DataError:
             return None  # inferred from the parameter's name only: an additive mask there is not ours to refuse
-    if spec is None and not kwargs:
-        return None
+    if spec is None and not kwargs and not (len(args) == 1 and isinstance(args[0], Mapping)):
+        return None  # a default mask comes from keywords or a single dict argument (sentence-transformers)
     if kwargs and not args:
         batch: Any = kwargs
     elif len(args) == 1 and not kwargs:
         batch = args[0]
+        if spec is None and isinstance(batch, Mapping):
+            try:
+                return resolve_mask(spec, batch)
+            except DataError:
+                return None  # a features dict whose attention_mask is additive: not ours to refuse
     else:
         batch = {**kwargs, "args": args}
     return resolve_mask(spec, batch)
