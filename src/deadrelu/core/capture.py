@@ -94,7 +94,7 @@ from .activations import (
     looks_like_activation,
 )
 from .hooks import copy_safe_hook, global_forward_hooks, is_deadrelu_hook, remove_inert_hooks
-from .inputs import aligned_mask, apply_mask, call_samples, decoder_mask_of_call, mask_from_call, mask_layout, mask_position
+from .inputs import aligned_mask, apply_mask, call_samples, decoder_mask_of_call, in_decoder, mask_from_call, mask_layout, mask_position
 from .unit_axis import ACT, PRODUCER, AxisTable, function_kind, kind_of
 from .stats import fused_on_cpu, release_scratch, UnitStats
 
@@ -916,7 +916,7 @@ class ActivationCapture:
         even where the two lengths happen to be equal."""
         fwd = self._fwd
         source = fwd.mask
-        if fwd.decoder_split and ".decoder." in f".{site.info.module}.":
+        if fwd.decoder_split and in_decoder(site.info.module):
             source = fwd.decoder_mask
         if source is None:
             return None

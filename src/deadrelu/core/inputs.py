@@ -32,6 +32,8 @@ __all__ = [
     "whole_batch_size",
     "whole_number",
     "decoder_mask_of_call",
+    "in_decoder",
+    "is_encoder_decoder",
     "checked_mask_option",
     "refuse_meta_weights",
     "LABEL_KEYS",
@@ -164,13 +166,18 @@ def call_samples(args: Sequence[Any], kwargs: Mapping[str, Any] | None = None) -
     return int(first.shape[0]) if first.ndim else 1
 
 
+def _is_count(value: Any) -> bool:
+    """A whole number of at least 1 (an int or NumPy integer; never a bool, a float or text)."""
+    return not isinstance(value, bool) and hasattr(value, "__index__") and value >= 1
+
+
 def whole_batch_size(batch_size: Any, what: str = "") -> int:
     """``batch_size`` as an int, or one DataError (a bool, a float, text or a number below 1).
 
     >>> whole_batch_size(64)
     64
     """
-    if isinstance(batch_size, bool) or not hasattr(batch_size, "__index__") or batch_size < 1:
+    if not _is_count(batch_size):
         prefix = f"{what}: " if what else ""
         raise DataError(f"{prefix}batch_size must be a whole number of at least 1, got {batch_size!r}")
     return int(batch_size)
@@ -182,7 +189,7 @@ def whole_number(value: Any, name: str) -> int:
     >>> whole_number(3, "max_batches")
     3
     """
-    if isinstance(value, bool) or not hasattr(value, "__index__") or value < 1:
+    if not _is_count(value):
         raise DeadReluError(f"{name} must be a whole number of at least 1 (or None), got {value!r:.80}")
     return int(value)
 
@@ -455,20 +462,25 @@ def mask_from_call(
             return as_mask(args[position], f"the call's {MASK_KEYS[0]!r} argument")
         except DataError:
             return None  # inferred from the parameter's name only: an additive mask there is not ours to refuse
-    if spec is None and not kwargs and not (len(args) == 1 and isinstance(args[0], Mapping)):
-        return None  # a default mask comes from keywords or a single dict argument (sentence-transformers)
-    if kwargs and not args:
-        batch: Any = kwargs
-    elif len(args) == 1 and not kwargs:
-        batch = args[0]
-        if spec is None and isinstance(batch, Mapping):
-            try:
-                return resolve_mask(spec, batch)
-            except DataError:
-                return None  # a features dict whose attention_mask is additive: not ours to refuse
-    else:
-        batch = {**kwargs, "args": args}
+    batch = _call_batch(args, kwargs)
+    if spec is None and not kwargs:
+        if not isinstance(batch, Mapping):
+            return None  # a default mask comes from keywords or a single dict argument (sentence-transformers)
+        try:
+            return resolve_mask(spec, batch)
+        except DataError:
+            return None  # a features dict whose attention_mask is additive: not ours to refuse
     return resolve_mask(spec, batch)
+
+
+def _call_batch(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Any:
+    """A model call as a batch: its keywords when it has no positional arguments, else its single
+    positional argument, else a dict of both (positionals under ``"args"``)."""
+    if kwargs and not args:
+        return kwargs
+    if len(args) == 1 and not kwargs:
+        return args[0]
+    return {**kwargs, "args": args}
 
 
 _DECODER_INPUTS = ("decoder_input_ids", "decoder_inputs_embeds", "decoder_attention_mask")
@@ -483,9 +495,9 @@ def decoder_mask_of_call(model: nn.Module, args: tuple[Any, ...], kwargs: Mappin
     >>> decoder_mask_of_call(torch.nn.Linear(2, 2), (), {"attention_mask": torch.ones(1, 2)})
     (False, None)
     """
-    batch = kwargs if kwargs else (args[0] if len(args) == 1 and isinstance(args[0], Mapping) else {})
+    batch = _call_batch(args, kwargs)
     given = isinstance(batch, Mapping) and any(batch.get(key) is not None for key in _DECODER_INPUTS)
-    if not (given or getattr(getattr(model, "config", None), "is_encoder_decoder", False) is True):
+    if not (given or is_encoder_decoder(model)):
         return False, None
     mask = batch.get("decoder_attention_mask") if isinstance(batch, Mapping) else None
     if not isinstance(mask, torch.Tensor):
@@ -494,6 +506,20 @@ def decoder_mask_of_call(model: nn.Module, args: tuple[Any, ...], kwargs: Mappin
         return True, as_mask(mask, "the call's 'decoder_attention_mask'")
     except DataError:
         return True, None  # not a 0/1 mask: count every decoder position
+
+
+def is_encoder_decoder(model: nn.Module) -> bool:
+    """Whether ``model`` says it is an encoder-decoder (a Hugging Face config's ``is_encoder_decoder``)."""
+    return getattr(getattr(model, "config", None), "is_encoder_decoder", False) is True
+
+
+def in_decoder(path: str) -> bool:
+    """Whether a module path lies inside a ``decoder`` module (``decoder.block.0``, ``model.decoder``).
+
+    >>> in_decoder("model.decoder.layers.0.fc1"), in_decoder("encoder.block.0")
+    (True, False)
+    """
+    return ".decoder." in f".{path}."
 
 
 def mask_layout(

@@ -84,7 +84,7 @@ from ..core.capture import (
     same_function_ordinal,
 )
 from ..core.hooks import copy_safe_hook, global_forward_hooks
-from ..core.inputs import MASK_KEYS, mask_layout
+from ..core.inputs import MASK_KEYS, in_decoder, is_encoder_decoder, mask_layout
 from ..core.stats import traceable_batch_sums
 from ..core.unit_axis import ACT, AxisTable, kind_of
 from ..errors import DeadReluError
@@ -778,13 +778,17 @@ class GraphCapture:
             return
         self._note_frame(graph)
         found = self._sites_in(graph)
-        if not found:
-            anchor = _anchor(graph)
-            if anchor is not None:  # no sites, but it tells which model runs the graphs after it
-                output = next(n for n in reversed(graph.nodes) if n.op == "output")
-                with graph.inserting_before(output):
-                    graph.call_function(_observe_sites, ([], [], anchor))
+        anchor = _anchor(graph)
+        if not found and anchor is None:
             return
+        # A graph with no sites still gets the (empty) op: it says which model runs the graphs after it.
+        sums = self._insert_sums(graph, found) if found else []
+        output = next(n for n in reversed(graph.nodes) if n.op == "output")
+        with graph.inserting_before(output):  # one op call per graph and step, not one per site
+            graph.call_function(_observe_sites, (sums, [site.ident for _, site in found], anchor))
+
+    def _insert_sums(self, graph: fx.Graph, found: list[tuple[fx.Node, _Site]]) -> list[fx.Node]:
+        """After each site's node, its batch's per-unit sums (masked where the call's mask lies over it)."""
         mask, mask_shape = self._mask_input(graph), None
         call_input = mask is not None  # the graph takes an attention_mask (a block's call mask may be None)
         if self.mask_from_call and self._graph_root:
@@ -793,21 +797,19 @@ class GraphCapture:
         # An encoder-decoder model: the attention_mask is the encoder's; decoder sites take the
         # decoder_attention_mask input, or none (as the eager capture does).
         decoder_mask = self._mask_input(graph, ("decoder_attention_mask",))
-        split = call_input and (decoder_mask is not None or getattr(getattr(self.model, "config", None), "is_encoder_decoder", False) is True)
+        split = call_input and (decoder_mask is not None or is_encoder_decoder(self.model))
         sums, masked = [], False
         for node, site in found:
             with graph.inserting_after(node):
                 nonnegative = site.info.function in NONNEGATIVE_FUNCTIONS
-                site_mask = decoder_mask if split and ".decoder." in f".{site.info.module}." else mask
+                site_mask = decoder_mask if split and in_decoder(site.info.module) else mask
                 how = _mask_layout(node.meta["example_value"], site.unit_dim, site_mask, None if site_mask is not mask else mask_shape)
                 extra = () if how is None else (site_mask, how == "transposed")
                 masked = masked or how is not None
                 sums.append(graph.call_function(_site_sums, (node, site.unit_dim, site.stats.threshold, nonnegative, *extra)))
         if call_input and mask is not None and not masked:
             self._warn_unfit_mask(mask, found)
-        output = next(n for n in reversed(graph.nodes) if n.op == "output")
-        with graph.inserting_before(output):  # one op call per graph and step, not one per site
-            graph.call_function(_observe_sites, (sums, [site.ident for _, site in found], _anchor(graph)))
+        return sums
 
     def _warn_unfit_mask(self, mask: fx.Node, found: list[tuple[fx.Node, _Site]]) -> None:
         """The call's ``attention_mask`` lies over none of a graph's activations (a model that
