@@ -48,7 +48,7 @@ from ..core.report import Report, SiteReport, model_fingerprint
 
 __all__ = [
     "Chain", "Link", "trace", "traced", "trace_graph", "leaves_no_attributes", "site_nodes", "find_chains", "activation_name", "describe_node",
-    "check_report_matches", "unrewritable_reason", "computed_weight_reason", "is_deadrelu_hook",
+    "check_report_matches", "unrewritable_reason", "computed_weight_reason", "is_deadrelu_hook", "threshold_reason",
 ]  # fmt: skip
 
 PRODUCERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -342,6 +342,14 @@ def _reads_batch_size(node: fx.Node) -> bool:
 
 def _refuse(site: SiteReport, what: str, why: str) -> RefusedError:
     return RefusedError(f"{what}: site '{site.name}': {why}; nothing was changed")
+
+
+def threshold_reason(site: SiteReport) -> str | None:
+    """Why a site's dead units are not provably silent: it was scanned with a fire threshold above
+    0, so they may still output up to it (``prune_dead`` and ``reinit_dead`` skip it); else None."""
+    if site.fire_threshold > 0:
+        return f"scanned with fire threshold {site.fire_threshold:g} > 0, so dead units may output up to it"
+    return None
 
 
 def is_deadrelu_hook(hook: Any) -> bool:

@@ -181,9 +181,7 @@ def _skip_reason(site: SiteReport) -> str | None:
         return None
     if site.function not in ZERO_WHEN_DEAD_FUNCTIONS:
         return f"a dead {site.function} unit still outputs a non-constant value"
-    if site.fire_threshold > 0:
-        return f"scanned with fire threshold {site.fire_threshold:g} > 0, so dead units may output up to it"
-    return None
+    return _graph.threshold_reason(site)
 
 
 @dataclass

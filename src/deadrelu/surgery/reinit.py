@@ -153,12 +153,8 @@ def _threshold_skip(site: SiteReport) -> str | None:
     Scanned with a fire threshold above 0, a "dead" unit may still output up to it, so zeroing its
     outgoing weights would change the outputs; ``prune_dead`` skips such sites for the same reason.
     """
-    if site.dead_units and site.fire_threshold > 0:
-        return (
-            f"scanned with fire threshold {site.fire_threshold:g} > 0, so dead units may output up to it; "
-            "pass dormant=True to re-initialise them anyway, as ReDo does"
-        )
-    return None
+    why = _graph.threshold_reason(site) if site.dead_units else None
+    return None if why is None else f"{why}; pass dormant=True to re-initialise them anyway, as ReDo does"
 
 
 def _reinit_units(dormant: bool) -> Callable[[SiteReport], tuple[int, ...]]:
