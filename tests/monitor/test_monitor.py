@@ -608,3 +608,49 @@ def test_a_bad_warn_at_is_one_deadrelu_error(warn_at):
     with pytest.raises(deadrelu.DeadReluError, match="warn_at"):
         deadrelu.Monitor(net, warn_at=warn_at)
     assert not net._forward_hooks and not net._forward_pre_hooks
+
+
+@pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non-reentrant"])
+@pytest.mark.parametrize("whole", [True, False], ids=["model-checkpointed", "block-checkpointed"])
+def test_an_activation_checkpoint_recompute_is_not_counted_twice(reentrant: bool, whole: bool):
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Sequential(nn.Linear(8, 16), nn.ReLU())
+            self.b = nn.Sequential(nn.Linear(16, 16), nn.ReLU())
+
+        def forward(self, x):
+            h = self.a(x)
+            return self.b(h) if whole else checkpoint(self.b, h, use_reentrant=reentrant)
+
+    net = Net()
+    seen: dict[str, list[torch.Tensor]] = {"a.1": [], "b.1": []}
+    record = [False]
+
+    def keep(name: str):
+        def hook(module: nn.Module, args: object, out: torch.Tensor) -> None:
+            if record[0]:  # the training forward's outputs, not the recompute's
+                seen[name].append(out.detach())
+
+        return hook
+
+    for name in seen:
+        net.get_submodule(name).register_forward_hook(keep(name))
+    with deadrelu.Monitor(net, window=10, log_every=100) as mon:
+        for _ in range(3):
+            x = torch.randn(5, 8, requires_grad=True)
+            record[0] = True
+            y = checkpoint(net, x, use_reentrant=reentrant) if whole else net(x)
+            record[0] = False
+            y.sum().backward()
+            mon.step()
+        report = mon.report("total")
+    assert report.batches == 3 and report.samples == 15
+    for site in report.sites:
+        outs = torch.cat(seen[site.name])
+        assert site.observations == outs.shape[0] == 15
+        assert list(site.fired_counts) == (outs > 0).sum(0).tolist()

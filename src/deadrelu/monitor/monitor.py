@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import warnings
 import weakref
 from typing import Any, Callable, Iterable, Iterator, Sequence, Union
@@ -100,6 +101,27 @@ def _is_compiling() -> bool:
 
         check = dynamo.is_compiling
     return bool(check())
+
+
+def _checkpoint_recompute() -> bool:
+    """Whether this forward is an activation checkpoint's recompute (``torch.utils.checkpoint``)
+    of a pass that was observed when it first ran: a forward that autograd's backward runs.
+
+    The reentrant variant (``use_reentrant=True``) ran the pass under ``no_grad`` first, which
+    is not observed, so its recompute is the pass's only observation and is not one of these."""
+    task = getattr(torch._C, "_current_graph_task_id", None)
+    if task is None or task() < 0:  # not inside a backward: the common case, one C call
+        return False
+    import torch.utils.checkpoint as checkpoint
+
+    reentrant = getattr(getattr(checkpoint, "CheckpointFunction", None), "backward", None)
+    code = getattr(reentrant, "__code__", None)
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code is code:
+            return False
+        frame = frame.f_back
+    return True
 
 
 class DeadUnitWarning(UserWarning):
@@ -530,7 +552,8 @@ class Monitor:
                 self._compiled_unobserved()
             self.capture.enabled = False
             return
-        on = self._observe and torch.is_grad_enabled()
+        # A checkpoint's recompute in backward runs the forward again, with grad: counted once.
+        on = self._observe and torch.is_grad_enabled() and not _checkpoint_recompute()
         self.capture.enabled = on
         if on and self._eager_root:
             self._count_rows(input_rows(args, kwargs))  # inside an observe() block, only the block's first
@@ -556,7 +579,7 @@ class Monitor:
     def _gate_wrapper(self, module: nn.Module, args: Any, kwargs: Any = None) -> None:
         """Pre-hook on the ``torch.compile`` wrapper the monitor was given: it runs eagerly, before
         the compiled code, so the samples of observed forwards are counted as in eager mode."""
-        if self._observe and torch.is_grad_enabled() and not _is_compiling():
+        if self._observe and torch.is_grad_enabled() and not _is_compiling() and not _checkpoint_recompute():
             self._count_rows(input_rows(args, kwargs))
 
     @torch.compiler.disable
