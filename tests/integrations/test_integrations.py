@@ -168,6 +168,51 @@ def test_lightning_resume_from_a_checkpoint_goes_on_with_the_monitors_lifecycle(
     assert [s.dead_now for s in mon.events_summary().sites] == [3] and len(mon.alerts) == 1
 
 
+def test_lightning_manual_optimization_observes_the_forwards_after_each_backward(tmp_path: Path):
+    # The scope closed at the first backward and never reopened: a second network trained in
+    # the same training_step (a GAN's discriminator) had no site at all.
+    L = pytest.importorskip("lightning.pytorch")
+    from deadrelu.integrations import DeadReluCallback
+
+    outputs: dict[str, list[torch.Tensor]] = {"g.1": [], "d.1": []}
+
+    class TwoNets(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.automatic_optimization = False
+            self.g = nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 1))
+            self.d = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 1))
+
+        def training_step(self, batch, idx):
+            x, y = batch
+            for name, opt in zip(("g", "d"), self.optimizers()):
+                h = getattr(self, name)[:2](x)
+                outputs[f"{name}.1"].append(h.detach())
+                loss = nn.functional.mse_loss(getattr(self, name)[2](h), y)
+                opt.zero_grad()
+                self.manual_backward(loss)
+                opt.step()
+
+        def validation_step(self, batch, idx):
+            self.g(batch[0]), self.d(batch[0])
+
+        def configure_optimizers(self):
+            return [torch.optim.SGD(self.g.parameters(), lr=0.01), torch.optim.SGD(self.d.parameters(), lr=0.01)]
+
+    cb = DeadReluCallback(window=100, log_every=2, log_to_trainer=False)
+    loader = torch.utils.data.DataLoader(make_data(), batch_size=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lightning_trainer(L, tmp_path, cb, max_steps=6, limit_val_batches=1, val_check_interval=2).fit(TwoNets(), loader, loader)
+    report = cb.monitor.report("total")
+    assert [s.name for s in report.sites] == ["g.1", "d.1"]
+    for site in report.sites:  # 3 batches (two optimizer steps each), validation left out
+        h = torch.cat(outputs[site.name])
+        assert site.observations == h.shape[0] == 24
+        assert list(site.fired_counts) == (h > 0).sum(0).tolist()
+    assert report.samples == 48  # each network's forward of the 8-row batch, as two forwards
+
+
 # -- Hugging Face transformers --------------------------------------------------------------------
 
 

@@ -2,7 +2,8 @@
 
 The callback builds a :class:`deadrelu.Monitor` on the ``LightningModule`` in
 ``setup("fit")``, observes each ``training_step`` up to its backward as one forward pass
-(so steps that call submodules directly are seen), steps it after every training batch
+(so steps that call submodules directly are seen; with manual optimization, each forward
+after a backward up to the next is one more), steps it after every training batch
 (passing the batch loss), logs
 each evaluation through every logger of the trainer (``trainer.loggers``) as
 ``deadrelu/<site>/<state>`` scalars at ``trainer.global_step``, and detaches in
@@ -73,6 +74,7 @@ class DeadReluCallback(_pl.Callback):
         self.log_to_trainer = log_to_trainer
         self.monitor: Monitor | None = None
         self._scope: Any = None
+        self._in_batch = False  # between on_train_batch_start and on_train_batch_end
         self._resumed: Any = None  # a checkpoint's monitor state restored before setup() built the monitor
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
@@ -106,13 +108,24 @@ class DeadReluCallback(_pl.Callback):
         # training_step may call submodules directly (self.net(x)) and never the module
         # itself, so the whole step up to backward is observed as one forward pass.
         if self.monitor is not None and self.monitor.attached:
+            self._in_batch = True
             self._scope = self.monitor.observe(batch)
             self._scope.__enter__()
 
     def on_before_backward(self, trainer: Any, pl_module: Any, loss: Any) -> None:
         self._close_scope()
 
+    def on_after_backward(self, trainer: Any, pl_module: Any) -> None:
+        # Manual optimization may run more forwards after a backward (a GAN's second network, a
+        # second loss): each of them up to its own backward is observed too. No batch is given,
+        # so its samples come from its first call, and a scope in which nothing runs (the
+        # optimizer step of automatic optimization) counts nothing.
+        if self._in_batch and self._scope is None and self.monitor is not None and self.monitor.attached:
+            self._scope = self.monitor.observe()
+            self._scope.__enter__()
+
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._in_batch = False
         self._close_scope()
         if self.monitor is None or not self.monitor.attached:
             return
@@ -120,6 +133,7 @@ class DeadReluCallback(_pl.Callback):
         self.monitor.step(loss)
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        self._in_batch = False
         self._close_scope()
         self._detach(final=False)
 
