@@ -36,6 +36,9 @@ the dimension that holds that feature axis and the rule that decided it:
 
 * ``producer:Linear`` / ``producer:matmul`` / ``producer:embedding`` / ``producer:RNN``: the last
   dimension of a linear layer's, matmul's, embedding's or recurrent layer's output;
+* ``producer:matmul`` of a weight multiplied from the left (``W @ x``): dimension -2; of an
+  ``einsum`` with one weight operand: the output dimension the equation gives the weight's last
+  index that survives (``"oc,btc->bot"``: dimension 1);
 * ``producer:conv``: dimension 1 (channels) of a convolution's output (0 when unbatched);
 * ``producer:norm``: a normalisation layer applied to a tensor with no producer (dim 1 for
   batch/instance/group norm, the last for layer/RMS norm);
@@ -54,6 +57,13 @@ Observation masks
 ``mask`` is a bool tensor ``(B, T)`` (True = a real token). An activation whose leading
 dimensions are ``(B, T)`` (or ``(T, B)`` when B != T) and whose unit axis lies after them is
 counted at the unmasked positions only.
+
+torch.func transforms
+---------------------
+An activation inside ``torch.func.grad``/``vmap`` (an energy model's forces, per-sample calls) is
+counted on the plain values under the transform's wrapper; a vmapped dimension is more
+observations of the same units, like a batch — so the members of a vmapped ensemble
+(``vmap(functional_call)`` over stacked parameters) are counted together, as one site.
 
 Threads and copies
 ------------------
@@ -750,7 +760,7 @@ class ActivationCapture:
                 if activation is not None:
                     self._fwd.inside_activation -= 1
                     if not self._fwd.inside_activation and not frame.counted:
-                        self._on_module_output(activation, frame, output)
+                        self._on_module_output(activation, frame, output, module)
                 elif lookalike and not frame.slots:
                     self._note_lookalike(path, args, output)
             if is_root:
@@ -900,14 +910,16 @@ class ActivationCapture:
         except Exception as err:
             raise self._stats_error(site, x, err) from (None if isinstance(err, DeadReluError) else err)
 
-    def _on_module_output(self, name: str, frame: _Frame, out: Any) -> None:
+    def _on_module_output(self, name: str, frame: _Frame, out: Any, module: nn.Module) -> None:
         if not isinstance(out, torch.Tensor):
             return
         key = (frame.path, frame.call, None, name, 0)
         site = self.sites.get(key)
         if site is None:
             site = self._new_site(key, out, 0, None)
-        self._update(site, out)
+        # |h| = h holds for the activation's own output only: a forward hook of the user's that ran
+        # before this one may have returned another tensor (``o - 0.5``), which the site counts.
+        self._update(site, out, site.nonnegative and not _output_hooked(module))
 
     def _observation_mask(self, out: torch.Tensor, site: _Site) -> torch.Tensor | None:
         """The forward's observation mask on ``out``'s device (copied there once per forward). In an
@@ -926,30 +938,39 @@ class ActivationCapture:
             mask = fwd.masks[key] = source.to(out.device)
         return mask
 
-    def _update(self, site: _Site, out: torch.Tensor) -> None:
+    def _update(self, site: _Site, out: torch.Tensor, nonnegative: bool | None = None) -> None:
         self.last_site = site.info.module or "<root>"
+        # Inside torch.func's transforms (grad, vmap) the output is a wrapper that accumulators made
+        # outside may not be written with: count the plain values under it, the transforms off.
+        wrapped = _IS_FUNCTORCH_WRAPPED is not None and _IS_FUNCTORCH_WRAPPED(out)
         # A module site is read in its post-hook, while the function mode is still active: the
         # mask selection and the accumulator's own torch calls must not go through it.
         with torch._C.DisableTorchFunction():
-            x, dim, mask = out, site.unit_dim, self._observation_mask(out, site)
-            if mask is not None:
-                square = self._square_layout(site, out, mask)
-                if site.takes_mask:  # the accumulator skips masked values in place: no copy, no sync
-                    mask = aligned_mask(out, dim, mask, square)
-                    self._note_mask_fit(mask is not None, out)
-                else:  # a user's accumulator without mask=: hand it the kept values
-                    self._note_mask_fit(mask_layout(out.shape, dim, mask.shape) is not None, out)
-                    x, dim = apply_mask(out, dim, mask, square)
-                    mask = None
-            try:
-                if mask is None:
-                    site.stats.update(x, dim, site.nonnegative)
-                else:
-                    site.stats.update(x, dim, site.nonnegative, mask=mask)
-            except torch.cuda.OutOfMemoryError:
-                raise  # the device is full: not a failure of deadrelu's statistics
-            except Exception as err:
-                raise self._stats_error(site, out, err) from (None if isinstance(err, DeadReluError) else err)
+            out, dim = _plain_values(out, site.unit_dim) if wrapped else (out, site.unit_dim)
+            with torch._C._DisableFuncTorch() if wrapped else contextlib.nullcontext():
+                self._count(site, out, dim, site.nonnegative if nonnegative is None else nonnegative)
+
+    def _count(self, site: _Site, out: torch.Tensor, dim: int, nonnegative: bool) -> None:
+        """Add one output, its units on ``dim``, to the site's accumulator, masked as the forward's mask says."""
+        x, mask = out, self._observation_mask(out, site)
+        if mask is not None:
+            square = self._square_layout(site, out, mask)
+            if site.takes_mask:  # the accumulator skips masked values in place: no copy, no sync
+                mask = aligned_mask(out, dim, mask, square)
+                self._note_mask_fit(mask is not None, out)
+            else:  # a user's accumulator without mask=: hand it the kept values
+                self._note_mask_fit(mask_layout(out.shape, dim, mask.shape) is not None, out)
+                x, dim = apply_mask(out, dim, mask, square)
+                mask = None
+        try:
+            if mask is None:
+                site.stats.update(x, dim, nonnegative)
+            else:
+                site.stats.update(x, dim, nonnegative, mask=mask)
+        except torch.cuda.OutOfMemoryError:
+            raise  # the device is full: not a failure of deadrelu's statistics
+        except Exception as err:
+            raise self._stats_error(site, out, err) from (None if isinstance(err, DeadReluError) else err)
 
     def _note_mask_fit(self, fits: bool, out: torch.Tensor) -> None:
         fwd = self._fwd
@@ -1045,6 +1066,26 @@ class ActivationCapture:
         self.uncaptured.clear()
         self.forwards = self.samples = 0
         self.last_site = None
+
+
+_IS_FUNCTORCH_WRAPPED = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
+
+
+def _plain_values(t: torch.Tensor, unit_dim: int) -> tuple[torch.Tensor, int]:
+    """The values under ``torch.func``'s wrappers (grad, vmap, nested) and where the units lie in
+    them: a vmapped dimension is moved to the front, more observations of the same units."""
+    functorch = torch._C._functorch
+    while functorch.is_functorch_wrapped_tensor(t):
+        inner = functorch.get_unwrapped(t)
+        if functorch.is_batchedtensor(t):
+            bdim = functorch.maybe_get_bdim(t)
+            if t.ndim == 0:  # one value per sample: the site's one unit
+                inner, unit_dim = inner.reshape(-1, 1), 1
+            else:
+                unit = [d for d in range(inner.ndim) if d != bdim][unit_dim]
+                inner, unit_dim = inner.movedim(bdim, 0), unit + (unit < bdim)
+        t = inner
+    return t, unit_dim
 
 
 def _output_hooked(module: nn.Module) -> bool:

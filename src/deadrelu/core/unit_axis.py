@@ -79,6 +79,8 @@ def function_kind(func: Any) -> tuple[int, str, Any]:
         return (PRODUCER, "producer:conv", batched)
     if name in _LINEAR_NAMES:
         return (PRODUCER, _LINEAR_NAMES[name], None)
+    if name == "einsum":  # the equation says where the weight's units go (see _einsum_axis)
+        return (PRODUCER, "producer:matmul", "einsum")
     if name in _MATMUL_NAMES:  # the third field: which argument is the left operand
         return (PRODUCER, "producer:matmul", 1 if name == "__rmatmul__" else 0)
     if name in _EMBEDDING_NAMES:
@@ -194,6 +196,36 @@ def _weight_on_the_left(args: tuple, left: Any) -> bool:
     return _is_weight(args[left]) and not _is_weight(args[1 - left])
 
 
+def _einsum_axis(args: tuple, ndim: int) -> int | None:
+    """The output dimension of an einsum that holds its weight operand's units — the weight's last
+    index that survives into the output (``"oc,btc->bot"``: ``o``, dim 1; ``"btd,dh->bth"``: ``h``)
+    — or None where no single operand is a weight or the equation is not understood."""
+    if not args or not isinstance(args[0], str):
+        return None
+    operands = args[1:]
+    if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
+        operands = tuple(operands[0])  # einsum(eq, [a, b])
+    inputs, arrow, output = args[0].replace(" ", "").partition("->")
+    terms = inputs.split(",")
+    if len(terms) != len(operands):
+        return None
+    if not arrow:  # implicit output: the indices used once, in alphabetical order, after an ellipsis
+        letters = inputs.replace(",", "").replace(".", "")
+        output = ("..." if "..." in inputs else "") + "".join(sorted(c for c in set(letters) if letters.count(c) == 1))
+    weights = [t for t in operands if isinstance(t, torch.Tensor) and t.ndim >= 2 and t.is_leaf and t.requires_grad]
+    if len(weights) != 1 or len(operands) < 2:
+        return None
+    term = terms[next(i for i, t in enumerate(operands) if t is weights[0])]
+    free = [c for c in term.replace(".", "") if c in output]
+    if not free:
+        return None
+    at = output.index(free[-1])
+    ellipsis = output.find("...")
+    if 0 <= ellipsis < at:  # the ellipsis stands for the dims the explicit indices leave
+        at += ndim - len(output.replace("...", "")) - 3
+    return at if 0 <= at < ndim else None
+
+
 class AxisTable:
     """Each tensor's feature axis during one forward pass, by identity (weak references).
 
@@ -268,6 +300,9 @@ class AxisTable:
             if isinstance(o, torch.Tensor) and o.ndim:
                 if rule == "producer:conv":
                     axis = 1 if o.ndim >= 2 and (batched is None or o.ndim == batched) else 0
+                elif rule == "producer:matmul" and batched == "einsum":
+                    axis = _einsum_axis(args, o.ndim)
+                    axis = o.ndim - 1 if axis is None else axis
                 elif rule == "producer:matmul" and o.ndim >= 2 and _weight_on_the_left(args, batched):
                     axis = o.ndim - 2  # W @ x: W's rows (out x in) are the units, on the output's dim -2
                 else:
