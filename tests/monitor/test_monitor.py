@@ -654,3 +654,45 @@ def test_an_activation_checkpoint_recompute_is_not_counted_twice(reentrant: bool
         outs = torch.cat(seen[site.name])
         assert site.observations == outs.shape[0] == 15
         assert list(site.fired_counts) == (outs > 0).sum(0).tolist()
+
+
+def test_a_large_window_costs_memory_only_for_the_batches_it_holds():
+    # A window was a Python list of `window` sample counts made up front (window=10**9: 8 GB
+    # before the first step, 10**30: an OverflowError), and every ring built views of all its
+    # rows at the first batch (window=10**6: 3 GB and 20 s for one site of 8 units).
+    import tracemalloc
+
+    net = identity_net(2)
+    with pytest.raises(DeadReluError, match="window must be at most"):
+        deadrelu.Monitor(net, window=10**30)
+    tracemalloc.start()
+    try:
+        deadrelu.Monitor(net, window=10**9, log_every=10**9)  # made, never filled
+        big = WindowStats(2, 0.0, "cpu", window=200_000)
+        big.update(torch.ones(3, 2), unit_dim=1)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 20 * 2**20, peak  # the 200 000-row ring's own tensors are not traced here
+    assert big.totals("window").fired.tolist() == [3, 3]
+    wide = nn.Sequential(nn.Linear(2, 4096), nn.ReLU())  # 10**9 rows of 4096 units: petabytes, refused at once
+    mon = deadrelu.Monitor(wide, window=10**9)
+    with pytest.raises(DeadReluError, match=r"cannot allocate a rolling window of 1000000000 batches .* smaller window="):
+        with mon:
+            wide(torch.randn(3, 2))
+    assert hooks_of(wide) == 0
+
+
+def test_a_window_longer_than_the_cached_row_views_counts_exactly():
+    from deadrelu.monitor.window import _CACHED_ROWS
+
+    window = _CACHED_ROWS + 7
+    g = torch.Generator().manual_seed(0)
+    stats = WindowStats(3, 0.0, "cpu", window)
+    xs = [torch.randn(2, 3, generator=g) for _ in range(window + 40)]
+    for x in xs:
+        stats.update(x, unit_dim=1)
+    for scope, data in (("window", xs[-window:]), ("total", xs)):
+        t = stats.totals(scope)
+        assert t.fired.tolist() == (torch.cat(data) > 0).sum(0).tolist()
+        assert t.observations == 2 * len(data) and t.batches == len(data)

@@ -29,6 +29,7 @@ every ``log_every`` steps, when the first window fills, or when you call
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 import sys
@@ -286,6 +287,8 @@ class Monitor:
             compiled = True  # a compiled block: Dynamo would trace the eager hooks
         if isinstance(window, bool) or not isinstance(window, int) or window < 1:
             raise DeadReluError(f"window must be a positive int (batches), got {window!r}")
+        if window > sys.maxsize:  # no ring of that many rows can be indexed, let alone allocated
+            raise DeadReluError(f"window must be at most {sys.maxsize} batches, got {window}")
         if isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 1:
             raise DeadReluError(f"log_every must be a positive int (steps), got {log_every!r}")
         if on_sink_error not in ("warn", "raise"):
@@ -355,7 +358,8 @@ class Monitor:
         self._units: dict[str, int] = {}  # per site of the last evaluation (all ranks' sites): units
 
     def _init_samples(self, window: int) -> None:
-        self._samples_ring = [0] * window
+        # the samples of the last `window` forwards: grows with them, never to `window` up front
+        self._samples_ring: collections.deque[int] = collections.deque(maxlen=window)
         self._samples_total = 0
         # A plain int (0: none) for the traced hook to read: the wrapper itself must not be touched there.
         graph_counts = self._op_asks_schedule and self._wrapper is None
@@ -571,9 +575,8 @@ class Monitor:
             self._count_in_scope(rows)
 
     def _add_samples(self, n: int) -> None:
-        k = self._forwards % self.window
         self._samples_total += n
-        self._samples_ring[k] = n
+        self._samples_ring.append(n)
         self._forwards += 1
 
     def _gate_wrapper(self, module: nn.Module, args: Any, kwargs: Any = None) -> None:

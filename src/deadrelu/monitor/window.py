@@ -21,6 +21,9 @@ from ..errors import DeadReluError
 
 __all__ = ["WindowStats", "WindowTotals", "add_sums_to_many"]
 
+#: Rings up to this many rows keep views of every row; a longer one makes a row's views per batch.
+_CACHED_ROWS = 1024
+
 
 @dataclass
 class WindowTotals:
@@ -86,7 +89,16 @@ class WindowStats:
         self.backend = backend
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.nonnegative = False  # set by the monitor for relu/relu6 sites
-        self.ring = StatTensors(self.units, self.device, leading=(self.window,))
+        try:
+            self.ring = StatTensors(self.units, self.device, leading=(self.window,))
+        except (RuntimeError, MemoryError, OverflowError) as err:
+            # The ring holds window x units counters per statistic: a window given in samples
+            # rather than batches (window=len(dataset)) asks for gigabytes at the first forward.
+            raise DeadReluError(
+                f"cannot allocate a rolling window of {self.window} batches for a site of {self.units} units on "
+                f"{self.device} ({type(err).__name__}: {str(err)[:120]}): pass a smaller window= (it counts "
+                "batches, not samples)"
+            ) from err
         self.banked = StatTensors(self.units, self.device)  # rows that left the window
         self.pos = 0
         self.count = 0  # batches seen since the start
@@ -167,6 +179,8 @@ class WindowStats:
             self.ring.to(device)
             self.banked.to(device)
             self._rows = None
+        if self.window > _CACHED_ROWS:  # a million views would take seconds and gigabytes to make
+            return self.ring.row(self.pos)
         rows = getattr(self, "_rows", None)
         if rows is None:  # views of every ring row, made once: the per-step path then only indexes a list
             rows = self._rows = [self.ring.row(i) for i in range(self.window)]
