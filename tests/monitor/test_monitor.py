@@ -246,6 +246,10 @@ def test_report_before_data_and_bad_scope_are_errors():
         ({"on_sink_error": "ignore"}, "on_sink_error must be 'warn' or 'raise'"),
         ({"sinks": ["health.txt"]}, "cannot tell the log format"),
         ({"asleep_rate": 2.0}, "asleep_rate must be in"),
+        # text from a config file was truthy: compiled="no" turned compiled mode on
+        ({"compiled": "no"}, r"^compiled must be True, False or None, got 'no'$"),
+        ({"distributed": "false"}, r"^distributed must be True, False or None, got 'false'$"),
+        ({"live": "yes"}, r"^live must be True or False, got 'yes'$"),
     ],
 )
 def test_bad_options_raise_one_clear_error_and_attach_nothing(kwargs, message):

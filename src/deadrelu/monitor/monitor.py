@@ -291,6 +291,10 @@ class Monitor:
             raise DeadReluError(f"window must be at most {sys.maxsize} batches, got {window}")
         if isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 1:
             raise DeadReluError(f"log_every must be a positive int (steps), got {log_every!r}")
+        for option, value, none_too in (("live", live, False), ("distributed", distributed, True), ("compiled", compiled, True)):
+            if not (isinstance(value, bool) or (none_too and value is None)):  # "no" or "false" would mean True
+                choices = "True, False or None" if none_too else "True or False"
+                raise DeadReluError(f"{option} must be {choices}, got {value!r}")
         if on_sink_error not in ("warn", "raise"):
             raise DeadReluError(f"on_sink_error must be 'warn' or 'raise', got {on_sink_error!r}")
         warn_levels = _warn_levels(warn_at)
