@@ -208,3 +208,36 @@ def test_activations_inside_torch_func_transforms_count_their_values(transform):
     name = "<root>:relu" if transform == "vmap" else "<root>:silu"
     report = assert_exact(Energy().eval(), rec, list(torch.randn(10, 3).split(4)), {"act": name})
     assert report.site(name).units == 5
+
+
+def test_a_site_whose_output_changes_rank_between_batches_keeps_counting_its_units():
+    # a Linear on (B, C) and then on (B, T, C) with T == units: the first batch's dim 1 counted positions
+    rec = Recorder()
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(3, 4)
+            with torch.no_grad():
+                self.fc.bias[0] = -100.0
+
+        def forward(self, x):
+            return rec("fc", F.relu(self.fc(x)), -1)
+
+    torch.manual_seed(0)
+    report = assert_exact(Net().eval(), rec, [torch.randn(5, 3), torch.randn(2, 4, 3)], {"fc": "<root>:relu"})
+    assert report.sites[0].dead_units == (0,)
+
+    class Unbatched(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 1)
+            with torch.no_grad():
+                self.conv.bias[1] = -100.0
+
+        def forward(self, x):
+            return rec("conv", F.relu(self.conv(x)), 1 if x.ndim == 4 else 0)
+
+    batches = [torch.randn(5, 3, 2, 2), torch.randn(3, 4, 2)]  # a batch, then one unbatched sample
+    report = assert_exact(Unbatched().eval(), rec, batches, {"conv": "<root>:relu"})
+    assert 1 in report.sites[0].dead_units

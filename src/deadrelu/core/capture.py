@@ -85,7 +85,7 @@ import operator
 import sys
 import threading
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Iterator, Mapping, Union
 
 import torch
@@ -894,17 +894,18 @@ class ActivationCapture:
     def _fused_update(self, site: _Site, x: torch.Tensor, inplace: bool) -> torch.Tensor | None:
         """``relu(x)`` counted into the site by its accumulator's fused kernel, or None."""
         fused = getattr(site.stats, "relu_and_update", None)
-        if fused is None or site.unit_dim >= x.ndim:
+        dim = self._site_dim(site, x)
+        if fused is None or dim >= x.ndim:
             return None
         mask = self._observation_mask(x, site)
         if mask is not None:
             if not site.takes_mask:
                 return None
-            mask = aligned_mask(x, site.unit_dim, mask, self._square_layout(site, x, mask))
+            mask = aligned_mask(x, dim, mask, self._square_layout(site, x, dim, mask))
             self._note_mask_fit(mask is not None, x)
         self.last_site = site.info.module or "<root>"
         try:
-            return fused(x, site.unit_dim, mask=mask, inplace=inplace)
+            return fused(x, dim, mask=mask, inplace=inplace)
         except torch.cuda.OutOfMemoryError:
             raise  # as torch's own ReLU would: callers that shrink the batch on OOM must see it
         except Exception as err:
@@ -946,7 +947,8 @@ class ActivationCapture:
         # A module site is read in its post-hook, while the function mode is still active: the
         # mask selection and the accumulator's own torch calls must not go through it.
         with torch._C.DisableTorchFunction():
-            out, dim = _plain_values(out, site.unit_dim) if wrapped else (out, site.unit_dim)
+            dim = self._site_dim(site, out)
+            out, dim = _plain_values(out, dim) if wrapped else (out, dim)
             with torch._C._DisableFuncTorch() if wrapped else contextlib.nullcontext():
                 self._count(site, out, dim, site.nonnegative if nonnegative is None else nonnegative)
 
@@ -954,7 +956,7 @@ class ActivationCapture:
         """Add one output, its units on ``dim``, to the site's accumulator, masked as the forward's mask says."""
         x, mask = out, self._observation_mask(out, site)
         if mask is not None:
-            square = self._square_layout(site, out, mask)
+            square = self._square_layout(site, out, dim, mask)
             if site.takes_mask:  # the accumulator skips masked values in place: no copy, no sync
                 mask = aligned_mask(out, dim, mask, square)
                 self._note_mask_fit(mask is not None, out)
@@ -972,6 +974,16 @@ class ActivationCapture:
         except Exception as err:
             raise self._stats_error(site, out, err) from (None if isinstance(err, DeadReluError) else err)
 
+    def _site_dim(self, site: _Site, out: torch.Tensor) -> int:
+        """The site's unit dimension in ``out``: the one chosen when the site was first seen, unless
+        ``out`` has another rank (a Linear on ``(B, C)`` in one batch and on ``(B, T, C)`` in the
+        next, an unbatched convolution input), whose units the same rules find again — the first
+        output's dim would count positions as units, silently where the sizes happen to agree."""
+        if out.ndim == len(site.info.shape) or out.ndim < 2:
+            return site.unit_dim  # (a 0-D or 1-D output is one sample of its units: see as_unit_batch)
+        info = replace(site.info, shape=tuple(out.shape))
+        return choose_unit_dim(self.unit_dim_spec, info, out.ndim, self._axis(out))
+
     def _note_mask_fit(self, fits: bool, out: torch.Tensor) -> None:
         fwd = self._fwd
         if fits:
@@ -979,7 +991,7 @@ class ActivationCapture:
         elif fwd.mask_fit is None:
             fwd.mask_fit, fwd.unfit_shape = False, tuple(out.shape)
 
-    def _square_layout(self, site: _Site, out: torch.Tensor, mask: torch.Tensor) -> str:
+    def _square_layout(self, site: _Site, out: torch.Tensor, dim: int, mask: torch.Tensor) -> str:
         """How to read a square ``(B, T)`` mask (B = T fits a ``(B, T, C)`` and a ``(T, B, C)``
         activation alike) at this site: as the site's activation lay under the last mask with
         B != T. Before any such batch, as given — with a warning, once, where the mask is the
@@ -988,7 +1000,7 @@ class ActivationCapture:
         if mask.ndim != 2:
             return "leading"
         if mask.shape[0] != mask.shape[1]:
-            layout = mask_layout(out.shape, site.unit_dim, mask.shape)
+            layout = mask_layout(out.shape, dim, mask.shape)
             if layout is not None:
                 site.layout = layout
             return "leading"
