@@ -177,6 +177,22 @@ def _warn_levels(warn_at: Any) -> tuple[float, ...]:
     return levels
 
 
+def _check_options(window: Any, log_every: Any, live: Any, distributed: Any, compiled: Any) -> None:
+    """Refuse a count that is not a positive int, and a switch that is not a bool (``distributed``
+    and ``compiled`` may be None): text from a config file is truthy, so ``compiled="no"`` would
+    turn compiled mode on."""
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise DeadReluError(f"window must be a positive int (batches), got {window!r}")
+    if window > sys.maxsize:  # no ring of that many rows can be indexed, let alone allocated
+        raise DeadReluError(f"window must be at most {sys.maxsize} batches, got {window}")
+    if isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 1:
+        raise DeadReluError(f"log_every must be a positive int (steps), got {log_every!r}")
+    for option, value, none_too in (("live", live, False), ("distributed", distributed, True), ("compiled", compiled, True)):
+        if not (isinstance(value, bool) or (none_too and value is None)):
+            choices = "True, False or None" if none_too else "True or False"
+            raise DeadReluError(f"{option} must be {choices}, got {value!r}")
+
+
 def _schedule(every: Schedule) -> Callable[[int], bool]:
     if callable(every):
         return every
@@ -285,16 +301,7 @@ class Monitor:
         has_blocks = bool(compiled_blocks(model))
         if compiled is None and has_blocks:
             compiled = True  # a compiled block: Dynamo would trace the eager hooks
-        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-            raise DeadReluError(f"window must be a positive int (batches), got {window!r}")
-        if window > sys.maxsize:  # no ring of that many rows can be indexed, let alone allocated
-            raise DeadReluError(f"window must be at most {sys.maxsize} batches, got {window}")
-        if isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 1:
-            raise DeadReluError(f"log_every must be a positive int (steps), got {log_every!r}")
-        for option, value, none_too in (("live", live, False), ("distributed", distributed, True), ("compiled", compiled, True)):
-            if not (isinstance(value, bool) or (none_too and value is None)):  # "no" or "false" would mean True
-                choices = "True, False or None" if none_too else "True or False"
-                raise DeadReluError(f"{option} must be {choices}, got {value!r}")
+        _check_options(window=window, log_every=log_every, live=live, distributed=distributed, compiled=compiled)
         if on_sink_error not in ("warn", "raise"):
             raise DeadReluError(f"on_sink_error must be 'warn' or 'raise', got {on_sink_error!r}")
         warn_levels = _warn_levels(warn_at)
