@@ -164,6 +164,17 @@ def test_tensorboard_scalars_and_histograms(tmp_path: Path):
     assert hist.num == 4 and hist.min == 0.0 and hist.max == 1.0
 
 
+def test_a_tensorboard_log_dir_that_is_a_file_is_refused_when_the_sink_is_made(tmp_path: Path):
+    # It used to fail at attach with a FileExistsError turned into a SinkWarning, and the run
+    # went on logging nothing to TensorBoard.
+    pytest.importorskip("tensorboard")
+    log = tmp_path / "runs"
+    log.write_text("notes")
+    with pytest.raises(DeadReluError, match=r"^TensorBoardSink needs a folder for its event files, but .*runs is a file$"):
+        TensorBoardSink(log)
+    assert log.read_text() == "notes" and sorted(p.name for p in tmp_path.iterdir()) == ["runs"]
+
+
 def test_missing_extra_names_the_pip_command(monkeypatch):
     import importlib
 

@@ -536,6 +536,7 @@ class TensorBoardSink(Sink):
 
     Raises:
         ModuleNotFoundError: when tensorboard is not installed.
+        DeadReluError: when ``log_dir`` is an existing file.
 
     Example:
         >>> sink = TensorBoardSink("runs/exp1")  # doctest: +SKIP
@@ -544,6 +545,9 @@ class TensorBoardSink(Sink):
     def __init__(self, log_dir: str | os.PathLike[str] | None = None, *, writer: Any = None, histograms: bool = True):
         require("tensorboard", "tensorboard")
         self.log_dir = None if log_dir is None else str(log_dir)
+        if writer is None and self.log_dir is not None and os.path.exists(self.log_dir) and not os.path.isdir(self.log_dir):
+            # SummaryWriter would fail only at attach (FileExistsError), after the run has started
+            raise DeadReluError(f"TensorBoardSink needs a folder for its event files, but {self.log_dir} is a file")
         self._writer = writer
         self._owned = writer is None
         self.histograms = histograms
