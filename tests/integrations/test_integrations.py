@@ -65,7 +65,7 @@ def lightning_trainer(L, tmp_path: Path, cb, **kw):
         accelerator="cpu",
         devices=1,
         logger=CSVLogger(str(tmp_path), name="run"),
-        callbacks=[cb],
+        callbacks=cb if isinstance(cb, list) else [cb],
         enable_progress_bar=False,
         enable_checkpointing=False,
         enable_model_summary=False,
@@ -166,6 +166,51 @@ def test_lightning_resume_from_a_checkpoint_goes_on_with_the_monitors_lifecycle(
     assert mon.steps == 16 and mon.history.steps == [4, 8, 12, 16]
     assert [(e.step, e.kind) for e in mon.events] == [(4, "born_dead")] * 3
     assert [s.dead_now for s in mon.events_summary().sites] == [3] and len(mon.alerts) == 1
+
+
+def test_two_lightning_callbacks_in_one_trainer_each_resume_their_own_monitor(tmp_path: Path):
+    # Both had the state key "DeadReluCallback": Lightning refused the Trainer at once.
+    L, module = lightning_module()
+    from deadrelu.integrations import DeadReluCallback
+
+    loader = torch.utils.data.DataLoader(make_data(), batch_size=8)
+
+    def pair():
+        return [DeadReluCallback(window=w, log_every=w, warn_at=(1.0,), log_to_trainer=False) for w in (2, 4)]
+
+    first = pair()
+    trainer = lightning_trainer(L, tmp_path, first, max_steps=8)
+    trainer.fit(module, loader)
+    assert [cb.monitor.history.steps for cb in first] == [[2, 4, 6, 8], [4, 8]]
+    ckpt = tmp_path / "two.ckpt"
+    trainer.save_checkpoint(ckpt)
+
+    L, module = lightning_module()
+    resumed = pair()
+    lightning_trainer(L, tmp_path, resumed, max_steps=12).fit(module, loader, ckpt_path=ckpt)
+    assert [cb.monitor.history.steps for cb in resumed] == [[2, 4, 6, 8, 10, 12], [4, 8, 12]]
+    assert [[e.kind for e in cb.monitor.events] for cb in resumed] == [["born_dead"] * 3] * 2  # not born again
+
+
+def test_a_lightning_checkpoint_keyed_by_the_class_name_still_resumes(tmp_path: Path):
+    L, module = lightning_module()
+    from deadrelu.integrations import DeadReluCallback
+
+    loader = torch.utils.data.DataLoader(make_data(), batch_size=8)
+    first = DeadReluCallback(window=4, log_every=4, warn_at=(1.0,), log_to_trainer=False)
+    trainer = lightning_trainer(L, tmp_path, first)
+    trainer.fit(module, loader)
+    ckpt = tmp_path / "old.ckpt"
+    trainer.save_checkpoint(ckpt)
+    saved = torch.load(ckpt, weights_only=False)
+    saved["callbacks"] = {"DeadReluCallback": saved["callbacks"].pop(first.state_key)}  # as earlier releases saved it
+    torch.save(saved, ckpt)
+
+    L, module = lightning_module()
+    resumed = DeadReluCallback(window=4, log_every=4, warn_at=(1.0,), log_to_trainer=False)
+    lightning_trainer(L, tmp_path, resumed, max_steps=16).fit(module, loader, ckpt_path=ckpt)
+    assert resumed.monitor.history.steps == [4, 8, 12, 16]
+    assert [(e.step, e.kind) for e in resumed.monitor.events] == [(4, "born_dead")] * 3
 
 
 def test_lightning_manual_optimization_observes_the_forwards_after_each_backward(tmp_path: Path):

@@ -90,6 +90,25 @@ class DeadReluCallback(_pl.Callback):
             self._resumed = None
         self.monitor.attach()
 
+    @property
+    def state_key(self) -> str:
+        """Where Lightning keeps this callback's state in a checkpoint: the class name and its plain
+        options, so two callbacks with other options (a short and a long window) can run in one
+        Trainer and each resumes its own monitor (Lightning refuses two callbacks of one key)."""
+        plain = (bool, int, float, str, type(None))
+        options = {
+            k: v if isinstance(v, plain) or (isinstance(v, (list, tuple)) and all(isinstance(x, plain) for x in v)) else type(v).__name__
+            for k, v in sorted(self.monitor_kwargs.items())
+        }
+        return self._generate_state_key(log_to_trainer=self.log_to_trainer, **options)
+
+    def on_load_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
+        # A checkpoint saved before the state key held the options keeps the state under the class name.
+        states = checkpoint.get("callbacks") or {}
+        legacy = type(self).__qualname__
+        if self.state_key not in states and legacy in states:
+            self.load_state_dict(states[legacy])
+
     def state_dict(self) -> dict[str, Any]:
         """The monitor's state (:meth:`deadrelu.Monitor.state_dict`), saved in Lightning checkpoints."""
         return self.monitor.state_dict() if self.monitor is not None else {}
