@@ -406,6 +406,44 @@ def test_transformers_callback_as_context_manager_detaches_on_failure(tmp_path: 
     assert cb.monitor.steps == 3
 
 
+def fails_to_close():
+    """A sink whose close() fails."""
+    from deadrelu.monitor.sinks import Sink
+
+    class FailsToClose(Sink):
+        name = "fails-to-close"
+
+        def write(self, record) -> None:
+            pass
+
+        def close(self) -> None:
+            raise OSError("disk gone")
+
+    return FailsToClose()
+
+
+def test_a_sink_failing_to_close_does_not_replace_the_training_error(tmp_path: Path):
+    # With on_sink_error="raise" both integrations raised the SinkError of closing instead.
+    from deadrelu.monitor.sinks import SinkWarning
+
+    L, module = lightning_module(fail_at=3)
+    from deadrelu.integrations import DeadReluCallback, DeadReluTrainerCallback
+
+    cb = DeadReluCallback(window=2, log_every=1, warn_at=(1.0,), sinks=[fails_to_close()], on_sink_error="raise")
+    loader = torch.utils.data.DataLoader(make_data(), batch_size=8)
+    with pytest.warns(SinkWarning, match="disk gone"), pytest.raises(RuntimeError, match="diverged"):
+        lightning_trainer(L, tmp_path, cb).fit(module, loader)
+    assert hooks_of(module) == 0 and not cb.monitor.attached
+
+    model = HFTiny(fail_at=3)
+    trainer = hf_trainer(tmp_path / "hf", model)
+    with pytest.warns(SinkWarning, match="disk gone"), pytest.raises(RuntimeError, match="diverged"):
+        with DeadReluTrainerCallback(window=2, log_every=1, warn_at=(1.0,), sinks=[fails_to_close()], on_sink_error="raise") as hf:
+            trainer.add_callback(hf)
+            trainer.train()
+    assert hooks_of(model) == 0 and not hf.monitor.attached
+
+
 def test_integrations_name_unknown_attribute():
     import deadrelu.integrations as integ
 

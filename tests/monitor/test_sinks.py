@@ -131,6 +131,32 @@ def test_raise_mode_gives_sink_error(tmp_path: Path):
     assert not mon.attached
 
 
+class _FailsToClose(sinks_mod.Sink):
+    name = "fails-to-close"
+
+    def write(self, record) -> None:
+        pass
+
+    def close(self) -> None:
+        raise OSError("disk gone")
+
+
+def test_a_sink_failing_to_close_does_not_hide_why_the_block_failed():
+    # With on_sink_error="raise" the SinkError from closing replaced the training error.
+    net = half_dead_net()
+    with pytest.warns(SinkWarning, match=r"sink fails-to-close failed \(OSError: disk gone\)"):
+        with pytest.raises(RuntimeError, match="^diverged$"):
+            with deadrelu.Monitor(net, window=2, sinks=[_FailsToClose()], on_sink_error="raise") as mon:
+                net(torch.randn(4, 4)).sum().backward()
+                mon.step()
+                raise RuntimeError("diverged")
+    assert not mon.attached and sum(len(m._forward_pre_hooks) for m in net.modules()) == 0
+    with pytest.raises(SinkError, match="disk gone"):  # a clean block still raises it
+        with deadrelu.Monitor(net, window=2, sinks=[_FailsToClose()], on_sink_error="raise") as mon:
+            net(torch.randn(4, 4)).sum().backward()
+            mon.step()
+
+
 def test_callable_sink_receives_records():
     seen = []
     net = half_dead_net()

@@ -21,11 +21,12 @@ Example:
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 from .._imports import available, require
 from ..monitor.monitor import LogRecord, Monitor
-from ..monitor.sinks import Sink, as_sinks, record_metrics
+from ..monitor.sinks import Sink, SinkError, SinkWarning, as_sinks, record_metrics
 
 if available("lightning"):
     _pl = require("lightning.pytorch", "lightning")
@@ -173,4 +174,10 @@ class DeadReluCallback(_pl.Callback):
             if final:
                 mon.finish()
         finally:
-            mon.detach()
+            try:
+                mon.detach()
+            except SinkError as err:
+                if final:
+                    raise
+                # on_exception: a sink failing to close must not replace the run's own error
+                warnings.warn(str(err), SinkWarning, stacklevel=2)

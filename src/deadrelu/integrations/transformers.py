@@ -32,7 +32,7 @@ from .._imports import require
 from ..core.files import atomic_write_text
 from ..errors import DeadReluError
 from ..monitor.monitor import LogRecord, Monitor
-from ..monitor.sinks import Sink, as_sinks, record_metrics
+from ..monitor.sinks import Sink, SinkError, SinkWarning, as_sinks, record_metrics
 
 _tf = require("transformers", "transformers")
 
@@ -161,8 +161,14 @@ class DeadReluTrainerCallback(_tf.TrainerCallback):
     def __enter__(self) -> "DeadReluTrainerCallback":
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.detach()
+    def __exit__(self, exc_type: Any, *exc: object) -> None:
+        try:
+            self.detach()
+        except SinkError as err:
+            if exc_type is None:
+                raise
+            # a sink failing to close must not replace the training run's own error
+            warnings.warn(str(err), SinkWarning, stacklevel=2)
 
 
 def _checkpoint_dir(args: Any, state: Any) -> str:

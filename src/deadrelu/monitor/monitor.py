@@ -459,11 +459,21 @@ class Monitor:
         return self.attach()
 
     def __exit__(self, exc_type: Any, *exc: object) -> None:
+        failed = exc_type is not None
         try:
-            if exc_type is None:  # a failing block gets no final evaluation, only a clean detach
+            if not failed:  # a failing block gets no final evaluation, only a clean detach
                 self.finish()
+        except BaseException:
+            failed = True
+            raise
         finally:
-            self.detach()
+            try:
+                self.detach()
+            except SinkError as err:
+                if not failed:
+                    raise
+                # a sink failing to close (on_sink_error="raise") must not hide why the block failed
+                warnings.warn(str(err), SinkWarning, stacklevel=2)
 
     def finish(self) -> None:
         """Evaluate the steps since the last evaluation, so logs end at the last step.
