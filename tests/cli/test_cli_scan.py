@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from fixtures import torch_older_than
 from fixtures.models import MLP, data_for
 
 from deadrelu.lab.idx import write_idx
@@ -75,7 +76,11 @@ def files(tmp_path_factory):
     return d, model, x
 
 
-@pytest.mark.parametrize("model_file", ["pickled.pt", "scripted.pt", "exported.pt2"])
+# torch 2.2 cannot load the .pt2 files it writes (its serializer splits metadata on commas in getattr(...))
+OLD_PT2 = pytest.mark.skipif(torch_older_than(2, 3), reason="torch 2.2 cannot reload its own .pt2 files")
+
+
+@pytest.mark.parametrize("model_file", ["pickled.pt", "scripted.pt", pytest.param("exported.pt2", marks=OLD_PT2)])
 def test_scan_each_model_format_writes_json(files, model_file):
     d, model, x = files
     out = d / f"{model_file}.json"

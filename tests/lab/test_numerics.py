@@ -50,5 +50,6 @@ def test_a_process_pinned_before_it_computes_runs_the_avx2_kernels():
     env = {k: v for k, v in os.environ.items() if k not in numerics.PINNED}
     early = subprocess.run([sys.executable, "-c", code, "early"], env=env, capture_output=True, text=True, check=True)
     late = subprocess.run([sys.executable, "-c", code, "late"], env=env, capture_output=True, text=True, check=True)
-    assert early.stdout.strip() == "DEFAULT"
-    assert late.stdout.strip() != "DEFAULT"
+    plainest = ("DEFAULT", "NO AVX")  # what torch >= 2.3 and torch 2.2 call the plainest kernels
+    assert early.stdout.strip() in plainest
+    assert late.stdout.strip() not in plainest

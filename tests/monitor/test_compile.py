@@ -11,10 +11,14 @@ from torch import nn
 
 import deadrelu
 from deadrelu.monitor.compiled import ModuleCapture, TensorWindowStats
+from deadrelu.monitor.graph_capture import graph_capture_available
 from deadrelu.monitor.window import WindowStats
 from deadrelu.monitor.monitor import CompiledModelWarning, DeadUnitWarning
 
 STEPS = 8
+# Without effectful custom ops (torch < 2.4) compiled monitoring falls back to module hooks, which
+# Dynamo traces with graph breaks and recompiles: the counts stay exact, the one-graph promise does not.
+ONE_GRAPH = pytest.mark.skipif(not graph_capture_available(), reason="one graph needs effectful custom ops (torch >= 2.4)")
 
 
 def tiny() -> nn.Module:
@@ -44,7 +48,7 @@ def site_counts(report: deadrelu.Report) -> list[tuple]:
     return [(s.name, s.function, s.observations, s.fired_counts) for s in report.sites]
 
 
-@pytest.mark.parametrize("capture", ["graph", "module hooks"])
+@pytest.mark.parametrize("capture", [pytest.param("graph", marks=ONE_GRAPH), "module hooks"])
 def test_compiled_model_no_recompilation_and_exact_counts(dynamo, capture, monkeypatch):
     if capture == "module hooks":  # what a torch without effectful custom ops gets
         monkeypatch.setattr("deadrelu.monitor.graph_capture.graph_capture_available", lambda: False)
@@ -67,12 +71,14 @@ def test_compiled_model_no_recompilation_and_exact_counts(dynamo, capture, monke
         train(eager, ref)
         assert site_counts(window) == site_counts(ref.report())
         assert site_counts(total) == site_counts(ref.report("total"))
+        assert (total.batches, total.samples) == (ref.report("total").batches, ref.report("total").samples)
         for a, b in zip(window.sites, ref.report().sites):
             assert a.mean_abs == pytest.approx(b.mean_abs, rel=1e-4)
     assert set(window.site("1").dead_units) >= set(range(5))
     assert mon.history.steps == ref.history.steps
 
 
+@ONE_GRAPH
 def test_every_k_compiles_one_graph(dynamo):
     model = tiny()
     mon = deadrelu.Monitor(torch.compile(model), every=2, window=2, log_every=4)
@@ -132,6 +138,7 @@ def test_default_monitor_under_compile_warns_and_never_recompiles(dynamo):
     mon.detach()
 
 
+@ONE_GRAPH
 @pytest.mark.parametrize("fullgraph", [False, True])
 def test_a_monitor_attached_before_the_whole_model_is_compiled_counts_samples(dynamo, fullgraph):
     # Its root hook runs only inside the compiled code: it leaves a samples op in the graph.
@@ -151,6 +158,7 @@ def test_a_monitor_attached_before_the_whole_model_is_compiled_counts_samples(dy
     assert window.samples == 6 * 2
 
 
+@ONE_GRAPH
 def test_a_monitor_given_the_compiled_model_counts_samples_without_recompiling(dynamo):
     model = tiny()
     compiled = torch.compile(model)

@@ -168,7 +168,8 @@ def _needs_trust(path: Path, what: str) -> DeadReluError:
 
 
 def _blocked_global(err: BaseException) -> str | None:
-    found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+    # torch >= 2.4 says "Unsupported global: GLOBAL numpy...", older torch "Unsupported class numpy..."
+    found = re.search(r"Unsupported (?:global: GLOBAL|class) (\S+)", str(err))
     return found.group(1) if found else None
 
 

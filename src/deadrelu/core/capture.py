@@ -82,6 +82,7 @@ import itertools
 import math
 import numbers
 import operator
+import re
 import sys
 import threading
 import warnings
@@ -126,6 +127,7 @@ __all__ = [
     "remove_inert_hooks",
     "apply_mask",
     "display_names",
+    "dynamo_module_path",
     "resolve_unit_dim",
     "choose_unit_dim",
     "resolve_threshold",
@@ -1142,6 +1144,31 @@ def _describe_position(position: Any) -> str:
     return f"{code.co_filename.rsplit('/', 1)[-1]}:{line if line is not None else code.co_firstlineno}"
 
 
+_SOURCE_INDEX = re.compile(r"\[(\d+)\]|\._modules\['([^']*)'\]|\['([^']*)'\]")
+_SOURCE_GETATTR = re.compile(r"getattr\((.*), '([^']*)'\)")
+
+
+def dynamo_module_path(text: str) -> str | None:
+    """A module path from the source TorchDynamo recorded for it, relative to the traced root, or None.
+
+    Newer torch records plain paths in ``nn_module_stack``; torch 2.2 records sources, with
+    ``getattr`` for names that are not identifiers (a Sequential's ``"0"``).
+
+    Example:
+        >>> dynamo_module_path("L['self'].layers[0].relu"), dynamo_module_path("getattr(L['fn'].blocks[0], '1')")
+        ('layers.0.relu', 'blocks.0.1')
+    """
+    got = _SOURCE_GETATTR.fullmatch(text)
+    if got is not None:
+        inner = dynamo_module_path(got.group(1))
+        return None if inner is None else ".".join(p for p in (inner, got.group(2)) if p)
+    if not text.startswith("L["):
+        return None
+    rest = text[text.index("]") + 1 :]
+    rest = _SOURCE_INDEX.sub(lambda m: "." + next(g for g in m.groups() if g is not None), rest)
+    return rest.lstrip(".")
+
+
 _ACTIVATION_CLASS_NAMES = frozenset(m.__name__ for m in ACTIVATION_MODULES)
 
 
@@ -1163,6 +1190,8 @@ def _exported_activation_modules(model: nn.Module) -> list[tuple[str, str, int] 
             out.append(None)
             continue
         key, (path, cls) = list(stack.items())[-1]
+        source = dynamo_module_path(str(path))  # torch 2.2 records Dynamo sources, not paths
+        path = path if source is None else source
         cls_name = cls.rsplit(".", 1)[-1] if isinstance(cls, str) else getattr(cls, "__name__", str(cls))
         _, at, k = str(key).rpartition("@")
         if at and k.isdigit():  # the recorded k-th call of a reused module

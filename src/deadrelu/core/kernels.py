@@ -52,11 +52,18 @@ def available() -> bool:
 @functools.lru_cache(maxsize=None)
 def _importable() -> bool:
     try:
-        import triton  # noqa: F401
+        import triton
         import triton.language  # noqa: F401
     except Exception:  # ImportError, or a broken install raising anything at import time
         return False
-    return True
+    # The kernels are written for Triton 3 (torch >= 2.4 ships it): Triton 2 resolves a kernel's
+    # names in module globals only, and its interpreter refuses them. Older installs count with torch.
+    return _major(getattr(triton, "__version__", "0")) >= 3
+
+
+def _major(version: str) -> int:
+    head = version.split(".", 1)[0]
+    return int(head) if head.isdigit() else 0
 
 
 @functools.lru_cache(maxsize=None)

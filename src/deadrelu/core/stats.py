@@ -600,8 +600,8 @@ def _require_triton(x: torch.Tensor) -> None:
 
     if not kernels.available() or (x.device.type == "cpu" and not kernels.interpreting()):
         raise DeadReluError(
-            f"the triton statistics backend cannot run on this {x.device.type} tensor: it needs triton "
-            "(pip install triton) and a CUDA device, or TRITON_INTERPRET=1 for CPU tensors"
+            f"the triton statistics backend cannot run on this {x.device.type} tensor: it needs Triton 3 or "
+            "later (pip install 'triton>=3') and a CUDA device, or TRITON_INTERPRET=1 for CPU tensors"
         )
 
 

@@ -70,6 +70,7 @@ from torch import fx, nn
 
 from ..core.activations import NONNEGATIVE_FUNCTIONS, function_of_module
 from ..core.capture import (
+    dynamo_module_path,
     SiteInfo,
     ThresholdSpec,
     UnitDimSpec,
@@ -704,7 +705,7 @@ class GraphCapture:
         if ident.isdigit() and int(ident) in self._paths:
             return self._paths[int(ident)]
         try:  # another instance of the same class: match its path and class
-            path, cls = _dynamo_path(str(value[0])), value[1]
+            path, cls = dynamo_module_path(str(value[0])), value[1]
         except (TypeError, IndexError):
             return None
         name = cls.rsplit(".", 1)[-1] if isinstance(cls, str) else getattr(cls, "__name__", None)
@@ -1152,18 +1153,6 @@ def _example(node: fx.Node) -> Any:
         return getattr(node.meta.get("grapharg"), "example", None)
     except Exception:  # a graph argument without a real value (a symbolic size)
         return None
-
-
-_INDEX = re.compile(r"\[(\d+)\]|\._modules\['([^']*)'\]|\['([^']*)'\]")
-
-
-def _dynamo_path(text: str) -> str | None:
-    """``"L['self'].layers[0].relu"`` -> ``"layers.0.relu"`` (relative to the compiled root), or None."""
-    if not text.startswith("L["):
-        return None
-    rest = text[text.index("]") + 1 :]
-    rest = _INDEX.sub(lambda m: "." + next(g for g in m.groups() if g is not None), rest)
-    return rest.lstrip(".")
 
 
 def _hook_function(hook: Any) -> Any:

@@ -582,6 +582,13 @@ class Monitor:
         self.capture.enabled = on
         if on and self._eager_root:
             self._count_rows(input_rows(args, kwargs))  # inside an observe() block, only the block's first
+        elif on and self._wrapper is None and not isinstance(self.capture, (GraphCapture, BlockCapture)):
+            # An older torch's module hooks leave no samples op in the graph: counted outside it.
+            self._count_rows_eagerly(input_rows(args, kwargs))
+
+    @torch.compiler.disable
+    def _count_rows_eagerly(self, rows: int) -> None:
+        self._count_rows(rows)
 
     def _count_graph_samples(self, rows: int) -> None:
         """A compiled forward's batch size, handed in by its ``deadrelu::count_samples`` op."""
