@@ -700,3 +700,30 @@ def test_a_window_longer_than_the_cached_row_views_counts_exactly():
         t = stats.totals(scope)
         assert t.fired.tolist() == (torch.cat(data) > 0).sum(0).tolist()
         assert t.observations == 2 * len(data) and t.batches == len(data)
+
+
+def test_forwards_from_several_threads_count_samples_only_for_the_passes_the_sites_saw():
+    # One thread's forward is observed at a time; the others run unobserved. The samples must be
+    # those of the observed passes (they were every thread's), so samples, batches and rows agree.
+    import threading
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    mon = deadrelu.Monitor(net, window=1000).attach()
+    start = threading.Barrier(4)
+
+    def worker() -> None:
+        start.wait()
+        for _ in range(25):
+            net(torch.randn(3, 4)).sum().backward()
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    mon.step()
+    total = mon.report("total")
+    mon.detach()
+    assert total.sites[0].observations == 3 * mon.capture.forwards
+    assert total.samples == total.sites[0].observations  # one row per sample, in the passes observed

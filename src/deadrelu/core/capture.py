@@ -474,6 +474,9 @@ class ActivationCapture:
         # Called with the arguments of the first module called inside a forward_scope() block (the
         # monitor counts that pass's samples from them); cleared once called.
         self.on_scope_call: Callable[[Any], None] | None = None
+        # Called with (args, kwargs) of each root forward this capture claims: with forwards from
+        # several threads only one is observed at a time, and the monitor counts that one's samples.
+        self.on_forward: Callable[[tuple[Any, ...], Mapping[str, Any]], None] | None = None
         self.op_error: Exception | None = None  # the last op that raised under the dispatch spy (TorchScript)
         self.own_error: DeadReluError | None = None  # deadrelu's error raised inside that op (TorchScript)
         self._stance: contextlib.AbstractContextManager[Any] | None = None
@@ -587,6 +590,8 @@ class ActivationCapture:
         self.op_error = self.own_error = None
         self.forwards += 1
         self.samples += call_samples(args, kwargs)
+        if self.on_forward is not None:
+            self.on_forward(args, kwargs or {})
         self.last_site = None
         mask, given = self.batch_mask, self.batch_mask_given
         if mask is None and self.mask_spec is not False:

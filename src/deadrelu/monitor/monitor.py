@@ -35,7 +35,7 @@ import os
 import sys
 import warnings
 import weakref
-from typing import Any, Callable, Iterable, Iterator, Sequence, Union
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, Union
 
 import torch
 from torch import nn
@@ -348,6 +348,10 @@ class Monitor:
             self.capture = eager_capture(model, unit_dim=unit_dim, threshold=threshold, mask=mask)
         self._op_asks_schedule = isinstance(self.capture, GraphCapture)
         self._eager_root = not self.compiled or isinstance(self.capture, BlockCapture)  # counts samples per forward
+        # The eager capture counts the passes it claims (one thread's at a time), so samples match its sites.
+        self._rows_from_capture = isinstance(self.capture, ActivationCapture)
+        if self._rows_from_capture:
+            self.capture.on_forward = self._count_call_rows
         self.history = History()
         self.events: list[Event] = []
         self.alerts: list[Alert] = []
@@ -580,15 +584,20 @@ class Monitor:
         # A checkpoint's recompute in backward runs the forward again, with grad: counted once.
         on = self._observe and torch.is_grad_enabled() and not _checkpoint_recompute()
         self.capture.enabled = on
-        if on and self._eager_root:
+        if on and self._eager_root and (not self._rows_from_capture or self._scope_counted is not None):
             self._count_rows(input_rows(args, kwargs))  # inside an observe() block, only the block's first
-        elif on and self._wrapper is None and not isinstance(self.capture, (GraphCapture, BlockCapture)):
+        elif on and self._wrapper is None and self.compiled and not self._eager_root:
             # An older torch's module hooks leave no samples op in the graph: counted outside it.
             self._count_rows_eagerly(input_rows(args, kwargs))
 
     @torch.compiler.disable
     def _count_rows_eagerly(self, rows: int) -> None:
         self._count_rows(rows)
+
+    def _count_call_rows(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
+        """A pass the eager capture claimed (outside ``observe()``, whose block counts its own samples)."""
+        if self._scope_counted is None:
+            self._add_samples(input_rows(args, kwargs))
 
     def _count_graph_samples(self, rows: int) -> None:
         """A compiled forward's batch size, handed in by its ``deadrelu::count_samples`` op."""
