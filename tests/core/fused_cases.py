@@ -350,6 +350,17 @@ def test_tiny_float64_negatives_become_zero(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_half_precision_subnormals_get_torchs_relu_and_fire(device, dtype):
+    tiny = torch.finfo(dtype).tiny
+    x = torch.tensor([[-tiny / 4, tiny / 4, -tiny, 2.0]], dtype=dtype, device=device)
+    out = stats.StatTensors(4, x.device).state
+    y = kernels.relu_stats_into(x, 1, 0.0, out)
+    assert same_values(y, torch.relu(x))  # a negative subnormal becomes 0, not itself
+    assert out["fired"].tolist() == [0, 1, 0, 1]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_an_in_place_relu_of_an_inference_tensor_outside_inference_mode_is_left_to_torch(device):
     with torch.inference_mode():
         x = torch.randn(4, 3, device=device)

@@ -94,6 +94,20 @@ def test_kernel_float64_compares_in_float64(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
+def test_kernel_counts_subnormals_as_firing(device, dtype):
+    # a value below the smallest normal is still > 0: a flushing conversion (bf16 to float32 in
+    # Triton's interpreter) would count a unit that only ever outputs subnormals as dead
+    tiny = torch.finfo(dtype).tiny
+    x = torch.tensor([[tiny / 4, -tiny / 4, 0.0, 1.0]] * 3, dtype=dtype, device=device)
+    assert x[0, 0] > 0 and x[0, 1] < 0
+    got = run(x, 1, 0.0, "triton")
+    truth = brute(x.cpu(), 1, 0.0)
+    assert got["fired"].tolist() == truth["fired"] == [3, 0, 0, 3]
+    assert got["abs_sum"].cpu().tolist() == truth["abs_sum"].tolist()
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_kernel_counts_nan_and_inf_per_unit(device):
     x = torch.randn(20, 4, generator=torch.Generator().manual_seed(3))
     x[2, 0], x[5, 0], x[7, 3] = float("nan"), float("inf"), float("-inf")

@@ -77,7 +77,8 @@ def _kernel(interpret: bool) -> Any:
         x_ptr, y_ptr, mask_ptr, thr_ptr, fired_ptr, abs_ptr, bad_ptr, obs_ptr,
         units, after, rows, rows_per_prog, s_b, s_u, s_a, mask_div,
         HAS_MASK: tl.constexpr, NONNEG: tl.constexpr, WIDE: tl.constexpr, AFTER_ONE: tl.constexpr,
-        LARGE: tl.constexpr, APPLY_RELU: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_U: tl.constexpr,
+        LARGE: tl.constexpr, APPLY_RELU: tl.constexpr, BF16: tl.constexpr, BLOCK_R: tl.constexpr,
+        BLOCK_U: tl.constexpr,
     ):  # fmt: skip
         pid_u = tl.program_id(0)
         pid_r = tl.program_id(1)
@@ -117,7 +118,13 @@ def _kernel(interpret: bool) -> Any:
                 # Compared in float32, or float64 for float64 input (a tiny float64 negative would
                 # round to -0.0 in float32); bf16 compares are not reliable everywhere. NaN < 0 is
                 # false, so NaN stays, and so does -0.0, as in torch's ReLU on CPU.
-                wide_raw = raw.to(tl.float64) if WIDE else raw.to(tl.float32)
+                if WIDE:
+                    wide_raw = raw.to(tl.float64)
+                elif BF16:  # bf16 is the top half of a float32: the shift is exact for every value,
+                    # where a converting cast may flush subnormals (< 1.2e-38; the interpreter does)
+                    wide_raw = (raw.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+                else:
+                    wide_raw = raw.to(tl.float32)
                 raw = tl.where(wide_raw < 0, tl.zeros_like(raw), raw)
                 tl.store(y_ptr + where, raw, mask=inside)
             if HAS_MASK:
@@ -131,6 +138,8 @@ def _kernel(interpret: bool) -> Any:
                 v = tl.load(x_ptr + where, mask=ok, other=0.0)
             if WIDE:
                 v = v.to(tl.float64)
+            elif BF16:  # exact widening, as for the ReLU above: a flushed subnormal would not fire
+                v = (v.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
             else:
                 v = v.to(tl.float32)
             fired += tl.sum(((v > thr) & ok).to(fired.dtype), axis=0)
@@ -299,6 +308,6 @@ def _launch(
         t, t if y is None else y, mask_arg, thr, out["fired"], out["abs_sum"], out["nonfinite"], out["observations"],
         units, after, rows, rows_per_prog, s_b, s_u, s_a, mask_div,
         HAS_MASK=mask is not None, NONNEG=bool(nonnegative), WIDE=wide, AFTER_ONE=after == 1,
-        LARGE=rows >= 2**31 - rows_per_prog, APPLY_RELU=y is not None,
+        LARGE=rows >= 2**31 - rows_per_prog, APPLY_RELU=y is not None, BF16=t.dtype == torch.bfloat16,
         BLOCK_R=block_r, BLOCK_U=block_u,
     )  # fmt: skip
