@@ -248,16 +248,42 @@ def _owner(node: fx.Node) -> tuple[str, int]:
     return path, int(call) if at and call.isdigit() else 0
 
 
+def _calls_by_runs(graph: fx.Graph) -> dict[fx.Node, int] | None:
+    """Each node's call index of its innermost module, for a trace whose stack keys carry no
+    ``@k`` (torch before 2.3 numbers no repeated call); None when they do.
+
+    One call of a module makes a contiguous run of nodes, so the k-th run of nodes under a path
+    is its k-th call; a leaf module's node is a call of its own."""
+    stacks = [(n, n.meta.get("nn_module_stack") or {}) for n in graph.nodes]
+    if any("@" in str(key) for _, stack in stacks for key in stack):
+        return None
+    runs: dict[str, int] = {}
+    before: set[str] = set()
+    out: dict[fx.Node, int] = {}
+    for node, stack in stacks:
+        here = {str(v[0]) if isinstance(v, tuple) else str(k) for k, v in stack.items()}
+        leaf = str(node.target) if node.op == "call_module" else None
+        for path in here - before | ({leaf} if leaf is not None else set()):
+            runs[path] = runs.get(path, 0) + 1
+        innermost = leaf if leaf is not None else _owner(node)[0]
+        out[node] = max(runs.get(innermost, 1) - 1, 0)
+        before = here
+    return out
+
+
 def site_nodes(gm: fx.GraphModule) -> dict[tuple[str, int, int], tuple[fx.Node, str]]:
     """Map ``(module, call, slot)`` to ``(node, function)`` for every activation node in ``gm``."""
     modules = dict(gm.named_modules())
     slots: dict[tuple[str, int], int] = {}
     out: dict[tuple[str, int, int], tuple[fx.Node, str]] = {}
+    calls = _calls_by_runs(gm.graph)
     for node in gm.graph.nodes:
         fn = activation_name(node, modules)
         if fn is None:
             continue
         path, call = _owner(node)
+        if calls is not None:
+            call = calls[node]
         slot = slots.get((path, call), 0)
         slots[(path, call)] = slot + 1
         out[(path, call, slot)] = (node, fn)
