@@ -1,4 +1,4 @@
-"""Shared test settings: deterministic, single-threaded torch and a headless matplotlib."""
+"""Shared test settings: deterministic torch with pinned CPU kernels and a headless matplotlib."""
 
 import os
 import sys
@@ -7,7 +7,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from deadrelu.lab.numerics import pin_cpu_numerics
+
 os.environ.setdefault("MPLBACKEND", "agg")
+# Before any test computes: the lab pins its spawned workers' CPU kernels to AVX2, and a test that
+# retrains a seed by hand in this process must run the same kernels (on an AVX-512 machine the
+# unpinned kernels round differently and, epochs later, other units have died).
+pin_cpu_numerics()
 sys.path.insert(0, str(Path(__file__).parent))  # so tests can `from fixtures.models import ...`
 
 
