@@ -1,7 +1,7 @@
 """GPU benchmark: scan throughput, scan memory and monitored training-step cost on real architectures.
 
     python benchmarks/bench_gpu.py [--dtypes fp32 bf16] [--models mlp resnet50 ...] [--repeats 5]
-                                   [--steps 20] [--json results.json] [--no-compile]
+                                   [--steps 20] [--json results.json] [--no-compile] [--budget-s S]
     python benchmarks/bench_gpu.py --cpu-smoke      # tiny sizes on CPU: exercises every code path
 
 Models (random weights): MLP 5x4096 (batch 8192), ResNet-50 channels_last (batch 256), ViT-B/16,
@@ -385,6 +385,14 @@ def table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def write_json(path: str, data: dict) -> None:
+    """Write ``data`` whole or not at all (a reader never sees half a file)."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as fh:
+        json.dump(data, fh, indent=2)
+    os.replace(tmp, path)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
@@ -392,7 +400,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--steps", type=int, default=20, help="training steps per timed monitor run")
     parser.add_argument("--batches", type=int, default=4, help="batches per timed scan")
-    parser.add_argument("--json", default=None, help="write the rows to this JSON file")
+    parser.add_argument("--json", default=None, help="write the rows to this JSON file (rewritten after every row)")
+    parser.add_argument(
+        "--budget-s", type=float, default=None,
+        help="start no new row after this many seconds (a device lent for minutes still returns whole rows)",
+    )  # fmt: skip
     parser.add_argument("--no-compile", dest="compile", action="store_false", help="skip the compiled monitor rows")
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny sizes on CPU: checks the code paths, measures nothing")
     parser.add_argument(
@@ -400,6 +412,8 @@ def main(argv: list[str] | None = None) -> int:
         help="count ReLU outputs with the separate statistics pass instead of the fused ReLU (for an A/B run)",
     )  # fmt: skip
     args = parser.parse_args(argv)
+    if args.budget_s is not None and not (math.isfinite(args.budget_s) and args.budget_s >= 0):
+        parser.error(f"--budget-s must be a number of seconds >= 0, got {args.budget_s:g}")
     if not args.fused_relu:
         os.environ["DEADRELU_NO_FUSED_RELU"] = "1"  # read once, at the first ReLU deadrelu sees
     if args.cpu_smoke:
@@ -413,18 +427,26 @@ def main(argv: list[str] | None = None) -> int:
     selected = [c for c in cases(tiny=args.cpu_smoke) if not args.models or any(m.lower() in c.name.lower() for m in args.models)]
     where = "CPU smoke run (tiny sizes; not benchmark numbers)" if args.cpu_smoke else torch.cuda.get_device_name(device)
     print(f"deadrelu {deadrelu.__version__}, torch {torch.__version__}, {where}{'' if args.fused_relu else ', fused ReLU off'}")
+    started = time.perf_counter()
     kernel_lines = kernel_numbers(device, args.repeats)
     print("\n".join(kernel_lines))
-    rows = []
+    meta = {"device": where, "torch": torch.__version__, "deadrelu": deadrelu.__version__, "smoke": args.cpu_smoke, "fused_relu": args.fused_relu, "kernel": kernel_lines}
+    rows: list[Row] = []
+    skipped: list[str] = []
     for case in selected:
         for dt in args.dtypes:
+            if args.budget_s is not None and time.perf_counter() - started > args.budget_s:
+                skipped.append(f"{case.name} {dt}")
+                continue
             rows.append(measure(case, dt, args, device))
             print(table(rows[-1:]).splitlines()[-1] if rows[:-1] else table(rows), flush=True)
+            if args.json:  # after every row: a run cut short by a time limit keeps what it measured
+                write_json(args.json, {**meta, "rows": [asdict(r) for r in rows], "skipped": skipped})
     print("\n" + table(rows))
+    if skipped:
+        print(f"not measured (--budget-s {args.budget_s:g} spent): {', '.join(skipped)}")
     if args.json:
-        meta = {"device": where, "torch": torch.__version__, "deadrelu": deadrelu.__version__, "smoke": args.cpu_smoke, "fused_relu": args.fused_relu, "kernel": kernel_lines}
-        with open(args.json, "w") as fh:
-            json.dump({**meta, "rows": [asdict(r) for r in rows]}, fh, indent=2)
+        write_json(args.json, {**meta, "rows": [asdict(r) for r in rows], "skipped": skipped})
     return 0
 
 
