@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import re
+import stat
+import threading
 import warnings
 from pathlib import Path
 
@@ -14,7 +18,7 @@ from torch import nn
 
 import deadrelu
 from deadrelu.errors import DeadReluError
-from deadrelu.monitor.sinks import CallbackSink, CSVSink, JSONLSink, as_sinks
+from deadrelu.monitor.sinks import CallbackSink, CSVSink, JSONLSink, SinkError, as_sinks
 
 
 def net() -> nn.Sequential:
@@ -161,3 +165,86 @@ def test_a_model_on_the_meta_device_is_refused_at_attach_with_nothing_attached()
     with pytest.raises(DeadReluError, match="weights on the meta device"):
         mon.attach()
     assert not mon.attached and all(h == (0, 0) for h in hooks(model))
+
+
+# -- a log path that is not a regular file ----------------------------------------------------------
+def attach_or_unblock(attach, folder: Path, timeout: float = 5.0) -> BaseException | None:
+    """Run ``attach`` in a thread and return what it raised. Opening a named pipe for writing waits
+    for a reader: if it still runs after ``timeout`` the pipes in ``folder`` are opened for reading
+    to free it, and the test fails instead of hanging the suite."""
+    raised: list[BaseException | None] = [None]
+
+    def target() -> None:
+        try:
+            attach()
+        except BaseException as err:  # noqa: BLE001 - handed to the test
+            raised[0] = err
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        pipes = [p for p in folder.iterdir() if stat.S_ISFIFO(os.stat(p).st_mode)]
+        readers = [os.open(p, os.O_RDONLY | os.O_NONBLOCK) for p in pipes]
+        try:
+            thread.join(timeout)
+        finally:
+            for fd in readers:
+                os.close(fd)
+        pytest.fail(f"attaching a monitor that logs to a named pipe in {folder} hung")
+    return raised[0]
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes")
+@pytest.mark.parametrize(
+    "make_sink",
+    [lambda p: str(p.with_suffix(".jsonl")), lambda p: p.with_suffix(".csv"), lambda p: JSONLSink(p), lambda p: CSVSink(p)],
+    ids=["jsonl-path", "csv-path", "JSONLSink", "CSVSink"],
+)
+def test_a_named_pipe_log_path_is_refused_when_the_monitor_is_made_instead_of_hanging(tmp_path: Path, make_sink):
+    # Opening a pipe to append blocked until a reader came: Monitor(...).attach() hung for ever,
+    # with the model already hooked.
+    for name in ("pipe", "pipe.jsonl", "pipe.csv"):
+        os.mkfifo(tmp_path / name)
+    model = net()
+
+    def make_and_attach() -> None:
+        deadrelu.Monitor(model, sinks=make_sink(tmp_path / "pipe")).attach()
+
+    err = attach_or_unblock(make_and_attach, tmp_path)
+    assert isinstance(err, DeadReluError), err
+    message = str(err).removeprefix("sinks[0]: ")  # as_sinks names the entry; the refusal is the sink's own
+    assert re.fullmatch(
+        r"(JSONL|CSV)Sink needs a regular file to append to, but .*pipe(\.jsonl|\.csv)? is a named pipe \(opening it "
+        r"waits for a reader\); to log into it, open it yourself and pass the stream, (JSONL|CSV)Sink\(open\(path, 'w'\)\)",
+        message,
+    ), message
+    assert all(h == (0, 0) for h in hooks(model))
+    assert files(tmp_path) == ["pipe", "pipe.csv", "pipe.jsonl"]
+    assert all(stat.S_ISFIFO(os.stat(tmp_path / n).st_mode) for n in files(tmp_path))
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes")
+def test_a_log_path_that_became_a_named_pipe_after_the_sink_was_made_is_refused_at_attach(tmp_path: Path):
+    path = tmp_path / "h.jsonl"
+    model = net()
+    mon = deadrelu.Monitor(model, sinks=[path], on_sink_error="raise")
+    os.mkfifo(path)  # after the check when the sink was made
+    err = attach_or_unblock(mon.attach, tmp_path)
+    assert isinstance(err, SinkError), err
+    assert re.match(
+        r"^deadrelu: sink JSONLSink\(.*h\.jsonl\) failed \(SinkError: JSONLSink needs a regular file to append to, "
+        r"but .*h\.jsonl is a named pipe \(opening it waits for a reader\)",
+        str(err),
+    ), err
+    assert not mon.attached and all(h == (0, 0) for h in hooks(model))
+    assert files(tmp_path) == ["h.jsonl"] and stat.S_ISFIFO(os.stat(path).st_mode)
+
+
+@pytest.mark.skipif(not Path("/dev/null").exists(), reason="needs /dev/null")
+def test_dev_null_is_a_log_path_that_takes_every_record():
+    # a character device opens at once: logging nowhere stays possible
+    model = net()
+    mon = deadrelu.Monitor(model, sinks=[JSONLSink("/dev/null"), CSVSink("/dev/null")], window=2, log_every=1, on_sink_error="raise")
+    train(mon, model)
+    assert mon.history.steps == [1, 2]

@@ -23,6 +23,7 @@ import json
 import math
 import os
 import re
+import stat
 import warnings
 from pathlib import Path
 from collections.abc import Mapping
@@ -208,6 +209,24 @@ def _is_json_object(data: bytes) -> bool:
         return False
 
 
+def _unloggable_kind(mode: int) -> str | None:
+    """What a file of this ``st_mode`` is when a log cannot be appended to it (None: it can). A
+    regular file and a character device (``/dev/null``, ``/dev/full``, a terminal) open at once; a
+    named pipe blocks the opening until a reader comes (the run would hang at attach), a socket
+    cannot be opened, and appending to a block device would write over a disk."""
+    if stat.S_ISREG(mode) or stat.S_ISCHR(mode):
+        return None
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISFIFO(mode):
+        return "a named pipe (opening it waits for a reader)"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISBLK(mode):
+        return "a block device"
+    return "not a regular file"
+
+
 class _FileSink(Sink):
     """Append-mode text file (or an open text stream) written one flushed record at a time."""
 
@@ -218,6 +237,9 @@ class _FileSink(Sink):
             path = Path(target)  # type: ignore[arg-type]
             if path.is_dir():
                 raise DeadReluError(f"{self.__class__.__name__} needs a file path, but {path} is a directory")
+            kind = self._unloggable(path)
+            if kind is not None:
+                raise DeadReluError(self._refusal(path, kind))
             if not path.parent.exists():
                 raise DeadReluError(f"cannot log to {path}: the folder {path.parent} does not exist")
             self.path: Path | None = path
@@ -230,12 +252,53 @@ class _FileSink(Sink):
     #: Whether a record may span lines inside double quotes (CSV) — decides where a record ends.
     _quoted = False
 
+    @staticmethod
+    def _unloggable(path: Path) -> str | None:
+        """What ``path`` is when a log cannot be appended to it (None: it can, or it does not exist yet)."""
+        try:
+            return _unloggable_kind(os.stat(path).st_mode)
+        except OSError:  # missing (created when opened) or not reachable: opening it says why
+            return None
+
+    def _refusal(self, path: Path, kind: str) -> str:
+        cls = self.__class__.__name__
+        message = f"{cls} needs a regular file to append to, but {path} is {kind}"
+        if kind.startswith("a named pipe"):  # the stream form writes to a pipe the caller opened
+            message += f"; to log into it, open it yourself and pass the stream, {cls}(open(path, 'w'))"
+        return message
+
     def open(self) -> None:
         if self._owned and self._fh is None:
             assert self.path is not None
             self._settle_tail(self.path)
-            # Append, never truncate: earlier runs' lines (and this run's, after a re-attach) survive.
-            self._fh = open(self.path, "a", encoding="utf-8", newline="")
+            self._fh = self._open_append(self.path)
+
+    def _open_append(self, path: Path) -> IO[str]:
+        """The file opened to append (never truncated: earlier runs' lines, and this run's after a
+        re-attach, survive). It is opened without blocking and its kind checked on the open file, so
+        a path that became a named pipe since the sink was made is refused instead of hanging.
+
+        Raises:
+            SinkError: when the path is (now) a named pipe, a socket or a block device.
+        """
+        nonblocking = getattr(os, "O_NONBLOCK", 0)  # 0 on Windows, which has no named pipes in the file system
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | nonblocking, 0o666)
+        except OSError as err:
+            kind = self._unloggable(path)
+            if kind is not None:  # a pipe without a reader (ENXIO), a socket
+                raise SinkError(self._refusal(path, kind)) from err
+            raise
+        try:
+            kind = _unloggable_kind(os.fstat(fd).st_mode)
+            if kind is not None:  # a pipe that has a reader
+                raise SinkError(self._refusal(path, kind))
+            if nonblocking:
+                os.set_blocking(fd, True)  # writes wait for a slow device, as a plain open's do
+        except BaseException:
+            os.close(fd)
+            raise
+        return open(fd, "a", encoding="utf-8", newline="")
 
     def _is_whole_record(self, tail: bytes) -> bool:
         """Whether an unterminated last line is a whole record that only lacks its newline (each
@@ -315,7 +378,8 @@ class JSONLSink(_FileSink):
         target: a file path (opened in append mode) or an open text stream.
 
     Raises:
-        DeadReluError: when the path is a folder or its folder does not exist.
+        DeadReluError: when the path is a folder, a named pipe, a socket or a block device (a
+            character device such as ``/dev/null`` is fine), or its folder does not exist.
 
     Example:
         >>> import io
@@ -386,7 +450,8 @@ class CSVSink(_FileSink):
         target: a file path (opened in append mode) or an open text stream.
 
     Raises:
-        DeadReluError: when the path is a folder or its folder does not exist.
+        DeadReluError: when the path is a folder, a named pipe, a socket or a block device (a
+            character device such as ``/dev/null`` is fine), or its folder does not exist.
 
     Example:
         >>> import io
