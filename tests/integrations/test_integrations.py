@@ -350,7 +350,8 @@ def test_transformers_resume_from_checkpoint_goes_on_with_the_monitors_lifecycle
 
     with pytest.warns(DeadUnitWarning):
         first = run(8)
-    assert (tmp_path / "checkpoint-8" / STATE_FILE).is_file()
+    state_file = first.state_file
+    assert (tmp_path / "checkpoint-8" / state_file).is_file() and not (tmp_path / "checkpoint-8" / STATE_FILE).exists()
     born = [(e.step, e.site, e.unit) for e in first.monitor.events if e.kind == "born_dead"]
     assert {(4, "net.3", u) for u in range(4)} <= set(born)
     with warnings.catch_warnings():
@@ -362,14 +363,90 @@ def test_transformers_resume_from_checkpoint_goes_on_with_the_monitors_lifecycle
     assert [(e.step, e.site, e.unit) for e in mon.events if e.kind == "born_dead"] == born  # none again
     assert mon.alerts == first.monitor.alerts
 
-    (tmp_path / "checkpoint-16" / STATE_FILE).write_text('{"format": "deadrelu.Monitor", "version": 1}')
+    (tmp_path / "checkpoint-16" / state_file).write_text('{"format": "deadrelu.Monitor", "version": 1}')
     with pytest.raises(DeadReluError, match="checkpoint-16.*lacks the entry"):
         run(20, resume_from_checkpoint=str(tmp_path / "checkpoint-16"))
-    (tmp_path / "checkpoint-16" / STATE_FILE).unlink()
-    with pytest.warns(UserWarning, match="starts afresh"):
+    (tmp_path / "checkpoint-16" / state_file).unlink()
+    with pytest.warns(UserWarning, match=f"checkpoint-16/{state_file} does not exist: the monitor starts afresh"):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeadUnitWarning)
             run(20, resume_from_checkpoint=str(tmp_path / "checkpoint-16"))
+
+
+def test_two_transformers_callbacks_in_one_trainer_each_resume_their_own_monitor(tmp_path: Path):
+    # Both saved checkpoint-N/deadrelu_monitor.json: the second overwrote the first, and at resume
+    # both read the second's state.
+    pytest.importorskip("transformers")  # the callback needs it before the trainer is made
+    from deadrelu.integrations import DeadReluTrainerCallback
+
+    def run(steps: int, **extra) -> list[DeadReluTrainerCallback]:
+        trainer = hf_trainer(tmp_path, HFTiny(), steps=steps, save_strategy="steps", save_steps=8)
+        pair = [DeadReluTrainerCallback(window=w, log_every=w, warn_at=(1.0,), log_to_trainer=False) for w in (2, 4)]
+        for cb in reversed(pair):
+            cb.add_to(trainer)
+        trainer.train(**extra)
+        return pair
+
+    first = run(8)
+    assert [cb.monitor.history.steps for cb in first] == [[2, 4, 6, 8], [4, 8]]
+    names = [cb.state_file for cb in first]
+    assert len(set(names)) == 2 and all((tmp_path / "checkpoint-8" / n).is_file() for n in names)
+    resumed = run(16, resume_from_checkpoint=str(tmp_path / "checkpoint-8"))
+    assert [cb.monitor.history.steps for cb in resumed] == [[2, 4, 6, 8, 10, 12, 14, 16], [4, 8, 12, 16]]
+    for was, now in zip(first, resumed):  # each goes on with its own lifecycle: the run so far kept, none born again
+        assert now.monitor.events[: len(was.monitor.events)] == was.monitor.events
+        assert [e for e in now.monitor.events if e.kind == "born_dead"] == [e for e in was.monitor.events if e.kind == "born_dead"]
+
+
+def test_a_transformers_checkpoint_with_the_old_state_file_name_still_resumes(tmp_path: Path):
+    pytest.importorskip("transformers")  # the callback needs it before the trainer is made
+    from deadrelu.integrations import DeadReluTrainerCallback
+    from deadrelu.integrations.transformers import STATE_FILE
+
+    def run(steps: int, **extra) -> DeadReluTrainerCallback:
+        trainer = hf_trainer(tmp_path, HFTiny(), steps=steps, save_strategy="steps", save_steps=8)
+        cb = DeadReluTrainerCallback(window=4, log_every=4, warn_at=(1.0,), log_to_trainer=False).add_to(trainer)
+        trainer.train(**extra)
+        return cb
+
+    first = run(8)
+    folder = tmp_path / "checkpoint-8"
+    (folder / first.state_file).rename(folder / STATE_FILE)  # as earlier releases saved it
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "starts afresh"
+        resumed = run(16, resume_from_checkpoint=str(folder))
+    assert resumed.monitor.history.steps == [4, 8, 12, 16]
+    assert resumed.monitor.events[: len(first.monitor.events)] == first.monitor.events
+    born = [e for e in resumed.monitor.events if e.kind == "born_dead"]
+    assert born == [e for e in first.monitor.events if e.kind == "born_dead"] and len(born) >= 4  # not born again
+
+
+def test_two_transformers_callbacks_with_the_same_options_are_refused_with_no_hook_left(tmp_path: Path):
+    pytest.importorskip("transformers")  # the callback needs it before the trainer is made
+    from deadrelu.integrations import DeadReluTrainerCallback
+
+    model = HFTiny()
+    trainer = hf_trainer(tmp_path, model, save_strategy="steps", save_steps=4)
+    twins = [DeadReluTrainerCallback(window=4, every=lambda step: step % 2 == 0) for _ in range(2)]
+    for cb in twins:
+        trainer.add_callback(cb)
+    name = twins[0].state_file
+    with pytest.raises(
+        DeadReluError,
+        match=r"^two DeadReluTrainerCallbacks in one Trainer have the same options \(functions count by name, other "
+        rf"objects by type\), so both would save their monitor's state to checkpoint-N/{name} and each resume the "
+        r"other's: give one other options",
+    ):
+        trainer.train()
+    assert hooks_of(model) == 0 and model.calls == 0
+    assert not any(p.name.startswith("checkpoint-") for p in tmp_path.iterdir())
+    # a callback with other options runs beside it
+    trainer = hf_trainer(tmp_path, model, steps=4)
+    pair = [DeadReluTrainerCallback(window=4, warn_at=(1.0,)), DeadReluTrainerCallback(window=2, warn_at=(1.0,))]
+    for cb in pair:
+        trainer.add_callback(cb)
+    trainer.train()
+    assert [cb.monitor.steps for cb in pair] == [4, 4] and hooks_of(model) == 0
 
 
 def test_transformers_callback_reused_for_a_second_run_logs_only_that_runs_numbers(tmp_path: Path):

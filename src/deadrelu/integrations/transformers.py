@@ -3,9 +3,12 @@
 The callback builds a :class:`deadrelu.Monitor` on the trainer's model in
 ``on_train_begin``, steps it in ``on_step_end`` (once per optimizer step; with gradient
 accumulation every micro-batch forward is one window batch), and detaches in
-``on_train_end``. At each checkpoint the monitor's state is saved as ``deadrelu_monitor.json``
-in the ``checkpoint-N`` folder, and ``train(resume_from_checkpoint=...)`` reads it back (a
-checkpoint from another ``output_dir`` is looked for there too, under its step). Each evaluation's ``deadrelu/<site>/<state>`` scalars are added to the
+``on_train_end``. At each checkpoint the monitor's state is saved in the ``checkpoint-N`` folder
+as ``deadrelu_monitor-<digest>.json``, the digest made of the callback's options (so two callbacks,
+say a short and a long window, each resume their own monitor), and
+``train(resume_from_checkpoint=...)`` reads it back (a checkpoint from another ``output_dir`` is
+looked for there too, under its step; one saved as ``deadrelu_monitor.json`` by an earlier release
+still resumes). Each evaluation's ``deadrelu/<site>/<state>`` scalars are added to the
 next ``Trainer.log`` call — to the ``logs`` dict the reporting callbacks receive and to
 ``state.log_history`` (saved in ``trainer_state.json``).
 
@@ -23,9 +26,12 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import warnings
+import weakref
+from collections.abc import Mapping
 from typing import Any
 
 from .._imports import require
@@ -38,7 +44,21 @@ _tf = require("transformers", "transformers")
 
 __all__ = ["DeadReluTrainerCallback", "STATE_FILE"]
 
-STATE_FILE = "deadrelu_monitor.json"  # the monitor's state, in each checkpoint-N folder the Trainer saves
+#: The monitor's state file in each checkpoint-N folder before the name held the callback's options
+#: (see :attr:`DeadReluTrainerCallback.state_file`); a checkpoint that has only this one still resumes.
+STATE_FILE = "deadrelu_monitor.json"
+
+
+def _option_text(value: Any) -> Any:
+    """An option as the state file's name reads it: plain values as they are, containers item by
+    item, a function by its name and any other object by its type (its repr may hold an address)."""
+    if isinstance(value, (bool, int, float, str, type(None))):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_option_text(v) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): _option_text(v) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
+    return getattr(value, "__qualname__", type(value).__name__)
 
 
 class _Pending(Sink):
@@ -67,6 +87,8 @@ class DeadReluTrainerCallback(_tf.TrainerCallback):
 
     Raises:
         ModuleNotFoundError: when transformers is not installed.
+        DeadReluError: at ``train()``, when another callback in the trainer has options that give
+            the same :attr:`state_file` (the same options): each would resume the other's monitor.
 
     Example:
         >>> cb = DeadReluTrainerCallback(window=20, log_every=10)  # doctest: +SKIP
@@ -77,6 +99,19 @@ class DeadReluTrainerCallback(_tf.TrainerCallback):
         self.log_to_trainer = log_to_trainer
         self.monitor: Monitor | None = None
         self._pending = _Pending()
+        self._run_state: Any = None  # the TrainerState of the run this callback monitors, while it runs
+
+    #: The callbacks monitoring a run now: two of one state file in one trainer are refused.
+    _running: "weakref.WeakSet[DeadReluTrainerCallback]" = weakref.WeakSet()
+
+    @property
+    def state_file(self) -> str:
+        """The name of the monitor's state file in each ``checkpoint-N`` folder: a digest of this
+        callback's options, so two callbacks with other options in one Trainer (a short and a long
+        window) each save and resume their own monitor instead of one overwriting the other's."""
+        options = {"log_to_trainer": self.log_to_trainer, **self.monitor_kwargs}
+        text = repr(sorted((k, _option_text(v)) for k, v in options.items()))
+        return f"deadrelu_monitor-{hashlib.sha256(text.encode()).hexdigest()[:12]}.json"
 
     def add_to(self, trainer: Any) -> "DeadReluTrainerCallback":
         """Register with ``trainer`` ahead of its other callbacks, so reporters see our scalars."""
@@ -87,6 +122,7 @@ class DeadReluTrainerCallback(_tf.TrainerCallback):
         if model is None:
             raise ValueError("DeadReluTrainerCallback needs the model: the trainer passes it as model=")
         self.detach()
+        self._refuse_a_twin(state)
         self._pending.metrics = {}  # a previous run's last evaluation is not this run's
         kwargs_ = dict(self.monitor_kwargs)
         if getattr(args, "torch_compile", False) is True:
@@ -98,13 +134,35 @@ class DeadReluTrainerCallback(_tf.TrainerCallback):
         if state.global_step > 0:  # resume_from_checkpoint: the trainer state is the checkpoint's
             self._resume(self.monitor, _checkpoint_dir(args, state), state.global_step)
         self.monitor.attach()
+        self._run_state = state
+        DeadReluTrainerCallback._running.add(self)
 
-    @staticmethod
-    def _resume(monitor: Monitor, folder: str, step: int) -> None:
-        path = os.path.join(folder, STATE_FILE)
+    def _refuse_a_twin(self, state: Any) -> None:
+        """Refuse to run beside a callback of the same state file in this trainer (the TrainerState
+        is the trainer's, shared by its callbacks): at each save one would overwrite the other's.
+
+        Raises:
+            DeadReluError: naming the file; the twin, attached earlier in this ``train()``, is
+                detached, so the failed call leaves the model without hooks.
+        """
+        name = self.state_file
+        for other in list(DeadReluTrainerCallback._running):
+            if other is not self and other._run_state is state and other.state_file == name:
+                other.detach()
+                raise DeadReluError(
+                    "two DeadReluTrainerCallbacks in one Trainer have the same options (functions count by name, "
+                    f"other objects by type), so both would save their monitor's state to checkpoint-N/{name} and "
+                    "each resume the other's: give one other options (a window, log_every) or use one callback"
+                )
+
+    def _resume(self, monitor: Monitor, folder: str, step: int) -> None:
+        path = os.path.join(folder, self.state_file)
+        legacy = os.path.join(folder, STATE_FILE)
+        if not os.path.isfile(path) and os.path.isfile(legacy):
+            path = legacy  # a checkpoint saved before the file name held the options
         if not os.path.isfile(path):
             warnings.warn(
-                f"deadrelu: training resumes at step {step} but {path} "
+                f"deadrelu: training resumes at step {step} but {os.path.join(folder, self.state_file)} "
                 "does not exist: the monitor starts afresh (its dead units count as born dead again)",
                 stacklevel=3,
             )
@@ -126,7 +184,7 @@ class DeadReluTrainerCallback(_tf.TrainerCallback):
         # Evaluations are reduced over ranks, so every rank holds the same lifecycle: one writes it.
         main_process = getattr(state, "is_world_process_zero", True)
         if self.monitor is not None and main_process and os.path.isdir(folder):
-            atomic_write_text(os.path.join(folder, STATE_FILE), json.dumps(self.monitor.state_dict()))
+            atomic_write_text(os.path.join(folder, self.state_file), json.dumps(self.monitor.state_dict()))
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.monitor is not None and self.monitor.attached:
@@ -148,13 +206,15 @@ class DeadReluTrainerCallback(_tf.TrainerCallback):
             try:
                 mon.finish()
             finally:
-                mon.detach()
+                self.detach()
         # The final evaluation comes after the trainer's last log: it joins the last log entry if
         # that is of this step, and is dropped otherwise (never carried into a next run's logs).
         self.on_log(args, state, control, logs=None)
 
     def detach(self) -> None:
         """Remove the monitor's hooks (safe to call twice; for runs that fail)."""
+        DeadReluTrainerCallback._running.discard(self)
+        self._run_state = None
         if self.monitor is not None:
             self.monitor.detach()
 
