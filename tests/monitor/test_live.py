@@ -122,8 +122,39 @@ def test_monitor_live_flag_adds_a_view():
     assert isinstance(mon.sinks[-1], LiveView)
 
 
-def test_bad_live_options():
-    with pytest.raises(ValueError, match="refresh_per_second"):
-        LiveView(refresh_per_second=0)
-    with pytest.raises(ValueError, match="max_cells"):
-        LiveView(max_cells=0)
+BAD_VIEW_OPTIONS = {
+    "max_cells 0": ({"max_cells": 0}, r"max_cells must be a whole number of at least 1 \(cells per layer\), got 0"),
+    "max_cells nan": ({"max_cells": float("nan")}, r"max_cells must be a whole number of at least 1 .*, got nan"),
+    "max_cells text": ({"max_cells": "8"}, r"max_cells must be a whole number of at least 1 .*, got '8'"),
+    "max_cells float": ({"max_cells": 8.0}, r"max_cells must be a whole number of at least 1 .*, got 8\.0"),
+    "max_cells bool": ({"max_cells": True}, r"max_cells must be a whole number of at least 1 .*, got True"),
+    "refresh 0": ({"refresh_per_second": 0}, r"refresh_per_second must be a finite number above 0, got 0"),
+    "refresh negative": ({"refresh_per_second": -2.0}, r"refresh_per_second must be .*, got -2\.0"),
+    "refresh nan": ({"refresh_per_second": float("nan")}, r"refresh_per_second must be .*, got nan"),
+    "refresh inf": ({"refresh_per_second": float("inf")}, r"refresh_per_second must be .*, got inf"),
+    "refresh text": ({"refresh_per_second": "4"}, r"refresh_per_second must be .*, got '4'"),
+    "refresh bool": ({"refresh_per_second": True}, r"refresh_per_second must be .*, got True"),
+    "refresh huge int": ({"refresh_per_second": 10**400}, r"refresh_per_second must be a finite number above 0, got 1000"),
+    "interval negative": ({"plain_interval": -1}, r"plain_interval must be a finite number of seconds, 0 or more .*, got -1"),
+    "interval nan": ({"plain_interval": float("nan")}, r"plain_interval must be .*, got nan"),
+    "interval inf": ({"plain_interval": float("inf")}, r"plain_interval must be .*, got inf"),
+    "interval text": ({"plain_interval": "30"}, r"plain_interval must be .*, got '30'"),
+    "interval None": ({"plain_interval": None}, r"plain_interval must be .*, got None"),
+    "clock": ({"clock": 0.0}, r"clock must be a callable that returns seconds, got 0\.0"),
+}
+
+
+@pytest.mark.parametrize("options, match", BAD_VIEW_OPTIONS.values(), ids=list(BAD_VIEW_OPTIONS))
+def test_bad_live_options_are_one_clear_error_when_the_view_is_made(options, match):
+    # max_cells=nan was taken and failed only at the first record (a SinkWarning, no view),
+    # max_cells="8" was a bare TypeError, refresh_per_second=nan lifted the redraw limit.
+    out = io.StringIO()
+    with pytest.raises(deadrelu.DeadReluError, match="^" + match):
+        LiveView(console=Console(file=out), **options)
+    assert out.getvalue() == ""
+
+
+def test_live_options_of_other_number_types_are_taken():
+    np = pytest.importorskip("numpy")
+    view = LiveView(console=Console(file=io.StringIO()), max_cells=np.int64(16), refresh_per_second=2, plain_interval=0)
+    assert (view.max_cells, view.min_gap, view.plain_interval) == (16, 0.5, 0.0) and type(view.max_cells) is int

@@ -19,11 +19,13 @@ Example:
 from __future__ import annotations
 
 import math
+import operator
 import time
 from collections import Counter
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from .._imports import require
+from ..errors import DeadReluError
 from .sinks import Sink
 
 if TYPE_CHECKING:
@@ -71,6 +73,39 @@ def summary_line(record: "LogRecord") -> str:
     return " | ".join(parts + sites)
 
 
+def _finite_real(value: Any) -> float | None:
+    """``value`` as a float when it is a finite real number (not a bool, text or NaN), else None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:  # an int beyond the float range
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _check_view_options(max_cells: Any, refresh_per_second: Any, plain_interval: Any, clock: Any) -> None:
+    """Refuse each option of the wrong kind with one DeadReluError, when the view is made: a bad
+    one would otherwise fail only at the first record (``max_cells=nan``, ``clock=0.0``) or quietly
+    mean something else (``refresh_per_second=nan`` lifts the redraw limit: no gap is below NaN)."""
+    try:
+        cells = operator.index(max_cells)  # numpy integers too, not 512.0 or True
+    except TypeError:
+        cells = 0
+    if isinstance(max_cells, bool) or cells < 1:
+        raise DeadReluError(f"max_cells must be a whole number of at least 1 (cells per layer), got {max_cells!r:.80}")
+    rate = _finite_real(refresh_per_second)
+    if rate is None or rate <= 0:
+        raise DeadReluError(f"refresh_per_second must be a finite number above 0, got {refresh_per_second!r:.80}")
+    interval = _finite_real(plain_interval)
+    if interval is None or interval < 0:
+        raise DeadReluError(
+            f"plain_interval must be a finite number of seconds, 0 or more (0: every record), got {plain_interval!r:.80}"
+        )
+    if not callable(clock):
+        raise DeadReluError(f"clock must be a callable that returns seconds, got {clock!r:.80}")
+
+
 class LiveView(Sink):
     """A :class:`~deadrelu.monitor.sinks.Sink` that draws unit health in the terminal (rich) or prints plain lines.
 
@@ -83,7 +118,10 @@ class LiveView(Sink):
 
     Raises:
         ModuleNotFoundError: when rich is not installed.
-        ValueError: for non-positive ``max_cells`` or ``refresh_per_second``.
+        DeadReluError: for a ``max_cells`` that is not a whole number of at least 1 (a bool, a
+            float, text), a ``refresh_per_second`` that is not a finite number above 0, a
+            ``plain_interval`` that is not a finite number of at least 0, or a ``clock`` that
+            cannot be called.
 
     Example:
         >>> import io, rich.console
@@ -104,18 +142,15 @@ class LiveView(Sink):
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         require("rich", "cli")
-        if max_cells < 1:
-            raise ValueError(f"max_cells must be at least 1, got {max_cells}")
-        if refresh_per_second <= 0:
-            raise ValueError(f"refresh_per_second must be positive, got {refresh_per_second}")
+        _check_view_options(max_cells, refresh_per_second, plain_interval, clock)
         if console is None:
             from rich.console import Console
 
             console = Console()
         self.console = console
-        self.max_cells = max_cells
-        self.min_gap = 1.0 / refresh_per_second
-        self.plain_interval = plain_interval
+        self.max_cells = operator.index(max_cells)
+        self.min_gap = 1.0 / float(refresh_per_second)
+        self.plain_interval = float(plain_interval)
         self.clock = clock
         self.renders = 0  # redraws (terminal) or lines printed (plain): for tests and curiosity
         self._live: Any = None
