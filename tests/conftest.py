@@ -2,6 +2,7 @@
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,16 @@ os.environ.setdefault("MPLBACKEND", "agg")
 # retrains a seed by hand in this process must run the same kernels (on an AVX-512 machine the
 # unpinned kernels round differently and, epochs later, other units have died).
 pin_cpu_numerics()
+# Inductor's cache does not tell kernels built under another ATEN_CPU_CAPABILITY apart: a kernel
+# cached by an unpinned run (AVX-512) and loaded under the pin computed wrong outputs (torch 2.13),
+# so the suite keeps a cache of its own for each pin.
+os.environ.setdefault(
+    "TORCHINDUCTOR_CACHE_DIR",
+    os.path.join(
+        tempfile.gettempdir(),
+        f"torchinductor-deadrelu-tests-{getattr(os, 'getuid', lambda: 0)()}-{os.environ.get('ATEN_CPU_CAPABILITY', 'native')}",
+    ),
+)
 sys.path.insert(0, str(Path(__file__).parent))  # so tests can `from fixtures.models import ...`
 
 
