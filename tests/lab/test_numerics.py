@@ -53,3 +53,37 @@ def test_a_process_pinned_before_it_computes_runs_the_avx2_kernels():
     plainest = ("DEFAULT", "NO AVX")  # what torch >= 2.3 and torch 2.2 call the plainest kernels
     assert early.stdout.strip() in plainest
     assert late.stdout.strip() not in plainest
+
+
+@pytest.mark.skipif(not X86, reason="the pins are for x86-64 kernels")
+def test_the_lab_pins_while_it_trains_and_leaves_the_callers_environment_as_it_was(monkeypatch):
+    # Left set, ATEN_CPU_CAPABILITY would steer a later torch.compile in the caller's process onto
+    # Inductor cache entries built for other kernels (they computed wrong outputs on torch 2.13).
+    from deadrelu.lab import experiments
+
+    for name in numerics.PINNED:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("MKL_CBWR", "COMPATIBLE")  # the user's own setting stays
+    seen = {}
+
+    def fake(lrs=(0.1,)):
+        seen.update({name: os.environ.get(name) for name in numerics.PINNED})
+        return {"experiment": "fake"}
+
+    monkeypatch.setitem(experiments.EXPERIMENTS, "fake", fake)
+    assert experiments.run_experiment("fake", lrs=(0.2,)) == {"experiment": "fake"}
+    assert seen == {"MKL_CBWR": "COMPATIBLE", "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    assert {name: os.environ.get(name) for name in numerics.PINNED} == {
+        "MKL_CBWR": "COMPATIBLE", "ATEN_CPU_CAPABILITY": None, "ONEDNN_MAX_CPU_ISA": None,
+    }  # fmt: skip
+
+
+@pytest.mark.skipif(not X86, reason="the pins are for x86-64 kernels")
+def test_the_pins_are_removed_when_the_run_fails(monkeypatch):
+    for name in numerics.PINNED:
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(RuntimeError, match="boom"):
+        with numerics.cpu_numerics_pinned() as in_force:
+            assert in_force["ATEN_CPU_CAPABILITY"] == "avx2" == os.environ["ATEN_CPU_CAPABILITY"]
+            raise RuntimeError("boom")
+    assert not any(name in os.environ for name in numerics.PINNED)

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from .datasets import Dataset, load_dataset
-from .numerics import pin_cpu_numerics
+from .numerics import cpu_numerics_pinned
 from .schema import DEMO_SCHEMA_VERSION
 from .tables import result_table
 from .training import ProgressBar, build_mlp, epoch_record, firing_rates, torch_threads, train_epoch
@@ -743,9 +743,9 @@ def run_demo(
         plots: write PNG plots (needs matplotlib).
         html: write ``report.html`` (needs matplotlib for its images).
 
-    The CPU kernels are pinned to their AVX2 code paths first (:func:`deadrelu.lab.numerics.pin_cpu_numerics`,
-    which sets three environment variables of this process): that takes effect in the worker
-    processes, and in this one if it has not computed anything yet.
+    The CPU kernels are pinned to their AVX2 code paths while it trains (:func:`deadrelu.lab.numerics.cpu_numerics_pinned`,
+    three environment variables of this process, removed again on return): that takes effect in the
+    worker processes, and in this one if it has not computed anything yet.
 
     Returns:
         The :func:`seeds_story` dict plus ``outputs`` (paths written) and ``wall_seconds``.
@@ -759,14 +759,15 @@ def run_demo(
     t0 = time.perf_counter()
     if seeds < 1:
         raise DeadReluError(f"seeds must be at least 1, got {seeds}")
-    pin_cpu_numerics()  # before any arithmetic: the same numbers on every x86-64 machine (lab/numerics.py)
-    plan = plan_outputs(out, "demo", plots=plots, html=html)  # an unwritable --out is found before training
-    ds = load_dataset(dataset, data_dir=data_dir, seed=seed, standardize=standardize)
-    setting = DemoSetting(checkpoint_epoch=checkpoint_epoch, epochs=epochs, lr=lr, batch_size=batch_size)
-    if workers is None:
-        workers = min(seeds, _cores())
-    story = seeds_story(ds, seeds=tuple(range(seed, seed + seeds)), setting=setting, standardize=standardize,
-                        live=live, progress=progress, workers=workers)
+    # before any arithmetic: the same numbers on every x86-64 machine (lab/numerics.py)
+    with cpu_numerics_pinned():
+        plan = plan_outputs(out, "demo", plots=plots, html=html)  # an unwritable --out is found before training
+        ds = load_dataset(dataset, data_dir=data_dir, seed=seed, standardize=standardize)
+        setting = DemoSetting(checkpoint_epoch=checkpoint_epoch, epochs=epochs, lr=lr, batch_size=batch_size)
+        if workers is None:
+            workers = min(seeds, _cores())
+        story = seeds_story(ds, seeds=tuple(range(seed, seed + seeds)), setting=setting, standardize=standardize,
+                            live=live, progress=progress, workers=workers)
     story["experiment"] = "demo"
     story["outputs"] = write_outputs(plan, story, t0)
     story["wall_seconds"] = time.perf_counter() - t0

@@ -24,7 +24,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .numerics import pin_cpu_numerics
+from .numerics import cpu_numerics_pinned
 from .schema import EXPERIMENT_SCHEMA_VERSION
 from .tables import result_table
 from .training import ACTIVATIONS, INITS, ProgressBar, build_mlp, epoch_record, evaluate, layer_stats, torch_threads, train_epoch
@@ -466,5 +466,5 @@ def run_experiment(name: str, **options: Any) -> dict[str, Any]:
     extra = sorted(set(options) - accepted)
     if extra:
         raise DeadReluError(f"experiment {name!r} does not take {', '.join(extra)}; it takes {', '.join(sorted(accepted))}")
-    pin_cpu_numerics()  # before any arithmetic: the same numbers on every x86-64 machine (lab/numerics.py)
-    return fn(**options)
+    with cpu_numerics_pinned():  # before any arithmetic: the same numbers on every x86-64 machine (lab/numerics.py)
+        return fn(**options)
