@@ -353,18 +353,21 @@ def prune_dead(
     batch_size = whole_batch_size(batch_size, what)
     check_input_fn(input_fn, what)
     sites = check_sites(sites, what)
+    # torch.fx cannot trace torch.compile's wrapper, only the module inside; the result is compiled like the model.
+    wrapper, model = model, eager_submodule(model, "")
     # With data, the real model (global module hooks included) is compared with the pruned one below.
     chains = _graph.find_chains(model, report, _select, what, sites=sites, checked_on_data=data is not None)
     skipped = _skipped_sites(report, sites)
     values: dict[str, torch.Tensor | float] = {c.site.name: 0.0 for c in chains}
     _add_constant_chains(model, report, chains, values, skipped, what)
     plan = _plan_cuts(model, report, chains, values, what)
-    pruned = copy_model(model, what)
+    pruned_wrapper = copy_model(wrapper, what)
+    pruned = eager_submodule(pruned_wrapper, "")
     originals = dict(model.named_modules())
     for path, edit in plan.edits.items():
         _replace(pruned, path, _smaller(originals[path], edit))
     result: dict[str, Any] = dict(
-        model=pruned,
+        model=pruned_wrapper,
         removed=plan.removed,
         kept=plan.kept,
         skipped=skipped,

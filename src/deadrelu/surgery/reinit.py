@@ -40,6 +40,7 @@ from .verify import (
     describe_units,
 )
 from ..errors import DataError, DeadReluError, RefusedError
+from ..core.capture import eager_submodule
 from ..core.report import Report, SiteReport
 from ..core.inputs import call_arguments, iter_batches, kept_training_flags, model_device, to_device
 
@@ -186,8 +187,10 @@ def _check_reinit_arguments(
     max_draws: Any,
     sites: Any,
     what: str,
-) -> tuple[str, ...] | None:
-    """Refuse a bad argument of :func:`reinit_dead` with one DeadReluError, before any work; return the site names."""
+) -> tuple[nn.Module, tuple[str, ...] | None]:
+    """Refuse a bad argument of :func:`reinit_dead` with one DeadReluError, before any work; return the module
+    to edit and the site names. That module is the one inside a ``torch.compile`` wrapper, which torch.fx cannot
+    trace; it holds the parameters the compiled code runs with."""
     check_model(model, what)
     if init not in _INITS:
         raise DeadReluError(f"{what}: init must be one of {_INITS}, got {init!r}")
@@ -197,7 +200,7 @@ def _check_reinit_arguments(
     if isinstance(max_draws, bool) or not hasattr(max_draws, "__index__") or max_draws < 1:
         raise DeadReluError(f"{what}: max_draws must be a whole number of at least 1, got {max_draws!r}")
     check_input_fn(input_fn, what)
-    return check_sites(sites, what)
+    return eager_submodule(model, ""), check_sites(sites, what)
 
 
 def _gain(chain: _graph.Chain) -> float:
@@ -429,7 +432,7 @@ def reinit_dead(
         True
     """
     what = "reinit_dead"
-    sites = _check_reinit_arguments(model, optimizer, dormant, generator, init, input_fn, max_draws, sites, what)
+    model, sites = _check_reinit_arguments(model, optimizer, dormant, generator, init, input_fn, max_draws, sites, what)
     # With data, the real model (global module hooks included) is checked against the pinned trace below.
     chains = _graph.find_chains(model, report, _reinit_units(dormant), what, sites=sites, checked_on_data=data is not None)
     # Plan every value first; a refusal here leaves everything untouched.
@@ -618,6 +621,7 @@ def nudge_bias(
     _check_optimizer(optimizer, what)
     check_flag(dormant, "dormant", what)
     sites = check_sites(sites, what)
+    model = eager_submodule(model, "")  # through torch.compile's wrapper: the same parameters
     chains = _graph.find_chains(model, report, _units_of(dormant), what, consumers=False, sites=sites)
     targets = []
     for chain in chains:
