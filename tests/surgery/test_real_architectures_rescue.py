@@ -85,3 +85,91 @@ def test_reinit_and_nudge_of_a_compiled_model_edit_the_parameters_it_runs_with()
     nudges = deadrelu.nudge_bias(compiled, report, value=0.5, sites=["1"])
     assert [(n.parameter, n.units) for n in nudges] == [("0.bias", (1, 3))]
     assert torch.equal(net[0].bias[[1, 3]], torch.full((2,), 0.5))
+
+
+# --- a weight handed to Python code in forward (T5's DenseReluDense) ----------------------------
+# T5DenseActDense.forward asks isinstance(self.wo.weight, torch.Tensor) before casting to wo's dtype.
+# While tracing, the weight is a proxy, so the test is False and the get_attr node has no user; that
+# read was refused as "read directly in forward (by nothing) ... would change that computation too".
+
+
+class IsinstanceBranch(nn.Module):
+    """Reads ``out.weight`` as T5 does; ``sneaky`` adds ``out.weight.sum()`` only when it is a real tensor."""
+
+    def __init__(self, sneaky: bool = False) -> None:
+        super().__init__()
+        self.fc, self.act, self.out, self.sneaky = nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3), sneaky
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.act(self.fc(x))
+        if isinstance(self.out.weight, torch.Tensor) and h.dtype != self.out.weight.dtype:
+            h = h.to(self.out.weight.dtype)
+        y = self.out(h)
+        if self.sneaky and isinstance(self.out.weight, torch.Tensor):
+            y = y + self.out.weight.sum()
+        return y
+
+
+def t5_dense_relu_dense() -> nn.Module:
+    t5 = pytest.importorskip("transformers.models.t5.modeling_t5")
+    config = t5.T5Config(d_model=8, d_ff=16, dropout_rate=0.0, feed_forward_proj="relu")
+    return t5.T5DenseActDense(config).eval()
+
+
+@pytest.mark.parametrize("build", [IsinstanceBranch, t5_dense_relu_dense], ids=["isinstance", "t5"])
+def test_weight_inspected_by_python_code_is_checked_on_data(build):
+    torch.manual_seed(0)
+    model = build()
+    producer, consumer = (model.fc, model.out) if isinstance(model, IsinstanceBranch) else (model.wi, model.wo)
+    with torch.no_grad():
+        producer.weight[[1, 3]] = 0
+        if producer.bias is not None:
+            producer.bias[[1, 3]] = -1.0
+    x = torch.randn(32, 5, 8) if producer.in_features == 8 else torch.randn(32, 6)
+    with torch.no_grad():
+        expected = copy.deepcopy(model)(x)
+    report = deadrelu.scan(model, x)
+    assert [s.dead_units for s in report.sites] == [(1, 3)]
+    result = deadrelu.prune_dead(model, report, data=x)
+    assert result.removed == {report.sites[0].name: (1, 3)}
+    with torch.no_grad():
+        assert torch.allclose(result.model(x), expected, atol=1e-6)
+    deadrelu.reinit_dead(model, report, data=x, generator=torch.Generator().manual_seed(0))
+    assert not torch.equal(producer.weight[[1, 3]], torch.zeros(2, producer.in_features))
+    with torch.no_grad():
+        assert torch.equal(model(x), expected)
+    assert torch.equal(consumer.weight[:, [1, 3]], torch.zeros(consumer.out_features, 2))
+
+
+@pytest.mark.parametrize("op", ["prune", "reinit"])
+def test_weight_inspected_by_python_code_without_data_is_refused_saying_why(op):
+    torch.manual_seed(0)
+    model = IsinstanceBranch()
+    plant(model.fc, [1, 3])
+    report = deadrelu.scan(model, torch.randn(32, 6))
+    before = state(model)
+    with pytest.raises(RefusedError, match=r"'out.weight' is read in forward .* Python code torch.fx cannot follow.*pass data="):
+        if op == "prune":
+            deadrelu.prune_dead(model, report)
+        else:
+            deadrelu.reinit_dead(model, report)
+    assert same_state(state(model), before)
+
+
+@pytest.mark.parametrize("op", ["prune", "reinit"])
+def test_a_branch_the_trace_skipped_is_caught_on_data(op):
+    # The real model adds out.weight.sum(), which the rewrite changes; the trace never saw it.
+    torch.manual_seed(0)
+    model = IsinstanceBranch(sneaky=True)
+    plant(model.fc, [1, 3])
+    with torch.no_grad():
+        model.out.weight[:, [1, 3]] = 1.0
+    x = torch.randn(32, 6)
+    report = deadrelu.scan(model, x)
+    before = state(model)
+    with pytest.raises(RefusedError, match="nothing was changed"):
+        if op == "prune":
+            deadrelu.prune_dead(model, report, data=x)
+        else:
+            deadrelu.reinit_dead(model, report, data=x)
+    assert same_state(state(model), before)

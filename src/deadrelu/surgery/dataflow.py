@@ -514,17 +514,28 @@ def _check_module(path: str, module: nn.Module, site: SiteReport, what: str) -> 
         raise _refuse(site, what, reason)
 
 
-def _direct_reads(gm: fx.GraphModule, model: nn.Module, eager: dict[str, str]) -> dict[str, str]:
+# A get_attr node no op reads: forward handed the proxy to Python code, which fx cannot follow.
+_UNTRACED_READ = (
+    "by Python code torch.fx cannot follow (e.g. isinstance(self.fc.weight, torch.Tensor), which is False "
+    "for the tracing proxy), so the traced graph may not be what the model runs; pass data= to check the "
+    "rewrite on the real model"
+)
+
+
+def _direct_reads(gm: fx.GraphModule, model: nn.Module, eager: dict[str, str], checked_on_data: bool) -> dict[str, str]:
     """Tensor path -> how forward reads it outside its module's call, for the refusal message.
 
     Three ways: a get_attr node (``self.fc.weight`` outside ``self.fc(...)``); a get_attr of another
     tensor that shares its storage (a plain attribute ``self.w = self.fc.weight.T``); an eager op at
     trace time (``eager``, from :func:`traced`: ``self.parameters()``, ``self.bn.running_var.sum()``).
+    A get_attr node that no op uses computes nothing in the graph, but the Python code that took it
+    (T5's ``isinstance(self.wo.weight, torch.Tensor)``) may run otherwise in the real model; with
+    ``checked_on_data`` the caller compares the real model with the trace, so it is left to that check.
     """
     nodes: dict[str, list[fx.Node]] = {}
     storages = _storage_names(model)
     for node in gm.graph.nodes:
-        if node.op != "get_attr":
+        if node.op != "get_attr" or (checked_on_data and not node.users):
             continue
         nodes.setdefault(str(node.target), []).append(node)
         try:
@@ -534,10 +545,8 @@ def _direct_reads(gm: fx.GraphModule, model: nn.Module, eager: dict[str, str]) -
         alias = storages.get(_storage_key(value)) if isinstance(value, torch.Tensor) else None
         if alias is not None and alias != str(node.target):
             nodes.setdefault(alias, []).append(node)
-    out = {
-        target: "by " + (", ".join(sorted({describe_node(u) for n in found for u in n.users})) or "nothing")
-        for target, found in nodes.items()
-    }
+    users = {target: ", ".join(sorted({describe_node(u) for n in found for u in n.users})) for target, found in nodes.items()}
+    out = {target: f"by {by}" if by else _UNTRACED_READ for target, by in users.items()}
     for name, op in eager.items():
         out.setdefault(
             name, f"eagerly, by {op}() on the tensor itself, e.g. through self.parameters(): torch.fx computes that "
@@ -562,6 +571,8 @@ def _check_direct_reads(chain: "Chain", reads: dict[str, str], what: str) -> Non
         paths.add(str(chain.node.target))
     for target, how in reads.items():
         owner = next((p for p in paths if p and (target == p or target.startswith(p + "."))), None)
+        if owner is not None and how == _UNTRACED_READ:
+            raise _refuse(chain.site, what, f"'{target}' is read in forward outside the call of '{owner}', {how}")
         if owner is not None:
             raise _refuse(
                 chain.site,
@@ -643,7 +654,7 @@ def find_chains(
         if node.op == "call_module":
             calls[str(node.target)] = calls.get(str(node.target), 0) + 1
     shared = _shared_parameters(model)
-    reads = _direct_reads(gm, model, eager)
+    reads = _direct_reads(gm, model, eager, checked_on_data)
     chains = []
     for site, units in wanted:
         found = nodes.get((site.module, site.call, site.slot))
