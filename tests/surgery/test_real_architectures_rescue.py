@@ -173,3 +173,44 @@ def test_a_branch_the_trace_skipped_is_caught_on_data(op):
         else:
             deadrelu.reinit_dead(model, report, data=x)
     assert same_state(state(model), before)
+
+
+# --- weights on the meta device ----------------------------------------------------------------
+# prune_dead with data (or with a zero-weight GELU unit to fold) raised torch's raw "Tensor.item()
+# cannot be called on meta tensors", nudge_bias a "write failed" refusal, and reinit_dead without
+# data reported units re-initialised that have no values.
+
+
+def _gelu_net() -> nn.Sequential:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 16), nn.GELU(), nn.Linear(16, 3)).eval()
+    plant(net[0], [1, 3])
+    with torch.no_grad():
+        net[0].bias[[1, 3]] = -10.0  # GELU(-10) is 0 to float precision: dead
+    return net
+
+
+@pytest.mark.parametrize(
+    "op",
+    [
+        lambda m, r, x: deadrelu.prune_dead(m, r, data=x),
+        lambda m, r, x: deadrelu.prune_dead(m, r),
+        lambda m, r, x: deadrelu.reinit_dead(m, r),
+        lambda m, r, x: deadrelu.reinit_dead(m, r, data=x),
+        lambda m, r, x: deadrelu.nudge_bias(m, r),
+    ],
+    ids=["prune-data", "prune", "reinit", "reinit-data", "nudge"],
+)
+@pytest.mark.parametrize("build", [mlp, _gelu_net], ids=["relu", "gelu"])
+@pytest.mark.parametrize("where", ["all", "one layer"])
+def test_meta_weights_are_one_clear_error_before_any_work(op, build, where):
+    net = build()
+    x = torch.randn(32, 6)
+    report = deadrelu.scan(net, x)
+    assert report.sites[0].dead_units == (1, 3)
+    if where == "all":
+        net.to("meta")
+    else:
+        net[2].to("meta")
+    with pytest.raises(deadrelu.DeadReluError, match=r"on the meta device .*materialise it first.*nothing was changed"):
+        op(net, report, x)

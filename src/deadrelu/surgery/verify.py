@@ -398,13 +398,23 @@ def describe_units(units: dict[str, Sequence[int]]) -> str:
 
 
 def check_model(model: Any, what: str) -> None:
-    """Refuse anything but an ``nn.Module`` as the model, before any work.
+    """Refuse anything but an ``nn.Module`` as the model, or one with a tensor on the meta device, before any work.
+
+    A meta tensor has no values: nothing to re-draw, fold, nudge or compare (its first read raised
+    torch's "Tensor.item() cannot be called on meta tensors" from deep inside the rewrite).
 
     Raises:
-        DeadReluError: naming its type.
+        DeadReluError: naming its type, or the first meta tensor.
     """
     if not isinstance(model, nn.Module):
         raise DeadReluError(f"{what}: model must be a torch.nn.Module, not {type(model).__name__}")
+    for name, t in (*model.named_parameters(), *model.named_buffers()):
+        if t.device.type == "meta":
+            raise DeadReluError(
+                f"{what}: {type(model).__name__} has its weights on the meta device ('{name}'; no values to read or "
+                "write): materialise it first, e.g. model.to_empty(device='cpu') and load_state_dict(...); nothing "
+                "was changed"
+            )
 
 
 def check_flag(value: Any, name: str, what: str) -> None:
