@@ -214,3 +214,32 @@ def test_meta_weights_are_one_clear_error_before_any_work(op, build, where):
         net[2].to("meta")
     with pytest.raises(deadrelu.DeadReluError, match=r"on the meta device .*materialise it first.*nothing was changed"):
         op(net, report, x)
+
+
+# --- transformers' Conv1D (GPT-2), a transposed Linear fx traces into ------------------------------
+# The refusal named only the last op fx saw, ".view()", not the layer that made the units.
+
+
+def test_gpt2_conv1d_producer_is_refused_naming_the_layer_and_nothing_changes():
+    gpt2 = pytest.importorskip("transformers.models.gpt2.modeling_gpt2")
+    torch.manual_seed(0)
+    config = gpt2.GPT2Config(n_embd=8, n_layer=1, n_head=2, activation_function="relu", resid_pdrop=0.0)
+    mlp_block = gpt2.GPT2MLP(32, config).eval()
+    with torch.no_grad():
+        mlp_block.c_fc.weight[:, [1, 3]] = 0  # Conv1D's weight is (in, out)
+        mlp_block.c_fc.bias[[1, 3]] = -1.0
+    x = torch.randn(4, 5, 8)
+    report = deadrelu.scan(mlp_block, x)
+    assert report.sites[0].dead_units == (1, 3)
+    opt = torch.optim.Adam(mlp_block.parameters())
+    mlp_block(x).sum().backward()
+    opt.step()
+    before, before_opt = state(mlp_block), copy.deepcopy(opt.state_dict())
+    for op in (
+        lambda: deadrelu.prune_dead(mlp_block, report, data=x),
+        lambda: deadrelu.reinit_dead(mlp_block, report, opt, data=x),
+        lambda: deadrelu.nudge_bias(mlp_block, report, optimizer=opt),
+    ):
+        with pytest.raises(RefusedError, match=r"in module 'c_fc' \(Conv1D\), not from an nn.Linear"):
+            op()
+        assert same_state(state(mlp_block), before) and same_state(opt.state_dict(), before_opt)

@@ -545,7 +545,7 @@ def _direct_reads(gm: fx.GraphModule, model: nn.Module, eager: dict[str, str], c
         alias = storages.get(_storage_key(value)) if isinstance(value, torch.Tensor) else None
         if alias is not None and alias != str(node.target):
             nodes.setdefault(alias, []).append(node)
-    users = {target: ", ".join(sorted({describe_node(u) for n in found for u in n.users})) for target, found in nodes.items()}
+    users = {t: ", ".join(sorted({describe_node(u) for n in found for u in n.users})) for t, found in nodes.items()}
     out = {target: f"by {by}" if by else _UNTRACED_READ for target, by in users.items()}
     for name, op in eager.items():
         out.setdefault(
@@ -715,8 +715,12 @@ def _producer_side(
         src = describe_node(cur) if isinstance(cur, fx.Node) else repr(cur)
         if isinstance(cur, fx.Node) and cur.op == "call_module":
             src += f" ({type(modules.get(cur.target)).__name__})"  # type: ignore[arg-type]
+        elif isinstance(cur, fx.Node):
+            src += _made_inside(cur, node, modules)
         raise _refuse(
-            site, what, f"its input comes from {src}, not from a Linear/Conv layer (optionally through BatchNorm)"
+            site,
+            what,
+            f"its input comes from {src}, not from an nn.Linear or nn.Conv1d/2d/3d layer (optionally through BatchNorm)",
         )
     path = str(cur.target)
     producer = modules[path]
@@ -739,6 +743,18 @@ def _producer_side(
     if isinstance(producer, nn.Linear) and norm is not None and ndim > 2:
         raise _refuse(site, what, f"'{norm_path}' normalises dim 1 of a {ndim}-D Linear output, not its units")
     return Chain(site, units, node, fn, path, producer, norm_path, norm)
+
+
+def _made_inside(made: fx.Node, activation: fx.Node, modules: dict[str, nn.Module]) -> str:
+    """Where a node was computed, for a refusal: ``" in module 'c_fc' (Conv1D)"`` when a submodule that
+    torch.fx traced into made it (transformers' Conv1D, a transposed Linear, is one), else ``""``."""
+    path = _owner(made)[0]
+    if not path or path == _owner(activation)[0]:
+        return ""
+    # The GraphModule keeps a traced-through module as a bare nn.Module; fx's stack records its class.
+    kinds = [v[1] for v in (made.meta.get("nn_module_stack") or {}).values() if isinstance(v, tuple) and v[0] == path]
+    kind = kinds[-1] if kinds else type(modules.get(path)).__name__
+    return f" in module '{path}' ({getattr(kind, '__name__', str(kind).rpartition('.')[2])})"
 
 
 def _consumer_side(
