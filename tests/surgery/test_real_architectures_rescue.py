@@ -243,3 +243,21 @@ def test_gpt2_conv1d_producer_is_refused_naming_the_layer_and_nothing_changes():
         with pytest.raises(RefusedError, match=r"in module 'c_fc' \(Conv1D\), not from an nn.Linear"):
             op()
         assert same_state(state(mlp_block), before) and same_state(opt.state_dict(), before_opt)
+
+
+# --- nn.DataParallel ------------------------------------------------------------------------------
+# The refusal quoted torch.fx's "Proxy object cannot be iterated" and said nothing of the wrapper.
+
+
+def test_data_parallel_is_refused_saying_to_rescue_its_module():
+    net = mlp()
+    wrapped = nn.DataParallel(net)
+    x = torch.randn(32, 6)
+    report = deadrelu.scan(wrapped, x)
+    before = state(wrapped)
+    for op in (deadrelu.prune_dead, deadrelu.reinit_dead, deadrelu.nudge_bias):
+        with pytest.raises(RefusedError, match=r"DataParallel only runs copies of its .module: scan model.module"):
+            op(wrapped, report)
+        assert same_state(state(wrapped), before)
+    inner = deadrelu.prune_dead(net, deadrelu.scan(net, x), data=x)  # what the message says to do
+    assert inner.removed == {"1": (1, 3), "3": (0, 5)}

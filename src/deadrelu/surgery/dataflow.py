@@ -221,9 +221,19 @@ def traced(model: nn.Module, what: str) -> tuple[fx.GraphModule, dict[str, str]]
     except Exception as err:  # fx raises many types (TraceError, TypeError, ...) for dynamic code
         raise RefusedError(
             f"{what}: cannot trace {type(model).__name__} with torch.fx ({type(err).__name__}: "
-            f"{error_summary(err)}), so its dataflow cannot be proven; nothing was changed"
+            f"{error_summary(err)}), so its dataflow cannot be proven{_wrapper_advice(model)}; nothing was changed"
         ) from err
     return gm, eager.found
+
+
+def _wrapper_advice(model: nn.Module) -> str:
+    """What to do instead when ``model`` is a data-parallel wrapper, whose forward fx cannot trace."""
+    if not isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        return ""
+    return (
+        f"; {type(model).__name__} only runs copies of its .module: scan model.module and rescue it with that "
+        "report (it holds the same parameters)"
+    )
 
 
 def trace(model: nn.Module, what: str) -> fx.GraphModule:
