@@ -261,3 +261,24 @@ def test_data_parallel_is_refused_saying_to_rescue_its_module():
         assert same_state(state(wrapped), before)
     inner = deadrelu.prune_dead(net, deadrelu.scan(net, x), data=x)  # what the message says to do
     assert inner.removed == {"1": (1, 3), "3": (0, 5)}
+
+
+# --- channels_last CNNs -----------------------------------------------------------------------------
+# The pruned convolutions came back contiguous (NCHW): the same outputs, but not the layout chosen for speed.
+
+
+@pytest.mark.parametrize("rank", [2, 3])
+def test_pruned_convolutions_keep_channels_last(rank):
+    torch.manual_seed(0)
+    conv, fmt = (nn.Conv2d, torch.channels_last) if rank == 2 else (nn.Conv3d, torch.channels_last_3d)
+    net = nn.Sequential(conv(3, 8, 3), nn.ReLU(), conv(8, 4, 3)).to(memory_format=fmt)
+    plant(net[0], [1, 5])
+    x = torch.randn(4, 3, *[6] * rank).to(memory_format=fmt)
+    with torch.no_grad():
+        expected = copy.deepcopy(net)(x)
+    result = deadrelu.prune_dead(net, deadrelu.scan(net, x), data=x)
+    assert result.removed == {"1": (1, 5)}
+    for layer in (result.model[0], result.model[2]):
+        assert layer.weight.is_contiguous(memory_format=fmt)
+    with torch.no_grad():
+        assert torch.allclose(result.model(x), expected, atol=1e-5)

@@ -246,6 +246,10 @@ def _smaller(old: nn.Module, edit: _Edit) -> nn.Module:
             device=dev, dtype=dtype,
         )  # fmt: skip
     new.weight.data.copy_(w.data[keep_out][:, keep_in])
+    for fmt, rank in ((torch.channels_last, 4), (torch.channels_last_3d, 5)):
+        # A channels_last model (a common CNN speed-up) stays so: outputs are the same either way, speed is not.
+        if w.dim() == rank and not w.is_contiguous() and w.is_contiguous(memory_format=fmt):
+            new.weight.data = new.weight.data.contiguous(memory_format=fmt)
     new.weight.requires_grad_(w.requires_grad)
     if has_bias:
         bias = old.bias.data.double() if old.bias is not None else torch.zeros(n_out, dtype=torch.float64, device=w.device)
