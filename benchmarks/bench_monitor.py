@@ -23,6 +23,7 @@ copy recorded every step.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import os
 import statistics
@@ -116,7 +117,25 @@ def interleave(plain, variants: dict, repeats: int) -> tuple[list[float], dict[s
     return base_times, ratios
 
 
-def bench(name: str, build, repeats: int, steps: int) -> dict[str, float]:
+@contextlib.contextmanager
+def statistics_off(part: str):
+    """The monitor with one part of its per-batch work patched out (``--parts``): "no stats" skips
+    the statistics pass (hooks, ring rows and evaluations stay), "hooks only" skips the window
+    update too. Ablations for seeing where the time goes, not ways to run the monitor."""
+    from deadrelu.monitor import window
+
+    saved = window.accumulate, window.WindowStats.update
+    if part == "no stats":
+        window.accumulate = lambda *args, **kwargs: None
+    else:
+        window.WindowStats.update = lambda self, *args, **kwargs: None
+    try:
+        yield
+    finally:
+        window.accumulate, window.WindowStats.update = saved
+
+
+def bench(name: str, build, repeats: int, steps: int, parts: bool = False) -> dict[str, float]:
     torch.manual_seed(0)
     model, x, y = build()
     # Tiny learning rate: weights barely move, so every variant times the same work.
@@ -139,6 +158,12 @@ def bench(name: str, build, repeats: int, steps: int) -> dict[str, float]:
             probe.close()
 
     variants = {"monitor": lambda: with_monitor(mon), "monitor/10": lambda: with_monitor(mon10), "naive": naive}
+    if parts:
+        def without(part: str) -> float:
+            with statistics_off(part):
+                return with_monitor(mon)
+
+        variants.update({part: (lambda part=part: without(part)) for part in ("no stats", "hooks only")})
     base_times, ratios = interleave(lambda: time_steps(model, opt, x, y, steps), variants, repeats)
     return report(name, base_times, ratios, steps)
 
@@ -177,6 +202,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--compile", action="store_true", help="also time a torch.compile'd CNN")
     parser.add_argument("--only", choices=["mlp", "cnn"], default=None)
+    parser.add_argument(
+        "--parts", action="store_true",
+        help="also time the every-step monitor without its statistics pass ('no stats') and without its "
+        "window update ('hooks only'): where the monitor's time goes",
+    )  # fmt: skip
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall", help="wall time or process CPU time")
     parser.add_argument(
@@ -199,9 +229,9 @@ def main() -> None:
         f"load average {load:.1f}; {args.clock} clock; steady malloc {'MALLOC_MMAP_THRESHOLD_' in os.environ}; median of {args.repeats} interleaved repeats of {args.steps} steps"
     )
     if args.only in (None, "mlp"):
-        bench("MLP 5x1024, batch 256", mlp, args.repeats, args.steps)
+        bench("MLP 5x1024, batch 256", mlp, args.repeats, args.steps, args.parts)
     if args.only in (None, "cnn"):
-        bench("CNN 4 conv, batch 64x3x32x32", cnn, args.repeats, args.steps)
+        bench("CNN 4 conv, batch 64x3x32x32", cnn, args.repeats, args.steps, args.parts)
     if args.compile:
         if args.only in (None, "mlp"):
             bench_compiled("MLP 5x1024, torch.compile", mlp, args.repeats, args.steps)
