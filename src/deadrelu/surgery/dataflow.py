@@ -7,10 +7,12 @@ chain of the form::
     producer (Linear / ConvNd, groups=1) -> [BatchNorm] -> activation
         -> { per-channel ops: Dropout, Identity, pooling, BatchNorm, flatten } -> consumer(s) (Linear / ConvNd)
 
-from the traced graph — never from module order. Anything that breaks the proof
-(a residual add, a ``cat``, a layer called twice, a parameter shared between modules,
-an unsupported layer, a pool whose pooled dims include the units' dim, an untraceable model)
-raises :class:`~deadrelu.errors.RefusedError` naming the site, before anything is changed. So
+from the traced graph — never from module order. A Linear producer's units may also be multiplied,
+one for one, by the output of another Linear of their width that nothing else reads (a gated MLP's
+``down(act(gate(x)) * up(x))``): that ``up`` layer's rows belong to the units as the producer's do.
+Anything that breaks the proof (a residual add, a ``cat``, a layer called twice, a parameter
+shared between modules, an unsupported layer, a pool whose pooled dims include the units' dim,
+a product with anything else, an untraceable model) raises :class:`~deadrelu.errors.RefusedError` naming the site, before anything is changed. So
 does anything that makes a layer compute something other than what its weights say, or reads
 its weights outside its own call:
 a parametrization (``torch.nn.utils.parametrize``, ``parametrizations.weight_norm`` /
@@ -86,6 +88,13 @@ _POOL_DIMS: dict[Any, int] = {
 # eval mode it is the identity.
 _PASS_METHODS = {"contiguous", "clone"}
 _ADDS = {operator.add, operator.iadd, operator.sub, torch.add, torch.sub, "add", "add_", "sub", "sub_"}
+# Out-of-place products only: an in-place one would also change the activation output it overwrites.
+_PRODUCTS = {operator.mul, torch.mul, "mul"}
+# What is followed after a product: a factor may broadcast it to another rank than the site's, which the
+# rank-based rules for pools, BatchNorm and flatten would misread; dropout and a Linear reading the last dim
+# do not depend on the rank.
+_ELEMENTWISE_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity)
+_ELEMENTWISE_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, torch.dropout}
 
 
 
@@ -325,6 +334,9 @@ class Chain:
     norm_path: str | None = None
     norm: nn.Module | None = None
     links: list[Link] = field(default_factory=list)
+    # Linear layers whose output multiplies the units one for one (a gated MLP's ``up``), by path: a dead
+    # unit's product is 0 whatever their row gives (if finite), so that row goes with the unit.
+    multipliers: list[tuple[str, nn.Module]] = field(default_factory=list)
 
 
 
@@ -575,7 +587,7 @@ def _fetch(root: nn.Module, target: str) -> Any:
 
 def _check_direct_reads(chain: "Chain", reads: dict[str, str], what: str) -> None:
     """Refuse when a tensor of a layer the rewrite edits is also read outside that layer's own call."""
-    paths = {chain.producer_path, chain.norm_path} | {l.path for l in chain.links}
+    paths = {chain.producer_path, chain.norm_path} | {l.path for l in chain.links} | {p for p, _ in chain.multipliers}
     paths |= {p for l in chain.links for p, _ in l.norms}
     if chain.node.op == "call_module":
         paths.add(str(chain.node.target))
@@ -687,7 +699,7 @@ def find_chains(
         chains.append(chain)
     seen: dict[str, str] = {}
     for chain in chains:
-        for path in {chain.producer_path, chain.norm_path} - {None}:
+        for path in {chain.producer_path, chain.norm_path, *(p for p, _ in chain.multipliers)} - {None}:
             if path in seen:
                 raise _refuse(chain.site, what, f"module '{path}' also produces site '{seen[path]}'")
             seen[path] = chain.site.name  # type: ignore[index]
@@ -774,6 +786,7 @@ def _consumer_side(
     site = chain.site
     channels_first = chain.site.unit_dim == 1
     links: list[Link] = []
+    products: set[fx.Node] = set()  # the products with a multiplier and what follows them
     # (node, flattened, norms, zero_only, hard-coded reshape)
     todo: list[tuple[fx.Node, bool, list[tuple[str, nn.Module]], bool, str | None]] = [
         (chain.node, False, [], False, None)
@@ -787,11 +800,21 @@ def _consumer_side(
                 continue  # x.size(0) reads no unit values and survives pruning
             if user.target in _ADDS:
                 raise _refuse(site, what, f"its units feed {describe_node(user)}, a residual connection")
+            if user.op in ("call_function", "call_method") and user.target in _PRODUCTS:
+                chain.multipliers.append(_multiplier(chain, node, user, flat, norms, modules, calls, shared, what))
+                products.add(user)
+                todo.append((user, flat, norms, zero_only, fixed))  # a dead unit's product is 0, as its output was
+                continue
             if user.args[:1] != (node,):
                 raise _refuse(site, what, f"its units feed {describe_node(user)} as a non-first argument")
             m = modules.get(user.target) if user.op == "call_module" else None  # type: ignore[arg-type]
             if m is not None:
                 _check_module(str(user.target), m, site, what)
+            if node in products and not (m is not None and type(m) in CONSUMERS or _elementwise(user, m)):
+                raise _refuse(
+                    site, what, f"its product with '{chain.multipliers[-1][0]}' feeds {describe_node(user)}: after a "
+                    "product only dropout, identity and Linear consumers are followed (it may broadcast to another rank)",
+                )  # fmt: skip
             if m is not None and type(m) in CONSUMERS:
                 links.append(_link(chain, user, m, flat, norms, zero_only, calls, shared, what))
                 links[-1].fixed = fixed
@@ -812,6 +835,8 @@ def _consumer_side(
                 mixes = _pool_mixes_units(user, m, site, flat)
                 if mixes is not None:
                     raise _refuse(site, what, mixes)
+                if node in products:
+                    products.add(user)
                 todo.append((user, flat, norms, zero_only or zero, fixed))
                 continue
             flatten = _is_flatten(user, modules)
@@ -824,6 +849,60 @@ def _consumer_side(
             kind = f" ({type(m).__name__})" if m is not None else ""
             raise _refuse(site, what, f"its units feed {describe_node(user)}{kind}, which is not a supported consumer")
     return links
+
+
+def _elementwise(node: fx.Node, module: nn.Module | None) -> bool:
+    """True for dropout, identity, ``.clone()`` or ``.contiguous()``, which keep every element where it is."""
+    if module is not None:
+        return isinstance(module, _ELEMENTWISE_MODULES)
+    if node.op == "call_function":
+        return node.target in _ELEMENTWISE_FUNCTIONS
+    return node.op == "call_method" and node.target in _PASS_METHODS
+
+
+def _multiplier(
+    chain: Chain,
+    node: fx.Node,
+    product: fx.Node,
+    flat: bool,
+    norms: list[tuple[str, nn.Module]],
+    modules: dict[str, nn.Module],
+    calls: dict[str, int],
+    shared: dict[str, list[str]],
+    what: str,
+) -> tuple[str, nn.Module]:
+    """The Linear whose output ``product`` multiplies the units by, one for one (a gated MLP's ``up``), or refuse.
+
+    Only such a factor gives each unit a row of its own to remove with it; a constant, a broadcast
+    tensor, the units themselves or an input tensor does not.
+    """
+    site = chain.site
+    operands = list(product.args)
+    if product.kwargs or len(operands) != 2 or operands.count(node) != 1:
+        form = "by themselves" if operands.count(node) > 1 else "in a form deadrelu cannot follow"
+        raise _refuse(site, what, f"its units are multiplied {form} ({describe_node(product)})")
+    other = operands[1 - operands.index(node)]
+    m = modules.get(other.target) if isinstance(other, fx.Node) and other.op == "call_module" else None  # type: ignore[arg-type]
+    if type(m) is not nn.Linear:
+        kind = describe_node(other) if isinstance(other, fx.Node) else f"the constant {other!r}"
+        kind += f" ({type(m).__name__})" if m is not None else ""
+        raise _refuse(
+            site, what, f"its units are multiplied by {kind}; {describe_node(product)} is followed only with the output "
+            "of an nn.Linear of the units' width used nowhere else (a gated MLP's up projection)",
+        )  # fmt: skip
+    path = str(other.target)
+    if norms or flat or not isinstance(chain.producer, nn.Linear) or site.unit_dim != len(site.shape) - 1:
+        # A BatchNorm before the product would turn the dead unit's 0 into a constant times up's output.
+        how = f"after '{norms[-1][0]}'" if norms else "other than on a Linear's units in the last dim"
+        raise _refuse(site, what, f"its units are multiplied by '{path}' {how}")
+    if m.out_features != site.units:
+        raise _refuse(site, what, f"its units are multiplied by '{path}', which makes {m.out_features} values, not {site.units}")
+    if len(other.users) != 1:
+        users = ", ".join(describe_node(u) for u in other.users)
+        raise _refuse(site, what, f"the output of '{path}', which multiplies its units, is also used by {users}")
+    _check_module(path, m, site, what)
+    _check_single_use(path, site, what, calls, shared)
+    return path, m
 
 
 def _pool_mixes_units(node: fx.Node, module: nn.Module | None, site: SiteReport, flat: bool) -> str | None:

@@ -11,6 +11,11 @@ into the consumer's bias (a bias is added if the consumer had none). The same fo
 removes a dead unit of any other activation whose incoming weights are all zero: its
 output is the activation of its bias, whatever the input.
 
+In a gated MLP, ``down(act(gate(x)) * up(x))``, a dead unit's product is 0 whatever ``up``
+gives it (as long as that is finite: ``0 * inf`` is NaN), so row ``j`` of ``up`` is removed
+with row ``j`` of ``gate`` and column ``j`` of ``down``. A constant there is no longer constant
+once multiplied, so only units whose output is exactly 0 are removed.
+
 The dataflow is proven on a ``torch.fx`` trace (see :mod:`deadrelu._graph`); the new
 model is a deep copy of the original with those layers replaced by smaller ones of the
 same class, so it keeps the original's Python class, scripts and exports wherever the
@@ -170,6 +175,9 @@ def _constant_chain(
     except RefusedError:
         return None, None  # stays skipped: its units are not provably constant anyway
     units, value = _graph.constant_units(chain, model)
+    if chain.multipliers and value is not None:
+        # A non-zero constant times up's output is no constant: only exact zeros can go.
+        units, value = tuple(u for u, v in zip(units, value.tolist()) if v == 0), value[value == 0]
     if not units:
         return None, None
     chain.units = units
@@ -311,7 +319,8 @@ def prune_dead(
     """Return a smaller copy of ``model`` without the dead ReLU units in ``report``.
 
     For each site, every dead unit's producing row/channel, BatchNorm channel(s) and
-    consuming columns/channels are removed (see the module docstring). A site whose
+    consuming columns/channels are removed (see the module docstring) — in a gated MLP
+    ``down(act(gate(x)) * up(x))`` the unit's row of ``up`` too. A site whose
     units are all dead keeps one, so no layer becomes empty. A dead unit of a non-ReLU
     site is removed only when its incoming weights are all zero: its output is then the
     activation of its (eval-mode BatchNorm'd) bias, a constant folded into the consumer's
@@ -430,7 +439,12 @@ def _add_constant_chains(
                 chains.append(chain)
                 values[site.name] = value  # type: ignore[assignment]
                 left = len(site.dead_units) - len(chain.units)
-                if left:
+                if left and chain.multipliers:
+                    skipped[site.name] = (
+                        f"{left} dead {site.function} unit(s) do not output exactly 0 (non-zero incoming weights, or "
+                        f"a non-zero constant that '{chain.multipliers[0][0]}' multiplies)"
+                    )
+                elif left:
                     skipped[site.name] = f"{left} dead {site.function} unit(s) with non-zero incoming weights are not constant"
                 else:
                     del skipped[site.name]
@@ -466,6 +480,8 @@ def _plan_cuts(
             edits.setdefault(str(chain.node.target), _Edit()).out.update(units)
         if chain.norm_path:
             edits.setdefault(chain.norm_path, _Edit()).out.update(units)
+        for path, _ in chain.multipliers:
+            edits.setdefault(path, _Edit()).out.update(units)
         for link in chain.links:
             _plan_link_cut(edits, chain, link, units, value, what)
     return plan

@@ -72,6 +72,8 @@ class UnitReset:
         norm: path of the BatchNorm between producer and activation whose channels were reset, or None.
         consumers: paths of the layers whose input columns/channels were zeroed.
         folded: paths of consumers whose bias absorbed a dead unit's constant (non-zero) output.
+        multipliers: paths of the layers whose output multiplies the units (a gated MLP's ``up``),
+            whose rows were re-drawn too.
     """
 
     site: str
@@ -80,6 +82,7 @@ class UnitReset:
     norm: str | None
     consumers: tuple[str, ...]
     folded: tuple[str, ...] = ()
+    multipliers: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -111,7 +114,7 @@ class ReinitResult:
         else:
             lines = [f"reinit_dead: {self.units} unit(s) at {len(self.changes)} site(s)"]
         for c in self.changes:
-            norm = f" + {c.norm}" if c.norm else ""
+            norm = "".join(f" + {p}" for p in ((c.norm,) if c.norm else ()) + c.multipliers)
             lines.append(
                 f"  {c.site}: {len(c.units)} unit(s); rows of {c.producer}{norm} re-drawn, "
                 f"columns of {', '.join(c.consumers)} zeroed"
@@ -368,7 +371,7 @@ def reinit_dead(
     * its incoming weights (a row of the producing Linear, an output channel of the
       producing Conv) are re-drawn — He-normal ``N(0, gain²/fan_in)`` by default, with the
       gain of the site's activation (√2 for ReLU), or PyTorch's own default uniform with
-      ``init="torch"`` — and its bias is set to 0;
+      ``init="torch"`` — and its bias is set to 0; in a gated MLP its row of ``up`` too (gain 1);
     * a BatchNorm between producer and activation gets that channel reset to its
       initial state (weight 1, bias 0, running mean 0, running variance 1);
     * its outgoing weights (the matching input columns/channels of every consuming
@@ -459,6 +462,7 @@ class _UnitResetPlan:
     folds: list[torch.Tensor | None]  # per consumer link, the bias change (None: no constant to fold)
     value: torch.Tensor  # per unit, the output it had when dead (what the consumers saw)
     silent: tuple[int, ...] = ()  # re-drawn units that still would not fire on the data
+    multiplier_rows: list[torch.Tensor] = field(default_factory=list)  # per chain multiplier, its new rows
 
     def change(self) -> UnitReset:
         c = self.chain
@@ -469,6 +473,7 @@ class _UnitResetPlan:
             norm=c.norm_path,
             consumers=tuple(link.path for link in c.links),
             folded=tuple(link.path for link, d in zip(c.links, self.folds) if d is not None),
+            multipliers=tuple(path for path, _ in c.multipliers),
         )
 
 
@@ -507,6 +512,14 @@ def _plan_unit_reset(
         rows, quiet = _redraw_silent(chain, rows, inputs[chain.producer], init, generator, max_draws)
     folds: list[torch.Tensor | None] = []
     value = _dead_output(chain, model)
+    if chain.multipliers and bool(torch.any(value != 0)):
+        raise RefusedError(
+            f"{what}: site '{chain.site.name}': its dead units output a non-zero constant that "
+            f"'{chain.multipliers[0][0]}' multiplies, which is no constant to fold; nothing was changed"
+        )
+    # The up row must be fresh too: one left at 0 (weight decay while the unit was dead) keeps the product 0,
+    # so no gradient would reach the zeroed down column, nor, through it, the gate and up rows. Gain 1: up is linear.
+    ups = [_draw_rows(layer, chain.units, 1.0, init, generator) for _, layer in chain.multipliers]
     for link in chain.links:
         consts = _graph.constant_after(link, chain.units, value)
         delta = _graph.fold_into_bias(link, chain.units, consts, chain.site, what)
@@ -516,7 +529,7 @@ def _plan_unit_reset(
                 "constant output; nothing was changed"
             )
         folds.append(delta)
-    return _UnitResetPlan(chain, rows, folds, value, quiet)
+    return _UnitResetPlan(chain, rows, folds, value, quiet, ups)
 
 
 def _write_unit_resets(plans: list[_UnitResetPlan], optimizer: Any, tx: Transaction) -> int:
@@ -544,16 +557,11 @@ def _write_unit_resets(plans: list[_UnitResetPlan], optimizer: Any, tx: Transact
 
 
 def _write_rows(plan: _UnitResetPlan, optimizer: Any, tx: Transaction) -> int:
-    """New producer rows, zero bias and a fresh BatchNorm channel for one site's units."""
-    chain, idx, entries = plan.chain, list(plan.chain.units), 0
-    p = chain.producer
-    tx.save(p.weight)  # type: ignore[arg-type]
-    tx.save(p.bias)  # type: ignore[arg-type]
-    p.weight[idx] = plan.rows  # type: ignore[index, union-attr]
-    entries += _reset_state(optimizer, p.weight, idx, tx)  # type: ignore[arg-type]
-    if p.bias is not None:  # type: ignore[union-attr]
-        p.bias[idx] = 0  # type: ignore[index, union-attr]
-        entries += _reset_state(optimizer, p.bias, idx, tx)  # type: ignore[arg-type]
+    """New producer (and multiplier) rows, zero bias and a fresh BatchNorm channel for one site's units."""
+    chain, idx = plan.chain, list(plan.chain.units)
+    entries = _write_fresh_rows(chain.producer, idx, plan.rows, optimizer, tx)
+    for (_, layer), rows in zip(chain.multipliers, plan.multiplier_rows):
+        entries += _write_fresh_rows(layer, idx, rows, optimizer, tx)
     bn = chain.norm
     if bn is not None:
         for t, v in ((bn.weight, 1.0), (bn.bias, 0.0), (bn.running_mean, 0.0), (bn.running_var, 1.0)):
@@ -562,6 +570,18 @@ def _write_rows(plan: _UnitResetPlan, optimizer: Any, tx: Transaction) -> int:
                 t[idx] = v  # type: ignore[index]
         entries += _reset_state(optimizer, bn.weight, idx, tx)  # type: ignore[arg-type]
         entries += _reset_state(optimizer, bn.bias, idx, tx)  # type: ignore[arg-type]
+    return entries
+
+
+def _write_fresh_rows(layer: nn.Module, idx: list[int], rows: torch.Tensor, optimizer: Any, tx: Transaction) -> int:
+    """New rows ``idx`` of ``layer``'s weight, zero bias there, and those entries' optimizer state reset."""
+    tx.save(layer.weight)  # type: ignore[arg-type]
+    tx.save(layer.bias)  # type: ignore[arg-type]
+    layer.weight[idx] = rows  # type: ignore[index, union-attr]
+    entries = _reset_state(optimizer, layer.weight, idx, tx)  # type: ignore[arg-type]
+    if layer.bias is not None:  # type: ignore[union-attr]
+        layer.bias[idx] = 0  # type: ignore[index, union-attr]
+        entries += _reset_state(optimizer, layer.bias, idx, tx)  # type: ignore[arg-type]
     return entries
 
 
