@@ -282,3 +282,43 @@ def test_pruned_convolutions_keep_channels_last(rank):
         assert layer.weight.is_contiguous(memory_format=fmt)
     with torch.no_grad():
         assert torch.allclose(result.model(x), expected, atol=1e-5)
+
+
+# --- transformers' Llama: the gated MLP block is rescued, the whole model stays refused -------------
+# LlamaMLP's down(act(gate(x)) * up(x)) was refused ("mul() ... not a supported consumer"); the whole
+# LlamaModel cannot be traced by plain torch.fx and stays refused, its MLP block rescued on its own.
+
+
+def test_llama_model_is_refused_whole_and_its_gated_mlp_block_is_rescued():
+    llama = pytest.importorskip("transformers.models.llama.modeling_llama")
+    torch.manual_seed(0)
+    config = llama.LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+        hidden_act="relu", vocab_size=50,
+    )  # fmt: skip
+    model = llama.LlamaModel(config).eval()
+    block = model.layers[0].mlp
+    with torch.no_grad():
+        block.gate_proj.weight[[1, 4]] = 0  # bias-free: relu(0) never fires
+    ids = torch.randint(0, 50, (4, 6))
+    report = deadrelu.scan(model, ids)
+    assert [(s.name, s.dead_units) for s in report.sites] == [("layers.0.mlp.act_fn", (1, 4))]
+    opt = torch.optim.Adam(model.parameters())
+    before, before_opt = state(model), copy.deepcopy(opt.state_dict())
+    for op in (lambda: deadrelu.prune_dead(model, report, data=ids), lambda: deadrelu.reinit_dead(model, report, opt)):
+        with pytest.raises(RefusedError, match=r"cannot trace LlamaModel with torch.fx.*nothing was changed"):
+            op()
+        assert same_state(state(model), before) and same_state(opt.state_dict(), before_opt)
+    hidden = torch.randn(4, 6, 32)
+    block_report = deadrelu.scan(block, hidden)
+    assert block_report.sites[0].dead_units == (1, 4)
+    result = deadrelu.prune_dead(block, block_report, data=hidden)
+    assert result.model.gate_proj.out_features == result.model.up_proj.out_features == 62
+    assert result.model.down_proj.in_features == 62
+    with torch.no_grad():
+        assert torch.allclose(result.model(hidden), block(hidden), atol=1e-6)
+        expected = copy.deepcopy(block)(hidden)
+    deadrelu.reinit_dead(block, block_report, data=hidden, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(block(hidden), expected)
+    assert torch.equal(block.down_proj.weight[:, [1, 4]], torch.zeros(32, 2))
