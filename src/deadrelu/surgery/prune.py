@@ -552,8 +552,12 @@ def _stale_units(
         return "the report may not be from this data; "  # a one-shot iterator: read once already
     picks = [(site, units) for site, units, _ in plan.pins]
     alive = alive_units(model, report, picks, data, what, input_fn=input_fn, batch_size=batch_size)
-    if not alive:
-        return "the report may not be from this data; "
+    if not alive:  # the removed units are dead here: the model computes more than its trace shows
+        return (
+            "the units removed are dead on this data, so the model computes something its traced graph does "
+            "not show (a branch or Python code torch.fx did not record) or a non-finite value met a removed unit "
+            "(0 * inf); "
+        )
     return (
         f"the report is stale for this data: units it calls dead fire on it ({describe_units(alive)}); scan this "
         "data and prune with that report; "
