@@ -373,6 +373,36 @@ def test_transformers_resume_from_checkpoint_goes_on_with_the_monitors_lifecycle
             run(20, resume_from_checkpoint=str(tmp_path / "checkpoint-16"))
 
 
+def test_a_transformers_run_resumed_with_other_options_goes_on_from_the_checkpoints_one_state(tmp_path: Path):
+    # The state file is named by the options: a resumed run with another log_every found no file of
+    # its name and started afresh, its dead units born dead again.
+    pytest.importorskip("transformers")  # the callback needs it before the trainer is made
+    from deadrelu.integrations import DeadReluTrainerCallback
+
+    def run(steps: int, windows: tuple[int, ...], **extra) -> list[DeadReluTrainerCallback]:
+        trainer = hf_trainer(tmp_path, HFTiny(), steps=steps, save_strategy="steps", save_steps=8)
+        cbs = [DeadReluTrainerCallback(window=w, log_every=w, warn_at=(1.0,), log_to_trainer=False) for w in windows]
+        for cb in reversed(cbs):
+            cb.add_to(trainer)
+        trainer.train(**extra)
+        return cbs
+
+    (first,) = run(8, (4,))
+    folder = tmp_path / "checkpoint-8"
+    with pytest.warns(UserWarning, match=rf"{first.state_file}, was saved by a callback with other options: the monitor goes on"):
+        (resumed,) = run(16, (2,), resume_from_checkpoint=str(folder))
+    assert resumed.state_file != first.state_file
+    assert resumed.monitor.events[: len(first.monitor.events)] == first.monitor.events
+    born = [e for e in resumed.monitor.events if e.kind == "born_dead"]
+    assert born == [e for e in first.monitor.events if e.kind == "born_dead"] and born  # not born again
+    assert resumed.monitor.history.steps == [4, 8, 10, 12, 14, 16]  # the saved history, then every 2nd step
+
+    run(8, (2, 4))  # checkpoint-8 now holds two states: whose is whose cannot be told for a third callback
+    with pytest.warns(UserWarning, match=r"does not exist \(it holds 2 of other callbacks: .*\): the monitor starts afresh"):
+        (afresh,) = run(16, (8,), resume_from_checkpoint=str(folder))
+    assert afresh.monitor.history.steps == [8]  # its own 8 steps since the resume: no saved history
+
+
 def test_two_transformers_callbacks_in_one_trainer_each_resume_their_own_monitor(tmp_path: Path):
     # Both saved checkpoint-N/deadrelu_monitor.json: the second overwrote the first, and at resume
     # both read the second's state.

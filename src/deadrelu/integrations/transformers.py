@@ -161,11 +161,8 @@ class DeadReluTrainerCallback(_tf.TrainerCallback):
         if not os.path.isfile(path) and os.path.isfile(legacy):
             path = legacy  # a checkpoint saved before the file name held the options
         if not os.path.isfile(path):
-            warnings.warn(
-                f"deadrelu: training resumes at step {step} but {os.path.join(folder, self.state_file)} "
-                "does not exist: the monitor starts afresh (its dead units count as born dead again)",
-                stacklevel=3,
-            )
+            path = self._state_saved_with_other_options(folder, step)
+        if path is None:
             return
         try:
             with open(path, encoding="utf-8") as fh:
@@ -176,6 +173,31 @@ class DeadReluTrainerCallback(_tf.TrainerCallback):
             monitor.load_state_dict(saved)
         except DeadReluError as err:
             raise DeadReluError(f"{path}: {err}") from err
+
+    def _state_saved_with_other_options(self, folder: str, step: int) -> str | None:
+        """The checkpoint's one monitor state when it was saved by a callback with other options (a
+        resumed run that changed ``log_every`` or the window), or None, with a warning either way.
+
+        The state holds the lifecycle, history and events, not the rolling windows, so another
+        window or schedule goes on from it; with several states there is no telling whose it is."""
+        prefix, suffix = STATE_FILE.rsplit(".", 1)
+        saved = sorted(n for n in os.listdir(folder) if n.startswith(f"{prefix}-") and n.endswith(f".{suffix}"))
+        own = os.path.join(folder, self.state_file)
+        if len(saved) == 1:
+            warnings.warn(
+                f"deadrelu: training resumes at step {step} and {own} does not exist; the checkpoint's one "
+                f"monitor state, {saved[0]}, was saved by a callback with other options: the monitor goes on "
+                "from it (its rolling window starts empty)",
+                stacklevel=4,
+            )
+            return os.path.join(folder, saved[0])
+        others = f" (it holds {len(saved)} of other callbacks: {', '.join(saved)})" if saved else ""
+        warnings.warn(
+            f"deadrelu: training resumes at step {step} but {own} does not exist{others}: the monitor starts "
+            "afresh (its dead units count as born dead again)",
+            stacklevel=4,
+        )
+        return None
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         # After the Trainer wrote checkpoint-N: the monitor's state goes beside it, so
