@@ -213,6 +213,41 @@ def test_a_lightning_checkpoint_keyed_by_the_class_name_still_resumes(tmp_path: 
     assert [(e.step, e.kind) for e in resumed.monitor.events] == [(4, "born_dead")] * 3
 
 
+def test_a_lightning_run_resumed_with_other_options_goes_on_from_the_checkpoints_one_state(tmp_path: Path):
+    # The state key holds the options: a resumed run with another log_every found no state of its key
+    # and started afresh, its dead units born dead again.
+    L, module = lightning_module()
+    from deadrelu.integrations import DeadReluCallback
+
+    loader = torch.utils.data.DataLoader(make_data(), batch_size=8)
+    first = DeadReluCallback(window=4, log_every=4, warn_at=(1.0,), log_to_trainer=False)
+    trainer = lightning_trainer(L, tmp_path, first)
+    trainer.fit(module, loader)
+    ckpt = tmp_path / "one.ckpt"
+    trainer.save_checkpoint(ckpt)
+
+    L, module = lightning_module()
+    resumed = DeadReluCallback(window=2, log_every=2, warn_at=(1.0,), log_to_trainer=False)
+    assert resumed.state_key != first.state_key
+    with pytest.warns(UserWarning, match="was saved by a callback with other options: the monitor goes on from it"):
+        lightning_trainer(L, tmp_path, resumed, max_steps=16).fit(module, loader, ckpt_path=ckpt)
+    assert resumed.monitor.history.steps[: len(first.monitor.history.steps)] == first.monitor.history.steps
+    assert resumed.monitor.events[: len(first.monitor.events)] == first.monitor.events
+    born = [e for e in resumed.monitor.events if e.kind == "born_dead"]
+    assert born == [e for e in first.monitor.events if e.kind == "born_dead"] and born  # not born again
+
+    saved = torch.load(ckpt, weights_only=False)
+    key = first.state_key
+    saved["callbacks"][key.replace("'window': 4", "'window': 3")] = saved["callbacks"][key]
+    torch.save(saved, ckpt)  # two states of other callbacks: whose is whose cannot be told
+    L, module = lightning_module()
+    afresh = DeadReluCallback(window=8, log_every=8, warn_at=(1.0,), log_to_trainer=False)
+    with pytest.warns(UserWarning, match="holds 2 monitor states of callbacks with other options"):
+        lightning_trainer(L, tmp_path, afresh, max_steps=16).fit(module, loader, ckpt_path=ckpt)
+    assert afresh.monitor.events[: len(first.monitor.events)] != first.monitor.events  # its own lifecycle
+    assert first.monitor.history.steps[0] not in afresh.monitor.history.steps
+
+
 def test_lightning_manual_optimization_observes_the_forwards_after_each_backward(tmp_path: Path):
     # The scope closed at the first backward and never reopened: a second network trained in
     # the same training_step (a GAN's discriminator) had no site at all.

@@ -104,11 +104,30 @@ class DeadReluCallback(_pl.Callback):
         return self._generate_state_key(log_to_trainer=self.log_to_trainer, **options)
 
     def on_load_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
-        # A checkpoint saved before the state key held the options keeps the state under the class name.
         states = checkpoint.get("callbacks") or {}
         legacy = type(self).__qualname__
-        if self.state_key not in states and legacy in states:
+        if self.state_key in states:
+            return  # Lightning hands it to load_state_dict
+        if legacy in states:  # saved before the state key held the options: under the class name
             self.load_state_dict(states[legacy])
+            return
+        # Resumed with other options (another log_every or window): the key differs. The state holds
+        # the lifecycle, history and events, not the rolling windows, so the one saved state goes on.
+        saved = sorted(k for k in states if isinstance(k, str) and k.startswith(legacy + "{"))
+        if len(saved) == 1:
+            warnings.warn(
+                f"deadrelu: the checkpoint's one monitor state, {saved[0]}, was saved by a callback with other "
+                "options: the monitor goes on from it (its rolling window starts empty)",
+                stacklevel=2,
+            )
+            self.load_state_dict(states[saved[0]])
+        elif saved:
+            warnings.warn(
+                f"deadrelu: the checkpoint holds {len(saved)} monitor states of callbacks with other options "
+                f"({', '.join(saved)}) and none of this one's: the monitor starts afresh (its dead units count as "
+                "born dead again)",
+                stacklevel=2,
+            )
 
     def state_dict(self) -> dict[str, Any]:
         """The monitor's state (:meth:`deadrelu.Monitor.state_dict`), saved in Lightning checkpoints."""
