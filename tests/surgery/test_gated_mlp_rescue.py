@@ -28,12 +28,7 @@ DEAD = [1, 4, 6]
 PRODUCTS = {"operator": operator.mul, "torch.mul": torch.mul, "method": lambda a, b: a.mul(b)}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 class GatedMLP(nn.Module):

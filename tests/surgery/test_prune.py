@@ -18,12 +18,7 @@ from deadrelu.errors import DataError, DeadReluError
 from fixtures import rescue_models as rm
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 

@@ -24,13 +24,7 @@ from deadrelu.errors import DeadReluError
 from fixtures import rescue_models as rm
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Four engineers share two cores; tiny models run fastest single-threaded.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def gen(seed: int = 0) -> torch.Generator:
