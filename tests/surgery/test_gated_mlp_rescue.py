@@ -23,6 +23,7 @@ from torch import nn
 import deadrelu
 from deadrelu import RefusedError
 from fixtures.models import same_state
+from fixtures.unchanged import assert_unchanged, snapshot, trained_optimizer
 
 DEAD = [1, 4, 6]
 PRODUCTS = {"operator": operator.mul, "torch.mul": torch.mul, "method": lambda a, b: a.mul(b)}
@@ -151,21 +152,13 @@ def test_prune_without_data_removes_the_same_units(form):
         assert torch.allclose(result.model(x), model(x), atol=1e-6)
 
 
-def adam_with_state(model: nn.Module, x: torch.Tensor) -> torch.optim.Adam:
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    model(x).pow(2).mean().backward()
-    opt.step()
-    opt.zero_grad()
-    return opt
-
-
 @pytest.mark.parametrize("with_data", [True, False], ids=["data", "no-data"])
 @pytest.mark.parametrize("shape", ["BC", "BTC"])
 @pytest.mark.parametrize("form", FORMS)
 def test_reinit_redraws_gate_and_up_rows_and_zeroes_down_columns_keeping_outputs(form, shape, with_data):
     model, gate, up, down, act, width = build(form)
     x = inputs(shape, width)
-    opt = adam_with_state(model, x)
+    opt = trained_optimizer(model, x)
     report = deadrelu.scan(model, x)
     dead = list(report.sites[0].dead_units)
     assert tuple(dead) == brute_force_dead(model, gate, act, x)
@@ -329,20 +322,6 @@ REFUSALS = {
 }
 
 
-def snapshot(model: nn.Module, opt: torch.optim.Optimizer) -> dict:
-    return {
-        "state": {k: v.clone() for k, v in model.state_dict().items()},
-        "hooks": {n: (dict(m._forward_hooks), dict(m._forward_pre_hooks)) for n, m in model.named_modules()},
-        "training": {n: m.training for n, m in model.named_modules()},
-        "opt": copy.deepcopy(opt.state_dict()),
-    }
-
-
-def assert_unchanged(before: dict, after: dict) -> None:
-    assert same_state(before["state"], after["state"]) and same_state(before["opt"], after["opt"])
-    assert before["hooks"] == after["hooks"] and before["training"] == after["training"]
-
-
 @pytest.mark.parametrize("kind", list(REFUSALS))
 @pytest.mark.parametrize("op", ["prune", "prune-nodata", "reinit", "reinit-data"])
 def test_a_product_with_anything_but_a_per_unit_linear_output_is_refused_and_nothing_changes(kind, op):
@@ -352,7 +331,7 @@ def test_a_product_with_anything_but_a_per_unit_linear_output_is_refused_and_not
     x = inputs("BC", 8)
     report = deadrelu.scan(model, x)
     assert report.sites[0].dead_units == tuple(DEAD)
-    opt = adam_with_state(model, x) if kind != "product-in-place" else torch.optim.Adam(model.parameters())
+    opt = trained_optimizer(model, x) if kind != "product-in-place" else torch.optim.Adam(model.parameters())
     model.eval()
     before = snapshot(model, opt)
     with pytest.raises(RefusedError, match=r"site 'act'.*" + f"({REFUSALS[kind]})" + r".*nothing was changed"):
@@ -409,7 +388,7 @@ def test_phi3_fused_gate_up_projection_is_refused_and_nothing_changes():
     x = inputs("BTC", 32)
     report = deadrelu.scan(model, x)
     assert set(DEAD) <= set(report.sites[0].dead_units)
-    opt = adam_with_state(model, x)
+    opt = trained_optimizer(model, x)
     before = snapshot(model, opt)
     for call in (
         lambda: deadrelu.prune_dead(model, report, data=x),

@@ -18,73 +18,7 @@ import deadrelu
 from deadrelu import RefusedError, nudge_bias, prune_dead, reinit_dead, swap_activations
 from deadrelu.core.report import Report
 from fixtures import rescue_models as rm
-
-HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_forward_hooks_with_kwargs",
-              "_forward_pre_hooks_with_kwargs", "_state_dict_hooks", "_load_state_dict_pre_hooks")  # fmt: skip
-
-
-def _bits(t: torch.Tensor) -> tuple:
-    t = t.detach().cpu().contiguous()
-    return (t.dtype, tuple(t.shape), t.view(-1).view(torch.uint8).clone() if t.numel() else None)
-
-
-def _same_bits(a: tuple, b: tuple) -> bool:
-    return a[:2] == b[:2] and (a[2] is None and b[2] is None or torch.equal(a[2], b[2]))
-
-
-def _tree(obj):
-    """Optimizer state as nested plain data, tensors as bit patterns."""
-    if isinstance(obj, torch.Tensor):
-        return ("tensor", _bits(obj))
-    if isinstance(obj, dict):
-        return {k: _tree(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_tree(v) for v in obj]
-    return obj
-
-
-def _same_tree(a, b) -> bool:
-    if isinstance(a, tuple) and a and a[0] == "tensor":
-        return isinstance(b, tuple) and _same_bits(a[1], b[1])
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(_same_tree(a[k], b[k]) for k in a)
-    if isinstance(a, list):
-        return isinstance(b, list) and len(a) == len(b) and all(_same_tree(x, y) for x, y in zip(a, b))
-    return a == b
-
-
-def snapshot(model: nn.Module, opt: torch.optim.Optimizer | None) -> dict:
-    """Everything a refusal must leave alone: tensors (with their identity), module tree, hooks, optimizer."""
-    return {
-        "params": [(n, id(p), _bits(p)) for n, p in model.named_parameters()],
-        "buffers": [(n, id(b), _bits(b)) for n, b in model.named_buffers()],
-        "attrs": {n: _bits(v) for n, m in model.named_modules() for n2, v in vars(m).items()
-                  if isinstance(v, torch.Tensor) for n in [f"{n}.{n2}"]},  # fmt: skip
-        "modules": [(n, id(m), type(m)) for n, m in model.named_modules()],
-        "hooks": {n: {d: list(getattr(m, d).items()) for d in HOOK_DICTS} for n, m in model.named_modules()},
-        "opt": _tree(opt.state_dict()) if opt is not None else None,
-    }
-
-
-def assert_unchanged(before: dict, after: dict) -> None:
-    for key in ("params", "buffers"):
-        assert [(n, i) for n, i, _ in before[key]] == [(n, i) for n, i, _ in after[key]], key
-        assert all(_same_bits(a[2], b[2]) for a, b in zip(before[key], after[key])), key
-    assert before["attrs"].keys() == after["attrs"].keys()
-    assert all(_same_bits(before["attrs"][k], after["attrs"][k]) for k in before["attrs"])
-    assert before["modules"] == after["modules"]
-    assert before["hooks"] == after["hooks"]
-    assert _same_tree(before["opt"], after["opt"])
-
-
-def trained_optimizer(model: nn.Module, x: torch.Tensor) -> torch.optim.Optimizer:
-    """Adam with state for every parameter (one step on a toy loss)."""
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    model(x).pow(2).mean().backward()
-    opt.step()
-    opt.zero_grad()
-    return opt
-
+from fixtures.unchanged import assert_unchanged, snapshot, trained_optimizer
 
 OPERATIONS = {
     "reinit": lambda net, rep, opt, x: reinit_dead(net, rep, opt),
