@@ -209,13 +209,17 @@ def checked_mask_option(spec: Any) -> Any:
     )
 
 
-def refuse_meta_weights(model: nn.Module) -> None:
-    """A model whose weights are on the meta device has no values to run: say so in one line."""
-    for t in (*model.parameters(), *model.buffers()):
+def refuse_meta_weights(model: nn.Module, what: str | None = None) -> None:
+    """A model whose weights are on the meta device has no values to run: say so in one line,
+    naming the first such tensor. ``what`` names a rewrite that refuses (and so changed nothing)."""
+    for name, t in (*model.named_parameters(), *model.named_buffers()):
         if t.device.type == "meta":
+            head = "" if what is None else f"{what}: "
+            use = "no values to run" if what is None else "no values to read or write"
+            tail = "" if what is None else "; nothing was changed"
             raise DeadReluError(
-                f"{type(model).__name__} has its weights on the meta device (no values to run): "
-                "materialise it first, e.g. model.to_empty(device='cpu') and load_state_dict(...)"
+                f"{head}{type(model).__name__} has its weights on the meta device ('{name}'; {use}): "
+                f"materialise it first, e.g. model.to_empty(device='cpu') and load_state_dict(...){tail}"
             )
 
 

@@ -35,7 +35,9 @@ import torch
 from torch import fx, nn
 
 from . import dataflow
-from ..core.inputs import describe_shapes, error_summary, iter_tensors, kept_training_flags, map_tensors
+from ..core.inputs import (
+    describe_shapes, error_summary, iter_tensors, kept_training_flags, map_tensors, refuse_meta_weights,
+)
 from ..core.report import Report, SiteReport
 from ..core.scan import scan
 from ..errors import DataError, DeadReluError, ForwardError, NoActivationSitesError, RefusedError
@@ -408,13 +410,7 @@ def check_model(model: Any, what: str) -> None:
     """
     if not isinstance(model, nn.Module):
         raise DeadReluError(f"{what}: model must be a torch.nn.Module, not {type(model).__name__}")
-    for name, t in (*model.named_parameters(), *model.named_buffers()):
-        if t.device.type == "meta":
-            raise DeadReluError(
-                f"{what}: {type(model).__name__} has its weights on the meta device ('{name}'; no values to read or "
-                "write): materialise it first, e.g. model.to_empty(device='cpu') and load_state_dict(...); nothing "
-                "was changed"
-            )
+    refuse_meta_weights(model, what)
 
 
 def check_flag(value: Any, name: str, what: str) -> None:
