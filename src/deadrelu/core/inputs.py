@@ -29,6 +29,7 @@ from torch import nn
 from ..errors import DataError, DeadReluError
 
 __all__ = [
+    "is_count",
     "whole_batch_size",
     "whole_number",
     "decoder_mask_of_call",
@@ -166,7 +167,7 @@ def call_samples(args: Sequence[Any], kwargs: Mapping[str, Any] | None = None) -
     return int(first.shape[0]) if first.ndim else 1
 
 
-def _is_count(value: Any) -> bool:
+def is_count(value: Any) -> bool:
     """A whole number of at least 1 (an int or NumPy integer; never a bool, a float or text)."""
     return not isinstance(value, bool) and hasattr(value, "__index__") and value >= 1
 
@@ -177,7 +178,7 @@ def whole_batch_size(batch_size: Any, what: str = "") -> int:
     >>> whole_batch_size(64)
     64
     """
-    if not _is_count(batch_size):
+    if not is_count(batch_size):
         prefix = f"{what}: " if what else ""
         raise DataError(f"{prefix}batch_size must be a whole number of at least 1, got {batch_size!r}")
     return int(batch_size)
@@ -189,7 +190,7 @@ def whole_number(value: Any, name: str) -> int:
     >>> whole_number(3, "max_batches")
     3
     """
-    if not _is_count(value):
+    if not is_count(value):
         raise DeadReluError(f"{name} must be a whole number of at least 1 (or None), got {value!r:.80}")
     return int(value)
 

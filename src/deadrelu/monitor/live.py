@@ -19,12 +19,12 @@ Example:
 from __future__ import annotations
 
 import math
-import operator
 import time
 from collections import Counter
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from .._imports import require
+from ..core.inputs import is_count
 from ..errors import DeadReluError
 from .sinks import Sink
 
@@ -88,11 +88,7 @@ def _check_view_options(max_cells: Any, refresh_per_second: Any, plain_interval:
     """Refuse each option of the wrong kind with one DeadReluError, when the view is made: a bad
     one would otherwise fail only at the first record (``max_cells=nan``, ``clock=0.0``) or quietly
     mean something else (``refresh_per_second=nan`` lifts the redraw limit: no gap is below NaN)."""
-    try:
-        cells = operator.index(max_cells)  # numpy integers too, not 512.0 or True
-    except TypeError:
-        cells = 0
-    if isinstance(max_cells, bool) or cells < 1:
+    if not is_count(max_cells):  # numpy integers too, not 512.0 or True
         raise DeadReluError(f"max_cells must be a whole number of at least 1 (cells per layer), got {max_cells!r:.80}")
     rate = _finite_real(refresh_per_second)
     if rate is None or rate <= 0:
@@ -148,7 +144,7 @@ class LiveView(Sink):
 
             console = Console()
         self.console = console
-        self.max_cells = operator.index(max_cells)
+        self.max_cells = int(max_cells)
         self.min_gap = 1.0 / float(refresh_per_second)
         self.plain_interval = float(plain_interval)
         self.clock = clock
