@@ -56,18 +56,21 @@ __all__ = [
 PRODUCERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 CONSUMERS = PRODUCERS
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+# Modules and functions that keep every element where it is (dropout, identity): the only ones followed
+# after a gated product, which may broadcast to another rank than the site's, where the rank-based rules
+# for pools, BatchNorm and flatten would misread it.
+_ELEMENTWISE_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity)
+_ELEMENTWISE_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, torch.dropout}
 # Per-channel modules that map a constant channel to a constant channel and zero to zero.
-_PASS_MODULES = (
-    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity,
+_PASS_MODULES = _ELEMENTWISE_MODULES + (
     nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
     nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
 )  # fmt: skip
 # Average pooling with zero padding counted in keeps zero but not other constants.
 _ZERO_ONLY_MODULES = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
-_PASS_FUNCTIONS = {
-    F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.max_pool1d, F.max_pool2d, F.max_pool3d,
-    F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool1d,
-    F.adaptive_max_pool2d, F.adaptive_max_pool3d, torch.dropout,
+_PASS_FUNCTIONS = _ELEMENTWISE_FUNCTIONS | {
+    F.max_pool1d, F.max_pool2d, F.max_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
+    F.adaptive_avg_pool3d, F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d,
 }  # fmt: skip
 _ZERO_ONLY_FUNCTIONS = {F.avg_pool1d, F.avg_pool2d, F.avg_pool3d}
 # How many trailing dims each pooling op pools over. torch takes dim -(k+1) as the channels, so the
@@ -90,11 +93,6 @@ _PASS_METHODS = {"contiguous", "clone"}
 _ADDS = {operator.add, operator.iadd, operator.sub, torch.add, torch.sub, "add", "add_", "sub", "sub_"}
 # Out-of-place products only: an in-place one would also change the activation output it overwrites.
 _PRODUCTS = {operator.mul, torch.mul, "mul"}
-# What is followed after a product: a factor may broadcast it to another rank than the site's, which the
-# rank-based rules for pools, BatchNorm and flatten would misread; dropout and a Linear reading the last dim
-# do not depend on the rank.
-_ELEMENTWISE_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity)
-_ELEMENTWISE_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, torch.dropout}
 
 
 
