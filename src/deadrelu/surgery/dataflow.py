@@ -808,7 +808,8 @@ def _consumer_side(
             m = modules.get(user.target) if user.op == "call_module" else None  # type: ignore[arg-type]
             if m is not None:
                 _check_module(str(user.target), m, site, what)
-            if node in products and not (m is not None and type(m) in CONSUMERS or _elementwise(user, m)):
+            elementwise = _keeps_units(user, m, _ELEMENTWISE_MODULES, _ELEMENTWISE_FUNCTIONS)
+            if node in products and not (m is not None and type(m) in CONSUMERS or elementwise):
                 raise _refuse(
                     site, what, f"its product with '{chain.multipliers[-1][0]}' feeds {describe_node(user)}: after a "
                     "product only dropout, identity and Linear consumers are followed (it may broadcast to another rank)",
@@ -823,9 +824,7 @@ def _consumer_side(
                 _check_single_use(str(user.target), site, what, calls, shared)
                 todo.append((user, flat, norms + [(str(user.target), m)], zero_only, fixed))
                 continue
-            passes = (m is not None and isinstance(m, _PASS_MODULES)) or (
-                user.op == "call_function" and user.target in _PASS_FUNCTIONS
-            ) or (user.op == "call_method" and user.target in _PASS_METHODS)
+            passes = _keeps_units(user, m, _PASS_MODULES, _PASS_FUNCTIONS)
             zero = (m is not None and isinstance(m, _ZERO_ONLY_MODULES)) or (
                 user.op == "call_function" and user.target in _ZERO_ONLY_FUNCTIONS
             )
@@ -849,12 +848,12 @@ def _consumer_side(
     return links
 
 
-def _elementwise(node: fx.Node, module: nn.Module | None) -> bool:
-    """True for dropout, identity, ``.clone()`` or ``.contiguous()``, which keep every element where it is."""
+def _keeps_units(node: fx.Node, module: nn.Module | None, modules: tuple[type, ...], functions: set[Any]) -> bool:
+    """Whether ``node`` is one of ``modules`` or ``functions``, or ``.clone()`` / ``.contiguous()``."""
     if module is not None:
-        return isinstance(module, _ELEMENTWISE_MODULES)
+        return isinstance(module, modules)
     if node.op == "call_function":
-        return node.target in _ELEMENTWISE_FUNCTIONS
+        return node.target in functions
     return node.op == "call_method" and node.target in _PASS_METHODS
 
 
