@@ -7,7 +7,8 @@ alternate ``--repeats`` times. Printed: throughput ratios (plain time ÷ scan ti
 free, target >= 0.95) from the median CPU time of this process — which other jobs on a
 shared machine disturb far less than wall time — and from the median wall time. Also
 printed: the CPU-time ratio with the capture machinery but a no-op accumulator, which
-separates the cost of finding sites from the cost of the statistics.
+separates the cost of finding sites from the cost of the statistics, and the ratio of a scan
+with the compiled CPU kernel off (``DEADRELU_NO_NATIVE=1``: the pure-torch statistics pass).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import deadrelu
+from deadrelu.core import native
 from deadrelu.core.capture import ActivationCapture
 
 
@@ -83,10 +85,19 @@ def full_scan(model: nn.Module, data: torch.Tensor, batch_size: int) -> None:
     deadrelu.scan(model, data, batch_size=batch_size)
 
 
+def torch_pass_scan(model: nn.Module, data: torch.Tensor, batch_size: int) -> None:
+    """The scan with the compiled CPU kernel off: the pure-torch statistics pass."""
+    os.environ["DEADRELU_NO_NATIVE"] = "1"
+    try:
+        deadrelu.scan(model, data, batch_size=batch_size)
+    finally:
+        del os.environ["DEADRELU_NO_NATIVE"]
+
+
 def measure(model: nn.Module, data: torch.Tensor, batch_size: int, repeats: int) -> dict[str, float]:
     """Median CPU and wall seconds of each runner, interleaved."""
     model.eval()
-    runners = {"plain": plain, "capture only": capture_only, "scan": full_scan}
+    runners = {"plain": plain, "capture only": capture_only, "scan": full_scan, "torch pass": torch_pass_scan}
     cpu: dict[str, list[float]] = {k: [] for k in runners}
     wall: dict[str, list[float]] = {k: [] for k in runners}
     for fn in runners.values():  # warm-up: allocator, kernels
@@ -129,15 +140,17 @@ def main() -> None:
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.repeats} interleaved runs, "
         f"steady malloc {'MALLOC_MMAP_THRESHOLD_' in os.environ}"
     )
+    print(native.status())
     print(
         f"{'model':24s} {'plain cpu s':>11s} {'scan cpu s':>10s} {'ratio (cpu)':>11s} {'ratio (wall)':>12s} "
-        f"{'capture-only (cpu)':>18s}"
+        f"{'capture-only (cpu)':>18s} {'torch pass (cpu)':>16s}"
     )
     for name, model, data, bs in cases:
         t = measure(model, data, bs, args.repeats)
         print(
             f"{name:24s} {t['cpu plain']:11.3f} {t['cpu scan']:10.3f} {t['cpu plain'] / t['cpu scan']:11.3f} "
-            f"{t['wall plain'] / t['wall scan']:12.3f} {t['cpu plain'] / t['cpu capture only']:18.3f}"
+            f"{t['wall plain'] / t['wall scan']:12.3f} {t['cpu plain'] / t['cpu capture only']:18.3f} "
+            f"{t['cpu plain'] / t['cpu torch pass']:16.3f}"
         )
 
 

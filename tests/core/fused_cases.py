@@ -42,7 +42,9 @@ def launches(monkeypatch):
 
 
 def use_kernel(monkeypatch, flag: bool) -> None:
-    """Route the auto backend to the kernel (CPU tensors too: the interpreter runs them) or away from it."""
+    """Route the auto backend to the kernel (CPU tensors too: the interpreter runs them) or away from it
+    (to the two passes of torch: the compiled CPU kernel of core/native.py is off here)."""
+    monkeypatch.setenv("DEADRELU_NO_NATIVE", "1")
     monkeypatch.setattr(stats, "_triton_ready", lambda x: flag and kernels.available())
 
 

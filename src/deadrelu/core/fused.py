@@ -60,8 +60,9 @@ class _CountedReLU(torch.autograd.Function):
         out: Mapping[str, torch.Tensor],
         mask: torch.Tensor | None,
         inplace: bool,
+        engine: Any,
     ) -> torch.Tensor:
-        y = kernels.relu_stats_into(x, unit_dim, threshold, out, mask, inplace)
+        y = engine.relu_stats_into(x, unit_dim, threshold, out, mask, inplace)
         assert y is not None, "fusable_layout is checked before"
         _STATE.launched = True
         if inplace:
@@ -72,7 +73,7 @@ class _CountedReLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
         (y,) = ctx.saved_tensors
-        return torch.ops.aten.threshold_backward(grad, y, 0), None, None, None, None, None
+        return torch.ops.aten.threshold_backward(grad, y, 0), None, None, None, None, None, None
 
 
 def counted_relu(
@@ -82,6 +83,7 @@ def counted_relu(
     out: Mapping[str, torch.Tensor],
     mask: torch.Tensor | None = None,
     inplace: bool = False,
+    engine: Any = kernels,
 ) -> torch.Tensor:
     """``relu(x)`` (``x`` itself when ``inplace``), its statistics added into ``out``.
 
@@ -93,6 +95,8 @@ def counted_relu(
         mask: optional bool observation mask over ``x``'s leading dims (outputs are written
             everywhere; only kept positions are counted).
         inplace: write the output into ``x``, as ``torch.relu_`` does.
+        engine: the kernel module, :mod:`deadrelu.core.kernels` (Triton) or
+            :mod:`deadrelu.core.native` (the C kernel, CPU tensors).
     """
     _STATE.launched = False
-    return _CountedReLU.apply(x, unit_dim, threshold, out, mask, inplace)
+    return _CountedReLU.apply(x, unit_dim, threshold, out, mask, inplace, engine)

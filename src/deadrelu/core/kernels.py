@@ -174,19 +174,36 @@ def plan(x: torch.Tensor, unit_dim: int) -> tuple[torch.Tensor, int, int, int, i
         >>> plan(torch.zeros(2, 3, 4, 5).to(memory_format=torch.channels_last), 1)[1:]
         (40, 3, 1, 3, 1, 0)
     """
-    shape, strides = tuple(x.shape), tuple(x.stride())
+    copy, *layout = _layout(tuple(x.shape), tuple(x.stride()), unit_dim)
+    return (x.contiguous() if copy else x, *layout)  # type: ignore[return-value]
+
+
+@functools.lru_cache(maxsize=4096)
+def _layout(shape: tuple[int, ...], strides: tuple[int, ...], unit_dim: int) -> tuple[bool, int, int, int, int, int, int]:
+    """:func:`plan` for one shape and strides (a batch's sites repeat them: worked out once):
+    whether a contiguous copy is needed, then the six numbers."""
+    copy = False
     head = _merged(shape[:unit_dim], strides[:unit_dim])
     tail = _merged(shape[unit_dim + 1 :], strides[unit_dim + 1 :])
     if head is None or tail is None:
-        x = x.contiguous()
-        shape, strides = tuple(x.shape), tuple(x.stride())
+        copy = True
+        strides = tuple(_contiguous_strides(shape))
         head = _merged(shape[:unit_dim], strides[:unit_dim])
         tail = _merged(shape[unit_dim + 1 :], strides[unit_dim + 1 :])
         assert head is not None and tail is not None
     before, s_b, after, s_a = head[0], head[1], tail[0], tail[1]
     if after > 1 and (before == 1 or s_b == after * s_a):  # e.g. channels_last: rows (N, H, W) share one stride
         before, s_b, after, s_a = before * after, s_a, 1, 0
-    return x, before, shape[unit_dim], after, s_b, strides[unit_dim], s_a
+    return copy, before, shape[unit_dim], after, s_b, strides[unit_dim], s_a
+
+
+def _contiguous_strides(shape: tuple[int, ...]) -> list[int]:
+    """The strides ``x.contiguous()`` has: as torch computes them (a size-1 or size-0 dim counts as 1)."""
+    out, step = [0] * len(shape), 1
+    for i in range(len(shape) - 1, -1, -1):
+        out[i] = step
+        step *= max(shape[i], 1)
+    return out
 
 
 def _blocks(units: int, s_u: int, after: int, s_a: int) -> tuple[int, int]:
@@ -274,8 +291,13 @@ def dense(x: torch.Tensor) -> bool:
     >>> dense(torch.zeros(2, 3).t()), dense(torch.zeros(4, 6)[:, :5]), dense(torch.zeros(3, 1).expand(3, 4))
     (True, False, False)
     """
+    return _dense(tuple(x.shape), tuple(x.stride()))
+
+
+@functools.lru_cache(maxsize=4096)
+def _dense(shape: tuple[int, ...], strides: tuple[int, ...]) -> bool:
     expected = 1
-    for stride, size in sorted((st, n) for n, st in zip(x.shape, x.stride()) if n != 1):
+    for stride, size in sorted((st, n) for n, st in zip(shape, strides) if n != 1):
         if stride != expected:
             return False
         expected *= size

@@ -90,7 +90,9 @@ __all__ = [
     "as_unit_batch",
     "fused_on_cpu",
     "fuses_relu",
+    "fused_relu_accumulate",
     "relu_accumulate",
+    "relu_engine",
     "batch_unit_sums",
     "per_unit_sum",
     "release_scratch",
@@ -552,7 +554,7 @@ def traceable_batch_sums(
 
 # -- backend choice and the one entry point -----------------------------------------------------
 
-BACKENDS = ("auto", "torch", "triton")
+BACKENDS = ("auto", "torch", "triton", "native")
 
 
 _TRITON_FAILED: list[str] = []  # why the kernel could not run here, once it failed (then torch is used)
@@ -641,9 +643,10 @@ def accumulate(
         nonnegative: the activation cannot be negative, so ``|h| = h`` (skips an ``abs``).
         out: state tensors to add into (views of a ring row work).
         mask: optional bool observation mask (see :meth:`UnitStats.update`).
-        backend: ``"auto"`` (Triton kernel for CUDA tensors when Triton imports, else torch),
-            ``"torch"`` or ``"triton"`` (the kernel, on any device Triton can run: CPU tensors
-            only under ``TRITON_INTERPRET=1``).
+        backend: ``"auto"`` (the Triton kernel for CUDA tensors when Triton imports, the
+            compiled C kernel of :mod:`deadrelu.core.native` for CPU tensors where it builds,
+            else torch), ``"torch"``, ``"triton"`` (the kernel, on any device Triton can run:
+            CPU tensors only under ``TRITON_INTERPRET=1``) or ``"native"`` (the C kernel).
 
     Raises:
         DeadReluError: for an unknown backend or a mask that does not fit.
@@ -658,6 +661,15 @@ def accumulate(
         return  # nothing observed (no values, or no units)
     if backend == "triton":
         _require_triton(x)
+    if backend == "native" or (backend == "auto" and not _triton_ready(x) and _native_ready(x, backend)):
+        from . import native
+
+        if backend == "native":
+            _native_ready(x, backend)  # raises where it cannot count x
+
+        native.unit_stats_into(x, unit_dim, threshold, nonnegative, out, mask)
+        _extra_statistics(x, unit_dim, threshold, out, mask)
+        return
     if mask is None and x.device.type == "cpu" and backend != "triton" and not _autocast_on("cpu") and not (
         backend == "auto" and _triton_ready(x)
     ):
@@ -677,12 +689,29 @@ def accumulate(
         _extra_statistics(x, unit_dim, threshold, out, mask)
 
 
-def fused_on_cpu() -> bool:
-    """Whether CPU tensors may reach the fused kernels at all: only under Triton's interpreter
-    (``TRITON_INTERPRET=1``, how the tests run them without a GPU) and only with ``backend="triton"``."""
-    from . import kernels
+def _native_ready(x: torch.Tensor, backend: str) -> bool:
+    """Whether the C kernel counts ``x`` (CPU, a dtype it knows); for ``backend="native"`` an
+    error where it cannot."""
+    if x.device.type != "cpu":
+        if backend == "native":
+            raise DeadReluError(f"the native statistics backend counts CPU tensors only, not {x.device.type}")
+        return False
+    from . import native
 
-    return kernels.interpreting()
+    if native.supports(x):
+        return True
+    if backend == "native":
+        raise DeadReluError(f"the native statistics backend cannot count this {x.dtype} tensor: {native.status()}")
+    return False
+
+
+def fused_on_cpu() -> bool:
+    """Whether CPU tensors may reach the fused ReLU at all: where the C kernel of
+    :mod:`deadrelu.core.native` builds, or under Triton's interpreter (``TRITON_INTERPRET=1``,
+    how the tests run the Triton kernel without a GPU, with ``backend="triton"``)."""
+    from . import kernels, native
+
+    return native.available() or kernels.interpreting()
 
 
 @functools.lru_cache(maxsize=None)
@@ -693,25 +722,39 @@ def _fusion_off() -> bool:
 def fuses_relu(x: torch.Tensor, unit_dim: int, backend: str = "auto", inplace: bool = False) -> bool:
     """Whether :func:`relu_accumulate` runs the ReLU and its statistics as one kernel here.
 
-    True for a floating tensor of two or more dims that the Triton kernel would count anyway
-    (``backend="auto"`` on CUDA, or ``"triton"``) in a layout it addresses without a copy,
+    True for a floating tensor of two or more dims that a kernel would count anyway (Triton:
+    ``backend="auto"`` on CUDA, or ``"triton"``; the C kernel: ``"auto"`` or ``"native"`` on
+    CPU) in a layout it addresses without a copy,
     with no extra declared statistic, unless ``DEADRELU_NO_FUSED_RELU=1`` is set. An in-place ReLU of a leaf or a view that autograd
     records is left to torch, which raises or rebases history itself.
     """
-    if backend == "torch" or x.ndim < 2 or not x.is_floating_point() or x.numel() == 0 or _TRITON_FAILED:
-        return False
-    if _fusion_off():
-        return False
-    if type(x) is not torch.Tensor or any(s.batch is not None for s in STATISTICS):
-        return False  # a tensor subclass (DTensor, fake tensors) keeps its own dispatch
-    if inplace and x.requires_grad and torch.is_grad_enabled() and (x.is_leaf or x._is_view()):
-        return False
-    if inplace and x.is_inference() and not torch.is_inference_mode_enabled():
-        return False  # torch refuses this write, and must do so before anything is written
-    from . import fused, kernels
+    return relu_engine(x, unit_dim, backend, inplace) is not None
 
-    ready = _triton_ready(x) if backend == "auto" else kernels.available() and (x.is_cuda or kernels.interpreting())
-    return ready and fused.fusable_layout(x, unit_dim)
+
+def relu_engine(x: torch.Tensor, unit_dim: int, backend: str, inplace: bool) -> object | None:
+    """The kernel module (:mod:`.kernels` or :mod:`.native`) that fuses this ReLU, or None."""
+    if backend == "torch" or x.ndim < 2 or not x.is_floating_point() or x.numel() == 0:
+        return None
+    if _fusion_off():
+        return None
+    if type(x) is not torch.Tensor or any(s.batch is not None for s in STATISTICS):
+        return None  # a tensor subclass (DTensor, fake tensors) keeps its own dispatch
+    if inplace and x.requires_grad and torch.is_grad_enabled() and (x.is_leaf or x._is_view()):
+        return None
+    if inplace and x.is_inference() and not torch.is_inference_mode_enabled():
+        return None  # torch refuses this write, and must do so before anything is written
+    from . import fused, kernels, native
+
+    engine: object
+    if backend == "auto" and _triton_ready(x):
+        engine = kernels
+    elif x.device.type == "cpu" and backend in ("auto", "native") and native.supports(x):
+        engine = native
+    elif backend == "triton" and not _TRITON_FAILED and kernels.available() and (x.is_cuda or kernels.interpreting()):
+        engine = kernels
+    else:
+        return None
+    return engine if fused.fusable_layout(x, unit_dim) else None
 
 
 def relu_accumulate(
@@ -732,17 +775,32 @@ def relu_accumulate(
     Raises:
         DeadReluError: for a mask that does not fit.
     """
+    return fused_relu_accumulate(x, unit_dim, threshold, out, mask, backend, inplace, relu_engine(x, unit_dim, backend, inplace))
+
+
+def fused_relu_accumulate(
+    x: torch.Tensor,
+    unit_dim: int,
+    threshold: float,
+    out: Mapping[str, torch.Tensor],
+    mask: torch.Tensor | None,
+    backend: str,
+    inplace: bool,
+    engine: object | None,
+) -> torch.Tensor:
+    """:func:`relu_accumulate` with the kernel already chosen (``relu_engine``'s answer, given by
+    a caller that asked it first): the per-site decision is made once per call."""
     mask = check_mask(x.detach(), unit_dim, mask)
-    if fuses_relu(x, unit_dim, backend, inplace):
-        from . import fused
+    if engine is not None:
+        from . import fused, kernels
 
         try:
             with _no_autocast(x.device.type):
-                return fused.counted_relu(x, unit_dim, threshold, out, mask, inplace)
+                return fused.counted_relu(x, unit_dim, threshold, out, mask, inplace, engine)
         except Exception as err:
             if fused.launched():  # counted; autograd's machinery refused the op (forward-mode AD)
                 return torch.relu_(x) if inplace else torch.relu(x)  # torch's ReLU, not counted twice
-            if backend == "triton" or isinstance(err, torch.cuda.OutOfMemoryError):
+            if backend != "auto" or engine is not kernels or isinstance(err, torch.cuda.OutOfMemoryError):
                 raise  # out of memory says nothing about whether the kernel can run here
             _kernel_failed(err, stacklevel=3)
     y = torch.relu_(x) if inplace else torch.relu(x)
@@ -805,7 +863,7 @@ class UnitStats(StatTensors):
         units: number of units.
         threshold: an output fires when it is ``> threshold`` (0 for ReLU-like activations).
         device: where the accumulators live (moved to the activation's device on first use).
-        backend: ``"auto"``, ``"torch"`` or ``"triton"`` (see :func:`accumulate`).
+        backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"native"`` (see :func:`accumulate`).
 
     Example:
         >>> s = UnitStats(3)
@@ -895,11 +953,12 @@ class UnitStats(StatTensors):
         """
         if type(self).update is not UnitStats.update:  # a subclass's own update() must see every batch
             return None
-        if x.ndim < 2 or x.shape[unit_dim] != self.units or not fuses_relu(x, unit_dim, self.backend, inplace):
+        engine = None if x.ndim < 2 or x.shape[unit_dim] != self.units else relu_engine(x, unit_dim, self.backend, inplace)
+        if engine is None:
             return None
         if x.device != self.device:
             self.to(x.device)
-        return relu_accumulate(x, unit_dim, self.threshold, self.state, mask, self.backend, inplace)
+        return fused_relu_accumulate(x, unit_dim, self.threshold, self.state, mask, self.backend, inplace, engine)
 
     def merge(self, other: "StatTensors") -> "UnitStats":
         """Add another accumulator of the same site into this one (in place) and return self.

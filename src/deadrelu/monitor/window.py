@@ -16,7 +16,7 @@ from typing import Sequence
 
 import torch
 
-from ..core.stats import StatTensors, accumulate, as_unit_batch, foreach_apply, fuses_relu, relu_accumulate
+from ..core.stats import StatTensors, accumulate, as_unit_batch, foreach_apply, fused_relu_accumulate, relu_engine
 from ..errors import DeadReluError
 
 __all__ = ["WindowStats", "WindowTotals", "add_sums_to_many"]
@@ -70,7 +70,7 @@ class WindowStats:
         threshold: an output fires when it is ``> threshold``.
         device: where the ring buffers live (moved to the activation's device on first use).
         window: number of most recent batches in the rolling window.
-        backend: ``"auto"``, ``"torch"`` or ``"triton"`` (see :func:`deadrelu.core.stats.accumulate`).
+        backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"native"`` (see :func:`deadrelu.core.stats.accumulate`).
 
     Example:
         >>> w = WindowStats(2, 0.0, "cpu", window=2)
@@ -158,11 +158,12 @@ class WindowStats:
         :meth:`update` would count it); None, doing nothing, where that kernel does not apply."""
         if type(self).update is not WindowStats.update:  # a subclass's own update() must see every batch
             return None
-        if x.ndim < 2 or x.shape[unit_dim] != self.units or not fuses_relu(x, unit_dim, self.backend, inplace):
+        engine = None if x.ndim < 2 or x.shape[unit_dim] != self.units else relu_engine(x, unit_dim, self.backend, inplace)
+        if engine is None:
             return None
         row = self._claim_row(x.device)
         foreach_apply("zero", list(row.values()))
-        y = relu_accumulate(x, unit_dim, self.threshold, row, mask, self.backend, inplace)
+        y = fused_relu_accumulate(x, unit_dim, self.threshold, row, mask, self.backend, inplace, engine)
         self._advance()
         return y
 

@@ -1,0 +1,296 @@
+"""The CPU statistics kernel: per-unit counts and sums in one read, compiled from C at first use.
+
+On CPU the pure-torch pass (:func:`deadrelu.core.stats.accumulate`) reads an activation two or
+three times (a compare, a count, a magnitude sum), and a ReLU site reads it once more for the
+ReLU itself: on a 2-core machine that costs a 5×1024 MLP's scan about 10% of its throughput.
+``unit_stats.c`` does the same work in one pass, and for a ReLU writes the output in that pass
+too (:func:`relu_stats_into`), as the Triton kernel does on CUDA.
+
+The C source ships with the package and is compiled the first time a CPU batch is counted, with
+the system's C compiler (``$CC``, else ``cc``/``gcc``/``clang``) for the instruction set torch
+itself uses here (``torch.backends.cpu.get_cpu_capability()``), into a per-user cache
+(``$DEADRELU_CACHE_DIR``, else ``$XDG_CACHE_HOME/deadrelu`` or ``~/.cache/deadrelu``). It takes
+a fraction of a second, once per machine. Without a compiler, or with ``DEADRELU_NO_NATIVE=1``,
+nothing changes but speed: the torch pass gives the same counts, and sums equal to rounding.
+:func:`status` says which is in use and why.
+
+The numbers: fired and NaN/Inf counts are exact; ``Σ|h|`` is accumulated in float64 (per
+element, in a fixed order for ``(rows, units)`` layouts; in vector lanes along a contiguous
+``(N, C, H, W)`` run, where the last bits follow the machine's vector width). The kernel is
+called through :mod:`ctypes`, which releases the GIL; a large batch is split into row slices
+run on torch's number of threads.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Mapping
+
+import torch
+
+from . import kernels
+
+__all__ = ["available", "relu_stats_into", "status", "supports", "unit_stats_into"]
+
+_SOURCES = ("unit_stats.c", "unit_stats_body.h")
+_ABI = 3
+_DTYPES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
+# Elements per thread below which a batch runs on one thread: a handoff costs more than it saves.
+_MIN_SLICE_ELEMENTS = 1 << 18
+# The kernel counts in int32 within one call over a (rows, units) layout.
+_MAX_ROWS_PER_CALL = 1 << 30
+_FAILURE: list[str] = []
+
+
+def status() -> str:
+    """One line: whether the compiled kernel counts CPU batches here, and if not, why."""
+    if os.environ.get("DEADRELU_NO_NATIVE") == "1":
+        return "native CPU kernel off (DEADRELU_NO_NATIVE=1): the torch pass counts CPU batches"
+    if available():
+        return f"native CPU kernel in use ({_library_path()})"
+    return f"native CPU kernel unavailable ({_FAILURE[0] if _FAILURE else 'unknown'}): the torch pass counts CPU batches"
+
+
+def available() -> bool:
+    """True when the compiled kernel is loaded (compiling it on the first call, once per machine).
+    ``DEADRELU_NO_NATIVE=1`` turns it off (for comparisons)."""
+    if os.environ.get("DEADRELU_NO_NATIVE") == "1":
+        return False
+    return _library() is not None
+
+
+def supports(x: torch.Tensor) -> bool:
+    """Whether the kernel counts ``x``: a plain strided CPU tensor of float32/float64/bfloat16/float16
+    whose memory it can read (not a tensor of ``torch.func``'s transforms, which has none, nor a
+    lazily negated view)."""
+    if type(x) is not torch.Tensor or x.device.type != "cpu" or x.dtype not in _DTYPES:
+        return False
+    if x.layout != torch.strided or x.is_neg() or _functorch_wrapped(x):
+        return False
+    return available()
+
+
+def _functorch_wrapped(x: torch.Tensor) -> bool:
+    check = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
+    return bool(check(x)) if check is not None else False
+
+
+def _cache_dir() -> Path:
+    explicit = os.environ.get("DEADRELU_CACHE_DIR")
+    if explicit:
+        return Path(explicit)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "deadrelu"
+
+
+def _isa_flags() -> list[str]:
+    """Compiler flags for the vector instructions torch's own CPU kernels use on this machine
+    (so ``ATEN_CPU_CAPABILITY`` pins both the same way)."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return []
+    try:
+        capability = torch.backends.cpu.get_cpu_capability()
+    except Exception:  # torch < 2.1 has no such query: the baseline instruction set
+        return []
+    if capability.startswith("AVX512"):
+        return ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma"]
+    if capability == "AVX2":
+        return ["-mavx2", "-mfma"]
+    return []
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+# -fno-trapping-math lets compares be vectorised (no value changes; floating-point exception flags
+# are not part of torch's semantics); -ffp-contract=off keeps every sum a plain rounded addition.
+_FLAGS = ["-O3", "-std=gnu11", "-shared", "-fPIC", "-fno-trapping-math", "-ffp-contract=off", "-fopenmp-simd"]
+
+
+def _library_path() -> Path:
+    here = Path(__file__).parent
+    digest = hashlib.sha256()
+    for name in _SOURCES:
+        digest.update((here / name).read_bytes())
+    digest.update(" ".join([*_FLAGS, *_isa_flags(), str(_compiler()), platform.platform()]).encode())
+    suffix = ".dll" if sys.platform == "win32" else ".so"
+    return _cache_dir() / f"unit_stats-{digest.hexdigest()[:16]}{suffix}"
+
+
+@functools.lru_cache(maxsize=None)
+def _library() -> ctypes.CDLL | None:
+    """The loaded kernel, compiled into the cache first if it is not there; None (reason kept for
+    :func:`status`) where no compiler or cache directory works."""
+    try:
+        path = _library_path()
+        if not path.exists():
+            _compile(path)
+        lib = ctypes.CDLL(str(path))
+        if lib.deadrelu_unit_stats_abi() != _ABI:
+            raise RuntimeError(f"{path} is an incompatible build")
+    except Exception as err:  # no compiler, a read-only home, a broken toolchain: torch counts instead
+        _FAILURE.append(f"{type(err).__name__}: {str(err)[:300]}")
+        return None
+    fn = lib.deadrelu_unit_stats
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    fn.argtypes = [ctypes.c_int, ptr, ptr, ptr, *[i64] * 8, ctypes.c_double, ctypes.c_int, ctypes.c_int, *[ptr] * 4]
+    fn.restype = ctypes.c_int
+    return lib
+
+
+def _compile(path: Path) -> None:
+    cc = _compiler()
+    if cc is None:
+        raise RuntimeError("no C compiler found (set CC, or install gcc or clang)")
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    here = Path(__file__).parent
+    # Built under a unique name and renamed into place: processes that compile at once never
+    # load a half-written file.
+    fd, tmp = tempfile.mkstemp(prefix=path.stem + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        cmd = [cc, *_FLAGS, *_isa_flags(), str(here / "unit_stats.c"), "-o", tmp]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        if done.returncode != 0:
+            raise RuntimeError(f"{Path(cc).name} failed: {done.stderr.strip()[-300:]}")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _check(rc: int, dtype: torch.dtype) -> None:
+    if rc == -2:
+        raise MemoryError("the native statistics kernel could not allocate its per-unit counters")
+    if rc != 0:
+        raise RuntimeError(f"the native statistics kernel refused dtype {dtype}")
+
+
+def _zeros(*shape: int, dtype: torch.dtype) -> torch.Tensor:
+    """Plain zeros, also inside ``torch.func`` transforms (whose tensors have no readable memory)."""
+    disable = getattr(torch._C, "_DisableFuncTorch", None)
+    if disable is None:
+        return torch.zeros(shape, dtype=dtype)
+    with disable():
+        return torch.zeros(shape, dtype=dtype)
+
+
+@functools.lru_cache(maxsize=1)
+def _pool(workers: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="deadrelu-stats")
+
+
+def _direct(out: Mapping[str, torch.Tensor], units: int) -> bool:
+    """Whether the kernel may add into ``out`` itself: contiguous CPU tensors of the right kind."""
+    want = {"fired": torch.int64, "abs_sum": torch.float64, "nonfinite": torch.int64}
+    for key, dtype in want.items():
+        t = out[key]
+        if t.dtype != dtype or t.device.type != "cpu" or t.numel() != units or not t.is_contiguous():
+            return False
+    obs = out["observations"]
+    if obs.dtype != torch.int64 or obs.device.type != "cpu" or obs.numel() != 1 or not obs.is_contiguous():
+        return False
+    return not any(type(t) is not torch.Tensor or _functorch_wrapped(t) for t in out.values())
+
+
+def _run(
+    layout: tuple[torch.Tensor, int, int, int, int, int, int],
+    y: torch.Tensor | None,
+    threshold: float,
+    nonnegative: bool,
+    out: Mapping[str, torch.Tensor],
+    mask: torch.Tensor | None,
+) -> None:
+    t, before, units, after, s_b, s_u, s_a = layout
+    lib = _library()
+    assert lib is not None, "supports() is checked before"
+    fn = lib.deadrelu_unit_stats
+    code = _DTYPES[t.dtype]
+    if mask is None:
+        mask_arg, mask_ptr, mask_div = None, None, 1
+    else:
+        mask_arg = mask.reshape(-1).contiguous().view(torch.uint8)
+        mask_ptr, mask_div = mask_arg.data_ptr(), max(before // max(mask_arg.numel(), 1), 1)
+    x_ptr, y_ptr = t.data_ptr(), (None if y is None else y.data_ptr())
+    relu, nonneg, thr = int(y is not None), int(bool(nonnegative)), float(threshold)
+    slices = max(1, min(torch.get_num_threads(), before, t.numel() // _MIN_SLICE_ELEMENTS))
+    step = min(-(-before // slices), _MAX_ROWS_PER_CALL)
+    bounds = [(b, min(b + step, before)) for b in range(0, before, step)]
+
+    if len(bounds) == 1 and _direct(out, units):
+        rc = fn(code, x_ptr, y_ptr, mask_ptr, 0, before, units, after, s_b, s_u, s_a, mask_div, thr, relu, nonneg,
+                out["fired"].data_ptr(), out["abs_sum"].data_ptr(), out["nonfinite"].data_ptr(),
+                out["observations"].data_ptr())  # fmt: skip
+        _check(rc, t.dtype)
+        return
+
+    # Several slices (threads, or more rows than one call counts), or accumulators the kernel cannot
+    # address: each slice adds into its own row of partial sums, added up in slice order, so the
+    # result does not depend on thread timing.
+    n = len(bounds)
+    fired, mag = _zeros(n, units, dtype=torch.int64), _zeros(n, units, dtype=torch.float64)
+    bad, obs = _zeros(n, units, dtype=torch.int64), _zeros(n, dtype=torch.int64)
+    codes: list[int] = [0] * n
+
+    def one(i: int) -> None:
+        b0, b1 = bounds[i]
+        codes[i] = fn(code, x_ptr, y_ptr, mask_ptr, b0, b1, units, after, s_b, s_u, s_a, mask_div, thr, relu, nonneg,
+                      fired[i].data_ptr(), mag[i].data_ptr(), bad[i].data_ptr(), obs[i:].data_ptr())  # fmt: skip
+
+    if n > 1 and torch.get_num_threads() > 1:
+        list(_pool(min(n, torch.get_num_threads())).map(one, range(n)))
+    else:
+        for i in range(n):
+            one(i)
+    for rc in codes:
+        _check(rc, t.dtype)
+    del mask_arg  # (kept alive until every slice has run)
+    out["fired"] += fired.sum(0)
+    out["abs_sum"] += mag.sum(0)
+    out["nonfinite"] += bad.sum(0)
+    out["observations"] += obs.sum()
+
+
+def unit_stats_into(
+    x: torch.Tensor,
+    unit_dim: int,
+    threshold: float,
+    nonnegative: bool,
+    out: Mapping[str, torch.Tensor],
+    mask: torch.Tensor | None = None,
+) -> None:
+    """Add one batch's statistics into ``out``; the contract of
+    :func:`deadrelu.core.kernels.unit_stats_into`, for a CPU tensor that :func:`supports` holds for."""
+    _run(kernels.plan(x, unit_dim), None, threshold, nonnegative, out, mask)
+
+
+def relu_stats_into(
+    x: torch.Tensor,
+    unit_dim: int,
+    threshold: float,
+    out: Mapping[str, torch.Tensor],
+    mask: torch.Tensor | None = None,
+    inplace: bool = False,
+) -> torch.Tensor | None:
+    """``relu(x)`` with its statistics added into ``out`` in the same pass; the contract of
+    :func:`deadrelu.core.kernels.relu_stats_into` (None, doing nothing, for a layout it would copy)."""
+    layout = kernels.plan(x, unit_dim)
+    if layout[0] is not x or not kernels.dense(x):
+        return None
+    y = x if inplace else torch.empty_like(x)
+    _run(layout, y, threshold, True, out, mask)
+    return y

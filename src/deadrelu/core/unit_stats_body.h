@@ -1,0 +1,203 @@
+/* The loops of unit_stats.c for one storage type, included once per dtype with these defined:
+ *   T      the stored element type          WT     the compare type (float, or double)
+ *   WIDEN  T -> WT, exact                    BAD    1 for a NaN/Inf element (by its bits)
+ *   ZERO   T's +0.0                          NAME   prefixes this dtype's function names
+ * Each inner loop is one straight line per element (no branch), so the compiler vectorises it;
+ * that needs -fno-trapping-math (a compare that may raise a floating-point flag is never
+ * speculated otherwise), which changes no value. */
+
+/* relu(x) = (x < 0 ? 0 : x): NaN and -0.0 stay, as torch.relu keeps them. */
+static inline T NAME(relu)(T raw) { return WIDEN(raw) < 0 ? ZERO : raw; }
+static inline WT NAME(mag)(WT w, int nonneg) { return nonneg ? w : (w < 0 ? -w : w); }
+
+/* NaN/Inf values of unit u in rows b0..b1 (kept rows only), counted one by one. */
+static int64_t NAME(bad_column)(const T* x, const uint8_t* mask, int64_t b0, int64_t b1, int64_t u,
+                                int64_t s_b, int64_t mask_div, int relu) {
+    int64_t n = 0;
+    for (int64_t b = b0; b < b1; b++)
+        if (mask == 0 || mask[b / mask_div]) n += BAD(relu ? NAME(relu)(x[b * s_b + u]) : x[b * s_b + u]);
+    return n;
+}
+
+/* Units contiguous: rows b0..b1 of `units` values, row stride s_b. Four kept rows go through the
+ * accumulators at a time (each unit's sum still added in row order), so the per-unit counters are
+ * loaded and stored once per four values. Counts run in int32 (cnt, at most 2**30 rows per call:
+ * native.py splits larger ones) and the sums of this call in `part`, both scratch of `units`
+ * entries that unit_stats.c allocates; NaN/Inf are counted afterwards, only for a unit whose sum here is not finite (a sum of
+ * finite float32 values in float64 cannot overflow; see native.py for float64). */
+static void NAME(units)(const T* restrict x, T* restrict y, const uint8_t* restrict mask, int64_t b0,
+                        int64_t b1, int64_t units, int64_t s_b, int64_t mask_div, WT thr, int relu,
+                        int nonneg, int32_t* restrict cnt, double* restrict part,
+                        int64_t* restrict fired, double* restrict mag, int64_t* restrict bad,
+                        int64_t* restrict obs) {
+    int64_t kept = 0;
+    for (int64_t u = 0; u < units; u++) {
+        cnt[u] = 0;
+        part[u] = 0;
+    }
+    int64_t b = b0;
+    while (b < b1) {
+        int group = b + 4 <= b1;
+        for (int64_t k = 0; group && mask && k < 4; k++) group = mask[(b + k) / mask_div] != 0;
+        if (group) {
+            const T *x0 = x + b * s_b, *x1 = x0 + s_b, *x2 = x1 + s_b, *x3 = x2 + s_b;
+            if (relu) {
+                T *y0 = y + b * s_b, *y1 = y0 + s_b, *y2 = y1 + s_b, *y3 = y2 + s_b;
+                for (int64_t u = 0; u < units; u++) {
+                    T o0 = NAME(relu)(x0[u]), o1 = NAME(relu)(x1[u]), o2 = NAME(relu)(x2[u]),
+                      o3 = NAME(relu)(x3[u]);
+                    WT v0 = WIDEN(o0), v1 = WIDEN(o1), v2 = WIDEN(o2), v3 = WIDEN(o3);
+                    y0[u] = o0;
+                    y1[u] = o1;
+                    y2[u] = o2;
+                    y3[u] = o3;
+                    cnt[u] += (int32_t)(v0 > thr) + (v1 > thr) + (v2 > thr) + (v3 > thr);
+                    part[u] = (((part[u] + (double)v0) + (double)v1) + (double)v2) + (double)v3;
+                }
+            } else {
+                for (int64_t u = 0; u < units; u++) {
+                    WT w0 = WIDEN(x0[u]), w1 = WIDEN(x1[u]), w2 = WIDEN(x2[u]), w3 = WIDEN(x3[u]);
+                    cnt[u] += (int32_t)(w0 > thr) + (w1 > thr) + (w2 > thr) + (w3 > thr);
+                    part[u] = (((part[u] + (double)NAME(mag)(w0, nonneg)) + (double)NAME(mag)(w1, nonneg)) +
+                               (double)NAME(mag)(w2, nonneg)) + (double)NAME(mag)(w3, nonneg);
+                }
+            }
+            kept += 4;
+            b += 4;
+            continue;
+        }
+        const T* xr = x + b * s_b;
+        int keep = mask == 0 || mask[b / mask_div];
+        if (relu) {
+            T* yr = y + b * s_b;
+            for (int64_t u = 0; u < units; u++) { /* every position gets its output */
+                T o = NAME(relu)(xr[u]);
+                WT v = WIDEN(o);
+                yr[u] = o;
+                if (keep) { /* only kept rows are counted */
+                    cnt[u] += v > thr;
+                    part[u] += (double)v;
+                }
+            }
+        } else if (keep) {
+            for (int64_t u = 0; u < units; u++) {
+                WT w = WIDEN(xr[u]);
+                cnt[u] += w > thr;
+                part[u] += (double)NAME(mag)(w, nonneg);
+            }
+        }
+        kept += keep;
+        b += 1;
+    }
+    for (int64_t u = 0; u < units; u++) {
+        fired[u] += cnt[u];
+        mag[u] += part[u];
+        if (!(part[u] - part[u] == 0)) /* NaN or Inf: count them exactly */
+            bad[u] += NAME(bad_column)(x, mask, b0, b1, u, s_b, mask_div, relu);
+    }
+    *obs += kept;
+}
+
+/* One contiguous run of n values of one unit. The sums are reductions the compiler vectorises
+ * (omp simd: float64 lanes, added up at the end), so the last bits of |h| depend on the
+ * machine's vector width, as any parallel sum does; counts are exact. */
+static void NAME(run)(const T* restrict p, T* restrict q, int64_t n, WT thr, int relu, int nonneg,
+                      int64_t* restrict fired, double* restrict mag, int64_t* restrict bad) {
+    int64_t f = 0, nb = 0;
+    double s = 0;
+    if (relu) {
+#pragma omp simd reduction(+ : f, s, nb)
+        for (int64_t a = 0; a < n; a++) {
+            T raw = p[a];
+            WT w = WIDEN(raw);
+            T o = w < 0 ? ZERO : raw;
+            WT v = w < 0 ? (WT)0 : w;
+            q[a] = o;
+            f += v > thr;
+            s += (double)v;
+            nb += BAD(o);
+        }
+    } else if (nonneg) {
+#pragma omp simd reduction(+ : f, s, nb)
+        for (int64_t a = 0; a < n; a++) {
+            WT w = WIDEN(p[a]);
+            f += w > thr;
+            s += (double)w;
+            nb += BAD(p[a]);
+        }
+    } else {
+#pragma omp simd reduction(+ : f, s, nb)
+        for (int64_t a = 0; a < n; a++) {
+            WT w = WIDEN(p[a]);
+            f += w > thr;
+            s += (double)(w < 0 ? -w : w);
+            nb += BAD(p[a]);
+        }
+    }
+    *fired += f;
+    *bad += nb;
+    *mag += s;
+}
+
+/* Runs contiguous (s_a == 1): for each row b and unit u, a run of `after` values. */
+static void NAME(runs)(const T* x, T* y, const uint8_t* mask, int64_t b0, int64_t b1, int64_t units,
+                       int64_t after, int64_t s_b, int64_t s_u, int64_t mask_div, WT thr, int relu,
+                       int nonneg, int64_t* fired, double* mag, int64_t* bad, int64_t* obs) {
+    int64_t f_skip = 0, b_skip = 0;
+    double m_skip = 0;
+    for (int64_t b = b0; b < b1; b++) {
+        int keep = mask == 0 || mask[b / mask_div];
+        if (!keep && !relu) continue;
+        for (int64_t u = 0; u < units; u++) {
+            const T* p = x + b * s_b + u * s_u;
+            T* q = relu ? y + b * s_b + u * s_u : 0;
+            if (keep)
+                NAME(run)(p, q, after, thr, relu, nonneg, &fired[u], &mag[u], &bad[u]);
+            else /* the output everywhere; the statistics of kept rows only */
+                NAME(run)(p, q, after, thr, relu, nonneg, &f_skip, &m_skip, &b_skip);
+        }
+        if (keep) *obs += after;
+    }
+}
+
+/* Any other strides, element by element. */
+static void NAME(strided)(const T* x, T* y, const uint8_t* mask, int64_t b0, int64_t b1, int64_t units,
+                          int64_t after, int64_t s_b, int64_t s_u, int64_t s_a, int64_t mask_div,
+                          WT thr, int relu, int nonneg, int64_t* fired, double* mag, int64_t* bad,
+                          int64_t* obs) {
+    for (int64_t b = b0; b < b1; b++) {
+        int keep = mask == 0 || mask[b / mask_div];
+        for (int64_t a = 0; a < after; a++)
+            for (int64_t u = 0; u < units; u++) {
+                int64_t off = b * s_b + u * s_u + a * s_a;
+                T raw = x[off];
+                WT w = WIDEN(raw);
+                if (relu) {
+                    raw = w < 0 ? ZERO : raw;
+                    w = w < 0 ? (WT)0 : w;
+                    y[off] = raw;
+                }
+                if (keep) {
+                    fired[u] += w > thr;
+                    mag[u] += (double)(relu || nonneg ? w : (w < 0 ? -w : w));
+                    bad[u] += BAD(raw);
+                }
+            }
+        if (keep) *obs += after;
+    }
+}
+
+static void NAME(stats)(const T* x, T* y, const uint8_t* mask, int64_t b0, int64_t b1, int64_t units,
+                        int64_t after, int64_t s_b, int64_t s_u, int64_t s_a, int64_t mask_div, WT thr,
+                        int relu, int nonneg, int32_t* cnt, double* part, int64_t* fired, double* mag,
+                        int64_t* bad, int64_t* obs) {
+    if (s_u == 1 && after == 1)
+        NAME(units)(x, y, mask, b0, b1, units, s_b, mask_div, thr, relu, nonneg, cnt, part, fired, mag, bad,
+                    obs);
+    else if (s_a == 1)
+        NAME(runs)(x, y, mask, b0, b1, units, after, s_b, s_u, mask_div, thr, relu, nonneg, fired, mag,
+                   bad, obs);
+    else
+        NAME(strided)(x, y, mask, b0, b1, units, after, s_b, s_u, s_a, mask_div, thr, relu, nonneg,
+                      fired, mag, bad, obs);
+}
