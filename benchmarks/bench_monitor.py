@@ -13,6 +13,7 @@ followed by the interquartile range of those ratios in brackets.
 * monitor    — deadrelu.Monitor observing every step (log_every=10: evaluations included)
 * monitor/10 — observing every 10th step
 * naive      — a forward hook on every ReLU module doing ``seen |= (out > 0).any(0)``
+* monitor, torch pass — every step with the compiled CPU kernel off (``DEADRELU_NO_NATIVE=1``)
 
 With ``--compile``: a ``torch.compile``'d model without hooks vs a copy monitored with
 ``Monitor(..., compiled=True)`` attached before compiling (its graph pass puts the statistics into
@@ -124,7 +125,8 @@ def statistics_off(part: str):
     update too. Ablations for seeing where the time goes, not ways to run the monitor."""
     from deadrelu.monitor import window
 
-    saved = window.accumulate, window.WindowStats.update
+    saved = window.accumulate, window.WindowStats.update, window.WindowStats.relu_and_update
+    window.WindowStats.relu_and_update = lambda self, *args, **kwargs: None  # torch's ReLU, then update()
     if part == "no stats":
         window.accumulate = lambda *args, **kwargs: None
     else:
@@ -132,7 +134,17 @@ def statistics_off(part: str):
     try:
         yield
     finally:
-        window.accumulate, window.WindowStats.update = saved
+        window.accumulate, window.WindowStats.update, window.WindowStats.relu_and_update = saved
+
+
+@contextlib.contextmanager
+def torch_pass():
+    """The compiled CPU kernel off (``DEADRELU_NO_NATIVE=1``): the pure-torch statistics pass, for A/B."""
+    os.environ["DEADRELU_NO_NATIVE"] = "1"
+    try:
+        yield
+    finally:
+        del os.environ["DEADRELU_NO_NATIVE"]
 
 
 def bench(name: str, build, repeats: int, steps: int, parts: bool = False) -> dict[str, float]:
@@ -157,7 +169,14 @@ def bench(name: str, build, repeats: int, steps: int, parts: bool = False) -> di
         finally:
             probe.close()
 
-    variants = {"monitor": lambda: with_monitor(mon), "monitor/10": lambda: with_monitor(mon10), "naive": naive}
+    def monitor_torch_pass() -> float:
+        with torch_pass():
+            return with_monitor(mon)
+
+    variants = {
+        "monitor": lambda: with_monitor(mon), "monitor/10": lambda: with_monitor(mon10), "naive": naive,
+        "monitor, torch pass": monitor_torch_pass,
+    }  # fmt: skip
     if parts:
         def without(part: str) -> float:
             with statistics_off(part):

@@ -75,13 +75,23 @@ def supports(x: torch.Tensor) -> bool:
     lazily negated view)."""
     if type(x) is not torch.Tensor or x.device.type != "cpu" or x.dtype not in _DTYPES:
         return False
-    if x.layout != torch.strided or x.is_neg() or _functorch_wrapped(x):
+    if x.layout != torch.strided or x.is_neg() or (_transforms_active() and _functorch_wrapped(x)):
         return False
     return available()
 
 
+_FUNCTORCH = getattr(torch._C, "_functorch", None)
+
+
+def _transforms_active() -> bool:
+    """Whether a ``torch.func`` transform runs (only then can a tensor be one of its wrappers);
+    True where this torch cannot tell."""
+    peek = getattr(_FUNCTORCH, "peek_interpreter_stack", None)
+    return peek is None or peek() is not None
+
+
 def _functorch_wrapped(x: torch.Tensor) -> bool:
-    check = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
+    check = getattr(_FUNCTORCH, "is_functorch_wrapped_tensor", None)
     return bool(check(x)) if check is not None else False
 
 
@@ -194,17 +204,19 @@ def _pool(workers: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="deadrelu-stats")
 
 
+_ACCUMULATOR_DTYPES = (torch.int64, torch.float64, torch.int64, torch.int64)
+
+
 def _direct(out: Mapping[str, torch.Tensor], units: int) -> bool:
-    """Whether the kernel may add into ``out`` itself: contiguous CPU tensors of the right kind."""
-    want = {"fired": torch.int64, "abs_sum": torch.float64, "nonfinite": torch.int64}
-    for key, dtype in want.items():
-        t = out[key]
-        if t.dtype != dtype or t.device.type != "cpu" or t.numel() != units or not t.is_contiguous():
+    """Whether the kernel may add into ``out`` itself: contiguous CPU tensors of the right kind
+    (``units`` entries, and one observation count) that own readable memory."""
+    ts = (out["fired"], out["abs_sum"], out["nonfinite"], out["observations"])
+    for t, dtype in zip(ts, _ACCUMULATOR_DTYPES):
+        if t.dtype != dtype or not t.is_contiguous() or t.device.type != "cpu":
             return False
-    obs = out["observations"]
-    if obs.dtype != torch.int64 or obs.device.type != "cpu" or obs.numel() != 1 or not obs.is_contiguous():
+    if ts[0].numel() != units or ts[1].numel() != units or ts[2].numel() != units or ts[3].numel() != 1:
         return False
-    return not any(type(t) is not torch.Tensor or _functorch_wrapped(t) for t in out.values())
+    return not _transforms_active() or not any(type(t) is not torch.Tensor or _functorch_wrapped(t) for t in ts)
 
 
 def _run(

@@ -78,6 +78,7 @@ from typing import Callable, Iterator, Mapping, Sequence
 import torch
 
 from ..errors import DeadReluError
+from . import fused, kernels, native  # none imports Triton: the kernels compile on first use
 
 __all__ = [
     "STATISTICS",
@@ -743,8 +744,6 @@ def relu_engine(x: torch.Tensor, unit_dim: int, backend: str, inplace: bool) -> 
         return None
     if inplace and x.is_inference() and not torch.is_inference_mode_enabled():
         return None  # torch refuses this write, and must do so before anything is written
-    from . import fused, kernels, native
-
     engine: object
     if backend == "auto" and _triton_ready(x):
         engine = kernels
@@ -778,6 +777,13 @@ def relu_accumulate(
     return fused_relu_accumulate(x, unit_dim, threshold, out, mask, backend, inplace, relu_engine(x, unit_dim, backend, inplace))
 
 
+def _forward_ad_on() -> bool:
+    """Inside ``torch.autograd.forward_ad.dual_level()``: a ReLU's tangent must be recorded."""
+    from torch.autograd import forward_ad
+
+    return getattr(forward_ad, "_current_level", -1) >= 0
+
+
 def fused_relu_accumulate(
     x: torch.Tensor,
     unit_dim: int,
@@ -790,10 +796,15 @@ def fused_relu_accumulate(
 ) -> torch.Tensor:
     """:func:`relu_accumulate` with the kernel already chosen (``relu_engine``'s answer, given by
     a caller that asked it first): the per-site decision is made once per call."""
-    mask = check_mask(x.detach(), unit_dim, mask)
-    if engine is not None:
-        from . import fused, kernels
-
+    if mask is not None:
+        mask = check_mask(x.detach(), unit_dim, mask)
+    if engine is native and not (inplace or (x.requires_grad and torch.is_grad_enabled()) or _forward_ad_on()):
+        # Nothing for autograd to record (a scan, an evaluation): the kernel's output as it is.
+        # The C kernel runs no torch op, so autocast needs no switching off either.
+        y = native.relu_stats_into(x, unit_dim, threshold, out, mask)
+        if y is not None:
+            return y
+    elif engine is not None:
         try:
             with _no_autocast(x.device.type):
                 return fused.counted_relu(x, unit_dim, threshold, out, mask, inplace, engine)
