@@ -32,7 +32,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Mapping
 
@@ -199,9 +198,12 @@ def _zeros(*shape: int, dtype: torch.dtype) -> torch.Tensor:
         return torch.zeros(shape, dtype=dtype)
 
 
-@functools.lru_cache(maxsize=1)
-def _pool(workers: int) -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="deadrelu-stats")
+@functools.lru_cache(maxsize=None)
+def _pool() -> "concurrent.futures.ThreadPoolExecutor":
+    """One pool for the process, as wide as the machine; a batch uses as many slices as torch's threads."""
+    import concurrent.futures
+
+    return concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="deadrelu-stats")
 
 
 _ACCUMULATOR_DTYPES = (torch.int64, torch.float64, torch.int64, torch.int64)
@@ -264,7 +266,7 @@ def _run(
                       fired[i].data_ptr(), mag[i].data_ptr(), bad[i].data_ptr(), obs[i:].data_ptr())  # fmt: skip
 
     if n > 1 and torch.get_num_threads() > 1:
-        list(_pool(min(n, torch.get_num_threads())).map(one, range(n)))
+        list(_pool().map(one, range(n)))
     else:
         for i in range(n):
             one(i)

@@ -24,7 +24,9 @@ static int64_t NAME(bad_column)(const T* x, const uint8_t* mask, int64_t b0, int
  * loaded and stored once per four values. Counts run in int32 (cnt, at most 2**30 rows per call:
  * native.py splits larger ones) and the sums of this call in `part`, both scratch of `units`
  * entries that unit_stats.c allocates; NaN/Inf are counted afterwards, only for a unit whose sum here is not finite (a sum of
- * finite float32 values in float64 cannot overflow; see native.py for float64). */
+ * finite float32 values in float64 cannot overflow; see native.py for float64). For an in-place ReLU
+ * x and y are one pointer: each element is read once and then written at the same place, which the
+ * restrict-qualified loops keep in that order (without restrict the compiler does not vectorise them). */
 static void NAME(units)(const T* restrict x, T* restrict y, const uint8_t* restrict mask, int64_t b0,
                         int64_t b1, int64_t units, int64_t s_b, int64_t mask_div, WT thr, int relu,
                         int nonneg, int32_t* restrict cnt, double* restrict part,
