@@ -216,3 +216,18 @@ def test_no_compiler_means_the_torch_pass(tmp_path):
     assert "native CPU kernel unavailable (RuntimeError: no C compiler found" in done.stdout
     assert done.stdout.strip().endswith("4")
     assert not any(Path(tmp_path / "cache").glob("*.so")) if (tmp_path / "cache").exists() else True
+
+
+def test_an_unwritable_cache_falls_back_to_a_private_temp_folder(tmp_path):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")  # the user cache lies under a file: it cannot be created
+    env = dict(os.environ, XDG_CACHE_HOME=str(blocker / "cache"), TMPDIR=str(tmp_path / "tmp"))
+    env.pop("DEADRELU_CACHE_DIR", None)
+    env.pop("DEADRELU_NO_NATIVE", None)
+    (tmp_path / "tmp").mkdir()
+    script = "from deadrelu.core import native\nassert native.available(), native.status()\nprint(native.status())\n"
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr + done.stdout
+    folder = tmp_path / "tmp" / f"deadrelu-{os.getuid()}"
+    assert str(folder) in done.stdout
+    assert oct(folder.stat().st_mode & 0o777) == oct(0o700)

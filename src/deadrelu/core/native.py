@@ -9,8 +9,9 @@ too (:func:`relu_stats_into`), as the Triton kernel does on CUDA.
 The C source ships with the package and is compiled the first time a CPU batch is counted, with
 the system's C compiler (``$CC``, else ``cc``/``gcc``/``clang``) for the instruction set torch
 itself uses here (``torch.backends.cpu.get_cpu_capability()``), into a per-user cache
-(``$DEADRELU_CACHE_DIR``, else ``$XDG_CACHE_HOME/deadrelu`` or ``~/.cache/deadrelu``). It takes
-a fraction of a second, once per machine. Without a compiler, or with ``DEADRELU_NO_NATIVE=1``,
+(``$DEADRELU_CACHE_DIR``, else ``$XDG_CACHE_HOME/deadrelu`` or ``~/.cache/deadrelu``, else — a
+read-only home — a private ``deadrelu-<uid>`` folder in the temp directory). It takes a few seconds,
+once per machine. Without a compiler, or with ``DEADRELU_NO_NATIVE=1``,
 nothing changes but speed: the torch pass gives the same counts, and sums equal to rounding.
 :func:`status` says which is in use and why.
 
@@ -56,7 +57,7 @@ def status() -> str:
     if os.environ.get("DEADRELU_NO_NATIVE") == "1":
         return "native CPU kernel off (DEADRELU_NO_NATIVE=1): the torch pass counts CPU batches"
     if available():
-        return f"native CPU kernel in use ({_library_path()})"
+        return f"native CPU kernel in use ({_LOADED[-1]})"
     return f"native CPU kernel unavailable ({_FAILURE[0] if _FAILURE else 'unknown'}): the torch pass counts CPU batches"
 
 
@@ -94,12 +95,26 @@ def _functorch_wrapped(x: torch.Tensor) -> bool:
     return bool(check(x)) if check is not None else False
 
 
-def _cache_dir() -> Path:
+def _cache_dirs() -> list[Path]:
+    """Where the built kernel may live, in order: ``$DEADRELU_CACHE_DIR`` alone when set; else the
+    user's cache (``$XDG_CACHE_HOME`` or ``~/.cache``), then a private folder in the temp directory
+    for a home that cannot be written (a container's read-only one)."""
     explicit = os.environ.get("DEADRELU_CACHE_DIR")
     if explicit:
-        return Path(explicit)
+        return [Path(explicit)]
     xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "deadrelu"
+    user = (Path(xdg) if xdg else Path.home() / ".cache") / "deadrelu"
+    uid = os.getuid() if hasattr(os, "getuid") else os.getpid()
+    return [user, Path(tempfile.gettempdir()) / f"deadrelu-{uid}"]
+
+
+def _private(folder: Path) -> bool:
+    """A shared temp folder is used only where it is ours and no one else may write it: a library
+    loaded from there runs with this process's rights."""
+    if not hasattr(os, "getuid"):
+        return True
+    st = folder.stat()
+    return st.st_uid == os.getuid() and not st.st_mode & 0o022
 
 
 def _isa_flags() -> list[str]:
@@ -130,14 +145,41 @@ def _compiler() -> str | None:
 _FLAGS = ["-O3", "-std=gnu11", "-shared", "-fPIC", "-fno-trapping-math", "-ffp-contract=off", "-fopenmp-simd"]
 
 
-def _library_path() -> Path:
+def _library_name() -> str:
     here = Path(__file__).parent
     digest = hashlib.sha256()
     for name in _SOURCES:
         digest.update((here / name).read_bytes())
     digest.update(" ".join([*_FLAGS, *_isa_flags(), str(_compiler()), platform.platform()]).encode())
     suffix = ".dll" if sys.platform == "win32" else ".so"
-    return _cache_dir() / f"unit_stats-{digest.hexdigest()[:16]}{suffix}"
+    return f"unit_stats-{digest.hexdigest()[:16]}{suffix}"
+
+
+_LOADED: list[Path] = []  # the file the kernel was loaded from
+
+
+def _load() -> ctypes.CDLL:
+    """Load the kernel from the first cache folder that has it or can build it."""
+    name, errors = _library_name(), []
+    folders = _cache_dirs()
+    for i, folder in enumerate(folders):
+        path = folder / name
+        try:
+            if i > 0:  # the temp-directory fallback
+                folder.mkdir(mode=0o700, exist_ok=True)
+                if not _private(folder):
+                    raise PermissionError(f"{folder} is not private to this user")
+            if not path.exists():
+                _compile(path)
+            lib = ctypes.CDLL(str(path))
+        except OSError as err:  # an unwritable folder: try the next one
+            errors.append(f"{folder}: {err}")
+            continue
+        if lib.deadrelu_unit_stats_abi() != _ABI:
+            raise RuntimeError(f"{path} is an incompatible build")
+        _LOADED.append(path)
+        return lib
+    raise OSError("no cache folder can hold the kernel (" + "; ".join(errors) + ")")
 
 
 @functools.lru_cache(maxsize=None)
@@ -145,12 +187,7 @@ def _library() -> ctypes.CDLL | None:
     """The loaded kernel, compiled into the cache first if it is not there; None (reason kept for
     :func:`status`) where no compiler or cache directory works."""
     try:
-        path = _library_path()
-        if not path.exists():
-            _compile(path)
-        lib = ctypes.CDLL(str(path))
-        if lib.deadrelu_unit_stats_abi() != _ABI:
-            raise RuntimeError(f"{path} is an incompatible build")
+        lib = _load()
     except Exception as err:  # no compiler, a read-only home, a broken toolchain: torch counts instead
         _FAILURE.append(f"{type(err).__name__}: {str(err)[:300]}")
         return None
