@@ -448,7 +448,7 @@ class ActivationCapture:
         self._act_modules = {p: fn for p, m in named if (fn := function_of_module(m)) is not None}
         # Modules whose forward is exactly one F.relu of their input: a fused kernel may count it.
         self._plain_relus = {p: m for p, m in named if type(m) is nn.ReLU and "forward" not in vars(m)}
-        self._fuse_on_cpu = fused_on_cpu()
+        self._fuse_on_cpu: bool | None = None  # asked on the first CPU ReLU (it may build the CPU kernel)
         self._lookalikes = {p for p, m in named if looks_like_activation(m)}
         self._buffer_ids = {id(b) for b in model.buffers()}
         self._graph_sites = _exported_activation_modules(model)
@@ -851,16 +851,22 @@ class ActivationCapture:
         return base is not None and (isinstance(base, nn.Parameter) or id(base) in self._buffer_ids)
 
     def _counted_relu(self, func: Any, args: tuple, kwargs: dict | None) -> torch.Tensor | None:
-        """Run a ReLU call with its site's statistics in one kernel (core/fused.py).
+        """Run a ReLU call with its site's statistics in one kernel (core/fused.py, core/native.py).
 
-        None, having done nothing, where the call is left to the usual route: not a CUDA
-        tensor, inside an activation module other than a plain ``nn.ReLU``, or that module's
+        None, having done nothing, where the call is left to the usual route: a tensor no
+        kernel counts (CUDA needs Triton, CPU the compiled kernel of core/native.py), inside an
+        activation module other than a plain ``nn.ReLU``, or that module's
         first call (its output makes the site). A functional site is found first; if its
         accumulator cannot fuse the call, torch runs it and the site is updated as usual.
         """
         inp = args[0] if args else (kwargs or {}).get("input")
-        if type(inp) is not torch.Tensor or not (inp.is_cuda or self._fuse_on_cpu) or self.scripted:
+        if type(inp) is not torch.Tensor or self.scripted:
             return None
+        if not inp.is_cuda:
+            if self._fuse_on_cpu is None:
+                self._fuse_on_cpu = fused_on_cpu()
+            if not self._fuse_on_cpu:
+                return None
         if kwargs and not kwargs.keys() <= {"input", "inplace"}:
             return None  # an argument the fused kernel does not take (out=, …): torch's own call
         if func in _INPLACE_RELUS:
