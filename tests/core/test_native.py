@@ -102,7 +102,9 @@ def test_nan_inf_and_subnormals_are_counted_exactly(dtype, layout):
     assert got["fired"].tolist() == [1, 1, 0, 0]
 
 
-@pytest.mark.parametrize("shape,unit_dim,mask_dims", [((5, 7, 6), 2, 2), ((5, 7, 6), 2, 1), ((4, 6, 3, 3), 1, 1)])
+@pytest.mark.parametrize(
+    "shape,unit_dim,mask_dims", [((5, 7, 6), 2, 2), ((5, 7, 6), 2, 1), ((4, 6, 3, 3), 1, 1), ((9, 1100), 1, 1)]
+)  # the last: three blocks of units in the kernel's (rows, units) loop
 @pytest.mark.parametrize("relu", [False, True])
 def test_masks_select_observations(shape, unit_dim, mask_dims, relu):
     g = torch.Generator().manual_seed(7)
@@ -129,13 +131,14 @@ def test_expanded_and_sliced_inputs_are_read_through_their_strides():
 
 def test_row_slices_on_threads_give_the_single_thread_numbers():
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(2048, 3, 16, 16, generator=g)  # above the per-thread slice size
+    x = torch.randn(8192, 3, 16, 24, generator=g)  # 9.4M values: above the per-thread slice size
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
         one = run(x, 1, 0.0, "native")
         torch.set_num_threads(4)
         many = run(x, 1, 0.0, "native")
+        assert native._pool.cache_info().currsize == 1  # the slices ran on the pool
     finally:
         torch.set_num_threads(threads)
     for key in ("observations", "fired", "nonfinite"):

@@ -17,6 +17,9 @@
 #include <string.h>
 
 
+/* Units per block of the (rows, units) loop: its int32 and float64 counters take 6 KiB. */
+#define DR_UNIT_BLOCK 512
+
 enum { DR_F32 = 0, DR_F64 = 1, DR_BF16 = 2, DR_F16 = 3 };
 
 /* Widening to the compare type (float32, or float64 for float64) is exact for every value,
