@@ -11,6 +11,7 @@ import copy
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -138,7 +139,7 @@ def test_row_slices_on_threads_give_the_single_thread_numbers():
         one = run(x, 1, 0.0, "native")
         torch.set_num_threads(4)
         many = run(x, 1, 0.0, "native")
-        assert native._pool.cache_info().currsize == 1  # the slices ran on the pool
+        assert os.getpid() in native._POOLS  # the slices ran on the pool
     finally:
         torch.set_num_threads(threads)
     for key in ("observations", "fired", "nonfinite"):
@@ -234,3 +235,38 @@ def test_an_unwritable_cache_falls_back_to_a_private_temp_folder(tmp_path):
     folder = tmp_path / "tmp" / f"deadrelu-{os.getuid()}"
     assert str(folder) in done.stdout
     assert oct(folder.stat().st_mode & 0o777) == oct(0o700)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_counts_on_threads_of_its_own():
+    """A DataLoader-style fork after the pool exists: the child's slices must not wait for threads
+    that only the parent has."""
+    x = torch.randn(8192, 3, 16, 24)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        run(x, 1, 0.0, "native")  # the parent's pool now exists
+        pid = os.fork()
+        if pid == 0:  # the child: count, and exit with 0 only if the numbers are right
+            try:
+                # torch's own OpenMP threads do not survive a fork (DataLoader workers run torch on one
+                # thread): the kernel is still told of two, so it splits the batch over its pool
+                torch.set_num_threads(1)
+                torch.get_num_threads = lambda: 2
+                got = run(x, 1, 0.0, "native")
+                os._exit(0 if got["fired"].tolist() == (x > 0).sum((0, 2, 3)).tolist() else 1)
+            except BaseException:
+                os._exit(2)
+        deadline = time.monotonic() + 60
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            if time.monotonic() > deadline:
+                os.kill(pid, 9)
+                os.waitpid(pid, 0)
+                pytest.fail("the forked child hung on the parent's thread pool")
+            time.sleep(0.05)
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    finally:
+        torch.set_num_threads(threads)

@@ -236,12 +236,22 @@ def _zeros(*shape: int, dtype: torch.dtype) -> torch.Tensor:
         return torch.zeros(shape, dtype=dtype)
 
 
-@functools.lru_cache(maxsize=None)
+_POOLS: dict[int, "concurrent.futures.ThreadPoolExecutor"] = {}
+
+
 def _pool() -> "concurrent.futures.ThreadPoolExecutor":
-    """One pool for the process, as wide as the machine; a batch uses as many slices as torch's threads."""
+    """One pool per process, as wide as the machine; a batch uses as many slices as torch's threads.
+    Keyed by process id: a forked child (a DataLoader worker) inherits the pool without its threads."""
     import concurrent.futures
 
-    return concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="deadrelu-stats")
+    pid = os.getpid()
+    pool = _POOLS.get(pid)
+    if pool is None:
+        _POOLS.clear()
+        pool = _POOLS[pid] = concurrent.futures.ThreadPoolExecutor(
+            max_workers=os.cpu_count() or 1, thread_name_prefix="deadrelu-stats"
+        )
+    return pool
 
 
 _ACCUMULATOR_DTYPES = (torch.int64, torch.float64, torch.int64, torch.int64)
