@@ -27,6 +27,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import logging
 import os
 import platform
 import shutil
@@ -203,6 +204,8 @@ def _compile(path: Path) -> None:
     cc = _compiler()
     if cc is None:
         raise RuntimeError("no C compiler found (set CC, or install gcc or clang)")
+    # A first scan pauses a few seconds here, once per machine: say why to whoever logs deadrelu.
+    logging.getLogger("deadrelu").info("compiling the CPU statistics kernel into %s (once per machine)", path)
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     here = Path(__file__).parent
     # Built under a unique name and renamed into place: processes that compile at once never
