@@ -39,9 +39,9 @@ def fusable_layout(x: torch.Tensor, unit_dim: int) -> bool:
     """True when the kernel addresses ``x`` in place through its strides (no contiguous copy) and
     ``x`` is dense, so the output has the layout ``torch.relu``'s would; never for a tensor of
     ``torch.func``'s transforms (vmap, grad), whose storage a kernel cannot read."""
-    if _functorch_wrapped(x):
+    if kernels.transforms_active() and _functorch_wrapped(x):
         return False
-    return kernels.dense(x) and kernels.plan(x, unit_dim)[0] is x
+    return kernels.fusable(tuple(x.shape), tuple(x.stride()), unit_dim)
 
 
 def _functorch_wrapped(x: torch.Tensor) -> bool:

@@ -32,7 +32,7 @@ from typing import Any, Mapping
 
 import torch
 
-__all__ = ["available", "dense", "interpreting", "plan", "relu_stats_into", "unit_stats_into"]
+__all__ = ["available", "dense", "fusable", "interpreting", "plan", "relu_stats_into", "transforms_active", "unit_stats_into"]
 
 
 def interpreting() -> bool:
@@ -195,6 +195,20 @@ def _layout(shape: tuple[int, ...], strides: tuple[int, ...], unit_dim: int) -> 
     if after > 1 and (before == 1 or s_b == after * s_a):  # e.g. channels_last: rows (N, H, W) share one stride
         before, s_b, after, s_a = before * after, s_a, 1, 0
     return copy, before, shape[unit_dim], after, s_b, strides[unit_dim], s_a
+
+
+def transforms_active() -> bool:
+    """Whether a ``torch.func`` transform runs (only then can a tensor be one of its wrappers,
+    whose memory no kernel can read); True where this torch cannot tell."""
+    peek = getattr(getattr(torch._C, "_functorch", None), "peek_interpreter_stack", None)
+    return peek is None or peek() is not None
+
+
+@functools.lru_cache(maxsize=4096)
+def fusable(shape: tuple[int, ...], strides: tuple[int, ...], unit_dim: int) -> bool:
+    """Whether a tensor of this shape and these strides is dense and addressed without a copy
+    (:func:`deadrelu.core.fused.fusable_layout`, worked out once per layout)."""
+    return _dense(shape, strides) and not _layout(shape, strides, unit_dim)[0]
 
 
 def _contiguous_strides(shape: tuple[int, ...]) -> list[int]:

@@ -83,13 +83,7 @@ def supports(x: torch.Tensor) -> bool:
 
 
 _FUNCTORCH = getattr(torch._C, "_functorch", None)
-
-
-def _transforms_active() -> bool:
-    """Whether a ``torch.func`` transform runs (only then can a tensor be one of its wrappers);
-    True where this torch cannot tell."""
-    peek = getattr(_FUNCTORCH, "peek_interpreter_stack", None)
-    return peek is None or peek() is not None
+_transforms_active = kernels.transforms_active
 
 
 def _functorch_wrapped(x: torch.Tensor) -> bool:
