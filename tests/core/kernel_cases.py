@@ -55,6 +55,19 @@ def assert_matches(got, truth):
     assert torch.allclose(got["abs_sum"].cpu(), truth["abs_sum"], rtol=1e-6, atol=1e-9, equal_nan=True)
 
 
+def planted_layout(shape, unit_dim, layout, dtype, seed=0):
+    """Random values with unit 1 planted dead, laid out as ``layout`` names (one of LAYOUTS')."""
+    g = torch.Generator().manual_seed(seed + sum(shape))
+    x = torch.randn(shape, generator=g).to(dtype)
+    x.select(unit_dim, 1).fill_(-1.0)  # a planted dead unit
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    elif layout == "transposed":
+        x = x.transpose(0, 2)
+        unit_dim = 3
+    return x, unit_dim
+
+
 LAYOUTS = [
     ((37, 9), 1, "contiguous"),  # (N, C): units last
     ((3, 7, 10), 2, "contiguous"),  # (B, T, C): units last, reduced over batch and tokens
@@ -70,14 +83,7 @@ LAYOUTS = [
 @pytest.mark.parametrize("shape,unit_dim,layout", LAYOUTS, ids=[f"{s}-{layout}" for s, _, layout in LAYOUTS])
 @pytest.mark.parametrize("threshold", [0.0, -0.25, 0.5])
 def test_kernel_matches_brute_force_and_torch_pass(device, dtype, shape, unit_dim, layout, threshold):
-    g = torch.Generator().manual_seed(sum(shape))
-    x = torch.randn(shape, generator=g).to(dtype)
-    x.select(unit_dim, 1).fill_(-1.0)  # a planted dead unit
-    if layout == "channels_last":
-        x = x.to(memory_format=torch.channels_last)
-    elif layout == "transposed":
-        x = x.transpose(0, 2)
-        unit_dim = 3
+    x, unit_dim = planted_layout(shape, unit_dim, layout, dtype)
     x = x.to(device)
     truth = brute(x.cpu(), unit_dim, threshold)
     assert truth["fired"][1] == 0

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from kernel_cases import LAYOUTS, assert_matches, brute
+from kernel_cases import LAYOUTS, assert_matches, brute, run
+from kernel_cases import planted_layout as make
 from torch import nn
 
 import deadrelu
@@ -27,24 +28,6 @@ pytestmark = pytest.mark.skipif(not native.available(), reason=f"no native kerne
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 DTYPE_IDS = ["fp32", "fp64", "bf16", "fp16"]
-
-
-def make(shape, unit_dim, layout, dtype, seed=0):
-    g = torch.Generator().manual_seed(seed + sum(shape))
-    x = torch.randn(shape, generator=g).to(dtype)
-    x.select(unit_dim, 1).fill_(-1.0)  # a planted dead unit
-    if layout == "channels_last":
-        x = x.to(memory_format=torch.channels_last)
-    elif layout == "transposed":
-        x = x.transpose(0, 2)
-        unit_dim = 3
-    return x, unit_dim
-
-
-def run(x, unit_dim, threshold, backend, nonnegative=False, mask=None):
-    out = stats.StatTensors(x.shape[unit_dim], x.device).state
-    stats.accumulate(x, unit_dim, threshold, nonnegative, out, mask=mask, backend=backend)
-    return out
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)

@@ -105,6 +105,7 @@ from .activations import (
     looks_like_activation,
 )
 from .hooks import copy_safe_hook, global_forward_hooks, is_deadrelu_hook, remove_inert_hooks
+from .kernels import functorch_wrapped
 from .inputs import aligned_mask, apply_mask, call_samples, decoder_mask_of_call, in_decoder, mask_from_call, mask_layout, mask_position
 from .unit_axis import ACT, PRODUCER, AxisTable, function_kind, kind_of
 from .stats import fused_on_cpu, release_scratch, UnitStats
@@ -956,7 +957,7 @@ class ActivationCapture:
         self.last_site = site.info.module or "<root>"
         # Inside torch.func's transforms (grad, vmap) the output is a wrapper that accumulators made
         # outside may not be written with: count the plain values under it, the transforms off.
-        wrapped = _IS_FUNCTORCH_WRAPPED is not None and _IS_FUNCTORCH_WRAPPED(out)
+        wrapped = functorch_wrapped(out)
         # A module site is read in its post-hook, while the function mode is still active: the
         # mask selection and the accumulator's own torch calls must not go through it.
         with torch._C.DisableTorchFunction():
@@ -1091,9 +1092,6 @@ class ActivationCapture:
         self.uncaptured.clear()
         self.forwards = self.samples = 0
         self.last_site = None
-
-
-_IS_FUNCTORCH_WRAPPED = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
 
 
 def _plain_values(t: torch.Tensor, unit_dim: int) -> tuple[torch.Tensor, int]:

@@ -39,15 +39,9 @@ def fusable_layout(x: torch.Tensor, unit_dim: int) -> bool:
     """True when the kernel addresses ``x`` in place through its strides (no contiguous copy) and
     ``x`` is dense, so the output has the layout ``torch.relu``'s would; never for a tensor of
     ``torch.func``'s transforms (vmap, grad), whose storage a kernel cannot read."""
-    if kernels.transforms_active() and _functorch_wrapped(x):
+    if kernels.transforms_active() and kernels.functorch_wrapped(x):
         return False
     return kernels.fusable(tuple(x.shape), tuple(x.stride()), unit_dim)
-
-
-def _functorch_wrapped(x: torch.Tensor) -> bool:
-    functorch = getattr(torch._C, "_functorch", None)
-    check = getattr(functorch, "is_functorch_wrapped_tensor", None)
-    return bool(check(x)) if check is not None else False
 
 
 class _CountedReLU(torch.autograd.Function):

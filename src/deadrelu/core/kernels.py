@@ -32,7 +32,10 @@ from typing import Any, Mapping
 
 import torch
 
-__all__ = ["available", "dense", "fusable", "interpreting", "plan", "relu_stats_into", "transforms_active", "unit_stats_into"]
+__all__ = [
+    "available", "dense", "functorch_wrapped", "fusable", "interpreting", "mask_rows", "plan", "relu_output",
+    "relu_stats_into", "transforms_active", "unit_stats_into",
+]  # fmt: skip
 
 
 def interpreting() -> bool:
@@ -204,6 +207,32 @@ def transforms_active() -> bool:
     return peek is None or peek() is not None
 
 
+_IS_WRAPPED = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
+
+
+def functorch_wrapped(x: torch.Tensor) -> bool:
+    """Whether ``x`` is a wrapper of ``torch.func``'s transforms (vmap, grad): no kernel can read it."""
+    return bool(_IS_WRAPPED(x)) if _IS_WRAPPED is not None else False
+
+
+def mask_rows(mask: torch.Tensor, before: int) -> tuple[torch.Tensor, int]:
+    """A kernel's view of an observation mask over the leading dims: one byte per entry, and how
+    many of the layout's ``before`` rows each entry covers."""
+    flat = mask.reshape(-1)
+    flat = flat.view(torch.uint8) if flat.is_contiguous() else flat.to(torch.uint8)
+    return flat, before // max(mask.numel(), 1)
+
+
+def relu_output(x: torch.Tensor, unit_dim: int, inplace: bool) -> tuple[tuple, torch.Tensor] | None:
+    """``(layout, y)`` for a fused ReLU of ``x``: the layout :func:`plan` gives and the tensor the
+    output goes into (``x`` itself when ``inplace``, else a new one with ``x``'s strides); None for
+    a layout the kernel would have to copy, or a tensor that is not dense."""
+    layout = plan(x, unit_dim)
+    if layout[0] is not x or not dense(x):
+        return None
+    return layout, (x if inplace else torch.empty_like(x))  # dense tensors keep their strides, as torch.relu's output does
+
+
 @functools.lru_cache(maxsize=4096)
 def fusable(shape: tuple[int, ...], strides: tuple[int, ...], unit_dim: int) -> bool:
     """Whether a tensor of this shape and these strides is dense and addressed without a copy
@@ -288,12 +317,11 @@ def relu_stats_into(
     ReLU too. Returns None, launching nothing, for a layout the kernel would have to copy
     (the caller then runs the two passes).
     """
-    layout = plan(x, unit_dim)
-    if layout[0] is not x or not dense(x):
+    made = relu_output(x, unit_dim, inplace)
+    if made is None:
         return None
-    y = x if inplace else torch.empty_like(x)  # x's strides: dense tensors keep them, as torch.relu's output does
-    _launch(layout, y, threshold, True, out, mask)
-    return y
+    _launch(made[0], made[1], threshold, True, out, mask)
+    return made[1]
 
 
 def dense(x: torch.Tensor) -> bool:
@@ -338,8 +366,7 @@ def _launch(
     if mask is None:
         mask_arg, mask_div = t, 1  # unused
     else:
-        mask_arg = mask.reshape(-1).view(torch.uint8) if mask.is_contiguous() else mask.reshape(-1).to(torch.uint8)
-        mask_div = before // max(mask.numel(), 1)
+        mask_arg, mask_div = mask_rows(mask, before)
     _kernel(interpreting())[(unit_blocks, row_progs)](
         t, t if y is None else y, mask_arg, thr, out["fired"], out["abs_sum"], out["nonfinite"], out["observations"],
         units, after, rows, rows_per_prog, s_b, s_u, s_a, mask_div,

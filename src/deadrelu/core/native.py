@@ -82,13 +82,7 @@ def supports(x: torch.Tensor) -> bool:
     return available()
 
 
-_FUNCTORCH = getattr(torch._C, "_functorch", None)
-_transforms_active = kernels.transforms_active
-
-
-def _functorch_wrapped(x: torch.Tensor) -> bool:
-    check = getattr(_FUNCTORCH, "is_functorch_wrapped_tensor", None)
-    return bool(check(x)) if check is not None else False
+_transforms_active, _functorch_wrapped = kernels.transforms_active, kernels.functorch_wrapped
 
 
 def _cache_dirs() -> list[Path]:
@@ -282,8 +276,8 @@ def _run(
     if mask is None:
         mask_arg, mask_ptr, mask_div = None, None, 1
     else:
-        mask_arg = mask.reshape(-1).contiguous().view(torch.uint8)
-        mask_ptr, mask_div = mask_arg.data_ptr(), max(before // max(mask_arg.numel(), 1), 1)
+        mask_arg, mask_div = kernels.mask_rows(mask, before)
+        mask_ptr = mask_arg.data_ptr()
     x_ptr, y_ptr = t.data_ptr(), (None if y is None else y.data_ptr())
     relu, nonneg, thr = int(y is not None), int(bool(nonnegative)), float(threshold)
     slices = max(1, min(torch.get_num_threads(), before, t.numel() // _MIN_SLICE_ELEMENTS))
@@ -347,9 +341,8 @@ def relu_stats_into(
 ) -> torch.Tensor | None:
     """``relu(x)`` with its statistics added into ``out`` in the same pass; the contract of
     :func:`deadrelu.core.kernels.relu_stats_into` (None, doing nothing, for a layout it would copy)."""
-    layout = kernels.plan(x, unit_dim)
-    if layout[0] is not x or not kernels.dense(x):
+    made = kernels.relu_output(x, unit_dim, inplace)
+    if made is None:
         return None
-    y = x if inplace else torch.empty_like(x)
-    _run(layout, y, threshold, True, out, mask)
-    return y
+    _run(made[0], made[1], threshold, True, out, mask)
+    return made[1]

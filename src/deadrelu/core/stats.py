@@ -564,8 +564,6 @@ _TRITON_FAILED: list[str] = []  # why the kernel could not run here, once it fai
 def _triton_ready(x: torch.Tensor) -> bool:
     if x.device.type != "cuda" or _TRITON_FAILED:
         return False
-    from . import kernels  # lazy: importing deadrelu never imports triton
-
     return kernels.available()
 
 
@@ -573,8 +571,6 @@ def _run_kernel(x: torch.Tensor, unit_dim: int, threshold: float, nonnegative: b
     """Run the Triton kernel; False (after one warning) when it cannot compile or launch here, so
     the caller uses the torch pass: a Triton or driver mismatch must not stop a scan or a training run.
     Compilation and launch fail before the kernel writes anything, so the batch is not half-counted."""
-    from . import kernels
-
     try:
         kernels.unit_stats_into(x, unit_dim, threshold, nonnegative, out, mask)
         return True
@@ -599,8 +595,6 @@ def _kernel_failed(err: Exception, stacklevel: int) -> None:
 
 
 def _require_triton(x: torch.Tensor) -> None:
-    from . import kernels
-
     if not kernels.available() or (x.device.type == "cpu" and not kernels.interpreting()):
         raise DeadReluError(
             f"the triton statistics backend cannot run on this {x.device.type} tensor: it needs Triton 3 or "
@@ -662,12 +656,7 @@ def accumulate(
         return  # nothing observed (no values, or no units)
     if backend == "triton":
         _require_triton(x)
-    if backend == "native" or (backend == "auto" and not _triton_ready(x) and _native_ready(x, backend)):
-        from . import native
-
-        if backend == "native":
-            _native_ready(x, backend)  # raises where it cannot count x
-
+    if (backend == "native" or (backend == "auto" and not _triton_ready(x))) and _native_ready(x, backend):
         native.unit_stats_into(x, unit_dim, threshold, nonnegative, out, mask)
         _extra_statistics(x, unit_dim, threshold, out, mask)
         return
@@ -697,8 +686,6 @@ def _native_ready(x: torch.Tensor, backend: str) -> bool:
         if backend == "native":
             raise DeadReluError(f"the native statistics backend counts CPU tensors only, not {x.device.type}")
         return False
-    from . import native
-
     if native.supports(x):
         return True
     if backend == "native":
@@ -710,8 +697,6 @@ def fused_on_cpu() -> bool:
     """Whether CPU tensors may reach the fused ReLU at all: where the C kernel of
     :mod:`deadrelu.core.native` builds, or under Triton's interpreter (``TRITON_INTERPRET=1``,
     how the tests run the Triton kernel without a GPU, with ``backend="triton"``)."""
-    from . import kernels, native
-
     return native.available() or kernels.interpreting()
 
 

@@ -70,12 +70,6 @@ static inline int bad_f16(uint16_t v) { return (v & 0x7c00u) == 0x7c00u; }
 #define BAD bad_f32
 #define ZERO 0.0f
 #include "unit_stats_body.h"
-#undef NAME
-#undef T
-#undef WT
-#undef WIDEN
-#undef BAD
-#undef ZERO
 
 #define NAME(s) f64_##s
 #define T double
@@ -84,12 +78,6 @@ static inline int bad_f16(uint16_t v) { return (v & 0x7c00u) == 0x7c00u; }
 #define BAD bad_f64
 #define ZERO 0.0
 #include "unit_stats_body.h"
-#undef NAME
-#undef T
-#undef WT
-#undef WIDEN
-#undef BAD
-#undef ZERO
 
 #define NAME(s) bf16_##s
 #define T uint16_t
@@ -98,12 +86,6 @@ static inline int bad_f16(uint16_t v) { return (v & 0x7c00u) == 0x7c00u; }
 #define BAD bad_bf16
 #define ZERO ((uint16_t)0)
 #include "unit_stats_body.h"
-#undef NAME
-#undef T
-#undef WT
-#undef WIDEN
-#undef BAD
-#undef ZERO
 
 #define NAME(s) f16_##s
 #define T uint16_t

@@ -2,6 +2,7 @@
  *   T      the stored element type          WT     the compare type (float, or double)
  *   WIDEN  T -> WT, exact                    BAD    1 for a NaN/Inf element (by its bits)
  *   ZERO   T's +0.0                          NAME   prefixes this dtype's function names
+ * and undefines them at its end, so the next dtype defines its own.
  * Each inner loop is one straight line per element (no branch), so the compiler vectorises it;
  * that needs -fno-trapping-math (a compare that may raise a floating-point flag is never
  * speculated otherwise), which changes no value. */
@@ -210,3 +211,10 @@ static void NAME(stats)(const T* x, T* y, const uint8_t* mask, int64_t b0, int64
         NAME(strided)(x, y, mask, b0, b1, units, after, s_b, s_u, s_a, mask_div, thr, relu, nonneg,
                       fired, mag, bad, obs);
 }
+
+#undef NAME
+#undef T
+#undef WT
+#undef WIDEN
+#undef BAD
+#undef ZERO
