@@ -11,6 +11,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import deadrelu
 from deadrelu import DeadReluError, Levels, Report, SiteReport
@@ -77,6 +79,90 @@ def test_dormancy_score_by_hand():
     s = site([0, 10, 10], 10, mean_abs=[0.0, 1.0, 3.0], levels=Levels(dormant_tau=0.8))
     assert s.dormancy == pytest.approx((0.0, 0.75, 2.25))
     assert s.dormant_units == (0, 1)
+
+
+def brute_force_classes(s):
+    """States, dormancy and dormant units unit by unit in plain Python, from the definitions."""
+    lv, n = s.levels, s.observations
+    states = []
+    for f, bad in zip(s.fired_counts, s.nonfinite_counts):
+        if bad:
+            states.append("nonfinite")
+        elif f == 0:
+            states.append("dead" if n >= max(1, lv.min_observations) else "unobserved")
+        else:
+            states.append("asleep" if f / n <= lv.asleep_rate else "active")
+    finite = [m for m, bad in zip(s.mean_abs, s.nonfinite_counts) if not bad]
+    layer = sum(finite) / len(finite) if finite else 0.0
+    dormancy = [math.nan if bad else (m / layer if layer > 0 else 0.0) for m, bad in zip(s.mean_abs, s.nonfinite_counts)]
+    dormant = [i for i, d in enumerate(dormancy) if not math.isnan(d) and d <= lv.dormant_tau and states[i] != "unobserved"]
+    return tuple(states), dormancy, tuple(dormant)
+
+
+_MEANS = st.one_of(
+    st.floats(0, 1e6, allow_nan=False),
+    st.sampled_from([0.0, 5e-324, 1e-300, 1e300, 1.7e308, math.inf, math.nan]),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.one_of(st.integers(0, 2**40), st.sampled_from(["edge-1", "edge", "edge+1"])),
+                  st.sampled_from([0, 0, 0, 1, 7]), _MEANS),
+        min_size=1, max_size=40,
+    ),  # fmt: skip
+    st.one_of(st.integers(0, 2**41), st.sampled_from([0, 20, 100, 180, 10**6])),
+    st.sampled_from([0.0, 0.05, 0.35, 0.5]),
+    st.sampled_from([0.0, 0.025, 1.0, 10.0]),
+    st.sampled_from([1, 50, 2**40]),
+)
+def test_derived_values_equal_the_unit_by_unit_definitions(units, observations, asleep, tau, min_obs):
+    # Vectorised classification against the definitions, exactly: the same float64 divisions and
+    # comparisons, including at the edges (rate == asleep_rate, NaN/inf means, subnormal means).
+    edge = {"edge-1": -1, "edge": 0, "edge+1": 1}  # firings at the asleep rate itself and either side
+    fired = [
+        min(max(round(asleep * observations) + edge[f], 0) if isinstance(f, str) else f, observations) for f, _, _ in units
+    ]
+    s = site(fired, observations, nonfinite=[b for _, b, _ in units], mean_abs=[m for _, _, m in units],
+             levels=Levels(asleep_rate=asleep, dormant_tau=tau, min_observations=min_obs))  # fmt: skip
+    states, dormancy, dormant = brute_force_classes(s)
+    assert s.states == states
+    assert [x if not math.isnan(x) else "nan" for x in s.dormancy] == [x if not math.isnan(x) else "nan" for x in dormancy]
+    assert s.dormant_units == dormant
+    for state in ("dead", "asleep", "active", "nonfinite", "unobserved"):
+        assert getattr(s, f"{state}_units") == tuple(i for i, x in enumerate(states) if x == state)
+    assert s.firing_rate == tuple(f / observations if observations else 0.0 for f in fired)
+
+
+def test_numpy_counts_classify_as_python_ints():
+    np = pytest.importorskip("numpy")
+    s = site(list(np.array([0, 3, 10], dtype=np.int64)), 10, mean_abs=list(np.array([0.0, 0.3, 1.0])))
+    assert s.states == ("dead", "active", "active") and s.dead_units == (0,)
+
+
+def test_a_pickled_site_carries_its_fields_and_classifies_again():
+    import copy
+    import pickle
+
+    s = site([0, 1, 50, 0], 100, nonfinite=[0, 0, 0, 3], mean_abs=[0.0, 0.01, 2.0, math.inf])
+    before = (s.states, s.dead_units, s.dormant_units, s.asleep, s.dormancy[:3])
+    data = pickle.dumps(s)
+    assert b"torch" not in data  # the tensor cache stays behind: a report holds plain numbers
+    for again in (pickle.loads(data), copy.deepcopy(s), copy.copy(s)):
+        assert again == s
+        assert (again.states, again.dead_units, again.dormant_units, again.asleep, again.dormancy[:3]) == before
+
+
+def test_state_masks_match_the_index_tuples():
+    s = site([0, 1, 50, 0, 7], 100, nonfinite=[0, 0, 0, 3, 0], mean_abs=[0.0, 0.01, 2.0, math.nan, 0.07])
+    for state in ("active", "asleep", "dead", "unobserved", "nonfinite", "dormant"):
+        mask = s.state_mask(state)
+        assert mask.dtype == torch.bool and tuple(torch.nonzero(mask).flatten().tolist()) == getattr(s, f"{state}_units")
+    s.state_mask("dead")[0] = False  # a new tensor each call: the report is unchanged
+    assert s.dead_units == (0,)
+    with pytest.raises(DeadReluError, match="unknown unit state 'alive'"):
+        s.state_mask("alive")
 
 
 @pytest.mark.parametrize(

@@ -89,6 +89,52 @@ def test_lifecycle_events_born_dead_died_revived():
     assert "1 unit(s) born dead, 2 died, 1 revived" in str(summary)
 
 
+def brute_lifecycle(plan):
+    """Events from per-evaluation unit states ("fire", "quiet", "nan"), by the rules, on Python sets."""
+    known_dead: set[int] = set()
+    known_alive: set[int] = set()
+    events = []
+    for step, states in enumerate(plan, start=1):
+        dead = {u for u, x in enumerate(states) if x == "quiet"}
+        alive = {u for u, x in enumerate(states) if x == "fire"}
+        fresh = dead - known_dead
+        events += [Event(step, "1", u, "born_dead") for u in sorted(fresh - known_alive)]
+        events += [Event(step, "1", u, "died") for u in sorted(fresh & known_alive)]
+        events += [Event(step, "1", u, "revived") for u in sorted(known_dead & alive)]
+        known_dead, known_alive = (known_dead - alive) | dead, (known_alive - dead) | alive
+    return events
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.lists(st.sampled_from(["fire", "quiet", "quiet", "nan"]), min_size=5, max_size=5), min_size=1, max_size=8))
+def test_lifecycle_events_equal_the_rules_on_python_sets(plan):
+    # window=1, log_every=1: each step's batch is one evaluation; NaN units are neither dead nor
+    # alive there, so they start and end nothing.
+    class Scale(nn.Module):  # elementwise, so a NaN input stays in its own unit (a matmul would spread it)
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.ones(5))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * self.weight
+
+    net = nn.Sequential(Scale(), nn.ReLU())
+    value = {"fire": 1.0, "quiet": -1.0, "nan": float("nan")}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeadUnitWarning)
+        with deadrelu.Monitor(net, window=1, log_every=1) as mon:
+            for states in plan:
+                net(torch.tensor([[value[x] for x in states]] * 3))
+                mon.step()
+    assert mon.events == brute_lifecycle(plan)
+    summary = mon.events_summary().sites[0]
+    assert summary.dead_now == plan[-1].count("quiet")
+    state = mon.state_dict()  # the lifecycle memory travels as index sets and goes on the same way
+    resumed = deadrelu.Monitor(net, window=1, log_every=1)
+    resumed.load_state_dict(state)
+    assert resumed.state_dict() == state
+
+
 def test_one_quiet_batch_does_not_kill_a_unit():
     net = identity_net(2)
     with deadrelu.Monitor(net, window=3, log_every=1, warn_at=(1.0,)) as mon:

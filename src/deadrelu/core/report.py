@@ -14,6 +14,8 @@ observations a unit that never fired is *unobserved*, not dead.
 
 from __future__ import annotations
 
+import array
+import itertools
 import json
 import math
 import operator
@@ -22,13 +24,15 @@ import re
 from dataclasses import asdict, dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping, NamedTuple, Sequence
+
+import torch
 
 from ..errors import DeadReluError, ReportFormatError
 from .advice import advise
 from .files import atomic_write_text
 from .report_schema import parse_report, parse_site
-from .stats import classify
+from .stats import UNIT_STATES, classify_codes
 from .tables import floor_percent
 
 __all__ = [
@@ -208,40 +212,63 @@ class SiteReport:
     def firing_rate(self) -> tuple[float, ...]:
         """Per unit, the fraction of observations that fired."""
         n = self.observations
-        return tuple(c / n if n else 0.0 for c in self.fired_counts)
+        if not n:
+            return (0.0,) * self.units
+        return tuple((_int_tensor(self.fired_counts).to(torch.float64) / n).tolist())
 
     @cached_property
     def dormancy(self) -> tuple[float, ...]:
         """Per unit, the dormancy score ``E|h_i| / mean_k E|h_k|`` over finite units (NaN if non-finite)."""
-        finite = [m for m, bad in zip(self.mean_abs, self.nonfinite_counts) if not bad]
-        layer_mean = sum(finite) / len(finite) if finite else 0.0
-        out = []
-        for m, bad in zip(self.mean_abs, self.nonfinite_counts):
-            if bad:
-                out.append(math.nan)
-            else:
-                out.append(m / layer_mean if layer_mean > 0 else 0.0)
-        return tuple(out)
+        return tuple(self._classes.score.tolist())
 
     @cached_property
     def states(self) -> tuple[str, ...]:
         """Per unit, one of ``"nonfinite"``, ``"unobserved"``, ``"dead"``, ``"asleep"`` or ``"active"``."""
-        lv = self.levels
-        return tuple(
-            classify(self.fired_counts, self.observations, self.nonfinite_counts, lv.asleep_rate, lv.min_observations)
-        )
-
-    def _units_in(self, state: str) -> tuple[int, ...]:
-        return self._units_by_state.get(state, ())
+        return tuple(map(UNIT_STATES.__getitem__, self._classes.codes.tolist()))
 
     @cached_property
-    def _units_by_state(self) -> dict[str, tuple[int, ...]]:
-        """Unit indices per state, in one pass over the states (the monitor asks for every state of
-        every site at each evaluation)."""
-        groups: dict[str, list[int]] = {}
-        for i, s in enumerate(self.states):
-            groups.setdefault(s, []).append(i)
-        return {k: tuple(v) for k, v in groups.items()}
+    def _classes(self) -> "_UnitClasses":
+        """Every unit's state and dormancy score, computed once on tensors (the monitor classifies
+        each site at every evaluation, and a Python loop over 100k units takes 50 ms). A cache
+        only: pickles and copies carry the fields (see ``__getstate__``), and the public values
+        are Python tuples made from it on first use."""
+        return _unit_classes(self)
+
+    @cached_property
+    def _state_counts(self) -> tuple[int, ...]:
+        return tuple(torch.bincount(self._classes.codes.to(torch.int64), minlength=len(UNIT_STATES)).tolist())
+
+    def state_mask(self, state: str) -> torch.Tensor:
+        """A bool tensor over the units, True where a unit is in ``state`` (one of
+        ``"active"``, ``"asleep"``, ``"dead"``, ``"unobserved"``, ``"nonfinite"``; or
+        ``"dormant"``): the vectorised form of ``dead_units`` and its kind, a new tensor each call.
+
+        Raises:
+            DeadReluError: for another state name.
+
+        Example:
+            >>> s = SiteReport("r", "", "ReLU", "relu", 0, 0, 1, (4, 2), 0.0, 4, (0, 3), (0.0, 1.5), (0, 0))
+            >>> s.state_mask("dead").tolist()
+            [True, False]
+        """
+        if state == "dormant":
+            return self._classes.dormant.clone()
+        if state not in UNIT_STATES:
+            raise DeadReluError(f"unknown unit state {state!r}: expected one of {', '.join(UNIT_STATES)} or dormant")
+        return self._classes.codes == UNIT_STATES.index(state)
+
+    def _units_in(self, state: str) -> tuple[int, ...]:
+        return _indices(self.state_mask(state))
+
+    def _count_of(self, state: str) -> int:
+        return self._state_counts[UNIT_STATES.index(state)]
+
+    def __getstate__(self) -> dict[str, Any]:
+        # The fields only: cached derived values (tensors among them) are remade after loading.
+        return {f: getattr(self, f) for f in self.__dataclass_fields__}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
 
     @cached_property
     def dead_units(self) -> tuple[int, ...]:
@@ -273,11 +300,7 @@ class SiteReport:
     @cached_property
     def dormant_units(self) -> tuple[int, ...]:
         """Indices of τ-dormant units (dormancy score ``<= dormant_tau``; includes dead ReLU units)."""
-        tau = self.levels.dormant_tau
-        states = self.states
-        return tuple(
-            i for i, s in enumerate(self.dormancy) if not math.isnan(s) and s <= tau and states[i] != "unobserved"
-        )
+        return _indices(self._classes.dormant)
 
     # -- evidence ----------------------------------------------------------------
     @property
@@ -295,32 +318,32 @@ class SiteReport:
     @property
     def dead(self) -> int:
         """Number of dead units."""
-        return len(self.dead_units)
+        return self._count_of("dead")
 
     @property
     def asleep(self) -> int:
         """Number of asleep units."""
-        return len(self.asleep_units)
+        return self._count_of("asleep")
 
     @property
     def active(self) -> int:
         """Number of active units."""
-        return len(self.active_units)
+        return self._count_of("active")
 
     @property
     def dormant(self) -> int:
         """Number of τ-dormant units."""
-        return len(self.dormant_units)
+        return int(self._classes.dormant.sum())
 
     @property
     def nonfinite(self) -> int:
         """Number of units that produced NaN or Inf."""
-        return len(self.nonfinite_units)
+        return self._count_of("nonfinite")
 
     @property
     def unobserved(self) -> int:
         """Number of unobserved units (never fired, fewer than ``min_observations`` observations)."""
-        return len(self.unobserved_units)
+        return self._count_of("unobserved")
 
     @property
     def dead_fraction(self) -> float:
@@ -403,6 +426,60 @@ class SiteReport:
             ReportFormatError: naming the first field that breaks the report schema.
         """
         return cls(**parse_site(d, "site"), levels=levels)
+
+
+class _UnitClasses(NamedTuple):
+    """A site's per-unit classification, on tensors (see ``SiteReport._classes``)."""
+
+    codes: torch.Tensor  # int8: each unit's index in UNIT_STATES
+    score: torch.Tensor  # float64 dormancy score (NaN for non-finite units)
+    dormant: torch.Tensor  # bool
+
+
+def _indices(mask: torch.Tensor) -> tuple[int, ...]:
+    return tuple(torch.nonzero(mask).flatten().tolist())
+
+
+def _int_tensor(values: Sequence[int]) -> torch.Tensor:
+    """int64 tensor of a site's counts, through a C array (a tenth of ``torch.tensor``'s time on a
+    tuple of Python ints); ``torch.tensor`` where the values are not plain integers."""
+    try:
+        return torch.frombuffer(array.array("q", values), dtype=torch.int64) if values else torch.zeros(0, dtype=torch.int64)
+    except (TypeError, OverflowError):
+        return torch.tensor(list(values), dtype=torch.int64)
+
+
+def _float_tensor(values: Sequence[float]) -> torch.Tensor:
+    try:
+        return torch.frombuffer(array.array("d", values), dtype=torch.float64) if values else torch.zeros(0, dtype=torch.float64)
+    except TypeError:
+        return torch.tensor(list(values), dtype=torch.float64)
+
+
+def _unit_classes(site: SiteReport) -> _UnitClasses:
+    return _classes_of(site, _int_tensor(site.fired_counts), _float_tensor(site.mean_abs), _int_tensor(site.nonfinite_counts))
+
+
+def prime_unit_classes(site: SiteReport, fired: torch.Tensor, mean_abs: torch.Tensor, nonfinite: torch.Tensor) -> SiteReport:
+    """``site`` with its per-unit classification computed from host tensors the caller already
+    holds, holding the same values as its fields (the monitor's evaluation: no second conversion
+    of 100k Python numbers back into tensors). Returns ``site``."""
+    site.__dict__["_classes"] = _classes_of(site, fired, mean_abs, nonfinite)
+    return site
+
+
+def _classes_of(site: SiteReport, fired: torch.Tensor, mean_abs: torch.Tensor, nonfinite: torch.Tensor) -> _UnitClasses:
+    lv = site.levels
+    bad = nonfinite != 0
+    codes = classify_codes(fired, site.observations, bad, lv.asleep_rate, lv.min_observations)
+    # The layer mean is Python's own sum over the finite units, in unit order, as the score was
+    # always defined; the per-unit division is the same float64 division on tensors.
+    finite = site.mean_abs if not bad.any() else list(itertools.compress(site.mean_abs, (~bad).tolist()))
+    layer_mean = sum(finite) / len(finite) if finite else 0.0
+    score = mean_abs / layer_mean if layer_mean > 0 else torch.zeros_like(mean_abs)
+    score[bad] = math.nan
+    dormant = (score <= lv.dormant_tau) & (codes != UNIT_STATES.index("unobserved"))  # NaN compares False
+    return _UnitClasses(codes, score, dormant)
 
 
 @dataclass(frozen=True)

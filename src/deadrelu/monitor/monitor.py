@@ -55,7 +55,7 @@ from ..core.capture import (
     is_compiled_wrapper,
 )
 from ..errors import DeadReluError, NoActivationSitesError
-from ..core.report import Report, SiteReport, Levels, model_fingerprint
+from ..core.report import Report, SiteReport, Levels, model_fingerprint, prime_unit_classes
 from ..core.scan import site_report
 from .ranks import SiteState, reduce_by_key
 from .records import Alert, Event, EventSummary, History, HistoryRow, LogRecord, SiteEvents
@@ -144,8 +144,8 @@ class _MonitorCapture(ActivationCapture):
             self._depth -= 1
 
 
-def _host_values(states: Sequence[SiteState]) -> list[dict[str, list[Any]]]:
-    """Every site's state tensors as Python lists, with one device-to-host copy for all of them.
+def _host_values(states: Sequence[SiteState]) -> list[dict[str, torch.Tensor]]:
+    """Every site's state tensors on the host, with one device-to-host copy for all of them.
 
     The tensors travel as one float64 vector (integer counts are exact below 2**53) and are
     split and cast back here."""
@@ -156,14 +156,45 @@ def _host_values(states: Sequence[SiteState]) -> list[dict[str, list[Any]]]:
     flat = torch.cat([t.reshape(-1).to(device=device, dtype=torch.float64) for t in tensors]).cpu()
     out, offset = [], 0
     for s in states:
-        values: dict[str, list[Any]] = {}
+        values: dict[str, torch.Tensor] = {}
         for k, t in s.tensors.items():
             chunk = flat[offset : offset + t.numel()]
             offset += t.numel()
             # counts become int64 again on the host (exact: integral float64 values below 2**53)
-            values[k] = (chunk if t.is_floating_point() else chunk.to(torch.int64)).tolist()
+            values[k] = chunk if t.is_floating_point() else chunk.to(torch.int64)
         out.append(values)
     return out
+
+
+#: A set of a site's units: a bool mask over them, or (as a resumed state gives it) their indices.
+UnitMemory = Union[torch.Tensor, "set[int]"]
+
+
+def _unit_mask(memory: UnitMemory | None, units: int) -> torch.Tensor:
+    """``memory`` as a bool mask over ``units`` units (indices beyond them are dropped)."""
+    if isinstance(memory, torch.Tensor) and memory.numel() == units:
+        return memory
+    mask = torch.zeros(units, dtype=torch.bool)
+    indices = [u for u in _index_set(memory) if 0 <= u < units] if memory is not None else []
+    if indices:
+        mask[torch.tensor(indices, dtype=torch.int64)] = True
+    return mask
+
+
+def _indices(mask: torch.Tensor) -> list[int]:
+    return torch.nonzero(mask).flatten().tolist()
+
+
+def _index_set(memory: UnitMemory) -> set[int]:
+    return set(_indices(memory)) if isinstance(memory, torch.Tensor) else set(memory)
+
+
+def _index_sets(memories: Mapping[Any, UnitMemory]) -> dict[Any, set[int]]:
+    return {key: _index_set(m) for key, m in memories.items()}
+
+
+def _size(memory: UnitMemory) -> int:
+    return int(memory.sum()) if isinstance(memory, torch.Tensor) else len(memory)
 
 
 def _warn_levels(warn_at: Any) -> tuple[float, ...]:
@@ -385,11 +416,13 @@ class Monitor:
         self._pooled_warned: set[str] = set()
 
     def _init_lifecycle(self) -> None:
-        self._dead: dict[str, set[int]] = {}  # per site: dead units at the last full-window evaluation
-        self._born_dead: dict[str, set[int]] = {}
+        # Unit memories are bool masks over a site's units once it has been evaluated, and index
+        # sets as a resumed state gives them (made masks at the site's next evaluation).
+        self._dead: dict[str, UnitMemory] = {}  # per site: dead units at the last full-window evaluation
+        self._born_dead: dict[Any, UnitMemory] = {}
         # per site: units whose last known state (ignoring NaN/Inf and unobserved evaluations) is dead / alive
-        self._known_dead: dict[str, set[int]] = {}
-        self._known_alive: dict[str, set[int]] = {}
+        self._known_dead: dict[Any, UnitMemory] = {}
+        self._known_alive: dict[Any, UnitMemory] = {}
         # sites whose window has not been full at an evaluation yet: their first full window is evaluated
         self._filling: list[Any] = []
         self._filled: "weakref.WeakSet[Any]" = weakref.WeakSet()  # accumulators whose full window was evaluated
@@ -518,10 +551,10 @@ class Monitor:
             history=list(self.history.rows),
             events=list(self.events),
             alerts=list(self.alerts),
-            known_dead=self._known_dead,
-            known_alive=self._known_alive,
-            born_dead=self._born_dead,
-            dead=self._dead,
+            known_dead=_index_sets(self._known_dead),
+            known_alive=_index_sets(self._known_alive),
+            born_dead=_index_sets(self._born_dead),
+            dead=_index_sets(self._dead),
             warned=self._warned,
             names=self._name_ident,
             current_names={name: ident for ident, name in self._ident_name.items()},
@@ -790,7 +823,7 @@ class Monitor:
                     born_dead=len(ev["born_dead"]),
                     died=len(ev["died"]),
                     revived=len(ev["revived"]),
-                    dead_now=len(dead_now.get(name, ())),
+                    dead_now=_size(dead_now.get(name, ())),
                     died_steps=tuple(sorted(ev["died"])),
                 )
             )
@@ -835,11 +868,11 @@ class Monitor:
             sites = []
             for state, v in zip(states, values):
                 obs = int(v[f"{scope}.observations"][0])
-                abs_sum = v[f"{scope}.abs_sum"]
-                totals = UnitTotals(
-                    obs, tuple(v[f"{scope}.fired"]), tuple(a / obs if obs else 0.0 for a in abs_sum), tuple(v[f"{scope}.nonfinite"])
-                )
-                sites.append(site_report(state.name, state.view(), totals, self.levels))
+                fired, abs_sum, bad = v[f"{scope}.fired"], v[f"{scope}.abs_sum"], v[f"{scope}.nonfinite"]
+                mean_abs = abs_sum / obs if obs else torch.zeros_like(abs_sum)
+                totals = UnitTotals(obs, tuple(fired.tolist()), tuple(mean_abs.tolist()), tuple(bad.tolist()))
+                site = site_report(state.name, state.view(), totals, self.levels)
+                sites.append(prime_unit_classes(site, fired, mean_abs, bad))
             out[scope] = Report(
                 sites=tuple(sites),
                 levels=self.levels,
@@ -977,31 +1010,32 @@ class Monitor:
         """Events from each unit's last known state, dead or alive (fired, all values finite). An
         evaluation where a unit is NaN/Inf or unobserved says neither: it starts or ends nothing,
         so a dead unit that outputs NaN for a while is not "revived" and then "died" again."""
-        dead = set(s.dead_units)
-        alive = {u for u, (f, bad) in enumerate(zip(s.fired_counts, s.nonfinite_counts)) if f and not bad}
-        was_dead = self._known_dead.get(ident, set())
-        was_alive = self._known_alive.get(ident, set())
-        fresh = dead - was_dead
-        born = fresh - was_alive  # dead the first time its state is known
-        events = [Event(step, s.name, u, "born_dead") for u in sorted(born)]
-        events += [Event(step, s.name, u, "died") for u in sorted(fresh & was_alive)]
-        events += [Event(step, s.name, u, "revived") for u in sorted(was_dead & alive)]
-        self._born_dead.setdefault(ident, set()).update(born)
-        self._known_dead[ident] = (was_dead - alive) | dead
-        self._known_alive[ident] = (was_alive - dead) | alive
+        # On bool masks over the units: set operations on 100k Python ints take milliseconds.
+        dead = s.state_mask("dead")
+        alive = s.state_mask("active") | s.state_mask("asleep")  # fired, and every value finite
+        was_dead = _unit_mask(self._known_dead.get(ident), s.units)
+        was_alive = _unit_mask(self._known_alive.get(ident), s.units)
+        fresh = dead & ~was_dead
+        born = fresh & ~was_alive  # dead the first time its state is known
+        events = [Event(step, s.name, u, "born_dead") for u in _indices(born)]
+        events += [Event(step, s.name, u, "died") for u in _indices(fresh & was_alive)]
+        events += [Event(step, s.name, u, "revived") for u in _indices(was_dead & alive)]
+        self._born_dead[ident] = _unit_mask(self._born_dead.get(ident), s.units) | born
+        self._known_dead[ident] = (was_dead & ~alive) | dead
+        self._known_alive[ident] = (was_alive & ~dead) | alive
         self._dead[s.name] = dead
         self._maybe_warn(step, s, dead, ident)
         return events
 
-    def _maybe_warn(self, step: int, s: SiteReport, dead: set[int], ident: Any) -> None:
+    def _maybe_warn(self, step: int, s: SiteReport, dead: torch.Tensor, ident: Any) -> None:
         frac = s.dead_fraction
         for level in self.warn_at:
             key = (ident, level)
             if frac < level or key in self._warned:
                 continue
             self._warned.add(key)
-            born = len(dead & self._born_dead.get(ident, set()))
-            cause = "born_dead" if born * 2 >= len(dead) else "died"
+            born = int((dead & _unit_mask(self._born_dead.get(ident), s.units)).sum())
+            cause = "born_dead" if born * 2 >= s.dead else "died"
             advice = ADVICE_BORN_DEAD if cause == "born_dead" else ADVICE_DIED
             message = (
                 f"deadrelu: layer {s.name!r} has {100 * frac:.1f}% dead units ({s.dead}/{s.units}) at step {step}, "
