@@ -5,11 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 from fixtures.models import MLP, data_for
+from fixtures.toolchain import needs_inductor
 from torch import nn
 
 import deadrelu
 
 
+@needs_inductor
 def test_compiled_model_scans_after_an_earlier_scan_and_still_runs():
     model = MLP().eval()
     x = data_for(model)
@@ -43,6 +45,7 @@ class TwoBlocks(nn.Module):
         return self.head(torch.relu(self.enc(x)))
 
 
+@needs_inductor
 def test_a_model_with_a_compiled_block_scans_like_the_uncompiled_model():
     """``model.enc = torch.compile(model.enc)``: sites are named as in the plain model (no
     ``_orig_mod``), counted exactly, and the compiled block still runs compiled afterwards."""
@@ -65,6 +68,7 @@ def test_a_model_with_a_compiled_block_scans_like_the_uncompiled_model():
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
 
 
+@needs_inductor
 def test_probe_and_eager_monitor_run_a_compiled_block_eagerly_and_count_exactly():
     """Eager observation of a model with a compiled block: Dynamo must not trace the capture's
     hooks (it failed on them); observed passes run the block eagerly, unobserved ones compiled."""
@@ -91,6 +95,7 @@ def test_probe_and_eager_monitor_run_a_compiled_block_eagerly_and_count_exactly(
         torch.testing.assert_close(model(x), plain(x))  # and it still runs compiled afterwards
 
 
+@needs_inductor
 def test_a_probe_on_a_compiled_model_counts_eagerly_and_names_sites_as_the_plain_model():
     class M(nn.Module):
         def __init__(self) -> None:

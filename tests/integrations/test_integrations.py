@@ -13,6 +13,7 @@ from torch import nn
 
 from deadrelu import DeadReluError
 from deadrelu.monitor.monitor import DeadUnitWarning
+from fixtures.toolchain import needs_inductor
 
 
 def hooks_of(model: nn.Module) -> int:
@@ -605,6 +606,7 @@ def test_trainer_state_json_serialisable(tmp_path: Path):
     json.dumps(trainer.state.log_history)
 
 
+@needs_inductor
 def test_transformers_callback_with_torch_compile_observes_the_compiled_graphs(tmp_path: Path):
     tf = pytest.importorskip("transformers")
     from deadrelu.monitor.graph_capture import graph_capture_available
@@ -627,6 +629,7 @@ def test_transformers_callback_with_torch_compile_observes_the_compiled_graphs(t
     del tf
 
 
+@needs_inductor
 def test_lightning_callback_with_a_compiled_submodule(tmp_path: Path):
     from deadrelu.monitor.graph_capture import graph_capture_available
 

@@ -14,6 +14,7 @@ from deadrelu.monitor.compiled import ModuleCapture, TensorWindowStats
 from deadrelu.monitor.graph_capture import graph_capture_available
 from deadrelu.monitor.window import WindowStats
 from deadrelu.monitor.monitor import CompiledModelWarning, DeadUnitWarning
+from fixtures.toolchain import needs_inductor
 
 STEPS = 8
 # Without effectful custom ops (torch < 2.4) compiled monitoring falls back to module hooks, which
@@ -48,6 +49,7 @@ def site_counts(report: deadrelu.Report) -> list[tuple]:
     return [(s.name, s.function, s.observations, s.fired_counts) for s in report.sites]
 
 
+@needs_inductor
 @pytest.mark.parametrize("capture", [pytest.param("graph", marks=ONE_GRAPH), "module hooks"])
 def test_compiled_model_no_recompilation_and_exact_counts(dynamo, capture, monkeypatch):
     if capture == "module hooks":  # what a torch without effectful custom ops gets
@@ -78,6 +80,7 @@ def test_compiled_model_no_recompilation_and_exact_counts(dynamo, capture, monke
     assert mon.history.steps == ref.history.steps
 
 
+@needs_inductor
 @ONE_GRAPH
 def test_every_k_compiles_one_graph(dynamo):
     model = tiny()
@@ -121,6 +124,7 @@ def test_tensor_window_stats_equal_python_window_stats():
         assert torch.allclose(ta.abs_sum, tb.abs_sum, equal_nan=True)
 
 
+@needs_inductor
 def test_default_monitor_under_compile_warns_and_never_recompiles(dynamo):
     model = tiny()
     mon = deadrelu.Monitor(model, window=2, log_every=100)
@@ -138,6 +142,7 @@ def test_default_monitor_under_compile_warns_and_never_recompiles(dynamo):
     mon.detach()
 
 
+@needs_inductor
 @ONE_GRAPH
 @pytest.mark.parametrize("fullgraph", [False, True])
 def test_a_monitor_attached_before_the_whole_model_is_compiled_counts_samples(dynamo, fullgraph):
@@ -158,6 +163,7 @@ def test_a_monitor_attached_before_the_whole_model_is_compiled_counts_samples(dy
     assert window.samples == 6 * 2
 
 
+@needs_inductor
 @ONE_GRAPH
 def test_a_monitor_given_the_compiled_model_counts_samples_without_recompiling(dynamo):
     model = tiny()
@@ -173,6 +179,7 @@ def test_a_monitor_given_the_compiled_model_counts_samples_without_recompiling(d
     assert total.batches == STEPS // 2 and total.samples == 6 * STEPS // 2  # batches of 6, every 2nd step
 
 
+@needs_inductor
 @pytest.mark.parametrize("given", ["attached, then compiled", "the compiled module"])
 def test_observe_around_a_compiled_model_counts_each_pass_once(dynamo, given):
     def make() -> nn.Module:

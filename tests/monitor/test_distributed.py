@@ -18,6 +18,7 @@ from torch import nn
 
 import deadrelu
 from deadrelu.monitor.monitor import DeadUnitWarning
+from fixtures.toolchain import needs_inductor
 
 WORLD = 2
 STEPS = 5
@@ -276,6 +277,7 @@ def compiled_worker(rank: int, port: int, out_dir: str) -> None:
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(run_compiled(rank, compiled=True)))
 
 
+@needs_inductor
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 def test_compiled_ranks_reduce_each_call_of_a_reused_module_by_its_own_key(tmp_path: Path):
     from deadrelu.monitor.graph_capture import graph_capture_available

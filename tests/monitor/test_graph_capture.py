@@ -14,6 +14,7 @@ from torch import nn
 import deadrelu
 from deadrelu.monitor.graph_capture import GraphCapture, graph_capture_available
 from deadrelu.monitor.monitor import DeadUnitWarning
+from fixtures.toolchain import needs_inductor
 
 pytestmark = pytest.mark.skipif(not graph_capture_available(), reason="needs torch.library.custom_op and effectful ops")
 
@@ -97,6 +98,7 @@ def eager_and_compiled(make, batches, step, **kwargs) -> tuple[deadrelu.Report, 
     return total_report(make, batches, step, False, **kwargs), total_report(make, batches, step, True, **kwargs)
 
 
+@needs_inductor
 def test_same_sites_and_counts_as_eager_with_one_graph(dynamo):
     data = batches()
     eager = make_net()
@@ -127,6 +129,7 @@ def test_same_sites_and_counts_as_eager_with_one_graph(dynamo):
     assert mon.history.steps == ref.history.steps
 
 
+@needs_inductor
 def test_one_graph_for_any_schedule_and_only_training_forwards(dynamo):
     net = make_net()
     mon = deadrelu.Monitor(net, every=2, window=2, log_every=100, compiled=True).attach()
@@ -139,6 +142,7 @@ def test_one_graph_for_any_schedule_and_only_training_forwards(dynamo):
     mon.detach()
 
 
+@needs_inductor
 def test_detach_stops_recording_and_restores_a_users_pass(dynamo):
     import torch._inductor.config as inductor_config
 
@@ -164,6 +168,7 @@ def test_detach_stops_recording_and_restores_a_users_pass(dynamo):
         inductor_config.pre_grad_custom_pass = None
 
 
+@needs_inductor
 def test_graph_breaks_and_a_compiled_wrapper(dynamo):
     class Inner(nn.Module):
         def __init__(self) -> None:
@@ -206,6 +211,7 @@ def test_graph_breaks_and_a_compiled_wrapper(dynamo):
     assert [s.name for s in got.sites] == ["<root>:gelu", "<root>:relu"]
 
 
+@needs_inductor
 @pytest.mark.parametrize("hook", ["per unit", "scalar"])
 def test_a_users_forward_hook_on_an_activation_module_is_not_its_output(dynamo, hook):
     # Dynamo traces the hook under the module's stack; the site is still the module's own output.
@@ -229,6 +235,7 @@ def test_a_users_forward_hook_on_an_activation_module_is_not_its_output(dynamo, 
     assert compiled.sites[0].observations == 24 and 1 in compiled.sites[0].dead_units
 
 
+@needs_inductor
 @pytest.mark.parametrize("widths", [(8, 8, 8), (8, 32, 16)], ids=["same widths", "other widths"])
 def test_a_reused_module_split_by_graph_breaks_keeps_each_calls_site(dynamo, widths):
     # Each graph numbers its module calls from zero: after a break the
@@ -263,6 +270,7 @@ def test_a_reused_module_split_by_graph_breaks_keeps_each_calls_site(dynamo, wid
     assert {0, 1, 2} <= set(compiled.sites[1].dead_units)
 
 
+@needs_inductor
 def test_a_reused_module_called_conditionally_keeps_each_calls_site(dynamo):
     # The graph compiled for small batches skips the first call: numbered by Dynamo's k, its
     # later calls would be "call 0" again, counted into the skipped call's site.
@@ -303,6 +311,7 @@ def test_a_reused_module_called_conditionally_keeps_each_calls_site(dynamo):
     assert by_name["act#1"].observations == 21
 
 
+@needs_inductor
 @pytest.mark.parametrize("precision", ["bf16 autocast", "float64"])
 def test_compiled_counts_equal_eager_in_other_precisions(dynamo, precision):
     dtype = torch.float64 if precision == "float64" else torch.float32
@@ -328,6 +337,7 @@ def test_compiled_counts_equal_eager_in_other_precisions(dynamo, precision):
         assert a.mean_abs == pytest.approx(b.mean_abs, rel=1e-3, abs=1e-6)
 
 
+@needs_inductor
 def test_in_place_activations_and_dynamic_batch_sizes(dynamo):
     class InPlace(nn.Module):
         def __init__(self) -> None:
@@ -369,6 +379,7 @@ def test_a_compiled_monitor_that_sees_no_graph_says_why(dynamo):
     mon.detach()
 
 
+@needs_inductor
 def test_a_copy_of_the_model_compiled_beside_it_is_not_observed(dynamo):
     import copy
 
@@ -396,6 +407,7 @@ def test_a_copy_of_the_model_compiled_beside_it_is_not_observed(dynamo):
     assert report.batches == 1 and [s.observations for s in report.sites] == [5, 5]
 
 
+@needs_inductor
 def test_a_parameter_free_lookalike_compiled_beside_the_model_is_not_observed(dynamo):
     torch.manual_seed(0)
     model = nn.Sequential(nn.ReLU(), nn.Linear(4, 4), nn.ReLU())
@@ -411,6 +423,7 @@ def test_a_parameter_free_lookalike_compiled_beside_the_model_is_not_observed(dy
     assert [(s.name, s.observations) for s in report.sites] == [("0", 3), ("2", 3)]  # the helper added nothing
 
 
+@needs_inductor
 def test_threshold_and_unit_dim_options_apply_as_in_eager(dynamo):
     class Seq(nn.Module):
         def __init__(self) -> None:
@@ -467,6 +480,7 @@ def padded(n: int = 4, batch: int = 3) -> list[dict[str, torch.Tensor]]:
     return out
 
 
+@needs_inductor
 @pytest.mark.parametrize("mask", [None, False], ids=["attention_mask", "mask=False"])
 def test_attention_mask_is_applied_in_compiled_mode_as_in_eager(dynamo, mask):
     def by_keyword(runner, b):
@@ -493,6 +507,7 @@ def test_compiled_mode_refuses_masks_it_cannot_read_in_the_graph():
             deadrelu.Monitor(make_net(), compiled=True, mask=mask)
 
 
+@needs_inductor
 def test_an_internal_failure_of_the_pass_never_breaks_compilation(dynamo, monkeypatch):
     from deadrelu.monitor.graph_capture import CompiledModelWarning
 
@@ -509,6 +524,7 @@ def test_an_internal_failure_of_the_pass_never_breaks_compilation(dynamo, monkey
     mon.detach()
 
 
+@needs_inductor
 def test_a_real_gpt2_compiled_equals_eager_with_padding(dynamo):
     tf = pytest.importorskip("transformers")
     g = torch.Generator().manual_seed(0)
@@ -568,6 +584,7 @@ class Bottleneck(nn.Module):
         return self.relu(self.bn3(self.conv3(out)) + self.down(x))
 
 
+@needs_inductor
 def test_a_resnet_in_channels_last_under_bf16_autocast_equals_eager(dynamo):
     g = torch.Generator().manual_seed(0)
     xs = [torch.randn(4, 3, 16, 16, generator=g).to(memory_format=torch.channels_last) for _ in range(3)]
@@ -679,6 +696,7 @@ def test_an_eager_activation_of_a_compiled_blocks_output_keeps_the_feature_axis(
     assert reports[1].site("<root>:relu").unit_axis_source == "producer:Linear" and reports[1].site("<root>:relu").units == 8
 
 
+@needs_inductor
 def test_blocks_compiled_one_by_one_keep_their_own_sites(dynamo):
     """torchtitan-style ``layers[i] = torch.compile(layers[i])``: one graph serves every layer
     (Dynamo shares it between instances of the class); each layer's sums still go to its own sites,
@@ -700,6 +718,7 @@ def test_blocks_compiled_one_by_one_keep_their_own_sites(dynamo):
         assert a.mean_abs == pytest.approx(b.mean_abs, rel=1e-5, abs=1e-7)
 
 
+@needs_inductor
 def test_a_compiled_block_called_twice_beside_eager_code_equals_eager(dynamo):
     """``net.block = torch.compile(net.block)``, called twice in each forward, with eager code (a
     convolution's ``F.relu``) in the model's own forward: the block stays compiled (one graph, no
@@ -727,6 +746,7 @@ def test_a_compiled_block_called_twice_beside_eager_code_equals_eager(dynamo):
     assert got.samples == ref.report("total").samples > 0
 
 
+@needs_inductor
 def test_a_model_compiled_whole_with_compiled_blocks_inside_keeps_its_graphs_sites(dynamo):
     """Blocks compiled one by one and then the whole model compiled after attach (Dynamo inlines the
     blocks into one graph): the graph's sites are its own, never re-routed as a block's."""
@@ -746,6 +766,7 @@ def test_a_model_compiled_whole_with_compiled_blocks_inside_keeps_its_graphs_sit
     assert [a.fired_counts for a in got.sites] == [b.fired_counts for b in expected.sites]
 
 
+@needs_inductor
 def test_a_graph_compiled_under_an_earlier_monitor_is_adopted_by_the_next(dynamo):
     """A second run in the same process (a notebook cell run again, a second ``trainer.fit``): a new
     model of the same class reuses the graph Dynamo compiled under the first monitor, whose site ids
@@ -774,6 +795,7 @@ def test_a_graph_compiled_under_an_earlier_monitor_is_adopted_by_the_next(dynamo
         assert [a.fired_counts for a in got.sites] == [b.fired_counts for b in expected.sites]
 
 
+@needs_inductor
 def test_two_monitored_instances_sharing_one_graph_each_count_their_own(dynamo):
     data = batches(4)
     nets = [make_net(), make_net()]
@@ -793,6 +815,7 @@ def test_two_monitored_instances_sharing_one_graph_each_count_their_own(dynamo):
     assert got == [(0, 1, 2, 3, 4), (0, 1, 2, 3, 4, 5, 6, 7)]
 
 
+@needs_inductor
 def test_the_calls_attention_mask_reaches_compiled_blocks(dynamo):
     """The model call's ``attention_mask`` is an input of the model, not of its compiled blocks'
     graphs; ``deadrelu::call_mask`` hands it in, so block sites skip padding exactly as eager ones."""
@@ -831,6 +854,7 @@ def test_the_calls_attention_mask_reaches_compiled_blocks(dynamo):
 
 
 
+@needs_inductor
 def test_a_compiled_block_without_parameters_is_observed_eagerly(dynamo):
     """No parameter tells which parameter-free block ran a shared graph: such a block runs eagerly
     while observed, inside the eager half, and its sites equal the eager monitor's."""
@@ -867,6 +891,7 @@ def test_a_compiled_block_without_parameters_is_observed_eagerly(dynamo):
     ]
 
 
+@needs_inductor
 def test_a_reused_submodules_functional_call_across_a_graph_break_is_numbered_by_call(dynamo):
     class Block(nn.Module):
         def __init__(self) -> None:
@@ -910,6 +935,7 @@ class BreakThenActivate(nn.Module):
         return F.gelu(F.relu(h) - 0.5).sum()
 
 
+@needs_inductor
 def test_activations_after_a_graph_break_in_a_graph_without_parameters_are_observed(dynamo):
     g = torch.Generator().manual_seed(1)
     data = [torch.randn(5, 4, generator=g) for _ in range(6)]
@@ -928,6 +954,7 @@ def test_activations_after_a_graph_break_in_a_graph_without_parameters_are_obser
     ]
 
 
+@needs_inductor
 def test_a_copy_running_the_parameter_free_graph_after_a_break_is_not_observed(dynamo):
     import copy
 
@@ -949,6 +976,7 @@ def test_a_copy_running_the_parameter_free_graph_after_a_break_is_not_observed(d
     assert [(s.name, s.observations) for s in report.sites] == [("<root>:relu", 10), ("<root>:gelu", 10)]
 
 
+@needs_inductor
 def test_one_activation_object_shared_by_two_blocks_is_two_sites_as_in_eager(dynamo):
     class Shared(nn.Module):
         def __init__(self) -> None:
@@ -976,6 +1004,7 @@ def test_one_activation_object_shared_by_two_blocks_is_two_sites_as_in_eager(dyn
     ]
 
 
+@needs_inductor
 def test_activations_after_a_graph_break_inside_a_blocks_forward_are_named_as_not_counted(dynamo):
     from deadrelu.monitor.monitor import CompiledModelWarning
 
@@ -1013,6 +1042,7 @@ def test_activations_after_a_graph_break_inside_a_blocks_forward_are_named_as_no
     assert {s.name for s in report.sites} == {"blocks.0.act", "blocks.1.act"}  # the parts with parameters
 
 
+@needs_inductor
 def test_a_data_dependent_branch_compiled_both_ways_keeps_the_sites_after_it(dynamo):
     """Dynamo compiles each way out of the branch as its own frame, resuming at the same place:
     alternatives, so the activations after the branch are one site each, as in eager mode."""
@@ -1042,6 +1072,7 @@ def test_a_data_dependent_branch_compiled_both_ways_keeps_the_sites_after_it(dyn
     ]
 
 
+@needs_inductor
 def test_a_module_called_twice_whose_forward_breaks_the_graph_is_said_to_pool_its_calls(dynamo):
     from deadrelu.monitor.monitor import CompiledModelWarning
 
@@ -1075,6 +1106,7 @@ def test_a_module_called_twice_whose_forward_breaks_the_graph_is_said_to_pool_it
         mon.detach()
 
 
+@needs_inductor
 def test_a_reused_module_compiled_in_one_graph_is_not_said_to_pool(dynamo):
     from deadrelu.monitor.monitor import CompiledModelWarning
 
@@ -1090,6 +1122,7 @@ def test_a_reused_module_compiled_in_one_graph_is_not_said_to_pool(dynamo):
     assert {"block.relu#1", "block.relu#4"} <= {s.name for s in mon.report("total").sites}
 
 
+@needs_inductor
 def test_activation_modules_that_run_eagerly_under_a_compiled_monitor_are_named(dynamo):
     """A graph break inside a loop makes Dynamo skip the whole frame: its activation modules run
     eagerly, which compiled mode does not count. The monitor says so (once) and lists them."""
@@ -1124,6 +1157,7 @@ def test_activation_modules_that_run_eagerly_under_a_compiled_monitor_are_named(
         mon.detach()
 
 
+@needs_inductor
 def test_no_eager_run_is_reported_for_a_model_compiled_in_full(dynamo):
     from deadrelu.monitor.monitor import CompiledModelWarning
 
@@ -1148,6 +1182,7 @@ class FlatEncoder(MaskedEncoder):
         return (self.out(h).view(*input_ids.shape, 2) * attention_mask[..., None]).sum()
 
 
+@needs_inductor
 def test_an_attention_mask_that_fits_no_compiled_activation_is_said_once_as_in_eager(dynamo):
     def step(runner, b):
         runner(**b).backward()
@@ -1164,6 +1199,7 @@ def test_an_attention_mask_that_fits_no_compiled_activation_is_said_once_as_in_e
     assert len([w for w in eager_warnings if "fits no activation" in str(w.message)]) == 1
 
 
+@needs_inductor
 def test_an_attention_mask_that_fits_is_not_said_to_fit_nothing(dynamo):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -1187,6 +1223,7 @@ def test_a_copy_of_a_model_under_a_compiled_monitor_carries_no_live_hook(dynamo)
         mon.detach()
 
 
+@needs_inductor
 def test_an_encoder_decoder_models_decoder_is_not_masked_by_the_encoders_mask(dynamo):
     transformers = pytest.importorskip("transformers")
 

@@ -7,6 +7,7 @@ import warnings
 import pytest
 import torch
 from fixtures.models import MLP
+from fixtures.toolchain import needs_inductor
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -341,7 +342,7 @@ def test_nan_units_are_counted_as_nonfinite_not_dead():
     assert mon.history.rows[-1].nonfinite == 0.5
 
 
-@pytest.mark.parametrize("capture", ["function mode", "module hooks", "graph"])
+@pytest.mark.parametrize("capture", ["function mode", "module hooks", pytest.param("graph", marks=needs_inductor)])
 def test_observe_scope_follows_the_schedule(capture, monkeypatch):
     if capture == "module hooks":  # the compiled-mode fallback of a torch without effectful custom ops
         monkeypatch.setattr("deadrelu.monitor.graph_capture.graph_capture_available", lambda: False)
