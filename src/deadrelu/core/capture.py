@@ -104,7 +104,7 @@ from .activations import (
     function_of_module,
     looks_like_activation,
 )
-from .hooks import copy_safe_hook, global_forward_hooks, is_deadrelu_hook, remove_inert_hooks
+from .hooks import copy_safe_hook, is_deadrelu_hook, only_deadrelu_forward_hooks, remove_inert_hooks
 from .kernels import functorch_wrapped
 from .inputs import aligned_mask, apply_mask, call_samples, decoder_mask_of_call, in_decoder, mask_from_call, mask_layout, mask_position
 from .unit_axis import ACT, PRODUCER, AxisTable, function_kind, kind_of
@@ -960,11 +960,15 @@ class ActivationCapture:
         wrapped = functorch_wrapped(out)
         # A module site is read in its post-hook, while the function mode is still active: the
         # mask selection and the accumulator's own torch calls must not go through it.
+        nonneg = site.nonnegative if nonnegative is None else nonnegative
         with torch._C.DisableTorchFunction():
             dim = self._site_dim(site, out)
-            out, dim = _plain_values(out, dim) if wrapped else (out, dim)
-            with torch._C._DisableFuncTorch() if wrapped else contextlib.nullcontext():
-                self._count(site, out, dim, site.nonnegative if nonnegative is None else nonnegative)
+            if not wrapped:
+                self._count(site, out, dim, nonneg)
+                return
+            out, dim = _plain_values(out, dim)
+            with torch._C._DisableFuncTorch():
+                self._count(site, out, dim, nonneg)
 
     def _count(self, site: _Site, out: torch.Tensor, dim: int, nonnegative: bool) -> None:
         """Add one output, its units on ``dim``, to the site's accumulator, masked as the forward's mask says."""
@@ -1113,7 +1117,7 @@ def _plain_values(t: torch.Tensor, unit_dim: int) -> tuple[torch.Tensor, int]:
 
 def _output_hooked(module: nn.Module) -> bool:
     """Whether a forward hook other than deadrelu's (the module's own, or a global one) runs after it."""
-    return not all(is_deadrelu_hook(h) for h in (*module._forward_hooks.values(), *global_forward_hooks()))
+    return not only_deadrelu_forward_hooks(module)
 
 
 def _accepts_mask(stats: Any) -> bool:

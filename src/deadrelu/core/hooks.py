@@ -13,8 +13,9 @@ import functools
 from typing import Any, Callable
 
 from torch import nn
+from torch.nn.modules import module as _module_impl
 
-__all__ = ["copy_safe_hook", "global_forward_hooks", "is_deadrelu_hook", "remove_inert_hooks"]
+__all__ = ["copy_safe_hook", "global_forward_hooks", "is_deadrelu_hook", "only_deadrelu_forward_hooks", "remove_inert_hooks"]
 
 
 def _inert_hook(module: nn.Module, *args: Any) -> None:
@@ -73,7 +74,13 @@ def remove_inert_hooks(model: nn.Module) -> int:
 def global_forward_hooks(pre: bool = False) -> list[Callable[..., Any]]:
     """The forward hooks (``pre=True``: pre-hooks) registered for every module at once
     (``torch.nn.modules.module.register_module_forward_hook``)."""
-    from torch.nn.modules import module as module_impl
-
     name = "_global_forward_pre_hooks" if pre else "_global_forward_hooks"
-    return list(getattr(module_impl, name, {}).values())
+    return list(getattr(_module_impl, name, {}).values())
+
+
+def only_deadrelu_forward_hooks(module: nn.Module) -> bool:
+    """Whether every forward hook that runs after ``module`` (its own and the global ones) is
+    deadrelu's: asked at each activation call, so it builds no lists."""
+    return all(map(is_deadrelu_hook, module._forward_hooks.values())) and all(
+        map(is_deadrelu_hook, getattr(_module_impl, "_global_forward_hooks", {}).values())
+    )
