@@ -135,6 +135,17 @@ def test_derived_values_equal_the_unit_by_unit_definitions(units, observations, 
     assert s.firing_rate == tuple(f / observations if observations else 0.0 for f in fired)
 
 
+@pytest.mark.parametrize("scale", [2**50, 2**53 + 1, 2**62, 10**30], ids=["2^50", "2^53+1", "2^62", "1e30"])
+def test_counts_too_large_for_float64_or_int64_classify_by_the_exact_rule(scale):
+    # 5% of n exactly, one above and one below: Python's own division decides, as it always did.
+    n = 20 * scale
+    fired = [scale, scale + 1, scale - 1, 0, n]
+    s = site(fired, n, mean_abs=[0.05, 0.05, 0.05, 0.0, 1.0])
+    states, dormancy, dormant = brute_force_classes(s)
+    assert s.states == states and s.dormant_units == dormant and list(s.dormancy) == dormancy
+    assert s.dead_units == (3,) and s.asleep == states.count("asleep")
+
+
 def test_numpy_counts_classify_as_python_ints():
     np = pytest.importorskip("numpy")
     s = site(list(np.array([0, 3, 10], dtype=np.int64)), 10, mean_abs=list(np.array([0.0, 0.3, 1.0])))

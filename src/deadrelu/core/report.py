@@ -32,7 +32,7 @@ from ..errors import DeadReluError, ReportFormatError
 from .advice import advise
 from .files import atomic_write_text
 from .report_schema import parse_report, parse_site
-from .stats import UNIT_STATES, classify_codes
+from .stats import UNIT_STATES, classify, classify_codes
 from .tables import floor_percent
 
 __all__ = [
@@ -457,7 +457,11 @@ def _float_tensor(values: Sequence[float]) -> torch.Tensor:
 
 
 def _unit_classes(site: SiteReport) -> _UnitClasses:
-    return _classes_of(site, _int_tensor(site.fired_counts), _float_tensor(site.mean_abs), _int_tensor(site.nonfinite_counts))
+    try:
+        fired, nonfinite = _int_tensor(site.fired_counts), _int_tensor(site.nonfinite_counts)
+    except (OverflowError, ValueError, RuntimeError):  # counts beyond int64 (a hand-made report)
+        fired = nonfinite = None
+    return _classes_of(site, fired, _float_tensor(site.mean_abs), nonfinite)
 
 
 def prime_unit_classes(site: SiteReport, fired: torch.Tensor, mean_abs: torch.Tensor, nonfinite: torch.Tensor) -> SiteReport:
@@ -468,10 +472,23 @@ def prime_unit_classes(site: SiteReport, fired: torch.Tensor, mean_abs: torch.Te
     return site
 
 
-def _classes_of(site: SiteReport, fired: torch.Tensor, mean_abs: torch.Tensor, nonfinite: torch.Tensor) -> _UnitClasses:
+#: Counts below this are exact in float64, so the tensors' rate is Python's own division.
+_EXACT_COUNTS = 2**53
+
+
+def _classes_of(
+    site: SiteReport, fired: torch.Tensor | None, mean_abs: torch.Tensor, nonfinite: torch.Tensor | None
+) -> _UnitClasses:
     lv = site.levels
-    bad = nonfinite != 0
-    codes = classify_codes(fired, site.observations, bad, lv.asleep_rate, lv.min_observations)
+    if fired is None or nonfinite is None or site.observations >= _EXACT_COUNTS or (
+        fired.numel() and int(fired.max()) >= _EXACT_COUNTS
+    ):  # counts too large for the float64 rate to be exact: the pure-Python rule, unit by unit
+        states = classify(site.fired_counts, site.observations, site.nonfinite_counts, lv.asleep_rate, lv.min_observations)
+        codes = torch.tensor([UNIT_STATES.index(state) for state in states], dtype=torch.int8)
+        bad = torch.tensor([bool(b) for b in site.nonfinite_counts], dtype=torch.bool)
+    else:
+        bad = nonfinite != 0
+        codes = classify_codes(fired, site.observations, bad, lv.asleep_rate, lv.min_observations)
     # The layer mean is Python's own sum over the finite units, in unit order, as the score was
     # always defined; the per-unit division is the same float64 division on tensors.
     finite = site.mean_abs if not bad.any() else list(itertools.compress(site.mean_abs, (~bad).tolist()))

@@ -1049,7 +1049,7 @@ def classify(
             out.append("nonfinite")
         elif f == 0:
             out.append("dead" if observations >= max(1, min_observations) else "unobserved")
-        elif f / observations <= asleep_rate:  # the printed firing rate's own division: at the level is asleep
+        elif observations and f / observations <= asleep_rate:  # the printed rate's own division: at the level is asleep
             out.append("asleep")
         else:
             out.append("active")
