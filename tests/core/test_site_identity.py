@@ -278,3 +278,14 @@ def test_a_torchscript_branch_that_skips_a_call_is_said_to_shift_the_scripted_si
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         deadrelu.scan(scripted, [torch.randn(3, 4), torch.randn(5, 4)])  # the same calls every pass: nothing to say
+
+
+def test_a_call_position_is_keyed_without_co_qualname_on_python_3_10():
+    # Python 3.10's code objects have no co_qualname (3.11+): every scan failed there with
+    # "AttributeError: 'code' object has no attribute 'co_qualname'", blamed on the model.
+    from types import SimpleNamespace
+
+    from deadrelu.core.capture import _stable_position
+
+    code = SimpleNamespace(co_filename="m.py", co_firstlineno=3, co_name="forward")
+    assert _stable_position(((code, 14),)) == "m.py:3:forward:14"

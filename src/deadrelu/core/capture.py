@@ -1142,7 +1142,11 @@ def _hardtanh_bounds(args: tuple, kwargs: dict | None) -> tuple[float, float]:
 def _stable_position(position: Any) -> str:
     if not position:
         return ""
-    return "|".join(f"{c.co_filename}:{c.co_firstlineno}:{c.co_qualname}:{offset}" for c, offset in position)
+    # co_qualname is Python 3.11+; on 3.10 the plain name (with the file and first line beside it,
+    # still one code object's)
+    return "|".join(
+        f"{c.co_filename}:{c.co_firstlineno}:{getattr(c, 'co_qualname', c.co_name)}:{offset}" for c, offset in position
+    )
 
 
 def _describe_position(position: Any) -> str:
