@@ -63,7 +63,7 @@ import uuid
 import warnings
 import weakref
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, Sequence  # typing's Sequence: see _observe_op
 
 import torch
 from torch import fx, nn
@@ -156,12 +156,14 @@ def _observe_op() -> Any:
         unsafe = getattr(torch.Tag, "cudagraph_unsafe", None)
         tags = {"tags": (unsafe,)} if unsafe is not None else {}
 
+        # typing.Sequence, not list[...]: torch 2.4-2.6 infer a custom op's schema from typing's
+        # generics only (list[torch.Tensor] is refused there; later torches take both).
         @torch.library.custom_op(_OP_NAME, mutates_args=(), **tags)
-        def observe(sums: list[torch.Tensor], sites: list[int], anchor: Optional[torch.Tensor]) -> None:
+        def observe(sums: Sequence[torch.Tensor], sites: Sequence[int], anchor: Optional[torch.Tensor]) -> None:
             _dispatch(sums, sites, anchor)
 
         @observe.register_fake
-        def _(sums: list[torch.Tensor], sites: list[int], anchor: Optional[torch.Tensor]) -> None:
+        def _(sums: Sequence[torch.Tensor], sites: Sequence[int], anchor: Optional[torch.Tensor]) -> None:
             return None
 
         from torch._higher_order_ops.effects import _EffectType, _register_effectful_op
