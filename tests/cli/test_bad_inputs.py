@@ -351,3 +351,21 @@ def test_check_output_path_refuses_an_empty_path():
 
     with pytest.raises(DeadReluError, match="cannot write --json '': an empty path names no file"):
         check_output_path("", [])
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        "Guard failed: x.size()[0] == 4",  # torch >= 2.4
+        "Expected input at *args[0].shape[0] to be equal to 4, but got 6",  # torch 2.6
+        "Input l_x_.shape[0] is specialized at 4",  # torch 2.2
+    ],
+)
+def test_an_exported_programs_batch_size_error_names_the_size_it_takes_in_each_torchs_words(message):
+    from deadrelu.cli.scan import _with_hint
+
+    class GraphModuleLike:  # what the hint looks for: an exported program's module
+        pass
+
+    hinted = _with_hint(message, GraphModuleLike())
+    assert hinted.startswith(message) and "exported with (4)" in hinted and "--batch-size" in hinted

@@ -289,3 +289,21 @@ def test_a_call_position_is_keyed_without_co_qualname_on_python_3_10():
 
     code = SimpleNamespace(co_filename="m.py", co_firstlineno=3, co_name="forward")
     assert _stable_position(((code, 14),)) == "m.py:3:forward:14"
+
+
+@pytest.mark.parametrize(
+    "stack, path",
+    [
+        # torch >= 2.4 export: plain paths
+        ({"L__self__": ("", "Seq"), "L__self___blocks_0": ("blocks.0", "Block"), "k": ("blocks.0.act", "ReLU")}, "blocks.0.act"),
+        # torch 2.2: Dynamo sources
+        ({"fn": ("L['fn']", "Seq"), "fn_1": ("getattr(L['fn'], '1')", "ReLU")}, "1"),
+        # torch 2.6 export.save/load: the source mangled to 'getattr'; the key still spells it
+        ({"L__self__": ("", "Seq"), "fn": ("L['fn']", "Seq"), "fn_3": ("getattr", "ReLU")}, "3"),
+        ({"fn": ("L['fn']", "M"), "fn_blocks": ("L['fn'].blocks", "Seq"), "fn_blocks_0": ("getattr", "ReLU")}, "blocks.0"),
+    ],
+)
+def test_an_exported_programs_recorded_module_path_is_read_in_each_torchs_spelling(stack, path):
+    from deadrelu.core.capture import _recorded_path
+
+    assert _recorded_path(stack) == path

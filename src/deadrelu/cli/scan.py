@@ -268,8 +268,13 @@ def _with_hint(message: str, model: Any) -> str:
     if exported and any(w in message for w in shape_words):
         import re
 
-        # torch >= 2.4: "...size()[0] == 4"; torch 2.2: "Input l_x_.shape[0] is specialized at 4"
-        fixed = re.search(r"size\(\)\[0\] == (\d+)", message) or re.search(r"shape\[0\] is specialized at (\d+)", message)
+        # torch >= 2.4: "...size()[0] == 4"; torch 2.6: "Expected input at *args[0].shape[0] to be
+        # equal to 4, but got 6"; torch 2.2: "Input l_x_.shape[0] is specialized at 4"
+        fixed = (
+            re.search(r"size\(\)\[0\] == (\d+)", message)
+            or re.search(r"shape\[0\] to be equal to (\d+)", message)
+            or re.search(r"shape\[0\] is specialized at (\d+)", message)
+        )
         size = f" ({fixed.group(1)})" if fixed else ""
         return (
             f"{message} — a torch.export program may only take the batch size it was exported with{size}: pass "

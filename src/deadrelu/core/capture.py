@@ -1189,6 +1189,28 @@ def dynamo_module_path(text: str) -> str | None:
 _ACTIVATION_CLASS_NAMES = frozenset(m.__name__ for m in ACTIVATION_MODULES)
 
 
+def _recorded_path(stack: Mapping[str, Any]) -> str:
+    """The module path of an ``nn_module_stack``'s innermost entry.
+
+    torch 2.2 records Dynamo sources (parsed by :func:`dynamo_module_path`), later torches plain
+    paths. torch 2.6's ``torch.export.save`` mangles a ``getattr(L['fn'], '1')`` source to the bare
+    ``'getattr'``; the entry's key (``fn_1``) still spells it, after the key of the innermost
+    intact ancestor (``fn``): that remainder, ``_`` read as ``.``, is appended to the ancestor's
+    path (exact for indices and names without underscores)."""
+    entries = list(stack.items())
+    key, (path, _) = entries[-1]
+    source = dynamo_module_path(str(path))
+    if source is not None or str(path) != "getattr":
+        return str(path) if source is None else source
+    for parent_key, (parent_path, _) in reversed(entries[:-1]):
+        parent = dynamo_module_path(str(parent_path))
+        parent = str(parent_path) if parent is None and str(parent_path) != "getattr" else parent
+        if parent is not None and str(key).startswith(f"{parent_key}_"):
+            rest = str(key)[len(parent_key) + 1 :].replace("_", ".")
+            return ".".join(p for p in (parent, rest) if p)
+    return str(path)
+
+
 def _exported_activation_modules(model: nn.Module) -> list[tuple[str, str, int] | None]:
     """For an fx graph that recorded ``nn_module_stack`` (torch.export), the original module
     path and class of each activation call, in graph order; empty for other models."""
@@ -1207,8 +1229,7 @@ def _exported_activation_modules(model: nn.Module) -> list[tuple[str, str, int] 
             out.append(None)
             continue
         key, (path, cls) = list(stack.items())[-1]
-        source = dynamo_module_path(str(path))  # torch 2.2 records Dynamo sources, not paths
-        path = path if source is None else source
+        path = _recorded_path(stack)
         cls_name = cls.rsplit(".", 1)[-1] if isinstance(cls, str) else getattr(cls, "__name__", str(cls))
         _, at, k = str(key).rpartition("@")
         if at and k.isdigit():  # the recorded k-th call of a reused module

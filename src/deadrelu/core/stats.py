@@ -534,7 +534,10 @@ def traceable_batch_sums(
     mag = x if nonnegative else x.abs()
     rest = x.numel() // max(x.shape[unit_dim], 1)
     if mask is None:
-        obs = torch.full((1,), rest, dtype=torch.int64, device=x.device)
+        # ones * rest, not full((1,), rest): with a symbolic batch size, torch 2.6 Inductor's
+        # uniform-value constant folding evaluates full's fill value and so pins the batch size
+        # (a recompilation per size); a pointwise op on a SymInt is left alone.
+        obs = torch.ones((1,), dtype=torch.int64, device=x.device) * rest
     else:
         keep = mask.view(*mask.shape, *([1] * (x.ndim - mask.ndim)))
         fired, bad = fired & keep, bad & keep

@@ -332,6 +332,11 @@ def _observe_sites(sums: list[list[torch.Tensor]], sites: list[int], anchor: tor
     _observe_op()([t for site in sums for t in site], sites, anchor)
 
 
+def _pass_token(ident: Any) -> Any:
+    """What the installed pass pickles as (see ``_DeadReluPass.__reduce__``); never unpickled."""
+    return ident
+
+
 def _install_pass() -> None:
     import torch._inductor.config as inductor_config
     from torch._inductor.custom_graph_pass import CustomGraphPass
@@ -356,6 +361,12 @@ def _install_pass() -> None:
                     )
             if self.previous is not None:
                 self.previous(graph)
+
+        def __reduce__(self) -> Any:
+            # torch <= 2.6 pickle the pre-grad pass into the FX graph cache key (later ones ask
+            # uuid()): pickled as its uuid, the key is unique, as intended, and no "Failed to
+            # pickle cache key" warning is logged for this local class.
+            return (_pass_token, (self.uuid(),))
 
         def uuid(self) -> Any:
             # Unique per process and set of monitors: the site ids baked into a graph mean

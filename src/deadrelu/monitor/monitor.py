@@ -1092,7 +1092,12 @@ def first_input(args: Any, kwargs: Any) -> torch.Tensor | None:
     >>> first_input(((torch.zeros(()), [torch.zeros(3, 2)]),), {"y": torch.zeros(5)}).shape
     torch.Size([3, 2])
     """
-    return next((t for t in iter_tensors((args or (), kwargs or {})) if t.ndim), None)
+    # A plain loop, not next(generator, None): TorchDynamo traces this (a monitor's root hook
+    # under torch.compile), and torch <= 2.6 cannot trace next() with a default.
+    for tensor in iter_tensors((args or (), kwargs or {})):
+        if tensor.ndim:
+            return tensor
+    return None
 
 
 def input_rows(args: Any, kwargs: Any) -> int:
