@@ -25,14 +25,18 @@ Every failure is a :class:`~deadrelu.errors.DeadReluError` whose message fits on
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import importlib
+import logging
+import lzma
 import os
 import re
 import sys
 import tarfile
 import warnings
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
@@ -201,8 +205,25 @@ def _is_torch_format(path: Path) -> bool:
             if fh.read(1) == b"\x80":
                 return True
         return zipfile.is_zipfile(path) or tarfile.is_tarfile(path)
-    except OSError:
+    except (OSError, EOFError, ValueError, tarfile.TarError, zlib.error, lzma.LZMAError):
+        # is_tarfile also tries gzip/bz2/xz: a truncated gzip header raises EOFError, a damaged
+        # stream zlib/lzma errors. A file this sniffing cannot read is not torch's format.
         return False
+
+
+@contextlib.contextmanager
+def _quiet_loggers(*names: str) -> Iterator[None]:
+    """Silence these loggers for a moment: torch >= 2.14's ``torch.export.load`` logs a warning with
+    a traceback on stderr for a file it cannot read, then fails; the CLI's error is its one line."""
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 def _load_model_file(path: Path, trust_pickle: bool) -> nn.Module:
@@ -218,7 +239,7 @@ def _load_model_file(path: Path, trust_pickle: bool) -> nn.Module:
         if not trust_pickle:
             raise _needs_trust(path, "a torch.export program")
         try:
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), _quiet_loggers("torch.export", "torch._export"):
                 warnings.simplefilter("ignore")
                 program = torch.export.load(str(path))
             return program.module()
