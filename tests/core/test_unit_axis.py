@@ -121,3 +121,88 @@ def test_a_weight_multiplied_from_the_left_puts_its_rows_on_dim_minus_two():
             return F.relu(x.__rmatmul__(self.W))
 
     assert deadrelu.scan(Reflected(), [torch.randn(2, 6, 5)]).sites[0].units == 16
+
+
+class _AfterProducer(nn.Module):
+    """``F.relu(op(producer(x)))`` with the producer's first three units planted dead."""
+
+    def __init__(self, producer: nn.Module, op) -> None:
+        super().__init__()
+        self.producer, self.op = producer, op
+        with torch.no_grad():
+            producer.bias[:3] = -100.0
+
+    def forward(self, x):
+        return F.relu(self.op(self.producer(x)))
+
+
+AXIS_KEEPING_OPS = [  # name, producer, input shape, op, the units' dim in the activation
+    ("index None last", lambda: nn.Linear(4, 7), (3, 5, 4), lambda h: h[..., None], 2),
+    ("index None middle", lambda: nn.Linear(4, 7), (3, 5, 4), lambda h: h[:, None], 3),
+    ("index int and slice", lambda: nn.Linear(4, 7), (3, 5, 6, 4), lambda h: h[:, 0, 1:], 2),
+    ("conv mean last", lambda: nn.Conv2d(4, 7, 1), (3, 4, 5, 6), lambda h: h.mean(-1), 1),
+    ("conv amax dim 2", lambda: nn.Conv2d(4, 7, 1), (3, 4, 5, 6), lambda h: h.amax(dim=2), 1),
+    ("conv sum two dims", lambda: nn.Conv2d(4, 7, 1), (3, 4, 5, 6), lambda h: h.sum((2, 3)), 1),
+    ("conv max values", lambda: nn.Conv2d(4, 7, 1), (3, 4, 5, 6), lambda h: h.max(dim=3).values, 1),
+    ("linear mean over tokens", lambda: nn.Linear(4, 7), (3, 5, 4), lambda h: h.mean(1), 1),
+]
+
+
+@pytest.mark.parametrize("case", AXIS_KEEPING_OPS, ids=lambda c: c[0])
+def test_indexing_and_reductions_keep_the_producers_axis(case):
+    # Shapes alone cannot say where the axis went (a conv map's (B, C, H, W).mean(-1) is 3-D like a
+    # sequence): the index and the reduced dims do.
+    _, make, shape, op, unit_dim = case
+    torch.manual_seed(0)
+    model = _AfterProducer(make(), op).eval()
+    x = torch.randn(*shape)
+    site = deadrelu.scan(model, x).sites[0]
+    with torch.no_grad():
+        truth = brute_force(model(x), unit_dim)
+    assert (site.unit_dim, site.units, site.observations) == (unit_dim, truth["units"], truth["observations"])
+    assert site.dead_units == truth["dead"] and {0, 1, 2} <= set(truth["dead"])
+    assert site.unit_axis_source != "rank rule"
+
+
+class _LeftWeight(nn.Module):
+    """``relu(W @ x + b)`` on (features, T) inputs: W's 12 rows are the units, 4 planted dead."""
+
+    def __init__(self, fused: str) -> None:
+        super().__init__()
+        self.fused = fused
+        self.W = nn.Parameter(torch.randn(12, 8))
+        self.b = nn.Parameter(torch.zeros(12, 1))
+        with torch.no_grad():
+            self.b[:4] = -100.0
+
+    def forward(self, x):
+        if self.fused == "addmm":
+            return F.relu(torch.addmm(self.b, self.W, x))
+        if self.fused == "einsum":
+            return F.relu(torch.einsum("oc,ct->ot", self.W, x) + self.b)
+        return F.relu(self.W @ x + self.b)
+
+
+@pytest.mark.parametrize("frozen", [False, True], ids=["trainable", "frozen"])
+@pytest.mark.parametrize("form", ["matmul", "addmm", "einsum"])
+def test_a_weight_on_the_left_is_found_in_every_form_trainable_or_frozen(form, frozen):
+    # addmm(bias, W, x) has its product's operands at 1 and 2; a frozen nn.Parameter
+    # (requires_grad_(False), as for inference) is still a weight.
+    torch.manual_seed(0)
+    model = _LeftWeight(form).requires_grad_(not frozen)
+    batches = [torch.randn(8, 5) for _ in range(3)]
+    site = deadrelu.scan(model, batches).sites[0]
+    with torch.no_grad():
+        acts = torch.cat([model(b) for b in batches], 1)
+    truth = brute_force(acts, 0)
+    assert (site.unit_dim, site.units) == (0, 12)
+    assert site.dead_units == truth["dead"] == (0, 1, 2, 3)
+
+
+def test_a_nested_tensor_at_an_activation_is_one_clear_error():
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU())
+    nested = torch.nested.nested_tensor([torch.randn(2, 8), torch.randn(3, 8)])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(deadrelu.DeadReluError, match="nested tensor.*to_padded_tensor"):
+        deadrelu.scan(model, [nested])
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -36,13 +36,15 @@ the dimension that holds that feature axis and the rule that decided it:
 
 * ``producer:Linear`` / ``producer:matmul`` / ``producer:embedding`` / ``producer:RNN``: the last
   dimension of a linear layer's, matmul's, embedding's or recurrent layer's output;
-* ``producer:matmul`` of a weight multiplied from the left (``W @ x``): dimension -2; of an
+* ``producer:matmul`` of a weight (an ``nn.Parameter``, frozen or not, or a leaf that requires
+  grad) multiplied from the left (``W @ x``, ``addmm(b, W, x)``): dimension -2; of an
   ``einsum`` with one weight operand: the output dimension the equation gives the weight's last
   index that survives (``"oc,btc->bot"``: dimension 1);
 * ``producer:conv``: dimension 1 (channels) of a convolution's output (0 when unbatched);
 * ``producer:norm``: a normalisation layer applied to a tensor with no producer (dim 1 for
   batch/instance/group norm, the last for layer/RMS norm);
-* elementwise ops, norms, pooling, slicing and reductions over other dimensions keep the axis;
+* elementwise ops, norms, pooling, slicing, basic indexing (ints, slices, ``None``, ``...``) and
+  reductions over other dimensions keep the axis (the index and the ``dim=`` say where it went);
   ``transpose``/``permute``/``movedim``/``.T``/``.mT`` move it; ``view``/``reshape``/``flatten``/
   ``unflatten``/``squeeze``/``unsqueeze`` keep it when the feature block survives the reshape.
 
@@ -811,6 +813,11 @@ class ActivationCapture:
     def _on_activation(self, name: str, args: tuple, kwargs: dict | None, out: Any) -> None:
         if not isinstance(out, torch.Tensor):
             return
+        if out.is_nested:  # no sizes to lay units on (torch raises on .shape): say so, not torch's internal error
+            raise DeadReluError(
+                f"a {name} call got a nested tensor; deadrelu counts dense activations only: pad it "
+                "(torch.nested.to_padded_tensor) and pass mask= to leave the padding out"
+            )
         inp = args[0] if args else None
         if inp is not out and isinstance(inp, torch.Tensor):
             entry = self._axis(inp)
@@ -1043,6 +1050,14 @@ class ActivationCapture:
                 if self.scripted and "units along dim" in str(err) else ""
             )
             return DeadReluError(f"activation site {_describe(site.info)}: {err}{hint}")
+        if out.layout != torch.strided or out.is_nested or out.is_quantized:
+            # sparse, nested or quantized activations have no per-element values to count in place
+            kind = "nested" if out.is_nested else "quantized" if out.is_quantized else str(out.layout).replace("torch.", "")
+            return DeadReluError(
+                f"activation site {_describe(site.info)} got a {kind} tensor; deadrelu counts dense (strided) "
+                "activations only: convert it before the activation (e.g. .to_dense(), .dequantize(), or "
+                "torch.nested.to_padded_tensor with a mask=)"
+            )
         # a failure of deadrelu's own statistics, not of the model
         return DeadReluError(
             f"deadrelu failed to compute statistics at activation site {_describe(site.info)} for an "

@@ -164,6 +164,8 @@ def call_samples(args: Sequence[Any], kwargs: Mapping[str, Any] | None = None) -
     first = first_tensor((args, kwargs or {}))
     if first is None:
         return 0
+    if first.is_nested:  # its components are the samples; it has no sizes beyond the first
+        return int(first.size(0))
     return int(first.shape[0]) if first.ndim else 1
 
 
@@ -263,10 +265,18 @@ def error_summary(err: BaseException, op_error: BaseException | None = None) -> 
     return lines[0]
 
 
+def _shape_text(a: Any) -> str:
+    if not isinstance(a, torch.Tensor):
+        return type(a).__name__
+    if a.is_nested:  # a nested tensor has no single shape
+        return f"nested tensor of {a.size(0)}"
+    return str(tuple(a.shape))
+
+
 def describe_shapes(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> str:
     """Shapes of call arguments for error messages: ``(8, 4), mask=(8,)``."""
-    parts = [str(tuple(a.shape)) if isinstance(a, torch.Tensor) else type(a).__name__ for a in args]
-    parts += [f"{k}={tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__}" for k, v in kwargs.items()]
+    parts = [_shape_text(a) for a in args]
+    parts += [f"{k}={_shape_text(v)}" for k, v in kwargs.items()]
     return ", ".join(parts)
 
 

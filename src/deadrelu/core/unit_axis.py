@@ -23,18 +23,21 @@ import torch
 from .activations import ACTIVATION_FUNCTIONS
 
 __all__ = [
-    "ACT", "PRODUCER", "TRANSPOSE", "PERMUTE", "RESHAPE", "NORM", "GENERIC",
-    "AxisTable", "function_kind", "kind_of", "reshaped_axis", "carried_axis", "moved_axis",
+    "ACT", "PRODUCER", "TRANSPOSE", "PERMUTE", "RESHAPE", "NORM", "GENERIC", "INDEX", "REDUCE",
+    "AxisTable", "function_kind", "kind_of", "reshaped_axis", "carried_axis", "moved_axis", "indexed_axis",
+    "reduced_axis",
 ]  # fmt: skip
 
 # -- what each torch function does to the feature axis -----------------------------------------
-ACT, PRODUCER, TRANSPOSE, PERMUTE, RESHAPE, NORM, GENERIC = range(7)
+ACT, PRODUCER, TRANSPOSE, PERMUTE, RESHAPE, NORM, GENERIC, INDEX, REDUCE = range(9)
 
 _CONV_PREFIXES = ("conv", "_conv", "cudnn_conv", "mkldnn_conv", "miopen_conv", "slow_conv", "thnn_conv")
 _LINEAR_NAMES = {"linear": "producer:Linear", "_linear": "producer:Linear", "bilinear": "producer:Linear"}
 _MATMUL_NAMES = frozenset(
     {"addmm", "mm", "matmul", "__matmul__", "__rmatmul__", "bmm", "baddbmm", "einsum", "addbmm", "_addmm_activation"}
 )
+# addmm(bias, a, b) and the like: argument 0 is the added term, the product's left operand is 1.
+_BIAS_FIRST = frozenset({"addmm", "baddbmm", "addbmm", "_addmm_activation"})
 _EMBEDDING_NAMES = frozenset({"embedding", "embedding_bag", "_embedding_bag"})
 _RNN_NAMES = frozenset(
     {"gru", "lstm", "rnn_tanh", "rnn_relu", "gru_cell", "lstm_cell", "rnn_tanh_cell", "rnn_relu_cell"}
@@ -50,6 +53,13 @@ _RESHAPE_NAMES = frozenset(
 _NORM_FIRST = frozenset(
     {"batch_norm", "native_batch_norm", "_native_batch_norm_legit", "_native_batch_norm_legit_no_training",
      "cudnn_batch_norm", "instance_norm", "group_norm", "native_group_norm"}
+)  # fmt: skip
+# Reductions whose second argument (or dim=) names the reduced dims: the dims before the axis that
+# they remove shift it, so their shapes alone cannot say where it went ((B, C, H, W).mean(-1) keeps C).
+_REDUCTION_NAMES = frozenset(
+    {"sum", "nansum", "mean", "nanmean", "amax", "amin", "max", "min", "prod", "std", "var", "std_mean",
+     "var_mean", "logsumexp", "any", "all", "median", "nanmedian", "mode", "argmax", "argmin",
+     "count_nonzero", "aminmax"}
 )  # fmt: skip
 _NORM_LAST = frozenset({"layer_norm", "native_layer_norm", "rms_norm", "_fused_rms_norm"})
 # aten kernels (TorchScript, dispatch level) that implement an activation under another name.
@@ -81,8 +91,9 @@ def function_kind(func: Any) -> tuple[int, str, Any]:
         return (PRODUCER, _LINEAR_NAMES[name], None)
     if name == "einsum":  # the equation says where the weight's units go (see _einsum_axis)
         return (PRODUCER, "producer:matmul", "einsum")
-    if name in _MATMUL_NAMES:  # the third field: which argument is the left operand
-        return (PRODUCER, "producer:matmul", 1 if name == "__rmatmul__" else 0)
+    if name in _MATMUL_NAMES:  # the third field: which arguments are the (left, right) operands
+        operands = (1, 2) if name in _BIAS_FIRST else (1, 0) if name == "__rmatmul__" else (0, 1)
+        return (PRODUCER, "producer:matmul", operands)
     if name in _EMBEDDING_NAMES:
         return (PRODUCER, "producer:embedding", None)
     if name in _RNN_NAMES:  # a ReLU RNN's outputs are ReLU outputs: the capture makes them a site
@@ -91,6 +102,10 @@ def function_kind(func: Any) -> tuple[int, str, Any]:
         return (TRANSPOSE, name.rstrip("_"), None)
     if name == "permute":
         return (PERMUTE, name, None)
+    if name in ("__getitem__", "getitem"):  # Tensor.__getitem__; operator.getitem in a Dynamo graph
+        return (INDEX, name, None)
+    if name in _REDUCTION_NAMES:
+        return (REDUCE, name, None)
     if name in _RESHAPE_NAMES:
         return (RESHAPE, name, None)
     if name in _NORM_FIRST:
@@ -143,7 +158,63 @@ def carried_axis(axis: int, before: tuple[int, ...], after: tuple[int, ...]) -> 
 
 
 def _dim(d: Any, ndim: int) -> int | None:
-    return d % ndim if isinstance(d, int) and ndim else None
+    return d % ndim if isinstance(d, int) and not isinstance(d, bool) and ndim else None
+
+
+# indexed_axis / reduced_axis: the axis was indexed or reduced away (no unit axis is left).
+GONE = -1
+
+
+def indexed_axis(axis: int, ndim: int, index: Any) -> int | None:
+    """The axis after ``t[index]`` for basic indexing (ints, slices, ``None``, ``...``): its new
+    position, :data:`GONE` when an int picked one element of it, or None when the index is not
+    understood (tensors, bools, lists: advanced indexing)."""
+    items = index if type(index) is tuple else (index,)
+    if not all(i is None or i is Ellipsis or isinstance(i, slice) or (isinstance(i, int) and not isinstance(i, bool)) for i in items):
+        return None
+    if sum(i is Ellipsis for i in items) > 1:
+        return None
+    consumed = sum(1 for i in items if i is not None and i is not Ellipsis)
+    if consumed > ndim:
+        return None
+    if Ellipsis not in items:
+        items = items + (Ellipsis,)
+    where = items.index(Ellipsis)
+    items = items[:where] + (slice(None),) * (ndim - consumed) + items[where + 1 :]
+    d_in = d_out = 0
+    for i in items:
+        if i is None:
+            d_out += 1
+        elif isinstance(i, slice):
+            if d_in == axis:
+                return d_out
+            d_in, d_out = d_in + 1, d_out + 1
+        else:
+            if d_in == axis:
+                return GONE
+            d_in += 1
+    return None
+
+
+def reduced_axis(axis: int, before: tuple[int, ...], after: tuple[int, ...], args: tuple, kwargs: dict | None) -> int | None:
+    """The axis after a reduction over the dims its ``dim`` argument names: shifted down by the
+    dims removed in front of it, :data:`GONE` when it was reduced itself, the same with
+    ``keepdim=True``, or None when the arguments are not understood."""
+    kwargs = kwargs or {}
+    dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
+    if dim is None:
+        return None
+    n = len(before)
+    dims = {_dim(d, n) for d in (dim if isinstance(dim, (tuple, list)) else (dim,))}
+    if not dims or None in dims:
+        return None
+    if len(after) == n:  # keepdim
+        return axis
+    if len(after) != n - len(dims):
+        return None
+    if axis in dims:
+        return GONE
+    return axis - sum(1 for d in dims if d < axis)  # type: ignore[operator]
 
 
 def moved_axis(kind: tuple[int, str, Any], axis: int, ndim: int, args: tuple, kwargs: dict | None) -> int | None:
@@ -183,17 +254,29 @@ def moved_axis(kind: tuple[int, str, Any], axis: int, ndim: int, args: tuple, kw
     return d1 if axis == d0 else d0 if axis == d1 else axis
 
 
-def _is_weight(t: Any) -> bool:
-    """A trainable 2-D leaf tensor: a weight matrix (an activation is no leaf, or needs no grad)."""
-    return isinstance(t, torch.Tensor) and t.ndim == 2 and t.is_leaf and t.requires_grad
-
-
-def _weight_on_the_left(args: tuple, left: Any) -> bool:
-    """Whether a matmul multiplies a weight from the left (``W @ x``, as Mamba's ``dt_proj.weight @
-    h.transpose(1, 2)``) and an activation from the right."""
-    if len(args) < 2 or left not in (0, 1):
+def _is_weight_like(t: Any, ndim: int) -> bool:
+    """A parameter, or a trainable leaf tensor: a weight (an activation is no leaf, or needs no
+    grad). A frozen ``nn.Parameter`` (``requires_grad_(False)``, inference) is still a weight."""
+    if not isinstance(t, torch.Tensor) or t.ndim < ndim:
         return False
-    return _is_weight(args[left]) and not _is_weight(args[1 - left])
+    return isinstance(t, torch.nn.Parameter) or (t.is_leaf and t.requires_grad)
+
+
+def _is_weight(t: Any) -> bool:
+    """A 2-D weight matrix (see :func:`_is_weight_like`)."""
+    return isinstance(t, torch.Tensor) and t.ndim == 2 and _is_weight_like(t, 2)
+
+
+def _weight_on_the_left(args: tuple, operands: Any) -> bool:
+    """Whether a matmul multiplies a weight from the left (``W @ x``, as Mamba's ``dt_proj.weight @
+    h.transpose(1, 2)``) and an activation from the right; ``operands`` are the (left, right)
+    argument positions (``addmm(bias, W, x)`` has them at 1 and 2)."""
+    if not isinstance(operands, tuple):
+        return False
+    left, right = operands
+    if len(args) <= max(left, right):
+        return False
+    return _is_weight(args[left]) and not _is_weight(args[right])
 
 
 def _einsum_axis(args: tuple, ndim: int) -> int | None:
@@ -212,7 +295,7 @@ def _einsum_axis(args: tuple, ndim: int) -> int | None:
     if not arrow:  # implicit output: the indices used once, in alphabetical order, after an ellipsis
         letters = inputs.replace(",", "").replace(".", "")
         output = ("..." if "..." in inputs else "") + "".join(sorted(c for c in set(letters) if letters.count(c) == 1))
-    weights = [t for t in operands if isinstance(t, torch.Tensor) and t.ndim >= 2 and t.is_leaf and t.requires_grad]
+    weights = [t for t in operands if _is_weight_like(t, 2)]
     if len(weights) != 1 or len(operands) < 2:
         return None
     term = terms[next(i for i, t in enumerate(operands) if t is weights[0])]
@@ -287,11 +370,17 @@ class AxisTable:
             after = tuple(o.shape)
             if code == RESHAPE:
                 new = reshaped_axis(axis, before, after)
+            elif code == INDEX and len(args) > 1 and isinstance(args[0], torch.Tensor):  # not a tuple's item
+                new = indexed_axis(axis, len(before), args[1])
+                new = carried_axis(axis, before, after) if new is None else new
+            elif code == REDUCE:
+                new = reduced_axis(axis, before, after, args, kwargs)
+                new = carried_axis(axis, before, after) if new is None else new
             elif code in (TRANSPOSE, PERMUTE):
                 new = moved_axis(kind, axis, len(before), args, kwargs) if len(after) == len(before) else None
             else:
                 new = carried_axis(axis, before, after)
-            if new is not None:
+            if new is not None and new != GONE:
                 self.set(o, new, rule)
 
     def _produced(self, kind: tuple[int, str, Any], out: Any, args: tuple = ()) -> None:
