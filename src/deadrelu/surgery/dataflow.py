@@ -12,7 +12,8 @@ one for one, by the output of another Linear of their width that nothing else re
 ``down(act(gate(x)) * up(x))``): that ``up`` layer's rows belong to the units as the producer's do.
 Anything that breaks the proof (a residual add, a ``cat``, a layer called twice, a parameter
 shared between modules, an unsupported layer, a pool whose pooled dims include the units' dim,
-a product with anything else, an untraceable model) raises :class:`~deadrelu.errors.RefusedError` naming the site, before anything is changed. So
+a product with anything else, an untraceable or TorchScript model, a root forward that branches on an
+optional argument's default, which fx traces as a proxy) raises :class:`~deadrelu.errors.RefusedError` naming the site, before anything is changed. So
 does anything that makes a layer compute something other than what its weights say, or reads
 its weights outside its own call:
 a parametrization (``torch.nn.utils.parametrize``, ``parametrizations.weight_norm`` /
@@ -47,10 +48,12 @@ from ..core.hooks import global_forward_hooks
 from ..core.inputs import error_summary
 from ..errors import DeadReluError, RefusedError
 from ..core.report import Report, SiteReport, model_fingerprint
+from .defaults import default_branch_reason
 
 __all__ = [
     "Chain", "Link", "trace", "traced", "trace_graph", "leaves_no_attributes", "site_nodes", "find_chains", "activation_name", "describe_node",
     "check_report_matches", "unrewritable_reason", "computed_weight_reason", "is_deadrelu_hook", "threshold_reason",
+    "scripted_reason", "fetch", "batch_statistics_note",
 ]  # fmt: skip
 
 PRODUCERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -182,9 +185,11 @@ class _EagerReads(TorchFunctionMode):
 def leaves_no_attributes(model: nn.Module) -> Iterator[None]:
     """Undo what tracing adds to ``model``'s modules (fx stores constants as ``_tensor_constant<k>``
     attributes on the traced root, and re-registers a leaf's buffer read directly as persistent)."""
+    # A TorchScript module keeps its members in C++ (its _buffers is a read-only wrapper): fx cannot add to it.
     saved = [
         (m, set(vars(m)), dict(m._buffers), dict(m._parameters), dict(m._modules), set(m._non_persistent_buffers_set))
         for m in model.modules()
+        if not isinstance(m, torch.jit.ScriptModule)
     ]
     try:
         yield
@@ -201,35 +206,63 @@ def leaves_no_attributes(model: nn.Module) -> Iterator[None]:
                 m._non_persistent_buffers_set.update(non_persistent)
 
 
-def trace_graph(tracer: fx.Tracer, model: nn.Module) -> tuple[fx.Graph, dict[str, Any]]:
-    """``tracer.trace(model)``, leaving ``model`` as it was; returns the graph and the constants the
-    trace stored on ``model`` (``_tensor_constant<k>``), which a GraphModule of it needs."""
+def trace_graph(
+    tracer: fx.Tracer, model: nn.Module, concrete_args: dict[str, Any] | None = None
+) -> tuple[fx.Graph, dict[str, Any]]:
+    """``tracer.trace(model, concrete_args)``, leaving ``model`` as it was; returns the graph and the
+    constants the trace stored on ``model`` (``_tensor_constant<k>``), which a GraphModule of it needs."""
     before = set(vars(model))
     with leaves_no_attributes(model):
-        graph = tracer.trace(model)
+        graph = tracer.trace(model, concrete_args=concrete_args)
         constants = {k: v for k, v in vars(model).items() if k not in before}
     return graph, constants
+
+
+def scripted_reason(model: nn.Module) -> str | None:
+    """Why torch.fx cannot trace ``model`` because it is, or holds, a TorchScript module; else None."""
+    for path, m in model.named_modules():
+        if isinstance(m, torch.jit.ScriptModule):
+            which = "it is" if not path else f"its submodule '{path}' is"
+            return (
+                f"{which} a TorchScript module (torch.jit.script / torch.jit.trace), whose forward is compiled "
+                "TorchScript code, not Python that torch.fx can trace"
+            )
+    return None
 
 
 def traced(model: nn.Module, what: str) -> tuple[fx.GraphModule, dict[str, str]]:
     """Symbolically trace ``model`` or refuse, saying why the dataflow cannot be proven.
 
-    ``model`` is left without the attributes fx adds to it. Returns the GraphModule and, per
-    parameter or buffer that forward computed with eagerly at trace time (see :class:`_EagerReads`),
-    the op that read it.
+    ``model`` is left without the attributes fx adds to it. A forward that branches on an optional
+    argument's default (``if offset is None:``, see :mod:`deadrelu.surgery.defaults`) is refused: fx
+    traces the argument as a proxy, so the graph would be that of a call that passes it. Returns the
+    GraphModule and, per parameter or buffer that forward computed with eagerly at trace time (see
+    :class:`_EagerReads`), the op that read it.
     """
+    scripted = scripted_reason(model)
+    if scripted is not None:
+        raise RefusedError(
+            f"{what}: cannot trace {type(model).__name__} with torch.fx: {scripted}, so its dataflow cannot be "
+            "proven; rescue the nn.Module it was made from, then script that; nothing was changed"
+        )
     eager = _EagerReads(model)
+    before = set(vars(model))
     try:
         with leaves_no_attributes(model):
             with eager:
                 tracer = fx.Tracer()
                 graph = tracer.trace(model)
+            constants = {k: v for k, v in vars(model).items() if k not in before}
             gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
     except Exception as err:  # fx raises many types (TraceError, TypeError, ...) for dynamic code
         raise RefusedError(
             f"{what}: cannot trace {type(model).__name__} with torch.fx ({type(err).__name__}: "
             f"{error_summary(err)}), so its dataflow cannot be proven{_wrapper_advice(model)}; nothing was changed"
         ) from err
+    retrace = lambda concrete: trace_graph(fx.Tracer(), model, concrete)  # noqa: E731
+    branches = default_branch_reason(model, graph, constants, retrace, type(model).__name__)
+    if branches is not None:
+        raise RefusedError(f"{what}: {branches}, and its dataflow cannot be proven on it; nothing was changed")
     return gm, eager.found
 
 
@@ -559,7 +592,7 @@ def _direct_reads(gm: fx.GraphModule, model: nn.Module, eager: dict[str, str], c
             continue
         nodes.setdefault(str(node.target), []).append(node)
         try:
-            value = _fetch(gm, str(node.target))
+            value = fetch(gm, str(node.target))
         except AttributeError:
             continue
         alias = storages.get(_storage_key(value)) if isinstance(value, torch.Tensor) else None
@@ -575,7 +608,7 @@ def _direct_reads(gm: fx.GraphModule, model: nn.Module, eager: dict[str, str], c
     return out
 
 
-def _fetch(root: nn.Module, target: str) -> Any:
+def fetch(root: nn.Module, target: str) -> Any:
     """The attribute at dotted path ``target`` of ``root``."""
     value: Any = root
     for atom in target.split("."):
@@ -611,19 +644,40 @@ def _check_single_use(
         raise _refuse(site, what, f"module '{path}' shares parameters with {', '.join(shared[path])}")
 
 
+def _byte_range(t: torch.Tensor) -> tuple[int, int] | None:
+    """The bytes of its storage that ``t`` can read, as (start, end); None without storage or elements."""
+    key = _storage_key(t)
+    if not key or t.numel() == 0:
+        return None
+    size = t.element_size()
+    start = key + t.storage_offset() * size
+    return start, start + (sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride())) + 1) * size
+
+
 def _shared_parameters(model: nn.Module) -> dict[str, list[str]]:
-    """Module path -> other modules holding one of its parameters (tied weights)."""
+    """Module path -> other modules holding one of its parameters (tied weights).
+
+    Tied means the same Parameter object, or tensors whose storage overlaps: ``b.weight =
+    nn.Parameter(a.weight.data)`` is a second Parameter on the same memory, and an in-place write
+    of one is a write of the other. Buffers count too (a BatchNorm's running statistics are written).
+    """
     owners: dict[int, set[str]] = {}
+    spans: dict[int, list[tuple[int, int, str]]] = {}  # storage -> (start, end, module) per tensor
     for mpath, module in model.named_modules(remove_duplicate=False):
-        for p in module.parameters(recurse=False):
-            owners.setdefault(id(p), set()).add(mpath)
-    # A module registered under two names is shared too.
-    out: dict[str, list[str]] = {}
-    for paths in owners.values():
+        for t in list(module.parameters(recurse=False)) + list(module.buffers(recurse=False)):
+            owners.setdefault(id(t), set()).add(mpath)
+            span = _byte_range(t)
+            if span is not None:
+                spans.setdefault(_storage_key(t), []).append((span[0], span[1], mpath))
+    groups = list(owners.values())  # a module registered under two names is shared too
+    for found in spans.values():
+        groups += [{a, b} for i, (s, e, a) in enumerate(found) for s2, e2, b in found[i + 1:] if a != b and s < e2 and s2 < e]
+    out: dict[str, set[str]] = {}
+    for paths in groups:
         if len(paths) > 1:
             for p in paths:
-                out.setdefault(p, []).extend(sorted(q for q in paths if q != p))
-    return out
+                out.setdefault(p, set()).update(q for q in paths if q != p)
+    return {p: sorted(q) for p, q in out.items()}
 
 
 def find_chains(
@@ -976,17 +1030,54 @@ def columns(link: Link, units: Iterable[int]) -> list[int]:
 
 
 def _bn_eval(bn: nn.Module, idx: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Eval-mode BatchNorm of the channels ``idx`` applied to per-channel values ``x`` (float64, on CPU)."""
+    """Eval-mode BatchNorm of the channels ``idx`` applied to per-channel values ``x`` (float64, on CPU),
+    each channel holding its value ``x`` everywhere (a constant unit).
+
+    Without running statistics (``track_running_stats=False``) torch normalises with the batch's own
+    statistics in eval mode too: a channel constant over the batch has that constant as its mean and
+    variance 0, so it comes out as exactly 0 before the affine map (``beta`` after it), whatever ``x``.
+    """
 
     def pick(t: torch.Tensor | None, default: float) -> torch.Tensor:
         if t is None:
             return torch.full((len(idx),), default, dtype=torch.float64)
         return t.detach()[idx.to(t.device)].double().cpu()
 
-    out = (x.double().cpu() - pick(bn.running_mean, 0.0)) / torch.sqrt(pick(bn.running_var, 1.0) + bn.eps)  # type: ignore[arg-type, operator]
+    x = x.double().cpu()
+    if _batch_statistics(bn):  # as F.batch_norm then does
+        out = torch.zeros_like(x)
+    else:
+        out = (x - pick(bn.running_mean, 0.0)) / torch.sqrt(pick(bn.running_var, 1.0) + bn.eps)  # type: ignore[arg-type, operator]
     if bn.affine:
         out = out * pick(bn.weight, 1.0) + pick(bn.bias, 0.0)  # type: ignore[arg-type]
     return out
+
+
+def _batch_statistics(bn: nn.Module | None) -> bool:
+    """Whether ``bn`` normalises with the batch's statistics in eval mode (no running statistics)."""
+    return bn is not None and bn.running_mean is None and bn.running_var is None
+
+
+def batch_statistics_note(chains: Sequence[tuple[Chain, torch.Tensor | float]]) -> str | None:
+    """Why a check on data may differ for a proven fold: a non-zero constant channel reaches a BatchNorm
+    without running statistics. Its batch variance is 0, so torch divides its rounding of the channel's
+    batch mean by ``sqrt(eps)`` (about 300× for eps=1e-5): noise the exact fold (``beta``) leaves out.
+    ``chains`` pairs each chain with its units' dead output. None when no such BatchNorm is involved."""
+    found = []
+    for chain, value in chains:
+        nonzero = bool(torch.any(torch.as_tensor(value, dtype=torch.float64) != 0))
+        bias = getattr(chain.producer, "bias", None)
+        if _batch_statistics(chain.norm) and bias is not None and bool(torch.any(bias.detach()[list(chain.units)] != 0)):
+            found.append(chain.norm_path)
+        found += [path for link in chain.links for path, bn in link.norms if nonzero and _batch_statistics(bn)]
+    if not found:
+        return None
+    names = ", ".join(sorted({f"'{p}'" for p in found}))
+    return (
+        f"BatchNorm {names} has no running statistics (track_running_stats=False), so it normalises a dead unit's "
+        "constant channel with the batch's mean and a variance of 0: torch's rounding of that mean, divided by "
+        "sqrt(eps), is what differs (the proven value is exactly the BatchNorm's bias)"
+    )
 
 
 def constant_after(link: Link, units: Sequence[int], value: float | torch.Tensor = 0.0) -> torch.Tensor:

@@ -42,6 +42,7 @@ from .verify import (
     describe_units,
     max_difference,
     output_tensors,
+    rounding_limit,
 )
 from ..core.activations import ZERO_WHEN_DEAD_FUNCTIONS
 from ..core.capture import eager_submodule
@@ -277,10 +278,13 @@ def _replace(model: nn.Module, path: str, module: nn.Module) -> None:
 
 def _compare(
     original: nn.Module, pruned: nn.Module, data: Any, input_fn: Callable[[Any], Any] | None, batch_size: int
-) -> tuple[float, tuple[Any, ...], dict[str, Any]]:
-    """Largest absolute output difference over all batches (eval mode, no grad), plus the first batch's inputs."""
+) -> tuple[float, float, tuple[Any, ...], dict[str, Any]]:
+    """Largest absolute output difference over all batches (eval mode, no grad), the largest difference
+    rounding may explain in the outputs' dtype (:func:`~deadrelu.surgery.verify.rounding_limit`, at least
+    1e-5), and the first batch's inputs."""
     device = model_device(original)
     worst = 0.0
+    rounding = 1e-5
     first: tuple[tuple[Any, ...], dict[str, Any]] | None = None
     with kept_training_flags(original, pruned), torch.no_grad():
         original.eval()
@@ -298,12 +302,13 @@ def _compare(
                     f"({error_summary(err)}); nothing was changed"
                 ) from err
             diff = max_difference(before, after)
+            rounding = max(rounding, rounding_limit(before))
             if diff == float("inf"):
-                return diff, args, kwargs
+                return diff, rounding, args, kwargs
             worst = max(worst, diff)
     if first is None:
         raise DataError("prune_dead: the data held no batches to verify on")
-    return worst, first[0], first[1]
+    return worst, rounding, first[0], first[1]
 
 
 def prune_dead(
@@ -313,7 +318,7 @@ def prune_dead(
     *,
     input_fn: Callable[[Any], Any] | None = None,
     batch_size: int = 256,
-    tolerance: float = 1e-5,
+    tolerance: float | None = None,
     sites: Iterable[str] | None = None,
 ) -> PruneResult:
     """Return a smaller copy of ``model`` without the dead ReLU units in ``report``.
@@ -336,7 +341,10 @@ def prune_dead(
             the input for counting MACs.
         input_fn: ``batch -> model input``, as for :func:`deadrelu.scan`.
         batch_size: rows per batch when ``data`` is a tensor.
-        tolerance: the largest accepted absolute output difference (default 1e-5).
+        tolerance: the largest accepted absolute output difference on ``data``. By default (None) it is what
+            rounding may explain in the outputs' dtype: ``1e-5 × max(1, max |output|)`` in float32
+            (at least 1e-5 in any dtype), ``1e-2 ×`` in float16, ``5e-2 ×`` in bfloat16. A number is
+            used as given.
         sites: only prune these sites (by report name); default all.
 
     Returns:
@@ -392,8 +400,10 @@ def prune_dead(
     return PruneResult(**result)
 
 
-def _tolerance(tolerance: Any, what: str) -> float:
-    """``tolerance`` as a float >= 0 (infinity accepted: compare nothing), or one DeadReluError."""
+def _tolerance(tolerance: Any, what: str) -> float | None:
+    """``tolerance`` as a float >= 0 (infinity accepted: compare nothing; None: the dtype's rounding), or one DeadReluError."""
+    if tolerance is None:
+        return None
     try:
         value = float(tolerance) if isinstance(tolerance, (int, float)) and not isinstance(tolerance, bool) else None
     except OverflowError:  # an int too large for a float
@@ -411,6 +421,7 @@ class _CutPlan:
     removed: dict[str, tuple[int, ...]] = field(default_factory=dict)
     kept: dict[str, tuple[int, ...]] = field(default_factory=dict)
     pins: list[tuple[SiteReport, tuple[int, ...], torch.Tensor | float]] = field(default_factory=list)
+    chains: list[tuple[_graph.Chain, torch.Tensor | float]] = field(default_factory=list)  # with the units' value
 
 
 def _skipped_sites(report: Report, sites: Iterable[str] | None) -> dict[str, str]:
@@ -467,6 +478,7 @@ def _plan_cuts(
         if not units:
             continue
         plan.pins.append((chain.site, units, value))
+        plan.chains.append((chain, value))
         edits = plan.edits
         edits.setdefault(chain.producer_path, _Edit()).out.update(units)
         act = model.get_submodule(str(chain.node.target)) if chain.node.op == "call_module" else None
@@ -514,20 +526,27 @@ def _verify(
     data: Any,
     input_fn: Callable[[Any], Any] | None,
     batch_size: int,
-    tolerance: float,
+    tolerance: float | None,
     what: str,
 ) -> dict[str, Any]:
     """Compare on all of ``data`` and on held-out inputs like its first batch; MACs on that batch."""
-    diff, args, kwargs = _compare(model, pruned, data, input_fn, batch_size)
-    if not diff <= tolerance:
+    diff, rounding, args, kwargs = _compare(model, pruned, data, input_fn, batch_size)
+    limit = rounding if tolerance is None else tolerance
+    if not diff <= limit:
+        why = _stale_units(model, report, plan, data, input_fn, batch_size, what)
+        if tolerance is None:
+            given = f"tolerance {limit:.3g}, the default: rounding in the outputs' dtype at their scale"
+        else:
+            given = f"tolerance {tolerance:g}" + (
+                f"; rounding in the outputs' dtype alone may reach {rounding:.3g}, the default" if rounding > tolerance else ""
+            )  # fmt: skip
         raise RefusedError(
             f"{what}: the pruned model's outputs differ from the original's by up to {diff:.3g} on the data "
-            f"(tolerance {tolerance:g}); {_stale_units(model, report, plan, data, input_fn, batch_size, what)}"
-            "nothing was changed"
+            f"({given}); {why}nothing was changed"
         )
     reference = PinnedReference.build(model, plan.pins, args, kwargs, what) if plan.pins else None
     if reference is not None:
-        reference.check(pruned, tolerance)
+        reference.check(pruned, tolerance or 0.0)
     with kept_training_flags(model, pruned):
         model.eval()
         pruned.eval()
@@ -553,6 +572,9 @@ def _stale_units(
     picks = [(site, units) for site, units, _ in plan.pins]
     alive = alive_units(model, report, picks, data, what, input_fn=input_fn, batch_size=batch_size)
     if not alive:  # the removed units are dead here: the model computes more than its trace shows
+        note = _graph.batch_statistics_note(plan.chains)
+        if note is not None:
+            return f"the units removed are dead on this data, but {note}; pass a larger tolerance to accept it; "
         return (
             "the units removed are dead on this data, so the model computes something its traced graph does "
             "not show (a branch or Python code torch.fx did not record) or a non-finite value met a removed unit "

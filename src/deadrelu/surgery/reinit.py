@@ -206,14 +206,71 @@ def _check_reinit_arguments(
     return eager_submodule(model, ""), check_sites(sites, what)
 
 
-def _gain(chain: _graph.Chain) -> float:
-    """He gain for the site's activation (LeCun for SELU; ReLU's for smooth ReLU-likes)."""
+# torch's defaults for the negative slope: F.leaky_relu / nn.LeakyReLU, nn.PReLU's initial weight, and
+# F.rrelu / nn.RReLU's (lower, upper), whose eval-mode slope is their mean.
+_DEFAULT_SLOPES = {"leaky_relu": 0.01, "prelu": 0.25, "rrelu": (1 / 8 + 1 / 3) / 2}
+
+
+def _slope_values(value: Any, model: nn.Module) -> list[float] | None:
+    """The slope(s) an activation argument holds: a number, a tensor, or the graph node of a model tensor
+    (``F.prelu(h, self.weight)``); None for a value forward computes (no number before the call)."""
+    if isinstance(value, torch.fx.Node):
+        if value.op != "get_attr":
+            return None
+        try:
+            value = _graph.fetch(model, str(value.target))
+        except AttributeError:
+            return None
+    if isinstance(value, torch.Tensor):
+        return [float(v) for v in value.detach().double().cpu().reshape(-1)] if value.numel() else None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return [float(value)]
+    return None
+
+
+def _arg(node: torch.fx.Node, position: int, name: str) -> Any:
+    """A call node's argument by keyword or position (None when not given)."""
+    return node.kwargs.get(name, node.args[position] if len(node.args) > position else None)
+
+
+def _slopes(chain: _graph.Chain, model: nn.Module) -> list[float]:
+    """The negative slope(s) of a leaky/parametric/randomized ReLU site, as the model computes it in eval mode.
+
+    Read from the module (``nn.LeakyReLU.negative_slope``, ``nn.PReLU.weight``, ``nn.RReLU``'s bounds) or
+    the call's arguments; a slope forward computes (``F.prelu(h, self.a.sigmoid())``) has no value before
+    the call and counts as torch's default for that activation.
+    """
+    fn, node = chain.function, chain.node
+    default = [_DEFAULT_SLOPES[fn]]
+    if node.op == "call_module":
+        m = model.get_submodule(str(node.target))
+        if fn == "rrelu":
+            return [(float(m.lower) + float(m.upper)) / 2]  # type: ignore[arg-type]
+        found = _slope_values(m.weight if fn == "prelu" else getattr(m, "negative_slope", None), model)
+        return found or default
+    if fn == "prelu":
+        return _slope_values(_arg(node, 1, "weight"), model) or default
+    if fn == "rrelu":
+        lower = _slope_values(_arg(node, 1, "lower"), model) or [1 / 8]
+        upper = _slope_values(_arg(node, 2, "upper"), model) or [1 / 3]
+        return [(lower[0] + upper[0]) / 2]
+    given = _arg(node, 1, "negative_slope")
+    return default if given is None else _slope_values(given, model) or default
+
+
+def _gain(chain: _graph.Chain, model: nn.Module) -> float:
+    """He gain for the site's activation (LeCun for SELU; ReLU's for smooth ReLU-likes).
+
+    For a leaky ReLU of slope ``a`` it is ``sqrt(2 / (1 + a²))``; a per-channel PReLU uses the mean
+    of ``a²`` over the units to re-draw, the variance its new rows share.
+    """
     fn = chain.function
-    if fn in ("leaky_relu", "prelu", "rrelu"):
-        slope = 0.01 if fn != "prelu" else 0.25
-        node = chain.node
-        slope = float(node.kwargs.get("negative_slope", node.args[1] if len(node.args) > 1 else slope))
-        return math.sqrt(2.0 / (1 + slope**2))
+    if fn in _DEFAULT_SLOPES:
+        slopes = _slopes(chain, model)
+        if fn == "prelu" and len(slopes) > 1:
+            slopes = [slopes[u] for u in chain.units if u < len(slopes)] or slopes
+        mean_square = sum(a * a for a in slopes) / len(slopes)
+        return math.sqrt(2.0 / (1 + mean_square))
     if fn in ("selu", "elu", "celu"):
         return 1.0
     return math.sqrt(2.0)
@@ -321,7 +378,13 @@ def _fires(chain: _graph.Chain, rows: torch.Tensor, inp: torch.Tensor) -> torch.
 
 
 def _redraw_silent(
-    chain: _graph.Chain, rows: torch.Tensor, inp: torch.Tensor, init: str, gen: torch.Generator | None, tries: int
+    chain: _graph.Chain,
+    rows: torch.Tensor,
+    inp: torch.Tensor,
+    init: str,
+    gen: torch.Generator | None,
+    tries: int,
+    gain: float,
 ) -> tuple[torch.Tensor, tuple[int, ...]]:
     """Re-draw the rows whose unit would not fire on ``inp``; return the rows and the units still silent."""
     with torch.no_grad():
@@ -330,7 +393,7 @@ def _redraw_silent(
             if bool(ok.all()):
                 break
             bad = (~ok).nonzero().flatten()
-            rows[bad] = _draw_rows(chain.producer, bad.tolist(), _gain(chain), init, gen)
+            rows[bad] = _draw_rows(chain.producer, bad.tolist(), gain, init, gen)
             ok[bad] = _fires(chain, rows[bad], inp)
     return rows, tuple(u for u, good in zip(chain.units, ok.tolist()) if not good)
 
@@ -369,9 +432,9 @@ def reinit_dead(
     For each dead unit (or, with ``dormant=True``, each τ-dormant unit) of each site:
 
     * its incoming weights (a row of the producing Linear, an output channel of the
-      producing Conv) are re-drawn — He-normal ``N(0, gain²/fan_in)`` by default, with the
-      gain of the site's activation (√2 for ReLU), or PyTorch's own default uniform with
-      ``init="torch"`` — and its bias is set to 0; in a gated MLP its row of ``up`` too (gain 1);
+      producing Conv) are re-drawn — He-normal ``N(0, gain²/fan_in)`` with the gain of the site's
+      activation (√2 for ReLU, √(2/(1+a²)) for a leaky ReLU of the model's slope a), or PyTorch's
+      uniform with ``init="torch"`` — and its bias is set to 0; in a gated MLP its row of ``up`` too (gain 1);
     * a BatchNorm between producer and activation gets that channel reset to its
       initial state (weight 1, bias 0, running mean 0, running variance 1);
     * its outgoing weights (the matching input columns/channels of every consuming
@@ -444,13 +507,24 @@ def reinit_dead(
     with Transaction(what) as tx:
         entries = _write_unit_resets(plans, optimizer, tx)
         if reference is not None:
-            reference.check(model)
+            _check_reference(reference, model, plans)
     return ReinitResult(
         changes=tuple(p.change() for p in plans),
         optimizer_entries=entries,
         silent={p.chain.site.name: p.silent for p in plans if p.silent},
         skipped=_skipped_sites(report, sites, dormant),
     )
+
+
+def _check_reference(reference: PinnedReference, model: nn.Module, plans: list["_UnitResetPlan"]) -> None:
+    """``reference.check(model)``; a refusal names a BatchNorm without running statistics that explains it."""
+    try:
+        reference.check(model)
+    except RefusedError as err:
+        note = _graph.batch_statistics_note([(p.chain, p.value) for p in plans])
+        if note is None:
+            raise
+        raise RefusedError(f"{str(err).removesuffix('; nothing was changed')}; {note}; nothing was changed") from err
 
 
 @dataclass
@@ -506,10 +580,11 @@ def _plan_unit_reset(
     what: str,
 ) -> _UnitResetPlan:
     """Draw the new rows (re-drawing silent ones on ``inputs``) and the consumers' bias folds for one site."""
-    rows = _draw_rows(chain.producer, chain.units, _gain(chain), init, generator)
+    gain = _gain(chain, model)
+    rows = _draw_rows(chain.producer, chain.units, gain, init, generator)
     quiet: tuple[int, ...] = ()
     if chain.producer in inputs:
-        rows, quiet = _redraw_silent(chain, rows, inputs[chain.producer], init, generator, max_draws)
+        rows, quiet = _redraw_silent(chain, rows, inputs[chain.producer], init, generator, max_draws, gain)
     folds: list[torch.Tensor | None] = []
     value = _dead_output(chain, model)
     if chain.multipliers and bool(torch.any(value != 0)):

@@ -9,14 +9,18 @@ and the module is replaced in its parent by the resulting ``torch.fx.GraphModule
 (same parameter objects, so optimizers still hold them; the parameters, buffers, submodules,
 attributes and methods its forward does not use are carried over too, and a module shared by
 several parents stays one module at all its paths). A forward that reads ``self.training`` is
-refused: a trace would freeze the branch of the current mode. An in-place call stays in place
+refused: a trace would freeze the branch of the current mode; so is one that branches on an optional
+argument's default (``if scale is not None:``; fx traces the argument as a proxy, see
+:mod:`deadrelu.surgery.defaults`). An in-place call stays in place
 (``inplace=True`` where the new activation has it, else an explicit ``copy_``), so code
 that relies on the side effect keeps working.
 
 The root module cannot be replaced in place: functional calls in the root's own forward
 need ``copy=True`` (the result is then a GraphModule) or are refused. A module that
 torch.fx cannot trace is read as source code; if it mentions ``relu`` it is refused
-with its file and line, because the call could not be rewritten.
+with its file and line, because the call could not be rewritten. TorchScript code can be
+rewritten neither way: a scripted model is refused, and so is a scripted submodule whose compiled
+code calls relu (one that does not is left as it is).
 """
 
 from __future__ import annotations
@@ -31,7 +35,10 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .dataflow import check_report_matches, leaves_no_attributes, trace_graph, unrewritable_reason
+from .dataflow import (
+    check_report_matches, computed_weight_reason, leaves_no_attributes, trace_graph, unrewritable_reason,
+)  # fmt: skip
+from .defaults import default_branch_reason
 from .transaction import Transaction, copy_model
 from .verify import check_flag, check_generator
 from ..errors import DeadReluError, RefusedError
@@ -71,7 +78,8 @@ class SwapResult:
 
     Attributes:
         model: the changed model — the same object unless ``copy=True`` (or a GraphModule
-            when the root's own forward had functional calls and ``copy=True``).
+            when the root's own forward had functional calls and ``copy=True``; the new
+            activation itself when the model was an ``nn.ReLU`` and ``copy=True``).
         changes: one :class:`ActivationChange` per replaced activation.
         reinitialised: Linear/Conv layers given LeCun-normal weights (``selu_init=True``).
     """
@@ -192,10 +200,29 @@ def _source_mentions_relu(m: nn.Module, path: str) -> None:
 
 
 def _lecun(model: nn.Module, gen: torch.Generator | None) -> list[tuple[str, nn.Module, torch.Tensor, torch.Tensor | None]]:
-    """LeCun-normal weights ``N(0, 1/fan_in)`` and zero bias for every Linear/Conv (what SELU assumes)."""
+    """LeCun-normal weights ``N(0, 1/fan_in)`` and zero bias for every Linear/Conv (what SELU assumes).
+
+    A layer whose weight or bias is computed from other tensors is refused: writing the computed
+    tensor changes a temporary (a parametrization) or is undone by the next forward (hook-based
+    ``weight_norm`` / ``spectral_norm``, ``torch.nn.utils.prune``), so the layer would be listed as
+    re-initialised while keeping its old weights.
+    """
     plans = []
     for path, m in model.named_modules():
         if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)):
+            # The reason first: reading a spectral-normed weight in training mode runs a power iteration on its buffers.
+            reason = computed_weight_reason(path, m)
+            plain = [] if reason else [n for n in ("weight", "bias") if n not in m._parameters and getattr(m, n, None) is not None]
+            if plain:
+                reason = (
+                    f"'{path}'.{plain[0]} is not a parameter of its own (e.g. torch.nn.utils.prune recomputes it "
+                    "from weight_orig before every forward), so an edit would not hold"
+                )
+            if reason is not None:
+                raise RefusedError(
+                    f"swap_activations: selu_init=True cannot re-initialise {repr(path) if path else 'the model'} ({type(m).__name__}): "
+                    f"{reason}; remove the parametrization or hook first, or pass selu_init=False; nothing was changed"
+                )
             w = m.weight
             new = torch.randn(tuple(w.shape), generator=gen, dtype=torch.float32) / math.sqrt(w[0].numel())
             bias = torch.zeros_like(m.bias) if m.bias is not None else None
@@ -243,7 +270,11 @@ def swap_activations(
 
     Raises:
         RefusedError: a functional call cannot be rewritten (the root's own forward with
-            ``copy=False``, or an untraceable module that calls relu); nothing is changed.
+            ``copy=False``, an untraceable module that calls relu, a forward that branches on
+            an optional argument's default), the model is TorchScript (or holds a scripted
+            module that calls relu), ``selu_init=True`` meets a layer whose weight is computed
+            (parametrization, weight/spectral norm, ``torch.nn.utils.prune``), or the model is an
+            ``nn.ReLU`` itself with ``copy=False``; nothing is changed.
         DeadReluError: for an unknown ``to`` or a bad argument.
 
     Example:
@@ -256,6 +287,9 @@ def swap_activations(
     _check_swap_arguments(model, to, copy, selu_init, negative_slope, generator)
     if report is not None:
         check_report_matches(model, report, "swap_activations")
+    if type(model) is nn.ReLU:
+        return _swap_root_relu(model, copy, to, negative_slope, report)
+    _refuse_scripted(model)
     target = copy_model(model, "swap_activations") if copy else model
     plan = _plan_swaps(target, copy, to, report)
     selu_plans = _lecun(target, generator) if selu_init else []
@@ -270,6 +304,53 @@ def swap_activations(
                 if b is not None:
                     m.bias.copy_(b)
     return SwapResult(result_model, changes, tuple(p for p, *_ in selu_plans))
+
+
+def _swap_root_relu(model: nn.Module, copy: bool, to: str, slope: float, report: Report | None) -> SwapResult:
+    """The model is an ``nn.ReLU`` itself: it has no parent to be replaced in, so ``copy=True`` returns the
+    new activation as ``result.model`` (the original is left as it is) and ``copy=False`` is refused."""
+    if not copy:
+        raise RefusedError(
+            "swap_activations: the model itself is an nn.ReLU, which has no parent to be replaced in; pass "
+            "copy=True to get the new activation as result.model, or wrap it; nothing was changed"
+        )
+    _refuse_unrewritable("", model, "would be replaced")
+    widths = [s.units for s in report.sites if s.module == ""] if report is not None else []
+    new = _new_activation(to, model.inplace and _has_inplace(to), widths[0] if len(widths) == 1 else None, slope, None)
+    return SwapResult(new, [ActivationChange(_label(""), "module", repr(model), repr(new))])
+
+
+def _refuse_scripted(model: nn.Module) -> None:
+    """Refuse a TorchScript model, or a TorchScript submodule whose compiled code calls relu.
+
+    Its code is compiled TorchScript: an ``nn.ReLU`` inside it is no Python module to replace and
+    torch.fx cannot trace it. A scripted submodule without relu is left as it is (see :func:`_scripted_paths`).
+    """
+    for path, m in model.named_modules():
+        if not isinstance(m, torch.jit.ScriptModule):
+            continue
+        where = f"'{path}' ({type(m).__name__}) is a TorchScript module" if path else (
+            f"the model ({type(m).__name__}) is a TorchScript module"
+        )  # fmt: skip
+        try:
+            calls = bool(path) and bool(_RELU_SOURCE.search(str(m.inlined_graph)))
+        except Exception:  # no graph to read: relu calls cannot be ruled out
+            calls = True
+        if not path or calls:
+            raise RefusedError(
+                f"swap_activations: {where} (torch.jit.script / torch.jit.trace): its compiled code can be changed "
+                "neither by replacing modules nor by a torch.fx rewrite; swap the activations of the nn.Module it was "
+                "made from, then script that; nothing was changed"
+            )
+
+
+def _scripted_paths(model: nn.Module) -> tuple[str, ...]:
+    """Paths of the TorchScript submodules (without relu, or :func:`_refuse_scripted` refused): left alone."""
+    return tuple(path for path, m in model.named_modules() if isinstance(m, torch.jit.ScriptModule))
+
+
+def _inside(path: str, roots: tuple[str, ...]) -> bool:
+    return any(path == r or path.startswith(r + ".") for r in roots)
 
 
 def _check_swap_arguments(model: Any, to: str, copy: Any, selu_init: Any, negative_slope: Any, generator: Any) -> None:
@@ -308,15 +389,18 @@ def _refuse_unrewritable(path: str, m: nn.Module, why: str) -> None:
 
 def _plan_swaps(target: nn.Module, copy: bool, to: str, report: Report | None) -> _SwapPlan:
     """Find every ReLU module, relu attribute and functional call, or refuse before any change."""
-    modules = [(path, m) for path, m in target.named_modules(remove_duplicate=False) if type(m) is nn.ReLU and path]
+    scripted = _scripted_paths(target)
+    everything = [(path, m) for path, m in target.named_modules(remove_duplicate=False) if not _inside(path, scripted)]
+    modules = [(path, m) for path, m in everything if type(m) is nn.ReLU and path]
     for path, m in modules:
         _refuse_unrewritable(path, m, "would be replaced")
     attributes = [
-        (path, m) for path, m in target.named_modules() if getattr(m, "activation", None) in (F.relu, torch.relu)
-    ]
+        (path, m) for path, m in target.named_modules()
+        if not _inside(path, scripted) and getattr(m, "activation", None) in (F.relu, torch.relu)
+    ]  # fmt: skip
     graphs: list[tuple[str, nn.Module, fx.Graph, list[fx.Node], dict[str, Any]]] = []
     shared: dict[int, list[str]] = {}  # every path of a module reached from several parents
-    for path, m in target.named_modules(remove_duplicate=False):
+    for path, m in everything:
         if not _is_user_code(m):
             continue
         if id(m) in shared:
@@ -340,9 +424,8 @@ def _plan_swaps(target: nn.Module, copy: bool, to: str, report: Report | None) -
             )
         _refuse_unrewritable(path, m, "would be rewritten as a torch.fx.GraphModule")
         _refuse_python_state(path, m)
+        _refuse_default_branches(path, m, graph, constants)
         graphs.append((path, m, graph, nodes, constants))
-    if type(target) is nn.ReLU:
-        raise RefusedError("swap_activations: the model itself is an nn.ReLU; pass copy=True or wrap it")
     like = next(iter(target.parameters()), None)
     widths = _module_widths(target, report) if to == "prelu" else {}
     return _SwapPlan(modules, attributes, graphs, like, widths, {p: shared[id(m)] for p, m, *_ in graphs})
@@ -357,6 +440,19 @@ def _refuse_python_state(path: str, m: nn.Module) -> None:
             f"swap_activations: {_label(path)} ({type(m).__name__}.forward) reads self.training, and a "
             "torch.fx rewrite would freeze the branch of the current mode; use nn.ReLU modules there "
             "(replaced without tracing); nothing was changed"
+        )
+
+
+def _refuse_default_branches(path: str, m: nn.Module, graph: fx.Graph, constants: dict[str, Any]) -> None:
+    """A forward that branches on an optional argument's default (``if scale is not None:``) traces the
+    branch of a call that passes it (fx makes a proxy of it): the GraphModule would run that branch on
+    every call, and fail or compute something else with the default."""
+    retrace = lambda concrete: trace_graph(_ShallowTracer(), m, concrete)  # noqa: E731
+    reason = default_branch_reason(m, graph, constants, retrace, type(m).__name__)
+    if reason is not None:
+        raise RefusedError(
+            f"swap_activations: {_label(path)} ({type(m).__name__}) would be rewritten as a torch.fx.GraphModule, "
+            f"but {reason}; use nn.ReLU modules there (replaced without tracing); nothing was changed"
         )
 
 

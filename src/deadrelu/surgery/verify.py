@@ -55,6 +55,7 @@ __all__ = [
     "check_flag",
     "check_input_fn",
     "check_sites",
+    "rounding_limit",
 ]
 
 #: Seed of the generator that draws held-out inputs (fixed, so a refusal is reproducible).
@@ -133,6 +134,17 @@ def _dtype_tolerance(outputs: Sequence[torch.Tensor]) -> float:
         elif t.dtype == torch.float32 or t.dtype == torch.complex64:
             rel = max(rel, 1e-5)
     return rel
+
+
+def rounding_limit(outputs: Sequence[torch.Tensor]) -> float:
+    """The output difference rounding alone may explain: a relative tolerance for the outputs' least
+    precise float dtype (1e-5 in float32, 1e-2 in float16, 5e-2 in bfloat16) times ``max(1, max |output|)``.
+
+    Example:
+        >>> rounding_limit([torch.full((2,), 4.0)]), rounding_limit([torch.ones(2, dtype=torch.float16)])
+        (4e-05, 0.01)
+    """
+    return _dtype_tolerance(outputs) * _scale(outputs)
 
 
 def _scale(outputs: Sequence[torch.Tensor]) -> float:
