@@ -165,8 +165,11 @@ def test_detach_stops_recording_and_restores_a_users_pass(dynamo):
         mon.detach()
         assert inductor_config.pre_grad_custom_pass is users_pass
         counts = [s.stats.count for s in mon.capture.sites.values()]
-        train(compiled, mon, batches(2))  # the compiled graph still runs; nothing is recorded
+        for batch in batches(2):  # the compiled graph still runs; nothing is recorded
+            compiled(*batch).backward()
         assert [s.stats.count for s in mon.capture.sites.values()] == counts == [2] * len(counts)
+        with pytest.raises(deadrelu.DeadReluError, match="detached"):  # and a detached monitor takes no step
+            mon.step()
     finally:
         inductor_config.pre_grad_custom_pass = None
 

@@ -206,7 +206,8 @@ class DeadReluTrainerCallback(_tf.TrainerCallback):
         # Evaluations are reduced over ranks, so every rank holds the same lifecycle: one writes it.
         main_process = getattr(state, "is_world_process_zero", True)
         if self.monitor is not None and main_process and os.path.isdir(folder):
-            atomic_write_text(os.path.join(folder, self.state_file), json.dumps(self.monitor.state_dict()))
+            # strict JSON (a NaN loss is a string in the state), so any JSON reader takes the file
+            atomic_write_text(os.path.join(folder, self.state_file), json.dumps(self.monitor.state_dict(), allow_nan=False))
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.monitor is not None and self.monitor.attached:

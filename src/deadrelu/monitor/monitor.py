@@ -61,6 +61,7 @@ from .ranks import SiteState, reduce_by_key
 from .records import Alert, Event, EventSummary, History, HistoryRow, LogRecord, SiteEvents
 from .resume import MonitorState, parse_state
 from .sinks import Sink, SinkError, SinkWarning, as_sinks
+from .structure import ModelLayout
 from ..core.inputs import checked_mask_option, first_tensor, iter_tensors, refuse_meta_weights
 from ..core.stats import UnitTotals
 
@@ -83,6 +84,12 @@ _NEVER_ATTACHED = (
     "or `mon = deadrelu.Monitor(model, ...).attach()` before training"
 )
 SinkSpec = Union[Sink, str, os.PathLike, Callable[[LogRecord], Any]]
+
+_DETACHED = (
+    "the monitor is detached (its `with` block ended, or detach() was called), so it observes nothing and "
+    "its logs are closed; this call changed nothing. Call mon.attach() to go on monitoring, or make a new "
+    "deadrelu.Monitor"
+)
 
 ADVICE_BORN_DEAD = (
     "these units were dead from the first window, which points at initialisation: use He/Kaiming init "
@@ -402,6 +409,7 @@ class Monitor:
         self._init_samples(window)
         self._observed_steps = 0
         self._units: dict[str, int] = {}  # per site of the last evaluation (all ranks' sites): units
+        self._layout = ModelLayout(model)  # the modules the capture learnt, to notice an edited model
 
     def _init_samples(self, window: int) -> None:
         # the samples of the last `window` forwards: grows with them, never to `window` up front
@@ -438,11 +446,16 @@ class Monitor:
 
         Raises:
             DeadReluError: for TorchScript models, which accept no hooks, a model whose weights
-                are on the meta device, or ``distributed=True`` without an initialised process group.
+                are on the meta device, ``distributed=True`` without an initialised process group,
+                or a model whose activation modules were replaced since the monitor was made.
+            SinkError: with ``on_sink_error="raise"``, when a sink refuses its file or fails to
+                open; every sink checks its file before any opens, and the empty log files this
+                attach created are removed again.
         """
         if self._gate_handle is not None:
             return self
         refuse_meta_weights(self.model)  # before any hook: nothing to count, and the first step would fail
+        self._refuse_edited_model("since the monitor was made")
         self._ever_attached = True
         self._use_distributed()  # distributed=True without a process group fails here, before any hook
         # Runs before the capture's own root hook, so unobserved passes never enter the function mode.
@@ -453,16 +466,39 @@ class Monitor:
             self.capture.attach()
             if not self._opened:
                 self._opened = True
+                # Every sink checks its target before any opens, so a refused one (a foreign log
+                # file) fails the attach before another sink has created or changed a file.
+                for i, sink in enumerate(self.sinks):
+                    self._guard(i, sink, getattr(sink, "check", lambda: None))
                 for i, sink in enumerate(self.sinks):
                     self._guard(i, sink, sink.open)
                     self._open_sinks.append(i)
         except BaseException:
+            opened = [self.sinks[i] for i in self._open_sinks]
             try:
                 self.detach()
             except SinkError:  # a sink failing to close must not hide why attach failed
                 pass
+            for sink in opened:  # a failed attach leaves no new, empty log file behind
+                with contextlib.suppress(Exception):
+                    getattr(sink, "abort", lambda: None)()
             raise
         return self
+
+    def _refuse_edited_model(self, since: str) -> None:
+        """One DeadReluError when a module that may hold an activation site was replaced, added or
+        removed: the capture's hooks and site names are those of the model it learnt, so it would
+        go on reporting a removed module's last window and misname the new one."""
+        changes = self._layout.changes(self.model)
+        if not changes:
+            return
+        shown = ", ".join(changes[:5]) + (f" and {len(changes) - 5} more" if len(changes) > 5 else "")
+        raise DeadReluError(
+            f"the model's modules changed {since} ({shown}): this monitor watches the modules it was made for, "
+            "and would go on reporting a removed module as if it were still there. Detach it and monitor the edited "
+            "model with a new deadrelu.Monitor; new.load_state_dict(mon.state_dict()) carries the steps, history, "
+            "events and lifecycle over"
+        )
 
     def detach(self) -> None:
         """Remove every hook and close the sinks; safe to call twice."""
@@ -516,9 +552,15 @@ class Monitor:
         """Evaluate the steps since the last evaluation, so logs end at the last step.
 
         A clean exit from the ``with`` block calls it; call it yourself before :meth:`detach`.
+
+        Raises:
+            DeadReluError: after :meth:`detach` with steps left to evaluate (the sinks are
+                closed), or when the model was edited while attached (see :meth:`step`).
         """
         if self._last_eval_step == self.steps:
             return
+        if self._ever_attached and not self.attached:  # the sinks are closed: nothing to write to
+            raise DeadReluError(f"mon.finish() after detach(): {_DETACHED} (call finish() before detach())")
         if self.capture.sites or self._use_distributed():  # distributed: a collective every rank joins
             self._evaluate()
 
@@ -729,9 +771,18 @@ class Monitor:
         Args:
             loss: the step's loss (tensor or number) for the logs; kept on the device and
                 only read at evaluation time, so passing a tensor does not synchronise.
+
+        Raises:
+            DeadReluError: after :meth:`detach` (or the end of the ``with`` block), changing
+                nothing; or, at an evaluation, when a module that may hold an activation site was
+                replaced, added or removed since the monitor was made (monitor the edited model
+                with a new monitor: ``new.load_state_dict(mon.state_dict())`` goes on).
         """
         if not self._ever_attached and self.steps == 0:
             warnings.warn(_NEVER_ATTACHED + "; this step and the ones before were not observed", stacklevel=2)
+        if self._ever_attached and not self.attached:
+            # Evaluating now would stamp the frozen window with new steps and reopen closed logs.
+            raise DeadReluError(f"mon.step() after detach: {_DETACHED}")
         if isinstance(loss, torch.Tensor):
             loss = loss.detach()
         self._loss = loss
@@ -787,6 +838,8 @@ class Monitor:
         """
         if scope not in ("window", "total"):
             raise DeadReluError(f"scope must be 'window' or 'total', got {scope!r}")
+        if self.attached:
+            self._refuse_edited_model("while the monitor was attached")
         return self._reports((scope,))[0][scope]
 
     def events_summary(self) -> EventSummary:
@@ -921,6 +974,8 @@ class Monitor:
         return torch.device("cpu")
 
     def _evaluate(self) -> None:
+        if self.attached:
+            self._refuse_edited_model("while the monitor was attached")
         try:
             reports, site_batches, full = self._reports(("window",))
         except NoActivationSitesError:

@@ -12,7 +12,8 @@ device, and a resumed run refills them from its next batches (as at the start, n
 event is issued for a site until its window is full again).
 
 Everything is plain Python (dicts, lists, str, int, float, bool, None), so the state survives
-``torch.save`` / ``torch.load(weights_only=True)``, JSON and Lightning checkpoints.
+``torch.save`` / ``torch.load(weights_only=True)``, strict JSON and Lightning checkpoints: a NaN or
+infinite loss is stored as the string ``"nan"``, ``"inf"`` or ``"-inf"``, as the JSONL log writes it.
 """
 
 from __future__ import annotations
@@ -75,8 +76,20 @@ class MonitorState:
         }
 
 
+#: How a NaN/Inf float (a diverging run's loss) is stored: JSON has no such numbers, and these are
+#: the strings the JSONL log writes and ``float()`` reads back.
+_NONFINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
+
+
 def _record_dict(record: Any) -> dict[str, Any]:
-    return {f.name: getattr(record, f.name) for f in fields(record)}
+    return {f.name: _json_number(getattr(record, f.name)) for f in fields(record)}
+
+
+def _json_number(value: Any) -> Any:
+    """A NaN/Inf float as its string (see ``_NONFINITE``), so the state is strict JSON; the rest as it is."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
 
 
 def _unit_sets(table: Mapping[Identity, set[int]]) -> list[list[Any]]:
@@ -225,6 +238,9 @@ def _record(cls: type, value: Any, where: str) -> Any:
         base = {"int": int, "float": float, "str": str}.get(kind.split("|")[0].strip())
         if item is None and optional:
             kwargs[f.name] = None
+            continue
+        if base is float and isinstance(item, str) and item in _NONFINITE:  # stored as a string: see _json_number
+            kwargs[f.name] = _NONFINITE[item]
             continue
         if base is None or isinstance(item, bool) or not isinstance(item, _FIELD_TYPES[base]):
             raise _bad(f"{where}.{f.name}", kind, item)

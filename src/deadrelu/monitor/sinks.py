@@ -92,6 +92,14 @@ class Sink:
     def close(self) -> None:
         """Called when the monitor detaches."""
 
+    def check(self) -> None:
+        """Called when the monitor attaches, before any sink opens: raise here to refuse (a log
+        file of another format) before another sink has created or changed a file."""
+
+    def abort(self) -> None:
+        """Called after :meth:`close` when the attach that opened this sink fails: undo what
+        :meth:`open` left behind (a file sink removes the empty log file it created)."""
+
 
 def _clean(v: Any) -> Any:
     """JSON has no NaN/Inf: write them as strings that ``float()`` reads back."""
@@ -128,6 +136,9 @@ def record_metrics(record: "LogRecord", prefix: str = "deadrelu") -> dict[str, f
     return out
 
 
+_QUOTE = re.compile(rb'"')
+
+
 def _last_record_end(path: Path, quoted: bool) -> int:
     """Byte offset just after the last complete record: after the last newline (outside quotes for CSV)."""
     if not quoted:  # JSON Lines: json.dumps escapes newlines, so every newline ends a record
@@ -142,22 +153,43 @@ def _last_record_end(path: Path, quoted: bool) -> int:
                 end = start
         return 0
     # CSV: a quoted field may hold a newline, so the quote state must be followed from the start.
+    # Only the quotes are visited one by one (rare: a site name needs them); the newlines between
+    # two quotes are found by rfind, so a log without quotes is read at the speed of a byte scan.
     inside, last, offset = False, 0, 0
-    marks = re.compile(rb'["\n]')
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
-            for m in marks.finditer(chunk):
-                if m.group() == b'"':
-                    inside = not inside  # an escaped quote ("") toggles twice
-                elif not inside:
-                    last = offset + m.end()
+            begin = 0  # start of the stretch of this chunk not yet looked at
+            for m in _QUOTE.finditer(chunk):
+                if not inside:
+                    cut = chunk.rfind(b"\n", begin, m.start())
+                    if cut >= 0:
+                        last = offset + cut + 1
+                inside = not inside  # an escaped quote ("") toggles twice
+                begin = m.end()
+            if not inside:
+                cut = chunk.rfind(b"\n", begin)
+                if cut >= 0:
+                    last = offset + cut + 1
             offset += len(chunk)
     return last
 
 
+def _quote_left_open(path: Path) -> bool:
+    """Whether the file ends inside a quoted CSV value: an odd number of quote characters (a
+    doubled quote inside a value counts twice, so only an open value leaves the count odd)."""
+    count = 0
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            count += chunk.count(b'"')
+    return count % 2 == 1
+
+
 def _unterminated_tail(path: Path, quoted: bool) -> tuple[int, int] | None:
-    """``(start, size)`` of the bytes after the last complete line, or None when there are none
-    (the file ends with a newline, is empty, missing or not a regular file)."""
+    """``(start, size)`` of the bytes after the last complete record, or None when there are none
+    (the file ends with a newline that ends a record, is empty, missing or not a regular file).
+
+    For CSV (``quoted``) a final newline ends a record only outside quotes: a write cut just after
+    a newline inside a quoted site name leaves the file ending with a newline but a value open."""
     if not path.is_file():
         return None
     size = path.stat().st_size
@@ -165,8 +197,9 @@ def _unterminated_tail(path: Path, quoted: bool) -> tuple[int, int] | None:
         return None
     with open(path, "rb") as fh:
         fh.seek(size - 1)
-        if fh.read(1) == b"\n":  # the common case: the last write completed
-            return None
+        ends_line = fh.read(1) == b"\n"
+    if ends_line and not (quoted and _quote_left_open(path)):  # the common case: the last write completed
+        return None
     start = _last_record_end(path, quoted)
     return None if start == size else (start, size)
 
@@ -174,16 +207,18 @@ def _unterminated_tail(path: Path, quoted: bool) -> tuple[int, int] | None:
 def repair_torn_tail(path: str | os.PathLike[str], *, quoted: bool = False) -> int:
     """Cut a torn last record off a log file; return how many bytes were removed (0 if it was whole).
 
-    Here a record is torn when the file does not end with a newline: a write stopped half-way (a
-    full disk, a kill). Appending after it would glue the next record onto the fragment (an
-    invalid JSON line, two CSV rows merged into one), so the fragment is removed first. Files
+    Here a record is torn when the file does not end with a newline, or (CSV rules) ends inside a
+    quoted value: a write stopped half-way (a full disk, a kill). Appending after it would glue the
+    next record onto the fragment (an invalid JSON line, two CSV rows merged into one), so the
+    fragment is removed first. Files
     that are empty, missing or not regular files (``/dev/full``, a pipe) are left alone.
     :class:`JSONLSink` and :class:`CSVSink` are stricter before they append: an unterminated last
     line that is a whole record of their format is kept (see their docs); only the rest is cut.
 
     Args:
         path: the JSONL or CSV file.
-        quoted: CSV rules: a newline inside double quotes does not end a record.
+        quoted: CSV rules: a newline inside double quotes does not end a record, so a file that
+            ends with a newline but leaves a quoted value open is torn too.
 
     Example:
         >>> import tempfile, pathlib
@@ -233,6 +268,7 @@ class _FileSink(Sink):
     def __init__(self, target: str | os.PathLike[str] | IO[str]) -> None:
         self._owned = not hasattr(target, "write")
         self._fh: IO[str] | None = None
+        self._created: tuple[Path, int, int] | None = None  # (path, device, inode) of a file open() created
         if self._owned:
             path = Path(target)  # type: ignore[arg-type]
             if path.is_dir():
@@ -270,8 +306,39 @@ class _FileSink(Sink):
     def open(self) -> None:
         if self._owned and self._fh is None:
             assert self.path is not None
+            self._created = None  # only a file this very open creates may be removed by abort()
+            self.check()
             self._settle_tail(self.path)
             self._fh = self._open_append(self.path)
+
+    def check(self) -> None:
+        """Refuse, reading only, a path this sink cannot append to (see the format's own checks).
+
+        Raises:
+            SinkError: when the path is now a named pipe, a socket or a block device, or holds a
+                file the format refuses; the file is left as it is.
+        """
+        if self._owned and self._fh is None:
+            assert self.path is not None
+            kind = self._unloggable(self.path)
+            if kind is not None:
+                raise SinkError(self._refusal(self.path, kind))
+            self._check_existing(self.path)
+
+    def _check_existing(self, path: Path) -> None:
+        """Refuse an existing file that is not of this sink's format (each format says)."""
+
+    def abort(self) -> None:
+        created, self._created = self._created, None
+        if created is None or self._fh is not None:
+            return
+        try:
+            st = os.stat(created[0])
+        except OSError:
+            return
+        # Only the very file this sink created, still empty: never another one put there since.
+        if (st.st_dev, st.st_ino) == created[1:] and st.st_size == 0 and stat.S_ISREG(st.st_mode):
+            os.unlink(created[0])
 
     def _open_append(self, path: Path) -> IO[str]:
         """The file opened to append (never truncated: earlier runs' lines, and this run's after a
@@ -282,8 +349,13 @@ class _FileSink(Sink):
             SinkError: when the path is (now) a named pipe, a socket or a block device.
         """
         nonblocking = getattr(os, "O_NONBLOCK", 0)  # 0 on Windows, which has no named pipes in the file system
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | nonblocking
+        created = False
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | nonblocking, 0o666)
+            try:  # O_EXCL tells, without a race, whether this open creates the file (see abort)
+                fd, created = os.open(path, flags | os.O_EXCL, 0o666), True
+            except FileExistsError:
+                fd = os.open(path, flags, 0o666)
         except OSError as err:
             kind = self._unloggable(path)
             if kind is not None:  # a pipe without a reader (ENXIO), a socket
@@ -295,6 +367,9 @@ class _FileSink(Sink):
                 raise SinkError(self._refusal(path, kind))
             if nonblocking:
                 os.set_blocking(fd, True)  # writes wait for a slow device, as a plain open's do
+            if created:
+                st = os.fstat(fd)
+                self._created = (path, st.st_dev, st.st_ino)
         except BaseException:
             os.close(fd)
             raise
@@ -325,13 +400,16 @@ class _FileSink(Sink):
             )
         with open(path, "r+b") as fh:
             fh.seek(start)
-            if self._is_whole_record(fh.read()):
+            tail = fh.read()
+            if not tail.endswith(b"\n") and self._is_whole_record(tail):
                 fh.seek(0, os.SEEK_END)
                 fh.write(b"\n")
                 return
             fh.truncate(start)
+        # A tail that ends with a newline is a CSV row cut inside a quoted value (see _unterminated_tail).
+        what = "cut inside a quoted value" if tail.endswith(b"\n") else "without an end of line"
         warnings.warn(
-            f"{self.name}: removed a torn last record ({size - start} bytes without an end of line) before appending",
+            f"{self.name}: removed a torn last record ({size - start} bytes {what}) before appending",
             SinkWarning,
             stacklevel=4,
         )
@@ -388,11 +466,6 @@ class JSONLSink(_FileSink):
         'JSONLSink(stream)'
     """
 
-    def open(self) -> None:
-        if self._fh is None and self.path is not None:
-            self._check_existing(self.path)
-        super().open()
-
     def _check_existing(self, path: Path) -> None:
         """Refuse, before the torn-tail repair touches it, a file that is not JSON Lines: its first
         line must be a JSON object, and an unterminated last line must be the start of one.
@@ -436,6 +509,8 @@ class CSVSink(_FileSink):
     a file whose header is not a deadrelu header is refused and left untouched. Whether the file
     is empty is asked at the first write, so a second sink on the same path (two monitors, or the
     path listed twice) adds rows under the header the first one wrote instead of a second header.
+    A value holding a line break (``\\r`` too), a quote or a comma is quoted, so every row parses
+    with the header's width.
 
     An unterminated last line is kept, and given its newline, when it is a whole row: the csv
     module reads it as exactly as many values as the header has, no quoted value is left open,
@@ -444,7 +519,9 @@ class CSVSink(_FileSink):
     after its last comma ends in an empty number. CSV is not self-delimiting, so a row cut inside
     its last value (``0.25`` left as ``0.2``) cannot be told from a whole one and is kept. A lone
     unterminated header is kept when it is the full header; a shorter start of it is cut, and the
-    full header written in its place begins with the same bytes.
+    full header written in its place begins with the same bytes. A file that ends inside a quoted
+    value (cut just after a line break in a quoted site name) ends with a newline but not with a
+    row: that torn row is cut too.
 
     Args:
         target: a file path (opened in append mode) or an open text stream.
@@ -513,6 +590,9 @@ class CSVSink(_FileSink):
             self._header = self._existing_header()
         super().open()
 
+    def _check_existing(self, path: Path) -> None:
+        self._existing_header()
+
     def _existing_header(self) -> tuple[str, ...] | None:
         """The complete header line of the file being appended to (None: no file, an empty one, or
         a torn deadrelu header that the torn-tail repair will cut).
@@ -574,19 +654,34 @@ class CSVSink(_FileSink):
         return True
 
     def write(self, record: "LogRecord") -> None:
-        buf = io.StringIO()
-        writer = csv.writer(buf, lineterminator="\n")
+        lines = []
         if self._columns is None:
             columns, needs_header = self._file_columns()
             if needs_header:
-                writer.writerow(columns)
+                lines.append(_csv_line(columns))
         else:
             columns = self._columns
         for row in record.rows:
             d = row.to_dict()
-            writer.writerow(["" if d.get(c) is None else d[c] for c in columns])
-        self._emit(buf.getvalue())
+            lines.append(_csv_line(["" if d.get(c) is None else d[c] for c in columns]))
+        self._emit("".join(lines))
         self._columns = columns
+
+
+def _csv_line(values: Any) -> str:
+    r"""One CSV row ending in ``\n``, with every value that holds a line break, a quote or a comma quoted.
+
+    The csv module quotes a value that holds a character of the line terminator: with ``"\n"``
+    alone a lone ``\r`` (a module named ``"a\rb"``) would be written bare, and every CSV reader
+    breaks the row there. With ``"\r\n"`` both are quoted; the terminator is then swapped back
+    for the ``\n`` the log's rows end with (the row's own ``\r\n`` is last, after any quote).
+
+    >>> _csv_line([2, "a\rb", 0.5])
+    '2,"a\rb",0.5\n'
+    """
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\r\n").writerow(values)
+    return buf.getvalue()[:-2] + "\n"
 
 
 class TensorBoardSink(Sink):
@@ -715,7 +810,7 @@ def as_sink(spec: Any) -> Sink:
 
     Raises:
         DeadReluError: for anything else (a path with another suffix, a folder, an open stream,
-            a number, None, ...), before any file is opened.
+            a sink class instead of an instance, a number, None, ...), before any file is opened.
 
     Example:
         >>> as_sink("health.csv").name
@@ -723,6 +818,14 @@ def as_sink(spec: Any) -> Sink:
     """
     if isinstance(spec, Sink):
         return spec
+    if isinstance(spec, type):
+        # A class is callable, so it would pass as a callback sink that builds a throw-away object
+        # from every record and logs nothing.
+        if issubclass(spec, Sink):
+            hint = f"pass an instance, e.g. {spec.__name__}(...) with its arguments"
+        else:
+            hint = "pass an instance of it, a Sink object, or a function taking a LogRecord"
+        raise DeadReluError(f"a sink must be {_SINK_FORMS}, not the class {spec.__name__}: {hint}")
     if isinstance(spec, (str, os.PathLike)):
         text = os.fspath(spec)
         if not isinstance(text, str) or not text:

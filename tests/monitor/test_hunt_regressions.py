@@ -1,0 +1,320 @@
+"""Regressions for the monitor bug hunt: odd site names in CSV, torn quoted CSV rows, sink classes,
+steps after detach, a failed attach's files, NaN losses in the state, a model edited while attached."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import types
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import deadrelu
+from deadrelu.errors import DeadReluError
+from deadrelu.monitor import HistoryRow, LogRecord
+from deadrelu.monitor import sinks as sinks_mod
+from deadrelu.monitor.monitor import DeadUnitWarning
+from deadrelu.monitor.sinks import CallbackSink, CSVSink, JSONLSink, Sink, SinkError, SinkWarning, TensorBoardSink
+
+ODD_NAMES = ["a\rb", "c\nd", "e\r\nf", 'g"h', "i,j", "plain"]
+
+
+def hooks_of(model: nn.Module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def named_relus(names: list[str]) -> nn.Sequential:
+    net = nn.Sequential()
+    for name in names:
+        net.add_module(name, nn.ReLU())
+    return net
+
+
+def train(mon: deadrelu.Monitor, net: nn.Module, steps: int, loss: object = 1.0, width: int = 3) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeadUnitWarning)
+        with mon:
+            for _ in range(steps):
+                net(torch.randn(4, width, requires_grad=True)).sum().backward()
+                mon.step(loss)
+
+
+def parse_csv(path: Path) -> list[list[str]]:
+    with open(path, newline="", encoding="utf-8") as fh:
+        return list(csv.reader(fh))
+
+
+def half_dead_net() -> nn.Sequential:
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    with torch.no_grad():
+        net[0].bias[:4] = -50.0
+    return net
+
+
+# -- 1. CSV values with \r, \n, quotes or commas ------------------------------------------------------
+
+
+def test_csv_rows_with_odd_site_names_parse_with_the_headers_width(tmp_path: Path):
+    path = tmp_path / "h.csv"
+    net = named_relus(ODD_NAMES)
+    mon = deadrelu.Monitor(net, window=2, log_every=2, sinks=[path])
+    train(mon, net, 4)
+    rows = parse_csv(path)
+    header = rows[0]
+    assert tuple(header) == sinks_mod.CSV_COLUMNS
+    assert all(len(r) == len(header) for r in rows), [len(r) for r in rows]
+    sites = [r[header.index("site")] for r in rows[1:]]
+    assert sites == [r.site for r in mon.history.rows] and set(sites) == set(ODD_NAMES)
+    assert [int(r[0]) for r in rows[1:]] == [r.step for r in mon.history.rows]
+
+
+# -- 2. a CSV torn inside a quoted value -------------------------------------------------------------
+
+
+def test_csv_torn_at_any_point_of_a_quoted_row_is_repaired_before_appending(tmp_path: Path):
+    path = tmp_path / "h.csv"
+    net = named_relus(["two\nlines"])
+    train(deadrelu.Monitor(net, window=2, log_every=2, sinks=[path]), net, 2)
+    data = path.read_bytes()
+    row_start = data.index(b"\n") + 1  # the one data row, after the header
+    quote_open, quote_close = data.index(b'"', row_start), data.rindex(b'"')
+    row = HistoryRow(6, "two\nlines", 3, 2, 1.0, 0.0, 0.0, 0.0, 0.0, loss=0.5)
+    for cut in range(row_start + 1, len(data)):
+        path.write_bytes(data[:cut])
+        sink = CSVSink(path)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            sink.open()
+            sink.write(LogRecord(6, 0.5, (row,), (), None))
+            sink.close()
+        torn = [str(w.message) for w in caught if issubclass(w.category, SinkWarning) and "torn last record" in str(w.message)]
+        rows = parse_csv(path)
+        assert all(len(r) == len(sinks_mod.CSV_COLUMNS) for r in rows), (cut, path.read_bytes())
+        assert rows[-1][:2] == ["6", "two\nlines"], cut
+        if quote_open < cut <= quote_close:  # cut inside the quoted site name: always torn, always cut
+            assert torn, cut
+            assert path.read_bytes().startswith(data[:row_start]) and len(rows) == 2, cut
+
+
+def test_repair_torn_tail_cuts_a_csv_that_ends_with_a_newline_inside_quotes(tmp_path: Path):
+    path = tmp_path / "log.csv"
+    whole = b'h\n1,"x\ny"\n'
+    path.write_bytes(whole + b'2,"two\n')
+    assert sinks_mod.repair_torn_tail(path, quoted=True) == len(b'2,"two\n')
+    assert path.read_bytes() == whole
+    assert sinks_mod.repair_torn_tail(path, quoted=True) == 0  # whole: left alone
+    path.write_bytes(whole + b'2,"q""\n')  # a doubled quote inside an open value: still open
+    assert sinks_mod.repair_torn_tail(path, quoted=True) == len(b'2,"q""\n') and path.read_bytes() == whole
+
+
+# -- 3. a sink class instead of an instance ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("cls", [JSONLSink, CSVSink, TensorBoardSink, CallbackSink, dict])
+def test_a_sink_class_is_refused_at_construction(tmp_path: Path, monkeypatch, cls):
+    monkeypatch.chdir(tmp_path)
+    net = half_dead_net()
+    for spec in ([cls], cls, ["h.jsonl", cls]):
+        with pytest.raises(DeadReluError, match=rf"not the class {cls.__name__}: pass an instance") as info:
+            deadrelu.Monitor(net, sinks=spec)
+        if isinstance(spec, list) and len(spec) == 2:
+            assert str(info.value).startswith("sinks[1]: ")
+    assert hooks_of(net) == 0 and os.listdir(tmp_path) == []
+
+
+# -- 4. step() after the monitor was detached --------------------------------------------------------
+
+
+def test_step_after_the_with_block_is_refused_and_changes_nothing(tmp_path: Path):
+    path = tmp_path / "h.jsonl"
+    net = half_dead_net()
+    mon = deadrelu.Monitor(net, window=2, log_every=2, sinks=[path])
+    train(mon, net, 4, width=4)
+    before = (path.read_bytes(), list(mon.history.rows), list(mon.events), mon.steps)
+    for _ in range(2):
+        net(torch.randn(5, 4)).sum().backward()
+        with pytest.raises(DeadReluError, match=r"mon.step\(\) after detach: the monitor is detached"):
+            mon.step()
+    assert (path.read_bytes(), list(mon.history.rows), list(mon.events), mon.steps) == before
+    assert mon.sinks[0]._fh is None  # the log was not reopened
+    # detach() then attach() goes on: the same file, the steps counted on
+    mon.attach()
+    for _ in range(2):
+        net(torch.randn(5, 4)).sum().backward()
+        mon.step()
+    mon.detach()
+    with pytest.raises(DeadReluError, match="detached"):
+        mon.step()
+    assert mon.history.steps == [2, 4, 6] and len(path.read_text().splitlines()) == 3
+
+
+def test_finish_after_detach_with_steps_left_is_refused(tmp_path: Path):
+    path = tmp_path / "h.jsonl"
+    net = half_dead_net()
+    mon = deadrelu.Monitor(net, window=2, log_every=10, sinks=[path]).attach()
+    for _ in range(3):
+        net(torch.randn(5, 4)).sum().backward()
+        mon.step()
+    mon.detach()
+    before = path.read_bytes()
+    with pytest.raises(DeadReluError, match=r"finish\(\) after detach"):
+        mon.finish()
+    assert path.read_bytes() == before and mon.sinks[0]._fh is None
+    assert mon.report().sites[0].name == "1"  # what was observed can still be read
+
+
+# -- 5. a failed attach leaves the files as they were ------------------------------------------------
+
+
+def test_a_refused_sink_fails_attach_before_any_file_is_made_or_changed(tmp_path: Path):
+    foreign = tmp_path / "notes.csv"
+    foreign.write_text("my,own\ndata,1\n")
+    torn = tmp_path / "old.jsonl"
+    torn.write_bytes(b'{"step": 1}\n{"st')  # the first sink would cut this tail when it opens
+    new = tmp_path / "health.jsonl"
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    net = half_dead_net()
+    mon = deadrelu.Monitor(net, sinks=[new, torn, foreign], on_sink_error="raise")
+    with pytest.raises(SinkError, match="not a deadrelu CSV"):
+        mon.attach()
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    assert hooks_of(net) == 0 and not mon.attached
+
+
+def test_a_sink_failing_to_open_removes_only_the_files_this_attach_created(tmp_path: Path):
+    class Broken(Sink):
+        def open(self):
+            raise OSError("no space left")
+
+        def write(self, record):
+            pass
+
+    old = tmp_path / "old.csv"
+    net = half_dead_net()
+    train(deadrelu.Monitor(net, window=2, log_every=2, sinks=[old]), net, 2, width=4)
+    before = old.read_bytes()
+    new = tmp_path / "health.jsonl"
+    mon = deadrelu.Monitor(net, sinks=[new, old, Broken()], on_sink_error="raise")
+    with pytest.raises(SinkError, match="no space left"):
+        mon.attach()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old.csv"] and old.read_bytes() == before
+    assert hooks_of(net) == 0
+    # an empty file that was there before is not removed either
+    new.write_bytes(b"")
+    with pytest.raises(SinkError):
+        deadrelu.Monitor(net, sinks=[new, Broken()], on_sink_error="raise").attach()
+    assert new.exists() and new.read_bytes() == b""
+
+
+# -- 6. NaN/Inf losses in the state ------------------------------------------------------------------
+
+
+def _strict_json(state: object) -> str:
+    return json.dumps(state, allow_nan=False)
+
+
+@pytest.mark.parametrize("loss", [float("nan"), float("inf"), float("-inf")])
+def test_state_with_a_nonfinite_loss_is_strict_json_and_round_trips(tmp_path: Path, loss):
+    net = half_dead_net()
+    mon = deadrelu.Monitor(net, window=2, log_every=2)
+    train(mon, net, 4, loss=torch.tensor(loss), width=4)
+    text = _strict_json(mon.state_dict())
+    resumed = deadrelu.Monitor(net, window=2, log_every=2)
+    resumed.load_state_dict(json.loads(text))
+    saved, back = [r.loss for r in mon.history.rows], [r.loss for r in resumed.history.rows]
+    assert len(back) == len(saved) and all(isinstance(v, float) for v in back)
+    assert all((math.isnan(a) and math.isnan(b)) or a == b for a, b in zip(saved, back))
+    assert resumed.state_dict() == json.loads(text)  # the same state again, written the same way
+    torch.save(mon.state_dict(), tmp_path / "state.pt")  # still plain data for weights_only loads
+    assert torch.load(tmp_path / "state.pt", weights_only=True) == json.loads(text)
+
+
+def test_transformers_callback_saves_strict_json_with_a_nan_loss(tmp_path: Path):
+    pytest.importorskip("transformers")
+    from deadrelu.integrations import DeadReluTrainerCallback
+
+    net = half_dead_net()
+    mon = deadrelu.Monitor(net, window=2, log_every=2)
+    train(mon, net, 2, loss=float("nan"), width=4)
+    cb = DeadReluTrainerCallback(window=2, log_every=2)
+    cb.monitor = mon
+    folder = tmp_path / "checkpoint-2"
+    folder.mkdir()
+    cb.on_save(types.SimpleNamespace(output_dir=str(tmp_path)), types.SimpleNamespace(global_step=2), None)
+    text = (folder / cb.state_file).read_text()
+
+    def refuse(constant):
+        raise ValueError(f"not strict JSON: {constant}")
+
+    state = json.loads(text, parse_constant=refuse)
+    assert state["history"][0]["loss"] == "nan"
+
+
+# -- 7. the model edited while attached --------------------------------------------------------------
+
+
+def test_an_activation_swapped_mid_run_is_one_clear_error_and_a_new_monitor_goes_on():
+    torch.manual_seed(0)
+    net = half_dead_net()
+    mon = deadrelu.Monitor(net, window=3, log_every=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeadUnitWarning)
+        with pytest.raises(DeadReluError, match=r"'1' \(ReLU replaced by LeakyReLU\).*new deadrelu.Monitor"):
+            with mon:
+                for i in range(12):
+                    if i == 6:
+                        deadrelu.swap_activations(net, to="leaky_relu")
+                    net(torch.randn(5, 4)).sum().backward()
+                    mon.step()
+    assert mon.history.steps == [3, 6] and mon.steps == 9  # no evaluation reported the removed ReLU
+    assert hooks_of(net) == 0 and not mon.attached
+    # what the error says to do: a new monitor, going on from the old one's state
+    new = deadrelu.Monitor(net, window=3, log_every=3)
+    new.load_state_dict(mon.state_dict())
+    with new:
+        for _ in range(3):
+            net(torch.randn(5, 4)).sum().backward()
+            new.step()
+    assert new.history.steps == [3, 6, 12]
+    assert [(s.name, s.function) for s in new.report().sites] == [("1", "leaky_relu")]
+
+
+def test_added_or_removed_activation_modules_are_noticed_but_plain_layers_are_not():
+    net = half_dead_net()
+    mon = deadrelu.Monitor(net, window=1, log_every=1).attach()
+    try:
+        net(torch.randn(5, 4)).sum().backward()
+        mon.step()
+        net[2] = nn.Linear(8, 1)  # a plain layer replaced by another: no site can be there
+        net(torch.randn(5, 4)).sum().backward()
+        mon.step()
+        assert mon.history.steps == [1, 2]
+        net.append(nn.GELU())
+        net(torch.randn(5, 4)).sum().backward()
+        with pytest.raises(DeadReluError, match=r"'3' \(a new GELU\)"):
+            mon.step()
+        with pytest.raises(DeadReluError, match=r"'3' \(a new GELU\)"):
+            mon.report()
+        del net[3]
+        del net[1]
+        with pytest.raises(DeadReluError, match=r"changed while the monitor was attached \('1' \(a ReLU, removed\)\)"):
+            mon.finish()
+        assert mon.history.steps == [1, 2]
+    finally:
+        mon.detach()
+    assert mon.report().sites[0].name == "1"  # detached: what was observed can still be read
+
+
+def test_a_model_edited_between_construction_and_attach_is_refused_at_attach():
+    net = half_dead_net()
+    mon = deadrelu.Monitor(net)
+    net[1] = nn.GELU()
+    with pytest.raises(DeadReluError, match=r"changed since the monitor was made \('1' \(ReLU replaced by GELU\)\)"):
+        mon.attach()
+    assert hooks_of(net) == 0 and not mon.attached
