@@ -133,3 +133,16 @@ def test_no_function_over_100_lines() -> None:
                 if lines > 100:
                     long.append(f"{path.relative_to(PACKAGE)}:{node.lineno} {node.name} ({lines} lines)")
     assert not long, "functions over 100 lines:\n" + "\n".join(long)
+
+
+def test_test_files_have_unique_basenames() -> None:
+    # The test folders are not packages, so pytest imports each file by its basename: two files
+    # with one name make the second fail to collect (CI once failed on exactly this).
+    tests = Path(__file__).parent
+    seen: dict[str, Path] = {}
+    clashes = []
+    for path in sorted(tests.rglob("test_*.py")):
+        if path.name in seen:
+            clashes.append(f"{seen[path.name].relative_to(tests)} and {path.relative_to(tests)}")
+        seen.setdefault(path.name, path)
+    assert not clashes, "test files share a basename: " + "; ".join(clashes)
