@@ -110,9 +110,12 @@ def test_lightning_callback_detaches_on_exception(tmp_path: Path):
     assert cb.monitor.steps == 3
 
 
-def test_lightning_callback_with_gradient_accumulation_keeps_one_site_per_layer(tmp_path: Path):
+@pytest.mark.parametrize("functional", [False, True], ids=["nn.ReLU", "F.gelu in training_step"])
+def test_lightning_callback_with_gradient_accumulation_keeps_one_site_per_layer(tmp_path: Path, functional: bool):
     # Lightning reaches training_step by one code path on accumulation batches and another on
-    # step batches: those frames must not split a layer into two half-observed sites.
+    # step batches: those frames must not split a layer into two half-observed sites (a
+    # functional call in training_step's own code once split into two, one reporting every
+    # unit dead).
     L = pytest.importorskip("lightning.pytorch")
     from deadrelu.integrations import DeadReluCallback
 
@@ -126,6 +129,8 @@ def test_lightning_callback_with_gradient_accumulation_keeps_one_site_per_layer(
 
         def training_step(self, batch, i):
             x, y = batch
+            if functional:
+                return nn.functional.cross_entropy(self.net[2](nn.functional.gelu(self.net[0](x))), y)
             return nn.functional.cross_entropy(self.net(x), y)
 
         def configure_optimizers(self):
@@ -139,7 +144,8 @@ def test_lightning_callback_with_gradient_accumulation_keeps_one_site_per_layer(
         lightning_trainer(L, tmp_path, cb, accumulate_grad_batches=2).fit(Net(), loader)
     sites = cb.monitor.report("total").sites
     # max_steps=8 optimizer steps of two batches each: two epochs of the 8 batches
-    assert [(s.name, s.observations, s.dead) for s in sites] == [("net.1", 128, 0)]
+    name = "<root>:gelu" if functional else "net.1"
+    assert [(s.name, s.observations, s.dead) for s in sites] == [(name, 128, 0)]
     assert list(sites[0].fired_counts) == [64] * 4
 
 

@@ -318,3 +318,109 @@ def test_a_model_edited_between_construction_and_attach_is_refused_at_attach():
     with pytest.raises(DeadReluError, match=r"changed since the monitor was made \('1' \(ReLU replaced by GELU\)\)"):
         mon.attach()
     assert hooks_of(net) == 0 and not mon.attached
+
+
+# -- functional calls in an observe() block ----------------------------------------------------
+
+
+class _Stepper(nn.Module):
+    """A model whose training step applies a functional activation in its own code (no module call)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Linear(1, 4)
+        with torch.no_grad():
+            self.net.weight.fill_(1.0)
+            self.net.bias.zero_()  # every unit fires exactly on the positive inputs
+
+    def training_step(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.gelu(self.net(x)).sum()
+
+
+def _alternating(k: int) -> torch.Tensor:
+    return torch.full((4, 1), 1.0 if k % 2 == 0 else -1.0)
+
+
+def _observed_sites(mon: deadrelu.Monitor) -> list[tuple[str, int, int]]:
+    return [(s.name, s.observations, s.dead) for s in mon.report("total").sites]
+
+
+def test_a_functional_call_under_observe_is_one_site_whatever_loop_code_opened_the_block():
+    # The with statement sits in one function reached from two loop branches (an accumulating
+    # and a stepping batch): the frames above the with statement must not split the site.
+    model = _Stepper()
+
+    def run(mon: deadrelu.Monitor, x: torch.Tensor) -> torch.Tensor:
+        with mon.observe(x):
+            return model.training_step(x)
+
+    def accumulate(mon, x):
+        return run(mon, x)
+
+    def optimise(mon, x):
+        return run(mon, x)
+
+    with deadrelu.Monitor(model, window=100, log_every=100, warn_at=()) as mon:
+        for k in range(4):
+            loss = (accumulate if k % 2 == 0 else optimise)(mon, _alternating(k))
+            loss.backward()
+            mon.step()
+        assert _observed_sites(mon) == [("<root>:gelu", 16, 0)]
+
+
+def test_observe_entry_bounds_the_positions_when_the_block_opens_outside_the_step():
+    # A callback-style block: opened by one function, the step run by another (Lightning's
+    # on_train_batch_start and training_step), reached by two routes.
+    model = _Stepper()
+
+    def via_a(x):
+        return model.training_step(x)
+
+    def via_b(x):
+        return model.training_step(x)
+
+    with deadrelu.Monitor(model, window=100, log_every=100, warn_at=()) as mon:
+        for k in range(4):
+            scope = mon.observe(_alternating(k), entry=model.training_step)
+            scope.__enter__()
+            try:
+                loss = (via_a if k % 2 == 0 else via_b)(_alternating(k))
+            finally:
+                scope.__exit__(None, None, None)
+            loss.backward()
+            mon.step()
+        assert _observed_sites(mon) == [("<root>:gelu", 16, 0)]
+
+
+def test_a_helper_called_twice_in_an_observe_block_still_gives_two_sites():
+    # The position still runs from the call up to the with statement: two calls of one helper
+    # are two places in the step, as in a module's forward.
+    lin = nn.Linear(3, 5)
+    root = nn.Module()
+    root.lin = lin
+
+    def block(h):
+        return torch.relu(h)
+
+    with deadrelu.Monitor(root, window=10, log_every=100, warn_at=()) as mon:
+        for _ in range(2):
+            x = torch.randn(4, 3)
+            with mon.observe(x):
+                out = block(lin(x)) + block(-lin(x))
+            out.sum().backward()
+            mon.step()
+        names = [s.name for s in mon.report("total").sites]
+    assert len(names) == 2 and len(set(names)) == 2
+
+
+def test_observe_entry_that_is_no_python_function_is_one_error():
+    model = _Stepper()
+    with deadrelu.Monitor(model, window=10, warn_at=()) as mon:
+        with pytest.raises(DeadReluError, match="entry"):
+            with mon.observe(entry=torch.relu):
+                pass
+        x = _alternating(0)
+        with mon.observe(x):
+            model.training_step(x).backward()
+        mon.step()
+        assert _observed_sites(mon) == [("<root>:gelu", 4, 0)]

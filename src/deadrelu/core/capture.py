@@ -197,6 +197,7 @@ class _Frame:
     counted: bool = False  # its output was counted by a fused kernel already
     entry: Any = None  # the Python frame of its Module._call_impl (where its callees' positions end)
     scope: bool = False  # the root of a forward_scope() block: no module call, just the caller's code
+    until: Any = None  # a scope's boundary (a Python frame or code object): its root-level calls' positions end there
 
 
 @dataclass
@@ -285,13 +286,20 @@ _MAX_FRAMES = 8
 _MAX_CALL_FRAMES = 64  # a bound only: the walk normally ends at the calling module's frame
 
 
-def _frames_up_to(f: Any, stop: Any) -> tuple[Any, ...]:
+def _frames_up_to(f: Any, stop: Any, until: Any = None) -> tuple[Any, ...]:
     """The (code, bytecode offset) of ``f`` and the frames above it, up to the frame ``stop``
     (a module's ``_call_impl``) or, where ``stop`` is None, the first ``Module.__call__`` frame;
     torch's functional wrappers and deadrelu's own frames are left out (a call has one position
-    whichever route reached it)."""
+    whichever route reached it).
+
+    With no module call above it (code run in a ``forward_scope()`` block), the walk ends at and
+    includes ``until``, a frame or code object (the block's ``with`` frame, or the function the
+    block runs): the frames above it are the training loop's, which reaches the same line by
+    several paths (Lightning's accumulating and stepping batches). Where ``until`` is not on
+    the stack, the first ``_MAX_FRAMES`` frames are kept."""
     out = []
-    for _ in range(_MAX_CALL_FRAMES if stop is not None else _MAX_FRAMES):
+    limit = _MAX_CALL_FRAMES if stop is not None or until is not None else _MAX_FRAMES
+    for _ in range(limit):
         if f is None or f is stop:
             break
         code = f.f_code
@@ -300,18 +308,20 @@ def _frames_up_to(f: Any, stop: Any) -> tuple[Any, ...]:
             break
         if filename not in _WRAPPER_FILES and filename != _THIS_FILE:
             out.append((code, f.f_lasti))
+        if until is not None and (f is until or code is until):
+            return tuple(out)
         f = f.f_back
-    return tuple(out)
+    return tuple(out[:_MAX_FRAMES]) if stop is None else tuple(out)
 
 
-def _call_position(depth: int, stop: Any = None) -> tuple[Any, ...]:
+def _call_position(depth: int, stop: Any = None, until: Any = None) -> tuple[Any, ...]:
     """The chain of (code, bytecode offset) from an activation call up to the module's call
     (its ``_call_impl`` frame ``stop``: hooks and unhooked module calls in between count too).
 
     ``depth`` counts the frames from here up to ``__torch_function__``'s caller; both routes in
     (``_on_activation`` and ``_counted_relu``) start there, so a call has one position either way.
     """
-    return _frames_up_to(sys._getframe(depth), stop)
+    return _frames_up_to(sys._getframe(depth), stop, until)
 
 
 def _module_call_entry() -> Any:
@@ -663,9 +673,13 @@ class ActivationCapture:
             stance.__exit__(None, None, None)
 
     @contextlib.contextmanager
-    def forward_scope(self, args: tuple[Any, ...] = (), kwargs: Mapping[str, Any] | None = None) -> Iterator[None]:
+    def forward_scope(
+        self, args: tuple[Any, ...] = (), kwargs: Mapping[str, Any] | None = None, until: Any = None
+    ) -> Iterator[None]:
         """Observe one forward pass run inside this block (used for TorchScript models, whose
-        calls no hook sees: ``args``/``kwargs`` are the call's, for its mask and samples)."""
+        calls no hook sees: ``args``/``kwargs`` are the call's, for its mask and samples).
+        ``until`` (a frame or code object) bounds the positions of the block's own functional
+        calls (see :func:`_frames_up_to`)."""
         me = threading.get_ident()
         with self._lock:
             previous = self._owner
@@ -673,7 +687,7 @@ class ActivationCapture:
                 raise DeadReluError("another thread is running a forward pass observed by this capture")
             self._owner = me
         self._begin_forward(args, kwargs)
-        self._fwd.stack.append(_Frame("", 0, scope=True))
+        self._fwd.stack.append(_Frame("", 0, scope=True, until=until))
         self._enter_mode()
         try:
             yield
@@ -841,7 +855,7 @@ class ActivationCapture:
         frame = fwd.stack[-1]
         slot = frame.slots
         frame.slots = slot + 1
-        position = () if self.scripted else _call_position(depth, frame.entry)
+        position = () if self.scripted else _call_position(depth, frame.entry, frame.until)
         where = (frame.path, frame.call, position, name)
         k = fwd.seen.get(where, 0)
         fwd.seen[where] = k + 1

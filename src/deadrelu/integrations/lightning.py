@@ -148,7 +148,9 @@ class DeadReluCallback(_pl.Callback):
         # itself, so the whole step up to backward is observed as one forward pass.
         if self.monitor is not None and self.monitor.attached:
             self._in_batch = True
-            self._scope = self.monitor.observe(batch)
+            # The block opens here, not in a caller of training_step: its functional calls'
+            # positions end at training_step's frame (Lightning reaches it by several paths).
+            self._scope = self.monitor.observe(batch, entry=pl_module.training_step)
             self._scope.__enter__()
 
     def on_before_backward(self, trainer: Any, pl_module: Any, loss: Any) -> None:
@@ -160,7 +162,7 @@ class DeadReluCallback(_pl.Callback):
         # so its samples come from its first call, and a scope in which nothing runs (the
         # optimizer step of automatic optimization) counts nothing.
         if self._in_batch and self._scope is None and self.monitor is not None and self.monitor.attached:
-            self._scope = self.monitor.observe()
+            self._scope = self.monitor.observe(entry=pl_module.training_step)
             self._scope.__enter__()
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:

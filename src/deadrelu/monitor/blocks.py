@@ -126,8 +126,8 @@ class BlockCapture:
         return self.graph.attached and self.eager.attached
 
     @contextlib.contextmanager
-    def forward_scope(self) -> Iterator[None]:
-        with self.graph.forward_scope(), self.eager.forward_scope():
+    def forward_scope(self, until: Any = None) -> Iterator[None]:
+        with self.graph.forward_scope(), self.eager.forward_scope(until=until):
             yield
 
     def new_forward(self) -> None:

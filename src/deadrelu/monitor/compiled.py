@@ -172,8 +172,9 @@ class ModuleCapture:
         return bool(self._handles)
 
     @contextlib.contextmanager
-    def forward_scope(self) -> Iterator[None]:
-        """Module hooks need no scope: whatever runs the modules is observed."""
+    def forward_scope(self, until: Any = None) -> Iterator[None]:
+        """Module hooks need no scope: whatever runs the modules is observed (``until``, which
+        bounds eager functional call positions, does not apply)."""
         yield
 
     def _make_hook(self, path: str, module: nn.Module) -> Callable[..., None]:

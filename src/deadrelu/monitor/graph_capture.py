@@ -599,9 +599,10 @@ class GraphCapture:
         return self._attached
 
     @contextlib.contextmanager
-    def forward_scope(self) -> Iterator[None]:
+    def forward_scope(self, until: Any = None) -> Iterator[None]:
         """Graphs need no scope (whatever runs them is observed); the scope is one forward pass,
-        for numbering the calls of compiled blocks."""
+        for numbering the calls of compiled blocks (``until``, which bounds eager functional
+        call positions, does not apply: a graph's sites are keyed by its nodes)."""
         self.new_forward()
         yield
 

@@ -140,15 +140,38 @@ class _MonitorCapture(ActivationCapture):
     """ActivationCapture whose :meth:`forward_scope` composes with calls of the root module inside it."""
 
     @contextlib.contextmanager
-    def forward_scope(self) -> Iterator[None]:
+    def forward_scope(self, until: Any = None) -> Iterator[None]:  # type: ignore[override]
         # Counting the scope as one level of root depth keeps a root call made inside the
         # scope (Lightning's ``self(x)`` in ``training_step``) from starting a second pass.
         self._depth += 1
         try:
-            with super().forward_scope():
+            with super().forward_scope(until=until):
                 yield
         finally:
             self._depth -= 1
+
+
+def _with_frame() -> Any:
+    """The frame that entered the ``observe()`` block being opened: the first caller outside
+    contextlib and this file."""
+    f = sys._getframe(1)
+    while f is not None and f.f_code.co_filename in (__file__, contextlib.__file__):
+        f = f.f_back
+    return f
+
+
+def _entry_code(entry: Any) -> Any:
+    """The code object of ``observe(entry=...)``: a function, a bound method or a decorated one."""
+    import inspect
+
+    func = inspect.unwrap(getattr(entry, "__func__", entry))
+    code = getattr(func, "__code__", None)
+    if code is None:
+        raise DeadReluError(
+            f"Monitor.observe(entry=...) takes the Python function the block runs (such as "
+            f"model.training_step), got {type(entry).__name__}"
+        )
+    return code
 
 
 def _host_values(states: Sequence[SiteState]) -> list[dict[str, torch.Tensor]]:
@@ -710,7 +733,7 @@ class Monitor:
             )
 
     @contextlib.contextmanager
-    def observe(self, batch: Any = None) -> Iterator[None]:
+    def observe(self, batch: Any = None, *, entry: Callable[..., Any] | None = None) -> Iterator[None]:
         """Treat everything run inside this block as one training forward pass.
 
         For code that calls submodules directly instead of ``model(...)`` — Lightning's
@@ -718,6 +741,13 @@ class Monitor:
         grad-mode rule apply as for ordinary forward passes. The pass's samples
         (``Report.samples``) are the leading dim of ``batch``'s first tensor when it is given,
         else of the first input of the first module called inside the block.
+
+        A functional call made in the block outside any module (``F.gelu`` in the step's own
+        code) is a site keyed by its source position up to the ``with`` statement's frame, so
+        the training loop above that frame does not matter. Where the block is entered
+        elsewhere than in a caller of the code it observes (a callback that opens it before the
+        framework calls ``training_step``), pass that function as ``entry``: positions then end
+        at its frame.
 
         Example:
             >>> import torch, deadrelu
@@ -740,6 +770,7 @@ class Monitor:
         # A batch whose size cannot be read (a dataclass, a graph batch) falls back to the first call's input.
         watches = active and isinstance(eager, ActivationCapture) and rows == 0
         outer = self._scope_counted
+        until = _entry_code(entry) if entry is not None else _with_frame()
         try:
             if active:
                 self._scoped = True  # several forwards may make one counted pass: see _warn_pooled
@@ -748,11 +779,12 @@ class Monitor:
                     self._count_in_scope(rows)
                 elif watches:
                     eager.on_scope_call = lambda call: self._count_in_scope(input_rows(*call))
-                with self.capture.forward_scope():
+                with self.capture.forward_scope(until=until):
                     yield
             else:
                 yield
         finally:
+            del until  # a frame: kept no longer than the block
             self.capture.enabled = previous
             self._scope_counted = outer
             if watches:
