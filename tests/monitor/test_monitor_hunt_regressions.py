@@ -212,6 +212,51 @@ def test_a_sink_failing_to_open_removes_only_the_files_this_attach_created(tmp_p
     assert new.exists() and new.read_bytes() == b""
 
 
+def test_a_failed_attach_takes_back_the_tensorboard_folder_it_made_and_nothing_else(tmp_path: Path, monkeypatch):
+    pytest.importorskip("tensorboard")
+
+    class Broken(Sink):
+        def open(self):
+            raise OSError("no space left")
+
+        def write(self, record):
+            pass
+
+    net = half_dead_net()
+    fresh = tmp_path / "runs" / "exp1"
+    with pytest.raises(SinkError, match="no space left"):
+        deadrelu.Monitor(net, sinks=[TensorBoardSink(fresh), Broken()], on_sink_error="raise").attach()
+    assert list(tmp_path.iterdir()) == []  # runs/ and runs/exp1 were made by the attach: both gone
+    assert hooks_of(net) == 0
+    # a folder with an earlier run's events keeps them, and gets no new event file
+    old = tmp_path / "old"
+    train(deadrelu.Monitor(net, window=2, log_every=2, sinks=[TensorBoardSink(old)]), net, 2, width=4)
+    before = {p.name: p.read_bytes() for p in old.iterdir()}
+    assert before
+    with pytest.raises(SinkError):
+        deadrelu.Monitor(net, sinks=[TensorBoardSink(old), Broken()], on_sink_error="raise").attach()
+    assert {p.name: p.read_bytes() for p in old.iterdir()} == before
+    # a file put beside the event file meanwhile keeps the folder as it is
+    other = tmp_path / "other"
+    sink = TensorBoardSink(other)
+
+    class Sneaky(Broken):
+        def open(self):
+            (other / "notes.txt").write_text("mine")
+            raise OSError("no space left")
+
+    with pytest.raises(SinkError):
+        deadrelu.Monitor(net, sinks=[sink, Sneaky()], on_sink_error="raise").attach()
+    assert (other / "notes.txt").read_text() == "mine"
+    # without log_dir, SummaryWriter's runs/<time>_<host> goes, and runs/ with it where it was new
+    default = tmp_path / "cwd"
+    default.mkdir()
+    monkeypatch.chdir(default)
+    with pytest.raises(SinkError):
+        deadrelu.Monitor(net, sinks=[TensorBoardSink(), Broken()], on_sink_error="raise").attach()
+    assert list(default.iterdir()) == []
+
+
 # -- 6. NaN/Inf losses in the state ------------------------------------------------------------------
 
 

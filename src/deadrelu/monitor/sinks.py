@@ -17,6 +17,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -712,12 +713,42 @@ class TensorBoardSink(Sink):
         self._owned = writer is None
         self.histograms = histograms
         self.name = f"TensorBoardSink({self.log_dir or 'writer'})"
+        self._created: tuple[Path, list[Path], set[str]] | None = None  # what the last open() made, for abort()
 
     def open(self) -> None:
         if self._writer is None:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._writer = SummaryWriter(log_dir=self.log_dir)
+            # SummaryWriter makes its folder (and, without log_dir, runs/<time>_<host>) and an
+            # event file at once: note what was there, so a failed attach can take back the rest.
+            probe = Path(self.log_dir) if self.log_dir is not None else Path("runs") / "_"
+            missing = []
+            while not probe.exists() and probe != probe.parent:
+                missing.append(probe)
+                probe = probe.parent
+            before = _names(probe) if self.log_dir is not None and not missing else set()
+            self._writer = SummaryWriter(log_dir=self.log_dir)  # writes its event file already
+            folder = Path(self._writer.log_dir)
+            if self.log_dir is None:  # a new runs/<time>_<host> folder
+                missing = [folder, *(p for p in missing if p != Path("runs") / "_")]
+            self._created = (folder, missing, before)
+
+    def abort(self) -> None:
+        """Remove the event file this sink's failed attach created, and the folders it made while
+        they hold nothing else; a folder or file that was there before is never touched."""
+        created, self._created = self._created, None
+        if created is None or self._writer is not None:
+            return
+        folder, missing, before = created
+        new = _names(folder) - before
+        if any(not n.startswith("events.out.tfevents.") for n in new):
+            return  # something else was put there meanwhile: leave it all
+        for n in new:
+            with contextlib.suppress(OSError):
+                (folder / n).unlink()
+        for d in missing:  # innermost first
+            with contextlib.suppress(OSError):
+                d.rmdir()  # only an empty folder goes
 
     def write(self, record: "LogRecord") -> None:
         if self._writer is None:
@@ -742,6 +773,13 @@ class TensorBoardSink(Sink):
             else:
                 w.flush()
                 self._writer = w
+
+
+def _names(folder: Path) -> set[str]:
+    try:
+        return set(os.listdir(folder))
+    except OSError:
+        return set()
 
 
 class WandbSink(Sink):
