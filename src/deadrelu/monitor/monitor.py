@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import inspect
 import os
 import sys
 import warnings
@@ -162,8 +163,6 @@ def _with_frame() -> Any:
 
 def _entry_code(entry: Any) -> Any:
     """The code object of ``observe(entry=...)``: a function, a bound method or a decorated one."""
-    import inspect
-
     func = inspect.unwrap(getattr(entry, "__func__", entry))
     code = getattr(func, "__code__", None)
     if code is None:

@@ -721,16 +721,13 @@ class TensorBoardSink(Sink):
 
             # SummaryWriter makes its folder (and, without log_dir, runs/<time>_<host>) and an
             # event file at once: note what was there, so a failed attach can take back the rest.
-            probe = Path(self.log_dir) if self.log_dir is not None else Path("runs") / "_"
-            missing = []
-            while not probe.exists() and probe != probe.parent:
-                missing.append(probe)
-                probe = probe.parent
-            before = _names(probe) if self.log_dir is not None and not missing else set()
+            target = None if self.log_dir is None else Path(self.log_dir)
+            missing = _missing_folders(Path("runs") if target is None else target)
+            before = _names(target) if target is not None and not missing else set()
             self._writer = SummaryWriter(log_dir=self.log_dir)  # writes its event file already
             folder = Path(self._writer.log_dir)
-            if self.log_dir is None:  # a new runs/<time>_<host> folder
-                missing = [folder, *(p for p in missing if p != Path("runs") / "_")]
+            if target is None:  # a new runs/<time>_<host> folder, inside runs/
+                missing = [folder, *missing]
             self._created = (folder, missing, before)
 
     def abort(self) -> None:
@@ -773,6 +770,15 @@ class TensorBoardSink(Sink):
             else:
                 w.flush()
                 self._writer = w
+
+
+def _missing_folders(folder: Path) -> list[Path]:
+    """``folder`` and its ancestors that do not exist yet, innermost first."""
+    missing = []
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    return missing
 
 
 def _names(folder: Path) -> set[str]:
