@@ -344,6 +344,40 @@ def test_compiled_counts_equal_eager_in_other_precisions(dynamo, precision):
 
 
 @needs_inductor
+def test_relus_spelled_as_clamp_or_threshold_are_the_eager_sites(dynamo):
+    class Spelled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.c, self.d = nn.Linear(6, 8), nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 1)
+            self.t = nn.Threshold(0.0, 0.0)
+
+        def forward(self, x):
+            steps = torch.arange(x.shape[-1]).clamp(min=0).sum()  # integers: no site
+            h = self.a(x).clamp(min=0)
+            h = F.threshold(self.b(h), 0.0, 0.0)
+            h = torch.clamp(self.t(self.c(h)), 0, 6) + x.clamp(min=1e-8).mean()  # relu6; a floor: no site
+            return self.d(h) + steps * 0
+
+    def make() -> nn.Module:
+        torch.manual_seed(0)
+        model = Spelled()
+        with torch.no_grad():
+            model.a.bias[:3] = -100.0
+            model.c.bias[5] = -100.0
+        return model
+
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(16, 6, generator=g) for _ in range(3)]
+    eager, compiled_report = eager_and_compiled(make, xs, lambda runner, x: runner(x).sum().backward(), window=3)
+    assert summary(compiled_report) == summary(eager)
+    assert [s.fired_counts for s in compiled_report.sites] == [s.fired_counts for s in eager.sites]
+    assert [(s.name, s.function) for s in eager.sites] == [
+        ("<root>:relu.1", "relu"), ("<root>:relu.2", "relu"), ("t", "relu"), ("<root>:relu6", "relu6")
+    ]  # fmt: skip
+    assert eager.site("<root>:relu.1").dead_units == (0, 1, 2) and 5 in eager.site("t").dead_units
+
+
+@needs_inductor
 def test_in_place_activations_and_dynamic_batch_sizes(dynamo):
     class InPlace(nn.Module):
         def __init__(self) -> None:

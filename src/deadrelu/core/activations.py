@@ -26,13 +26,16 @@ from dataclasses import dataclass
 from torch import nn
 
 __all__ = [
+    "base_name",
     "calls_no_activation",
+    "called_activation",
     "Activation",
     "ACTIVATIONS",
     "ACTIVATION_FUNCTIONS",
     "ACTIVATION_MODULES",
     "NONNEGATIVE_FUNCTIONS",
     "ZERO_WHEN_DEAD_FUNCTIONS",
+    "RELU_SPELLINGS",
     "MODULE_FUNCTIONS",
     "KNOWN_MODULE_NAMES",
     "function_of_module",
@@ -118,6 +121,12 @@ KNOWN_MODULE_NAMES: dict[str, str] = {
 #: Activation functions captured as functional calls (base names; in-place ``name_`` variants included).
 ACTIVATION_FUNCTIONS = frozenset(a.function for a in ACTIVATIONS.values() if a.torch_function)
 
+#: Functions that are a ReLU (or ReLU6) for some arguments only, base names: ``clamp(min=0)``
+#: (PyTorch's own tutorials write ReLU so), ``clip``, ``clamp_min(0)``, ``threshold(0, 0)``
+#: (Torch7 ports). They are classified with the activations; :func:`called_activation` reads
+#: each call's arguments, so ``std.clamp(min=1e-8)`` is no site.
+RELU_SPELLINGS = frozenset({"clamp", "clip", "clamp_min", "threshold"})
+
 #: Activation module classes of torch.nn (their forward calls one of ACTIVATION_FUNCTIONS).
 ACTIVATION_MODULES: tuple[type[nn.Module], ...] = tuple(a.module for a in ACTIVATIONS.values() if a.module)
 
@@ -133,6 +142,67 @@ MODULE_FUNCTIONS: dict[str, str] = {a.module.__name__: a.function for a in ACTIV
 _BY_CLASS: dict[type[nn.Module], str] = {a.module: a.function for a in ACTIVATIONS.values() if a.module}
 _REGISTERED: dict[type, str] = {}  # user classes (register_activation)
 _REGISTERED_NAMES: dict[str, str] = {}  # user class names, "pkg.mod.Class" or "Class"
+
+
+# torch functions whose __name__ is not the name torch documents them by
+_ALIASES = {"_threshold": "threshold"}  # F.threshold
+
+
+def base_name(name: str) -> str:
+    """A torch function's name as the activation table keys it: in-place ``relu_`` is ``relu``,
+    ``F.threshold`` (named ``_threshold``) is ``threshold``.
+
+    >>> base_name("relu_"), base_name("_threshold"), base_name("__matmul__")
+    ('relu', 'threshold', '__matmul__')
+    """
+    name = _ALIASES.get(name, name)
+    return name[:-1] if name.endswith("_") and not name.startswith("_") else name
+
+
+def _is_zero(v: object) -> bool:
+    """A Python number equal to 0 (a tensor bound is not read: that would sync a GPU)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == 0
+
+
+def _is_six(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == 6
+
+
+def _argument(args: tuple, kwargs: dict, index: int, name: str, default: object) -> object:
+    return args[index] if len(args) > index else kwargs.get(name, default)
+
+
+def called_activation(name: str, args: tuple = (), kwargs: dict | None = None) -> str | None:
+    """The activation a call of torch function ``name`` (a base name, as :data:`ACTIVATION_FUNCTIONS`
+    and :data:`RELU_SPELLINGS` hold them) computes with these arguments: ``name`` itself for a plain
+    activation, ``relu``/``relu6`` for a call spelled otherwise, None for a spelling that is none.
+
+    Arguments are read as torch takes them, positionally or by keyword; the input (``args[0]``) is
+    not looked at, so a graph node may stand for it. Bounds must be plain numbers.
+
+    >>> called_activation("clamp", (None,), {"min": 0}), called_activation("clamp", (None, 0, 6))
+    ('relu', 'relu6')
+    >>> called_activation("clamp", (None,), {"min": 1e-8}), called_activation("threshold", (None, 0.0, 0.0))
+    (None, 'relu')
+    >>> called_activation("hardtanh", (None, 0.0, 6.0)), called_activation("gelu", (None,))
+    ('relu6', 'gelu')
+    """
+    kwargs = kwargs or {}
+    if name == "hardtanh":  # nn.ReLU6 and F.relu6 in TorchScript are hardtanh(0, 6)
+        low, high = _argument(args, kwargs, 1, "min_val", -1.0), _argument(args, kwargs, 2, "max_val", 1.0)
+        return "relu6" if _is_zero(low) and _is_six(high) else name
+    if name not in RELU_SPELLINGS:
+        return name
+    if name in ("clamp", "clip"):
+        low, high = _argument(args, kwargs, 1, "min", None), _argument(args, kwargs, 2, "max", None)
+        if not _is_zero(low):
+            return None
+        return "relu" if high is None else "relu6" if _is_six(high) else None
+    if name == "clamp_min":
+        return "relu" if _is_zero(_argument(args, kwargs, 1, "min", None)) else None
+    # threshold(x, t, v): x where x > t, else v
+    t, v = _argument(args, kwargs, 1, "threshold", None), _argument(args, kwargs, 2, "value", None)
+    return "relu" if _is_zero(t) and _is_zero(v) else None
 
 
 def register_activation(
@@ -199,6 +269,8 @@ def function_of_module(module: nn.Module) -> str | None:
     for base, fn in _BY_CLASS.items():
         if isinstance(module, base):
             return fn
+    if isinstance(module, nn.Threshold) and _is_zero(module.threshold) and _is_zero(module.value):
+        return "relu"  # nn.Threshold(0, 0), as Torch7 ports write ReLU
     for klass in cls.__mro__:
         name = KNOWN_MODULE_NAMES.get(klass.__name__)
         if name is not None:

@@ -102,6 +102,8 @@ from .activations import (
     ACTIVATION_FUNCTIONS,
     ACTIVATION_MODULES,
     NONNEGATIVE_FUNCTIONS,
+    RELU_SPELLINGS,
+    called_activation,
     calls_no_activation,
     function_of_module,
     looks_like_activation,
@@ -109,7 +111,7 @@ from .activations import (
 from .hooks import copy_safe_hook, is_deadrelu_hook, only_deadrelu_forward_hooks, remove_inert_hooks
 from .kernels import functorch_wrapped
 from .inputs import aligned_mask, apply_mask, call_samples, decoder_mask_of_call, in_decoder, mask_from_call, mask_layout, mask_position
-from .unit_axis import ACT, PRODUCER, AxisTable, function_kind, kind_of
+from .unit_axis import ACT, GENERIC, PRODUCER, AxisTable, function_kind, kind_of
 from .stats import fused_on_cpu, release_scratch, UnitStats
 
 __all__ = [
@@ -827,6 +829,11 @@ class ActivationCapture:
     def _on_activation(self, name: str, args: tuple, kwargs: dict | None, out: Any) -> None:
         if not isinstance(out, torch.Tensor):
             return
+        spelled = name in RELU_SPELLINGS
+        called = called_activation(name, args, kwargs)
+        if called is None:  # clamp(min=1e-8) and the like: no activation, the axis goes on as through any op
+            self._fwd.axes.on_op((GENERIC, name, None), args, kwargs, out)
+            return
         if out.is_nested:  # no sizes to lay units on (torch raises on .shape): say so, not torch's internal error
             raise DeadReluError(
                 f"a {name} call got a nested tensor; deadrelu counts dense activations only: pad it "
@@ -837,21 +844,24 @@ class ActivationCapture:
             entry = self._axis(inp)
             if entry is not None and out.shape == inp.shape:
                 self._fwd.axes.set(out, entry[1], entry[2])
-        site = self._site_for(name, args, kwargs, out, depth=5)
+        site = self._site_for(called, args, kwargs, out, depth=5, spelled=spelled)
         if site is not None:
             self._update(site, out)
 
-    def _site_for(self, name: str, args: tuple, kwargs: dict | None, out: torch.Tensor, depth: int) -> _Site | None:
+    def _site_for(
+        self, name: str, args: tuple, kwargs: dict | None, out: torch.Tensor, depth: int, spelled: bool = False
+    ) -> _Site | None:
         """The site of the activation call being made (new on its first call), or None where
-        the call is no site. ``out`` is its output, or the input when that stands in for it."""
+        the call is no site. ``out`` is its output, or the input when that stands in for it;
+        ``spelled``: the call is a ReLU written otherwise (``clamp(min=0)``)."""
         fwd = self._fwd
         if fwd.inside_activation or not fwd.stack:
             return None  # inside an activation module: the module's output is the site
         inp = args[0] if args else None
         if self._is_weight(inp):
             return None  # a parameter passed through an activation is not a unit of the network
-        if name == "hardtanh" and _hardtanh_bounds(args, kwargs) == (0.0, 6.0):
-            name = "relu6"  # nn.ReLU6 and F.relu6 in TorchScript are hardtanh(0, 6)
+        if spelled and not out.is_floating_point():
+            return None  # index.clamp(min=0) on integers is no activation
         frame = fwd.stack[-1]
         slot = frame.slots
         frame.slots = slot + 1
@@ -1158,16 +1168,6 @@ def _accepts_mask(stats: Any) -> bool:
     return "mask" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
-def _hardtanh_bounds(args: tuple, kwargs: dict | None) -> tuple[float, float]:
-    kwargs = kwargs or {}
-    lo = args[1] if len(args) > 1 else kwargs.get("min_val", -1.0)
-    hi = args[2] if len(args) > 2 else kwargs.get("max_val", 1.0)
-    try:
-        return float(lo), float(hi)
-    except (TypeError, ValueError):
-        return (-1.0, 1.0)
-
-
 def _stable_position(position: Any) -> str:
     if not position:
         return ""
@@ -1215,7 +1215,8 @@ def dynamo_module_path(text: str) -> str | None:
     return rest.lstrip(".")
 
 
-_ACTIVATION_CLASS_NAMES = frozenset(m.__name__ for m in ACTIVATION_MODULES)
+# nn.Threshold too: its threshold(0, 0) call is a site only with those arguments (called_activation)
+_ACTIVATION_CLASS_NAMES = frozenset(m.__name__ for m in ACTIVATION_MODULES) | {"Threshold"}
 
 
 def _recorded_path(stack: Mapping[str, Any]) -> str:
@@ -1251,8 +1252,12 @@ def _exported_activation_modules(model: nn.Module) -> list[tuple[str, str, int] 
     for node in graph.nodes:
         if node.op != "call_function":
             continue
-        if function_kind(node.target)[0] != ACT:
+        kind = function_kind(node.target)
+        if kind[0] != ACT or called_activation(kind[1], node.args, dict(node.kwargs)) is None:
             continue
+        value = node.meta.get("val")
+        if kind[1] in RELU_SPELLINGS and isinstance(value, torch.Tensor) and not value.is_floating_point():
+            continue  # index.clamp(min=0): no site (see ActivationCapture._site_for)
         stack = node.meta.get("nn_module_stack")
         if not stack:
             out.append(None)

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from .activations import ACTIVATION_FUNCTIONS
+from .activations import ACTIVATION_FUNCTIONS, RELU_SPELLINGS, base_name
 
 __all__ = [
     "ACT", "PRODUCER", "TRANSPOSE", "PERMUTE", "RESHAPE", "NORM", "GENERIC", "INDEX", "REDUCE",
@@ -78,8 +78,8 @@ def function_kind(func: Any) -> tuple[int, str, Any]:
             return (TRANSPOSE, prop, None)
         return (GENERIC, prop, None)
     name = name.split(".")[0]  # OpOverload names look like "relu_.default"
-    base = name[:-1] if name.endswith("_") and not name.startswith("_") else name
-    if base in ACTIVATION_FUNCTIONS:
+    base = base_name(name)
+    if base in ACTIVATION_FUNCTIONS or base in RELU_SPELLINGS:  # a spelling is a site for some arguments only
         return (ACT, base, None)
     if name in _KERNEL_ACTIVATIONS:
         return (ACT, _KERNEL_ACTIVATIONS[name], None)

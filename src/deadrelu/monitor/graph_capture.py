@@ -68,7 +68,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence  # typing's Seque
 import torch
 from torch import fx, nn
 
-from ..core.activations import NONNEGATIVE_FUNCTIONS, function_of_module
+from ..core.activations import NONNEGATIVE_FUNCTIONS, RELU_SPELLINGS, called_activation, function_of_module
 from ..core.capture import (
     dynamo_module_path,
     SiteInfo,
@@ -859,6 +859,8 @@ class GraphCapture:
             target = node.target if node.op == "call_function" else getattr(torch.Tensor, str(node.target), None)
             if node.op not in ("call_function", "call_method") or target is None or kind_of(target)[0] != ACT:
                 continue
+            if called_activation(kind_of(target)[1], node.args, dict(node.kwargs)) is None:
+                continue
             for f, line, _ in _STACK_FRAME.findall(node.meta.get("stack_trace") or ""):
                 paths = next((v for (file, first, last), v in self._class_spans.items() if f == file and first <= int(line) <= last), None)
                 if paths:
@@ -944,7 +946,11 @@ class GraphCapture:
                 continue
             if kind[0] != ACT or not isinstance(value, torch.Tensor) or _is_weight(node):
                 continue
-            name = "relu6" if kind[1] == "hardtanh" and _is_relu6(args, kwargs) else kind[1]
+            name = called_activation(kind[1], args, kwargs)
+            if name is None:
+                continue  # clamp(min=1e-8): no activation
+            if kind[1] in RELU_SPELLINGS and not value.is_floating_point():
+                continue  # index.clamp(min=0) on integers: no activation
             position = _position(node)
             where = (path, call, position, name)
             k = seen.get(where, 0)
@@ -1202,12 +1208,6 @@ def _is_weight(node: fx.Node) -> bool:
     if first.op == "get_attr":
         return True
     return first.op == "placeholder" and ("_parameters_" in first.name or "_buffers_" in first.name)
-
-
-def _is_relu6(args: tuple, kwargs: dict) -> bool:
-    lo = args[1] if len(args) > 1 else kwargs.get("min_val", -1.0)
-    hi = args[2] if len(args) > 2 else kwargs.get("max_val", 1.0)
-    return (lo, hi) == (0.0, 6.0)
 
 
 def refuse_mask(mask: Any) -> None:

@@ -43,7 +43,7 @@ from torch import fx, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
-from ..core.activations import ACTIVATION_FUNCTIONS, function_of_module
+from ..core.activations import ACTIVATION_FUNCTIONS, RELU_SPELLINGS, base_name, called_activation, function_of_module
 from ..core.hooks import global_forward_hooks
 from ..core.inputs import error_summary
 from ..errors import DeadReluError, RefusedError
@@ -51,7 +51,7 @@ from ..core.report import Report, SiteReport, model_fingerprint
 from .defaults import default_branch_reason
 
 __all__ = [
-    "Chain", "Link", "trace", "traced", "trace_graph", "leaves_no_attributes", "site_nodes", "find_chains", "activation_name", "describe_node",
+    "Chain", "Link", "trace", "traced", "trace_graph", "leaves_no_attributes", "site_nodes", "find_chains", "activation_name", "describe_node", "reads_weight",
     "check_report_matches", "unrewritable_reason", "computed_weight_reason", "is_deadrelu_hook", "threshold_reason",
     "scripted_reason", "fetch", "batch_statistics_note",
 ]  # fmt: skip
@@ -100,7 +100,7 @@ _PRODUCTS = {operator.mul, torch.mul, "mul"}
 
 
 def activation_name(node: fx.Node, modules: dict[str, nn.Module]) -> str | None:
-    """The activation base name a node computes (``"relu"`` for ``relu_`` too), or None."""
+    """The activation base name a node computes (``"relu"`` for ``relu_`` and ``clamp(min=0)`` too), or None."""
     if node.op == "call_module":
         return function_of_module(modules[node.target]) if node.target in modules else None
     if node.op == "call_function":
@@ -111,8 +111,72 @@ def activation_name(node: fx.Node, modules: dict[str, nn.Module]) -> str | None:
         return None
     if not isinstance(name, str):
         return None
-    base = name[:-1] if name.endswith("_") and not name.startswith("_") else name
-    return base if base in ACTIVATION_FUNCTIONS else None
+    base = base_name(name)
+    if base not in ACTIVATION_FUNCTIONS and base not in RELU_SPELLINGS:
+        return None
+    if base in RELU_SPELLINGS and _integer_valued(node.args[0] if node.args else node.kwargs.get("input")):
+        return None  # index.clamp(min=0): the scan sees its integer dtype and makes no site of it
+    return called_activation(base, node.args, dict(node.kwargs))  # clamp(min=0) is relu, hardtanh(0, 6) relu6
+
+
+# What a symbolic trace cannot see, read from the ops that made a value: integer (or bool) results,
+# and ops whose result is integer when every tensor operand is.
+_INTEGER_RESULTS = frozenset(
+    {"long", "int", "short", "byte", "char", "bool", "argmax", "argmin", "argsort", "nonzero", "searchsorted",
+     "bucketize", "count_nonzero", "eq", "ne", "lt", "le", "gt", "ge", "logical_and", "logical_or", "logical_not",
+     "logical_xor", "isnan", "isinf", "isfinite", "size", "numel", "dim", "randint", "randperm", "__eq__", "__ne__",
+     "__lt__", "__le__", "__gt__", "__ge__", "eq_", "ne_", "lt_", "le_", "gt_", "ge_", "floor_divide"}
+)  # fmt: skip
+_INTEGER_PRESERVING = frozenset(
+    {"add", "sub", "mul", "neg", "abs", "floordiv", "mod", "remainder", "iadd", "isub", "imul", "__add__", "__sub__",
+     "__mul__", "__radd__", "__rsub__", "__rmul__", "__floordiv__", "__mod__", "__neg__", "__abs__", "getitem",
+     "__getitem__", "view", "reshape", "unsqueeze", "squeeze", "expand", "expand_as", "flatten", "t", "transpose",
+     "permute", "contiguous", "clone", "repeat", "flip", "roll", "cumsum", "sum", "max", "min", "amax", "amin",
+     "maximum", "minimum", "clamp", "clamp_min", "clamp_max", "clip", "where", "cat", "stack", "unique",
+     "masked_fill", "detach", "to", "type", "cuda", "cpu", "arange", "zeros", "ones", "full", "zeros_like",
+     "ones_like", "full_like", "empty", "empty_like", "tensor", "as_tensor"}
+)  # fmt: skip
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _integer_valued(value: Any, depth: int = 0) -> bool:
+    """Whether a traced value is an integer or bool tensor (or a Python int), read from the ops that made
+    it (``torch.arange(x.shape[-1])``, ``mask.long()``, ``idx - 1``); False where that is unknown."""
+    if isinstance(value, bool) or isinstance(value, int):
+        return True
+    if isinstance(value, (list, tuple)):
+        return bool(value) and all(_integer_valued(v, depth + 1) for v in value)
+    if not isinstance(value, fx.Node) or depth > 32:
+        return False
+    if value.op == "call_function" and value.target is getattr and value.args[1:] == ("shape",):
+        return True  # x.shape and its entries
+    if value.op not in ("call_function", "call_method"):
+        return False
+    name = value.target if value.op == "call_method" else getattr(value.target, "__name__", "")
+    name = str(name).rstrip("_") if not str(name).startswith("__") else str(name)
+    dtype = value.kwargs.get("dtype")
+    if name in ("to", "type") or dtype is not None:
+        given = dtype if dtype is not None else next((a for a in value.args[1:] if isinstance(a, torch.dtype)), None)
+        if isinstance(given, torch.dtype):
+            return not given.is_floating_point and not given.is_complex
+    if name in _INTEGER_RESULTS:
+        return True
+    if name not in _INTEGER_PRESERVING:
+        return False
+    operands = [a for a in value.args if not isinstance(a, (str, torch.dtype, torch.device, type(None), slice))]
+    if name in ("getitem", "__getitem__", "view", "reshape", "expand", "permute", "transpose", "repeat", "flip"):
+        operands = operands[:1]  # the index or the sizes say nothing of the dtype
+    if name in ("zeros", "ones", "empty"):
+        return False  # the default dtype, whatever the sizes
+    if name == "arange":  # arange(9) is int64, arange(0.0, 1.0) float
+        numbers = [a for a in (*value.args, *(v for k, v in value.kwargs.items() if k in ("start", "end", "step")))]
+        return all(_integer_valued(a, depth + 1) for a in numbers)
+    if name == "full":  # full(size, fill_value): the fill value's type
+        fill = value.args[1] if len(value.args) > 1 else value.kwargs.get("fill_value")
+        return _integer_valued(fill, depth + 1)
+    if name in ("tensor", "as_tensor"):
+        return _integer_valued(value.args[0] if value.args else value.kwargs.get("data"), depth + 1)
+    return bool(operands) and all(_integer_valued(a, depth + 1) for a in operands)
 
 
 def describe_node(node: fx.Node) -> str:
@@ -321,6 +385,28 @@ def _calls_by_runs(graph: fx.Graph) -> dict[fx.Node, int] | None:
     return out
 
 
+# Tensor methods that return a view: a parameter seen through one is still a parameter (as the scan's
+# ``_is_weight`` reads ``tensor._base``).
+_VIEW_METHODS = frozenset(
+    {"view", "view_as", "reshape", "unsqueeze", "squeeze", "expand", "expand_as", "t", "transpose", "permute",
+     "flatten", "unflatten", "narrow", "select", "__getitem__", "getitem", "detach"}
+)  # fmt: skip
+
+
+def reads_weight(node: fx.Node) -> bool:
+    """An activation call on a parameter or buffer, or a view of one (``F.softplus(self.raw.view(1, -1))``):
+    the scan makes no site of it and gives it no slot, so neither does :func:`site_nodes`."""
+    if node.op == "call_module":
+        return False
+    src = node.args[0] if node.args else node.kwargs.get("input")
+    while isinstance(src, fx.Node) and src.op in ("call_method", "call_function"):
+        name = src.target if src.op == "call_method" else getattr(src.target, "__name__", "")
+        if name not in _VIEW_METHODS or not src.args:
+            return False
+        src = src.args[0]
+    return isinstance(src, fx.Node) and src.op == "get_attr"
+
+
 def site_nodes(gm: fx.GraphModule) -> dict[tuple[str, int, int], tuple[fx.Node, str]]:
     """Map ``(module, call, slot)`` to ``(node, function)`` for every activation node in ``gm``."""
     modules = dict(gm.named_modules())
@@ -329,7 +415,7 @@ def site_nodes(gm: fx.GraphModule) -> dict[tuple[str, int, int], tuple[fx.Node, 
     calls = _calls_by_runs(gm.graph)
     for node in gm.graph.nodes:
         fn = activation_name(node, modules)
-        if fn is None:
+        if fn is None or reads_weight(node):
             continue
         path, call = _owner(node)
         if calls is not None:

@@ -36,12 +36,13 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from .dataflow import (
-    check_report_matches, computed_weight_reason, leaves_no_attributes, trace_graph, unrewritable_reason,
+    activation_name, reads_weight, check_report_matches, computed_weight_reason, leaves_no_attributes, trace_graph, unrewritable_reason,
 )  # fmt: skip
 from .defaults import default_branch_reason
 from .transaction import Transaction, copy_model
 from .verify import check_flag, check_generator
 from ..errors import DeadReluError, RefusedError
+from ..core.activations import RELU_SPELLINGS, base_name, function_of_module
 from ..core.capture import eager_submodule
 from ..core.report import Report
 
@@ -51,7 +52,10 @@ __all__ = ["swap_activations", "SwapResult", "ActivationChange", "TARGETS"]
 TARGETS = ("leaky_relu", "prelu", "elu", "selu", "gelu", "silu")
 _RELU_FUNCTIONS = {F.relu, torch.relu, torch.relu_, F.relu_}
 _RELU_METHODS = {"relu", "relu_"}
-_RELU_SOURCE = re.compile(r"\brelu_?\b")
+# relu itself, and the ReLU spellings the scan counts: clamp(0) / clamp(min=0) / clamp_min(0) / clip(...), threshold(
+_RELU_SOURCE = re.compile(
+    r"\brelu_?\b|\b(?:clamp|clip|clamp_min)_?\((?:[^()]*,\s*)?(?:min\s*=\s*)?0(?:\.0*)?\s*[,)]|\bthreshold_?\("
+)
 
 
 @dataclass(frozen=True)
@@ -104,14 +108,28 @@ class _ShallowTracer(fx.Tracer):
 
 
 def _is_relu_node(node: fx.Node) -> bool:
-    if node.op == "call_function":
-        return node.target in _RELU_FUNCTIONS
-    return node.op == "call_method" and node.target in _RELU_METHODS
+    if node.op == "call_function" and node.target in _RELU_FUNCTIONS:
+        return True
+    if node.op == "call_method" and node.target in _RELU_METHODS:
+        return True
+    # a ReLU spelled clamp(min=0), clamp_min(0) or threshold(0, 0), as the scan counts them: not on
+    # integers or on a parameter (self.scale.clamp(min=0) keeps a scale non-negative)
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", None)
+    if node.op not in ("call_function", "call_method") or not isinstance(name, str) or base_name(name) not in RELU_SPELLINGS:
+        return False
+    return activation_name(node, {}) == "relu" and not reads_weight(node)
+
+
+def _is_relu_module(m: nn.Module) -> bool:
+    """``nn.ReLU``, or ``nn.Threshold(0, 0)`` (the scan reports it as a relu), exact classes only."""
+    return type(m) is nn.ReLU or (type(m) is nn.Threshold and function_of_module(m) == "relu")
 
 
 def _inplace(node: fx.Node) -> bool:
     name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
-    return str(name).endswith("_") or bool(node.kwargs.get("inplace")) or (len(node.args) > 1 and node.args[1] is True)
+    # relu(x, True); threshold(x, 0, 0, True)
+    flag = 3 if base_name(str(name)) == "threshold" else 1
+    return str(name).endswith("_") or bool(node.kwargs.get("inplace")) or (len(node.args) > flag and node.args[flag] is True)
 
 
 def _is_user_code(m: nn.Module) -> bool:
@@ -154,7 +172,7 @@ def _module_widths(model: nn.Module, report: Report | None) -> dict[str, int]:
     modules = dict(gm.named_modules())
     seen: dict[str, list[int | None]] = {}
     for node in gm.graph.nodes:
-        if node.op == "call_module" and type(modules.get(node.target)) is nn.ReLU:
+        if node.op == "call_module" and _is_relu_module(modules.get(node.target)):
             seen.setdefault(str(node.target), []).append(_width(node.args[0] if node.args else None, modules))
     return {k: v[0] for k, v in seen.items() if len(v) == 1 and v[0] is not None}
 
@@ -242,8 +260,9 @@ def swap_activations(
 ) -> SwapResult:
     """Replace every ReLU — modules and functional calls, in-place ones included — by another activation.
 
-    * ``nn.ReLU`` modules are replaced in their parent module.
-    * Functional calls in a module's own ``forward`` are rewritten with torch.fx: that
+    * ``nn.ReLU`` modules (and ``nn.Threshold(0, 0)``) are replaced in their parent module.
+    * Functional calls in a module's own ``forward`` (``F.relu``, ``x.relu_()``, and ReLUs spelled
+      ``x.clamp(min=0)``, ``clamp_min(0)``, ``F.threshold(x, 0, 0)``) are rewritten with torch.fx: that
       module becomes a ``torch.fx.GraphModule`` holding the same parameters, calling a
       new activation submodule (``swapped_act_<k>``) where ``relu`` was called.
     * An ``activation=F.relu`` attribute (``nn.TransformerEncoderLayer``) is replaced.
@@ -287,7 +306,7 @@ def swap_activations(
     _check_swap_arguments(model, to, copy, selu_init, negative_slope, generator)
     if report is not None:
         check_report_matches(model, report, "swap_activations")
-    if type(model) is nn.ReLU:
+    if _is_relu_module(model):
         return _swap_root_relu(model, copy, to, negative_slope, report)
     _refuse_scripted(model)
     target = copy_model(model, "swap_activations") if copy else model
@@ -391,7 +410,7 @@ def _plan_swaps(target: nn.Module, copy: bool, to: str, report: Report | None) -
     """Find every ReLU module, relu attribute and functional call, or refuse before any change."""
     scripted = _scripted_paths(target)
     everything = [(path, m) for path, m in target.named_modules(remove_duplicate=False) if not _inside(path, scripted)]
-    modules = [(path, m) for path, m in everything if type(m) is nn.ReLU and path]
+    modules = [(path, m) for path, m in everything if _is_relu_module(m) and path]
     for path, m in modules:
         _refuse_unrewritable(path, m, "would be replaced")
     attributes = [
