@@ -371,3 +371,33 @@ def test_an_in_place_relu_of_an_inference_tensor_outside_inference_mode_is_left_
     with pytest.raises(RuntimeError, match="[Ii]nference"):  # torch's own error, as without deadrelu
         stats.relu_accumulate(x, 1, 0.0, out, backend="triton", inplace=True)
     assert out["observations"].item() == 0  # nothing counted for a call that failed
+
+
+# -- regressions of the statistics hunt ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("inplace", [False, True], ids=["out", "inplace"])
+def test_a_lazily_negated_view_is_left_to_torchs_relu(device, inplace):
+    # A dense negated view was fused: the kernel wrote relu of the stored negatives as the output.
+    base = torch.randn(9, 4, generator=torch.Generator().manual_seed(14)).to(device)
+    x = torch._neg_view(base)
+    expected = torch.relu(x.resolve_neg())
+    assert not stats.fuses_relu(x, 1, "triton", inplace)
+    out = stats.StatTensors(4, x.device).state
+    target = torch._neg_view(base.clone()) if inplace else x
+    y = stats.relu_accumulate(target, 1, 0.0, out, backend="triton", inplace=inplace)
+    assert same_values(y.resolve_neg(), expected) and (y is target) == inplace
+    assert_matches(out, brute(expected.cpu(), 1, 0.0))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("inplace", [False, True], ids=["out", "inplace"])
+def test_fused_relu_with_a_negative_unit_dim(device, inplace):
+    x = torch.randn(6, 5, 3, generator=torch.Generator().manual_seed(15)).to(device)
+    expected = torch.relu(x)
+    out = stats.StatTensors(3, x.device).state
+    assert stats.fuses_relu(x, -1, "triton", inplace)
+    y = stats.relu_accumulate(x.clone(), -1, 0.0, out, backend="triton", inplace=inplace)
+    assert same_values(y, expected)
+    assert_matches(out, brute(expected.cpu(), 2, 0.0))

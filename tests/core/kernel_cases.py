@@ -174,3 +174,46 @@ def test_auto_backend_on_cpu_is_the_torch_pass(monkeypatch):
     monkeypatch.setattr(kernels, "unit_stats_into", lambda *a, **k: calls.append(a))
     stats.batch_unit_sums(torch.ones(2, 2), 1, 0.0)
     assert calls == []
+
+
+# -- regressions of the statistics hunt (see test_stats_hunt_regressions.py for the CPU backends) --
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_kernel_reads_a_lazily_negated_view_by_its_values(device):
+    # Its memory holds the negatives: read raw, every unit's counts came out of the wrong sign.
+    g = torch.Generator().manual_seed(11)
+    z = torch.randn(8, 5, dtype=torch.complex64, generator=g).to(device)
+    for x in (z.conj().imag, torch._neg_view(torch.randn(9, 4, generator=g).to(device))):
+        assert x.is_neg()
+        assert_matches(run(x, 1, 0.1, "triton"), brute(x.resolve_neg().cpu(), 1, 0.1))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_kernel_adds_into_strided_accumulators_where_they_are(device):
+    # A column of a (units, steps) table: the kernel added at fired_ptr + u, into other columns.
+    x = torch.randn(50, 5, generator=torch.Generator().manual_seed(12)).to(device)
+    tables = {
+        "fired": torch.zeros(5, 3, dtype=torch.int64, device=device),
+        "abs_sum": torch.zeros(5, 3, dtype=torch.float64, device=device),
+        "nonfinite": torch.zeros(5, 3, dtype=torch.int64, device=device),
+        "observations": torch.zeros(1, 3, dtype=torch.int64, device=device),
+    }
+    out = {k: t[:, 1] for k, t in tables.items()}
+    assert not out["fired"].is_contiguous()
+    stats.accumulate(x, 1, 0.0, False, out, backend="triton")
+    assert_matches(out, brute(x.cpu(), 1, 0.0))
+    for t in tables.values():
+        assert not t[:, 0].any() and not t[:, 2].any()  # the neighbouring columns are untouched
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("unit_dim", [-1, -2])
+def test_kernel_takes_a_negative_unit_dim(device, unit_dim):
+    # -1 made the layout's trailing run the whole shape: reads past the tensor, heap corruption.
+    g = torch.Generator().manual_seed(13)
+    x = torch.randn(4, 5, 3, generator=g).to(device)
+    mask = torch.tensor([True, False, True, True], device=device)
+    for m in (None, mask):
+        got = run(x, unit_dim, 0.1, "triton", mask=m)
+        assert_matches(got, brute(x.cpu(), unit_dim % 3, 0.1, None if m is None else m.cpu()))

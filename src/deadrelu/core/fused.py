@@ -38,7 +38,10 @@ def launched() -> bool:
 def fusable_layout(x: torch.Tensor, unit_dim: int) -> bool:
     """True when the kernel addresses ``x`` in place through its strides (no contiguous copy) and
     ``x`` is dense, so the output has the layout ``torch.relu``'s would; never for a tensor of
-    ``torch.func``'s transforms (vmap, grad), whose storage a kernel cannot read."""
+    ``torch.func``'s transforms (vmap, grad), whose storage a kernel cannot read, nor for a lazily
+    negated view (``z.conj().imag``), whose memory holds the values' negatives."""
+    if x.is_neg():
+        return False
     if kernels.transforms_active() and kernels.functorch_wrapped(x):
         return False
     return kernels.fusable(tuple(x.shape), tuple(x.stride()), unit_dim)

@@ -177,6 +177,8 @@ def plan(x: torch.Tensor, unit_dim: int) -> tuple[torch.Tensor, int, int, int, i
         >>> plan(torch.zeros(2, 3, 4, 5).to(memory_format=torch.channels_last), 1)[1:]
         (40, 3, 1, 3, 1, 0)
     """
+    if x.is_neg():  # a lazily negated view (``z.conj().imag``): its memory holds -x, so negate a copy
+        x = x.resolve_neg()
     copy, *layout = _layout(tuple(x.shape), tuple(x.stride()), unit_dim)
     return (x.contiguous() if copy else x, *layout)  # type: ignore[return-value]
 
@@ -185,6 +187,8 @@ def plan(x: torch.Tensor, unit_dim: int) -> tuple[torch.Tensor, int, int, int, i
 def _layout(shape: tuple[int, ...], strides: tuple[int, ...], unit_dim: int) -> tuple[bool, int, int, int, int, int, int]:
     """:func:`plan` for one shape and strides (a batch's sites repeat them: worked out once):
     whether a contiguous copy is needed, then the six numbers."""
+    if -len(shape) <= unit_dim < 0:  # -1 is the last dim: shape[unit_dim + 1:] would be all of it
+        unit_dim += len(shape)
     copy = False
     head = _merged(shape[:unit_dim], strides[:unit_dim])
     tail = _merged(shape[unit_dim + 1 :], strides[unit_dim + 1 :])
@@ -346,6 +350,21 @@ def _dense(shape: tuple[int, ...], strides: tuple[int, ...]) -> bool:
     return True
 
 
+_ACCUMULATORS = (("fired", torch.int64), ("abs_sum", torch.float64), ("nonfinite", torch.int64), ("observations", torch.int64))
+
+
+def _addressable(out: Mapping[str, torch.Tensor], units: int, device: torch.device) -> bool:
+    """Whether the kernel may add into ``out`` itself: contiguous tensors of the accumulator dtypes
+    on the activation's device, ``units`` entries each (one observation count)."""
+    for key, dtype in _ACCUMULATORS:
+        t = out[key]
+        if t.dtype != dtype or t.device != device or not t.is_contiguous():
+            return False
+        if t.numel() != (1 if key == "observations" else units):
+            return False
+    return True
+
+
 def _launch(
     layout: tuple[torch.Tensor, int, int, int, int, int, int],
     y: torch.Tensor | None,
@@ -355,6 +374,19 @@ def _launch(
     mask: torch.Tensor | None,
 ) -> None:
     t, before, units, after, s_b, s_u, s_a = layout
+    if not _addressable(out, units, t.device):
+        # The kernel adds at fired_ptr + u: accumulators that are strided views (a column of a
+        # (units, steps) table), of another dtype or elsewhere would be written out of place.
+        # Count into fresh ones and add those in (no host synchronisation either way).
+        fresh = {
+            k: torch.zeros(n, dtype=dtype, device=t.device)
+            for k, n, dtype in (("fired", units, torch.int64), ("abs_sum", units, torch.float64),
+                                ("nonfinite", units, torch.int64), ("observations", 1, torch.int64))
+        }  # fmt: skip
+        _launch(layout, y, threshold, nonnegative, fresh, mask)
+        for k, v in fresh.items():
+            out[k] += v.view(out[k].shape) if out[k].numel() == v.numel() else v
+        return
     rows = before * after
     block_r, block_u = _blocks(units, s_u, after, s_a)
     unit_blocks = -(-units // block_u)

@@ -73,11 +73,12 @@ def available() -> bool:
 
 def supports(x: torch.Tensor) -> bool:
     """Whether the kernel counts ``x``: a plain strided CPU tensor of float32/float64/bfloat16/float16
-    whose memory it can read (not a tensor of ``torch.func``'s transforms, which has none, nor a
-    lazily negated view)."""
+    whose memory it can read (not a tensor of ``torch.func``'s transforms, which has none). A lazily
+    negated view is counted from a resolved copy (:func:`deadrelu.core.kernels.plan`) and never
+    fused (:func:`deadrelu.core.fused.fusable_layout`)."""
     if type(x) is not torch.Tensor or x.device.type != "cpu" or x.dtype not in _DTYPES:
         return False
-    if x.layout != torch.strided or x.is_neg() or (_transforms_active() and _functorch_wrapped(x)):
+    if x.layout != torch.strided or (_transforms_active() and _functorch_wrapped(x)):
         return False
     return available()
 

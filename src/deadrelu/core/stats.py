@@ -39,7 +39,8 @@ One pass per activation computes the four built-in sums, with the fastest exact 
   half-precision chunks are widened to float32, which is exact) — for the common layout,
   units innermost in memory and small enough for one chunk (a Linear layer's output), a
   cached per-layout plan (:class:`_RowsPlan`) whose buffers are made once, so a batch
-  costs a compare and two matrix-vector sums; on other devices plain torch reductions with
+  costs a compare, a matrix-vector count and a cascade sum of magnitudes (BLAS would
+  add a column's float32 values one after another); on other devices plain torch reductions with
   float64 accumulation.
 
 Either way counts are exact integers, magnitudes are summed in float64 (finite values near
@@ -245,7 +246,16 @@ def foreach_apply(op: str, targets: list[torch.Tensor], sources: list[torch.Tens
 
 def unit_reduce_dims(ndim: int, unit_dim: int) -> tuple[int, ...]:
     """Every dimension except ``unit_dim``: the ones a per-unit statistic reduces over."""
+    unit_dim = _dim(ndim, unit_dim)
     return tuple(d for d in range(ndim) if d != unit_dim)
+
+
+def _dim(ndim: int, unit_dim: int) -> int:
+    """``unit_dim`` counted from the front (``-1`` is the last dim). Every layout computation
+    (the ``(before, units, after)`` split, a mask's prefix, the kernels' strides) takes a
+    non-negative index: ``shape[unit_dim + 1:]`` of ``-1`` is the whole shape, and the kernels
+    would read past the tensor. Out-of-range values are left for indexing to refuse."""
+    return unit_dim + ndim if -ndim <= unit_dim < 0 else unit_dim
 
 
 def as_unit_batch(activation: torch.Tensor, unit_dim: int, units: int) -> tuple[torch.Tensor, int]:
@@ -262,6 +272,7 @@ def as_unit_batch(activation: torch.Tensor, unit_dim: int, units: int) -> tuple[
     if x.ndim < 2:
         x = x.reshape(1, -1)
         unit_dim = 1
+    unit_dim = _dim(x.ndim, unit_dim)
     if x.shape[unit_dim] != units:
         raise DeadReluError(
             f"activation has {x.shape[unit_dim]} units along dim {unit_dim} (shape {tuple(x.shape)}), "
@@ -280,6 +291,7 @@ def check_mask(x: torch.Tensor, unit_dim: int, mask: torch.Tensor | None) -> tor
     """
     if mask is None:
         return None
+    unit_dim = _dim(x.ndim, unit_dim)
     if mask.ndim > unit_dim or tuple(mask.shape) != tuple(x.shape[: mask.ndim]):
         raise DeadReluError(
             f"mask of shape {tuple(mask.shape)} does not match the leading dimensions of an activation of "
@@ -360,13 +372,16 @@ _CHUNK_MIN_ELEMENTS = 4 * _CHUNK_ELEMENTS
 _PARTIAL_ROWS = 4096
 
 
-def _column_sum_into(total: torch.Tensor, m: torch.Tensor) -> None:
-    """Add the column sums of a 2-D float tensor into a float64 ``total``. For wide rows a
-    matrix-vector product with ones runs up to 2x faster than ``sum(0)`` on CPU (and is exact
-    for 0/1 counts); for narrow ones BLAS is slower, pathologically so for one column."""
+def _column_sum_into(total: torch.Tensor, m: torch.Tensor, counts: bool) -> None:
+    """Add the column sums of a 2-D float tensor into a float64 ``total``. For wide rows of
+    ``counts`` a matrix-vector product with ones runs up to 2x faster than ``sum(0)`` on CPU (and
+    is exact for integers below 2**24); for narrow ones BLAS is slower, pathologically so for one
+    column. Magnitudes always go through ``sum(0)``: BLAS adds a column's float32 values one
+    after another, so one large value followed by 4095 small ones loses up to 4096 roundings
+    (a relative error of 2.4e-4 where torch's cascade sum keeps 1e-6)."""
     if m.shape[0] == 1:
         total += m[0]
-    elif m.shape[1] >= 128:
+    elif counts and m.shape[1] >= 128:
         total += _ones(m.shape[0], m.dtype, m.device) @ m
     else:
         total += m.sum(0)
@@ -394,13 +409,13 @@ class _RowsPlan:
         self.absx = None if nonnegative else _scratch(shape, dt, x.device, slot=2)
         self.part = _scratch((2, self.units), dt, x.device, slot=6)
         self.ones = _ones(self.rows, dt, x.device)
-        # the fastest exact column sum for this width (see _column_sum_into)
+        # the fastest exact column sum of counts for this width (see _column_sum_into)
         self.route = "row" if self.rows == 1 else "mv" if self.units >= 128 else "sum"
 
-    def _column_sums(self, m: torch.Tensor, out: torch.Tensor) -> None:
-        if self.route == "mv":
+    def _column_sums(self, m: torch.Tensor, out: torch.Tensor, counts: bool) -> None:
+        if self.route == "mv" and counts:
             torch.mv(m.t(), self.ones, out=out)
-        elif self.route == "sum":
+        elif self.route != "row":
             torch.sum(m, 0, out=out)
         else:
             out.copy_(m[0])
@@ -408,8 +423,8 @@ class _RowsPlan:
     def run(self, x: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(rows view of ``x``, per-unit count of ``x > threshold``, per-unit sum of ``|x|``)."""
         x2 = (x.movedim(self.unit_dim, -1) if self.moved else x).view(self.rows, self.units)
-        self._column_sums(torch.gt(x2, threshold, out=self.mask), self.part[0])
-        self._column_sums(x2 if self.absx is None else torch.abs(x2, out=self.absx), self.part[1])
+        self._column_sums(torch.gt(x2, threshold, out=self.mask), self.part[0], counts=True)
+        self._column_sums(x2 if self.absx is None else torch.abs(x2, out=self.absx), self.part[1], counts=False)
         return x2, self.part[0], self.part[1]
 
 
@@ -434,6 +449,13 @@ def _rows_plan(x: torch.Tensor, unit_dim: int, nonnegative: bool) -> _RowsPlan |
     return plan
 
 
+@functools.lru_cache(maxsize=256)
+def _float32(threshold: float) -> float:
+    """``threshold`` rounded to the nearest float32, as a float32 comparison sees it (±inf beyond
+    float32's range)."""
+    return torch.tensor(threshold, dtype=torch.float32).item()
+
+
 def _cpu_pass(x3: torch.Tensor, threshold: float, nonnegative: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-unit (count of ``x > threshold``, sum of ``|x|``) over a ``(before, units, after)``
     CPU tensor, chunk by chunk along ``before`` so each chunk stays in cache.
@@ -443,6 +465,8 @@ def _cpu_pass(x3: torch.Tensor, threshold: float, nonnegative: bool) -> tuple[to
     before, units, after = x3.shape
     # Float32 row partials count exactly below 2**24 values; wider runs work in float64.
     work = torch.float64 if x3.dtype == torch.float64 or after >= 2**24 else torch.float32
+    if x3.dtype != torch.float64:  # compared in float32 even when the work is float64, as the kernels do
+        threshold = _float32(threshold)
     widen = x3.dtype != work  # bf16/fp16: widen each chunk to float32 (exact) in cache
     chunk = _CHUNK_ELEMENTS if x3.numel() >= _CHUNK_MIN_ELEMENTS or widen else x3.numel()
     rows = max(1, min(before, chunk // max(units * after, 1), _PARTIAL_ROWS))
@@ -463,8 +487,8 @@ def _cpu_pass(x3: torch.Tensor, threshold: float, nonnegative: bool) -> tuple[to
         m = torch.gt(c, threshold, out=mask[:n])
         a = c if absx is None else torch.abs(c, out=absx[:n])
         if fired_rows is None or mag_rows is None:
-            _column_sum_into(fired, m[:, :, 0])
-            _column_sum_into(mag, a[:, :, 0])
+            _column_sum_into(fired, m[:, :, 0], counts=True)
+            _column_sum_into(mag, a[:, :, 0], counts=False)
         else:
             torch.sum(m, dim=2, out=fired_rows[start : start + n])
             torch.sum(a, dim=2, out=mag_rows[start : start + n])
@@ -472,8 +496,8 @@ def _cpu_pass(x3: torch.Tensor, threshold: float, nonnegative: bool) -> tuple[to
         # Each row holds up to `after` counts: float32 sums of rows stay exact up to 2**24 in all.
         step = _PARTIAL_ROWS if work == torch.float64 else max(1, min(_PARTIAL_ROWS, 2**24 // after))
         for start in range(0, before, step):
-            _column_sum_into(fired, fired_rows[start : start + step])
-            _column_sum_into(mag, mag_rows[start : start + step])
+            _column_sum_into(fired, fired_rows[start : start + step], counts=True)
+            _column_sum_into(mag, mag_rows[start : start + step], counts=False)
     return fired, mag
 
 
@@ -526,6 +550,7 @@ def traceable_batch_sums(
         >>> traceable_batch_sums(torch.tensor([[1.0, -2.0]]), 1, 0.0, False)["abs_sum"].tolist()
         [1.0, 2.0]
     """
+    unit_dim = _dim(x.ndim, unit_dim)
     dims = unit_reduce_dims(x.ndim, unit_dim)
     if x.dtype not in (torch.float32, torch.float64):
         x = x.float()  # threshold comparisons in float32, like the fused backends
@@ -654,6 +679,7 @@ def accumulate(
     # Detached rather than under no_grad: the same guarantee (nothing is recorded by autograd)
     # without a context manager's cost on every site of every batch.
     x = x.detach()
+    unit_dim = _dim(x.ndim, unit_dim)
     mask = check_mask(x, unit_dim, mask)
     if x.numel() == 0:
         return  # nothing observed (no values, or no units)
@@ -722,6 +748,7 @@ def fuses_relu(x: torch.Tensor, unit_dim: int, backend: str = "auto", inplace: b
 
 def relu_engine(x: torch.Tensor, unit_dim: int, backend: str, inplace: bool) -> object | None:
     """The kernel module (:mod:`.kernels` or :mod:`.native`) that fuses this ReLU, or None."""
+    unit_dim = _dim(x.ndim, unit_dim)
     if backend == "torch" or x.ndim < 2 or not x.is_floating_point() or x.numel() == 0:
         return None
     if _fusion_off():
@@ -784,6 +811,7 @@ def fused_relu_accumulate(
 ) -> torch.Tensor:
     """:func:`relu_accumulate` with the kernel already chosen (``relu_engine``'s answer, given by
     a caller that asked it first): the per-site decision is made once per call."""
+    unit_dim = _dim(x.ndim, unit_dim)
     if mask is not None:
         mask = check_mask(x.detach(), unit_dim, mask)
     if engine is native and not (inplace or (x.requires_grad and torch.is_grad_enabled()) or _forward_ad_on()):
@@ -830,7 +858,9 @@ def batch_unit_sums(
         >>> batch_unit_sums(torch.tensor([[1.0, -2.0], [3.0, 0.0]]), 1, 0.0)["fired"].tolist()
         [2, 0]
     """
-    units = x.shape[unit_dim] if x.ndim else 1
+    if x.ndim == 0:  # one value of one unit (the layouts index a unit dim)
+        x, unit_dim = x.reshape(1, 1), 1
+    units = x.shape[unit_dim]
     out = StatTensors(units, x.device).state
     accumulate(x, unit_dim, threshold, nonnegative, out, backend=backend)
     return out
