@@ -94,6 +94,19 @@ def test_rescue_experiment_runs_the_story():
     assert set(result["strategies"]) == {"control", "lower_lr", "leaky_relu", "reinit", "gelu"}
 
 
+def test_a_saved_rescue_result_is_read_back_by_the_report_and_later_experiments(tmp_path, capsys):
+    # rescue.json has the demo's schema (it is the demo's comparison); it used to be refused as
+    # "newer than this deadrelu reads", which broke `deadrelu report DIR` and every later experiment in DIR.
+    out = tmp_path / "res"
+    assert main(["experiment", "rescue", "--epochs", "1", "--seeds", "1", "--out", str(out), "--no-progress"]) == 0
+    assert json.loads((out / "rescue.json").read_text())["schema_version"] == 2
+    capsys.readouterr()
+    assert main(["report", str(out)]) == 0, capsys.readouterr().err
+    assert main(["experiment", "lr-sweep", "--epochs", "1", "--seeds", "1", "--out", str(out), "--no-progress"]) == 0
+    page = (out / "report.html").read_text()
+    assert "Rescue comparison on digits" in page and "Dead units vs learning rate" in page
+
+
 def test_preprocessing_compares_the_same_seeds_with_both_scalings_exactly():
     result = run_experiment("preprocessing", epochs=1, seeds=(0, 1), hidden=(32, 32), progress=False)
     assert [(r["inputs"], r["epoch"]) for r in result["rows"]] == [
@@ -116,6 +129,13 @@ def test_preprocessing_compares_the_same_seeds_with_both_scalings_exactly():
     line = next(l for l in ax.get_lines() if l.get_label() == "inputs standardised")
     assert list(line.get_ydata()) == pytest.approx([100 * m[-1] for m in
                                                     (r["dead_fraction_median"] for r in result["rows"][2:])])
+
+
+def test_preprocessing_describes_both_scalings_it_compares():
+    # its dataset.source (the report's meta line) used to describe the standardised data set only
+    result = run_experiment("preprocessing", epochs=1, seeds=(0,), hidden=(8, 8), progress=False)
+    source = result["dataset"]["source"]
+    assert "in [0, 1]" in source and "standardised" in source, source
 
 
 def test_run_experiment_rejects_bad_names_and_options():

@@ -5,6 +5,7 @@ never misstate a number (cut, dropped as markup, drawn as 0 for a diverged run).
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import signal
@@ -102,6 +103,39 @@ def test_an_out_below_a_file_is_found_before_training(tmp_path, capsys, monkeypa
     (tmp_path / "file.txt").write_text("x")
     assert main(["demo", *SMALL, "--no-live", "--out", str(tmp_path / "file.txt" / "o")]) == 2
     assert "is a file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("verb", ["demo", "experiment"])
+@pytest.mark.parametrize("case", ["dangling link", "below a dangling link", "name too long", "in /proc"])
+def test_an_out_that_cannot_be_created_is_found_before_training(verb, case, tmp_path, capsys, monkeypatch):
+    # These pass every permission check (root passes os.access everywhere) but the directory cannot be
+    # made: the run used to train in full and only then fail, with a raw "[Errno 17] File exists".
+    _no_training(monkeypatch)
+    (tmp_path / "link").symlink_to(tmp_path / "nowhere" / "dir")
+    out = {"dangling link": tmp_path / "link", "below a dangling link": tmp_path / "link" / "sub",
+           "name too long": tmp_path / ("a" * 300), "in /proc": Path("/proc/deadrelu-no-such-dir")}[case]
+    if case == "in /proc" and not Path("/proc/self").exists():
+        pytest.skip("no /proc here")
+    argv = ["demo", *SMALL, "--no-live"] if verb == "demo" else ["experiment", "lr-sweep", "--no-progress"]
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert main([*argv, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and f"cannot write outputs to {out}" in err, err
+    if "dangling" in case:
+        assert "symbolic link" in err and "does not exist" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # the probe left nothing behind
+
+
+@pytest.mark.parametrize("verb", ["demo", "experiment"])
+def test_a_missing_plot_extra_is_found_before_training(verb, tmp_path, capsys, monkeypatch):
+    # the plots and the report's images need matplotlib; it used to be found missing only after the training
+    _no_training(monkeypatch)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    argv = ["demo", *SMALL, "--no-live"] if verb == "demo" else ["experiment", "lr-sweep", "--no-progress"]
+    assert main([*argv, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and 'pip install "deadrelu[plot]"' in err, err
+    assert not (tmp_path / "out").exists()
 
 
 def test_an_interrupt_while_writing_leaves_the_earlier_run_intact(demo_dir, tmp_path, capsys, monkeypatch):
@@ -213,14 +247,14 @@ class _InlinePool:
 
 def test_worker_processes_ignore_ctrl_c_so_only_the_parent_reports_it(monkeypatch):
     from deadrelu.lab.datasets import load_dataset
-    from deadrelu.lab.demo import DemoSetting, ignore_interrupts, seeds_story
+    from deadrelu.lab.demo import DemoSetting, ignore_interrupts, init_worker, seeds_story
 
     monkeypatch.setattr("concurrent.futures.ProcessPoolExecutor", _InlinePool)
     _InlinePool.made.clear()
     setting = DemoSetting(checkpoint_epoch=1, epochs=1, strategies=("control",), hidden=(8, 8))
     seeds_story(load_dataset("digits"), seeds=(0, 1), setting=setting, progress=False, workers=2)
     (pool,) = _InlinePool.made
-    assert pool["initializer"] is ignore_interrupts
+    assert pool["initializer"] is init_worker and pool["initargs"] == (os.getpid(),)
     # workers start inside submit; started with SIGINT ignored, they are deaf to it while importing torch
     assert set(pool["sigint_at_submit"]) == {signal.SIG_IGN}
     assert signal.getsignal(signal.SIGINT) is not signal.SIG_IGN  # the parent's own handler is back
@@ -228,8 +262,85 @@ def test_worker_processes_ignore_ctrl_c_so_only_the_parent_reports_it(monkeypatc
     try:
         ignore_interrupts()
         assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        signal.signal(signal.SIGINT, previous)
+        monkeypatch.setattr("deadrelu.lab.demo._kill_me_with_parent", lambda: True)  # no prctl on the test process
+        init_worker(os.getppid())  # called as a worker of this process's parent: it carries on
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN  # the worker's initializer ignores Ctrl-C too
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def _spawned_children(pid: int) -> list[int]:
+    """Live multiprocessing workers whose parent is ``pid`` (from /proc)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+        except OSError:
+            continue
+        state, ppid = stat.rsplit(")", 1)[1].split()[:2]
+        if int(ppid) == pid and state != "Z" and b"spawn_main" in cmdline:
+            found.append(int(entry))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of a process so far (0 once it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads worker processes from /proc")
+def test_workers_end_when_the_demo_is_killed(tmp_path):
+    # `timeout`, a CI runner or a closed terminal kills the parent without any cleanup; its Ctrl-C-proof seed
+    # workers used to train on and then hang forever writing their result into a pipe nobody reads.
+    import subprocess
+    import time
+
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2] / "src"), MPLBACKEND="agg")
+    parent = subprocess.Popen(
+        [sys.executable, "-m", "deadrelu", "demo", "--seeds", "2", "--workers", "2", "--epochs", "100000",
+         "--no-progress", "--no-live", "--out", str(tmp_path / "out")],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    workers: list[int] = []
+    try:
+        deadline = time.monotonic() + 120
+        while len(workers) < 2 and parent.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+            workers = _spawned_children(parent.pid)
+        assert len(workers) == 2, "the demo started no two workers"
+        # Killed while they are still starting, workers exit on their own (the parent's pipe closes): wait
+        # until both have got their seed and train (spawning and importing torch take a few CPU seconds).
+        while min(_cpu_seconds(w) for w in workers) < 10 and parent.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert parent.poll() is None and all(_alive(w) for w in workers)
+        parent.send_signal(signal.SIGTERM)
+        parent.wait()
+        deadline = time.monotonic() + 120  # far longer than a worker needs to notice; it would train for hours
+        while any(_alive(w) for w in workers) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not any(_alive(w) for w in workers), "workers outlived the demo that started them"
+        assert not (tmp_path / "out").exists()
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+        for w in workers:
+            if _alive(w):
+                os.kill(w, signal.SIGKILL)
 
 
 # -- 5./6. tables on a terminal ------------------------------------------------------------------------

@@ -381,7 +381,7 @@ def _run_seeds(
     # spawn, not fork: forking a process whose torch has started threads can deadlock.
     context = multiprocessing.get_context("spawn")
     pool = ProcessPoolExecutor(max_workers=min(len(rest), max(1, workers - len(here))), mp_context=context,
-                               initializer=ignore_interrupts)
+                               initializer=init_worker, initargs=(os.getpid(),))
     workers_started = []
     try:
         with _interrupts_ignored():
@@ -410,6 +410,44 @@ def _run_seeds(
 def ignore_interrupts() -> None:
     """Worker initializer: Ctrl-C is the parent's to handle (it stops the pool and says so once)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def init_worker(parent_pid: int) -> None:
+    """Worker initializer: Ctrl-C ignored (:func:`ignore_interrupts`), and the worker ends when its parent does.
+
+    A parent killed outright (SIGTERM from ``timeout`` or a CI runner, SIGKILL, a closed terminal) runs no
+    cleanup, and its workers, Ctrl-C-proof, used to train on and then block forever writing their result
+    into a pipe nobody reads. On Linux the kernel now kills a worker when its parent dies
+    (``PR_SET_PDEATHSIG``); elsewhere a daemon thread watches the parent's process id.
+    """
+    ignore_interrupts()
+    if not _kill_me_with_parent():
+        threading.Thread(target=_watch_parent, args=(parent_pid,), name="deadrelu-parent-watch", daemon=True).start()
+    if os.getppid() != parent_pid:  # the parent died before this worker got here
+        os._exit(1)
+
+
+def _kill_me_with_parent() -> bool:
+    """Ask the Linux kernel to SIGKILL this process when its parent ends; False where it cannot."""
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        return libc.prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0) == 0
+    except (OSError, AttributeError):  # no libc or no prctl in it
+        return False
+
+
+def _watch_parent(parent_pid: int) -> None:
+    """End this process once its parent is gone (it is then adopted: another parent id)."""
+    while os.getppid() == parent_pid:
+        time.sleep(1.0)
+    os._exit(1)
 
 
 @contextlib.contextmanager
@@ -618,16 +656,49 @@ class OutputPlan:
 
 
 def _check_out_dir(out_dir: Path, names: Sequence[str]) -> None:
-    """The output directory can be created (or is a directory) and no output's name is taken by a directory."""
-    existing = next(d for d in (out_dir, *out_dir.parents, Path(".")) if d.exists())
-    if not existing.is_dir():
-        what = "it is a file" if existing == out_dir else f"{existing} is a file"
-        raise DeadReluError(f"cannot write outputs to {out_dir}: {what}, not a directory")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise DeadReluError(f"cannot write outputs to {out_dir}: {existing} is not writable")
-    for name in names:
-        if (out_dir / name).is_dir():
-            raise DeadReluError(f"cannot write {out_dir / name}: it is a directory")
+    """The output directory can be created (or is a directory) and no output's name is taken by a directory.
+
+    Checked for real, not from permission bits alone: the directories ``out_dir`` lacks and a file in it
+    are created and removed again, so a dangling symbolic link, a name too long, or a file system that
+    refuses (``/proc``, a read-only mount; root passes every ``os.access`` test) is found before
+    training, not after it.
+    """
+    try:
+        chain = (out_dir, *out_dir.parents)
+        for link in chain:
+            if link.is_symlink() and not link.exists():
+                raise DeadReluError(
+                    f"cannot write outputs to {out_dir}: {link} is a symbolic link to {os.readlink(link)}, which "
+                    "does not exist; create that directory or choose another --out"
+                )
+        existing = next(d for d in (*chain, Path(".")) if d.exists())
+        if not existing.is_dir():
+            what = "it is a file" if existing == out_dir else f"{existing} is a file"
+            raise DeadReluError(f"cannot write outputs to {out_dir}: {what}, not a directory")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise DeadReluError(f"cannot write outputs to {out_dir}: {existing} is not writable")
+        for name in names:
+            if (out_dir / name).is_dir():
+                raise DeadReluError(f"cannot write {out_dir / name}: it is a directory")
+        _probe_out_dir(out_dir, [d for d in chain if not d.exists()])
+    except OSError as err:  # ENAMETOOLONG from a stat, EPERM/EROFS/ENOENT from the probe
+        raise DeadReluError(f"cannot write outputs to {out_dir}: {err.strerror or err}") from None
+
+
+def _probe_out_dir(out_dir: Path, missing: Sequence[Path]) -> None:
+    """Create the ``missing`` directories (deepest last) and one temporary file in ``out_dir``; remove them again."""
+    created: list[Path] = []
+    try:
+        for directory in reversed(missing):
+            directory.mkdir()
+            created.append(directory)
+        fd, probe = tempfile.mkstemp(prefix=".deadrelu-probe.", suffix=".tmp", dir=out_dir)
+        os.close(fd)
+        os.unlink(probe)
+    finally:
+        for directory in reversed(created):
+            with contextlib.suppress(OSError):
+                directory.rmdir()  # only if still empty
 
 
 def _check_not_foreign(out_dir: Path, results_name: str, html: bool) -> None:
@@ -656,10 +727,16 @@ def plan_outputs(
         DeadReluError: ``out_dir`` or one of its parents is a file, an output's name is a directory, the
             result JSON or ``report.html`` exists there and is not deadrelu's (it is never replaced), or a
             result already in ``out_dir`` that the report would include is malformed (naming the file).
+        ModuleNotFoundError: the plots or the report are asked for and matplotlib (``deadrelu[plot]``) is not
+            installed: found here, not after the training.
     """
     plan = OutputPlan(Path(out_dir), experiment, results_name, plots, html)
     _check_out_dir(plan.out_dir, plan.file_names())
     _check_not_foreign(plan.out_dir, results_name, html)
+    if plots or html:  # the PNG files and the report's images are drawn with matplotlib
+        from .._imports import require
+
+        require("matplotlib", "plot")
     if html:
         from .html_report import result_plots, saved_results
 

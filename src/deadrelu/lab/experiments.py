@@ -370,11 +370,12 @@ def preprocessing(
     """
     if epochs < 1 or not seeds:
         raise DeadReluError("preprocessing needs epochs >= 1 and at least one seed")
-    rows, runs = [], []
+    rows, runs, sources = [], [], []
     bar = ProgressBar(progress, 2 * len(seeds), "preprocessing", unit="run")
     with torch_threads(1):
         for standardize in (False, True):
             ds = load_dataset(dataset, data_dir=data_dir, seed=seeds[0], standardize=standardize)
+            sources.append(ds.source)
             if ds.task != "classification":
                 raise DeadReluError(f"preprocessing needs a classification data set; {dataset} is {ds.task}")
             inputs = "standardised" if standardize else "in [0, 1]"
@@ -389,7 +390,8 @@ def preprocessing(
         "preprocessing", f"Input scaling and dead units ({dataset}, LR {lr:g}, batch {batch_size})",
         {"dataset": dataset, "epochs": epochs, "lr": lr, "seeds": list(seeds), "batch_size": batch_size,
          "hidden": list(hidden), "init": "he", "optimizer": "SGD (no momentum)"},
-        dataset=ds.describe(), rows=rows, runs=runs,
+        # both scalings were run: the data's description names both, not only the last one loaded
+        dataset={**ds.describe(), "source": " vs ".join(sources)}, rows=rows, runs=runs,
     )
     result["summary"] = {"lines": _preprocessing_lines(result)}
     return result

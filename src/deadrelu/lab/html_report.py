@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 from ..core.files import atomic_write_text
 from ..errors import DeadReluError, ReportFormatError
-from .schema import DEMO_SCHEMA_VERSION, EXPERIMENT_SCHEMA_VERSION
+from .schema import newest_schema
 from .tables import result_table
 
 __all__ = ["load_results", "saved_results", "result_plots", "render_html", "report_page", "write_report",
@@ -121,7 +121,7 @@ def _check_version(result: dict[str, Any]) -> None:
     version = result.get("schema_version")
     if version is None:  # hand-written or from before versions: checked field by field
         return
-    newest = DEMO_SCHEMA_VERSION if result.get("experiment") == "demo" else EXPERIMENT_SCHEMA_VERSION
+    newest = newest_schema(result.get("experiment"))  # rescue.json has the demo's schema
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
         raise DeadReluError(f"{result.get('_file', 'result')}: schema_version should be an int >= 1, got {version!r}")
     if version > newest:
