@@ -194,3 +194,66 @@ def test_parameters_through_an_activation_are_not_sites():
 
     report = deadrelu.scan(Scaled(), torch.randn(12, 3))
     assert [(s.name, s.units, s.observations) for s in report.sites] == [("<root>:relu", 4, 12)]
+
+
+class XIELUActivation(nn.Module):
+    """transformers.activations.XIELUActivation's Python path (the Apertus FFN): learned scalar coefficients."""
+
+    def __init__(self):
+        super().__init__()
+        self.alpha_p = nn.Parameter(torch.log(torch.expm1(torch.tensor([0.8]))))
+        self.alpha_n = nn.Parameter(torch.log(torch.expm1(torch.tensor([0.8 - 0.5]))))
+        self.beta, self.eps = 0.5, -1e-6
+
+    def forward(self, x):
+        alpha_p = F.softplus(self.alpha_p)
+        alpha_n = self.beta + F.softplus(self.alpha_n)
+        return torch.where(x > 0, alpha_p * x * x + self.beta * x,
+                           (torch.expm1(torch.clamp(x, max=self.eps)) - x) * alpha_n + self.beta * x)  # fmt: skip
+
+
+def test_xielu_with_its_learned_coefficients_is_a_site():
+    # It has parameters, so it was neither a site nor listed as uncaptured: its units went unseen
+    # (and an Apertus model had no activation site at all).
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), XIELUActivation(), nn.Linear(8, 8), nn.ReLU())
+    plant(model[0].bias, [0, 3, 5])
+    x = torch.randn(64, 4)
+    report = deadrelu.scan(model, x)
+    assert [(s.name, s.function, s.units) for s in report.sites] == [("1", "xielu", 8), ("3", "relu", 8)]
+    with torch.no_grad():
+        hidden = model[1](model[0](x))
+    truth = brute_force(hidden, -1)["fired"]
+    assert list(report.sites[0].fired_counts) == truth
+    # xIELU's negative branch grows again for large negative inputs: a planted bias does not kill it
+    assert report.sites[0].dead_units == tuple(i for i, n in enumerate(truth) if n == 0)
+
+
+def test_look_alikes_with_learned_slopes_are_listed_but_layers_and_norms_are_not():
+    class LearnedSlopeAct(nn.Module):  # one slope per channel: still an activation
+        def __init__(self):
+            super().__init__()
+            self.slope = nn.Parameter(torch.full((1, 5), 0.1))
+
+        def forward(self, x):
+            return torch.where(x > 0, x, self.slope * x)
+
+    class ActNorm(nn.Module):  # Glow's per-channel affine normalisation: matches ^act, but no activation
+        def __init__(self):
+            super().__init__()
+            self.scale = nn.Parameter(torch.ones(5))
+
+        def forward(self, x):
+            return x * self.scale
+
+    class GatedActivation(nn.Module):  # a weight matrix inside: a layer, not an activation
+        def __init__(self):
+            super().__init__()
+            self.gate = nn.Parameter(torch.randn(5, 5))
+
+        def forward(self, x):
+            return x * torch.sigmoid(x @ self.gate)
+
+    model = nn.Sequential(nn.Linear(3, 5), LearnedSlopeAct(), ActNorm(), GatedActivation(), nn.ReLU())
+    report = deadrelu.scan(model, torch.randn(20, 3))
+    assert report.uncaptured == ("1 (LearnedSlopeAct)",)

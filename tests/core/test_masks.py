@@ -300,3 +300,63 @@ def test_an_encoder_decoder_calls_attention_mask_is_the_encoders_only(decoder_ma
     decoded = sum(int(b["decoder_attention_mask"].sum()) if decoder_mask else b["decoder_input_ids"].numel() for b in batches)
     got = {s.name.split(".")[0]: s.observations for s in report.sites}
     assert got == {"encoder": real, "decoder": decoded}  # the encoder's mask never lies over the decoder
+
+
+def _decoder_truth(model, batches, path):
+    """Brute force: the observations of the activation module at ``path``, at real decoder tokens only."""
+    outs = []
+    handle = model.get_submodule(path).register_forward_hook(lambda m, a, o: outs.append(o.detach()))
+    with torch.no_grad():
+        for b in batches:
+            model(**b)
+    handle.remove()
+    kept = [o[b["decoder_attention_mask"].bool()] for o, b in zip(outs, batches)]
+    return sum(k.shape[0] for k in kept), sum((k > 0).sum(0) for k in kept)
+
+
+def test_a_decoder_attention_mask_is_honoured_without_an_encoder_mask():
+    # A call with decoder_attention_mask but no attention_mask (Whisper's usual batch, T5 without
+    # padding in its source) counted the decoder's padding: the decoder mask was read only beside
+    # an encoder mask.
+    model = _tiny_t5()
+    g = torch.Generator().manual_seed(1)
+    batches = []
+    for lengths in ([5, 2], [3, 4]):
+        dmask = (torch.arange(5)[None, :] < torch.tensor(lengths)[:, None]).long()
+        batches.append({"input_ids": torch.randint(1, 50, (2, 7), generator=g),
+                        "decoder_input_ids": torch.randint(1, 50, (2, 5), generator=g), "decoder_attention_mask": dmask})
+    path = next(n for n, m in model.named_modules() if n.startswith("decoder") and isinstance(m, nn.ReLU))
+    observations, fired = _decoder_truth(model, batches, path)
+    assert observations == 14
+    site = deadrelu.scan(model, batches).site(path)
+    assert site.observations == observations and torch.equal(torch.as_tensor(site.fired_counts), fired)
+    with deadrelu.Monitor(model, window=4) as mon:
+        for b in batches:
+            model(**b)
+            mon.step()
+    assert mon.report("total").site(path).observations == observations
+    encoder = next(s for s in deadrelu.scan(model, batches).sites if s.name.startswith("encoder"))
+    assert encoder.observations == 2 * 2 * 7  # no encoder mask: every source token
+
+
+class FlatDecoder(nn.Module):
+    """An encoder-decoder whose encoder keeps (B, T, C) and whose decoder flattens its tokens to (B·T, C)."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Linear(3, 4), nn.ReLU())
+        self.decoder = nn.Sequential(nn.Linear(3, 4), nn.ReLU())
+
+    def forward(self, x, tokens, attention_mask=None, decoder_attention_mask=None):
+        return self.encoder(x).sum() + self.decoder(tokens.flatten(0, 1)).sum()
+
+
+def test_a_decoder_mask_that_fits_nothing_warns_though_the_encoders_fits():
+    # The warning was one flag per pass: the encoder's fitting mask hid the decoder's that fit nothing.
+    batch = {"x": torch.randn(2, 5, 3), "tokens": torch.randn(2, 4, 3), "attention_mask": torch.ones(2, 5, dtype=torch.long),
+             "decoder_attention_mask": torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]])}
+    with pytest.warns(UserWarning, match=r"decoder_attention_mask of shape \(2, 4\) fits no activation.*\(8, 4\)") as record:
+        report = deadrelu.scan(FlatDecoder(), [batch, batch])
+    said = [str(w.message) for w in record if "fits no activation" in str(w.message)]
+    assert len(said) == 1 and "decoder_attention_mask" in said[0]
+    assert {s.name.split(".")[0]: s.observations for s in report.sites} == {"encoder": 20, "decoder": 16}

@@ -893,6 +893,47 @@ def test_the_calls_attention_mask_reaches_compiled_blocks(dynamo):
     assert [s.observations for s in unmasked.sites] == [20, 20, 20]
 
 
+@needs_inductor
+def test_a_compiled_decoder_block_reads_the_decoder_mask(dynamo):
+    """In an encoder-decoder call a compiled block inside ``decoder`` skips the decoder's padding
+    (``decoder_attention_mask``), not the encoder's, as the eager capture's decoder sites do."""
+
+    class EncoderDecoder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.encoder, self.decoder = Layer(), Layer()
+
+        def forward(self, x, y, attention_mask=None, decoder_attention_mask=None):
+            return self.encoder(x).sum() + self.decoder(y).sum()
+
+    def run(model, **call):
+        g = torch.Generator().manual_seed(1)
+        with deadrelu.Monitor(model, window=2, log_every=100) as mon:
+            for _ in range(2):
+                model(torch.randn(2, 5, 8, generator=g), torch.randn(2, 5, 8, generator=g), **call).backward()
+                mon.step()
+            return mon.report("total")
+
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    mask[1, 3:] = False  # 8 real source tokens
+    dmask = torch.zeros(2, 5, dtype=torch.bool)
+    dmask[:, :3] = True  # 6 real target tokens, the same length as the source's
+    torch.manual_seed(0)
+    plain = EncoderDecoder()
+    compiled = EncoderDecoder()
+    compiled.load_state_dict(plain.state_dict())
+    compiled.decoder = torch.compile(compiled.decoder)
+    for call in ({"attention_mask": mask, "decoder_attention_mask": dmask}, {"decoder_attention_mask": dmask}):
+        expected, got = run(plain, **call), run(compiled, **call)
+        source = 16 if "attention_mask" in call else 20
+        assert {s.name: s.observations for s in got.sites} == {
+            "encoder:relu": source, "encoder.act": source, "decoder:relu": 12, "decoder.act": 12
+        }
+        assert [(s.name, s.observations, s.fired_counts) for s in got.sites] == [
+            (s.name, s.observations, s.fired_counts) for s in expected.sites
+        ]
+
+
 
 
 @needs_inductor
@@ -1292,3 +1333,30 @@ def test_an_encoder_decoder_models_decoder_is_not_masked_by_the_encoders_mask(dy
     eager, compiled = eager_and_compiled(make, data, step, window=4)
     assert [(s.name, s.observations) for s in compiled.sites] == [(s.name, s.observations) for s in eager.sites]
     assert {s.name.split(".")[0]: s.observations for s in eager.sites} == {"encoder": 12, "decoder": 16}
+
+
+@needs_inductor
+@compiles_transformers
+def test_a_decoder_attention_mask_alone_masks_the_compiled_decoder(dynamo):
+    # With no encoder attention_mask in the call, the decoder's mask was ignored (eager and compiled).
+    transformers = pytest.importorskip("transformers")
+
+    def make():
+        config = transformers.T5Config(
+            vocab_size=50, d_model=8, d_kv=4, d_ff=16, num_layers=1, num_decoder_layers=1, num_heads=2,
+            decoder_start_token_id=0, pad_token_id=0, dropout_rate=0.0,
+        )
+        torch.manual_seed(0)
+        return transformers.T5Model(config)
+
+    g = torch.Generator().manual_seed(0)
+    dmask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0]])
+    data = [{"input_ids": torch.randint(1, 50, (2, 6), generator=g), "decoder_input_ids": torch.randint(1, 50, (2, 4), generator=g),
+             "decoder_attention_mask": dmask} for _ in range(2)]  # fmt: skip
+
+    def step(runner, b):
+        runner(**b).last_hidden_state.sum().backward()
+
+    eager, compiled = eager_and_compiled(make, data, step, window=4)
+    assert [(s.name, s.observations) for s in compiled.sites] == [(s.name, s.observations) for s in eager.sites]
+    assert {s.name.split(".")[0]: s.observations for s in eager.sites} == {"encoder": 24, "decoder": 8}

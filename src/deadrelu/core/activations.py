@@ -87,6 +87,9 @@ ACTIVATIONS: dict[str, Activation] = {
         Activation("quick_gelu", None, torch_function=False),
         Activation("hard_mish", None, torch_function=False),
         Activation("relu_squared", None, nonnegative=True, zero_when_dead=True, torch_function=False),
+        # xIELU (transformers' XIELUActivation, the Apertus models' FFN): x > 0 gives a quadratic,
+        # x <= 0 an ELU-like branch, both with learned scalar coefficients.
+        Activation("xielu", None, torch_function=False),
     )
 }
 
@@ -116,6 +119,7 @@ KNOWN_MODULE_NAMES: dict[str, str] = {
     "ReLUSquaredActivation": "relu_squared",
     "ReluSquared": "relu_squared",
     "SquaredReLU": "relu_squared",
+    "XIELUActivation": "xielu",
 }
 
 #: Activation functions captured as functional calls (base names; in-place ``name_`` variants included).
@@ -278,12 +282,14 @@ def function_of_module(module: nn.Module) -> str | None:
     return None
 
 
+_NORM_LIKE = re.compile(r"(?i)norm")  # ActNorm (Glow) is a normalisation, not an activation
 _ACTIVATION_LIKE = re.compile(r"(?i)(gelu|relu|elu$|silu|swish|mish|softplus|squash|snake|activation|^act|act$)")
 
 
 def looks_like_activation(module: nn.Module) -> bool:
     """A module that is probably an activation nobody told deadrelu about: not a known activation,
-    not torch's own, a leaf without parameters, with an activation-like class name.
+    not torch's own, a leaf with at most per-channel parameters (learned slopes), with an
+    activation-like class name.
 
     >>> import torch
     >>> class MyAct(torch.nn.Module):
@@ -295,7 +301,11 @@ def looks_like_activation(module: nn.Module) -> bool:
     cls = type(module)
     if cls.__module__.startswith("torch.") or function_of_module(module) is not None:
         return False
-    if next(iter(module.children()), None) is not None or next(iter(module.parameters()), None) is not None:
+    if next(iter(module.children()), None) is not None or _NORM_LIKE.search(cls.__name__):
+        return False
+    # Learned slopes or coefficients (a scalar, one per channel) leave it an activation; a weight
+    # matrix makes it a layer.
+    if any(sum(size > 1 for size in p.shape) > 1 for p in module.parameters()):
         return False
     return bool(_ACTIVATION_LIKE.search(cls.__name__))
 

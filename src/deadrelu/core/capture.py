@@ -217,10 +217,11 @@ class _Forward:
     masks: dict[tuple[torch.device, bool], torch.Tensor] = field(default_factory=dict)
     decoder_split: bool = False  # an encoder-decoder call: decoder sites take decoder_mask
     decoder_mask: torch.Tensor | None = None
-    # whether the mask lay over some activation of this pass (None: no activation counted yet),
-    # and the shape of one it did not fit, for the message when it fits none
-    mask_fit: bool | None = None
-    unfit_shape: tuple[int, ...] = ()
+    # per mask (the call's, the decoder's): whether it lay over some activation of this pass
+    # (absent: no activation counted with it yet), and the shape of one it did not fit, for the
+    # message when it fits none — each mask apart, as one that fits hides no other that does not
+    mask_fit: dict[bool, bool] = field(default_factory=dict)
+    unfit_shape: dict[bool, tuple[int, ...]] = field(default_factory=dict)
 
 
 class _FunctionSpy(TorchFunctionMode):
@@ -443,7 +444,7 @@ class ActivationCapture:
         self._warned_square = False
         self.batch_mask: torch.Tensor | None = None
         self.batch_mask_given = True  # the caller's batch_mask comes from its own mask= option
-        self._warned_unfit = False
+        self._warned_unfit: set[bool] = set()  # the masks (decoder's or not) already warned of
         self._script_calls: tuple[tuple[str, int], ...] | None = None  # calls per function in a scripted pass
         self._warned_script = False
         self.scripted = isinstance(model, torch.jit.ScriptModule)
@@ -500,6 +501,12 @@ class ActivationCapture:
     def current_mask(self) -> torch.Tensor | None:
         """The observation mask of the forward pass being observed (None: every position counts)."""
         return self._fwd.mask
+
+    @property
+    def current_decoder_mask(self) -> tuple[torch.Tensor | None, bool]:
+        """``(decoder mask, split)`` of the forward pass being observed: in an encoder-decoder call
+        (``split``) the ``decoder_attention_mask`` that its decoder sites take instead (None: every position)."""
+        return self._fwd.decoder_mask, self._fwd.decoder_split
 
     @property
     def enabled(self) -> bool:
@@ -614,7 +621,9 @@ class ActivationCapture:
             given = self.mask_spec is not None
         self._fwd.mask = mask
         self._fwd.mask_given = given
-        if mask is not None and not given:  # the call's own attention_mask: the encoder's, in a seq2seq model
+        # The call's own attention_mask is the encoder's in a seq2seq model; its decoder sites take the
+        # decoder_attention_mask, which a call may pass alone (Whisper, T5 without an encoder mask).
+        if not given:
             self._fwd.decoder_split, self._fwd.decoder_mask = decoder_mask_of_call(self.model, args, kwargs or {})
 
     def _end_forward(self) -> None:
@@ -624,21 +633,24 @@ class ActivationCapture:
         fwd = self._fwd
         if self.scripted:
             self._note_script_calls()
-        if fwd.mask is None or fwd.mask_fit is not False:
-            return
-        what = (
-            f"the observation mask of shape {tuple(fwd.mask.shape)} fits no activation of this forward pass "
-            f"(an activation's leading dimensions must be (B, T) or (T, B); e.g. {fwd.unfit_shape})"
-        )
-        if fwd.mask_given:
-            raise DeadReluError(f"{what}: give a mask of each batch's (B, T) shape, or mask=False to count every position")
-        if not self._warned_unfit:
-            self._warned_unfit = True
-            warnings.warn(
-                f"deadrelu: {what}, so every position was counted, padding included; pass mask= in the "
-                "activations' layout, or mask=False to silence this",
-                stacklevel=4,
+        for decoder, fits in fwd.mask_fit.items():
+            if fits:
+                continue
+            mask = fwd.decoder_mask if decoder else fwd.mask
+            name = "decoder_attention_mask" if decoder else "observation mask"
+            what = (
+                f"the {name} of shape {tuple(mask.shape)} fits no activation of this forward pass "
+                f"(an activation's leading dimensions must be (B, T) or (T, B); e.g. {fwd.unfit_shape[decoder]})"
             )
+            if fwd.mask_given:
+                raise DeadReluError(f"{what}: give a mask of each batch's (B, T) shape, or mask=False to count every position")
+            if decoder not in self._warned_unfit:
+                self._warned_unfit.add(decoder)
+                warnings.warn(
+                    f"deadrelu: {what}, so every position was counted, padding included; pass mask= in the "
+                    "activations' layout, or mask=False to silence this",
+                    stacklevel=4,
+                )
 
     def _note_script_calls(self) -> None:
         """A TorchScript model's sites are its k-th call of each function in the pass: a pass that
@@ -947,7 +959,7 @@ class ActivationCapture:
             if not site.takes_mask:
                 return None
             mask = aligned_mask(x, dim, mask, self._square_layout(site, x, dim, mask))
-            self._note_mask_fit(mask is not None, x)
+            self._note_mask_fit(mask is not None, x, site)
         self.last_site = site.info.module or "<root>"
         try:
             return fused(x, dim, mask=mask, inplace=inplace)
@@ -973,9 +985,7 @@ class ActivationCapture:
         module takes the call's ``decoder_attention_mask`` (none: every decoder position counts),
         even where the two lengths happen to be equal."""
         fwd = self._fwd
-        source = fwd.mask
-        if fwd.decoder_split and in_decoder(site.info.module):
-            source = fwd.decoder_mask
+        source = fwd.decoder_mask if self._takes_decoder_mask(site) else fwd.mask
         if source is None:
             return None
         key = (out.device, source is fwd.mask)
@@ -1008,9 +1018,9 @@ class ActivationCapture:
             square = self._square_layout(site, out, dim, mask)
             if site.takes_mask:  # the accumulator skips masked values in place: no copy, no sync
                 mask = aligned_mask(out, dim, mask, square)
-                self._note_mask_fit(mask is not None, out)
+                self._note_mask_fit(mask is not None, out, site)
             else:  # a user's accumulator without mask=: hand it the kept values
-                self._note_mask_fit(mask_layout(out.shape, dim, mask.shape) is not None, out)
+                self._note_mask_fit(mask_layout(out.shape, dim, mask.shape) is not None, out, site)
                 x, dim = apply_mask(out, dim, mask, square)
                 mask = None
         try:
@@ -1033,12 +1043,16 @@ class ActivationCapture:
         info = replace(site.info, shape=tuple(out.shape))
         return choose_unit_dim(self.unit_dim_spec, info, out.ndim, self._axis(out))
 
-    def _note_mask_fit(self, fits: bool, out: torch.Tensor) -> None:
-        fwd = self._fwd
+    def _takes_decoder_mask(self, site: _Site) -> bool:
+        """Whether the site is counted under the call's ``decoder_attention_mask`` (a decoder site of an encoder-decoder call)."""
+        return self._fwd.decoder_split and in_decoder(site.info.module)
+
+    def _note_mask_fit(self, fits: bool, out: torch.Tensor, site: _Site) -> None:
+        fwd, decoder = self._fwd, self._takes_decoder_mask(site)
         if fits:
-            fwd.mask_fit = True
-        elif fwd.mask_fit is None:
-            fwd.mask_fit, fwd.unfit_shape = False, tuple(out.shape)
+            fwd.mask_fit[decoder] = True
+        elif decoder not in fwd.mask_fit:
+            fwd.mask_fit[decoder], fwd.unfit_shape[decoder] = False, tuple(out.shape)
 
     def _square_layout(self, site: _Site, out: torch.Tensor, dim: int, mask: torch.Tensor) -> str:
         """How to read a square ``(B, T)`` mask (B = T fits a ``(B, T, C)`` and a ``(T, B, C)``

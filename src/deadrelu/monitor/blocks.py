@@ -70,7 +70,10 @@ class BlockCapture:
 
     def _hand_mask_in(self, module: nn.Module, args: Any, kwargs: Any = None) -> None:
         # after the eager half's own root hook, which took this call's mask
-        set_call_mask(self.eager.current_mask if self.eager.enabled else None)
+        if self.eager.enabled:
+            set_call_mask(self.eager.current_mask, *self.eager.current_decoder_mask)
+        else:
+            set_call_mask(None)
 
     def _call_done(self, module: nn.Module, args: Any, output: Any) -> None:
         set_call_mask(None)

@@ -224,22 +224,27 @@ _CALL_MASK = threading.local()  # the observation mask of the model call running
 _MASK_OP_NAME = "deadrelu::call_mask"
 
 
-def set_call_mask(mask: torch.Tensor | None) -> None:
+def set_call_mask(mask: torch.Tensor | None, decoder_mask: torch.Tensor | None = None, split: bool = False) -> None:
     """Make ``mask`` (bool ``(B, T)``, or None) the observation mask that compiled blocks' graphs
-    read while the model call that carries it runs (see :func:`_call_mask`)."""
-    _CALL_MASK.value = mask
+    read while the model call that carries it runs (see :func:`_call_mask`); in an encoder-decoder
+    call (``split``) a block inside a ``decoder`` module reads ``decoder_mask`` instead (None: every
+    position), as the eager capture's decoder sites do."""
+    _CALL_MASK.value = (mask, decoder_mask, split)
 
 
 def _mask_op() -> Any:
-    """The custom op ``deadrelu::call_mask(Tensor like) -> Tensor`` (registered once per process):
-    the running model call's mask over ``like``'s two leading dims — transposed when ``like`` is
+    """The custom op ``deadrelu::call_mask(Tensor like, bool decoder) -> Tensor`` (registered once
+    per process): the running model call's mask (its decoder mask for a ``decoder`` block of an
+    encoder-decoder call) over ``like``'s two leading dims — transposed when ``like`` is
     ``(T, B, ...)`` — or all True when the call has none that fits. A block's graph takes only
     the block's inputs, never the model call's ``attention_mask``; this op hands it in."""
 
     def define() -> None:
         @torch.library.custom_op(_MASK_OP_NAME, mutates_args=())
-        def call_mask(like: torch.Tensor) -> torch.Tensor:
-            mask = getattr(_CALL_MASK, "value", None)
+        def call_mask(like: torch.Tensor, decoder: bool) -> torch.Tensor:
+            mask, decoder_mask, split = getattr(_CALL_MASK, "value", None) or (None, None, False)
+            if decoder and split:
+                mask = decoder_mask
             lead = tuple(like.shape[:2])
             if mask is not None and mask.ndim == 2:
                 if tuple(mask.shape) == lead:
@@ -249,15 +254,16 @@ def _mask_op() -> Any:
             return torch.ones(lead, dtype=torch.bool, device=like.device)
 
         @call_mask.register_fake
-        def _(like: torch.Tensor) -> torch.Tensor:
+        def _(like: torch.Tensor, decoder: bool) -> torch.Tensor:
             return like.new_empty(like.shape[:2], dtype=torch.bool)
 
     return _registered_op("mask", _MASK_OP_NAME, define)
 
 
-def _call_mask(like: torch.Tensor) -> torch.Tensor:
-    """Inserted at the start of a compiled block's graph (see :meth:`GraphCapture.rewrite`)."""
-    return _mask_op()(like.detach())
+def _call_mask(like: torch.Tensor, decoder: bool = False) -> torch.Tensor:
+    """Inserted at the start of a compiled block's graph (see :meth:`GraphCapture.rewrite`); ``decoder``:
+    the block lies inside a ``decoder`` module."""
+    return _mask_op()(like.detach(), decoder)
 
 
 def _dispatch(sums: list[torch.Tensor], sites: list[int], anchor: Optional[torch.Tensor]) -> None:
@@ -812,7 +818,7 @@ class GraphCapture:
         # An encoder-decoder model: the attention_mask is the encoder's; decoder sites take the
         # decoder_attention_mask input, or none (as the eager capture does).
         decoder_mask = self._mask_input(graph, ("decoder_attention_mask",))
-        split = call_input and (decoder_mask is not None or is_encoder_decoder(self.model))
+        split = decoder_mask is not None or (call_input and is_encoder_decoder(self.model))
         sums, masked = [], False
         for node, site in found:
             with graph.inserting_after(node):
@@ -888,7 +894,7 @@ class GraphCapture:
                 if id(value) in self._weights:
                     continue  # a buffer
                 with graph.inserting_after(inputs[-1]):
-                    return graph.call_function(_call_mask, (node,)), tuple(node.meta["example_value"].shape[:2])
+                    return graph.call_function(_call_mask, (node, in_decoder(self._graph_root))), tuple(node.meta["example_value"].shape[:2])
         return None, None
 
     def _mask_input(self, graph: fx.Graph, keys: tuple[str, ...] = MASK_KEYS) -> fx.Node | None:
