@@ -111,7 +111,7 @@ from .activations import (
 from .hooks import copy_safe_hook, is_deadrelu_hook, only_deadrelu_forward_hooks, remove_inert_hooks
 from .kernels import functorch_wrapped
 from .inputs import aligned_mask, apply_mask, call_samples, decoder_mask_of_call, in_decoder, mask_from_call, mask_layout, mask_position
-from .unit_axis import ACT, GENERIC, PRODUCER, AxisTable, function_kind, kind_of
+from .unit_axis import ACT, GENERIC, PRODUCER, AxisTable, WeightSlice, function_kind, kind_of
 from .stats import fused_on_cpu, release_scratch, UnitStats
 
 __all__ = [
@@ -169,9 +169,35 @@ class SiteInfo:
     ordinal: int = 1
 
 
-def same_function_ordinal(infos: Iterable[SiteInfo], module: str, call: int, function: str) -> int:
-    """The ``ordinal`` of a new site: 1 + the sites already seen of that function in that module call."""
-    return 1 + sum(1 for i in infos if i.module == module and i.call == call and i.function == function)
+def same_function_ordinal(
+    infos: Iterable[SiteInfo], module: str, call: int, function: str, new: SiteInfo | None = None
+) -> int:
+    """The ``ordinal`` of a new site: 1 + the call positions already seen of that function in that
+    module call (the experts of one call position, see :func:`expert_of`, share theirs)."""
+    seen = {
+        (i.position, _call_occurrence(i))
+        for i in infos
+        if i.module == module and i.call == call and i.function == function and (i.position, _call_occurrence(i)) != (
+            (new.position, _call_occurrence(new)) if new is not None else None
+        )
+    }
+    same = [
+        i.ordinal for i in infos
+        if new is not None and expert_of(new) is not None and i.module == module and i.call == call
+        and i.function == function and (i.position, _call_occurrence(i)) == (new.position, _call_occurrence(new))
+    ]  # fmt: skip
+    return same[0] if same else 1 + len(seen)
+
+
+def expert_of(info: SiteInfo) -> int | None:
+    """The expert a site counts, for an activation of one expert of a stacked-weight experts layer
+    (its ``occurrence`` is ``-1 - expert``), else None."""
+    return -1 - info.occurrence if info.occurrence < 0 else None
+
+
+def _call_occurrence(info: SiteInfo) -> Any:
+    """The occurrence that tells call positions apart: every expert of one position is one."""
+    return "experts" if info.occurrence < 0 else info.occurrence
 
 
 UnitDimSpec = Union[None, int, Mapping[str, int], Callable[[SiteInfo], Union[int, None]]]
@@ -200,6 +226,10 @@ class _Frame:
     entry: Any = None  # the Python frame of its Module._call_impl (where its callees' positions end)
     scope: bool = False  # the root of a forward_scope() block: no module call, just the caller's code
     until: Any = None  # a scope's boundary (a Python frame or code object): its root-level calls' positions end there
+    # an activation module applied to a grouped matmul's rows (MoE experts in one kernel): the rows
+    # offsets[e-1]:offsets[e] of its output are expert e's, counted as the call numbered groups[1][e]
+    groups: tuple[Any, tuple[int, ...]] | None = None
+    expert: int | None = None  # an activation module applied to one slice e of a stacked weight (an experts loop)
 
 
 @dataclass
@@ -271,6 +301,19 @@ class _DispatchSpy(TorchDispatchMode):
                 self.capture.own_error = err
                 raise
         return out
+
+
+def _expert_rows(out: torch.Tensor, offsets: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+    """``(e, rows)`` for each expert ``e`` of a grouped matmul's output that got rows: rows
+    ``offsets[e-1]:offsets[e]`` (views, no copy). Reads the offsets on the host: one sync per
+    experts layer on an accelerator."""
+    ends = [min(int(end), out.shape[0]) for end in offsets.tolist()]
+    start, out_rows = 0, []
+    for e, end in enumerate(ends):
+        if end > start:
+            out_rows.append((e, out[start:end]))
+        start = max(start, end)
+    return out_rows
 
 
 def _rank_rule(ndim: int) -> int:
@@ -754,18 +797,32 @@ class ActivationCapture:
                 call, self.on_scope_call = self.on_scope_call, None
                 call((args, kwargs))  # the first module called inside a forward_scope() block: its inputs
             entry = _module_call_entry()
-            fwd.stack.append(_Frame(path, self._module_call(fwd, path, entry), entry=entry))
+            origin = fwd.axes.origin(args[0]) if activation and args else None
+            call = self._module_call(fwd, path, entry, origin)
+            frame = _Frame(path, call if isinstance(call, int) else call[0], entry=entry)
+            if not isinstance(call, int):
+                frame.groups = (origin.offsets, call)
+            elif origin is not None:
+                frame.expert = origin.index
+            fwd.stack.append(frame)
             if activation:
                 fwd.inside_activation += 1
 
         return pre_hook
 
-    def _module_call(self, fwd: _Forward, path: str, entry: Any) -> int:
+    def _module_call(self, fwd: _Forward, path: str, entry: Any, origin: WeightSlice | None = None) -> int | tuple[int, ...]:
         """The number of this call of module ``path``: one per place it is called from (the
         calling module call, the frames from there to here, and how often that place was reached
         before in this forward), numbered in first-seen order for the capture's lifetime. Not
         the n-th call of this forward: a reused module called conditionally (``if ...: h =
-        self.act(h)``) would shift its later calls onto the skipped call's site."""
+        self.act(h)``) would shift its later calls onto the skipped call's site.
+
+        An activation whose input comes from slice ``e`` of a stacked weight (``origin``, see
+        :meth:`AxisTable.origin`: an MoE experts loop, ``act_fn(x @ gate_up_proj[e])`` for each
+        expert a batch hits) is numbered by that slice instead: ``#1`` is expert 0's call
+        wherever the batch's routing put it, numbers reserved for every slice at first sight. An
+        activation of a grouped matmul's output (all experts in one call) gets every expert's
+        number, as a tuple."""
         if not fwd.stack or fwd.stack[-1].scope:
             # The root (or a re-entrant root call), or a module called straight from the code in a
             # forward_scope() block (Monitor.observe): no forward bounds the frames above it, which
@@ -776,13 +833,26 @@ class ActivationCapture:
             return call
         parent = fwd.stack[-1]
         where = (path, parent.path, parent.call, _module_call_position(entry, parent.entry))
+        numbers = self._call_numbers.setdefault(path, {})
+        if origin is not None:
+            return self._slice_numbers(numbers, where, origin)
         k = fwd.module_seen.get(where, 0)
         fwd.module_seen[where] = k + 1
-        numbers = self._call_numbers.setdefault(path, {})
         call = numbers.get((where, k))
         if call is None:
             call = numbers[(where, k)] = len(numbers)
         return call
+
+    @staticmethod
+    def _slice_numbers(numbers: dict[Any, int], where: Any, origin: WeightSlice) -> int | tuple[int, ...]:
+        """The number of ``where``'s call for slice ``origin.index`` of a stacked weight (every
+        slice's, for a grouped matmul), numbering every slice in order at first sight."""
+        keys = [(where, ("slice", origin.weight, i)) for i in range(origin.slices)]
+        for key in keys:
+            numbers.setdefault(key, len(numbers))
+        if origin.offsets is not None:
+            return tuple(numbers[key] for key in keys)
+        return numbers[keys[origin.index]]
 
     def _make_post_hook(self, path: str, module: nn.Module) -> Callable[..., None]:
         is_root = module is self.model
@@ -856,16 +926,26 @@ class ActivationCapture:
             entry = self._axis(inp)
             if entry is not None and out.shape == inp.shape:
                 self._fwd.axes.set(out, entry[1], entry[2])
+        origin = self._fwd.axes.origin(inp) if isinstance(inp, torch.Tensor) else None
+        if origin is not None and origin.offsets is not None and out.ndim == 2 and not self.scripted:
+            # an activation of a grouped matmul's output (every expert's rows): a site per expert
+            sites = self._site_for(called, args, kwargs, out, depth=5, spelled=spelled, groups=origin.offsets)
+            for site, rows in sites or ():
+                self._update(site, rows)
+            return
         site = self._site_for(called, args, kwargs, out, depth=5, spelled=spelled)
         if site is not None:
             self._update(site, out)
 
     def _site_for(
-        self, name: str, args: tuple, kwargs: dict | None, out: torch.Tensor, depth: int, spelled: bool = False
-    ) -> _Site | None:
+        self, name: str, args: tuple, kwargs: dict | None, out: torch.Tensor, depth: int, spelled: bool = False,
+        groups: torch.Tensor | None = None,
+    ) -> Any:
         """The site of the activation call being made (new on its first call), or None where
         the call is no site. ``out`` is its output, or the input when that stands in for it;
-        ``spelled``: the call is a ReLU written otherwise (``clamp(min=0)``)."""
+        ``spelled``: the call is a ReLU written otherwise (``clamp(min=0)``). With ``groups`` (a
+        grouped matmul's offsets: rows ``groups[e-1]:groups[e]`` are expert e's) a list of
+        ``(site, rows)``, one per expert with rows."""
         fwd = self._fwd
         if fwd.inside_activation or not fwd.stack:
             return None  # inside an activation module: the module's output is the site
@@ -879,8 +959,19 @@ class ActivationCapture:
         frame.slots = slot + 1
         position = () if self.scripted else _call_position(depth, frame.entry, frame.until)
         where = (frame.path, frame.call, position, name)
-        k = fwd.seen.get(where, 0)
-        fwd.seen[where] = k + 1
+        if groups is not None:
+            return [
+                (self.sites.get((*where, -1 - e)) or self._new_site((*where, -1 - e), rows, slot, position), rows)
+                for e, rows in _expert_rows(out, groups)
+            ]
+        origin = fwd.axes.origin(inp)
+        if origin is not None and not self.scripted:
+            # An experts loop's functional call (F.silu(x @ w[e])): keyed by the weight slice, not by
+            # how often the loop reached it before (see _module_call); occurrences stay ints.
+            k = -1 - origin[1]
+        else:
+            k = fwd.seen.get(where, 0)
+            fwd.seen[where] = k + 1
         key = (*where, k)
         site = self.sites.get(key)
         if site is None:
@@ -920,6 +1011,8 @@ class ActivationCapture:
         else:
             inplace = len(args) > 1 and bool(args[1])
         fwd = self._fwd
+        if fwd.axes.origin(inp) is not None:
+            return None  # an experts layer's rows: counted per expert by the usual route
         if fwd.inside_activation:
             frame = fwd.stack[-1] if fwd.stack else None
             if fwd.inside_activation != 1 or frame is None or frame.counted or frame.path not in self._plain_relus:
@@ -971,7 +1064,14 @@ class ActivationCapture:
     def _on_module_output(self, name: str, frame: _Frame, out: Any, module: nn.Module) -> None:
         if not isinstance(out, torch.Tensor):
             return
-        key = (frame.path, frame.call, None, name, 0)
+        if frame.groups is not None and out.ndim == 2:  # a grouped matmul's rows: expert e's call is calls[e]
+            offsets, calls = frame.groups
+            for e, rows in _expert_rows(out, offsets):
+                key = (frame.path, calls[e], None, name, -1 - e)
+                site = self.sites.get(key) or self._new_site(key, rows, 0, None)
+                self._update(site, rows, site.nonnegative and not _output_hooked(module))
+            return
+        key = (frame.path, frame.call, None, name, 0 if frame.expert is None else -1 - frame.expert)
         site = self.sites.get(key)
         if site is None:
             site = self._new_site(key, out, 0, None)
@@ -1121,7 +1221,7 @@ class ActivationCapture:
             # A flattened graph (torch.export): name the site after the module it came from.
             info.module, info.module_type, info.call = self._graph_sites[slot]  # type: ignore[misc]
             info.slot, info.leaf = 0, info.module_type in _ACTIVATION_CLASS_NAMES
-        info.ordinal = same_function_ordinal((s.info for s in self.sites.values()), info.module, info.call, name)
+        info.ordinal = same_function_ordinal((s.info for s in self.sites.values()), info.module, info.call, name, info)
         unit_dim = choose_unit_dim(self.unit_dim_spec, info, out.ndim, self._axis(out))
         units = out.shape[unit_dim] if out.ndim else 1
         thr = resolve_threshold(self.threshold_spec, info)
@@ -1477,23 +1577,28 @@ def display_names(infos: list[SiteInfo]) -> list[str]:
     """Unique, readable names: ``path`` for an activation module, ``path:fn`` for a functional call,
     ``.k`` for the k-th call position of the same function in one module call (in first-seen
     order), ``#k`` for the k-th call of a reused module."""
-    calls_per_module: dict[str, set[int]] = {}
-    per_call: dict[tuple[str, int], list[tuple[Any, str]]] = {}
+    calls_per_module: dict[str, set[Any]] = {}
+    per_call: dict[tuple[str, Any], dict[tuple[Any, ...], str]] = {}
+    # An experts layer's sites are one call (position) each, told apart by ``[e]``, the expert.
+    call_of = lambda i: ("experts", i.call) if expert_of(i) is not None and not i.position else i.call  # noqa: E731
     for i in infos:
-        calls_per_module.setdefault(i.module, set()).add(i.call)
-        per_call.setdefault((i.module, i.call), []).append(((i.position, i.occurrence, i.function), i.function))
+        calls_per_module.setdefault(i.module, set()).add(call_of(i))
+        per_call.setdefault((i.module, call_of(i)), {})[(i.position, _call_occurrence(i), i.function)] = i.function
     # A leaf module whose every call makes exactly one activation call is an activation module.
     single = {m: all(len(per_call[(m, c)]) == 1 for c in calls) for m, calls in calls_per_module.items()}
     names = []
     for i in infos:
         base = i.module or "<root>"
+        calls = {c for c in calls_per_module[i.module] if not isinstance(c, tuple)}
         if not (i.leaf and single[i.module] and i.module):
-            same_fn = [k for k, f in per_call[(i.module, i.call)] if f == i.function]
+            same_fn = [k for k, f in per_call[(i.module, call_of(i))].items() if f == i.function]
             base += f":{i.function}"
             if len(same_fn) > 1:
-                base += f".{same_fn.index((i.position, i.occurrence, i.function)) + 1}"
-        if len(calls_per_module[i.module]) > 1:
+                base += f".{same_fn.index((i.position, _call_occurrence(i), i.function)) + 1}"
+        if expert_of(i) is None and len(calls) > 1:
             base += f"#{i.call + 1}"
+        if expert_of(i) is not None:
+            base += f"[{expert_of(i)}]"
         names.append(base)
     # Dynamic control flow could still collide; make names unique without hiding either site.
     seen: dict[str, int] = {}

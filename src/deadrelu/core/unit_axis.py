@@ -16,7 +16,7 @@ matmul, convolution, embedding, recurrent layers) start a new one. See
 from __future__ import annotations
 
 import weakref
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -33,6 +33,9 @@ ACT, PRODUCER, TRANSPOSE, PERMUTE, RESHAPE, NORM, GENERIC, INDEX, REDUCE = range
 
 _CONV_PREFIXES = ("conv", "_conv", "cudnn_conv", "mkldnn_conv", "miopen_conv", "slow_conv", "thnn_conv")
 _LINEAR_NAMES = {"linear": "producer:Linear", "_linear": "producer:Linear", "bilinear": "producer:Linear"}
+# Grouped matmuls: rows offs[e-1]:offs[e] of the input times expert e's matrix (an MoE layer's
+# experts in one kernel: torch's grouped_mm, transformers' fallback op of the same arguments).
+_GROUPED_MM_NAMES = frozenset({"grouped_mm", "_grouped_mm", "grouped_mm_fallback"})
 _MATMUL_NAMES = frozenset(
     {"addmm", "mm", "matmul", "__matmul__", "__rmatmul__", "bmm", "baddbmm", "einsum", "addbmm", "_addmm_activation"}
 )
@@ -89,6 +92,8 @@ def function_kind(func: Any) -> tuple[int, str, Any]:
         return (PRODUCER, "producer:conv", batched)
     if name in _LINEAR_NAMES:
         return (PRODUCER, _LINEAR_NAMES[name], None)
+    if name in _GROUPED_MM_NAMES:
+        return (PRODUCER, "producer:grouped_mm", None)
     if name == "einsum":  # the equation says where the weight's units go (see _einsum_axis)
         return (PRODUCER, "producer:matmul", "einsum")
     if name in _MATMUL_NAMES:  # the third field: which arguments are the (left, right) operands
@@ -267,6 +272,62 @@ def _is_weight(t: Any) -> bool:
     return isinstance(t, torch.Tensor) and t.ndim == 2 and _is_weight_like(t, 2)
 
 
+class WeightSlice(NamedTuple):
+    """Where a tensor's rows came from in a stacked (experts) weight: slice ``index`` of ``slices``
+    (a loop over experts), or, with ``offsets``, a grouped matmul whose rows ``offsets[e-1]:offsets[e]``
+    are expert ``e``'s (``index`` is then -1)."""
+
+    weight: int  # id of the stacked parameter
+    index: int
+    slices: int
+    offsets: Any = None  # the grouped matmul's offs tensor (int, one end per expert)
+
+
+def stacked_slice(t: Any) -> WeightSlice | None:
+    """The :class:`WeightSlice` where ``t`` is one slice along dim 0 of a stacked parameter
+    (``experts.gate_up_proj[e]``, possibly transposed), else None.
+
+    >>> import torch
+    >>> w = torch.nn.Parameter(torch.zeros(4, 3, 2))
+    >>> stacked_slice(w[2])[1:3], stacked_slice(w[2].t())[1:3], stacked_slice(w[:, 0])
+    ((2, 4), (2, 4), None)
+    """
+    base = getattr(t, "_base", None)
+    if not isinstance(base, torch.nn.Parameter) or not isinstance(t, torch.Tensor) or base.ndim != t.ndim + 1:
+        return None
+    if sorted(zip(t.shape, t.stride())) != sorted(zip(base.shape[1:], base.stride()[1:])):
+        return None
+    offset, step = t.storage_offset() - base.storage_offset(), base.stride(0)
+    if step <= 0 or offset % step or not 0 <= offset // step < base.shape[0]:
+        return None
+    return WeightSlice(id(base), offset // step, base.shape[0])
+
+
+def _stacked_parameter(t: Any) -> torch.nn.Parameter | None:
+    """``t`` if it is a 3-D parameter, or the parameter it is a same-sized view of (``w.transpose(-2, -1)``)."""
+    base = t if isinstance(t, torch.nn.Parameter) else getattr(t, "_base", None)
+    if isinstance(base, torch.nn.Parameter) and base.ndim == 3 and isinstance(t, torch.Tensor) and t.numel() == base.numel():
+        return base
+    return None
+
+
+def _stacked_operand(rule: str, operands: Any, args: tuple, kwargs: dict | None = None) -> WeightSlice | None:
+    """The :class:`WeightSlice` of a linear's or matmul's weight operand, or a grouped matmul's rows."""
+    if rule == "producer:Linear":
+        return stacked_slice(args[1]) if len(args) > 1 else None
+    if rule == "producer:matmul" and isinstance(operands, tuple) and len(args) > max(operands):
+        return stacked_slice(args[operands[1]]) or stacked_slice(args[operands[0]])
+    if rule == "producer:grouped_mm":
+        offsets = (kwargs or {}).get("offs", args[2] if len(args) > 2 else None)
+        weight = _stacked_parameter(args[1]) if len(args) > 1 else None
+        if weight is None or not isinstance(offsets, torch.Tensor) or offsets.ndim != 1 or offsets.numel() != weight.shape[0]:
+            return None
+        if isinstance(args[0], torch.Tensor) and args[0].ndim != 2:
+            return None
+        return WeightSlice(id(weight), -1, weight.shape[0], offsets)
+    return None
+
+
 def _weight_on_the_left(args: tuple, operands: Any) -> bool:
     """Whether a matmul multiplies a weight from the left (``W @ x``, as Mamba's ``dt_proj.weight @
     h.transpose(1, 2)``) and an activation from the right; ``operands`` are the (left, right)
@@ -327,6 +388,18 @@ class AxisTable:
 
     def __init__(self) -> None:
         self.entries: dict[int, tuple[Any, int, str]] = {}
+        # Tensors computed from one slice of a stacked weight (an MoE layer's ``gate_up_proj[e]``),
+        # by identity: (weakref, (id of the stacked parameter, slice index, slices)). Carried with
+        # the axis, so a reused activation module that a loop calls once per expert hit can key each
+        # call by its expert, not by how many experts were hit before it in that batch.
+        self.origins: dict[int, tuple[Any, WeightSlice]] = {}
+
+    def origin(self, t: Any) -> "WeightSlice | None":
+        """The :class:`WeightSlice` a tensor was made from (see :func:`stacked_slice`), or None."""
+        entry = self.origins.get(id(t))
+        if entry is not None and entry[0]() is t:
+            return entry[1]
+        return None
 
     def get(self, t: Any) -> tuple[Any, int, str] | None:
         entry = self.entries.get(id(t))
@@ -342,7 +415,7 @@ class AxisTable:
         """Carry the feature axis from a (non-activation) op's inputs to its outputs."""
         code = kind[0]
         if code == PRODUCER:
-            self._produced(kind, out, args)
+            self._produced(kind, out, args, kwargs)
             return
         src = entry = None
         for a in args[:2]:
@@ -382,8 +455,12 @@ class AxisTable:
                 new = carried_axis(axis, before, after)
             if new is not None and new != GONE:
                 self.set(o, new, rule)
+                origin = self.origin(src)
+                # a grouped matmul's output stays grouped only while its rows stay as they were
+                if origin is not None and (origin.offsets is None or (o.ndim == 2 and len(before) == 2 and after[0] == before[0])):
+                    self.origins[id(o)] = (weakref.ref(o), origin)
 
-    def _produced(self, kind: tuple[int, str, Any], out: Any, args: tuple = ()) -> None:
+    def _produced(self, kind: tuple[int, str, Any], out: Any, args: tuple = (), kwargs: dict | None = None) -> None:
         rule, batched = kind[1], kind[2]
         for o in out if isinstance(out, (tuple, list)) else (out,):
             if isinstance(o, torch.Tensor) and o.ndim:
@@ -397,5 +474,8 @@ class AxisTable:
                 else:
                     axis = o.ndim - 1
                 self.set(o, axis, rule)
+                origin = _stacked_operand(rule, batched, args, kwargs)
+                if origin is not None:
+                    self.origins[id(o)] = (weakref.ref(o), origin)
             if rule != "producer:RNN":
                 break  # conv/linear return one tensor; an RNN returns (output, h_n[, c_n])
