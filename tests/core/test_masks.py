@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from fixtures.models import brute_force
 from torch import nn
 
@@ -360,3 +361,63 @@ def test_a_decoder_mask_that_fits_nothing_warns_though_the_encoders_fits():
     said = [str(w.message) for w in record if "fits no activation" in str(w.message)]
     assert len(said) == 1 and "decoder_attention_mask" in said[0]
     assert {s.name.split(".")[0]: s.observations for s in report.sites} == {"encoder": 20, "decoder": 16}
+
+
+class TwoTowers(nn.Module):
+    """A CLIP-like model: a text tower on input_ids (B, T) and an image tower on pixel_values,
+    whose patch tokens (B, P, C) have the text's length P = T by chance."""
+
+    def __init__(self):
+        super().__init__()
+        self.text_embed = nn.Embedding(30, 8)
+        self.text_mlp = nn.Sequential(nn.Linear(8, 6), nn.GELU())
+        self.patch = nn.Conv2d(3, 8, 2, stride=2)
+        self.image_mlp = nn.Sequential(nn.Linear(8, 6), nn.GELU())
+
+    def forward(self, input_ids, pixel_values, attention_mask=None):
+        text = self.text_mlp(self.text_embed(input_ids))
+        patches = self.patch(pixel_values).flatten(2).transpose(1, 2)  # (B, 4, 8)
+        image = F.relu(self.image_mlp(patches))
+        return text.sum() + image.sum()
+
+
+def test_the_text_mask_never_lies_over_the_image_towers_tokens():
+    # A text attention_mask of (B, 4) fit the (B, 4 patches, C) image activations too and dropped
+    # image tokens as if they were padding (a CLIP call whenever the text length equals the patches').
+    torch.manual_seed(0)
+    model = TwoTowers().eval()
+    g = torch.Generator().manual_seed(0)
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 0]])
+    batch = {"input_ids": torch.randint(0, 30, (2, 4), generator=g), "pixel_values": torch.randn(2, 3, 4, 4, generator=g),
+             "attention_mask": mask}  # fmt: skip
+    report = deadrelu.scan(model, [batch, batch])
+    got = {s.name: s.observations for s in report.sites}
+    assert got == {"text_mlp.1": 2 * 5, "image_mlp.1": 2 * 8, "<root>:relu": 2 * 8}
+    with torch.no_grad():
+        truth = (model.text_mlp(model.text_embed(batch["input_ids"]))[mask.bool()] > 0).sum(0) * 2
+    assert list(report.site("text_mlp.1").fired_counts) == truth.tolist()
+    with deadrelu.Monitor(model, window=4) as mon:
+        model(**batch).backward()
+        mon.step()
+    assert {s.name: s.observations for s in mon.report("total").sites} == {k: v // 2 for k, v in got.items()}
+
+
+def test_clip_vision_tokens_are_not_masked_by_the_text_mask():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.CLIPConfig(
+        text_config=dict(vocab_size=60, hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2,
+                         max_position_embeddings=32),
+        vision_config=dict(hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2, image_size=32,
+                           patch_size=8),
+        projection_dim=16,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.CLIPModel(config).eval()
+    mask = torch.ones(2, 17, dtype=torch.long)  # 17 = 16 patches + CLS: the vision tower's length
+    mask[0, 5:] = 0
+    mask[1, 9:] = 0
+    g = torch.Generator().manual_seed(0)
+    batch = {"input_ids": torch.randint(3, 60, (2, 17), generator=g), "attention_mask": mask,
+             "pixel_values": torch.randn(2, 3, 32, 32, generator=g)}  # fmt: skip
+    got = {s.name.split(".")[0]: s.observations for s in deadrelu.scan(model, [batch]).sites}
+    assert got == {"vision_model": 2 * 17, "text_model": int(mask.sum())}

@@ -88,6 +88,7 @@ import re
 import sys
 import threading
 import warnings
+import weakref
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Iterator, Mapping, Union
 
@@ -110,7 +111,17 @@ from .activations import (
 )
 from .hooks import copy_safe_hook, is_deadrelu_hook, only_deadrelu_forward_hooks, remove_inert_hooks
 from .kernels import functorch_wrapped
-from .inputs import aligned_mask, apply_mask, call_samples, decoder_mask_of_call, in_decoder, mask_from_call, mask_layout, mask_position
+from .inputs import (
+    aligned_mask,
+    apply_mask,
+    call_samples,
+    decoder_mask_of_call,
+    in_decoder,
+    iter_tensors,
+    mask_from_call,
+    mask_layout,
+    mask_position,
+)
 from .unit_axis import ACT, GENERIC, PRODUCER, AxisTable, WeightSlice, function_kind, kind_of
 from .stats import fused_on_cpu, release_scratch, UnitStats
 
@@ -250,6 +261,10 @@ class _Forward:
     # per mask (the call's, the decoder's): whether it lay over some activation of this pass
     # (absent: no activation counted with it yet), and the shape of one it did not fit, for the
     # message when it fits none — each mask apart, as one that fits hides no other that does not
+    # In a call with inputs of other shapes than its mask's (B, T) (CLIP's pixel_values beside its
+    # input_ids): which tensors come from the token inputs (True) and which from the others only
+    # (False), by identity: the mask never lies over the latter, even where the lengths agree.
+    sources: dict[int, tuple[Any, bool]] | None = None
     mask_fit: dict[bool, bool] = field(default_factory=dict)
     unfit_shape: dict[bool, tuple[int, ...]] = field(default_factory=dict)
 
@@ -301,6 +316,43 @@ class _DispatchSpy(TorchDispatchMode):
                 self.capture.own_error = err
                 raise
         return out
+
+
+def _input_sources(args: tuple, kwargs: Mapping[str, Any], mask: torch.Tensor) -> dict[int, tuple[Any, bool]] | None:
+    """The call's input tensors as sources (see ``_Forward.sources``): True for one laid out like
+    the mask (``input_ids`` (B, T), ``inputs_embeds`` (B, T, C)), False for another of 2 or more
+    dims (``pixel_values``); None, so nothing is tracked, where the call lacks either kind."""
+    lead = tuple(mask.shape)
+    sources: dict[int, tuple[Any, bool]] = {}
+    for t in iter_tensors((args, dict(kwargs))):
+        if t is not mask and t.ndim >= len(lead):
+            sources[id(t)] = (weakref.ref(t), tuple(t.shape[: len(lead)]) == lead)
+    kinds = {token for _, token in sources.values()}
+    return sources if kinds == {True, False} else None  # a mask-shaped input and another
+
+
+def _carry_source(sources: dict[int, tuple[Any, bool]], args: tuple, kwargs: dict | None, out: Any) -> None:
+    """Mark an op's outputs: from the token inputs if any argument is, else from the other inputs if any is."""
+    token = other = False
+    for group in (args, (kwargs or {}).values()):
+        for a in group:
+            for t in a if type(a) in (list, tuple) else (a,):
+                if not isinstance(t, torch.Tensor):
+                    continue
+                entry = sources.get(id(t))
+                if entry is not None and entry[0]() is t:
+                    token, other = token or entry[1], other or not entry[1]
+    if not (token or other):
+        return
+    for o in out if isinstance(out, (tuple, list)) else (out,):
+        if isinstance(o, torch.Tensor):
+            sources[id(o)] = (weakref.ref(o), token)
+
+
+def _from_other_inputs(sources: dict[int, tuple[Any, bool]], t: torch.Tensor) -> bool:
+    """Whether ``t`` was computed from the call's other inputs only (an image tower's activations)."""
+    entry = sources.get(id(t))
+    return entry is not None and entry[0]() is t and not entry[1]
 
 
 def _expert_rows(out: torch.Tensor, offsets: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
@@ -668,6 +720,8 @@ class ActivationCapture:
         # decoder_attention_mask, which a call may pass alone (Whisper, T5 without an encoder mask).
         if not given:
             self._fwd.decoder_split, self._fwd.decoder_mask = decoder_mask_of_call(self.model, args, kwargs or {})
+        if mask is not None:
+            self._fwd.sources = _input_sources(args, kwargs or {}, mask)
 
     def _end_forward(self) -> None:
         """A mask that lay over no activation of the pass counted every position, padding included:
@@ -894,6 +948,8 @@ class ActivationCapture:
 
     def _on_op(self, kind: tuple[int, str, Any], args: tuple, kwargs: dict | None, out: Any) -> None:
         """Carry the feature axis from an op's input to its output; hand activations on."""
+        if self._fwd.sources is not None:
+            _carry_source(self._fwd.sources, args, kwargs, out)
         if kind[0] == ACT:
             self._on_activation(kind[1], args, kwargs, out)
         else:
@@ -1039,6 +1095,8 @@ class ActivationCapture:
             entry = self._axis(inp)
             if entry is not None:
                 fwd.axes.set(out, entry[1], entry[2])
+            if fwd.sources is not None:
+                _carry_source(fwd.sources, (inp,), None, out)
         return out
 
     def _fused_update(self, site: _Site, x: torch.Tensor, inplace: bool) -> torch.Tensor | None:
@@ -1088,6 +1146,8 @@ class ActivationCapture:
         source = fwd.decoder_mask if self._takes_decoder_mask(site) else fwd.mask
         if source is None:
             return None
+        if source is fwd.mask and fwd.sources is not None and _from_other_inputs(fwd.sources, out):
+            return None  # an image tower's tokens: the call's (text) mask is not theirs
         key = (out.device, source is fwd.mask)
         mask = fwd.masks.get(key)
         if mask is None:
