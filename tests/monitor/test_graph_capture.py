@@ -1360,3 +1360,34 @@ def test_a_decoder_attention_mask_alone_masks_the_compiled_decoder(dynamo):
     eager, compiled = eager_and_compiled(make, data, step, window=4)
     assert [(s.name, s.observations) for s in compiled.sites] == [(s.name, s.observations) for s in eager.sites]
     assert {s.name.split(".")[0]: s.observations for s in eager.sites} == {"encoder": 24, "decoder": 8}
+
+
+@needs_inductor
+@pytest.mark.skipif(not hasattr(torch, "_grouped_mm"), reason="torch._grouped_mm needs torch >= 2.8")
+def test_a_compiled_grouped_experts_site_says_it_pools_the_experts(dynamo):
+    # The eager capture splits a grouped matmul's rows into one site per expert; the compiled
+    # monitor cannot yet and pooled them silently.
+    class Grouped(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.router = nn.Linear(4, 16), nn.Linear(16, 4)
+            self.w = nn.Parameter(torch.randn(4, 16, 16) / 4)
+            self.act = nn.SiLU()
+
+        def forward(self, x):
+            h = self.embed(x)
+            route = self.router(h).argmax(-1)
+            offs = torch.bincount(route, minlength=4).cumsum(0).to(torch.int32)
+            return self.act(torch._grouped_mm(h[route.argsort(stable=True)], self.w.transpose(-2, -1), offs=offs))
+
+    from deadrelu.monitor.graph_capture import CompiledModelWarning
+
+    torch.manual_seed(0)
+    model = Grouped().to(torch.bfloat16)  # Inductor's grouped_mm takes bf16 only
+    mon = deadrelu.Monitor(model, window=4, compiled=True).attach()
+    try:
+        with pytest.warns(CompiledModelWarning, match="grouped matmul over stacked experts.*compiled=False"):
+            torch.compile(model)(torch.randn(32, 4, dtype=torch.bfloat16)).float().sum().backward()
+            mon.step()
+    finally:
+        mon.detach()

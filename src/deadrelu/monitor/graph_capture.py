@@ -1060,6 +1060,17 @@ class GraphCapture:
         if not isinstance(units, int):
             self.uncaptured.setdefault(path or "<root>", f"{name} with a dynamic number of units")
             return None
+        if info.unit_axis_source == "producer:grouped_mm":
+            # The eager capture splits a grouped matmul's rows by its offsets, one site per expert;
+            # a compiled graph's sums cannot yet, so say that this site pools them.
+            warnings.warn(
+                f"deadrelu: the {name} in {path or '<root>'} follows a grouped matmul over stacked experts (an MoE "
+                "layer); the compiled monitor counts unit k of every expert as one unit, so a unit dead in one "
+                "expert reads alive if another fires. Use compiled=False (eager, one site per expert) for "
+                "per-expert counts",
+                CompiledModelWarning,
+                stacklevel=2,
+            )
         stats = WindowStats(units, resolve_threshold(self.threshold_spec, info), value.device, self.window)
         stats.nonnegative = name in NONNEGATIVE_FUNCTIONS
         site = _Site(
