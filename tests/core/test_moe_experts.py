@@ -1,6 +1,7 @@
 """Mixture-of-experts layers keep one site per expert: experts stored as one stacked weight
-(``gate_up_proj[e]``, transformers 5's Mixtral, Qwen-MoE, OLMoE, …) run either as a loop over
-the experts a batch hits or as one grouped matmul over token rows sorted by expert. Checked
+(``gate_up_proj[e]``, transformers 5's Mixtral, Qwen-MoE, OLMoE, …) run as a loop over the
+experts a batch hits, as one grouped matmul over token rows sorted by expert, or as a batched
+matmul with each row's expert matrix gathered. Checked
 against a brute-force per-expert computation, with units planted dead in single experts."""
 
 from __future__ import annotations
@@ -38,6 +39,10 @@ class Experts(nn.Module):
                 gate, up = F.linear(x[rows], self.gate_up_proj[e]).chunk(2, dim=-1)
                 out[rows] = F.linear(self.activate(gate) * up, self.down_proj[e])
             return out
+        if self.impl == "batched":  # one expert's matrix gathered per row (transformers' batched_mm)
+            h = torch.bmm(self.gate_up_proj[route], x.unsqueeze(-1)).squeeze(-1)
+            gate, up = h.chunk(2, dim=-1)
+            return torch.bmm(self.down_proj[route], (self.activate(gate) * up).unsqueeze(-1)).squeeze(-1)
         order = route.argsort(stable=True)
         offs = torch.bincount(route, minlength=EXPERTS).cumsum(0).to(torch.int32)
         h = torch._grouped_mm(x[order], self.gate_up_proj.transpose(-2, -1), offs=offs)
@@ -131,7 +136,9 @@ def _check(report, model, batches, path):
 
 
 @pytest.mark.parametrize(
-    "impl", ["loop", pytest.param("grouped", marks=needs_grouped_mm)], ids=["loop over hit experts", "grouped matmul"]
+    "impl",
+    ["loop", pytest.param("grouped", marks=needs_grouped_mm), "batched"],
+    ids=["loop over hit experts", "grouped matmul", "batched matmul"],
 )
 @pytest.mark.parametrize("functional", [False, True], ids=["act_fn module", "functional"])
 def test_each_expert_is_its_own_site(impl, functional):
@@ -153,7 +160,7 @@ def test_each_expert_is_its_own_site(impl, functional):
         assert 5 in sites[3].dead_units
 
 
-@pytest.mark.parametrize("impl", ["loop", pytest.param("grouped", marks=needs_grouped_mm)])
+@pytest.mark.parametrize("impl", ["loop", pytest.param("grouped", marks=needs_grouped_mm), "batched"])
 def test_the_loop_and_the_grouped_matmul_give_the_same_sites_and_the_monitor_agrees(impl):
     batches = _batches()
     model = _instrumented(impl)
@@ -180,3 +187,43 @@ def test_grouped_relu_experts_are_counted_per_expert_by_the_usual_route():
         (s.name, s.observations, s.fired_counts) for s in b.sites
     ]
     assert len(_expert_sites(b)) >= 3
+
+
+@pytest.mark.parametrize("impl", ["eager", "grouped_mm", "batched_mm"])
+def test_transformers_mixtral_experts_are_counted_per_expert(impl):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.MixtralConfig(
+        hidden_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, vocab_size=60,
+        intermediate_size=16, num_local_experts=6, num_experts_per_tok=2,
+    )  # fmt: skip
+    config._experts_implementation = impl
+    torch.manual_seed(0)
+    try:
+        model = transformers.MixtralModel(config).eval()
+    except (ValueError, ImportError) as err:  # an older transformers without this implementation
+        pytest.skip(str(err))
+    experts = model.layers[0].mlp.experts
+    g = torch.Generator().manual_seed(0)
+    batches = [{"input_ids": torch.randint(3, 60, (2, n), generator=g)} for n in (6, 2, 5)]
+    truth: dict[int, list] = {}
+
+    def brute_force(module, args, out):  # every expert on the tokens routed to it
+        hidden, index = args[0], args[1]
+        for e in range(experts.num_experts):
+            tokens = (index == e).any(-1)
+            if tokens.any():
+                gate = F.linear(hidden[tokens], experts.gate_up_proj[e]).chunk(2, dim=-1)[0]
+                t = truth.setdefault(e, [0, torch.zeros(gate.shape[-1], dtype=torch.long)])
+                t[0] += gate.shape[0]
+                t[1] += (experts.act_fn(gate) > 0).sum(0)
+
+    handle = experts.register_forward_hook(brute_force)
+    with torch.no_grad():
+        for b in batches:
+            model(**b)
+    handle.remove()
+    sites = _expert_sites(deadrelu.scan(model, batches), "layers.0.mlp.experts.act_fn")
+    assert sorted(sites) == sorted(truth)
+    assert {e: (s.observations, list(s.fired_counts)) for e, s in sites.items()} == {
+        e: (n, fired.tolist()) for e, (n, fired) in truth.items()
+    }

@@ -237,9 +237,9 @@ class _Frame:
     entry: Any = None  # the Python frame of its Module._call_impl (where its callees' positions end)
     scope: bool = False  # the root of a forward_scope() block: no module call, just the caller's code
     until: Any = None  # a scope's boundary (a Python frame or code object): its root-level calls' positions end there
-    # an activation module applied to a grouped matmul's rows (MoE experts in one kernel): the rows
-    # offsets[e-1]:offsets[e] of its output are expert e's, counted as the call numbered groups[1][e]
-    groups: tuple[Any, tuple[int, ...]] | None = None
+    # an activation module applied to every expert's rows at once (a grouped or batched matmul):
+    # the WeightSlice that says which rows are expert e's, counted as the call numbered groups[1][e]
+    groups: tuple[WeightSlice, tuple[int, ...]] | None = None
     expert: int | None = None  # an activation module applied to one slice e of a stacked weight (an experts loop)
 
 
@@ -355,13 +355,22 @@ def _from_other_inputs(sources: dict[int, tuple[Any, bool]], t: torch.Tensor) ->
     return entry is not None and entry[0]() is t and not entry[1]
 
 
-def _expert_rows(out: torch.Tensor, offsets: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
-    """``(e, rows)`` for each expert ``e`` of a grouped matmul's output that got rows: rows
-    ``offsets[e-1]:offsets[e]`` (views, no copy). Reads the offsets on the host: one sync per
-    experts layer on an accelerator."""
-    ends = [min(int(end), out.shape[0]) for end in offsets.tolist()]
+def _expert_rows(out: torch.Tensor, origin: WeightSlice) -> list[tuple[int, torch.Tensor]]:
+    """``(e, rows)`` for each expert ``e`` with rows in an experts layer's output: a grouped
+    matmul's rows ``offsets[e-1]:offsets[e]`` (views, no copy), or a batched matmul's rows whose
+    gathered expert is ``e`` (one sorted copy of ``out``). Reads the offsets (counts) on the host:
+    one sync per experts layer on an accelerator."""
+    if origin.rows is not None:
+        ids = origin.rows.to(out.device)
+        if ids.shape[0] != out.shape[0]:
+            return [(-1, out)]  # not one expert per row after all: counted whole, on the pooled site
+        order = ids.argsort(stable=True)
+        ends = torch.bincount(ids, minlength=origin.slices).cumsum(0).tolist()
+        out = out[order]
+    else:
+        ends = origin.offsets.tolist()
     start, out_rows = 0, []
-    for e, end in enumerate(ends):
+    for e, end in enumerate(min(int(end), out.shape[0]) for end in ends):
         if end > start:
             out_rows.append((e, out[start:end]))
         start = max(start, end)
@@ -855,7 +864,7 @@ class ActivationCapture:
             call = self._module_call(fwd, path, entry, origin)
             frame = _Frame(path, call if isinstance(call, int) else call[0], entry=entry)
             if not isinstance(call, int):
-                frame.groups = (origin.offsets, call)
+                frame.groups = (origin, call)
             elif origin is not None:
                 frame.expert = origin.index
             fwd.stack.append(frame)
@@ -904,7 +913,7 @@ class ActivationCapture:
         keys = [(where, ("slice", origin.weight, i)) for i in range(origin.slices)]
         for key in keys:
             numbers.setdefault(key, len(numbers))
-        if origin.offsets is not None:
+        if origin.grouped:
             return tuple(numbers[key] for key in keys)
         return numbers[keys[origin.index]]
 
@@ -983,9 +992,9 @@ class ActivationCapture:
             if entry is not None and out.shape == inp.shape:
                 self._fwd.axes.set(out, entry[1], entry[2])
         origin = self._fwd.axes.origin(inp) if isinstance(inp, torch.Tensor) else None
-        if origin is not None and origin.offsets is not None and out.ndim == 2 and not self.scripted:
-            # an activation of a grouped matmul's output (every expert's rows): a site per expert
-            sites = self._site_for(called, args, kwargs, out, depth=5, spelled=spelled, groups=origin.offsets)
+        if origin is not None and origin.grouped and out.ndim == 2 and not self.scripted:
+            # an activation of a grouped or batched matmul's output (every expert's rows): a site per expert
+            sites = self._site_for(called, args, kwargs, out, depth=5, spelled=spelled, groups=origin)
             for site, rows in sites or ():
                 self._update(site, rows)
             return
@@ -995,13 +1004,13 @@ class ActivationCapture:
 
     def _site_for(
         self, name: str, args: tuple, kwargs: dict | None, out: torch.Tensor, depth: int, spelled: bool = False,
-        groups: torch.Tensor | None = None,
+        groups: WeightSlice | None = None,
     ) -> Any:
         """The site of the activation call being made (new on its first call), or None where
         the call is no site. ``out`` is its output, or the input when that stands in for it;
-        ``spelled``: the call is a ReLU written otherwise (``clamp(min=0)``). With ``groups`` (a
-        grouped matmul's offsets: rows ``groups[e-1]:groups[e]`` are expert e's) a list of
-        ``(site, rows)``, one per expert with rows."""
+        ``spelled``: the call is a ReLU written otherwise (``clamp(min=0)``). With ``groups`` (which
+        rows are which expert's, see :func:`_expert_rows`) a list of ``(site, rows)``, one per
+        expert with rows."""
         fwd = self._fwd
         if fwd.inside_activation or not fwd.stack:
             return None  # inside an activation module: the module's output is the site
@@ -1016,10 +1025,8 @@ class ActivationCapture:
         position = () if self.scripted else _call_position(depth, frame.entry, frame.until)
         where = (frame.path, frame.call, position, name)
         if groups is not None:
-            return [
-                (self.sites.get((*where, -1 - e)) or self._new_site((*where, -1 - e), rows, slot, position), rows)
-                for e, rows in _expert_rows(out, groups)
-            ]
+            keys = [((*where, -1 - e) if e >= 0 else (*where, 0), rows) for e, rows in _expert_rows(out, groups)]
+            return [(self.sites.get(key) or self._new_site(key, rows, slot, position), rows) for key, rows in keys]
         origin = fwd.axes.origin(inp)
         if origin is not None and not self.scripted:
             # An experts loop's functional call (F.silu(x @ w[e])): keyed by the weight slice, not by
@@ -1122,10 +1129,10 @@ class ActivationCapture:
     def _on_module_output(self, name: str, frame: _Frame, out: Any, module: nn.Module) -> None:
         if not isinstance(out, torch.Tensor):
             return
-        if frame.groups is not None and out.ndim == 2:  # a grouped matmul's rows: expert e's call is calls[e]
-            offsets, calls = frame.groups
-            for e, rows in _expert_rows(out, offsets):
-                key = (frame.path, calls[e], None, name, -1 - e)
+        if frame.groups is not None and out.ndim == 2:  # every expert's rows: expert e's call is calls[e]
+            origin, calls = frame.groups
+            for e, rows in _expert_rows(out, origin):
+                key = (frame.path, calls[e], None, name, -1 - e) if e >= 0 else (frame.path, frame.call, None, name, 0)
                 site = self.sites.get(key) or self._new_site(key, rows, 0, None)
                 self._update(site, rows, site.nonnegative and not _output_hooked(module))
             return

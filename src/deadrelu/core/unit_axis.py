@@ -274,13 +274,20 @@ def _is_weight(t: Any) -> bool:
 
 class WeightSlice(NamedTuple):
     """Where a tensor's rows came from in a stacked (experts) weight: slice ``index`` of ``slices``
-    (a loop over experts), or, with ``offsets``, a grouped matmul whose rows ``offsets[e-1]:offsets[e]``
-    are expert ``e``'s (``index`` is then -1)."""
+    (a loop over experts); with ``offsets``, a grouped matmul whose rows ``offsets[e-1]:offsets[e]``
+    are expert ``e``'s; with ``rows``, a batched matmul with one expert's matrix gathered per row,
+    row ``r`` being expert ``rows[r]``'s (``index`` is -1 for both)."""
 
     weight: int  # id of the stacked parameter
     index: int
     slices: int
     offsets: Any = None  # the grouped matmul's offs tensor (int, one end per expert)
+    rows: Any = None  # the gather's index tensor (int, one expert per row)
+
+    @property
+    def grouped(self) -> bool:
+        """Whether the tensor holds every expert's rows (a grouped or batched matmul), not one slice's."""
+        return self.index < 0
 
 
 def stacked_slice(t: Any) -> WeightSlice | None:
@@ -301,6 +308,16 @@ def stacked_slice(t: Any) -> WeightSlice | None:
     if step <= 0 or offset % step or not 0 <= offset // step < base.shape[0]:
         return None
     return WeightSlice(id(base), offset // step, base.shape[0])
+
+
+def _gathered_experts(weight: Any, index: Any) -> WeightSlice | None:
+    """The :class:`WeightSlice` of ``weight[index]`` where ``weight`` is a stacked 3-D parameter and
+    ``index`` a 1-D integer tensor (one expert per row), else None."""
+    if not isinstance(weight, torch.nn.Parameter) or weight.ndim != 3 or not isinstance(index, torch.Tensor):
+        return None
+    if index.ndim != 1 or index.is_floating_point() or index.is_complex() or index.dtype == torch.bool:
+        return None
+    return WeightSlice(id(weight), -1, weight.shape[0], rows=index)
 
 
 def _stacked_parameter(t: Any) -> torch.nn.Parameter | None:
@@ -417,6 +434,11 @@ class AxisTable:
         if code == PRODUCER:
             self._produced(kind, out, args, kwargs)
             return
+        if code == INDEX and isinstance(out, torch.Tensor) and len(args) > 1:
+            gathered = _gathered_experts(args[0], args[1])
+            if gathered is not None:  # w[expert_ids]: one expert's matrix per row, for a batched matmul
+                self.origins[id(out)] = (weakref.ref(out), gathered)
+                return
         src = entry = None
         for a in args[:2]:
             if type(a) in (list, tuple):
@@ -457,8 +479,18 @@ class AxisTable:
                 self.set(o, new, rule)
                 origin = self.origin(src)
                 # a grouped matmul's output stays grouped only while its rows stay as they were
-                if origin is not None and (origin.offsets is None or (o.ndim == 2 and len(before) == 2 and after[0] == before[0])):
+                if origin is not None and (not origin.grouped or (o.ndim >= 2 and after[0] == before[0])):
                     self.origins[id(o)] = (weakref.ref(o), origin)
+
+    def _gathered_operand(self, rule: str, operands: Any, args: tuple) -> tuple[WeightSlice, bool] | None:
+        """A batched matmul's operand gathered from stacked experts (``w[expert_ids]``), and whether it is the left one."""
+        if rule != "producer:matmul" or not isinstance(operands, tuple) or len(args) <= max(operands):
+            return None
+        for position, on_left in ((operands[0], True), (operands[1], False)):
+            origin = self.origin(args[position])
+            if origin is not None and origin.rows is not None:
+                return origin, on_left
+        return None
 
     def _produced(self, kind: tuple[int, str, Any], out: Any, args: tuple = (), kwargs: dict | None = None) -> None:
         rule, batched = kind[1], kind[2]
@@ -473,8 +505,12 @@ class AxisTable:
                     axis = o.ndim - 2  # W @ x: W's rows (out x in) are the units, on the output's dim -2
                 else:
                     axis = o.ndim - 1
-                self.set(o, axis, rule)
                 origin = _stacked_operand(rule, batched, args, kwargs)
+                gathered = self._gathered_operand(rule, batched, args)
+                if gathered is not None:
+                    origin, on_left = gathered
+                    axis = o.ndim - 2 if on_left and o.ndim >= 3 else axis  # bmm(w[ids], x): units on dim -2
+                self.set(o, axis, rule)
                 if origin is not None:
                     self.origins[id(o)] = (weakref.ref(o), origin)
             if rule != "producer:RNN":
