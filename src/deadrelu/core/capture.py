@@ -320,13 +320,19 @@ class _DispatchSpy(TorchDispatchMode):
 
 def _input_sources(args: tuple, kwargs: Mapping[str, Any], mask: torch.Tensor) -> dict[int, tuple[Any, bool]] | None:
     """The call's input tensors as sources (see ``_Forward.sources``): True for one laid out like
-    the mask (``input_ids`` (B, T), ``inputs_embeds`` (B, T, C)), False for another of 2 or more
-    dims (``pixel_values``); None, so nothing is tracked, where the call lacks either kind."""
+    the mask (``input_ids`` (B, T), ``inputs_embeds`` (B, T, C)), False for a float input of 3 or
+    more dims laid out otherwise (``pixel_values``); None, so nothing is tracked, where the call
+    lacks either kind."""
     lead = tuple(mask.shape)
     sources: dict[int, tuple[Any, bool]] = {}
     for t in iter_tensors((args, dict(kwargs))):
-        if t is not mask and t.ndim >= len(lead):
-            sources[id(t)] = (weakref.ref(t), tuple(t.shape[: len(lead)]) == lead)
+        if t is mask or t.ndim < len(lead):
+            continue
+        token = tuple(t.shape[: len(lead)]) == lead
+        # another input is a float tensor of 3+ dims (images, audio features); position ids and the
+        # like are neither, so a text tower's tensors never become another input's alone
+        if token or (t.is_floating_point() and t.ndim >= 3):
+            sources[id(t)] = (weakref.ref(t), token)
     kinds = {token for _, token in sources.values()}
     return sources if kinds == {True, False} else None  # a mask-shaped input and another
 
