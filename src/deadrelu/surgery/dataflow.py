@@ -27,12 +27,18 @@ is refused too.
 The mapping from a site to a graph node mirrors :mod:`deadrelu.core.capture`: an activation
 call belongs to the innermost module whose ``forward`` made it, ``call`` counts that
 module's invocations (fx marks the k-th as ``path@k``), and ``slot`` counts activation
-calls made directly by that invocation.
+calls made directly by that invocation. A slot proves nothing where the module call makes another
+number of activation calls in the graph than the scan counted (a ``clamp(min=0)`` of an integer input
+is no site, but fx cannot see the dtype): such a site is refused. A hand-written activation module the
+scan recognises by its class (``XIELUActivation``) stays one call in the trace, as it is one site; a
+site of one expert of experts stacked in one weight (``experts.act_fn[e]``) is refused by name.
 """
 
 from __future__ import annotations
 
 import operator
+import re
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -43,7 +49,9 @@ from torch import fx, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
-from ..core.activations import ACTIVATION_FUNCTIONS, RELU_SPELLINGS, base_name, called_activation, function_of_module
+from ..core.activations import (
+    ACTIVATION_FUNCTIONS, ACTIVATION_MODULES, RELU_SPELLINGS, base_name, called_activation, function_of_module,
+)  # fmt: skip
 from ..core.hooks import global_forward_hooks
 from ..core.inputs import error_summary
 from ..errors import DeadReluError, RefusedError
@@ -53,7 +61,7 @@ from .defaults import default_branch_reason
 __all__ = [
     "Chain", "Link", "trace", "traced", "trace_graph", "leaves_no_attributes", "site_nodes", "find_chains", "activation_name", "describe_node", "reads_weight",
     "check_report_matches", "unrewritable_reason", "computed_weight_reason", "is_deadrelu_hook", "threshold_reason",
-    "scripted_reason", "fetch", "batch_statistics_note",
+    "scripted_reason", "fetch", "batch_statistics_note", "expert_of_site", "whole_activation",
 ]  # fmt: skip
 
 PRODUCERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -282,6 +290,25 @@ def trace_graph(
     return graph, constants
 
 
+def whole_activation(module: nn.Module) -> bool:
+    """Whether the trace keeps ``module`` as one call: a hand-written activation the scan recognises by its
+    class (transformers' ``XIELUActivation``, ``NewGELUActivation``, a :func:`~deadrelu.register_activation`
+    class). The scan counts such a module's output as one site and nothing inside it; traced through, its
+    forward is plain arithmetic (``torch.where``, ``tanh``) with no activation node to match the site.
+    torch.nn's own activations are leaves anyway; a subclass of one is traced through, since its forward
+    may add to what the class computes."""
+    if isinstance(module, ACTIVATION_MODULES) or isinstance(module, nn.Threshold):
+        return False
+    return function_of_module(module) is not None
+
+
+class _Tracer(fx.Tracer):
+    """torch.fx's tracer, keeping hand-written activation modules whole (see :func:`whole_activation`)."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return super().is_leaf_module(m, module_qualified_name) or whole_activation(m)
+
+
 def scripted_reason(model: nn.Module) -> str | None:
     """Why torch.fx cannot trace ``model`` because it is, or holds, a TorchScript module; else None."""
     for path, m in model.named_modules():
@@ -314,7 +341,7 @@ def traced(model: nn.Module, what: str) -> tuple[fx.GraphModule, dict[str, str]]
     try:
         with leaves_no_attributes(model):
             with eager:
-                tracer = fx.Tracer()
+                tracer = _Tracer()
                 graph = tracer.trace(model)
             constants = {k: v for k, v in vars(model).items() if k not in before}
             gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
@@ -323,7 +350,7 @@ def traced(model: nn.Module, what: str) -> tuple[fx.GraphModule, dict[str, str]]
             f"{what}: cannot trace {type(model).__name__} with torch.fx ({type(err).__name__}: "
             f"{error_summary(err)}), so its dataflow cannot be proven{_wrapper_advice(model)}; nothing was changed"
         ) from err
-    retrace = lambda concrete: trace_graph(fx.Tracer(), model, concrete)  # noqa: E731
+    retrace = lambda concrete: trace_graph(_Tracer(), model, concrete)  # noqa: E731
     branches = default_branch_reason(model, graph, constants, retrace, type(model).__name__)
     if branches is not None:
         raise RefusedError(f"{what}: {branches}, and its dataflow cannot be proven on it; nothing was changed")
@@ -806,9 +833,22 @@ def find_chains(
     wanted = [(s, u) for s, u in wanted if u]
     if not wanted:
         return []
+    for site, _ in wanted:  # before tracing: the trace of an experts layer fails with fx's own words
+        expert = expert_of_site(site)
+        if expert is not None:
+            raise _refuse(
+                site,
+                what,
+                f"it counts expert {expert} of a mixture-of-experts layer whose experts are stacked in one weight "
+                f"('{site.module or '<root>'}' runs for every expert), and {what} does not support experts stacked in "
+                "one weight yet: a unit there is a row of one expert's slice of a 3-D parameter, not of a layer of "
+                "its own; pass sites=[...] without the expert sites",
+            )
     gm, eager = traced(model, what)
     modules = dict(gm.named_modules())
     nodes = site_nodes(gm)
+    traced_calls = Counter((path, call) for path, call, _ in nodes)
+    scanned_calls = Counter((s.module, s.call) for s in report.sites if expert_of_site(s) is None)
     calls: dict[str, int] = {}
     for node in gm.graph.nodes:
         if node.op == "call_module":
@@ -818,6 +858,9 @@ def find_chains(
     chains = []
     for site, units in wanted:
         found = nodes.get((site.module, site.call, site.slot))
+        here = (site.module, site.call)
+        if traced_calls[here] and traced_calls[here] != scanned_calls[here]:
+            raise _refuse(site, what, _slot_mismatch(site, nodes, scanned_calls[here]))
         if found is None:
             raise _refuse(
                 site,
@@ -844,6 +887,39 @@ def find_chains(
     # Last, so that a hook on a chain layer is refused above with its site named.
     _check_unseen_hooks(model, gm, what, checked_on_data)
     return chains
+
+
+def _slot_mismatch(site: SiteReport, nodes: dict[tuple[str, int, int], tuple[fx.Node, str]], scanned: int) -> str:
+    """Why a site's slot cannot be matched: its module call makes a different number of activation calls in
+    the traced graph than the scan counted."""
+    calls = [describe_node(node) for (path, call, _), (node, _) in sorted(nodes.items(), key=lambda kv: kv[0][2])
+             if (path, call) == (site.module, site.call)]  # fmt: skip
+    where = f"'{site.module}'" if site.module else "<root>"
+    which = f" (call {site.call + 1})" if site.call else ""
+    return (
+        f"the traced graph has {len(calls)} activation call(s) in the forward of {where}{which} ({', '.join(calls)}) "
+        f"where the scan counted {scanned} site(s), so which traced call is this site cannot be proven (a ReLU "
+        "spelling such as clamp(min=0) on an integer input, or on a parameter returned as it is by .to() / "
+        ".float(), is no site to the scan, and torch.fx cannot see the dtype or the tensor; a branch on "
+        "self.training traced in another mode than the scan ran)"
+    )
+
+
+_EXPERT_NAME = re.compile(r"\[(\d+)\](?:~\d+)?$")
+
+
+def expert_of_site(site: SiteReport) -> int | None:
+    """The expert a site counts when it is one expert of an experts layer stacked in one weight, else None.
+
+    The scan names such sites ``experts.act_fn[e]`` (an activation module) or ``experts:silu[e]``
+    (a functional call): every expert runs the same code on its slice ``e`` of a 3-D parameter.
+
+    >>> from types import SimpleNamespace as Site
+    >>> expert_of_site(Site(name="layers.0.mlp.experts.act_fn[3]")), expert_of_site(Site(name="fc:relu.2"))
+    (3, None)
+    """
+    found = _EXPERT_NAME.search(site.name)
+    return int(found.group(1)) if found else None
 
 
 def _producer_side(

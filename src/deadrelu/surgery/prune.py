@@ -189,6 +189,8 @@ def _skip_reason(site: SiteReport) -> str | None:
     if not site.dead_units:
         return None
     if site.function not in ZERO_WHEN_DEAD_FUNCTIONS:
+        if _graph.expert_of_site(site) is not None:  # even a constant unit: its row is a slice of a stacked weight
+            return "it counts one expert of experts stacked in one weight, which prune_dead does not support yet"
         return f"a dead {site.function} unit still outputs a non-constant value"
     return _graph.threshold_reason(site)
 

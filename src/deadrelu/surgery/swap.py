@@ -17,8 +17,9 @@ that relies on the side effect keeps working.
 
 The root module cannot be replaced in place: functional calls in the root's own forward
 need ``copy=True`` (the result is then a GraphModule) or are refused. A module that
-torch.fx cannot trace is read as source code; if it mentions ``relu`` it is refused
-with its file and line, because the call could not be rewritten. TorchScript code can be
+torch.fx cannot trace is read as source code — its forward and the methods and same-file functions
+forward calls by name — and if that mentions ``relu`` it is refused with its file and line, because
+the call could not be rewritten. TorchScript code can be
 rewritten neither way: a scripted model is refused, and so is a scripted submodule whose compiled
 code calls relu (one that does not is left as it is).
 """
@@ -196,25 +197,59 @@ def _has_inplace(to: str) -> bool:
     return to in ("leaky_relu", "elu", "selu", "silu")
 
 
+def _forward_code(m: nn.Module) -> list[Any]:
+    """``type(m).forward`` and the Python functions it reaches by name within the module's own code: methods
+    of its classes (``self.activate(h)``) and functions of the files those classes are defined in, each once.
+    A helper that calls ``F.relu`` is as unrewritable as ``forward`` itself; code of other packages is not read."""
+    classes = [k for k in type(m).__mro__ if k is not object and not k.__module__.startswith("torch")]
+    files = {k.__module__ for k in classes}
+    todo, seen, out = [type(m).forward], set(), []
+    while todo:
+        fn = inspect.unwrap(todo.pop())
+        code = getattr(fn, "__code__", None)
+        if code is None or code in seen:
+            continue
+        seen.add(code)
+        out.append(fn)
+        names = set(code.co_names) | {n for c in code.co_consts if inspect.iscode(c) for n in c.co_names}
+        for name in sorted(names):
+            for klass in classes:  # a method, static or class method of the module's own classes
+                member = vars(klass).get(name)
+                member = getattr(member, "__func__", member)
+                if inspect.isfunction(member):
+                    todo.append(member)
+                    break
+            value = getattr(fn, "__globals__", {}).get(name)
+            if inspect.isfunction(value) and value.__module__ in files:
+                todo.append(value)
+    return out
+
+
 def _source_mentions_relu(m: nn.Module, path: str) -> None:
-    """Refuse an untraceable module whose forward source calls relu; pass one that does not."""
-    fwd = type(m).forward
-    try:
-        lines, start = inspect.getsourcelines(fwd)
-        file = inspect.getsourcefile(fwd)
-    except (OSError, TypeError) as err:
-        raise RefusedError(
-            f"swap_activations: {_label(path)} ({type(m).__name__}) cannot be traced by torch.fx and its "
-            "source is unavailable, so functional relu calls in its forward cannot be ruled out; nothing was changed"
-        ) from err
-    for i, line in enumerate(lines):
-        code = line.split("#", 1)[0]
-        if _RELU_SOURCE.search(code):
+    """Refuse an untraceable module whose forward source (or a helper of its own it calls) calls relu;
+    pass one that does not."""
+    forward = inspect.unwrap(type(m).forward)
+    for fn in _forward_code(m) or [forward]:  # a forward without Python code: its source is asked for, and missing
+        try:
+            lines, start = inspect.getsourcelines(fn)
+            file = inspect.getsourcefile(fn)
+        except (OSError, TypeError) as err:
+            if fn is not forward:
+                continue  # a helper without source (a compiled extension's): no Python relu call to rewrite either
             raise RefusedError(
-                f"swap_activations: functional relu call at {file}:{start + i} in {_label(path)} "
-                f"({type(m).__name__}.forward) cannot be rewritten: torch.fx cannot trace that module; "
-                "use an nn.ReLU module there; nothing was changed"
-            )
+                f"swap_activations: {_label(path)} ({type(m).__name__}) cannot be traced by torch.fx and its "
+                "source is unavailable, so functional relu calls in its forward cannot be ruled out; nothing was changed"
+            ) from err
+        for i, line in enumerate(lines):
+            code = line.split("#", 1)[0]
+            if _RELU_SOURCE.search(code):
+                name = f"{type(m).__name__}.forward" if fn is forward else fn.__qualname__.rpartition("<locals>.")[2]
+                called = "" if fn is forward else f", called from {type(m).__name__}.forward"
+                raise RefusedError(
+                    f"swap_activations: functional relu call at {file}:{start + i} in {_label(path)} "
+                    f"({name}{called}) cannot be rewritten: torch.fx cannot trace that module; "
+                    "use an nn.ReLU module there; nothing was changed"
+                )
 
 
 def _lecun(model: nn.Module, gen: torch.Generator | None) -> list[tuple[str, nn.Module, torch.Tensor, torch.Tensor | None]]:
