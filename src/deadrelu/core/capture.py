@@ -237,10 +237,9 @@ class _Frame:
     entry: Any = None  # the Python frame of its Module._call_impl (where its callees' positions end)
     scope: bool = False  # the root of a forward_scope() block: no module call, just the caller's code
     until: Any = None  # a scope's boundary (a Python frame or code object): its root-level calls' positions end there
-    # an activation module applied to every expert's rows at once (a grouped or batched matmul):
-    # the WeightSlice that says which rows are expert e's, counted as the call numbered groups[1][e]
-    groups: tuple[WeightSlice, tuple[int, ...]] | None = None
-    expert: int | None = None  # an activation module applied to one slice e of a stacked weight (an experts loop)
+    # an activation module of an experts layer: the WeightSlice its input came from (one expert's slice,
+    # or every expert's rows of a grouped or batched matmul) and each expert's call number
+    experts: tuple[WeightSlice, tuple[int, ...]] | None = None
 
 
 @dataclass
@@ -868,18 +867,17 @@ class ActivationCapture:
             entry = _module_call_entry()
             origin = fwd.axes.origin(args[0]) if activation and args else None
             call = self._module_call(fwd, path, entry, origin)
-            frame = _Frame(path, call if isinstance(call, int) else call[0], entry=entry)
-            if not isinstance(call, int):
-                frame.groups = (origin, call)
-            elif origin is not None:
-                frame.expert = origin.index
+            if origin is None:
+                frame = _Frame(path, call, entry=entry)
+            else:  # an experts layer: every expert's call number
+                frame = _Frame(path, call[0] if origin.grouped else call[origin.index], entry=entry, experts=(origin, call))
             fwd.stack.append(frame)
             if activation:
                 fwd.inside_activation += 1
 
         return pre_hook
 
-    def _module_call(self, fwd: _Forward, path: str, entry: Any, origin: WeightSlice | None = None) -> int | tuple[int, ...]:
+    def _module_call(self, fwd: _Forward, path: str, entry: Any, origin: WeightSlice | None = None) -> Any:
         """The number of this call of module ``path``: one per place it is called from (the
         calling module call, the frames from there to here, and how often that place was reached
         before in this forward), numbered in first-seen order for the capture's lifetime. Not
@@ -889,9 +887,8 @@ class ActivationCapture:
         An activation whose input comes from slice ``e`` of a stacked weight (``origin``, see
         :meth:`AxisTable.origin`: an MoE experts loop, ``act_fn(x @ gate_up_proj[e])`` for each
         expert a batch hits) is numbered by that slice instead: ``#1`` is expert 0's call
-        wherever the batch's routing put it, numbers reserved for every slice at first sight. An
-        activation of a grouped matmul's output (all experts in one call) gets every expert's
-        number, as a tuple."""
+        wherever the batch's routing put it, numbers reserved for every slice at first sight: with
+        an ``origin`` the result is every expert's number, as a tuple."""
         if not fwd.stack or fwd.stack[-1].scope:
             # The root (or a re-entrant root call), or a module called straight from the code in a
             # forward_scope() block (Monitor.observe): no forward bounds the frames above it, which
@@ -913,15 +910,13 @@ class ActivationCapture:
         return call
 
     @staticmethod
-    def _slice_numbers(numbers: dict[Any, int], where: Any, origin: WeightSlice) -> int | tuple[int, ...]:
-        """The number of ``where``'s call for slice ``origin.index`` of a stacked weight (every
-        slice's, for a grouped matmul), numbering every slice in order at first sight."""
+    def _slice_numbers(numbers: dict[Any, int], where: Any, origin: WeightSlice) -> tuple[int, ...]:
+        """The numbers of ``where``'s calls for each slice (expert) of a stacked weight, every slice
+        numbered in order at first sight."""
         keys = [(where, ("slice", origin.weight, i)) for i in range(origin.slices)]
         for key in keys:
             numbers.setdefault(key, len(numbers))
-        if origin.grouped:
-            return tuple(numbers[key] for key in keys)
-        return numbers[keys[origin.index]]
+        return tuple(numbers[key] for key in keys)
 
     def _make_post_hook(self, path: str, module: nn.Module) -> Callable[..., None]:
         is_root = module is self.model
@@ -1030,14 +1025,16 @@ class ActivationCapture:
         frame.slots = slot + 1
         position = () if self.scripted else _call_position(depth, frame.entry, frame.until)
         where = (frame.path, frame.call, position, name)
+        origin = groups or fwd.axes.origin(inp)
+        if origin is not None and not self.scripted:
+            self._expert_sites([(*where, -1 - e) for e in range(origin.slices)], out, slot, position)
         if groups is not None:
             keys = [((*where, -1 - e) if e >= 0 else (*where, 0), rows) for e, rows in _expert_rows(out, groups)]
             return [(self.sites.get(key) or self._new_site(key, rows, slot, position), rows) for key, rows in keys]
-        origin = fwd.axes.origin(inp)
         if origin is not None and not self.scripted:
             # An experts loop's functional call (F.silu(x @ w[e])): keyed by the weight slice, not by
             # how often the loop reached it before (see _module_call); occurrences stay ints.
-            k = -1 - origin[1]
+            k = -1 - origin.index
         else:
             k = fwd.seen.get(where, 0)
             fwd.seen[where] = k + 1
@@ -1135,14 +1132,18 @@ class ActivationCapture:
     def _on_module_output(self, name: str, frame: _Frame, out: Any, module: nn.Module) -> None:
         if not isinstance(out, torch.Tensor):
             return
-        if frame.groups is not None and out.ndim == 2:  # every expert's rows: expert e's call is calls[e]
-            origin, calls = frame.groups
-            for e, rows in _expert_rows(out, origin):
-                key = (frame.path, calls[e], None, name, -1 - e) if e >= 0 else (frame.path, frame.call, None, name, 0)
-                site = self.sites.get(key) or self._new_site(key, rows, 0, None)
-                self._update(site, rows, site.nonnegative and not _output_hooked(module))
-            return
-        key = (frame.path, frame.call, None, name, 0 if frame.expert is None else -1 - frame.expert)
+        if frame.experts is not None:
+            origin, calls = frame.experts
+            # every expert has its site from the first call on, in expert order: one no token reached is unobserved
+            keys = [(frame.path, call, None, name, -1 - e) for e, call in enumerate(calls)]
+            self._expert_sites(keys, out, 0, None)
+            if origin.grouped and out.ndim == 2:  # every expert's rows: expert e's are counted at calls[e]
+                for e, rows in _expert_rows(out, origin):
+                    key = keys[e] if e >= 0 else (frame.path, frame.call, None, name, 0)
+                    site = self.sites.get(key) or self._new_site(key, rows, 0, None)
+                    self._update(site, rows, site.nonnegative and not _output_hooked(module))
+                return
+        key = (frame.path, frame.call, None, name, 0 if frame.experts is None else -1 - frame.experts[0].index)
         site = self.sites.get(key)
         if site is None:
             site = self._new_site(key, out, 0, None)
@@ -1275,6 +1276,15 @@ class ActivationCapture:
             f"output of shape {tuple(out.shape)} and dtype {out.dtype} on {out.device} "
             f"({type(err).__name__}: {err}); please report this"
         )
+
+    def _expert_sites(self, keys: list[tuple[Any, ...]], out: torch.Tensor, slot: int, position: Any) -> None:
+        """Make the sites of an experts layer's experts that do not exist yet, in expert order (``out``
+        gives their shape and unit axis), so an expert no token reaches is there, unobserved."""
+        if keys and keys[0] in self.sites:
+            return  # made together at the layer's first call
+        for key in keys:
+            if key not in self.sites:
+                self._new_site(key, out, slot, position)
 
     def _new_site(self, key: tuple[Any, ...], out: torch.Tensor, slot: int, position: Any) -> _Site:
         path, call, _, name, _ = key
