@@ -202,6 +202,14 @@ def test_each_bad_input_is_one_line_exit_2_and_changes_nothing(hostile, monkeypa
         ("--batch-size", "2.5", "expected a whole number"),
         ("--max-batches", "0", "must be at least 1"),
         ("--max-length", "-1", "must be at least 1"),
+        # Negative numbers with an exponent or in words are values too, refused by the option's own check
+        # (argparse's pattern misses them: they failed as "expected one argument").
+        ("--threshold", "-inf", "expected a finite number, got '-inf'"),
+        ("--threshold", "-nan", "expected a finite number, got '-nan'"),
+        ("--asleep-rate", "-1e-3", "must be at least 0, got -0.001"),
+        ("--dormant-tau", "-1E-2", "must be at least 0, got -0.01"),
+        ("--batch-size", "-1e3", "expected a whole number, got '-1e3'"),
+        ("--min-observations", "-2", "must be at least 1"),
     ],
 )
 def test_every_numeric_option_is_validated(hostile, monkeypatch, capsys, option, value, message):
@@ -212,6 +220,45 @@ def test_every_numeric_option_is_validated(hostile, monkeypatch, capsys, option,
     assert done.value.code == 2
     assert len(err.splitlines()) == 1 and err.startswith("deadrelu scan: error: argument " + option), err
     assert message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("value", ["-1e-3", "-1E+1", "-.5e-1", "-0.25", "-2"])
+def test_a_negative_threshold_is_taken_in_every_spelling(hostile, monkeypatch, capsys, tmp_path, value):
+    import deadrelu
+    from deadrelu.core.report import Report
+
+    out = tmp_path / "r.json"
+    code, _, err = run_main(["cli_mods:make", "--data", "x.pt", "--threshold", value, "--json", str(out)],
+                            hostile, monkeypatch, capsys)
+    assert code == 0, err
+    report = Report.from_json(out)
+    sys.path.insert(0, str(hostile))
+    try:
+        import cli_mods
+
+        expected = deadrelu.scan(cli_mods.make(), torch.load(hostile / "x.pt"), threshold=float(value))
+    finally:
+        sys.path.remove(str(hostile))
+    assert [s.fire_threshold for s in report.sites] == [s.fire_threshold for s in expected.sites]
+    assert report.sites[0].fire_threshold == pytest.approx(float(value), rel=1e-6)
+    assert [s.fired_counts for s in report.sites] == [s.fired_counts for s in expected.sites]
+
+
+@pytest.mark.parametrize("argv, option, message", [
+    (["demo", "--lr", "-1e-3"], "--lr", "must be positive, got -0.001"),
+    (["experiment", "activations", "--lr", "-5E-1"], "--lr", "must be positive, got -0.5"),
+    (["demo", "--seed", "-1e3"], "--seed", "expected a whole number, got '-1e3'"),
+    (["experiment", "init", "--seed", "-1"], "--seed", "a seed must be at least 0, got -1"),
+    (["experiment", "lr-sweep", "--epochs", "-1e2"], "--epochs", "expected a whole number, got '-1e2'"),
+    (["demo", "--batch-size", "-64"], "--batch-size", "must be at least 1, got -64"),
+])
+def test_a_negative_lab_option_is_refused_by_name_and_writes_nothing(argv, option, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as done:
+        main([*argv, "--no-progress", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert done.value.code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith(f"deadrelu {argv[0]}: error: argument {option}: {message}"), err
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")

@@ -141,6 +141,43 @@ def test_numbers_match_an_independent_rerun_on_both_splits(demo_run):
     assert run["strategies"]["control"]["resurrected"] == revived
 
 
+def _planted(weights, bias):
+    net = torch.nn.Sequential(torch.nn.Linear(3, len(bias)), torch.nn.ReLU())
+    with torch.no_grad():
+        net[0].weight.copy_(torch.tensor(weights))
+        net[0].bias.copy_(torch.tensor(bias))
+    return net
+
+
+def test_a_non_finite_unit_is_neither_dead_nor_resurrected():
+    from deadrelu.lab.demo import _resurrected
+    from deadrelu.lab.training import firing_rates
+
+    nan, big = float("nan"), 3e38  # big * x overflows to inf for the samples with x > ~1.13
+    x = torch.randn(64, 3, generator=torch.Generator().manual_seed(0))
+    # checkpoint: unit 0 all NaN, units 1 and 2 dead, unit 3 alive
+    before = deadrelu.scan(_planted([[nan] * 3, [0, 0, 0], [0, 0, 0], [0, 0, 1]], [0, -1, -1, 9]), x)
+    # end: unit 0 fires (finite), unit 1 fires but overflows to inf on some samples, unit 2 fires
+    after = deadrelu.scan(_planted([[0, 0, 0], [big, 0, 0], [0, 0, 0], [0, 0, 1]], [1, 0, 1, 9]), x)
+    assert before.sites[0].states == ("nonfinite", "dead", "dead", "active")
+    assert after.sites[0].states[:3] == ("active", "nonfinite", "active") and after.sites[0].fired_counts[1] > 0
+    rates = firing_rates(before)
+    assert rates[0][0] is None and rates[0][1:3] == [0.0, 0.0] and rates[0][3] == 1.0
+    assert json.loads(json.dumps(rates, allow_nan=False)) == rates  # null in results.json
+    assert firing_rates(after)[0][1] is None
+    # only unit 2 was dead at the checkpoint (the report's count) and fires, finite, at the end
+    assert before.dead == 2 and _resurrected(before, after) == [1]
+
+
+def test_a_rate_from_a_single_firing_is_never_saved_as_0():
+    from deadrelu.lab.training import firing_rates
+
+    x = torch.cat([torch.ones(1, 3), -torch.ones(2_999_999, 3)])  # unit 0 fires on 1 of 3,000,000 samples
+    report = deadrelu.scan(_planted([[1, 0, 0]], [0]), x, batch_size=1_000_000, progress=False)
+    assert report.sites[0].states == ("asleep",)
+    assert firing_rates(report)[0][0] == pytest.approx(1 / 3_000_000, rel=1e-5)
+
+
 def test_a_diverged_seed_is_shown_as_diverged_never_as_a_number(demo_run):
     *_, result = demo_run
     story = copy.deepcopy(result)

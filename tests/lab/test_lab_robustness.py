@@ -225,6 +225,146 @@ def test_a_result_saved_by_another_run_meanwhile_is_in_the_report(demo_dir, tmp_
     assert "theirs.json" in page and "mine.json" in page
 
 
+# -- 3b. SIGTERM while the outputs are written ------------------------------------------------------------
+# The child skips training (seeds_story returns the saved demo result, as seed 1) and sends itself SIGTERM at
+# one exact point of the write: signal.raise_signal runs the Python handler before it returns.
+_SIGTERM_CHILD = """
+import json, os, signal, sys
+from deadrelu.lab import demo
+
+when, saved, out = sys.argv[1:4]
+story = json.loads(open(saved).read())
+story["config"]["seed"] = 1  # tells this run's files from the earlier run's
+demo.seeds_story = lambda *args, **kwargs: {k: v for k, v in story.items() if k not in ("outputs", "wall_seconds")}
+if when == "before the renames":  # every temporary written, none renamed yet
+    commit = demo.OutputStage.commit
+
+    def terminated_then_commit(self):
+        signal.raise_signal(signal.SIGTERM)
+        return commit(self)
+
+    demo.OutputStage.commit = terminated_then_commit
+else:  # one output renamed into place, the others not yet
+    replace, calls = os.replace, []
+
+    def terminated_at_the_second(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            signal.raise_signal(signal.SIGTERM)
+        return replace(src, dst)
+
+    os.replace = terminated_at_the_second
+from deadrelu.cli.main import main
+sys.exit(main(["demo", "--no-progress", "--no-live", "--workers", "1", "--out", out]))
+"""
+
+
+def _run_sigterm_child(tmp_path: Path, when: str, saved: Path, out: Path):
+    import subprocess
+
+    script = tmp_path / "child.py"
+    script.write_text(_SIGTERM_CHILD)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        p for p in (os.environ.get("PYTHONPATH"), str(Path(__file__).resolve().parents[2] / "src")) if p),
+        MPLBACKEND="agg")
+    return subprocess.run([sys.executable, str(script), when, str(saved), str(out)], env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.mark.parametrize("existing", [True, False], ids=["over an earlier run", "into a new folder"])
+def test_sigterm_before_the_renames_removes_every_temporary(existing, demo_dir, tmp_path):
+    out = tmp_path / "new" / "out"
+    if existing:
+        out = tmp_path / "out"
+        shutil.copytree(demo_dir, out)
+    before = _files(out) if existing else {}
+    done = _run_sigterm_child(tmp_path, "before the renames", demo_dir / "results.json", out)
+    if existing:  # the earlier run's files exactly as they were, and nothing else (no .tmp)
+        assert sorted(p.name for p in out.iterdir()) == sorted(before) and _files(out) == before
+    else:  # the folders the run created went too
+        assert not (tmp_path / "new").exists(), sorted(p.name for p in (tmp_path / "new").rglob("*"))
+    assert done.returncode == 143 and done.stderr == "deadrelu demo: terminated\n", done.stderr
+
+
+def test_sigterm_during_the_renames_waits_until_every_output_is_in_place(demo_dir, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(demo_dir, out)
+    before = _files(out)
+    done = _run_sigterm_child(tmp_path, "during the renames", demo_dir / "results.json", out)
+    after = _files(out)
+    assert sorted(p.name for p in out.iterdir()) == sorted(before)  # no temporary, no backup link
+    assert done.returncode == 143 and done.stderr == "deadrelu demo: terminated\n", done.stderr
+    assert json.loads(after["results.json"])["config"]["seed"] == 1  # this run's set, all of it:
+    changed = [name for name in before if after[name] != before[name]]  # the files that show the seed
+    assert {"demo-heatmap.png", "results.json", "report.html"} <= set(changed), changed
+
+
+def test_sigterm_is_an_exception_only_inside_the_block_and_a_foreign_handler_is_left_alone():
+    from deadrelu.lab.termination import Terminated, sigterm_deferred, sigterm_raises
+
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        pytest.skip("this test process already handles SIGTERM")
+    with pytest.raises(Terminated) as ended:
+        with sigterm_raises():
+            signal.raise_signal(signal.SIGTERM)
+    assert ended.value.code == 143 and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    steps = []
+    with pytest.raises(Terminated):
+        with sigterm_raises(), sigterm_deferred():
+            signal.raise_signal(signal.SIGTERM)
+            steps.append("went on")  # held back until the deferred block ends
+    assert steps == ["went on"] and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    seen = []
+    signal.signal(signal.SIGTERM, lambda *_: seen.append("theirs"))
+    try:
+        with sigterm_raises():
+            signal.raise_signal(signal.SIGTERM)
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    assert seen == ["theirs"]
+
+
+def _no_such_process() -> int:
+    """A process id that no process has: above the kernel's largest, else one just reaped."""
+    import subprocess
+
+    pid_max = Path("/proc/sys/kernel/pid_max")
+    if pid_max.exists():
+        return int(pid_max.read_text()) + 1
+    return int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True, check=True).stdout)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="whether a process runs is asked with os.kill(pid, 0)")
+def test_a_later_run_removes_only_what_a_killed_run_left(tmp_path):
+    from deadrelu.lab.demo import OutputStage
+
+    gone, alive = _no_such_process(), os.getppid()
+    (tmp_path / "results.json").write_text("old")
+    (tmp_path / "plot.png").write_bytes(b"old png")
+    stale = [f".results.json.{gone}.abcd1234.tmp", f".plot.png.{gone}.x_y0z9qq.tmp",
+             f".results.json.{gone}.bak"]  # a backup link still the same file as results.json
+    os.link(tmp_path / "results.json", tmp_path / stale[2])
+    for name in stale[:2]:
+        (tmp_path / name).write_text("left by a killed run")
+    kept = [
+        f".results.json.{alive}.abcd1234.tmp",  # a run that is still running
+        ".results.json.abcd1234.tmp",  # no process id in the name: not this stage's to judge
+        f".notes.txt.{gone}.abcd1234.tmp",  # a name this stage does not write
+        f".plot.png.{gone}.bak",  # not the same file as plot.png: the only copy of an earlier version
+        f".results.json.{gone}.abcd1234.tmp.keep",  # not the naming
+    ]
+    for name in kept:
+        (tmp_path / name).write_text("not stale")
+    with OutputStage(tmp_path) as stage:
+        stage.add("results.json", "new")
+        stage.add("plot.png", b"new png")
+        stage.commit()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept + ["results.json", "plot.png"])
+    assert (tmp_path / "results.json").read_text() == "new" and (tmp_path / "plot.png").read_bytes() == b"new png"
+    assert all((tmp_path / name).read_text() == "not stale" for name in kept)
+
+
 # -- 4. Ctrl-C with worker processes -------------------------------------------------------------------
 class _InlinePool:
     """A ProcessPoolExecutor stand-in: runs each task at once, records how it was made and started."""

@@ -75,6 +75,26 @@ def test_firing_heatmap_marks_exactly_the_dead_units():
     assert "firing rate" in fig.axes[1].get_ylabel()
 
 
+def test_firing_heatmap_never_draws_or_counts_a_non_finite_unit_as_dead():
+    import math
+
+    # None: how firing_rates saves a NaN/Inf unit; NaN: the same from a caller's own list; h2 is shorter.
+    rates = [[0.0, None, 0.5, math.nan], [0.0, 0.2]]
+    fig = plots.firing_heatmap(rates)
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["h1 (1 dead, 2 non-finite)", "h2 (1 dead)"]
+    rate_layer, state_layer = ax.get_images()
+    # the colour scale shows only the finite rates; dead, non-finite and padding cells are left to the layer below
+    assert rate_layer.get_array().mask.tolist() == [[True, True, False, True], [True, False, True, True]]
+    states = state_layer.get_array()  # 0: dead (black), 1: non-finite (red), masked: neither
+    assert states.mask.tolist() == [[False, False, True, False], [False, True, True, True]]
+    assert states.filled(-1).tolist() == [[0.0, 1.0, -1, 1.0], [0.0, -1, -1, -1]]
+    assert state_layer.cmap(1.0)[:3] != state_layer.cmap(0.0)[:3] == (0.0, 0.0, 0.0)
+    assert "non-finite" in ax.get_title()
+    finite_only = plots.firing_heatmap([[0.0, 0.5]]).axes[0]
+    assert "non-finite" not in finite_only.get_title() + finite_only.get_yticklabels()[0].get_text()
+
+
 def test_rescue_panels_one_per_strategy_on_the_same_axes(story):
     fig = plots.rescue_panels(story)
     labels = [v["label"] for v in story["strategies"].values()]

@@ -13,6 +13,7 @@ import sys
 from typing import Callable, Sequence
 
 from ..errors import DeadReluError
+from ..lab.termination import TERMINATED_EXIT, Terminated
 from . import lab as lab_verbs
 from . import scan as scan_verbs
 from .loading import one_line
@@ -64,6 +65,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"deadrelu {args.verb}: interrupted", file=sys.stderr)
         return 130
+    except Terminated:  # SIGTERM while outputs were written: their temporary files are gone
+        print(f"deadrelu {args.verb}: terminated", file=sys.stderr)
+        return TERMINATED_EXIT
 
 
 #: The exit status of a command ended by SIGPIPE (128 + 13), as a shell reports it.

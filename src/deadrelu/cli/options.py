@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import argparse
 import math
-from typing import Callable
+import re
+from typing import Any, Callable
 
 __all__ = ["whole_number", "finite_float", "positive_number", "seed_number", "path_text", "OneLineParser",
            "MAX_COUNT", "MAX_SEED", "FLOAT32_MAX"]
@@ -136,12 +137,34 @@ def path_text(text: str) -> str:
     return text
 
 
+#: Every text ``float()`` reads as a negative number (``-1``, ``-.5``, ``-1e-3``, ``-1E+05``, ``-1_000``,
+#: ``-inf``, ``-nan``). argparse's own pattern (``^-\d+$|^-\d*\.\d+$``, Python 3.10 to 3.13) misses
+#: the exponents and the words, so ``--threshold -1e-3`` failed as "expected one argument".
+_NEGATIVE_NUMBER = re.compile(
+    r"^-(?:(?:\d(?:_?\d)*)?\.\d(?:_?\d)*|\d(?:_?\d)*\.?)(?:e[-+]?\d(?:_?\d)*)?$|^-(?:inf|infinity|nan)$",
+    re.IGNORECASE,
+)
+
+
 class OneLineParser(argparse.ArgumentParser):
     """An ``ArgumentParser`` whose usage errors are one line on stderr (exit 2), pointing at ``--help``.
 
+    A value that reads as a negative number is a value, never an option, in every spelling
+    ``float()`` takes (``--threshold -1e-3``): its option's ``type=`` then accepts or refuses it by
+    name (``--lr -1e-3``: "must be positive"). No option of this CLI looks like a negative number,
+    so none is shadowed.
+
     >>> OneLineParser(prog="x").prog
     'x'
+    >>> p = OneLineParser(prog="x"); _ = p.add_argument("--t", type=float)
+    >>> p.parse_args(["--t", "-1e-3"]).t
+    -0.001
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # argparse reads this attribute when it tells options from values (Python 3.10 to 3.13).
+        self._negative_number_matcher = _NEGATIVE_NUMBER
 
     def error(self, message: str) -> None:  # type: ignore[override]
         from .loading import one_line

@@ -255,7 +255,10 @@ def scan_command(args: argparse.Namespace) -> Report:
             raise
         raise DeadReluError(hinted) from err
     if args.json is not None:
-        report.to_json(args.json)
+        from ..lab.termination import sigterm_raises
+
+        with sigterm_raises():  # a SIGTERM mid-write removes the temporary file instead of leaving it
+            report.to_json(args.json)
     if args.text is not None:
         args.text_counts = (data.documents, data.tokens, data.positions - data.tokens)
     return report

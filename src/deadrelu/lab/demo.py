@@ -40,6 +40,7 @@ from .datasets import Dataset, load_dataset
 from .numerics import cpu_numerics_pinned
 from .schema import DEMO_SCHEMA_VERSION
 from .tables import result_table
+from .termination import remove_stale_temporaries, sigterm_deferred, sigterm_raises
 from .training import ProgressBar, build_mlp, epoch_record, firing_rates, torch_threads, train_epoch
 from .verdicts import CLASSIC_THRESHOLD, LABELS, STRATEGIES, aggregate, summarise
 from ..core.files import atomic_write_text
@@ -233,9 +234,14 @@ def _train_to_checkpoint(
     return phase, checkpoint
 
 
-def _resurrected(before: Sequence[Sequence[float]], after: Sequence[Sequence[float]]) -> list[int]:
-    """Per layer, units that never fired at the checkpoint but fire at the end (training split, exact)."""
-    return [sum(1 for b, a in zip(rb, ra) if b == 0 and a > 0) for rb, ra in zip(before, after)]
+def _resurrected(before: Report, after: Report) -> list[int]:
+    """Per layer, units dead at the checkpoint that fire at the end (training split, exact).
+
+    The report's own states decide: a unit with NaN or ±Inf outputs at either end is neither dead
+    nor alive, so it is never counted as dead before, nor as firing again after.
+    """
+    return [int((b.state_mask("dead") & (a.state_mask("active") | a.state_mask("asleep"))).sum())
+            for b, a in zip(before.sites, after.sites)]
 
 
 def _continue_with(
@@ -275,7 +281,7 @@ def _continue_with(
         "val_accuracy": final["val_accuracy"],
         "diverged": any(r["diverged"] for r in records),
         "firing_rates": rates,
-        "resurrected": _resurrected(firing_rates(checkpoint.report), rates),
+        "resurrected": _resurrected(checkpoint.report, final_report),
         "cost": {
             "train_seconds": seconds,
             "surgery_seconds": surgery_seconds,
@@ -525,7 +531,8 @@ def write_results(result: dict[str, Any], path: str | os.PathLike[str]) -> Path:
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(target, json.dumps(result, indent=1, allow_nan=False) + "\n")
+    with sigterm_raises():  # a SIGTERM mid-write removes the temporary file (see lab/termination.py)
+        atomic_write_text(target, json.dumps(result, indent=1, allow_nan=False) + "\n")
     return target
 
 
@@ -533,8 +540,12 @@ class OutputStage:
     """A run's output files, written under temporary names in their directory and renamed into place together.
 
     Nothing appears under a final name until :meth:`commit`; leaving the ``with`` block without
-    committing (an error, Ctrl-C) removes the temporaries and every directory the stage created,
-    so an earlier run's files stay exactly as they were and no partial set is left behind.
+    committing (an error, Ctrl-C, SIGTERM) removes the temporaries and every directory the stage
+    created, so an earlier run's files stay exactly as they were and no partial set is left behind.
+    Within the block SIGTERM raises :class:`~deadrelu.lab.termination.Terminated` (main thread
+    only), held back over the renames. Temporaries are named ``.NAME.PID.XXXXXXXX.tmp``; those
+    of a process that is gone (killed outright, SIGKILL), for a name this stage writes, are
+    removed when it writes that name.
 
     Example:
         >>> import tempfile
@@ -550,13 +561,16 @@ class OutputStage:
         self._created: list[Path] = []
         self._staged: list[tuple[str, Path]] = []
         self._committed = False
+        self._sigterm = contextlib.ExitStack()
 
     def __enter__(self) -> "OutputStage":
+        self._sigterm.enter_context(sigterm_raises())
         missing = [d for d in (self.out_dir, *self.out_dir.parents) if not d.exists()]
         try:
             for directory in reversed(missing):
-                directory.mkdir()
-                self._created.append(directory)
+                with sigterm_deferred():  # made and recorded together, or neither
+                    directory.mkdir()
+                    self._created.append(directory)
         except BaseException:  # a name too long, a dangling link: leave no directory behind either
             self.__exit__()
             raise
@@ -564,8 +578,10 @@ class OutputStage:
 
     def add(self, name: str, data: str | bytes) -> Path:
         """Write one output under a temporary name; returns the path it will have once committed."""
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=self.out_dir)
-        self._staged.append((tmp, self.out_dir / name))
+        remove_stale_temporaries(self.out_dir, name)
+        with sigterm_deferred():  # made and recorded together, so the cleanup knows every temporary
+            fd, tmp = tempfile.mkstemp(prefix=f".{name}.{os.getpid()}.", suffix=".tmp", dir=self.out_dir)
+            self._staged.append((tmp, self.out_dir / name))
         with os.fdopen(fd, "wb") as f:
             f.write(data.encode("utf-8") if isinstance(data, str) else data)
             f.flush()
@@ -581,12 +597,13 @@ class OutputStage:
         """Rename every staged file into place.
 
         Ctrl-C is ignored during the renames: they take microseconds, and an interrupt between two of
-        them would leave a half-replaced set, the one thing the stage exists to prevent.
+        them would leave a half-replaced set, the one thing the stage exists to prevent. A SIGTERM
+        then is held back and raised once every file is in place.
         """
         for _, final in self._staged:
             if final.is_dir():
                 raise DeadReluError(f"cannot write {final}: it is a directory")
-        with _interrupts_ignored():
+        with _interrupts_ignored(), sigterm_deferred():
             done: list[tuple[Path, Path | None, bool]] = []  # (final, hard-linked backup, existed before)
             try:
                 for tmp, final in self._staged:
@@ -615,14 +632,18 @@ class OutputStage:
             self._committed = True
 
     def __exit__(self, *exc: Any) -> None:
-        if self._committed:
-            return
-        for tmp, _ in self._staged:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-        for directory in reversed(self._created):
-            with contextlib.suppress(OSError):
-                directory.rmdir()  # only if still empty: never anything someone else put there
+        try:
+            if self._committed:
+                return
+            with sigterm_deferred():  # a (second) SIGTERM does not cut the cleanup short
+                for tmp, _ in self._staged:
+                    with contextlib.suppress(OSError):
+                        os.unlink(tmp)
+                for directory in reversed(self._created):
+                    with contextlib.suppress(OSError):
+                        directory.rmdir()  # only if still empty: never anything someone else put there
+        finally:
+            self._sigterm.close()  # SIGTERM's previous handler back
 
 
 @dataclass
@@ -688,17 +709,18 @@ def _check_out_dir(out_dir: Path, names: Sequence[str]) -> None:
 def _probe_out_dir(out_dir: Path, missing: Sequence[Path]) -> None:
     """Create the ``missing`` directories (deepest last) and one temporary file in ``out_dir``; remove them again."""
     created: list[Path] = []
-    try:
-        for directory in reversed(missing):
-            directory.mkdir()
-            created.append(directory)
-        fd, probe = tempfile.mkstemp(prefix=".deadrelu-probe.", suffix=".tmp", dir=out_dir)
-        os.close(fd)
-        os.unlink(probe)
-    finally:
-        for directory in reversed(created):
-            with contextlib.suppress(OSError):
-                directory.rmdir()  # only if still empty
+    with sigterm_raises(), sigterm_deferred():  # microseconds: a SIGTERM is raised once all is removed again
+        try:
+            for directory in reversed(missing):
+                directory.mkdir()
+                created.append(directory)
+            fd, probe = tempfile.mkstemp(prefix=".deadrelu-probe.", suffix=".tmp", dir=out_dir)
+            os.close(fd)
+            os.unlink(probe)
+        finally:
+            for directory in reversed(created):
+                with contextlib.suppress(OSError):
+                    directory.rmdir()  # only if still empty
 
 
 def _check_not_foreign(out_dir: Path, results_name: str, html: bool) -> None:

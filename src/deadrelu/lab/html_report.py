@@ -20,6 +20,7 @@ from ..core.files import atomic_write_text
 from ..errors import DeadReluError, ReportFormatError
 from .schema import newest_schema
 from .tables import result_table
+from .termination import sigterm_raises
 
 __all__ = ["load_results", "saved_results", "result_plots", "render_html", "report_page", "write_report",
            "is_deadrelu_result", "is_deadrelu_page", "RESULT_NAMES", "CSP"]
@@ -43,7 +44,7 @@ _CAPTIONS = {
     "layers": "Dead units per hidden layer after every epoch (training and validation set): median line and "
               "min–max band over seeds; after the checkpoint (dashed) the network trains on with no rescue.",
     "heatmap": "Every unit of every hidden layer at the checkpoint (first seed); black cells never fired on the "
-               "training set.",
+               "training set; red cells, if any, produced NaN or infinite values: neither dead nor alive.",
     "rescue": "One panel per strategy, same axes: from the same checkpoint and on the same batches, the last "
               "hidden layer's dead units and the validation accuracy, median and min–max over seeds.",
     "bars": "Bars: mean over seeds; whiskers: min to max.",
@@ -373,5 +374,6 @@ def write_report(
             raise DeadReluError(f"cannot write the report to {target}: it is the results file {read}, which it would overwrite")
     page = render_html(results, images=images, rendered=rendered)
     target.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(target, page)
+    with sigterm_raises():  # a SIGTERM mid-write removes the temporary file (see lab/termination.py)
+        atomic_write_text(target, page)
     return target

@@ -126,29 +126,47 @@ def dead_by_layer(story: dict[str, Any]) -> Any:
 
 
 def firing_heatmap(
-    rates: Sequence[Sequence[float]], title: str = "Firing rate of every unit", names: Sequence[str] | None = None,
+    rates: Sequence[Sequence[float | None]], title: str = "Firing rate of every unit", names: Sequence[str] | None = None,
 ) -> Any:
     """Unit grid, layers × units, coloured by firing rate; units that never fired are black.
 
+    A unit whose rate is None (how :func:`deadrelu.lab.training.firing_rates` saves a unit that
+    produced NaN or ±Inf) or NaN is red and counted apart: it is neither dead nor alive, as
+    :class:`deadrelu.Report` says, so it is never drawn or counted as dead. Cells past a shorter
+    layer's last unit stay blank.
+
     Example:
-        >>> fig = firing_heatmap([[0.0, 0.5, 1.0], [0.2, 0.0, 0.9]])
+        >>> fig = firing_heatmap([[0.0, 0.5, 1.0], [0.2, None, 0.9]])
+        >>> [t.get_text() for t in fig.axes[0].get_yticklabels()]
+        ['h1 (1 dead)', 'h2 (0 dead, 1 non-finite)']
     """
     plt = _plt()
     np = require("numpy", "plot")
+    from matplotlib.colors import ListedColormap
+
     width = max(len(r) for r in rates)
     grid = np.full((len(rates), width), np.nan)
+    nonfinite = np.zeros((len(rates), width), dtype=bool)
     for i, row in enumerate(rates):
-        grid[i, : len(row)] = row
+        values = np.array([math.nan if v is None else float(v) for v in row], dtype=float)
+        grid[i, : len(row)] = values
+        nonfinite[i, : len(row)] = ~np.isfinite(values)
     dead = grid == 0
-    cmap = plt.get_cmap("viridis").with_extremes(bad="black")
+    cmap = plt.get_cmap("viridis").with_extremes(bad=(0, 0, 0, 0))  # masked cells: drawn by the layer below
     fig, ax = plt.subplots(figsize=(9, 0.45 * len(rates) + 1.6))
     image = ax.imshow(np.ma.masked_where(dead | np.isnan(grid), grid), aspect="auto", cmap=cmap, vmin=0, vmax=1,
                       interpolation="nearest")
+    states = np.where(dead, 0.0, np.where(nonfinite, 1.0, np.nan))  # 0: dead (black), 1: non-finite (red)
+    ax.imshow(np.ma.masked_invalid(states), aspect="auto", cmap=ListedColormap(["black", "tab:red"]), vmin=0, vmax=1,
+              interpolation="nearest")
     ax.set_yticks(range(len(rates)))
     names = list(names) if names is not None else [f"h{i + 1}" for i in range(len(rates))]
-    ax.set_yticklabels([f"{names[i]} ({int(dead[i].sum())} dead)" for i in range(len(rates))])
+    ax.set_yticklabels([f"{names[i]} ({int(dead[i].sum())} dead"
+                        + (f", {int(nonfinite[i].sum())} non-finite)" if nonfinite[i].any() else ")")
+                        for i in range(len(rates))])
     ax.set_xlabel("unit index")
-    ax.set_title(f"{title}\n(black: dead — never fired on the training set)")
+    note = "; red: non-finite (NaN/Inf), neither dead nor alive" if nonfinite.any() else ""
+    ax.set_title(f"{title}\n(black: dead — never fired on the training set{note})")
     bar = fig.colorbar(image, ax=ax, pad=0.01)
     bar.set_label("firing rate (fraction of samples)")
     return fig

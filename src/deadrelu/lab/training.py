@@ -194,9 +194,15 @@ def epoch_record(
     return record, report
 
 
-def firing_rates(report: Report) -> list[list[float]]:
-    """Per site, the per-unit firing rates (for the unit-grid heatmap)."""
-    return [[round(r, 6) for r in s.firing_rate] for s in report.sites]
+def firing_rates(report: Report) -> list[list[float | None]]:
+    """Per site, the per-unit firing rates (for the unit-grid heatmap); None for a non-finite unit.
+
+    A unit that produced NaN or ±Inf never counted as firing (``NaN > 0`` is false), so its rate
+    reads 0 like a dead unit's; the report calls it neither dead nor alive, and so does this list
+    (``null`` in JSON). Rates keep 6 significant digits, so a unit that fired once is never 0.
+    """
+    return [[None if state == "nonfinite" else float(f"{r:.6g}") for r, state in zip(s.firing_rate, s.states)]
+            for s in report.sites]
 
 
 @contextlib.contextmanager
