@@ -11,6 +11,7 @@ from deadrelu.cli.main import main
 from deadrelu.lab.datasets import load_dataset
 from deadrelu.errors import DeadReluError
 from deadrelu.lab.experiments import activations, init_depth, lr_sweep, result_table, run_experiment
+from deadrelu.lab.schema import DEMO_SCHEMA_VERSION
 
 pytest.importorskip("sklearn")
 
@@ -99,7 +100,7 @@ def test_a_saved_rescue_result_is_read_back_by_the_report_and_later_experiments(
     # "newer than this deadrelu reads", which broke `deadrelu report DIR` and every later experiment in DIR.
     out = tmp_path / "res"
     assert main(["experiment", "rescue", "--epochs", "1", "--seeds", "1", "--out", str(out), "--no-progress"]) == 0
-    assert json.loads((out / "rescue.json").read_text())["schema_version"] == 2
+    assert json.loads((out / "rescue.json").read_text())["schema_version"] == DEMO_SCHEMA_VERSION
     capsys.readouterr()
     assert main(["report", str(out)]) == 0, capsys.readouterr().err
     assert main(["experiment", "lr-sweep", "--epochs", "1", "--seeds", "1", "--out", str(out), "--no-progress"]) == 0

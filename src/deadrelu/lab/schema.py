@@ -8,8 +8,9 @@ from __future__ import annotations
 
 __all__ = ["DEMO_SCHEMA_VERSION", "EXPERIMENT_SCHEMA_VERSION", "newest_schema"]
 
-#: ``deadrelu demo``'s results.json: 2 = several seeds (``runs``, per-seed lists); 1 = one seed.
-DEMO_SCHEMA_VERSION = 2
+#: ``deadrelu demo``'s results.json: 3 = a firing rate is ``null`` for a non-finite unit (NaN/Inf
+#: activations: neither dead nor alive); 2 = several seeds (``runs``, per-seed lists); 1 = one seed.
+DEMO_SCHEMA_VERSION = 3
 #: ``deadrelu experiment NAME``'s NAME.json.
 EXPERIMENT_SCHEMA_VERSION = 1
 
