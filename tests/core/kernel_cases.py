@@ -52,7 +52,7 @@ def run(x, unit_dim, threshold, backend, nonnegative=False, mask=None):
 def assert_matches(got, truth):
     for key in ("observations", "fired", "nonfinite"):
         assert got[key].tolist() == truth[key], key
-    assert torch.allclose(got["abs_sum"].cpu(), truth["abs_sum"], rtol=1e-6, atol=1e-9, equal_nan=True)
+    assert torch.allclose(got["abs_sum"].cpu(), truth["abs_sum"], rtol=1e-12, atol=1e-12, equal_nan=True)
 
 
 def planted_layout(shape, unit_dim, layout, dtype, seed=0):
@@ -217,3 +217,40 @@ def test_kernel_takes_a_negative_unit_dim(device, unit_dim):
     for m in (None, mask):
         got = run(x, unit_dim, 0.1, "triton", mask=m)
         assert_matches(got, brute(x.cpu(), unit_dim % 3, 0.1, None if m is None else m.cpu()))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_kernel_accumulator_restored_from_its_state_dict_counts_the_same(device):
+    # The state dict dropped the backend: a "triton" accumulator came back as "auto", which on CPU
+    # (and wherever the kernel once failed) is another pass with other last bits of Σ|h|.
+    g = torch.Generator().manual_seed(14)
+    first, second = (torch.randn(n, 6, generator=g).mul(torch.logspace(-3, 3, 6)).to(device) for n in (40, 33))
+    a = stats.UnitStats(6, 0.25, backend="triton")
+    a.update(first, 1)
+    b = stats.UnitStats.from_state_dict(a.state_dict())
+    assert (b.backend, b.threshold, b.device) == ("triton", 0.25, a.device)
+    a.update(second, 1)
+    b.update(second, 1)
+    assert all(torch.equal(a.state[k], b.state[k]) for k in a.state)
+
+
+@pytest.mark.parametrize("device", [d for d in DEVICES if d == "cpu"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+def test_interpreted_kernel_reads_subnormals_as_the_calling_thread_does(device, dtype):
+    # After torch.set_flush_denormal(True) a subnormal (of float32, the compare type) reads as 0 on
+    # this thread, in torch's compare, the torch pass and the native kernel alike; the interpreter
+    # computes on this thread too. A float16 subnormal is a normal float32: it still fires.
+    tiny = 1e-7 if dtype == torch.float16 else 1e-40
+    x = torch.tensor([[tiny, -tiny, 0.0, 1.0]] * 3, dtype=dtype)
+    try:
+        for flush in (False, True):
+            if not torch.set_flush_denormal(flush):
+                return  # no flush-to-zero mode on this CPU: nothing to follow
+            got = run(x, 1, 0.0, "triton")
+            flushed = flush and dtype != torch.float16
+            assert got["fired"].tolist() == ([0, 0, 0, 3] if flushed else [3, 0, 0, 3])
+            torch.set_flush_denormal(False)
+            expected = [0.0, 0.0, 0.0, 3.0] if flushed else [3 * abs(float(x[0, 0])), 3 * abs(float(x[0, 0])), 0.0, 3.0]
+            assert got["abs_sum"].tolist() == pytest.approx(expected, rel=1e-12, abs=0.0)
+    finally:
+        torch.set_flush_denormal(False)

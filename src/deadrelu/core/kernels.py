@@ -28,14 +28,40 @@ from __future__ import annotations
 import functools
 import math
 import os
+import struct
 from typing import Any, Mapping
 
 import torch
 
 __all__ = [
-    "available", "dense", "functorch_wrapped", "fusable", "interpreting", "mask_rows", "plan", "relu_output",
-    "relu_stats_into", "transforms_active", "unit_stats_into",
+    "available", "dense", "flushes_denormals", "functorch_wrapped", "fusable", "interpreting", "mask_rows", "plan",
+    "relu_output", "relu_stats_into", "transforms_active", "unit_stats_into",
 ]  # fmt: skip
+
+
+# A Python float compare runs on this thread's floating-point state: after
+# torch.set_flush_denormal(True) the smallest subnormal double reads as 0 here, as subnormal
+# values do in torch's kernels and the native kernel on this thread. Built from its bits: parsing
+# a literal under flush-to-zero could give 0.
+_SUBNORMAL = struct.unpack("<d", struct.pack("<q", 1))[0]
+_ZERO = 0.0
+
+
+def flushes_denormals() -> bool:
+    """Whether this thread reads subnormal numbers as 0 (after ``torch.set_flush_denormal(True)``).
+
+    The CPU statistics follow it (the torch pass, the native kernel on all its threads, Triton's
+    interpreter): a subnormal activation — below float32's smallest normal number for float32,
+    bfloat16 and float16 activations (a float16 subnormal is a normal float32), float64's for
+    float64 — then counts as 0, neither firing nor adding to ``Σ|h|``, as torch's own compare on
+    this thread counts it. torch's intra-op worker threads keep the state they were created with,
+    so a multi-threaded ``(x > 0).sum()`` of torch's own may count otherwise.
+
+    Example:
+        >>> flushes_denormals()
+        False
+    """
+    return not _SUBNORMAL > _ZERO
 
 
 def interpreting() -> bool:
@@ -266,7 +292,7 @@ _THRESHOLDS: dict[tuple[float, torch.dtype, torch.device], torch.Tensor] = {}
 
 def _threshold_tensor(threshold: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """The threshold as a cached one-element device tensor (no host-to-device copy per batch)."""
-    key = (threshold, dtype, device)
+    key = (threshold, dtype, device, flushes_denormals())  # made under flush-to-zero, a subnormal one is 0
     t = _THRESHOLDS.get(key)
     if t is None:
         t = _THRESHOLDS[key] = torch.tensor([threshold], dtype=dtype, device=device)

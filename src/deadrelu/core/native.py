@@ -19,7 +19,9 @@ The numbers: fired and NaN/Inf counts are exact; ``Σ|h|`` is accumulated in flo
 element, in a fixed order for ``(rows, units)`` layouts; in vector lanes along a contiguous
 ``(N, C, H, W)`` run, where the last bits follow the machine's vector width). The kernel is
 called through :mod:`ctypes`, which releases the GIL; a large batch is split into row slices
-run on torch's number of threads.
+run on torch's number of threads. Subnormal values are read as the calling thread reads them: after
+``torch.set_flush_denormal(True)`` they count as 0 in every slice, as a torch compare on that thread
+counts them (a worker thread's own flush-to-zero state, set when it was created, is not used).
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ from . import kernels
 __all__ = ["available", "relu_stats_into", "status", "supports", "unit_stats_into"]
 
 _SOURCES = ("unit_stats.c", "unit_stats_body.h")
-_ABI = 3
+_ABI = 4
 _DTYPES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
 # Elements per thread below which a batch runs on one thread: measured on 2 cores, splitting a 4M-value
 # activation over Python threads did not pay (torch's idle OpenMP threads spin beside them); 16M did.
@@ -184,8 +186,9 @@ def _library() -> ctypes.CDLL | None:
         return None
     fn = lib.deadrelu_unit_stats
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    fn.argtypes = [ctypes.c_int, ptr, ptr, ptr, *[i64] * 8, ctypes.c_double, ctypes.c_int, ctypes.c_int, *[ptr] * 4]
+    fn.argtypes = [ctypes.c_int, ptr, ptr, ptr, *[i64] * 8, ctypes.c_double, *[ctypes.c_int] * 3, *[ptr] * 4]
     fn.restype = ctypes.c_int
+    lib.deadrelu_flush_mode.argtypes, lib.deadrelu_flush_mode.restype = [], ctypes.c_int
     return lib
 
 
@@ -286,7 +289,7 @@ def _run(
     bounds = [(b, min(b + step, before)) for b in range(0, before, step)]
 
     if len(bounds) == 1 and _direct(out, units):
-        rc = fn(code, x_ptr, y_ptr, mask_ptr, 0, before, units, after, s_b, s_u, s_a, mask_div, thr, relu, nonneg,
+        rc = fn(code, x_ptr, y_ptr, mask_ptr, 0, before, units, after, s_b, s_u, s_a, mask_div, thr, relu, nonneg, -1,
                 out["fired"].data_ptr(), out["abs_sum"].data_ptr(), out["nonfinite"].data_ptr(),
                 out["observations"].data_ptr())  # fmt: skip
         _check(rc, t.dtype)
@@ -294,8 +297,10 @@ def _run(
 
     # Several slices (threads, or more rows than one call counts), or accumulators the kernel cannot
     # address: each slice adds into its own row of partial sums, added up in slice order, so the
-    # result does not depend on thread timing.
+    # result does not depend on thread timing. Every slice counts under this thread's flush-to-zero
+    # state (torch.set_flush_denormal): a worker thread keeps the one it was created with.
     n = len(bounds)
+    flush = lib.deadrelu_flush_mode()
     fired, mag = _zeros(n, units, dtype=torch.int64), _zeros(n, units, dtype=torch.float64)
     bad, obs = _zeros(n, units, dtype=torch.int64), _zeros(n, dtype=torch.int64)
     codes: list[int] = [0] * n
@@ -303,7 +308,7 @@ def _run(
     def one(i: int) -> None:
         b0, b1 = bounds[i]
         codes[i] = fn(code, x_ptr, y_ptr, mask_ptr, b0, b1, units, after, s_b, s_u, s_a, mask_div, thr, relu, nonneg,
-                      fired[i].data_ptr(), mag[i].data_ptr(), bad[i].data_ptr(), obs[i:].data_ptr())  # fmt: skip
+                      flush, fired[i].data_ptr(), mag[i].data_ptr(), bad[i].data_ptr(), obs[i:].data_ptr())  # fmt: skip
 
     if n > 1 and torch.get_num_threads() > 1:
         list(_pool().map(one, range(n)))

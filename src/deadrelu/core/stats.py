@@ -32,23 +32,26 @@ One pass per activation computes the four built-in sums, with the fastest exact 
   (:mod:`deadrelu.core.kernels`): reads the activation once, accumulates |h| in float64,
   adds into the state tensors with atomics; no temporary the size of the activation and
   no host synchronisation;
-* otherwise the pure-torch pass: on CPU a chunked pass that keeps each chunk in cache
-  (float32 partial sums over at most 4096 rows per unit — a row is one value, or a
-  convolution channel's spatial run, summed by torch's cascade sum — and never more than
-  2**24 values, so counts stay exact integers; added into float64 totals;
-  half-precision chunks are widened to float32, which is exact) — for the common layout,
-  units innermost in memory and small enough for one chunk (a Linear layer's output), a
-  cached per-layout plan (:class:`_RowsPlan`) whose buffers are made once, so a batch
-  costs a compare, a matrix-vector count and a cascade sum of magnitudes (BLAS would
-  add a column's float32 values one after another); on other devices plain torch reductions with
-  float64 accumulation.
+* a CPU tensor where the C kernel of :mod:`deadrelu.core.native` builds → that kernel, in one
+  read, with the same float64 sums;
+* otherwise the pure-torch pass: on CPU a chunked pass that keeps each chunk in cache (a tile of
+  whole rows where they fit, else of units, else of one run; at most 2**18 values, or the whole
+  activation below 2**20): counts in float32, exact integers at these sizes; magnitudes widened
+  to float64 (exact) in a scratch of one chunk and summed there by torch's cascade sum, so no
+  buffer grows with the activation — for the common layout, units innermost in memory and small
+  enough for one chunk (a Linear layer's output), a cached per-layout plan (:class:`_RowsPlan`)
+  whose buffers are made once, so a batch costs a compare, a matrix-vector count, a widening
+  copy and a cascade sum of magnitudes; on other devices plain torch reductions with float64
+  accumulation.
 
 Either way counts are exact integers, magnitudes are summed in float64 (finite values near
-the float32 maximum never overflow to inf) and the numbers agree: counts bit for bit,
-sums to float64 rounding of float32 partials. Comparisons against the threshold are done
-in float32 (float64 for float64 activations), so half-precision values are compared exactly
-against the threshold as a float32 number. Autocast is switched off inside the pass: under
-CPU bf16 autocast a matrix-vector count would otherwise be computed in bf16.
+the float32 maximum never overflow to inf) and the numbers agree: counts bit for bit, sums to
+float64 rounding (a relative 1e-15 or so: the order of the additions differs). Comparisons
+against the threshold are done in float32 (float64 for float64 activations), so half-precision
+values are compared exactly against the threshold as a float32 number. Subnormal values are read
+as the calling thread reads them (:func:`deadrelu.core.kernels.flushes_denormals`): as 0 after
+``torch.set_flush_denormal(True)``, on every thread that counts. Autocast is switched off inside
+the pass: under CPU bf16 autocast a matrix-vector count would otherwise be computed in bf16.
 
 Adding a per-unit statistic
 ---------------------------
@@ -364,21 +367,22 @@ def _three_d(x: torch.Tensor, unit_dim: int) -> torch.Tensor:
     return x.contiguous().view(before, units, after)
 
 
-# Elements per chunk of the CPU pass: 1 MiB of float32, so a chunk's mask is still in cache
-# when it is reduced and the activation is read from memory once instead of twice. Float32
-# partial sums cover at most _PARTIAL_ROWS values per unit before they go into float64.
+# Elements per chunk of the CPU pass: 1 MiB of float32, so a chunk's mask and its float64 copy are
+# still in cache when they are reduced and the activation is read from memory once. A chunk is a
+# tile of whole rows where they fit (else a block of units, else part of one unit's run), never more
+# than 2**24 values, so its float32 counts are exact integers; its magnitudes are widened to float64
+# (exact) in a scratch of the chunk's size and summed there, so memory stays bounded by the chunk.
 _CHUNK_ELEMENTS = 1 << 18
 _CHUNK_MIN_ELEMENTS = 4 * _CHUNK_ELEMENTS
-_PARTIAL_ROWS = 4096
+_PARTIAL_ROWS = 4096  # rows of the cached one-chunk plan (_RowsPlan)
 
 
 def _column_sum_into(total: torch.Tensor, m: torch.Tensor, counts: bool) -> None:
     """Add the column sums of a 2-D float tensor into a float64 ``total``. For wide rows of
     ``counts`` a matrix-vector product with ones runs up to 2x faster than ``sum(0)`` on CPU (and
     is exact for integers below 2**24); for narrow ones BLAS is slower, pathologically so for one
-    column. Magnitudes always go through ``sum(0)``: BLAS adds a column's float32 values one
-    after another, so one large value followed by 4095 small ones loses up to 4096 roundings
-    (a relative error of 2.4e-4 where torch's cascade sum keeps 1e-6)."""
+    column. Magnitudes (float64 here) always go through ``sum(0)``, torch's cascade sum: BLAS adds a
+    column's values one after another."""
     if m.shape[0] == 1:
         total += m[0]
     elif counts and m.shape[1] >= 128:
@@ -394,38 +398,54 @@ class _RowsPlan:
     torch calls. At these sizes the per-call cost of Python and the dispatcher rivals the
     arithmetic, and it grows when the layer's own matmul has just flushed the caches.
 
-    Partial sums are in the activation's dtype (float32 or float64), exact for counts (at most
-    ``_PARTIAL_ROWS`` rows); they are widened into the int64/float64 totals."""
+    Counts are summed in the activation's dtype (float32 or float64; exact, below 2**24 values per
+    unit); magnitudes are widened to float64 (exact) and summed there, as the kernels sum them. The
+    plan covers activations of fewer than ``_CHUNK_MIN_ELEMENTS`` values, so its float64 scratch
+    holds at most 8 MiB."""
 
-    __slots__ = ("rows", "units", "unit_dim", "moved", "mask", "absx", "part", "ones", "route")
+    __slots__ = (
+        "rows", "units", "unit_dim", "moved", "nonnegative", "mask", "wide", "counts", "mags", "ones", "route",
+    )  # fmt: skip
 
     def __init__(self, x: torch.Tensor, unit_dim: int, nonnegative: bool) -> None:
         self.units = x.shape[unit_dim]
         self.rows = x.numel() // self.units
         self.unit_dim = unit_dim
         self.moved = unit_dim != x.ndim - 1  # channels_last: move the unit dim last (a view)
+        self.nonnegative = nonnegative
         shape, dt = (self.rows, self.units), x.dtype
         self.mask = _scratch(shape, dt, x.device, slot=1)
-        self.absx = None if nonnegative else _scratch(shape, dt, x.device, slot=2)
-        self.part = _scratch((2, self.units), dt, x.device, slot=6)
+        # |x| in float64 (a float64 ReLU output is summed as it is)
+        self.wide = None if dt == torch.float64 and nonnegative else _scratch(shape, torch.float64, x.device, slot=2)
+        self.counts = _scratch((self.units,), dt, x.device, slot=6)
+        self.mags = _scratch((self.units,), torch.float64, x.device, slot=7)
         self.ones = _ones(self.rows, dt, x.device)
         # the fastest exact column sum of counts for this width (see _column_sum_into)
         self.route = "row" if self.rows == 1 else "mv" if self.units >= 128 else "sum"
 
-    def _column_sums(self, m: torch.Tensor, out: torch.Tensor, counts: bool) -> None:
-        if self.route == "mv" and counts:
-            torch.mv(m.t(), self.ones, out=out)
-        elif self.route != "row":
-            torch.sum(m, 0, out=out)
-        else:
-            out.copy_(m[0])
-
     def run(self, x: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(rows view of ``x``, per-unit count of ``x > threshold``, per-unit sum of ``|x|``)."""
+        """(rows view of ``x``, per-unit count of ``x > threshold``, per-unit float64 sum of ``|x|``)."""
         x2 = (x.movedim(self.unit_dim, -1) if self.moved else x).view(self.rows, self.units)
-        self._column_sums(torch.gt(x2, threshold, out=self.mask), self.part[0], counts=True)
-        self._column_sums(x2 if self.absx is None else torch.abs(x2, out=self.absx), self.part[1], counts=False)
-        return x2, self.part[0], self.part[1]
+        m = torch.gt(x2, threshold, out=self.mask)
+        if self.route == "mv":
+            torch.mv(m.t(), self.ones, out=self.counts)
+        elif self.route == "sum":
+            torch.sum(m, 0, out=self.counts)
+        else:
+            self.counts.copy_(m[0])
+        if self.wide is None:
+            a = x2
+        elif x2.dtype == torch.float64:
+            a = torch.abs(x2, out=self.wide)
+        else:
+            a = self.wide.copy_(x2)  # exact
+            if not self.nonnegative:
+                a.abs_()
+        if self.rows == 1:
+            self.mags.copy_(a[0])
+        else:
+            torch.sum(a, 0, out=self.mags)
+        return x2, self.counts, self.mags
 
 
 def _rows_plan(x: torch.Tensor, unit_dim: int, nonnegative: bool) -> _RowsPlan | None:
@@ -445,59 +465,75 @@ def _rows_plan(x: torch.Tensor, unit_dim: int, nonnegative: bool) -> _RowsPlan |
         return None
     if len(plans) >= 64:  # many layouts (e.g. every sequence length): keep the cache bounded
         plans.clear()
-    plan = plans[key] = _RowsPlan(x, unit_dim, nonnegative)
+    plan = _RowsPlan(x, unit_dim, nonnegative)
+    _SCRATCH.plans[key] = plan  # (the plans of before, if a scratch buffer had to grow, are gone)
     return plan
 
 
-@functools.lru_cache(maxsize=256)
 def _float32(threshold: float) -> float:
     """``threshold`` rounded to the nearest float32, as a float32 comparison sees it (±inf beyond
-    float32's range)."""
+    float32's range; a subnormal one is 0 where this thread flushes them)."""
+    return _float32_under(threshold, kernels.flushes_denormals())
+
+
+@functools.lru_cache(maxsize=256)
+def _float32_under(threshold: float, flush: bool) -> float:
+    """:func:`_float32`, cached per flush-to-zero state (the rounding itself flushes under it)."""
     return torch.tensor(threshold, dtype=torch.float32).item()
 
 
-def _cpu_pass(x3: torch.Tensor, threshold: float, nonnegative: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-unit (count of ``x > threshold``, sum of ``|x|``) over a ``(before, units, after)``
-    CPU tensor, chunk by chunk along ``before`` so each chunk stays in cache.
+def _tile(before: int, units: int, after: int, chunk: int) -> tuple[int, int, int]:
+    """(rows, units, run positions) of one chunk of a ``(before, units, after)`` tensor: whole rows
+    while they fit in ``chunk`` values, else a block of units' whole runs, else part of one run."""
+    run = max(1, min(after, chunk))
+    block = max(1, min(units, chunk // run))
+    return max(1, min(before, chunk // (block * run))), block, run
 
-    Measured on a 2-core CPU: a (128, 32, 32, 32) ReLU output costs 3-4% of its convolution
-    this way instead of 6-7%."""
+
+def _cpu_pass(
+    x3: torch.Tensor, threshold: float, nonnegative: bool, flush: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-unit float64 (count of ``x > threshold``, sum of ``|x|``) over a ``(before, units,
+    after)`` CPU tensor, chunk by chunk (see ``_CHUNK_ELEMENTS``) so each chunk stays in cache.
+    ``flush``: read subnormal values (and threshold) as 0, whichever thread torch runs a chunk on."""
     before, units, after = x3.shape
-    # Float32 row partials count exactly below 2**24 values; wider runs work in float64.
-    work = torch.float64 if x3.dtype == torch.float64 or after >= 2**24 else torch.float32
-    if x3.dtype != torch.float64:  # compared in float32 even when the work is float64, as the kernels do
+    f64 = x3.dtype == torch.float64
+    if not f64:  # compared in float32, as the kernels do (half-precision values widen exactly)
         threshold = _float32(threshold)
-    widen = x3.dtype != work  # bf16/fp16: widen each chunk to float32 (exact) in cache
-    chunk = _CHUNK_ELEMENTS if x3.numel() >= _CHUNK_MIN_ELEMENTS or widen else x3.numel()
-    rows = max(1, min(before, chunk // max(units * after, 1), _PARTIAL_ROWS))
+    tiny = torch.finfo(torch.float64 if f64 else torch.float32).tiny
+    if flush and abs(threshold) < tiny:
+        threshold = 0.0
+    direct = x3.dtype in (torch.float32, torch.float64) and not flush  # compared as they are
+    chunk = x3.numel() if direct and x3.numel() < _CHUNK_MIN_ELEMENTS else _CHUNK_ELEMENTS
+    rows, block, run = _tile(before, units, after, chunk)
     fired = torch.zeros(units, dtype=torch.float64)
     mag = torch.zeros(units, dtype=torch.float64)
-    fired_rows = mag_rows = None
-    if after > 1:  # per-row sums over the trailing run first, then one sum over rows
-        fired_rows = _scratch((before, units), work, x3.device, slot=3)
-        mag_rows = _scratch((before, units), work, x3.device, slot=4)
-    mask = _scratch((rows, units, after), work, x3.device, slot=1)
-    absx = None if nonnegative else _scratch((rows, units, after), work, x3.device, slot=2)
-    wide = _scratch((rows, units, after), work, x3.device, slot=5) if widen else None
-    for start in range(0, before, rows):
-        c = x3[start : start + rows]
-        n = c.shape[0]
-        if wide is not None:
-            c = wide[:n].copy_(c)
-        m = torch.gt(c, threshold, out=mask[:n])
-        a = c if absx is None else torch.abs(c, out=absx[:n])
-        if fired_rows is None or mag_rows is None:
-            _column_sum_into(fired, m[:, :, 0], counts=True)
-            _column_sum_into(mag, a[:, :, 0], counts=False)
-        else:
-            torch.sum(m, dim=2, out=fired_rows[start : start + n])
-            torch.sum(a, dim=2, out=mag_rows[start : start + n])
-    if fired_rows is not None and mag_rows is not None:
-        # Each row holds up to `after` counts: float32 sums of rows stay exact up to 2**24 in all.
-        step = _PARTIAL_ROWS if work == torch.float64 else max(1, min(_PARTIAL_ROWS, 2**24 // after))
-        for start in range(0, before, step):
-            _column_sum_into(fired, fired_rows[start : start + step], counts=True)
-            _column_sum_into(mag, mag_rows[start : start + step], counts=False)
+    size = rows * block * run
+    mask_buf = _scratch((size,), torch.float32, x3.device, slot=1)
+    wide_buf = _scratch((size,), torch.float64, x3.device, slot=2)
+    for b0 in range(0, before, rows):
+        for u0 in range(0, units, block):
+            for a0 in range(0, after, run):
+                c = x3[b0 : b0 + rows, u0 : u0 + block, a0 : a0 + run]
+                shape, n = c.shape, c.numel()
+                m, w = mask_buf[:n].view(shape), wide_buf[:n].view(shape)
+                if f64 and direct:
+                    torch.gt(c, threshold, out=m)
+                    a = c if nonnegative else torch.abs(c, out=w)
+                else:
+                    a = w.copy_(c)  # float64, exact
+                    if flush:  # zero by value: torch's worker threads may not flush them themselves
+                        a.masked_fill_(a.abs() < tiny, 0.0)
+                    torch.gt(c if direct else a, threshold, out=m)
+                    if not nonnegative:
+                        a.abs_()
+                fired_here, mag_here = fired[u0 : u0 + shape[1]], mag[u0 : u0 + shape[1]]  # views
+                if run == 1:
+                    _column_sum_into(fired_here, m[:, :, 0], counts=True)
+                    _column_sum_into(mag_here, a[:, :, 0], counts=False)
+                else:
+                    fired_here += m.sum(dim=(0, 2))
+                    mag_here += a.sum(dim=(0, 2))
     return fired, mag
 
 
@@ -505,16 +541,17 @@ def _cpu_batch(
     x: torch.Tensor, unit_dim: int, threshold: float, nonnegative: bool, out: Mapping[str, torch.Tensor]
 ) -> None:
     """The CPU backend of :func:`accumulate` (mask already applied)."""
-    plan = _rows_plan(x, unit_dim, nonnegative)
+    flush = kernels.flushes_denormals()
+    plan = None if flush else _rows_plan(x, unit_dim, nonnegative)
     if plan is not None:
         x3, fired, mag = plan.run(x, threshold)  # x3 is 2-D here: made 3-D only if needed below
     else:
         x3 = _three_d(x, unit_dim)
-        fired, mag = _cpu_pass(x3, threshold, nonnegative)
-    # A unit's magnitude sum is finite exactly when all its values are, unless partial sums
-    # overflowed: the exact NaN/Inf count (and, after an overflow, a float64 magnitude pass)
-    # is taken only for the rare batches that need it. On CPU this check costs no device
-    # synchronisation.
+        fired, mag = _cpu_pass(x3, threshold, nonnegative, flush)
+    # A unit's magnitude sum is finite exactly when all its values are, unless a float64 sum
+    # overflowed (float64 values near its maximum): the exact NaN/Inf count (and, after an
+    # overflow, a magnitude pass row by row) is taken only for the rare batches that need it. On
+    # CPU this check costs no device synchronisation.
     if not math.isfinite(mag.sum().item()):
         x3 = x3.view(*x3.shape[:2], -1)
         bad = per_unit_sum(~torch.isfinite(x3), 1, torch.int64)
@@ -522,7 +559,7 @@ def _cpu_batch(
             mag = _float64_abs_sum(x3)
         out["nonfinite"] += bad
     out["fired"] += fired.to(torch.int64)
-    out["abs_sum"] += mag  # float32 partials widen exactly into the float64 total
+    out["abs_sum"] += mag
     out["observations"] += x3.numel() // x3.shape[1]
 
 
@@ -1002,18 +1039,33 @@ class UnitStats(StatTensors):
         return self
 
     def state_dict(self) -> dict[str, object]:
-        """Tensors and settings, for checkpointing or sending to another process."""
-        return {"units": self.units, "threshold": self.threshold, **{k: t.clone() for k, t in self.state.items()}}
+        """Tensors and settings (units, threshold, statistics backend), for checkpointing or sending
+        to another process: an accumulator rebuilt by :meth:`from_state_dict` counts the next batches
+        as this one does."""
+        settings = {"units": self.units, "threshold": self.threshold, "backend": self.backend}
+        return {**settings, **{k: t.clone() for k, t in self.state.items()}}
 
     @classmethod
     def from_state_dict(cls, state: Mapping[str, object]) -> "UnitStats":
-        """Rebuild an accumulator from :meth:`state_dict`."""
+        """Rebuild an accumulator from :meth:`state_dict` (one saved without a backend counts with
+        ``"auto"``), on the device its tensors are on.
+
+        Raises:
+            DeadReluError: when a statistic is missing or the backend is unknown.
+        """
+        missing = [k for k in ("units", "threshold", *(s.name for s in STATISTICS)) if k not in state]
+        if missing:
+            raise DeadReluError(f"not a UnitStats state: it lacks {', '.join(map(repr, missing))}")
+        backend = state.get("backend", "auto")
+        if backend not in BACKENDS:
+            raise DeadReluError(f"statistics backend must be one of {BACKENDS}, got {backend!r}")
         fired = state["fired"]
         assert isinstance(fired, torch.Tensor)
-        out = cls(int(state["units"]), float(state["threshold"]), device=fired.device)  # type: ignore[arg-type]
-        for k in out.state:
+        out = cls(int(state["units"]), float(state["threshold"]), device=fired.device, backend=str(backend))  # type: ignore[arg-type]
+        for k, t in out.state.items():
             value = state[k]
-            out.state[k] = value.clone() if isinstance(value, torch.Tensor) else torch.tensor([value])
+            value = value if isinstance(value, torch.Tensor) else torch.tensor([value])
+            out.state[k] = value.to(device=t.device, dtype=t.dtype).clone()
         return out
 
     def compute(self, allow_empty: bool = False) -> UnitTotals:

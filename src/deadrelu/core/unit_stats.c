@@ -15,6 +15,9 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#if defined(__x86_64__) || defined(_M_X64) || defined(__i386__)
+#include <xmmintrin.h>
+#endif
 
 
 /* Units per block of the (rows, units) loop: its int32 and float64 counters take 6 KiB. */
@@ -95,14 +98,41 @@ static inline int bad_f16(uint16_t v) { return (v & 0x7c00u) == 0x7c00u; }
 #define ZERO ((uint16_t)0)
 #include "unit_stats_body.h"
 
+/* The thread's flush-to-zero state (torch.set_flush_denormal sets it for the thread that calls it,
+ * and a compare then reads a subnormal as 0): x86's MXCSR FTZ and DAZ bits, aarch64's FPCR.FZ. A
+ * thread inherits it when it is created, so native.py's worker threads hold whatever the caller had
+ * then; each slice is run under the caller's state of now, passed in `flush`. */
+#if defined(__x86_64__) || defined(_M_X64) || defined(__i386__)
+#define DR_FLUSH_BITS 0x8040u
+static uint64_t dr_fp_get(void) { return _mm_getcsr(); }
+static void dr_fp_set(uint64_t v) { _mm_setcsr((unsigned)v); }
+#elif defined(__aarch64__)
+#define DR_FLUSH_BITS (1u << 24)
+static uint64_t dr_fp_get(void) {
+    uint64_t v;
+    __asm__ volatile("mrs %0, fpcr" : "=r"(v));
+    return v;
+}
+static void dr_fp_set(uint64_t v) { __asm__ volatile("msr fpcr, %0" : : "r"(v) : "memory"); }
+#else
+#define DR_FLUSH_BITS 0u
+static uint64_t dr_fp_get(void) { return 0; }
+static void dr_fp_set(uint64_t v) { (void)v; }
+#endif
+
+/* The calling thread's flush bits, for deadrelu_unit_stats' `flush` on another thread. */
+int deadrelu_flush_mode(void) { return (int)(dr_fp_get() & DR_FLUSH_BITS); }
+
 /* The entry point. Rows b0..b1 of the (before, units, after) layout; y (same strides as x) gets
  * relu(x) when relu != 0; mask (one byte per mask_div rows of before) selects the rows that count.
- * fired/mag/bad (units entries each) and obs (one) are added to. Returns 0; -1 for a dtype code
- * this build does not know, -2 when scratch memory cannot be allocated (nothing is added then). */
+ * fired/mag/bad (units entries each) and obs (one) are added to. flush: -1 to count under this
+ * thread's flush-to-zero state, else deadrelu_flush_mode() of the thread whose state to use (set
+ * for the call, restored after). Returns 0; -1 for a dtype code this build does not know, -2 when
+ * scratch memory cannot be allocated (nothing is added then). */
 int deadrelu_unit_stats(int dtype, const void* x, void* y, const uint8_t* mask, int64_t b0, int64_t b1,
                         int64_t units, int64_t after, int64_t s_b, int64_t s_u, int64_t s_a,
-                        int64_t mask_div, double thr, int relu, int nonneg, int64_t* fired, double* mag,
-                        int64_t* bad, int64_t* obs) {
+                        int64_t mask_div, double thr, int relu, int nonneg, int flush, int64_t* fired,
+                        double* mag, int64_t* bad, int64_t* obs) {
     if (dtype < DR_F32 || dtype > DR_F16) return -1;
     int32_t* cnt = 0;
     double* part = 0;
@@ -115,6 +145,8 @@ int deadrelu_unit_stats(int dtype, const void* x, void* y, const uint8_t* mask, 
             return -2;
         }
     }
+    uint64_t saved = dr_fp_get();
+    if (flush >= 0) dr_fp_set((saved & ~(uint64_t)DR_FLUSH_BITS) | ((uint64_t)flush & DR_FLUSH_BITS));
 #define DR_CALL(NAME_, T_, THR_)                                                                         \
     NAME_##_stats((const T_*)x, (T_*)y, mask, b0, b1, units, after, s_b, s_u, s_a, mask_div, THR_, relu, \
                   nonneg, cnt, part, fired, mag, bad, obs)
@@ -125,10 +157,11 @@ int deadrelu_unit_stats(int dtype, const void* x, void* y, const uint8_t* mask, 
         default: DR_CALL(f16, uint16_t, (float)thr); break;
     }
 #undef DR_CALL
+    if (flush >= 0) dr_fp_set(saved);
     free(cnt);
     free(part);
     return 0;
 }
 
 /* The ABI version native.py checks before it calls anything. */
-int deadrelu_unit_stats_abi(void) { return 3; }
+int deadrelu_unit_stats_abi(void) { return 4; }
