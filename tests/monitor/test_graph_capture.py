@@ -1391,3 +1391,43 @@ def test_a_compiled_grouped_experts_site_says_it_pools_the_experts(dynamo):
             mon.step()
     finally:
         mon.detach()
+
+
+class _DenseExperts(nn.Module):
+    """Every token through every expert of one stacked weight, in a loop Dynamo unrolls."""
+
+    def __init__(self, functional: bool):
+        super().__init__()
+        self.functional = functional
+        self.w = nn.Parameter(torch.randn(3, 8, 4))
+        self.act = nn.ReLU()
+        with torch.no_grad():
+            self.w[1, 2] = -1.0  # unit 2 of expert 1 never fires on the positive inputs below
+            self.w[1, 2, 0] = -1.0
+
+    def forward(self, x):
+        x = x.abs()
+        outs = [F.linear(x, self.w[e]) for e in range(3)]
+        return sum((F.relu(h) if self.functional else self.act(h)).sum() for h in outs)
+
+
+@needs_inductor
+@pytest.mark.parametrize("functional", [False, True], ids=["module", "functional"])
+def test_a_static_experts_loop_has_the_eager_per_expert_sites_when_compiled(dynamo, functional):
+    # The compiled monitor named them by call (act#1..#3) where eager names them by expert (act[e]).
+    torch.manual_seed(0)
+    data = [torch.randn(5, 4) for _ in range(2)]
+
+    def make():
+        torch.manual_seed(0)
+        return _DenseExperts(functional)
+
+    def step(runner, x):
+        runner(x).backward()
+
+    eager, compiled = eager_and_compiled(make, data, step, window=4)
+    got = [(s.name, s.observations, s.fired_counts) for s in compiled.sites]
+    assert got == [(s.name, s.observations, s.fired_counts) for s in eager.sites]
+    names = [s.name for s in eager.sites]
+    assert names == (["<root>:relu[0]", "<root>:relu[1]", "<root>:relu[2]"] if functional else ["act[0]", "act[1]", "act[2]"])
+    assert 2 in compiled.sites[1].dead_units and 2 not in compiled.sites[0].dead_units

@@ -919,6 +919,7 @@ class GraphCapture:
         candidates: list[tuple[fx.Node, tuple[Any, ...], str]] = []
         module_output: dict[tuple[str, ...], fx.Node] = {}  # activation module call -> its last node so far
         module_calls: dict[tuple[str, ...], tuple[str, int, str]] = {}
+        module_expert: dict[tuple[str, ...], int] = {}  # activation module call -> the expert slice its input came from
         numbered: dict[tuple[str, int, tuple[str, ...]], int] = {}  # (module, Dynamo's k-th call, stack) -> call number
         reached: dict[tuple[str, Any], int] = {}  # (module, place) -> calls from there so far
         for node in graph.nodes:
@@ -946,6 +947,10 @@ class GraphCapture:
             else:
                 table.on_op(kind, args, kwargs, value)
             if act_key is not None:
+                if kind[0] == ACT and act_key not in module_expert:
+                    expert = _stacked_index(node)
+                    if expert is not None:
+                        module_expert[act_key] = expert
                 if self._in_forward_of(node, path):
                     module_output[act_key] = node  # the module's output is the last node of its forward
                     module_calls[act_key] = (path, call, self._act_modules[path])
@@ -959,13 +964,18 @@ class GraphCapture:
                 continue  # index.clamp(min=0) on integers: no activation
             position = _position(node)
             where = (path, call, position, name)
-            k = seen.get(where, 0)
-            seen[where] = k + 1
+            expert = _stacked_index(node)
+            if expert is not None:  # keyed by expert, as the eager capture keys it (a static experts loop)
+                k = -1 - expert
+            else:
+                k = seen.get(where, 0)
+                seen[where] = k + 1
             candidates.append((node, (*where, k), position))
         for act_key, node in module_output.items():
             path, call, name = module_calls[act_key]
             if isinstance(node.meta.get("example_value"), torch.Tensor):
-                candidates.append((node, (path, call, None, name, 0), ""))
+                occurrence = -1 - module_expert[act_key] if act_key in module_expert else 0
+                candidates.append((node, (path, call, None, name, occurrence), ""))
         order = {n: i for i, n in enumerate(graph.nodes)}
         found: list[tuple[fx.Node, _Site]] = []
         for node, key, position in sorted(candidates, key=lambda c: order[c[0]]):  # sites in forward order
@@ -1215,6 +1225,46 @@ def _short_location(position: str) -> str:
         return ""
     file, line, _ = position.rsplit(":", 2)
     return f"{file.rsplit('/', 1)[-1]}:{line}"
+
+
+def _stacked_index(node: fx.Node, depth: int = 4) -> int | None:
+    """The expert ``e`` where an activation node's input comes (through at most ``depth`` views and
+    splits) from a linear or matmul with slice ``e`` of a 3-D parameter (``F.linear(x, experts.w[e])``
+    in a loop Dynamo unrolled), else None — the eager capture's :class:`~deadrelu.core.unit_axis.WeightSlice`."""
+    current = node.args[0] if node.args else None
+    for _ in range(depth):
+        if not isinstance(current, fx.Node) or current.op not in ("call_function", "call_method"):
+            return None
+        name = getattr(current.target, "__name__", str(current.target))
+        if name in ("linear", "matmul", "mm", "__matmul__"):
+            found = [e for e in (_slice_index(a) for a in current.args[:2]) if e is not None]
+            return found[0] if found else None
+        current = current.args[0] if current.args else None
+    return None
+
+
+def _slice_index(node: Any) -> int | None:
+    """``e`` where ``node`` is ``w[e]`` (possibly transposed) of a 3-D parameter input and a constant ``e``."""
+    for _ in range(2):
+        if not isinstance(node, fx.Node) or node.op not in ("call_function", "call_method"):
+            return None
+        name = getattr(node.target, "__name__", str(node.target))
+        source = node.args[0] if node.args else None
+        if name in ("getitem", "__getitem__", "select"):
+            index = node.args[-1] if len(node.args) > 1 else None
+            if name == "select" and len(node.args) == 3 and node.args[1] != 0:
+                return None  # a slice along another dim
+            value = _example(source) if isinstance(source, fx.Node) else None
+            weight = isinstance(source, fx.Node) and (
+                source.op == "get_attr" or (source.op == "placeholder" and "_parameters_" in source.name)
+            )
+            if weight and isinstance(value, torch.Tensor) and value.ndim == 3 and type(index) is int:
+                return index % value.shape[0]
+            return None
+        if name not in ("t", "transpose", "permute"):
+            return None
+        node = source
+    return None
 
 
 def _is_weight(node: fx.Node) -> bool:
