@@ -1306,19 +1306,24 @@ def test_a_copy_of_a_model_under_a_compiled_monitor_carries_no_live_hook(dynamo)
         mon.detach()
 
 
+def _tiny_t5():
+    """A one-layer T5 encoder-decoder, the same weights at each call."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.T5Config(
+        vocab_size=50, d_model=8, d_kv=4, d_ff=16, num_layers=1, num_decoder_layers=1, num_heads=2,
+        decoder_start_token_id=0, pad_token_id=0, dropout_rate=0.0,
+    )
+    torch.manual_seed(0)
+    return transformers.T5Model(config)
+
+
+def _t5_step(runner, batch):
+    runner(**batch).last_hidden_state.sum().backward()
+
+
 @needs_inductor
 @compiles_transformers
 def test_an_encoder_decoder_models_decoder_is_not_masked_by_the_encoders_mask(dynamo):
-    transformers = pytest.importorskip("transformers")
-
-    def make():
-        config = transformers.T5Config(
-            vocab_size=50, d_model=8, d_kv=4, d_ff=16, num_layers=1, num_decoder_layers=1, num_heads=2,
-            decoder_start_token_id=0, pad_token_id=0, dropout_rate=0.0,
-        )
-        torch.manual_seed(0)
-        return transformers.T5Model(config)
-
     g = torch.Generator().manual_seed(0)
     mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
     data = [
@@ -1327,10 +1332,7 @@ def test_an_encoder_decoder_models_decoder_is_not_masked_by_the_encoders_mask(dy
         for _ in range(2)
     ]  # fmt: skip
 
-    def step(runner, b):
-        runner(**b).last_hidden_state.sum().backward()
-
-    eager, compiled = eager_and_compiled(make, data, step, window=4)
+    eager, compiled = eager_and_compiled(_tiny_t5, data, _t5_step, window=4)
     assert [(s.name, s.observations) for s in compiled.sites] == [(s.name, s.observations) for s in eager.sites]
     assert {s.name.split(".")[0]: s.observations for s in eager.sites} == {"encoder": 12, "decoder": 16}
 
@@ -1339,25 +1341,12 @@ def test_an_encoder_decoder_models_decoder_is_not_masked_by_the_encoders_mask(dy
 @compiles_transformers
 def test_a_decoder_attention_mask_alone_masks_the_compiled_decoder(dynamo):
     # With no encoder attention_mask in the call, the decoder's mask was ignored (eager and compiled).
-    transformers = pytest.importorskip("transformers")
-
-    def make():
-        config = transformers.T5Config(
-            vocab_size=50, d_model=8, d_kv=4, d_ff=16, num_layers=1, num_decoder_layers=1, num_heads=2,
-            decoder_start_token_id=0, pad_token_id=0, dropout_rate=0.0,
-        )
-        torch.manual_seed(0)
-        return transformers.T5Model(config)
-
     g = torch.Generator().manual_seed(0)
     dmask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0]])
     data = [{"input_ids": torch.randint(1, 50, (2, 6), generator=g), "decoder_input_ids": torch.randint(1, 50, (2, 4), generator=g),
              "decoder_attention_mask": dmask} for _ in range(2)]  # fmt: skip
 
-    def step(runner, b):
-        runner(**b).last_hidden_state.sum().backward()
-
-    eager, compiled = eager_and_compiled(make, data, step, window=4)
+    eager, compiled = eager_and_compiled(_tiny_t5, data, _t5_step, window=4)
     assert [(s.name, s.observations) for s in compiled.sites] == [(s.name, s.observations) for s in eager.sites]
     assert {s.name.split(".")[0]: s.observations for s in eager.sites} == {"encoder": 24, "decoder": 8}
 

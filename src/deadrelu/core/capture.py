@@ -183,21 +183,15 @@ class SiteInfo:
 def same_function_ordinal(
     infos: Iterable[SiteInfo], module: str, call: int, function: str, new: SiteInfo | None = None
 ) -> int:
-    """The ``ordinal`` of a new site: 1 + the call positions already seen of that function in that
-    module call (the experts of one call position, see :func:`expert_of`, share theirs)."""
-    seen = {
-        (i.position, _call_occurrence(i))
-        for i in infos
-        if i.module == module and i.call == call and i.function == function and (i.position, _call_occurrence(i)) != (
-            (new.position, _call_occurrence(new)) if new is not None else None
-        )
-    }
-    same = [
-        i.ordinal for i in infos
-        if new is not None and expert_of(new) is not None and i.module == module and i.call == call
-        and i.function == function and (i.position, _call_occurrence(i)) == (new.position, _call_occurrence(new))
-    ]  # fmt: skip
-    return same[0] if same else 1 + len(seen)
+    """The ``ordinal`` of a new site ``new``: 1 + the other call positions already seen of that
+    function in that module call, so the experts of one call position (see :func:`expert_of`)
+    share theirs."""
+    place = lambda i: (i.position, _call_occurrence(i))  # noqa: E731
+    mine = place(new) if new is not None else None
+    return 1 + len({
+        place(i) for i in infos
+        if i.module == module and i.call == call and i.function == function and place(i) != mine
+    })  # fmt: skip
 
 
 def expert_of(info: SiteInfo) -> int | None:
@@ -257,13 +251,13 @@ class _Forward:
     masks: dict[tuple[torch.device, bool], torch.Tensor] = field(default_factory=dict)
     decoder_split: bool = False  # an encoder-decoder call: decoder sites take decoder_mask
     decoder_mask: torch.Tensor | None = None
-    # per mask (the call's, the decoder's): whether it lay over some activation of this pass
-    # (absent: no activation counted with it yet), and the shape of one it did not fit, for the
-    # message when it fits none — each mask apart, as one that fits hides no other that does not
     # In a call with inputs of other shapes than its mask's (B, T) (CLIP's pixel_values beside its
     # input_ids): which tensors come from the token inputs (True) and which from the others only
     # (False), by identity: the mask never lies over the latter, even where the lengths agree.
     sources: dict[int, tuple[Any, bool]] | None = None
+    # per mask (the call's, the decoder's): whether it lay over some activation of this pass
+    # (absent: no activation counted with it yet), and the shape of one it did not fit, for the
+    # message when it fits none — each mask apart, as one that fits hides no other that does not
     mask_fit: dict[bool, bool] = field(default_factory=dict)
     unfit_shape: dict[bool, tuple[int, ...]] = field(default_factory=dict)
 
@@ -1028,10 +1022,9 @@ class ActivationCapture:
         origin = groups or fwd.axes.origin(inp)
         if origin is not None and not self.scripted:
             self._expert_sites([(*where, -1 - e) for e in range(origin.slices)], out, slot, position)
-        if groups is not None:
-            keys = [((*where, -1 - e) if e >= 0 else (*where, 0), rows) for e, rows in _expert_rows(out, groups)]
-            return [(self.sites.get(key) or self._new_site(key, rows, slot, position), rows) for key, rows in keys]
-        if origin is not None and not self.scripted:
+            if groups is not None:
+                keys = [((*where, -1 - e) if e >= 0 else (*where, 0), rows) for e, rows in _expert_rows(out, groups)]
+                return [(self.sites.get(key) or self._new_site(key, rows, slot, position), rows) for key, rows in keys]
             # An experts loop's functional call (F.silu(x @ w[e])): keyed by the weight slice, not by
             # how often the loop reached it before (see _module_call); occurrences stay ints.
             k = -1 - origin.index

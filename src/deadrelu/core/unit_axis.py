@@ -405,10 +405,9 @@ class AxisTable:
 
     def __init__(self) -> None:
         self.entries: dict[int, tuple[Any, int, str]] = {}
-        # Tensors computed from one slice of a stacked weight (an MoE layer's ``gate_up_proj[e]``),
-        # by identity: (weakref, (id of the stacked parameter, slice index, slices)). Carried with
-        # the axis, so a reused activation module that a loop calls once per expert hit can key each
-        # call by its expert, not by how many experts were hit before it in that batch.
+        # Tensors computed from a stacked experts weight (an MoE layer's ``gate_up_proj``), by
+        # identity: (weakref, WeightSlice). Carried with the axis, so the capture can key an expert's
+        # activation by its expert, not by how many experts the batch hit before it.
         self.origins: dict[int, tuple[Any, WeightSlice]] = {}
 
     def origin(self, t: Any) -> "WeightSlice | None":
@@ -494,6 +493,8 @@ class AxisTable:
 
     def _produced(self, kind: tuple[int, str, Any], out: Any, args: tuple = (), kwargs: dict | None = None) -> None:
         rule, batched = kind[1], kind[2]
+        origin = _stacked_operand(rule, batched, args, kwargs)
+        gathered = self._gathered_operand(rule, batched, args)
         for o in out if isinstance(out, (tuple, list)) else (out,):
             if isinstance(o, torch.Tensor) and o.ndim:
                 if rule == "producer:conv":
@@ -505,8 +506,6 @@ class AxisTable:
                     axis = o.ndim - 2  # W @ x: W's rows (out x in) are the units, on the output's dim -2
                 else:
                     axis = o.ndim - 1
-                origin = _stacked_operand(rule, batched, args, kwargs)
-                gathered = self._gathered_operand(rule, batched, args)
                 if gathered is not None:
                     origin, on_left = gathered
                     axis = o.ndim - 2 if on_left and o.ndim >= 3 else axis  # bmm(w[ids], x): units on dim -2
