@@ -86,6 +86,22 @@ def test_nan_inf_and_subnormals_are_counted_exactly(dtype, layout):
     assert got["fired"].tolist() == [1, 1, 0, 0]
 
 
+@pytest.mark.parametrize("relu", [False, True])
+def test_a_float64_run_whose_sum_overflows_has_no_nan_or_inf(relu):
+    # The run loops count NaN/Inf only once a run's sum is not finite; a float64 sum of finite
+    # values can overflow too, and then the recount must find none.
+    x = torch.full((2, 3, 4), 1e308, dtype=torch.float64)
+    x[1, 2, 3] = float("nan")  # one real NaN, in unit 2
+    out = stats.StatTensors(3).state
+    if relu:
+        native.relu_stats_into(x, 1, 0.0, out)
+    else:
+        native.unit_stats_into(x, 1, 0.0, False, out)
+    assert out["nonfinite"].tolist() == [0, 0, 1]
+    assert out["fired"].tolist() == [8, 8, 7]
+    assert out["abs_sum"][:2].tolist() == [float("inf")] * 2 and out["abs_sum"][2].isnan()
+
+
 @pytest.mark.parametrize(
     "shape,unit_dim,mask_dims", [((5, 7, 6), 2, 2), ((5, 7, 6), 2, 1), ((4, 6, 3, 3), 1, 1), ((9, 1100), 1, 1)]
 )  # the last: three blocks of units in the kernel's (rows, units) loop

@@ -103,43 +103,56 @@ static void NAME(units)(const T* restrict x, T* restrict y, const uint8_t* restr
 
 /* One contiguous run of n values of one unit. The sums are reductions the compiler vectorises
  * (omp simd: float64 lanes, added up at the end), so the last bits of |h| depend on the
- * machine's vector width, as any parallel sum does; counts are exact. */
+ * machine's vector width, as any parallel sum does; counts are exact. The loops count no NaN/Inf:
+ * every term of the sum is >= 0 (relu(x), |x|) or NaN, so a NaN or Inf value makes the sum NaN or
+ * Inf, and only then are the run's NaN/Inf counted, one by one (a float64 sum of finite float64
+ * values may overflow too: that recount finds none). Fired counts run in int32 lanes, DR_RUN_CHUNK
+ * values at a time: half the work of int64 ones in a loop that is compute-bound. */
+#ifndef DR_RUN_CHUNK
+#define DR_RUN_CHUNK ((int64_t)1 << 30)
+#endif
 static void NAME(run)(const T* restrict p, T* restrict q, int64_t n, WT thr, int relu, int nonneg,
                       int64_t* restrict fired, double* restrict mag, int64_t* restrict bad) {
-    int64_t f = 0, nb = 0;
+    int64_t f = 0;
     double s = 0;
-    if (relu) {
-#pragma omp simd reduction(+ : f, s, nb)
-        for (int64_t a = 0; a < n; a++) {
-            T raw = p[a];
-            WT w = WIDEN(raw);
-            T o = w < 0 ? ZERO : raw;
-            WT v = w < 0 ? (WT)0 : w;
-            q[a] = o;
-            f += v > thr;
-            s += (double)v;
-            nb += BAD(o);
+    for (int64_t a0 = 0; a0 < n; a0 += DR_RUN_CHUNK) {
+        int64_t a1 = n - a0 < DR_RUN_CHUNK ? n : a0 + DR_RUN_CHUNK;
+        int32_t fc = 0;
+        if (relu) {
+#pragma omp simd reduction(+ : fc, s)
+            for (int64_t a = a0; a < a1; a++) {
+                T raw = p[a];
+                WT w = WIDEN(raw);
+                WT v = w < 0 ? (WT)0 : w;
+                q[a] = w < 0 ? ZERO : raw;
+                fc += v > thr;
+                s += (double)v;
+            }
+        } else if (nonneg) {
+#pragma omp simd reduction(+ : fc, s)
+            for (int64_t a = a0; a < a1; a++) {
+                WT w = WIDEN(p[a]);
+                fc += w > thr;
+                s += (double)w;
+            }
+        } else {
+#pragma omp simd reduction(+ : fc, s)
+            for (int64_t a = a0; a < a1; a++) {
+                WT w = WIDEN(p[a]);
+                fc += w > thr;
+                s += (double)(w < 0 ? -w : w);
+            }
         }
-    } else if (nonneg) {
-#pragma omp simd reduction(+ : f, s, nb)
-        for (int64_t a = 0; a < n; a++) {
-            WT w = WIDEN(p[a]);
-            f += w > thr;
-            s += (double)w;
-            nb += BAD(p[a]);
-        }
-    } else {
-#pragma omp simd reduction(+ : f, s, nb)
-        for (int64_t a = 0; a < n; a++) {
-            WT w = WIDEN(p[a]);
-            f += w > thr;
-            s += (double)(w < 0 ? -w : w);
-            nb += BAD(p[a]);
-        }
+        f += fc;
     }
     *fired += f;
-    *bad += nb;
     *mag += s;
+    if (!(s - s == 0)) { /* NaN or Inf somewhere in the run: count them exactly */
+        int64_t nb = 0;
+        const T* r = relu ? q : p; /* relu keeps NaN and +Inf and makes -Inf 0, as its output reads */
+        for (int64_t a = 0; a < n; a++) nb += BAD(r[a]);
+        *bad += nb;
+    }
 }
 
 /* Runs contiguous (s_a == 1): for each row b and unit u, a run of `after` values. */
