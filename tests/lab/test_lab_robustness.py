@@ -10,6 +10,7 @@ import re
 import shutil
 import signal
 import sys
+import time
 from concurrent.futures import Future
 from pathlib import Path
 
@@ -356,6 +357,9 @@ def test_a_later_run_removes_only_what_a_killed_run_left(tmp_path):
     ]
     for name in kept:
         (tmp_path / name).write_text("not stale")
+    an_hour_ago = time.time() - 3600  # older than STALE_AFTER_S: a live write from another machine is younger
+    for name in [*stale, *kept, "results.json", "plot.png"]:
+        os.utime(tmp_path / name, (an_hour_ago, an_hour_ago))
     with OutputStage(tmp_path) as stage:
         stage.add("results.json", "new")
         stage.add("plot.png", b"new png")

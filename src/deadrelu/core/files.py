@@ -1,5 +1,11 @@
 """Writing result files without ever leaving a half-written one behind.
 
+Every file deadrelu replaces is first written to a temporary in its own folder and renamed into
+place. The temporary for ``NAME`` is ``.NAME.PID.XXXXXXXX.tmp`` (:func:`make_temporary`): the
+process id is what lets a later write tell what a process killed outright left behind (SIGKILL,
+a power cut: no cleanup code ran) from what a process still running is writing, and
+:func:`remove_stale_temporaries` removes only the former.
+
 >>> import tempfile, pathlib
 >>> target = pathlib.Path(tempfile.mkdtemp()) / "report.json"
 >>> atomic_write_text(target, "{}\\n").read_text()
@@ -8,15 +14,29 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import stat
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from ..errors import DeadReluError
 
-__all__ = ["atomic_write_text", "is_stream_path"]
+__all__ = ["atomic_write_text", "is_stream_path", "make_temporary", "backup_path", "remove_stale_temporaries"]
+
+#: A temporary (``.NAME.PID.XXXXXXXX.tmp``, :func:`make_temporary`) or backup link
+#: (``.NAME.PID.bak``, :func:`backup_path`). The eight characters are ``tempfile.mkstemp``'s.
+_TEMPORARY_NAME = re.compile(r"\.(?P<name>.+)\.(?P<pid>[0-9]+)\.(?:[A-Za-z0-9_]{8}\.tmp|bak)")
+
+#: How old (seconds since its last change) a dead process's temporary must be before it is removed.
+#: The process id is only asked on this machine: a write from another host into a shared folder
+#: (an NFS home's kernel cache, which every node of a cluster job compiles into at once) or from
+#: another container's pid namespace has a process id no process here has. No write of deadrelu's
+#: takes this long, so a temporary this old is no live write's, wherever it runs.
+STALE_AFTER_S = 600.0
 
 
 def is_stream_path(path: str | os.PathLike[str]) -> bool:
@@ -37,8 +57,10 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
     """Write ``text`` to ``path`` atomically: the file is either the old one or the complete new one.
 
     The text goes to a temporary file in the target's own directory (so the final rename never
-    crosses file systems), which is removed if anything fails. A symlink is written through: its
-    target is replaced, the link stays.
+    crosses file systems), ``.NAME.PID.XXXXXXXX.tmp``, which is removed if anything fails; the
+    temporaries of the same target that a process killed outright left there are removed first
+    (:func:`remove_stale_temporaries`). A symlink is written through: its target is replaced, the
+    link stays. A stream path (``/dev/stdout``, a FIFO) is appended to instead.
 
     Returns:
         The path written.
@@ -56,9 +78,11 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
     directory = final.parent if str(final.parent) else Path(".")
     if not directory.is_dir():
         raise DeadReluError(f"cannot write {target}: directory {directory} does not exist")
+    # Left by a write killed outright, these would stay for good: one listing of the folder per write.
+    remove_stale_temporaries(directory, final.name)
     tmp_name = None
     try:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=directory)
+        fd, tmp_name = make_temporary(directory / final.name)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
@@ -92,3 +116,87 @@ def _write_stream(target: Path, text: str) -> Path:
     except OSError as err:
         raise DeadReluError(f"cannot write {target}: {err.strerror or err}") from err
     return target
+
+
+def make_temporary(final: str | os.PathLike[str]) -> tuple[int, str]:
+    """Create a new, empty temporary file for ``final`` in ``final``'s folder, named ``.NAME.PID.XXXXXXXX.tmp``.
+
+    The caller writes it, renames it onto ``final`` and removes it if anything fails; what a
+    process killed before that left behind, :func:`remove_stale_temporaries` removes later.
+
+    Returns:
+        The open file descriptor and the temporary's path, as ``tempfile.mkstemp`` gives them.
+
+    Raises:
+        OSError: the folder is missing or not writable.
+
+    Example:
+        >>> import tempfile
+        >>> fd, tmp = make_temporary(Path(tempfile.mkdtemp()) / "report.json")
+        >>> os.close(fd); Path(tmp).name.startswith(f".report.json.{os.getpid()}.") and tmp.endswith(".tmp")
+        True
+    """
+    target = Path(final)
+    return tempfile.mkstemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".tmp", dir=target.parent)
+
+
+def backup_path(final: str | os.PathLike[str]) -> Path:
+    """The name of a hard-link backup of ``final`` kept while a set of files is replaced: ``.NAME.PID.bak``.
+
+    Example:
+        >>> backup_path("out/results.json") == Path(f"out/.results.json.{os.getpid()}.bak")
+        True
+    """
+    target = Path(final)
+    return target.with_name(f".{target.name}.{os.getpid()}.bak")
+
+
+def _process_gone(pid: int) -> bool:
+    """Whether no process ``pid`` runs on this machine (POSIX; elsewhere always False: nothing is removed)."""
+    if os.name != "posix" or pid <= 0 or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return True
+    except (OSError, OverflowError):  # EPERM: it runs, as another user; a number no pid can be
+        return False
+    return False
+
+
+def remove_stale_temporaries(directory: str | os.PathLike[str], name: str) -> list[Path]:
+    """Remove what a killed process left for the file ``name`` in ``directory``; returns the paths removed.
+
+    Only files of this module's naming for this ``name`` whose process no longer runs on this
+    machine and that have not changed for :data:`STALE_AFTER_S` seconds: a temporary
+    ``.NAME.PID.XXXXXXXX.tmp``, and a backup link ``.NAME.PID.bak`` while it
+    is still the same file as ``NAME`` (otherwise it is the only copy of an earlier version, and
+    stays). This process's files, another live process's, other names and other files are never
+    touched. On systems other than POSIX nothing is removed (whether a process runs is asked with
+    ``os.kill(pid, 0)``). A folder that cannot be listed, or a file that cannot be removed, is
+    left as it is: cleaning up never stops the write it comes before.
+
+    Example:
+        >>> import tempfile
+        >>> remove_stale_temporaries(tempfile.mkdtemp(), "results.json")
+        []
+    """
+    folder = Path(directory)
+    removed, now = [], time.time()
+    try:
+        entries = [p for p in folder.iterdir() if p.name.startswith(f".{name}.")]
+    except OSError:
+        return []
+    for path in entries:
+        match = _TEMPORARY_NAME.fullmatch(path.name)
+        if not match or match["name"] != name or not _process_gone(int(match["pid"])):
+            continue
+        with contextlib.suppress(OSError):
+            if now - path.lstat().st_mtime < STALE_AFTER_S:
+                continue  # maybe a live write on another machine or in another container (see STALE_AFTER_S)
+            if path.suffix == ".bak" and not (path.is_file() and os.path.samefile(path, folder / name)):
+                continue
+            if path.is_file() and not path.is_symlink():
+                path.unlink()
+                removed.append(path)
+    return removed

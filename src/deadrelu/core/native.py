@@ -42,6 +42,7 @@ from typing import Mapping
 import torch
 
 from . import kernels
+from .files import make_temporary, remove_stale_temporaries
 
 __all__ = ["available", "relu_stats_into", "status", "supports", "unit_stats_into"]
 
@@ -201,8 +202,9 @@ def _compile(path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     here = Path(__file__).parent
     # Built under a unique name and renamed into place: processes that compile at once never
-    # load a half-written file.
-    fd, tmp = tempfile.mkstemp(prefix=path.stem + ".", suffix=".tmp", dir=path.parent)
+    # load a half-written file. What a build killed outright left there is removed first.
+    remove_stale_temporaries(path.parent, path.name)
+    fd, tmp = make_temporary(path)
     os.close(fd)
     try:
         cmd = [cc, *_FLAGS, *_isa_flags(), str(here / "unit_stats.c"), "-o", tmp]

@@ -40,10 +40,10 @@ from .datasets import Dataset, load_dataset
 from .numerics import cpu_numerics_pinned
 from .schema import DEMO_SCHEMA_VERSION
 from .tables import result_table
-from .termination import remove_stale_temporaries, sigterm_deferred, sigterm_raises
+from .termination import sigterm_deferred, sigterm_raises
 from .training import ProgressBar, build_mlp, epoch_record, firing_rates, torch_threads, train_epoch
 from .verdicts import CLASSIC_THRESHOLD, LABELS, STRATEGIES, aggregate, summarise
-from ..core.files import atomic_write_text
+from ..core.files import atomic_write_text, backup_path, make_temporary, remove_stale_temporaries
 from ..core.report import Report
 from ..errors import DeadReluError, RefusedError
 
@@ -580,7 +580,7 @@ class OutputStage:
         """Write one output under a temporary name; returns the path it will have once committed."""
         remove_stale_temporaries(self.out_dir, name)
         with sigterm_deferred():  # made and recorded together, so the cleanup knows every temporary
-            fd, tmp = tempfile.mkstemp(prefix=f".{name}.{os.getpid()}.", suffix=".tmp", dir=self.out_dir)
+            fd, tmp = make_temporary(self.out_dir / name)
             self._staged.append((tmp, self.out_dir / name))
         with os.fdopen(fd, "wb") as f:
             f.write(data.encode("utf-8") if isinstance(data, str) else data)
@@ -609,7 +609,7 @@ class OutputStage:
                 for tmp, final in self._staged:
                     existed, backup = final.exists(), None
                     if existed:
-                        backup = final.with_name(f".{final.name}.{os.getpid()}.bak")
+                        backup = backup_path(final)
                         try:
                             os.link(final, backup)  # the earlier file stays reachable until all are in
                         except OSError:  # no hard links here: that file cannot be restored

@@ -11,8 +11,9 @@ Only the main thread can set signal handlers, and a handler that is not SIGTERM'
 belongs to whoever set it (an application embedding deadrelu): in both cases nothing changes.
 
 A run killed outright (SIGKILL, a power cut) runs no code at all; its temporaries carry its
-process id, and :func:`remove_stale_temporaries` lets a later run remove them once no process
-has that id.
+process id, and :func:`remove_stale_temporaries` (from :mod:`deadrelu.core.files`, where every
+atomic write takes its temporary's name, re-exported here) lets a later run remove them once no
+process has that id.
 
 Example:
     >>> with sigterm_raises():
@@ -23,12 +24,11 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import os
-import re
 import signal
 import threading
-from pathlib import Path
 from typing import Any, Iterator
+
+from ..core.files import remove_stale_temporaries
 
 __all__ = ["Terminated", "sigterm_raises", "sigterm_deferred", "remove_stale_temporaries", "TERMINATED_EXIT"]
 
@@ -100,54 +100,3 @@ def sigterm_deferred() -> Iterator[None]:
         if not _deferring and _pending:
             _pending = False
             raise Terminated()
-
-
-#: A staged temporary (``.NAME.PID.XXXXXXXX.tmp``, ``OutputStage.add``) or backup link (``.NAME.PID.bak``).
-_STAGED_NAME = r"\.(?P<name>.+)\.(?P<pid>[0-9]+)\.(?:[A-Za-z0-9_]{8}\.tmp|bak)"
-
-
-def _process_gone(pid: int) -> bool:
-    """Whether no process ``pid`` runs on this machine (POSIX; elsewhere always False: nothing is removed)."""
-    if os.name != "posix" or pid <= 0 or pid == os.getpid():
-        return False
-    try:
-        os.kill(pid, 0)  # signal 0: only asks whether the process exists
-    except ProcessLookupError:
-        return True
-    except (OSError, OverflowError):  # EPERM: it runs, as another user; a number no pid can be
-        return False
-    return False
-
-
-def remove_stale_temporaries(out_dir: str | os.PathLike[str], name: str) -> list[Path]:
-    """Remove what a killed run left for output ``name`` in ``out_dir``; returns the paths removed.
-
-    Only files of :class:`deadrelu.lab.demo.OutputStage`'s own naming for this ``name`` whose
-    process no longer runs: a temporary ``.NAME.PID.XXXXXXXX.tmp``, and a backup link
-    ``.NAME.PID.bak`` while it is still the same file as ``NAME`` (otherwise it is the only copy of
-    an earlier version, and stays).
-    Another live run's files, other names and other files are never touched.
-
-    Example:
-        >>> import tempfile
-        >>> remove_stale_temporaries(tempfile.mkdtemp(), "results.json")
-        []
-    """
-    directory = Path(out_dir)
-    pattern = re.compile(_STAGED_NAME)
-    removed = []
-    try:
-        entries = [p for p in directory.iterdir() if p.name.startswith(f".{name}.")]
-    except OSError:
-        return []
-    for path in entries:
-        match = pattern.fullmatch(path.name)
-        if not match or match["name"] != name or not _process_gone(int(match["pid"])):
-            continue
-        with contextlib.suppress(OSError):
-            if path.suffix == ".bak" and not (path.is_file() and os.path.samefile(path, directory / name)):
-                continue
-            if path.is_file() and not path.is_symlink():
-                path.unlink()
-                removed.append(path)
-    return removed
