@@ -32,6 +32,11 @@ number of activation calls in the graph than the scan counted (a ``clamp(min=0)`
 is no site, but fx cannot see the dtype): such a site is refused. A hand-written activation module the
 scan recognises by its class (``XIELUActivation``) stays one call in the trace, as it is one site; a
 site of one expert of experts stacked in one weight (``experts.act_fn[e]``) is refused by name.
+
+The trace and the mapping from a site to a graph node live in :mod:`deadrelu.surgery.tracing`, the
+checks beyond the chain's shape (hooks, parametrizations, direct reads, tied parameters) in
+:mod:`deadrelu.surgery.guards`; this module proves the chains, works out the constant a dead unit sends
+along one, and re-exports the names the rewrites use from both.
 """
 
 from __future__ import annotations
@@ -39,24 +44,24 @@ from __future__ import annotations
 import operator
 import re
 from collections import Counter
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
-from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_leaves
 
-from ..core.activations import (
-    ACTIVATION_FUNCTIONS, ACTIVATION_MODULES, RELU_SPELLINGS, base_name, called_activation, function_of_module,
+from ..errors import DeadReluError
+from ..core.report import Report, SiteReport
+from .guards import (
+    check_direct_reads, check_module, check_report_matches, check_single_use, check_unseen_hooks,
+    computed_weight_reason, direct_reads, fetch, is_deadrelu_hook, refuse, shared_parameters, threshold_reason,
+    unrewritable_reason,
 )  # fmt: skip
-from ..core.hooks import global_forward_hooks
-from ..core.inputs import error_summary
-from ..errors import DeadReluError, RefusedError
-from ..core.report import Report, SiteReport, model_fingerprint
-from .defaults import default_branch_reason
+from .tracing import (
+    activation_name, describe_node, leaves_no_attributes, made_inside, reads_weight, scripted_reason, site_nodes, trace,
+    trace_graph, traced, whole_activation,
+)  # fmt: skip
 
 __all__ = [
     "Chain", "Link", "trace", "traced", "trace_graph", "leaves_no_attributes", "site_nodes", "find_chains", "activation_name", "describe_node", "reads_weight",
@@ -106,353 +111,6 @@ _ADDS = {operator.add, operator.iadd, operator.sub, torch.add, torch.sub, "add",
 _PRODUCTS = {operator.mul, torch.mul, "mul"}
 
 
-
-def activation_name(node: fx.Node, modules: dict[str, nn.Module]) -> str | None:
-    """The activation base name a node computes (``"relu"`` for ``relu_`` and ``clamp(min=0)`` too), or None."""
-    if node.op == "call_module":
-        return function_of_module(modules[node.target]) if node.target in modules else None
-    if node.op == "call_function":
-        name = getattr(node.target, "__name__", None)
-    elif node.op == "call_method":
-        name = node.target
-    else:
-        return None
-    if not isinstance(name, str):
-        return None
-    base = base_name(name)
-    if base not in ACTIVATION_FUNCTIONS and base not in RELU_SPELLINGS:
-        return None
-    if base in RELU_SPELLINGS and _integer_valued(node.args[0] if node.args else node.kwargs.get("input")):
-        return None  # index.clamp(min=0): the scan sees its integer dtype and makes no site of it
-    return called_activation(base, node.args, dict(node.kwargs))  # clamp(min=0) is relu, hardtanh(0, 6) relu6
-
-
-# What a symbolic trace cannot see, read from the ops that made a value: integer (or bool) results,
-# and ops whose result is integer when every tensor operand is.
-_INTEGER_RESULTS = frozenset(
-    {"long", "int", "short", "byte", "char", "bool", "argmax", "argmin", "argsort", "nonzero", "searchsorted",
-     "bucketize", "count_nonzero", "eq", "ne", "lt", "le", "gt", "ge", "logical_and", "logical_or", "logical_not",
-     "logical_xor", "isnan", "isinf", "isfinite", "size", "numel", "dim", "randint", "randperm", "__eq__", "__ne__",
-     "__lt__", "__le__", "__gt__", "__ge__", "eq_", "ne_", "lt_", "le_", "gt_", "ge_", "floor_divide"}
-)  # fmt: skip
-_INTEGER_PRESERVING = frozenset(
-    {"add", "sub", "mul", "neg", "abs", "floordiv", "mod", "remainder", "iadd", "isub", "imul", "__add__", "__sub__",
-     "__mul__", "__radd__", "__rsub__", "__rmul__", "__floordiv__", "__mod__", "__neg__", "__abs__", "getitem",
-     "__getitem__", "view", "reshape", "unsqueeze", "squeeze", "expand", "expand_as", "flatten", "t", "transpose",
-     "permute", "contiguous", "clone", "repeat", "flip", "roll", "cumsum", "sum", "max", "min", "amax", "amin",
-     "maximum", "minimum", "clamp", "clamp_min", "clamp_max", "clip", "where", "cat", "stack", "unique",
-     "masked_fill", "detach", "to", "type", "cuda", "cpu", "arange", "zeros", "ones", "full", "zeros_like",
-     "ones_like", "full_like", "empty", "empty_like", "tensor", "as_tensor"}
-)  # fmt: skip
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-def _integer_valued(value: Any, depth: int = 0) -> bool:
-    """Whether a traced value is an integer or bool tensor (or a Python int), read from the ops that made
-    it (``torch.arange(x.shape[-1])``, ``mask.long()``, ``idx - 1``); False where that is unknown."""
-    if isinstance(value, bool) or isinstance(value, int):
-        return True
-    if isinstance(value, (list, tuple)):
-        return bool(value) and all(_integer_valued(v, depth + 1) for v in value)
-    if not isinstance(value, fx.Node) or depth > 32:
-        return False
-    if value.op == "call_function" and value.target is getattr and value.args[1:] == ("shape",):
-        return True  # x.shape and its entries
-    if value.op not in ("call_function", "call_method"):
-        return False
-    name = value.target if value.op == "call_method" else getattr(value.target, "__name__", "")
-    name = str(name).rstrip("_") if not str(name).startswith("__") else str(name)
-    dtype = value.kwargs.get("dtype")
-    if name in ("to", "type") or dtype is not None:
-        given = dtype if dtype is not None else next((a for a in value.args[1:] if isinstance(a, torch.dtype)), None)
-        if isinstance(given, torch.dtype):
-            return not given.is_floating_point and not given.is_complex
-    if name in _INTEGER_RESULTS:
-        return True
-    if name not in _INTEGER_PRESERVING:
-        return False
-    operands = [a for a in value.args if not isinstance(a, (str, torch.dtype, torch.device, type(None), slice))]
-    if name in ("getitem", "__getitem__", "view", "reshape", "expand", "permute", "transpose", "repeat", "flip"):
-        operands = operands[:1]  # the index or the sizes say nothing of the dtype
-    if name in ("zeros", "ones", "empty"):
-        return False  # the default dtype, whatever the sizes
-    if name == "arange":  # arange(9) is int64, arange(0.0, 1.0) float
-        numbers = [a for a in (*value.args, *(v for k, v in value.kwargs.items() if k in ("start", "end", "step")))]
-        return all(_integer_valued(a, depth + 1) for a in numbers)
-    if name == "full":  # full(size, fill_value): the fill value's type
-        fill = value.args[1] if len(value.args) > 1 else value.kwargs.get("fill_value")
-        return _integer_valued(fill, depth + 1)
-    if name in ("tensor", "as_tensor"):
-        return _integer_valued(value.args[0] if value.args else value.kwargs.get("data"), depth + 1)
-    return bool(operands) and all(_integer_valued(a, depth + 1) for a in operands)
-
-
-def describe_node(node: fx.Node) -> str:
-    """A short human description of a graph node for error messages."""
-    if node.op == "call_module":
-        return f"module '{node.target}'"
-    if node.op == "call_function":
-        return f"{getattr(node.target, '__name__', node.target)}()"
-    if node.op == "call_method":
-        return f".{node.target}()"
-    if node.op == "output":
-        return "the model output"
-    return f"{node.op} {node.target}"
-
-
-def _tensor_names(model: nn.Module) -> dict[int, str]:
-    """``id`` of each parameter and buffer of ``model`` -> its first dotted name."""
-    names: dict[int, str] = {}
-    for name, t in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False)):
-        names.setdefault(id(t), name)
-    return names
-
-
-def _storage_key(t: torch.Tensor) -> int:
-    """The address of ``t``'s storage (0 where it has none: meta, sparse, a tensor subclass)."""
-    try:
-        return int(t.untyped_storage().data_ptr())
-    except Exception:  # no storage to compare
-        return 0
-
-
-def _storage_names(model: nn.Module) -> dict[int, str]:
-    """Storage address of each parameter and buffer of ``model`` -> its first dotted name."""
-    names: dict[int, str] = {}
-    for name, t in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False)):
-        key = _storage_key(t)
-        if key:
-            names.setdefault(key, name)
-    return names
-
-
-class _EagerReads(TorchFunctionMode):
-    """Records the parameters and buffers that forward computes with eagerly while torch.fx traces it.
-
-    fx makes proxies only of the input and of attributes read through ``Module.__getattr__``; a
-    tensor reached otherwise (``self.parameters()``, a buffer, a plain attribute aliasing a weight)
-    is real, so an op on it alone runs once at trace time and its result is baked into the graph as
-    a constant. Such an op is one whose arguments hold no proxy and some tensor of the model.
-    """
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self._ids = _tensor_names(model)
-        self._storages = _storage_names(model)
-        self.found: dict[str, str] = {}  # tensor name -> the op that read it
-
-    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        kwargs = kwargs or {}
-        leaves = tree_leaves((args, kwargs))
-        if func is not torch.Tensor.__hash__ and not any(isinstance(v, fx.Proxy) for v in leaves):
-            for v in leaves:
-                if isinstance(v, torch.Tensor) and not isinstance(v, fx.Proxy):
-                    name = self._ids.get(id(v)) or self._storages.get(_storage_key(v))
-                    if name is not None:
-                        self.found.setdefault(name, getattr(func, "__name__", str(func)))
-        return func(*args, **kwargs)
-
-
-@contextmanager
-def leaves_no_attributes(model: nn.Module) -> Iterator[None]:
-    """Undo what tracing adds to ``model``'s modules (fx stores constants as ``_tensor_constant<k>``
-    attributes on the traced root, and re-registers a leaf's buffer read directly as persistent)."""
-    # A TorchScript module keeps its members in C++ (its _buffers is a read-only wrapper): fx cannot add to it.
-    saved = [
-        (m, set(vars(m)), dict(m._buffers), dict(m._parameters), dict(m._modules), set(m._non_persistent_buffers_set))
-        for m in model.modules()
-        if not isinstance(m, torch.jit.ScriptModule)
-    ]
-    try:
-        yield
-    finally:
-        for m, names, buffers, params, children, non_persistent in saved:
-            for name in set(vars(m)) - names:
-                del m.__dict__[name]
-            for now, before in ((m._buffers, buffers), (m._parameters, params), (m._modules, children)):
-                if now.keys() != before.keys() or any(now[k] is not v for k, v in before.items()):
-                    now.clear()
-                    now.update(before)
-            if m._non_persistent_buffers_set != non_persistent:
-                m._non_persistent_buffers_set.clear()
-                m._non_persistent_buffers_set.update(non_persistent)
-
-
-def trace_graph(
-    tracer: fx.Tracer, model: nn.Module, concrete_args: dict[str, Any] | None = None
-) -> tuple[fx.Graph, dict[str, Any]]:
-    """``tracer.trace(model, concrete_args)``, leaving ``model`` as it was; returns the graph and the
-    constants the trace stored on ``model`` (``_tensor_constant<k>``), which a GraphModule of it needs."""
-    before = set(vars(model))
-    with leaves_no_attributes(model):
-        graph = tracer.trace(model, concrete_args=concrete_args)
-        constants = {k: v for k, v in vars(model).items() if k not in before}
-    return graph, constants
-
-
-def whole_activation(module: nn.Module) -> bool:
-    """Whether the trace keeps ``module`` as one call: a hand-written activation the scan recognises by its
-    class (transformers' ``XIELUActivation``, ``NewGELUActivation``, a :func:`~deadrelu.register_activation`
-    class). The scan counts such a module's output as one site and nothing inside it; traced through, its
-    forward is plain arithmetic (``torch.where``, ``tanh``) with no activation node to match the site.
-    torch.nn's own activations are leaves anyway; a subclass of one is traced through, since its forward
-    may add to what the class computes."""
-    if isinstance(module, ACTIVATION_MODULES) or isinstance(module, nn.Threshold):
-        return False
-    return function_of_module(module) is not None
-
-
-class _Tracer(fx.Tracer):
-    """torch.fx's tracer, keeping hand-written activation modules whole (see :func:`whole_activation`)."""
-
-    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return super().is_leaf_module(m, module_qualified_name) or whole_activation(m)
-
-
-def scripted_reason(model: nn.Module) -> str | None:
-    """Why torch.fx cannot trace ``model`` because it is, or holds, a TorchScript module; else None."""
-    for path, m in model.named_modules():
-        if isinstance(m, torch.jit.ScriptModule):
-            which = "it is" if not path else f"its submodule '{path}' is"
-            return (
-                f"{which} a TorchScript module (torch.jit.script / torch.jit.trace), whose forward is compiled "
-                "TorchScript code, not Python that torch.fx can trace"
-            )
-    return None
-
-
-def traced(model: nn.Module, what: str) -> tuple[fx.GraphModule, dict[str, str]]:
-    """Symbolically trace ``model`` or refuse, saying why the dataflow cannot be proven.
-
-    ``model`` is left without the attributes fx adds to it. A forward that branches on an optional
-    argument's default (``if offset is None:``, see :mod:`deadrelu.surgery.defaults`) is refused: fx
-    traces the argument as a proxy, so the graph would be that of a call that passes it. Returns the
-    GraphModule and, per parameter or buffer that forward computed with eagerly at trace time (see
-    :class:`_EagerReads`), the op that read it.
-    """
-    scripted = scripted_reason(model)
-    if scripted is not None:
-        raise RefusedError(
-            f"{what}: cannot trace {type(model).__name__} with torch.fx: {scripted}, so its dataflow cannot be "
-            "proven; rescue the nn.Module it was made from, then script that; nothing was changed"
-        )
-    eager = _EagerReads(model)
-    before = set(vars(model))
-    try:
-        with leaves_no_attributes(model):
-            with eager:
-                tracer = _Tracer()
-                graph = tracer.trace(model)
-            constants = {k: v for k, v in vars(model).items() if k not in before}
-            gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
-    except Exception as err:  # fx raises many types (TraceError, TypeError, ...) for dynamic code
-        raise RefusedError(
-            f"{what}: cannot trace {type(model).__name__} with torch.fx ({type(err).__name__}: "
-            f"{error_summary(err)}), so its dataflow cannot be proven{_wrapper_advice(model)}; nothing was changed"
-        ) from err
-    retrace = lambda concrete: trace_graph(_Tracer(), model, concrete)  # noqa: E731
-    branches = default_branch_reason(model, graph, constants, retrace, type(model).__name__)
-    if branches is not None:
-        raise RefusedError(f"{what}: {branches}, and its dataflow cannot be proven on it; nothing was changed")
-    return gm, eager.found
-
-
-def _wrapper_advice(model: nn.Module) -> str:
-    """What to do instead when ``model`` is a data-parallel wrapper, whose forward fx cannot trace."""
-    if not isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-        return ""
-    return (
-        f"; {type(model).__name__} only runs copies of its .module: scan model.module and rescue it with that "
-        "report (it holds the same parameters)"
-    )
-
-
-def trace(model: nn.Module, what: str) -> fx.GraphModule:
-    """Symbolically trace ``model`` or refuse, saying why; ``model`` is left as it was (see :func:`traced`)."""
-    return traced(model, what)[0]
-
-
-def _owner(node: fx.Node) -> tuple[str, int]:
-    """(module path, call index) of the innermost module whose forward made this node.
-
-    fx records the module stack per node, innermost last, keyed ``path`` for a module's
-    first call in the trace and ``path@k`` for its k-th; a leaf module's own node lists
-    the leaf itself last.
-    """
-    stack = node.meta.get("nn_module_stack") or {}
-    if not stack:
-        return (str(node.target), 0) if node.op == "call_module" else ("", 0)
-    key = next(reversed(stack))
-    value = stack[key]
-    path = str(node.target) if node.op == "call_module" else (value[0] if isinstance(value, tuple) else key)
-    _, at, call = key.rpartition("@")
-    return path, int(call) if at and call.isdigit() else 0
-
-
-def _calls_by_runs(graph: fx.Graph) -> dict[fx.Node, int] | None:
-    """Each node's call index of its innermost module, for a trace whose stack keys carry no
-    ``@k`` (torch before 2.3 numbers no repeated call); None when they do.
-
-    One call of a module makes a contiguous run of nodes, so the k-th run of nodes under a path
-    is its k-th call; a leaf module's node is a call of its own."""
-    stacks = [(n, n.meta.get("nn_module_stack") or {}) for n in graph.nodes]
-    if any("@" in str(key) for _, stack in stacks for key in stack):
-        return None
-    runs: dict[str, int] = {}
-    before: set[str] = set()
-    out: dict[fx.Node, int] = {}
-    for node, stack in stacks:
-        here = {str(v[0]) if isinstance(v, tuple) else str(k) for k, v in stack.items()}
-        leaf = str(node.target) if node.op == "call_module" else None
-        for path in here - before | ({leaf} if leaf is not None else set()):
-            runs[path] = runs.get(path, 0) + 1
-        innermost = leaf if leaf is not None else _owner(node)[0]
-        out[node] = max(runs.get(innermost, 1) - 1, 0)
-        before = here
-    return out
-
-
-# Tensor methods that return a view: a parameter seen through one is still a parameter (as the scan's
-# ``_is_weight`` reads ``tensor._base``).
-_VIEW_METHODS = frozenset(
-    {"view", "view_as", "reshape", "unsqueeze", "squeeze", "expand", "expand_as", "t", "transpose", "permute",
-     "flatten", "unflatten", "narrow", "select", "__getitem__", "getitem", "detach"}
-)  # fmt: skip
-
-
-def reads_weight(node: fx.Node) -> bool:
-    """An activation call on a parameter or buffer, or a view of one (``F.softplus(self.raw.view(1, -1))``):
-    the scan makes no site of it and gives it no slot, so neither does :func:`site_nodes`."""
-    if node.op == "call_module":
-        return False
-    src = node.args[0] if node.args else node.kwargs.get("input")
-    while isinstance(src, fx.Node) and src.op in ("call_method", "call_function"):
-        name = src.target if src.op == "call_method" else getattr(src.target, "__name__", "")
-        if name not in _VIEW_METHODS or not src.args:
-            return False
-        src = src.args[0]
-    return isinstance(src, fx.Node) and src.op == "get_attr"
-
-
-def site_nodes(gm: fx.GraphModule) -> dict[tuple[str, int, int], tuple[fx.Node, str]]:
-    """Map ``(module, call, slot)`` to ``(node, function)`` for every activation node in ``gm``."""
-    modules = dict(gm.named_modules())
-    slots: dict[tuple[str, int], int] = {}
-    out: dict[tuple[str, int, int], tuple[fx.Node, str]] = {}
-    calls = _calls_by_runs(gm.graph)
-    for node in gm.graph.nodes:
-        fn = activation_name(node, modules)
-        if fn is None or reads_weight(node):
-            continue
-        path, call = _owner(node)
-        if calls is not None:
-            call = calls[node]
-        slot = slots.get((path, call), 0)
-        slots[(path, call)] = slot + 1
-        out[(path, call, slot)] = (node, fn)
-    return out
-
-
 @dataclass
 class Link:
     """One consumer of a site's units and the per-channel path that leads to it."""
@@ -481,7 +139,6 @@ class Chain:
     # Linear layers whose output multiplies the units one for one (a gated MLP's ``up``), by path: a dead
     # unit's product is 0 whatever their row gives (if finite), so that row goes with the unit.
     multipliers: list[tuple[str, nn.Module]] = field(default_factory=list)
-
 
 
 def _out_units(module: nn.Module) -> int:
@@ -532,267 +189,6 @@ def _reads_batch_size(node: fx.Node) -> bool:
     )
 
 
-def _refuse(site: SiteReport, what: str, why: str) -> RefusedError:
-    return RefusedError(f"{what}: site '{site.name}': {why}; nothing was changed")
-
-
-def threshold_reason(site: SiteReport) -> str | None:
-    """Why a site's dead units are not provably silent: it was scanned with a fire threshold above
-    0, so they may still output up to it (``prune_dead`` and ``reinit_dead`` skip it); else None."""
-    if site.fire_threshold > 0:
-        return f"scanned with fire threshold {site.fire_threshold:g} > 0, so dead units may output up to it"
-    return None
-
-
-def is_deadrelu_hook(hook: Any) -> bool:
-    """True for a hook registered by deadrelu itself (a capture or monitor), which surgery may ignore."""
-    fn = getattr(hook, "__func__", hook)
-    fn = getattr(fn, "func", fn)  # functools.partial
-    return str(getattr(fn, "__module__", "") or "").startswith("deadrelu.")
-
-
-def computed_weight_reason(path: str, module: nn.Module) -> str | None:
-    """Why ``module``'s weights are computed from other tensors (a parametrization, the old
-    hook-based ``weight_norm``/``spectral_norm``), or None when they are plain parameters."""
-    name = f"'{path}'" if path else "the model"
-    from torch.nn.utils import parametrize
-
-    if parametrize.is_parametrized(module):
-        what = ", ".join(
-            f"{t} ({', '.join(type(p).__name__ for p in plist)})" for t, plist in module.parametrizations.items()  # type: ignore[union-attr]
-        )
-        return (
-            f"{name} is parametrized (torch.nn.utils.parametrize: {what}), so its weights are computed from "
-            "other tensors and cannot be edited exactly"
-        )
-    for hook in module._forward_pre_hooks.values():
-        kind = type(hook).__name__
-        if kind in ("WeightNorm", "SpectralNorm") and type(hook).__module__.startswith("torch.nn.utils"):
-            old = "weight_norm" if kind == "WeightNorm" else "spectral_norm"
-            return (
-                f"{name} is wrapped by the hook-based torch.nn.utils.{old}, which recomputes its "
-                f"'{getattr(hook, 'name', 'weight')}' before every forward, so an edit would not hold"
-            )
-    return None
-
-
-def unrewritable_reason(path: str, module: nn.Module) -> str | None:
-    """Why surgery cannot rewrite ``module`` exactly from its weights, or None when it can.
-
-    A parametrized module computes its weight from other tensors; the old hook-based
-    ``weight_norm`` / ``spectral_norm`` recompute ``weight`` before every forward (an edit of
-    it is undone at the next call); any other forward (pre-)hook may change what the
-    module computes in ways the dataflow cannot see.
-    """
-    reason = computed_weight_reason(path, module)
-    if reason is not None:
-        return reason
-    hooks = list(module._forward_pre_hooks.values()) + list(module._forward_hooks.values())
-    foreign = [h for h in hooks if not is_deadrelu_hook(h)]
-    if foreign:
-        label = getattr(foreign[0], "__qualname__", type(foreign[0]).__name__)
-        name = f"'{path}'" if path else "the model"
-        return (
-            f"{name} has {len(foreign)} forward (pre-)hook(s) that are not "
-            f"deadrelu's (e.g. {label}), which may change what it computes; remove them first"
-        )
-    return None
-
-
-def _foreign_hooks(hooks: Iterable[Any]) -> list[Any]:
-    """The hooks that are neither deadrelu's nor torch.nn.utils' weight recomputation (weight_norm,
-    spectral_norm, prune), which reads and writes only its own module's tensors."""
-    return [h for h in hooks if not is_deadrelu_hook(h) and not type(h).__module__.startswith("torch.nn.utils.")]
-
-
-def _traced_through(gm: fx.GraphModule) -> set[str]:
-    """Paths of the submodules whose ``__call__`` the trace ran, not the root or a leaf.
-
-    fx calls a non-leaf submodule through ``Module.__call__``, so its hooks run at trace time and
-    what they compute is in the graph like the rest of its forward.
-    """
-    called: set[str] = set()
-    for node in gm.graph.nodes:
-        for key, value in (node.meta.get("nn_module_stack") or {}).items():
-            called.add(value[0] if isinstance(value, tuple) else key.rpartition("@")[0] or key)
-    leaves = {str(n.target) for n in gm.graph.nodes if n.op == "call_module"}
-    return called - leaves - {""}
-
-
-def _check_unseen_hooks(model: nn.Module, gm: fx.GraphModule, what: str, checked_on_data: bool) -> None:
-    """Refuse forward (pre-)hooks that run in ``model`` but are not in its torch.fx trace.
-
-    ``fx.symbolic_trace`` runs the root's ``forward``, not its ``__call__``, so the root's hooks are
-    left out; a leaf's hooks (and those of the modules inside a leaf) run only at call time. Such a
-    hook may read or overwrite the layers the rewrite edits (the root's gets every layer: a weight
-    penalty added to the output, say), so the proof cannot hold while one is there. Global module
-    hooks reach every layer too; with ``checked_on_data`` the caller runs the real model, global
-    hooks included, and compares, so they are left to that check.
-
-    Raises:
-        RefusedError: naming the first such module (or the global hooks).
-    """
-    seen = _traced_through(gm)
-    for path, module in model.named_modules():
-        hooks = list(module._forward_pre_hooks.values()) + list(module._forward_hooks.values())
-        foreign = _foreign_hooks(hooks) if path not in seen else []
-        if foreign:
-            label = getattr(foreign[0], "__qualname__", type(foreign[0]).__name__)
-            name = f"module '{path}' ({type(module).__name__})" if path else f"the model's root ({type(module).__name__})"
-            raise RefusedError(
-                f"{what}: {name} has {len(foreign)} forward (pre-)hook(s) that are not deadrelu's (e.g. {label}); "
-                "torch.fx does not trace them, so it cannot be proven that they do not read or change the edited "
-                "layers; remove them first; nothing was changed"
-            )
-    if checked_on_data:
-        return
-    foreign = _foreign_hooks(global_forward_hooks(pre=True) + global_forward_hooks())
-    if foreign:
-        label = getattr(foreign[0], "__qualname__", type(foreign[0]).__name__)
-        raise RefusedError(
-            f"{what}: {len(foreign)} global module forward (pre-)hook(s) (torch.nn.modules.module."
-            f"register_module_forward_hook, e.g. {label}) run on every layer and are not traced by torch.fx; remove "
-            "them, or pass data= to check the rewrite on the real model; nothing was changed"
-        )
-
-
-def check_report_matches(model: nn.Module, report: Report, what: str) -> None:
-    """Refuse a report whose recorded model fingerprint differs from ``model``'s.
-
-    Raises:
-        RefusedError: ``report`` is not a :class:`Report`, or naming both fingerprints; a report
-            without one (older JSON) passes.
-    """
-    if not isinstance(report, Report):
-        raise RefusedError(f"{what}: expected a deadrelu Report, got {type(report).__name__}; nothing was changed")
-    recorded = getattr(report, "fingerprint", "")
-    if recorded and recorded != model_fingerprint(model):
-        raise RefusedError(
-            f"{what}: the report was made from a different model: its parameter names and shapes (fingerprint "
-            f"{recorded}) differ from those of this {type(model).__name__} ({model_fingerprint(model)}); scan this "
-            "model and use that report; nothing was changed"
-        )
-
-
-def _check_module(path: str, module: nn.Module, site: SiteReport, what: str) -> None:
-    reason = unrewritable_reason(path, module)
-    if reason is not None:
-        raise _refuse(site, what, reason)
-
-
-# A get_attr node no op reads: forward handed the proxy to Python code, which fx cannot follow.
-_UNTRACED_READ = (
-    "by Python code torch.fx cannot follow (e.g. isinstance(self.fc.weight, torch.Tensor), which is False "
-    "for the tracing proxy), so the traced graph may not be what the model runs; pass data= to check the "
-    "rewrite on the real model"
-)
-
-
-def _direct_reads(gm: fx.GraphModule, model: nn.Module, eager: dict[str, str], checked_on_data: bool) -> dict[str, str]:
-    """Tensor path -> how forward reads it outside its module's call, for the refusal message.
-
-    Three ways: a get_attr node (``self.fc.weight`` outside ``self.fc(...)``); a get_attr of another
-    tensor that shares its storage (a plain attribute ``self.w = self.fc.weight.T``); an eager op at
-    trace time (``eager``, from :func:`traced`: ``self.parameters()``, ``self.bn.running_var.sum()``).
-    A get_attr node that no op uses computes nothing in the graph, but the Python code that took it
-    (T5's ``isinstance(self.wo.weight, torch.Tensor)``) may run otherwise in the real model; with
-    ``checked_on_data`` the caller compares the real model with the trace, so it is left to that check.
-    """
-    nodes: dict[str, list[fx.Node]] = {}
-    storages = _storage_names(model)
-    for node in gm.graph.nodes:
-        if node.op != "get_attr" or (checked_on_data and not node.users):
-            continue
-        nodes.setdefault(str(node.target), []).append(node)
-        try:
-            value = fetch(gm, str(node.target))
-        except AttributeError:
-            continue
-        alias = storages.get(_storage_key(value)) if isinstance(value, torch.Tensor) else None
-        if alias is not None and alias != str(node.target):
-            nodes.setdefault(alias, []).append(node)
-    users = {t: ", ".join(sorted({describe_node(u) for n in found for u in n.users})) for t, found in nodes.items()}
-    out = {target: f"by {by}" if by else _UNTRACED_READ for target, by in users.items()}
-    for name, op in eager.items():
-        out.setdefault(
-            name, f"eagerly, by {op}() on the tensor itself, e.g. through self.parameters(): torch.fx computes that "
-            "once while tracing and keeps the result as a constant"
-        )
-    return out
-
-
-def fetch(root: nn.Module, target: str) -> Any:
-    """The attribute at dotted path ``target`` of ``root``."""
-    value: Any = root
-    for atom in target.split("."):
-        value = getattr(value, atom)
-    return value
-
-
-def _check_direct_reads(chain: "Chain", reads: dict[str, str], what: str) -> None:
-    """Refuse when a tensor of a layer the rewrite edits is also read outside that layer's own call."""
-    paths = {chain.producer_path, chain.norm_path} | {l.path for l in chain.links} | {p for p, _ in chain.multipliers}
-    paths |= {p for l in chain.links for p, _ in l.norms}
-    if chain.node.op == "call_module":
-        paths.add(str(chain.node.target))
-    for target, how in reads.items():
-        owner = next((p for p in paths if p and (target == p or target.startswith(p + "."))), None)
-        if owner is not None and how == _UNTRACED_READ:
-            raise _refuse(chain.site, what, f"'{target}' is read in forward outside the call of '{owner}', {how}")
-        if owner is not None:
-            raise _refuse(
-                chain.site,
-                what,
-                f"'{target}' is also read directly in forward ({how}), outside the call of '{owner}', so "
-                "editing it would change that computation too",
-            )
-
-
-def _check_single_use(
-    path: str, site: SiteReport, what: str, calls: dict[str, int], shared: dict[str, list[str]]
-) -> None:
-    if calls.get(path, 0) > 1:
-        raise _refuse(site, what, f"module '{path}' is called {calls[path]} times in forward (shared weights)")
-    if path in shared:
-        raise _refuse(site, what, f"module '{path}' shares parameters with {', '.join(shared[path])}")
-
-
-def _byte_range(t: torch.Tensor) -> tuple[int, int] | None:
-    """The bytes of its storage that ``t`` can read, as (start, end); None without storage or elements."""
-    key = _storage_key(t)
-    if not key or t.numel() == 0:
-        return None
-    size = t.element_size()
-    start = key + t.storage_offset() * size
-    return start, start + (sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride())) + 1) * size
-
-
-def _shared_parameters(model: nn.Module) -> dict[str, list[str]]:
-    """Module path -> other modules holding one of its parameters (tied weights).
-
-    Tied means the same Parameter object, or tensors whose storage overlaps: ``b.weight =
-    nn.Parameter(a.weight.data)`` is a second Parameter on the same memory, and an in-place write
-    of one is a write of the other. Buffers count too (a BatchNorm's running statistics are written).
-    """
-    owners: dict[int, set[str]] = {}
-    spans: dict[int, list[tuple[int, int, str]]] = {}  # storage -> (start, end, module) per tensor
-    for mpath, module in model.named_modules(remove_duplicate=False):
-        for t in list(module.parameters(recurse=False)) + list(module.buffers(recurse=False)):
-            owners.setdefault(id(t), set()).add(mpath)
-            span = _byte_range(t)
-            if span is not None:
-                spans.setdefault(_storage_key(t), []).append((span[0], span[1], mpath))
-    groups = list(owners.values())  # a module registered under two names is shared too
-    for found in spans.values():
-        groups += [{a, b} for i, (s, e, a) in enumerate(found) for s2, e2, b in found[i + 1:] if a != b and s < e2 and s2 < e]
-    out: dict[str, set[str]] = {}
-    for paths in groups:
-        if len(paths) > 1:
-            for p in paths:
-                out.setdefault(p, set()).update(q for q in paths if q != p)
-    return {p: sorted(q) for p, q in out.items()}
-
-
 def find_chains(
     model: nn.Module,
     report: Report,
@@ -812,7 +208,7 @@ def find_chains(
         what: the operation's name, used in messages.
         consumers: also prove the consumer side (not needed to change a bias).
         sites: act only on the sites with these names (default: all).
-        checked_on_data: the caller runs the real model on data and compares (see :func:`_check_unseen_hooks`).
+        checked_on_data: the caller runs the real model on data and compares (see :func:`check_unseen_hooks`).
 
     Raises:
         RefusedError: naming the site, when any chain cannot be proven.
@@ -836,7 +232,7 @@ def find_chains(
     for site, _ in wanted:  # before tracing: the trace of an experts layer fails with fx's own words
         expert = expert_of_site(site)
         if expert is not None:
-            raise _refuse(
+            raise refuse(
                 site,
                 what,
                 f"it counts expert {expert} of a mixture-of-experts layer whose experts are stacked in one weight "
@@ -853,16 +249,16 @@ def find_chains(
     for node in gm.graph.nodes:
         if node.op == "call_module":
             calls[str(node.target)] = calls.get(str(node.target), 0) + 1
-    shared = _shared_parameters(model)
-    reads = _direct_reads(gm, model, eager, checked_on_data)
+    shared = shared_parameters(model)
+    reads = direct_reads(gm, model, eager, checked_on_data)
     chains = []
     for site, units in wanted:
         found = nodes.get((site.module, site.call, site.slot))
         here = (site.module, site.call)
         if traced_calls[here] and traced_calls[here] != scanned_calls[here]:
-            raise _refuse(site, what, _slot_mismatch(site, nodes, scanned_calls[here]))
+            raise refuse(site, what, _slot_mismatch(site, nodes, scanned_calls[here]))
         if found is None:
-            raise _refuse(
+            raise refuse(
                 site,
                 what,
                 f"no matching activation in the traced graph of {type(model).__name__} (is the report from "
@@ -870,22 +266,22 @@ def find_chains(
             )
         node, fn = found
         if fn != site.function:
-            raise _refuse(site, what, f"the traced graph has {fn} there, the report {site.function}")
+            raise refuse(site, what, f"the traced graph has {fn} there, the report {site.function}")
         if node.op == "call_module":
-            _check_module(str(node.target), modules[str(node.target)], site, what)
+            check_module(str(node.target), modules[str(node.target)], site, what)
         chain = _producer_side(site, units, node, fn, modules, calls, shared, what)
         if consumers:
             chain.links = _consumer_side(chain, modules, calls, shared, what)
-        _check_direct_reads(chain, reads, what)
+        check_direct_reads(chain, reads, what)
         chains.append(chain)
     seen: dict[str, str] = {}
     for chain in chains:
         for path in {chain.producer_path, chain.norm_path, *(p for p, _ in chain.multipliers)} - {None}:
             if path in seen:
-                raise _refuse(chain.site, what, f"module '{path}' also produces site '{seen[path]}'")
+                raise refuse(chain.site, what, f"module '{path}' also produces site '{seen[path]}'")
             seen[path] = chain.site.name  # type: ignore[index]
     # Last, so that a hook on a chain layer is refused above with its site named.
-    _check_unseen_hooks(model, gm, what, checked_on_data)
+    check_unseen_hooks(model, gm, what, checked_on_data)
     return chains
 
 
@@ -935,25 +331,25 @@ def _producer_side(
     """Walk back from the activation node to its BatchNorm and producing layer."""
     inp = node.args[0] if node.args else node.kwargs.get("input")
     if not isinstance(inp, fx.Node):
-        raise _refuse(site, what, "the activation's input is not a traced tensor")
+        raise refuse(site, what, "the activation's input is not a traced tensor")
     norm_path = norm = None
     cur = inp
     if cur.op == "call_module" and str(cur.target) in modules:
-        _check_module(str(cur.target), modules[str(cur.target)], site, what)
+        check_module(str(cur.target), modules[str(cur.target)], site, what)
     if cur.op == "call_module" and type(modules.get(cur.target)) in NORMS:  # type: ignore[arg-type]
         norm_path, norm = str(cur.target), modules[cur.target]  # type: ignore[index]
         if len(cur.users) != 1:
-            raise _refuse(site, what, f"the output of '{norm_path}' is used outside the activation")
+            raise refuse(site, what, f"the output of '{norm_path}' is used outside the activation")
         cur = cur.args[0]  # type: ignore[assignment]
         if isinstance(cur, fx.Node) and cur.op == "call_module" and str(cur.target) in modules:
-            _check_module(str(cur.target), modules[str(cur.target)], site, what)
+            check_module(str(cur.target), modules[str(cur.target)], site, what)
     if not (isinstance(cur, fx.Node) and cur.op == "call_module" and type(modules.get(cur.target)) in PRODUCERS):  # type: ignore[arg-type]
         src = describe_node(cur) if isinstance(cur, fx.Node) else repr(cur)
         if isinstance(cur, fx.Node) and cur.op == "call_module":
             src += f" ({type(modules.get(cur.target)).__name__})"  # type: ignore[arg-type]
         elif isinstance(cur, fx.Node):
-            src += _made_inside(cur, node, modules)
-        raise _refuse(
+            src += made_inside(cur, node, modules)
+        raise refuse(
             site,
             what,
             f"its input comes from {src}, not from an nn.Linear or nn.Conv1d/2d/3d layer (optionally through BatchNorm)",
@@ -962,35 +358,23 @@ def _producer_side(
     producer = modules[path]
     if len(cur.users) != 1:
         users = ", ".join(describe_node(u) for u in cur.users)
-        raise _refuse(site, what, f"the pre-activation output of '{path}' is also used by {users} (residual?)")
+        raise refuse(site, what, f"the pre-activation output of '{path}' is also used by {users} (residual?)")
     if getattr(producer, "groups", 1) != 1:
-        raise _refuse(site, what, f"'{path}' is a grouped convolution (groups={producer.groups})")
+        raise refuse(site, what, f"'{path}' is a grouped convolution (groups={producer.groups})")
     for p in [path] + ([norm_path] if norm_path else []):
-        _check_single_use(p, site, what, calls, shared)
+        check_single_use(p, site, what, calls, shared)
     n = _out_units(producer)
     if n != site.units:
-        raise _refuse(site, what, f"'{path}' makes {n} units but the report has {site.units}")
+        raise refuse(site, what, f"'{path}' makes {n} units but the report has {site.units}")
     if norm is not None and norm.num_features != n:  # type: ignore[union-attr]
-        raise _refuse(site, what, f"'{norm_path}' has {norm.num_features} features, not {n}")  # type: ignore[union-attr]
+        raise refuse(site, what, f"'{norm_path}' has {norm.num_features} features, not {n}")  # type: ignore[union-attr]
     ndim = len(site.shape)
     expected = ndim - 1 if isinstance(producer, nn.Linear) else 1
     if site.unit_dim != expected:
-        raise _refuse(site, what, f"the report counts units on dim {site.unit_dim}, '{path}' makes them on dim {expected}")
+        raise refuse(site, what, f"the report counts units on dim {site.unit_dim}, '{path}' makes them on dim {expected}")
     if isinstance(producer, nn.Linear) and norm is not None and ndim > 2:
-        raise _refuse(site, what, f"'{norm_path}' normalises dim 1 of a {ndim}-D Linear output, not its units")
+        raise refuse(site, what, f"'{norm_path}' normalises dim 1 of a {ndim}-D Linear output, not its units")
     return Chain(site, units, node, fn, path, producer, norm_path, norm)
-
-
-def _made_inside(made: fx.Node, activation: fx.Node, modules: dict[str, nn.Module]) -> str:
-    """Where a node was computed, for a refusal: ``" in module 'c_fc' (Conv1D)"`` when a submodule that
-    torch.fx traced into made it (transformers' Conv1D, a transposed Linear, is one), else ``""``."""
-    path = _owner(made)[0]
-    if not path or path == _owner(activation)[0]:
-        return ""
-    # The GraphModule keeps a traced-through module as a bare nn.Module; fx's stack records its class.
-    kinds = [v[1] for v in (made.meta.get("nn_module_stack") or {}).values() if isinstance(v, tuple) and v[0] == path]
-    kind = kinds[-1] if kinds else type(modules.get(path)).__name__
-    return f" in module '{path}' ({getattr(kind, '__name__', str(kind).rpartition('.')[2])})"
 
 
 def _consumer_side(
@@ -1008,25 +392,25 @@ def _consumer_side(
     while todo:
         node, flat, norms, zero_only, fixed = todo.pop()
         if not node.users:
-            raise _refuse(site, what, f"the output of {describe_node(node)} is never used")
+            raise refuse(site, what, f"the output of {describe_node(node)} is never used")
         for user in node.users:
             if _reads_batch_size(user):
                 continue  # x.size(0) reads no unit values and survives pruning
             if user.target in _ADDS:
-                raise _refuse(site, what, f"its units feed {describe_node(user)}, a residual connection")
+                raise refuse(site, what, f"its units feed {describe_node(user)}, a residual connection")
             if user.op in ("call_function", "call_method") and user.target in _PRODUCTS:
                 chain.multipliers.append(_multiplier(chain, node, user, flat, norms, modules, calls, shared, what))
                 products.add(user)
                 todo.append((user, flat, norms, zero_only, fixed))  # a dead unit's product is 0, as its output was
                 continue
             if user.args[:1] != (node,):
-                raise _refuse(site, what, f"its units feed {describe_node(user)} as a non-first argument")
+                raise refuse(site, what, f"its units feed {describe_node(user)} as a non-first argument")
             m = modules.get(user.target) if user.op == "call_module" else None  # type: ignore[arg-type]
             if m is not None:
-                _check_module(str(user.target), m, site, what)
+                check_module(str(user.target), m, site, what)
             elementwise = _keeps_units(user, m, _ELEMENTWISE_MODULES, _ELEMENTWISE_FUNCTIONS)
             if node in products and not (m is not None and type(m) in CONSUMERS or elementwise):
-                raise _refuse(
+                raise refuse(
                     site, what, f"its product with '{chain.multipliers[-1][0]}' feeds {describe_node(user)}: after a "
                     "product only dropout, identity and Linear consumers are followed (it may broadcast to another rank)",
                 )  # fmt: skip
@@ -1036,8 +420,8 @@ def _consumer_side(
                 continue
             if m is not None and type(m) in NORMS:
                 if flat or m.num_features != site.units or not channels_first and len(site.shape) > 2:
-                    raise _refuse(site, what, f"'{user.target}' does not normalise the site's units")
-                _check_single_use(str(user.target), site, what, calls, shared)
+                    raise refuse(site, what, f"'{user.target}' does not normalise the site's units")
+                check_single_use(str(user.target), site, what, calls, shared)
                 todo.append((user, flat, norms + [(str(user.target), m)], zero_only, fixed))
                 continue
             passes = _keeps_units(user, m, _PASS_MODULES, _PASS_FUNCTIONS)
@@ -1047,7 +431,7 @@ def _consumer_side(
             if passes or zero:
                 mixes = _pool_mixes_units(user, m, site, flat)
                 if mixes is not None:
-                    raise _refuse(site, what, mixes)
+                    raise refuse(site, what, mixes)
                 if node in products:
                     products.add(user)
                 todo.append((user, flat, norms, zero_only or zero, fixed))
@@ -1058,9 +442,9 @@ def _consumer_side(
                 todo.append((user, True, norms, zero_only, hard))
                 continue
             if flatten is None or flatten:
-                raise _refuse(site, what, f"its units are reshaped by {describe_node(user)} in a way deadrelu cannot follow")
+                raise refuse(site, what, f"its units are reshaped by {describe_node(user)} in a way deadrelu cannot follow")
             kind = f" ({type(m).__name__})" if m is not None else ""
-            raise _refuse(site, what, f"its units feed {describe_node(user)}{kind}, which is not a supported consumer")
+            raise refuse(site, what, f"its units feed {describe_node(user)}{kind}, which is not a supported consumer")
     return links
 
 
@@ -1093,13 +477,13 @@ def _multiplier(
     operands = list(product.args)
     if product.kwargs or len(operands) != 2 or operands.count(node) != 1:
         form = "by themselves" if operands.count(node) > 1 else "in a form deadrelu cannot follow"
-        raise _refuse(site, what, f"its units are multiplied {form} ({describe_node(product)})")
+        raise refuse(site, what, f"its units are multiplied {form} ({describe_node(product)})")
     other = operands[1 - operands.index(node)]
     m = modules.get(other.target) if isinstance(other, fx.Node) and other.op == "call_module" else None  # type: ignore[arg-type]
     if type(m) is not nn.Linear:
         kind = describe_node(other) if isinstance(other, fx.Node) else f"the constant {other!r}"
         kind += f" ({type(m).__name__})" if m is not None else ""
-        raise _refuse(
+        raise refuse(
             site, what, f"its units are multiplied by {kind}; {describe_node(product)} is followed only with the output "
             "of an nn.Linear of the units' width used nowhere else (a gated MLP's up projection)",
         )  # fmt: skip
@@ -1107,14 +491,14 @@ def _multiplier(
     if norms or flat or not isinstance(chain.producer, nn.Linear) or site.unit_dim != len(site.shape) - 1:
         # A BatchNorm before the product would turn the dead unit's 0 into a constant times up's output.
         how = f"after '{norms[-1][0]}'" if norms else "other than on a Linear's units in the last dim"
-        raise _refuse(site, what, f"its units are multiplied by '{path}' {how}")
+        raise refuse(site, what, f"its units are multiplied by '{path}' {how}")
     if m.out_features != site.units:
-        raise _refuse(site, what, f"its units are multiplied by '{path}', which makes {m.out_features} values, not {site.units}")
+        raise refuse(site, what, f"its units are multiplied by '{path}', which makes {m.out_features} values, not {site.units}")
     if len(other.users) != 1:
         users = ", ".join(describe_node(u) for u in other.users)
-        raise _refuse(site, what, f"the output of '{path}', which multiplies its units, is also used by {users}")
-    _check_module(path, m, site, what)
-    _check_single_use(path, site, what, calls, shared)
+        raise refuse(site, what, f"the output of '{path}', which multiplies its units, is also used by {users}")
+    check_module(path, m, site, what)
+    check_single_use(path, site, what, calls, shared)
     return path, m
 
 
@@ -1159,29 +543,29 @@ def _link(
 ) -> Link:
     site = chain.site
     path = str(user.target)
-    _check_single_use(path, site, what, calls, shared)
+    check_single_use(path, site, what, calls, shared)
     n_in = _in_units(m)
     if isinstance(m, nn.Linear):
         if flat:
             if n_in % site.units:
-                raise _refuse(site, what, f"'{path}' takes {n_in} inputs, not a multiple of {site.units} units")
+                raise refuse(site, what, f"'{path}' takes {n_in} inputs, not a multiple of {site.units} units")
             block = n_in // site.units
         else:
             if site.unit_dim != len(site.shape) - 1:
-                raise _refuse(site, what, f"'{path}' reads the last dim, but units are on dim {site.unit_dim}")
+                raise refuse(site, what, f"'{path}' reads the last dim, but units are on dim {site.unit_dim}")
             block = 1
             if n_in != site.units:
-                raise _refuse(site, what, f"'{path}' takes {n_in} inputs, the site has {site.units} units")
+                raise refuse(site, what, f"'{path}' takes {n_in} inputs, the site has {site.units} units")
     else:
         if flat or site.unit_dim != 1 or n_in != site.units:
-            raise _refuse(site, what, f"'{path}' does not read the site's {site.units} units as its channels")
+            raise refuse(site, what, f"'{path}' does not read the site's {site.units} units as its channels")
         if len(site.shape) != len(m.kernel_size) + 2:  # type: ignore[arg-type]
             # e.g. a Conv2d on a (B, C, L) tensor: torch reads it as unbatched, (B, C, L) as (channels, H, W).
-            raise _refuse(
+            raise refuse(
                 site, what, f"'{path}' reads the {len(site.shape)}-D tensor as unbatched, its channels on dim 0, not the units"
             )
         if m.groups != 1:  # type: ignore[union-attr]
-            raise _refuse(site, what, f"'{path}' is a grouped convolution (groups={m.groups})")
+            raise refuse(site, what, f"'{path}' is a grouped convolution (groups={m.groups})")
         block = 1
     return Link(path, m, block, list(norms), zero_only)
 
@@ -1294,7 +678,7 @@ def fold_into_bias(link: Link, units: Sequence[int], consts: torch.Tensor, site:
     if not torch.any(consts != 0):
         return None
     if link.zero_only:
-        raise _refuse(site, what, f"a non-zero constant reaches '{link.path}' through average pooling")
+        raise refuse(site, what, f"a non-zero constant reaches '{link.path}' through average pooling")
     m = link.module
     w = m.weight.detach().double()  # type: ignore[union-attr]
     if isinstance(m, nn.Linear):
@@ -1303,7 +687,7 @@ def fold_into_bias(link: Link, units: Sequence[int], consts: torch.Tensor, site:
         return (w[:, cols] * per_col).sum(dim=1)
     padding = m.padding if isinstance(m.padding, tuple) else (m.padding,)  # type: ignore[union-attr]
     if m.padding_mode == "zeros" and any(p != 0 for p in padding if isinstance(p, int)) or m.padding == "same":  # type: ignore[union-attr]
-        raise _refuse(
+        raise refuse(
             site, what, f"a non-zero constant reaches the zero-padded convolution '{link.path}' (not constant at borders)"
         )
     idx = torch.tensor(list(units), dtype=torch.long)
