@@ -429,6 +429,8 @@ class AxisTable:
 
     def on_op(self, kind: tuple[int, str, Any], args: tuple, kwargs: dict | None, out: Any) -> None:
         """Carry the feature axis from a (non-activation) op's inputs to its outputs."""
+        # Every torch call of an observed forward comes here: the common case (an elementwise op
+        # or a view of a tracked tensor) is kept to a few dict lookups.
         code = kind[0]
         if code == PRODUCER:
             self._produced(kind, out, args, kwargs)
@@ -438,16 +440,19 @@ class AxisTable:
             if gathered is not None:  # w[expert_ids]: one expert's matrix per row, for a batched matmul
                 self.origins[id(out)] = (weakref.ref(out), gathered)
                 return
+        entries = self.entries
         src = entry = None
         for a in args[:2]:
             if type(a) in (list, tuple):
                 if not a:
                     continue
                 a = a[0]
-            entry = self.get(a)
+            entry = entries.get(id(a))
             if entry is not None:
-                src = a
-                break
+                if entry[0]() is a:
+                    src = a
+                    break
+                entry = None
         if entry is None:
             if code == NORM and isinstance(out, torch.Tensor) and out.ndim >= 2:
                 self.set(out, kind[2] % out.ndim, "producer:norm")
@@ -457,11 +462,12 @@ class AxisTable:
         if out is src:
             return
         _, axis, rule = entry
-        before = tuple(src.shape)
+        before = src.shape  # a torch.Size: a tuple
+        origin = self.origin(src) if self.origins else None
         for o in out if isinstance(out, (tuple, list)) else (out,):
             if not isinstance(o, torch.Tensor):
                 continue
-            after = tuple(o.shape)
+            after = o.shape
             if code == RESHAPE:
                 new = reshaped_axis(axis, before, after)
             elif code == INDEX and len(args) > 1 and isinstance(args[0], torch.Tensor):  # not a tuple's item
@@ -475,8 +481,7 @@ class AxisTable:
             else:
                 new = carried_axis(axis, before, after)
             if new is not None and new != GONE:
-                self.set(o, new, rule)
-                origin = self.origin(src)
+                entries[id(o)] = (weakref.ref(o), new, rule)
                 # a grouped matmul's output stays grouped only while its rows stay as they were
                 if origin is not None and (not origin.grouped or (o.ndim >= 2 and after[0] == before[0])):
                     self.origins[id(o)] = (weakref.ref(o), origin)
