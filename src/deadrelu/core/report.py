@@ -10,30 +10,34 @@ exactly as the original did.
 that never fired in ``n`` observations has, with 95% confidence, a firing rate below
 ``1 - 0.05**(1/n)`` (about ``3/n``, the "rule of three"). Below ``min_observations``
 observations a unit that never fired is *unobserved*, not dead.
+
+The evidence bound and its display are in :mod:`deadrelu.core.evidence`, each site's per-unit
+classification on tensors in :mod:`deadrelu.core.unit_classes`, and what :meth:`Report.diff`
+returns in :mod:`deadrelu.core.report_diff`; their public names are re-exported here.
 """
 
 from __future__ import annotations
 
-import array
-import itertools
 import json
 import math
 import operator
 import os
-import re
 from dataclasses import asdict, dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Iterator, Mapping, NamedTuple, Sequence
+from typing import Any, Iterator, Mapping
 
 import torch
 
 from ..errors import DeadReluError, ReportFormatError
 from .advice import advise
+from .evidence import CONFIDENCE, format_count, format_rate, zero_rate_upper_bound
 from .files import atomic_write_text
+from .report_diff import ReportDiff, SiteDiff
 from .report_schema import parse_report, parse_site
-from .stats import UNIT_STATES, classify, classify_codes
+from .stats import UNIT_STATES
 from .tables import floor_percent
+from .unit_classes import UnitClasses, indices, int_tensor, prime_unit_classes, unit_classes
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -54,58 +58,6 @@ __all__ = [
 # 2: the asleep/dormant levels are stored under "levels" (1 called them "thresholds").
 # Version 2 files may carry levels.min_observations (absent means 1, the earlier behaviour).
 SCHEMA_VERSION = 2
-
-#: Confidence of the upper bound on a dead unit's firing rate.
-CONFIDENCE = 0.95
-
-
-def zero_rate_upper_bound(observations: int, confidence: float = CONFIDENCE) -> float:
-    """Exact one-sided upper confidence bound on the rate of an event seen 0 times in ``observations``.
-
-    ``1 - (1 - confidence) ** (1 / n)`` (the Clopper-Pearson bound for 0 successes), about
-    ``3 / n`` at 95% — the "rule of three". 1.0 for ``n = 0``: no evidence at all.
-
-    Example:
-        >>> round(zero_rate_upper_bound(1000), 6)
-        0.002991
-    """
-    if observations <= 0:
-        return 1.0
-    # -expm1(log(a)/n) == 1 - a**(1/n) without the cancellation that loses digits for large n.
-    return -math.expm1(math.log(1.0 - confidence) / observations)
-
-
-def format_count(n: int) -> str:
-    """A count for a table: exact below 10,000, else rounded *down* to 3 digits with k/M/G/T
-    (so "0 of 1.2M observations" never claims more evidence than there was).
-
-    Example:
-        >>> format_count(640), format_count(1_249_999), format_count(12_345)
-        ('640', '1.2M', '12.3k')
-    """
-    if n < 10_000:
-        return str(n)
-    for scale, suffix in ((10**12, "T"), (10**9, "G"), (10**6, "M"), (10**3, "k")):
-        if n >= scale:
-            tenths = n * 10 // scale
-            text = str(tenths // 10) if tenths >= 1000 else f"{tenths // 10}.{tenths % 10}"
-            return text.removesuffix(".0") + suffix
-    return str(n)  # pragma: no cover - n >= 10_000 always meets a scale
-
-
-def format_rate(rate: float) -> str:
-    """An upper bound for display: two significant digits rounded *up* (so "rate < x" stays true).
-
-    Example:
-        >>> format_rate(zero_rate_upper_bound(1_200_000)), format_rate(zero_rate_upper_bound(1000))
-        ('2.5e-6', '0.003')
-    """
-    if not rate > 0:
-        return "0"
-    exp = math.floor(math.log10(rate)) - 1
-    digits = math.ceil(rate / 10.0**exp * (1 - 1e-12))  # 10..100; the factor absorbs float noise
-    text = f"{digits * 10.0**exp:.2g}"
-    return re.sub(r"e([+-])0*(\d)", r"e\1\2", text).replace("e+", "e")
 
 
 @dataclass(frozen=True)
@@ -214,7 +166,7 @@ class SiteReport:
         n = self.observations
         if not n:
             return (0.0,) * self.units
-        return tuple((_int_tensor(self.fired_counts).to(torch.float64) / n).tolist())
+        return tuple((int_tensor(self.fired_counts).to(torch.float64) / n).tolist())
 
     @cached_property
     def dormancy(self) -> tuple[float, ...]:
@@ -227,12 +179,12 @@ class SiteReport:
         return tuple(map(UNIT_STATES.__getitem__, self._classes.codes.tolist()))
 
     @cached_property
-    def _classes(self) -> "_UnitClasses":
+    def _classes(self) -> "UnitClasses":
         """Every unit's state and dormancy score, computed once on tensors (the monitor classifies
         each site at every evaluation, and a Python loop over 100k units takes 50 ms). A cache
         only: pickles and copies carry the fields (see ``__getstate__``), and the public values
         are Python tuples made from it on first use."""
-        return _unit_classes(self)
+        return unit_classes(self)
 
     @cached_property
     def _state_counts(self) -> tuple[int, ...]:
@@ -258,7 +210,7 @@ class SiteReport:
         return self._classes.codes == UNIT_STATES.index(state)
 
     def _units_in(self, state: str) -> tuple[int, ...]:
-        return _indices(self.state_mask(state))
+        return indices(self.state_mask(state))
 
     def _count_of(self, state: str) -> int:
         return self._state_counts[UNIT_STATES.index(state)]
@@ -300,7 +252,7 @@ class SiteReport:
     @cached_property
     def dormant_units(self) -> tuple[int, ...]:
         """Indices of τ-dormant units (dormancy score ``<= dormant_tau``; includes dead ReLU units)."""
-        return _indices(self._classes.dormant)
+        return indices(self._classes.dormant)
 
     # -- evidence ----------------------------------------------------------------
     @property
@@ -426,137 +378,6 @@ class SiteReport:
             ReportFormatError: naming the first field that breaks the report schema.
         """
         return cls(**parse_site(d, "site"), levels=levels)
-
-
-class _UnitClasses(NamedTuple):
-    """A site's per-unit classification, on tensors (see ``SiteReport._classes``)."""
-
-    codes: torch.Tensor  # int8: each unit's index in UNIT_STATES
-    score: torch.Tensor  # float64 dormancy score (NaN for non-finite units)
-    dormant: torch.Tensor  # bool
-
-
-def _indices(mask: torch.Tensor) -> tuple[int, ...]:
-    return tuple(torch.nonzero(mask).flatten().tolist())
-
-
-def _int_tensor(values: Sequence[int]) -> torch.Tensor:
-    """int64 tensor of a site's counts, through a C array (a tenth of ``torch.tensor``'s time on a
-    tuple of Python ints); ``torch.tensor`` where the values are not plain integers."""
-    try:
-        return torch.frombuffer(array.array("q", values), dtype=torch.int64) if values else torch.zeros(0, dtype=torch.int64)
-    except (TypeError, OverflowError):
-        return torch.tensor(list(values), dtype=torch.int64)
-
-
-def _float_tensor(values: Sequence[float]) -> torch.Tensor:
-    try:
-        return torch.frombuffer(array.array("d", values), dtype=torch.float64) if values else torch.zeros(0, dtype=torch.float64)
-    except TypeError:
-        return torch.tensor(list(values), dtype=torch.float64)
-
-
-def _unit_classes(site: SiteReport) -> _UnitClasses:
-    try:
-        fired, nonfinite = _int_tensor(site.fired_counts), _int_tensor(site.nonfinite_counts)
-    except (OverflowError, ValueError, RuntimeError):  # counts beyond int64 (a hand-made report)
-        fired = nonfinite = None
-    return _classes_of(site, fired, _float_tensor(site.mean_abs), nonfinite)
-
-
-def prime_unit_classes(site: SiteReport, fired: torch.Tensor, mean_abs: torch.Tensor, nonfinite: torch.Tensor) -> SiteReport:
-    """``site`` with its per-unit classification computed from host tensors the caller already
-    holds, holding the same values as its fields (the monitor's evaluation: no second conversion
-    of 100k Python numbers back into tensors). Returns ``site``."""
-    site.__dict__["_classes"] = _classes_of(site, fired, mean_abs, nonfinite)
-    return site
-
-
-#: Counts below this are exact in float64, so the tensors' rate is Python's own division.
-_EXACT_COUNTS = 2**53
-
-
-def _classes_of(
-    site: SiteReport, fired: torch.Tensor | None, mean_abs: torch.Tensor, nonfinite: torch.Tensor | None
-) -> _UnitClasses:
-    lv = site.levels
-    if fired is None or nonfinite is None or site.observations >= _EXACT_COUNTS or (
-        fired.numel() and int(fired.max()) >= _EXACT_COUNTS
-    ):  # counts too large for the float64 rate to be exact: the pure-Python rule, unit by unit
-        states = classify(site.fired_counts, site.observations, site.nonfinite_counts, lv.asleep_rate, lv.min_observations)
-        codes = torch.tensor([UNIT_STATES.index(state) for state in states], dtype=torch.int8)
-        bad = torch.tensor([bool(b) for b in site.nonfinite_counts], dtype=torch.bool)
-    else:
-        bad = nonfinite != 0
-        codes = classify_codes(fired, site.observations, bad, lv.asleep_rate, lv.min_observations)
-    # The layer mean is Python's own sum over the finite units, in unit order, as the score was
-    # always defined; the per-unit division is the same float64 division on tensors.
-    finite = site.mean_abs if not bad.any() else list(itertools.compress(site.mean_abs, (~bad).tolist()))
-    layer_mean = sum(finite) / len(finite) if finite else 0.0
-    score = mean_abs / layer_mean if layer_mean > 0 else torch.zeros_like(mean_abs)
-    score[bad] = math.nan
-    dormant = (score <= lv.dormant_tau) & (codes != UNIT_STATES.index("unobserved"))  # NaN compares False
-    return _UnitClasses(codes, score, dormant)
-
-
-@dataclass(frozen=True)
-class SiteDiff:
-    """How one site changed between two reports.
-
-    Attributes:
-        name: the site.
-        units: its number of units.
-        died: units dead in the later report that were not dead (and not unobserved) before.
-        revived: units dead in the earlier report that are neither dead nor unobserved now.
-        dead_before: dead units in the earlier report.
-        dead_after: dead units in the later report.
-        stayed_dead: units dead in both reports.
-        unobserved: units unobserved in either report: not compared, their change is unknown.
-    """
-
-    name: str
-    units: int
-    died: tuple[int, ...]
-    revived: tuple[int, ...]
-    dead_before: int
-    dead_after: int
-    stayed_dead: tuple[int, ...] = ()
-    unobserved: tuple[int, ...] = ()
-
-
-@dataclass(frozen=True)
-class ReportDiff:
-    """Units that died or revived between an earlier and a later report (matched by site name)."""
-
-    sites: tuple[SiteDiff, ...]
-    only_before: tuple[str, ...] = ()
-    only_after: tuple[str, ...] = ()
-
-    @property
-    def died(self) -> int:
-        """Total units dead in the later report but not in the earlier one."""
-        return sum(len(s.died) for s in self.sites)
-
-    @property
-    def revived(self) -> int:
-        """Total units dead in the earlier report but not in the later one."""
-        return sum(len(s.revived) for s in self.sites)
-
-    def __str__(self) -> str:
-        lines = [f"{self.died} unit(s) died, {self.revived} revived"]
-        for s in self.sites:
-            if s.died or s.revived:
-                lines.append(
-                    f"  {s.name}: dead {s.dead_before} -> {s.dead_after}"
-                    f" (died {_fmt_idx(s.died)}; revived {_fmt_idx(s.revived)})"
-                )
-            if s.unobserved:
-                lines.append(f"  {s.name}: {len(s.unobserved)} unit(s) unobserved in one report, not compared")
-        for n in self.only_before:
-            lines.append(f"  {n}: only in the earlier report")
-        for n in self.only_after:
-            lines.append(f"  {n}: only in the later report")
-        return "\n".join(lines)
 
 
 def model_fingerprint(model: Any) -> str:
@@ -945,10 +766,3 @@ def _json_float(v: float) -> float | str:
     if math.isfinite(v):
         return v
     return str(v)
-
-
-def _fmt_idx(idx: Sequence[int], limit: int = 12) -> str:
-    if not idx:
-        return "none"
-    shown = ", ".join(str(i) for i in idx[:limit])
-    return shown + (f", … (+{len(idx) - limit})" if len(idx) > limit else "")
