@@ -7,6 +7,13 @@ so a crash, a full disk or a closed file never loses lines already written; the
 monitor turns a failing sink into one :class:`SinkWarning` (or a :class:`SinkError`
 with ``on_sink_error="raise"``) and the training run goes on.
 
+The sink base class, its error and warning and a record's layouts are in
+:mod:`deadrelu.monitor.sink_protocol`, finding and cutting a torn last record in
+:mod:`deadrelu.monitor.log_tails`, the TensorBoard and W&B sinks in
+:mod:`deadrelu.monitor.framework_sinks`. This module holds the file sinks (JSONL, CSV), the
+callback sink and the conversion of the monitor's ``sinks=`` option, and every sink name is
+importable from here.
+
 Example:
     >>> import deadrelu, tempfile, os
     >>> path = os.path.join(tempfile.mkdtemp(), "health.jsonl")
@@ -17,21 +24,20 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import json
-import math
 import os
-import re
 import stat
 import warnings
 from pathlib import Path
 from collections.abc import Mapping
 from typing import IO, TYPE_CHECKING, Any, Callable
 
-from .._imports import require
 from ..errors import DeadReluError
+from .framework_sinks import TensorBoardSink, WandbSink
+from .log_tails import last_record_end, repair_torn_tail, unterminated_tail
+from .sink_protocol import SCHEMA_VERSION, Sink, SinkError, SinkWarning, record_metrics, record_to_dict
 
 if TYPE_CHECKING:
     from .records import LogRecord
@@ -52,9 +58,6 @@ __all__ = [
     "SCHEMA_VERSION",
 ]
 
-#: Version of the JSONL record layout.
-SCHEMA_VERSION = 1
-
 CSV_COLUMNS = (
     "step", "site", "units", "batches", "active", "asleep", "dead", "dormant", "nonfinite", "alive", "loss", "unobserved",
 )  # fmt: skip
@@ -62,179 +65,6 @@ CSV_COLUMNS = (
 #: Longest line (bytes) the file sinks read to check an existing file: a JSONL first line, an
 #: unterminated last line. A longer one is not read into memory; the file is refused untouched.
 _CHECK_LIMIT = 1 << 24
-
-
-class SinkError(DeadReluError):
-    """A sink could not write (raised when the monitor runs with ``on_sink_error="raise"``)."""
-
-
-class SinkWarning(UserWarning):
-    """A sink failed and was disabled for the rest of the run (issued once per sink)."""
-
-
-class Sink:
-    """Base class: override :meth:`write`; :meth:`open` and :meth:`close` are optional.
-
-    Example:
-        >>> class Printer(Sink):
-        ...     def write(self, record):
-        ...         print(record.step, [round(r.dead, 2) for r in record.rows])
-    """
-
-    name = "sink"
-
-    def open(self) -> None:
-        """Called when the monitor attaches."""
-
-    def write(self, record: "LogRecord") -> None:
-        """Receive one evaluation."""
-        raise NotImplementedError
-
-    def close(self) -> None:
-        """Called when the monitor detaches."""
-
-    def check(self) -> None:
-        """Called when the monitor attaches, before any sink opens: raise here to refuse (a log
-        file of another format) before another sink has created or changed a file."""
-
-    def abort(self) -> None:
-        """Called after :meth:`close` when the attach that opened this sink fails: undo what
-        :meth:`open` left behind (a file sink removes the empty log file it created)."""
-
-
-def _clean(v: Any) -> Any:
-    """JSON has no NaN/Inf: write them as strings that ``float()`` reads back."""
-    if isinstance(v, float) and not math.isfinite(v):
-        return str(v)
-    return v
-
-
-def record_to_dict(record: "LogRecord") -> dict[str, Any]:
-    """The JSON layout of one record (also what the W&B and callback users can rely on)."""
-    return {
-        "kind": "deadrelu.monitor",
-        "schema_version": SCHEMA_VERSION,
-        "step": record.step,
-        "loss": _clean(record.loss),
-        "sites": [{k: _clean(v) for k, v in r.to_dict().items() if k not in ("step", "loss")} for r in record.rows],
-        "events": [{"step": e.step, "site": e.site, "unit": e.unit, "kind": e.kind} for e in record.events],
-    }
-
-
-def record_metrics(record: "LogRecord", prefix: str = "deadrelu") -> dict[str, float]:
-    """Flat ``{"<prefix>/<site>/<state>": fraction}`` scalars of one record, for metric loggers.
-
-    Example:
-        >>> from deadrelu.monitor import HistoryRow, LogRecord
-        >>> row = HistoryRow(5, "relu", 4, 5, 0.5, 0.25, 0.25, 0.25, 0.0)
-        >>> record_metrics(LogRecord(5, None, (row,), (), None))["deadrelu/relu/dead"]
-        0.25
-    """
-    out: dict[str, float] = {}
-    for row in record.rows:
-        for state in ("active", "asleep", "dead", "dormant", "nonfinite", "unobserved"):
-            out[f"{prefix}/{row.site}/{state}"] = getattr(row, state)
-    return out
-
-
-_QUOTE = re.compile(rb'"')
-
-
-def _last_record_end(path: Path, quoted: bool) -> int:
-    """Byte offset just after the last complete record: after the last newline (outside quotes for CSV)."""
-    if not quoted:  # JSON Lines: json.dumps escapes newlines, so every newline ends a record
-        with open(path, "rb") as fh:
-            end = fh.seek(0, os.SEEK_END)
-            while end > 0:
-                start = max(0, end - (1 << 16))
-                fh.seek(start)
-                cut = fh.read(end - start).rfind(b"\n")
-                if cut >= 0:
-                    return start + cut + 1
-                end = start
-        return 0
-    # CSV: a quoted field may hold a newline, so the quote state must be followed from the start.
-    # Only the quotes are visited one by one (rare: a site name needs them); the newlines between
-    # two quotes are found by rfind, so a log without quotes is read at the speed of a byte scan.
-    inside, last, offset = False, 0, 0
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            begin = 0  # start of the stretch of this chunk not yet looked at
-            for m in _QUOTE.finditer(chunk):
-                if not inside:
-                    cut = chunk.rfind(b"\n", begin, m.start())
-                    if cut >= 0:
-                        last = offset + cut + 1
-                inside = not inside  # an escaped quote ("") toggles twice
-                begin = m.end()
-            if not inside:
-                cut = chunk.rfind(b"\n", begin)
-                if cut >= 0:
-                    last = offset + cut + 1
-            offset += len(chunk)
-    return last
-
-
-def _quote_left_open(path: Path) -> bool:
-    """Whether the file ends inside a quoted CSV value: an odd number of quote characters (a
-    doubled quote inside a value counts twice, so only an open value leaves the count odd)."""
-    count = 0
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            count += chunk.count(b'"')
-    return count % 2 == 1
-
-
-def _unterminated_tail(path: Path, quoted: bool) -> tuple[int, int] | None:
-    """``(start, size)`` of the bytes after the last complete record, or None when there are none
-    (the file ends with a newline that ends a record, is empty, missing or not a regular file).
-
-    For CSV (``quoted``) a final newline ends a record only outside quotes: a write cut just after
-    a newline inside a quoted site name leaves the file ending with a newline but a value open."""
-    if not path.is_file():
-        return None
-    size = path.stat().st_size
-    if size == 0:
-        return None
-    with open(path, "rb") as fh:
-        fh.seek(size - 1)
-        ends_line = fh.read(1) == b"\n"
-    if ends_line and not (quoted and _quote_left_open(path)):  # the common case: the last write completed
-        return None
-    start = _last_record_end(path, quoted)
-    return None if start == size else (start, size)
-
-
-def repair_torn_tail(path: str | os.PathLike[str], *, quoted: bool = False) -> int:
-    """Cut a torn last record off a log file; return how many bytes were removed (0 if it was whole).
-
-    Here a record is torn when the file does not end with a newline, or (CSV rules) ends inside a
-    quoted value: a write stopped half-way (a full disk, a kill). Appending after it would glue the
-    next record onto the fragment (an invalid JSON line, two CSV rows merged into one), so the
-    fragment is removed first. Files
-    that are empty, missing or not regular files (``/dev/full``, a pipe) are left alone.
-    :class:`JSONLSink` and :class:`CSVSink` are stricter before they append: an unterminated last
-    line that is a whole record of their format is kept (see their docs); only the rest is cut.
-
-    Args:
-        path: the JSONL or CSV file.
-        quoted: CSV rules: a newline inside double quotes does not end a record, so a file that
-            ends with a newline but leaves a quoted value open is torn too.
-
-    Example:
-        >>> import tempfile, pathlib
-        >>> log = pathlib.Path(tempfile.mkdtemp()) / "h.jsonl"
-        >>> _ = log.write_text('{"step": 1}\\n{"st')
-        >>> repair_torn_tail(log), log.read_text()
-        (4, '{"step": 1}\\n')
-    """
-    found = _unterminated_tail(Path(path), quoted)
-    if found is None:
-        return 0
-    start, size = found
-    with open(path, "r+b") as fh:
-        fh.truncate(start)
-    return size - start
 
 
 def _is_json_object(data: bytes) -> bool:
@@ -390,7 +220,7 @@ class _FileSink(Sink):
         Raises:
             SinkError: when the unterminated last line is too long to check; the file is left as it is.
         """
-        found = _unterminated_tail(path, self._quoted)
+        found = unterminated_tail(path, self._quoted)
         if found is None:
             return
         start, size = found
@@ -407,7 +237,7 @@ class _FileSink(Sink):
                 fh.write(b"\n")
                 return
             fh.truncate(start)
-        # A tail that ends with a newline is a CSV row cut inside a quoted value (see _unterminated_tail).
+        # A tail that ends with a newline is a CSV row cut inside a quoted value (see unterminated_tail).
         what = "cut inside a quoted value" if tail.endswith(b"\n") else "without an end of line"
         warnings.warn(
             f"{self.name}: removed a torn last record ({size - start} bytes {what}) before appending",
@@ -479,7 +309,7 @@ class JSONLSink(_FileSink):
         refuse = f"{self.name}: the file is not a JSON Lines log; log to a new file (nothing was written to this one)"
         with open(path, "rb") as fh:
             first = fh.readline(_CHECK_LIMIT + 1)  # bounded: a huge one-line file is never read whole
-            fh.seek(_last_record_end(path, quoted=False))
+            fh.seek(last_record_end(path, quoted=False))
             tail = fh.read(1 << 16)
         if tail and not tail.lstrip().startswith(b"{"):
             raise SinkError(f"{refuse} (it ends with {tail[:60]!r}, which is not the start of a JSON record)")
@@ -683,143 +513,6 @@ def _csv_line(values: Any) -> str:
     buf = io.StringIO()
     csv.writer(buf, lineterminator="\r\n").writerow(values)
     return buf.getvalue()[:-2] + "\n"
-
-
-class TensorBoardSink(Sink):
-    """Per-site scalars (``deadrelu/<site>/dead`` ...) and a histogram of per-unit window firing rates.
-
-    Uses ``torch.utils.tensorboard.SummaryWriter`` (needs ``pip install "deadrelu[tensorboard]"``).
-
-    Args:
-        log_dir: folder for the event files (ignored when ``writer`` is given).
-        writer: an existing ``SummaryWriter`` to share with your own logging (not closed by the sink).
-        histograms: also log the per-unit firing-rate histogram of every site.
-
-    Raises:
-        ModuleNotFoundError: when tensorboard is not installed.
-        DeadReluError: when ``log_dir`` is an existing file.
-
-    Example:
-        >>> sink = TensorBoardSink("runs/exp1")  # doctest: +SKIP
-    """
-
-    def __init__(self, log_dir: str | os.PathLike[str] | None = None, *, writer: Any = None, histograms: bool = True):
-        require("tensorboard", "tensorboard")
-        self.log_dir = None if log_dir is None else str(log_dir)
-        if writer is None and self.log_dir is not None and os.path.exists(self.log_dir) and not os.path.isdir(self.log_dir):
-            # SummaryWriter would fail only at attach (FileExistsError), after the run has started
-            raise DeadReluError(f"TensorBoardSink needs a folder for its event files, but {self.log_dir} is a file")
-        self._writer = writer
-        self._owned = writer is None
-        self.histograms = histograms
-        self.name = f"TensorBoardSink({self.log_dir or 'writer'})"
-        self._created: tuple[Path, list[Path], set[str]] | None = None  # what the last open() made, for abort()
-
-    def open(self) -> None:
-        if self._writer is None:
-            from torch.utils.tensorboard import SummaryWriter
-
-            # SummaryWriter makes its folder (and, without log_dir, runs/<time>_<host>) and an
-            # event file at once: note what was there, so a failed attach can take back the rest.
-            target = None if self.log_dir is None else Path(self.log_dir)
-            missing = _missing_folders(Path("runs") if target is None else target)
-            before = _names(target) if target is not None and not missing else set()
-            self._writer = SummaryWriter(log_dir=self.log_dir)  # writes its event file already
-            folder = Path(self._writer.log_dir)
-            if target is None:  # a new runs/<time>_<host> folder, inside runs/
-                missing = [folder, *missing]
-            self._created = (folder, missing, before)
-
-    def abort(self) -> None:
-        """Remove the event file this sink's failed attach created, and the folders it made while
-        they hold nothing else; a folder or file that was there before is never touched."""
-        created, self._created = self._created, None
-        if created is None or self._writer is not None:
-            return
-        folder, missing, before = created
-        new = _names(folder) - before
-        if any(not n.startswith("events.out.tfevents.") for n in new):
-            return  # something else was put there meanwhile: leave it all
-        for n in new:
-            with contextlib.suppress(OSError):
-                (folder / n).unlink()
-        for d in missing:  # innermost first
-            with contextlib.suppress(OSError):
-                d.rmdir()  # only an empty folder goes
-
-    def write(self, record: "LogRecord") -> None:
-        if self._writer is None:
-            self.open()
-        w = self._writer
-        for tag, value in record_metrics(record).items():
-            w.add_scalar(tag, value, record.step)
-        if self.histograms:
-            import torch
-
-            for site in record.report.sites:
-                w.add_histogram(f"deadrelu/{site.name}/firing_rate", torch.tensor(site.firing_rate), record.step)
-        if record.loss is not None:
-            w.add_scalar("deadrelu/loss", record.loss, record.step)
-        w.flush()
-
-    def close(self) -> None:
-        w, self._writer = self._writer, None
-        if w is not None:
-            if self._owned:
-                w.close()
-            else:
-                w.flush()
-                self._writer = w
-
-
-def _missing_folders(folder: Path) -> list[Path]:
-    """``folder`` and its ancestors that do not exist yet, innermost first."""
-    missing = []
-    while not folder.exists() and folder != folder.parent:
-        missing.append(folder)
-        folder = folder.parent
-    return missing
-
-
-def _names(folder: Path) -> set[str]:
-    try:
-        return set(os.listdir(folder))
-    except OSError:
-        return set()
-
-
-class WandbSink(Sink):
-    """Log per-site fractions to Weights & Biases (``deadrelu/<site>/dead`` ...).
-
-    Args:
-        run: a ``wandb`` run; defaults to the active ``wandb.run`` at write time.
-        commit: passed to ``log``; ``False`` merges into your next ``wandb.log`` call.
-        histograms: also log the per-unit firing-rate histogram of every site.
-
-    Raises:
-        ModuleNotFoundError: when wandb is not installed.
-
-    Example:
-        >>> sink = WandbSink()  # doctest: +SKIP
-    """
-
-    def __init__(self, run: Any = None, *, commit: bool | None = None, histograms: bool = True) -> None:
-        self._wandb = require("wandb", "wandb")
-        self.run = run
-        self.commit = commit
-        self.histograms = histograms
-        self.name = "WandbSink"
-
-    def write(self, record: "LogRecord") -> None:
-        data: dict[str, Any] = {"deadrelu/step": record.step, **record_metrics(record)}
-        if self.histograms:
-            for site in record.report.sites:
-                data[f"deadrelu/{site.name}/firing_rate"] = self._wandb.Histogram(list(site.firing_rate))
-        run = self.run if self.run is not None else getattr(self._wandb, "run", None)
-        if run is None:
-            raise SinkError("no wandb run: call wandb.init(...) first or pass run=")
-        kwargs = {} if self.commit is None else {"commit": self.commit}
-        run.log(data, **kwargs)
 
 
 class CallbackSink(Sink):
