@@ -39,7 +39,7 @@ One pass per activation computes the four built-in sums, with the fastest exact 
   activation below 2**20): counts in float32, exact integers at these sizes; magnitudes widened
   to float64 (exact) in a scratch of one chunk and summed there by torch's cascade sum, so no
   buffer grows with the activation — for the common layout, units innermost in memory and small
-  enough for one chunk (a Linear layer's output), a cached per-layout plan (:class:`_RowsPlan`)
+  enough for one chunk (a Linear layer's output), a cached per-layout plan (:class:`RowsPlan`)
   whose buffers are made once, so a batch costs a compare, a matrix-vector count, a widening
   copy and a cascade sum of magnitudes; on other devices plain torch reductions with float64
   accumulation.
@@ -71,18 +71,22 @@ statistic that must be free belongs in the fused pass and its kernel instead.
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import math
-import os
-import threading
-from dataclasses import dataclass
-from typing import Callable, Iterator, Mapping, Sequence
+from typing import Mapping
 
 import torch
 
 from ..errors import DeadReluError
 from . import fused, kernels, native  # none imports Triton: the kernels compile on first use
+
+# The names these modules define stay importable from here, where callers have always found them.
+from .backend_checks import autocast_on, forward_ad_on, fused_on_cpu, fusion_off, native_ready, no_autocast, require_triton
+from .cpu_scratch import SCRATCH, RowsPlan, column_sum_into, float32, float64_abs_sum, release_scratch, scratch, tile
+from .statistic import Statistic, UnitBatch
+from .unit_layout import as_unit_batch, check_mask, front_dim, per_unit_sum, three_d, unit_reduce_dims
+from .unit_states import UNIT_STATES, UnitTotals, classify, classify_codes  # noqa: F401
+
+_SCRATCH = SCRATCH  # the per-thread scratch buffers, under the name the tests read (stats._SCRATCH.pool)
 
 __all__ = [
     "STATISTICS",
@@ -104,49 +108,6 @@ __all__ = [
     "traceable_batch_sums",
     "unit_reduce_dims",
 ]
-
-
-@dataclass(frozen=True)
-class UnitBatch:
-    """One batch as a ``batch`` function of a :class:`Statistic` sees it.
-
-    Attributes:
-        x: the activation (masked-out observations removed), floating point, detached.
-        unit_dim: the dimension of ``x`` that indexes units.
-        threshold: the site's firing threshold.
-    """
-
-    x: torch.Tensor
-    unit_dim: int
-    threshold: float
-
-
-@dataclass(frozen=True)
-class Statistic:
-    """Declaration of one accumulated statistic (merged by summation).
-
-    Args:
-        name: key of its state tensor.
-        dtype: dtype of its state tensor (int64 for counts, float64 for sums).
-        per_unit: one value per unit (shape ``(units,)``) or one per site (shape ``(1,)``).
-        doc: what it holds, for readers.
-        batch: for statistics outside the fused pass, a function from a :class:`UnitBatch`
-            to this batch's contribution (shape ``(units,)`` or ``(1,)``).
-
-    Example:
-        >>> Statistic("fired", torch.int64).shape(4)
-        (4,)
-    """
-
-    name: str
-    dtype: torch.dtype
-    per_unit: bool = True
-    doc: str = ""
-    batch: Callable[[UnitBatch], torch.Tensor] | None = None
-
-    def shape(self, units: int) -> tuple[int, ...]:
-        """Shape of the state tensor for a site with ``units`` units."""
-        return (units,) if self.per_unit else (1,)
 
 
 # The four built-in statistics come out of the fused pass (kernel or torch) together.
@@ -247,125 +208,7 @@ def foreach_apply(op: str, targets: list[torch.Tensor], sources: list[torch.Tens
             t += sources[i]  # type: ignore[index]
 
 
-def unit_reduce_dims(ndim: int, unit_dim: int) -> tuple[int, ...]:
-    """Every dimension except ``unit_dim``: the ones a per-unit statistic reduces over."""
-    unit_dim = _dim(ndim, unit_dim)
-    return tuple(d for d in range(ndim) if d != unit_dim)
-
-
-def _dim(ndim: int, unit_dim: int) -> int:
-    """``unit_dim`` counted from the front (``-1`` is the last dim). Every layout computation
-    (the ``(before, units, after)`` split, a mask's prefix, the kernels' strides) takes a
-    non-negative index: ``shape[unit_dim + 1:]`` of ``-1`` is the whole shape, and the kernels
-    would read past the tensor. Out-of-range values are left for indexing to refuse."""
-    return unit_dim + ndim if -ndim <= unit_dim < 0 else unit_dim
-
-
-def as_unit_batch(activation: torch.Tensor, unit_dim: int, units: int) -> tuple[torch.Tensor, int]:
-    """The activation detached, with an explicit batch dimension and a floating dtype.
-
-    Returns the tensor and its unit dimension (an unbatched 0-D or 1-D activation becomes one
-    sample of shape ``(1, units)``). Every accumulator goes through this, so they agree on what
-    a batch is.
-
-    Raises:
-        DeadReluError: when the unit dimension's size differs from ``units``.
-    """
-    x = activation.detach()  # detached: nothing downstream is recorded by autograd
-    if x.ndim < 2:
-        x = x.reshape(1, -1)
-        unit_dim = 1
-    unit_dim = _dim(x.ndim, unit_dim)
-    if x.shape[unit_dim] != units:
-        raise DeadReluError(
-            f"activation has {x.shape[unit_dim]} units along dim {unit_dim} (shape {tuple(x.shape)}), "
-            f"expected {units}"
-        )
-    if not x.is_floating_point():
-        x = x.float()
-    return x, unit_dim
-
-
-def check_mask(x: torch.Tensor, unit_dim: int, mask: torch.Tensor | None) -> torch.Tensor | None:
-    """Validate an observation mask (see :meth:`UnitStats.update`); returns it as bool on x's device.
-
-    Raises:
-        DeadReluError: when the mask's shape is not a prefix of the leading (non-unit) dims.
-    """
-    if mask is None:
-        return None
-    unit_dim = _dim(x.ndim, unit_dim)
-    if mask.ndim > unit_dim or tuple(mask.shape) != tuple(x.shape[: mask.ndim]):
-        raise DeadReluError(
-            f"mask of shape {tuple(mask.shape)} does not match the leading dimensions of an activation of "
-            f"shape {tuple(x.shape)} with units on dim {unit_dim}: it must have the shape of "
-            f"activation.shape[:k] for some k <= {unit_dim}"
-        )
-    return mask.to(device=x.device, dtype=torch.bool)
-
-
 # -- the pure-torch pass ------------------------------------------------------------------------
-
-_SCRATCH = threading.local()
-
-
-def _scratch(shape: Sequence[int], dtype: torch.dtype, device: torch.device, slot: int = 0) -> torch.Tensor:
-    """A reusable buffer of ``shape``: writing into memory already touched avoids the page
-    faults that dominate the cost of a fresh large tensor on CPU. One buffer per
-    (dtype, device, slot) per thread, grown as needed; :func:`release_scratch` frees them."""
-    pool = getattr(_SCRATCH, "pool", None)
-    if pool is None:
-        pool = _SCRATCH.pool = {}
-    numel = math.prod(shape)
-    key = (dtype, device, slot)
-    buf = pool.get(key)
-    if buf is None or buf.numel() < numel:
-        buf = pool[key] = torch.empty(numel, dtype=dtype, device=device)
-        _SCRATCH.plans = {}  # plans hold views of the old buffer: rebuild them on the new one
-    return buf[:numel].view(shape)
-
-
-def _ones(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A cached vector of ``n`` ones (per thread, dtype and device)."""
-    pool = getattr(_SCRATCH, "ones", None)
-    if pool is None:
-        pool = _SCRATCH.ones = {}
-    vec = pool.get((dtype, device))
-    if vec is None or vec.numel() < n:
-        vec = pool[(dtype, device)] = torch.ones(max(n, 256), dtype=dtype, device=device)
-    return vec[:n]
-
-
-def release_scratch() -> None:
-    """Free the scratch buffers of this thread (called when a capture detaches)."""
-    _SCRATCH.pool = {}
-    _SCRATCH.ones = {}
-    _SCRATCH.plans = {}
-
-
-def per_unit_sum(t: torch.Tensor, unit_dim: int, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Sum over every dimension but ``unit_dim`` (a plain reduction, for ``batch`` functions).
-
-    Example:
-        >>> per_unit_sum(torch.ones(2, 3, 4), 1).tolist()
-        [8.0, 8.0, 8.0]
-    """
-    return t.sum(dim=unit_reduce_dims(t.ndim, unit_dim), dtype=dtype)
-
-
-def _three_d(x: torch.Tensor, unit_dim: int) -> torch.Tensor:
-    """``x`` as a ``(before, units, after)`` view without copying when its layout allows:
-    contiguous tensors keep their order; a tensor whose unit dim is innermost in memory
-    (channels_last) becomes ``(rows, units, 1)``; anything else is copied once."""
-    units = x.shape[unit_dim]
-    before, after = math.prod(x.shape[:unit_dim]), math.prod(x.shape[unit_dim + 1 :])
-    if x.is_contiguous():
-        return x.view(before, units, after)
-    moved = x.movedim(unit_dim, -1)
-    if moved.is_contiguous():
-        return moved.view(before * after, units, 1)
-    return x.contiguous().view(before, units, after)
-
 
 # Elements per chunk of the CPU pass: 1 MiB of float32, so a chunk's mask and its float64 copy are
 # still in cache when they are reduced and the activation is read from memory once. A chunk is a
@@ -374,87 +217,16 @@ def _three_d(x: torch.Tensor, unit_dim: int) -> torch.Tensor:
 # (exact) in a scratch of the chunk's size and summed there, so memory stays bounded by the chunk.
 _CHUNK_ELEMENTS = 1 << 18
 _CHUNK_MIN_ELEMENTS = 4 * _CHUNK_ELEMENTS
-_PARTIAL_ROWS = 4096  # rows of the cached one-chunk plan (_RowsPlan)
+_PARTIAL_ROWS = 4096  # rows of the cached one-chunk plan (RowsPlan)
 
 
-def _column_sum_into(total: torch.Tensor, m: torch.Tensor, counts: bool) -> None:
-    """Add the column sums of a 2-D float tensor into a float64 ``total``. For wide rows of
-    ``counts`` a matrix-vector product with ones runs up to 2x faster than ``sum(0)`` on CPU (and
-    is exact for integers below 2**24); for narrow ones BLAS is slower, pathologically so for one
-    column. Magnitudes (float64 here) always go through ``sum(0)``, torch's cascade sum: BLAS adds a
-    column's values one after another."""
-    if m.shape[0] == 1:
-        total += m[0]
-    elif counts and m.shape[1] >= 128:
-        total += _ones(m.shape[0], m.dtype, m.device) @ m
-    else:
-        total += m.sum(0)
-
-
-class _RowsPlan:
-    """The CPU pass for one activation layout whose units are innermost in memory and which fits
-    in cache (a Linear layer's ``(batch, units)`` output, a ``(B, T, C)`` sequence, a channels_last
-    feature map): its buffers and views are made once per layout, so a batch costs a handful of
-    torch calls. At these sizes the per-call cost of Python and the dispatcher rivals the
-    arithmetic, and it grows when the layer's own matmul has just flushed the caches.
-
-    Counts are summed in the activation's dtype (float32 or float64; exact, below 2**24 values per
-    unit); magnitudes are widened to float64 (exact) and summed there, as the kernels sum them. The
-    plan covers activations of fewer than ``_CHUNK_MIN_ELEMENTS`` values, so its float64 scratch
-    holds at most 8 MiB."""
-
-    __slots__ = (
-        "rows", "units", "unit_dim", "moved", "nonnegative", "mask", "wide", "counts", "mags", "ones", "route",
-    )  # fmt: skip
-
-    def __init__(self, x: torch.Tensor, unit_dim: int, nonnegative: bool) -> None:
-        self.units = x.shape[unit_dim]
-        self.rows = x.numel() // self.units
-        self.unit_dim = unit_dim
-        self.moved = unit_dim != x.ndim - 1  # channels_last: move the unit dim last (a view)
-        self.nonnegative = nonnegative
-        shape, dt = (self.rows, self.units), x.dtype
-        self.mask = _scratch(shape, dt, x.device, slot=1)
-        # |x| in float64 (a float64 ReLU output is summed as it is)
-        self.wide = None if dt == torch.float64 and nonnegative else _scratch(shape, torch.float64, x.device, slot=2)
-        self.counts = _scratch((self.units,), dt, x.device, slot=6)
-        self.mags = _scratch((self.units,), torch.float64, x.device, slot=7)
-        self.ones = _ones(self.rows, dt, x.device)
-        # the fastest exact column sum of counts for this width (see _column_sum_into)
-        self.route = "row" if self.rows == 1 else "mv" if self.units >= 128 else "sum"
-
-    def run(self, x: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(rows view of ``x``, per-unit count of ``x > threshold``, per-unit float64 sum of ``|x|``)."""
-        x2 = (x.movedim(self.unit_dim, -1) if self.moved else x).view(self.rows, self.units)
-        m = torch.gt(x2, threshold, out=self.mask)
-        if self.route == "mv":
-            torch.mv(m.t(), self.ones, out=self.counts)
-        elif self.route == "sum":
-            torch.sum(m, 0, out=self.counts)
-        else:
-            self.counts.copy_(m[0])
-        if self.wide is None:
-            a = x2
-        elif x2.dtype == torch.float64:
-            a = torch.abs(x2, out=self.wide)
-        else:
-            a = self.wide.copy_(x2)  # exact
-            if not self.nonnegative:
-                a.abs_()
-        if self.rows == 1:
-            self.mags.copy_(a[0])
-        else:
-            torch.sum(a, 0, out=self.mags)
-        return x2, self.counts, self.mags
-
-
-def _rows_plan(x: torch.Tensor, unit_dim: int, nonnegative: bool) -> _RowsPlan | None:
-    """The cached :class:`_RowsPlan` for ``x``'s layout, or None when ``x`` needs the general pass
+def _rows_plan(x: torch.Tensor, unit_dim: int, nonnegative: bool) -> RowsPlan | None:
+    """The cached :class:`RowsPlan` for ``x``'s layout, or None when ``x`` needs the general pass
     (not float32/float64, units not innermost in memory, or too large for one cached chunk)."""
     key = (x.shape, x.stride(), x.dtype, unit_dim, nonnegative)
-    plans = getattr(_SCRATCH, "plans", None)
+    plans = getattr(SCRATCH, "plans", None)
     if plans is None:
-        plans = _SCRATCH.plans = {}
+        plans = SCRATCH.plans = {}
     plan = plans.get(key)
     if plan is not None:
         return plan
@@ -465,29 +237,9 @@ def _rows_plan(x: torch.Tensor, unit_dim: int, nonnegative: bool) -> _RowsPlan |
         return None
     if len(plans) >= 64:  # many layouts (e.g. every sequence length): keep the cache bounded
         plans.clear()
-    plan = _RowsPlan(x, unit_dim, nonnegative)
-    _SCRATCH.plans[key] = plan  # (the plans of before, if a scratch buffer had to grow, are gone)
+    plan = RowsPlan(x, unit_dim, nonnegative)
+    SCRATCH.plans[key] = plan  # (the plans of before, if a scratch buffer had to grow, are gone)
     return plan
-
-
-def _float32(threshold: float) -> float:
-    """``threshold`` rounded to the nearest float32, as a float32 comparison sees it (±inf beyond
-    float32's range; a subnormal one is 0 where this thread flushes them)."""
-    return _float32_under(threshold, kernels.flushes_denormals())
-
-
-@functools.lru_cache(maxsize=256)
-def _float32_under(threshold: float, flush: bool) -> float:
-    """:func:`_float32`, cached per flush-to-zero state (the rounding itself flushes under it)."""
-    return torch.tensor(threshold, dtype=torch.float32).item()
-
-
-def _tile(before: int, units: int, after: int, chunk: int) -> tuple[int, int, int]:
-    """(rows, units, run positions) of one chunk of a ``(before, units, after)`` tensor: whole rows
-    while they fit in ``chunk`` values, else a block of units' whole runs, else part of one run."""
-    run = max(1, min(after, chunk))
-    block = max(1, min(units, chunk // run))
-    return max(1, min(before, chunk // (block * run))), block, run
 
 
 def _cpu_pass(
@@ -499,18 +251,18 @@ def _cpu_pass(
     before, units, after = x3.shape
     f64 = x3.dtype == torch.float64
     if not f64:  # compared in float32, as the kernels do (half-precision values widen exactly)
-        threshold = _float32(threshold)
+        threshold = float32(threshold)
     tiny = torch.finfo(torch.float64 if f64 else torch.float32).tiny
     if flush and abs(threshold) < tiny:
         threshold = 0.0
     direct = x3.dtype in (torch.float32, torch.float64) and not flush  # compared as they are
     chunk = x3.numel() if direct and x3.numel() < _CHUNK_MIN_ELEMENTS else _CHUNK_ELEMENTS
-    rows, block, run = _tile(before, units, after, chunk)
+    rows, block, run = tile(before, units, after, chunk)
     fired = torch.zeros(units, dtype=torch.float64)
     mag = torch.zeros(units, dtype=torch.float64)
     size = rows * block * run
-    mask_buf = _scratch((size,), torch.float32, x3.device, slot=1)
-    wide_buf = _scratch((size,), torch.float64, x3.device, slot=2)
+    mask_buf = scratch((size,), torch.float32, x3.device, slot=1)
+    wide_buf = scratch((size,), torch.float64, x3.device, slot=2)
     for b0 in range(0, before, rows):
         for u0 in range(0, units, block):
             for a0 in range(0, after, run):
@@ -529,8 +281,8 @@ def _cpu_pass(
                         a.abs_()
                 fired_here, mag_here = fired[u0 : u0 + shape[1]], mag[u0 : u0 + shape[1]]  # views
                 if run == 1:
-                    _column_sum_into(fired_here, m[:, :, 0], counts=True)
-                    _column_sum_into(mag_here, a[:, :, 0], counts=False)
+                    column_sum_into(fired_here, m[:, :, 0], counts=True)
+                    column_sum_into(mag_here, a[:, :, 0], counts=False)
                 else:
                     fired_here += m.sum(dim=(0, 2))
                     mag_here += a.sum(dim=(0, 2))
@@ -546,7 +298,7 @@ def _cpu_batch(
     if plan is not None:
         x3, fired, mag = plan.run(x, threshold)  # x3 is 2-D here: made 3-D only if needed below
     else:
-        x3 = _three_d(x, unit_dim)
+        x3 = three_d(x, unit_dim)
         fired, mag = _cpu_pass(x3, threshold, nonnegative, flush)
     # A unit's magnitude sum is finite exactly when all its values are, unless a float64 sum
     # overflowed (float64 values near its maximum): the exact NaN/Inf count (and, after an
@@ -556,19 +308,11 @@ def _cpu_batch(
         x3 = x3.view(*x3.shape[:2], -1)
         bad = per_unit_sum(~torch.isfinite(x3), 1, torch.int64)
         if bool(((bad == 0) & ~torch.isfinite(mag)).any()):
-            mag = _float64_abs_sum(x3)
+            mag = float64_abs_sum(x3)
         out["nonfinite"] += bad
     out["fired"] += fired.to(torch.int64)
     out["abs_sum"] += mag
     out["observations"] += x3.numel() // x3.shape[1]
-
-
-def _float64_abs_sum(x3: torch.Tensor) -> torch.Tensor:
-    """Per-unit float64 sum of ``|x|`` over a ``(before, units, after)`` tensor, row by row."""
-    mag = torch.zeros(x3.shape[1], dtype=torch.float64, device=x3.device)
-    for start in range(0, x3.shape[0], 256):
-        mag += x3[start : start + 256].double().abs().sum(dim=(0, 2))
-    return mag
 
 
 def traceable_batch_sums(
@@ -587,7 +331,7 @@ def traceable_batch_sums(
         >>> traceable_batch_sums(torch.tensor([[1.0, -2.0]]), 1, 0.0, False)["abs_sum"].tolist()
         [1.0, 2.0]
     """
-    unit_dim = _dim(x.ndim, unit_dim)
+    unit_dim = front_dim(x.ndim, unit_dim)
     dims = unit_reduce_dims(x.ndim, unit_dim)
     if x.dtype not in (torch.float32, torch.float64):
         x = x.float()  # threshold comparisons in float32, like the fused backends
@@ -659,32 +403,6 @@ def _kernel_failed(err: Exception, stacklevel: int) -> None:
     )
 
 
-def _require_triton(x: torch.Tensor) -> None:
-    if not kernels.available() or (x.device.type == "cpu" and not kernels.interpreting()):
-        raise DeadReluError(
-            f"the triton statistics backend cannot run on this {x.device.type} tensor: it needs Triton 3 or "
-            "later (pip install 'triton>=3') and a CUDA device, or TRITON_INTERPRET=1 for CPU tensors"
-        )
-
-
-def _autocast_on(device_type: str) -> bool:
-    try:
-        return torch.is_autocast_enabled(device_type)
-    except (TypeError, RuntimeError):  # device types autocast does not know, or torch < 2.4
-        return device_type == "cpu" and torch.is_autocast_cpu_enabled()
-
-
-@contextlib.contextmanager
-def _no_autocast(device_type: str) -> Iterator[None]:
-    """Switch autocast off where it is on (a matrix-vector count would run in bf16)."""
-    enabled = _autocast_on(device_type)
-    if not enabled:
-        yield
-        return
-    with torch.autocast(device_type=device_type, enabled=False):
-        yield
-
-
 def accumulate(
     x: torch.Tensor,
     unit_dim: int,
@@ -716,23 +434,23 @@ def accumulate(
     # Detached rather than under no_grad: the same guarantee (nothing is recorded by autograd)
     # without a context manager's cost on every site of every batch.
     x = x.detach()
-    unit_dim = _dim(x.ndim, unit_dim)
+    unit_dim = front_dim(x.ndim, unit_dim)
     mask = check_mask(x, unit_dim, mask)
     if x.numel() == 0:
         return  # nothing observed (no values, or no units)
     if backend == "triton":
-        _require_triton(x)
-    if (backend == "native" or (backend == "auto" and not _triton_ready(x))) and _native_ready(x, backend):
+        require_triton(x)
+    if (backend == "native" or (backend == "auto" and not _triton_ready(x))) and native_ready(x, backend):
         native.unit_stats_into(x, unit_dim, threshold, nonnegative, out, mask)
         _extra_statistics(x, unit_dim, threshold, out, mask)
         return
-    if mask is None and x.device.type == "cpu" and backend != "triton" and not _autocast_on("cpu") and not (
+    if mask is None and x.device.type == "cpu" and backend != "triton" and not autocast_on("cpu") and not (
         backend == "auto" and _triton_ready(x)
     ):
         _cpu_batch(x, unit_dim, threshold, nonnegative, out)  # the common case, with the fewest calls
         _extra_statistics(x, unit_dim, threshold, out, mask)
         return
-    with _no_autocast(x.device.type):
+    with no_autocast(x.device.type):
         use_kernel = backend == "triton" or (backend == "auto" and _triton_ready(x))
         if use_kernel and _run_kernel(x, unit_dim, threshold, nonnegative, out, mask, explicit=backend == "triton"):
             pass  # the kernel counted the batch
@@ -743,32 +461,6 @@ def accumulate(
             for k, v in traceable_batch_sums(x, unit_dim, threshold, nonnegative, mask).items():
                 out[k] += v
         _extra_statistics(x, unit_dim, threshold, out, mask)
-
-
-def _native_ready(x: torch.Tensor, backend: str) -> bool:
-    """Whether the C kernel counts ``x`` (CPU, a dtype it knows); for ``backend="native"`` an
-    error where it cannot."""
-    if x.device.type != "cpu":
-        if backend == "native":
-            raise DeadReluError(f"the native statistics backend counts CPU tensors only, not {x.device.type}")
-        return False
-    if native.supports(x):
-        return True
-    if backend == "native":
-        raise DeadReluError(f"the native statistics backend cannot count this {x.dtype} tensor: {native.status()}")
-    return False
-
-
-def fused_on_cpu() -> bool:
-    """Whether CPU tensors may reach the fused ReLU at all: where the C kernel of
-    :mod:`deadrelu.core.native` builds, or under Triton's interpreter (``TRITON_INTERPRET=1``,
-    how the tests run the Triton kernel without a GPU, with ``backend="triton"``)."""
-    return native.available() or kernels.interpreting()
-
-
-@functools.lru_cache(maxsize=None)
-def _fusion_off() -> bool:
-    return os.environ.get("DEADRELU_NO_FUSED_RELU") == "1"  # for A/B runs: the two passes, still on Triton
 
 
 def fuses_relu(x: torch.Tensor, unit_dim: int, backend: str = "auto", inplace: bool = False) -> bool:
@@ -785,10 +477,10 @@ def fuses_relu(x: torch.Tensor, unit_dim: int, backend: str = "auto", inplace: b
 
 def relu_engine(x: torch.Tensor, unit_dim: int, backend: str, inplace: bool) -> object | None:
     """The kernel module (:mod:`.kernels` or :mod:`.native`) that fuses this ReLU, or None."""
-    unit_dim = _dim(x.ndim, unit_dim)
+    unit_dim = front_dim(x.ndim, unit_dim)
     if backend == "torch" or x.ndim < 2 or not x.is_floating_point() or x.numel() == 0:
         return None
-    if _fusion_off():
+    if fusion_off():
         return None
     if type(x) is not torch.Tensor or any(s.batch is not None for s in STATISTICS):
         return None  # a tensor subclass (DTensor, fake tensors) keeps its own dispatch
@@ -829,13 +521,6 @@ def relu_accumulate(
     return fused_relu_accumulate(x, unit_dim, threshold, out, mask, backend, inplace, relu_engine(x, unit_dim, backend, inplace))
 
 
-def _forward_ad_on() -> bool:
-    """Inside ``torch.autograd.forward_ad.dual_level()``: a ReLU's tangent must be recorded."""
-    from torch.autograd import forward_ad
-
-    return getattr(forward_ad, "_current_level", -1) >= 0
-
-
 def fused_relu_accumulate(
     x: torch.Tensor,
     unit_dim: int,
@@ -848,10 +533,10 @@ def fused_relu_accumulate(
 ) -> torch.Tensor:
     """:func:`relu_accumulate` with the kernel already chosen (``relu_engine``'s answer, given by
     a caller that asked it first): the per-site decision is made once per call."""
-    unit_dim = _dim(x.ndim, unit_dim)
+    unit_dim = front_dim(x.ndim, unit_dim)
     if mask is not None:
         mask = check_mask(x.detach(), unit_dim, mask)
-    if engine is native and not (inplace or (x.requires_grad and torch.is_grad_enabled()) or _forward_ad_on()):
+    if engine is native and not (inplace or (x.requires_grad and torch.is_grad_enabled()) or forward_ad_on()):
         # Nothing for autograd to record (a scan, an evaluation): the kernel's output as it is.
         # The C kernel runs no torch op, so autocast needs no switching off either.
         y = native.relu_stats_into(x, unit_dim, threshold, out, mask)
@@ -859,7 +544,7 @@ def fused_relu_accumulate(
             return y
     elif engine is not None:
         try:
-            with _no_autocast(x.device.type):
+            with no_autocast(x.device.type):
                 return fused.counted_relu(x, unit_dim, threshold, out, mask, inplace, engine)
         except Exception as err:
             if fused.launched():  # counted; autograd's machinery refused the op (forward-mode AD)
@@ -904,16 +589,6 @@ def batch_unit_sums(
 
 
 # -- the scan's accumulator ---------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class UnitTotals:
-    """Host-side snapshot of a :class:`UnitStats` (plain Python numbers)."""
-
-    observations: int
-    fired_counts: tuple[int, ...]
-    mean_abs: tuple[float, ...]
-    nonfinite_counts: tuple[int, ...]
 
 
 class UnitStats(StatTensors):
@@ -1090,52 +765,7 @@ class UnitStats(StatTensors):
         )
 
 
-#: The per-unit states, indexed by the codes :func:`classify_codes` gives.
-UNIT_STATES = ("active", "asleep", "dead", "unobserved", "nonfinite")
 
 
-def classify_codes(
-    fired: torch.Tensor,
-    observations: int,
-    nonfinite: torch.Tensor,
-    asleep_rate: float,
-    min_observations: int = 1,
-) -> torch.Tensor:
-    """:func:`classify` on tensors: per unit, the index of its state in :data:`UNIT_STATES` (int8).
-
-    The same states as :func:`classify` for the same numbers: the rate is the same float64
-    division (exact while the counts stay below 2**53), compared with the same ``<=``.
-    """
-    codes = torch.zeros(fired.shape, dtype=torch.int8)
-    if observations:
-        codes[(fired.to(torch.float64) / observations) <= asleep_rate] = 1
-    codes[fired == 0] = 2 if observations >= max(1, min_observations) else 3
-    codes[nonfinite != 0] = 4
-    return codes
 
 
-def classify(
-    fired: Sequence[int],
-    observations: int,
-    nonfinite: Sequence[int],
-    asleep_rate: float,
-    min_observations: int = 1,
-) -> list[str]:
-    """Pure core: per unit, ``"nonfinite"``, ``"unobserved"``, ``"dead"``, ``"asleep"`` or ``"active"``.
-
-    NaN/Inf units are their own state; dead means zero firings over at least
-    ``min_observations`` observations. A unit that never fired on fewer observations is
-    ``"unobserved"``: too little evidence to call it dead (a unit that fired is alive however
-    few its observations).
-    """
-    out = []
-    for f, bad in zip(fired, nonfinite):
-        if bad:
-            out.append("nonfinite")
-        elif f == 0:
-            out.append("dead" if observations >= max(1, min_observations) else "unobserved")
-        elif observations and f / observations <= asleep_rate:  # the printed rate's own division: at the level is asleep
-            out.append("asleep")
-        else:
-            out.append("active")
-    return out
