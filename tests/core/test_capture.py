@@ -353,3 +353,56 @@ def test_an_exported_program_names_its_sites_as_the_eager_model():
         "act#1", "<root>:gelu", "<root>:relu.1", "act#2", "<root>:relu.2",
     ]  # fmt: skip
     assert [s.fired_counts for s in program.sites] == [s.fired_counts for s in eager.sites]
+
+
+class _FunctionalReLUs(torch.nn.Module):
+    """A functional ReLU and an nn.ReLU, with units 0 and 3 of the first planted dead."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.act = torch.nn.Linear(4, 6), torch.nn.Linear(6, 5), torch.nn.ReLU()
+        with torch.no_grad():
+            self.a.weight[[0, 3]] = 0.0
+            self.a.bias[[0, 3]] = -1.0
+
+    def forward(self, x):
+        return self.act(self.b(torch.nn.functional.relu(self.a(x))))
+
+
+def test_a_second_capture_or_a_users_mode_still_sees_each_relu_call():
+    # The capture computes a ReLU call with its counts in one kernel; with another capture (or any
+    # torch-function mode) outside it, the call must still reach that one as a torch call: the
+    # outer capture used to miss the functional site altogether.
+    from torch.overrides import TorchFunctionMode
+
+    from deadrelu.core.capture import ActivationCapture
+
+    model, x = _FunctionalReLUs().eval(), torch.randn(12, 4)
+    with torch.no_grad():
+        first = torch.relu(model.a(x))
+        truth = {"": brute_force(first, 1), "act": brute_force(torch.relu(model.b(first)), 1)}
+
+    def counts(capture):
+        return {s.info.module: (s.stats.observations, s.stats.compute().fired_counts) for s in capture.sites.values()}
+
+    with ActivationCapture(model) as outer, ActivationCapture(model) as inner, torch.no_grad():
+        model(x)
+    for capture in (outer, inner):
+        got = counts(capture)
+        assert set(got) == set(truth)
+        for name, want in truth.items():
+            assert got[name] == (want["observations"], tuple(want["fired"])), name
+    assert truth[""]["dead"] == (0, 3)
+
+    class Seen(TorchFunctionMode):
+        calls: list = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            self.calls.append(getattr(func, "__name__", str(func)))
+            return func(*args, **(kwargs or {}))
+
+    with Seen() as seen, ActivationCapture(model) as capture, torch.no_grad():
+        model(x)
+    assert seen.calls.count("relu") == 2  # F.relu and nn.ReLU's, as without deadrelu
+    assert counts(capture)[""] == (12, tuple(truth[""]["fired"]))

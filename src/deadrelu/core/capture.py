@@ -436,6 +436,11 @@ class ActivationCapture(CaptureHooks, ObservationMasks):
         inp = args[0] if args else (kwargs or {}).get("input")
         if type(inp) is not torch.Tensor or self.scripted:
             return None
+        if _function_modes() or _dispatch_modes():
+            # Another mode is active outside this one (a second capture on the model, a user's
+            # FlopCounterMode): it must see this ReLU as the torch call, which a kernel of ours
+            # run in its place would hide from it.
+            return None
         if not inp.is_cuda:
             if self._fuse_on_cpu is None:
                 self._fuse_on_cpu = fused_on_cpu()
@@ -669,6 +674,12 @@ def _plain_values(t: torch.Tensor, unit_dim: int) -> tuple[torch.Tensor, int]:
                 inner, unit_dim = inner.movedim(bdim, 0), unit + (unit < bdim)
         t = inner
     return t, unit_dim
+
+
+# The torch-function and dispatch modes active around the one running (inside a mode's handler,
+# that mode itself is off the stack); torch 2.2 has both queries.
+_function_modes = torch._C._len_torch_function_stack
+_dispatch_modes = torch._C._len_torch_dispatch_stack
 
 
 def _output_hooked(module: nn.Module) -> bool:
