@@ -1420,3 +1420,54 @@ def test_a_static_experts_loop_has_the_eager_per_expert_sites_when_compiled(dyna
     names = [s.name for s in eager.sites]
     assert names == (["<root>:relu[0]", "<root>:relu[1]", "<root>:relu[2]"] if functional else ["act[0]", "act[1]", "act[2]"])
     assert 2 in compiled.sites[1].dead_units and 2 not in compiled.sites[0].dead_units
+
+
+class _BreakingLayer(nn.Module):
+    """A layer whose forward breaks the graph: the rest of it is a graph every layer's call runs."""
+
+    def __init__(self, bias: float):
+        super().__init__()
+        self.fc, self.act, self.out = nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4)
+        with torch.no_grad():
+            self.fc.bias[0] = bias  # unit 0: dead in one layer, alive in the other
+
+    def forward(self, x):
+        h = self.fc(x)
+        torch._dynamo.graph_break()
+        return x + self.out(self.act(h))
+
+
+class _BreakingStack(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(4, 4)
+        self.layers = nn.ModuleList([_BreakingLayer(-100.0), _BreakingLayer(100.0)])
+
+    def forward(self, x):
+        x = self.embed(x)  # every layer's input requires grad: one graph for both (no recompilation)
+        for layer in self.layers:  # a graph break inside a loop: this frame runs eagerly, each layer's compiled
+            x = layer(x)
+        return x
+
+
+@needs_inductor
+def test_layers_running_one_graph_after_a_graph_break_each_count_their_own_site(dynamo):
+    # Each layer's call ran the same graph (the rest of its forward after the break), rewritten with
+    # the sites of the layer Dynamo traced first: layers.0.act counted both layers' rows (36 in 3
+    # batches of 6; its dead unit 0 read alive), and there was no layers.1.act.
+    def make():
+        torch.manual_seed(0)
+        return _BreakingStack()
+
+    g = torch.Generator().manual_seed(0)
+    data = [torch.randn(6, 4, generator=g) for _ in range(3)]
+
+    def step(runner, x):
+        runner(x).sum().backward()
+
+    eager, compiled = eager_and_compiled(make, data, step, window=4)
+    assert [(s.name, s.observations, s.fired_counts) for s in compiled.sites] == [
+        (s.name, s.observations, s.fired_counts) for s in eager.sites
+    ]
+    assert [(s.name, s.observations) for s in compiled.sites] == [("layers.0.act", 18), ("layers.1.act", 18)]
+    assert 0 in compiled.sites[0].dead_units and 0 not in compiled.sites[1].dead_units

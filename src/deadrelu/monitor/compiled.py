@@ -11,20 +11,24 @@ mutations included, and guards only on the on/off switch (two graphs in all).
 
 Limits, by construction: functional activations called inside ``forward``
 (``F.relu(x)``) are not seen; a module called several times per forward pass pools its
-calls into one site (each call is one window row); a 3-D activation takes its units on
-the last dimension unless ``unit_dim`` says otherwise. A site is created, outside the
-graph, the first time its module runs, which costs one extra compilation.
+calls into one site (each call is one window row) — an experts loop's activation module
+included, which is said once where its first input names one expert of a stacked weight
+(see :func:`~deadrelu.monitor.graph_capture.expert_of_input`); a 3-D activation takes its
+units on the last dimension unless ``unit_dim`` says otherwise. A site is created, outside
+the graph, the first time its module runs, which costs one extra compilation.
 """
 
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
 
+from .graph_capture import CompiledModelWarning, expert_of_input
 from .window import WindowTotals
 from ..core.activations import ACTIVATION_MODULES, MODULE_FUNCTIONS, NONNEGATIVE_FUNCTIONS
 from ..core.capture import (
@@ -183,14 +187,23 @@ class ModuleCapture:
                 return
             site = self.sites.get(path)
             if site is None:
-                site = self._new_site(path, module, out)
+                site = self._new_site(path, module, out, args[0] if args else None)
             site.stats.update(out, site.unit_dim)
 
         return hook
 
     @torch.compiler.disable
-    def _new_site(self, path: str, module: nn.Module, out: torch.Tensor) -> _Site:
+    def _new_site(self, path: str, module: nn.Module, out: torch.Tensor, inp: Any = None) -> _Site:
         # Runs outside the graph once per site: allocates the state the traced hook then updates.
+        if isinstance(inp, torch.Tensor) and expert_of_input(inp) is not None:
+            warnings.warn(
+                f"deadrelu: activation module {path!r} acts on one expert's rows of a stacked expert weight (an MoE "
+                "experts loop); module hooks give it one site, so every expert's rows pool into it (a unit dead in "
+                "one expert reads alive if another fires). Use the eager monitor (compiled=False), which keeps one "
+                "site per expert",
+                CompiledModelWarning,
+                stacklevel=3,
+            )
         function = MODULE_FUNCTIONS.get(type(module).__name__, type(module).__name__.lower())
         info = SiteInfo(path, type(module).__name__, 0, 0, function, tuple(out.shape), True)
         default_dim = 1 if out.ndim >= 4 else max(out.ndim - 1, 0)  # no layer-op heuristic inside a graph

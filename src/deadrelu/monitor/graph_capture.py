@@ -33,7 +33,15 @@ inputs), so the op also takes one parameter input and records into the monitor w
 it: a sibling instance running the same graph records nothing, unless it has an attached monitor
 of its own, which adopts the graph's sites (``_dispatch``) — as does a new monitor on a new model
 that reuses a graph compiled under an earlier one. Blocks compiled one by one share one graph per
-class the same way; the parameter says which block runs (see :class:`GraphCapture`).
+class the same way; the parameter says which block runs (see :class:`GraphCapture`), as it says which
+layer runs the rest of a layer's ``forward`` after a graph break (one graph for every layer).
+
+Experts stacked in one weight (``experts.gate_up_proj[e]``) get the eager capture's per-expert sites
+where the expert is known only when the graph runs: ``w[e]`` with ``e`` a graph input, or an
+activation of a graph input that eager code made from ``w[e]`` — a data-dependent experts loop
+(``for e in route.unique()``) graph-breaks, runs eagerly and calls its activation's compiled graph
+once per expert, and the input's autograd history names the expert. The observe op takes these
+as arguments; see :func:`_dispatch`.
 
 Limits: it needs Inductor (the default ``torch.compile`` backend) and a torch with
 ``torch.library.custom_op`` and effectful ops (2.6 or later); otherwise the monitor falls back to
@@ -63,7 +71,7 @@ import uuid
 import warnings
 import weakref
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Optional, Sequence  # typing's Sequence: see _observe_op
+from typing import Any, Callable, Iterator, NamedTuple, Optional, Sequence  # typing's Sequence: see _observe_op
 
 import torch
 from torch import fx, nn
@@ -148,8 +156,10 @@ def _registered_op(key: str, op_name: str, define: Callable[[], None]) -> Any:
 
 
 def _observe_op() -> Any:
-    """The effectful custom op ``deadrelu::observe(Tensor[] sums, int[] sites, Tensor? anchor) -> ()``
-    (registered once per process): hands each site's sums to the capture that owns the site."""
+    """The effectful custom op ``deadrelu::observe(Tensor[] sums, int[] sites, Tensor? anchor, SymInt[]
+    routes, Tensor[] inputs) -> ()`` (registered once per process): hands each site's sums to the
+    capture that owns the site (``routes`` and ``inputs``: which expert each site counts, see
+    :func:`_dispatch`)."""
 
     def define() -> None:
         # Not capturable by CUDA graphs: a replay would skip the Python that picks the ring row.
@@ -159,11 +169,17 @@ def _observe_op() -> Any:
         # typing.Sequence, not list[...]: torch 2.4-2.6 infer a custom op's schema from typing's
         # generics only (list[torch.Tensor] is refused there; later torches take both).
         @torch.library.custom_op(_OP_NAME, mutates_args=(), **tags)
-        def observe(sums: Sequence[torch.Tensor], sites: Sequence[int], anchor: Optional[torch.Tensor]) -> None:
-            _dispatch(sums, sites, anchor)
+        def observe(
+            sums: Sequence[torch.Tensor], sites: Sequence[int], anchor: Optional[torch.Tensor], routes: Sequence[int],
+            inputs: Sequence[torch.Tensor],
+        ) -> None:  # fmt: skip
+            _dispatch(sums, sites, anchor, routes, inputs)
 
         @observe.register_fake
-        def _(sums: Sequence[torch.Tensor], sites: Sequence[int], anchor: Optional[torch.Tensor]) -> None:
+        def _(
+            sums: Sequence[torch.Tensor], sites: Sequence[int], anchor: Optional[torch.Tensor], routes: Sequence[int],
+            inputs: Sequence[torch.Tensor],
+        ) -> None:  # fmt: skip
             return None
 
         from torch._higher_order_ops.effects import _EffectType, _register_effectful_op
@@ -266,10 +282,23 @@ def _call_mask(like: torch.Tensor, decoder: bool = False) -> torch.Tensor:
     return _mask_op()(like.detach(), decoder)
 
 
-def _dispatch(sums: list[torch.Tensor], sites: list[int], anchor: Optional[torch.Tensor]) -> None:
+def _dispatch(
+    sums: list[torch.Tensor],
+    sites: list[int],
+    anchor: Optional[torch.Tensor],
+    routes: Sequence[int] = (),
+    inputs: Sequence[torch.Tensor] = (),
+) -> None:
     """The observe op's body: each site's sums to the capture whose model ran the graph — the one
     that made the site, or else an attached capture of the model that owns the anchor parameter,
-    which adopts the site (the graph was compiled under another monitor, or for a sibling instance)."""
+    which adopts the site (the graph was compiled under another monitor, or for a sibling instance).
+
+    ``routes`` holds three numbers per site (:func:`_route_args`): ``0, 0, 0`` for a site counted as
+    it is; ``E, e, j`` for an activation of ``w[e]``, ``w = inputs[j]`` a stacked weight of ``E``
+    experts and ``e`` the graph's input (a helper compiled once for every expert, ``e`` a symbolic
+    int); ``-1, 0, j`` for an activation of graph input ``inputs[j]``, whose autograd history names
+    the expert (a data-dependent experts loop runs eagerly and calls the activation's compiled
+    graph once per expert). Such a site's sums go to its expert's site (see :meth:`GraphCapture._routed`)."""
     per_site = len(sums) // max(len(sites), 1)
     batches: dict[GraphCapture, list[tuple[_Site, list[torch.Tensor]]]] = {}
     ours: dict[GraphCapture, bool] = {}
@@ -289,21 +318,57 @@ def _dispatch(sums: list[torch.Tensor], sites: list[int], anchor: Optional[torch
     for i, ident in enumerate(sites):
         owner = _CALLBACKS.get(ident)
         part = sums[i * per_site : (i + 1) * per_site]
-        if owner is not None and runs_it(owner[0]):
-            batches.setdefault(owner[0], []).append((owner[1], part))
+        kind = int(routes[3 * i]) if len(routes) > 3 * i else 0
+        expert = _expert_at_run_time(kind, routes[3 * i + 1], inputs[int(routes[3 * i + 2])]) if kind else None
+        template = owner[1] if owner is not None else _TEMPLATES.get(ident)
+        if template is not None and template.unowned is not None:
+            # A graph no module of any model claims: the expert's weight says whose it is.
+            placed = _unowned_run(owner, ident, template, expert, part[0].device)
+            if placed is not None:
+                batches.setdefault(placed[0], []).append((placed[1], part))
             continue
-        template = _TEMPLATES.get(ident)
+        if owner is not None and runs_it(owner[0]):
+            site = owner[0]._routed(owner[1], expert) if kind else owner[1]
+            if site is not None:
+                batches.setdefault(owner[0], []).append((site, part))
+            continue
         if template is None or anchor is None:
             continue
         if adopters is None:
             adopters = [c for c in list(_ATTACHED) if runs_it(c)]
         for capture in adopters:
-            site = capture._adopt(ident, template, part[0].device)
+            site = capture._adopt(ident, template, part[0].device, pending=bool(kind))
             if site is not None:
-                batches.setdefault(capture, []).append((site, part))
+                site = capture._routed(site, expert) if kind else site
+                if site is not None:
+                    batches.setdefault(capture, []).append((site, part))
                 break
     for capture, batch in batches.items():
         capture.record(batch, anchor)
+
+
+def _unowned_run(
+    owner: tuple["GraphCapture", "_Site"] | None, ident: int, template: "_Site", expert: "_Expert | None", device: torch.device
+) -> tuple["GraphCapture", "_Site"] | None:  # fmt: skip
+    """Where one run of a site of a graph without parameters or modules goes (see
+    :meth:`GraphCapture._unowned_sites`): the expert site of the capture whose model holds the
+    expert's weight, or nowhere — another model's weight, or none found (said once)."""
+    weight = expert.weight if expert is not None else None
+    if owner is not None:
+        capture = owner[0]
+        if weight is None:
+            capture._unrouted(template)
+            return None
+        if not capture._is_ours(weight):
+            return None  # another model's experts (its own monitor, attached when this graph compiled, has its own op)
+        base: _Site | None = owner[1]
+    else:  # the capture that compiled the graph is gone: an attached capture of the weight's model adopts it
+        capture = next((c for c in list(_ATTACHED) if weight is not None and c._is_ours(weight)), None)
+        if capture is None:
+            return None
+        base = capture._adopt(ident, template, device, pending=True)
+    site = capture._expert_site(base, expert) if base is not None and expert is not None else None
+    return None if site is None else (capture, site)
 
 
 def _site_sums(
@@ -329,13 +394,20 @@ def _site_sums(
     return list(traceable_batch_sums(x.detach(), unit_dim, threshold, nonnegative, keep).values())
 
 
-def _observe_sites(sums: list[list[torch.Tensor]], sites: list[int], anchor: torch.Tensor | None) -> None:
+def _observe_sites(
+    sums: list[list[torch.Tensor]],
+    sites: list[int],
+    anchor: torch.Tensor | None,
+    routes: Sequence[Any] = (),
+    inputs: Sequence[torch.Tensor] = (),
+) -> None:
     """Inserted once at the end of a graph: hands every site's sums to the monitor in one op call.
 
     ``anchor`` is one of the graph's parameter inputs: TorchDynamo shares a graph between
     instances of the same class (their parameters are inputs), so the op checks at run time
-    that the instance running is the monitored one."""
-    _observe_op()([t for site in sums for t in site], sites, anchor)
+    that the instance running is the monitored one. ``routes`` and ``inputs`` say which expert
+    each site counts (see :func:`_dispatch`)."""
+    _observe_op()([t for site in sums for t in site], sites, anchor, list(routes), list(inputs))
 
 
 def _pass_token(ident: Any) -> Any:
@@ -403,12 +475,36 @@ class _Site:
     info: SiteInfo
     unit_dim: int
     stats: WindowStats
-    order: int
+    order: float  # sites are reported in this order (an expert's site sits between its layer's neighbours)
     ident: int
     key: tuple[Any, ...] = ()
     entry: tuple[Any, int, str] | None = None  # the producer's unit axis (for sibling blocks' sites)
     block: str = ""  # the compiled block whose own graph holds the site ("" for the model's graphs)
     calls_per_block_call: int = 1  # calls of the site's module in one call of that block
+    # A site of a graph no module claims (see GraphCapture._unowned_sites): the module paths it may
+    # lie in; the weight of the expert a run counts picks one.
+    unowned: tuple[str, ...] | None = None
+    anchor_path: str | None = None  # the module holding its graph's anchor when traced (see _for_running_instance)
+
+
+class _Expert(NamedTuple):
+    """The expert one run of a routable site counts: slice ``index`` of ``slices`` of a stacked
+    weight (``weight``: that parameter, where the run's autograd history named it)."""
+
+    index: int
+    slices: int
+    weight: Optional[torch.Tensor] = None
+
+
+class _Route(NamedTuple):
+    """Where a graph's activation gets its expert: ``index`` (an int: a loop Dynamo unrolled; a node
+    of a symbolic int: the expert is the graph's input) of a stacked weight of ``slices`` experts
+    (``input``: that weight's graph input), or, without ``index``, ``input``, the graph input whose
+    autograd history says it at run time."""
+
+    index: Any = None
+    slices: int = 0
+    input: Optional[fx.Node] = None
 
 
 _STACK_FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\S+)')
@@ -478,6 +574,7 @@ class GraphCapture:
         self._pointer_owner: dict[int, str] = {}
         self._graph_root = ""  # the module whose forward the graph being rewritten starts in
         self._graph_calls: dict[str, int] = {}  # calls of each module in that graph
+        self._anchor_path: str | None = None  # the module holding that graph's anchor parameter
         self._adopted: dict[int, _Site | None] = {}  # another capture's graph site id -> this capture's site
         # A graph break splits a forward into graphs (frames) that each number module calls from 0:
         # a key first made in another frame is that call's key in this one, renumbered (see _site).
@@ -501,6 +598,17 @@ class GraphCapture:
         self._weights = {id(t) for t in (*model.parameters(), *model.buffers())}
         self._pointers: set[int] = set()  # storage of this model's weights, refreshed on a miss
         self._class_spans: dict[tuple[str, int, int], list[str]] | None = None  # a forward's code -> its modules
+        self._method_spans: dict[tuple[str, int, int], tuple[list[str], bool]] | None = None  # see _unowned_sites
+        # Experts (a stacked 3-D weight, as the eager capture's WeightSlice reads it): a graph's activation of
+        # one expert's rows, run once per expert, counts on its expert's site (see _routed).
+        self._stacked = any(
+            p.ndim == 3 for m in model.modules() if not isinstance(m, nn.modules.conv._ConvNd) for p in m.parameters(recurse=False)
+        )  # fmt: skip
+        self._pending: dict[tuple[Any, ...], _Site] = {}  # routable sites not reported until they count a run themselves
+        self._expert_sites: dict[tuple[int, int], list[_Site]] = {}  # (routable site id, id of the weight) -> its experts' sites
+        self._counted_in_graphs: set[str] = set()  # activation modules whose eagerly called forward a graph counted
+        self._placed: set[int] = set()  # routable site ids whose experts' sites took its place in the order
+        self._weight_relative: dict[int, tuple[str, str]] = {}  # routable site id -> (its path, its weight's) past their common part
         self._attached = False
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -513,7 +621,7 @@ class GraphCapture:
             with _LOCK:
                 _ATTACHED.add(self)
                 _install_pass()
-                for site in self.sites.values():
+                for site in (*self.sites.values(), *self._pending.values()):
                     _CALLBACKS[site.ident] = (self, site)
             self._attached = True
             self._hook_block_calls()
@@ -531,8 +639,8 @@ class GraphCapture:
             if torch.compiler.is_compiling() or not (self.enabled and torch.is_grad_enabled()):
                 return
             path = self._paths.get(id(module), "?")
-            if path in self._eager_seen:
-                return
+            if path in self._eager_seen or path in self._counted_in_graphs:
+                return  # said already, or its forward ran as a graph that counted it (an experts loop's activation)
             self._eager_seen.add(path)
             self.uncaptured.setdefault(path, "ran eagerly, outside any compiled graph")
             if len(self._eager_seen) == 1:  # once: the report's uncaptured lists every such module
@@ -587,7 +695,7 @@ class GraphCapture:
         if not self._attached:
             return
         with _LOCK:
-            for site in self.sites.values():
+            for site in (*self.sites.values(), *self._pending.values()):
                 _CALLBACKS.pop(site.ident, None)
             _ATTACHED.discard(self)
             for handle in self._handles:
@@ -619,7 +727,7 @@ class GraphCapture:
 
     def reset(self) -> None:
         """Forget every site's statistics (compiled graphs keep their sites)."""
-        for site in self.sites.values():
+        for site in (*self.sites.values(), *self._pending.values()):
             site.stats.reset()
 
     def ordered_sites(self) -> list[tuple[str, _Site]]:
@@ -633,6 +741,8 @@ class GraphCapture:
             return  # unscheduled, or another instance of the model's class running the same graph
         if anchor is not None and self._blocks and batch:
             batch = self._for_running_block(batch, anchor)
+        if anchor is not None and batch:
+            batch = self._for_running_instance(batch, anchor)
         try:
             add_sums_to_many([(site.stats, sums) for site, sums in batch])
         except Exception as err:  # a failure of deadrelu's own bookkeeping, not of the model
@@ -655,6 +765,26 @@ class GraphCapture:
             return batch
         pairs = [(self._sibling(site, traced, running, call), sums) for site, sums in batch]
         return [(site, sums) for site, sums in pairs if site is not None]
+
+    def _for_running_instance(self, batch: list[tuple[_Site, list[torch.Tensor]]], anchor: torch.Tensor) -> list[tuple[_Site, list[torch.Tensor]]]:  # fmt: skip
+        """The rest of a module's forward after a graph break is a graph of its own, which serves
+        every instance of the module's class in the model (each layer; their parameters are its
+        inputs): its sites are those of the instance it was traced for. The anchor parameter says
+        which instance runs; a site that lies where the traced anchor lies from it counts on the
+        running instance's site at that place (made on first sight)."""
+        running = None
+        out = []
+        for site, sums in batch:
+            if site.anchor_path is not None and not site.block:
+                running = self._owner_of_tensor(anchor) if running is None else running
+                if running is not None and running != site.anchor_path:
+                    moved = _moved(_relative(site.info.module, site.anchor_path), running)
+                    if moved is not None and moved != site.info.module and self._types.get(moved) == site.info.module_type:
+                        site = self._sibling(site, site.info.module, moved, 0)  # type: ignore[assignment]
+                        if site is None:
+                            continue
+            out.append((site, sums))
+        return out
 
     def _sibling(self, site: _Site, traced: str, running: str, call: int) -> _Site | None:
         """The site of call ``call`` of block ``running`` at the place of ``site`` in the first
@@ -794,19 +924,24 @@ class GraphCapture:
             return  # inference graphs are not observed, as in eager mode
         self._graph_root = self._root_block(graph)
         self._graph_calls = self._calls_in(graph)
+        traced = _example(_anchor(graph)) if _anchor(graph) is not None else None
+        self._anchor_path = self._owner_of_tensor(traced) if isinstance(traced, torch.Tensor) else None
         if not self._owns(graph):
-            self._note_unattributed(graph)
-            return
-        self._note_frame(graph)
-        found = self._sites_in(graph)
-        anchor = _anchor(graph)
+            found, observed = self._unowned_sites(graph)
+            self._note_unattributed(graph, observed)
+            anchor = None
+        else:
+            self._note_frame(graph)
+            found = self._sites_in(graph)
+            anchor = _anchor(graph)
         if not found and anchor is None:
             return
         # A graph with no sites still gets the (empty) op: it says which model runs the graphs after it.
-        sums = self._insert_sums(graph, found) if found else []
+        sums = self._insert_sums(graph, [(node, site) for node, site, _ in found]) if found else []
+        routes, inputs = _route_args([route for _, _, route in found])
         output = next(n for n in reversed(graph.nodes) if n.op == "output")
         with graph.inserting_before(output):  # one op call per graph and step, not one per site
-            graph.call_function(_observe_sites, (sums, [site.ident for _, site in found], anchor))
+            graph.call_function(_observe_sites, (sums, [site.ident for _, site, _ in found], anchor, routes, inputs))
 
     def _insert_sums(self, graph: fx.Graph, found: list[tuple[fx.Node, _Site]]) -> list[fx.Node]:
         """After each site's node, its batch's per-unit sums (masked where the call's mask lies over it)."""
@@ -848,10 +983,11 @@ class GraphCapture:
             stacklevel=2,
         )
 
-    def _note_unattributed(self, graph: fx.Graph) -> None:
+    def _note_unattributed(self, graph: fx.Graph, observed: set[fx.Node] | frozenset[fx.Node] = frozenset()) -> None:
         """A graph without parameters whose activations lie in the forward of one of this model's
         module classes (the rest of a block's forward after a graph break): nothing at run time says
-        which instance runs it, so it is not observed — listed in ``uncaptured`` and warned once."""
+        which instance runs it, so it is not observed — listed in ``uncaptured`` and warned once.
+        ``observed``: activations whose runs name their instance after all (see :meth:`_unowned_sites`)."""
         if _anchor(graph) is not None:
             return
         if self._class_spans is None:
@@ -865,7 +1001,7 @@ class GraphCapture:
             target = node.target if node.op == "call_function" else getattr(torch.Tensor, str(node.target), None)
             if node.op not in ("call_function", "call_method") or target is None or kind_of(target)[0] != ACT:
                 continue
-            if called_activation(kind_of(target)[1], node.args, dict(node.kwargs)) is None:
+            if node in observed or called_activation(kind_of(target)[1], node.args, dict(node.kwargs)) is None:
                 continue
             for f, line, _ in _STACK_FRAME.findall(node.meta.get("stack_trace") or ""):
                 paths = next((v for (file, first, last), v in self._class_spans.items() if f == file and first <= int(line) <= last), None)
@@ -911,15 +1047,16 @@ class GraphCapture:
                 return node
         return None
 
-    def _sites_in(self, graph: fx.Graph) -> list[tuple[fx.Node, _Site]]:
-        """Every activation site of a graph, in graph order, with its site (created on first sight)."""
+    def _sites_in(self, graph: fx.Graph) -> list[tuple[fx.Node, _Site, _Route | None]]:
+        """Every activation site of a graph, in graph order, with its site (created on first sight)
+        and, for a site whose expert is known only at run time, where it gets it."""
         table = AxisTable()
         slots: dict[tuple[str, int], int] = {}
         seen: dict[tuple[Any, ...], int] = {}
-        candidates: list[tuple[fx.Node, tuple[Any, ...], str]] = []
+        candidates: list[tuple[fx.Node, tuple[Any, ...], str, _Route | None]] = []
         module_output: dict[tuple[str, ...], fx.Node] = {}  # activation module call -> its last node so far
         module_calls: dict[tuple[str, ...], tuple[str, int, str]] = {}
-        module_expert: dict[tuple[str, ...], int] = {}  # activation module call -> the expert slice its input came from
+        module_route: dict[tuple[str, ...], _Route] = {}  # activation module call -> the expert its input came from
         numbered: dict[tuple[str, int, tuple[str, ...]], int] = {}  # (module, Dynamo's k-th call, stack) -> call number
         reached: dict[tuple[str, Any], int] = {}  # (module, place) -> calls from there so far
         for node in graph.nodes:
@@ -947,10 +1084,10 @@ class GraphCapture:
             else:
                 table.on_op(kind, args, kwargs, value)
             if act_key is not None:
-                if kind[0] == ACT and act_key not in module_expert:
-                    expert = _stacked_index(node)
-                    if expert is not None:
-                        module_expert[act_key] = expert
+                if kind[0] == ACT and act_key not in module_route:
+                    route = self._route_of(node)
+                    if route is not None:
+                        module_route[act_key] = route
                 if self._in_forward_of(node, path):
                     module_output[act_key] = node  # the module's output is the last node of its forward
                     module_calls[act_key] = (path, call, self._act_modules[path])
@@ -964,25 +1101,124 @@ class GraphCapture:
                 continue  # index.clamp(min=0) on integers: no activation
             position = _position(node)
             where = (path, call, position, name)
-            expert = _stacked_index(node)
-            if expert is not None:  # keyed by expert, as the eager capture keys it (a static experts loop)
-                k = -1 - expert
+            route = self._route_of(node)
+            if route is not None and isinstance(route.index, int):  # keyed by expert, as the eager capture keys it
+                k, route = -1 - route.index, None  # (a static experts loop)
             else:
                 k = seen.get(where, 0)
                 seen[where] = k + 1
-            candidates.append((node, (*where, k), position))
+            candidates.append((node, (*where, k), position, route))
         for act_key, node in module_output.items():
             path, call, name = module_calls[act_key]
             if isinstance(node.meta.get("example_value"), torch.Tensor):
-                occurrence = -1 - module_expert[act_key] if act_key in module_expert else 0
-                candidates.append((node, (path, call, None, name, occurrence), ""))
+                route = module_route.get(act_key)
+                static = route is not None and isinstance(route.index, int)
+                candidates.append((node, (path, call, None, name, -1 - route.index if static else 0), "", None if static else route))
         order = {n: i for i, n in enumerate(graph.nodes)}
-        found: list[tuple[fx.Node, _Site]] = []
-        for node, key, position in sorted(candidates, key=lambda c: order[c[0]]):  # sites in forward order
-            site = self._site(key, node.meta["example_value"], table, slots, location=position)
+        found: list[tuple[fx.Node, _Site, _Route | None]] = []
+        for node, key, position, route in sorted(candidates, key=lambda c: order[c[0]]):  # sites in forward order
+            site = self._site(key, node.meta["example_value"], table, slots, location=position, pending=route is not None)
             if site is not None:
-                found.append((node, site))
+                found.append((node, site, route))
         return found
+
+    def _route_of(self, node: fx.Node) -> _Route | None:
+        """Where an activation node's expert comes from (see :func:`_expert_route`): an input of the
+        graph counts only as a plain tensor input of a model with stacked weights."""
+        route = _expert_route(node)
+        if route is None or isinstance(route.index, int):
+            return route
+        if route.index is not None:  # a symbolic expert: the weight it indexes must be a graph input too
+            return route if route.input is not None else None
+        value = route.input.meta.get("example_value")
+        if not self._stacked or not isinstance(value, torch.Tensor) or not value.is_floating_point():
+            return None
+        if id(_example(route.input)) in self._weights or "_parameters_" in route.input.name or "_buffers_" in route.input.name:
+            return None  # a parameter or buffer passed through an activation
+        return route
+
+    def _unowned_sites(self, graph: fx.Graph) -> tuple[list[tuple[fx.Node, _Site, _Route | None]], set[fx.Node]]:
+        """The activations of a graph without parameters or modules of this model (so no rule of
+        :meth:`_owns` claims it) that lie in a method of one of its module classes and act on an
+        input of the graph: an experts loop Dynamo cannot compile (a data-dependent loop over the
+        experts a batch hits, as transformers' eager MoE runs) calls the compiled graph of its
+        activation — ``act_fn.forward``, or a helper method — once per expert. The graph says neither
+        which module runs it nor which expert: each run's input does, through its autograd history
+        (``x @ w[e]``, see :func:`expert_of_input`), so these sites (one per activation, never
+        reported) hand each run to the site of its expert in the module the weight names (:meth:`_expert_site`).
+        Returns them and the activation calls they observe."""
+        observed: set[fx.Node] = set()
+        if not self._stacked or _anchor(graph) is not None:
+            return [], observed  # a graph with parameters, none of them ours: another model's
+        spans = self._spans_of_methods()
+        output = next(n for n in reversed(graph.nodes) if n.op == "output")
+        values = output.args[0] if output.args and isinstance(output.args[0], (tuple, list)) else output.args
+        returned = next((a for a in values if isinstance(a, fx.Node)), None)  # what the graph's frame returns
+        found: list[tuple[fx.Node, _Site, _Route | None]] = []
+        modules_done: set[tuple[str, int, int]] = set()
+        inside: dict[tuple[str, int, int], list[fx.Node]] = {}  # an activation module's forward -> its activation calls
+        seen: dict[tuple[Any, ...], int] = {}
+        for node in graph.nodes:
+            target = node.target if node.op == "call_function" else getattr(torch.Tensor, str(node.target), None)
+            frames = _STACK_FRAME.findall(node.meta.get("stack_trace") or "")
+            if node.op not in ("call_function", "call_method") or target is None or not frames:
+                continue
+            file, line, _ = frames[-1]
+            span = next((sp for sp in spans if sp[0] == file and sp[1] <= int(line) <= sp[2]), None)
+            if span is None:
+                continue
+            paths, module = spans[span]
+            if module:  # an activation module's own forward: its output (the graph's) is the site
+                if kind_of(target)[0] == ACT:
+                    inside.setdefault(span, []).append(node)
+                out = returned.meta.get("example_value") if returned is not None else None
+                if span in modules_done or not isinstance(out, torch.Tensor) or not _in_span(returned, span):
+                    continue
+                route = self._route_of(node)
+                if route is None or route.index is not None:
+                    continue
+                modules_done.add(span)
+                node, name, position = returned, self._act_modules[paths[0]], None
+            else:
+                name = called_activation(kind_of(target)[1], node.args, dict(node.kwargs)) if kind_of(target)[0] == ACT else None
+                value = node.meta.get("example_value")
+                if name is None or not isinstance(value, torch.Tensor) or not value.is_floating_point() or _is_weight(node):
+                    continue
+                route = self._route_of(node)
+                if route is None or route.index is not None:
+                    continue  # not an activation of the graph's input (an expert's rows made eagerly)
+                position = _position(node)
+            where = (paths[0], -1, position, name)
+            k = seen.get(where, 0)
+            seen[where] = k + 1
+            site = self._site((*where, k), node.meta["example_value"], AxisTable(), {}, location=position or "", pending=True, unowned=tuple(paths))  # fmt: skip
+            if site is not None:
+                found.append((node, site, route))
+                observed.add(node)
+        observed.update(n for span in modules_done for n in inside.get(span, ()))  # counted as their module's output
+        return found, observed
+
+    def _spans_of_methods(self) -> dict[tuple[str, int, int], tuple[list[str], bool]]:
+        """The code of each function of this model's module classes -> (the modules of that class,
+        whether it is an activation module's ``forward``: then only the activation modules)."""
+        if self._method_spans is None:
+            by_class: dict[type, list[str]] = {}
+            for path, module in self._module_objects.items():
+                by_class.setdefault(type(module), []).append(path)
+            spans: dict[tuple[str, int, int], tuple[dict[str, None], bool]] = {}
+            for cls, paths in by_class.items():
+                for klass in cls.__mro__:
+                    if klass in (nn.Module, object):
+                        break
+                    for attr, function in vars(klass).items():
+                        span = _function_span(function)
+                        if span is not None:
+                            spans.setdefault(span, ({}, attr == "forward"))[0].update(dict.fromkeys(paths))
+            self._method_spans = {}
+            for span, (found, forward) in spans.items():
+                acts = [p for p in found if p in self._act_modules] if forward else []
+                self._method_spans[span] = (acts, True) if acts else (list(found), False)
+        return self._method_spans
 
     def _call_number(self, path: str, k: int, node: fx.Node, reached: dict[tuple[str, Any], int]) -> int:
         """The call number of module ``path``'s ``k``-th call in a graph, as the eager capture numbers
@@ -1043,13 +1279,16 @@ class GraphCapture:
         return (path, call, act_key, chain) if ours else None
 
     def _site(
-        self, key: tuple[Any, ...], value: torch.Tensor, table: AxisTable, slots: dict[tuple[str, int], int], location: str
-    ) -> _Site | None:
+        self, key: tuple[Any, ...], value: torch.Tensor, table: AxisTable, slots: dict[tuple[str, int], int], location: str,
+        pending: bool = False, unowned: tuple[str, ...] | None = None,
+    ) -> _Site | None:  # fmt: skip
+        """The site of ``key``, made on first sight; ``pending``: not reported until it counts a run of
+        its own (its runs may count on their experts' sites, see :meth:`_routed`)."""
         key = self._in_forward(key)
         path, call, position, name, occurrence = key
         slot = slots.get((path, call), 0)
         slots[(path, call)] = slot + 1
-        site = self.sites.get(key)
+        site = self.sites.get(key) or self._pending.get(key)
         if site is not None:
             return site
         info = SiteInfo(
@@ -1086,8 +1325,9 @@ class GraphCapture:
         site = _Site(
             info, unit_dim, stats, order=next_site_order(), ident=next(_SITE_IDS), key=key, entry=_axis_entry(table.get(value)),
             block=self._graph_root, calls_per_block_call=1 if path == self._graph_root else self._graph_calls.get(path, 1),
+            unowned=unowned, anchor_path=self._anchor_path,
         )  # fmt: skip
-        self.sites[key] = site
+        (self._pending if pending else self.sites)[key] = site
         with _LOCK:
             _TEMPLATES[site.ident] = dataclasses.replace(site, stats=None)  # type: ignore[arg-type]
             if self._attached:
@@ -1141,23 +1381,122 @@ class GraphCapture:
                 self._frame_names[compile_id.frame_id] = (frames[0][0], frames[0][2])  # its line is the node's
                 return
 
-    def _adopt(self, ident: int, template: _Site, device: torch.device) -> _Site | None:
+    def _adopt(self, ident: int, template: _Site, device: torch.device, pending: bool = False) -> _Site | None:
         """This capture's site for a graph site another capture made (None when this model has no
         module of that class at that path): the same key, this monitor's threshold and rings (on
-        ``device``, where the graph's sums are)."""
+        ``device``, where the graph's sums are); ``pending`` as for :meth:`_site`."""
         if ident in self._adopted:
             return self._adopted[ident]
         info = template.info
-        site = self.sites.get(template.key)
+        site = self.sites.get(template.key) or self._pending.get(template.key)
         if site is None and (not info.module or self._types.get(info.module) == info.module_type):
             info = dataclasses.replace(info)
             units = info.shape[template.unit_dim] if info.shape else 1  # the unit dim's size is never symbolic
             stats = WindowStats(units, resolve_threshold(self.threshold_spec, info), device, self.window)
             stats.nonnegative = info.function in NONNEGATIVE_FUNCTIONS
             site = dataclasses.replace(template, info=info, stats=stats, order=next_site_order(), ident=next(_SITE_IDS))
-            self.sites[template.key] = site
+            (self._pending if pending or template.unowned is not None else self.sites)[template.key] = site
         self._adopted[ident] = site
         return site
+
+    # -- experts known at run time -------------------------------------------------------------
+    def _routed(self, site: _Site, expert: _Expert | None) -> _Site | None:
+        """The site one run of a routable site counts on: its expert's (see :meth:`_expert_site`)
+        where the run names an expert of this model, else the site itself, reported from now on."""
+        if expert is not None and (expert.weight is None or self._is_ours(expert.weight)):
+            found = self._expert_site(site, expert)
+            if found is not None:
+                return found
+        if self._pending.get(site.key) is site:
+            self.sites[site.key] = self._pending.pop(site.key)
+        return site
+
+    def _expert_site(self, site: _Site, expert: _Expert) -> _Site | None:
+        """Expert ``expert.index``'s site at the place of the routable ``site``: the key the eager
+        capture gives it (occurrence ``-1 - e``; an activation module's call numbered by expert),
+        made with every other expert's, in expert order, on first sight (so an expert no token
+        reaches is there, unobserved). None where this capture cannot place it (said in ``uncaptured``)."""
+        cache = (site.ident, id(expert.weight))
+        sites = self._expert_sites.get(cache)
+        if sites is None:
+            sites = self._expert_sites[cache] = self._make_expert_sites(site, expert)
+        return sites[expert.index] if expert.index < len(sites) else None
+
+    def _make_expert_sites(self, site: _Site, expert: _Expert) -> list[_Site]:
+        path, call, position, name, _ = site.key
+        weight_path = self._owner_of_tensor(expert.weight) if expert.weight is not None else None
+        if site.unowned is None and weight_path is not None:
+            # A graph without parameters serves every instance of its module's class (each layer's experts): its
+            # first run is the instance it was traced for, whose weight lies where this one's lies from its own.
+            relative = self._weight_relative.setdefault(site.ident, _relative(path, weight_path))
+            moved = _moved(relative, weight_path)
+            path = moved if moved is not None and self._types.get(moved) == self._types.get(path) else path
+        if site.unowned is not None:  # a graph no module claims: the expert's weight says which module runs it
+            path = _innermost_of(site.unowned, weight_path) if weight_path is not None else None
+            if path is None:
+                where = site.unowned[0] if len(site.unowned) == 1 else f"one of {', '.join(site.unowned[:3])}"
+                self.uncaptured.setdefault(where, f"{name}: which module's call runs its compiled graph is unknown")
+                return []
+            call = 0
+            if position is None:  # an activation module: each expert's call numbered as the eager capture numbers it
+                numbers = self._call_numbers.setdefault(path, {})
+                call = numbers.setdefault(("experts", weight_path), len(numbers))
+                for e in range(1, expert.slices):
+                    numbers.setdefault(("experts", weight_path, e), len(numbers))
+                self._counted_in_graphs.add(path)
+        # The first experts placed from a site stand where it stands in its graph; others (another layer's,
+        # running the same graph) where they are first seen, as the eager capture orders them.
+        order = site.order if site.ident not in self._placed else next_site_order()
+        self._placed.add(site.ident)
+        made = []
+        for e in range(expert.slices):
+            key = (path, call + e if position is None else call, position, name, -1 - e)
+            found = self.sites.get(key)
+            if found is None:
+                found = self._new_expert_site(site, key, order + (e + 1) / (expert.slices + 1))
+                if found is None:
+                    return []
+            made.append(found)
+        return made
+
+    def _new_expert_site(self, site: _Site, key: tuple[Any, ...], order: float) -> _Site | None:
+        """One expert's site, ``site``'s counts under ``key``; None (said in ``uncaptured``) where this
+        capture's ``unit_dim`` or ``threshold`` options give it other ones than the graph computes with."""
+        path, call, _, name, occurrence = key
+        info = dataclasses.replace(
+            site.info, module=path, module_type=self._types.get(path, site.info.module_type),
+            leaf=self._leaf.get(path, site.info.leaf), call=call, occurrence=occurrence,
+        )  # fmt: skip
+        info.ordinal = same_function_ordinal((s.info for s in self.sites.values()), path, call, name, info)
+        unit_dim = choose_unit_dim(self.unit_dim_spec, info, len(info.shape), site.entry)
+        threshold = resolve_threshold(self.threshold_spec, info)
+        if unit_dim != site.unit_dim or threshold != site.stats.threshold:
+            self.uncaptured.setdefault(path or "<root>", f"{name}: its options differ from those its compiled graph counts with")
+            return None
+        stats = WindowStats(site.stats.units, threshold, site.stats.device, self.window)
+        stats.nonnegative = site.stats.nonnegative
+        new = dataclasses.replace(
+            site, info=info, stats=stats, order=order, ident=next(_SITE_IDS), key=key, unowned=None, anchor_path=None
+        )  # placed by the expert's weight already, not by the anchor
+        self.sites[key] = new
+        return new
+
+    def _unrouted(self, site: _Site) -> None:
+        """A run of a graph no module claims whose input named no expert of any model (frozen expert
+        weights, no gradients, or not an experts layer after all): not counted; said once."""
+        where = site.unowned[0] if site.unowned else site.info.module
+        if where in self.uncaptured:
+            return
+        self.uncaptured[where] = f"{site.info.function} in a compiled graph without parameters that names no expert"
+        warnings.warn(
+            f"deadrelu: the {site.info.function} of {where} ran in a compiled graph with no parameter to say which "
+            "module runs it (its caller runs eagerly: a graph break inside a loop, such as a data-dependent loop over "
+            "experts), and its input's autograd history names no expert of a stacked weight of this model, which "
+            "would (frozen expert weights, or no gradients?): compiled mode does not count it. Use the eager monitor "
+            "(compiled=False), which keeps one site per expert, or remove the graph break",
+            CompiledModelWarning,
+            stacklevel=2,
+        )
 
 
 def _wrapper_paths(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -1227,24 +1566,40 @@ def _short_location(position: str) -> str:
     return f"{file.rsplit('/', 1)[-1]}:{line}"
 
 
-def _stacked_index(node: fx.Node, depth: int = 4) -> int | None:
-    """The expert ``e`` where an activation node's input comes (through at most ``depth`` views and
-    splits) from a linear or matmul with slice ``e`` of a 3-D parameter (``F.linear(x, experts.w[e])``
-    in a loop Dynamo unrolled), else None — the eager capture's :class:`~deadrelu.core.unit_axis.WeightSlice`."""
-    current = node.args[0] if node.args else None
+_MATMULS = ("linear", "matmul", "mm", "__matmul__")
+
+
+def _expert_route(node: fx.Node, depth: int = 4) -> _Route | None:
+    """Where an activation node's expert comes from: its input comes (through at most ``depth`` ops,
+    by their first input) from a linear or matmul with slice ``e`` of a 3-D parameter — ``e`` a
+    constant (``F.linear(x, experts.w[e])`` in a loop Dynamo unrolled) or a symbolic int (a helper
+    compiled once for every expert) — or from an input of the graph (whose history, at run time,
+    may name one, see :func:`expert_of_input`); else None. The graph's reading of the eager
+    capture's :class:`~deadrelu.core.unit_axis.WeightSlice`."""
+    current = _first_input(node)
     for _ in range(depth):
-        if not isinstance(current, fx.Node) or current.op not in ("call_function", "call_method"):
+        if not isinstance(current, fx.Node):
+            return None
+        if current.op == "placeholder":
+            return _Route(input=current)
+        if current.op not in ("call_function", "call_method"):
             return None
         name = getattr(current.target, "__name__", str(current.target))
-        if name in ("linear", "matmul", "mm", "__matmul__"):
-            found = [e for e in (_slice_index(a) for a in current.args[:2]) if e is not None]
+        if name in _MATMULS:
+            found = [r for r in (_slice_route(a) for a in current.args[:2]) if r is not None]
             return found[0] if found else None
-        current = current.args[0] if current.args else None
+        current = _first_input(current)
     return None
 
 
-def _slice_index(node: Any) -> int | None:
-    """``e`` where ``node`` is ``w[e]`` (possibly transposed) of a 3-D parameter input and a constant ``e``."""
+def _first_input(node: fx.Node) -> fx.Node | None:
+    """The first node among a node's arguments (``0.5 * x`` reads ``x``)."""
+    return next((a for a in node.args if isinstance(a, fx.Node)), None)
+
+
+def _slice_route(node: Any) -> _Route | None:
+    """``e`` where ``node`` is ``w[e]`` (possibly transposed) of a 3-D parameter input, with ``e`` a
+    constant or a node of a symbolic int."""
     for _ in range(2):
         if not isinstance(node, fx.Node) or node.op not in ("call_function", "call_method"):
             return None
@@ -1258,13 +1613,129 @@ def _slice_index(node: Any) -> int | None:
             weight = isinstance(source, fx.Node) and (
                 source.op == "get_attr" or (source.op == "placeholder" and "_parameters_" in source.name)
             )
-            if weight and isinstance(value, torch.Tensor) and value.ndim == 3 and type(index) is int:
-                return index % value.shape[0]
+            if not weight or not isinstance(value, torch.Tensor) or value.ndim != 3:
+                return None
+            if type(index) is int:
+                return _Route(index % value.shape[0], value.shape[0])
+            if isinstance(index, fx.Node) and isinstance(index.meta.get("example_value"), torch.SymInt):
+                return _Route(index, value.shape[0], source if source.op == "placeholder" else None)
             return None
         if name not in ("t", "transpose", "permute"):
             return None
         node = source
     return None
+
+
+def _route_args(routes: list[_Route | None]) -> tuple[list[Any], list[fx.Node]]:
+    """The observe op's ``routes`` and ``inputs`` arguments for a graph's sites (see :func:`_dispatch`)."""
+    flat: list[Any] = []
+    inputs: list[fx.Node] = []
+    for route in routes:
+        if route is None:
+            flat += [0, 0, 0]
+            continue
+        flat += [-1, 0, len(inputs)] if route.index is None else [route.slices, route.index, len(inputs)]
+        inputs.append(route.input)
+    return flat, inputs
+
+
+def _expert_at_run_time(kind: int, index: Any, t: torch.Tensor) -> _Expert | None:
+    """The expert one run of a routable site counts (see :func:`_dispatch`), or None."""
+    if kind > 0:
+        return _Expert(int(index) % kind, kind, t)
+    return expert_of_input(t)
+
+
+# Autograd nodes a stacked weight's slice passes through on its way into a matmul (a transpose, and
+# autocast's cast); matmuls as autograd records them (F.linear of a 2-D input is an mm or addmm).
+_WEIGHT_GRADS = frozenset({"TBackward0", "TransposeBackward0", "PermuteBackward0", "ToCopyBackward0", "AliasBackward0"})
+_MATMUL_GRADS = frozenset({"MmBackward0", "AddmmBackward0", "BmmBackward0", "BaddbmmBackward0", "LinearBackward0"})
+
+
+def expert_of_input(t: torch.Tensor, depth: int = 4) -> _Expert | None:
+    """The expert a graph input came from, read from its autograd history (eager code made it:
+    ``act_fn(x[rows] @ w[e].T)`` in an experts loop Dynamo could not compile): through at most
+    ``depth`` ops (by their first input) a matmul one of whose operands is ``w[e]`` (a select along
+    dim 0, possibly transposed or cast) of a 3-D parameter — the run-time reading of
+    :func:`_expert_route`. None without such a history (no gradients, or frozen experts).
+
+    Example:
+        >>> w = torch.nn.Parameter(torch.randn(4, 6, 3))
+        >>> h = torch.randn(5, 3, requires_grad=True) @ w[2].T
+        >>> expert_of_input(h)[:2], expert_of_input(h.detach())
+        ((2, 4), None)
+    """
+    fn = getattr(t, "grad_fn", None)
+    for _ in range(depth):
+        if fn is None:
+            return None
+        if type(fn).__name__ in _MATMUL_GRADS:
+            found = {e for e in (_selected_expert(f) for f, _ in fn.next_functions) if e is not None}
+            return found.pop() if len(found) == 1 else None
+        fn = next((f for f, _ in fn.next_functions if f is not None), None)
+    return None
+
+
+def _selected_expert(fn: Any) -> _Expert | None:
+    """The expert where autograd node ``fn`` is ``w[e]`` of a 3-D parameter ``w`` (see :func:`expert_of_input`)."""
+    for _ in range(3):
+        if fn is None:
+            return None
+        name = type(fn).__name__
+        if name == "SelectBackward0":
+            leaf = fn.next_functions[0][0] if fn.next_functions else None
+            weight = getattr(leaf, "variable", None)
+            if getattr(fn, "_saved_dim", None) != 0 or not isinstance(weight, nn.Parameter) or weight.ndim != 3:
+                return None
+            return _Expert(int(fn._saved_index) % weight.shape[0], weight.shape[0], weight)
+        if name not in _WEIGHT_GRADS:
+            return None
+        fn = fn.next_functions[0][0] if fn.next_functions else None
+    return None
+
+
+def _innermost_of(paths: Sequence[str], path: str) -> str | None:
+    """The one of ``paths`` inside module ``path``, else inside the closest module above it that
+    holds any (None where several are equally close)."""
+    scope = path
+    while True:
+        inside = [p for p in paths if not scope or p == scope or p.startswith(scope + ".")]
+        if inside or not scope:
+            return inside[0] if len(inside) == 1 else None
+        scope = scope.rpartition(".")[0]
+
+
+def _relative(path: str, other: str) -> tuple[str, str]:
+    """Two module paths past the part they share: ``("act_fn", "")`` for ``l.0.experts.act_fn``, ``l.0.experts``."""
+    a, b = path.split(".") if path else [], other.split(".") if other else []
+    k = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    return ".".join(a[k:]), ".".join(b[k:])
+
+
+def _moved(relative: tuple[str, str], other: str) -> str | None:
+    """The path that lies from ``other`` as :func:`_relative` says (``l.1.experts.act_fn`` from ``l.1.experts``), or None."""
+    mine, theirs = relative
+    if theirs and other != theirs and not other.endswith("." + theirs):
+        return None
+    common = other[: len(other) - len(theirs)].rstrip(".") if theirs else other
+    return ".".join(p for p in (common, mine) if p)
+
+
+def _in_span(node: fx.Node, span: tuple[str, int, int]) -> bool:
+    """Whether a node's innermost source frame lies in a function's code (``span``)."""
+    frames = _STACK_FRAME.findall(node.meta.get("stack_trace") or "")
+    return bool(frames) and frames[-1][0] == span[0] and span[1] <= int(frames[-1][1]) <= span[2]
+
+
+def _function_span(obj: Any) -> tuple[str, int, int] | None:
+    """:func:`_code_span` of a class attribute that is a function (a static or class method's too)."""
+    function = getattr(obj, "__func__", obj)
+    if not callable(function) or getattr(function, "__code__", None) is None and not hasattr(function, "__wrapped__"):
+        return None
+    try:
+        return _code_span(inspect.unwrap(function))
+    except ValueError:  # a __wrapped__ cycle
+        return None
 
 
 def _is_weight(node: fx.Node) -> bool:
