@@ -1471,3 +1471,51 @@ def test_layers_running_one_graph_after_a_graph_break_each_count_their_own_site(
     ]
     assert [(s.name, s.observations) for s in compiled.sites] == [("layers.0.act", 18), ("layers.1.act", 18)]
     assert 0 in compiled.sites[0].dead_units and 0 not in compiled.sites[1].dead_units
+
+
+class _FunctionalAfterBreak(nn.Module):
+    """A block whose F.relu comes after a graph break: Dynamo compiles it in a resume function,
+    outside every module call (no module on its nodes' stack)."""
+
+    def __init__(self, bias: float):
+        super().__init__()
+        self.fc, self.act, self.out = nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 4)
+        with torch.no_grad():
+            self.out.weight[1] = 0.0
+            self.out.bias[1] = bias  # unit 1 of this block's F.relu: dead in one block, alive in the other
+
+    def forward(self, x):
+        h = self.act(self.fc(x))
+        torch._dynamo.graph_break()
+        return F.relu(self.out(h))
+
+
+@needs_inductor
+def test_a_functional_activation_after_a_graph_break_in_a_submodule_is_counted(dynamo):
+    # The rest of the block's forward is one graph with the block's parameters but no module on
+    # its nodes' stack: its F.relu was dropped without a word (eager: 0.act, 0:relu, 1.act,
+    # 1:relu; compiled: 0.act, 1.act). The parameter the graph holds says which block runs it.
+    def make():
+        torch.manual_seed(0)
+        return nn.Sequential(_FunctionalAfterBreak(-100.0), _FunctionalAfterBreak(100.0))
+
+    g = torch.Generator().manual_seed(0)
+    data = [torch.randn(6, 4, generator=g) for _ in range(3)]
+
+    def step(runner, x):
+        runner(x).sum().backward()
+
+    eager, compiled = eager_and_compiled(make, data, step, window=4)
+    assert [(s.name, s.observations, s.fired_counts) for s in compiled.sites] == [
+        (s.name, s.observations, s.fired_counts) for s in eager.sites
+    ]
+    model = make()
+    with torch.no_grad():  # brute force: every block's F.relu output, by hand
+        x = torch.cat(data)
+        first = F.relu(model[0].out(torch.relu(model[0].fc(x))))
+        second = F.relu(model[1].out(torch.relu(model[1].fc(first))))
+    by_name = {s.name: s for s in compiled.sites}
+    for name, act in (("0:relu", first), ("1:relu", second)):
+        assert by_name[name].observations == 18
+        assert list(by_name[name].fired_counts) == (act > 0).sum(0).tolist()
+    assert 1 in by_name["0:relu"].dead_units and 1 not in by_name["1:relu"].dead_units

@@ -116,10 +116,29 @@ class GraphRewrite:
         made a node outside every module call, or None."""
         spans = [(self._root_code, "")] if self._root_code is not None else []
         spans += [(span, path) for span, path in self._block_code if path == self._graph_root]
-        for f, line, _ in STACK_FRAME.findall(node.meta.get("stack_trace") or ""):
+        frames = STACK_FRAME.findall(node.meta.get("stack_trace") or "")
+        for f, line, _ in frames:
             for (file, first, last), path in spans:
                 if f == file and first <= int(line) <= last:
                     return path
+        return self._resumed_owner(frames)
+
+    def _resumed_owner(self, frames: list[tuple[str, str, str]]) -> str | None:
+        """The module whose ``forward`` goes on after a graph break in this graph (Dynamo compiles the
+        rest as a resume function, outside every module call): of the modules of the class whose
+        method holds the innermost frame, the one that holds the graph's anchor parameter or is
+        above it (``0`` for ``0.l2.weight``); None where no single one does."""
+        anchor = self._anchor_path
+        if anchor is None:
+            return None
+        spans = self._spans_of_methods()
+        for f, line, _ in reversed(frames):  # innermost first
+            for (file, first, last), (paths, activation) in spans.items():
+                if activation or f != file or not first <= int(line) <= last:
+                    continue
+                owners = [p for p in paths if p and (anchor == p or anchor.startswith(p + "."))]
+                if len(owners) == 1:
+                    return owners[0]
         return None
 
     def _root_block(self, graph: fx.Graph) -> str:
