@@ -26,6 +26,7 @@ __all__ = ["autocast_on", "forward_ad_on", "fused_on_cpu", "fusion_off", "native
 
 
 def require_triton(x: torch.Tensor) -> None:
+    """Refuse ``backend="triton"`` where its kernel cannot run on ``x`` (no Triton, or a CPU tensor outside the interpreter)."""
     if not kernels.available() or (x.device.type == "cpu" and not kernels.interpreting()):
         raise DeadReluError(
             f"the triton statistics backend cannot run on this {x.device.type} tensor: it needs Triton 3 or "
@@ -34,6 +35,7 @@ def require_triton(x: torch.Tensor) -> None:
 
 
 def autocast_on(device_type: str) -> bool:
+    """Whether autocast is on for ``device_type`` here (False for a device type autocast does not know)."""
     try:
         return torch.is_autocast_enabled(device_type)
     except (TypeError, RuntimeError):  # device types autocast does not know, or torch < 2.4
@@ -74,6 +76,7 @@ def fused_on_cpu() -> bool:
 
 @functools.lru_cache(maxsize=None)
 def fusion_off() -> bool:
+    """Whether ``DEADRELU_NO_FUSED_RELU=1`` turns the fused ReLU off."""
     return os.environ.get("DEADRELU_NO_FUSED_RELU") == "1"  # for A/B runs: the two passes, still on Triton
 
 

@@ -94,6 +94,7 @@ def module_call_position(entry: Any, stop: Any) -> tuple[Any, ...]:
 
 
 def stable_position(position: Any) -> str:
+    """A call position as text that is the same in every process running the same code (``SiteInfo.position``)."""
     if not position:
         return ""
     # co_qualname is Python 3.11+; on 3.10 the plain name (with the file and first line beside it,
@@ -104,6 +105,7 @@ def stable_position(position: Any) -> str:
 
 
 def describe_position(position: Any) -> str:
+    """A call position's innermost source line, ``file.py:42`` (``SiteInfo.location``)."""
     if not position:
         return ""
     code, offset = position[0]

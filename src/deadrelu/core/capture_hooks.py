@@ -42,6 +42,8 @@ __all__ = ["CaptureHooks", "Forward", "Frame"]
 
 @dataclass
 class Frame:
+    """One module call on the observed pass's stack: its path, call number and activation calls so far."""
+
     path: str
     call: int
     slots: int = 0

@@ -32,6 +32,7 @@ class UnitClasses(NamedTuple):
 
 
 def indices(mask: torch.Tensor) -> tuple[int, ...]:
+    """The positions where a bool tensor is True, as a tuple of ints."""
     return tuple(torch.nonzero(mask).flatten().tolist())
 
 
@@ -52,6 +53,7 @@ def _float_tensor(values: Sequence[float]) -> torch.Tensor:
 
 
 def unit_classes(site: SiteReport) -> UnitClasses:
+    """Every unit's state, dormancy score and dormant flag of one site, computed on tensors."""
     try:
         fired, nonfinite = int_tensor(site.fired_counts), int_tensor(site.nonfinite_counts)
     except (OverflowError, ValueError, RuntimeError):  # counts beyond int64 (a hand-made report)

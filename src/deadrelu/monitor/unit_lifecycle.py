@@ -61,6 +61,7 @@ def _index_set(memory: UnitMemory) -> set[int]:
 
 
 def index_sets(memories: Mapping[Any, UnitMemory]) -> dict[Any, set[int]]:
+    """Each site's remembered units as a set of indices."""
     return {key: _index_set(m) for key, m in memories.items()}
 
 
