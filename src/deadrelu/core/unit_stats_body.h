@@ -82,21 +82,19 @@ static void NAME(units)(const T* restrict x, T* restrict y, const uint8_t* restr
                         int64_t* restrict fired, double* restrict mag, int64_t* restrict bad,
                         int64_t* restrict obs) {
     int64_t kept = 0;
+    for (int64_t b = b0; b < b1; b++) kept += mask == 0 || mask[b / mask_div];
     for (int64_t u = 0; u < units; u++) {
         cnt[u] = 0;
         part[u] = 0;
     }
     int64_t full = relu ? 0 : units - units % DR_LANES; /* a ReLU stays in the row groups (see lanes) */
-    if (full) {
-        NAME(lanes)(x, mask, b0, b1, full, s_b, mask_div, thr, nonneg, cnt, part);
-        for (int64_t b = b0; b < b1; b++) kept += mask == 0 || mask[b / mask_div];
-    }
+    if (full) NAME(lanes)(x, mask, b0, b1, full, s_b, mask_div, thr, nonneg, cnt, part);
     /* a ReLU's units, or the last units % DR_LANES: four rows at a time */
     const T* restrict xt = x + full;
     T* restrict yt = relu ? y + full : y;
     int32_t* restrict ct = cnt + full;
     double* restrict pt = part + full;
-    int64_t rest = units - full, kept_rows = 0;
+    int64_t rest = units - full;
     int64_t b = b0;
     while (b < b1 && rest) {
         int group = b + 4 <= b1;
@@ -124,7 +122,6 @@ static void NAME(units)(const T* restrict x, T* restrict y, const uint8_t* restr
                                (double)NAME(mag)(w2, nonneg)) + (double)NAME(mag)(w3, nonneg);
                 }
             }
-            kept_rows += 4;
             b += 4;
             continue;
         }
@@ -148,10 +145,8 @@ static void NAME(units)(const T* restrict x, T* restrict y, const uint8_t* restr
                 pt[u] += (double)NAME(mag)(w, nonneg);
             }
         }
-        kept_rows += keep;
         b += 1;
     }
-    if (!full) kept = kept_rows;
     for (int64_t u = 0; u < units; u++) {
         fired[u] += cnt[u];
         mag[u] += part[u];
