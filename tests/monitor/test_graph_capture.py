@@ -1422,6 +1422,16 @@ def test_a_static_experts_loop_has_the_eager_per_expert_sites_when_compiled(dyna
     assert 2 in compiled.sites[1].dead_units and 2 not in compiled.sites[0].dead_units
 
 
+def _six_by_four() -> list[torch.Tensor]:
+    """Three batches of 6 rows of 4 features."""
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(6, 4, generator=g) for _ in range(3)]
+
+
+def _backward(runner, x):
+    runner(x).sum().backward()
+
+
 class _BreakingLayer(nn.Module):
     """A layer whose forward breaks the graph: the rest of it is a graph every layer's call runs."""
 
@@ -1459,13 +1469,8 @@ def test_layers_running_one_graph_after_a_graph_break_each_count_their_own_site(
         torch.manual_seed(0)
         return _BreakingStack()
 
-    g = torch.Generator().manual_seed(0)
-    data = [torch.randn(6, 4, generator=g) for _ in range(3)]
-
-    def step(runner, x):
-        runner(x).sum().backward()
-
-    eager, compiled = eager_and_compiled(make, data, step, window=4)
+    data = _six_by_four()
+    eager, compiled = eager_and_compiled(make, data, _backward, window=4)
     assert [(s.name, s.observations, s.fired_counts) for s in compiled.sites] == [
         (s.name, s.observations, s.fired_counts) for s in eager.sites
     ]
@@ -1499,13 +1504,8 @@ def test_a_functional_activation_after_a_graph_break_in_a_submodule_is_counted(d
         torch.manual_seed(0)
         return nn.Sequential(_FunctionalAfterBreak(-100.0), _FunctionalAfterBreak(100.0))
 
-    g = torch.Generator().manual_seed(0)
-    data = [torch.randn(6, 4, generator=g) for _ in range(3)]
-
-    def step(runner, x):
-        runner(x).sum().backward()
-
-    eager, compiled = eager_and_compiled(make, data, step, window=4)
+    data = _six_by_four()
+    eager, compiled = eager_and_compiled(make, data, _backward, window=4)
     assert [(s.name, s.observations, s.fired_counts) for s in compiled.sites] == [
         (s.name, s.observations, s.fired_counts) for s in eager.sites
     ]

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, NamedTuple, Sequence
 
 import torch
 
-from .stats import UNIT_STATES, classify, classify_codes
+from .unit_states import UNIT_STATES, classify, classify_codes
 
 if TYPE_CHECKING:
     from .report import SiteReport
