@@ -366,6 +366,7 @@ class ActivationCapture(CaptureHooks, ObservationMasks):
             entry = self._axis(inp)
             if entry is not None and out.shape == inp.shape:
                 self._fwd.axes.set(out, entry[1], entry[2])
+                self._fwd.axes.carry_part(inp, out)
         origin = self._fwd.axes.origin(inp) if isinstance(inp, torch.Tensor) else None
         if origin is not None and origin.grouped and out.ndim == 2 and not self.scripted:
             # an activation of a grouped or batched matmul's output (every expert's rows): a site per expert
@@ -394,6 +395,10 @@ class ActivationCapture(CaptureHooks, ObservationMasks):
             return None  # a parameter passed through an activation is not a unit of the network
         if spelled and not out.is_floating_point():
             return None  # index.clamp(min=0) on integers is no activation
+        if spelled and fwd.axes.is_part(inp):
+            # clamp(min=0) of part of a layer's features (box corners, widths, a variance): its "units"
+            # would be coordinates or boxes. F.relu there is still a site: that call is an activation.
+            return None
         frame = fwd.stack[-1]
         slot = frame.slots
         frame.slots = slot + 1

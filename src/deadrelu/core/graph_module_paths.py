@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .activations import ACTIVATION_MODULES, RELU_SPELLINGS, called_activation
-from .unit_axis import ACT, function_kind
+from .unit_axis import ACT, AxisTable, function_kind
 
 __all__ = ["ACTIVATION_CLASS_NAMES", "dynamo_module_path", "exported_activation_modules", "recorded_path"]
 
@@ -77,15 +77,27 @@ def exported_activation_modules(model: nn.Module) -> list[tuple[str, str, int] |
         return []
     out: list[tuple[str, str, int] | None] = []
     calls: dict[str, int] = {}
+    table = AxisTable()  # the feature axes the capture will see, on the recorded values
     for node in graph.nodes:
         if node.op != "call_function":
             continue
         kind = function_kind(node.target)
-        if kind[0] != ACT or called_activation(kind[1], node.args, dict(node.kwargs)) is None:
-            continue
         value = node.meta.get("val")
+        args = torch.fx.node.map_arg(node.args, lambda n: n.meta.get("val"))
+        if kind[0] != ACT:
+            table.on_op(kind, args, torch.fx.node.map_arg(node.kwargs, lambda n: n.meta.get("val")), value)
+            continue
+        inp = args[0] if args else None
+        entry = table.get(inp)
+        if entry is not None and isinstance(value, torch.Tensor) and value.shape == inp.shape:
+            table.set(value, entry[1], entry[2])
+            table.carry_part(inp, value)
+        if called_activation(kind[1], node.args, dict(node.kwargs)) is None:
+            continue
         if kind[1] in RELU_SPELLINGS and isinstance(value, torch.Tensor) and not value.is_floating_point():
             continue  # index.clamp(min=0): no site (see ActivationCapture._site_for)
+        if kind[1] in RELU_SPELLINGS and table.is_part(inp):
+            continue  # clamp(min=0) of box corners, a slice of features: no site (ActivationCapture._site_for)
         stack = node.meta.get("nn_module_stack")
         if not stack:
             out.append(None)

@@ -331,6 +331,8 @@ def traceable_batch_sums(
         >>> traceable_batch_sums(torch.tensor([[1.0, -2.0]]), 1, 0.0, False)["abs_sum"].tolist()
         [1.0, 2.0]
     """
+    if x.ndim < 2:  # one sample of its units (as_unit_batch); sum over no dims would sum them all
+        x, unit_dim = x.reshape(1, -1), 1
     unit_dim = front_dim(x.ndim, unit_dim)
     dims = unit_reduce_dims(x.ndim, unit_dim)
     if x.dtype not in (torch.float32, torch.float64):

@@ -25,7 +25,7 @@ from .activations import ACTIVATION_FUNCTIONS, RELU_SPELLINGS, base_name
 __all__ = [
     "ACT", "PRODUCER", "TRANSPOSE", "PERMUTE", "RESHAPE", "NORM", "GENERIC", "INDEX", "REDUCE",
     "AxisTable", "function_kind", "kind_of", "reshaped_axis", "carried_axis", "moved_axis", "indexed_axis",
-    "reduced_axis",
+    "reduced_axis", "selected_axis",
 ]  # fmt: skip
 
 # -- what each torch function does to the feature axis -----------------------------------------
@@ -168,6 +168,19 @@ def _dim(d: Any, ndim: int) -> int | None:
 
 # indexed_axis / reduced_axis: the axis was indexed or reduced away (no unit axis is left).
 GONE = -1
+
+
+# select(t, dim, i) and unbind(t, dim): ``t[:, i]`` as TorchScript and torch.export record it.
+_SELECTIONS = frozenset({"select", "select_copy", "unbind", "unbind_copy"})
+
+
+def selected_axis(axis: int, ndim: int, args: tuple, kwargs: dict | None) -> int | None:
+    """The axis after ``select(dim, i)`` / ``unbind(dim)``: :data:`GONE` when ``dim`` is the axis,
+    shifted down when it is in front of it, None when the arguments are not understood."""
+    dim = _dim((kwargs or {}).get("dim", args[1] if len(args) > 1 else 0), ndim)
+    if dim is None:
+        return None
+    return GONE if dim == axis else axis - (dim < axis)
 
 
 def indexed_axis(axis: int, ndim: int, index: Any) -> int | None:
@@ -409,6 +422,21 @@ class AxisTable:
         # identity: (weakref, WeightSlice). Carried with the axis, so the capture can key an expert's
         # activation by its expert, not by how many experts the batch hit before it.
         self.origins: dict[int, tuple[Any, WeightSlice]] = {}
+        # Tensors holding part of a layer's features, by identity (weakref): the axis sliced
+        # (``h[..., :2]``, a chunk), one feature picked (``h[:, 2]``), reduced over (``mean(-1)``),
+        # and what is computed from such parts alone. No layer outputs them, so a ReLU *spelled*
+        # ``clamp(min=0)`` there (box corners, widths, a variance) is no activation; ``F.relu`` is.
+        self.parts: dict[int, Any] = {}
+
+    def is_part(self, t: Any) -> bool:
+        """Whether ``t`` holds part of a layer's features (see :attr:`parts`)."""
+        ref = self.parts.get(id(t)) if self.parts else None
+        return ref is not None and ref() is t
+
+    def carry_part(self, src: Any, out: Any) -> None:
+        """Mark ``out`` a part where ``src`` is one (an activation's output, whose axis is its input's)."""
+        if self.is_part(src) and isinstance(out, torch.Tensor):
+            self.parts[id(out)] = weakref.ref(out)
 
     def origin(self, t: Any) -> "WeightSlice | None":
         """The :class:`WeightSlice` a tensor was made from (see :func:`stacked_slice`), or None."""
@@ -458,12 +486,16 @@ class AxisTable:
                 self.set(out, kind[2] % out.ndim, "producer:norm")
             elif code == NORM and isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
                 self.set(out[0], kind[2] % max(out[0].ndim, 1), "producer:norm")
+            elif self.parts and any(self.is_part(a) for a in args[:2]):
+                self._mark_parts(out)  # computed from parts alone (b[:, 2] - b[:, 0])
             return
         if out is src:
             return
         _, axis, rule = entry
         before = src.shape  # a torch.Size: a tuple
         origin = self.origin(src) if self.origins else None
+        # A part stays one unless the op also reads a whole output of a layer (rsqrt(var) * h is h's).
+        part = self.parts and self.is_part(src) and not any(a is not src and self._whole(a) for a in args[:2])
         for o in out if isinstance(out, (tuple, list)) else (out,):
             if not isinstance(o, torch.Tensor):
                 continue
@@ -478,13 +510,28 @@ class AxisTable:
                 new = carried_axis(axis, before, after) if new is None else new
             elif code in (TRANSPOSE, PERMUTE):
                 new = moved_axis(kind, axis, len(before), args, kwargs) if len(after) == len(before) else None
+            elif kind[1] in _SELECTIONS:
+                new = selected_axis(axis, len(before), args, kwargs)
+                new = carried_axis(axis, before, after) if new is None else new
             else:
                 new = carried_axis(axis, before, after)
+            if new == GONE or (new is not None and (part or (code != RESHAPE and after[new] < before[axis]))):
+                # fewer of the layer's units than before (a reshape only splits them into heads), or none
+                self.parts[id(o)] = weakref.ref(o)
             if new is not None and new != GONE:
                 entries[id(o)] = (weakref.ref(o), new, rule)
                 # a grouped matmul's output stays grouped only while its rows stay as they were
                 if origin is not None and (not origin.grouped or (o.ndim >= 2 and after[0] == before[0])):
                     self.origins[id(o)] = (weakref.ref(o), origin)
+
+    def _whole(self, t: Any) -> bool:
+        """A tensor with a feature axis that is no part."""
+        return isinstance(t, torch.Tensor) and self.get(t) is not None and not self.is_part(t)
+
+    def _mark_parts(self, out: Any) -> None:
+        for o in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(o, torch.Tensor):
+                self.parts[id(o)] = weakref.ref(o)
 
     def _gathered_operand(self, rule: str, operands: Any, args: tuple) -> tuple[WeightSlice, bool] | None:
         """A batched matmul's operand gathered from stacked experts (``w[expert_ids]``), and whether it is the left one."""

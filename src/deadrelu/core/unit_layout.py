@@ -83,6 +83,8 @@ def per_unit_sum(t: torch.Tensor, unit_dim: int, dtype: torch.dtype | None = Non
         >>> per_unit_sum(torch.ones(2, 3, 4), 1).tolist()
         [8.0, 8.0, 8.0]
     """
+    if t.ndim < 2:  # every value is a unit: torch's sum over no dims would add them all up
+        return t.reshape(-1).to(dtype or t.dtype, copy=True)
     return t.sum(dim=unit_reduce_dims(t.ndim, unit_dim), dtype=dtype)
 
 

@@ -345,6 +345,7 @@ class GraphRewrite:
                 entry = table.get(inp)
                 if entry is not None and isinstance(value, torch.Tensor) and value.shape == inp.shape:
                     table.set(value, entry[1], entry[2])
+                    table.carry_part(inp, value)
             else:
                 table.on_op(kind, args, kwargs, value)
             if act_key is not None:
@@ -363,6 +364,8 @@ class GraphRewrite:
                 continue  # clamp(min=1e-8): no activation
             if kind[1] in RELU_SPELLINGS and not value.is_floating_point():
                 continue  # index.clamp(min=0) on integers: no activation
+            if kind[1] in RELU_SPELLINGS and table.is_part(args[0] if args else None):
+                continue  # clamp(min=0) of box corners, a slice of features: no site (as eager)
             position = node_position(node)
             where = (path, call, position, name)
             route = self._route_of(node)

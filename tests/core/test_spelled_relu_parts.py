@@ -1,0 +1,155 @@
+"""A ReLU *spelled* ``clamp(min=0)`` is an activation only where it clamps a layer's features, not
+part of them: detection heads and losses clamp box corners, widths and intersections
+(``(rb - lt).clamp(min=0)``) and numerical guards clamp variances, whose "units" would be
+coordinates or boxes (a 1-D width per box read as one unit per box, most of them "dead"). Such a
+clamp is no site in the eager scan, TorchScript, torch.export and the monitors, eager or compiled;
+``F.relu`` on the same values still is (the call says it is an activation), and a clamp of a layer's
+output split into heads, or normalised by a statistic of it, still is."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from fixtures.models import plant
+from fixtures.toolchain import needs_inductor
+from torch import nn
+
+import deadrelu
+from deadrelu.core.unit_axis import AxisTable, kind_of
+
+
+class BoxHead(nn.Module):
+    """A backbone whose ReLUs are spelled as clamps, and box arithmetic that clamps too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(8, 16)
+        self.heads = nn.Linear(16, 12)
+        self.box = nn.Linear(16, 4)
+        plant(self.body.bias, [3, 7])
+
+    def forward(self, x):
+        h = self.body(x).clamp(min=0)  # a layer's output: a site
+        g = self.heads(h).view(-1, 3, 4).clamp(min=0)  # split into heads: a site (units by the rank rule: the last dim)
+        b = self.box(h).sigmoid()  # (N, 4) boxes x0, y0, x1, y1
+        lt = torch.max(b[:, None, :2], b[None, :, :2])
+        rb = torch.min(b[:, None, 2:], b[None, :, 2:])
+        inter = (rb - lt).clamp(min=0).prod(-1)  # pairwise intersections: no site
+        widths = (b[:, 2] - b[:, 0]).clamp(min=0)  # one value per box: no site
+        spread = h.var(-1, keepdim=True).clamp(min=0).sqrt()  # a numerical guard: no site
+        normed = (torch.rsqrt(h.var(-1, keepdim=True) + 1e-5) * h).clamp(min=0)  # h normalised: a site
+        sizes = F.relu(b[:, 3] - b[:, 1])  # an F.relu call: a site, whatever it reads
+        return inter.sum() + widths.sum() + spread.sum() + g.sum() + normed.sum() + sizes.sum()
+
+
+def data() -> torch.Tensor:
+    return torch.randn(48, 8, generator=torch.Generator().manual_seed(3))
+
+
+def model() -> BoxHead:
+    torch.manual_seed(0)
+    return BoxHead()
+
+
+def summary(report: deadrelu.Report) -> list[tuple]:
+    return [(s.function, s.units, s.observations, s.fired_counts) for s in report.sites]
+
+
+def brute_force(net: BoxHead, x: torch.Tensor) -> list[tuple]:
+    """The sites' activations recomputed with plain ops, and their firing counts."""
+    with torch.no_grad():
+        h = torch.maximum(net.body(x), torch.zeros(()))
+        g = torch.maximum(net.heads(h).view(-1, 3, 4), torch.zeros(()))
+        normed = torch.maximum(h / torch.sqrt(h.var(-1, keepdim=True) + 1e-5), torch.zeros(()))
+        b = net.box(h).sigmoid()
+        sizes = torch.maximum(b[:, 3] - b[:, 1], torch.zeros(()))
+    rows = [h, g.reshape(-1, 4), normed]
+    expected = [("relu", r.shape[-1], r.shape[0], tuple((r > 0).sum(0).tolist())) for r in rows]
+    # a 1-D output of an F.relu is one sample of its units (one per box)
+    expected.append(("relu", sizes.numel(), 1, tuple((sizes > 0).long().tolist())))
+    return expected
+
+
+def test_clamps_of_box_arithmetic_are_no_sites_and_the_rest_count_exactly():
+    net, x = model(), data()
+    report = deadrelu.scan(net, x)
+    assert summary(report) == brute_force(net, x)
+    assert report.sites[0].dead_units == (3, 7)
+
+
+def test_every_path_finds_the_same_sites():
+    net, x = model(), data()
+    eager = summary(deadrelu.scan(net, x))
+    assert summary(deadrelu.scan(torch.export.export(net, (x,)).module(), x)) == eager
+    scripted = deadrelu.scan(torch.jit.script(net), x)
+    assert [(s.function, s.units, s.fired_counts) for s in scripted.sites] == [e[:2] + e[3:] for e in eager]
+    with deadrelu.Monitor(net, window=1, log_every=100) as mon:
+        net(x).backward()
+        mon.step()
+        assert summary(mon.report("total")) == eager
+
+
+@needs_inductor
+def test_the_compiled_monitor_finds_them_too():
+    net, x = model(), data()
+    eager = summary(deadrelu.scan(net, x))
+    torch._dynamo.reset()
+    try:
+        with deadrelu.Monitor(net, window=1, log_every=100, compiled=True) as mon:
+            torch.compile(net, fullgraph=True)(x).backward()
+            mon.step()
+            assert summary(mon.report("total")) == eager
+    finally:
+        torch._dynamo.reset()
+
+
+def _traced(ops):
+    """Run ``ops(table, h)`` on a Linear's output h with an AxisTable fed as the capture feeds it."""
+    table, fc = AxisTable(), nn.Linear(3, 6)
+    x = torch.randn(5, 3)
+    h = F.linear(x, fc.weight, fc.bias)
+    table.on_op(kind_of(F.linear), (x, fc.weight, fc.bias), None, h)
+
+    def op(func, *args, **kwargs):
+        out = func(*args, **kwargs)
+        table.on_op(kind_of(func), args, kwargs or None, out)
+        return out
+
+    return table, ops(op, h)
+
+
+@pytest.mark.parametrize(
+    "ops, part",
+    [
+        (lambda op, h: op(torch.Tensor.__getitem__, h, (slice(None), slice(0, 2))), True),
+        (lambda op, h: op(torch.Tensor.__getitem__, h, (slice(None), 2)), True),
+        (lambda op, h: op(torch.mean, h, -1, keepdim=True), True),
+        (lambda op, h: op(torch.sum, h, 1), True),
+        (lambda op, h: op(torch.Tensor.chunk, h, 2, -1)[0], True),
+        (lambda op, h: op(torch.sub, op(torch.Tensor.__getitem__, h, (slice(None), 2)), op(torch.Tensor.__getitem__, h, (slice(None), 0))), True),
+        (lambda op, h: op(torch.mul, op(torch.mean, h, -1, keepdim=True), h), False),
+        (lambda op, h: op(torch.Tensor.view, h, 5, 2, 3), False),
+        (lambda op, h: op(torch.cat, [h, h], -1), False),
+        (lambda op, h: op(torch.mean, h, 0), False),
+        (lambda op, h: op(torch.Tensor.__getitem__, h, 0), False),
+        (lambda op, h: op(torch.add, h, 1.0), False),
+    ],
+    ids=["slice", "one feature", "keepdim mean", "sum over units", "chunk", "parts minus parts", "rescaled by its mean",
+         "split into heads", "cat", "mean over rows", "one row", "elementwise"],
+)  # fmt: skip
+def test_which_ops_leave_part_of_a_layers_features(ops, part):
+    table, out = _traced(ops)
+    assert table.is_part(out) is part
+
+
+def test_a_one_dimensional_activation_is_one_sample_of_its_units_in_the_traceable_sums():
+    # torch sums over every dim for dim=(): the compiled monitor gave each unit of a 1-D activation
+    # (the F.relu of box sizes above) the count of the whole tensor
+    from deadrelu.core.stats import traceable_batch_sums
+    from deadrelu.core.unit_layout import per_unit_sum
+
+    sums = traceable_batch_sums(torch.tensor([1.0, -2.0, 3.0]), 0, 0.0, False)
+    assert sums["fired"].tolist() == [1, 0, 1] and sums["abs_sum"].tolist() == [1.0, 2.0, 3.0]
+    assert sums["observations"].tolist() == [1]
+    assert per_unit_sum(torch.tensor([1.0, 2.0]), 0).tolist() == [1.0, 2.0]
