@@ -2,9 +2,10 @@
 part of them: detection heads and losses clamp box corners, widths and intersections
 (``(rb - lt).clamp(min=0)``) and numerical guards clamp variances, whose "units" would be
 coordinates or boxes (a 1-D width per box read as one unit per box, most of them "dead"). Such a
-clamp is no site in the eager scan, TorchScript, torch.export and the monitors, eager or compiled;
-``F.relu`` on the same values still is (the call says it is an activation), and a clamp of a layer's
-output split into heads, or normalised by a statistic of it, still is."""
+clamp is no site in the eager scan, TorchScript, torch.export and the monitors, eager or compiled,
+and the rescue functions leave it alone; ``F.relu`` on the same values still is a site (the call
+says it is an activation), and a clamp of a layer's output split into heads, or normalised by a
+statistic of it, still is."""
 
 from __future__ import annotations
 
@@ -153,3 +154,20 @@ def test_a_one_dimensional_activation_is_one_sample_of_its_units_in_the_traceabl
     assert sums["fired"].tolist() == [1, 0, 1] and sums["abs_sum"].tolist() == [1.0, 2.0, 3.0]
     assert sums["observations"].tolist() == [1]
     assert per_unit_sum(torch.tensor([1.0, 2.0]), 0).tolist() == [1.0, 2.0]
+
+
+def test_rescue_leaves_the_box_clamps_alone():
+    # swap_activations reads no values: it tells parts from the ops of its trace, and rewrites the
+    # scan's four sites only; a LeakyReLU of box widths would let them go negative
+    net, x = model(), data()
+    result = deadrelu.swap_activations(net, "leaky_relu", copy=True)
+    assert [c.site for c in result.changes] == ["<root>:clamp", "<root>:clamp_1", "<root>:clamp_5", "<root>:relu"]
+    assert len(result.changes) == len(deadrelu.scan(net, x).sites)
+    swapped = result.model
+    traced = dict(swapped.named_modules())
+    assert "swapped_act_0" in traced and "swapped_act_4" not in traced
+    assert sum(n.target == "clamp" for n in swapped.graph.nodes if n.op == "call_method") == 3
+    # prune and reinit map the scan's sites onto the same trace: the first site's slot is found (and
+    # refused for its .var() reader), not shifted onto a box clamp
+    with pytest.raises(deadrelu.RefusedError, match=r"relu\.1.*var"):
+        deadrelu.prune_dead(net, deadrelu.scan(net, x))

@@ -262,7 +262,9 @@ def find_chains(
                 site,
                 what,
                 f"no matching activation in the traced graph of {type(model).__name__} (is the report from "
-                f"this model, or is the call inside a layer torch.fx does not trace into?)",
+                f"this model, or is the call inside a layer torch.fx does not trace into? A clamp(min=0) of an "
+                f"index or slice of a layer's output, h[:, 0], is left alone: the trace holds no shapes to tell "
+                f"it from box arithmetic; write F.relu there)",
             )
         node, fn = found
         if fn != site.function:
@@ -296,8 +298,9 @@ def _slot_mismatch(site: SiteReport, nodes: dict[tuple[str, int, int], tuple[fx.
         f"the traced graph has {len(calls)} activation call(s) in the forward of {where}{which} ({', '.join(calls)}) "
         f"where the scan counted {scanned} site(s), so which traced call is this site cannot be proven (a ReLU "
         "spelling such as clamp(min=0) on an integer input, or on a parameter returned as it is by .to() / "
-        ".float(), is no site to the scan, and torch.fx cannot see the dtype or the tensor; a branch on "
-        "self.training traced in another mode than the scan ran)"
+        ".float(), is no site to the scan, and torch.fx cannot see the dtype or the tensor; a clamp(min=0) of "
+        "an index or slice of a layer's output, h[:, 0], is none to the trace, which cannot see which dim it "
+        "indexes; a branch on self.training traced in another mode than the scan ran)"
     )
 
 

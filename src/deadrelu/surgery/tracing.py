@@ -32,7 +32,7 @@ from .defaults import default_branch_reason
 
 __all__ = [
     "trace", "traced", "trace_graph", "leaves_no_attributes", "scripted_reason", "whole_activation", "site_nodes",
-    "activation_name", "reads_weight", "describe_node", "made_inside", "storage_key", "storage_names",
+    "activation_name", "reads_weight", "describe_node", "made_inside", "storage_key", "storage_names", "holds_part",
 ]  # fmt: skip
 
 
@@ -53,6 +53,8 @@ def activation_name(node: fx.Node, modules: dict[str, nn.Module]) -> str | None:
         return None
     if base in RELU_SPELLINGS and _integer_valued(node.args[0] if node.args else node.kwargs.get("input")):
         return None  # index.clamp(min=0): the scan sees its integer dtype and makes no site of it
+    if base in RELU_SPELLINGS and holds_part(node.args[0] if node.args else node.kwargs.get("input")):
+        return None  # (rb - lt).clamp(min=0) of box corners: no site in the scan (AxisTable.parts)
     return called_activation(base, node.args, dict(node.kwargs))  # clamp(min=0) is relu, hardtanh(0, 6) relu6
 
 
@@ -114,6 +116,67 @@ def _integer_valued(value: Any, depth: int = 0) -> bool:
     if name in ("tensor", "as_tensor"):
         return _integer_valued(value.args[0] if value.args else value.kwargs.get("data"), depth + 1)
     return bool(operands) and all(_integer_valued(a, depth + 1) for a in operands)
+
+
+# What a symbolic trace cannot see either: whether a value holds only part of a layer's features
+# (the scan's AxisTable.parts, which reads shapes). Read from the ops: a slice or int index, a pick,
+# split or reduction makes a part; an op of parts alone stays one; reading a whole tensor (a layer's or
+# module's output, an input) makes it whole again, as in rsqrt(var) * h. Without shapes an index on
+# another dim (h[:, 0] of (B, T, C)) reads as a part too: such a clamp is then left as it is.
+_PICKS = frozenset({"select", "narrow", "chunk", "split", "unbind", "index_select", "gather", "take", "topk", "tensor_split"})
+_DIM_REDUCTIONS = frozenset(
+    {"sum", "mean", "var", "std", "amax", "amin", "prod", "max", "min", "logsumexp", "norm", "median", "nansum",
+     "nanmean", "std_mean", "var_mean", "aminmax", "count_nonzero"}
+)  # fmt: skip
+
+
+def holds_part(value: Any, depth: int = 0, seen: dict[fx.Node, bool] | None = None) -> bool:
+    """Whether a traced value is part of a layer's features (see above); False where unknown."""
+    if not isinstance(value, fx.Node) or depth > 64:
+        return False
+    seen = {} if seen is None else seen
+    if value in seen:
+        return seen[value]
+    seen[value] = False  # (a cycle cannot occur in a graph; this bounds revisits)
+    part = _holds_part(value, depth, seen)
+    seen[value] = part
+    return part
+
+
+def _holds_part(node: fx.Node, depth: int, seen: dict[fx.Node, bool]) -> bool:
+    if node.op not in ("call_function", "call_method"):
+        return False  # an input, a constant, a module's output: whole
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+    name = str(name)
+    base = name.rstrip("_") if not name.startswith("__") else name.strip("_")
+    operands = [a for a in node.args if isinstance(a, fx.Node)] + [v for v in node.kwargs.values() if isinstance(v, fx.Node)]
+    if base == "getitem":
+        index = node.args[1] if len(node.args) > 1 else None
+        items = index if isinstance(index, tuple) else (index,)
+        picks = any((isinstance(i, int) and not isinstance(i, bool) and isinstance(index, tuple)) or
+                    (isinstance(i, slice) and i != slice(None)) for i in items)  # fmt: skip
+        # a plain int index is a tuple's item (out, h = rnn(x)): a part where the tuple is one (chunks)
+        return picks or holds_part(node.args[0], depth + 1, seen)
+    if base in _PICKS:
+        return True
+    if base in _DIM_REDUCTIONS and (len(node.args) > 1 or "dim" in node.kwargs):
+        second = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        if not isinstance(second, fx.Node):  # max(a, b) of two tensors is elementwise
+            return True
+    if base in _LAYER_CALLS or not operands:
+        return False
+    if base in _LAYOUT_CALLS:
+        operands = operands[:1]  # h.view(x.size(0), -1): the sizes are no features
+    flags = [holds_part(a, depth + 1, seen) for a in operands]
+    return any(flags) and all(flags)
+
+
+_LAYOUT_CALLS = frozenset({"view", "reshape", "expand", "expand_as", "permute", "transpose", "repeat", "flip",
+                           "unsqueeze", "squeeze", "flatten", "contiguous", "to", "type", "float", "double", "half",
+                           "bfloat16", "clone", "detach", "view_as", "reshape_as", "movedim", "unflatten", "t"})  # fmt: skip
+_LAYER_CALLS = frozenset({"linear", "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d",
+                          "conv_transpose3d", "matmul", "mm", "bmm", "addmm", "einsum", "embedding", "layer_norm",
+                          "batch_norm", "group_norm", "instance_norm", "rms_norm", "__matmul__"})  # fmt: skip
 
 
 def describe_node(node: fx.Node) -> str:
