@@ -129,7 +129,8 @@ def test_not_a_model_directory(tmp_path, capsys):
 
 
 def test_readme_census_table_matches_a_fresh_run(model_dir, tmp_path, monkeypatch, capsys):
-    """The README's census command, run now: same sites and dead counts, same closing line."""
+    """The README's census command, run now: same sites, dead counts and dead percentages (the total
+    row's too: a change of rounding shows), same closing line."""
     import re
     import shlex
 
@@ -143,12 +144,14 @@ def test_readme_census_table_matches_a_fresh_run(model_dir, tmp_path, monkeypatc
     assert main(["scan", *args, "--no-progress"]) == 0
     printed = capsys.readouterr().out
 
-    def dead_by_site(text: str) -> dict[str, str]:
+    def dead_by_site(text: str) -> dict[str, tuple[str, str]]:
         lines = text.splitlines()
-        header = next(line for line in lines if line.startswith("site "))
-        col = re.split(r"\s{2,}", header.strip()).index("dead")
+        header = re.split(r"\s{2,}", next(line for line in lines if line.startswith("site ")).strip())
         rows = [re.split(r"\s{2,}", line.strip()) for line in lines if line.startswith("encoder.")]
-        return {cells[0]: cells[col] for cells in rows}
+        by_site = {cells[0]: (cells[header.index("dead")], cells[header.index("dead %")]) for cells in rows}
+        total = re.split(r"\s{2,}", next(line for line in lines if line.startswith("total ")).strip())
+        by_site["total"] = (total[2], total[7])  # (the total row has no fn column)
+        return by_site
 
-    assert dead_by_site(shown) == dead_by_site(printed) and len(dead_by_site(shown)) == 6
+    assert dead_by_site(shown) == dead_by_site(printed) and len(dead_by_site(shown)) == 7
     assert next(l for l in shown.splitlines() if l.startswith("30 documents")) in printed

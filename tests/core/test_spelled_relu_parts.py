@@ -92,8 +92,9 @@ def test_every_path_finds_the_same_sites():
 
 
 @needs_inductor
-def test_the_compiled_monitor_finds_them_too():
-    net, x = model(), data()
+@pytest.mark.parametrize("given", [False, True], ids=["boxes a layer made", "boxes given"])
+def test_the_compiled_monitor_finds_them_too(given):
+    net, x = (GivenBoxes(), torch.rand(30, 4, generator=torch.Generator().manual_seed(0))) if given else (model(), data())
     eager = summary(deadrelu.scan(net, x))
     torch._dynamo.reset()
     try:
@@ -171,3 +172,33 @@ def test_rescue_leaves_the_box_clamps_alone():
     # refused for its .var() reader), not shifted onto a box clamp
     with pytest.raises(deadrelu.RefusedError, match=r"relu\.1.*var"):
         deadrelu.prune_dead(net, deadrelu.scan(net, x))
+
+
+class GivenBoxes(nn.Module):
+    """Boxes passed in (proposals, anchors, targets): no layer made them; their parts are parts too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 8)
+        plant(self.fc.bias, [2])
+
+    def forward(self, boxes):
+        widths = (boxes[:, 2] - boxes[:, 0]).clamp(min=0)  # one value per box: no site
+        lt = torch.max(boxes[:, None, :2], boxes[None, :, :2])
+        inter = (torch.min(boxes[:, None, 2:], boxes[None, :, 2:]) - lt).clamp(min=0)  # no site
+        return self.fc(boxes).clamp(min=0).sum() + widths.sum() + inter.sum()
+
+
+def test_parts_of_an_input_are_no_sites_either():
+    # widths of given boxes made one "unit" per box, and a shorter last batch was an error
+    net, boxes = GivenBoxes(), torch.rand(30, 4, generator=torch.Generator().manual_seed(0))
+    report = deadrelu.scan(net, boxes, batch_size=16)
+    with torch.no_grad():
+        h = net.fc(boxes)
+    assert [(s.units, s.unit_axis_source, s.fired_counts) for s in report.sites] == [
+        (8, "producer:Linear", tuple((h > 0).sum(0).tolist()))
+    ]
+    assert summary(deadrelu.scan(torch.export.export(net, (boxes[:16],)).module(), boxes[:16])) == summary(
+        deadrelu.scan(net, boxes[:16])
+    )
+    assert [c.site for c in deadrelu.swap_activations(net, copy=True).changes] == ["<root>:clamp_2"]

@@ -206,3 +206,38 @@ def test_a_nested_tensor_at_an_activation_is_one_clear_error():
     with pytest.raises(deadrelu.DeadReluError, match="nested tensor.*to_padded_tensor"):
         deadrelu.scan(model, [nested])
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+class HeadsAndMaps(nn.Module):
+    """A Linear's features split into attention heads behind (B, T), and into a feature map right
+    after the batch dim (a generator's ``fc(z).view(B, C, H, W)``), each before a ReLU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qk = nn.Linear(6, 12)  # 3 heads of 4
+        self.fc = nn.Linear(6, 4 * 2 * 2)  # 4 channels of 2 x 2
+        with torch.no_grad():
+            self.qk.bias[[1, 5, 9]] = -100.0  # feature 1 of every head: dead
+            self.fc.bias[8:12] = -100.0  # channel 2: dead
+
+    def forward(self, x):  # x: (B, T, 6)
+        heads = F.relu(self.qk(x).view(*x.shape[:2], 3, 4))
+        maps = F.relu(self.fc(x[:, 0]).view(-1, 4, 2, 2))
+        return heads.sum() + maps.sum()
+
+
+def test_heads_count_each_heads_features_and_feature_maps_their_channels():
+    # heads: the rank rule's dim 1 of a (B, T, H, d) activation counted tokens as units (and a batch
+    # of another sequence length was an error); now each head's features, the heads pooled
+    model = HeadsAndMaps()
+    x = torch.randn(8, 5, 6, generator=torch.Generator().manual_seed(0))
+    report = deadrelu.scan(model, [x[:4], x[4:, :3]])  # two sequence lengths
+    heads, maps = report.sites
+    with torch.no_grad():
+        h = torch.cat([F.relu(model.qk(b).view(*b.shape[:2], 3, 4)).reshape(-1, 4) for b in (x[:4], x[4:, :3])])
+        m = F.relu(model.fc(x[:, 0]).view(-1, 4, 2, 2)).permute(0, 2, 3, 1).reshape(-1, 4)
+    assert (heads.unit_dim, heads.units, heads.observations) == (3, 4, h.shape[0])
+    assert list(heads.fired_counts) == (h > 0).sum(0).tolist() and heads.dead_units == (1,)
+    assert heads.unit_axis_source == "producer:Linear"
+    assert (maps.unit_dim, maps.units, maps.observations) == (1, 4, m.shape[0])
+    assert list(maps.fired_counts) == (m > 0).sum(0).tolist() and maps.dead_units == (2,)

@@ -134,7 +134,16 @@ def kind_of(func: Any) -> tuple[int, str, Any]:
 
 
 def reshaped_axis(axis: int, before: tuple[int, ...], after: tuple[int, ...]) -> int | None:
-    """Where the feature block ``before[axis]`` lies after a reshape, or None when it was split or merged."""
+    """Where the feature block ``before[axis]`` lies after a reshape, or None when it was merged, or
+    split right after the batch dim (``fc(z).view(B, C, H, W)``: the rank rule's channels).
+
+    A block split behind two or more leading dims is attention heads (``(B, T, C)`` to
+    ``(B, T, H, d)``): the last of its dims, ``d``, the features of each head with the heads pooled, as
+    the rank rule counts a 3-D ``(B, H, d)``; its dim 1 would count tokens as units.
+
+    >>> reshaped_axis(2, (2, 5, 12), (2, 5, 3, 4)), reshaped_axis(1, (2, 48), (2, 3, 4, 4))
+    (3, None)
+    """
     prefix = 1
     for s in before[:axis]:
         prefix *= s
@@ -143,6 +152,13 @@ def reshaped_axis(axis: int, before: tuple[int, ...], after: tuple[int, ...]) ->
     for b, s in enumerate(after):
         if p == prefix and s == size:
             return b
+        if p == prefix and b >= 2 and s and size % s == 0:
+            q, last = s, b  # the block may be split into after[b:last + 1]
+            while q < size and last + 1 < len(after):
+                last += 1
+                q *= after[last]
+            if q == size and last > b:
+                return last
         p *= s
         if prefix and p > prefix:
             break
@@ -172,6 +188,8 @@ GONE = -1
 
 # select(t, dim, i) and unbind(t, dim): ``t[:, i]`` as TorchScript and torch.export record it.
 _SELECTIONS = frozenset({"select", "select_copy", "unbind", "unbind_copy"})
+# Ops that may narrow an axis, besides indexing, selections and reductions: for tensors no layer made.
+_NARROWING = _SELECTIONS | {"narrow", "chunk", "split", "tensor_split", "split_with_sizes", "slice", "index_select", "gather"}
 
 
 def selected_axis(axis: int, ndim: int, args: tuple, kwargs: dict | None) -> int | None:
@@ -488,6 +506,8 @@ class AxisTable:
                 self.set(out[0], kind[2] % max(out[0].ndim, 1), "producer:norm")
             elif self.parts and any(self.is_part(a) for a in args[:2]):
                 self._mark_parts(out)  # computed from parts alone (b[:, 2] - b[:, 0])
+            elif (code == INDEX or code == REDUCE or kind[1] in _NARROWING) and args and isinstance(args[0], torch.Tensor):
+                self._untracked_part(kind, args, kwargs, out)  # boxes given as an input: boxes[:, 2]
             return
         if out is src:
             return
@@ -527,6 +547,28 @@ class AxisTable:
     def _whole(self, t: Any) -> bool:
         """A tensor with a feature axis that is no part."""
         return isinstance(t, torch.Tensor) and self.get(t) is not None and not self.is_part(t)
+
+    def _untracked_part(self, kind: tuple[int, str, Any], args: tuple, kwargs: dict | None, out: Any) -> None:
+        """Mark a part of a tensor no layer made (an input) where the op narrows the axis the rank rule
+        would count its units on (the last dim up to 3-D, else dim 1), as a layer's axis is tracked."""
+        src = args[0]
+        if src.ndim == 0:
+            return
+        axis = src.ndim - 1 if src.ndim <= 3 else 1
+        before = src.shape
+        for o in out if isinstance(out, (tuple, list)) else (out,):
+            if not isinstance(o, torch.Tensor):
+                continue
+            if kind[0] == INDEX:
+                new = indexed_axis(axis, len(before), args[1]) if len(args) > 1 else None
+            elif kind[0] == REDUCE:
+                new = reduced_axis(axis, before, o.shape, args, kwargs)
+            elif kind[1] in _SELECTIONS:
+                new = selected_axis(axis, len(before), args, kwargs)
+            else:
+                new = carried_axis(axis, before, o.shape)
+            if new == GONE or (new is not None and o.shape[new] < before[axis]):
+                self.parts[id(o)] = weakref.ref(o)
 
     def _mark_parts(self, out: Any) -> None:
         for o in out if isinstance(out, (tuple, list)) else (out,):
