@@ -18,6 +18,7 @@ import os
 from typing import Iterator
 
 import torch
+from torch.autograd import forward_ad  # (asked on every fused ReLU: imported once)
 
 from ..errors import DeadReluError
 from . import kernels, native  # neither imports Triton: the kernels compile on first use
@@ -56,7 +57,7 @@ def no_autocast(device_type: str) -> Iterator[None]:
 def native_ready(x: torch.Tensor, backend: str) -> bool:
     """Whether the C kernel counts ``x`` (CPU, a dtype it knows); for ``backend="native"`` an
     error where it cannot."""
-    if x.device.type != "cpu":
+    if not x.is_cpu:
         if backend == "native":
             raise DeadReluError(f"the native statistics backend counts CPU tensors only, not {x.device.type}")
         return False
@@ -82,6 +83,4 @@ def fusion_off() -> bool:
 
 def forward_ad_on() -> bool:
     """Inside ``torch.autograd.forward_ad.dual_level()``: a ReLU's tangent must be recorded."""
-    from torch.autograd import forward_ad
-
     return getattr(forward_ad, "_current_level", -1) >= 0

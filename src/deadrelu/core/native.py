@@ -79,7 +79,7 @@ def supports(x: torch.Tensor) -> bool:
     whose memory it can read (not a tensor of ``torch.func``'s transforms, which has none). A lazily
     negated view is counted from a resolved copy (:func:`deadrelu.core.kernels.plan`) and never
     fused (:func:`deadrelu.core.fused.fusable_layout`)."""
-    if type(x) is not torch.Tensor or x.device.type != "cpu" or x.dtype not in _DTYPES:
+    if type(x) is not torch.Tensor or not x.is_cpu or x.dtype not in _DTYPES:
         return False
     if x.layout != torch.strided or (_transforms_active() and _functorch_wrapped(x)):
         return False
@@ -259,7 +259,7 @@ def _direct(out: Mapping[str, torch.Tensor], units: int) -> bool:
     (``units`` entries, and one observation count) that own readable memory."""
     ts = (out["fired"], out["abs_sum"], out["nonfinite"], out["observations"])
     for t, dtype in zip(ts, _ACCUMULATOR_DTYPES):
-        if t.dtype != dtype or not t.is_contiguous() or t.device.type != "cpu":
+        if t.dtype != dtype or not t.is_cpu or not t.is_contiguous():
             return False
     if ts[0].numel() != units or ts[1].numel() != units or ts[2].numel() != units or ts[3].numel() != 1:
         return False

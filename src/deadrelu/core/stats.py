@@ -373,7 +373,7 @@ _TRITON_FAILED: list[str] = []  # why the kernel could not run here, once it fai
 
 
 def _triton_ready(x: torch.Tensor) -> bool:
-    if x.device.type != "cuda" or _TRITON_FAILED:
+    if not x.is_cuda or _TRITON_FAILED:
         return False
     return kernels.available()
 
@@ -446,7 +446,7 @@ def accumulate(
         native.unit_stats_into(x, unit_dim, threshold, nonnegative, out, mask)
         _extra_statistics(x, unit_dim, threshold, out, mask)
         return
-    if mask is None and x.device.type == "cpu" and backend != "triton" and not autocast_on("cpu") and not (
+    if mask is None and x.is_cpu and backend != "triton" and not autocast_on("cpu") and not (
         backend == "auto" and _triton_ready(x)
     ):
         _cpu_batch(x, unit_dim, threshold, nonnegative, out)  # the common case, with the fewest calls
@@ -493,7 +493,7 @@ def relu_engine(x: torch.Tensor, unit_dim: int, backend: str, inplace: bool) -> 
     engine: object
     if backend == "auto" and _triton_ready(x):
         engine = kernels
-    elif x.device.type == "cpu" and backend in ("auto", "native") and native.supports(x):
+    elif x.is_cpu and backend in ("auto", "native") and native.supports(x):
         engine = native
     elif backend == "triton" and not _TRITON_FAILED and kernels.available() and (x.is_cuda or kernels.interpreting()):
         engine = kernels
