@@ -15,6 +15,7 @@ import torch
 
 from ..errors import DeadReluError
 from .sites import SiteInfo, describe_site
+from .unit_axis import rank_rule_dim
 
 __all__ = [
     "ThresholdSpec", "UnitDimSpec", "checked_threshold", "checked_unit_dim", "choose_unit_dim", "resolve_threshold",
@@ -24,12 +25,6 @@ __all__ = [
 
 UnitDimSpec = Union[None, int, Mapping[str, int], Callable[[SiteInfo], Union[int, None]]]
 ThresholdSpec = Union[float, Mapping[str, float], Callable[[SiteInfo], Union[float, None]]]
-
-
-def _rank_rule(ndim: int) -> int:
-    if ndim <= 3:
-        return max(ndim - 1, 0)
-    return 1
 
 
 def _lookup(spec: Mapping[str, Any], info: SiteInfo) -> Any:
@@ -101,7 +96,7 @@ def choose_unit_dim(spec: UnitDimSpec | None, info: SiteInfo, ndim: int, entry: 
     if entry is not None:
         default_dim, info.unit_axis_source = entry[1], entry[2]
     else:
-        default_dim, info.unit_axis_source = _rank_rule(ndim), "rank rule"
+        default_dim, info.unit_axis_source = rank_rule_dim(ndim), "rank rule"
     unit_dim = resolve_unit_dim(spec, info, ndim, -1)
     if unit_dim == -1:
         return default_dim

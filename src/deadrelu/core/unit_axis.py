@@ -25,7 +25,7 @@ from .activations import ACTIVATION_FUNCTIONS, RELU_SPELLINGS, base_name
 __all__ = [
     "ACT", "PRODUCER", "TRANSPOSE", "PERMUTE", "RESHAPE", "NORM", "GENERIC", "INDEX", "REDUCE",
     "AxisTable", "function_kind", "kind_of", "reshaped_axis", "carried_axis", "moved_axis", "indexed_axis",
-    "reduced_axis", "selected_axis",
+    "reduced_axis", "selected_axis", "rank_rule_dim",
 ]  # fmt: skip
 
 # -- what each torch function does to the feature axis -----------------------------------------
@@ -184,6 +184,12 @@ def _dim(d: Any, ndim: int) -> int | None:
 
 # indexed_axis / reduced_axis: the axis was indexed or reduced away (no unit axis is left).
 GONE = -1
+
+
+def rank_rule_dim(ndim: int) -> int:
+    """The units' dim where no layer says: the last up to 3-D (``(B, C)``, ``(B, T, C)``), else dim 1
+    (the channels of ``(N, C, H, W)``)."""
+    return max(ndim - 1, 0) if ndim <= 3 else 1
 
 
 # select(t, dim, i) and unbind(t, dim): ``t[:, i]`` as TorchScript and torch.export record it.
@@ -554,7 +560,7 @@ class AxisTable:
         src = args[0]
         if src.ndim == 0:
             return
-        axis = src.ndim - 1 if src.ndim <= 3 else 1
+        axis = rank_rule_dim(src.ndim)
         before = src.shape
         for o in out if isinstance(out, (tuple, list)) else (out,):
             if not isinstance(o, torch.Tensor):
