@@ -107,7 +107,8 @@ def test_the_compiled_monitor_finds_them_too(given):
 
 
 def _traced(ops):
-    """Run ``ops(table, h)`` on a Linear's output h with an AxisTable fed as the capture feeds it."""
+    """Run ``ops(op, h)`` on a Linear's output ``h``, each ``op(func, *args)`` call fed to an AxisTable as the
+    capture feeds it; the table and the result."""
     table, fc = AxisTable(), nn.Linear(3, 6)
     x = torch.randn(5, 3)
     h = F.linear(x, fc.weight, fc.bias)
