@@ -203,3 +203,24 @@ def test_parts_of_an_input_are_no_sites_either():
         deadrelu.scan(net, boxes[:16])
     )
     assert [c.site for c in deadrelu.swap_activations(net, copy=True).changes] == ["<root>:clamp_2"]
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused ReLU", "torch's ReLU"])
+def test_an_f_relu_of_a_part_keeps_it_a_part(fused, monkeypatch):
+    # F.relu is a site; its output is still part of the layer's features, so a clamp of it is none
+    if not fused:
+        monkeypatch.setenv("DEADRELU_NO_FUSED_RELU", "1")
+
+    class Clamped(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 6)
+
+        def forward(self, x):
+            return F.relu(self.fc(x)[:, :2]).clamp(min=0).sum()
+
+    net, x = Clamped(), torch.randn(8, 4, generator=torch.Generator().manual_seed(0))
+    sites = deadrelu.scan(net, x).sites
+    with torch.no_grad():
+        h = net.fc(x)[:, :2]
+    assert [(s.function, s.units, s.fired_counts) for s in sites] == [("relu", 2, tuple((h > 0).sum(0).tolist()))]

@@ -362,11 +362,8 @@ class ActivationCapture(CaptureHooks, ObservationMasks):
                 "(torch.nested.to_padded_tensor) and pass mask= to leave the padding out"
             )
         inp = args[0] if args else None
-        if inp is not out and isinstance(inp, torch.Tensor):
-            entry = self._axis(inp)
-            if entry is not None and out.shape == inp.shape:
-                self._fwd.axes.set(out, entry[1], entry[2])
-                self._fwd.axes.carry_part(inp, out)
+        if inp is not out and isinstance(inp, torch.Tensor) and out.shape == inp.shape:
+            self._fwd.axes.carry(inp, out)
         origin = self._fwd.axes.origin(inp) if isinstance(inp, torch.Tensor) else None
         if origin is not None and origin.grouped and out.ndim == 2 and not self.scripted:
             # an activation of a grouped or batched matmul's output (every expert's rows): a site per expert
@@ -472,9 +469,7 @@ class ActivationCapture(CaptureHooks, ObservationMasks):
             out = None if site is None else self._fused_update(site, inp, inplace)
             frame.counted = out is not None
             if out is not None and out is not inp:  # carry the feature axis, as _on_activation does
-                entry = self._axis(inp)
-                if entry is not None:
-                    fwd.axes.set(out, entry[1], entry[2])
+                fwd.axes.carry(inp, out)
             return out
         if not fwd.stack or self._is_weight(inp):
             return None
@@ -485,9 +480,7 @@ class ActivationCapture(CaptureHooks, ObservationMasks):
             if site is not None:
                 self._update(site, out)
         if out is not inp:
-            entry = self._axis(inp)
-            if entry is not None:
-                fwd.axes.set(out, entry[1], entry[2])
+            fwd.axes.carry(inp, out)
             if fwd.sources is not None:
                 carry_source(fwd.sources, (inp,), None, out)
         return out

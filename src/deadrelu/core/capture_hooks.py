@@ -156,9 +156,7 @@ class CaptureHooks:
         first = args[0] if isinstance(args, tuple) and args else None
         out = output[0] if isinstance(output, (tuple, list)) and output else output
         if isinstance(first, torch.Tensor) and isinstance(out, torch.Tensor) and out.shape == first.shape:
-            entry = self._axis(first)
-            if entry is not None:
-                self._fwd.axes.set(out, entry[1], entry[2])
+            self._fwd.axes.carry(first, out)
 
     def detach(self) -> None:
         """Remove every hook and leave any active mode; safe to call twice."""

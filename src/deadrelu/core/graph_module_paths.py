@@ -88,10 +88,8 @@ def exported_activation_modules(model: nn.Module) -> list[tuple[str, str, int] |
             table.on_op(kind, args, torch.fx.node.map_arg(node.kwargs, lambda n: n.meta.get("val")), value)
             continue
         inp = args[0] if args else None
-        entry = table.get(inp)
-        if entry is not None and isinstance(value, torch.Tensor) and value.shape == inp.shape:
-            table.set(value, entry[1], entry[2])
-            table.carry_part(inp, value)
+        if isinstance(inp, torch.Tensor) and isinstance(value, torch.Tensor) and value.shape == inp.shape:
+            table.carry(inp, value)
         if called_activation(kind[1], node.args, dict(node.kwargs)) is None:
             continue
         if kind[1] in RELU_SPELLINGS and isinstance(value, torch.Tensor) and not value.is_floating_point():

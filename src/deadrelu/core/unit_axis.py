@@ -457,9 +457,14 @@ class AxisTable:
         ref = self.parts.get(id(t)) if self.parts else None
         return ref is not None and ref() is t
 
-    def carry_part(self, src: Any, out: Any) -> None:
-        """Mark ``out`` a part where ``src`` is one (an activation's output, whose axis is its input's)."""
-        if self.is_part(src) and isinstance(out, torch.Tensor):
+    def carry(self, src: Any, out: Any) -> None:
+        """Give ``out`` the feature axis of ``src``, and its mark where ``src`` is a part: ``out`` is
+        computed from it value by value (an activation's output, a block's hidden states)."""
+        entry = self.get(src)
+        if entry is None or not isinstance(out, torch.Tensor):
+            return
+        self.set(out, entry[1], entry[2])
+        if self.is_part(src):
             self.parts[id(out)] = weakref.ref(out)
 
     def origin(self, t: Any) -> "WeightSlice | None":

@@ -342,10 +342,8 @@ class GraphRewrite:
             kwargs = fx.node.map_arg(node.kwargs, lambda n: n.meta.get("example_value"))
             if kind[0] == ACT:
                 inp = args[0] if args else None
-                entry = table.get(inp)
-                if entry is not None and isinstance(value, torch.Tensor) and value.shape == inp.shape:
-                    table.set(value, entry[1], entry[2])
-                    table.carry_part(inp, value)
+                if isinstance(inp, torch.Tensor) and isinstance(value, torch.Tensor) and value.shape == inp.shape:
+                    table.carry(inp, value)
             else:
                 table.on_op(kind, args, kwargs, value)
             if act_key is not None:
