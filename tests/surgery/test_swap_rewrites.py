@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -93,3 +95,93 @@ def test_a_module_shared_by_two_paths_is_rewritten_once_at_both():
     deadrelu.swap_activations(m, to="gelu")
     assert m.first is m.second and isinstance(m.first, torch.fx.GraphModule)
     assert [s.function for s in deadrelu.scan(m, torch.randn(8, 4)).sites] == ["gelu", "gelu"]
+
+
+# -- swap_activations(report=...) says which of the report's ReLU sites it left ---------------------
+
+
+class _Covered(nn.Module):
+    """Every ReLU the scan finds is one swap rewrites: a reused module, a loop, a shared block, an
+    activation attribute, a clamp spelling."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(6, 8)
+        self.act = nn.ReLU()
+        self.block = nn.Sequential(nn.Linear(8, 8))
+        self.layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, batch_first=True, dropout=0.0)
+        self.loop = _Loop()
+        self.again = self.loop  # one module at two paths
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.act(self.inp(x))
+        h = self.act(self.block(h))
+        h = self.layer(h)
+        return self.again(h).clamp(min=0)
+
+
+class _Loop(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        for _ in range(3):
+            h = F.relu(self.fc(h))
+        return h
+
+
+def test_a_swap_covering_every_scanned_relu_site_leaves_none_and_warns_of_none():
+    torch.manual_seed(0)
+    net = _Covered().eval()
+    x = torch.randn(4, 5, 6)
+    report = deadrelu.scan(net, x)
+    assert sum(s.function == "relu" for s in report.sites) >= 7  # two act calls, the layer, three loop calls, the clamp
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = deadrelu.swap_activations(net, report=report, copy=True)
+    assert result.left_alone == ()
+    assert all(s.function != "relu" for s in deadrelu.scan(result.model, x).sites)  # the claim, checked
+
+
+class _Leaves(nn.Module):
+    """A recurrent ReLU (inside torch's fused op) and a ReLU of one token's features: both sites of
+    the scan that swap cannot rewrite."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 8)
+        self.rnn = nn.RNN(8, 8, nonlinearity="relu", batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = torch.relu(self.fc(x))
+        first = h[:, 0].clamp(min=0)  # (B, C): token 0's features, not a part of the feature axis
+        return self.rnn(h)[0], first
+
+
+def test_scanned_relu_sites_the_swap_cannot_rewrite_are_listed_and_warned_of():
+    torch.manual_seed(0)
+    net = _Leaves().eval()
+    x = torch.randn(4, 5, 6)
+    report = deadrelu.scan(net, x)
+    relu_sites = {s.name for s in report.sites if s.function == "relu"}
+    assert relu_sites == {"<root>:relu.1", "<root>:relu.2", "rnn"}
+    with pytest.warns(UserWarning, match="left as they are") as caught:
+        result = deadrelu.swap_activations(net, report=report, copy=True)
+    assert len(result.left_alone) == 2
+    root, rnn = sorted(result.left_alone, key=lambda line: line.startswith("rnn"))
+    assert root.startswith("<root>: 1 of its 2 ReLU call(s) (<root>:relu.1, <root>:relu.2)") and "indexed slice" in root
+    assert rnn.startswith("rnn (") and "fused RNN op" in rnn
+    assert all(line in str(caught[0].message) for line in result.left_alone)
+    assert all(f"left as it is: {line}" in str(result) for line in result.left_alone)
+    # what is listed is what still computes ReLU after the swap
+    after = [s for s in deadrelu.scan(result.model, x).sites if s.function == "relu"]
+    assert len(after) == 2 and {s.module for s in after} == {"", "rnn"}
+
+
+def test_without_a_report_nothing_is_listed():
+    net = _Leaves().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = deadrelu.swap_activations(net, copy=True)
+    assert result.left_alone == ()

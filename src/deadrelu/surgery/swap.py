@@ -29,6 +29,7 @@ from __future__ import annotations
 import inspect
 import math
 import re
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -87,17 +88,23 @@ class SwapResult:
             activation itself when the model was an ``nn.ReLU`` and ``copy=True``).
         changes: one :class:`ActivationChange` per replaced activation.
         reinitialised: Linear/Conv layers given LeCun-normal weights (``selu_init=True``).
+        left_alone: with a ``report``, one line per module whose ReLU sites in the report no
+            change covers, with the reason (``"rnn (the ReLU runs inside torch's fused RNN op)"``);
+            those sites still compute ReLU. Empty without a report.
     """
 
     model: nn.Module
     changes: list[ActivationChange]
     reinitialised: tuple[str, ...] = ()
+    left_alone: tuple[str, ...] = ()
 
     def __str__(self) -> str:
         lines = [f"swap_activations: {len(self.changes)} activation(s) replaced"]
         lines += [f"  {c.site}: {c.old} -> {c.new}" for c in self.changes]
         if self.reinitialised:
             lines.append(f"  LeCun-normal re-initialised: {', '.join(self.reinitialised)}")
+        if self.left_alone:
+            lines += [f"  left as it is: {line}" for line in self.left_alone]
         return "\n".join(lines)
 
 
@@ -316,7 +323,8 @@ def swap_activations(
         negative_slope: the LeakyReLU slope.
         selu_init: with ``to="selu"``, also give every Linear/Conv LeCun-normal weights
             (``N(0, 1/fan_in)``) and zero bias, which self-normalisation assumes.
-        report: optional scan of ``model``, used only for PReLU channel counts.
+        report: optional scan of ``model``: PReLU channel counts, and a check that every ReLU
+            site it found is replaced (those that are not are listed in ``left_alone`` and warned of).
         generator: random generator for ``selu_init``.
 
     Returns:
@@ -357,7 +365,13 @@ def swap_activations(
                 m.weight.copy_(w)
                 if b is not None:
                     m.bias.copy_(b)
-    return SwapResult(result_model, changes, tuple(p for p, *_ in selu_plans))
+    left = _left_alone(report, plan) if report is not None else ()
+    if left:
+        warnings.warn(
+            f"swap_activations: ReLU sites of the report left as they are (they still compute ReLU): {'; '.join(left)}",
+            stacklevel=2,
+        )
+    return SwapResult(result_model, changes, tuple(p for p, *_ in selu_plans), left)
 
 
 def _swap_root_relu(model: nn.Module, copy: bool, to: str, slope: float, report: Report | None) -> SwapResult:
@@ -432,6 +446,41 @@ class _SwapPlan:
     like: torch.Tensor | None  # a parameter whose device/dtype new activations take
     widths: dict[str, int]  # PReLU channel counts per ReLU module path
     paths: dict[str, list[str]]  # every path of each rewritten module (a shared one has several)
+
+
+def _left_alone(report: Report, plan: _SwapPlan) -> tuple[str, ...]:
+    """The report's ReLU sites that no planned change covers: one line per module, saying why.
+
+    A site in a replaced ReLU module or in a module whose ``activation`` attribute is replaced is
+    covered. Functional sites are matched by count: a module call's ReLU sites (the trace unrolls
+    a Python loop too) beyond the ReLU nodes rewritten in that module's forward are left. Which
+    site is which node is not known, so the line names them all with how many are left."""
+    replaced = {path for path, _ in plan.modules} | {path for path, _ in plan.attributes}
+    nodes: dict[str, int] = {}
+    for path, _, _, found, _ in plan.graphs:
+        for where in plan.paths[path]:
+            nodes[where] = len(found)
+    calls: dict[str, dict[int, list[str]]] = {}
+    types: dict[str, str] = {}
+    for site in report.sites:
+        if site.function == "relu" and site.module not in replaced:
+            calls.setdefault(site.module, {}).setdefault(site.call, []).append(site.name)
+            types[site.module] = site.module_type
+    lines = []
+    for path, per_call in calls.items():
+        most = max(len(names) for names in per_call.values())
+        missing = most - nodes.get(path, 0)
+        if missing <= 0:
+            continue
+        names = ", ".join(name for call_names in per_call.values() for name in call_names)
+        if types[path] in ("RNN", "RNNCell"):
+            lines.append(f"{names} (the ReLU runs inside torch's fused {types[path]} op)")
+        else:
+            lines.append(
+                f"{_label(path)}: {missing} of its {most} ReLU call(s) ({names}) found no call to rewrite "
+                "(e.g. a clamp(min=0) of an indexed slice, which a trace cannot tell from part of a layer's features)"
+            )
+    return tuple(lines)
 
 
 def _refuse_unrewritable(path: str, m: nn.Module, why: str) -> None:
