@@ -34,7 +34,7 @@ from typing import Any, Mapping
 import torch
 
 __all__ = [
-    "available", "dense", "flushes_denormals", "functorch_wrapped", "fusable", "interpreting", "mask_rows", "plan",
+    "available", "dense", "flushes_denormals", "functorch_wrapped", "fusable", "interpreting", "launch_config", "mask_rows", "plan",
     "relu_output", "relu_stats_into", "transforms_active", "unit_stats_into",
 ]  # fmt: skip
 
@@ -413,22 +413,36 @@ def _launch(
         for k, v in fresh.items():
             out[k] += v.view(out[k].shape) if out[k].numel() == v.numel() else v
         return
-    rows = before * after
-    block_r, block_u = _blocks(units, s_u, after, s_a)
-    unit_blocks = -(-units // block_u)
-    row_progs = max(1, min(-(-rows // block_r), _programs(t.device) // unit_blocks or 1))
-    rows_per_prog = -(-rows // (row_progs * block_r)) * block_r
-    row_progs = -(-rows // rows_per_prog)
+    grid, scalars, constexprs = launch_config(layout, y is not None, nonnegative, mask is not None, _programs(t.device))
     wide = t.dtype == torch.float64
     thr = _threshold_tensor(float(threshold), torch.float64 if wide else torch.float32, t.device)
     if mask is None:
         mask_arg, mask_div = t, 1  # unused
     else:
         mask_arg, mask_div = mask_rows(mask, before)
-    _kernel(interpreting())[(unit_blocks, row_progs)](
+    _kernel(interpreting())[grid](
         t, t if y is None else y, mask_arg, thr, out["fired"], out["abs_sum"], out["nonfinite"], out["observations"],
-        units, after, rows, rows_per_prog, s_b, s_u, s_a, mask_div,
-        HAS_MASK=mask is not None, NONNEG=bool(nonnegative), WIDE=wide, AFTER_ONE=after == 1,
-        LARGE=rows >= 2**31 - rows_per_prog, APPLY_RELU=y is not None, BF16=t.dtype == torch.bfloat16,
+        *scalars, mask_div, **constexprs,
+    )  # fmt: skip
+
+
+def launch_config(
+    layout: tuple[torch.Tensor, int, int, int, int, int, int], relu: bool, nonnegative: bool, masked: bool, programs: int
+) -> tuple[tuple[int, int], tuple[int, ...], dict[str, Any]]:
+    """``(grid, scalars, constexprs)`` of the kernel launch for a :func:`plan` layout: the grid, the
+    integer arguments before ``mask_div`` (``units, after, rows, rows_per_prog, s_b, s_u, s_a``) and
+    the compile-time constants. ``programs``: how many to launch in all (a few per SM on a GPU).
+    One function, so the test-suite compiles for a GPU exactly what a launch would ask for."""
+    t, before, units, after, s_b, s_u, s_a = layout
+    rows = before * after
+    block_r, block_u = _blocks(units, s_u, after, s_a)
+    unit_blocks = -(-units // block_u)
+    row_progs = max(1, min(-(-rows // block_r), programs // unit_blocks or 1))
+    rows_per_prog = -(-rows // (row_progs * block_r)) * block_r
+    row_progs = -(-rows // rows_per_prog)
+    constexprs = dict(
+        HAS_MASK=masked, NONNEG=bool(nonnegative), WIDE=t.dtype == torch.float64, AFTER_ONE=after == 1,
+        LARGE=rows >= 2**31 - rows_per_prog, APPLY_RELU=relu, BF16=t.dtype == torch.bfloat16,
         BLOCK_R=block_r, BLOCK_U=block_u,
     )  # fmt: skip
+    return (unit_blocks, row_progs), (units, after, rows, rows_per_prog, s_b, s_u, s_a), constexprs
