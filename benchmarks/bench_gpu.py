@@ -298,6 +298,15 @@ def monitor_ratio(build: Callable[[], nn.Module], x: torch.Tensor, steps: int, r
     return statistics.median(ratios)
 
 
+def _rows_sums(fn: Callable[[], object]) -> object:
+    """Run ``fn`` with the Triton kernel's per-tile row reduction (the other variant, for A/B)."""
+    os.environ["DEADRELU_TRITON_SUMS"] = "rows"
+    try:
+        return fn()
+    finally:
+        del os.environ["DEADRELU_TRITON_SUMS"]
+
+
 def kernel_numbers(device: torch.device, repeats: int) -> list[str]:
     """The statistics pass alone against a bare ReLU over the same tensor (the one-read limit):
     effective GB/s of each backend, on the issue's bf16 MLP activation and a channels_last one,
@@ -315,6 +324,9 @@ def kernel_numbers(device: torch.device, repeats: int) -> list[str]:
             runs[backend] = lambda b=backend: stats.accumulate(x, unit_dim, 0.0, False, out, backend=b)
         if device.type == "cuda":  # the ReLU that counts its own output: its cost over the bare ReLU
             runs["fused relu"] = lambda: stats.relu_accumulate(x, unit_dim, 0.0, out, backend="triton")
+            # A/B: the kernel that reduces each tile's rows as it goes (DEADRELU_TRITON_SUMS=rows)
+            runs["triton rows"] = lambda: _rows_sums(lambda: stats.accumulate(x, unit_dim, 0.0, False, out, backend="triton"))
+            runs["fused relu rows"] = lambda: _rows_sums(lambda: stats.relu_accumulate(x, unit_dim, 0.0, out, backend="triton"))
         times = {k: [] for k in runs}
         for fn in runs.values():
             fn()

@@ -45,8 +45,11 @@ assert out.item() == 3
 """
 
 
-def test_kernel_cases_under_the_triton_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
+@pytest.mark.parametrize("sums", ["tile", "rows"])
+def test_kernel_cases_under_the_triton_interpreter(sums):
+    """Both reductions of the kernel (``DEADRELU_TRITON_SUMS``: a sum per tile position, the
+    default, or each tile's rows as it goes, kept for timing side by side) give the brute force's numbers."""
+    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="", DEADRELU_TRITON_SUMS=sums)
     probe = subprocess.run([sys.executable, "-c", _PROBE], env=env, capture_output=True, text=True, timeout=120)
     if probe.returncode and "only 0-dimensional arrays can be converted" in probe.stderr:
         import numpy

@@ -14,8 +14,10 @@ leading or trailing dims cannot be merged into one stride is made contiguous fir
 
 Each program owns a block of units and a slice of rows; it loads ``[BLOCK_R, BLOCK_U]``
 tiles, compares in float32 (float64 for float64 inputs), widens ``|h|`` to float64 before
-adding (so finite values near the float32 maximum never overflow) and finally adds its
-partial sums into the accumulators with atomics (int64 counts, float64 sums). The order
+adding (so finite values near the float32 maximum never overflow) into one partial sum per tile
+position, reduces those across rows once after its last tile and adds the result into the
+accumulators with atomics (int64 counts, float64 sums); see :func:`tile_sums_on` for the variant
+that reduces each tile as it goes. The order
 of float64 atomic additions varies between runs, so sums may differ in the last bits.
 
 Importing this module does not import Triton; the kernel is compiled on first use. Under
@@ -35,7 +37,7 @@ import torch
 
 __all__ = [
     "available", "dense", "flushes_denormals", "functorch_wrapped", "fusable", "interpreting", "launch_config", "mask_rows", "plan",
-    "relu_output", "relu_stats_into", "transforms_active", "unit_stats_into",
+    "relu_output", "relu_stats_into", "tile_sums_on", "transforms_active", "unit_stats_into",
 ]  # fmt: skip
 
 
@@ -67,6 +69,17 @@ def flushes_denormals() -> bool:
 def interpreting() -> bool:
     """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def tile_sums_on() -> bool:
+    """Whether the kernel keeps one partial sum per tile position and reduces across rows once, at
+    the end (the default), rather than reducing each tile's rows as it goes (``DEADRELU_TRITON_SUMS=rows``,
+    kept for side-by-side timing in ``benchmarks/bench_gpu.py``).
+
+    Compiled for an H100, reducing as it goes costs per value about three times the instructions,
+    with cross-warp shuffles and barriers in the loop; with a sum per position the loop body has none
+    and the rows are reduced once."""
+    return os.environ.get("DEADRELU_TRITON_SUMS") != "rows"
 
 
 def available() -> bool:
@@ -107,7 +120,7 @@ def _kernel(interpret: bool) -> Any:
         units, after, rows, rows_per_prog, s_b, s_u, s_a, mask_div,
         HAS_MASK: tl.constexpr, NONNEG: tl.constexpr, WIDE: tl.constexpr, AFTER_ONE: tl.constexpr,
         LARGE: tl.constexpr, APPLY_RELU: tl.constexpr, BF16: tl.constexpr, BLOCK_R: tl.constexpr,
-        BLOCK_U: tl.constexpr,
+        BLOCK_U: tl.constexpr, TILE_SUMS: tl.constexpr,
     ):  # fmt: skip
         pid_u = tl.program_id(0)
         pid_r = tl.program_id(1)
@@ -131,6 +144,10 @@ def _kernel(interpret: bool) -> Any:
             bad = tl.zeros([BLOCK_U], dtype=tl.int32)
             kept = tl.zeros([BLOCK_R], dtype=tl.int32)
         mag = tl.zeros([BLOCK_U], dtype=tl.float64)
+        if TILE_SUMS:  # one sum per tile position, reduced across rows once at the end (see launch_config)
+            fired_tile = tl.zeros([BLOCK_R, BLOCK_U], dtype=fired.dtype)
+            bad_tile = tl.zeros([BLOCK_R, BLOCK_U], dtype=bad.dtype)
+            mag_tile = tl.zeros([BLOCK_R, BLOCK_U], dtype=tl.float64)
         for start in range(r_begin, r_end, BLOCK_R):
             r = start + tl.arange(0, BLOCK_R)
             r_ok = r < r_end
@@ -171,10 +188,19 @@ def _kernel(interpret: bool) -> Any:
                 v = (v.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
             else:
                 v = v.to(tl.float32)
-            fired += tl.sum(((v > thr) & ok).to(fired.dtype), axis=0)
-            bad += tl.sum(((v - v) != 0).to(bad.dtype), axis=0)  # NaN - NaN and inf - inf are NaN
             a = v if NONNEG else tl.abs(v)
-            mag += tl.sum(a.to(tl.float64), axis=0)
+            if TILE_SUMS:
+                fired_tile += ((v > thr) & ok).to(fired.dtype)
+                bad_tile += ((v - v) != 0).to(bad.dtype)  # NaN - NaN and inf - inf are NaN
+                mag_tile += a.to(tl.float64)
+            else:
+                fired += tl.sum(((v > thr) & ok).to(fired.dtype), axis=0)
+                bad += tl.sum(((v - v) != 0).to(bad.dtype), axis=0)
+                mag += tl.sum(a.to(tl.float64), axis=0)
+        if TILE_SUMS:
+            fired = tl.sum(fired_tile, axis=0)
+            bad = tl.sum(bad_tile, axis=0)
+            mag = tl.sum(mag_tile, axis=0)
         tl.atomic_add(fired_ptr + u, fired.to(tl.int64), mask=u_ok)
         tl.atomic_add(bad_ptr + u, bad.to(tl.int64), mask=u_ok)
         tl.atomic_add(abs_ptr + u, mag, mask=u_ok)
@@ -279,8 +305,17 @@ def _contiguous_strides(shape: tuple[int, ...]) -> list[int]:
     return out
 
 
-def _blocks(units: int, s_u: int, after: int, s_a: int) -> tuple[int, int]:
-    """(BLOCK_R, BLOCK_U): tiles contiguous along whichever axis is contiguous in memory."""
+def _blocks(units: int, s_u: int, after: int, s_a: int, tile_sums: bool = False, itemsize: int = 4) -> tuple[int, int]:
+    """(BLOCK_R, BLOCK_U): tiles contiguous along whichever axis is contiguous in memory. With
+    ``tile_sums`` the tile is smaller (its sums are held per tile position): 16 bytes of input per
+    thread and row, 16 values per thread in all, two 16-byte loads of bf16 (four of float32)."""
+    if tile_sums:
+        elements = 16 * 128  # 16 values for each of the 4 warps' 128 threads (32 spill on NCHW tiles)
+        if s_u == 1 or after == 1:
+            bu = min(max(16 // itemsize, 1) * 32 * 4, 1 << max(units - 1, 0).bit_length())  # a row of vectors per CTA
+            return max(1, elements // max(bu, 1)), max(bu, 1)
+        bu = min(8, 1 << max(units - 1, 0).bit_length())
+        return elements // bu, bu
     if s_u == 1 or after == 1:  # units innermost: wide unit blocks, coalesced along units
         bu = min(128, 1 << max(units - 1, 0).bit_length())
         return max(16, 4096 // bu), max(bu, 1)
@@ -435,7 +470,8 @@ def launch_config(
     One function, so the test-suite compiles for a GPU exactly what a launch would ask for."""
     t, before, units, after, s_b, s_u, s_a = layout
     rows = before * after
-    block_r, block_u = _blocks(units, s_u, after, s_a)
+    tile_sums = tile_sums_on()
+    block_r, block_u = _blocks(units, s_u, after, s_a, tile_sums, t.element_size())
     unit_blocks = -(-units // block_u)
     row_progs = max(1, min(-(-rows // block_r), programs // unit_blocks or 1))
     rows_per_prog = -(-rows // (row_progs * block_r)) * block_r
@@ -443,6 +479,6 @@ def launch_config(
     constexprs = dict(
         HAS_MASK=masked, NONNEG=bool(nonnegative), WIDE=t.dtype == torch.float64, AFTER_ONE=after == 1,
         LARGE=rows >= 2**31 - rows_per_prog, APPLY_RELU=relu, BF16=t.dtype == torch.bfloat16,
-        BLOCK_R=block_r, BLOCK_U=block_u,
+        BLOCK_R=block_r, BLOCK_U=block_u, TILE_SUMS=tile_sums,
     )  # fmt: skip
     return (unit_blocks, row_progs), (units, after, rows, rows_per_prog, s_b, s_u, s_a), constexprs
