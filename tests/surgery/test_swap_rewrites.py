@@ -185,3 +185,100 @@ def test_without_a_report_nothing_is_listed():
         warnings.simplefilter("error")
         result = deadrelu.swap_activations(net, copy=True)
     assert result.left_alone == ()
+
+
+# -- what a torch.fx rewrite would lose: refused, or kept ---------------------------------------------
+
+
+class _SliceRelu(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.out = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x)
+        h[:, :4].relu_()  # rectifies half of h through a view that is never read again
+        return self.out(h)
+
+
+def test_an_in_place_relu_of_a_view_stays_in_place_and_rectifies_the_base():
+    torch.manual_seed(0)
+    net = nn.Sequential(_SliceRelu())
+    x = torch.randn(16, 8)
+    deadrelu.swap_activations(net, to="leaky_relu", negative_slope=0.01)
+    block = net[0]
+    with torch.no_grad():
+        h = block.fc(x)
+        expected = h.clone()
+        expected[:, :4] = F.leaky_relu(h[:, :4], 0.01)
+        assert torch.allclose(net(x), block.out(expected))
+        assert not torch.allclose(net(x), block.out(h))  # before: the activation was gone
+
+
+class _NoGrad(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return F.relu(self.fc(x))
+
+
+class _Autocast(_NoGrad):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return F.relu(self.fc(x))
+
+
+class _DecoratedNoGrad(_NoGrad):
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.fc(x))
+
+
+class _TrainingInHelper(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def drop(self, h: torch.Tensor) -> torch.Tensor:
+        return F.dropout(h, 0.5, self.training)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(F.relu(self.fc(x)))
+
+
+@pytest.mark.parametrize(
+    "block, reason",
+    [(_NoGrad, "torch.no_grad"), (_Autocast, "torch.autocast"), (_DecoratedNoGrad, "decorated by a grad-mode"),
+     (_TrainingInHelper, "_TrainingInHelper.drop, called from _TrainingInHelper.forward\\) reads self.training")],
+    ids=["no_grad", "autocast", "decorated", "training in a helper"],
+)  # fmt: skip
+def test_state_a_trace_would_drop_or_freeze_is_refused_and_changes_nothing(block, reason):
+    net = nn.Sequential(block(), nn.Linear(8, 2))
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    with pytest.raises(RefusedError, match=reason):
+        deadrelu.swap_activations(net)
+    assert type(net[0]) is block and all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+
+
+class _FrozenNorm(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.bn = nn.BatchNorm1d(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.bn(self.fc(x)))
+
+
+def test_a_rewrite_keeps_each_childs_training_flag():
+    net = nn.Sequential(_FrozenNorm(), nn.Linear(8, 2)).train()
+    net[0].bn.eval()  # a frozen BatchNorm inside a model in training
+    deadrelu.swap_activations(net)
+    assert net[0].training and not net[0].bn.training and net[0].fc.training
+    mean = net[0].bn.running_mean.clone()
+    net(torch.randn(16, 8))
+    assert torch.equal(net[0].bn.running_mean, mean)

@@ -8,8 +8,9 @@ is in the graph), each ReLU node is replaced by a call to a new activation submo
 and the module is replaced in its parent by the resulting ``torch.fx.GraphModule``
 (same parameter objects, so optimizers still hold them; the parameters, buffers, submodules,
 attributes and methods its forward does not use are carried over too, and a module shared by
-several parents stays one module at all its paths). A forward that reads ``self.training`` is
-refused: a trace would freeze the branch of the current mode; so is one that branches on an optional
+several parents stays one module at all its paths). A forward that reads ``self.training`` (itself
+or in a helper of its own code) is refused: a trace would freeze the branch of the current mode; so
+is one with a grad-mode or autocast context, which a trace drops, and one that branches on an optional
 argument's default (``if scale is not None:``; fx traces the argument as a proxy, see
 :mod:`deadrelu.surgery.defaults`). An in-place call stays in place
 (``inplace=True`` where the new activation has it, else an explicit ``copy_``), so code
@@ -534,15 +535,67 @@ def _plan_swaps(target: nn.Module, copy: bool, to: str, report: Report | None) -
     return _SwapPlan(modules, attributes, graphs, like, widths, {p: shared[id(m)] for p, m, *_ in graphs})
 
 
+# Names of grad-mode and precision contexts: an fx trace runs their code but records none of them,
+# so a GraphModule would compute with grad on and in the default precision where they were.
+_CONTEXTS = frozenset({"no_grad", "enable_grad", "set_grad_enabled", "inference_mode", "autocast"})
+
+
+def _code_names(fn: Any) -> set[str]:
+    """The global and attribute names a function's code reads, nested functions and comprehensions included."""
+    todo, names = [getattr(fn, "__code__", None)], set()
+    while todo:
+        code = todo.pop()
+        if code is None:
+            continue
+        names.update(code.co_names)
+        todo.extend(c for c in code.co_consts if inspect.iscode(c))
+    return names
+
+
+def _decorated_by_context(fn: Any) -> bool:
+    """Whether a decorator around ``fn`` (``@torch.no_grad()``, ``@torch.autocast(...)``) holds a
+    grad-mode or autocast context: one in its closure, itself or as the object of a bound method."""
+    while fn is not None and hasattr(fn, "__wrapped__"):
+        for cell in getattr(fn, "__closure__", None) or ():
+            try:
+                value = cell.cell_contents
+            except ValueError:  # an empty cell
+                continue
+            for held in (value, getattr(value, "__self__", None)):
+                if type(held).__module__.startswith(("torch.autograd.grad_mode", "torch.amp", "torch.cuda.amp", "torch.cpu.amp")):
+                    return True
+        fn = fn.__wrapped__
+    return False
+
+
 def _refuse_python_state(path: str, m: nn.Module) -> None:
     """A forward that reads ``self.training`` branches in Python: a trace keeps only the branch of
-    the mode the model is in now (``F.dropout(..., training=self.training)`` would stay on in eval)."""
-    code = getattr(type(m).forward, "__code__", None)
-    if code is not None and "training" in code.co_names:
+    the mode the model is in now (``F.dropout(..., training=self.training)`` would stay on in eval).
+    A grad-mode or autocast context (``with torch.no_grad():``, ``@torch.autocast(...)`` on forward)
+    is not recorded by the trace at all. Both are looked for in forward and the helpers of the
+    module's own code that it calls (:func:`_forward_code`)."""
+    forward = type(m).forward
+    for fn in _forward_code(m) or [forward]:
+        names = _code_names(fn)
+        where = f"{type(m).__name__}.forward" if fn is inspect.unwrap(forward) else f"{fn.__qualname__}, called from {type(m).__name__}.forward"
+        if "training" in names:
+            raise RefusedError(
+                f"swap_activations: {_label(path)} ({where}) reads self.training, and a "
+                "torch.fx rewrite would freeze the branch of the current mode; use nn.ReLU modules there "
+                "(replaced without tracing); nothing was changed"
+            )
+        context = sorted(names & _CONTEXTS)
+        if context:
+            raise RefusedError(
+                f"swap_activations: {_label(path)} ({where}) uses torch.{context[0]}, which a torch.fx "
+                "rewrite would drop (the GraphModule would compute with gradients on, in the default precision); "
+                "use nn.ReLU modules there (replaced without tracing); nothing was changed"
+            )
+    if _decorated_by_context(forward):
         raise RefusedError(
-            f"swap_activations: {_label(path)} ({type(m).__name__}.forward) reads self.training, and a "
-            "torch.fx rewrite would freeze the branch of the current mode; use nn.ReLU modules there "
-            "(replaced without tracing); nothing was changed"
+            f"swap_activations: {_label(path)} ({type(m).__name__}.forward) is decorated by a grad-mode or autocast "
+            "context, which a torch.fx rewrite would drop; use nn.ReLU modules there (replaced without tracing); "
+            "nothing was changed"
         )
 
 
@@ -638,8 +691,9 @@ def _rewrite(
     modules = dict(gm.named_modules())
     for k, node in enumerate(nodes):
         src = node.args[0] if node.args else node.kwargs.get("input")
-        # In-place only matters when the input tensor is read again; otherwise go out of place.
-        inplace = _inplace(node) and isinstance(src, fx.Node) and any(u is not node for u in src.users)
+        # An in-place call stays in place: its input may be read again, directly or as the base of
+        # a view (h[:, :4].relu_() rectifies part of h, and the view itself is never read again).
+        inplace = _inplace(node)
         act = _new_activation(to, inplace and _has_inplace(to), _width(src, modules), slope, like)
         name = f"swapped_act_{k}"
         while hasattr(gm, name):
@@ -661,5 +715,10 @@ def _rewrite(
         changes.append(ActivationChange(f"{_label(path)}:{node.name}", "function", old, repr(act)))
     gm.graph.lint()
     gm.recompile()
-    gm.train(m.training)
+    # The GraphModule's own flag only: gm.train() would also set every child's, undoing a frozen
+    # BatchNorm's eval() inside a model in training (the children are m's own, flags as they were).
+    gm.training = m.training
+    for name, act in gm.named_children():
+        if name.startswith("swapped_act_"):
+            act.training = m.training
     return gm
