@@ -469,3 +469,54 @@ def test_observe_entry_that_is_no_python_function_is_one_error():
             model.training_step(x).backward()
         mon.step()
         assert _observed_sites(mon) == [("<root>:gelu", 4, 0)]
+
+
+# -- observe(): the grad-mode rule inside the block -------------------------------------------------
+
+
+class _Online(nn.Module):
+    """An online network and a target network (DQN / BYOL / mean teacher) with planted dead units."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.online = nn.Sequential(nn.Linear(3, 6), nn.ReLU())
+        self.target = nn.Sequential(nn.Linear(3, 8), nn.ReLU())
+        with torch.no_grad():
+            self.online[0].bias[:2] = -50.0
+            self.target[0].bias[:] = -50.0  # every target unit dead: a false alarm if it were counted
+
+
+@pytest.mark.parametrize("off", [torch.no_grad, torch.inference_mode], ids=["no_grad", "inference_mode"])
+def test_a_pass_with_gradients_off_inside_observe_is_no_training_pass(off):
+    m = _Online()
+    x = torch.randn(4, 3)
+    with deadrelu.Monitor(m, window=5) as mon:
+        for _ in range(2):
+            with mon.observe():
+                with off():
+                    m.target(torch.randn(5, 3))  # the target's pass, and a functional call of the block's own
+                    torch.relu(torch.randn(5, 3))
+                h = m.online(x)
+                h.sum().backward()
+            mon.step()
+        report = mon.report()
+    assert [(s.name, s.observations) for s in report.sites] == [("online.1", 8)]
+    assert report.samples == 8  # the online pass's 4 rows, twice; not the target's 5
+    fired = (m.online(x) > 0).sum(0) * 2
+    assert list(report.sites[0].fired_counts) == fired.tolist() and report.sites[0].dead_units == (0, 1)
+
+
+def test_a_reentrant_checkpoint_inside_observe_is_one_site_counted_once():
+    import torch.utils.checkpoint as checkpoint
+
+    m = _Online()
+    x = torch.randn(4, 3, requires_grad=True)
+    with deadrelu.Monitor(m, window=5) as mon:
+        with mon.observe(x):
+            h = checkpoint.checkpoint(m.online, x, use_reentrant=True)  # runs under no_grad, then again in backward
+            h.sum().backward()
+        mon.step()
+        report = mon.report()
+    assert [(s.name, s.observations) for s in report.sites] == [("online.1", 4)]
+    assert list(report.sites[0].fired_counts) == (m.online(x) > 0).sum(0).tolist()

@@ -387,6 +387,8 @@ class ActivationCapture(CaptureHooks, ObservationMasks):
         fwd = self._fwd
         if fwd.inside_activation or not fwd.stack:
             return None  # inside an activation module: the module's output is the site
+        if self._muted_in_scope(fwd):
+            return None  # a no-grad call inside the monitor's observe() block: no training pass
         inp = args[0] if args else None
         if self._is_weight(inp):
             return None  # a parameter passed through an activation is not a unit of the network

@@ -54,6 +54,7 @@ class Frame:
     # an activation module of an experts layer: the WeightSlice its input came from (one expert's slice,
     # or every expert's rows of a grouped or batched matmul) and each expert's call number
     experts: tuple[WeightSlice, tuple[int, ...]] | None = None
+    muted: bool = False  # a module called from a scope block with gradients off: not observed (see CaptureHooks)
 
 
 @dataclass
@@ -66,6 +67,7 @@ class Forward:
     seen: dict[Any, int] = field(default_factory=dict)  # call position -> times reached in this forward
     module_seen: dict[Any, int] = field(default_factory=dict)  # the same for module calls
     inside_activation: int = 0  # depth of activation modules: their inner calls are not sites
+    muted: int = 0  # depth of muted module calls: nothing inside them is a site
     mask: torch.Tensor | None = None
     mask_given: bool = False  # the mask came from a mask= option, not from the call's attention_mask
     masks: dict[tuple[torch.device, bool], torch.Tensor] = field(default_factory=dict)
@@ -84,6 +86,18 @@ class Forward:
 
 class CaptureHooks:
     """The hooks and the observed forward pass of :class:`~deadrelu.core.capture.ActivationCapture`."""
+
+    #: Whether a ``forward_scope()`` block observes only what runs in it with gradients on: the
+    #: monitor's does (a target network's ``no_grad`` pass inside ``training_step`` is no training
+    #: pass), a scan's does not (it runs under ``no_grad`` throughout).
+    scope_needs_grad = False
+
+    def _muted_in_scope(self, fwd: "Forward") -> bool:
+        """Whether a call made now is left unobserved: inside a muted module call, or made straight
+        from a scope block that observes gradient-enabled work only while gradients are off."""
+        if fwd.muted:
+            return True
+        return self.scope_needs_grad and len(fwd.stack) == 1 and fwd.stack[0].scope and not torch.is_grad_enabled()
 
     @property
     def enabled(self) -> bool:
@@ -327,6 +341,10 @@ class CaptureHooks:
             if self._mode is None:
                 return
             fwd = self._fwd
+            if self._muted_in_scope(fwd):  # kept on the stack, so the post-hook pops what this pushed
+                fwd.stack.append(Frame(path, -1, muted=True))
+                fwd.muted += 1
+                return
             if self.on_scope_call is not None and len(fwd.stack) == 1 and not is_root:
                 call, self.on_scope_call = self.on_scope_call, None
                 call((args, kwargs))  # the first module called inside a forward_scope() block: its inputs
@@ -352,7 +370,10 @@ class CaptureHooks:
             if mod is not module or self._owner != threading.get_ident():
                 return
             stack = self._fwd.stack
-            if self._mode is not None and stack and stack[-1].path == path:
+            if self._mode is not None and stack and stack[-1].path == path and stack[-1].muted:
+                stack.pop()
+                self._fwd.muted -= 1
+            elif self._mode is not None and stack and stack[-1].path == path:
                 frame = stack.pop()
                 if activation is not None:
                     self._fwd.inside_activation -= 1

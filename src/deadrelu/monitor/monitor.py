@@ -99,7 +99,10 @@ _DETACHED = (
 
 
 class _MonitorCapture(ActivationCapture):
-    """ActivationCapture whose :meth:`forward_scope` composes with calls of the root module inside it."""
+    """ActivationCapture whose :meth:`forward_scope` composes with calls of the root module inside it,
+    and observes there only what runs with gradients on (the grad-mode rule of root calls)."""
+
+    scope_needs_grad = True
 
     @contextlib.contextmanager
     def forward_scope(self, until: Any = None) -> Iterator[None]:  # type: ignore[override]
