@@ -421,3 +421,104 @@ def test_clip_vision_tokens_are_not_masked_by_the_text_mask():
              "pixel_values": torch.randn(2, 3, 32, 32, generator=g)}  # fmt: skip
     got = {s.name.split(".")[0]: s.observations for s in deadrelu.scan(model, [batch]).sites}
     assert got == {"vision_model": 2 * 17, "text_model": int(mask.sum())}
+
+
+# -- a mask that lies over some sites and not others ------------------------------------------------
+
+
+class _DenseThenFlat(nn.Module):
+    """A (B, T, C) layer, then one on the tokens flattened to (B·T, C) (a shared expert's layout)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.a, self.b = nn.Embedding(30, 8), nn.Linear(8, 8), nn.Linear(8, 6)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        h = F.relu(self.a(self.emb(input_ids)))
+        B, T, C = h.shape
+        return F.relu(self.b(h.reshape(B * T, C)))
+
+
+def test_a_site_the_mask_does_not_lie_over_beside_sites_it_does_is_named_in_one_warning():
+    import warnings
+
+    ids = torch.randint(0, 30, (3, 5), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(3, 5, dtype=torch.long)
+    mask[0, 1:] = 0
+    mask[2, 3:] = 0
+    model = _DenseThenFlat()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = deadrelu.scan(model, [{"input_ids": ids, "attention_mask": mask}] * 2)
+    said = [str(w.message) for w in caught if "deadrelu" in str(w.message)]
+    assert len(said) == 1  # one warning, not one per batch
+    assert "<root> (relu, call 1, slot 2" in said[0] and "(15, 6)" in said[0] and "padding included" in said[0]
+    # what it says is what was counted: the (B, T) site masked, the flattened one every position
+    with torch.no_grad():
+        h = F.relu(model.a(model.emb(ids)))
+        flat = F.relu(model.b(h.reshape(15, 8)))
+    dense_site, flat_site = report.sites
+    assert dense_site.observations == 2 * int(mask.sum()) and flat_site.observations == 2 * 15
+    assert list(dense_site.fired_counts) == (2 * (h[mask.bool()] > 0).sum(0)).tolist()
+    assert list(flat_site.fired_counts) == (2 * (flat > 0).sum(0)).tolist()
+
+
+def test_pooled_activations_of_one_row_per_sample_are_no_unmasked_padding():
+    """(B, C) after pooling has no positions to mask: no warning beside masked (B, T, C) sites."""
+    import warnings
+
+    class Pooled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb, self.a, self.pool = nn.Embedding(30, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+
+        def forward(self, input_ids, attention_mask=None):
+            h = F.relu(self.a(self.emb(input_ids)))
+            return torch.tanh(self.pool(h[:, 0]))
+
+    ids = torch.randint(0, 30, (3, 5))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        deadrelu.scan(Pooled(), [{"input_ids": ids, "attention_mask": torch.ones(3, 5, dtype=torch.long)}])
+
+
+@pytest.mark.parametrize(
+    "path, inside",
+    [("decoder.block.0", True), ("model.decoder.layers.0.fc1", True), ("text_decoder.layers.0.ffn.act", True),
+     ("model.text_decoder.layers.0", True), ("encoder.block.0", False), ("text_encoder.layers.0", False),
+     ("decoder_embed", False), ("", False)],
+)  # fmt: skip
+def test_a_decoder_is_a_module_named_decoder_or_ending_in_underscore_decoder(path, inside):
+    from deadrelu.core.inputs import in_decoder
+
+    assert in_decoder(path) is inside
+
+
+def test_a_text_decoder_takes_the_decoder_mask_not_the_encoders():
+    """SeamlessM4T names its decoder text_decoder: its sites counted under the encoder's padding."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.SeamlessM4TConfig(
+        vocab_size=60, t2u_vocab_size=60, hidden_size=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, encoder_layerdrop=0.0, decoder_layerdrop=0.0,
+        max_position_embeddings=64,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.SeamlessM4TForTextToText(config).eval()
+    g = torch.Generator().manual_seed(1)
+    ids, dec = torch.randint(4, 60, (3, 7), generator=g), torch.randint(4, 60, (3, 5), generator=g)
+    mask = torch.ones(3, 7, dtype=torch.long)
+    mask[0, 3:] = 0
+    dmask = torch.ones(3, 5, dtype=torch.long)
+    dmask[1, 2:] = 0
+    outs = {}
+    for name, m in model.named_modules():
+        if name.endswith("ffn.act"):
+            m.register_forward_hook(lambda mod, a, o, name=name: outs.setdefault(name, o.detach()))
+    batch = {"input_ids": ids, "attention_mask": mask, "decoder_input_ids": dec, "decoder_attention_mask": dmask}
+    with torch.no_grad():
+        model(**batch)
+    report = deadrelu.scan(model, [batch])
+    decoder = next(s for s in report.sites if s.module.startswith("text_decoder"))
+    assert decoder.observations == int(dmask.sum())  # the decoder's 12 positions, not all 15
+    assert list(decoder.fired_counts) == (outs[decoder.module][dmask.bool()] > 0).sum(0).tolist()

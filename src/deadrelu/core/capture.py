@@ -232,6 +232,7 @@ class ActivationCapture(CaptureHooks, ObservationMasks):
         self.batch_mask: torch.Tensor | None = None
         self.batch_mask_given = True  # the caller's batch_mask comes from its own mask= option
         self._warned_unfit: set[bool] = set()  # the masks (decoder's or not) already warned of
+        self._warned_unfit_sites: set[int] = set()  # sites whose unmasked rows were warned of (id of the Site)
         self._script_calls: tuple[tuple[str, int], ...] | None = None  # calls per function in a scripted pass
         self._warned_script = False
         self.scripted = isinstance(model, torch.jit.ScriptModule)

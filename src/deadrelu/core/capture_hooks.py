@@ -30,6 +30,7 @@ from .compiled_blocks import eager_modules, eager_stance, is_compiled_wrapper
 from .hooks import copy_safe_hook
 from .inputs import call_samples, decoder_mask_of_call, mask_from_call
 from .observation_masks import input_sources
+from .sites import describe_site
 from .spies import DispatchSpy, FunctionSpy
 from .stats import release_scratch
 from .unit_axis import AxisTable, WeightSlice
@@ -82,6 +83,9 @@ class Forward:
     # message when it fits none — each mask apart, as one that fits hides no other that does not
     mask_fit: dict[bool, bool] = field(default_factory=dict)
     unfit_shape: dict[bool, tuple[int, ...]] = field(default_factory=dict)
+    # sites whose activation the mask did not lie over although its rows are not the batch's (flattened
+    # (B·T, C) tokens, an expert's routed rows): their padding was counted, where other sites' was not
+    unfit_sites: dict[int, tuple[Any, bool, tuple[int, ...]]] = field(default_factory=dict)
 
 
 class CaptureHooks:
@@ -242,6 +246,35 @@ class CaptureHooks:
                     "activations' layout, or mask=False to silence this",
                     stacklevel=4,
                 )
+        self._warn_unfit_sites(fwd)
+
+    def _warn_unfit_sites(self, fwd: Forward) -> None:
+        """Where the mask lay over some activations of the pass but not over a site whose rows are
+        tokens in another layout (a ``(B·T, C)`` shared expert beside ``(B, T, C)`` layers, routed
+        experts' rows), that site counted its padding: said in one warning per pass that finds such
+        sites, each site named once in the capture's lifetime (an experts layer's sites as one)."""
+        for decoder in (False, True):
+            new = [
+                (key, info, shape) for key, (info, dec, shape) in fwd.unfit_sites.items()
+                if dec is decoder and fwd.mask_fit.get(decoder) and key not in self._warned_unfit_sites
+            ]  # fmt: skip
+            if not new:
+                continue  # (a mask that fits nothing is said above, for the whole pass)
+            self._warned_unfit_sites.update(key for key, _, _ in new)
+            places: dict[str, tuple[int, ...]] = {}
+            for _, info, shape in new:
+                places.setdefault(describe_site(info), shape)
+            listed = "; ".join(f"{where}, of shape {shape}" for where, shape in list(places.items())[:4])
+            more = f"; and {len(places) - 4} more" if len(places) > 4 else ""
+            mask = fwd.decoder_mask if decoder else fwd.mask
+            name = "decoder_attention_mask" if decoder else "observation mask"
+            warnings.warn(
+                f"deadrelu: the {name} of shape {tuple(mask.shape)} lies over this pass's (B, T) activations but "
+                f"not over {len(new)} site(s) whose rows are tokens in another layout (flattened or routed): "
+                f"{listed}{more}. Every position of those was counted, padding included; pass mask=False to "
+                "count padding everywhere alike",
+                stacklevel=4,
+            )
 
     def _note_script_calls(self) -> None:
         """A TorchScript model's sites are its k-th call of each function in the pass: a pass that

@@ -529,12 +529,13 @@ def is_encoder_decoder(model: nn.Module) -> bool:
 
 
 def in_decoder(path: str) -> bool:
-    """Whether a module path lies inside a ``decoder`` module (``decoder.block.0``, ``model.decoder``).
+    """Whether a module path lies inside a decoder module: one named ``decoder`` or ``*_decoder``
+    (``decoder.block.0``, ``model.decoder``, SeamlessM4T's and BLIP's ``text_decoder``).
 
-    >>> in_decoder("model.decoder.layers.0.fc1"), in_decoder("encoder.block.0")
-    (True, False)
+    >>> in_decoder("model.decoder.layers.0.fc1"), in_decoder("text_decoder.layers.0"), in_decoder("encoder.block.0")
+    (True, True, False)
     """
-    return ".decoder." in f".{path}."
+    return any(part == "decoder" or part.endswith("_decoder") for part in path.split("."))
 
 
 def mask_layout(

@@ -104,8 +104,13 @@ class ObservationMasks:
         fwd, decoder = self._fwd, self._takes_decoder_mask(site)
         if fits:
             fwd.mask_fit[decoder] = True
-        elif decoder not in fwd.mask_fit:
+            return
+        if decoder not in fwd.mask_fit:
             fwd.mask_fit[decoder], fwd.unfit_shape[decoder] = False, tuple(out.shape)
+        mask = fwd.decoder_mask if decoder else fwd.mask
+        if mask is not None and mask.ndim >= 1 and out.ndim >= 2 and out.shape[0] != mask.shape[0] and out.shape[1] != mask.shape[0]:
+            # neither (B, ...) nor (T, B, ...): the rows are tokens in another layout, padding among them
+            fwd.unfit_sites.setdefault(id(site), (site.info, decoder, tuple(out.shape)))
 
     def _square_layout(self, site: Site, out: torch.Tensor, dim: int, mask: torch.Tensor) -> str:
         """How to read a square ``(B, T)`` mask (B = T fits a ``(B, T, C)`` and a ``(T, B, C)``

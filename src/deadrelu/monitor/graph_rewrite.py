@@ -153,6 +153,23 @@ class GraphRewrite:
                 owners.add(self._block_of(self._owner_of_tensor(value)))
         return owners.pop() if len(owners) == 1 else ""
 
+    def _parameters_root(self, graph: fx.Graph) -> str:
+        """The innermost module holding every parameter a graph takes ("" for none, or the root)."""
+        common: list[str] | None = None
+        for node in graph.nodes:
+            value = example(node) if node.op == "placeholder" else None
+            if not isinstance(value, nn.Parameter):
+                continue
+            path = (self._owner_of_tensor(value) or "").split(".")
+            if common is None:
+                common = path
+                continue
+            n = 0
+            while n < min(len(common), len(path)) and common[n] == path[n]:
+                n += 1
+            common = common[:n]
+        return ".".join(common or [])
+
     def _calls_in(self, graph: fx.Graph) -> dict[str, int]:
         """How often each of this model's modules is called in one run of a graph."""
         calls: dict[str, int] = {}
@@ -217,6 +234,10 @@ class GraphRewrite:
         # An encoder-decoder model: the attention_mask is the encoder's; decoder sites take the
         # decoder_attention_mask input, or none (as the eager capture does).
         decoder_mask = self._mask_input(graph, ("decoder_attention_mask",))
+        if decoder_mask is None and call_input and is_encoder_decoder(self.model) and in_decoder(self._parameters_root(graph)):
+            # A graph that starts inside the decoder (Dynamo resumed there after a graph break): the
+            # attention_mask its frame holds is the decoder's own (T5Stack, BartDecoder take it so).
+            decoder_mask = mask
         split = decoder_mask is not None or (call_input and is_encoder_decoder(self.model))
         sums, masked = [], False
         for node, site in found:
