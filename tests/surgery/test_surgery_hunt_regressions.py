@@ -488,3 +488,42 @@ def test_an_explicit_tolerance_is_kept_as_given(dtype):
     with pytest.raises(RefusedError, match=r"tolerance 1e-05; rounding in the outputs' dtype alone may reach"):
         prune_dead(net, report, data=x, tolerance=1e-5)
     assert_unchanged(before, snapshot(net, None))
+
+
+# -- a forward that runs other layers in each mode ---------------------------------------------------
+
+
+class _ModeBranch(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fa = nn.Linear(5, 8)  # the training-time path
+        self.fb = nn.Linear(5, 8)  # the eval-time path
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.fa(x)) if self.training else F.relu(self.fb(x))
+        return self.out(h)
+
+
+@pytest.mark.parametrize("op", ["prune", "reinit", "nudge"])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_a_forward_branching_on_self_training_is_refused_and_left_as_it_was(op, mode):
+    torch.manual_seed(0)
+    net = _ModeBranch()
+    with torch.no_grad():
+        net.fb.bias[[1, 2]] = -50.0
+    x = torch.randn(64, 5)
+    report = deadrelu.scan(net, x)  # eval mode: fb's units 1 and 2 are dead
+    assert report.sites[0].dead_units == (1, 2)
+    net.train(mode == "train")
+    flags = [m.training for m in net.modules()]
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    run = {
+        "prune": lambda: deadrelu.prune_dead(net, report),
+        "reinit": lambda: deadrelu.reinit_dead(net, report, data=x),
+        "nudge": lambda: deadrelu.nudge_bias(net, report),
+    }[op]
+    with pytest.raises(RefusedError, match="other operations in training and in eval mode"):
+        run()  # before: in train mode the trace took fa for fb, pruning or editing the wrong layer
+    assert [m.training for m in net.modules()] == flags
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())

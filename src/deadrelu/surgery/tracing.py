@@ -346,7 +346,44 @@ def traced(model: nn.Module, what: str) -> tuple[fx.GraphModule, dict[str, str]]
     branches = default_branch_reason(model, graph, constants, retrace, type(model).__name__)
     if branches is not None:
         raise RefusedError(f"{what}: {branches}, and its dataflow cannot be proven on it; nothing was changed")
+    mode = _mode_branch(model, graph)
+    if mode is not None:
+        raise RefusedError(f"{what}: {mode}; nothing was changed")
     return gm, eager.found
+
+
+def _graph_ops(graph: fx.Graph) -> list[tuple[str, str]]:
+    return [(node.op, str(node.target)) for node in graph.nodes]
+
+
+def _mode_branch(model: nn.Module, graph: fx.Graph) -> str | None:
+    """Why the proof on ``graph`` (traced in the model's current mode) would not hold in the other
+    mode, or None: a forward that branches on ``self.training`` in Python (``if self.training:
+    h = self.fa(x) else: h = self.fb(x)``) traces other layers in each mode, and a report made in
+    eval mode would then be proven on, and act on, the training-mode layers. Every module's flag is
+    flipped for a second trace, and put back as it was."""
+    flags = [(m, m.training) for m in model.modules()]
+    try:
+        for m, training in flags:
+            m.training = not training
+        try:
+            other, _ = trace_graph(_Tracer(), model)
+        except Exception as err:  # the other mode's branch is untraceable: no proof covers it either
+            return (
+                f"its forward cannot be traced in {'eval' if model.training else 'training'} mode "
+                f"({type(err).__name__}: {error_summary(err)}), so its dataflow cannot be proven for both modes"
+            )
+    finally:
+        for m, training in flags:
+            m.training = training
+    if _graph_ops(other) == _graph_ops(graph):
+        return None
+    return (
+        f"{type(model).__name__} computes with other operations in training and in eval mode (a forward branches "
+        "on self.training in Python), so the layers a unit's dataflow runs through depend on the mode and one proof "
+        "cannot hold for both; move the branch into a module of its own (nn.Dropout-like) or rescue a model "
+        "without it"
+    )
 
 
 def _wrapper_advice(model: nn.Module) -> str:
