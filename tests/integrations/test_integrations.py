@@ -75,6 +75,40 @@ def lightning_trainer(L, tmp_path: Path, cb, **kw):
     )
 
 
+def test_lightning_callback_monitors_layers_made_in_configure_model(tmp_path: Path):
+    """configure_model (lazy or sharded layers) runs after the setup hooks: the monitor is built after it."""
+    from deadrelu.integrations import DeadReluCallback
+
+    L = pytest.importorskip("lightning.pytorch")
+
+    class Lazy(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = None
+
+        def configure_model(self):
+            if self.net is None:
+                self.net = nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 1))
+                with torch.no_grad():
+                    self.net[0].bias[:3] = -100.0
+
+        def training_step(self, batch, idx):
+            x, y = batch
+            return nn.functional.mse_loss(self.net(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    cb = DeadReluCallback(window=2, log_every=2)
+    module = Lazy()
+    trainer = lightning_trainer(L, tmp_path, cb, max_steps=4)
+    trainer.fit(module, torch.utils.data.DataLoader(make_data(32), batch_size=8))
+    report = cb.monitor.report()
+    assert [(s.name, s.observations) for s in report.sites] == [("net.1", 16)]  # the window: 2 batches of 8
+    assert report.sites[0].dead_units[:3] == (0, 1, 2)
+    assert hooks_of(module) == 0
+
+
 @pytest.mark.parametrize("self_call", [False, True], ids=["self.net(x)", "self(x)"])
 def test_lightning_callback_logs_through_trainer_logger_and_detaches(tmp_path: Path, self_call: bool):
     L, module = lightning_module(self_call=self_call)

@@ -1,7 +1,7 @@
 """PyTorch Lightning integration: :class:`DeadReluCallback`.
 
 The callback builds a :class:`deadrelu.Monitor` on the ``LightningModule`` in
-``setup("fit")``, observes each ``training_step`` up to its backward as one forward pass
+``on_fit_start`` (after ``configure_model``, so layers made there are seen), observes each ``training_step`` up to its backward as one forward pass
 (so steps that call submodules directly are seen; with manual optimization, each forward
 after a backward up to the next is one more), steps it after every training batch
 (passing the batch loss), logs
@@ -60,7 +60,8 @@ class DeadReluCallback(_pl.Callback):
             training batches.
 
     Attributes:
-        monitor: the :class:`deadrelu.Monitor` of the last fit (None before ``setup``).
+        monitor: the :class:`deadrelu.Monitor` of the last fit (None before ``on_fit_start``, which
+            comes after ``configure_model``: layers made there are monitored).
 
     Raises:
         ModuleNotFoundError: when neither ``lightning`` nor ``pytorch_lightning`` is installed.
@@ -76,11 +77,11 @@ class DeadReluCallback(_pl.Callback):
         self.monitor: Monitor | None = None
         self._scope: Any = None
         self._in_batch = False  # between on_train_batch_start and on_train_batch_end
-        self._resumed: Any = None  # a checkpoint's monitor state restored before setup() built the monitor
+        self._resumed: Any = None  # a checkpoint's monitor state restored before on_fit_start() built the monitor
 
-    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        if stage != "fit":
-            return
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        # Not in setup(): Lightning calls LightningModule.configure_model (where layers are made
+        # lazily, or sharded) after the setup hooks, so the model is complete only from here on.
         kwargs = dict(self.monitor_kwargs)
         sinks = as_sinks(kwargs.pop("sinks", ()))
         if self.log_to_trainer:
@@ -136,7 +137,7 @@ class DeadReluCallback(_pl.Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Resume the monitor from a checkpoint (``Trainer.fit(ckpt_path=...)``): its steps, history,
         events and lifecycle memory go on, so dead units are not reported as born dead again."""
-        if not state_dict:  # saved before setup built a monitor
+        if not state_dict:  # saved before on_fit_start built a monitor
             return
         if self.monitor is not None:
             self.monitor.load_state_dict(state_dict)
