@@ -527,3 +527,45 @@ def test_a_forward_branching_on_self_training_is_refused_and_left_as_it_was(op, 
         run()  # before: in train mode the trace took fa for fb, pruning or editing the wrong layer
     assert [m.training for m in net.modules()] == flags
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+
+
+# -- what a pruned layer, built anew, would lose --------------------------------------------------------
+
+
+def _planted_mlp() -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3))
+    with torch.no_grad():
+        net[0].bias[[1, 2]] = -50.0
+    return net, torch.randn(64, 5)
+
+
+@pytest.mark.parametrize(
+    "attach, reason",
+    [(lambda n: n[0].register_full_backward_hook(lambda m, gi, go: None), "backward \\(pre-\\)hook"),
+     (lambda n: n[2].weight.register_hook(lambda g: g), "'2' \\(Linear\\).weight has a tensor hook"),
+     (lambda n: n[0].register_buffer("amax", torch.ones(8)), "holds a tensor 'amax'")],
+    ids=["backward hook", "tensor hook", "extra buffer"],
+)  # fmt: skip
+def test_prune_refuses_a_layer_whose_attachments_the_smaller_layer_would_lose(attach, reason):
+    net, x = _planted_mlp()
+    attach(net)
+    report = deadrelu.scan(net, x)
+    with pytest.raises(RefusedError, match=reason):
+        prune_dead(net, report, data=x)  # before: the pruned copy silently dropped it
+
+
+def test_prune_carries_plain_attributes_and_a_frozen_models_new_bias_stays_frozen():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.BatchNorm1d(8), nn.Linear(8, 2, bias=False))
+    with torch.no_grad():  # a dead unit's BatchNorm output is a constant: folded into a new consumer bias
+        net[2].running_mean.uniform_(0, 1)
+        net[2].bias.uniform_(-1, 1)
+        net[0].bias[1] = -50.0
+    net[0].no_decay = True  # a tag the training script reads
+    net.requires_grad_(False).eval()
+    x = torch.randn(64, 5)
+    small = prune_dead(net, deadrelu.scan(net, x), data=x).model
+    assert small[0].no_decay is True and small[0].out_features == 7
+    assert small[3].bias is not None and not any(p.requires_grad for p in small.parameters())
+    assert torch.allclose(small(x), net(x), atol=1e-5)

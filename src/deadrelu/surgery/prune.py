@@ -46,6 +46,7 @@ from .verify import (
 )
 from ..core.activations import ZERO_WHEN_DEAD_FUNCTIONS
 from ..core.capture import eager_submodule
+from ..core.hooks import is_deadrelu_hook
 from ..errors import DataError, DeadReluError, RefusedError
 from ..core.report import Report, SiteReport
 from ..core.inputs import (
@@ -215,7 +216,43 @@ def _uninitialised(cls: Any, *args: Any, device: Any, **kwargs: Any) -> nn.Modul
     return cls(*args, device="meta", **kwargs).to_empty(device=device if device is not None else "cpu")
 
 
+_STANDARD_TENSORS = {"weight", "bias", "running_mean", "running_var", "num_batches_tracked"}
+
+
+def _rebuild_reason(path: str, module: nn.Module) -> str | None:
+    """Why a smaller copy of ``module`` built from its weights (:func:`_smaller`) would lose what was
+    attached to it, or None: backward hooks, hooks on its parameters, or parameters and buffers of
+    its own beyond the layer's (a calibration ``amax``), whose shapes may follow the cut units."""
+    name = f"'{path}' ({type(module).__name__})"
+    hooks = [h for h in (*module._backward_hooks.values(), *module._backward_pre_hooks.values()) if not is_deadrelu_hook(h)]
+    if hooks:
+        return f"{name} has {len(hooks)} backward (pre-)hook(s), which the smaller layer built in its place would not have; remove them first"
+    for key, t in (*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)):
+        if key not in _STANDARD_TENSORS:
+            return (
+                f"{name} holds a tensor '{key}' of its own ({tuple(t.shape)}), which the smaller layer built in its "
+                "place would not have, and whose shape may follow the cut units; remove it first"
+            )
+        if getattr(t, "_backward_hooks", None) or getattr(t, "_post_accumulate_grad_hooks", None):
+            return f"{name}.{key} has a tensor hook (register_hook), which the smaller layer's new tensor would not have; remove it first"
+    return None
+
+
+def _carry_attributes(old: nn.Module, new: nn.Module) -> None:
+    """Plain attributes set on the layer (``layer.no_decay = True``, a tag a training script reads) go
+    on to the smaller one; its own (sizes, options) are the new layer's."""
+    for key, value in vars(old).items():
+        if not key.startswith("_") and key not in vars(new):
+            vars(new)[key] = value
+
+
 def _smaller(old: nn.Module, edit: _Edit) -> nn.Module:
+    new = _smaller_layer(old, edit)
+    _carry_attributes(old, new)
+    return new
+
+
+def _smaller_layer(old: nn.Module, edit: _Edit) -> nn.Module:
     """A new module of the same class without the cut rows/columns/channels; every value is copied."""
     w = old.weight if hasattr(old, "weight") else None
     dev = dtype = None
@@ -267,8 +304,8 @@ def _smaller(old: nn.Module, edit: _Edit) -> nn.Module:
         if edit.bias is not None:
             bias = bias + edit.bias.to(bias.device)
         new.bias.data.copy_(bias[keep_out].to(new.bias.dtype))
-        if old.bias is not None:
-            new.bias.requires_grad_(old.bias.requires_grad)
+        # a bias the fold added (the layer had none) trains as its weight does: not at all in a frozen model
+        new.bias.requires_grad_((old.bias if old.bias is not None else w).requires_grad)
     new.train(old.training)
     return new
 
@@ -384,9 +421,13 @@ def prune_dead(
     values: dict[str, torch.Tensor | float] = {c.site.name: 0.0 for c in chains}
     _add_constant_chains(model, report, chains, values, skipped, what)
     plan = _plan_cuts(model, report, chains, values, what)
+    originals = dict(model.named_modules())
+    for path in plan.edits:
+        reason = _rebuild_reason(path, originals[path])
+        if reason is not None:
+            raise RefusedError(f"{what}: {reason}; nothing was changed")
     pruned_wrapper = copy_model(wrapper, what)
     pruned = eager_submodule(pruned_wrapper, "")
-    originals = dict(model.named_modules())
     for path, edit in plan.edits.items():
         _replace(pruned, path, _smaller(originals[path], edit))
     result: dict[str, Any] = dict(
