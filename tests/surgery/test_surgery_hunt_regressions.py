@@ -569,3 +569,34 @@ def test_prune_carries_plain_attributes_and_a_frozen_models_new_bias_stays_froze
     assert small[0].no_decay is True and small[0].out_features == 7
     assert small[3].bias is not None and not any(p.requires_grad for p in small.parameters())
     assert torch.allclose(small(x), net(x), atol=1e-5)
+
+
+class _Autocast(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.out = nn.Linear(8, 8), nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return self.out(F.relu(self.fc(x)))
+
+
+@pytest.mark.parametrize("op", ["prune", "reinit"])
+def test_a_forward_under_autocast_is_checked_at_the_precision_it_computes_in(op):
+    """The held-out reference is an fx trace, which drops autocast (float32); the model computes in
+    bfloat16: it was refused for a bfloat16 rounding difference measured at float32's tolerance."""
+    torch.manual_seed(0)
+    net = _Autocast()
+    with torch.no_grad():
+        net.fc.bias[[1, 2]] = -50.0
+    x = torch.randn(32, 8)
+    report = deadrelu.scan(net, x)
+    before = copy.deepcopy(net)
+    if op == "prune":
+        small = prune_dead(net, report, data=x).model
+        assert small.fc.out_features == 6
+    else:
+        reinit_dead(net, report, data=x)
+        small = net
+    with torch.no_grad():
+        assert torch.allclose(small(x).float(), before(x).float(), atol=2e-2)
