@@ -600,3 +600,27 @@ def test_a_forward_under_autocast_is_checked_at_the_precision_it_computes_in(op)
         small = net
     with torch.no_grad():
         assert torch.allclose(small(x).float(), before(x).float(), atol=2e-2)
+
+
+class _InplaceStatement(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.out = nn.Linear(5, 8), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x)
+        h.relu_()  # the consumer below reads the rectified h
+        return self.out(h)
+
+
+def test_an_in_place_relu_written_as_a_statement_is_a_chain_to_its_consumer():
+    torch.manual_seed(0)
+    net = _InplaceStatement()
+    with torch.no_grad():
+        net.fc.bias[[1, 2]] = -50.0
+    x = torch.randn(64, 5)
+    report = deadrelu.scan(net, x)
+    small = prune_dead(net, report, data=x).model  # before: refused as a 'residual' use of the pre-activation
+    assert small.fc.out_features == 6 and small.out.in_features == 6
+    with torch.no_grad():
+        assert torch.allclose(small(x), net(x), atol=1e-5)

@@ -349,7 +349,38 @@ def traced(model: nn.Module, what: str) -> tuple[fx.GraphModule, dict[str, str]]
     mode = _mode_branch(model, graph)
     if mode is not None:
         raise RefusedError(f"{what}: {mode}; nothing was changed")
+    _alias_inplace_activations(gm)
     return gm, eager.found
+
+
+def _inplace_call(node: fx.Node) -> bool:
+    """Whether an activation node writes its input (``h.relu_()``, ``F.relu(h, inplace=True)``)."""
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+    flag = 3 if base_name(str(name)) == "threshold" else 1  # threshold(x, 0, 0, True), relu(x, True)
+    return str(name).endswith("_") or node.kwargs.get("inplace") is True or (len(node.args) > flag and node.args[flag] is True)
+
+
+def _alias_inplace_activations(gm: fx.GraphModule) -> None:
+    """An in-place activation written as a statement (``h = self.fc(x); h.relu_(); return self.out(h)``)
+    leaves later readers of ``h`` on the pre-activation node in the trace, though they read the
+    rectified tensor: those reads are moved to the activation's node, which is what runs (the
+    activation returns its input), so the chain proof sees the consumer behind the activation."""
+    modules = dict(gm.named_modules())
+    order = {node: i for i, node in enumerate(gm.graph.nodes)}
+    changed = False
+    for node in list(gm.graph.nodes):
+        if node.op not in ("call_function", "call_method") or activation_name(node, modules) is None or not _inplace_call(node):
+            continue
+        src = node.args[0] if node.args else node.kwargs.get("input")
+        if not isinstance(src, fx.Node):
+            continue
+        later = [user for user in src.users if user is not node and order[user] > order[node]]
+        for user in later:
+            user.replace_input_with(src, node)
+            changed = True
+    if changed:
+        gm.graph.lint()
+        gm.recompile()
 
 
 def _graph_ops(graph: fx.Graph) -> list[tuple[str, str]]:
