@@ -43,7 +43,7 @@ from typing import Any, Callable, Iterator, Mapping
 import torch
 from torch import nn
 
-from ..core.inputs import LABEL_KEYS
+from ..core.inputs import LABEL_KEYS, unusual_layout
 from ..errors import DataError, DeadReluError
 from ..lab.idx import read_idx
 
@@ -405,6 +405,9 @@ class GuardedBatches:
 
 
 def _finish(t: torch.Tensor, source: str, flatten: bool) -> torch.Tensor:
+    unusual = unusual_layout(t)
+    if unusual is not None:
+        raise DataError(f"{source} holds {unusual}; deadrelu scans dense inputs")
     if t.ndim == 0 or t.shape[0] == 0:
         raise DataError(f"{source} holds no samples (shape {tuple(t.shape)})")
     if t.ndim == 1:

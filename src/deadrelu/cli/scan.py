@@ -254,13 +254,22 @@ def scan_command(args: argparse.Namespace) -> Report:
         if hinted == str(err):
             raise
         raise DeadReluError(hinted) from err
+    args.advice_text = None
+    if args.advice:
+        from ..core.advice import advise
+
+        # before the JSON is written: a baseline the report cannot be compared with (other levels, no
+        # site in common) is one error that leaves --json's file as it was
+        baseline = _load_baseline(args.baseline) if args.baseline else None
+        args.advice_text = advise(report, baseline=baseline)
     if args.json is not None:
         from ..lab.termination import sigterm_raises
 
         with sigterm_raises():  # a SIGTERM mid-write removes the temporary file instead of leaving it
             report.to_json(args.json)
     if args.text is not None:
-        args.text_counts = (data.documents, data.tokens, data.positions - data.tokens)
+        # the documents scanned (--max-batches may stop before the corpus ends), not the corpus's count
+        args.text_counts = (report.samples, data.tokens, data.positions - data.tokens)
     return report
 
 
@@ -318,12 +327,9 @@ def run_scan(args: argparse.Namespace) -> int:
     _print(report)
     if args.text is not None:
         print("\n" + _text_summary(report, *args.text_counts))
-    if args.advice:
-        from ..core.advice import advise
-
-        baseline = _load_baseline(args.baseline) if args.baseline else None
+    if args.advice_text is not None:
         print()
-        print(advise(report, baseline=baseline))
+        print(args.advice_text)
     if args.json is not None:
         print(f"\nreport written to {args.json}")
     return 0

@@ -15,6 +15,7 @@ a power cut: no cleanup code ran) from what a process still running is writing, 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import re
 import stat
@@ -118,6 +119,22 @@ def _write_stream(target: Path, text: str) -> Path:
     return target
 
 
+# A file name may be 255 bytes on the usual file systems; a temporary adds ".", ".PID.XXXXXXXX.tmp".
+_NAME_MAX = 255
+_ADDED = len(".") + len(".4194304.") + len("XXXXXXXX.tmp")
+
+
+def _stem(name: str) -> str:
+    """The part of a temporary's or backup's name that stands for the file ``name``: the name itself,
+    or — where the name is so long that the temporary's would pass 255 bytes — its first bytes and
+    a digest of the whole, so a long ``--json`` file name is still written."""
+    if len(name.encode()) + _ADDED <= _NAME_MAX:
+        return name
+    digest = hashlib.sha1(name.encode()).hexdigest()[:12]
+    head = name.encode()[: _NAME_MAX - _ADDED - len(digest) - 1].decode(errors="ignore")
+    return f"{head}~{digest}"
+
+
 def make_temporary(final: str | os.PathLike[str]) -> tuple[int, str]:
     """Create a new, empty temporary file for ``final`` in ``final``'s folder, named ``.NAME.PID.XXXXXXXX.tmp``.
 
@@ -137,7 +154,7 @@ def make_temporary(final: str | os.PathLike[str]) -> tuple[int, str]:
         True
     """
     target = Path(final)
-    return tempfile.mkstemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".tmp", dir=target.parent)
+    return tempfile.mkstemp(prefix=f".{_stem(target.name)}.{os.getpid()}.", suffix=".tmp", dir=target.parent)
 
 
 def backup_path(final: str | os.PathLike[str]) -> Path:
@@ -148,7 +165,7 @@ def backup_path(final: str | os.PathLike[str]) -> Path:
         True
     """
     target = Path(final)
-    return target.with_name(f".{target.name}.{os.getpid()}.bak")
+    return target.with_name(f".{_stem(target.name)}.{os.getpid()}.bak")
 
 
 def _process_gone(pid: int) -> bool:
@@ -184,12 +201,13 @@ def remove_stale_temporaries(directory: str | os.PathLike[str], name: str) -> li
     folder = Path(directory)
     removed, now = [], time.time()
     try:
-        entries = [p for p in folder.iterdir() if p.name.startswith(f".{name}.")]
+        stem = _stem(name)
+        entries = [p for p in folder.iterdir() if p.name.startswith(f".{stem}.")]
     except OSError:
         return []
     for path in entries:
         match = _TEMPORARY_NAME.fullmatch(path.name)
-        if not match or match["name"] != name or not _process_gone(int(match["pid"])):
+        if not match or match["name"] != stem or not _process_gone(int(match["pid"])):
             continue
         with contextlib.suppress(OSError):
             if now - path.lstat().st_mtime < STALE_AFTER_S:

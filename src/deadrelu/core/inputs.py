@@ -34,6 +34,7 @@ __all__ = [
     "whole_number",
     "decoder_mask_of_call",
     "in_decoder",
+    "unusual_layout",
     "is_encoder_decoder",
     "checked_mask_option",
     "refuse_meta_weights",
@@ -226,9 +227,23 @@ def refuse_meta_weights(model: nn.Module, what: str | None = None) -> None:
             )
 
 
+def unusual_layout(t: torch.Tensor) -> str | None:
+    """What makes ``t`` a tensor deadrelu cannot split or feed as data (sparse, quantized, nested), or None."""
+    if t.is_nested:
+        return "a nested tensor (pad it: torch.nested.to_padded_tensor, and pass mask=)"
+    if t.layout != torch.strided:
+        return f"a {str(t.layout).replace('torch.', '')} tensor (give it dense: .to_dense())"
+    if t.is_quantized:
+        return "a quantized tensor (give it dense: .dequantize())"
+    return None
+
+
 def iter_batches(data: Any, batch_size: int) -> Iterable[Any]:
     """A tensor split into ``batch_size`` rows, or the iterable of batches as given."""
     if isinstance(data, torch.Tensor):
+        unusual = unusual_layout(data)
+        if unusual is not None:
+            raise DataError(f"the data is {unusual}; deadrelu scans dense inputs")
         if data.ndim == 0 or data.shape[0] == 0:
             raise DataError(f"the data tensor has shape {tuple(data.shape)}: no samples to scan")
         if data.ndim == 1:  # rows would be scalars: the model would get one unbatched sample per batch
@@ -237,7 +252,7 @@ def iter_batches(data: Any, batch_size: int) -> Iterable[Any]:
                 f"the data tensor has shape ({n},): deadrelu expects a batch dimension first, (samples, ...); "
                 f"give data.unsqueeze(0) for one sample of {n} values, or data.unsqueeze(1) for {n} one-value samples"
             )
-        return data.split(batch_size)
+        return data.split(min(batch_size, data.shape[0]))  # (a batch_size past int64 is one batch, as any larger than the data)
     if isinstance(data, (str, bytes)) or not isinstance(data, Iterable):
         raise DataError(
             f"data must be a tensor, a DataLoader or an iterable of batches, not {type(data).__name__}"

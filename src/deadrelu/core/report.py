@@ -99,8 +99,9 @@ class Levels:
             min_obs = operator.index(self.min_observations)  # numpy integers too, not 2.0 or True
         except TypeError:
             min_obs = 0
-        if isinstance(self.min_observations, bool) or min_obs < 1:
-            raise DeadReluError(f"min_observations must be an integer >= 1, got {self.min_observations!r}")
+        if isinstance(self.min_observations, bool) or not 1 <= min_obs <= 2**63 - 1:
+            # (at most int64's largest: a count of observations is an int64, and saved reports hold no more)
+            raise DeadReluError(f"min_observations must be an integer from 1 to 2**63 - 1, got {self.min_observations!r:.80}")
         object.__setattr__(self, "min_observations", int(min_obs))
 
 
@@ -378,6 +379,13 @@ class SiteReport:
             ReportFormatError: naming the first field that breaks the report schema.
         """
         return cls(**parse_site(d, "site"), levels=levels)
+
+
+def _is_file(path: str) -> bool:
+    try:
+        return Path(path).is_file()
+    except (OSError, ValueError):  # a name the OS cannot hold (too long, a NUL byte)
+        return False
 
 
 def model_fingerprint(model: Any) -> str:
@@ -669,7 +677,9 @@ class Report:
                 raise ReportFormatError(f"report is not UTF-8 text: {err}") from None
         else:
             text = str(source)
-        if isinstance(source, os.PathLike) or not text.lstrip().startswith(("{", "[")):
+        # a string is JSON text unless it names a file ("{run1}.json" starts like JSON but is a path)
+        is_file = isinstance(source, str) and "\n" not in source and len(source) < 4096 and _is_file(source)
+        if isinstance(source, os.PathLike) or is_file or not text.lstrip().startswith(("{", "[")):
             try:
                 text = Path(source).read_text(encoding="utf-8")  # type: ignore[arg-type]
             except UnicodeDecodeError as err:

@@ -14,6 +14,8 @@ arguments) or a dict (keyword arguments).
 from __future__ import annotations
 
 import contextlib
+import itertools
+import sys
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
@@ -155,30 +157,48 @@ class Probe:
         self.levels = Levels(asleep_rate=asleep_rate, dormant_tau=dormant_tau, min_observations=min_observations)
         self.capture = ActivationCapture(model, unit_dim=unit_dim, threshold=threshold, mask=mask)
         self.model = model
+        self._entered = 0  # a with block inside another on the same probe is part of it
+        self._modes: set[bool] = set()  # model.training at each observed forward (the report's mode)
+        self.capture.on_forward = lambda args, kwargs: self._modes.add(self.model.training)
 
     def __enter__(self) -> "Probe":
-        self.capture.attach()
+        if not self._entered:
+            self.capture.attach()
+        self._entered += 1
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.capture.detach()
+        self._entered = max(self._entered - 1, 0)
+        if not self._entered:
+            self.capture.detach()
 
     def reset(self) -> None:
         """Forget everything observed so far."""
         self.capture.reset()
+        self._modes.clear()
 
     def report(self) -> Report:
-        """The statistics so far as a :class:`Report`.
+        """The statistics so far as a :class:`Report`, whose ``mode`` is the one its forwards ran in
+        (not the model's mode now); forwards in both modes make a ``"train"`` report, with a warning.
 
         Raises:
             NoActivationSitesError: when no forward pass with activations has been observed.
         """
+        modes = self._modes or {self.model.training}
+        if len(modes) > 1:
+            import warnings
+
+            warnings.warn(
+                "deadrelu: this probe observed forwards in train mode and in eval mode, pooled in one report "
+                "(its mode says 'train'); reset() between them to report each apart",
+                stacklevel=2,
+            )
         return report_from_capture(
             self.capture,
             self.levels,
             batches=self.capture.forwards,
             samples=self.capture.samples,
-            mode="train" if self.model.training else "eval",
+            mode="train" if True in modes else "eval",
         )
 
 
@@ -297,9 +317,10 @@ def _run_batches(
 ) -> tuple[int, int]:
     """Feed each batch through the attached capture; return (batches, samples) seen."""
     batches = samples = 0
-    for batch in batches_iter:
-        if max_batches is not None and batches >= max_batches:
-            break
+    # islice stops before asking for batch max_batches + 1: a generator's next batch may raise, block
+    # or cost a load, and an iterator the caller goes on with keeps it
+    stop = None if max_batches is None or max_batches >= sys.maxsize else max_batches
+    for batch in itertools.islice(batches_iter, stop):
         capture.batch_mask = next(mask_rows) if mask_rows is not None else resolve_mask(mask, batch)
         args, kwargs = call_arguments(batch, input_fn)
         if any(t.is_meta for t in iter_tensors((args, kwargs))):

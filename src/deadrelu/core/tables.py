@@ -58,18 +58,22 @@ def render_rich(rows: Sequence[Sequence[str]], title: str = "", caption: str = "
     from .._imports import require
 
     table_mod = require("rich.table", "cli")
+    Text = require("rich.text", "cli").Text
+    # Every string is a Text, never markup: a module path or site name may hold brackets
+    # (acts.[bold], a path with [/x]), which rich would read as styles or reject.
     table = table_mod.Table(
-        title=title, title_justify="left", caption=caption or None, caption_justify="left", show_footer=False
-    )
+        title=Text(title) if title else "", title_justify="left", caption=Text(caption) if caption else None,
+        caption_justify="left", show_footer=False,
+    )  # fmt: skip
     header = rows[0]
     for i, name in enumerate(header):
-        table.add_column(name, justify="left" if i < 2 else "right")
+        table.add_column(Text(name), justify="left" if i < 2 else "right")
     body = rows[1:]
     total = _has_total(rows)
     for j, row in enumerate(body):
-        styled = list(row)
+        styled = [Text(cell) for cell in row]
         if len(row) > 3 and row[3] not in ("0", ""):
-            styled[3] = f"[bold red]{row[3]}[/]"
+            styled[3] = Text(row[3], style="bold red")
         is_total = total and j == len(body) - 1
         table.add_row(*styled, end_section=total and j == len(body) - 2, style="bold" if is_total else None)
     return table

@@ -147,7 +147,7 @@ def _read_result_json(path: Path) -> Any:
         return None  # unreadable (a dangling link, no permission): not one this run can have written
     try:
         return json.loads(raw.decode("utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    except (ValueError, RecursionError) as err:  # JSONDecodeError, UnicodeDecodeError, a 5000-digit int, deep nesting
         if path.name in RESULT_NAMES or _MARKER.encode() in raw:
             problem = str(err).splitlines()[0] if str(err) else type(err).__name__
             raise ReportFormatError(
@@ -155,6 +155,14 @@ def _read_result_json(path: Path) -> Any:
                 "run its experiment again or move the file away"
             ) from None
         return None  # other JSON files may live here; only evidence results are ours
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """``os.path.samefile``, False for a path that cannot be read (a dangling link: no results file)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def is_deadrelu_result(path: str | os.PathLike[str]) -> bool:
@@ -370,7 +378,7 @@ def write_report(
             "pass --out FILE to write the report elsewhere, or delete the file"
         )
     for read in Path(results_dir).glob("*.json"):  # every one of them was read: none may be replaced
-        if target.exists() and os.path.samefile(target, read):
+        if target.exists() and _same_file(target, read):
             raise DeadReluError(f"cannot write the report to {target}: it is the results file {read}, which it would overwrite")
     page = render_html(results, images=images, rendered=rendered)
     target.parent.mkdir(parents=True, exist_ok=True)
