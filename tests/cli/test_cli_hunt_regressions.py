@@ -143,3 +143,16 @@ def test_the_html_report_skips_other_programs_json_and_dangling_links(tmp_path: 
     assert _read_result_json(deep) is None and _read_result_json(huge) is None
     os.symlink(tmp_path / "missing.json", tmp_path / "dangling.json")
     assert _same_file(tmp_path / "deep.json", tmp_path / "dangling.json") is False
+
+
+def test_a_threshold_or_unit_dim_key_that_names_no_site_is_warned_of_once():
+    net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU())
+    x = torch.randn(10, 8)
+    with pytest.warns(UserWarning, match="'nosuch' name no activation site") as caught:
+        report = deadrelu.scan(net, x, threshold={"nosuch": 5.0, "1": 0.1}, unit_dim={"relu": -1})
+    assert report.sites[0].fire_threshold == 0.1  # the keys that name a site are used as before
+    assert len([w for w in caught if "name no activation site" in str(w.message)]) == 1  # unit_dim's 'relu' names it
+    assert "the sites: '1'" in str(caught[0].message)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        deadrelu.scan(net, x, threshold={"1": 0.1, "relu": 0.2, "1:relu": 0.3})  # every key names the site

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import warnings
 import sys
 from typing import Any, Callable, Iterable, Iterator
 
@@ -40,6 +41,7 @@ from .inputs import (
     whole_number,
 )
 from .capture import ActivationCapture, ThresholdSpec, UnitDimSpec, checked_unit_dim, is_compiled_wrapper
+from .site_options import unmatched_keys
 from ..errors import DataError, DeadReluError, ForwardError, NoActivationSitesError
 from .report import Report, SiteReport, Levels, model_fingerprint
 from .stats import UnitStats, UnitTotals
@@ -96,6 +98,7 @@ def report_from_capture(
                 else ""
             )
         )
+    _warn_unmatched_keys(capture)
     sites = [site_report(name, site, _totals(site.stats), levels) for name, site in capture.ordered_sites()]
     return Report(
         sites=tuple(sites),
@@ -107,6 +110,26 @@ def report_from_capture(
         fingerprint=model_fingerprint(model),
         uncaptured=tuple(f"{path} ({cls})" for path, cls in capture.uncaptured.items()),
     )
+
+
+def _warn_unmatched_keys(capture: ActivationCapture) -> None:
+    """A ``threshold=`` / ``unit_dim=`` mapping key that names no site was never used: said once
+    per capture, with the names the sites do have, since a typo would otherwise pass silently."""
+    said = getattr(capture, "_warned_keys", set())
+    infos = [site.info for site in capture.sites.values()]
+    for option, spec in (("threshold", capture.threshold_spec), ("unit_dim", capture.unit_dim_spec)):
+        unused = [key for key in unmatched_keys(spec, infos) if (option, key) not in said]
+        if not unused:
+            continue
+        said.update((option, key) for key in unused)
+        names = ", ".join(repr(name) for name, _ in list(capture.ordered_sites())[:6])
+        warnings.warn(
+            f"deadrelu: {option}= key(s) {', '.join(repr(k) for k in unused)} name no activation site of this model, "
+            f"so they were not used; keys are site names, module paths, 'path:function' or function names "
+            f"(the sites: {names}{', ...' if len(infos) > 6 else ''})",
+            stacklevel=4,
+        )
+    capture._warned_keys = said
 
 
 def _totals(stats: Any) -> Any:

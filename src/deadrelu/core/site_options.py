@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import numbers
 import operator
-from typing import Any, Callable, Mapping, Union
+from typing import Any, Callable, Iterable, Mapping, Union
 
 import torch
 
@@ -19,7 +19,7 @@ from .unit_axis import rank_rule_dim
 
 __all__ = [
     "ThresholdSpec", "UnitDimSpec", "checked_threshold", "checked_unit_dim", "choose_unit_dim", "resolve_threshold",
-    "resolve_unit_dim",
+    "resolve_unit_dim", "unmatched_keys",
 ]
 
 
@@ -27,17 +27,31 @@ UnitDimSpec = Union[None, int, Mapping[str, int], Callable[[SiteInfo], Union[int
 ThresholdSpec = Union[float, Mapping[str, float], Callable[[SiteInfo], Union[float, None]]]
 
 
-def _lookup(spec: Mapping[str, Any], info: SiteInfo) -> Any:
+def _keys(info: SiteInfo) -> tuple[str, ...]:
     # Most specific key first: a display name with its ".k" (k-th such function in the module
     # call) and "#k" (k-th call of the module) — whichever of them the name carries — then
     # "path:fn", the module path, the function name; the root module is "<root>", as in site names.
     where = info.module or "<root>"
     fn, call, k = f"{where}:{info.function}", f"#{info.call + 1}", f".{info.ordinal}"
-    keys = (f"{fn}{k}{call}", f"{fn}{call}", f"{where}{call}", f"{fn}{k}", fn, f"{info.module}:{info.function}", where, info.module, info.function)  # fmt: skip
-    for key in keys:
+    return (f"{fn}{k}{call}", f"{fn}{call}", f"{where}{call}", f"{fn}{k}", fn, f"{info.module}:{info.function}", where, info.module, info.function)  # fmt: skip
+
+
+def _lookup(spec: Mapping[str, Any], info: SiteInfo) -> Any:
+    for key in _keys(info):
         if key in spec:
             return spec[key]
     return None
+
+
+def unmatched_keys(spec: Any, infos: Iterable[SiteInfo]) -> list[str]:
+    """The keys of a ``unit_dim``/``threshold`` mapping that name none of these sites (a typo, a
+    path of another model): they were never used, which a caller should hear of."""
+    if not isinstance(spec, Mapping):
+        return []
+    known: set[str] = set()
+    for info in infos:
+        known.update(_keys(info))
+    return [key for key in spec if key not in known]
 
 
 def _option_value(option: str, spec: Any, info: SiteInfo) -> Any:
