@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import math
+from typing import Callable
 
 import pytest
 import torch
@@ -505,14 +506,19 @@ class _ModeBranch(nn.Module):
         return self.out(h)
 
 
+def _planted(make: Callable[[], nn.Module], layer: str, inputs: tuple[int, int]) -> tuple[nn.Module, torch.Tensor]:
+    """A model (seed 0) whose ``layer`` has units 1 and 2 planted dead, and random inputs of that shape."""
+    torch.manual_seed(0)
+    net = make()
+    with torch.no_grad():
+        net.get_submodule(layer).bias[[1, 2]] = -50.0
+    return net, torch.randn(*inputs)
+
+
 @pytest.mark.parametrize("op", ["prune", "reinit", "nudge"])
 @pytest.mark.parametrize("mode", ["train", "eval"])
 def test_a_forward_branching_on_self_training_is_refused_and_left_as_it_was(op, mode):
-    torch.manual_seed(0)
-    net = _ModeBranch()
-    with torch.no_grad():
-        net.fb.bias[[1, 2]] = -50.0
-    x = torch.randn(64, 5)
+    net, x = _planted(_ModeBranch, "fb", (64, 5))
     report = deadrelu.scan(net, x)  # eval mode: fb's units 1 and 2 are dead
     assert report.sites[0].dead_units == (1, 2)
     net.train(mode == "train")
@@ -533,11 +539,7 @@ def test_a_forward_branching_on_self_training_is_refused_and_left_as_it_was(op, 
 
 
 def _planted_mlp() -> tuple[nn.Module, torch.Tensor]:
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3))
-    with torch.no_grad():
-        net[0].bias[[1, 2]] = -50.0
-    return net, torch.randn(64, 5)
+    return _planted(lambda: nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3)), "0", (64, 5))
 
 
 @pytest.mark.parametrize(
@@ -585,11 +587,7 @@ class _Autocast(nn.Module):
 def test_a_forward_under_autocast_is_checked_at_the_precision_it_computes_in(op):
     """The held-out reference is an fx trace, which drops autocast (float32); the model computes in
     bfloat16: it was refused for a bfloat16 rounding difference measured at float32's tolerance."""
-    torch.manual_seed(0)
-    net = _Autocast()
-    with torch.no_grad():
-        net.fc.bias[[1, 2]] = -50.0
-    x = torch.randn(32, 8)
+    net, x = _planted(_Autocast, "fc", (32, 8))
     report = deadrelu.scan(net, x)
     before = copy.deepcopy(net)
     if op == "prune":
@@ -614,11 +612,7 @@ class _InplaceStatement(nn.Module):
 
 
 def test_an_in_place_relu_written_as_a_statement_is_a_chain_to_its_consumer():
-    torch.manual_seed(0)
-    net = _InplaceStatement()
-    with torch.no_grad():
-        net.fc.bias[[1, 2]] = -50.0
-    x = torch.randn(64, 5)
+    net, x = _planted(_InplaceStatement, "fc", (64, 5))
     report = deadrelu.scan(net, x)
     small = prune_dead(net, report, data=x).model  # before: refused as a 'residual' use of the pre-activation
     assert small.fc.out_features == 6 and small.out.in_features == 6

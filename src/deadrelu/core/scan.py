@@ -209,8 +209,6 @@ class Probe:
         """
         modes = self._modes or {self.model.training}
         if len(modes) > 1:
-            import warnings
-
             warnings.warn(
                 "deadrelu: this probe observed forwards in train mode and in eval mode, pooled in one report "
                 "(its mode says 'train'); reset() between them to report each apart",

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import warnings
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import fx, nn
@@ -55,6 +55,14 @@ from .graph_ops import (
 )
 from .window import WindowStats
 
+
+
+def _parameter_inputs(graph: fx.Graph) -> Iterator[nn.Parameter]:
+    """The parameters a graph takes as inputs (its placeholders' example values), in order."""
+    for node in graph.nodes:
+        value = example(node) if node.op == "placeholder" else None
+        if isinstance(value, nn.Parameter):
+            yield value
 
 class GraphRewrite:
     """The graph pass as methods of :class:`~deadrelu.monitor.graph_capture.GraphCapture` (a mixin base: it
@@ -146,20 +154,13 @@ class GraphRewrite:
         to (a graph of the whole model holds parameters of several, or of none), else ""."""
         if not self._blocks:
             return ""
-        owners = set()
-        for node in graph.nodes:
-            value = example(node) if node.op == "placeholder" else None
-            if isinstance(value, nn.Parameter):
-                owners.add(self._block_of(self._owner_of_tensor(value)))
+        owners = {self._block_of(self._owner_of_tensor(p)) for p in _parameter_inputs(graph)}
         return owners.pop() if len(owners) == 1 else ""
 
     def _parameters_root(self, graph: fx.Graph) -> str:
         """The innermost module holding every parameter a graph takes ("" for none, or the root)."""
         common: list[str] | None = None
-        for node in graph.nodes:
-            value = example(node) if node.op == "placeholder" else None
-            if not isinstance(value, nn.Parameter):
-                continue
+        for value in _parameter_inputs(graph):
             path = (self._owner_of_tensor(value) or "").split(".")
             if common is None:
                 common = path

@@ -42,6 +42,7 @@ from .dataflow import (
     activation_name, reads_weight, check_report_matches, computed_weight_reason, leaves_no_attributes, trace_graph, unrewritable_reason,
 )  # fmt: skip
 from .defaults import default_branch_reason
+from .tracing import inplace_call
 from .transaction import Transaction, copy_model
 from .verify import check_flag, check_generator
 from ..errors import DeadReluError, RefusedError
@@ -132,13 +133,6 @@ def _is_relu_node(node: fx.Node) -> bool:
 def _is_relu_module(m: nn.Module) -> bool:
     """``nn.ReLU``, or ``nn.Threshold(0, 0)`` (the scan reports it as a relu), exact classes only."""
     return type(m) is nn.ReLU or (type(m) is nn.Threshold and function_of_module(m) == "relu")
-
-
-def _inplace(node: fx.Node) -> bool:
-    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
-    # relu(x, True); threshold(x, 0, 0, True)
-    flag = 3 if base_name(str(name)) == "threshold" else 1
-    return str(name).endswith("_") or bool(node.kwargs.get("inplace")) or (len(node.args) > flag and node.args[flag] is True)
 
 
 def _is_user_code(m: nn.Module) -> bool:
@@ -693,7 +687,7 @@ def _rewrite(
         src = node.args[0] if node.args else node.kwargs.get("input")
         # An in-place call stays in place: its input may be read again, directly or as the base of
         # a view (h[:, :4].relu_() rectifies part of h, and the view itself is never read again).
-        inplace = _inplace(node)
+        inplace = inplace_call(node)
         act = _new_activation(to, inplace and _has_inplace(to), _width(src, modules), slope, like)
         name = f"swapped_act_{k}"
         while hasattr(gm, name):

@@ -33,6 +33,7 @@ from .defaults import default_branch_reason
 __all__ = [
     "trace", "traced", "trace_graph", "leaves_no_attributes", "scripted_reason", "whole_activation", "site_nodes",
     "activation_name", "reads_weight", "describe_node", "made_inside", "storage_key", "storage_names", "holds_part",
+    "inplace_call",
 ]  # fmt: skip
 
 
@@ -353,11 +354,11 @@ def traced(model: nn.Module, what: str) -> tuple[fx.GraphModule, dict[str, str]]
     return gm, eager.found
 
 
-def _inplace_call(node: fx.Node) -> bool:
+def inplace_call(node: fx.Node) -> bool:
     """Whether an activation node writes its input (``h.relu_()``, ``F.relu(h, inplace=True)``)."""
     name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
     flag = 3 if base_name(str(name)) == "threshold" else 1  # threshold(x, 0, 0, True), relu(x, True)
-    return str(name).endswith("_") or node.kwargs.get("inplace") is True or (len(node.args) > flag and node.args[flag] is True)
+    return str(name).endswith("_") or bool(node.kwargs.get("inplace")) or (len(node.args) > flag and node.args[flag] is True)
 
 
 def _alias_inplace_activations(gm: fx.GraphModule) -> None:
@@ -369,7 +370,7 @@ def _alias_inplace_activations(gm: fx.GraphModule) -> None:
     order = {node: i for i, node in enumerate(gm.graph.nodes)}
     changed = False
     for node in list(gm.graph.nodes):
-        if node.op not in ("call_function", "call_method") or activation_name(node, modules) is None or not _inplace_call(node):
+        if node.op not in ("call_function", "call_method") or activation_name(node, modules) is None or not inplace_call(node):
             continue
         src = node.args[0] if node.args else node.kwargs.get("input")
         if not isinstance(src, fx.Node):
