@@ -162,6 +162,8 @@ def test_scan_matches_the_torch_pass(monkeypatch):
     calls = []
     real = native._run
     monkeypatch.setattr(native, "_run", lambda layout, y, *a: calls.append(y is not None) or real(layout, y, *a))
+    launched = native.Launch.__call__  # a layout seen before: the prepared call (same kernel, same arguments)
+    monkeypatch.setattr(native.Launch, "__call__", lambda self, x: calls.append(self._relu) or launched(self, x))
     fast = deadrelu.scan(model, data, batch_size=64)
     assert calls.count(True) >= 2 * 4 and calls.count(False) >= 5  # fused ReLUs, and GELU/first calls counted
     calls.clear()
@@ -273,3 +275,91 @@ def test_a_forked_child_counts_on_threads_of_its_own():
         assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
     finally:
         torch.set_num_threads(threads)
+
+
+# -- prepared launches (native.Launch): a layout seen before skips the per-call checks ----------
+
+
+def _counted_twice(x: torch.Tensor, unit_dim: int, threshold: float, nonnegative: bool, relu: bool) -> tuple[dict, list]:
+    """A UnitStats fed ``x`` three times (the first call prepares the launch) and the outputs it gave."""
+    s = stats.UnitStats(x.shape[unit_dim], threshold=threshold)
+    outs = []
+    for _ in range(3):
+        if not relu:
+            s.update(x, unit_dim, nonnegative=nonnegative)
+            continue
+        y = s.relu_and_update(x, unit_dim)
+        if y is None:  # not fused here: the caller applies the ReLU and counts it (as the capture does)
+            y = torch.relu(x)
+            s.update(y, unit_dim, nonnegative=True)
+        outs.append(y)
+    return {k: t.clone() for k, t in s.state.items()}, outs
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("shape,unit_dim,layout", LAYOUTS, ids=[f"{s}-{layout}" for s, _, layout in LAYOUTS])
+@pytest.mark.parametrize("relu", [False, True], ids=["stats", "relu"])
+def test_prepared_launch_adds_what_the_general_call_adds_bit_for_bit(dtype, shape, unit_dim, layout, relu, monkeypatch):
+    x, unit_dim = make(shape, unit_dim, layout, dtype, seed=5)
+    flat = x.view(-1) if x.is_contiguous() else None
+    if flat is not None and flat.numel() >= 4:
+        flat[:4] = torch.tensor([float("nan"), float("inf"), -0.0, -3.0]).to(dtype)
+    launched = []
+    real = native.Launch.__call__
+    monkeypatch.setattr(native.Launch, "__call__", lambda self, t: launched.append(1) or real(self, t))
+    threshold, nonnegative = 0.25, False
+    got, outs = _counted_twice(x, unit_dim, threshold, nonnegative, relu)
+    # the general call, three times, into fresh state
+    want = stats.StatTensors(x.shape[unit_dim]).state
+    for _ in range(3):
+        if relu:
+            y = native.relu_stats_into(x, unit_dim, threshold, want)
+            if y is None:  # a layout the kernel would copy: torch's ReLU, then the statistics
+                y = torch.relu(x)
+                native.unit_stats_into(y, unit_dim, threshold, True, want)
+        else:
+            native.unit_stats_into(x, unit_dim, threshold, nonnegative, want)
+    for key in want:  # bit for bit, NaN where NaN
+        torch.testing.assert_close(got[key], want[key], rtol=0, atol=0, equal_nan=True, msg=key)
+    if relu:
+        for y in outs:
+            torch.testing.assert_close(y, torch.relu(x), rtol=0, atol=0, equal_nan=True)
+            assert y.stride() == torch.relu(x).stride()
+    # every call but the first of a layout the kernel addresses as it is was the prepared one
+    assert len(launched) == (0 if layout == "transposed" else 3)
+
+
+def test_a_prepared_launch_follows_a_replaced_state_and_the_thread_count():
+    x = torch.randn(16, 8)
+    s = stats.UnitStats(8)
+    s.update(x, 1)
+    old = s.fired
+    s.fired = torch.zeros(8, dtype=torch.int64)  # a new state tensor: the launch made for the old one must not add into it
+    s.update(x, 1)
+    assert torch.equal(old, (x > 0).sum(0)) and torch.equal(s.fired, (x > 0).sum(0))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(max(1, threads - 1) if threads > 1 else 2)
+        s.update(x, 1)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(s.fired, 2 * (x > 0).sum(0)) and s.observations == 3 * 16
+
+
+def test_prepared_launches_leave_masks_grad_and_env_to_the_general_route(monkeypatch):
+    x = torch.randn(6, 5, requires_grad=True)
+    s = stats.UnitStats(5)
+    y = s.relu_and_update(x, 1)
+    assert y.requires_grad  # recorded by autograd: the fused autograd op, not the prepared call
+    s.update(x, 1, mask=torch.tensor([True, False, True, True, False, True]))
+    with torch.no_grad():
+        s.relu_and_update(x, 1)
+        monkeypatch.setenv("DEADRELU_NO_NATIVE", "1")
+        calls = []
+        monkeypatch.setattr(native.Launch, "__call__", lambda self, t: calls.append(1))
+        assert s.relu_and_update(x, 1) is None  # no kernel to fuse with: the caller's ReLU and update()
+        s.update(x, 1)
+        assert not calls
+    h = torch.relu(x.detach())
+    assert torch.equal(s.fired, 3 * (h > 0).sum(0) + (h[[0, 2, 3, 5]] > 0).sum(0))
+    assert s.observations == 3 * 6 + 4

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import deadrelu
-from deadrelu.core import stats
+from deadrelu.core import native, stats
 from deadrelu.core.stats import STATISTICS, Statistic, StatTensors, UnitStats, per_unit_sum
 from deadrelu.monitor.compiled import TensorWindowStats
 from deadrelu.monitor.window import WindowStats
@@ -174,6 +174,7 @@ def test_internal_failure_names_site_shape_and_dtype(monkeypatch):
         raise RuntimeError("Found dtype Float but expected BFloat16")
 
     monkeypatch.setattr(stats, "accumulate", broken)
+    monkeypatch.setattr(native.Launch, "__call__", broken)  # the prepared kernel call of the CPU route
     model = nn.Sequential(nn.Linear(3, 4), nn.GELU())
     with pytest.raises(deadrelu.DeadReluError) as info:
         deadrelu.scan(model, torch.randn(5, 3))

@@ -44,7 +44,7 @@ import torch
 from . import kernels
 from .files import make_temporary, remove_stale_temporaries
 
-__all__ = ["available", "relu_stats_into", "status", "supports", "unit_stats_into"]
+__all__ = ["Launch", "available", "prepare", "relu_stats_into", "status", "supports", "unit_stats_into"]
 
 _SOURCES = ("unit_stats.c", "unit_stats_body.h")
 _ABI = 4
@@ -354,3 +354,75 @@ def relu_stats_into(
         return None
     _run(made[0], made[1], threshold, True, out, mask)
     return made[1]
+
+
+
+class Launch:
+    """:func:`unit_stats_into` (or :func:`relu_stats_into`) for tensors of one layout into one
+    accumulator's state, its kernel arguments worked out once: a site's batches repeat their
+    layout, and on a small model the checks and ctypes conversions of the general call cost as
+    much as the kernel. A call is one foreign call with prebuilt arguments (and, for a ReLU, an
+    ``empty_like`` for its output). Made by :func:`prepare`; it adds into the state tensors it was
+    made for (:meth:`adds_into` says whether they still are).
+    """
+
+    __slots__ = ("_args", "_dtype", "_fn", "_relu", "_state")
+
+    def __init__(self, fn: object, args: list[object], dtype: torch.dtype, state: tuple[torch.Tensor, ...], relu: bool) -> None:  # fmt: skip
+        self._fn, self._args, self._dtype, self._state, self._relu = fn, args, dtype, state, relu
+
+    def adds_into(self, out: Mapping[str, torch.Tensor]) -> bool:
+        """Whether ``out`` holds the state tensors this launch adds into (a moved or replaced state does not)."""
+        fired, mag, bad, obs = self._state
+        return out.get("fired") is fired and out.get("abs_sum") is mag and out.get("nonfinite") is bad and (
+            out.get("observations") is obs
+        )
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Count ``x`` (of the layout the launch was made for); for a ReLU launch, return ``relu(x)``."""
+        args = self._args.copy()  # (a copy: two threads may call one launch)
+        args[1] = ctypes.c_void_p(x.data_ptr())
+        y = None
+        if self._relu:
+            y = torch.empty_like(x)  # dense: the strides of x, as torch.relu's output has
+            args[2] = ctypes.c_void_p(y.data_ptr())
+        rc = self._fn(*args)  # type: ignore[operator]
+        if rc:
+            _check(rc, self._dtype)
+        return y
+
+
+def prepare(
+    x: torch.Tensor, unit_dim: int, threshold: float, nonnegative: bool, out: Mapping[str, torch.Tensor], relu: bool
+) -> Launch | None:
+    """A :class:`Launch` doing for ``x``'s layout what :func:`unit_stats_into` (``relu``:
+    :func:`relu_stats_into`) does, without a mask, or None where that call would do more than one
+    direct kernel call on ``x`` itself: a layout it copies (or, for a ReLU, leaves to torch), a
+    batch it splits over threads, or accumulators it cannot add into. ``unit_dim`` counts from the front."""
+    lib = _library()
+    if lib is None:
+        return None
+    if relu:
+        made = kernels.relu_output(x, unit_dim, False)
+        if made is None:
+            return None
+        layout = made[0]
+    else:
+        layout = kernels.plan(x, unit_dim)
+    t, before, units, after, s_b, s_u, s_a = layout
+    if t is not x or max(1, min(torch.get_num_threads(), before, t.numel() // _MIN_SLICE_ELEMENTS)) != 1:
+        return None
+    if before > _MAX_ROWS_PER_CALL or not _direct(out, units):
+        return None
+    # Without argtypes, ctypes passes these objects as they are typed: the entry point's signature.
+    fn = lib["deadrelu_unit_stats"]  # (indexing gives a new function object: the shared one keeps its argtypes)
+    fn.restype = ctypes.c_int
+    i32, i64, ptr = ctypes.c_int, ctypes.c_int64, ctypes.c_void_p
+    state = (out["fired"], out["abs_sum"], out["nonfinite"], out["observations"])
+    args: list[object] = [
+        i32(_DTYPES[t.dtype]), None, ptr(None), ptr(None),
+        *(i64(v) for v in (0, before, units, after, s_b, s_u, s_a, 1)),
+        ctypes.c_double(float(threshold)), i32(int(relu)), i32(int(relu or bool(nonnegative))), i32(-1),
+        *(ptr(s.data_ptr()) for s in state),
+    ]  # fmt: skip
+    return Launch(fn, args, t.dtype, state, relu)

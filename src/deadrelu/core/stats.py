@@ -465,6 +465,13 @@ def accumulate(
         _extra_statistics(x, unit_dim, threshold, out, mask)
 
 
+def _native_counts(x: torch.Tensor, backend: str) -> bool:
+    """Whether :func:`accumulate` counts an unmasked ``x`` with the C kernel and nothing else."""
+    if any(s.batch is not None for s in STATISTICS) or not (backend == "native" or not _triton_ready(x)):
+        return False
+    return native_ready(x, backend)
+
+
 def fuses_relu(x: torch.Tensor, unit_dim: int, backend: str = "auto", inplace: bool = False) -> bool:
     """Whether :func:`relu_accumulate` runs the ReLU and its statistics as one kernel here.
 
@@ -679,6 +686,9 @@ class UnitStats(StatTensors):
             DeadReluError: when the unit dimension's size differs from ``units`` or the mask
                 does not fit the activation.
         """
+        if mask is None and type(activation) is torch.Tensor and activation.is_cpu and activation.is_floating_point():
+            if self._launched(activation, unit_dim, bool(nonnegative), relu=False):
+                return
         x, unit_dim = as_unit_batch(activation, unit_dim, self.units)
         if x.device != self.device:
             self.to(x.device)
@@ -696,12 +706,47 @@ class UnitStats(StatTensors):
         """
         if type(self).update is not UnitStats.update:  # a subclass's own update() must see every batch
             return None
+        if mask is None and not inplace and type(x) is torch.Tensor and x.is_cpu:
+            if not (x.requires_grad and torch.is_grad_enabled()) and not forward_ad_on():  # nothing for autograd
+                y = self._launched(x, unit_dim, True, relu=True)
+                if isinstance(y, torch.Tensor):
+                    return y
         engine = None if x.ndim < 2 or x.shape[unit_dim] != self.units else relu_engine(x, unit_dim, self.backend, inplace)
         if engine is None:
             return None
         if x.device != self.device:
             self.to(x.device)
         return fused_relu_accumulate(x, unit_dim, self.threshold, self.state, mask, self.backend, inplace, engine)
+
+    def _launched(self, x: torch.Tensor, unit_dim: int, nonnegative: bool, relu: bool) -> bool | torch.Tensor | None:
+        """The common call, an unmasked CPU batch of a layout this accumulator has counted before,
+        as one prepared kernel call (:class:`~deadrelu.core.native.Launch`): the call the general
+        route below makes, without its per-call checks. ``relu(x)`` (``relu``) or True when it
+        counted ``x``; None, having done nothing, where that route must decide."""
+        if self.backend not in ("auto", "native") or fusion_off() or not native.available():
+            return None
+        if x.is_neg() or kernels.transforms_active():
+            return None
+        key = (x.shape, x.stride(), x.dtype, unit_dim, self.threshold, nonnegative, relu, torch.get_num_threads())
+        launches: dict[tuple, native.Launch | None] | None = getattr(self, "_launches", None)
+        if launches is None:
+            launches = self._launches = {}
+        launch = launches.get(key)
+        if launch is None or not launch.adds_into(self.state):
+            if launch is None and key in launches:
+                return None  # a layout the general route handles (a copy, threads, another kernel)
+            if x.ndim < 2 or x.shape[unit_dim] != self.units or x.device != self.device or x.numel() == 0:
+                return None
+            usual = relu_engine(x, unit_dim, self.backend, False) is native if relu else _native_counts(x, self.backend)
+            if len(launches) >= 64:  # many layouts (e.g. every sequence length): keep the cache bounded
+                launches.clear()
+            launch = launches[key] = (
+                native.prepare(x, front_dim(x.ndim, unit_dim), self.threshold, nonnegative, self.state, relu) if usual else None
+            )
+            if launch is None:
+                return None
+        y = launch(x)
+        return True if y is None else y
 
     def merge(self, other: "StatTensors") -> "UnitStats":
         """Add another accumulator of the same site into this one (in place) and return self.
