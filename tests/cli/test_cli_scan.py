@@ -214,3 +214,31 @@ def test_a_broken_pipe_that_is_not_stdout_is_still_an_error(monkeypatch, capsys)
     monkeypatch.setattr(cli_main, "_stdout_closed", lambda: False)
     assert cli_main.main(["scan", "m", "--data", "x"]) == 2
     assert capsys.readouterr().err == "deadrelu scan: error: [Errno 32] Broken pipe\n"
+
+
+def test_a_float64_model_scans_its_float64_data(tmp_path):
+    """The data is cast to the model's dtype: it was always float32, so a float64 model's own float64
+    file failed with 'the model raised RuntimeError: mat1 and mat2 must have the same dtype'."""
+    import numpy as np
+
+    (tmp_path / "f64mod.py").write_text(
+        textwrap.dedent(
+            """
+            import torch
+            from torch import nn
+
+            def make():
+                torch.manual_seed(0)
+                m = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).double()
+                with torch.no_grad():
+                    m[0].bias[:5] = -50.0
+                return m
+            """
+        )
+    )
+    x = np.random.default_rng(0).normal(size=(50, 8))  # float64, NumPy's default
+    np.save(tmp_path / "x.npy", x)
+    p = run_cli("scan", "f64mod:make", "--data", "x.npy", "--json", "r.json", "--no-progress", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    site = json.loads((tmp_path / "r.json").read_text())["sites"][0]
+    assert site["observations"] == 50 and site["fired_counts"][:5] == [0] * 5 and min(site["fired_counts"][5:]) > 0

@@ -10,7 +10,7 @@ import torch
 
 from deadrelu.errors import DataError, DeadReluError
 from deadrelu.lab.idx import read_idx, write_idx
-from deadrelu.cli.loading import load_data, load_model
+from deadrelu.cli.loading import inputs_for, load_data, load_model
 
 
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int16, torch.int32, torch.float32, torch.float64])
@@ -50,8 +50,13 @@ def test_numpy_files(tmp_path):
     np.save(tmp_path / "img.npy", (np.arange(14) % 256).astype(np.uint8).reshape(7, 2))
     np.save(tmp_path / "ids.npy", np.arange(14).reshape(7, 2))
     a = load_data(str(tmp_path / "a.npy"))
-    assert a.dtype == torch.float32 and a.shape == (7, 3)
+    assert a.dtype == torch.float64 and a.shape == (7, 3)  # its own precision, until the model's dtype is known
     assert torch.equal(load_data(str(tmp_path / "b.npz")), a)
+    # cast to the model's floating dtype: NumPy's float64 for a float32 model, kept for a float64 one
+    assert inputs_for(torch.nn.Linear(3, 1), a).dtype == torch.float32
+    assert torch.equal(inputs_for(torch.nn.Linear(3, 1).double(), a), a)
+    assert inputs_for(torch.nn.Linear(3, 1).half(), a).dtype == torch.float16
+    assert inputs_for(torch.nn.ReLU(), a).dtype == torch.float32  # no parameters: float32
     img = load_data(str(tmp_path / "img.npy"))
     assert img.dtype == torch.float32 and float(img.max()) <= 1.0
     assert load_data(str(tmp_path / "ids.npy")).dtype == torch.int64  # token ids stay integers

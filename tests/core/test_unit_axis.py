@@ -241,3 +241,55 @@ def test_heads_count_each_heads_features_and_feature_maps_their_channels():
     assert heads.unit_axis_source == "producer:Linear"
     assert (maps.unit_dim, maps.units, maps.observations) == (1, 4, m.shape[0])
     assert list(maps.fired_counts) == (m > 0).sum(0).tolist() and maps.dead_units == (2,)
+
+
+class _SqueezedHead(nn.Module):
+    """A non-negative per-sample prediction: ``relu(Linear(d, 1)(h))`` with the size-1 axis removed
+    first, in the ways code writes it; ``spell`` picks one."""
+
+    def __init__(self, spell: str) -> None:
+        super().__init__()
+        self.body, self.head, self.act, self.spell = nn.Linear(6, 10), nn.Linear(10, 1), nn.ReLU(), spell
+        with torch.no_grad():
+            self.body.bias[:3] = -50.0  # planted dead units
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        o = self.head(F.relu(self.body(x)))
+        if self.spell == "tokens":  # (B, T, 1) -> (B, T)
+            o = self.head(F.relu(self.body(x)).unsqueeze(1).expand(-1, 3, -1))
+            return F.relu(o.squeeze(-1))
+        squeezed = {"squeeze": o.squeeze(-1), "view": o.view(-1), "flatten": o.flatten(), "index": o[:, 0],
+                    "select": o.select(1, 0)}[self.spell]  # fmt: skip
+        return self.act(squeezed * 2 + 1) if self.spell == "index" else F.relu(squeezed)
+
+
+@pytest.mark.parametrize("spell", ["squeeze", "view", "flatten", "index", "select", "tokens"])
+def test_a_squeezed_single_output_is_one_unit_even_with_a_short_last_batch(spell):
+    """Its values are observations of the head's one unit: the rank rule made each batch row a unit
+    (16 units of 3 observations for 48 samples) and a short last batch then raised."""
+    torch.manual_seed(0)
+    model = _SqueezedHead(spell).eval()
+    x = torch.randn(40, 6)  # batches of 16, 16 and 8
+    report = deadrelu.scan(model, x, batch_size=16)
+    with torch.no_grad():
+        out = model(x)
+        body = F.relu(model.body(x))
+    head = report.sites[-1]
+    assert (head.units, head.observations, head.fired_counts) == (1, out.numel(), (int((out > 0).sum()),))
+    assert head.unit_axis_source == "producer: its single output, squeezed"
+    assert report.sites[0].dead_units == tuple(int(u) for u in torch.nonzero((body > 0).sum(0) == 0).flatten())
+
+
+def test_a_squeezed_single_output_in_the_training_monitor():
+    torch.manual_seed(0)
+    model = _SqueezedHead("squeeze")
+    with deadrelu.Monitor(model, window=4) as mon:
+        fired = 0
+        for size in (16, 16, 8):
+            x = torch.randn(size, 6)
+            model(x).sum().backward()
+            with torch.no_grad():
+                fired += int((model(x) > 0).sum())
+            mon.step()
+    head = mon.report("total").sites[-1]
+    assert (head.units, head.observations, head.fired_counts) == (1, 40, (fired,))

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import importlib
+import itertools
 import logging
 import lzma
 import os
@@ -47,7 +48,7 @@ from ..core.inputs import LABEL_KEYS, unusual_layout
 from ..errors import DataError, DeadReluError
 from ..lab.idx import read_idx
 
-__all__ = ["load_model", "load_data", "import_object", "call_user_code", "one_line", "TRUST_FLAG"]
+__all__ = ["inputs_for", "load_model", "load_data", "import_object", "call_user_code", "one_line", "TRUST_FLAG"]
 
 _INPUT_KEYS = ("x", "X", "inputs", "input", "data", "images", "features")
 
@@ -314,7 +315,7 @@ def _as_input_tensor(t: torch.Tensor, source: str) -> torch.Tensor:
     if t.dtype == torch.uint8:
         return t.float() / 255.0
     if t.is_floating_point():
-        return t.float()
+        return t  # its own precision: cast to the model's dtype once both are loaded (inputs_for)
     if t.dtype == torch.bool:
         return t.float()
     return t.long()
@@ -367,6 +368,20 @@ def load_data(source: str, *, flatten: bool = False, trust_pickle: bool = False)
     else:
         raise DataError(f"unknown data format {path.suffix or path.name!r}: use .pt, .npy, .npz, .csv or an IDX directory")
     return _finish(tensor, source, flatten)
+
+
+def inputs_for(model: nn.Module, data: Any) -> Any:
+    """Floating data in the model's floating dtype (its first floating parameter's, else buffer's;
+    float32 for a model with neither): a float64 model scans its float64 file, a float32 model
+    NumPy's float64 arrays. Other data (token ids, a data function's batches) is left as it is."""
+    if not isinstance(data, torch.Tensor) or not data.is_floating_point():
+        return data
+    dtype = torch.float32
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        if t.is_floating_point():
+            dtype = t.dtype
+            break
+    return data.to(dtype)
 
 
 class GuardedBatches:

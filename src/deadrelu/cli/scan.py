@@ -205,11 +205,11 @@ def _load_inputs(args: argparse.Namespace, batch_size: int) -> tuple[Any, Any]:
         return text_scan_inputs(
             args.model, args.text, batch_size=batch_size, max_length=args.max_length, dtype=args.dtype
         )
-    from .loading import load_data, load_model
+    from .loading import inputs_for, load_data, load_model
 
     model = load_model(args.model, args.weights, trust_pickle=args.trust_pickle)
     data = load_data(args.data, flatten=args.flatten, trust_pickle=args.trust_pickle)
-    return model, data
+    return model, inputs_for(model, data)
 
 
 def scan_command(args: argparse.Namespace) -> Report:

@@ -532,6 +532,8 @@ class ActivationCapture(CaptureHooks, ObservationMasks):
 
     def _update(self, site: Site, out: torch.Tensor, nonnegative: bool | None = None) -> None:
         self.last_site = site.info.module or "<root>"
+        if site.squeezed and out.ndim == len(site.info.shape) - 1:
+            out = out.unsqueeze(-1)  # the size-1 unit axis the producer's output had
         # Inside torch.func's transforms (grad, vmap) the output is a wrapper that accumulators made
         # outside may not be written with: count the plain values under it, the transforms off.
         wrapped = functorch_wrapped(out)
@@ -574,6 +576,8 @@ class ActivationCapture(CaptureHooks, ObservationMasks):
         ``out`` has another rank (a Linear on ``(B, C)`` in one batch and on ``(B, T, C)`` in the
         next, an unbatched convolution input), whose units the same rules find again — the first
         output's dim would count positions as units, silently where the sizes happen to agree."""
+        if site.squeezed and out.ndim == len(site.info.shape) - 1:
+            return out.ndim  # (no such dim: counted unsqueezed, see _update)
         if out.ndim == len(site.info.shape) or out.ndim < 2:
             return site.unit_dim  # (a 0-D or 1-D output is one sample of its units: see as_unit_batch)
         info = replace(site.info, shape=tuple(out.shape))
@@ -631,7 +635,16 @@ class ActivationCapture(CaptureHooks, ObservationMasks):
             info.module, info.module_type, info.call = self._graph_sites[slot]  # type: ignore[misc]
             info.slot, info.leaf = 0, info.module_type in ACTIVATION_CLASS_NAMES
         info.ordinal = same_function_ordinal((s.info for s in self.sites.values()), info.module, info.call, name, info)
-        unit_dim = choose_unit_dim(self.unit_dim_spec, info, out.ndim, self._axis(out))
+        squeezed = self._axis(out) is None and self._fwd.axes.is_squeezed(out)
+        if squeezed and resolve_unit_dim(self.unit_dim_spec, info, out.ndim, -1) == -1:
+            # A layer's single output, squeezed: counted as the (..., 1) it was, with its one unit.
+            info.shape = (*out.shape, 1)
+            out = out.unsqueeze(-1)
+            unit_dim = out.ndim - 1
+            info.unit_axis_source = "producer: its single output, squeezed"
+        else:
+            squeezed = False
+            unit_dim = choose_unit_dim(self.unit_dim_spec, info, out.ndim, self._axis(out))
         units = out.shape[unit_dim] if out.ndim else 1
         thr = resolve_threshold(self.threshold_spec, info)
         site = Site(
@@ -640,6 +653,7 @@ class ActivationCapture(CaptureHooks, ObservationMasks):
             self.stats_factory(units, thr, out.device),
             order=next_site_order(),
             nonnegative=info.function in NONNEGATIVE_FUNCTIONS,
+            squeezed=squeezed,
         )
         site.takes_mask = _accepts_mask(site.stats)
         self.sites[key] = site

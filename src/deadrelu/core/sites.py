@@ -78,6 +78,9 @@ class Site:
     nonnegative: bool = False  # |h| = h for this activation
     takes_mask: bool = False  # its update() accepts mask=
     layout: str | None = None  # how a (B, T) mask lay over it when B != T: read a square one the same way
+    # its activation is a layer's single output with that size-1 axis squeezed away ((B, 1) -> (B,)):
+    # counted as the (B, 1) it came from, one unit (the shape in ``info`` has the axis back)
+    squeezed: bool = False
 
 
 _SITE_ORDER = itertools.count()

@@ -451,6 +451,15 @@ class AxisTable:
         # and what is computed from such parts alone. No layer outputs them, so a ReLU *spelled*
         # ``clamp(min=0)`` there (box corners, widths, a variance) is no activation; ``F.relu`` is.
         self.parts: dict[int, Any] = {}
+        # Tensors whose feature axis was a layer's single output, squeezed away (``head(h).squeeze(-1)``
+        # of a ``Linear(d, 1)``: ``(B, 1)`` to ``(B,)``), by identity (weakref): every value is an
+        # observation of that one unit, not a unit of its own (the rank rule would count batch rows).
+        self.squeezed: dict[int, Any] = {}
+
+    def is_squeezed(self, t: Any) -> bool:
+        """Whether ``t``'s values are all of one unit whose size-1 axis was squeezed away (see :attr:`squeezed`)."""
+        ref = self.squeezed.get(id(t)) if self.squeezed else None
+        return ref is not None and ref() is t
 
     def is_part(self, t: Any) -> bool:
         """Whether ``t`` holds part of a layer's features (see :attr:`parts`)."""
@@ -461,6 +470,8 @@ class AxisTable:
         """Give ``out`` the feature axis of ``src``, and its mark where ``src`` is a part: ``out`` is
         computed from it value by value (an activation's output, a block's hidden states)."""
         entry = self.get(src)
+        if entry is None and isinstance(out, torch.Tensor) and self.is_squeezed(src):
+            self.squeezed[id(out)] = weakref.ref(out)
         if entry is None or not isinstance(out, torch.Tensor):
             return
         self.set(out, entry[1], entry[2])
@@ -515,6 +526,8 @@ class AxisTable:
                 self.set(out, kind[2] % out.ndim, "producer:norm")
             elif code == NORM and isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
                 self.set(out[0], kind[2] % max(out[0].ndim, 1), "producer:norm")
+            elif self.squeezed and self._squeezed_through(args, out):
+                pass  # a squeezed single output, elementwise (head(h).squeeze(-1) * scale + shift)
             elif self.parts and any(self.is_part(a) for a in args[:2]):
                 self._mark_parts(out)  # computed from parts alone (b[:, 2] - b[:, 0])
             elif (code == INDEX or code == REDUCE or kind[1] in _NARROWING) and args and isinstance(args[0], torch.Tensor):
@@ -546,6 +559,12 @@ class AxisTable:
                 new = carried_axis(axis, before, after) if new is None else new
             else:
                 new = carried_axis(axis, before, after)
+            if before[axis] == 1 and (new is None or new == GONE) and tuple(after) == before[:axis] + before[axis + 1 :]:
+                if code == RESHAPE or code == INDEX or kind[1] in _SELECTIONS:
+                    # the layer's one output squeezed, selected or flattened away ((B, 1) -> (B,)): its
+                    # values are that unit's observations, not a part of the layer and not units
+                    self.squeezed[id(o)] = weakref.ref(o)
+                    continue
             if new == GONE or (new is not None and (part or (code != RESHAPE and after[new] < before[axis]))):
                 # fewer of the layer's units than before (a reshape only splits them into heads), or none
                 self.parts[id(o)] = weakref.ref(o)
@@ -554,6 +573,16 @@ class AxisTable:
                 # a grouped matmul's output stays grouped only while its rows stay as they were
                 if origin is not None and (not origin.grouped or (o.ndim >= 2 and after[0] == before[0])):
                     self.origins[id(o)] = (weakref.ref(o), origin)
+
+    def _squeezed_through(self, args: tuple, out: Any) -> bool:
+        """Mark ``out`` squeezed where it has the shape of a squeezed input it is computed from."""
+        if not isinstance(out, torch.Tensor):
+            return False
+        for a in args[:2]:
+            if isinstance(a, torch.Tensor) and a.shape == out.shape and self.is_squeezed(a):
+                self.squeezed[id(out)] = weakref.ref(out)
+                return True
+        return False
 
     def _whole(self, t: Any) -> bool:
         """A tensor with a feature axis that is no part."""
