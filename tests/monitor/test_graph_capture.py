@@ -1519,3 +1519,29 @@ def test_a_functional_activation_after_a_graph_break_in_a_submodule_is_counted(d
         assert by_name[name].observations == 18
         assert list(by_name[name].fired_counts) == (act > 0).sum(0).tolist()
     assert 1 in by_name["0:relu"].dead_units and 1 not in by_name["1:relu"].dead_units
+
+
+class _SqueezedHead(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body, self.head = nn.Linear(6, 10), nn.Linear(10, 1)
+
+    def forward(self, x):
+        return F.relu(self.head(F.relu(self.body(x))).squeeze(-1))  # (B,): the head's one unit
+
+
+def test_a_squeezed_single_output_is_one_unit_as_in_eager_mode(dynamo):
+    """The compiled monitor made each batch row of a (B,) activation a unit and raised at a short batch."""
+    torch.manual_seed(0)
+    model = _SqueezedHead()
+    mon = deadrelu.Monitor(model, window=4, compiled=True).attach()
+    compiled, fired = torch.compile(model), 0
+    for size in (16, 16, 8):
+        x = torch.randn(size, 6)
+        compiled(x).sum().backward()
+        with torch.no_grad():
+            fired += int((model(x) > 0).sum())
+        mon.step()
+    head = mon.report("total").sites[-1]
+    mon.detach()
+    assert (head.units, head.observations, head.fired_counts) == (1, 40, (fired,))

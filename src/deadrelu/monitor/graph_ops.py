@@ -336,6 +336,8 @@ def site_sums(
     plain reductions and Inductor fuses with the kernels around the activation. ``mask`` is the
     call's ``attention_mask`` (``(B, T)``; ``transposed`` for a ``(T, B)`` activation)."""
     keep = None
+    if unit_dim == x.ndim:  # a layer's single output with its size-1 axis squeezed away: that axis back
+        x = x.unsqueeze(-1)
     if mask is not None:
         if mask.dtype == torch.bool:
             keep = mask

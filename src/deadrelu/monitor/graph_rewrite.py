@@ -25,6 +25,7 @@ from ..core.capture import (
     eager_modules,
     next_site_order,
     resolve_threshold,
+    resolve_unit_dim,
     same_function_ordinal,
 )
 from ..core.hooks import global_forward_hooks
@@ -591,8 +592,14 @@ class GraphRewrite:
             occurrence=occurrence,
             ordinal=same_function_ordinal((s.info for s in self.sites.values()), path, call, name),
         )
-        unit_dim = choose_unit_dim(self.unit_dim_spec, info, value.ndim, table.get(value))
-        units = value.shape[unit_dim] if value.ndim else 1
+        entry = table.get(value)
+        if entry is None and table.is_squeezed(value) and resolve_unit_dim(self.unit_dim_spec, info, value.ndim, -1) == -1:
+            # A layer's single output, squeezed ((B, 1) -> (B,)): counted as the (..., 1) it was, its one
+            # unit one past the value's last dim (site_sums puts that axis back), as the eager capture does.
+            info.shape = (*info.shape, 1)
+            entry = (None, value.ndim, "producer: its single output, squeezed")
+        unit_dim = choose_unit_dim(self.unit_dim_spec, info, value.ndim, entry)
+        units = value.shape[unit_dim] if unit_dim < value.ndim else 1
         if not isinstance(units, int):
             self.uncaptured.setdefault(path or "<root>", f"{name} with a dynamic number of units")
             return None
@@ -610,7 +617,7 @@ class GraphRewrite:
         stats = WindowStats(units, resolve_threshold(self.threshold_spec, info), value.device, self.window)
         stats.nonnegative = name in NONNEGATIVE_FUNCTIONS
         site = Site(
-            info, unit_dim, stats, order=next_site_order(), ident=next(SITE_IDS), key=key, entry=_axis_entry(table.get(value)),
+            info, unit_dim, stats, order=next_site_order(), ident=next(SITE_IDS), key=key, entry=_axis_entry(entry),
             block=self._graph_root, calls_per_block_call=1 if path == self._graph_root else self._graph_calls.get(path, 1),
             unowned=unowned, anchor_path=self._anchor_path,
         )  # fmt: skip
@@ -679,7 +686,8 @@ def _mask_layout(value: Any, unit_dim: int, mask: fx.Node | None, shape: tuple[A
     value (:func:`deadrelu.core.inputs.mask_layout`, with symbolic sizes compared without adding a guard)."""
     if mask is None or not isinstance(value, torch.Tensor):
         return None
-    return mask_layout(value.shape, unit_dim, shape if shape is not None else mask.meta["example_value"].shape, same=_same)
+    sizes = (*value.shape, 1) if unit_dim == value.ndim else tuple(value.shape)  # a squeezed single output (see _site)
+    return mask_layout(sizes, unit_dim, shape if shape is not None else mask.meta["example_value"].shape, same=_same)
 
 
 def _same(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
