@@ -12,6 +12,8 @@ import warnings
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 from torch import nn
 
@@ -520,3 +522,72 @@ def test_a_reentrant_checkpoint_inside_observe_is_one_site_counted_once():
         report = mon.report()
     assert [(s.name, s.observations) for s in report.sites] == [("online.1", 4)]
     assert list(report.sites[0].fired_counts) == (m.online(x) > 0).sum(0).tolist()
+
+
+def _brute_events(plan: list[list[tuple[bool, ...]]], window: int, log_every: int) -> list[tuple[int, int, str]]:
+    """Lifecycle events by the documented rules, on Python sets, from which unit fired in which batch.
+
+    Evaluations: every ``log_every`` steps, and the step the window first fills. At a site's first
+    evaluation its first full window (batches 1..window) is read first (born dead: dead there), then
+    the current window; "fired since" spans every batch after the previous evaluation (or after the
+    first window), also those that already left the window."""
+    batches: list[tuple[bool, ...]] = []
+    known_dead: set[int] = set()
+    known_alive: set[int] = set()
+    seen_at_eval, first_done, events = 0, False, []
+
+    def apply(step: int, dead: set[int], alive: set[int], since: set[int]) -> None:
+        nonlocal known_dead, known_alive
+        fired = alive | since
+        back = known_dead & fired
+        fresh = dead - known_dead
+        events.extend((step, u, "born_dead") for u in sorted(fresh - known_alive))
+        events.extend((step, u, "died") for u in sorted(fresh & known_alive))
+        events.extend((step, u, "revived") for u in sorted(back))
+        events.extend((step, u, "died") for u in sorted(back & dead))
+        known_dead, known_alive = (known_dead - fired) | dead, ((known_alive | fired) - dead) | alive
+
+    units = len(plan[0][0]) if plan and plan[0] else 0
+
+    def fired_in(bs: list[tuple[bool, ...]]) -> set[int]:
+        return {u for u in range(units) if any(b[u] for b in bs)}
+
+    for step, step_batches in enumerate(plan, start=1):
+        batches += step_batches
+        filled_now = not first_done and len(batches) >= window
+        last = step == len(plan)  # leaving the with block evaluates a step not evaluated yet
+        if not (filled_now or step % log_every == 0 or last) or len(batches) < window:
+            continue
+        if not first_done:
+            alive = fired_in(batches[:window])
+            apply(step, set(range(units)) - alive, alive, set())
+            seen_at_eval, first_done = window, True
+        alive = fired_in(batches[-window:])
+        apply(step, set(range(units)) - alive, alive, fired_in(batches[seen_at_eval:]))
+        seen_at_eval = len(batches)
+    return events
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    plan=st.lists(st.lists(st.tuples(st.booleans(), st.booleans(), st.booleans()), min_size=1, max_size=3), min_size=1, max_size=9),
+    window=st.integers(1, 3),
+    log_every=st.sampled_from([1, 2, 3, 5]),
+)
+def test_lifecycle_events_from_every_batch_with_several_forwards_per_step(plan, window, log_every):
+    """Several forwards per step (gradient accumulation) and log_every steps holding more batches
+    than the window: a unit that fired in the first full window was called born dead once the window
+    slid on before the first evaluation, and a dead unit that fired only in batches that left the
+    window before the next evaluation was never revived."""
+    lin = nn.Linear(3, 3, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.eye(3))
+    net = nn.Sequential(lin, nn.ReLU())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeadUnitWarning)
+        with deadrelu.Monitor(net, window=window, log_every=log_every) as mon:
+            for step_batches in plan:
+                for fires in step_batches:
+                    net(torch.tensor([[1.0 if f else -1.0 for f in fires]] * 2)).sum().backward()
+                mon.step()
+    assert [(e.step, e.unit, e.kind) for e in mon.events] == _brute_events(plan, window, log_every)

@@ -71,6 +71,7 @@ class TensorWindowStats:
         self.nonnegative = False
         self.ring = StatTensors(self.units, self.device, leading=(self.window,))
         self.banked = StatTensors(self.units, self.device)
+        self.first = StatTensors(self.units, self.device)  # the first `window` batches (see WindowStats.first)
         self.pos = torch.zeros(1, dtype=torch.int64, device=self.device)
         self.count = torch.zeros(1, dtype=torch.int64, device=self.device)
         self._full = False  # host-side latch, so `full` syncs only until the first window is complete
@@ -103,14 +104,17 @@ class TensorWindowStats:
         for name, ring in self.ring.state.items():
             old = ring.index_select(0, self.pos).squeeze(0)
             self.banked.state[name].add_(torch.where(leaving, old, torch.zeros_like(old)))
+            self.first.state[name].add_(torch.where(leaving, torch.zeros_like(new[name]), new[name]))
             ring.index_copy_(0, self.pos, new[name].unsqueeze(0))
         self.pos.copy_(torch.remainder(self.pos + 1, self.window))
         self.count.add_(1)
 
     @torch.no_grad()
     def totals(self, scope: str) -> WindowTotals:
-        """Per-unit sums over ``"window"`` or ``"total"`` (same meaning as ``WindowStats.totals``)."""
+        """Per-unit sums over ``"window"``, ``"total"`` or ``"first"`` (same meaning as ``WindowStats.totals``)."""
         count = int(self.count.item())
+        if scope == "first":
+            return WindowTotals({k: t.clone() for k, t in self.first.state.items()}, min(count, self.window))
         summed = self.ring.summed()  # rows not yet written are zero
         if scope == "window":
             return WindowTotals(summed, min(count, self.window))

@@ -72,14 +72,18 @@ class Evaluation:
             raise DeadReluError("distributed=True but torch.distributed has no initialised process group")
         return ready and dist.get_world_size() > 1
 
-    def _reports(self, scopes: Sequence[str]) -> tuple[dict[str, Report], dict[str, int], dict[str, bool]]:
-        """Reports for the given scopes, each site's batch count in the last scope, and whether its window is full.
+    def _reports(
+        self, scopes: Sequence[str], raw: Sequence[str] = ()
+    ) -> tuple[dict[str, Report], dict[str, int], dict[str, bool], dict[str, dict[str, torch.Tensor]]]:
+        """Reports for the given scopes, each site's batch count in the last scope, whether its window
+        is full, and each site's host sums of the ``raw`` scopes (``"{scope}.{statistic}"``: copied
+        with the rest, made into no report).
 
         One host copy serves every site. Distributed, the ranks first agree on the union of
         their site keys and then sum one buffer laid out by key (:mod:`deadrelu.monitor.ranks`):
         a site one rank lacks counts as zeros there, and no two layers are ever added together.
         """
-        states, samples = self._site_states(scopes)
+        states, samples = self._site_states((*raw, *scopes))
         if not states:
             if not self._ever_attached:
                 raise NoActivationSitesError(NEVER_ATTACHED)
@@ -94,7 +98,7 @@ class Evaluation:
                 f"through {type(self.model).__name__} first{hint}"
             )
         values = _host_values(states)
-        global_samples = dict(zip(scopes, samples.tolist()))
+        global_samples = dict(zip((*raw, *scopes), samples.tolist()))
         out: dict[str, Report] = {}
         for scope in scopes:
             sites = []
@@ -116,7 +120,8 @@ class Evaluation:
                 uncaptured=tuple(f"{path} ({why})" for path, why in getattr(self.capture, "uncaptured", {}).items()),
             )
         last = scopes[-1]
-        return out, {s.name: s.batches[last] for s in states}, {s.name: s.full for s in states}
+        sums = {s.name: {k: t for k, t in v.items() if k.split(".", 1)[0] in raw} for s, v in zip(states, values)}
+        return out, {s.name: s.batches[last] for s in states}, {s.name: s.full for s in states}, sums
 
     def _site_states(self, scopes: Sequence[str]) -> tuple[list[SiteState], torch.Tensor]:
         """This rank's per-site state tensors (summed over ranks by key when distributed) and sample counts."""
@@ -135,7 +140,7 @@ class Evaluation:
                 for stat, tensor in t.state.items():  # every declared statistic, by name
                     state.tensors[f"{scope}.{stat}"] = tensor
             local.append(state)
-        totals = {"window": sum(self._samples_ring), "total": self._samples_total}
+        totals = {"window": sum(self._samples_ring), "total": self._samples_total, "first": 0}  # (no report of "first")
         samples = torch.tensor([totals[sc] for sc in scopes], dtype=torch.int64)  # summed over ranks too
         if not self._use_distributed():
             return local, samples
@@ -155,16 +160,23 @@ class Evaluation:
     def _evaluate(self) -> None:
         if self.attached:
             self._refuse_edited_model("while the monitor was attached")
+        # Sites whose first full window is evaluated now: their born-dead units are read from the sums
+        # of that window (kept when it filled), the window itself may have slid on since.
+        ordered = self.capture.ordered_sites()
+        pending = {name: site.stats for name, site in ordered if site.stats.full and site.stats not in self._filled}
+        # (distributed, every rank sends the same scopes: whether a site's first window is pending is this rank's view)
+        scopes = ("first", "window") if pending or self._use_distributed() else ("window",)
         try:
-            reports, site_batches, full = self._reports(("window",))
+            reports, site_batches, full, sums = self._reports(scopes, raw=("total",))
         except NoActivationSitesError:
             if self._use_distributed():
                 return  # no rank has seen an activation yet (all ranks agree: the union is empty)
             raise
         report = reports["window"]
+        first = {s.name: s for s in reports["first"].sites if s.name in pending} if pending else {}
         # A site's display name can change mid-run (a second call position of its function
         # appears and both get ".k"): lifecycle state and warnings follow the site itself.
-        identities = {name: site_identity(site.info) for name, site in self.capture.ordered_sites()}
+        identities = {name: site_identity(site.info) for name, site in ordered}
         self._forget_resized(report, identities)
         self._warn_pooled()
         for name, ident in identities.items():  # every name a site has had -> its current one
@@ -193,7 +205,9 @@ class Evaluation:
                 )
             )
             if full.get(s.name):
-                new_events += self._lifecycle(step, s, identities.get(s.name, s.name))
+                new_events += self._site_lifecycle(step, s, identities.get(s.name, s.name), first.get(s.name), sums.get(s.name))
+        for stats in pending.values():
+            self._filled.add(stats)
         if any(full.values()):
             self._first_window_done = True
         self.history.rows.extend(rows)
@@ -201,6 +215,25 @@ class Evaluation:
         record = LogRecord(step=step, loss=loss, rows=tuple(rows), events=tuple(new_events), report=report)
         for i, sink in enumerate(self.sinks):
             self._guard(i, sink, lambda sink=sink: sink.write(record))
+
+    def _site_lifecycle(
+        self, step: int, s: Any, ident: Any, first: Any | None, total: dict[str, torch.Tensor] | None
+    ) -> list[Any]:
+        """One full site's lifecycle events at this evaluation: its first full window's state first
+        where that window is evaluated now, then the current window's, with the units that fired
+        (finite values only) since the previous evaluation, or since the first window."""
+        events = []
+        base = self._fired_at_eval.get(ident)
+        if first is not None:
+            events += self._lifecycle(step, first, ident, warn=False)
+            base = (torch.tensor(first.fired_counts, dtype=torch.int64), torch.tensor(first.nonfinite_counts, dtype=torch.int64))
+        since = None
+        if total is not None:
+            fired, bad = total["total.fired"], total["total.nonfinite"]
+            if base is not None and base[0].shape == fired.shape:
+                since = (fired - base[0] > 0) & (bad - base[1] == 0)
+            self._fired_at_eval[ident] = (fired, bad)
+        return events + self._lifecycle(step, s, ident, fired_since=since)
 
     def _warn_pooled(self) -> None:
         """Compiled mode: a site recorded more often than there were observed forward passes is

@@ -20,9 +20,10 @@ every ``log_every`` steps, when the first window fills, or when you call
   quiet batch does not kill a unit; **asleep**: it fired on at most ``asleep_rate`` of
   its window outputs; **dormant**: its dormancy score over the window is at most
   ``dormant_tau`` (see :class:`deadrelu.Levels`).
-* **born dead**: dead over the first full window. **died at step k**: alive at the
-  previous evaluation and dead at the evaluation of step ``k`` (it last fired at most
-  ``window`` observed batches earlier). **revived at step k**: dead before, fired since.
+* **born dead**: dead over the first full window (its first ``window`` batches). **died at
+  step k**: alive at the previous evaluation and dead at the evaluation of step ``k`` (it
+  fired in none of the last ``window`` observed batches). **revived at step k**: dead before,
+  fired in some batch since (also one that has left the window again).
 * Until a site has seen ``window`` batches its fractions cover the batches so far and
   no lifecycle events or warnings are issued for it.
 

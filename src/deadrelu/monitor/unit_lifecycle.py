@@ -83,6 +83,9 @@ class UnitLifecycle:
         # sites whose window has not been full at an evaluation yet: their first full window is evaluated
         self._filling: list[Any] = []
         self._filled: "weakref.WeakSet[Any]" = weakref.WeakSet()  # accumulators whose full window was evaluated
+        # per site: its since-start fired and NaN/Inf counts at the last evaluation (host), to tell
+        # which units fired in batches that left the window before this one
+        self._fired_at_eval: dict[Any, tuple[torch.Tensor, torch.Tensor]] = {}
         self._sites_seen = 0
         self._name_ident: dict[str, Any] = {}  # every display name a site has had -> the site
         self._ident_name: dict[Any, str] = {}  # the site -> its name at the last evaluation
@@ -146,25 +149,37 @@ class UnitLifecycle:
                 stacklevel=3,
             )
 
-    def _lifecycle(self, step: int, s: SiteReport, ident: Any) -> list[Event]:
+    def _lifecycle(
+        self, step: int, s: SiteReport, ident: Any, fired_since: torch.Tensor | None = None, warn: bool = True
+    ) -> list[Event]:
         """Events from each unit's last known state, dead or alive (fired, all values finite). An
         evaluation where a unit is NaN/Inf or unobserved says neither: it starts or ends nothing,
-        so a dead unit that outputs NaN for a while is not "revived" and then "died" again."""
+        so a dead unit that outputs NaN for a while is not "revived" and then "died" again.
+
+        ``fired_since`` (bool per unit) marks the units that fired, with finite values only, in the
+        batches since the previous evaluation, also those that left the window since (``log_every``
+        steps may hold more batches than ``window``): a dead unit that fired there and is dead again
+        revived and died in between. ``warn=False`` records a state without warnings (the first full
+        window of a site, evaluated after its window slid on)."""
         # On bool masks over the units: set operations on 100k Python ints take milliseconds.
         dead = s.state_mask("dead")
         alive = s.state_mask("active") | s.state_mask("asleep")  # fired, and every value finite
         was_dead = _unit_mask(self._known_dead.get(ident), s.units)
         was_alive = _unit_mask(self._known_alive.get(ident), s.units)
+        fired = alive if fired_since is None or fired_since.numel() != s.units else alive | fired_since
+        back = was_dead & fired  # fired since it was last known dead
         fresh = dead & ~was_dead
         born = fresh & ~was_alive  # dead the first time its state is known
         events = [Event(step, s.name, u, "born_dead") for u in _indices(born)]
         events += [Event(step, s.name, u, "died") for u in _indices(fresh & was_alive)]
-        events += [Event(step, s.name, u, "revived") for u in _indices(was_dead & alive)]
+        events += [Event(step, s.name, u, "revived") for u in _indices(back)]
+        events += [Event(step, s.name, u, "died") for u in _indices(back & dead)]  # fired in between, dead again
         self._born_dead[ident] = _unit_mask(self._born_dead.get(ident), s.units) | born
-        self._known_dead[ident] = (was_dead & ~alive) | dead
-        self._known_alive[ident] = (was_alive & ~dead) | alive
+        self._known_dead[ident] = (was_dead & ~fired) | dead
+        self._known_alive[ident] = ((was_alive | fired) & ~dead) | alive
         self._dead[s.name] = dead
-        self._maybe_warn(step, s, dead, ident)
+        if warn:
+            self._maybe_warn(step, s, dead, ident)
         return events
 
     def _maybe_warn(self, step: int, s: SiteReport, dead: torch.Tensor, ident: Any) -> None:

@@ -102,6 +102,10 @@ class WindowStats:
         self.banked = StatTensors(self.units, self.device)  # rows that left the window
         self.pos = 0
         self.count = 0  # batches seen since the start
+        # The sums over the first `window` batches, kept when the window first fills: several
+        # forwards per step (gradient accumulation) may slide it on before the monitor looks, and a
+        # unit's born-dead verdict is about its first full window.
+        self.first: dict[str, torch.Tensor] | None = None
 
     def reset(self) -> None:
         """Forget everything seen so far."""
@@ -110,6 +114,7 @@ class WindowStats:
         self.banked.reset()
         self.pos = 0
         self.count = 0
+        self.first = None
 
     @property
     def state(self) -> dict[str, torch.Tensor]:
@@ -190,12 +195,18 @@ class WindowStats:
     def _advance(self) -> None:
         self.pos = (self.pos + 1) % self.window
         self.count += 1
+        if self.count == self.window:  # once per site: the ring holds exactly the first window now
+            with torch.no_grad():
+                self.first = self.ring.summed()
 
     @torch.no_grad()
     def totals(self, scope: str) -> WindowTotals:
-        """Per-unit sums over ``"window"`` (the last ``window`` batches) or ``"total"`` (since the start)."""
+        """Per-unit sums over ``"window"`` (the last ``window`` batches), ``"total"`` (since the start)
+        or ``"first"`` (the first ``window`` batches; those so far until the window has filled)."""
+        if scope == "first" and self.first is not None:
+            return WindowTotals(dict(self.first), self.window)
         summed = self.ring.summed()  # rows not yet written are zero
-        if scope == "window":
+        if scope in ("window", "first"):
             return WindowTotals(summed, min(self.count, self.window))
         return WindowTotals({k: v + self.banked.state[k] for k, v in summed.items()}, self.count)
 
