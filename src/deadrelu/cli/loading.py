@@ -17,8 +17,10 @@ Data (``--data``):
     * a directory holding MNIST IDX files (``*-images-idx3-ubyte``, optionally ``.gz``);
     * ``package.module:function`` returning a tensor or an iterable of batches.
 
-Floating arrays become float32; uint8 arrays are images and become float32 in [0, 1];
-other integer arrays stay int64 (token ids for embedding layers); complex data is refused.
+Floating arrays keep their precision until the model's dtype is known (``inputs_for``); NumPy
+arrays of either byte order load, and ``longdouble`` ones become float64; uint8 arrays are images
+and become float32 in [0, 1]; other integer arrays stay int64 (token ids for embedding layers),
+and a uint64 value past int64's range is refused; complex data is refused.
 
 Every failure is a :class:`~deadrelu.errors.DeadReluError` whose message fits on one line.
 """
@@ -43,6 +45,7 @@ from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from torch import nn
+from torch.nn.utils.rnn import PackedSequence
 
 from ..core.inputs import LABEL_KEYS, unusual_layout
 from ..errors import DataError, DeadReluError
@@ -337,7 +340,8 @@ def load_data(source: str, *, flatten: bool = False, trust_pickle: bool = False)
 
     Args:
         source: file, directory or ``package.module:function``.
-        flatten: flatten each sample to one dimension (e.g. MNIST images for an MLP).
+        flatten: flatten each sample to one dimension (e.g. MNIST images for an MLP): the
+            samples of a single tensor, or the inputs of each batch a data function gives.
         trust_pickle: also read ``.pt`` files holding pickled Python objects (a NumPy array,
             a ``TensorDataset``); off by default since unpickling can run code.
 
@@ -350,7 +354,7 @@ def load_data(source: str, *, flatten: bool = False, trust_pickle: bool = False)
         data = call_user_code(fn, f"calling {source}()", DataError) if callable(fn) else fn
         if isinstance(data, torch.Tensor):
             return _finish(data, source, flatten)
-        return GuardedBatches(data, source)
+        return GuardedBatches(data, source, flatten=flatten)
     path = Path(source)
     if not path.exists():
         raise DataError(f"data not found: {source}")
@@ -387,13 +391,21 @@ def inputs_for(model: nn.Module, data: Any) -> Any:
 class GuardedBatches:
     """The batches of a user's data function; an error while iterating becomes one :class:`DataError` line.
 
+    With ``flatten=True`` each batch's inputs are flattened to ``(samples, features)``, as
+    :func:`load_data` flattens a single tensor: a tensor batch, the first item of an
+    ``(inputs, labels, ...)`` tuple or list, or a dict batch's inputs entry (``x``, ``inputs``, ...,
+    else its only non-label key); a batch with nothing to flatten is one :class:`DataError`.
+
     >>> list(GuardedBatches([1, 2], "mod:fn"))
     [1, 2]
+    >>> [b.shape for b in GuardedBatches([torch.ones(3, 2, 4)], "mod:fn", flatten=True)]
+    [torch.Size([3, 8])]
     """
 
-    def __init__(self, data: Any, source: str) -> None:
+    def __init__(self, data: Any, source: str, *, flatten: bool = False) -> None:
         self.data = data
         self.source = source
+        self.flatten = flatten
 
     def __len__(self) -> int:
         return len(self.data)
@@ -416,7 +428,49 @@ class GuardedBatches:
             except (Exception, SystemExit) as err:
                 raise DataError(f"the data from {self.source} raised {_describe(err)} after {count} batches") from err
             count += 1
-            yield batch
+            yield _flatten_batch(batch, f"batch {count} from {self.source}") if self.flatten else batch
+
+
+def _flatten_samples(t: Any, what: str) -> torch.Tensor:
+    """``t`` as ``(samples, features)``; one DataError when it is not a tensor with a batch dimension."""
+    if not isinstance(t, torch.Tensor):
+        raise DataError(f"{what} is a {type(t).__name__}, not a tensor: --flatten flattens tensors of inputs")
+    unusual = unusual_layout(t)
+    if unusual is not None:
+        raise DataError(f"{what} holds {unusual}; deadrelu scans dense inputs")
+    if t.ndim < 2:
+        # as for a single tensor (_finish): without a batch dimension first, flattening would make
+        # each value a sample, so a list of single samples would be scanned as one-value inputs
+        raise DataError(
+            f"{what} has shape {tuple(t.shape)}: --flatten needs a batch dimension first, (samples, ...); "
+            f"give one sample as shape (1, {t.numel()}), or {t.numel()} one-value samples as ({t.numel()}, 1)"
+        )
+    return t.flatten(1)  # not reshape(n, -1): that cannot infer -1 for an empty batch
+
+
+def _flatten_batch(batch: Any, what: str) -> Any:
+    """A batch with its inputs flattened, in the forms scan accepts (see ``core.inputs.call_arguments``)."""
+    if isinstance(batch, PackedSequence):  # scan feeds it whole; it has no per-sample layout to flatten
+        raise DataError(f"{what} is a PackedSequence: --flatten cannot flatten packed sequences; drop --flatten")
+    if isinstance(batch, torch.Tensor):
+        return _flatten_samples(batch, what)
+    if isinstance(batch, (tuple, list)):
+        if not batch:
+            raise DataError(f"{what} is an empty {type(batch).__name__}: nothing to flatten or feed the model")
+        inputs = _flatten_samples(batch[0], f"the inputs (first item) of {what}")
+        if hasattr(batch, "_fields"):  # a namedtuple keeps its type and field names
+            return batch._replace(**{batch._fields[0]: inputs})
+        return (inputs, *batch[1:]) if isinstance(batch, tuple) else [inputs, *batch[1:]]
+    if isinstance(batch, Mapping):
+        keys = [k for k in batch if isinstance(k, str)]
+        if not keys:
+            raise DataError(f"{what} is a dict with no named entries: nothing to flatten")
+        key = _pick_key(keys, what)
+        return {**batch, key: _flatten_samples(batch[key], f"entry {key!r} of {what}")}
+    raise DataError(
+        f"{what} is a {type(batch).__name__}: --flatten flattens a tensor, an (inputs, labels) tuple "
+        "or a dict of tensors"
+    )
 
 
 def _finish(t: torch.Tensor, source: str, flatten: bool) -> torch.Tensor:
@@ -469,14 +523,35 @@ def _load_pt(path: Path, trust_pickle: bool) -> torch.Tensor:
 
 
 def _numpy_to_tensor(arr: Any, what: str) -> torch.Tensor:
+    """A NumPy array as a tensor in native byte order; one DataError for data torch cannot hold."""
     np = sys.modules["numpy"]
     if arr.dtype.kind == "c":
         raise DataError(f"{what} holds complex numbers ({arr.dtype}); deadrelu scans real-valued inputs")
     if arr.dtype.kind not in "biuf":
         raise DataError(f"{what} holds {arr.dtype} data; expected numbers")
+    if not arr.dtype.isnative:
+        # big-endian files (written on or for such machines): torch reads native byte order only
+        arr = arr.astype(arr.dtype.newbyteorder("="))
+    if arr.dtype.kind == "f" and arr.dtype.char not in "efd":
+        # longdouble (float96/float128, or NumPy's own 64-bit type where it is no wider) has no torch
+        # dtype; float64 is more precision than the model's dtype, which the data is cast to anyway,
+        # so only values past float64's range are lost
+        with np.errstate(over="ignore"):
+            wide = arr.astype(np.float64)
+        if np.count_nonzero(np.isfinite(arr)) != np.count_nonzero(np.isfinite(wide)):
+            raise DataError(f"{what} holds {arr.dtype} values beyond float64's range (about 1.8e308); "
+                            "rescale the data or store it as float64")
+        arr = wide
     if arr.dtype.kind == "u" and arr.dtype.itemsize > 1:
+        if arr.dtype.itemsize == 8 and arr.size and arr.max() > np.iinfo(np.int64).max:
+            # int64 would wrap these to negative numbers, silently
+            raise DataError(f"{what} holds uint64 value {int(arr.max())}, past int64's largest (2**63 - 1); "
+                            "store the data as int64 or float64")
         arr = arr.astype(np.int64)  # torch has no uint16/32/64 arithmetic on every build
-    return torch.from_numpy(np.ascontiguousarray(arr))
+    try:
+        return torch.from_numpy(np.ascontiguousarray(arr))
+    except (TypeError, ValueError, RuntimeError) as err:  # a dtype torch has no counterpart for
+        raise DataError(f"{what} holds {arr.dtype} data torch cannot read ({_describe(err)})") from err
 
 
 def _load_numpy(path: Path) -> torch.Tensor:
@@ -507,7 +582,9 @@ def _load_numpy(path: Path) -> torch.Tensor:
 def _load_csv(path: Path) -> torch.Tensor:
     rows: list[list[float]] = []
     try:
-        with path.open(newline="", encoding="utf-8") as fh:
+        # utf-8-sig: a byte-order mark (Excel's "CSV UTF-8") would otherwise make the first row
+        # non-numeric, and it would be skipped as a header
+        with path.open(newline="", encoding="utf-8-sig") as fh:
             for i, row in enumerate(csv.reader(fh)):
                 if not row or all(not c.strip() for c in row):
                     continue

@@ -301,12 +301,15 @@ def _mnist1d(data_dir: str | os.PathLike[str] | None, seed: int, standardize: bo
         where = f"the mnist1d package's data (seed {seed})"
         source = f"MNIST-1D generated locally by the mnist1d package (seed {seed})"
     _check_mnist1d(arrays, where)
-    x_tr = torch.as_tensor(arrays["x"], dtype=torch.float32)
-    x_va = torch.as_tensor(arrays["x_test"], dtype=torch.float32)
+    np = require("numpy", "cli")
+    # Cast in NumPy, not torch: torch.as_tensor refuses big-endian arrays (an .npz written on or for
+    # such a machine) and longdouble ones; the labels were checked to be 0..9, so int64 holds them.
+    x_tr = torch.from_numpy(np.ascontiguousarray(arrays["x"], dtype=np.float32))
+    x_va = torch.from_numpy(np.ascontiguousarray(arrays["x_test"], dtype=np.float32))
     x_tr, x_va = _standardise(x_tr, x_va) if standardize else _unit_range(x_tr, x_va)
     source += "; standardised per feature" if standardize else "; min-max scaled to [0, 1]"
-    y_tr = torch.as_tensor(arrays["y"]).long()
-    y_va = torch.as_tensor(arrays["y_test"]).long()
+    y_tr = torch.from_numpy(np.ascontiguousarray(arrays["y"], dtype=np.int64))
+    y_va = torch.from_numpy(np.ascontiguousarray(arrays["y_test"], dtype=np.int64))
     return Dataset("mnist1d", x_tr, y_tr, x_va, y_va, "classification", 10, source)
 
 
