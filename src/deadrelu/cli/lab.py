@@ -16,6 +16,7 @@ from typing import Any, Sequence
 from .._imports import available
 from ..errors import DeadReluError
 from .options import MAX_SEED, path_text, positive_number, seed_number, whole_number
+from .tables_fit import print_fitted
 
 __all__ = ["demo_command", "experiment_command", "report_command"]
 
@@ -35,36 +36,11 @@ def _rich_table(rows: Sequence[Sequence[str]]) -> Any:
     return table
 
 
-def _table_fits(console: Any, table: Any) -> bool:
-    """Whether the table fits the console at its natural width.
-
-    A narrower table is squeezed by rich, which elides or crops cells, numbers included (measured),
-    so it is printed plain instead: long lines wrap, but every number stays whole.
-    """
-    from rich.measure import Measurement
-
-    # measured as if the console were unlimited: a measurement within the console's width is clamped to it
-    return Measurement.get(console, console.options.update_width(10**6), table).maximum <= console.width
-
-
 def _print_table(rows: Sequence[Sequence[str]], title: str = "") -> None:
     """Rich table on a terminal wide enough for it, plain fixed-width text otherwise (pipes, CI logs, narrow terminals)."""
-    if available("rich") and sys.stdout.isatty():
-        from rich.console import Console
-        from rich.text import Text
-
-        console = Console()
-        table = _rich_table(rows)
-        if _table_fits(console, table):
-            if title:  # its own line, wrapped to the terminal rather than to the table
-                console.print(Text(title))
-            console.print(table)
-            return
     from ..core.tables import render_plain
 
-    if title:
-        print(title)
-    print(render_plain([list(r) for r in rows]))
+    print_fitted(lambda: _rich_table(rows), render_plain([list(r) for r in rows]), title=title)
 
 
 def _print_summary(result: dict[str, Any], out: Path) -> None:

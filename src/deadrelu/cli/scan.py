@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ..core.files import is_stream_path
+from ..core.files import is_stream_path, refuse_directory_name
 from ..core.report import Report
 from ..errors import DeadReluError, ReportFormatError
 from .loading import TRUST_FLAG, one_line
@@ -114,13 +114,15 @@ def check_device(text: str) -> torch.device:
 
 
 def check_output_path(path: str, inputs: list[str | None]) -> None:
-    """Refuse an output path before the scan: an empty one, a folder, a missing or read-only folder, or one of the inputs.
+    """Refuse an output path before the scan: an empty one, a folder or a name ending in ``/`` (which names
+    one), a missing or read-only folder, or one of the inputs.
 
     Raises:
         DeadReluError: when ``path`` cannot be written, or would overwrite an input file.
     """
     if not str(path).strip():
         raise DeadReluError(f"cannot write --json {path!r}: an empty path names no file")
+    refuse_directory_name(path, "--json ")  # before Path(), which drops the "/" of "out/"
     target = Path(path)
     if is_stream_path(target):
         return  # /dev/stdout, a FIFO: written to as a stream, never replaced
@@ -310,15 +312,11 @@ def _text_summary(report: Report, documents: int, tokens: int, padding: int) -> 
     return f"{documents} documents, {tokens} tokens; {how}"
 
 
-def _print(obj: Any) -> None:
-    from .._imports import available
+def _print(report: Report) -> None:
+    """The report's table: drawn by rich on a terminal wide enough for it, plain otherwise (every name and number whole)."""
+    from .tables_fit import print_fitted
 
-    if available("rich") and sys.stdout.isatty():
-        from rich.console import Console
-
-        Console().print(obj)
-    else:
-        print(obj)
+    print_fitted(report.__rich__, str(report))
 
 
 def run_scan(args: argparse.Namespace) -> int:

@@ -26,7 +26,10 @@ from pathlib import Path
 
 from ..errors import DeadReluError
 
-__all__ = ["atomic_write_text", "is_stream_path", "make_temporary", "backup_path", "remove_stale_temporaries"]
+__all__ = [
+    "atomic_write_text", "is_stream_path", "names_directory", "refuse_directory_name", "make_temporary", "backup_path",
+    "remove_stale_temporaries",
+]
 
 #: A temporary (``.NAME.PID.XXXXXXXX.tmp``, :func:`make_temporary`) or backup link
 #: (``.NAME.PID.bak``, :func:`backup_path`). The eight characters are ``tempfile.mkstemp``'s.
@@ -54,6 +57,54 @@ def is_stream_path(path: str | os.PathLike[str]) -> bool:
     return not stat.S_ISREG(mode) and not stat.S_ISDIR(mode)
 
 
+def _separators() -> str:
+    """The characters that end a directory part of a path here: ``/`` and the platform's own."""
+    return "".join(sorted({"/", os.sep, os.altsep or "/"}))
+
+
+def names_directory(path: str | os.PathLike[str]) -> bool:
+    """Whether the text of ``path`` names a directory whatever is on disk: it ends in a separator
+    (``out/``), or its last part is ``.`` or ``..``. ``Path()`` drops a trailing ``/`` and ``/.``,
+    so ``Path("out/")`` would name a file ``out``: ask this before a path becomes a ``Path``.
+
+    Example:
+        >>> names_directory("out/"), names_directory("out/."), names_directory("out/r.json")
+        (True, True, False)
+    """
+    text = os.fsdecode(path)
+    last = re.split(f"[{re.escape(_separators())}]", text)[-1]
+    return bool(text) and last in ("", ".", "..")
+
+
+def refuse_directory_name(path: str | os.PathLike[str], what: str = "") -> None:
+    """Refuse, in one line, a file name that names a directory (``out/``, ``out/.``: see :func:`names_directory`).
+
+    ``what`` is put before the path in the message: the option it came from (``"--json "``).
+
+    Raises:
+        DeadReluError: ``path`` names a directory: it is one, or it does not exist or is a file.
+
+    Example:
+        >>> refuse_directory_name("out/r.json")  # a file name: nothing raised
+        >>> refuse_directory_name("no-such-dir/", "--json ")
+        Traceback (most recent call last):
+        deadrelu.errors.DeadReluError: cannot write --json no-such-dir/: a path ending in '/' names a directory, and no-such-dir does not exist; give a file name
+    """
+    if not names_directory(path):
+        return
+    text = os.fsdecode(path)
+    if os.path.isdir(text):
+        raise DeadReluError(f"cannot write {what}{text}: it is a directory")
+    seps = _separators()
+    last = re.split(f"[{re.escape(seps)}]", text)[-1]  # "", "." or ".."
+    base = text[: len(text) - len(last)].rstrip(seps)  # out/, out/. and out/.. all need out to be a directory
+    ending = text[len(base) :]
+    state = "is not a directory" if os.path.lexists(base) else "does not exist"
+    raise DeadReluError(
+        f"cannot write {what}{text}: a path ending in {ending!r} names a directory, and {base} {state}; give a file name"
+    )
+
+
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
     """Write ``text`` to ``path`` atomically: the file is either the old one or the complete new one.
 
@@ -67,9 +118,10 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
         The path written.
 
     Raises:
-        DeadReluError: the path is a directory, or the directory is missing or not writable, or
-            the disk is full. The existing file, if any, is left as it was.
+        DeadReluError: the path is a directory or names one (``out/``), or the directory is
+            missing or not writable, or the disk is full. The existing file, if any, is left as it was.
     """
+    refuse_directory_name(path)  # before Path(), which drops the trailing "/" of "out/"
     target = Path(path)
     if is_stream_path(target):
         return _write_stream(target, text)

@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..core.files import atomic_write_text
+from ..core.files import atomic_write_text, refuse_directory_name
 from ..errors import DeadReluError, ReportFormatError
 from .schema import newest_schema
 from .tables import result_table
@@ -364,12 +364,15 @@ def write_report(
     ``rendered`` passes plots already drawn, as :func:`render_html` takes them.
 
     Raises:
-        DeadReluError: no results in the directory, ``out`` is one of the JSON files it reads, or (``out``
-            not given) ``results_dir/report.html`` exists and is not a page deadrelu wrote.
+        DeadReluError: no results in the directory, ``out`` names a directory (``out/``) or is one of
+            the JSON files it reads, or (``out`` not given) ``results_dir/report.html`` exists and is
+            not a page deadrelu wrote.
 
     Example:
         >>> path = write_report("deadrelu-demo")  # doctest: +SKIP
     """
+    if out is not None:
+        refuse_directory_name(out, "the report to ")  # before Path(), which drops the "/" of "out/"
     results = load_results(results_dir)
     target = Path(out) if out is not None else Path(results_dir) / "report.html"
     if out is None and target.is_file() and not is_deadrelu_page(target):

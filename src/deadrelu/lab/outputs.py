@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from .termination import sigterm_deferred, sigterm_raises
-from ..core.files import atomic_write_text, backup_path, make_temporary, remove_stale_temporaries
+from ..core.files import atomic_write_text, backup_path, make_temporary, refuse_directory_name, remove_stale_temporaries
 from ..errors import DeadReluError
 
 __all__ = ["write_results", "OutputStage", "OutputPlan", "plan_outputs", "write_outputs", "interrupts_ignored"]
@@ -35,6 +35,7 @@ def write_results(result: dict[str, Any], path: str | os.PathLike[str]) -> Path:
         >>> write_results({"kind": "example"}, "/tmp/deadrelu-doc/r.json").name
         'r.json'
     """
+    refuse_directory_name(path)  # before Path() drops the trailing "/" of "res/"
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     with sigterm_raises():  # a SIGTERM mid-write removes the temporary file (see lab/termination.py)

@@ -34,6 +34,7 @@ from pathlib import Path
 from collections.abc import Mapping
 from typing import IO, TYPE_CHECKING, Any, Callable
 
+from ..core.files import refuse_directory_name
 from ..errors import DeadReluError
 from .framework_sinks import TensorBoardSink, WandbSink
 from .log_tails import last_record_end, repair_torn_tail, unterminated_tail
@@ -101,6 +102,7 @@ class _FileSink(Sink):
         self._fh: IO[str] | None = None
         self._created: tuple[Path, int, int] | None = None  # (path, device, inode) of a file open() created
         if self._owned:
+            refuse_directory_name(target)  # type: ignore[arg-type]  # "logs/" names a folder: Path() would drop the "/"
             path = Path(target)  # type: ignore[arg-type]
             if path.is_dir():
                 raise DeadReluError(f"{self.__class__.__name__} needs a file path, but {path} is a directory")
