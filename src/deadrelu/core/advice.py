@@ -23,6 +23,7 @@ adding advice is adding one rule.
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Union
 
@@ -69,6 +70,8 @@ class Advice:
         units: units in the report.
         dead: dead units in the report.
         certainty: what "dead" rests on: the weakest evidence behind any dead unit.
+        min_fraction: the ``min_fraction`` the advice was given with.
+        left_out: actions left out because they score at most ``min_fraction``.
     """
 
     actions: tuple[Action, ...]
@@ -80,6 +83,8 @@ class Advice:
     units: int = 0
     dead: int = 0
     certainty: str = ""
+    min_fraction: float = 0.0
+    left_out: int = 0
 
     def __str__(self) -> str:
         lines = [f"Advice: {self.dead} of {self.units} units dead ({floor_percent(self.dead, self.units)}%)"]
@@ -87,13 +92,26 @@ class Advice:
             lines.append(f"  {self.certainty}")
         if self.born_dead is not None:
             lines.append(f"  vs baseline: {self.born_dead} born dead, {self.died} died in training, {self.revived} revived")
-        if not self.actions:
+        # An empty list must not read as "nothing to do" while units are dead: say why it is empty.
+        if not self.actions and self.left_out:
+            lines.append(
+                f"  No action scores above min_fraction={self.min_fraction:g}; {self.left_out} action(s) left out "
+                "(pass a lower min_fraction to see them)."
+            )
+        elif not self.actions and self.dead:
+            lines.append(
+                "  No action: none of the dead units could be compared with the baseline "
+                "(unobserved or non-finite there, or at a site it lacks)."
+            )
+        elif not self.actions:
             lines.append("  Nothing to do: no dead or non-finite units.")
         for i, a in enumerate(self.actions, 1):
             lines.append(f"{i}. {a.title}")
             lines.append(f"   evidence: {a.evidence}")
             for h in a.how:
                 lines.append(f"   - {h}")
+        if self.actions and self.left_out:
+            lines.append(f"  ({self.left_out} more action(s) score at most min_fraction={self.min_fraction:g})")
         if any(d for _, d, _ in self.depth):
             lines.append("Dead fraction by depth:")
             width = max(len(n) for n, _, _ in self.depth)
@@ -332,14 +350,15 @@ def advise(report: Report, *, baseline: Report | None = None, min_fraction: floa
         report: the scan to advise on (typically of the trained model).
         baseline: a scan of the same model at initialisation (or an earlier checkpoint) on
             the same data; tells born-dead units from units that died in training.
-        min_fraction: leave out actions implicating at most this fraction of units.
+        min_fraction: leave out actions implicating at most this fraction of units (a number
+            in [0, 1]); ``str()`` of the advice says how many were left out.
 
     Returns:
         An :class:`Advice`; print it for a readable summary.
 
     Raises:
-        DeadReluError: ``report``/``baseline`` is not a Report, or a site has different
-            widths in the two reports.
+        DeadReluError: ``report``/``baseline`` is not a Report, ``min_fraction`` is not a
+            number in [0, 1], or a site has different widths in the two reports.
 
     Example:
         >>> import torch, deadrelu
@@ -351,6 +370,11 @@ def advise(report: Report, *, baseline: Report | None = None, min_fraction: floa
         raise DeadReluError(f"advise: expected a deadrelu Report, got {type(report).__name__}")
     if baseline is not None and not _is_report(baseline):
         raise DeadReluError(f"advise: baseline must be a deadrelu Report, got {type(baseline).__name__}")
+    # a score is a share of the units: outside [0, 1] (or NaN) the cut would hide all or nothing silently
+    if isinstance(min_fraction, bool) or not isinstance(min_fraction, numbers.Real) or not 0 <= min_fraction <= 1:
+        raise DeadReluError(
+            f"advise: min_fraction must be a number in [0, 1] (a share of the units), got {min_fraction!r:.80}"
+        )
     diff = baseline.diff(report) if baseline is not None else None
     if diff is not None and not diff.sites and baseline.sites and report.sites:
         # nothing to compare: "0 born dead, 0 died" would read as a finding
@@ -361,9 +385,10 @@ def advise(report: Report, *, baseline: Report | None = None, min_fraction: floa
     depth = tuple((s.name, s.dead, s.units) for s in report.sites)
     ev = Evidence(report, baseline, diff, report.units, depth)
     findings = [f for rule in RULES for f in rule(ev)]
-    actions = sorted((a for a in findings if isinstance(a, Action) and a.score > min_fraction), key=lambda a: -a.score)
+    found = [a for a in findings if isinstance(a, Action)]
+    actions = sorted((a for a in found if a.score > min_fraction), key=lambda a: -a.score)
     notes = tuple(f for f in findings if isinstance(f, str))
     return Advice(
         tuple(actions), depth, notes, ev.born, diff.died if diff else None, diff.revived if diff else None,
-        ev.total, report.dead, _certainty(report),
+        ev.total, report.dead, _certainty(report), float(min_fraction), len(found) - len(actions),
     )  # fmt: skip

@@ -576,7 +576,9 @@ class Report:
         """Which units died or revived going from this (earlier) report to ``other`` (later).
 
         Sites are matched by name; the two reports may come from different models (only the
-        sites both have are compared), but their counts must mean the same thing.
+        sites both have are compared), but their counts must mean the same thing. A unit
+        unobserved or non-finite (NaN/Inf: neither dead nor alive) in either report is not
+        compared: it neither died nor revived.
 
         Raises:
             DeadReluError: ``other`` is not a Report; other levels or mode; a shared site with
@@ -592,18 +594,21 @@ class Report:
             if after is None:
                 continue
             dead_b, dead_a = set(before.dead_units), set(after.dead_units)
-            # An unobserved unit has no verdict: it neither died nor revived.
+            # An unobserved unit has no verdict: it neither died nor revived. Nor does a non-finite
+            # one: NaN/Inf is its own state, neither dead nor alive, so dead -> NaN is no revival.
             unobs_b, unobs_a = set(before.unobserved_units), set(after.unobserved_units)
+            nonfin_b, nonfin_a = set(before.nonfinite_units), set(after.nonfinite_units)
             diffs.append(
                 SiteDiff(
                     name=name,
                     units=before.units,
-                    died=tuple(sorted(dead_a - dead_b - unobs_b)),
-                    revived=tuple(sorted(dead_b - dead_a - unobs_a)),
+                    died=tuple(sorted(dead_a - dead_b - unobs_b - nonfin_b)),
+                    revived=tuple(sorted(dead_b - dead_a - unobs_a - nonfin_a)),
                     dead_before=len(dead_b),
                     dead_after=len(dead_a),
                     stayed_dead=tuple(sorted(dead_a & dead_b)),
                     unobserved=tuple(sorted(unobs_a | unobs_b)),
+                    nonfinite=tuple(sorted(nonfin_a | nonfin_b)),
                 )
             )
         return ReportDiff(

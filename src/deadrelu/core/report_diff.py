@@ -2,7 +2,7 @@
 
 Made by :meth:`Report.diff <deadrelu.core.report.Report.diff>` (and re-exported by
 :mod:`deadrelu.core.report`): which units died or revived between an earlier and a later report,
-matched by site name; units unobserved in either report are not compared.
+matched by site name; units unobserved or non-finite in either report are not compared.
 """
 
 from __future__ import annotations
@@ -20,12 +20,13 @@ class SiteDiff:
     Attributes:
         name: the site.
         units: its number of units.
-        died: units dead in the later report that were not dead (and not unobserved) before.
-        revived: units dead in the earlier report that are neither dead nor unobserved now.
+        died: units dead in the later report that were not dead (nor unobserved, nor non-finite) before.
+        revived: units dead in the earlier report that are neither dead, unobserved nor non-finite now.
         dead_before: dead units in the earlier report.
         dead_after: dead units in the later report.
         stayed_dead: units dead in both reports.
         unobserved: units unobserved in either report: not compared, their change is unknown.
+        nonfinite: units non-finite (NaN/Inf, neither dead nor alive) in either report: not compared.
     """
 
     name: str
@@ -36,6 +37,7 @@ class SiteDiff:
     dead_after: int
     stayed_dead: tuple[int, ...] = ()
     unobserved: tuple[int, ...] = ()
+    nonfinite: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)

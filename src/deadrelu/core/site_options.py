@@ -123,11 +123,17 @@ def resolve_threshold(spec: ThresholdSpec, info: SiteInfo) -> float:
 
     Raises:
         DeadReluError: for a NaN threshold (no value is ``> nan``: every unit would look dead),
-            or a callable that raises or returns something other than a number or None.
+            or a callable that raises or returns something other than a number (one a float can
+            hold) or None.
     """
     thr = spec if isinstance(spec, (int, float)) else _option_value("threshold", spec, info)
     try:
         value = 0.0 if thr is None else float(thr)
+    except OverflowError:  # an int too large for a float (its repr may be too long to print)
+        raise DeadReluError(
+            f"threshold gave an int too large for a float for activation site {describe_site(info)}: "
+            "it must be a number a float can hold, or None"
+        ) from None
     except (TypeError, ValueError):
         raise DeadReluError(
             f"threshold gave {thr!r} for activation site {describe_site(info)}: it must be a number or None"
@@ -180,14 +186,14 @@ def checked_unit_dim(spec: Any) -> Any:
 
 
 def checked_threshold(spec: Any) -> ThresholdSpec:
-    """The ``threshold`` option with a NumPy or 0-d tensor number made a float; a NaN, +inf, bool or
-    non-number (a float, or a mapping's value) refused before anything runs.
+    """The ``threshold`` option with a NumPy or 0-d tensor number made a float; a NaN, +inf, bool,
+    int too large for a float or non-number (a float, or a mapping's value) refused before anything runs.
 
     Returns:
         The option, scalars as floats (a mapping's values and a callable as given).
 
     Raises:
-        DeadReluError: naming the key whose threshold is NaN, +inf or not a number.
+        DeadReluError: naming the key whose threshold is NaN, +inf, too large for a float or not a number.
 
     Example:
         >>> import numpy as np
@@ -209,7 +215,10 @@ def checked_threshold(spec: Any) -> ThresholdSpec:
             raise DeadReluError(
                 f"{name} must be a number (or the option a mapping or a callable), got {value!r:.80}"
             )
-        number = float(value)
+        try:
+            number = float(value)
+        except OverflowError:  # an int too large for a float, as nudge_bias(value=) refuses it
+            raise DeadReluError(f"{name} must be a number a float can hold, got an int too large for a float") from None
         if math.isnan(number) or number == math.inf:
             raise DeadReluError(f"{name} is {number}: no output is > {number}, so every unit would look dead")
     if isinstance(spec, Mapping):

@@ -41,7 +41,7 @@ from .numerics import cpu_numerics_pinned
 from .outputs import OutputPlan, OutputStage, interrupts_ignored, plan_outputs, write_outputs, write_results
 from .schema import DEMO_SCHEMA_VERSION
 from .tables import result_table
-from .training import ProgressBar, build_mlp, epoch_record, firing_rates, torch_threads, train_epoch
+from .training import ProgressBar, build_mlp, check_lr, epoch_record, firing_rates, torch_threads, train_epoch
 from .verdicts import CLASSIC_THRESHOLD, LABELS, STRATEGIES, aggregate, summarise
 from ..core.report import Report
 from ..errors import DeadReluError, RefusedError
@@ -88,8 +88,7 @@ class DemoSetting:
             raise DeadReluError(f"the checkpoint epoch must be at least 1, got {self.checkpoint_epoch}")
         if self.epochs < 1:
             raise DeadReluError(f"epochs must be at least 1, got {self.epochs}")
-        if not self.lr > 0:
-            raise DeadReluError(f"lr must be positive, got {self.lr}")
+        check_lr(self.lr)
         if self.batch_size < 1:
             raise DeadReluError(f"batch_size must be at least 1, got {self.batch_size}")
         unknown = [s for s in self.strategies if s not in STRATEGIES]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import numbers
 import time
 from typing import Any, Callable, Sequence
 
@@ -27,7 +28,9 @@ import torch
 from .numerics import cpu_numerics_pinned
 from .schema import EXPERIMENT_SCHEMA_VERSION
 from .tables import result_table
-from .training import ACTIVATIONS, INITS, ProgressBar, build_mlp, epoch_record, evaluate, layer_stats, torch_threads, train_epoch
+from .training import (
+    ACTIVATIONS, INITS, ProgressBar, build_mlp, check_lr, epoch_record, evaluate, layer_stats, torch_threads, train_epoch,
+)
 from .datasets import load_dataset
 from ..errors import DeadReluError
 from ..core.scan import scan
@@ -169,6 +172,7 @@ def activations(
     """
     if epochs < 1:
         raise DeadReluError(f"epochs must be at least 1, got {epochs}")
+    check_lr(lr)
     bad = [n for n in names if n not in ACTIVATIONS]
     if bad:
         raise DeadReluError(f"unknown activation {bad[0]!r}; choose from: {', '.join(ACTIVATIONS)}")
@@ -249,6 +253,7 @@ def init_depth(
     """
     if epochs < 0:
         raise DeadReluError(f"epochs must be >= 0, got {epochs}")
+    check_lr(lr)
     bad = [i for i in inits if i not in INITS]
     if bad:
         raise DeadReluError(f"unknown init {bad[0]!r}; choose from: {', '.join(INITS)}")
@@ -322,6 +327,7 @@ def rescue(
 
     if not seeds:
         raise DeadReluError("rescue needs at least one seed")
+    check_lr(lr)
     ds = load_dataset(dataset, data_dir=data_dir, seed=seeds[0], standardize=standardize)
     setting = DemoSetting(checkpoint_epoch=checkpoint_epoch, epochs=epochs, lr=lr, batch_size=batch_size)
     with torch_threads(1):
@@ -370,6 +376,7 @@ def preprocessing(
     """
     if epochs < 1 or not seeds:
         raise DeadReluError("preprocessing needs epochs >= 1 and at least one seed")
+    check_lr(lr)
     rows, runs, sources = [], [], []
     bar = ProgressBar(progress, 2 * len(seeds), "preprocessing", unit="run")
     with torch_threads(1):

@@ -24,6 +24,18 @@ def _rng(values: Sequence[float | None]) -> str:
     return "-" if r is None else f"{100 * r[0]:.1f}-{100 * r[1]:.1f}"
 
 
+def _kept(values: Sequence[float | None] | None, diverged: Sequence[bool] | None) -> list[float | None] | None:
+    """``values`` with a diverged seed's made None (medians leave diverged seeds out); None without per-seed values."""
+    if values is None:
+        return None
+    flags = list(diverged) if diverged is not None else [False] * len(values)
+    return [None if d else v for v, d in zip(values, flags)]
+
+
+def _seconds(value: float | None) -> str:
+    return "diverged" if value is None else f"{value:.1f}"
+
+
 def _layer_medians(per_seed: Sequence[Sequence[float] | None], n_layers: int) -> list[str]:
     return [_med([None if v is None else v[j] for v in per_seed]) for j in range(n_layers)]
 
@@ -61,7 +73,7 @@ def rescue_table(story: dict[str, Any]) -> list[list[str]]:
         [f"checkpoint (epoch {cp['epoch']})"] + _layer_medians(per_seed, len(names))
         + [_rng(cp["last_layer_dead_fraction_by_seed"]), _med(cp["val_last_layer_dead_fraction_by_seed"]),
            _med(cp["val_accuracy_by_seed"]), _rng(cp["val_accuracy_by_seed"]), f"{cp['diverged_seeds']}/{n}",
-           f"{median_or_none(cp['train_seconds_by_seed']):.1f}", ""]
+           _seconds(median_or_none(_kept(cp["train_seconds_by_seed"], cp.get("diverged_by_seed")) or [])), ""]
     )
     for name, v in story["strategies"].items():
         if "skipped" in v:
@@ -70,21 +82,43 @@ def rescue_table(story: dict[str, Any]) -> list[list[str]]:
         per_seed = [None if d else [layer["dead_fraction"] for layer in r["strategies"][name]["final"]]
                     for r, d in zip(runs, v["diverged_by_seed"])]
         cost = v["cost"]
+        # The story's cost medians count every seed; the table's, like its other medians, leave diverged seeds out.
+        diverged = v.get("diverged_by_seed")
+        raw_resets = _per_seed_cost(runs, name, "units_reinitialised")
+        resets = _kept(raw_resets, diverged)
+        seconds_by_seed = _kept(v.get("seconds_by_seed"), diverged)
+        resets_median = cost["units_reinitialised"] if resets is None else median_or_none(resets)
+        seconds = cost["seconds"] if seconds_by_seed is None else median_or_none(seconds_by_seed)
         extra = []
         if cost["extra_params"]:
             extra.append(f"{cost['extra_params']:+d} params")
-        if cost["units_reinitialised"]:
-            extra.append(f"{cost['units_reinitialised']:g} unit resets (median)")
+        if resets_median:
+            extra.append(f"{resets_median:g} unit resets (median)")
+        elif resets_median is None and (cost["units_reinitialised"] or any(raw_resets or ())):
+            extra.append("unit resets: diverged")
         if cost["activations_swapped"]:
             extra.append(f"{cost['activations_swapped']} swapped")
-        seconds = cost["seconds"]
         rows.append(
             [v["label"]] + _layer_medians(per_seed, len(names))
             + [_rng(v["last_layer_dead_fraction_by_seed"]), _med(v["val_last_layer_dead_fraction_by_seed"]),
                _med(v["val_accuracy_by_seed"]), _rng(v["val_accuracy_by_seed"]), f"{v['diverged_seeds']}/{n}",
-               "-" if seconds is None else f"{seconds:.1f}", ", ".join(extra) or "none"]
+               _seconds(seconds), ", ".join(extra) or "none"]
         )
     return rows
+
+
+def _per_seed_cost(runs: Sequence[dict[str, Any]], name: str, key: str) -> list[float | None] | None:
+    """Each seed's ``cost[key]`` for strategy ``name`` (None for a seed that skipped it), or None if a run lacks it."""
+    values: list[float | None] = []
+    for run in runs:
+        mine = run.get("strategies", {}).get(name, {})
+        if "skipped" in mine:
+            values.append(None)
+        elif key in mine.get("cost", {}):
+            values.append(mine["cost"][key])
+        else:
+            return None
+    return values
 
 
 def _pct(v: float | None) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 from collections import OrderedDict
 from typing import Any, Iterator, Sequence
 
@@ -28,6 +29,23 @@ __all__ = [
 
 ACTIVATIONS = ("relu", "leaky_relu", "prelu", "elu", "selu", "gelu", "silu")
 INITS = ("default", "he", "he_bias", "lecun")
+
+
+def check_lr(lr: Any) -> None:
+    """Refuse an ``lr`` that is not a positive finite number, before any training: torch.optim raises
+    a bare ValueError on a negative one, and a NaN or infinite one would train on to a "diverged" finding.
+
+    Raises:
+        DeadReluError: naming the value.
+    """
+    if isinstance(lr, bool) or not isinstance(lr, numbers.Real):
+        raise DeadReluError(f"lr must be a positive number, got {lr!r:.80}")
+    try:
+        value = float(lr)
+    except OverflowError:  # an int too large for a float (whose digits may be too many to print)
+        raise DeadReluError("lr must be a positive number a float can hold, got an int too large for a float") from None
+    if not value > 0 or not math.isfinite(value):
+        raise DeadReluError(f"lr must be a positive finite number, got {lr}")
 
 
 def make_activation(name: str) -> nn.Module:

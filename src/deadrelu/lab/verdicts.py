@@ -121,13 +121,14 @@ def _strategy_aggregate(name: str, runs: Sequence[dict[str, Any]]) -> dict[str, 
     out["val_accuracy"] = median_or_none(out["val_accuracy_by_seed"])
     out["final_dead_fraction"] = median_or_none(out["dead_fraction_by_seed"])
     out["last_layer_dead_fraction"] = median_or_none(out["last_layer_dead_fraction_by_seed"])
+    # Cost medians leave diverged seeds out, as every other median does (the table says so).
     out["cost"] = {
         **first["cost"],
-        "train_seconds": median_or_none([None if "skipped" in m else m["cost"]["train_seconds"] for m in mine]),
-        "surgery_seconds": median_or_none([None if "skipped" in m else m["cost"]["surgery_seconds"] for m in mine]),
-        "seconds": median_or_none(seconds),
+        "train_seconds": median_or_none([None if d else m["cost"]["train_seconds"] for m, d in zip(mine, diverged)]),
+        "surgery_seconds": median_or_none([None if d else m["cost"]["surgery_seconds"] for m, d in zip(mine, diverged)]),
+        "seconds": median_or_none([None if d else v for v, d in zip(seconds, diverged)]),
         "units_reinitialised": median_or_none(
-            [None if "skipped" in m else m["cost"]["units_reinitialised"] for m in mine]),
+            [None if d else m["cost"]["units_reinitialised"] for m, d in zip(mine, diverged)]),
     }
     return out
 

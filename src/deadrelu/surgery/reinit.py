@@ -180,6 +180,47 @@ def _check_optimizer(optimizer: Any, what: str) -> None:
         raise DeadReluError(f"{what}: optimizer must be a torch.optim.Optimizer, not {type(optimizer).__name__}")
 
 
+def _check_optimizer_holds(
+    optimizer: torch.optim.Optimizer | None, model: nn.Module, params: Iterable[Any] | None, what: str
+) -> None:
+    """Refuse an optimizer that holds none of the trainable ``params`` (None: all of ``model``'s) in any param group.
+
+    Such an optimizer is another model's (one made before a ``copy.deepcopy``, say): no state of it
+    would be reset, while the one that trains these parameters keeps its stale momentum. An optimizer
+    holding only some of them (a frozen backbone left out of it) is the model's own. Parameters that
+    do not require grad are left out: a frozen part has no training state for any optimizer to hold.
+    """
+    if optimizer is None:
+        return
+    chosen = model.parameters() if params is None else params
+    trainable = [p for p in chosen if isinstance(p, torch.Tensor) and p.requires_grad]
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    if not trainable or any(id(p) in held for p in trainable):
+        return
+    if params is None:
+        raise DeadReluError(
+            f"{what}: the optimizer holds none of the model's parameters (was it made for another model, or before "
+            "a copy.deepcopy?), so none of its state would be reset; pass the optimizer that trains this model, or "
+            "optimizer=None"
+        )
+    names = {id(p): name for name, p in model.named_parameters()}
+    shown = [names.get(id(p), "?") for p in trainable]
+    listed = ", ".join(shown[:4]) + (f", ... ({len(shown)} parameters)" if len(shown) > 4 else "")
+    raise DeadReluError(
+        f"{what}: the optimizer holds none of the parameters to change ({listed}), so their optimizer state "
+        "(momentum, Adam moments) would be left stale; pass the optimizer that trains them, or optimizer=None; "
+        "nothing was changed"
+    )
+
+
+def _chain_parameters(chain: _graph.Chain) -> list[Any]:
+    """The parameters :func:`reinit_dead` writes at one site: producer, BatchNorm, multipliers, consumers."""
+    layers = [chain.producer, *(m for _, m in chain.multipliers)] + ([chain.norm] if chain.norm is not None else [])
+    params = [t for m in layers for t in (getattr(m, "weight", None), getattr(m, "bias", None))]
+    # a consumer's bias changes only to absorb a constant, which is not known yet: its weight always changes
+    return params + [getattr(link.module, "weight", None) for link in chain.links]
+
+
 def _check_reinit_arguments(
     model: Any,
     optimizer: Any,
@@ -203,7 +244,9 @@ def _check_reinit_arguments(
     if isinstance(max_draws, bool) or not hasattr(max_draws, "__index__") or max_draws < 1:
         raise DeadReluError(f"{what}: max_draws must be a whole number of at least 1, got {max_draws!r}")
     check_input_fn(input_fn, what)
-    return eager_submodule(model, ""), check_sites(sites, what)
+    module = eager_submodule(model, "")
+    _check_optimizer_holds(optimizer, module, None, what)
+    return module, check_sites(sites, what)
 
 
 # torch's defaults for the negative slope: F.leaky_relu / nn.LeakyReLU, nn.PReLU's initial weight, and
@@ -467,7 +510,7 @@ def reinit_dead(
     Args:
         model: the scanned model; changed in place.
         report: a :class:`~deadrelu.Report` of ``model``.
-        optimizer: its optimizer, whose per-entry state is reset for the touched entries.
+        optimizer: its optimizer, whose per-entry state is reset for the touched entries (one holding none is refused).
         dormant: also re-initialise τ-dormant units (``site.dormant_units``).
         generator: random generator for the new weights (reproducibility).
         init: ``"he"`` (default) or ``"torch"`` (PyTorch's Linear/Conv default).
@@ -487,7 +530,8 @@ def reinit_dead(
             write fails (an inference-mode tensor; rolled back, the cause named); nothing is changed.
         ForwardError: the model raises on ``data`` (e.g. the wrong number of features).
         DataError: ``data`` is unusable.
-        DeadReluError: for a bad argument (``max_draws=0``, ``generator=3``, ...), before any work.
+        DeadReluError: for a bad argument (``max_draws=0``, ``generator=3``, an optimizer holding none of the
+            trainable parameters to change, ...), before any change.
 
     Example:
         >>> import torch, deadrelu
@@ -499,8 +543,7 @@ def reinit_dead(
     """
     what = "reinit_dead"
     model, sites = _check_reinit_arguments(model, optimizer, dormant, generator, init, input_fn, max_draws, sites, what)
-    # With data, the real model (global module hooks included) is checked against the pinned trace below.
-    chains = _graph.find_chains(model, report, _reinit_units(dormant), what, sites=sites, checked_on_data=data is not None)
+    chains = _chains_to_reinit(model, report, optimizer, dormant, sites, data is not None, what)
     # Plan every value first; a refusal here leaves everything untouched.
     batch = _checked_first_batch(model, report, chains, data, input_fn, dormant, what) if data is not None else None
     plans, reference = _plan_all(model, chains, batch, init, generator, max_draws, what)
@@ -514,6 +557,22 @@ def reinit_dead(
         silent={p.chain.site.name: p.silent for p in plans if p.silent},
         skipped=_skipped_sites(report, sites, dormant),
     )
+
+
+def _chains_to_reinit(
+    model: nn.Module,
+    report: Report,
+    optimizer: torch.optim.Optimizer | None,
+    dormant: bool,
+    sites: tuple[str, ...] | None,
+    checked_on_data: bool,
+    what: str,
+) -> list[_graph.Chain]:
+    """The proven chains :func:`reinit_dead` edits, once ``optimizer`` is seen to hold some of their parameters."""
+    # With data, the real model (global module hooks included) is checked against the pinned trace later.
+    chains = _graph.find_chains(model, report, _reinit_units(dormant), what, sites=sites, checked_on_data=checked_on_data)
+    _check_optimizer_holds(optimizer, model, [p for c in chains for p in _chain_parameters(c)], what)
+    return chains
 
 
 def _check_reference(reference: PinnedReference, model: nn.Module, plans: list["_UnitResetPlan"]) -> None:
@@ -690,7 +749,8 @@ def nudge_bias(
         model: the scanned model; changed in place.
         report: a :class:`~deadrelu.Report` of ``model``.
         value: the new bias (a small positive number, the usual "seed" advice).
-        optimizer: optional optimizer whose state for the changed entries is reset.
+        optimizer: optional optimizer whose state for the changed entries is reset; one that holds
+            none of the (trainable) biases to change is refused.
         dormant: also nudge τ-dormant units.
         sites: only these sites (by report name); default all.
 
@@ -700,7 +760,8 @@ def nudge_bias(
     Raises:
         RefusedError: the producer cannot be proven, or has no bias; nothing is changed.
         DeadReluError: for a bad argument (a ``value`` that is not a finite number, a bad
-            model, optimizer, ``dormant`` or ``sites``), before any work.
+            model, optimizer, ``dormant`` or ``sites``), before any work; for an optimizer that
+            holds none of the trainable biases to change, before any change.
 
     Example:
         >>> import torch, deadrelu
@@ -712,11 +773,15 @@ def nudge_bias(
     what = "nudge_bias"
     check_model(model, what)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not _finite(value):
-        raise DeadReluError(f"{what}: value must be a finite number, got {value!r}")
+        # An int fails here only when too large for a float: named, not printed (past 4300 digits repr raises).
+        huge = isinstance(value, int) and not isinstance(value, bool)
+        shown = "an int too large for a float" if huge else repr(value)
+        raise DeadReluError(f"{what}: value must be a finite number, got {shown:.80}")
     _check_optimizer(optimizer, what)
     check_flag(dormant, "dormant", what)
     sites = check_sites(sites, what)
     model = eager_submodule(model, "")  # through torch.compile's wrapper: the same parameters
+    _check_optimizer_holds(optimizer, model, None, what)
     chains = _graph.find_chains(model, report, _units_of(dormant), what, consumers=False, sites=sites)
     targets = []
     for chain in chains:
@@ -727,6 +792,7 @@ def nudge_bias(
         if getattr(owner, "bias", None) is None:
             raise RefusedError(f"{what}: site '{chain.site.name}': '{path}' has no bias to nudge; nothing was changed")
         targets.append((chain, owner.bias, f"{path}.bias" if path else "bias"))
+    _check_optimizer_holds(optimizer, model, [bias for _, bias, _ in targets], what)
     out = []
     with Transaction(what) as tx, torch.no_grad():
         for chain, bias, name in targets:

@@ -426,7 +426,15 @@ def _check_swap_arguments(model: Any, to: str, copy: Any, selu_init: Any, negati
     check_generator(generator, "swap_activations")
     if selu_init and to != "selu":
         raise DeadReluError("swap_activations: selu_init=True needs to='selu'")
-    if isinstance(negative_slope, bool) or not (isinstance(negative_slope, (int, float)) and math.isfinite(negative_slope)):
+    if isinstance(negative_slope, bool) or not isinstance(negative_slope, (int, float)):
+        raise DeadReluError(f"swap_activations: negative_slope must be a finite number, got {negative_slope!r:.80}")
+    try:
+        finite = math.isfinite(negative_slope)
+    except OverflowError:  # an int too large for a float (whose repr may be too long to print), as nudge_bias says
+        raise DeadReluError(
+            "swap_activations: negative_slope must be a finite number, got an int too large for a float"
+        ) from None
+    if not finite:
         raise DeadReluError(f"swap_activations: negative_slope must be a finite number, got {negative_slope!r}")
 
 
