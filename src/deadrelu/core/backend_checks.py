@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 from typing import Iterator
 
 import torch
@@ -22,6 +21,7 @@ from torch.autograd import forward_ad  # (asked on every fused ReLU: imported on
 
 from ..errors import DeadReluError
 from . import kernels, native  # neither imports Triton: the kernels compile on first use
+from .environment import env_is
 
 __all__ = ["autocast_on", "forward_ad_on", "fused_on_cpu", "fusion_off", "native_ready", "no_autocast", "require_triton"]
 
@@ -78,7 +78,7 @@ def fused_on_cpu() -> bool:
 @functools.lru_cache(maxsize=None)
 def fusion_off() -> bool:
     """Whether ``DEADRELU_NO_FUSED_RELU=1`` turns the fused ReLU off."""
-    return os.environ.get("DEADRELU_NO_FUSED_RELU") == "1"  # for A/B runs: the two passes, still on Triton
+    return env_is("DEADRELU_NO_FUSED_RELU", "1")  # for A/B runs: the two passes, still on Triton
 
 
 def forward_ad_on() -> bool:

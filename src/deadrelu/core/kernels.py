@@ -29,11 +29,12 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 import struct
 from typing import Any, Mapping
 
 import torch
+
+from .environment import env_is
 
 __all__ = [
     "available", "dense", "flushes_denormals", "functorch_wrapped", "fusable", "interpreting", "launch_config", "mask_rows", "plan",
@@ -68,7 +69,7 @@ def flushes_denormals() -> bool:
 
 def interpreting() -> bool:
     """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET") == "1"
+    return env_is("TRITON_INTERPRET", "1")
 
 
 def tile_sums_on() -> bool:
@@ -79,14 +80,14 @@ def tile_sums_on() -> bool:
     Compiled for an H100, reducing as it goes costs per value about three times the instructions,
     with cross-warp shuffles and barriers in the loop; with a sum per position the loop body has none
     and the rows are reduced once."""
-    return os.environ.get("DEADRELU_TRITON_SUMS") != "rows"
+    return not env_is("DEADRELU_TRITON_SUMS", "rows")
 
 
 def available() -> bool:
     """True when Triton imports and can run here: CUDA is present, or the interpreter is on.
 
     ``DEADRELU_NO_TRITON=1`` forces the pure-torch pass (for comparisons)."""
-    if os.environ.get("DEADRELU_NO_TRITON") == "1" or not _importable():
+    if env_is("DEADRELU_NO_TRITON", "1") or not _importable():
         return False
     return interpreting() or torch.cuda.is_available()
 

@@ -42,6 +42,7 @@ from typing import Mapping
 import torch
 
 from . import kernels
+from .environment import env_is
 from .files import make_temporary, remove_stale_temporaries
 
 __all__ = ["Launch", "available", "prepare", "relu_stats_into", "status", "supports", "unit_stats_into"]
@@ -59,7 +60,7 @@ _FAILURE: list[str] = []
 
 def status() -> str:
     """One line: whether the compiled kernel counts CPU batches here, and if not, why."""
-    if os.environ.get("DEADRELU_NO_NATIVE") == "1":
+    if env_is("DEADRELU_NO_NATIVE", "1"):
         return "native CPU kernel off (DEADRELU_NO_NATIVE=1): the torch pass counts CPU batches"
     if available():
         return f"native CPU kernel in use ({_LOADED[-1]})"
@@ -69,7 +70,7 @@ def status() -> str:
 def available() -> bool:
     """True when the compiled kernel is loaded (compiling it on the first call, once per machine).
     ``DEADRELU_NO_NATIVE=1`` turns it off (for comparisons)."""
-    if os.environ.get("DEADRELU_NO_NATIVE") == "1":
+    if env_is("DEADRELU_NO_NATIVE", "1"):
         return False
     return _library() is not None
 
