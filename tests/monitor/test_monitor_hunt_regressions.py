@@ -591,3 +591,62 @@ def test_lifecycle_events_from_every_batch_with_several_forwards_per_step(plan, 
                     net(torch.tensor([[1.0 if f else -1.0 for f in fires]] * 2)).sum().backward()
                 mon.step()
     assert [(e.step, e.unit, e.kind) for e in mon.events] == _brute_events(plan, window, log_every)
+
+
+class _FailsSometimes(nn.Module):
+    """Two ReLU layers; with ``fail`` set the forward raises between them (as a too-large batch would)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1, self.a1, self.l2, self.a2 = nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 5), nn.ReLU()
+        self.fail = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | None:
+        h = self.a1(self.l1(x))
+        if self.fail:
+            raise torch.cuda.OutOfMemoryError("simulated out of memory")
+        out = self.a2(self.l2(h))
+        return None if getattr(self, "returns_none", False) else out
+
+
+@pytest.mark.parametrize("window", [2, 10])
+def test_a_forward_that_raises_part_way_counts_nothing(window):
+    """The 'skip the batch on out-of-memory' loop: the layers before the error took the failed
+    batch (a1 had 76 observations and a2 12, samples 76)."""
+    torch.manual_seed(0)
+    net = _FailsSometimes()
+    mon = deadrelu.Monitor(net, window=window, log_every=1).attach()
+    good: list[torch.Tensor] = []
+    for size in [4, 64, 4, 64, 4, 4]:
+        x = torch.randn(size, 4)
+        net.fail = size == 64
+        try:
+            net(x).sum().backward()
+            good.append(x)
+        except torch.cuda.OutOfMemoryError:
+            pass
+        mon.step()
+    total, last = mon.report("total"), mon.report("window")
+    mon.detach()
+    with torch.no_grad():
+        h1 = [net.a1(net.l1(x)) for x in good]
+        h2 = [net.a2(net.l2(h)) for h in h1]
+    for report, kept in ((total, slice(None)), (last, slice(-window, None))):
+        for name, acts in (("a1", h1), ("a2", h2)):
+            site, seen = report.site(name), torch.cat(acts[kept])
+            assert site.observations == len(seen) and site.fired_counts == tuple((seen > 0).sum(0).tolist())
+        assert report.samples == sum(len(x) for x in good[kept])
+
+
+def test_a_forward_returning_none_inside_a_users_except_block_still_counts():
+    """Only a call that raised is taken back: one run from an except block (a retry with a smaller
+    batch) that returns None is a pass like any other."""
+    net = _FailsSometimes()
+    net.returns_none = True
+    with deadrelu.Monitor(net, window=4) as mon:
+        try:
+            raise RuntimeError("the user's own error, being handled")
+        except RuntimeError:
+            net(torch.randn(3, 4))
+        mon.step()
+        assert mon.report("total").site("a2").observations == 3 and mon.report("total").samples == 3

@@ -281,6 +281,9 @@ class ActivationCapture(CaptureHooks, ObservationMasks):
         # Called with (args, kwargs) of each root forward this capture claims: with forwards from
         # several threads only one is observed at a time, and the monitor counts that one's samples.
         self.on_forward: Callable[[tuple[Any, ...], Mapping[str, Any]], None] | None = None
+        # Called when a claimed root forward raised part-way and its batches were taken back (see
+        # CaptureHooks._discard_forward): the monitor takes back the samples it counted for it.
+        self.on_forward_discarded: Callable[[], None] | None = None
         self.op_error: Exception | None = None  # the last op that raised under the dispatch spy (TorchScript)
         self.own_error: DeadReluError | None = None  # deadrelu's error raised inside that op (TorchScript)
         self._stance: contextlib.AbstractContextManager[Any] | None = None
@@ -502,7 +505,10 @@ class ActivationCapture(CaptureHooks, ObservationMasks):
             self._note_mask_fit(mask is not None, x, site)
         self.last_site = site.info.module or "<root>"
         try:
-            return fused(x, dim, mask=mask, inplace=inplace)
+            out = fused(x, dim, mask=mask, inplace=inplace)
+            if out is not None:
+                self._fwd.written.append(site.stats)
+            return out
         except torch.cuda.OutOfMemoryError:
             raise  # as torch's own ReLU would: callers that shrink the batch on OOM must see it
         except Exception as err:
@@ -566,6 +572,7 @@ class ActivationCapture(CaptureHooks, ObservationMasks):
                 site.stats.update(x, dim, nonnegative)
             else:
                 site.stats.update(x, dim, nonnegative, mask=mask)
+            self._fwd.written.append(site.stats)
         except torch.cuda.OutOfMemoryError:
             raise  # the device is full: not a failure of deadrelu's statistics
         except Exception as err:

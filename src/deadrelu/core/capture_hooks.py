@@ -13,6 +13,7 @@ call's number) and ``_on_module_output`` (an activation module's output, counted
 from __future__ import annotations
 
 import contextlib
+import sys
 import threading
 import warnings
 from dataclasses import dataclass, field
@@ -39,6 +40,20 @@ if TYPE_CHECKING:
     from .capture import ActivationCapture
 
 __all__ = ["CaptureHooks", "Forward", "Frame"]
+
+
+def _raised_in(module: nn.Module) -> bool:
+    """Whether a forward post-hook runs because ``module``'s call raised (torch runs the
+    ``always_call`` hooks from the handler in ``Module._call_impl``), not a call that returned None
+    inside a user's own ``except`` block: the exception being handled was caught in that call."""
+    tb = sys.exc_info()[2]
+    if tb is None:
+        return False
+    frame = tb.tb_frame
+    return frame.f_code is _CALL_IMPL_CODE and frame.f_locals.get("self") is module
+
+
+_CALL_IMPL_CODE = getattr(nn.Module._call_impl, "__code__", None)
 
 
 @dataclass
@@ -86,6 +101,8 @@ class Forward:
     # sites whose activation the mask did not lie over although its rows are not the batch's (flattened
     # (B·T, C) tokens, an expert's routed rows): their padding was counted, where other sites' was not
     unfit_sites: dict[int, tuple[Any, bool, tuple[int, ...]]] = field(default_factory=dict)
+    written: list[Any] = field(default_factory=list)  # the accumulators each batch of this pass went into, in order
+    samples: int = 0  # the samples this pass added to the capture's count
 
 
 class CaptureHooks:
@@ -204,7 +221,8 @@ class CaptureHooks:
         self._fwd = Forward()
         self.op_error = self.own_error = None
         self.forwards += 1
-        self.samples += call_samples(args, kwargs)
+        self._fwd.samples = call_samples(args, kwargs)
+        self.samples += self._fwd.samples
         if self.on_forward is not None:
             self.on_forward(args, kwargs or {})
         self.last_site = None
@@ -422,9 +440,30 @@ class CaptureHooks:
                         self._owner = None
                 if done:
                     self._exit_mode()
-                    self._end_forward()
+                    if output is None and _raised_in(module):
+                        self._discard_forward()
+                    else:
+                        self._end_forward()
 
         return post_hook
+
+    def _discard_forward(self) -> None:
+        """The root forward raised part-way (a training loop that skips a batch on out-of-memory
+        catches it): the sites it reached before the error took its batch, the others did not.
+        Where every accumulator it wrote can take a batch back (the monitor's windows), each does
+        and the pass's samples are uncounted, so the layers agree on what was seen; otherwise (a
+        probe's since-start sums) the counts stay as they are."""
+        fwd = self._fwd
+        undo = [getattr(stats, "discard_last", None) for stats in fwd.written]
+        if not all(undo):
+            return
+        for discard in reversed(undo):
+            discard()
+        fwd.written.clear()
+        self.forwards -= 1
+        self.samples -= fwd.samples
+        if self.on_forward_discarded is not None:
+            self.on_forward_discarded()
 
     def _note_lookalike(self, path: str, args: Any, output: Any) -> None:
         first = args[0] if args else None

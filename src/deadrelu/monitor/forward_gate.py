@@ -133,8 +133,21 @@ class ForwardGate:
 
     def _count_call_rows(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
         """A pass the eager capture claimed (outside ``observe()``, whose block counts its own samples)."""
+        self._pass_rows: int | None = None
         if self._scope_counted is None:
-            self._add_samples(input_rows(args, kwargs))
+            self._pass_rows = input_rows(args, kwargs)
+            self._add_samples(self._pass_rows)
+
+    def _uncount_call_rows(self) -> None:
+        """The claimed pass raised part-way and its batches were taken back: so are its samples
+        (with a full ring, the window then lacks the oldest batch's, as each site's window does)."""
+        rows, self._pass_rows = getattr(self, "_pass_rows", None), None
+        if rows is None:
+            return
+        self._samples_total -= rows
+        self._forwards -= 1
+        if self._samples_ring:
+            self._samples_ring.pop()
 
     def _count_graph_samples(self, rows: int) -> None:
         """A compiled forward's batch size, handed in by its ``deadrelu::count_samples`` op."""

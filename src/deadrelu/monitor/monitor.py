@@ -302,7 +302,7 @@ class Monitor(ForwardGate, Evaluation, UnitLifecycle):
         # The eager capture counts the passes it claims (one thread's at a time), so samples match its sites.
         self._rows_from_capture = isinstance(self.capture, ActivationCapture)
         if self._rows_from_capture:
-            self.capture.on_forward = self._count_call_rows
+            self.capture.on_forward, self.capture.on_forward_discarded = self._count_call_rows, self._uncount_call_rows
         self.history = History()
         self.events: list[Event] = []
         self.alerts: list[Alert] = []

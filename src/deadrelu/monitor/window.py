@@ -192,6 +192,18 @@ class WindowStats:
             rows = self._rows = [self.ring.row(i) for i in range(self.window)]
         return rows[self.pos]
 
+    def discard_last(self) -> None:
+        """Take back the last batch (of a forward pass that raised part-way): its ring row is zeroed
+        and the next batch fills it. The batch that row held before had left for the totals when
+        the row was claimed, so until the next batch the window holds one batch fewer."""
+        if self.count == 0:
+            return
+        self.pos = (self.pos - 1) % self.window
+        foreach_apply("zero", list(self._row_views(self.device).values()))
+        if self.count == self.window:
+            self.first = None  # the first window's sums held this batch: taken again when it fills
+        self.count -= 1
+
     def _advance(self) -> None:
         self.pos = (self.pos + 1) % self.window
         self.count += 1
