@@ -650,3 +650,33 @@ def test_a_forward_returning_none_inside_a_users_except_block_still_counts():
             net(torch.randn(3, 4))
         mon.step()
         assert mon.report("total").site("a2").observations == 3 and mon.report("total").samples == 3
+
+
+def test_a_site_renamed_mid_run_keeps_one_history_series():
+    """A second F.relu position that first runs later renames the first site ('<root>:relu' becomes
+    '<root>:relu.1'): its history split in two series, the first under a name no site has any more."""
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.l1, self.l2 = nn.Linear(3, 4), nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = torch.nn.functional.relu(self.l1(x))
+            if x.shape[0] > 4:  # the README's example of a call position that runs for some batches only
+                h = torch.nn.functional.relu(self.l2(h))
+            return h
+
+    net = Net()
+    with deadrelu.Monitor(net, window=1, log_every=2) as mon:
+        for size in (2, 2, 2, 2, 8, 8, 8, 8):
+            net(torch.randn(size, 3)).sum().backward()
+            mon.step()
+        state = mon.state_dict()
+    assert [r.site for r in mon.history if r.step == 2] == ["<root>:relu"]  # rows keep the name they had
+    assert mon.history.sites == ["<root>:relu.1", "<root>:relu.2"]
+    for name in ("<root>:relu", "<root>:relu.1"):
+        assert mon.history.series(name)[0] == [1, 2, 4, 5, 6, 8]  # (1 and 5: each site's first full window)
+    resumed = deadrelu.Monitor(net, window=1)
+    resumed.load_state_dict(state)
+    assert resumed.history.series("<root>:relu.1")[0] == [1, 2, 4, 5, 6, 8]

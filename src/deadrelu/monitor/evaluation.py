@@ -182,6 +182,7 @@ class Evaluation:
         for name, ident in identities.items():  # every name a site has had -> its current one
             self._name_ident[name] = ident
             self._ident_name[ident] = name
+        self.history.aliases.update({name: self._ident_name[ident] for name, ident in self._name_ident.items()})
         step = self.steps
         self._last_eval_step = step
         self._units = {s.name: s.units for s in report.sites}

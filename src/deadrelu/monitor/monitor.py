@@ -515,6 +515,7 @@ class Monitor(ForwardGate, Evaluation, UnitLifecycle):
         self._warned = parsed.warned
         self._name_ident = parsed.names
         self._ident_name = {ident: name for name, ident in parsed.current_names.items()}
+        self.history.aliases.update({n: self._ident_name[i] for n, i in self._name_ident.items() if i in self._ident_name})
         self._units = parsed.units
 
     @property

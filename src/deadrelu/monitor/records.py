@@ -58,6 +58,10 @@ class History:
     """
 
     rows: list[HistoryRow] = field(default_factory=list)
+    # Every name a site has had -> its latest (a site's display name changes when a second call
+    # position of its function appears: "<root>:relu" becomes "<root>:relu.1"). Rows keep the name
+    # they were written under, as the logs do; ``sites`` and ``series`` follow the site.
+    aliases: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -67,8 +71,8 @@ class History:
 
     @property
     def sites(self) -> list[str]:
-        """Site names in first-seen order."""
-        return list(dict.fromkeys(r.site for r in self.rows))
+        """Site names (each site's latest) in first-seen order."""
+        return list(dict.fromkeys(self.aliases.get(r.site, r.site) for r in self.rows))
 
     @property
     def steps(self) -> list[int]:
@@ -76,14 +80,16 @@ class History:
         return list(dict.fromkeys(r.step for r in self.rows))
 
     def series(self, site: str, state: str = "dead") -> tuple[list[int], list[float]]:
-        """``(steps, fractions)`` of one site for ``state`` (active/asleep/dead/dormant/nonfinite/unobserved/alive).
+        """``(steps, fractions)`` of one site for ``state`` (active/asleep/dead/dormant/nonfinite/unobserved/alive),
+        under whichever name the site had at each step (``site`` may be any of its names).
 
         Raises:
             KeyError: for an unknown site or state.
         """
         if state not in _STATES:
             raise KeyError(f"unknown state {state!r}; use {', '.join(_STATES[:-1])} or {_STATES[-1]}")
-        rows = [r for r in self.rows if r.site == site]
+        name = self.aliases.get(site, site)  # any name the site has had
+        rows = [r for r in self.rows if self.aliases.get(r.site, r.site) == name]
         if not rows:
             raise KeyError(f"no site {site!r} in the history; sites are: {', '.join(self.sites)}")
         return [r.step for r in rows], [getattr(r, state) for r in rows]
