@@ -522,3 +522,42 @@ def test_a_text_decoder_takes_the_decoder_mask_not_the_encoders():
     decoder = next(s for s in report.sites if s.module.startswith("text_decoder"))
     assert decoder.observations == int(dmask.sum())  # the decoder's 12 positions, not all 15
     assert list(decoder.fired_counts) == (outs[decoder.module][dmask.bool()] > 0).sum(0).tolist()
+
+
+class _HeadsFirst(nn.Module):
+    """A linear-attention feature map on head-split queries, ``(B, T, H, d)`` transposed to
+    ``(B, H, T, d)``, beside a ``(B, T, C)`` ReLU the mask does lie over."""
+
+    def __init__(self, heads: int = 4, width: int = 32) -> None:
+        super().__init__()
+        self.heads, self.emb, self.q, self.ff = heads, nn.Embedding(50, width), nn.Linear(width, width), nn.Linear(width, 6)
+
+    def forward(self, input_ids, attention_mask):
+        x = self.emb(input_ids)
+        b, t, c = x.shape
+        q = self.q(x).view(b, t, self.heads, c // self.heads).transpose(1, 2)
+        phi = F.relu(q)  # (B, H, T, d): dims 0 and 1 are (B, H), not the mask's (B, T)
+        mixed = phi.transpose(1, 2).reshape(b, t, c)  # back to (B, T, C)
+        return F.relu(self.ff(mixed))
+
+
+@pytest.mark.parametrize("tokens", [4, 6])  # 4 == heads: the mask was laid over (B, H), silently
+def test_a_mask_never_lies_over_heads_moved_before_the_tokens(tokens):
+    torch.manual_seed(0)
+    model = _HeadsFirst().eval()
+    mask = torch.ones(3, tokens, dtype=torch.long)
+    mask[0, 1:] = 0
+    batch = {"input_ids": torch.randint(0, 50, (3, tokens)), "attention_mask": mask}
+    with pytest.warns(UserWarning, match="heads before tokens"):
+        report = deadrelu.scan(model, [batch])
+    heads_first, after = report.sites
+    with torch.no_grad():
+        q = model.q(model.emb(batch["input_ids"])).view(3, tokens, 4, 8).transpose(1, 2)
+        phi = F.relu(q)
+        out = F.relu(model.ff(phi.transpose(1, 2).reshape(3, tokens, 32)))
+    # every position of the heads-first site is counted (as for any layout the mask does not fit) ...
+    assert heads_first.observations == 3 * 4 * tokens
+    assert heads_first.fired_counts == tuple((phi > 0).sum((0, 1, 2)).tolist())
+    # ... and the (B, T, C) site after it takes the mask again
+    kept = out[mask.bool()]
+    assert after.observations == len(kept) and after.fired_counts == tuple((kept > 0).sum(0).tolist())

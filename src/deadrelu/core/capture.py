@@ -481,14 +481,15 @@ class ActivationCapture(CaptureHooks, ObservationMasks):
             return None
         site = self._site_for("relu", args, kwargs, inp, depth=4)  # the input stands in for the output
         out = None if site is None else self._fused_update(site, inp, inplace)
+        counted = out is not None
         if out is None:
             out = func(*args, **kwargs) if kwargs else func(*args)
-            if site is not None:
-                self._update(site, out)
-        if out is not inp:
+        if out is not inp:  # before counting: the mask's fit reads what the output came from
             fwd.axes.carry(inp, out)
             if fwd.sources is not None:
                 carry_source(fwd.sources, (inp,), None, out)
+        if site is not None and not counted:
+            self._update(site, out)
         return out
 
     def _fused_update(self, site: Site, x: torch.Tensor, inplace: bool) -> torch.Tensor | None:

@@ -288,7 +288,8 @@ class CaptureHooks:
             name = "decoder_attention_mask" if decoder else "observation mask"
             warnings.warn(
                 f"deadrelu: the {name} of shape {tuple(mask.shape)} lies over this pass's (B, T) activations but "
-                f"not over {len(new)} site(s) whose rows are tokens in another layout (flattened or routed): "
+                f"not over {len(new)} site(s) whose rows are tokens in another layout (flattened, routed, or heads "
+                f"before tokens): "
                 f"{listed}{more}. Every position of those was counted, padding included; pass mask=False to "
                 "count padding everywhere alike",
                 stacklevel=4,

@@ -90,6 +90,12 @@ class ObservationMasks:
             return None
         if source is fwd.mask and fwd.sources is not None and _from_other_inputs(fwd.sources, out):
             return None  # an image tower's tokens: the call's (text) mask is not theirs
+        if fwd.axes.lead_moved(out):
+            # Heads before tokens ((B, T, H, d) transposed to (B, H, T, d)): its dims 0 and 1 are not the
+            # mask's (B, T), even where H == T. Counted whole, and said, as a layout the mask does not fit.
+            self._note_mask_fit(False, out, site)
+            fwd.unfit_sites.setdefault(id(site), (site.info, self._takes_decoder_mask(site), tuple(out.shape)))
+            return None
         key = (out.device, source is fwd.mask)
         mask = fwd.masks.get(key)
         if mask is None:

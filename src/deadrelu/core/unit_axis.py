@@ -455,6 +455,41 @@ class AxisTable:
         # of a ``Linear(d, 1)``: ``(B, 1)`` to ``(B,)``), by identity (weakref): every value is an
         # observation of that one unit, not a unit of its own (the rank rule would count batch rows).
         self.squeezed: dict[int, Any] = {}
+        # Tensors whose first two dims are no longer the (B, T) (or (T, B)) of the tensors they came
+        # from, by identity: (weakref, where the original dims 0 and 1 are now). ``q.view(B, T, H, d)
+        # .transpose(1, 2)`` puts heads at dim 1: a (B, T) mask must not lie over (B, H) there, even
+        # when H == T. Kept through transposes and permutes (one that moves them back ends it) and
+        # ops that keep the leading dims; any other op ends it.
+        self.moved_lead: dict[int, tuple[Any, tuple[int, int]]] = {}
+
+    def lead_moved(self, t: Any) -> bool:
+        """Whether ``t``'s dims 0 and 1 are not its sources' (see :attr:`moved_lead`)."""
+        entry = self.moved_lead.get(id(t)) if self.moved_lead else None
+        return entry is not None and entry[0]() is t
+
+    def _lead(self, t: Any) -> tuple[int, int]:
+        entry = self.moved_lead.get(id(t)) if self.moved_lead else None
+        return entry[1] if entry is not None and entry[0]() is t else (0, 1)
+
+    def _move_lead(self, kind: tuple[int, str, Any], args: tuple, kwargs: dict | None, out: Any) -> None:
+        """Follow the original dims 0 and 1 through a transpose or permute."""
+        src = args[0] if args else None
+        if not isinstance(src, torch.Tensor) or not isinstance(out, torch.Tensor) or src.ndim < 2 or out.ndim != src.ndim:
+            return
+        lead = tuple(moved_axis(kind, p, src.ndim, args, kwargs) for p in self._lead(src))
+        if lead in ((0, 1), (1, 0)):  # (B, T) or (T, B): both lie where a mask's layouts look for them
+            self.moved_lead.pop(id(out), None)
+        elif None not in lead:
+            self.moved_lead[id(out)] = (weakref.ref(out), lead)  # type: ignore[assignment]
+
+    def _lead_through(self, args: tuple, out: Any) -> None:
+        """A same-shape op of a tensor whose leading dims moved: so have its output's."""
+        if not isinstance(out, torch.Tensor):
+            return
+        for a in args[:2]:  # (an op of the last dim, such as a Linear, keeps the others where they are)
+            if isinstance(a, torch.Tensor) and a.ndim == out.ndim and a.shape[:-1] == out.shape[:-1] and self.lead_moved(a):
+                self.moved_lead[id(out)] = (weakref.ref(out), self._lead(a))
+                return
 
     def is_squeezed(self, t: Any) -> bool:
         """Whether ``t``'s values are all of one unit whose size-1 axis was squeezed away (see :attr:`squeezed`)."""
@@ -469,6 +504,8 @@ class AxisTable:
     def carry(self, src: Any, out: Any) -> None:
         """Give ``out`` the feature axis of ``src``, and its mark where ``src`` is a part: ``out`` is
         computed from it value by value (an activation's output, a block's hidden states)."""
+        if self.moved_lead and isinstance(out, torch.Tensor) and self.lead_moved(src):
+            self.moved_lead[id(out)] = (weakref.ref(out), self._lead(src))
         entry = self.get(src)
         if entry is None and isinstance(out, torch.Tensor) and self.is_squeezed(src):
             self.squeezed[id(out)] = weakref.ref(out)
@@ -500,6 +537,10 @@ class AxisTable:
         # Every torch call of an observed forward comes here: the common case (an elementwise op
         # or a view of a tracked tensor) is kept to a few dict lookups.
         code = kind[0]
+        if code == TRANSPOSE or code == PERMUTE:
+            self._move_lead(kind, args, kwargs, out)
+        elif self.moved_lead:
+            self._lead_through(args, out)
         if code == PRODUCER:
             self._produced(kind, out, args, kwargs)
             return

@@ -246,7 +246,9 @@ class GraphRewrite:
             with graph.inserting_after(node):
                 nonnegative = site.info.function in NONNEGATIVE_FUNCTIONS
                 site_mask = decoder_mask if split and in_decoder(site.info.module) else mask
-                how = _mask_layout(node.meta["example_value"], site.unit_dim, site_mask, None if site_mask is not mask else mask_shape)
+                how = None if node.meta.get("deadrelu_heads_first") else _mask_layout(
+                    node.meta["example_value"], site.unit_dim, site_mask, None if site_mask is not mask else mask_shape
+                )
                 extra = () if how is None else (site_mask, how == "transposed")
                 masked = masked or how is not None
                 sums.append(graph.call_function(site_sums, (node, site.unit_dim, site.stats.threshold, nonnegative, *extra)))
@@ -408,6 +410,8 @@ class GraphRewrite:
             site = self._site(key, node.meta["example_value"], table, slots, location=position, pending=route is not None)
             if site is not None:
                 found.append((node, site, route))
+                if table.lead_moved(node.meta["example_value"]):
+                    node.meta["deadrelu_heads_first"] = True  # (B, H, T, d): no (B, T) mask lies over it (see _insert_sums)
         return found
 
     def _route_of(self, node: fx.Node) -> Route | None:
