@@ -127,6 +127,7 @@ from .site_options import (
     choose_unit_dim,
     resolve_threshold,
     resolve_unit_dim,
+    squeezed_unit_axis,
 )
 from .sites import Site, SiteInfo, describe_site, display_names, next_site_order, same_function_ordinal
 from .spies import INPLACE_RELUS
@@ -163,6 +164,7 @@ __all__ = [
     "resolve_threshold",
     "checked_threshold",
     "same_function_ordinal",
+    "squeezed_unit_axis",
 ]
 
 
@@ -643,17 +645,12 @@ class ActivationCapture(CaptureHooks, ObservationMasks):
             info.module, info.module_type, info.call = self._graph_sites[slot]  # type: ignore[misc]
             info.slot, info.leaf = 0, info.module_type in ACTIVATION_CLASS_NAMES
         info.ordinal = same_function_ordinal((s.info for s in self.sites.values()), info.module, info.call, name, info)
-        squeezed = self._axis(out) is None and self._fwd.axes.is_squeezed(out)
-        if squeezed and resolve_unit_dim(self.unit_dim_spec, info, out.ndim, -1) == -1:
-            # A layer's single output, squeezed: counted as the (..., 1) it was, with its one unit.
-            info.shape = (*out.shape, 1)
-            out = out.unsqueeze(-1)
-            unit_dim = out.ndim - 1
-            info.unit_axis_source = "producer: its single output, squeezed"
-        else:
-            squeezed = False
-            unit_dim = choose_unit_dim(self.unit_dim_spec, info, out.ndim, self._axis(out))
-        units = out.shape[unit_dim] if out.ndim else 1
+        entry, squeezed = self._axis(out), False
+        if entry is None and self._fwd.axes.is_squeezed(out):  # counted as the (..., 1) it was (see _update)
+            entry = squeezed_unit_axis(self.unit_dim_spec, info, out.ndim)
+            squeezed = entry is not None
+        unit_dim = choose_unit_dim(self.unit_dim_spec, info, out.ndim, entry)
+        units = 1 if squeezed or not out.ndim else out.shape[unit_dim]
         thr = resolve_threshold(self.threshold_spec, info)
         site = Site(
             info,

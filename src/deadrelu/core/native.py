@@ -357,7 +357,6 @@ def relu_stats_into(
     return made[1]
 
 
-
 class Launch:
     """:func:`unit_stats_into` (or :func:`relu_stats_into`) for tensors of one layout into one
     accumulator's state, its kernel arguments worked out once: a site's batches repeat their
@@ -415,15 +414,13 @@ def prepare(
         return None
     if before > _MAX_ROWS_PER_CALL or not _direct(out, units):
         return None
-    # Without argtypes, ctypes passes these objects as they are typed: the entry point's signature.
-    fn = lib["deadrelu_unit_stats"]  # (indexing gives a new function object: the shared one keeps its argtypes)
-    fn.restype = ctypes.c_int
-    i32, i64, ptr = ctypes.c_int, ctypes.c_int64, ctypes.c_void_p
     state = (out["fired"], out["abs_sum"], out["nonfinite"], out["observations"])
-    args: list[object] = [
-        i32(_DTYPES[t.dtype]), None, ptr(None), ptr(None),
-        *(i64(v) for v in (0, before, units, after, s_b, s_u, s_a, 1)),
-        ctypes.c_double(float(threshold)), i32(int(relu)), i32(int(relu or bool(nonnegative))), i32(-1),
-        *(ptr(s.data_ptr()) for s in state),
-    ]  # fmt: skip
+    values = (_DTYPES[t.dtype], None, None, None, 0, before, units, after, s_b, s_u, s_a, 1, float(threshold), int(relu),
+              int(relu or bool(nonnegative)), -1, *(s.data_ptr() for s in state))  # fmt: skip
+    # The arguments as objects of the entry point's declared types (_library's argtypes), called
+    # through a function object without argtypes, which passes them as they are: no conversions per call.
+    shared = lib.deadrelu_unit_stats
+    args: list[object] = [kind(v) for kind, v in zip(shared.argtypes, values)]
+    fn = lib["deadrelu_unit_stats"]  # (indexing gives a new function object: the shared one keeps its argtypes)
+    fn.restype = shared.restype
     return Launch(fn, args, t.dtype, state, relu)

@@ -118,6 +118,21 @@ def choose_unit_dim(spec: UnitDimSpec | None, info: SiteInfo, ndim: int, entry: 
     return unit_dim
 
 
+#: How a site's units were found where its activation is a layer's single output, squeezed.
+SQUEEZED_SOURCE = "producer: its single output, squeezed"
+
+
+def squeezed_unit_axis(spec: UnitDimSpec | None, info: SiteInfo, ndim: int) -> tuple[None, int, str] | None:
+    """For a new site whose activation is a layer's single output with its size-1 axis squeezed
+    away (``(B, 1)`` to ``(B,)``: :meth:`~deadrelu.core.unit_axis.AxisTable.is_squeezed`), the axis
+    entry that counts it as the ``(..., 1)`` it was — its one unit one past its ``ndim`` dims, the
+    axis given back to ``info.shape`` — or None where the ``unit_dim`` option names a dim for it."""
+    if resolve_unit_dim(spec, info, ndim, -1) != -1:
+        return None
+    info.shape = (*info.shape, 1)
+    return (None, ndim, SQUEEZED_SOURCE)
+
+
 def resolve_threshold(spec: ThresholdSpec, info: SiteInfo) -> float:
     """The firing threshold a ``threshold`` option gives for one site (0.0 where it gives none).
 

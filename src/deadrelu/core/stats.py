@@ -442,7 +442,7 @@ def accumulate(
         return  # nothing observed (no values, or no units)
     if backend == "triton":
         require_triton(x)
-    if (backend == "native" or (backend == "auto" and not _triton_ready(x))) and native_ready(x, backend):
+    if _native_route(x, backend):
         native.unit_stats_into(x, unit_dim, threshold, nonnegative, out, mask)
         _extra_statistics(x, unit_dim, threshold, out, mask)
         return
@@ -465,11 +465,14 @@ def accumulate(
         _extra_statistics(x, unit_dim, threshold, out, mask)
 
 
+def _native_route(x: torch.Tensor, backend: str) -> bool:
+    """Whether :func:`accumulate` counts ``x`` with the C kernel (an error for ``"native"`` where it cannot)."""
+    return (backend == "native" or (backend == "auto" and not _triton_ready(x))) and native_ready(x, backend)
+
+
 def _native_counts(x: torch.Tensor, backend: str) -> bool:
     """Whether :func:`accumulate` counts an unmasked ``x`` with the C kernel and nothing else."""
-    if any(s.batch is not None for s in STATISTICS) or not (backend == "native" or not _triton_ready(x)):
-        return False
-    return native_ready(x, backend)
+    return not any(s.batch is not None for s in STATISTICS) and _native_route(x, backend)
 
 
 def fuses_relu(x: torch.Tensor, unit_dim: int, backend: str = "auto", inplace: bool = False) -> bool:

@@ -464,8 +464,7 @@ class AxisTable:
 
     def lead_moved(self, t: Any) -> bool:
         """Whether ``t``'s dims 0 and 1 are not its sources' (see :attr:`moved_lead`)."""
-        entry = self.moved_lead.get(id(t)) if self.moved_lead else None
-        return entry is not None and entry[0]() is t
+        return self._lead(t) != (0, 1)  # ((0, 1) and (1, 0) are never kept)
 
     def _lead(self, t: Any) -> tuple[int, int]:
         entry = self.moved_lead.get(id(t)) if self.moved_lead else None

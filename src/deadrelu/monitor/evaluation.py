@@ -140,7 +140,7 @@ class Evaluation:
                 for stat, tensor in t.state.items():  # every declared statistic, by name
                     state.tensors[f"{scope}.{stat}"] = tensor
             local.append(state)
-        totals = {"window": sum(self._samples_ring), "total": self._samples_total, "first": 0}  # (no report of "first")
+        totals = {"window": sum(self._samples_ring), "total": self._samples_total, "first": 0}  # ("first" is read for unit states only)
         samples = torch.tensor([totals[sc] for sc in scopes], dtype=torch.int64)  # summed over ranks too
         if not self._use_distributed():
             return local, samples

@@ -90,6 +90,7 @@ class ForwardGate:
         # the samples of the last `window` forwards: grows with them, never to `window` up front
         self._samples_ring: collections.deque[int] = collections.deque(maxlen=window)
         self._samples_total = 0
+        self._pass_rows: int | None = None  # the samples the claimed pass in progress added (None: none)
         # A plain int (0: none) for the traced hook to read: the wrapper itself must not be touched there.
         graph_counts = self._op_asks_schedule and self._wrapper is None
         self._sample_counter = graph_capture.sample_counter(self._count_graph_samples) if graph_counts else 0
@@ -133,7 +134,7 @@ class ForwardGate:
 
     def _count_call_rows(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
         """A pass the eager capture claimed (outside ``observe()``, whose block counts its own samples)."""
-        self._pass_rows: int | None = None
+        self._pass_rows = None
         if self._scope_counted is None:
             self._pass_rows = input_rows(args, kwargs)
             self._add_samples(self._pass_rows)
@@ -141,7 +142,7 @@ class ForwardGate:
     def _uncount_call_rows(self) -> None:
         """The claimed pass raised part-way and its batches were taken back: so are its samples
         (with a full ring, the window then lacks the oldest batch's, as each site's window does)."""
-        rows, self._pass_rows = getattr(self, "_pass_rows", None), None
+        rows, self._pass_rows = self._pass_rows, None
         if rows is None:
             return
         self._samples_total -= rows

@@ -25,8 +25,8 @@ from ..core.capture import (
     eager_modules,
     next_site_order,
     resolve_threshold,
-    resolve_unit_dim,
     same_function_ordinal,
+    squeezed_unit_axis,
 )
 from ..core.hooks import global_forward_hooks
 from ..core.inputs import MASK_KEYS, in_decoder, is_encoder_decoder, mask_layout
@@ -597,11 +597,8 @@ class GraphRewrite:
             ordinal=same_function_ordinal((s.info for s in self.sites.values()), path, call, name),
         )
         entry = table.get(value)
-        if entry is None and table.is_squeezed(value) and resolve_unit_dim(self.unit_dim_spec, info, value.ndim, -1) == -1:
-            # A layer's single output, squeezed ((B, 1) -> (B,)): counted as the (..., 1) it was, its one
-            # unit one past the value's last dim (site_sums puts that axis back), as the eager capture does.
-            info.shape = (*info.shape, 1)
-            entry = (None, value.ndim, "producer: its single output, squeezed")
+        if entry is None and table.is_squeezed(value):  # its one unit one past the last dim: site_sums puts it back
+            entry = squeezed_unit_axis(self.unit_dim_spec, info, value.ndim)
         unit_dim = choose_unit_dim(self.unit_dim_spec, info, value.ndim, entry)
         units = value.shape[unit_dim] if unit_dim < value.ndim else 1
         if not isinstance(units, int):
